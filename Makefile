@@ -1,0 +1,36 @@
+# Two commands, each usable on a fresh clone:
+#   make demo   set up, then run the main job on the embedded default (2 local ranks)
+#   make test   set up, then run the test suite
+# Setup is idempotent; it re-runs only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.desmoe-setup
+# CPU machines take the CPU build of torch (a multi-GB CUDA build otherwise);
+# override e.g. `make TORCH_SPEC=torch test` on GPU machines.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -m desmoe.prebuild
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/deepspeed --num_gpus 2 launcher/smoke.py --deepspeed configs/zero2.json --config configs/smoke.yaml
+
+bench: setup
+	$(BIN)/python bench/moe_block.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,2 @@
+"""desmoe: expert-parallel MoE training that learns many domains or tasks without forgetting."""
+__version__ = "0.1.0"

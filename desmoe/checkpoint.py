@@ -1,0 +1,90 @@
+"""Checkpoints that are never half-written.
+
+DeepSpeed writes a tag's files (model, per-expert, optimizer shards) into a
+staging directory; once every rank has finished, rank 0 renames the tag into
+place and only then rewrites the ``latest`` pointer (temp file + rename).  A
+crash at any point leaves the previous checkpoint loadable.  Assumes the run
+directory is on a filesystem all ranks share, as multi-node training does.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import deepspeed.comm as dist
+
+from desmoe.errors import UserError
+
+LATEST = "latest"
+STAGING = ".staging"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[str, Any]] = None) -> Path:
+    root = Path(ckpt_dir)
+    staging, tag = root / STAGING, tag_for(step)
+    if _is_rank0():
+        shutil.rmtree(staging / tag, ignore_errors=True)
+        staging.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    engine.save_checkpoint(str(staging), tag=tag, client_state=dict(client_state or {}, step=step), save_latest=False)
+    _barrier()
+    if _is_rank0():
+        final = root / tag
+        if final.exists():  # re-saving a step: move the old copy aside first, then drop it
+            old = root / STAGING / f"{tag}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(staging / tag, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging / tag, final)
+        write_text_atomic(root / LATEST, tag)
+    _barrier()
+    return root / tag
+
+
+def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
+    pointer = Path(ckpt_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (Path(ckpt_dir) / tag).is_dir():
+        raise UserError(f"{pointer}: points to '{tag}', which does not exist in {ckpt_dir}")
+    return tag
+
+
+def load(engine, ckpt_dir: str | Path, tag: Optional[str] = None, module_only: bool = False) -> Optional[dict]:
+    """Load ``tag`` (default: latest); returns the client state, or None if there is nothing."""
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=module_only,
+                                         load_optimizer_states=not module_only,
+                                         load_lr_scheduler_states=not module_only)
+    if path is None:
+        raise UserError(f"{Path(ckpt_dir) / tag}: not a loadable DeepSpeed checkpoint")
+    return state or {}

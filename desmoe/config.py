@@ -1,0 +1,190 @@
+"""Experiment configs: dataclasses filled from YAML plus dotted CLI overrides.
+
+``load_config(MyConfig, "configs/x.yaml", ["train.lr=3e-4"])`` returns a
+validated ``MyConfig``.  Every field is type-checked on the way in; unknown keys
+and bad values raise :class:`ConfigError` naming the source and the dotted key.
+A dataclass may define ``check(self)`` for cross-field rules; it is called after
+the whole tree is built (children first) and should raise ``ConfigError`` with
+the dotted key through :func:`bad`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar, get_args, get_origin
+
+import yaml
+
+from desmoe.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def bad(key: str, expected: str, got: Any = dataclasses.MISSING) -> ConfigError:
+    """Build the standard one-line error for a key whose value is wrong."""
+    shown = "" if got is dataclasses.MISSING else f", got {got!r}"
+    return ConfigError(f"key '{key}': expected {expected}{shown}")
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        data = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(data, item)
+    try:
+        cfg = _build(cls, data, prefix="")
+        _check_tree(cfg, prefix="")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def split_overrides(argv: Sequence[str]) -> list[str]:
+    """Accept both ``a.b=1`` and ``--a.b 1`` / ``--a.b=1`` forms."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            arg = arg[2:]
+            if "=" not in arg:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"override '--{arg}': expected a value after it")
+                arg = f"{arg}={argv[i + 1]}"
+                i += 1
+        if "=" not in arg:
+            raise ConfigError(f"override '{arg}': expected the form key.path=value")
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}': expected the form key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise bad(prefix or "<top>", "a mapping", data)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"unknown key '{key}' (known here: {', '.join(sorted(fields))})")
+    kwargs = {name: _coerce(hints[name], data[name], f"{prefix}{name}") for name in fields if name in data}
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"key '{prefix}{name}' is required")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: C901 - a flat type switch reads best
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(a, value, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise bad(key, "one of " + ", ".join(repr(a) for a in args), value)
+        return value
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad(key, "a list", value)
+        item_t = args[0] if args else Any
+        items = [_coerce(item_t, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad(key, "a mapping", value)
+        val_t = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(val_t, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad(key, "true or false", value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(key, "an integer", value)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(key, "a number", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad(key, "a string", value)
+        return value
+    raise TypeError(f"config type {tp!r} of '{key}' is not supported")  # programming error
+
+
+def _check_tree(cfg: Any, prefix: str) -> None:
+    for f in dataclasses.fields(cfg):
+        child = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(child):
+            _check_tree(child, prefix=f"{prefix}{f.name}.")
+    check = getattr(cfg, "check", None)
+    if callable(check):
+        try:
+            check()
+        except ConfigError as err:
+            msg = str(err)
+            # checks name keys relative to their own section; make them absolute
+            if prefix and msg.startswith("key '"):
+                msg = "key '" + prefix + msg[len("key '"):]
+            raise ConfigError(msg) from None

@@ -1,0 +1,89 @@
+"""DeepSpeed engine construction: config resolution, optimizer groups, freezing.
+
+The DeepSpeed JSON stays the user's file (``--deepspeed configs/zero2.json``).
+Values of ``"auto"`` are resolved here (bf16 on when CUDA has it, batch sizes
+from the experiment).  The optimizer block is read for its hyper-parameters but
+built by us as :class:`FreezableAdamW` over per-expert groups, so expert
+freezing is exact and no fused-Adam JIT build happens on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from desmoe.distributed import use_cuda
+from desmoe.errors import ConfigError
+from desmoe.moe.trainability import FreezableAdamW, Trainability, build_param_groups
+
+OPTIMIZER_KEYS = {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode"}
+
+
+def read_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: DeepSpeed config not found")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    cfg["_source"] = str(path)
+    return cfg
+
+
+def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int = 1,
+                      lr: Optional[float] = None) -> dict[str, Any]:
+    """Fill "auto" values and check the parts desmoe depends on."""
+    cfg = copy.deepcopy(dict(cfg))
+    source = cfg.pop("_source", "DeepSpeed config")
+    for key, value in (("train_micro_batch_size_per_gpu", micro_batch), ("gradient_accumulation_steps", grad_accum)):
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+    cfg.pop("train_batch_size", None) if cfg.get("train_batch_size") == "auto" else None
+    for precision in ("bf16", "fp16"):
+        block = cfg.get(precision)
+        if isinstance(block, dict) and block.get("enabled") == "auto":
+            block["enabled"] = precision == "bf16" and use_cuda() and torch.cuda.is_bf16_supported()
+    if cfg.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{source}: key 'fp16.enabled': fp16 is not supported (use bf16)")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"{source}: key 'zero_optimization.stage': expected 0, 1 or 2 "
+                          f"(DeepSpeed MoE does not support ZeRO-3), got {stage!r}")
+    opt = cfg.get("optimizer", {"type": "AdamW", "params": {}})
+    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{source}: key 'optimizer.type': expected AdamW, got {opt.get('type')!r}")
+    unknown = set(opt.get("params", {})) - OPTIMIZER_KEYS
+    if unknown:
+        raise ConfigError(f"{source}: key 'optimizer.params.{sorted(unknown)[0]}': unknown "
+                          f"(known: {', '.join(sorted(OPTIMIZER_KEYS))})")
+    if lr is not None:
+        opt.setdefault("params", {})["lr"] = lr
+    cfg["optimizer"] = opt
+    # Our optimizer is an AdamW subclass, which ZeRO does not list by type.
+    cfg["zero_allow_untested_optimizer"] = True
+    return cfg
+
+
+def build_engine(model: nn.Module, ds_config: Mapping[str, Any],
+                 parts: Optional[Mapping[str, Callable[[str], bool]]] = None):
+    """Returns (engine, trainability).  ``parts`` names dense parameter sets that
+    can be frozen on their own (e.g. {"router": lambda n: ".router." in n})."""
+    import deepspeed
+
+    cfg = dict(ds_config)
+    params = dict(cfg.pop("optimizer")["params"])
+    params.pop("torch_adam", None)
+    params.pop("adam_w_mode", None)
+    wd = float(params.pop("weight_decay", 0.0))
+    groups = build_param_groups(model, parts, weight_decay=wd)
+    optimizer = FreezableAdamW(groups, lr=float(params.get("lr", 1e-3)), betas=tuple(params.get("betas", (0.9, 0.999))),
+                               eps=float(params.get("eps", 1e-8)), weight_decay=wd, foreach=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    return engine, Trainability(optimizer)

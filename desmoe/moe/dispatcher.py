@@ -1,0 +1,131 @@
+"""Token dispatch: tokens -> their experts (across EP ranks) -> weighted combine.
+
+Sort-based and exact-size: routes are sorted by expert, each expert runs one
+GEMM chain on its contiguous slice, and only routed tokens are computed (no
+capacity padding).  With ``ep_size > 1`` the slices travel with DeepSpeed's
+communication layer (``deepspeed.comm.all_to_all_single`` with per-rank split
+sizes) over the expert-parallel group DeepSpeed created for the layer.
+
+Capacity: ``capacity_factor=None`` is dropless.  Otherwise each expert keeps at
+most ``max(min_capacity, ceil(k * S / E * capacity_factor))`` routes from this
+rank; first choices of all tokens win over second choices, then earlier tokens
+win (the GShard/DeepSpeed top-2 priority).  Dropped routes contribute zero.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import deepspeed.comm as dist
+import torch
+from torch import Tensor, nn
+
+from desmoe.moe.layout import ExpertLayout
+from desmoe.moe.router import Routing
+
+
+class _AllToAllV(torch.autograd.Function):
+    """all_to_all_single with explicit split sizes; its gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group) -> Tensor:  # type: ignore[override]
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return _AllToAllV.apply(grad.contiguous(), ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+@dataclass
+class DispatchStats:
+    tokens_per_expert: Tensor  # [E] routes per global expert from this rank, before drops
+    dropped: Tensor  # scalar, routes dropped by capacity on this rank
+
+
+class ExpertDispatcher(nn.Module):
+    def __init__(
+        self,
+        experts: nn.Module,
+        layout: ExpertLayout,
+        capacity_factor: Optional[float] = None,
+        eval_capacity_factor: Optional[float] = None,
+        min_capacity: int = 4,
+    ) -> None:
+        super().__init__()
+        # Attribute name `experts` (holding DeepSpeed's `Experts`) is what DeepSpeed's
+        # checkpointing looks for under `deepspeed_moe.experts.deepspeed_experts.<i>`.
+        self.experts = experts
+        self.layout = layout
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.ep_group = None
+        self.ep_rank = 0
+
+    def _set_ep_group(self, group) -> None:  # called by DeepSpeed's MoE._create_process_groups
+        self.ep_group = group
+        self.ep_rank = dist.get_rank(group=group) if self.layout.ep_size > 1 else 0
+
+    def capacity(self, num_tokens: int, k: int) -> Optional[int]:
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None or factor <= 0:
+            return None
+        return max(self.min_capacity, math.ceil(k * num_tokens / self.layout.num_experts * factor))
+
+    def forward(self, x: Tensor, routing: Routing) -> tuple[Tensor, DispatchStats]:
+        num_tokens, k = routing.expert_ids.shape
+        num_experts = self.layout.num_experts
+        # Routes in priority order: all first choices, then all second choices, ...
+        route_expert = routing.expert_ids.t().reshape(-1)
+        route_weight = routing.weights.t().reshape(-1)
+        order = torch.argsort(route_expert, stable=True)
+        counts = torch.bincount(route_expert, minlength=num_experts)
+        capacity = self.capacity(num_tokens, k)
+        if capacity is not None:
+            sorted_expert = route_expert[order]
+            starts = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(order.numel(), device=order.device) - starts[sorted_expert]
+            order = order[slot < capacity]
+            kept_counts = counts.clamp(max=capacity)
+        else:
+            kept_counts = counts
+        token_of_route = order % num_tokens
+        dispatched = x[token_of_route]  # [N, d], grouped by global expert
+        expert_out = self._run_experts(dispatched, kept_counts)
+        weighted = expert_out.float() * route_weight[order].unsqueeze(1)
+        out = torch.zeros((num_tokens, x.shape[1]), dtype=weighted.dtype, device=x.device)
+        out = out.index_add(0, token_of_route, weighted).to(x.dtype)
+        stats = DispatchStats(tokens_per_expert=counts.detach(), dropped=(counts - kept_counts).sum().detach())
+        return out, stats
+
+    def _run_experts(self, dispatched: Tensor, counts: Tensor) -> Tensor:
+        """Run the local experts; with EP, ship each slice to the rank owning its expert."""
+        ep, nl = self.layout.ep_size, self.layout.num_local
+        if ep == 1:
+            return self._local_experts(dispatched, counts.tolist())
+        # How many rows each rank sends to each of the receiver's local experts.
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.ep_group)
+        send_matrix = counts.view(ep, nl)
+        recv_matrix = recv_counts.view(ep, nl)  # [source rank, local expert]
+        send_splits = send_matrix.sum(1).tolist()
+        recv_splits = recv_matrix.sum(1).tolist()
+        received = _AllToAllV.apply(dispatched, send_splits, recv_splits, self.ep_group)
+        # Received rows are source-major; the experts want expert-major slices.
+        segment = torch.repeat_interleave(torch.arange(ep * nl, device=counts.device), recv_matrix.reshape(-1))
+        expert_major = torch.argsort((segment % nl) * ep + segment // nl, stable=True)
+        local_out = self._local_experts(received[expert_major], recv_matrix.sum(0).tolist())
+        restored = local_out[torch.argsort(expert_major)]
+        return _AllToAllV.apply(restored, recv_splits, send_splits, self.ep_group)
+
+    def _local_experts(self, rows: Tensor, counts: list[int]) -> Tensor:
+        outs, start = [], 0
+        for expert, n in zip(self.experts.deepspeed_experts, counts):
+            # Empty slices still run so every expert parameter gets a (zero) gradient.
+            outs.append(expert(rows[start:start + n]))
+            start += n
+        return torch.cat(outs, dim=0)

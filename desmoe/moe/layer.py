@@ -1,0 +1,111 @@
+"""The MoE block: router -> dispatcher/experts (+ always-on shared experts).
+
+``MoEBlock`` *is* a ``deepspeed.moe.layer.MoE`` so DeepSpeed treats it as one of
+its own: it creates the expert-parallel / expert-data-parallel process groups,
+reduces expert gradients over the expert-data-parallel group under ZeRO, and
+writes one checkpoint file per (layer, global expert) that reloads at another
+``ep_size``.  What runs inside is ours: a pluggable :class:`Router` and the
+exact-size :class:`ExpertDispatcher` (DeepSpeed's own gate fixes softmax +
+forced top-k renormalisation and pads every expert to a capacity).
+
+Naming rule inherited from DeepSpeed's checkpointing: inside this module only
+the routed experts may have "expert" in their parameter names.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from deepspeed.moe.experts import Experts
+from deepspeed.moe.layer import MoE
+from torch import Tensor, nn
+
+from desmoe.moe.dispatcher import DispatchStats, ExpertDispatcher
+from desmoe.moe.experts import InitMode, init_local_experts
+from desmoe.moe.layout import ExpertLayout
+from desmoe.moe.router import Router, Routing, load_balancing_loss
+
+
+class MoEBlock(MoE):
+    def __init__(
+        self,
+        hidden_size: int,
+        expert: nn.Module,
+        router: Router,
+        ep_size: int = 1,
+        capacity_factor: Optional[float] = None,
+        eval_capacity_factor: Optional[float] = None,
+        min_capacity: int = 4,
+        shared: Optional[nn.Module] = None,
+        shared_gate: bool = False,
+    ) -> None:
+        # DeepSpeed's MoE.__init__ would build its own TopKGate/MOELayer; we only need the
+        # attributes its engine reads, so initialise as a plain module and set them here.
+        nn.Module.__init__(self)
+        self.layout = ExpertLayout(router.num_experts, ep_size)
+        self.hidden_size = hidden_size
+        self.num_experts = router.num_experts
+        self.ep_size = ep_size
+        self.num_local_experts = self.layout.num_local
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.enable_expert_tensor_parallelism = False
+        self.use_residual = False
+        self.router = router
+        experts = Experts(expert, self.num_local_experts, self.expert_group_name)
+        self.deepspeed_moe = ExpertDispatcher(experts, self.layout, capacity_factor, eval_capacity_factor, min_capacity)
+        self.shared = shared
+        self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if (shared is not None and shared_gate) else None
+        # Filled by every forward, for losses and monitoring.
+        self.last_routing: Optional[Routing] = None
+        self.last_stats: Optional[DispatchStats] = None
+        self.aux_loss: Tensor = torch.zeros(())
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts
+
+    @property
+    def ep_rank(self) -> int:
+        return self.deepspeed_moe.ep_rank
+
+    def local_global_ids(self) -> range:
+        return self.layout.local_global_ids(self.ep_rank)
+
+    def init_experts(self, seed: int, mode: InitMode = "independent") -> None:
+        """(Re)initialise the local experts by global id; needs the EP group to be set
+        when ``ep_size > 1`` (call after ``set_deepspeed_parallelism``)."""
+        init_local_experts(self.local_experts, self.layout, self.ep_rank, seed, mode)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:  # type: ignore[override]
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        routing = self.router(x)
+        out, stats = self.deepspeed_moe(x, routing)
+        if self.shared is not None:
+            shared_out = self.shared(x)
+            if self.shared_gate is not None:
+                shared_out = torch.sigmoid(self.shared_gate(x)) * shared_out
+            out = out + shared_out
+        self.last_routing, self.last_stats = routing, stats
+        self.aux_loss = load_balancing_loss(routing.scores, routing.expert_ids, self.num_experts)
+        return out.reshape(shape)
+
+
+def moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """All MoE blocks of a model in module order (= DeepSpeed's moe_layer_id order)."""
+    return [m for m in model.modules() if isinstance(m, MoEBlock)]
+
+
+def total_aux_loss(model: nn.Module) -> Tensor:
+    blocks = moe_blocks(model)
+    return torch.stack([b.aux_loss for b in blocks]).mean() if blocks else torch.zeros(())
+
+
+def global_tokens_per_expert(model: nn.Module, group=None) -> Tensor:
+    """[layers, E] routes per expert summed over all ranks (one collective for all layers)."""
+    import deepspeed.comm as dist
+
+    counts = torch.stack([b.last_stats.tokens_per_expert for b in moe_blocks(model)]).clone()
+    if dist.is_initialized() and dist.get_world_size(group=group) > 1:
+        dist.all_reduce(counts, group=group)
+    return counts

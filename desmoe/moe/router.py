@@ -1,0 +1,123 @@
+"""Routers: token -> (top-k experts, combine weights), plus the fp32 logits.
+
+A router only has to say how it computes logits (:meth:`Router.compute_logits`);
+scoring, noise, top-k selection and weight normalisation are shared here so that
+every router in the project (the built-in linear one, DES-MoE's MLP router, TRGE's
+group routers) obeys the same conventions:
+
+* logits are computed in fp32 and kept *before* any noise (auxiliary and
+  distillation losses must see the deterministic function);
+* scores are a softmax (or sigmoid) over **all** experts; top-k picks from the
+  (optionally noised) scores; combine weights are the selected scores, optionally
+  renormalised to sum to 1 and scaled by a constant (DeepSeek's routed scaling).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+NoisePolicy = Literal["none", "jitter", "gaussian"]
+
+
+@dataclass
+class Routing:
+    """What a router decided for one flattened batch of S tokens."""
+
+    logits: Tensor  # [S, E] fp32, before noise
+    scores: Tensor  # [S, E] fp32, softmax/sigmoid over all experts (no noise)
+    expert_ids: Tensor  # [S, k] int64, chosen experts (first column = first choice)
+    weights: Tensor  # [S, k] fp32 combine weights
+
+    @property
+    def k(self) -> int:
+        return self.expert_ids.shape[1]
+
+
+class Router(nn.Module):
+    """Base class: subclasses implement ``compute_logits(x) -> [S, E]``."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        k: int,
+        score_func: ScoreFunc = "softmax",
+        normalize_topk: bool = True,
+        scaling: float = 1.0,
+        noise: NoisePolicy = "none",
+        noise_eps: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"top-k must be in [1, {num_experts}], got {k}")
+        self.num_experts = num_experts
+        self.k = k
+        self.score_func = score_func
+        self.normalize_topk = normalize_topk
+        self.scaling = scaling
+        self.noise = noise
+        self.noise_eps = noise_eps
+        # Experts a caller excludes from selection (e.g. by task); None = all allowed.
+        self.allowed_experts: Optional[Tensor] = None
+
+    def compute_logits(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def scores_from_logits(self, logits: Tensor) -> Tensor:
+        if self.score_func == "softmax":
+            return logits.softmax(dim=-1)
+        return logits.sigmoid()
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.compute_logits(x).float()
+        scores = self.scores_from_logits(logits)
+        selection = scores
+        if self.training and self.noise == "gaussian":
+            # Noisy top-k (Shazeer et al.): noise changes *which* experts win, not the weights.
+            selection = self.scores_from_logits(logits + torch.randn_like(logits) * self.noise_eps)
+        if self.allowed_experts is not None:
+            selection = selection.masked_fill(~self.allowed_experts, float("-inf"))
+        _, expert_ids = torch.topk(selection, self.k, dim=-1)
+        weights = scores.gather(1, expert_ids)
+        if self.normalize_topk and self.k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
+        return Routing(logits=logits, scores=scores, expert_ids=expert_ids, weights=weights)
+
+    def jitter(self, x: Tensor) -> Tensor:
+        """Multiplicative input jitter (Switch); applied by subclasses before their matmul."""
+        if self.training and self.noise == "jitter":
+            return x * torch.empty_like(x).uniform_(1.0 - self.noise_eps, 1.0 + self.noise_eps)
+        return x
+
+
+class LinearRouter(Router):
+    """The standard gate: logits = x W^T (+ b), in fp32."""
+
+    def __init__(self, hidden_size: int, num_experts: int, k: int, bias: bool = False, **kwargs) -> None:
+        super().__init__(num_experts, k, **kwargs)
+        self.proj = nn.Linear(hidden_size, num_experts, bias=bias)
+
+    def compute_logits(self, x: Tensor) -> Tensor:
+        w = self.proj.weight.float()
+        b = None if self.proj.bias is None else self.proj.bias.float()
+        return F.linear(self.jitter(x.float()), w, b)
+
+
+def load_balancing_loss(scores: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
+    """Switch/GShard auxiliary loss, k-hot version: E/k * sum_e P_e * f_e.
+
+    P_e is the mean router score of expert e over the tokens, f_e the fraction of
+    (token, choice) pairs sent to e before any capacity drop.  Perfectly uniform
+    routing gives 1.0.  Gradients flow through ``scores`` only.
+    """
+    num_tokens, k = expert_ids.shape
+    counts = torch.bincount(expert_ids.reshape(-1), minlength=num_experts).to(scores.dtype)
+    fraction = counts / (num_tokens * k)
+    mean_score = scores.mean(dim=0)
+    return num_experts * torch.sum(mean_score * fraction)

@@ -1,0 +1,128 @@
+"""Rank-0 monitoring: TensorBoard scalars/images, a tqdm bar, and a metrics log.
+
+Every rank may call these methods; only rank 0 writes.  Metrics also go to
+``metrics.jsonl`` in the run directory (one JSON object per logged step), which
+is what the loss-curve printout and run inspection read.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+
+from desmoe.distributed import is_rank0
+
+
+class Monitor:
+    def __init__(self, run_dir: str | Path, total_steps: int, initial_step: int = 0, desc: str = "train") -> None:
+        self.enabled = is_rank0()
+        self.run_dir = Path(run_dir)
+        self.writer = None
+        self.bar = None
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}{key}", float(value), step)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **{f"{prefix}{k}": float(v) for k, v in values.items()}}) + "\n")
+
+    def heatmap(self, step: int, tag: str, matrix: np.ndarray, xlabel: str = "", ylabel: str = "") -> None:
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(3.0, 0.35 * matrix.shape[1] + 1.5), max(2.0, 0.35 * matrix.shape[0] + 1)))
+        im = ax.imshow(matrix, aspect="auto", cmap="viridis")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        fig.colorbar(im, ax=ax)
+        self.writer.add_image(tag, _figure_to_chw(fig), step)
+        plt.close(fig)
+
+    def progress(self, n: int = 1, **postfix: float) -> None:
+        if self.enabled:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.flush()
+            self.writer.close()
+
+
+def _figure_to_chw(fig) -> np.ndarray:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    buf.seek(0)
+    import matplotlib.image as mpimg
+
+    rgba = mpimg.imread(buf)
+    return np.transpose(rgba[..., :3], (2, 0, 1))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def ascii_curve(points: list[tuple[int, float]], width: int = 60, height: int = 10, label: str = "loss") -> str:
+    """A terminal plot of (step, value) points, for people watching a console."""
+    if not points:
+        return "(no points)"
+    steps, values = zip(*points)
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    grid = [[" "] * width for _ in range(height)]
+    for s, v in points:
+        x = int((s - steps[0]) / max(steps[-1] - steps[0], 1) * (width - 1))
+        y = height - 1 - int((v - lo) / span * (height - 1))
+        grid[y][x] = "*"
+    rows = [f"{hi:8.3f} |" + "".join(grid[0])]
+    rows += ["         |" + "".join(r) for r in grid[1:-1]]
+    rows += [f"{lo:8.3f} |" + "".join(grid[-1]), "         +" + "-" * width,
+             f"          step {steps[0]} .. {steps[-1]}   ({label})"]
+    return "\n".join(rows)
+
+
+def plot_curves(path: str | Path, series: Mapping[str, list[tuple[int, float]]], ylabel: str = "loss",
+                title: Optional[str] = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, pts in series.items():
+        if pts:
+            ax.plot(*zip(*pts), label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,22 @@
+"""Smoke job of the MoE core: short expert-parallel LM training on real text.
+
+    deepspeed --num_gpus 2 launcher/smoke.py --deepspeed configs/zero2.json --config configs/smoke.yaml [key=value ...]
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from desmoe.cli import parse_launcher_args  # noqa: E402
+from desmoe.errors import run_cli  # noqa: E402
+from desmoe.training.lm import LMExperiment, train_lm  # noqa: E402
+
+
+@run_cli
+def main() -> None:
+    cfg, args = parse_launcher_args(LMExperiment, __doc__)
+    train_lm(cfg, args.deepspeed)
+
+
+if __name__ == "__main__":
+    main()

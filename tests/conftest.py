@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from rankpool import RankPool  # noqa: E402
+
+_pool: RankPool | None = None
+
+
+@pytest.fixture
+def ranks():
+    """A pool of 2 real gloo ranks, shared across tests and restarted if a test broke it."""
+    global _pool
+    if _pool is None or not _pool.healthy:
+        if _pool is not None:
+            _pool.close()
+        _pool = RankPool(2)
+    yield _pool
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _pool is not None:
+        _pool.close()

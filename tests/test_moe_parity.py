@@ -1,0 +1,69 @@
+"""EP=2 and EP=1 on the same weights compute the same function and gradients."""
+import pytest
+import torch
+
+from desmoe.moe import LinearRouter, MLPExpert, MoEBlock, SwiGLUExpert
+
+
+def _pair(k, shared, capacity_factor, d=16, E=4):
+    blocks = {}
+    for ep in (1, 2):
+        torch.manual_seed(0)  # dense parts (router, shared) identical on every rank and for both
+        router = LinearRouter(d, E, k, normalize_topk=(k > 1))
+        block = MoEBlock(d, SwiGLUExpert(d, 24), router, ep_size=ep, capacity_factor=capacity_factor,
+                         min_capacity=1, shared=MLPExpert(d, 8) if shared else None, shared_gate=shared)
+        block.set_deepspeed_parallelism()
+        block.init_experts(seed=7)
+        blocks[ep] = block
+    return blocks[1], blocks[2]
+
+
+def parity_case(k, shared, capacity_factor):
+    import deepspeed.comm as dist
+
+    rank = dist.get_rank()
+    ep1, ep2 = _pair(k, shared, capacity_factor)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank has its own tokens
+    x = torch.randn(2, 24, 16, generator=gen)
+    upstream = torch.randn(2, 24, 16, generator=gen)
+    out = {}
+    for name, block in (("ep1", ep1), ("ep2", ep2)):
+        xi = x.clone().requires_grad_(True)
+        y = block(xi)
+        (y * upstream).sum().backward()
+        out[name] = (y.detach(), xi.grad, block)
+    y1, gx1, _ = out["ep1"]
+    y2, gx2, _ = out["ep2"]
+    assert (y1 - y2).abs().max().item() < 1e-5
+    assert (gx1 - gx2).abs().max().item() < 1e-5
+    for (n1, p1), (n2, p2) in zip(ep1.router.named_parameters(), ep2.router.named_parameters()):
+        assert (p1.grad - p2.grad).abs().max().item() < 1e-5, n1
+    if shared:
+        for p1, p2 in zip(ep1.shared.parameters(), ep2.shared.parameters()):
+            assert (p1.grad - p2.grad).abs().max().item() < 1e-5
+    # Expert e's EP=2 gradient gathers the tokens of both ranks; with EP=1 each rank sees its own.
+    summed = [p.grad.clone() for p in ep1.local_experts.parameters()]  # same order on every rank
+    for g in summed:
+        dist.all_reduce(g)
+    per_expert = len(summed) // len(ep1.local_experts)
+    for local_id, global_id in enumerate(ep2.local_global_ids()):
+        mine = summed[global_id * per_expert:(global_id + 1) * per_expert]
+        for g, p2 in zip(mine, ep2.local_experts[local_id].parameters()):
+            assert (g - p2.grad).abs().max().item() < 1e-5
+    # and the experts' weights themselves are the same global experts
+    for local_id, global_id in enumerate(ep2.local_global_ids()):
+        for p1, p2 in zip(ep1.local_experts[global_id].parameters(), ep2.local_experts[local_id].parameters()):
+            assert torch.equal(p1, p2)
+    return float(ep2.last_stats.dropped)
+
+
+@pytest.mark.parametrize("k,shared,capacity_factor", [
+    (1, False, None), (2, False, None), (2, True, None), (3, False, None),
+    (1, False, 1.0), (2, False, 0.5),
+])
+def test_ep2_equals_ep1(ranks, k, shared, capacity_factor):
+    dropped = ranks.run(parity_case, k, shared, capacity_factor)
+    if capacity_factor is not None and capacity_factor < 1:
+        assert sum(dropped) > 0, "capacity case should actually drop routes"
+    if capacity_factor is None:
+        assert sum(dropped) == 0
