@@ -108,7 +108,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise bad(prefix or "<top>", "a mapping", data)
+        raise bad(prefix.rstrip(".") or "<top>", "a mapping", data)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
@@ -163,6 +163,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: C901 - a flat type s
             raise bad(key, "an integer", value)
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad(key, "a number", value) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad(key, "a number", value)
         return float(value)

@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, MutableMapping, Optional
@@ -123,6 +124,8 @@ def use_cuda() -> bool:
 
 def prepare_process() -> None:
     """Process-level defaults that must be in place before DeepSpeed is imported."""
+    # DeepSpeed's ZeRO calls a torch API that warns on every step; it is not ours to fix.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated")
     if not use_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # DeepSpeed JIT-builds a shared-memory comm op for the CPU accelerator and caches it

@@ -1,4 +1,4 @@
-"""Build DeepSpeed's CPU shared-memory comm op once, at setup time.
+"""Build DeepSpeed's CPU shared-memory comm op and desmoe's fused CPU kernels once, at setup.
 
 Without this, the first ``deepspeed.init_distributed`` on a CPU machine spends
 about a minute compiling it inside a job (or a test).  The build lands in this
@@ -13,7 +13,11 @@ def main() -> None:
         return
     from deepspeed.comm.torch import build_shm_op
 
+    from desmoe.kernels import swiglu_cpu
+
     build_shm_op()
+    if swiglu_cpu() is None:
+        print("desmoe: fused CPU kernels could not be built; training falls back to torch ops")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import deepspeed.comm as dist
 import torch
 from torch import Tensor, nn
 
+from desmoe.moe.experts import SwiGLUExpert
+from desmoe.moe.grouped import grouped_swiglu
 from desmoe.moe.layout import ExpertLayout
 from desmoe.moe.router import Routing
 
@@ -94,11 +96,16 @@ class ExpertDispatcher(nn.Module):
         else:
             kept_counts = counts
         token_of_route = order % num_tokens
-        dispatched = x[token_of_route]  # [N, d], grouped by global expert
-        expert_out = self._run_experts(dispatched, kept_counts)
-        weighted = expert_out.float() * route_weight[order].unsqueeze(1)
-        out = torch.zeros((num_tokens, x.shape[1]), dtype=weighted.dtype, device=x.device)
-        out = out.index_add(0, token_of_route, weighted).to(x.dtype)
+        dispatched = x.index_select(0, token_of_route)  # [N, d] grouped by expert; backward = index_add
+        weights = route_weight[order]
+        if self.layout.ep_size == 1 and self._grouped():
+            # Local experts can apply the route weight inside their fused activation.
+            weighted = grouped_swiglu(dispatched, kept_counts.tolist(), self.experts.deepspeed_experts,
+                                      weights.to(dispatched.dtype))
+        else:
+            weighted = self._run_experts(dispatched, kept_counts).float() * weights.unsqueeze(1)
+        out = torch.zeros((num_tokens, x.shape[1]), dtype=torch.float32, device=x.device)  # fp32 accumulation
+        out = out.index_add(0, token_of_route, weighted.float()).to(x.dtype)
         stats = DispatchStats(tokens_per_expert=counts.detach(), dropped=(counts - kept_counts).sum().detach())
         return out, stats
 
@@ -122,10 +129,15 @@ class ExpertDispatcher(nn.Module):
         restored = local_out[torch.argsort(expert_major)]
         return _AllToAllV.apply(restored, recv_splits, send_splits, self.ep_group)
 
+    def _grouped(self) -> bool:
+        return all(type(e) is SwiGLUExpert for e in self.experts.deepspeed_experts)
+
     def _local_experts(self, rows: Tensor, counts: list[int]) -> Tensor:
-        outs, start = [], 0
-        for expert, n in zip(self.experts.deepspeed_experts, counts):
-            # Empty slices still run so every expert parameter gets a (zero) gradient.
-            outs.append(expert(rows[start:start + n]))
-            start += n
-        return torch.cat(outs, dim=0)
+        experts = self.experts.deepspeed_experts
+        if self._grouped():
+            return grouped_swiglu(rows, counts, experts)
+        # split (not slicing): its backward is one concat, where slices would each
+        # materialise a full-size zero gradient.  Empty slices still run so every
+        # expert parameter gets a (zero) gradient.
+        slices = rows.split(counts, dim=0)
+        return torch.cat([expert(part) for expert, part in zip(experts, slices)], dim=0)

@@ -1,0 +1,125 @@
+"""Fused CPU kernels: plain C, compiled once per machine type, called through ctypes.
+
+The C file needs no torch headers, so it builds in about a second with the
+system's C compiler (at setup by ``python -m desmoe.prebuild``, else on first
+use) into ``$TORCH_EXTENSIONS_DIR/desmoe/``.  The build is keyed by the CPU's
+feature flags because it uses ``-march=native``.  Calls run on the calling
+thread (see the C file for the measurement; a Python thread pool was slower
+too, as torch's OpenMP workers keep spinning on the cores after each GEMM).
+``swiglu_cpu()`` returns None when the kernel
+cannot be used (no compiler, ``DESMOE_FUSED_KERNELS=0``); callers then use
+torch ops with the same math.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("swiglu.c")
+_lib: Optional["SwiGLUKernels"] = None
+_tried = False
+
+
+def _cpu_key() -> str:
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode() + SOURCE.read_bytes()).hexdigest()[:12]
+
+
+def _build_dir() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(Path.home(), ".cache", "torch_extensions")
+    return Path(root) / "desmoe"
+
+
+def build() -> Path:
+    """Compile the library if needed; atomic, so concurrent ranks never load a partial file."""
+    target = _build_dir() / f"libdesmoe_swiglu_{_cpu_key()}.so"
+    if target.exists():
+        return target
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    # -ffast-math at compile time only: linking with it would switch the whole process
+    # to flush-to-zero.
+    subprocess.run([cc, "-O3", "-march=native", "-ffast-math", "-fPIC", "-c", str(SOURCE), "-o", tmp + ".o"],
+                   check=True, capture_output=True)
+    subprocess.run([cc, "-shared", tmp + ".o", "-o", tmp, "-lmvec", "-lm"], check=True, capture_output=True)
+    os.unlink(tmp + ".o")
+    os.replace(tmp, target)
+    return target
+
+
+class SwiGLUKernels:
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        for name in ("swiglu_fwd_f32", "swiglu_fwd_bf16"):
+            getattr(lib, name).argtypes = [p, p, p, i64, i64, i64]
+        for name in ("swiglu_bwd_f32", "swiglu_bwd_bf16"):
+            getattr(lib, name).argtypes = [p, p, p, p, p, i64, i64, i64]
+        self.lib = lib
+
+    def _run(self, fn, n: int, *args) -> None:
+        fn(*args[:-1], 0, n, args[-1])
+
+    def _suffix(self, h: torch.Tensor) -> str:
+        if h.dtype == torch.float32:
+            return "f32"
+        if h.dtype == torch.bfloat16:
+            return "bf16"
+        raise TypeError(f"fused SwiGLU supports float32 and bfloat16, not {h.dtype}")
+
+    def fwd(self, h: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
+        h = h.contiguous()
+        n, f = h.shape[0], h.shape[1] // 2
+        act = h.new_empty((n, f))
+        w = w.contiguous().to(h.dtype) if w is not None else None
+        fn = getattr(self.lib, f"swiglu_fwd_{self._suffix(h)}")
+        self._run(fn, n, h.data_ptr(), w.data_ptr() if w is not None else None, act.data_ptr(), f)
+        return act
+
+    def bwd(self, h: torch.Tensor, w: Optional[torch.Tensor], d_act: torch.Tensor):
+        """Returns (d_h, d_w); d_w is None without w."""
+        h, d_act = h.contiguous(), d_act.contiguous().to(h.dtype)
+        n, f = h.shape[0], h.shape[1] // 2
+        d_h = torch.empty_like(h)
+        w = w.contiguous().to(h.dtype) if w is not None else None
+        d_w = torch.empty(n, dtype=torch.float32) if w is not None else None
+        fn = getattr(self.lib, f"swiglu_bwd_{self._suffix(h)}")
+        self._run(fn, n, h.data_ptr(), w.data_ptr() if w is not None else None, d_act.data_ptr(), d_h.data_ptr(),
+                  d_w.data_ptr() if d_w is not None else None, f)
+        return d_h, d_w
+
+
+def swiglu_cpu() -> Optional[SwiGLUKernels]:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("DESMOE_FUSED_KERNELS", "1") == "0":
+        return None
+    try:
+        _lib = SwiGLUKernels(build())
+    except Exception as err:  # noqa: BLE001 - a missing compiler must not stop training
+        warnings.warn(f"desmoe: fused CPU SwiGLU kernel unavailable ({err}); using torch ops")
+        _lib = None
+    return _lib
