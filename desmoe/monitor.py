@@ -86,6 +86,17 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
+    """Drop rows logged after ``after_step`` (work lost since the last checkpoint)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in rows))
+    tmp.replace(path)
+
+
 def ascii_curve(points: list[tuple[int, float]], width: int = 60, height: int = 10, label: str = "loss") -> str:
     """A terminal plot of (step, value) points, for people watching a console."""
     if not points:

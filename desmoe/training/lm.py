@@ -19,7 +19,8 @@ from desmoe import checkpoint
 from desmoe.config import bad, dump_yaml
 from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus, sample_windows
 from desmoe.models.moe_lm import MoELM, MoELMConfig
-from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics
+from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
+from desmoe.training.preemption import Preempted, Preemption
 
 
 @dataclass
@@ -104,6 +105,8 @@ def train_lm(cfg: LMExperiment, ds_config_path: str) -> dict:
     if is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+        truncate_metrics(run_dir, after_step=start)  # rows logged after the checkpoint get redone
+    preemption = Preemption()
     monitor = Monitor(run_dir, cfg.train.steps, initial_step=start, desc=f"train {cfg.run.name}")
     t0 = time.perf_counter()
     for step in range(start, cfg.train.steps):
@@ -129,6 +132,13 @@ def train_lm(cfg: LMExperiment, ds_config_path: str) -> dict:
             monitor.scalars(done, {"val/loss": evaluate(engine.module, val_data, cfg, rank, engine.device)})
         if done % cfg.train.save_every == 0 or done == cfg.train.steps:
             checkpoint.save(engine, ckpt_dir, done)
+        elif preemption.requested():
+            checkpoint.save(engine, ckpt_dir, done)
+            monitor.close()
+            if is_rank0():
+                print(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved step {done}, "
+                      f"exiting for requeue", flush=True)
+            raise Preempted(done)
     monitor.close()
     return summarize(run_dir) if is_rank0() else {}
 

@@ -1,0 +1,52 @@
+#!/bin/bash
+# The MoE core's smoke job under Slurm: one task per device, ranks from Slurm's
+# own variables (desmoe.distributed), requeued on preemption.
+#
+#   sbatch slurm/smoke.sh [key=value overrides ...]
+#   DESMOE_CPU=1 sbatch --nodes=1 --ntasks-per-node=2 slurm/smoke.sh      # CPU ranks (gloo)
+#
+# Set the GPU line to your cluster; for CPU jobs override with `--gpus-per-node=0`.
+#SBATCH --job-name=desmoe-smoke
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=01:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=USR1@120
+set -uo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-.}"
+mkdir -p logs
+PYTHON="${DESMOE_PYTHON:-.venv/bin/python}"
+CONFIG="${DESMOE_CONFIG:-configs/smoke.yaml}"
+DS_CONFIG="${DESMOE_DS_CONFIG:-configs/zero2.json}"
+EXIT_PREEMPTED=75
+
+# Rendezvous: first host of the allocation, port from the job id (no collisions
+# between jobs sharing nodes).  A preset MASTER_ADDR / MASTER_PORT wins.
+export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
+export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+if [ "${DESMOE_CPU:-0}" = "1" ]; then
+    export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
+RUN_NAME="${DESMOE_RUN_NAME:-smoke-${SLURM_JOB_ID}}"
+echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} ranks," \
+     "master ${MASTER_ADDR}:${MASTER_PORT}, run ${RUN_NAME}"
+
+# --kill-on-bad-exit: one dead rank ends the step; --wait: the others get 60 s at most.
+# Per-rank logs go next to the job log.
+srun --kill-on-bad-exit=1 --wait=60 --output="logs/%x-%j-rank%t.out" --open-mode=append \
+    "$PYTHON" launcher/smoke.py --deepspeed "$DS_CONFIG" --config "$CONFIG" \
+    "run.name=${RUN_NAME}" "$@"
+rc=$?
+if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
+    echo "job ${SLURM_JOB_ID}: checkpoint saved on preemption; requeueing"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+echo "job ${SLURM_JOB_ID}: finished with exit code ${rc}"
+exit "$rc"
