@@ -13,8 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import deepspeed.comm as dist
-
 from desmoe.errors import UserError
 
 LATEST = "latest"
@@ -25,7 +23,8 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -35,11 +34,15 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _barrier() -> None:
+    import deepspeed.comm as dist
+
     if dist.is_initialized():
         dist.barrier()
 
 
 def _is_rank0() -> bool:
+    import deepspeed.comm as dist
+
     return not dist.is_initialized() or dist.get_rank() == 0
 
 

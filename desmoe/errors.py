@@ -3,7 +3,9 @@
 Anything a user can cause (a bad config value, a missing file, an incomplete
 launcher environment) raises :class:`UserError`.  Entry points wrap their
 ``main`` in :func:`run_cli`, which prints ``desmoe: error: <message>`` and exits
-with status 2.  Programming errors keep their traceback.
+with status 2.  A run that cannot go on (:class:`TrainingFailure`, e.g. a NaN
+loss) prints ``desmoe: failed: <message>`` and exits 1.  Programming errors keep
+their traceback.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ class LaunchError(UserError):
     """The process environment cannot start a distributed job."""
 
 
+class TrainingFailure(Exception):
+    """The run cannot continue (e.g. a non-finite loss); reported in one line, exit 1."""
+
+
 def run_cli(main: Callable[[], T]) -> Callable[[], T]:
     """Decorate a CLI entry point so user mistakes end in one line on stderr."""
 
@@ -37,5 +43,8 @@ def run_cli(main: Callable[[], T]) -> Callable[[], T]:
             message = " ".join(str(err).split())  # one line, whatever the message held
             print(f"desmoe: error: {message}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        except TrainingFailure as err:
+            print(f"desmoe: failed: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
 
     return wrapper

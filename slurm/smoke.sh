@@ -18,12 +18,15 @@
 #SBATCH --signal=USR1@120
 set -uo pipefail
 
-cd "${SLURM_SUBMIT_DIR:-.}"
-mkdir -p logs
+cd "${SLURM_SUBMIT_DIR:-.}"   # submit from the repository root
+LOG_DIR="${DESMOE_LOG_DIR:-logs}"
+mkdir -p "$LOG_DIR"
 PYTHON="${DESMOE_PYTHON:-.venv/bin/python}"
 CONFIG="${DESMOE_CONFIG:-configs/smoke.yaml}"
 DS_CONFIG="${DESMOE_DS_CONFIG:-configs/zero2.json}"
-EXIT_PREEMPTED=75
+# The trainer writes this file after saving on a preemption signal (all ranks then exit 0).
+export DESMOE_REQUEUE_MARKER="${LOG_DIR}/.requeue-${SLURM_JOB_ID}"
+rm -f "$DESMOE_REQUEUE_MARKER"
 
 # Rendezvous: first host of the allocation, port from the job id (no collisions
 # between jobs sharing nodes).  A preset MASTER_ADDR / MASTER_PORT wins.
@@ -39,12 +42,13 @@ echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NOD
 
 # --kill-on-bad-exit: one dead rank ends the step; --wait: the others get 60 s at most.
 # Per-rank logs go next to the job log.
-srun --kill-on-bad-exit=1 --wait=60 --output="logs/%x-%j-rank%t.out" --open-mode=append \
+srun --kill-on-bad-exit=1 --wait=60 --output="${LOG_DIR}/%x-%j-rank%t.out" --open-mode=append \
     "$PYTHON" launcher/smoke.py --deepspeed "$DS_CONFIG" --config "$CONFIG" \
     "run.name=${RUN_NAME}" "$@"
 rc=$?
-if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
-    echo "job ${SLURM_JOB_ID}: checkpoint saved on preemption; requeueing"
+if [ -f "$DESMOE_REQUEUE_MARKER" ]; then
+    echo "job ${SLURM_JOB_ID}: checkpoint saved on preemption at step $(cat "$DESMOE_REQUEUE_MARKER"); requeueing"
+    rm -f "$DESMOE_REQUEUE_MARKER"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi

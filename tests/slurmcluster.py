@@ -134,6 +134,11 @@ class LocalSlurm:
 
     def stop(self) -> None:
         if self.procs:
+            # Running job steps outlive the daemons: cancel every job and wait for it first.
+            self.cmd(["scancel", "--full", "--user=root"], check=False, timeout=15)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.cmd(["squeue", "-h"], check=False).stdout.strip():
+                time.sleep(0.2)
             self.cmd(["scontrol", "shutdown"], check=False, timeout=15)
             deadline = time.monotonic() + 8
             while time.monotonic() < deadline and any(_alive(p.pid) for p in self.procs):

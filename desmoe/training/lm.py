@@ -17,10 +17,11 @@ import torch
 
 from desmoe import checkpoint
 from desmoe.config import bad, dump_yaml
+from desmoe.errors import TrainingFailure
 from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus, sample_windows
 from desmoe.models.moe_lm import MoELM, MoELMConfig
 from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
-from desmoe.training.preemption import Preempted, Preemption
+from desmoe.training.preemption import Preempted, Preemption, announce
 
 
 @dataclass
@@ -113,7 +114,8 @@ def train_lm(cfg: LMExperiment, ds_config_path: str) -> dict:
         batch = sample_windows(train_data, cfg.train.micro_batch, cfg.train.seq_len + 1, cfg.train.seed, step, rank)
         loss, lm_loss = engine.module.loss(batch.to(engine.device), cfg.train.aux_loss_coef)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} on rank {rank}")
+            raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step + 1} on rank {rank}; "
+                                  f"resume from {ckpt_dir} with a lower train.lr")
         engine.backward(loss)
         engine.step()
         done = step + 1
@@ -138,6 +140,7 @@ def train_lm(cfg: LMExperiment, ds_config_path: str) -> dict:
             if is_rank0():
                 print(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved step {done}, "
                       f"exiting for requeue", flush=True)
+            announce(done, is_rank0())
             raise Preempted(done)
     monitor.close()
     return summarize(run_dir) if is_rank0() else {}

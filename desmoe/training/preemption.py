@@ -4,13 +4,20 @@ Slurm asks for a signal before the time limit (``#SBATCH --signal=USR1@120``)
 and schedulers send SIGTERM before preempting.  The handler only sets a flag;
 the training loop calls :meth:`Preemption.requested` once per step, which
 all-reduces the flag so every rank stops at the *same* step (signals reach ranks
-at different moments), saves a checkpoint and exits with ``EXIT_PREEMPTED``.
-The Slurm script requeues the job on that code; the requeued job resumes from
-the checkpoint.
+at different moments), saves a checkpoint and exits.
+
+How the supervisor learns about it: under our Slurm scripts (which set
+``DESMOE_REQUEUE_MARKER``) rank 0 writes that file and every rank exits 0 --
+a non-zero exit would make ``srun --kill-on-bad-exit`` kill ranks still
+finishing -- and the script requeues the job when the marker exists.  Elsewhere
+the ranks exit with ``EXIT_PREEMPTED`` (75).  The requeued job resumes from the
+checkpoint.
 """
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 import torch
 
@@ -18,10 +25,26 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+MARKER_ENV = "DESMOE_REQUEUE_MARKER"
+
+
 class Preempted(SystemExit):
     def __init__(self, step: int) -> None:
-        super().__init__(EXIT_PREEMPTED)
+        super().__init__(0 if os.environ.get(MARKER_ENV) else EXIT_PREEMPTED)
         self.step = step
+
+
+def announce(step: int, rank0: bool) -> None:
+    """Tell the supervisor (see module doc); call on every rank after the save."""
+    import deepspeed.comm as dist
+
+    marker = os.environ.get(MARKER_ENV)
+    if marker and rank0:
+        from desmoe.checkpoint import write_text_atomic
+
+        write_text_atomic(Path(marker).absolute(), f"{step}\n")
+    if dist.is_initialized():
+        dist.barrier()  # no rank leaves before the marker exists
 
 
 class Preemption:
@@ -38,9 +61,9 @@ class Preemption:
     def requested(self) -> bool:
         import deepspeed.comm as dist
 
-        flag = torch.tensor([1.0 if self.flag else 0.0])
+        from desmoe.distributed import device
+
+        flag = torch.tensor([1.0 if self.flag else 0.0], device=device())
         if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)

@@ -1,0 +1,61 @@
+"""Inspect a run directory: last checkpoint, step, latest metrics.
+
+    python -m desmoe.inspect_run runs/smoke [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from desmoe import checkpoint
+from desmoe.errors import UserError, run_cli
+from desmoe.monitor import read_metrics
+
+
+def describe(run_dir: Path) -> dict:
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    ckpt_dir = run_dir / "checkpoints"
+    tag = checkpoint.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
+    tags = sorted(p.name for p in ckpt_dir.glob("step*")) if ckpt_dir.is_dir() else []
+    rows = read_metrics(run_dir)
+    latest: dict[str, float] = {}
+    for row in rows:
+        latest.update({k: v for k, v in row.items() if k != "step"})
+    phase = next((latest[k] for k in ("train/phase", "train/task") if k in latest), None)
+    return {
+        "run": str(run_dir),
+        "latest_checkpoint": tag,
+        "checkpoint_step": int(tag[4:]) if tag else None,
+        "checkpoints": tags,
+        "last_logged_step": rows[-1]["step"] if rows else None,
+        "phase_or_task": phase,
+        "latest_metrics": latest,
+        "interrupted_save": any(p.is_dir() for p in (ckpt_dir / checkpoint.STAGING).glob("step*")),
+    }
+
+
+@run_cli
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    info = describe(args.run_dir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"run               {info['run']}")
+    print(f"latest checkpoint {info['latest_checkpoint'] or '-'}  ({len(info['checkpoints'])} kept)")
+    print(f"last logged step  {info['last_logged_step'] if info['last_logged_step'] is not None else '-'}")
+    if info["phase_or_task"] is not None:
+        print(f"phase / task      {info['phase_or_task']:g}")
+    if info["interrupted_save"]:
+        print("note              an interrupted save is left in checkpoints/.staging (ignored on resume)")
+    for key, value in sorted(info["latest_metrics"].items()):
+        print(f"  {key:<24} {value:.6g}")
+
+
+if __name__ == "__main__":
+    main()
