@@ -9,6 +9,7 @@ directory is on a filesystem all ranks share, as multi-node training does.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -85,9 +86,16 @@ def load(engine, ckpt_dir: str | Path, tag: Optional[str] = None, module_only: b
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         return None
-    path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=module_only,
-                                         load_optimizer_states=not module_only,
-                                         load_lr_scheduler_states=not module_only)
+    try:
+        path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=module_only,
+                                             load_optimizer_states=not module_only,
+                                             load_lr_scheduler_states=not module_only)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        hint = ""
+        if "layout does not match" in str(err) or "size mismatch" in str(err):
+            hint = " (written with another ep_size or model shape? resume weights only with module_only=True)"
+        raise UserError(f"{Path(ckpt_dir) / tag}: cannot load checkpoint: {type(err).__name__}: {first}{hint}") from None
     if path is None:
         raise UserError(f"{Path(ckpt_dir) / tag}: not a loadable DeepSpeed checkpoint")
     return state or {}

@@ -63,10 +63,11 @@ class Monitor:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.writer is not None:
             self.bar.close()
             self.writer.flush()
             self.writer.close()
+            self.writer = None
 
 
 def _figure_to_chw(fig) -> np.ndarray:

@@ -43,6 +43,8 @@ class TrainConfig:
                 raise bad(key, "a positive integer", getattr(self, key))
         if self.lr is not None and not 0 < self.lr < 1:
             raise bad("lr", "a number in (0, 1)", self.lr)
+        if not 0 <= self.aux_loss_coef < float("inf"):
+            raise bad("aux_loss_coef", "a finite number >= 0", self.aux_loss_coef)
 
 
 @dataclass
@@ -88,7 +90,6 @@ def train_lm(cfg: LMExperiment, ds_config_path: str) -> dict:
 
     from desmoe.distributed import init_distributed, is_rank0
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
-    from desmoe.moe import global_tokens_per_expert
 
     ds_raw = read_ds_config(ds_config_path)  # user errors surface before any process group exists
     init_distributed()
@@ -110,40 +111,48 @@ def train_lm(cfg: LMExperiment, ds_config_path: str) -> dict:
     preemption = Preemption()
     monitor = Monitor(run_dir, cfg.train.steps, initial_step=start, desc=f"train {cfg.run.name}")
     t0 = time.perf_counter()
-    for step in range(start, cfg.train.steps):
-        batch = sample_windows(train_data, cfg.train.micro_batch, cfg.train.seq_len + 1, cfg.train.seed, step, rank)
-        loss, lm_loss = engine.module.loss(batch.to(engine.device), cfg.train.aux_loss_coef)
-        if not torch.isfinite(loss):
-            raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step + 1} on rank {rank}; "
-                                  f"resume from {ckpt_dir} with a lower train.lr")
-        engine.backward(loss)
-        engine.step()
-        done = step + 1
-        monitor.progress(1, loss=lm_loss.item())
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            counts = global_tokens_per_expert(engine.module).float()
-            load = counts / counts.sum(dim=1, keepdim=True)
-            monitor.scalars(done, {"train/loss": _mean_over_ranks(lm_loss),
-                                   "train/aux_loss": (loss.detach() - lm_loss).item() / max(cfg.train.aux_loss_coef, 1e-12),
-                                   "train/lr": engine.get_lr()[0],
-                                   "moe/max_load_share": load.max().item(),
-                                   "perf/tokens_per_s": cfg.train.micro_batch * cfg.train.seq_len * world
-                                   * (done - start) / (time.perf_counter() - t0)})
-            monitor.heatmap(done, "moe/expert_load", load.cpu().numpy(), xlabel="expert", ylabel="layer")
-        if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-            monitor.scalars(done, {"val/loss": evaluate(engine.module, val_data, cfg, rank, engine.device)})
-        if done % cfg.train.save_every == 0 or done == cfg.train.steps:
-            checkpoint.save(engine, ckpt_dir, done)
-        elif preemption.requested():
-            checkpoint.save(engine, ckpt_dir, done)
-            monitor.close()
-            if is_rank0():
-                print(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved step {done}, "
-                      f"exiting for requeue", flush=True)
-            announce(done, is_rank0())
-            raise Preempted(done)
-    monitor.close()
+    try:
+        for step in range(start, cfg.train.steps):
+            batch = sample_windows(train_data, cfg.train.micro_batch, cfg.train.seq_len + 1, cfg.train.seed, step, rank)
+            loss, lm_loss = engine.module.loss(batch.to(engine.device), cfg.train.aux_loss_coef)
+            if not torch.isfinite(loss):
+                raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step + 1} on rank {rank}; "
+                                      f"resume from {ckpt_dir} with a lower train.lr")
+            engine.backward(loss)
+            engine.step()
+            done = step + 1
+            monitor.progress(1, loss=lm_loss.item())
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                tokens = cfg.train.micro_batch * cfg.train.seq_len * world * (done - start)
+                _log_train(monitor, engine, done, loss, lm_loss, cfg.train.aux_loss_coef, tokens / (time.perf_counter() - t0))
+            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                monitor.scalars(done, {"val/loss": evaluate(engine.module, val_data, cfg, rank, engine.device)})
+            if done % cfg.train.save_every == 0 or done == cfg.train.steps:
+                checkpoint.save(engine, ckpt_dir, done)
+            elif preemption.requested():
+                checkpoint.save(engine, ckpt_dir, done)
+                monitor.close()
+                if is_rank0():
+                    print(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved step {done}, "
+                          f"exiting for requeue", flush=True)
+                announce(done, is_rank0())
+                raise Preempted(done)
+    finally:
+        monitor.close()  # ends the progress bar and flushes TensorBoard, also on failure
     return summarize(run_dir) if is_rank0() else {}
+
+
+def _log_train(monitor: Monitor, engine, step: int, loss, lm_loss, aux_coef: float, tokens_per_s: float) -> None:
+    from desmoe.moe import global_tokens_per_expert
+
+    counts = global_tokens_per_expert(engine.module).float()
+    load = counts / counts.sum(dim=1, keepdim=True)
+    monitor.scalars(step, {"train/loss": _mean_over_ranks(lm_loss),
+                           "train/aux_loss": (loss.detach() - lm_loss).item() / max(aux_coef, 1e-12),
+                           "train/lr": engine.get_lr()[0],
+                           "moe/max_load_share": load.max().item(),
+                           "perf/tokens_per_s": tokens_per_s})
+    monitor.heatmap(step, "moe/expert_load", load.cpu().numpy(), xlabel="expert", ylabel="layer")
 
 
 def summarize(run_dir: Path) -> dict:

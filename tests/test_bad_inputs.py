@@ -1,0 +1,228 @@
+"""The bad-input catalogue: every user mistake ends in one line naming the file, key or
+value and what was expected, and leaves nothing on disk damaged.
+
+`python tests/test_bad_inputs.py` prints the catalogue with the message each case
+produces (the table in docs/reliability.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from desmoe.config import load_config, split_overrides  # noqa: E402
+from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus  # noqa: E402
+from desmoe.distributed import expand_hostlist, resolve_env  # noqa: E402
+from desmoe.engine import read_ds_config, resolve_ds_config  # noqa: E402
+from desmoe.errors import UserError  # noqa: E402
+from desmoe.training.lm import LMExperiment  # noqa: E402
+
+TORCH_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
+SLURM_ENV = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n[1-2]",
+             "SLURM_JOB_ID": "42"}
+
+
+@dataclass
+class Case:
+    name: str
+    area: str
+    trigger: Callable[[Path], object]
+    expect: str
+
+
+def yaml_file(tmp: Path, text: str) -> Path:
+    path = tmp / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def json_file(tmp: Path, text: str) -> Path:
+    path = tmp / "ds.json"
+    path.write_text(text)
+    return path
+
+
+def exp(tmp: Path, text: str = "", overrides=()):
+    return load_config(LMExperiment, yaml_file(tmp, text), list(overrides))
+
+
+def ds(tmp: Path, text: str):
+    return resolve_ds_config(read_ds_config(json_file(tmp, text)), micro_batch=1)
+
+
+def files(tmp: Path, names: dict[str, str]) -> Path:
+    for name, text in names.items():
+        (tmp / "corpus" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / "corpus" / name).write_text(text)
+    return tmp / "corpus"
+
+
+CASES = [
+    # experiment configs
+    Case("config file missing", "config", lambda t: load_config(LMExperiment, t / "none.yaml"), "config file not found"),
+    Case("YAML syntax", "config", lambda t: exp(t, "model:\n  top_k: 2\n   x: 1\n"), "not valid YAML (line 3)"),
+    Case("top level not a mapping", "config", lambda t: exp(t, "- 1\n"), "expected a mapping at the top level"),
+    Case("unknown key", "config", lambda t: exp(t, "model:\n  num_expert: 4\n"), "unknown key 'model.num_expert'"),
+    Case("section is not a mapping", "config", lambda t: exp(t, "train: 5\n"), "key 'train': expected a mapping"),
+    Case("wrong type", "config", lambda t: exp(t, "train:\n  steps: ten\n"), "key 'train.steps': expected an integer"),
+    Case("not one of the choices", "config", lambda t: exp(t, overrides=["model.expert_type=relu"]),
+         "key 'model.expert_type': expected one of 'swiglu', 'mlp'"),
+    Case("boolean expected", "config", lambda t: exp(t, overrides=["run.resume=maybe"]), "key 'run.resume': expected true or false"),
+    Case("non-positive count", "config", lambda t: exp(t, overrides=["train.steps=0"]), "key 'train.steps': expected a positive integer"),
+    Case("learning rate out of range", "config", lambda t: exp(t, overrides=["train.lr=5"]), "key 'train.lr': expected a number in (0, 1)"),
+    Case("top-k above expert count", "config", lambda t: exp(t, overrides=["model.top_k=9"]), "key 'model.top_k': expected 1..num_experts=8"),
+    Case("ep_size does not divide experts", "config", lambda t: exp(t, overrides=["model.ep_size=3"]),
+         "key 'model.ep_size': expected a divisor of num_experts=8"),
+    Case("sequence longer than the model", "config", lambda t: exp(t, overrides=["train.seq_len=512"]),
+         "key 'train.seq_len': expected at most model.max_seq_len=256"),
+    Case("capacity factor not positive", "config", lambda t: exp(t, overrides=["model.capacity_factor=0"]),
+         "key 'model.capacity_factor': expected a positive number or null"),
+    # command line
+    Case("override without a value", "cli", lambda t: split_overrides(["train.steps"]), "expected the form key.path=value"),
+    Case("flag without a value", "cli", lambda t: split_overrides(["--train.steps"]), "override '--train.steps': expected a value"),
+    Case("override into a value", "cli", lambda t: exp(t, overrides=["train=3", "train.steps=4"]), "'train' is not a section"),
+    # DeepSpeed JSON
+    Case("DeepSpeed config missing", "deepspeed", lambda t: read_ds_config(t / "none.json"), "DeepSpeed config not found"),
+    Case("DeepSpeed JSON syntax", "deepspeed", lambda t: ds(t, '{"a": 1,}'), "not valid JSON (line 1"),
+    Case("DeepSpeed JSON not an object", "deepspeed", lambda t: ds(t, "[1]"), "expected a JSON object at the top level"),
+    Case("ZeRO stage 3", "deepspeed", lambda t: ds(t, '{"zero_optimization": {"stage": 3}}'),
+         "key 'zero_optimization.stage': expected 0, 1 or 2 (DeepSpeed MoE does not support ZeRO-3), got 3"),
+    Case("optimizer other than AdamW", "deepspeed", lambda t: ds(t, '{"optimizer": {"type": "SGD"}}'),
+         "key 'optimizer.type': expected AdamW, got 'SGD'"),
+    Case("unknown optimizer parameter", "deepspeed", lambda t: ds(t, '{"optimizer": {"type": "AdamW", "params": {"momentum": 0.9}}}'),
+         "key 'optimizer.params.momentum': unknown"),
+    Case("fp16 requested", "deepspeed", lambda t: ds(t, '{"fp16": {"enabled": true}}'), "key 'fp16.enabled': fp16 is not supported (use bf16)"),
+    # data files
+    Case("data path is not a folder", "data", lambda t: load_byte_corpus(TextCorpusConfig(path=str(t / "nope"))), "not a directory"),
+    Case("no file matches the pattern", "data", lambda t: load_byte_corpus(TextCorpusConfig(path=str(files(t, {"a.md": "x"})))),
+         "no files match '*.py'"),
+    Case("too little text", "data", lambda t: load_byte_corpus(TextCorpusConfig(path=str(files(t, {"a.py": "x = 1\n"})))),
+         "too little text"),
+    # checkpoints
+    Case("latest points nowhere", "checkpoint", lambda t: _latest_nowhere(t), "points to 'step00000007', which does not exist"),
+    # launcher / Slurm environment
+    Case("torchrun variables incomplete", "environment", lambda t: resolve_env({"RANK": "0", "WORLD_SIZE": "2"}),
+         "incomplete launcher environment: RANK, WORLD_SIZE set but MASTER_ADDR, MASTER_PORT missing"),
+    Case("rank outside the world", "environment", lambda t: resolve_env({**TORCH_ENV, "RANK": "2"}), "rank 2 is not in a world of size 2"),
+    Case("non-numeric rank", "environment", lambda t: resolve_env({**TORCH_ENV, "RANK": "one"}), "RANK='one': expected an integer"),
+    Case("bad port", "environment", lambda t: resolve_env({**TORCH_ENV, "MASTER_PORT": "70000"}), "MASTER_PORT=70000: expected a port"),
+    Case("Slurm variables incomplete", "environment",
+         lambda t: resolve_env({k: v for k, v in SLURM_ENV.items() if k != "SLURM_LOCALID"}),
+         "incomplete Slurm environment: SLURM_LOCALID missing (run the job with srun)"),
+    Case("unreadable Slurm node list", "environment", lambda t: expand_hostlist("gpu[1-x]"), "cannot read the range '1-x'"),
+]
+
+
+def _latest_nowhere(tmp: Path):
+    from desmoe.checkpoint import latest_tag
+
+    (tmp / "ckpt").mkdir()
+    (tmp / "ckpt" / "latest").write_text("step00000007")
+    return latest_tag(tmp / "ckpt")
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def produce(case: Case, tmp: Path) -> str:
+    with pytest.raises(UserError) as err:
+        case.trigger(tmp)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_clear_line(case, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    # a run directory the mistake must not touch
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n')
+    before = snapshot(tmp_path / "run")
+    message = produce(case, work)
+    assert case.expect in message
+    assert "\n" not in message and len(message) < 400
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_catalogue_is_large_enough():
+    assert len(CASES) >= 25
+    assert {c.area for c in CASES} >= {"config", "cli", "deepspeed", "data", "checkpoint", "environment"}
+
+
+def _launch(*args, env_extra=None, timeout=300):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, str(ROOT / "launcher/smoke.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--config", "configs/smoke.yaml", "model.num_expert=4"], "unknown key 'model.num_expert'"),
+    (["--deepspeed", "configs/none.json"], "configs/none.json: DeepSpeed config not found"),
+    (["--config", "configs/smoke.yaml", "model.ep_size=2", "run.dir=/nonexistent-never"], "key 'model.ep_size': expected a divisor of the world size 1"),
+])
+def test_launcher_reports_one_line_without_traceback(args, expect):
+    proc = _launch(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("desmoe: error:")]
+    assert len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_corrupted_checkpoint_is_named_and_left_alone(tmp_path):
+    args = ["--config", "configs/smoke.yaml", "model.hidden_size=32", "model.ffn_size=32", "model.ep_size=1",
+            "train.seq_len=32", "train.steps=2", "train.eval_batches=1", "data.max_bytes=300000",
+            f"run.dir={tmp_path}", "run.name=r"]
+    assert _launch(*args).returncode == 0
+    ckpt = tmp_path / "r" / "checkpoints" / "step00000002"
+    victim = ckpt / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[:64])
+    before = snapshot(tmp_path / "r")
+    proc = _launch(*args[:-3], "train.steps=3", *args[-2:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("desmoe: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "step00000002: cannot load checkpoint" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert snapshot(tmp_path / "r") == before, "a failed resume must not modify the run directory"
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    print("| # | area | mistake | message |\n|---|---|---|---|")
+    for i, case in enumerate(CASES, 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                case.trigger(Path(tmp))
+                message = "(no error!)"
+            except UserError as err:
+                message = str(err).replace(tmp, "<tmp>")
+        print(f"| {i} | {case.area} | {case.name} | `{message}` |")
+
+
+def test_non_finite_loss_stops_naming_step_and_rank(tmp_path):
+    import torch
+
+    args = ["--config", "configs/smoke.yaml", "model.hidden_size=32", "model.ffn_size=32", "model.ep_size=1",
+            "train.seq_len=32", "train.eval_batches=1", "data.max_bytes=300000", f"run.dir={tmp_path}", "run.name=n"]
+    assert _launch(*args, "train.steps=2").returncode == 0
+    states = tmp_path / "n" / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt"
+    sd = torch.load(states, weights_only=False)
+    sd["module"]["embed.weight"].fill_(float("nan"))  # what a diverged run leaves behind
+    torch.save(sd, states)
+    proc = _launch(*args, "train.steps=4")
+    failures = [line for line in proc.stderr.splitlines() if line.startswith("desmoe: failed:")]
+    assert proc.returncode == 1 and len(failures) == 1, proc.stderr[-2000:]
+    assert "non-finite loss (nan) at step 3 on rank 0" in failures[0]
+    assert "Traceback" not in proc.stderr
