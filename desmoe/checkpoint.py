@@ -55,6 +55,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[st
         staging.mkdir(parents=True, exist_ok=True)
     _barrier()
     engine.save_checkpoint(str(staging), tag=tag, client_state=dict(client_state or {}, step=step), save_latest=False)
+    _save_rng(staging / tag)
     _barrier()
     if _is_rank0():
         final = root / tag
@@ -98,4 +99,43 @@ def load(engine, ckpt_dir: str | Path, tag: Optional[str] = None, module_only: b
         raise UserError(f"{Path(ckpt_dir) / tag}: cannot load checkpoint: {type(err).__name__}: {first}{hint}") from None
     if path is None:
         raise UserError(f"{Path(ckpt_dir) / tag}: not a loadable DeepSpeed checkpoint")
+    if not module_only:
+        _load_rng(Path(ckpt_dir) / tag)
     return state or {}
+
+
+def _rank() -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _save_rng(tag_dir: Path) -> None:
+    """Each rank's generators (torch, CUDA, Python, NumPy), so randomness resumes too."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(state, tag_dir / f"rng_state_rank{_rank():05d}.pt")
+
+
+def _load_rng(tag_dir: Path) -> None:
+    import random
+    import warnings
+
+    import numpy as np
+    import torch
+
+    path = tag_dir / f"rng_state_rank{_rank():05d}.pt"
+    if not path.is_file():  # e.g. resumed with more ranks than were saved
+        warnings.warn(f"{path} missing: this rank's random generators start fresh")
+        return
+    state = torch.load(path, weights_only=False)
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

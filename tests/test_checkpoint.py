@@ -27,15 +27,19 @@ def roundtrip_case(ckpt_dir):
     rank = dist.get_rank()
     engine, _ = tiny_engine(ep_size=2)
     train_steps(engine, rank, 3)
+    torch.manual_seed(123 + rank)
     checkpoint.save(engine, ckpt_dir, step=3)
+    ref_draw = torch.rand(4)  # what the generator gives next, after the save
     ref = eval_logits(engine, rank)
     train_steps(engine, rank, 2, start=3)  # continue: the reference for resumed training
     ref_after = eval_logits(engine, rank)
 
     fresh, _ = tiny_engine(ep_size=2, seed=5)  # different init, so a no-op load would show
     assert not torch.equal(eval_logits(fresh, rank), ref)
+    torch.manual_seed(999)
     state = checkpoint.load(fresh, ckpt_dir)
     assert state["step"] == 3
+    assert torch.equal(torch.rand(4), ref_draw), "each rank's RNG must resume where it was saved"
     assert torch.equal(eval_logits(fresh, rank), ref), "outputs after load differ"
     train_steps(fresh, rank, 2, start=3)
     assert torch.equal(eval_logits(fresh, rank), ref_after), "resumed training diverged"
