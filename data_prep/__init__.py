@@ -1,0 +1,1 @@
+"""Offline data preparation: sources from registry packages -> domains -> tokenized data."""
