@@ -125,8 +125,8 @@ class ExpertDispatcher(nn.Module):
         # Received rows are source-major; the experts want expert-major slices.
         segment = torch.repeat_interleave(torch.arange(ep * nl, device=counts.device), recv_matrix.reshape(-1))
         expert_major = torch.argsort((segment % nl) * ep + segment // nl, stable=True)
-        local_out = self._local_experts(received[expert_major], recv_matrix.sum(0).tolist())
-        restored = local_out[torch.argsort(expert_major)]
+        local_out = self._local_experts(received.index_select(0, expert_major), recv_matrix.sum(0).tolist())
+        restored = local_out.index_select(0, torch.argsort(expert_major))
         return _AllToAllV.apply(restored, recv_splits, send_splits, self.ep_group)
 
     def _grouped(self) -> bool:
