@@ -45,7 +45,8 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     for key, value in (("train_micro_batch_size_per_gpu", micro_batch), ("gradient_accumulation_steps", grad_accum)):
         if cfg.get(key, "auto") == "auto":
             cfg[key] = value
-    cfg.pop("train_batch_size", None) if cfg.get("train_batch_size") == "auto" else None
+    if cfg.get("train_batch_size") == "auto":
+        cfg.pop("train_batch_size")  # DeepSpeed derives it from the two values above
     for precision in ("bf16", "fp16"):
         block = cfg.get(precision)
         if isinstance(block, dict) and block.get("enabled") == "auto":

@@ -7,8 +7,6 @@ produces (the table in docs/reliability.md).
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,11 +158,10 @@ def test_catalogue_is_large_enough():
     assert {c.area for c in CASES} >= {"config", "cli", "deepspeed", "data", "checkpoint", "environment"}
 
 
-def _launch(*args, env_extra=None, timeout=300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, str(ROOT / "launcher/smoke.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+def _launch(*args):
+    from jobs import run_smoke
+
+    return run_smoke(*args, timeout=300)
 
 
 @pytest.mark.parametrize("args,expect", [

@@ -1,28 +1,23 @@
 """A crash at any point of a save leaves the previous checkpoint loadable."""
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from jobs import ROOT, clean_env, run_smoke, smoke_command
 ARGS = ["model.hidden_size=32", "model.ffn_size=32", "model.num_experts=4", "model.ep_size=1", "train.seq_len=32",
         "train.micro_batch=4", "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1",
         "train.save_every=1", "data.max_bytes=300000"]
 
 
 def run_job(run_dir, steps, wait=True):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "launcher/smoke.py"), "--config", str(ROOT / "configs/smoke.yaml"), *ARGS,
-           f"train.steps={steps}", f"run.dir={run_dir}", "run.name=c"]
+    args = ("--config", str(ROOT / "configs/smoke.yaml"), *ARGS, f"train.steps={steps}", f"run.dir={run_dir}",
+            "run.name=c")
     if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        return run_smoke(*args)
+    return subprocess.Popen(smoke_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=clean_env(), cwd=ROOT)
 
 
 def test_sigkill_during_saves_then_resume(tmp_path):

@@ -1,5 +1,4 @@
 """Process discovery from torchrun/deepspeed or Slurm variables, in real processes."""
-import os
 import socket
 import subprocess
 import sys
@@ -9,9 +8,9 @@ import pytest
 
 from desmoe.distributed import expand_hostlist, resolve_env
 from desmoe.errors import LaunchError
+from jobs import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
 def test_hostlist_expansion():
@@ -57,12 +56,6 @@ print(f"OK {d.source} rank={dist.get_rank()} world={dist.get_world_size()} sum={
 """
 
 
-def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in SCRUB and not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
-    return env
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,7 +67,7 @@ def test_slurm_variables_start_real_ranks():
     job_id = port - 20000 if 20000 <= port < 40000 else None
     extra = {"SLURM_JOB_ID": str(job_id)} if job_id is not None else {"SLURM_JOB_ID": "7", "MASTER_PORT": str(port)}
     procs = [subprocess.Popen([sys.executable, "-c", WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_clean_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
+                              env=clean_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
                                              SLURM_JOB_NODELIST="localhost", **extra))
              for r in range(2)]
     outs = [p.communicate(timeout=180) for p in procs]
@@ -87,7 +80,7 @@ def test_slurm_variables_start_real_ranks():
 def test_incomplete_slurm_env_is_one_clear_line():
     proc = subprocess.run([sys.executable, str(ROOT / "launcher/smoke.py"), "--config", str(ROOT / "configs/smoke.yaml")],
                           capture_output=True, text=True, timeout=180,
-                          env=_clean_env(SLURM_PROCID="0", SLURM_NTASKS="2"), cwd=ROOT)
+                          env=clean_env(SLURM_PROCID="0", SLURM_NTASKS="2"), cwd=ROOT)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("desmoe: error:")]
     assert len(lines) == 1 and "SLURM_LOCALID" in lines[0] and "srun" in lines[0], proc.stderr[-2000:]

@@ -1,6 +1,7 @@
 """On a real local Slurm (2 emulated nodes x 2 tasks): ranks, preemption + requeue, dead ranks."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_preempted_job_requeues_and_matches_uninterrupted_run(slurm, tmp_path):
     assert len(saved) >= 3, saved  # step 6, the preemption step, and the final one
 
 
-def test_killed_rank_fails_the_job_quickly(slurm, tmp_path):
+def test_killed_rank_fails_the_job_through_srun(slurm, tmp_path):
     job = submit_smoke(slurm, tmp_path, "kill", 100000)
     wait_for_step(tmp_path / "kill", 2)
     pids = subprocess.run(["pgrep", "-f", f"run.dir={tmp_path}"], capture_output=True, text=True).stdout.split()
@@ -113,12 +114,13 @@ def test_killed_rank_fails_the_job_quickly(slurm, tmp_path):
         if len(argv) > 1 and argv[1].endswith(b"launcher/smoke.py") and b"python" in argv[0]:
             ranks.append(int(pid))
     assert len(ranks) == 4, pids
-    killed_at = time.monotonic()
     os.kill(ranks[-1], signal.SIGKILL)
     try:
-        result = slurm.wait(job, timeout=120)
+        result = slurm.wait(job, timeout=300)
     finally:
         slurm.cmd(["scancel", job], check=False)
-    elapsed = time.monotonic() - killed_at
-    assert result.state in ("FAILED", "CANCELLED"), result.output
-    assert elapsed < 60, f"the job took {elapsed:.0f}s to fail after a rank died"
+    assert result.state == "FAILED", result.output
+    # The step was ended by srun --kill-on-bad-exit (which gives the others --wait=60 s at
+    # most), not by a collective timeout in the surviving ranks.
+    assert re.search(r"task \d+: Killed", result.output), result.output
+    assert "_step_signal: Terminating StepId" in result.output, result.output

@@ -1,24 +1,14 @@
 """The core's smoke job end to end: launcher, 2 ranks, EP=2, metrics, TensorBoard, resume."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from jobs import ROOT, run_smoke
 
 
 def launch(run_dir, steps, port):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(ROOT / "launcher/smoke.py"), "--deepspeed", str(ROOT / "configs/zero2.json"),
-           "--config", str(ROOT / "configs/smoke.yaml"),
-           f"train.steps={steps}", "train.log_every=2", "train.eval_every=4", "train.save_every=4",
-           "train.eval_batches=1", "data.max_bytes=300000", "model.hidden_size=32", "model.ffn_size=32",
-           "train.seq_len=32", f"run.dir={run_dir}", "run.name=t"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    return run_smoke("--deepspeed", str(ROOT / "configs/zero2.json"), "--config", str(ROOT / "configs/smoke.yaml"),
+                     f"train.steps={steps}", "train.log_every=2", "train.eval_every=4", "train.save_every=4",
+                     "train.eval_batches=1", "data.max_bytes=300000", "model.hidden_size=32", "model.ffn_size=32",
+                     "train.seq_len=32", f"run.dir={run_dir}", "run.name=t", nproc=2, port=port)
 
 
 def test_smoke_job_trains_logs_and_resumes(tmp_path):
