@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.desmoe-setup
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean data
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ test: setup
 
 demo: setup
 	$(BIN)/deepspeed --num_gpus 2 launcher/smoke.py --deepspeed configs/zero2.json --config configs/smoke.yaml
+
+# multi-domain text data: make data PROFILE=tiny|demo|full (downloads cached in ./cache)
+PROFILE ?= demo
+data: setup
+	$(BIN)/python -m data_prep.build --profile $(PROFILE) --out data/$(PROFILE)
 
 bench: setup
 	$(BIN)/python bench/moe_block.py

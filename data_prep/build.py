@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -71,12 +72,20 @@ class Builder:
 
     def fetch(self) -> None:
         names = self.sources_needed()
-        for n in self.bar(iterable=names, desc="sources", unit="pkg"):
-            self.cache.unpack(self.manifest[n])
+        # downloads wait on the network and client start-up: several at a time
+        with ThreadPoolExecutor(4) as pool, self.bar(total=len(names), desc="sources", unit="pkg") as bar:
+            for _ in pool.map(lambda n: self.cache.unpack(self.manifest[n]), names):
+                bar.update()
         self.work.mkdir(parents=True, exist_ok=True)
         self.ctx = Context(lambda s: self.cache.unpack(self.manifest[s]), lambda s: self.manifest[s].licence,
                            self.cfg, self.work)
         self.used_sources = names
+        if self.cfg.mathgen.enabled:  # both generator runs at once, while nothing else needs the CPU
+            from data_prep.mathgen import prepare
+            jobs = [("interpolate", self.cfg.mathgen.per_module_eval, self.cfg.seed + 1)]
+            if "mathematics-dataset" in sum(self.cfg.domains.values(), []):
+                jobs.append(("train", self.cfg.mathgen.per_module_train, self.cfg.seed))
+            prepare(self.ctx, jobs)
 
     # -- documents -------------------------------------------------------------------------------
     def _clean(self, docs: list[Doc]) -> list[Doc]:

