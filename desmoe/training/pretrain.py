@@ -120,7 +120,12 @@ def vocab_of(data) -> tuple[int, dict]:
     if tok is None:
         return data.vocab_size, {}
     size = len(tok) if hasattr(tok, "__len__") else tok.get_piece_size()
-    ids = {f"{k}_id": getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
+    ids = {}
+    for k in ("bos", "eos", "pad"):
+        value = getattr(tok, f"{k}_token_id", None)
+        if value is None and callable(getattr(tok, f"{k}_id", None)):  # a sentencepiece processor
+            value = getattr(tok, f"{k}_id")()
+        ids[f"{k}_id"] = value if value is not None and 0 <= value < size else None
     return size, ids
 
 
@@ -250,6 +255,8 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
               "wall_s_this_run": time.perf_counter() - t0, "run_dir": str(run_dir),
               "config": {k: to_dict(cfg)[k] for k in ("model", "data", "train")}}
     if is_rank0():
+        if hasattr(data.tokenizer, "serialized_model_proto"):  # sentencepiece: ship its model file
+            (Path(cfg.output.dir) / "tokenizer.model").write_bytes(data.tokenizer.serialized_model_proto())
         text = json.dumps(report, indent=2)
         checkpoint.write_text_atomic(run_dir / "report.json", text)
         checkpoint.write_text_atomic(Path(cfg.output.dir) / "report.json", text)  # last: marks the export complete
