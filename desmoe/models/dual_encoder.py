@@ -144,7 +144,8 @@ def from_pretrained_towers(effnet_state_dict: str | Path, minilm_dir: str | Path
     from safetensors.torch import load_file
 
     text_state = {k.removeprefix("bert."): v for k, v in load_file(minilm_dir / "model.safetensors").items()}
-    text_state = {k: v for k, v in text_state.items() if not k.startswith("pooler.")}
+    text_state = {k: v for k, v in text_state.items()
+                  if not k.startswith("pooler.") and not k.endswith("position_ids")}  # buffers, not weights
     missing, unexpected = model.text_model.load_state_dict(text_state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
