@@ -74,6 +74,8 @@ def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.f
     restore_buffers(model)
     blocks = {i: model.model.layers[i].mlp for i in moe_layer_ids(model)}
     for block in blocks.values():
+        for p in block.local_experts.parameters():  # to_empty made new Parameters: re-tag them as
+            p.allreduce, p.group_name = False, block.expert_group_name  # DeepSpeed's Experts does
         if ep_size > 1 or torch.distributed.is_initialized():
             block.set_deepspeed_parallelism()  # DeepSpeed's EP groups; fixes this rank's experts
     with torch.no_grad():
