@@ -87,7 +87,7 @@ def test_groups_fixed_size_and_routes_stay_in_selected_groups(digits):
     T, NG, k = 3, 2, 1
     model, bb = _tiny(T, NG, k)
     tasks, _ = digits
-    px = bb.pixels(tasks[0].test_images[:6])
+    px = bb.pixels(tasks[0].test_x[:6])
     blocks = [b for b in moe_blocks(model) if b.router.context is model.contexts["image"]]
     assert len(blocks) == 2 and len(moe_blocks(model)) == 4  # 2 vision + 2 text layers
     for t in range(T):
@@ -138,12 +138,12 @@ def test_identifiers_on_real_digits(digits):
     model, bb = _tiny()
     tasks, control = digits
     with torch.no_grad():
-        feats = [model.image_features(bb.pixels(t.train_images)) for t in tasks]
-        test = [model.image_features(bb.pixels(t.test_images)) for t in tasks]
+        feats = [model.image_features(bb.pixels(t.train_x)) for t in tasks]
+        test = [model.image_features(bb.pixels(t.test_x)) for t in tasks]
     idents = [PrototypeIdentifier(threshold=0.0), GaussianIdentifier(threshold=0.0, shrinkage=0.5), OracleIdentifier()]
     for ident in idents:
         for t, task in enumerate(tasks[:2]):  # learn 2 of 3 tasks
-            ident.fit_task(TaskInfo(task.name, task.class_names, feats[t]))
+            ident.fit_task(TaskInfo(task.name, task.classnames, feats[t]))
         for t in range(3):
             truth = torch.full((len(test[t]),), t if t < 2 else UNSEEN)
             pred = ident.identify(IdBatch(test[t], true_task=truth))
@@ -155,14 +155,14 @@ def test_identifiers_on_real_digits(digits):
     # an unseen threshold sends the rotated domain away more often than the learned ones
     proto = PrototypeIdentifier(threshold=0.0)
     for t in range(2):
-        proto.fit_task(TaskInfo(tasks[t].name, tasks[t].class_names, feats[t]))
+        proto.fit_task(TaskInfo(tasks[t].name, tasks[t].classnames, feats[t]))
     sims = [(test[t] @ torch.stack(proto.protos).t()).max(1).values for t in range(3)]
     proto.threshold = float(torch.quantile(torch.cat(sims[:2]), 0.05))
     unseen_rate = [(proto.identify(IdBatch(test[t])) == UNSEEN).float().mean().item() for t in range(3)]
     assert unseen_rate[2] > max(unseen_rate[:2])
     vote = BatchVote(PrototypeIdentifier(0.0))
     for t in range(2):
-        vote.fit_task(TaskInfo(tasks[t].name, tasks[t].class_names, feats[t]))
+        vote.fit_task(TaskInfo(tasks[t].name, tasks[t].classnames, feats[t]))
     out = vote.identify(IdBatch(test[1]))
     assert (out == out[0]).all() and "batch-vote" in vote.name
 

@@ -3,7 +3,10 @@
 * ``hf_clip``: an HF ``CLIPModel`` from a local folder (e.g. CLIP ViT-B/16) with its tokenizer.
 * ``tiny_clip``: a tiny random ``CLIPConfig`` with a byte tokenizer (tests, benchmarks).
 * ``embedded``: the offline stand-in for CLIP (``desmoe.models.dual_encoder``:
-  EfficientNet-Lite0 image tower + all-MiniLM-L6-v2 text tower, contrastively aligned).
+  EfficientNet-Lite0 image tower + all-MiniLM-L6-v2 text tower, contrastively aligned),
+  read from the folder the alignment step saved.
+* ``tiny_dual``: the embedded architecture at toy width, random (tests of the
+  BERT-layer and CNN-feature adapters).
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from desmoe.errors import UserError
@@ -34,8 +36,8 @@ class BackboneConfig:
     def check(self) -> None:
         from desmoe.config import bad
 
-        if self.kind not in ("hf_clip", "tiny_clip", "embedded"):
-            raise bad("kind", "one of hf_clip, tiny_clip, embedded", self.kind)
+        if self.kind not in ("hf_clip", "tiny_clip", "embedded", "tiny_dual"):
+            raise bad("kind", "one of hf_clip, tiny_clip, embedded, tiny_dual", self.kind)
         if self.kind == "hf_clip" and not self.path:
             raise bad("path", "the folder of a local HF CLIPModel", self.path)
 
@@ -80,53 +82,46 @@ class Backbone:
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
 
-    def pixels(self, images: np.ndarray) -> Tensor:
-        """uint8 [B, H, W, C] (C = 1 or 3) -> normalised float [B, 3, S, S]."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
-        if x.dim() == 3:
-            x = x.unsqueeze(-1)
-        x = x.permute(0, 3, 1, 2)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+    def pixels(self, images) -> Tensor:
+        """uint8 [B, H, W, C] (tensor or array) -> normalised float [B, 3, S, S]."""
+        from desmoe.vision.transforms import to_pixel_values
+
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        return to_pixel_values(images, self.image_size, self.mean, self.std)
+
+
+def _hf_tokenize(tok, max_len: int) -> Callable[[list[str]], tuple[Tensor, Tensor]]:
+    def tokenize(texts: list[str]) -> tuple[Tensor, Tensor]:
+        enc = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    return tokenize
 
 
 def load_backbone(cfg: BackboneConfig) -> Backbone:
     if cfg.kind == "tiny_clip":
         return Backbone(tiny_clip(cfg), ByteTokenizer(), cfg.image_size)
-    if cfg.kind == "hf_clip":
-        return _hf_clip(cfg.path)
-    return _embedded(cfg.path)
+    from desmoe.models import dual_encoder as de
 
-
-def _hf_clip(path: str) -> Backbone:
-    p = Path(path)
-    if not p.is_dir() or not (p / "config.json").is_file():
-        raise UserError(f"backbone.path '{path}': not a folder with a config.json (expected a local HF CLIPModel)")
-    try:
-        from transformers import AutoTokenizer, CLIPModel
-
-        model = CLIPModel.from_pretrained(p, local_files_only=True).eval()
-        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise UserError(f"backbone.path '{path}': not a usable CLIPModel ({' '.join(str(err).split())[:200]})") from None
-    max_len = min(77, model.config.text_config.max_position_embeddings)
-
-    def tokenize(texts: list[str]) -> tuple[Tensor, Tensor]:
-        enc = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"]
-
-    return Backbone(model, tokenize, model.config.vision_config.image_size)
-
-
-def _embedded(path: str) -> Backbone:
-    try:
-        from desmoe.models import dual_encoder
-    except ImportError:
-        raise UserError("backbone.kind 'embedded': desmoe.models.dual_encoder is not available in this "
-                        "checkout (use backbone.kind=tiny_clip or hf_clip)") from None
-    return dual_encoder.load_for_trge(path)  # provided by the embedded encoder module
+    if cfg.kind == "tiny_dual":
+        model, tok = de.tiny_dual_encoder(seed=cfg.seed, embed_dim=cfg.hidden_size, image_size=cfg.image_size)
+        max_len = 32
+    elif cfg.kind == "hf_clip":
+        p = Path(cfg.path)
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise UserError(f"backbone.path '{cfg.path}': not a folder with a config.json "
+                            f"(expected a local HF CLIPModel)")
+        try:
+            model, tok = de.load_clip(p)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"backbone.path '{cfg.path}': not a usable CLIPModel "
+                            f"({' '.join(str(err).split())[:200]})") from None
+        max_len = min(77, model.config.text_config.max_position_embeddings)
+    else:
+        model, tok = de.load_dual_encoder(cfg.path or "cache/dual_encoder")
+        max_len = model.config.max_text_length
+    size, mean, std = de.image_spec(model)
+    return Backbone(model, _hf_tokenize(tok, max_len), size, tuple(mean), tuple(std))

@@ -34,19 +34,23 @@ class GroupSpec:
     max_groups: int = 2  # groups one sample may use at once (bounds the routed work)
     noisy: bool = True  # noisy top-k gate in training
     ep_size: int = 1
+    layout: str = "groups"  # groups (TRGE) | pool (the MoE-Adapters-style baseline)
+    pool_freeze_per_task: int = 2  # pool: most-used experts frozen per block after each task
 
     def check(self) -> None:
         from desmoe.config import bad
 
-        if self.num_tasks < 1:
-            raise bad("num_tasks", "an integer >= 1", self.num_tasks)
+        if self.num_tasks < 0:
+            raise bad("num_tasks", "an integer >= 1 (0 = one group per task of the sequence)", self.num_tasks)
+        if self.layout not in ("groups", "pool"):
+            raise bad("layout", "groups or pool", self.layout)
         if self.experts_per_group < 1:
             raise bad("experts_per_group", "an integer >= 1", self.experts_per_group)
         if not 1 <= self.top_k <= self.experts_per_group:
             raise bad("top_k", f"an integer in [1, experts_per_group={self.experts_per_group}]", self.top_k)
         if self.max_groups < 1:
             raise bad("max_groups", "an integer >= 1", self.max_groups)
-        if (self.num_tasks * self.experts_per_group) % self.ep_size:
+        if self.num_tasks and (self.num_tasks * self.experts_per_group) % self.ep_size:
             raise bad("ep_size", f"a divisor of num_tasks * experts_per_group = "
                                  f"{self.num_tasks * self.experts_per_group}", self.ep_size)
 
@@ -64,6 +68,12 @@ def gate_part(task: int) -> str:
 
 
 def build_group_block(hidden_size: int, spec: GroupSpec, context: GroupContext) -> MoEBlock:
+    if spec.layout == "pool":
+        from desmoe.trge.baselines import PoolRouter
+
+        router = PoolRouter(hidden_size, spec.num_tasks, spec.num_experts, spec.top_k, context, noisy=spec.noisy)
+        return MoEBlock(hidden_size, AdapterExpert(hidden_size, spec.bottleneck, spec.scale), router,
+                        ep_size=spec.ep_size, route_per_sequence=True)
     router = GroupRouter(hidden_size, spec.num_tasks, spec.experts_per_group, spec.top_k, context,
                          max_groups=spec.max_groups, noisy=spec.noisy)
     block = MoEBlock(hidden_size, AdapterExpert(hidden_size, spec.bottleneck, spec.scale), router,
