@@ -131,6 +131,8 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
     method = build_method(cfg.desmoe, t.steps, len(data.domains), t.aux_loss_coef, seed=cfg.model.init_seed)
     parts = method.prepare_model(model)
     engine, trainability = build_engine(model, resolve_ds_config(ds_raw, t.micro_batch, lr=t.lr), parts=parts)
+    if cfg.desmoe.skip_frozen_grads:
+        method.enable_gradient_skipping(engine.module, parts)
     run_dir = Path(cfg.run.dir) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
     state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
@@ -152,7 +154,8 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
         for step in range(start, t.steps):
             domain = domain_of_step(step, len(data.domains), t.seed)
             batch = streams.next(domain)
-            logs = method.begin_step(step, domain)
+            logs = method.begin_step(step, domain)  # phase, domain experts, lambda -> what may train
+            method.sync_gradients()  # frozen parameters get no weight gradients computed
             loss, parts_ = method.loss(batch.input_ids.to(engine.device))
             if not torch.isfinite(loss):
                 raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step + 1} on rank {rank}; "

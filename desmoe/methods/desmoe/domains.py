@@ -66,6 +66,9 @@ def _family_bytes(root: Path, family: str, max_bytes: int, val_fraction: float) 
         target = val if is_val else train
         if len(target) < (max_bytes * val_fraction if is_val else max_bytes):
             target.extend(path.read_bytes() + b"\n")
+    if len(val) < 1_000:  # a family of a few big files: hold out its tail instead
+        cut = int(len(train) * (1 - val_fraction))
+        train, val = train[:cut], train[cut:]
     if len(train) < 5_000 or len(val) < 1_000:
         raise UserError(f"data.domains: '{family}' has too little text ({len(train)} train / {len(val)} val bytes)")
     as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).clone()  # noqa: E731
