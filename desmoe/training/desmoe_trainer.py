@@ -31,7 +31,17 @@ from desmoe.training.preemption import Preempted, Preemption, announce
 
 @dataclass
 class BaseConfig:
-    checkpoint: Optional[str] = None  # desmoe checkpoint dir of the pretrained base (same model shape); None = fresh init
+    # An HF MoE checkpoint (e.g. the embedded base from launcher/pretrain.py): the model comes from it and
+    # model.* only supplies ep_size.  Otherwise desmoe's MoELM from model.*, optionally loaded from
+    # ``checkpoint`` (a desmoe checkpoint directory of the same shape).
+    hf: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    downstream: bool = True  # at the end: desmoe.evaluation.lm_tasks.evaluate_lm on prepared data, when installed
+    limit: int = 40  # items per task
 
 
 @dataclass
@@ -41,15 +51,19 @@ class DESMoEExperiment:
     base: BaseConfig = field(default_factory=BaseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     desmoe: DESMoEConfig = field(default_factory=DESMoEConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="desmoe"))
 
     def check(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
             raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
         warmup = round(self.desmoe.schedule.t1 * self.train.steps)
-        if self.desmoe.method == "desmoe" and warmup < len(self.data.domains):
+        if self.desmoe.method == "desmoe" and warmup < max(1, len(self.data.domains)):
             raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(self.data.domains)}; "
                       f"t1 * train.steps = {warmup})", self.desmoe.schedule.t1)
+        if self.base.hf and self.base.checkpoint:
+            raise bad("base.checkpoint", "null when base.hf is set (one source of pretrained weights)",
+                      self.base.checkpoint)
         if self.desmoe.dges.batching != "step":
             raise bad("desmoe.dges.batching", "'step' (token-level masking of mixed batches is not implemented yet)",
                       self.desmoe.dges.batching)
@@ -96,6 +110,30 @@ def evaluate(model, data, cfg: DESMoEExperiment, rank: int, world: int, device) 
     return out
 
 
+def build_model(cfg: DESMoEExperiment):
+    """The pretrained MoE to adapt: an HF checkpoint on desmoe's EP blocks, or desmoe's MoELM."""
+    if cfg.base.hf:
+        from desmoe.models.hf_moe import load_hf_moe
+
+        model = load_hf_moe(cfg.base.hf, ep_size=cfg.model.ep_size)
+        model.config.use_cache = False
+        return model
+    model = MoELM(cfg.model)
+    model.setup_expert_parallel()
+    return model
+
+
+def downstream_eval(model, data, cfg: DESMoEExperiment) -> dict[str, float]:
+    """Exact-answer and held-out tasks of the prepared data (desmoe.evaluation), if both are there."""
+    if not cfg.evaluation.downstream or not hasattr(data, "data"):
+        return {}
+    try:
+        from desmoe.evaluation.lm_tasks import evaluate_lm
+    except ImportError:
+        return {}
+    return {f"eval/{k}": v for k, v in evaluate_lm(model, data.data, limit=cfg.evaluation.limit).items()}
+
+
 def load_base(engine, path: str) -> None:
     """Pretrained weights only (optimizer starts fresh); parameters the base lacks (the ALR) keep their init."""
     from desmoe.methods.desmoe.alr import alr_routers
@@ -126,8 +164,7 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
         raise bad("model.ep_size", f"a divisor of the world size {world}", cfg.model.ep_size)
     data = open_domains(cfg.data)
     t = cfg.train
-    model = MoELM(cfg.model)
-    model.setup_expert_parallel()
+    model = build_model(cfg)
     method = build_method(cfg.desmoe, t.steps, len(data.domains), t.aux_loss_coef, seed=cfg.model.init_seed)
     parts = method.prepare_model(model)
     engine, trainability = build_engine(model, resolve_ds_config(ds_raw, t.micro_batch, lr=t.lr), parts=parts)
@@ -181,6 +218,9 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
                     print(f"preempted: saved step {done}, exiting for requeue", flush=True)
                 announce(done, is_rank0())
                 raise Preempted(done)
+        extra = downstream_eval(engine.module, data, cfg)
+        if extra:
+            monitor.scalars(t.steps, extra)
     finally:
         monitor.close()
     return write_results(run_dir, method.name, data.domains, elapsed0 + time.perf_counter() - t0) if is_rank0() else {}
@@ -216,8 +256,10 @@ def write_results(run_dir: Path, method: str, domains: list[str], seconds: float
     rows = read_metrics(run_dir)
     evals = [r for r in rows if "val/domain_mean" in r]
     final = evals[-1] if evals else {}
+    downstream = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}  # the last value of each
     result = {"method": method, "train_seconds": round(seconds, 2),
-              **{k.split("/", 1)[1]: round(v, 4) for k, v in final.items() if k.startswith("val/")}}
+              **{k.split("/", 1)[1]: round(v, 4) for k, v in final.items() if k.startswith("val/")},
+              **{k.split("/", 1)[1]: round(v, 4) for k, v in downstream.items()}}
     checkpoint.write_text_atomic(run_dir / "results.json", json.dumps(result, indent=1) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(result))

@@ -23,7 +23,8 @@ from desmoe.moe.trainability import FROZEN_KEY, PART_KEY, Trainability
 
 def task_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
     """Next-token NLL (Eq. 3) of a [B, T+1] batch, mean over tokens."""
-    logits = model(input_ids[:, :-1])
+    out = model(input_ids[:, :-1])
+    logits = getattr(out, "logits", out)  # HF models return an output object
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
 
 
