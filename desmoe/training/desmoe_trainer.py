@@ -40,8 +40,9 @@ class BaseConfig:
 
 @dataclass
 class EvalConfig:
-    downstream: bool = True  # at the end: desmoe.evaluation.lm_tasks.evaluate_lm on prepared data, when installed
-    limit: int = 40  # items per task
+    downstream: bool = True  # at the end, on prepared data: desmoe.evaluation.lm_tasks.evaluate_lm
+    items_per_task: int = 200
+    ppl_tokens: int = 20000
 
 
 @dataclass
@@ -124,14 +125,18 @@ def build_model(cfg: DESMoEExperiment):
 
 
 def downstream_eval(model, data, cfg: DESMoEExperiment) -> dict[str, float]:
-    """Exact-answer and held-out tasks of the prepared data (desmoe.evaluation), if both are there."""
+    """Exact-answer / MCQ tasks and perplexities of the prepared data (every rank must call it)."""
     if not cfg.evaluation.downstream or not hasattr(data, "data"):
         return {}
-    try:
-        from desmoe.evaluation.lm_tasks import evaluate_lm
-    except ImportError:
-        return {}
-    return {f"eval/{k}": v for k, v in evaluate_lm(model, data.data, limit=cfg.evaluation.limit).items()}
+    from desmoe.distributed import is_rank0
+    from desmoe.evaluation.lm_tasks import LMEvalConfig, evaluate_lm
+
+    ev = LMEvalConfig(items_per_task=cfg.evaluation.items_per_task, ppl_tokens=cfg.evaluation.ppl_tokens)
+    was_training = model.training
+    model.eval()
+    out = evaluate_lm(model, data.data, ev, domains=data.domains, progress=is_rank0())
+    model.train(was_training)
+    return {f"eval/{k}": v for k, v in out.items()}
 
 
 def load_base(engine, path: str) -> None:
