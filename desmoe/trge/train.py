@@ -102,6 +102,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     from desmoe.distributed import init_distributed, is_rank0
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
     from desmoe.monitor import Monitor
+    from desmoe.training.preemption import Preempted, Preemption, announce
     from desmoe.moe.layer import moe_blocks
     from desmoe.vision.transforms import random_resized_crop
 
@@ -147,6 +148,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     monitor = Monitor(run_dir, len(tasks) * max(steps, 1), initial_step=start * max(steps, 1),
                       desc=f"{cfg.method} {cfg.run.name}")
     bank = TextBank(model, backbone.tokenize, T)
+    preemption = Preemption()  # honoured at task boundaries, right after the task's checkpoint
     try:
         for t in range(start, len(tasks)):
             task = tasks[t]
@@ -210,6 +212,13 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
             progress["seconds"].append(time.perf_counter() - t0)
             _log_stage(monitor, cfg, tasks, controls, progress, t, steps)
             checkpoint.save(engine, ckpt_dir, t + 1, client_state={"progress": progress})
+            if t + 1 < len(tasks) and preemption.requested():
+                monitor.close()
+                if is_rank0():
+                    print(f"preempted after task {t + 1} ({preemption.signal_name or 'signal on another rank'}): "
+                          f"checkpoint saved, exiting for requeue", flush=True)
+                announce(t + 1, is_rank0())
+                raise Preempted(t + 1)
     finally:
         monitor.close()
     summary = summarize(cfg, tasks, controls, progress, model)
