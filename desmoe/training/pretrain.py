@@ -66,6 +66,23 @@ class PretrainTrain:
 
 
 @dataclass
+class PretrainInit:
+    """Where the weights start: a fresh model of ``model`` (scratch), an HF MoE checkpoint
+    (checkpoint), or a dense Llama/Mistral checkpoint upcycled to a Mixtral MoE (upcycle;
+    continued pretraining then makes its router a real one)."""
+
+    kind: Literal["scratch", "checkpoint", "upcycle"] = "scratch"
+    path: Optional[str] = None
+    num_experts: int = 8  # upcycle only
+    top_k: int = 2
+    mode: Literal["copy", "segment"] = "copy"
+
+    def check(self) -> None:
+        if self.kind != "scratch" and not self.path:
+            raise bad("path", f"the checkpoint directory for kind={self.kind}")
+
+
+@dataclass
 class PretrainOutput:
     dir: str = "cache/base/embedded_moe"  # the exported HF checkpoint (+ tokenizer, report.json)
     reuse: bool = True  # skip training when dir holds an export of the same config
@@ -73,7 +90,8 @@ class PretrainOutput:
 
 @dataclass
 class PretrainExperiment:
-    model: MoEModelSpec = field(default_factory=MoEModelSpec)
+    model: MoEModelSpec = field(default_factory=MoEModelSpec)  # used by init.kind=scratch; ep_size always
+    init: PretrainInit = field(default_factory=PretrainInit)
     data: PretrainData = field(default_factory=PretrainData)
     train: PretrainTrain = field(default_factory=PretrainTrain)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="pretrain_base"))
@@ -206,7 +224,7 @@ def _cached(cfg: PretrainExperiment) -> Optional[dict]:
     if not (cfg.output.reuse and report.is_file()):
         return None
     saved = json.loads(report.read_text())
-    same = saved.get("config") == {k: to_dict(cfg)[k] for k in ("model", "data", "train")}
+    same = saved.get("config") == {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}
     return saved if same else None
 
 
@@ -215,7 +233,8 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
 
     from desmoe.distributed import init_distributed, is_rank0
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
-    from desmoe.models.hf_moe import export_hf, load_hf_moe
+    from desmoe.models.hf_moe import check_tokenizer, export_hf, load_hf_moe
+    from desmoe.models.upcycle import upcycle
 
     cached = _cached(cfg)
     if cached is not None:
@@ -230,10 +249,17 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
     data = open_data(cfg.data)
     run_dir = Path(cfg.run.dir) / cfg.run.name
     init_dir, ckpt_dir = run_dir / "init", run_dir / "checkpoints"
-    if is_rank0() and not (init_dir / "config.json").is_file():
-        write_initial_checkpoint(hf_config(cfg.model, data.vocab_size, **data.special), init_dir, cfg.model.seed)
+    if cfg.init.kind == "checkpoint":
+        init_dir = Path(cfg.init.path)
+    elif is_rank0() and not (init_dir / "config.json").is_file():
+        if cfg.init.kind == "upcycle":
+            upcycle(cfg.init.path, init_dir, cfg.init.num_experts, cfg.init.top_k, cfg.init.mode, seed=cfg.model.seed)
+        else:
+            write_initial_checkpoint(hf_config(cfg.model, data.vocab_size, **data.special), init_dir, cfg.model.seed)
     dist.barrier()
     model = load_hf_moe(init_dir, ep_size=cfg.model.ep_size)
+    if data.tokenizer is not None:
+        check_tokenizer(data.tokenizer, model.config, f"{cfg.data.root} tokenizer")
     engine, _ = build_engine(model, resolve_ds_config(ds_raw, cfg.train.micro_batch, lr=cfg.train.lr))
     state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
     start = state["step"] if state else 0
@@ -281,7 +307,7 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
               "steps": cfg.train.steps, "vocab_size": data.vocab_size, "parameters": _count_parameters(engine.module),
               "train_tokens": cfg.train.steps * cfg.train.micro_batch * cfg.train.seq_len * world,
               "train_s_this_run": train_s, "world_size": world, "run_dir": str(run_dir),
-              "config": {k: to_dict(cfg)[k] for k in ("model", "data", "train")}}
+              "config": {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}
     if is_rank0():
         tok_path = getattr(data.tokenizer, "path", None)
         if tok_path is not None and Path(tok_path).is_file():  # ship the sentencepiece model with the weights
