@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 launcher/desmoe_study.py --config configs/desmoe_demo.yaml --methods desmoe,fft
     deepspeed --num_gpus 2 launcher/desmoe_study.py --config configs/desmoe_demo.yaml --methods desmoe,fft --scaling 2,3,4,5
 
+A run whose directory already holds results.json for the same config is reused.
 Runs are named <run.name>-<method> (or <run.name>-N<k>-<method> in the domain-scaling study, whose
 domains are math and code first, then the others in the data's order).  The table, CSV and plots go
 to runs/<run.name>-compare/.
@@ -16,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from desmoe.cli import parse_launcher_args  # noqa: E402
+from desmoe.config import dump_yaml  # noqa: E402
 from desmoe.errors import UserError, run_cli  # noqa: E402
 from desmoe.training.desmoe_trainer import DESMoEExperiment, train_desmoe  # noqa: E402
 
@@ -49,8 +51,15 @@ def main() -> None:
             if n is not None:
                 run.data.domains = domains[:n]
             run.check()
-            train_desmoe(run, args.deepspeed)
-            runs.append(str(Path(run.run.dir) / run.run.name))
+            run_dir = Path(run.run.dir) / run.run.name
+            done = run_dir / "results.json"
+            if done.is_file() and (run_dir / "config.yaml").is_file() and \
+                    (run_dir / "config.yaml").read_text() == dump_yaml(run):
+                if is_rank0():
+                    print(f"{run_dir}: finished with this config, reused", flush=True)
+            else:
+                train_desmoe(run, args.deepspeed)
+            runs.append(str(run_dir))
             gc.collect()
     if is_rank0():
         from desmoe.methods.desmoe.report import main as report

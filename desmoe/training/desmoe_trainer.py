@@ -169,6 +169,9 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
         raise bad("model.ep_size", f"a divisor of the world size {world}", cfg.model.ep_size)
     data = open_domains(cfg.data)
     t = cfg.train
+    if cfg.desmoe.method == "desmoe" and round(cfg.desmoe.schedule.t1 * t.steps) < len(data.domains):
+        raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(data.domains)} domains; "
+                  f"t1 * train.steps = {round(cfg.desmoe.schedule.t1 * t.steps)})", cfg.desmoe.schedule.t1)
     model = build_model(cfg)
     method = build_method(cfg.desmoe, t.steps, len(data.domains), t.aux_loss_coef, seed=cfg.model.init_seed)
     parts = method.prepare_model(model)
@@ -193,6 +196,9 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
     monitor = Monitor(run_dir, t.steps, initial_step=start, desc=f"{method.name} {cfg.run.name}")
     train_seconds = float((state or {}).get("train_seconds", 0.0))  # steps only: no evaluation, no saving
     try:
+        if method.name == "vanilla":  # evaluation of the untrained base only
+            start = t.steps
+            monitor.scalars(0, evaluate(engine.module, data, cfg, rank, world, engine.device))
         for step in range(start, t.steps):
             t0 = time.perf_counter()
             domain = domain_of_step(step, len(data.domains), t.seed)
@@ -227,7 +233,7 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
                 raise Preempted(done)
         extra = downstream_eval(engine.module, data, cfg)
         if extra:
-            monitor.scalars(t.steps, extra)
+            monitor.scalars(0 if method.name == "vanilla" else t.steps, extra)
     finally:
         monitor.close()
     return write_results(run_dir, method.name, data.domains, train_seconds) if is_rank0() else {}

@@ -2,7 +2,9 @@
 
     python -m desmoe.methods.desmoe.report runs/desmoe-demo runs/fft-mixed ... [--out runs/compare]
 
-Each run directory holds ``results.json`` (written by the trainer).  Rows are runs;
+Each run directory holds ``results.json`` (written by the trainer).  With a run of method
+``vanilla`` (the untrained base) among them, forgetting = the change of the held-out general
+perplexity (``forgetting_ppl_pct``, %) and loss (``forgetting_loss``) relative to it.  Rows are runs;
 columns are the shared metrics (downstream task scores, per-domain and held-out
 general losses/perplexities, training seconds).  The domain-scaling study names
 its runs ``<name>-N<k>-<method>``; those are also plotted against k.
@@ -36,6 +38,18 @@ def load_results(run_dirs: list[str]) -> list[dict]:
     return rows
 
 
+def add_forgetting(rows: list[dict]) -> None:
+    """Held-out general loss/perplexity of each run relative to the untrained base (a "vanilla" run)."""
+    base = next((r for r in rows if r["method"] == "vanilla"), None)
+    if base is None:
+        return
+    for key, name in (("ppl/general_heldout", "forgetting_ppl_pct"), ("general", "forgetting_loss")):
+        if key in base:
+            for r in rows:
+                if key in r:
+                    r[name] = (100.0 * (r[key] / base[key] - 1.0)) if name.endswith("pct") else r[key] - base[key]
+
+
 def table(rows: list[dict]) -> tuple[str, str]:
     keys = [k for k in rows[0] if k not in ("run", "method")]
     keys += sorted({k for r in rows for k in r} - set(keys) - {"run", "method"})
@@ -57,7 +71,8 @@ def plots(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [k for k in ("downstream/mean", "domain_mean", "general", "ppl/general_heldout", "train_seconds")
+    metrics = [k for k in ("downstream/mean", "domain_mean", "general", "ppl/general_heldout", "forgetting_ppl_pct",
+                           "train_seconds")
                if all(k in r for r in rows)]
     if metrics:
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
@@ -93,6 +108,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args()
     rows = load_results(args.runs)
+    add_forgetting(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md, csv_text = table(rows)
