@@ -56,7 +56,7 @@ class DESMoEExperiment:
     run: RunConfig = field(default_factory=lambda: RunConfig(name="desmoe"))
 
     def check(self) -> None:
-        if self.train.seq_len > self.model.max_seq_len:
+        if not self.base.hf and self.train.seq_len > self.model.max_seq_len:
             raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
         warmup = round(self.desmoe.schedule.t1 * self.train.steps)
         if self.desmoe.method == "desmoe" and warmup < max(1, len(self.data.domains)):
@@ -169,6 +169,9 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
         raise bad("model.ep_size", f"a divisor of the world size {world}", cfg.model.ep_size)
     data = open_domains(cfg.data)
     t = cfg.train
+    if cfg.desmoe.method == "desmoe" and round(cfg.desmoe.schedule.t1 * t.steps) < len(data.domains):
+        raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(data.domains)} domains; "
+                  f"t1 * train.steps = {round(cfg.desmoe.schedule.t1 * t.steps)})", cfg.desmoe.schedule.t1)
     model = build_model(cfg)
     method = build_method(cfg.desmoe, t.steps, len(data.domains), t.aux_loss_coef, seed=cfg.model.init_seed)
     parts = method.prepare_model(model)
@@ -191,9 +194,13 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
     streams = DomainStreams(data, cfg, rank, world, start)
     preemption = Preemption()
     monitor = Monitor(run_dir, t.steps, initial_step=start, desc=f"{method.name} {cfg.run.name}")
-    t0, elapsed0 = time.perf_counter(), float((state or {}).get("train_seconds", 0.0))
+    train_seconds = float((state or {}).get("train_seconds", 0.0))  # steps only: no evaluation, no saving
     try:
+        if method.name == "vanilla":  # evaluation of the untrained base only
+            start = t.steps
+            monitor.scalars(0, evaluate(engine.module, data, cfg, rank, world, engine.device))
         for step in range(start, t.steps):
+            t0 = time.perf_counter()
             domain = domain_of_step(step, len(data.domains), t.seed)
             batch = streams.next(domain)
             logs = method.begin_step(step, domain)  # phase, domain experts, lambda -> what may train
@@ -205,6 +212,7 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
             engine.backward(loss)
             engine.step()
             refreshed = method.end_step(step, batch.token_domain[:, :-1].to(engine.device))
+            train_seconds += time.perf_counter() - t0
             done = step + 1
             monitor.progress(1, loss=parts_["task_loss"].item())
             if done % t.log_every == 0 or done == t.steps:
@@ -213,7 +221,7 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
                 _log_affinity(monitor, method, done, data.domains)
             if done % t.eval_every == 0 or done == t.steps:
                 monitor.scalars(done, evaluate(engine.module, data, cfg, rank, world, engine.device))
-            client = {**method.state_dict(), "train_seconds": elapsed0 + time.perf_counter() - t0}
+            client = {**method.state_dict(), "train_seconds": train_seconds}
             if done % t.save_every == 0 or done == t.steps:
                 checkpoint.save(engine, ckpt_dir, done, client)
             elif preemption.requested():
@@ -225,10 +233,10 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
                 raise Preempted(done)
         extra = downstream_eval(engine.module, data, cfg)
         if extra:
-            monitor.scalars(t.steps, extra)
+            monitor.scalars(0 if method.name == "vanilla" else t.steps, extra)
     finally:
         monitor.close()
-    return write_results(run_dir, method.name, data.domains, elapsed0 + time.perf_counter() - t0) if is_rank0() else {}
+    return write_results(run_dir, method.name, data.domains, train_seconds) if is_rank0() else {}
 
 
 def _log(monitor, engine, method, step, domain, parts, logs) -> None:

@@ -8,7 +8,7 @@ from typing import Literal
 from desmoe.config import bad
 
 AlrInit = Literal["residual", "mirror", "gelu_copy"]
-Method = Literal["desmoe", "fft", "esft_token", "esft_gate", "lora"]
+Method = Literal["desmoe", "fft", "esft_token", "esft_gate", "lora", "vanilla"]  # vanilla: the base, untrained
 
 
 @dataclass
