@@ -115,6 +115,10 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
         raise bad("groups.num_tasks", f">= the {len(tasks)} tasks of the sequence (or 0)", cfg.groups.num_tasks)
     if cfg.method == "shared_pool":
         cfg.groups.layout = "pool"
+    skipped = {t.name: t.meta.get("skipped", 0) for t in tasks + controls if t.meta.get("skipped", 0)}
+    if skipped:
+        print("desmoe: warning: images that failed to decode were skipped: "
+              + ", ".join(f"{k} {v}" for k, v in skipped.items()), flush=True)
     backbone = load_backbone(cfg.backbone)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -279,7 +283,9 @@ def summarize(cfg, tasks, controls, progress, model) -> dict:
            "id_rows": progress["id_rows"], "seconds_per_task": progress["seconds"],
            "trainable_params_per_task": trainable_per_task(cfg, model, progress),
            "identifier": cfg.identifier.backend + ("+batch-vote" if cfg.identifier.per_batch else ""),
-           "reading": cfg.inter.reading, "fusion": cfg.fusion.schedule}
+           "reading": cfg.inter.reading, "fusion": cfg.fusion.schedule,
+           # images that failed to decode while loading (skipped, not fatal)
+           "skipped_images": {t.name: int(t.meta.get("skipped", 0)) for t in tasks + controls}}
     if A.shape[0] == A.shape[1] and A.shape[0] >= 2:
         out.update(metrics.mtil_metrics(A))
     return out
