@@ -231,3 +231,17 @@ def test_embedded_architecture_adapters_in_bert_layers_and_on_cnn_features(digit
         assert (model.image_features(px, w) - ref_img).abs().max() > 1e-3
         wt = torch.tensor([[0.0, 1.0]] * len(ids))
         assert (model.text_features(ids, mask, wt) - ref_txt).abs().max() > 1e-3
+
+
+def test_bad_dataset_folders_one_line(tmp_path):
+    from desmoe.errors import UserError
+    from desmoe.trge.data import DataConfig, load_sequence
+
+    (tmp_path / "aircraft").mkdir()
+    (tmp_path / "aircraft" / "notes.txt").write_text("not a dataset")
+    with pytest.raises(UserError) as err:
+        load_sequence(DataConfig(sequence="mtil", root=str(tmp_path)))
+    assert "unknown dataset folder layout" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_sequence(DataConfig(sequence="offline", root=str(tmp_path / "aircraft")))
+    assert "tasks.json" in str(err.value) and "\n" not in str(err.value)

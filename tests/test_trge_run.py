@@ -19,7 +19,7 @@ def run_case(run_dir, method, extra=()):
 
     overrides = [f"method={method}", f"run.dir={run_dir}", f"run.name={method}", "backbone.hidden_size=32",
                  "groups.bottleneck=8", "train.steps_per_task=3", "train.micro_batch=8", "train.eval_batch=64",
-                 "train.proto_samples=48", "data.n_train=64", "data.n_test=32", *extra]
+                 "train.proto_samples=48", "data.n_train=64", "data.n_test=32", "eval.variants=[oracle]", *extra]
     cfg = load_config(TRGEExperiment, "configs/trge_digits.yaml", overrides)
     return run_trge(cfg, "configs/zero2.json")
 
@@ -34,6 +34,8 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
 
     assert {k: s[k] for k in ("transfer", "avg", "last")} == mtil_metrics(A)
     assert len(s["control_rows"]) == 3 and len(s["id_rows"][0]) == 4
+    oracle = np.array(s["variants"]["oracle"]["accuracy_matrix"])  # ablation on the same groups
+    assert oracle.shape == (3, 3) and s["variants"]["oracle"]["last"] == mtil_metrics(oracle)["last"]
     # the prototype identifier tells the learned domains apart (chance would be ~1/2 .. 1/3)
     assert s["id_rows"][2][0] > 60 and s["id_rows"][2][1] > 60
     run = tmp_path / "trge"
