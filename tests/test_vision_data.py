@@ -1,0 +1,71 @@
+"""The offline image task sequence: tiny profile from real pinned packages, reader, splits, cards."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from desmoe.errors import UserError
+from desmoe.vision.tasks import load_task_sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "cache" / "sources"  # git-ignored; shared with `python -m data_prep.images`
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from data_prep.images import build
+
+    out = tmp_path_factory.mktemp("images") / "tiny"
+    build("tiny", out, CACHE)
+    return out
+
+
+def test_tiny_sequence_contents(tiny):
+    tasks = load_task_sequence(tiny)
+    assert [t.name for t in tasks] == ["mnist", "animals", "letters"]
+    assert [t.zero_shot_only for t in tasks] == [False, False, True]
+    mnist, animals, letters = tasks
+    assert mnist.classnames == [str(i) for i in range(10)] and animals.classnames[-1] == "zebra"
+    assert len(letters.classnames) == 26
+    for t in tasks:
+        assert t.train_x.dtype == torch.uint8 and t.train_x.shape[1:] == (64, 64, 3)
+        assert t.train_x.shape[0] == t.train_y.numel() and t.test_x.shape[0] == t.test_y.numel()
+        assert set(t.train_y.tolist()) == set(range(t.num_classes)) == set(t.test_y.tolist())
+        assert all("{}" in tpl for tpl in t.templates)
+        assert (tiny / "cards" / f"{t.name}.md").read_text().count("\n| ") == t.num_classes + 1
+    assert torch.bincount(mnist.train_y).tolist() == [20] * 10  # per-class counts of the profile
+    # real images, not noise: digit strokes are sparse bright pixels on black
+    assert 0.05 < (mnist.train_x[..., 0] > 128).float().mean() < 0.4
+    # train and test images are different images
+    train = {bytes(x.numpy()) for x in animals.train_x}
+    assert not any(bytes(x.numpy()) in train for x in animals.test_x)
+    assert load_task_sequence(tiny, include_zero_shot=False)[-1].name == "animals"
+
+
+def test_build_is_deterministic_and_cached(tiny, tmp_path):
+    from data_prep.images import build
+
+    again = build("tiny", tmp_path / "again", CACHE)
+    for a, b in zip(load_task_sequence(tiny), load_task_sequence(again)):
+        assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    stamp = (again / "mnist.npz").stat().st_mtime_ns
+    build("tiny", again, CACHE)  # up to date: nothing rewritten
+    assert (again / "mnist.npz").stat().st_mtime_ns == stamp
+    other = build("tiny", tmp_path / "seed1", CACHE, seed=1)
+    assert not torch.equal(load_task_sequence(other)[0].train_x, load_task_sequence(tiny)[0].train_x)
+
+
+def test_bad_inputs_one_line(tmp_path, tiny):
+    with pytest.raises(UserError, match="not an image task sequence"):
+        load_task_sequence(tmp_path)
+    with pytest.raises(UserError, match=r"no task 'cifar' \(have: mnist, animals, letters\)"):
+        load_task_sequence(tiny, names=["cifar"])
+    proc = subprocess.run([sys.executable, "-m", "data_prep.images", "--profile", "huge", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "desmoe: error: --profile 'huge': expected one of tiny, demo"
+    index = json.loads((tiny / "tasks.json").read_text())
+    assert index["profile"] == "tiny" and index["size"] == 64
