@@ -5,17 +5,18 @@ and the trainer runs end to end (metrics, TensorBoard, results, resume)."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10  # warm-up steps 1-2, stabilisation 3-7, consolidation 8-10
 
 
-def _tiny_model_cfg():
+def _tiny_model_cfg(ep_size=2):
     from desmoe.models.moe_lm import MoELMConfig
 
     return MoELMConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, max_seq_len=32, num_experts=4,
-                       top_k=2, ffn_size=32, ep_size=2)
+                       top_k=2, ffn_size=32, ep_size=ep_size)
 
 
 def _data():
@@ -42,7 +43,7 @@ def _snapshot(model):
     return out
 
 
-def phases_case():
+def phases_case(skip_grads: bool, ep_size: int):
     import deepspeed.comm as dist
 
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
@@ -55,12 +56,14 @@ def phases_case():
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = DESMoEConfig()
     cfg.dges.update_every = 3
-    model = MoELM(_tiny_model_cfg())
+    model = MoELM(_tiny_model_cfg(ep_size))
     model.setup_expert_parallel()
     method = DESMoE(cfg, STEPS, 2, aux_coef=0.01)
     parts = method.prepare_model(model)
     ds = resolve_ds_config(read_ds_config(ROOT / "configs/zero2.json"), micro_batch=4, lr=1e-2)
     engine, train = build_engine(model, ds, parts=parts)
+    if skip_grads:
+        method.enable_gradient_skipping(engine.module, parts)
     data = _data()
     method.attach(engine.module, train, data, rank, world, 4, 32)
     streams = [data.batches("train", 4, 32, 0, rank, world, 0, domains=[d]) for d in data.domains]
@@ -70,6 +73,7 @@ def phases_case():
         domain = domain_of_step(step, 2, 0)
         batch = next(streams[domain])
         method.begin_step(step, domain)
+        method.sync_gradients()
         phase = schedule.phase_at(step, STEPS, cfg.schedule)
         tset = schedule.trainable_set(phase, cfg.schedule)
         sets = [method.dmap.experts_for(b, domain) for b in range(2)] if tset.experts == "domain" else None
@@ -95,8 +99,10 @@ def phases_case():
             "frozen_experts_seen": sum(1 for _, _, s, _, _ in log if s and any(len(x) < 4 for x in s))}
 
 
-def test_phases_train_exactly_their_sets_ep2(ranks):
-    r0, r1 = ranks.run(phases_case)
+@pytest.mark.parametrize("skip_grads,ep_size", [(True, 2), (False, 2), (True, 1)],
+                         ids=["ep2-frozen-grads-skipped", "ep2-frozen-grads-computed", "ep1-dp2-frozen-grads-skipped"])
+def test_phases_train_exactly_their_sets(ranks, skip_grads, ep_size):
+    r0, r1 = ranks.run(phases_case, skip_grads, ep_size)
     assert r0["M"] == r1["M"] and r0["A"] == r1["A"], "A and M must be all-reduced to the same value on every rank"
     assert [p for p, *_ in r0["log"]] == ["WARMUP"] * 2 + ["STABILIZE"] * 5 + ["CONSOLIDATE"] * 3
     assert r0["frozen_experts_seen"] > 0, "the domain sets never excluded an expert: isolation was not exercised"

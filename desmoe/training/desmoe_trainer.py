@@ -31,7 +31,18 @@ from desmoe.training.preemption import Preempted, Preemption, announce
 
 @dataclass
 class BaseConfig:
-    checkpoint: Optional[str] = None  # desmoe checkpoint dir of the pretrained base (same model shape); None = fresh init
+    # An HF MoE checkpoint (e.g. the embedded base from launcher/pretrain.py): the model comes from it and
+    # model.* only supplies ep_size.  Otherwise desmoe's MoELM from model.*, optionally loaded from
+    # ``checkpoint`` (a desmoe checkpoint directory of the same shape).
+    hf: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    downstream: bool = True  # at the end, on prepared data: desmoe.evaluation.lm_tasks.evaluate_lm
+    items_per_task: int = 200
+    ppl_tokens: int = 20000
 
 
 @dataclass
@@ -41,15 +52,19 @@ class DESMoEExperiment:
     base: BaseConfig = field(default_factory=BaseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     desmoe: DESMoEConfig = field(default_factory=DESMoEConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="desmoe"))
 
     def check(self) -> None:
-        if self.train.seq_len > self.model.max_seq_len:
+        if not self.base.hf and self.train.seq_len > self.model.max_seq_len:
             raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
         warmup = round(self.desmoe.schedule.t1 * self.train.steps)
-        if self.desmoe.method == "desmoe" and warmup < len(self.data.domains):
+        if self.desmoe.method == "desmoe" and warmup < max(1, len(self.data.domains)):
             raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(self.data.domains)}; "
                       f"t1 * train.steps = {warmup})", self.desmoe.schedule.t1)
+        if self.base.hf and self.base.checkpoint:
+            raise bad("base.checkpoint", "null when base.hf is set (one source of pretrained weights)",
+                      self.base.checkpoint)
         if self.desmoe.dges.batching != "step":
             raise bad("desmoe.dges.batching", "'step' (token-level masking of mixed batches is not implemented yet)",
                       self.desmoe.dges.batching)
@@ -96,6 +111,34 @@ def evaluate(model, data, cfg: DESMoEExperiment, rank: int, world: int, device) 
     return out
 
 
+def build_model(cfg: DESMoEExperiment):
+    """The pretrained MoE to adapt: an HF checkpoint on desmoe's EP blocks, or desmoe's MoELM."""
+    if cfg.base.hf:
+        from desmoe.models.hf_moe import load_hf_moe
+
+        model = load_hf_moe(cfg.base.hf, ep_size=cfg.model.ep_size)
+        model.config.use_cache = False
+        return model
+    model = MoELM(cfg.model)
+    model.setup_expert_parallel()
+    return model
+
+
+def downstream_eval(model, data, cfg: DESMoEExperiment) -> dict[str, float]:
+    """Exact-answer / MCQ tasks and perplexities of the prepared data (every rank must call it)."""
+    if not cfg.evaluation.downstream or not hasattr(data, "data"):
+        return {}
+    from desmoe.distributed import is_rank0
+    from desmoe.evaluation.lm_tasks import LMEvalConfig, evaluate_lm
+
+    ev = LMEvalConfig(items_per_task=cfg.evaluation.items_per_task, ppl_tokens=cfg.evaluation.ppl_tokens)
+    was_training = model.training
+    model.eval()
+    out = evaluate_lm(model, data.data, ev, domains=data.domains, progress=is_rank0())
+    model.train(was_training)
+    return {f"eval/{k}": v for k, v in out.items()}
+
+
 def load_base(engine, path: str) -> None:
     """Pretrained weights only (optimizer starts fresh); parameters the base lacks (the ALR) keep their init."""
     from desmoe.methods.desmoe.alr import alr_routers
@@ -126,11 +169,15 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
         raise bad("model.ep_size", f"a divisor of the world size {world}", cfg.model.ep_size)
     data = open_domains(cfg.data)
     t = cfg.train
-    model = MoELM(cfg.model)
-    model.setup_expert_parallel()
+    if cfg.desmoe.method == "desmoe" and round(cfg.desmoe.schedule.t1 * t.steps) < len(data.domains):
+        raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(data.domains)} domains; "
+                  f"t1 * train.steps = {round(cfg.desmoe.schedule.t1 * t.steps)})", cfg.desmoe.schedule.t1)
+    model = build_model(cfg)
     method = build_method(cfg.desmoe, t.steps, len(data.domains), t.aux_loss_coef, seed=cfg.model.init_seed)
     parts = method.prepare_model(model)
     engine, trainability = build_engine(model, resolve_ds_config(ds_raw, t.micro_batch, lr=t.lr), parts=parts)
+    if cfg.desmoe.skip_frozen_grads:
+        method.enable_gradient_skipping(engine.module, parts)
     run_dir = Path(cfg.run.dir) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
     state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
@@ -147,12 +194,17 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
     streams = DomainStreams(data, cfg, rank, world, start)
     preemption = Preemption()
     monitor = Monitor(run_dir, t.steps, initial_step=start, desc=f"{method.name} {cfg.run.name}")
-    t0, elapsed0 = time.perf_counter(), float((state or {}).get("train_seconds", 0.0))
+    train_seconds = float((state or {}).get("train_seconds", 0.0))  # steps only: no evaluation, no saving
     try:
+        if method.name == "vanilla":  # evaluation of the untrained base only
+            start = t.steps
+            monitor.scalars(0, evaluate(engine.module, data, cfg, rank, world, engine.device))
         for step in range(start, t.steps):
+            t0 = time.perf_counter()
             domain = domain_of_step(step, len(data.domains), t.seed)
             batch = streams.next(domain)
-            logs = method.begin_step(step, domain)
+            logs = method.begin_step(step, domain)  # phase, domain experts, lambda -> what may train
+            method.sync_gradients()  # frozen parameters get no weight gradients computed
             loss, parts_ = method.loss(batch.input_ids.to(engine.device))
             if not torch.isfinite(loss):
                 raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step + 1} on rank {rank}; "
@@ -160,6 +212,7 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
             engine.backward(loss)
             engine.step()
             refreshed = method.end_step(step, batch.token_domain[:, :-1].to(engine.device))
+            train_seconds += time.perf_counter() - t0
             done = step + 1
             monitor.progress(1, loss=parts_["task_loss"].item())
             if done % t.log_every == 0 or done == t.steps:
@@ -168,7 +221,7 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
                 _log_affinity(monitor, method, done, data.domains)
             if done % t.eval_every == 0 or done == t.steps:
                 monitor.scalars(done, evaluate(engine.module, data, cfg, rank, world, engine.device))
-            client = {**method.state_dict(), "train_seconds": elapsed0 + time.perf_counter() - t0}
+            client = {**method.state_dict(), "train_seconds": train_seconds}
             if done % t.save_every == 0 or done == t.steps:
                 checkpoint.save(engine, ckpt_dir, done, client)
             elif preemption.requested():
@@ -178,9 +231,12 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
                     print(f"preempted: saved step {done}, exiting for requeue", flush=True)
                 announce(done, is_rank0())
                 raise Preempted(done)
+        extra = downstream_eval(engine.module, data, cfg)
+        if extra:
+            monitor.scalars(0 if method.name == "vanilla" else t.steps, extra)
     finally:
         monitor.close()
-    return write_results(run_dir, method.name, data.domains, elapsed0 + time.perf_counter() - t0) if is_rank0() else {}
+    return write_results(run_dir, method.name, data.domains, train_seconds) if is_rank0() else {}
 
 
 def _log(monitor, engine, method, step, domain, parts, logs) -> None:
@@ -213,8 +269,10 @@ def write_results(run_dir: Path, method: str, domains: list[str], seconds: float
     rows = read_metrics(run_dir)
     evals = [r for r in rows if "val/domain_mean" in r]
     final = evals[-1] if evals else {}
+    downstream = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}  # the last value of each
     result = {"method": method, "train_seconds": round(seconds, 2),
-              **{k.split("/", 1)[1]: round(v, 4) for k, v in final.items() if k.startswith("val/")}}
+              **{k.split("/", 1)[1]: round(v, 4) for k, v in final.items() if k.startswith("val/")},
+              **{k.split("/", 1)[1]: round(v, 4) for k, v in downstream.items()}}
     checkpoint.write_text_atomic(run_dir / "results.json", json.dumps(result, indent=1) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(result))

@@ -102,6 +102,16 @@ class LoRA(Method):
         train.set_part("lora", True)
 
 
+class Vanilla(Method):
+    """The pretrained base, evaluated without training (the reference for forgetting)."""
+
+    name = "vanilla"
+
+    def attach(self, model, train, data, rank, world, micro_batch, seq_len):
+        super().attach(model, train, data, rank, world, micro_batch, seq_len)
+        train.set_everything(False)
+
+
 def build_method(cfg, total_steps: int, num_domains: int, aux_coef: float, seed: int = 0) -> Method:
     from desmoe.methods.desmoe.method import DESMoE
 
@@ -110,6 +120,8 @@ def build_method(cfg, total_steps: int, num_domains: int, aux_coef: float, seed:
         return DESMoE(*args)
     if cfg.method == "fft":
         return FFT(*args)
+    if cfg.method == "vanilla":
+        return Vanilla(*args)
     if cfg.method in ("esft_token", "esft_gate"):
         return ESFT(cfg.method.split("_")[1], *args)
     return LoRA(*args)

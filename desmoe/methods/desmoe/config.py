@@ -8,7 +8,7 @@ from typing import Literal
 from desmoe.config import bad
 
 AlrInit = Literal["residual", "mirror", "gelu_copy"]
-Method = Literal["desmoe", "fft", "esft_token", "esft_gate", "lora"]
+Method = Literal["desmoe", "fft", "esft_token", "esft_gate", "lora", "vanilla"]  # vanilla: the base, untrained
 
 
 @dataclass
@@ -89,6 +89,9 @@ class BaselineConfig:
 @dataclass
 class DESMoEConfig:
     method: Method = "desmoe"
+    # Frozen parameters get requires_grad=False, so backward skips their weight gradients
+    # (false: they are computed and discarded, as the MoE core does by default).
+    skip_frozen_grads: bool = True
     alr: ALRConfig = field(default_factory=ALRConfig)
     dges: DGESConfig = field(default_factory=DGESConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

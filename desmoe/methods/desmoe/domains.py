@@ -37,7 +37,9 @@ class DomainBatches(Protocol):
 
 @dataclass
 class DomainDataConfig:
-    source: str = "stdlib"  # "stdlib" (pseudo-domains) or a prepared-data root (desmoe.data.PreparedData)
+    # "stdlib": pseudo-domains from Python's sources; otherwise a prepared-data root (desmoe.data.PreparedData)
+    source: str = "stdlib"
+    # stdlib: package folders; prepared: a subset of the data's domains ([] = all but the held-out set)
     domains: list[str] = field(default_factory=lambda: ["asyncio", "email", "multiprocessing", "unittest", "xml",
                                                         "lib2to3"])
     general: list[str] = field(default_factory=lambda: ["logging", "http", "urllib"])  # held out (stdlib only)
@@ -45,7 +47,7 @@ class DomainDataConfig:
     val_fraction: float = 0.1
 
     def check(self) -> None:
-        if not self.domains:
+        if not self.domains and self.source == "stdlib":
             raise bad("domains", "at least one domain")
         if len(set(self.domains)) != len(self.domains):
             raise bad("domains", "distinct names", self.domains)
@@ -66,6 +68,9 @@ def _family_bytes(root: Path, family: str, max_bytes: int, val_fraction: float) 
         target = val if is_val else train
         if len(target) < (max_bytes * val_fraction if is_val else max_bytes):
             target.extend(path.read_bytes() + b"\n")
+    if len(val) < 1_000:  # a family of a few big files: hold out its tail instead
+        cut = int(len(train) * (1 - val_fraction))
+        train, val = train[:cut], train[cut:]
     if len(train) < 5_000 or len(val) < 1_000:
         raise UserError(f"data.domains: '{family}' has too little text ({len(train)} train / {len(val)} val bytes)")
     as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).clone()  # noqa: E731
@@ -107,12 +112,45 @@ class StdlibDomains:
             step += 1
 
 
+class PreparedDomains:
+    """A view of :class:`desmoe.data.PreparedData` restricted to the fine-tuning domains: domain ids
+    become positions in ``self.domains`` (other domains -1); "general" is the held-out test text."""
+
+    def __init__(self, cfg: DomainDataConfig) -> None:
+        from desmoe.data import PreparedData
+
+        self.data = PreparedData(cfg.source)
+        self.domains = list(cfg.domains) or [d for d in self.data.domains if d != "general"]
+        for d in self.domains:
+            self.data.domain_id(d)  # one-line error for unknown names
+        self.general = [self.data.heldout_name]
+        self.tokenizer = self.data.tokenizer
+        self.remap = torch.full((len(self.data.domains) + 1,), -1, dtype=torch.long)
+        for i, d in enumerate(self.domains):
+            self.remap[self.data.domain_id(d)] = i
+
+    def batches(self, split, micro_batch, seq_len, seed, rank, world, step, domains=None, homogeneous=True):
+        if list(domains or []) == self.general:
+            split, domains = "test", None
+            names = [self.data.heldout_name]
+        else:
+            names = list(domains or self.domains)
+        for batch in self._iterate(split, micro_batch, seq_len, seed, rank, world, step, names, homogeneous):
+            yield DomainBatch(batch.input_ids, self.remap[batch.domain.clamp_min(-1)],
+                              self.remap[batch.token_domain.clamp_min(-1)])
+
+    def _iterate(self, split, micro_batch, seq_len, seed, rank, world, step, names, homogeneous):
+        if names == [self.data.heldout_name]:
+            from desmoe.data.packing import DomainSampler
+
+            sampler = DomainSampler({len(self.data.domains): self.data.indexed(names[0], "test")}, None,
+                                    split_key="test")
+            return sampler.iterate(micro_batch, seq_len, seed, rank, world, step, homogeneous)
+        return self.data.batches(split, micro_batch, seq_len, seed, rank, world, step, domains=names,
+                                 homogeneous=homogeneous)
+
+
 def open_domains(cfg: DomainDataConfig) -> DomainBatches:
     if cfg.source == "stdlib":
         return StdlibDomains(cfg)
-    try:
-        from desmoe.data import PreparedData  # the data pipeline (optional until it lands)
-    except ImportError:
-        raise UserError(f"data.source='{cfg.source}': prepared data needs desmoe.data.PreparedData, "
-                        f"which this installation lacks; use data.source=stdlib") from None
-    return PreparedData(cfg.source)
+    return PreparedDomains(cfg)

@@ -18,13 +18,45 @@ from desmoe.methods.desmoe.alr import install_alr, is_router_param, lambda_at, m
 from desmoe.methods.desmoe.config import DESMoEConfig
 from desmoe.methods.desmoe.dges import DomainExpertMap
 from desmoe.moe import moe_blocks, total_aux_loss
-from desmoe.moe.trainability import Trainability
+from desmoe.moe.trainability import FROZEN_KEY, PART_KEY, Trainability
 
 
 def task_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
     """Next-token NLL (Eq. 3) of a [B, T+1] batch, mean over tokens."""
-    logits = model(input_ids[:, :-1])
+    out = model(input_ids[:, :-1])
+    logits = getattr(out, "logits", out)  # HF models return an output object
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+class GradientSkipper:
+    """Sets ``requires_grad`` from the optimizer's frozen flags, so backward computes no weight
+    gradients for frozen parameters (DeepSpeed >= 0.18's ZeRO-2 counts the parameters each
+    backward uses and fills the rest with zeros; FreezableAdamW still leaves them untouched).
+    Parameters created frozen (the ALR's teacher) stay frozen.
+
+    Experts of expert-parallel blocks keep computing gradients: ranks hold different
+    experts, and a rank whose experts and inputs all needed no gradient would skip the
+    all-to-all of the backward that the other ranks wait in."""
+
+    def __init__(self, model: nn.Module, parts: Mapping[str, Callable[[str], bool]]) -> None:
+        ids = {id(p): (b, g) for b, blk in enumerate(moe_blocks(model)) if blk.ep_size == 1
+               for local, g in enumerate(blk.local_global_ids()) for p in blk.local_experts[local].parameters()}
+        ep_experts = {id(p) for blk in moe_blocks(model) if blk.ep_size > 1 for p in blk.local_experts.parameters()}
+        self.entries = []  # (param, ("expert", block, id) | ("part", name))
+        for name, p in model.named_parameters():
+            if not p.requires_grad or id(p) in ep_experts:
+                continue
+            if id(p) in ids:
+                self.entries.append((p, ("expert", *ids[id(p)])))
+            else:
+                self.entries.append((p, ("part", next((k for k, f in parts.items() if f(name)), "other"))))
+
+    def sync(self, train: Trainability) -> None:
+        groups = train.optimizer.param_groups
+        part_frozen = {g[PART_KEY]: g.get(FROZEN_KEY, False) for g in groups if PART_KEY in g}
+        trainable = {b: train.trainable_experts(b) for b in {key[1] for _, key in self.entries if key[0] == "expert"}}
+        for p, key in self.entries:
+            p.requires_grad_(key[2] in trainable[key[1]] if key[0] == "expert" else not part_frozen[key[1]])
 
 
 class Method:
@@ -38,6 +70,14 @@ class Method:
     def prepare_model(self, model: nn.Module) -> Mapping[str, Callable[[str], bool]]:
         """Change the model before the engine is built; return the named dense parts to freeze separately."""
         return {schedule.ROUTER_PART: is_router_param}
+
+    def enable_gradient_skipping(self, model: nn.Module, parts: Mapping[str, Callable[[str], bool]]) -> None:
+        """Call after the engine is built when ``cfg.skip_frozen_grads``; ``sync`` then follows every change."""
+        self.skipper = GradientSkipper(model, parts)
+
+    def sync_gradients(self) -> None:
+        if getattr(self, "skipper", None) is not None:
+            self.skipper.sync(self.train)
 
     def attach(self, model: nn.Module, train: Trainability, data, rank: int, world: int, micro_batch: int,
                seq_len: int) -> None:
