@@ -247,6 +247,8 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
     if world % cfg.model.ep_size:
         raise bad("model.ep_size", f"a divisor of the world size {world}", cfg.model.ep_size)
     data = open_data(cfg.data)
+    heldout = heldout_batches(data.heldout_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
+                              cfg.train.micro_batch, rank, world)
     run_dir = Path(cfg.run.dir) / cfg.run.name
     init_dir, ckpt_dir = run_dir / "init", run_dir / "checkpoints"
     if cfg.init.kind == "checkpoint":
@@ -266,8 +268,6 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
     if is_rank0():
         checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
         truncate_metrics(run_dir, after_step=start)
-    heldout = heldout_batches(data.heldout_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
-                              cfg.train.micro_batch, rank, world)
     batches = data.train_batches(cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed, rank, world, start)
     preemption = Preemption()
     monitor = Monitor(run_dir, cfg.train.steps, initial_step=start, desc=f"pretrain {cfg.run.name}")
