@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -93,6 +94,22 @@ class Builder:
                                    [p for p, h in zip(d.pairs, home) if h == i], parent=d.doc_id))
         return out
 
+    def _extract(self, name: str) -> list[Doc]:
+        """An extractor's documents, cached in the work folder by (source sha256, extractor code, settings)."""
+        src = EXTRACTORS[name][0]
+        code = b"".join((HERE / f).read_bytes() for f in ("extract.py", "clean.py", "mathgen_worker.py"))
+        settings = (self.cfg.seed, self.cfg.mathgen.per_module_train) if name == "mathematics-dataset" else ()
+        key = hashlib.sha256(code + repr((self.manifest[src].sha256, settings)).encode()).hexdigest()[:16]
+        path = self.work / "extract" / f"{name}-{key}.jsonl"
+        if path.is_file():
+            return [Doc(**{**r, "pairs": [tuple(p) for p in r["pairs"]]}) for r in map(json.loads, path.open())]
+        docs = list(EXTRACTORS[name][1](self.ctx))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(d.__dict__, ensure_ascii=False) + "\n" for d in docs))
+        os.replace(tmp, path)
+        return docs
+
     def documents(self) -> tuple[dict[str, list[Doc]], list[Doc]]:
         cfg = self.cfg
         user = {}
@@ -104,17 +121,21 @@ class Builder:
         cap = int(cfg.budget_tokens * 8 / (1 - cfg.val_fraction - cfg.test_fraction))
         domains: dict[str, list[Doc]] = {}
         for name, extractors in self.bar(iterable=list(cfg.domains.items()), desc="extract", unit="domain"):
-            docs = [d for ex in extractors for d in EXTRACTORS[ex][1](self.ctx)] + user.get(name, [])
-            docs = self._clean(docs)
+            docs = [d for ex in extractors for d in self._extract(ex)] + user.get(name, [])
             docs.sort(key=lambda d: _u(cfg.seed, "order", d.source, d.doc_id))
             kept, chars = [], 0
-            for d in docs:
+            for d in docs:  # cleaned lazily, in seeded order, until the cap
                 if chars >= cap:
                     break
-                kept.append(d)
-                chars += len(d.text)
+                for piece in self._clean([d]):
+                    kept.append(piece)
+                    chars += len(piece.text)
+            kept.sort(key=lambda d: _u(cfg.seed, "order", d.source, d.doc_id))
+            if not kept:
+                raise UserError(f"domain '{name}': empty after cleaning ({len(docs)} documents before; "
+                                f"min_chars={cfg.min_chars}; extractors: {', '.join(extractors) or 'user data only'})")
             domains[name] = kept
-        held = self._clean([d for ex in cfg.heldout_extractors for d in EXTRACTORS[ex][1](self.ctx)]
+        held = self._clean([d for ex in cfg.heldout_extractors for d in self._extract(ex)]
                            + user.get(cfg.heldout, []))
         total, heldout = 0, []
         for d in held:
@@ -177,28 +198,43 @@ class Builder:
         return train_sentencepiece(sample, cfg, out / "tokenizer", self.cfg.seed)
 
     def build(self, out: Path) -> dict:
-        cfg = self.cfg
+        cfg, clock = self.cfg, time.perf_counter()
+        stages = {}
+
+        def lap(name):
+            nonlocal clock
+            now = time.perf_counter()
+            stages[name] = round(now - clock, 2)
+            clock = now
+
         self.fetch()
+        lap("fetch")
         domains, heldout = self.documents()
+        lap("extract")
         domains = self.deduplicate(domains, heldout)
         parts = self.split(domains)
+        lap("dedupe_split")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             tok = self.tokenizer(parts, tmp)
+            lap("tokenizer")
             items = [(n, s, d) for n, p in parts.items() for s in SPLITS for d in p[s]] + \
                     [(cfg.heldout, "test", d) for d in heldout]
             with self.bar(total=len(items), desc="tokenize", unit="doc") as bar:
                 ids, perf = encode_all(tok, [d.text for _, _, d in items], cfg.workers, bar)
             self.stats["tokenize"] = perf
+            lap("tokenize")
             by_key = defaultdict(list)
             for (n, s, d), t in zip(items, ids):
                 by_key[(n, s)].append((d, t))
             budget = self._budget(by_key)
             selected = self._select(by_key, budget)
             self._write(tmp, selected, tok)
+            lap("write")
             meta = self._meta(tmp, selected, parts, tok, budget)
-            # the only file that differs between identical builds: measured speed
-            (tmp / "timing.json").write_text(json.dumps(perf, sort_keys=True) + "\n")
+            lap("eval_card")
+            # the only file that differs between identical builds: measured times
+            (tmp / "timing.json").write_text(json.dumps({**perf, "stages_s": stages}, sort_keys=True) + "\n")
             _swap(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -249,7 +285,7 @@ class Builder:
         for name in cfg.domains:
             split_docs = [d for d, _ in selected[(name, "train")]] if cfg.eval.mcq_split == "train" \
                 else parts[name][cfg.eval.mcq_split]
-            pairs = [(k, p, a, d.source) for d in split_docs for k, p, a in d.pairs]
+            pairs = [(k, p, a, d.source, d.parent or d.doc_id) for d in split_docs for k, p, a in d.pairs]
             items = mcq_items(pairs, cfg.eval.mcq_per_domain, cfg.eval.choices, cfg.seed)
             if items:
                 _jsonl(root / "eval" / f"mcq-{name}.jsonl", items)
@@ -300,8 +336,8 @@ class Builder:
             "eval": self._eval(root, selected, parts), "card": "DATA_CARD.md",
             "config": _plain(cfg),
         }
-        meta["eval"]["sizes"] = {"math": sum(1 for _ in open(root / meta["eval"]["math"])),
-                                 **{d: sum(1 for _ in open(root / p)) for d, p in meta["eval"]["mcq"].items()}}
+        meta["eval"]["sizes"] = {"math_qa": sum(1 for _ in open(root / meta["eval"]["math"])),
+                                 "mcq": {d: sum(1 for _ in open(root / p)) for d, p in meta["eval"]["mcq"].items()}}
         write_card(root / "DATA_CARD.md", meta)
         (root / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         return meta

@@ -37,10 +37,10 @@ def write_card(path: Path, meta: dict) -> None:
         "",
         "| task | items | scoring |",
         "|---|---|---|",
-        f"| math Q/A | {ev['sizes']['math']:,} | exact match — {ev['notes']['math']} |",
+        f"| math Q/A | {ev['sizes']['math_qa']:,} | exact match — {ev['notes']['math']} |",
     ]
     for d in ev["mcq"]:
-        lines.append(f"| {d} multiple choice | {ev['sizes'][d]:,} | log-likelihood of each choice — "
+        lines.append(f"| {d} multiple choice | {ev['sizes']['mcq'][d]:,} | log-likelihood of each choice — "
                      f"{ev['notes']['mcq']} |")
     lines += ["", "Per-domain perplexity: the `test` split of every domain; forgetting: the held-out set.", "",
               "## Packages", "", "| source | kind | package | version | sha256 | licence |", "|---|---|---|---|---|---|"]

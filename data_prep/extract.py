@@ -149,15 +149,17 @@ def _python_docs(ctx: Context, sections: tuple[str, ...]) -> Iterator[Doc]:
     root = ctx.folder(src) / "usr" / "share" / "doc" / "python3.11" / "html" / "_sources"
     for path in sorted(p for s in sections for p in (root / s).rglob("*.rst.txt")):
         raw = path.read_text(encoding="utf-8", errors="replace")
-        pairs = []
-        for m in _DIRECTIVE.finditer(raw):
-            body = raw[m.end():].split("\n\n", 2)
-            desc = next((b for b in body[1:] if b.strip() and not b.strip().startswith((":", ".."))), "")
-            desc = first_sentence(strip_rst(desc))
-            if 20 <= len(desc) <= 240:
-                pairs.append(("signature", m.group(1).strip(), desc))
-        text = strip_rst(raw)
-        yield Doc(text, src, ctx.licence(src), str(path.relative_to(root)), pairs)
+        # one document per section (a heading underlined with = or -), so splits are fine-grained
+        cuts = [0] + [m.start() for m in re.finditer(r"^[^\n]+\n[=\-]{4,}\n", raw, re.M)][1:] + [len(raw)]
+        for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            part, pairs = raw[a:b], []
+            for m in _DIRECTIVE.finditer(part):
+                body = part[m.end():].split("\n\n", 2)
+                desc = next((x for x in body[1:] if x.strip() and not x.strip().startswith((":", ".."))), "")
+                desc = first_sentence(strip_rst(desc))
+                if 20 <= len(desc) <= 240:
+                    pairs.append(("signature", m.group(1).strip(), desc))
+            yield Doc(strip_rst(part), src, ctx.licence(src), f"{path.relative_to(root)}#{k}", pairs)
 
 
 @extractor("python-docs-reference", "python-docs")

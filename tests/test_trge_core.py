@@ -197,3 +197,51 @@ def test_bad_model_paths_one_line(tmp_path, case, expect):
             load_backbone(BackboneConfig(kind="hf_clip", path=str(tmp_path / "none")))
     msg = str(err.value)
     assert expect in msg and "\n" not in msg and str(tmp_path) in msg
+
+
+def test_embedded_architecture_adapters_in_bert_layers_and_on_cnn_features(digits):
+    """The embedded encoder's layout: groups in every BERT layer and in residual blocks on the CNN feature."""
+    from desmoe.moe.layer import moe_blocks
+    from desmoe.trge.adapters import AdaptedBertOutput, FeatureAdapters
+    from desmoe.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.trge.groups import GroupSpec, setup_groups
+    from desmoe.trge.model import Placement, TRGEModel
+
+    bb = load_backbone(BackboneConfig(kind="tiny_dual", hidden_size=16, image_size=32))
+    with torch.no_grad():
+        tasks, _ = digits
+        px = bb.pixels(tasks[0].test_x[:4])
+        ids, mask = bb.tokenize(tasks[0].prompts())
+        ref_img = torch.nn.functional.normalize(bb.model.get_image_features(px), dim=-1)
+        ref_txt = torch.nn.functional.normalize(bb.model.get_text_features(ids, mask), dim=-1)
+    model = TRGEModel(bb.model, GroupSpec(num_tasks=2, bottleneck=4, scale=1.0), Placement(cnn_blocks=2))
+    setup_groups(model, seed=0)
+    model.eval()
+    assert isinstance(model.feature_adapters, FeatureAdapters) and len(model.feature_adapters.blocks) == 2
+    bert_layers = model.base.text_model.encoder.layer
+    assert all(isinstance(layer.output, AdaptedBertOutput) for layer in bert_layers)
+    assert len(moe_blocks(model)) == 2 + len(bert_layers)
+    for block in moe_blocks(model):  # visible adapters so the adapted path differs
+        for e in block.local_experts:
+            torch.nn.init.normal_(e.up.weight, std=0.5)
+    with torch.no_grad():
+        assert torch.allclose(model.image_features(px), ref_img, atol=1e-6)  # adapters off = the frozen model
+        assert torch.allclose(model.text_features(ids, mask), ref_txt, atol=1e-6)
+        w = torch.tensor([[1.0, 0.0]] * 4)
+        assert (model.image_features(px, w) - ref_img).abs().max() > 1e-3
+        wt = torch.tensor([[0.0, 1.0]] * len(ids))
+        assert (model.text_features(ids, mask, wt) - ref_txt).abs().max() > 1e-3
+
+
+def test_bad_dataset_folders_one_line(tmp_path):
+    from desmoe.errors import UserError
+    from desmoe.trge.data import DataConfig, load_sequence
+
+    (tmp_path / "aircraft").mkdir()
+    (tmp_path / "aircraft" / "notes.txt").write_text("not a dataset")
+    with pytest.raises(UserError) as err:
+        load_sequence(DataConfig(sequence="mtil", root=str(tmp_path)))
+    assert "unknown dataset folder layout" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_sequence(DataConfig(sequence="offline", root=str(tmp_path / "aircraft")))
+    assert "tasks.json" in str(err.value) and "\n" not in str(err.value)

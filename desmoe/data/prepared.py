@@ -33,6 +33,7 @@ class MCQItem:
     choices: list[str]
     answer: int          # index into choices
     source: str = ""
+    doc_id: str = ""     # the (never trained on) document the item comes from
 
 
 @dataclass
@@ -73,8 +74,18 @@ class PreparedData:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.meta["tokenizer"], self.root)
+            tok = load_tokenizer(self.meta["tokenizer"], self.root)
+            self.check_tokenizer(tok)
+            self._tokenizer = tok
         return self._tokenizer
+
+    def check_tokenizer(self, tok) -> None:
+        """Refuse a tokenizer other than the one the indexed data was built with."""
+        want = self.meta["tokenizer"]
+        if tok.vocab_size != want["vocab_size"] or tok.fingerprint() != want["sha256"]:
+            raise UserError(f"tokenizer {tok.path} (vocab {tok.vocab_size}, sha256 {tok.fingerprint()[:12]}) does "
+                            f"not match the indexed data in {self.root} (built with vocab {want['vocab_size']}, "
+                            f"sha256 {want['sha256'][:12]}); rebuild the data with this tokenizer")
 
     def domain_id(self, name: str) -> int:
         if name not in self.domains:

