@@ -34,7 +34,7 @@ KINDS = ("hf_clip", "embedded", "towers", "tiny_clip", "tiny_dual")
 class BackboneConfig:
     kind: str = "tiny_clip"  # hf_clip | tiny_clip | embedded
     path: str = ""  # hf_clip: local model folder; embedded: cache folder ("" = the default cache)
-    image_size: int = 32  # tiny_clip only (hf_clip/embedded use their own)
+    image_size: int = 32  # tiny_clip, tiny_dual, towers (hf_clip/embedded use their own)
     hidden_size: int = 64  # tiny_clip only
     layers: int = 2  # tiny_clip only
     seed: int = 0
@@ -127,7 +127,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
                             f"({' '.join(str(err).split())[:200]})") from None
         max_len = min(77, model.config.text_config.max_position_embeddings)
     elif cfg.kind == "towers":
-        model, tok = de.from_pretrained_towers(*_tower_files(), seed=cfg.seed)
+        model, tok = de.from_pretrained_towers(*_tower_files(), image_size=cfg.image_size, seed=cfg.seed)
         model.eval()
         max_len = model.config.max_text_length
     else:
