@@ -229,6 +229,8 @@ def test_embedded_architecture_adapters_in_bert_layers_and_on_cnn_features(digit
         assert torch.allclose(model.text_features(ids, mask), ref_txt, atol=1e-6)
         w = torch.tensor([[1.0, 0.0]] * 4)
         assert (model.image_features(px, w) - ref_img).abs().max() > 1e-3
+        cached = model.cnn_features(px)  # evaluation reuses the frozen CNN features across stages
+        assert torch.allclose(model.image_features(None, w, cnn_features=cached), model.image_features(px, w))
         wt = torch.tensor([[0.0, 1.0]] * len(ids))
         assert (model.text_features(ids, mask, wt) - ref_txt).abs().max() > 1e-3
 
