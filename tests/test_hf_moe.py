@@ -1,6 +1,6 @@
 """HF MoE checkpoints on desmoe's EP block: same logits as transformers at EP=1 and EP=2
 (2 real gloo ranks), export back to HF bit-identical, clear errors on bad input."""
-from pathlib import Path
+import types
 
 import pytest
 import torch
@@ -112,3 +112,10 @@ def test_bad_inputs(tmp_path, checkpoints):
     with pytest.raises(UserError) as err:
         check_tokenizer(tok, tiny_config("olmoe"), "my_tokenizer")
     assert "200 tokens" in _one_line(err) and "vocab_size is 96" in str(err.value)
+    cfg = tiny_config("olmoe")
+    cfg.eos_token_id, cfg.bos_token_id = 3, 1
+    wrapper = types.SimpleNamespace(vocab_size=50, eos_id=7, bos_id=1)  # like desmoe.data's tokenizers
+    with pytest.raises(UserError) as err:
+        check_tokenizer(wrapper, cfg, "data/demo/tokenizer")
+    assert "eos id 7 differs from the checkpoint's 3" in _one_line(err)
+    check_tokenizer(types.SimpleNamespace(vocab_size=50, eos_id=3, bos_id=1), cfg)  # a matching one passes

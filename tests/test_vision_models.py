@@ -88,3 +88,22 @@ def test_tiny_clip_features_and_bad_paths(tmp_path):
         load_clip(tmp_path)
     with pytest.raises(UserError, match="not a saved dual encoder"):
         load_dual_encoder(tmp_path)
+
+
+def test_lit_alignment_learns_pairs_with_frozen_towers():
+    from desmoe.vision.align import AlignConfig, tower_features, train_heads
+
+    model, tok = tiny_dual_encoder(seed=1)
+    model.freeze_towers()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 24, 24, 3), dtype=torch.uint8, generator=g)
+    words = ["apple", "boat", "cat", "drum", "egg", "fox", "gem", "hat", "ink", "jar", "kite", "lamp", "moon",
+             "nut", "owl", "pig"]
+    captions = [[f"an emoji of {w}.", f"{w}"] for w in words]
+    before = {k: v.clone() for k, v in model.text_model.state_dict().items()}
+    cfg = AlignConfig(steps=150, batch_size=16, lr=1e-2, views=2)
+    img, txt, ids = tower_features(model, tok, images, captions, cfg)
+    assert img.shape == (16, 2, 32) and txt.shape == (32, 32)
+    losses = train_heads(model, img, txt, ids, cfg)
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    assert all(torch.equal(v, model.text_model.state_dict()[k]) for k, v in before.items())

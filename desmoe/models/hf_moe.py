@@ -74,6 +74,8 @@ def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.f
     restore_buffers(model)
     blocks = {i: model.model.layers[i].mlp for i in moe_layer_ids(model)}
     for block in blocks.values():
+        for p in block.local_experts.parameters():  # to_empty made new Parameters: re-tag them as
+            p.allreduce, p.group_name = False, block.expert_group_name  # DeepSpeed's Experts does
         if ep_size > 1 or torch.distributed.is_initialized():
             block.set_deepspeed_parallelism()  # DeepSpeed's EP groups; fixes this rank's experts
     with torch.no_grad():
@@ -190,13 +192,15 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Optional
 
 
 def check_tokenizer(tokenizer, config, where: str = "tokenizer") -> None:
-    """A tokenizer fits a checkpoint when every id it can produce has an embedding row."""
-    n = len(tokenizer)
+    """A tokenizer fits a checkpoint when every id it can produce has an embedding row and
+    its special ids agree.  Takes HF tokenizers and desmoe.data's tokenizer wrappers."""
+    n = len(tokenizer) if hasattr(tokenizer, "__len__") else int(tokenizer.vocab_size)
     if n > config.vocab_size:
         raise UserError(f"{where}: {n} tokens but the checkpoint's vocab_size is {config.vocab_size} "
                         f"(tokenizer does not match the checkpoint)")
-    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        tok_id, cfg_id = getattr(tokenizer, name, None), getattr(config, name, None)
-        if tok_id is not None and cfg_id is not None and tok_id != cfg_id:
-            raise UserError(f"{where}: {name} {tok_id} differs from the checkpoint's {cfg_id} "
+    for name in ("eos", "bos"):
+        tok_id = getattr(tokenizer, f"{name}_token_id", getattr(tokenizer, f"{name}_id", None))
+        cfg_id = getattr(config, f"{name}_token_id", None)
+        if isinstance(tok_id, int) and isinstance(cfg_id, int) and tok_id != cfg_id:
+            raise UserError(f"{where}: {name} id {tok_id} differs from the checkpoint's {cfg_id} "
                             f"(tokenizer does not match the checkpoint)")
