@@ -152,14 +152,13 @@ def test_identifiers_on_real_digits(digits):
                 assert identification_accuracy(pred, truth) > 90.0, (ident.name, t)
             elif ident.name == "oracle":
                 assert (pred == UNSEEN).all()
-    # an unseen threshold sends the rotated domain away more often than the learned ones
-    proto = PrototypeIdentifier(threshold=0.0)
+    # a per-task threshold (5% quantile of a task's own training similarities) sends the
+    # rotated domain to "unseen" more often than the learned ones
+    proto = PrototypeIdentifier(threshold=0.0, quantile=0.05)
     for t in range(2):
         proto.fit_task(TaskInfo(tasks[t].name, tasks[t].classnames, feats[t]))
-    sims = [(test[t] @ torch.stack(proto.protos).t()).max(1).values for t in range(3)]
-    proto.threshold = float(torch.quantile(torch.cat(sims[:2]), 0.05))
     unseen_rate = [(proto.identify(IdBatch(test[t])) == UNSEEN).float().mean().item() for t in range(3)]
-    assert unseen_rate[2] > max(unseen_rate[:2])
+    assert unseen_rate[2] > max(unseen_rate[:2]) and max(unseen_rate[:2]) < 0.3, unseen_rate
     vote = BatchVote(PrototypeIdentifier(0.0))
     for t in range(2):
         vote.fit_task(TaskInfo(tasks[t].name, tasks[t].classnames, feats[t]))
