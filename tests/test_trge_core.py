@@ -152,14 +152,13 @@ def test_identifiers_on_real_digits(digits):
                 assert identification_accuracy(pred, truth) > 90.0, (ident.name, t)
             elif ident.name == "oracle":
                 assert (pred == UNSEEN).all()
-    # an unseen threshold sends the rotated domain away more often than the learned ones
-    proto = PrototypeIdentifier(threshold=0.0)
+    # a per-task threshold (5% quantile of a task's own training similarities) sends the
+    # rotated domain to "unseen" more often than the learned ones
+    proto = PrototypeIdentifier(threshold=0.0, quantile=0.05)
     for t in range(2):
         proto.fit_task(TaskInfo(tasks[t].name, tasks[t].classnames, feats[t]))
-    sims = [(test[t] @ torch.stack(proto.protos).t()).max(1).values for t in range(3)]
-    proto.threshold = float(torch.quantile(torch.cat(sims[:2]), 0.05))
     unseen_rate = [(proto.identify(IdBatch(test[t])) == UNSEEN).float().mean().item() for t in range(3)]
-    assert unseen_rate[2] > max(unseen_rate[:2])
+    assert unseen_rate[2] > max(unseen_rate[:2]) and max(unseen_rate[:2]) < 0.3, unseen_rate
     vote = BatchVote(PrototypeIdentifier(0.0))
     for t in range(2):
         vote.fit_task(TaskInfo(tasks[t].name, tasks[t].classnames, feats[t]))
@@ -229,6 +228,8 @@ def test_embedded_architecture_adapters_in_bert_layers_and_on_cnn_features(digit
         assert torch.allclose(model.text_features(ids, mask), ref_txt, atol=1e-6)
         w = torch.tensor([[1.0, 0.0]] * 4)
         assert (model.image_features(px, w) - ref_img).abs().max() > 1e-3
+        cached = model.cnn_features(px)  # evaluation reuses the frozen CNN features across stages
+        assert torch.allclose(model.image_features(None, w, cnn_features=cached), model.image_features(px, w))
         wt = torch.tensor([[0.0, 1.0]] * len(ids))
         assert (model.text_features(ids, mask, wt) - ref_txt).abs().max() > 1e-3
 

@@ -34,7 +34,7 @@ KINDS = ("hf_clip", "embedded", "towers", "tiny_clip", "tiny_dual")
 class BackboneConfig:
     kind: str = "tiny_clip"  # hf_clip | tiny_clip | embedded
     path: str = ""  # hf_clip: local model folder; embedded: cache folder ("" = the default cache)
-    image_size: int = 32  # tiny_clip only (hf_clip/embedded use their own)
+    image_size: int = 32  # tiny_clip, tiny_dual, towers (hf_clip/embedded use their own)
     hidden_size: int = 64  # tiny_clip only
     layers: int = 2  # tiny_clip only
     seed: int = 0
@@ -127,11 +127,11 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
                             f"({' '.join(str(err).split())[:200]})") from None
         max_len = min(77, model.config.text_config.max_position_embeddings)
     elif cfg.kind == "towers":
-        model, tok = de.from_pretrained_towers(*_tower_files(), seed=cfg.seed)
+        model, tok = de.from_pretrained_towers(*_tower_files(), image_size=cfg.image_size, seed=cfg.seed)
         model.eval()
         max_len = model.config.max_text_length
     else:
-        model, tok = de.load_dual_encoder(cfg.path or "cache/dual_encoder")
+        model, tok = de.load_dual_encoder(cfg.path or "cache/dual_encoder/aligned")
         max_len = model.config.max_text_length
     size, mean, std = de.image_spec(model)
     return Backbone(model, _hf_tokenize(tok, max_len), size, tuple(mean), tuple(std))

@@ -25,6 +25,9 @@ class TextBank:
     def __init__(self, model, tokenize, num_groups: int) -> None:
         self.model, self.tokenize, self.num_groups = model, tokenize, num_groups
         self.cache: dict[tuple[str, int], Tensor] = {}
+        # Frozen image inputs per (test set, batch start): f0 and, for a CNN tower, its pooled
+        # features -- the same at every stage, so computed once per run.
+        self.images: dict[tuple[str, int], tuple[Tensor, Optional[Tensor]]] = {}
 
     @torch.no_grad()
     def get(self, task, group: int, frozen_until: int) -> Tensor:
@@ -61,27 +64,32 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
     for start in range(0, len(idx), batch_size):
         sel = idx[start:start + batch_size]
         images, y = task.test_x[sel], task.test_y[sel]
-        px = pixels(images)
-        f0 = model.image_features(px)
+        key = (task.name, start)
+        if key not in bank.images:
+            px = pixels(images)
+            cnn = model.cnn_features(px)
+            bank.images[key] = (model.image_features(px, cnn_features=cnn), cnn)
+        f0, cnn = bank.images[key]
+        px = None if cnn is not None else pixels(images)  # a CNN tower needs only its cached features
         z0 = scale * f0 @ W0.t()
         truth = torch.full((len(sel),), true_task)
         if method == "zero_shot":
             pred, w = z0.argmax(1), torch.zeros(len(sel), T)
         elif method == "continual_ft":
             w = one_hot_weights(0, len(sel), T)
-            pred = (scale * model.image_features(px, w) @ Wg[0].t()).argmax(1)
+            pred = (scale * model.image_features(px, w, cnn_features=cnn) @ Wg[0].t()).argmax(1)
         else:
             ids = identifier.identify(IdBatch(f0, images.numpy() if need_images else None, truth))
             stats[2] += (ids == truth).sum()
             unseen = ids == UNSEEN
             if method == "shared_pool":  # identified task's router; unseen -> frozen model
                 w = F.one_hot(ids.clamp_min(0), T).float()
-                za = scale * torch.einsum("bd,bcd->bc", model.image_features(px, w), Wg[ids.clamp_min(0)])
+                za = scale * torch.einsum("bd,bcd->bc", model.image_features(px, w, cnn_features=cnn), Wg[ids.clamp_min(0)])
                 pred = torch.where(unseen, z0.argmax(1), za.argmax(1))
                 w = w * (~unseen)[:, None]
             else:
                 w = group_weights(inter, ids, f0, prototypes, T)
-                fa = model.image_features(px, w)
+                fa = model.image_features(px, w, cnn_features=cnn)
                 wmix = F.normalize(torch.einsum("bg,gcd->bcd", w[:, :groups_used], Wg), dim=-1)
                 za = scale * torch.einsum("bd,bcd->bc", fa, wmix)
                 probs = fuse_where(unseen, za.softmax(-1), z0, za, lam)

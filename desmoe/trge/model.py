@@ -76,11 +76,14 @@ class TRGEModel(nn.Module):
         finally:
             ctx.group_weights = None
 
-    def image_features(self, pixel_values: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        """L2-normalised image embeddings; ``weights`` [B, T] inter-group weights or None (frozen)."""
+    def image_features(self, pixel_values: Optional[Tensor], weights: Optional[Tensor] = None,
+                       cnn_features: Optional[Tensor] = None) -> Tensor:
+        """L2-normalised image embeddings; ``weights`` [B, T] inter-group weights or None (frozen).
+        With the CNN tower the adapters sit after the backbone, so its pooled features
+        (``cnn_features``, from :meth:`cnn_features`) can be computed once and reused."""
         with self.routed("image", weights):
             if self.cnn:
-                f = self.base.vision_backbone_features(pixel_values)
+                f = cnn_features if cnn_features is not None else self.base.vision_backbone_features(pixel_values)
                 if self.feature_adapters is not None:
                     f = self.feature_adapters(f)
                 emb = self.base.visual_projection(f)
@@ -88,6 +91,10 @@ class TRGEModel(nn.Module):
                 emb = self.base.get_image_features(pixel_values=pixel_values)
         emb = emb.pooler_output if hasattr(emb, "pooler_output") else emb
         return F.normalize(emb.float(), dim=-1)
+
+    def cnn_features(self, pixel_values: Tensor) -> Optional[Tensor]:
+        """The frozen CNN's pooled features (None for a transformer image tower)."""
+        return self.base.vision_backbone_features(pixel_values) if self.cnn else None
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         with self.routed("text", weights):

@@ -57,6 +57,9 @@ class TaskInfo:
 class IdentifierConfig:
     backend: str = "prototype"
     threshold: float = 0.0  # prototype/description: min cosine; gaussian: max distance per dim (0 = never unseen)
+    # prototype: if > 0, a per-task threshold instead -- this quantile of the task's own training
+    # samples' similarity to its prototype (0.05: 5% of a task's own samples would be called unseen)
+    threshold_quantile: float = 0.0
     per_batch: bool = False  # majority vote per batch (labelled variant)
     shrinkage: float = 0.5  # gaussian: covariance shrinkage towards its diagonal mean
     mllm_path: str = ""
@@ -98,19 +101,24 @@ class OracleIdentifier(TaskIdentifier):
 class PrototypeIdentifier(TaskIdentifier):
     name = "prototype"
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, quantile: float = 0.0) -> None:
         super().__init__()
-        self.threshold = threshold
+        self.threshold, self.quantile = threshold, quantile
         self.protos: list[Tensor] = []
+        self.task_thresholds: list[float] = []
 
     def fit_task(self, info: TaskInfo) -> None:
         super().fit_task(info)
-        self.protos.append(F.normalize(info.feats.float().mean(0), dim=0))
+        proto = F.normalize(info.feats.float().mean(0), dim=0)
+        self.protos.append(proto)
+        own = F.normalize(info.feats.float(), dim=-1) @ proto
+        self.task_thresholds.append(float(torch.quantile(own, self.quantile)) if self.quantile > 0 else self.threshold)
 
     def identify(self, batch: IdBatch) -> Tensor:
         sim = F.normalize(batch.feats.float(), dim=-1) @ torch.stack(self.protos).t()
         best, idx = sim.max(1)
-        return torch.where(best >= self.threshold, idx, torch.full_like(idx, UNSEEN))
+        need = torch.tensor(self.task_thresholds)[idx] if self.task_thresholds else torch.full_like(best, self.threshold)
+        return torch.where(best >= need, idx, torch.full_like(idx, UNSEEN))
 
 
 class DescriptionIdentifier(PrototypeIdentifier):
@@ -128,6 +136,7 @@ class DescriptionIdentifier(PrototypeIdentifier):
         # Mean of the description and per-class prompts: a task is the set of its classes.
         prompts = [text] + [f"a photo of a {c}." for c in info.class_names]
         self.protos.append(F.normalize(self.embed_text(prompts).float().mean(0), dim=0))
+        self.task_thresholds.append(self.threshold)
 
 
 class GaussianIdentifier(TaskIdentifier):
@@ -245,7 +254,7 @@ def build_identifier(cfg: IdentifierConfig, embed_text: Optional[Callable[[list[
     if cfg.backend == "oracle":
         ident: TaskIdentifier = OracleIdentifier()
     elif cfg.backend == "prototype":
-        ident = PrototypeIdentifier(cfg.threshold)
+        ident = PrototypeIdentifier(cfg.threshold, cfg.threshold_quantile)
     elif cfg.backend == "description":
         if embed_text is None:
             raise ValueError("the description identifier needs a text embedder")
