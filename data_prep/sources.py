@@ -90,7 +90,7 @@ class SourceCache:
     """``root/archives/<kind>/<package>-<version>/<file>`` and ``root/unpacked/<kind>/<package>-<version>/``."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # clients run in a temporary cwd
 
     def _archive_dir(self, src: Source) -> Path:
         return self.root / "archives" / src.kind / f"{src.package}-{src.version}"

@@ -11,6 +11,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from rankpool import RankPool  # noqa: E402
+from datafix import tiny_data  # noqa: E402,F401  (session-scoped tiny data build)
 
 _pool: RankPool | None = None
 

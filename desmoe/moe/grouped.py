@@ -82,7 +82,10 @@ class GroupedSwiGLU(torch.autograd.Function):
             d_h, d_w = _act_bwd(h, w, torch.mm(dy, w_down))
             if grad_route is not None:
                 grad_route[rows] = d_w
-            grad_w.extend((torch.mm(d_h.t(), x[rows]), torch.mm(dy.t(), act)))
+            # Frozen experts (requires_grad=False) need no weight GEMMs.
+            need_gu, need_down = ctx.needs_input_grad[3 + 2 * e], ctx.needs_input_grad[4 + 2 * e]
+            grad_w.extend((torch.mm(d_h.t(), x[rows]) if need_gu else None,
+                           torch.mm(dy.t(), act) if need_down else None))
             torch.mm(d_h, w_gate_up, out=grad_x[rows])
             start += n
         if grad_route is not None:

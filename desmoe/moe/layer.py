@@ -38,6 +38,7 @@ class MoEBlock(MoE):
         min_capacity: int = 4,
         shared: Optional[nn.Module] = None,
         shared_gate: bool = False,
+        route_per_sequence: bool = False,
     ) -> None:
         # DeepSpeed's MoE.__init__ would build its own TopKGate/MOELayer; we only need the
         # attributes its engine reads, so initialise as a plain module and set them here.
@@ -55,6 +56,10 @@ class MoEBlock(MoE):
         self.deepspeed_moe = ExpertDispatcher(experts, self.layout, capacity_factor, eval_capacity_factor, min_capacity)
         self.shared = shared
         self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if (shared is not None and shared_gate) else None
+        # Per-sequence routing: the router sees only the first token of each sequence of
+        # a [B, L, d] input and its decision holds for every token of that sequence
+        # (sample-level routing on a CLS/BOS token, as in adapter mixtures).
+        self.route_per_sequence = route_per_sequence
         # Filled by every forward, for losses and monitoring.
         self.last_routing: Optional[Routing] = None
         self.last_stats: Optional[DispatchStats] = None
@@ -79,7 +84,12 @@ class MoEBlock(MoE):
     def forward(self, hidden_states: Tensor) -> Tensor:  # type: ignore[override]
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        routing = self.router(x)
+        if self.route_per_sequence:
+            if hidden_states.dim() != 3:
+                raise ValueError(f"per-sequence routing needs [B, L, d] input, got {tuple(shape)}")
+            routing = _repeat_routing(self.router(hidden_states[:, 0]), shape[1])
+        else:
+            routing = self.router(x)
         out, stats = self.deepspeed_moe(x, routing)
         if self.shared is not None:
             shared_out = self.shared(x)
@@ -89,6 +99,13 @@ class MoEBlock(MoE):
         self.last_routing, self.last_stats = routing, stats
         self.aux_loss = load_balancing_loss(routing.scores, routing.expert_ids, self.num_experts)
         return out.reshape(shape)
+
+
+def _repeat_routing(routing: Routing, times: int) -> Routing:
+    """Sequence-level routing [B, ...] -> token-level [B * times, ...] (sequence-major)."""
+    rep = lambda t: t.repeat_interleave(times, dim=0)  # noqa: E731
+    return Routing(logits=rep(routing.logits), scores=rep(routing.scores),
+                   expert_ids=rep(routing.expert_ids), weights=rep(routing.weights))
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:

@@ -7,6 +7,9 @@ group routers) obeys the same conventions:
 
 * logits are computed in fp32 and kept *before* any noise (auxiliary and
   distillation losses must see the deterministic function);
+* optionally, top-k is group-limited: experts form ``num_groups`` equal
+  consecutive groups, each scored by its best expert, and only the best
+  ``topk_groups`` groups may be chosen (DeepSeek's device-limited routing);
 * scores are a softmax (or sigmoid) over **all** experts; top-k picks from the
   (optionally noised) scores; combine weights are the selected scores, optionally
   renormalised to sum to 1 and scaled by a constant (DeepSeek's routed scaling).
@@ -50,10 +53,15 @@ class Router(nn.Module):
         scaling: float = 1.0,
         noise: NoisePolicy = "none",
         noise_eps: float = 1e-2,
+        num_groups: int = 1,
+        topk_groups: int = 1,
     ) -> None:
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(f"top-k must be in [1, {num_experts}], got {k}")
+        if num_groups > 1 and (num_experts % num_groups or not 1 <= topk_groups <= num_groups
+                               or k > topk_groups * (num_experts // num_groups)):
+            raise ValueError(f"{num_groups} expert groups (top {topk_groups}) do not fit {num_experts} experts, top-{k}")
         self.num_experts = num_experts
         self.k = k
         self.score_func = score_func
@@ -61,6 +69,8 @@ class Router(nn.Module):
         self.scaling = scaling
         self.noise = noise
         self.noise_eps = noise_eps
+        self.num_groups = num_groups
+        self.topk_groups = topk_groups
         # Experts a caller excludes from selection (e.g. by task); None = all allowed.
         self.allowed_experts: Optional[Tensor] = None
 
@@ -81,6 +91,8 @@ class Router(nn.Module):
             selection = self.scores_from_logits(logits + torch.randn_like(logits) * self.noise_eps)
         if self.allowed_experts is not None:
             selection = selection.masked_fill(~self.allowed_experts, float("-inf"))
+        if self.num_groups > 1:
+            selection = self._limit_groups(selection)
         _, expert_ids = torch.topk(selection, self.k, dim=-1)
         weights = scores.gather(1, expert_ids)
         if self.normalize_topk and self.k > 1:
@@ -88,6 +100,12 @@ class Router(nn.Module):
         if self.scaling != 1.0:
             weights = weights * self.scaling
         return Routing(logits=logits, scores=scores, expert_ids=expert_ids, weights=weights)
+
+    def _limit_groups(self, selection: Tensor) -> Tensor:
+        grouped = selection.view(selection.shape[0], self.num_groups, -1)
+        best = torch.topk(grouped.amax(dim=-1), self.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(selection)
 
     def jitter(self, x: Tensor) -> Tensor:
         """Multiplicative input jitter (Switch); applied by subclasses before their matmul."""

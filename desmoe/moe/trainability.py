@@ -65,6 +65,8 @@ def build_param_groups(
     dense: dict[tuple[str, bool], list[nn.Parameter]] = {}
     experts: dict[tuple[int, int], dict[bool, list[nn.Parameter]]] = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # a frozen backbone never enters the optimizer (no fp32 copy, no grads)
+            continue
         decay = not no_decay(name, p)
         if id(p) in expert_param_ids:
             experts.setdefault(expert_param_ids[id(p)], {}).setdefault(decay, []).append(p)

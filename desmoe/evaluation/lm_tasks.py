@@ -1,0 +1,158 @@
+"""Downstream and general evaluation of a causal LM on a prepared data folder.
+
+One call, ``evaluate_lm(model, data, cfg)``, gives the numbers both the DES-MoE
+comparison and the base-model report need:
+
+- ``mcq/<domain>``: accuracy on the domain's multiple-choice items, each choice
+  scored by the log-likelihood of its text after the prompt;
+- ``math/exact``: exact match of the greedy answer to a generated math question;
+- ``ppl/<domain>``: perplexity on the domain's test split, ``ppl/general_heldout``
+  on the held-out general text that is never trained on (forgetting);
+- ``downstream/mean``: the mean MCQ accuracy over the training domains.
+
+Expert parallelism makes every forward a collective, so every rank runs the
+same items in the same batches; results are identical on all ranks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from desmoe.config import bad
+from desmoe.models.generate import greedy_generate, mean_nll, score_continuations
+
+NORMS = ("per_char", "per_token", "sum")
+
+
+@dataclass
+class LMEvalConfig:
+    items_per_task: int = 200        # first N items of each task (the sets are already shuffled by data_prep)
+    batch_size: int = 16
+    max_len: int = 512               # context is cut from the left beyond this
+    ppl_tokens: int = 20000          # per domain; perplexity on the first N test tokens
+    ppl_seq_len: int = 256
+    math_max_new_tokens: int = 12
+    # How choices of different lengths are compared. per_char follows the usual
+    # "acc_norm" reading (log-likelihood per character of the choice), which does
+    # not favour short choices the way a plain sum does.
+    mcq_norm: str = "per_char"
+
+    def check(self) -> None:
+        for key in ("items_per_task", "batch_size", "max_len", "ppl_tokens", "ppl_seq_len", "math_max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise bad(f"eval.{key}", "a positive integer", getattr(self, key))
+        if self.mcq_norm not in NORMS:
+            raise bad("eval.mcq_norm", " or ".join(NORMS), self.mcq_norm)
+
+
+def _chunks(seq, size):
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+def mcq_accuracy(model: nn.Module, tokenizer, items, cfg: LMEvalConfig) -> float:
+    """Share of items whose highest-scoring choice is the answer."""
+    contexts, conts, owners, lengths = [], [], [], []
+    ctx_ids = tokenizer.encode([it.prompt for it in items])
+    for i, it in enumerate(items):
+        for ids in tokenizer.encode([" " + c for c in it.choices]):
+            contexts.append(ctx_ids[i])
+            conts.append(ids)
+            owners.append(i)
+        lengths.extend(len(c) + 1 for c in it.choices)
+    scores = []
+    for batch in _chunks(list(range(len(conts))), cfg.batch_size):
+        res = score_continuations(model, [contexts[j] for j in batch], [conts[j] for j in batch],
+                                  max_len=cfg.max_len, pad_id=tokenizer.pad_id)
+        scores.extend(res)
+    choice_index = 0
+    correct = 0
+    for i, it in enumerate(items):
+        values = []
+        for c in range(len(it.choices)):
+            logp, n_tok, _ = scores[choice_index]
+            norm = {"sum": 1.0, "per_token": n_tok, "per_char": lengths[choice_index]}[cfg.mcq_norm]
+            values.append(logp / norm)
+            choice_index += 1
+        pick = max(range(len(values)), key=values.__getitem__)
+        correct += int(pick == it.answer)
+    return correct / max(len(items), 1)
+
+
+def math_answers(model: nn.Module, tokenizer, items, cfg: LMEvalConfig) -> list[str]:
+    """The model's greedy answer to each question: the first line of its continuation."""
+    prompts = tokenizer.encode([math_prompt(it.question) for it in items])
+    answers = []
+    for batch in _chunks(prompts, cfg.batch_size):
+        outs = greedy_generate(model, [p[-cfg.max_len:] for p in batch], cfg.math_max_new_tokens,
+                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        answers.extend(first_line(tokenizer.decode(out)) for out in outs)
+    return answers
+
+
+def math_exact(model: nn.Module, tokenizer, items, cfg: LMEvalConfig) -> float:
+    """Share of questions whose greedy answer equals the reference exactly."""
+    answers = math_answers(model, tokenizer, items, cfg)
+    return sum(a == it.answer.strip() for a, it in zip(answers, items)) / max(len(items), 1)
+
+
+def math_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def perplexity(model: nn.Module, tokenizer, docs: list[str], cfg: LMEvalConfig) -> float:
+    """exp(mean next-token NLL) over the first ``ppl_tokens`` tokens of the documents,
+    concatenated with end-of-text markers and cut into ``ppl_seq_len + 1`` windows."""
+    stream: list[int] = []
+    for ids in tokenizer.encode(docs):
+        stream.extend(list(ids) + [tokenizer.eos_id])
+        if len(stream) >= cfg.ppl_tokens + 1:
+            break
+    stream = stream[:cfg.ppl_tokens + 1]
+    width = cfg.ppl_seq_len + 1
+    windows = [stream[i:i + width] for i in range(0, len(stream) - 1, cfg.ppl_seq_len)]
+    windows = [w for w in windows if len(w) == width] or [stream]
+    tensors = [torch.tensor(w, dtype=torch.long)[None] for w in windows]
+    batches = [torch.cat(chunk) for chunk in _chunks(tensors, cfg.batch_size)]
+    return math.exp(mean_nll(model, batches))
+
+
+def evaluate_lm(model: nn.Module, data, cfg: Optional[LMEvalConfig] = None,
+                domains: Optional[list[str]] = None, progress: bool = False) -> dict[str, float]:
+    """All evaluation numbers of ``model`` on the prepared data folder ``data``."""
+    cfg = cfg or LMEvalConfig()
+    cfg.check()
+    sets = data.eval_sets()
+    tok = data.tokenizer
+    domains = list(domains or data.domains)
+    steps = [(f"mcq/{d}", lambda d=d: mcq_accuracy(model, tok, sets.mcq[d][:cfg.items_per_task], cfg))
+             for d in domains if sets.mcq.get(d)]
+    if sets.math and "math" in domains:
+        steps.append(("math/exact", lambda: math_exact(model, tok, sets.math[:cfg.items_per_task], cfg)))
+    steps += [(f"ppl/{d}", lambda d=d: perplexity(model, tok, sets.heldout_text[d], cfg))
+              for d in domains if sets.heldout_text.get(d)]
+    steps.append(("ppl/general_heldout", lambda: perplexity(model, tok, sets.heldout_general, cfg)))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(steps), desc="evaluate", leave=False)
+    out: dict[str, float] = {}
+    for key, run in steps:
+        out[key] = float(run())
+        if bar is not None:
+            bar.set_postfix_str(f"{key}={out[key]:.3f}")
+            bar.update()
+    if bar is not None:
+        bar.close()
+    mcq = [v for k, v in out.items() if k.startswith("mcq/")]
+    if mcq:
+        out["downstream/mean"] = sum(mcq) / len(mcq)
+    return out

@@ -1,0 +1,1 @@
+"""Paper methods built on the MoE core; each lives in its own package."""

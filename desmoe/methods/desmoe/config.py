@@ -1,0 +1,98 @@
+"""DES-MoE settings.  Paper values are the defaults; every ambiguous reading is a switch
+(the choices and why are in docs/desmoe.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from desmoe.config import bad
+
+AlrInit = Literal["residual", "mirror", "gelu_copy"]
+Method = Literal["desmoe", "fft", "esft_token", "esft_gate", "lora", "vanilla"]  # vanilla: the base, untrained
+
+
+@dataclass
+class ALRConfig:
+    enabled: bool = True  # false = ablation "w/o ALR": the pretrained linear router is trained instead
+    # residual:  R_adapt = R_orig(h) + W2 GELU(W1 h + b1) + b2, W2 = b2 = 0 (exact at step 0; "augments")
+    # mirror:    W1 = [I; -I; kaiming], W2 = [W_orig; -W_orig; 0] -- GELU(x) - GELU(-x) = x, so the MLP
+    #            alone equals the pretrained router at step 0 ("replaces"; W2 copied from W_orig)
+    # gelu_copy: W1 = [I; kaiming], W2 = [W_orig; 0]: the notes' option (b), only approximately equal
+    init: AlrInit = "residual"
+    hidden_mult: int = 4  # d -> hidden_mult*d -> E
+    tau: float = 0.7
+    tau_squared: bool = False  # multiply L_KD by tau^2 (Hinton); the paper shows no such factor
+    lambda_end: float = 1.0  # lambda(alpha) = max(0, 1 - alpha/lambda_end); 1.0 = the paper's max(0, 1-alpha)
+
+    def check(self) -> None:
+        if self.hidden_mult < 1:
+            raise bad("hidden_mult", "a positive integer", self.hidden_mult)
+        if not self.tau > 0:
+            raise bad("tau", "a number > 0", self.tau)
+        if not 0 < self.lambda_end <= 1:
+            raise bad("lambda_end", "a number in (0, 1]", self.lambda_end)
+
+
+@dataclass
+class DGESConfig:
+    enabled: bool = True  # false = ablation "w/o DGES": every domain may update every expert
+    phi: float = 0.6  # M[d, e] = A[d, e] >= phi * max_e' A[d, e']
+    momentum: float = 0.9
+    # "new": A_hat <- momentum * A_window + (1 - momentum) * A_hat  (Eq. 9 as printed)
+    # "old": A_hat <- momentum * A_hat + (1 - momentum) * A_window  (conventional momentum)
+    momentum_on: Literal["new", "old"] = "new"
+    update_every: int = 50  # T_update, steps between refreshes after warm-up; 0 = never refresh
+    # step:  every rank and micro-batch of a step comes from one domain (exact isolation, no overhead);
+    # token: mixed batches, Eq. 8 -- routes (token i, expert e) with M[d_i, e] = 0 pass no gradient
+    batching: Literal["step", "token"] = "step"
+    duplicate_shared: bool = False  # record experts claimed by >1 domain for duplication (docs/desmoe.md)
+
+    def check(self) -> None:
+        if not 0 < self.phi <= 1:
+            raise bad("phi", "a number in (0, 1]", self.phi)
+        if not 0 <= self.momentum <= 1:
+            raise bad("momentum", "a number in [0, 1]", self.momentum)
+        if self.update_every < 0:
+            raise bad("update_every", "an integer >= 0", self.update_every)
+
+
+@dataclass
+class ScheduleConfig:
+    t1: float = 0.2  # warm-up ends at t1 * T
+    t2: float = 0.7  # stabilisation ends at t2 * T
+    # eq11: warm-up trains ALR + backbone (Eq. 11);  fig1: warm-up trains router + all experts (Fig. 1)
+    warmup: Literal["eq11", "fig1"] = "eq11"
+
+    def check(self) -> None:
+        if not 0 < self.t1 < self.t2 <= 1:
+            raise bad("t1", f"0 < t1 < t2 <= 1 (t2={self.t2})", self.t1)
+
+
+@dataclass
+class BaselineConfig:
+    esft_token_p: float = 0.2
+    esft_gate_p: float = 0.1
+    esft_profile_tokens: int = 131072  # routing-log size per domain (ESFT: 32 x 4096)
+    esft_mixed: Literal["union", "mixture"] = "union"  # mixed regime: union of per-domain sets or one profile
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # scaling alpha / r = 2 (the paper's "scaling 2")
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "out"])  # dense linears (not experts)
+
+    def check(self) -> None:
+        for key in ("esft_token_p", "esft_gate_p"):
+            if not 0 < getattr(self, key) <= 1:
+                raise bad(key, "a number in (0, 1]", getattr(self, key))
+        if self.lora_rank < 1:
+            raise bad("lora_rank", "a positive integer", self.lora_rank)
+
+
+@dataclass
+class DESMoEConfig:
+    method: Method = "desmoe"
+    # Frozen parameters get requires_grad=False, so backward skips their weight gradients
+    # (false: they are computed and discarded, as the MoE core does by default).
+    skip_frozen_grads: bool = True
+    alr: ALRConfig = field(default_factory=ALRConfig)
+    dges: DGESConfig = field(default_factory=DGESConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)

@@ -1,0 +1,104 @@
+"""Domain-Guided Expert Specialization (DES-MoE Sec. 3.2).
+
+Per MoE layer l (the paper writes one A; experts belong to one layer, so A is kept
+per layer):
+
+    A^l[d, e] = (1/N_d) #{tokens t of domain d : e in TopK(R_adapt(h_t))}     (Eq. 5)
+    M^l[d, e] = A^l[d, e] >= phi * max_e' A^l[d, e']                          (Eq. 6)
+    S^l_d     = {e : M^l[d, e] = 1}
+
+Counts are gathered from the routing every training step (cheap: one bincount per
+layer), summed over all ranks at each refresh (one all-reduce for all layers), and
+turned into A.  The first refresh (end of warm-up) sets A; later ones, every
+``update_every`` steps, blend the new window in with momentum (Eq. 9).  A domain
+row with no tokens at all gets an empty S_d (its batches then update no expert).
+
+Updates of a domain's batch reach only S_d (Eq. 7): the trainer makes exactly the
+experts of S_d trainable in the optimizer (``Trainability.set_experts``), so the
+others stay bit-identical under AdamW.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from desmoe.methods.desmoe.config import DGESConfig
+from desmoe.moe import moe_blocks
+
+
+class DomainExpertMap:
+    def __init__(self, num_layers: int, num_domains: int, num_experts: int, cfg: Optional[DGESConfig] = None) -> None:
+        self.cfg = cfg or DGESConfig()
+        self.shape = (num_layers, num_domains, num_experts)
+        self.window = torch.zeros(self.shape, dtype=torch.float64)  # top-K counts since the last refresh
+        self.window_tokens = torch.zeros(num_layers, num_domains, dtype=torch.float64)
+        self.A: Optional[Tensor] = None  # [L, D, E] smoothed affinity (None until the first refresh)
+        self.M: Optional[Tensor] = None  # [L, D, E] bool
+        self.refreshes = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.M is not None
+
+    def record(self, layer: int, expert_ids: Tensor, token_domain: Tensor) -> None:
+        """Count one layer's routing: expert_ids [S, k], token_domain [S] (negative = not counted)."""
+        num_domains, num_experts = self.shape[1:]
+        dom = token_domain.reshape(-1).to(expert_ids.device)
+        valid = dom >= 0
+        idx = (dom[valid].unsqueeze(1) * num_experts + expert_ids[valid]).reshape(-1)
+        counts = torch.bincount(idx, minlength=num_domains * num_experts).view(num_domains, num_experts)
+        self.window[layer] += counts.cpu().double()
+        self.window_tokens[layer] += torch.bincount(dom[valid], minlength=num_domains).cpu().double()
+
+    def record_model(self, model: nn.Module, token_domain: Tensor) -> None:
+        """Count the last forward of every MoE block; token_domain matches the flattened tokens."""
+        for layer, block in enumerate(moe_blocks(model)):
+            self.record(layer, block.last_routing.expert_ids, token_domain)
+
+    def refresh(self, group=None) -> None:
+        """Sum the window over ranks, update A (Eq. 5 / Eq. 9) and M (Eq. 6), start a new window."""
+        import deepspeed.comm as dist
+
+        packed = torch.cat([self.window.reshape(-1), self.window_tokens.reshape(-1)])
+        if dist.is_initialized() and dist.get_world_size(group=group) > 1:
+            from desmoe.distributed import device
+
+            packed = packed.to(device())
+            dist.all_reduce(packed, group=group)
+            packed = packed.cpu()
+        counts = packed[: self.window.numel()].view(self.shape)
+        tokens = packed[self.window.numel():].view(self.shape[:2])
+        fresh = counts / tokens.clamp_min(1.0).unsqueeze(-1)
+        if self.A is None:
+            self.A = fresh
+        else:
+            m = self.cfg.momentum
+            self.A = m * fresh + (1 - m) * self.A if self.cfg.momentum_on == "new" else m * self.A + (1 - m) * fresh
+        self.M = specialization_mask(self.A, self.cfg.phi)
+        self.window.zero_()
+        self.window_tokens.zero_()
+        self.refreshes += 1
+
+    def experts_for(self, layer: int, domain: int) -> list[int]:
+        """S_d of one layer (global expert ids)."""
+        return torch.nonzero(self.M[layer, domain]).flatten().tolist()
+
+    def claimed_by_several(self, layer: int) -> list[int]:
+        """Experts with M = 1 in more than one domain: the paper's duplication candidates."""
+        return torch.nonzero(self.M[layer].sum(0) > 1).flatten().tolist()
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "window_tokens": self.window_tokens, "A": self.A, "M": self.M,
+                "refreshes": self.refreshes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window, self.window_tokens = state["window"], state["window_tokens"]
+        self.A, self.M, self.refreshes = state["A"], state["M"], state["refreshes"]
+
+
+def specialization_mask(A: Tensor, phi: float) -> Tensor:
+    """Eq. 6 on the last axis: A >= phi * row max; an all-zero row selects nothing."""
+    row_max = A.amax(dim=-1, keepdim=True)
+    return (A >= phi * row_max) & (row_max > 0)

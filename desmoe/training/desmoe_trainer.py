@@ -1,0 +1,299 @@
+"""Multi-domain fine-tuning of an MoE LM: DES-MoE and its baselines on one trainer.
+
+The step, on one screen: pick the step's domain (every rank, equal shares) ->
+the method sets what may train (phase, domain's experts, lambda) -> forward,
+task + lambda*KD + aux loss -> DeepSpeed backward/step -> the method consumes
+the routing (domain-expert counts, A/M refresh) -> log, evaluate, checkpoint.
+Resumes from the run directory (method state rides in the checkpoint).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from desmoe import checkpoint
+from desmoe.config import bad, dump_yaml
+from desmoe.errors import TrainingFailure, UserError
+from desmoe.methods.desmoe.config import DESMoEConfig
+from desmoe.methods.desmoe.domains import DomainDataConfig, open_domains
+from desmoe.models.moe_lm import MoELM, MoELMConfig
+from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
+from desmoe.training.lm import RunConfig, TrainConfig, _mean_over_ranks
+from desmoe.training.preemption import Preempted, Preemption, announce
+
+
+@dataclass
+class BaseConfig:
+    # An HF MoE checkpoint (e.g. the embedded base from launcher/pretrain.py): the model comes from it and
+    # model.* only supplies ep_size.  Otherwise desmoe's MoELM from model.*, optionally loaded from
+    # ``checkpoint`` (a desmoe checkpoint directory of the same shape).
+    hf: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    downstream: bool = True  # at the end, on prepared data: desmoe.evaluation.lm_tasks.evaluate_lm
+    items_per_task: int = 200
+    ppl_tokens: int = 20000
+
+
+@dataclass
+class DESMoEExperiment:
+    model: MoELMConfig = field(default_factory=MoELMConfig)
+    data: DomainDataConfig = field(default_factory=DomainDataConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    desmoe: DESMoEConfig = field(default_factory=DESMoEConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="desmoe"))
+
+    def check(self) -> None:
+        if not self.base.hf and self.train.seq_len > self.model.max_seq_len:
+            raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
+        warmup = round(self.desmoe.schedule.t1 * self.train.steps)
+        if self.desmoe.method == "desmoe" and warmup < max(1, len(self.data.domains)):
+            raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(self.data.domains)}; "
+                      f"t1 * train.steps = {warmup})", self.desmoe.schedule.t1)
+        if self.base.hf and self.base.checkpoint:
+            raise bad("base.checkpoint", "null when base.hf is set (one source of pretrained weights)",
+                      self.base.checkpoint)
+        if self.desmoe.dges.batching != "step":
+            raise bad("desmoe.dges.batching", "'step' (token-level masking of mixed batches is not implemented yet)",
+                      self.desmoe.dges.batching)
+
+
+def domain_of_step(step: int, num_domains: int, seed: int) -> int:
+    """Equal shares: each block of ``num_domains`` steps visits every domain once, in a seeded order."""
+    cycle, pos = divmod(step, num_domains)
+    order = torch.randperm(num_domains, generator=torch.Generator().manual_seed(seed * 7919 + cycle))
+    return int(order[pos])
+
+
+class DomainStreams:
+    """One batch iterator per domain, positioned for a (resumed) start step."""
+
+    def __init__(self, data, cfg: DESMoEExperiment, rank: int, world: int, start: int) -> None:
+        n, t = len(data.domains), cfg.train
+        done = [0] * n
+        for s in range(start):
+            done[domain_of_step(s, n, t.seed)] += 1
+        self.streams = [data.batches("train", t.micro_batch, t.seq_len, t.seed, rank, world, done[d],
+                                     domains=[name], homogeneous=True) for d, name in enumerate(data.domains)]
+
+    def next(self, domain: int):
+        return next(self.streams[domain])
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg: DESMoEExperiment, rank: int, world: int, device) -> dict[str, float]:
+    """Held-out next-token loss per domain, their mean, and on the general (untrained) set."""
+    from desmoe.methods.desmoe.method import task_loss
+
+    model.eval()
+    out = {}
+    names = [*data.domains, *(["general"] if getattr(data, "general", None) else [])]
+    for name in names:
+        pick = data.general if name == "general" else [name]
+        stream = data.batches("val", cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed + 7, rank, world, 0,
+                              domains=pick, homogeneous=False)
+        losses = [task_loss(model, next(stream).input_ids.to(device)) for _ in range(cfg.train.eval_batches)]
+        out[f"val/{name}"] = _mean_over_ranks(torch.stack(losses).mean())
+    model.train()
+    out["val/domain_mean"] = sum(out[f"val/{d}"] for d in data.domains) / len(data.domains)
+    return out
+
+
+def build_model(cfg: DESMoEExperiment):
+    """The pretrained MoE to adapt: an HF checkpoint on desmoe's EP blocks, or desmoe's MoELM."""
+    if cfg.base.hf:
+        from desmoe.models.hf_moe import load_hf_moe
+
+        model = load_hf_moe(cfg.base.hf, ep_size=cfg.model.ep_size)
+        model.config.use_cache = False
+        return model
+    model = MoELM(cfg.model)
+    model.setup_expert_parallel()
+    return model
+
+
+def downstream_eval(model, data, cfg: DESMoEExperiment) -> dict[str, float]:
+    """Exact-answer / MCQ tasks and perplexities of the prepared data (every rank must call it)."""
+    if not cfg.evaluation.downstream or not hasattr(data, "data"):
+        return {}
+    from desmoe.distributed import is_rank0
+    from desmoe.evaluation.lm_tasks import LMEvalConfig, evaluate_lm
+
+    ev = LMEvalConfig(items_per_task=cfg.evaluation.items_per_task, ppl_tokens=cfg.evaluation.ppl_tokens)
+    was_training = model.training
+    model.eval()
+    out = evaluate_lm(model, data.data, ev, domains=data.domains, progress=is_rank0())
+    model.train(was_training)
+    return {f"eval/{k}": v for k, v in out.items()}
+
+
+def load_base(engine, path: str) -> None:
+    """Pretrained weights only (optimizer starts fresh); parameters the base lacks (the ALR) keep their init."""
+    from desmoe.methods.desmoe.alr import alr_routers
+
+    tag = checkpoint.latest_tag(path)
+    if tag is None:
+        raise UserError(f"base.checkpoint='{path}': no 'latest' checkpoint there")
+    loaded, _ = engine.load_checkpoint(path, tag=tag, load_module_only=True, load_module_strict=False,
+                                       load_optimizer_states=False, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise UserError(f"base.checkpoint='{path}': not a loadable DeepSpeed checkpoint")
+    for i, router in enumerate(alr_routers(engine.module)):
+        router.reinit_from_teacher(seed=i)  # the step-0 identity must hold for the loaded router
+
+
+def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
+    import deepspeed.comm as dist
+
+    from desmoe.distributed import init_distributed, is_rank0
+    from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
+    from desmoe.methods.desmoe.baselines import build_method
+    from desmoe.moe import moe_blocks
+
+    ds_raw = read_ds_config(ds_config_path)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % cfg.model.ep_size:
+        raise bad("model.ep_size", f"a divisor of the world size {world}", cfg.model.ep_size)
+    data = open_domains(cfg.data)
+    t = cfg.train
+    if cfg.desmoe.method == "desmoe" and round(cfg.desmoe.schedule.t1 * t.steps) < len(data.domains):
+        raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(data.domains)} domains; "
+                  f"t1 * train.steps = {round(cfg.desmoe.schedule.t1 * t.steps)})", cfg.desmoe.schedule.t1)
+    model = build_model(cfg)
+    method = build_method(cfg.desmoe, t.steps, len(data.domains), t.aux_loss_coef, seed=cfg.model.init_seed)
+    parts = method.prepare_model(model)
+    engine, trainability = build_engine(model, resolve_ds_config(ds_raw, t.micro_batch, lr=t.lr), parts=parts)
+    if cfg.desmoe.skip_frozen_grads:
+        method.enable_gradient_skipping(engine.module, parts)
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    ckpt_dir = run_dir / "checkpoints"
+    state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
+    if state:
+        method.load_state_dict(state)
+    elif cfg.base.checkpoint:
+        load_base(engine, cfg.base.checkpoint)
+    start = state["step"] if state else 0
+    method.attach(engine.module, trainability, data, rank, world, t.micro_batch, t.seq_len)
+    if is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+        truncate_metrics(run_dir, after_step=start)
+    streams = DomainStreams(data, cfg, rank, world, start)
+    preemption = Preemption()
+    monitor = Monitor(run_dir, t.steps, initial_step=start, desc=f"{method.name} {cfg.run.name}")
+    train_seconds = float((state or {}).get("train_seconds", 0.0))  # steps only: no evaluation, no saving
+    try:
+        if method.name == "vanilla":  # evaluation of the untrained base only
+            start = t.steps
+            monitor.scalars(0, evaluate(engine.module, data, cfg, rank, world, engine.device))
+        for step in range(start, t.steps):
+            t0 = time.perf_counter()
+            domain = domain_of_step(step, len(data.domains), t.seed)
+            batch = streams.next(domain)
+            logs = method.begin_step(step, domain)  # phase, domain experts, lambda -> what may train
+            method.sync_gradients()  # frozen parameters get no weight gradients computed
+            loss, parts_ = method.loss(batch.input_ids.to(engine.device))
+            if not torch.isfinite(loss):
+                raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step + 1} on rank {rank}; "
+                                      f"resume from {ckpt_dir} with a lower train.lr")
+            engine.backward(loss)
+            engine.step()
+            refreshed = method.end_step(step, batch.token_domain[:, :-1].to(engine.device))
+            train_seconds += time.perf_counter() - t0
+            done = step + 1
+            monitor.progress(1, loss=parts_["task_loss"].item())
+            if done % t.log_every == 0 or done == t.steps:
+                _log(monitor, engine, method, done, domain, parts_, logs)
+            if refreshed:
+                _log_affinity(monitor, method, done, data.domains)
+            if done % t.eval_every == 0 or done == t.steps:
+                monitor.scalars(done, evaluate(engine.module, data, cfg, rank, world, engine.device))
+            client = {**method.state_dict(), "train_seconds": train_seconds}
+            if done % t.save_every == 0 or done == t.steps:
+                checkpoint.save(engine, ckpt_dir, done, client)
+            elif preemption.requested():
+                checkpoint.save(engine, ckpt_dir, done, client)
+                monitor.close()
+                if is_rank0():
+                    print(f"preempted: saved step {done}, exiting for requeue", flush=True)
+                announce(done, is_rank0())
+                raise Preempted(done)
+        extra = downstream_eval(engine.module, data, cfg)
+        if extra:
+            monitor.scalars(0 if method.name == "vanilla" else t.steps, extra)
+    finally:
+        monitor.close()
+    return write_results(run_dir, method.name, data.domains, train_seconds) if is_rank0() else {}
+
+
+def _log(monitor, engine, method, step, domain, parts, logs) -> None:
+    from desmoe.moe import global_tokens_per_expert
+
+    counts = global_tokens_per_expert(engine.module).float()
+    load = counts / counts.sum(dim=1, keepdim=True)
+    values = {f"train/{k}": _mean_over_ranks(v) for k, v in parts.items()}
+    values.update({f"train/{k}": v for k, v in logs.items()})
+    values.update({"train/domain": float(domain), "train/lr": engine.get_lr()[0],
+                   "moe/max_load_share": load.max().item()})
+    monitor.scalars(step, values)
+    monitor.heatmap(step, "moe/expert_load", load.cpu().numpy(), xlabel="expert", ylabel="layer")
+
+
+def _log_affinity(monitor, method, step, domains) -> None:
+    dmap = getattr(method, "dmap", None)
+    if dmap is None or dmap.A is None:
+        return
+    for layer in range(dmap.A.shape[0]):
+        monitor.heatmap(step, f"dges/A_layer{layer}", dmap.A[layer].numpy(), xlabel="expert",
+                        ylabel="domain " + "/".join(domains))
+    monitor.scalars(step, {"dges/experts_per_domain": dmap.M.float().sum(-1).mean().item(),
+                           "dges/shared_by_several": float(sum(len(dmap.claimed_by_several(l))
+                                                               for l in range(dmap.A.shape[0])))})
+
+
+def write_results(run_dir: Path, method: str, domains: list[str], seconds: float) -> dict:
+    """results.json / results.csv / results.md and loss plots in the run directory."""
+    rows = read_metrics(run_dir)
+    evals = [r for r in rows if "val/domain_mean" in r]
+    final = evals[-1] if evals else {}
+    downstream = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}  # the last value of each
+    result = {"method": method, "train_seconds": round(seconds, 2),
+              **{k.split("/", 1)[1]: round(v, 4) for k, v in final.items() if k.startswith("val/")},
+              **{k.split("/", 1)[1]: round(v, 4) for k, v in downstream.items()}}
+    checkpoint.write_text_atomic(run_dir / "results.json", json.dumps(result, indent=1) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(result))
+    writer.writeheader()
+    writer.writerow(result)
+    checkpoint.write_text_atomic(run_dir / "results.csv", buf.getvalue())
+    checkpoint.write_text_atomic(run_dir / "results.md", results_table([result]))
+    train = [(r["step"], r["train/task_loss"]) for r in rows if "train/task_loss" in r]
+    if train:
+        val = {k.split("/", 1)[1]: [(r["step"], r[k]) for r in evals] for k in final if k.startswith("val/")}
+        plot_curves(run_dir / "loss.png", {"train (task)": train, **val}, ylabel="next-byte NLL (nats)")
+        print(ascii_curve(train, label=f"{method} task loss"), flush=True)
+    print(results_table([result]), flush=True)
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tensorboard'})", flush=True)
+    return result
+
+
+def results_table(results: list[dict]) -> str:
+    """Markdown table: one row per method, held-out loss per domain (lower is better)."""
+    keys = [k for k in results[0] if k not in ("method",)]
+    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += ["| " + r["method"] + " | " + " | ".join(f"{r.get(k, float('nan')):.4g}" for k in keys) + " |"
+              for r in results]
+    return "\n".join(lines) + "\n"

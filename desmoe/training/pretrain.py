@@ -1,0 +1,344 @@
+"""Pretraining an HF MoE from scratch on the general corpus: the embedded CPU base.
+
+Rank 0 writes a randomly initialised HF checkpoint of the configured
+architecture; every rank loads it onto desmoe's EP blocks (its own experts
+only).  Then one screen of training: batch -> forward (+ load balancing) ->
+DeepSpeed step -> log / evaluate / checkpoint, resumable and preemptible like
+``desmoe.training.lm``.  At the end the model is exported as an ordinary HF
+checkpoint (experts gathered from all ranks) with the tokenizer and a report
+comparing its held-out perplexity to a unigram model of the training tokens.
+A finished export whose report holds the same config is reused, not retrained.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from desmoe import checkpoint
+from desmoe.config import bad, dump_yaml, to_dict
+from desmoe.errors import TrainingFailure, UserError
+from desmoe.models.hf_build import MoEModelSpec, hf_config, write_initial_checkpoint
+from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
+from desmoe.moe import total_aux_loss
+from desmoe.training.lm import RunConfig, _log_train, _mean_over_ranks
+from desmoe.training.preemption import Preempted, Preemption, announce
+
+
+@dataclass
+class PretrainData:
+    source: Literal["prepared", "stdlib_bytes"] = "prepared"  # stdlib_bytes: byte-level Python sources (tests)
+    root: str = "data/demo"  # prepared data folder (python -m data_prep.build --profile demo)
+    domains: Optional[list[str]] = None  # training domains; None = ["general"]
+
+
+@dataclass
+class PretrainTrain:
+    steps: int = 1000
+    micro_batch: int = 8
+    seq_len: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    aux_loss_coef: float = 0.01
+    log_every: int = 10
+    eval_every: int = 100
+    eval_tokens: int = 20000  # held-out general tokens for perplexity (all ranks together)
+    save_every: int = 100
+    seed: int = 0
+
+    def check(self) -> None:
+        for key in ("steps", "micro_batch", "seq_len", "log_every", "eval_every", "eval_tokens", "save_every"):
+            if getattr(self, key) < 1:
+                raise bad(key, "a positive integer", getattr(self, key))
+        if not 0 < self.lr < 1:
+            raise bad("lr", "a number in (0, 1)", self.lr)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise bad("min_lr_ratio", "a number in [0, 1]", self.min_lr_ratio)
+
+
+@dataclass
+class PretrainInit:
+    """Where the weights start: a fresh model of ``model`` (scratch), an HF MoE checkpoint
+    (checkpoint), or a dense Llama/Mistral checkpoint upcycled to a Mixtral MoE (upcycle;
+    continued pretraining then makes its router a real one)."""
+
+    kind: Literal["scratch", "checkpoint", "upcycle"] = "scratch"
+    path: Optional[str] = None
+    num_experts: int = 8  # upcycle only
+    top_k: int = 2
+    mode: Literal["copy", "segment"] = "copy"
+
+    def check(self) -> None:
+        if self.kind != "scratch" and not self.path:
+            raise bad("path", f"the checkpoint directory for kind={self.kind}")
+
+
+@dataclass
+class PretrainOutput:
+    dir: str = "cache/base/embedded_moe"  # the exported HF checkpoint (+ tokenizer, report.json)
+    reuse: bool = True  # skip training when dir holds an export of the same config
+
+
+@dataclass
+class PretrainExperiment:
+    model: MoEModelSpec = field(default_factory=MoEModelSpec)  # used by init.kind=scratch; ep_size always
+    init: PretrainInit = field(default_factory=PretrainInit)
+    data: PretrainData = field(default_factory=PretrainData)
+    train: PretrainTrain = field(default_factory=PretrainTrain)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="pretrain_base"))
+    output: PretrainOutput = field(default_factory=PretrainOutput)
+
+    def check(self) -> None:
+        if self.train.seq_len + 1 > self.model.max_seq_len:
+            raise bad("train.seq_len", f"below model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
+
+
+class GeneralCorpus:
+    """What pretraining reads from a prepared data folder (``desmoe.data.PreparedData``):
+    packed training batches of the chosen domains, the held-out general text as one
+    token stream, and token counts of the training split (for the unigram baseline)."""
+
+    def __init__(self, cfg: PretrainData) -> None:
+        from desmoe.data import PreparedData
+
+        self.data = PreparedData(cfg.root)
+        self.domains = list(cfg.domains) if cfg.domains else ["general"]
+        for d in self.domains:
+            self.data.domain_id(d)  # one line naming the known domains if wrong
+        self.tokenizer = self.data.tokenizer
+        self.vocab_size = self.tokenizer.vocab_size
+        self.special = {"bos_id": self.tokenizer.bos_id, "eos_id": self.tokenizer.eos_id,
+                        "pad_id": self.tokenizer.pad_id}
+
+    def train_batches(self, micro_batch: int, seq_len: int, seed: int, rank: int, world: int, step: int):
+        for batch in self.data.batches("train", micro_batch, seq_len, seed, rank, world, step, self.domains,
+                                       homogeneous=False):
+            yield batch.input_ids
+
+    def heldout_stream(self, max_tokens: int) -> torch.Tensor:
+        ds = self.data.indexed(self.data.heldout_name, "test")
+        return _first_tokens((ds[i] for i in range(len(ds))), max_tokens)
+
+    def train_counts(self) -> torch.Tensor:
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for d in self.domains:
+            ds = self.data.indexed(d, "train")
+            for i in range(len(ds)):
+                counts += np.bincount(np.asarray(ds[i], dtype=np.int64), minlength=self.vocab_size)[:self.vocab_size]
+        return torch.from_numpy(counts)
+
+
+class StdlibBytes:
+    """The same three things over Python's own sources, byte-level (tests; no data folder needed)."""
+
+    tokenizer = None
+    vocab_size = 256
+    special: dict = {}
+
+    def __init__(self) -> None:
+        from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus
+
+        self.train, self.heldout = load_byte_corpus(TextCorpusConfig(max_bytes=2_000_000))
+
+    def train_batches(self, micro_batch: int, seq_len: int, seed: int, rank: int, world: int, step: int):
+        from desmoe.data.text_corpus import sample_windows
+
+        while True:
+            yield sample_windows(self.train, micro_batch, seq_len + 1, seed, step, rank + 1000 * world)
+            step += 1
+
+    def heldout_stream(self, max_tokens: int) -> torch.Tensor:
+        return self.heldout[:max_tokens].long()
+
+    def train_counts(self) -> torch.Tensor:
+        return torch.bincount(self.train.long(), minlength=256)
+
+
+def _first_tokens(docs, max_tokens: int) -> torch.Tensor:
+    out, n = [], 0
+    for doc in docs:
+        out.append(np.asarray(doc, dtype=np.int64))
+        n += len(out[-1])
+        if n >= max_tokens:
+            break
+    return torch.from_numpy(np.concatenate(out)[:max_tokens]) if out else torch.zeros(0, dtype=torch.long)
+
+
+def open_data(cfg: PretrainData):
+    return StdlibBytes() if cfg.source == "stdlib_bytes" else GeneralCorpus(cfg)
+
+
+def heldout_batches(stream: torch.Tensor, seq_len: int, micro_batch: int, rank: int, world: int) -> list[torch.Tensor]:
+    """Non-overlapping windows of the held-out stream, the same number of batches on every
+    rank (each forward of an EP model is a collective)."""
+    width = seq_len + 1
+    windows = [stream[i:i + width] for i in range(0, len(stream) - width + 1, seq_len)]
+    per_rank = len(windows) // world // micro_batch * micro_batch
+    if per_rank == 0:
+        raise UserError(f"held-out text too short: {len(stream)} tokens give fewer than "
+                        f"{world * micro_batch} windows of {width} tokens")
+    mine = windows[rank * per_rank:(rank + 1) * per_rank]
+    return [torch.stack(mine[i:i + micro_batch]) for i in range(0, per_rank, micro_batch)]
+
+
+def lr_at(step: int, cfg: PretrainTrain) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def lm_loss(model, ids: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(ids[:, :-1]).logits.float()
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return lm + aux_coef * total_aux_loss(model), lm.detach()
+
+
+@torch.no_grad()
+def evaluate(model, batches, device) -> float:
+    """Mean held-out next-token NLL over all ranks' windows (equal counts per rank)."""
+    model.eval()
+    loss = torch.stack([lm_loss(model, b.to(device), 0.0)[1] for b in batches]).mean()
+    model.train()
+    return _mean_over_ranks(loss)
+
+
+def unigram_nll(counts: torch.Tensor, batches: list[torch.Tensor]) -> float:
+    """Held-out NLL of an add-one unigram model of the training tokens, on the same targets."""
+    logp = ((counts.double() + 1) / (counts.sum() + len(counts))).log()
+    nll = torch.stack([-logp[b[:, 1:].reshape(-1)].mean() for b in batches]).mean().float()
+    return _mean_over_ranks(nll)
+
+
+def _cached(cfg: PretrainExperiment) -> Optional[dict]:
+    report = Path(cfg.output.dir) / "report.json"
+    if not (cfg.output.reuse and report.is_file()):
+        return None
+    saved = json.loads(report.read_text())
+    same = saved.get("config") == {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}
+    return saved if same else None
+
+
+def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
+    import deepspeed.comm as dist
+
+    from desmoe.distributed import init_distributed, is_rank0
+    from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
+    from desmoe.models.hf_moe import check_tokenizer, export_hf, load_hf_moe
+    from desmoe.models.upcycle import upcycle
+
+    cached = _cached(cfg)
+    if cached is not None:
+        print(f"embedded base already built: {cfg.output.dir} (held-out perplexity {cached['heldout_ppl']:.2f}); "
+              f"set output.reuse=false to retrain", flush=True)
+        return cached
+    ds_raw = read_ds_config(ds_config_path)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % cfg.model.ep_size:
+        raise bad("model.ep_size", f"a divisor of the world size {world}", cfg.model.ep_size)
+    data = open_data(cfg.data)
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    init_dir, ckpt_dir = run_dir / "init", run_dir / "checkpoints"
+    if cfg.init.kind == "checkpoint":
+        init_dir = Path(cfg.init.path)
+    elif is_rank0() and not (init_dir / "config.json").is_file():
+        if cfg.init.kind == "upcycle":
+            upcycle(cfg.init.path, init_dir, cfg.init.num_experts, cfg.init.top_k, cfg.init.mode, seed=cfg.model.seed)
+        else:
+            write_initial_checkpoint(hf_config(cfg.model, data.vocab_size, **data.special), init_dir, cfg.model.seed)
+    dist.barrier()
+    model = load_hf_moe(init_dir, ep_size=cfg.model.ep_size)
+    if data.tokenizer is not None:
+        check_tokenizer(data.tokenizer, model.config, f"{cfg.data.root} tokenizer")
+    engine, _ = build_engine(model, resolve_ds_config(ds_raw, cfg.train.micro_batch, lr=cfg.train.lr))
+    state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
+    start = state["step"] if state else 0
+    if is_rank0():
+        checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+        truncate_metrics(run_dir, after_step=start)
+    heldout = heldout_batches(data.heldout_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
+                              cfg.train.micro_batch, rank, world)
+    batches = data.train_batches(cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed, rank, world, start)
+    preemption = Preemption()
+    monitor = Monitor(run_dir, cfg.train.steps, initial_step=start, desc=f"pretrain {cfg.run.name}")
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, cfg.train.steps):
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg.train)
+            loss, lm = lm_loss(engine.module, next(batches).to(engine.device), cfg.train.aux_loss_coef)
+            if not torch.isfinite(loss):
+                raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step + 1} on rank {rank}; "
+                                      f"resume from {ckpt_dir} with a lower train.lr")
+            engine.backward(loss)
+            engine.step()
+            done = step + 1
+            monitor.progress(1, loss=lm.item())
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                tokens = cfg.train.micro_batch * cfg.train.seq_len * world * (done - start)
+                _log_train(monitor, engine, done, loss, lm, cfg.train.aux_loss_coef, tokens / (time.perf_counter() - t0))
+            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                monitor.scalars(done, {"val/loss": evaluate(engine.module, heldout, engine.device)})
+            if done % cfg.train.save_every == 0 or done == cfg.train.steps:
+                checkpoint.save(engine, ckpt_dir, done)
+            elif preemption.requested():
+                checkpoint.save(engine, ckpt_dir, done)
+                monitor.close()
+                announce(done, is_rank0())
+                raise Preempted(done)
+    finally:
+        monitor.close()
+    train_s = time.perf_counter() - t0
+    heldout_nll = evaluate(engine.module, heldout, engine.device)
+    unigram = unigram_nll(data.train_counts(), heldout)
+    export_hf(engine.module, cfg.output.dir)
+    report = {"heldout_ppl": math.exp(heldout_nll), "unigram_ppl": math.exp(unigram), "heldout_nll": heldout_nll,
+              "unigram_nll": unigram, "heldout_tokens": sum(b[:, 1:].numel() for b in heldout) * world,
+              "steps": cfg.train.steps, "vocab_size": data.vocab_size, "parameters": _count_parameters(engine.module),
+              "train_tokens": cfg.train.steps * cfg.train.micro_batch * cfg.train.seq_len * world,
+              "train_s_this_run": train_s, "world_size": world, "run_dir": str(run_dir),
+              "config": {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}
+    if is_rank0():
+        tok_path = getattr(data.tokenizer, "path", None)
+        if tok_path is not None and Path(tok_path).is_file():  # ship the sentencepiece model with the weights
+            shutil.copy2(tok_path, Path(cfg.output.dir) / "tokenizer.model")
+        text = json.dumps(report, indent=2)
+        checkpoint.write_text_atomic(run_dir / "report.json", text)
+        checkpoint.write_text_atomic(Path(cfg.output.dir) / "report.json", text)  # last: marks the export complete
+        _summarize(run_dir, report, cfg.output.dir)
+    dist.barrier()
+    return report
+
+
+def _count_parameters(model) -> int:
+    """All parameters of the full model (routed experts of other EP ranks included)."""
+    from desmoe.moe import moe_blocks
+
+    total = sum(p.numel() for p in model.parameters())
+    for block in moe_blocks(model):
+        per_expert = sum(p.numel() for p in block.local_experts.parameters()) // len(block.local_experts)
+        total += per_expert * (block.num_experts - len(block.local_experts))
+    return total
+
+
+def _summarize(run_dir: Path, report: dict, out_dir: str) -> None:
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+    if train:
+        plot_curves(run_dir / "loss.png", {"train": train, "held-out general": val}, ylabel="cross-entropy (nats/token)")
+        print(ascii_curve(train, label="train loss, nats/token"), flush=True)
+    print(f"held-out general perplexity {report['heldout_ppl']:.2f} vs unigram {report['unigram_ppl']:.2f} "
+          f"({report['parameters'] / 1e6:.1f}M parameters, {report['train_tokens'] / 1e6:.2f}M training tokens, "
+          f"{report['train_s_this_run']:.0f} s of training)", flush=True)
+    print(f"base model: {out_dir}  (tensorboard --logdir {run_dir / 'tensorboard'})", flush=True)

@@ -1,0 +1,96 @@
+"""Evaluation after each task: every test set with its own class names.
+
+Per sample: frozen features f0 -> task identifier -> inter-group weights -> the
+adapted image feature and a per-sample text classifier (the learned groups'
+class embeddings mixed by the same weights); samples judged unseen are fused
+with the frozen model's prediction by training progress.  Test sets are sharded
+over the ranks and counts all-reduced, so every rank ends with the same numbers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from desmoe.trge.fusion import fuse_where
+from desmoe.trge.inter_group import UNSEEN, InterGroupConfig, group_weights, one_hot_weights
+from desmoe.trge.task_id import IdBatch, TaskIdentifier
+
+
+class TextBank:
+    """Class embeddings per (task, group), cached: a finished group never changes."""
+
+    def __init__(self, model, tokenize, num_groups: int) -> None:
+        self.model, self.tokenize, self.num_groups = model, tokenize, num_groups
+        self.cache: dict[tuple[str, int], Tensor] = {}
+
+    @torch.no_grad()
+    def get(self, task, group: int, frozen_until: int) -> Tensor:
+        """[C, D]; group -1 = frozen model.  Entries of groups >= frozen_until are recomputed."""
+        key = (task.name, group)
+        if key in self.cache and group < frozen_until:
+            return self.cache[key]
+        feats = []
+        for template in task.templates:
+            ids, mask = self.tokenize(task.prompts(template))
+            w = None if group < 0 else one_hot_weights(group, len(ids), self.num_groups)
+            feats.append(self.model.text_features(ids, mask, w))
+        out = F.normalize(torch.stack(feats).mean(0), dim=-1)
+        self.cache[key] = out
+        return out
+
+
+@torch.no_grad()
+def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: int, learned: int,
+                  identifier: Optional[TaskIdentifier], prototypes: Optional[Tensor], inter: InterGroupConfig,
+                  lam: float, batch_size: int, rank: int, world: int, need_images: bool = False) -> dict:
+    """Accuracy, identification accuracy and mean group weights on one test set (all ranks)."""
+    import deepspeed.comm as dist
+
+    T = bank.num_groups
+    idx = torch.arange(rank, len(task.test_y), world)
+    W0 = bank.get(task, -1, T)
+    groups_used = 1 if method == "continual_ft" else learned
+    # Only TRGE's finished groups are fixed; the other methods keep changing shared adapters.
+    fixed = learned - 1 if method == "trge" else 0
+    Wg = torch.stack([bank.get(task, g, fixed) for g in range(groups_used)]) if method != "zero_shot" else None
+    scale = model.scale
+    stats = torch.zeros(3 + T)  # correct, count, id-correct, summed group weights
+    for start in range(0, len(idx), batch_size):
+        sel = idx[start:start + batch_size]
+        images, y = task.test_x[sel], task.test_y[sel]
+        px = pixels(images)
+        f0 = model.image_features(px)
+        z0 = scale * f0 @ W0.t()
+        truth = torch.full((len(sel),), true_task)
+        if method == "zero_shot":
+            pred, w = z0.argmax(1), torch.zeros(len(sel), T)
+        elif method == "continual_ft":
+            w = one_hot_weights(0, len(sel), T)
+            pred = (scale * model.image_features(px, w) @ Wg[0].t()).argmax(1)
+        else:
+            ids = identifier.identify(IdBatch(f0, images.numpy() if need_images else None, truth))
+            stats[2] += (ids == truth).sum()
+            unseen = ids == UNSEEN
+            if method == "shared_pool":  # identified task's router; unseen -> frozen model
+                w = F.one_hot(ids.clamp_min(0), T).float()
+                za = scale * torch.einsum("bd,bcd->bc", model.image_features(px, w), Wg[ids.clamp_min(0)])
+                pred = torch.where(unseen, z0.argmax(1), za.argmax(1))
+                w = w * (~unseen)[:, None]
+            else:
+                w = group_weights(inter, ids, f0, prototypes, T)
+                fa = model.image_features(px, w)
+                wmix = F.normalize(torch.einsum("bg,gcd->bcd", w[:, :groups_used], Wg), dim=-1)
+                za = scale * torch.einsum("bd,bcd->bc", fa, wmix)
+                probs = fuse_where(unseen, za.softmax(-1), z0, za, lam)
+                pred = probs.argmax(1)
+        stats[0] += (pred == y).sum()
+        stats[1] += len(sel)
+        stats[3:] += w.sum(0)
+    if world > 1:
+        dist.all_reduce(stats)
+    n = max(float(stats[1]), 1.0)
+    return {"acc": 100.0 * float(stats[0]) / n, "id_acc": 100.0 * float(stats[2]) / n,
+            "group_weights": (stats[3:] / n).tolist()}

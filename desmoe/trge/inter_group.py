@@ -1,0 +1,101 @@
+"""Inter-group routing: which learned groups a sample uses, and with what weights.
+
+Inputs per sample: the identified task k (or ``UNSEEN`` = -1), its frozen image
+embedding f0 (L2-normalised) and the task prototypes P_j (mean frozen image
+embedding of task j, re-normalised).  Output: weights [B, T] over all groups,
+zero for groups not yet learned, each row summing to 1, at most ``max_groups``
+non-zero.  Readings (``READINGS``; the paper gives only "task identifiers and
+task prototype distance"):
+
+* ``own``: the identified group alone (the "no inter-group routing" ablation);
+  unseen samples take their nearest prototype's group.
+* ``task_anchored`` (a): S = {k} + the nearest other groups of P_k (d <= tau),
+  weights softmax(-d(P_k, P_j) / temperature) over S; d(P_k, P_k) = 0 so k dominates.
+* ``sample_anchored`` (b): k gets raw weight 1, every other learned group
+  beta * softmax(-d(f0, P_j) / temperature); normalised.  With beta < 1 k dominates.
+
+Unseen samples (all readings but ``own``): softmax(-d(f0, P_j) / temperature)
+over the learned groups -- the adapted path that fusion mixes with the frozen model.
+d is the cosine distance 1 - cos.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+UNSEEN = -1
+READINGS = ("own", "task_anchored", "sample_anchored")
+
+
+@dataclass
+class InterGroupConfig:
+    reading: str = "sample_anchored"
+    temperature: float = 0.1
+    tau: float = 0.5  # task_anchored: max prototype distance of a collaborating group
+    beta: float = 0.5  # sample_anchored: total share offered to the other groups
+    max_groups: int = 2
+
+    def check(self) -> None:
+        from desmoe.config import bad
+
+        if self.reading not in READINGS:
+            raise bad("reading", "one of " + ", ".join(READINGS), self.reading)
+        if self.temperature <= 0:
+            raise bad("temperature", "a number > 0", self.temperature)
+        if not 0 <= self.beta < 1:
+            raise bad("beta", "a number in [0, 1) so the identified group dominates", self.beta)
+
+
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """[n, D] x [m, D] -> [n, m] of 1 - cos."""
+    return 1.0 - torch.nn.functional.normalize(a.float(), dim=-1) @ torch.nn.functional.normalize(b.float(), dim=-1).t()
+
+
+def _top_m(weights: Tensor, m: int) -> Tensor:
+    """Keep the m largest entries per row and renormalise to sum 1."""
+    if m < weights.shape[1]:
+        keep = torch.zeros_like(weights, dtype=torch.bool).scatter(1, torch.topk(weights, m, dim=1).indices, True)
+        weights = weights * keep
+    return weights / weights.sum(1, keepdim=True)
+
+
+def group_weights(cfg: InterGroupConfig, task_ids: Tensor, f0: Tensor, prototypes: Tensor,
+                  num_groups: int) -> Tensor:
+    """[B, num_groups] inter-group weights; prototypes [L, D] of the L learned tasks 0..L-1."""
+    learned = prototypes.shape[0]
+    if learned < 1:
+        raise ValueError("inter-group routing needs at least one learned task prototype")
+    if int(task_ids.max()) >= learned:
+        raise ValueError(f"task id {int(task_ids.max())} is not among the {learned} learned tasks")
+    B = task_ids.shape[0]
+    d_sample = cosine_distance(f0, prototypes)  # [B, L]
+    seen = task_ids >= 0
+    k = task_ids.clamp_min(0)
+    if cfg.reading == "own":
+        unseen_w = torch.nn.functional.one_hot(d_sample.argmin(1), learned).float()
+        seen_w = torch.nn.functional.one_hot(k, learned).float()
+    else:
+        unseen_w = torch.softmax(-d_sample / cfg.temperature, dim=1)
+        if cfg.reading == "task_anchored":
+            d_task = cosine_distance(prototypes, prototypes)[k]  # [B, L]
+            allowed = (d_task <= cfg.tau) | torch.nn.functional.one_hot(k, learned).bool()
+            seen_w = torch.softmax((-d_task / cfg.temperature).masked_fill(~allowed, float("-inf")), dim=1)
+        else:
+            others = cfg.beta * torch.softmax(
+                (-d_sample / cfg.temperature).scatter(1, k[:, None], float("-inf")), dim=1) if learned > 1 \
+                else torch.zeros(B, 1)
+            seen_w = others.nan_to_num(0.0).scatter(1, k[:, None], 1.0)
+    w = torch.where(seen[:, None], seen_w, unseen_w)
+    w = _top_m(w, cfg.max_groups)
+    out = torch.zeros(B, num_groups)
+    out[:, :learned] = w
+    return out
+
+
+def one_hot_weights(task: int, batch: int, num_groups: int) -> Tensor:
+    """Training task ``task`` (and text prompts of a known task) use their own group only."""
+    w = torch.zeros(batch, num_groups)
+    w[:, task] = 1.0
+    return w

@@ -1,0 +1,354 @@
+"""The TRGE continual-learning run: tasks in order, one expert group each.
+
+    for task t:  train group t (+ its gate) only  ->  prototype + identifier from frozen features
+                 ->  evaluate every test set  ->  row t of the accuracy matrix  ->  checkpoint
+    at the end:  Transfer / Avg / Last (ZSCL), table + CSV + heatmaps in the run dir
+
+Baselines (``method``) run through the same loop; see ``desmoe.trge.baselines``.
+Resumable: a checkpoint after every task holds the engine state plus the rows,
+prototypes and identifier inputs so far.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from desmoe import checkpoint
+from desmoe.config import bad, dump_yaml
+from desmoe.errors import TrainingFailure
+from desmoe.trge import metrics
+from desmoe.trge.backbones import BackboneConfig, load_backbone
+from desmoe.trge.baselines import METHODS, PoolUsage
+from desmoe.trge.data import DataConfig, load_sequence
+from desmoe.trge.evaluate import TextBank, evaluate_task
+from desmoe.trge.fusion import fusion_weight
+from desmoe.trge.groups import GroupSpec, gate_parts, setup_groups, train_only_group
+from desmoe.trge.inter_group import InterGroupConfig, one_hot_weights
+from desmoe.trge.model import Placement, TRGEModel
+from desmoe.trge.task_id import IdentifierConfig, OracleIdentifier, TaskInfo, build_identifier
+
+
+@dataclass
+class TrainConfig:
+    steps_per_task: int = 100
+    micro_batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 10
+    label_smoothing: float = 0.2
+    eval_batch: int = 128
+    proto_samples: int = 512  # training images per task for the prototype / identifier
+    log_every: int = 10
+    seed: int = 42
+
+    def check(self) -> None:
+        for key in ("steps_per_task", "micro_batch", "eval_batch", "proto_samples", "log_every"):
+            if getattr(self, key) < 1:
+                raise bad(key, "an integer >= 1", getattr(self, key))
+
+
+@dataclass
+class FusionConfig:
+    schedule: str = "progress"  # progress (lambda = t/T) | constant | frozen (no fusion) | adapted
+    lam_max: float = 1.0
+
+
+VARIANTS = ("no_inter", "no_fusion", "oracle")
+
+
+@dataclass
+class EvalConfig:
+    # Ablations that change only the test-time path, evaluated on the same trained groups
+    # after every task: no_inter (own group only), no_fusion (lambda = 0), oracle (true task ids).
+    variants: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise bad("variants", "a list drawn from " + ", ".join(VARIANTS), self.variants)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs"
+    name: str = "trge"
+    resume: bool = True
+
+
+@dataclass
+class TRGEExperiment:
+    method: str = "trge"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    groups: GroupSpec = field(default_factory=GroupSpec)
+    placement: Placement = field(default_factory=Placement)
+    inter: InterGroupConfig = field(default_factory=InterGroupConfig)
+    identifier: IdentifierConfig = field(default_factory=IdentifierConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise bad("method", "one of " + ", ".join(METHODS), self.method)
+        if self.eval.variants and self.method != "trge":
+            raise bad("eval.variants", "empty unless method is trge", self.eval.variants)
+        from desmoe.trge.fusion import FUSION_SCHEDULES
+
+        if self.fusion.schedule not in FUSION_SCHEDULES:
+            raise bad("fusion.schedule", "one of " + ", ".join(FUSION_SCHEDULES), self.fusion.schedule)
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine to zero, restarted for every task (MoE-Adapters)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps_per_task - cfg.warmup)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+
+
+def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
+    import deepspeed.comm as dist
+
+    from desmoe.distributed import init_distributed, is_rank0
+    from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
+    from desmoe.monitor import Monitor
+    from desmoe.training.preemption import Preempted, Preemption, announce
+    from desmoe.moe.layer import moe_blocks
+    from desmoe.vision.transforms import random_resized_crop
+
+    # User errors first, before any process group exists.
+    ds_raw = read_ds_config(ds_config_path)
+    tasks, controls = load_sequence(cfg.data)
+    if cfg.groups.num_tasks == 0:
+        cfg.groups.num_tasks = len(tasks)
+    if cfg.groups.num_tasks < len(tasks):
+        raise bad("groups.num_tasks", f">= the {len(tasks)} tasks of the sequence (or 0)", cfg.groups.num_tasks)
+    if cfg.method == "shared_pool":
+        cfg.groups.layout = "pool"
+    skipped = {t.name: t.meta.get("skipped", 0) for t in tasks + controls if t.meta.get("skipped", 0)}
+    if skipped:
+        print("desmoe: warning: images that failed to decode were skipped: "
+              + ", ".join(f"{k} {v}" for k, v in skipped.items()), flush=True)
+    backbone = load_backbone(cfg.backbone)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % cfg.groups.ep_size or cfg.groups.num_experts % cfg.groups.ep_size:
+        raise bad("groups.ep_size", f"a divisor of the world size {world} and of the "
+                                    f"{cfg.groups.num_experts} experts per site", cfg.groups.ep_size)
+    T = cfg.groups.num_tasks
+    model = TRGEModel(backbone.model, cfg.groups, cfg.placement)
+    setup_groups(model, cfg.train.seed)
+    identifier = build_identifier(cfg.identifier, embed_text=lambda texts: model.text_features(*backbone.tokenize(texts)))
+    oracle = OracleIdentifier() if "oracle" in cfg.eval.variants else None
+    ds = resolve_ds_config(ds_raw, cfg.train.micro_batch, lr=cfg.train.lr)
+    engine, trainability = build_engine(model, ds, parts=gate_parts(T))
+    blocks = moe_blocks(model)
+    usage = PoolUsage(blocks, cfg.groups.pool_freeze_per_task) if cfg.method == "shared_pool" else None
+
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    ckpt_dir = run_dir / "checkpoints"
+    state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
+    progress = state["progress"] if state else {"rows": [], "control_rows": [], "id_rows": [], "gw_rows": [],
+                                                "infos": [], "pool_frozen": [], "seconds": [],
+                                                "variants": {v: [] for v in cfg.eval.variants}}
+    for info in progress["infos"]:  # identifier and prototypes from the stored frozen features
+        stored = TaskInfo(info["name"], info["classnames"], torch.tensor(info["feats"]),
+                          description=info.get("description"))
+        identifier.fit_task(stored)
+        if oracle is not None:
+            oracle.fit_task(stored)
+    if usage is not None and progress["pool_frozen"]:
+        usage.frozen = [set(f) for f in progress["pool_frozen"]]
+    if is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    start = len(progress["rows"])
+    steps = cfg.train.steps_per_task if cfg.method != "zero_shot" else 0
+    monitor = Monitor(run_dir, len(tasks) * max(steps, 1), initial_step=start * max(steps, 1),
+                      desc=f"{cfg.method} {cfg.run.name}")
+    bank = TextBank(model, backbone.tokenize, T)
+    preemption = Preemption()  # honoured at task boundaries, right after the task's checkpoint
+    try:
+        for t in range(start, len(tasks)):
+            task = tasks[t]
+            t0 = time.perf_counter()
+            group = 0 if cfg.method == "continual_ft" else t
+            model.train()
+            if steps:
+                _set_trainable(cfg, trainability, model, group, usage)
+                ids, mask = backbone.tokenize(task.prompts())
+                w_img = one_hot_weights(group, cfg.train.micro_batch, T)
+                w_txt = one_hot_weights(group, len(ids), T)
+                gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 * t + rank)
+                for step in range(steps):
+                    for g in trainability.optimizer.param_groups:
+                        g["lr"] = _lr(cfg.train, step)
+                    sel = torch.randint(len(task.train_y), (cfg.train.micro_batch,), generator=gen)
+                    px = backbone.pixels(random_resized_crop(task.train_x[sel], gen))
+                    logits = engine(px, ids, mask, w_img, w_txt)
+                    loss = F.cross_entropy(logits, task.train_y[sel], label_smoothing=cfg.train.label_smoothing)
+                    if not torch.isfinite(loss):
+                        raise TrainingFailure(f"non-finite loss at task {task.name} step {step + 1}; lower train.lr")
+                    engine.backward(loss)
+                    engine.step()
+                    if usage is not None:
+                        usage.record()
+                    done = t * steps + step + 1
+                    monitor.progress(1, loss=loss.item())
+                    if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+                        monitor.scalars(done, {"train/loss": loss.item(), "train/lr": _lr(cfg.train, step)})
+                if usage is not None:
+                    usage.freeze_most_used(reduce=lambda c: dist.all_reduce(c) if world > 1 else None)
+            model.eval()
+            # Task t is done: its prototype and identifier inputs from frozen features.
+            with torch.no_grad():
+                pick = torch.randperm(len(task.train_y), generator=torch.Generator().manual_seed(t))
+                pick = pick[: cfg.train.proto_samples]
+                feats = torch.cat([model.image_features(backbone.pixels(task.train_x[pick[i:i + 128]]))
+                                   for i in range(0, len(pick), 128)])
+            info = TaskInfo(task.name, task.classnames, feats, images=task.train_x[pick[:8]].numpy(),
+                            description=task.meta.get("description") if cfg.identifier.backend != "mllm" else None)
+            identifier.fit_task(info)
+            if oracle is not None:
+                oracle.fit_task(info)
+            protos = F.normalize(torch.stack([F.normalize(i.feats.float().mean(0), dim=0)
+                                              for i in identifier_infos(identifier)]), dim=-1)
+            lam = fusion_weight(cfg.fusion.schedule, t + 1, len(tasks), cfg.fusion.lam_max)
+            row, id_row, gw_row, ctrl_row = [], [], [], []
+            for j, other in enumerate(tasks + controls):
+                truth = j if j <= t else -1
+                r = evaluate_task(cfg.method, model, bank, backbone.pixels, other, truth, t + 1, identifier,
+                                  protos, cfg.inter, lam, cfg.train.eval_batch, rank, world,
+                                  need_images=cfg.identifier.backend == "mllm")
+                (row if j < len(tasks) else ctrl_row).append(r["acc"])
+                id_row.append(r["id_acc"])
+                gw_row.append(r["group_weights"])
+            for v in cfg.eval.variants:  # same groups, another test-time path
+                inter = dataclasses.replace(cfg.inter, reading="own") if v == "no_inter" else cfg.inter
+                ident = oracle if v == "oracle" else identifier
+                progress["variants"][v].append([
+                    evaluate_task("trge", model, bank, backbone.pixels, other, j if j <= t else -1, t + 1, ident,
+                                  protos, inter, 0.0 if v == "no_fusion" else lam, cfg.train.eval_batch, rank,
+                                  world)["acc"] for j, other in enumerate(tasks)])
+            progress["rows"].append(row)
+            progress["control_rows"].append(ctrl_row)
+            progress["id_rows"].append(id_row)
+            progress["gw_rows"].append(gw_row)
+            progress["infos"].append({"name": info.name, "classnames": info.class_names, "feats": feats.tolist(),
+                                      "description": info.description})
+            progress["pool_frozen"] = [sorted(f) for f in usage.frozen] if usage is not None else []
+            progress["seconds"].append(time.perf_counter() - t0)
+            _log_stage(monitor, cfg, tasks, controls, progress, t, steps)
+            checkpoint.save(engine, ckpt_dir, t + 1, client_state={"progress": progress})
+            if t + 1 < len(tasks) and preemption.requested():
+                monitor.close()
+                if is_rank0():
+                    print(f"preempted after task {t + 1} ({preemption.signal_name or 'signal on another rank'}): "
+                          f"checkpoint saved, exiting for requeue", flush=True)
+                announce(t + 1, is_rank0())
+                raise Preempted(t + 1)
+    finally:
+        monitor.close()
+    summary = summarize(cfg, tasks, controls, progress, model)
+    if is_rank0():
+        write_reports(run_dir, summary, tasks, controls, progress)
+    return summary
+
+
+def identifier_infos(identifier) -> list[TaskInfo]:
+    return getattr(identifier, "inner", identifier).tasks
+
+
+def _set_trainable(cfg, trainability, model, group, usage) -> None:
+    if usage is None:
+        train_only_group(trainability, model, group)
+        return
+    usage.apply(trainability)
+    for part in trainability.parts:
+        if part.startswith("gate"):
+            trainability.set_part(part, part == f"gate{group}")
+
+
+def _log_stage(monitor, cfg, tasks, controls, progress, t, steps) -> None:
+    step = (t + 1) * max(steps, 1)
+    names = [x.name for x in tasks + controls]
+    row = progress["rows"][-1] + progress["control_rows"][-1]
+    monitor.scalars(step, {f"acc/{n}": a for n, a in zip(names, row)})
+    if cfg.method in ("trge", "shared_pool"):
+        monitor.scalars(step, {f"id_acc/{n}": a for n, a in zip(names, progress["id_rows"][-1])})
+    matrix = np.full((len(tasks), len(tasks)), np.nan)
+    for i, r in enumerate(progress["rows"]):
+        matrix[i] = r
+    monitor.heatmap(step, "accuracy_matrix", np.nan_to_num(matrix), xlabel="test set", ylabel="after task")
+    gw = np.array(progress["gw_rows"][-1])
+    monitor.heatmap(step, "group_weights", gw, xlabel="group", ylabel="test set")
+
+
+def trainable_per_task(cfg, model, progress) -> int:
+    from desmoe.moe.layer import moe_blocks
+
+    if cfg.method == "zero_shot":
+        return 0
+    if cfg.method != "shared_pool":
+        return model.trainable_parameters()
+    total = 0
+    for b, block in enumerate(moe_blocks(model)):
+        per_expert = sum(p.numel() for p in block.local_experts[0].parameters())
+        frozen_before_last = len(progress["pool_frozen"][b]) - cfg.groups.pool_freeze_per_task if progress["pool_frozen"] else 0
+        total += (block.num_experts - max(frozen_before_last, 0)) * per_expert
+        total += sum(p.numel() for p in block.router.gates[0].parameters())
+    return total
+
+
+def summarize(cfg, tasks, controls, progress, model) -> dict:
+    A = np.array(progress["rows"], dtype=np.float64)
+    out = {"method": cfg.method, "tasks": [t.name for t in tasks], "controls": [c.name for c in controls],
+           "accuracy_matrix": progress["rows"], "control_rows": progress["control_rows"],
+           "id_rows": progress["id_rows"], "seconds_per_task": progress["seconds"],
+           "trainable_params_per_task": trainable_per_task(cfg, model, progress),
+           "identifier": cfg.identifier.backend + ("+batch-vote" if cfg.identifier.per_batch else ""),
+           "reading": cfg.inter.reading, "fusion": cfg.fusion.schedule,
+           # images that failed to decode while loading (skipped, not fatal)
+           "skipped_images": {t.name: int(t.meta.get("skipped", 0)) for t in tasks + controls}}
+    if A.shape[0] == A.shape[1] and A.shape[0] >= 2:
+        out.update(metrics.mtil_metrics(A))
+        out["variants"] = {v: {"accuracy_matrix": rows, **metrics.mtil_metrics(np.array(rows))}
+                           for v, rows in progress.get("variants", {}).items() if len(rows) == A.shape[0]}
+    return out
+
+
+def write_reports(run_dir: Path, summary: dict, tasks, controls, progress) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [t.name for t in tasks]
+    A = np.array(progress["rows"])
+    lines = ["after_task," + ",".join(names + [c.name for c in controls])]
+    for i, r in enumerate(progress["rows"]):
+        lines.append(names[i] + "," + ",".join(f"{v:.2f}" for v in r + progress["control_rows"][i]))
+    checkpoint.write_text_atomic(run_dir / "accuracy_matrix.csv", "\n".join(lines) + "\n")
+    checkpoint.write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=1))
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 1 + 0.5 * len(names)))
+    ax.imshow(A, vmin=0, vmax=100, cmap="viridis")
+    for i in range(A.shape[0]):
+        for j in range(A.shape[1]):
+            ax.text(j, i, f"{A[i, j]:.0f}", ha="center", va="center", color="w", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(A.shape[0]), names[:A.shape[0]], fontsize=7)
+    ax.set_title(f"{summary['method']}: accuracy after each task")
+    fig.tight_layout()
+    tmp = run_dir / ".accuracy_matrix.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(run_dir / "accuracy_matrix.png")

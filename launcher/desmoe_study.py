@@ -1,0 +1,72 @@
+"""Several fine-tuning runs under one launch, then their comparison table (same data, same budget).
+
+    deepspeed --num_gpus 2 launcher/desmoe_study.py --config configs/desmoe_demo.yaml --methods desmoe,fft
+    deepspeed --num_gpus 2 launcher/desmoe_study.py --config configs/desmoe_demo.yaml --methods desmoe,fft --scaling 2,3,4,5
+
+A run whose directory already holds results.json for the same config is reused.
+Runs are named <run.name>-<method> (or <run.name>-N<k>-<method> in the domain-scaling study, whose
+domains are math and code first, then the others in the data's order).  The table, CSV and plots go
+to runs/<run.name>-compare/.
+"""
+import argparse
+import copy
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from desmoe.cli import parse_launcher_args  # noqa: E402
+from desmoe.config import dump_yaml  # noqa: E402
+from desmoe.errors import UserError, run_cli  # noqa: E402
+from desmoe.training.desmoe_trainer import DESMoEExperiment, train_desmoe  # noqa: E402
+
+
+def scaling_order(domains: list[str]) -> list[str]:
+    first = [d for d in ("math", "code") if d in domains]
+    return first + [d for d in domains if d not in first]
+
+
+@run_cli
+def main() -> None:
+    study = argparse.ArgumentParser(add_help=False)
+    study.add_argument("--methods", default="desmoe,fft")
+    study.add_argument("--scaling", default="", help="comma-separated numbers of domains, e.g. 2,3,4,5,6")
+    opts, rest = study.parse_known_args()
+    cfg, args = parse_launcher_args(DESMoEExperiment, __doc__, argv=rest)
+    from desmoe.distributed import init_distributed, is_rank0
+    from desmoe.methods.desmoe.domains import open_domains
+
+    init_distributed()
+    domains = scaling_order(list(open_domains(cfg.data).domains))
+    sizes = [int(n) for n in opts.scaling.split(",") if n] or [None]
+    if any(n is not None and not 1 <= n <= len(domains) for n in sizes):
+        raise UserError(f"--scaling {opts.scaling}: expected numbers in 1..{len(domains)} (domains: {domains})")
+    runs = []
+    for n in sizes:
+        for method in opts.methods.split(","):
+            run = copy.deepcopy(cfg)
+            run.desmoe.method = method
+            run.run.name = f"{cfg.run.name}-{method}" if n is None else f"{cfg.run.name}-N{n}-{method}"
+            if n is not None:
+                run.data.domains = domains[:n]
+            run.check()
+            run_dir = Path(run.run.dir) / run.run.name
+            done = run_dir / "results.json"
+            if done.is_file() and (run_dir / "config.yaml").is_file() and \
+                    (run_dir / "config.yaml").read_text() == dump_yaml(run):
+                if is_rank0():
+                    print(f"{run_dir}: finished with this config, reused", flush=True)
+            else:
+                train_desmoe(run, args.deepspeed)
+            runs.append(str(run_dir))
+            gc.collect()
+    if is_rank0():
+        from desmoe.methods.desmoe.report import main as report
+
+        sys.argv = ["report", *runs, "--out", str(Path(cfg.run.dir) / f"{cfg.run.name}-compare")]
+        report()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""TRGE: continual learning of a CLIP-style dual encoder with one expert group per task.
+
+    deepspeed --num_gpus 2 launcher/trge.py --deepspeed configs/zero2.json --config configs/trge_offline.yaml [key=value ...]
+    python launcher/trge.py --config configs/trge_digits.yaml method=continual_ft run.name=cft   # one process
+
+Writes runs/<run.name>/: accuracy_matrix.{csv,png}, results.json, metrics.jsonl, tensorboard/, checkpoints/.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from desmoe.cli import parse_launcher_args  # noqa: E402
+from desmoe.distributed import is_rank0  # noqa: E402
+from desmoe.errors import run_cli  # noqa: E402
+from desmoe.trge.train import TRGEExperiment, run_trge  # noqa: E402
+
+
+@run_cli
+def main() -> None:
+    cfg, args = parse_launcher_args(TRGEExperiment, __doc__)
+    summary = run_trge(cfg, args.deepspeed)
+    if is_rank0() and "avg" in summary:
+        print(f"{summary['method']}: Transfer {summary['transfer']}  Avg {summary['avg']}  Last {summary['last']}  "
+              f"(trainable/task {summary['trainable_params_per_task']:,})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

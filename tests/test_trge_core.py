@@ -1,0 +1,247 @@
+"""TRGE pieces in one process: metrics, fusion, inter-group weights, fixed group
+sizes and in-group routing, per-sequence routing in the core, task identifiers
+on real digits, and the one-line errors for bad input."""
+import numpy as np
+import pytest
+import torch
+
+from desmoe.trge import metrics
+from desmoe.trge.fusion import fuse, fuse_where, fusion_weight
+from desmoe.trge.inter_group import UNSEEN, InterGroupConfig, group_weights
+
+
+def test_metrics_match_hand_computation():
+    A = np.array([[80.0, 30.0, 20.0],
+                  [70.0, 90.0, 40.0],
+                  [60.0, 85.0, 95.0]])
+    # Transfer: col 1 -> mean(30) = 30; col 2 -> mean(20, 40) = 30; mean = 30
+    # Avg: column means (70, 68.333.., 51.666..) -> 63.333..; Last: (60 + 85 + 95) / 3 = 80
+    assert metrics.transfer(A) == pytest.approx(30.0)
+    assert metrics.avg(A) == pytest.approx(190.0 / 3)
+    assert metrics.last(A) == pytest.approx(80.0)
+    assert metrics.mtil_metrics(A) == {"transfer": 30.0, "avg": 63.3, "last": 80.0}
+    B = np.array([[10.0, 50.0, 70.0, 20.0], [0, 0, 10.0, 40.0], [0, 0, 0, 60.0], [0, 0, 0, 0]])
+    # column 3 mixes three rows: mean(20, 40, 60) = 40; transfer = mean(50, 40, 40)
+    assert metrics.transfer(B) == pytest.approx((50 + 40 + 40) / 3)
+    with pytest.raises(ValueError):
+        metrics.transfer(np.ones((2, 3)))
+
+
+def test_fusion_by_training_progress():
+    assert fusion_weight("progress", 3, 10) == pytest.approx(0.3)
+    assert fusion_weight("progress", 12, 10) == 1.0
+    assert fusion_weight("frozen", 5, 10) == 0.0
+    z0, za = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    p = fuse(z0, za, 0.25)
+    assert torch.allclose(p, 0.75 * z0.softmax(-1) + 0.25 * za.softmax(-1))
+    seen = torch.tensor([[0.1, 0.9], [0.2, 0.8]])
+    out = fuse_where(torch.tensor([False, True]), seen, z0.repeat(2, 1), za.repeat(2, 1), 0.25)
+    assert torch.equal(out[0], seen[0]) and torch.allclose(out[1], p[0])
+    with pytest.raises(ValueError):
+        fusion_weight("nope", 1, 2)
+
+
+@pytest.mark.parametrize("reading", ["own", "task_anchored", "sample_anchored"])
+def test_inter_group_weights(reading):
+    gen = torch.Generator().manual_seed(0)
+    protos = torch.nn.functional.normalize(torch.randn(4, 16, generator=gen), dim=-1)  # 4 learned tasks
+    f0 = torch.nn.functional.normalize(protos[[0, 1, 2, 3, 1]] + 0.3 * torch.randn(5, 16, generator=gen), dim=-1)
+    ids = torch.tensor([0, 3, 2, UNSEEN, UNSEEN])
+    cfg = InterGroupConfig(reading=reading, max_groups=2, tau=2.0)
+    w = group_weights(cfg, ids, f0, protos, num_groups=6)
+    assert w.shape == (5, 6)
+    assert torch.allclose(w.sum(1), torch.ones(5))
+    assert (w[:, 4:] == 0).all()  # groups of tasks not learned yet get nothing
+    assert ((w > 0).sum(1) <= 2).all()
+    for b, k in enumerate(ids.tolist()):
+        if k != UNSEEN:
+            assert w[b].argmax().item() == k and w[b, k] > 0.5  # the identified group dominates
+    if reading == "own":
+        assert ((w > 0).sum(1) == 1).all()
+    else:
+        assert ((w > 0).sum(1) == 2).all()  # collaboration: a second group joins
+
+
+def _tiny(T=3, NG=2, k=1, max_groups=2):
+    from desmoe.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.trge.groups import GroupSpec, setup_groups
+    from desmoe.trge.model import Placement, TRGEModel
+
+    bb = load_backbone(BackboneConfig(hidden_size=32, layers=2))
+    model = TRGEModel(bb.model, GroupSpec(num_tasks=T, experts_per_group=NG, top_k=k, bottleneck=8,
+                                          max_groups=max_groups), Placement())
+    setup_groups(model, seed=1)
+    return model, bb
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from desmoe.trge.data import digit_sequence
+
+    return digit_sequence(n_train=120, n_test=60)
+
+
+def test_groups_fixed_size_and_routes_stay_in_selected_groups(digits):
+    from desmoe.moe.layer import moe_blocks
+
+    T, NG, k = 3, 2, 1
+    model, bb = _tiny(T, NG, k)
+    tasks, _ = digits
+    px = bb.pixels(tasks[0].test_x[:6])
+    blocks = [b for b in moe_blocks(model) if b.router.context is model.contexts["image"]]
+    assert len(blocks) == 2 and len(moe_blocks(model)) == 4  # 2 vision + 2 text layers
+    for t in range(T):
+        w = torch.zeros(6, T)
+        w[:, t] = 1.0
+        model.image_features(px, w)
+        for block in blocks:
+            assert block.layout.group(f"task{t}") == tuple(range(t * NG, (t + 1) * NG))
+            ids = block.last_routing.expert_ids
+            assert ids.shape[1] == k  # one group, k experts: routed work per sample stays k
+            assert ((ids // NG) == t).all()
+    w = torch.tensor([[0.7, 0.3, 0.0]] * 6)
+    model.image_features(px, w)
+    ids = blocks[0].last_routing.expert_ids.view(6, -1, 2 * k)[:, 0]
+    assert ids.shape[1] == 2 * k and sorted(set((ids // NG).flatten().tolist())) == [0, 1]
+    for block in moe_blocks(model):
+        assert block.num_experts == T * NG and all(len(g) == NG for g in block.layout.groups.values())
+    # adapters off: exactly the frozen base model
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model.base.get_image_features(pixel_values=px).pooler_output, dim=-1)
+        assert torch.equal(model.image_features(px), ref)
+
+
+def test_core_per_sequence_routing_uses_first_token():
+    from desmoe.moe import LinearRouter, MLPExpert, MoEBlock
+
+    torch.manual_seed(0)
+    router = LinearRouter(8, 4, 2)
+    block = MoEBlock(8, MLPExpert(8, 16), router, route_per_sequence=True)
+    block.init_experts(seed=3)
+    x = torch.randn(3, 5, 8)
+    y = block(x)
+    ids = block.last_routing.expert_ids.view(3, 5, 2)
+    assert (ids == ids[:, :1]).all()  # every token of a sequence follows its first token
+    # reference: route each token with the router applied to its sequence's first token
+    ref_routing = router(x[:, 0])
+    manual = torch.zeros_like(x)
+    for b in range(3):
+        for e, wgt in zip(ref_routing.expert_ids[b].tolist(), ref_routing.weights[b]):
+            manual[b] += wgt * block.local_experts[e](x[b])
+    assert torch.allclose(y, manual, atol=1e-5)
+
+
+def test_identifiers_on_real_digits(digits):
+    from desmoe.trge.task_id import (BatchVote, GaussianIdentifier, IdBatch, OracleIdentifier,
+                                     PrototypeIdentifier, TaskInfo, identification_accuracy)
+
+    model, bb = _tiny()
+    tasks, control = digits
+    with torch.no_grad():
+        feats = [model.image_features(bb.pixels(t.train_x)) for t in tasks]
+        test = [model.image_features(bb.pixels(t.test_x)) for t in tasks]
+    idents = [PrototypeIdentifier(threshold=0.0), GaussianIdentifier(threshold=0.0, shrinkage=0.5), OracleIdentifier()]
+    for ident in idents:
+        for t, task in enumerate(tasks[:2]):  # learn 2 of 3 tasks
+            ident.fit_task(TaskInfo(task.name, task.classnames, feats[t]))
+        for t in range(3):
+            truth = torch.full((len(test[t]),), t if t < 2 else UNSEEN)
+            pred = ident.identify(IdBatch(test[t], true_task=truth))
+            assert pred.shape == truth.shape and ((pred >= UNSEEN) & (pred < 2)).all()
+            if t < 2:  # inverted vs upright digits: even frozen random features tell them apart
+                assert identification_accuracy(pred, truth) > 90.0, (ident.name, t)
+            elif ident.name == "oracle":
+                assert (pred == UNSEEN).all()
+    # an unseen threshold sends the rotated domain away more often than the learned ones
+    proto = PrototypeIdentifier(threshold=0.0)
+    for t in range(2):
+        proto.fit_task(TaskInfo(tasks[t].name, tasks[t].classnames, feats[t]))
+    sims = [(test[t] @ torch.stack(proto.protos).t()).max(1).values for t in range(3)]
+    proto.threshold = float(torch.quantile(torch.cat(sims[:2]), 0.05))
+    unseen_rate = [(proto.identify(IdBatch(test[t])) == UNSEEN).float().mean().item() for t in range(3)]
+    assert unseen_rate[2] > max(unseen_rate[:2])
+    vote = BatchVote(PrototypeIdentifier(0.0))
+    for t in range(2):
+        vote.fit_task(TaskInfo(tasks[t].name, tasks[t].classnames, feats[t]))
+    out = vote.identify(IdBatch(test[1]))
+    assert (out == out[0]).all() and "batch-vote" in vote.name
+
+
+def test_mllm_parse_choice():
+    from desmoe.trge.task_id import parse_choice
+
+    assert parse_choice("2", 3) == 1
+    assert parse_choice("It is collection 3.", 3) == 2
+    assert parse_choice("none", 3) == UNSEEN
+    assert parse_choice("7", 3) == UNSEEN
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("mllm-missing", "not a folder with a config.json"),
+    ("mllm-broken", "not a usable image-text-to-text model"),
+    ("clip-missing", "expected a local HF CLIPModel"),
+])
+def test_bad_model_paths_one_line(tmp_path, case, expect):
+    from desmoe.errors import UserError
+    from desmoe.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.trge.task_id import IdentifierConfig, build_identifier
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "nothing-like-this"}')
+    with pytest.raises(UserError) as err:
+        if case == "mllm-missing":
+            build_identifier(IdentifierConfig(backend="mllm", mllm_path=str(tmp_path / "none")))
+        elif case == "mllm-broken":
+            build_identifier(IdentifierConfig(backend="mllm", mllm_path=str(tmp_path / "broken")))
+        else:
+            load_backbone(BackboneConfig(kind="hf_clip", path=str(tmp_path / "none")))
+    msg = str(err.value)
+    assert expect in msg and "\n" not in msg and str(tmp_path) in msg
+
+
+def test_embedded_architecture_adapters_in_bert_layers_and_on_cnn_features(digits):
+    """The embedded encoder's layout: groups in every BERT layer and in residual blocks on the CNN feature."""
+    from desmoe.moe.layer import moe_blocks
+    from desmoe.trge.adapters import AdaptedBertOutput, FeatureAdapters
+    from desmoe.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.trge.groups import GroupSpec, setup_groups
+    from desmoe.trge.model import Placement, TRGEModel
+
+    bb = load_backbone(BackboneConfig(kind="tiny_dual", hidden_size=16, image_size=32))
+    with torch.no_grad():
+        tasks, _ = digits
+        px = bb.pixels(tasks[0].test_x[:4])
+        ids, mask = bb.tokenize(tasks[0].prompts())
+        ref_img = torch.nn.functional.normalize(bb.model.get_image_features(px), dim=-1)
+        ref_txt = torch.nn.functional.normalize(bb.model.get_text_features(ids, mask), dim=-1)
+    model = TRGEModel(bb.model, GroupSpec(num_tasks=2, bottleneck=4, scale=1.0), Placement(cnn_blocks=2))
+    setup_groups(model, seed=0)
+    model.eval()
+    assert isinstance(model.feature_adapters, FeatureAdapters) and len(model.feature_adapters.blocks) == 2
+    bert_layers = model.base.text_model.encoder.layer
+    assert all(isinstance(layer.output, AdaptedBertOutput) for layer in bert_layers)
+    assert len(moe_blocks(model)) == 2 + len(bert_layers)
+    for block in moe_blocks(model):  # visible adapters so the adapted path differs
+        for e in block.local_experts:
+            torch.nn.init.normal_(e.up.weight, std=0.5)
+    with torch.no_grad():
+        assert torch.allclose(model.image_features(px), ref_img, atol=1e-6)  # adapters off = the frozen model
+        assert torch.allclose(model.text_features(ids, mask), ref_txt, atol=1e-6)
+        w = torch.tensor([[1.0, 0.0]] * 4)
+        assert (model.image_features(px, w) - ref_img).abs().max() > 1e-3
+        wt = torch.tensor([[0.0, 1.0]] * len(ids))
+        assert (model.text_features(ids, mask, wt) - ref_txt).abs().max() > 1e-3
+
+
+def test_bad_dataset_folders_one_line(tmp_path):
+    from desmoe.errors import UserError
+    from desmoe.trge.data import DataConfig, load_sequence
+
+    (tmp_path / "aircraft").mkdir()
+    (tmp_path / "aircraft" / "notes.txt").write_text("not a dataset")
+    with pytest.raises(UserError) as err:
+        load_sequence(DataConfig(sequence="mtil", root=str(tmp_path)))
+    assert "unknown dataset folder layout" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_sequence(DataConfig(sequence="offline", root=str(tmp_path / "aircraft")))
+    assert "tasks.json" in str(err.value) and "\n" not in str(err.value)
