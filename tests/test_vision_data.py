@@ -1,6 +1,5 @@
 """The offline image task sequence: tiny profile from real pinned packages, reader, splits, cards."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -45,27 +44,35 @@ def test_tiny_sequence_contents(tiny):
     assert load_task_sequence(tiny, include_zero_shot=False)[-1].name == "animals"
 
 
-def test_build_is_deterministic_and_cached(tiny, tmp_path):
-    from data_prep.images import build
+def test_build_is_deterministic_and_cached(tiny):
+    from data_prep.images import PROFILES, build, build_task
+    from data_prep.sources import SourceCache, load_manifest
 
-    again = build("tiny", tmp_path / "again", CACHE)
-    for a, b in zip(load_task_sequence(tiny), load_task_sequence(again)):
-        assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
-    stamp = (again / "mnist.npz").stat().st_mtime_ns
-    build("tiny", again, CACHE)  # up to date: nothing rewritten
-    assert (again / "mnist.npz").stat().st_mtime_ns == stamp
-    other = build("tiny", tmp_path / "seed1", CACHE, seed=1)
-    assert not torch.equal(load_task_sequence(other)[0].train_x, load_task_sequence(tiny)[0].train_x)
+    manifest, cache = load_manifest(ROOT / "data_prep" / "manifest.yaml"), SourceCache(CACHE)
+    roots = {n: cache.unpack(manifest[n]) for n in ("images-mnist5k", "images-fonts-dejavu")}
+    stored = {t.name: t for t in load_task_sequence(tiny)}
+    profile = PROFILES["tiny"]
+    for name, counts in (("mnist", profile.tasks[0][1]), ("letters", profile.control[1])):
+        again = build_task(name, counts, profile, roots, 64, seed=0)
+        assert torch.equal(again.train_x, stored[name].train_x) and torch.equal(again.test_y, stored[name].test_y)
+    other = build_task("mnist", profile.tasks[0][1], profile, roots, 64, seed=1)
+    assert not torch.equal(other.train_x, stored["mnist"].train_x)
+    stamp = (tiny / "mnist.npz").stat().st_mtime_ns
+    build("tiny", tiny, CACHE)  # up to date: nothing rewritten
+    assert (tiny / "mnist.npz").stat().st_mtime_ns == stamp
 
 
-def test_bad_inputs_one_line(tmp_path, tiny):
+def test_bad_inputs_one_line(tmp_path, tiny, monkeypatch, capsys):
+    from data_prep.images import main
+
     with pytest.raises(UserError, match="not an image task sequence"):
         load_task_sequence(tmp_path)
     with pytest.raises(UserError, match=r"no task 'cifar' \(have: mnist, animals, letters\)"):
         load_task_sequence(tiny, names=["cifar"])
-    proc = subprocess.run([sys.executable, "-m", "data_prep.images", "--profile", "huge", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "desmoe: error: --profile 'huge': expected one of tiny, demo"
+    monkeypatch.setattr(sys, "argv", ["images", "--profile", "huge", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "desmoe: error: --profile 'huge': expected one of tiny, demo"
     index = json.loads((tiny / "tasks.json").read_text())
     assert index["profile"] == "tiny" and index["size"] == 64

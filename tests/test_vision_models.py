@@ -101,9 +101,15 @@ def test_lit_alignment_learns_pairs_with_frozen_towers():
              "nut", "owl", "pig"]
     captions = [[f"an emoji of {w}.", f"{w}"] for w in words]
     before = {k: v.clone() for k, v in model.text_model.state_dict().items()}
+    text_head = model.text_projection.weight.detach().clone()
     cfg = AlignConfig(steps=150, batch_size=16, lr=1e-2, views=2)
     img, txt, ids = tower_features(model, tok, images, captions, cfg)
     assert img.shape == (16, 2, 32) and txt.shape == (32, 32)
+    losses = train_heads(model, img, txt, ids, cfg)  # default: only the image head (and scale) move
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    assert torch.equal(text_head, model.text_projection.weight)
+    cfg.train_text_projection = True
     losses = train_heads(model, img, txt, ids, cfg)
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    assert not torch.equal(text_head, model.text_projection.weight)
     assert all(torch.equal(v, model.text_model.state_dict()[k]) for k, v in before.items())

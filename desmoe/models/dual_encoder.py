@@ -135,6 +135,8 @@ def from_pretrained_towers(effnet_state_dict: str | Path, minilm_dir: str | Path
     text_cfg = BertConfig.from_pretrained(minilm_dir).to_dict()
     torch.manual_seed(seed)
     model = DualEncoder(DualEncoderConfig(text=_bert_fields(text_cfg), embed_dim=embed_dim, image_size=image_size))
+    # orthogonal rows keep the sentence encoder's cosine geometry when the text head stays frozen
+    nn.init.orthogonal_(model.text_projection.weight)
     state = torch.load(effnet_state_dict, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # ImageNet classifier: unused
     missing, unexpected = model.vision_model.load_state_dict(state, strict=False)

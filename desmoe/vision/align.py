@@ -20,11 +20,12 @@ from desmoe.vision.transforms import random_resized_crop, to_pixel_values
 
 @dataclass
 class AlignConfig:
-    steps: int = 1000
+    steps: int = 100  # 1,911 pairs: longer runs overfit them (docs/vision.md)
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-4
     views: int = 2  # augmented views per image (the first is the plain image)
+    train_text_projection: bool = False  # False: the text head keeps its orthogonal init (MiniLM's geometry)
     seed: int = 0
 
 
@@ -69,7 +70,9 @@ def train_heads(model: DualEncoder, img_feats: torch.Tensor, txt_feats: torch.Te
                 cfg: AlignConfig) -> list[float]:
     """Train visual_projection, text_projection and logit_scale on cached tower features."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    params = [model.visual_projection.weight, model.text_projection.weight, model.logit_scale]
+    params = [model.visual_projection.weight, model.logit_scale]
+    if cfg.train_text_projection:
+        params.append(model.text_projection.weight)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     n, v = img_feats.shape[:2]
