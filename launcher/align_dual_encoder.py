@@ -1,6 +1,6 @@
 """Build and align the embedded CLIP stand-in; report its zero-shot accuracy per task.
 
-    python launcher/align_dual_encoder.py --out cache/dual_encoder/aligned [--tasks data/images-demo]
+    python launcher/align_dual_encoder.py [--out cache/dual_encoder] [--tasks data/images-demo]
 
 Fetches (through data_prep's verified cache) EfficientNet-Lite0, all-MiniLM-L6-v2 and
 the Twemoji image-name pairs (never part of the task sequence), aligns the projection
@@ -52,7 +52,8 @@ def twemoji_dataset(root: Path, size: int):
 @run_cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("cache/dual_encoder/aligned"))
+    ap.add_argument("--out", type=Path, default=Path("cache/dual_encoder"),
+                    help="model folder (what load_dual_encoder and the TRGE embedded backbone read)")
     ap.add_argument("--cache", type=Path, default=Path("cache/sources"))
     ap.add_argument("--tasks", type=Path, help="task sequence folder to report zero-shot accuracy on")
     ap.add_argument("--image-size", type=int, default=96)
@@ -86,7 +87,7 @@ def main() -> None:
     key = hashlib.sha256(json.dumps([args.image_size, cfg.views, cfg.seed, captions, manifest[
         "model-efficientnet-lite0"].sha256, manifest["model-minilm-l6"].sha256, manifest["align-emoji-twemoji"].sha256])
         .encode()).hexdigest()[:16]
-    feature_file = args.out.parent / f"features-{key}.pt"
+    feature_file = args.out.parent / "dual_encoder_features" / f"{key}.pt"
     if feature_file.is_file():
         img, txt, cap_ids = torch.load(feature_file)
     else:

@@ -65,8 +65,9 @@ def test_build_is_deterministic_and_cached(tiny):
 def test_bad_inputs_one_line(tmp_path, tiny, monkeypatch, capsys):
     from data_prep.images import main
 
-    with pytest.raises(UserError, match="not an image task sequence"):
+    with pytest.raises(UserError, match="not an image task sequence") as err:
         load_task_sequence(tmp_path)
+    assert str(err.value).endswith(f"--out {tmp_path}`")
     with pytest.raises(UserError, match=r"no task 'cifar' \(have: mnist, animals, letters\)"):
         load_task_sequence(tiny, names=["cifar"])
     monkeypatch.setattr(sys, "argv", ["images", "--profile", "huge", "--out", str(tmp_path)])

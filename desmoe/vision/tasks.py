@@ -55,7 +55,7 @@ def load_task_sequence(folder: str | Path, names: Optional[list[str]] = None,
     index_path = folder / INDEX
     if not index_path.is_file():
         raise UserError(f"{folder}: not an image task sequence ({INDEX} missing); build one with "
-                        "`python -m data_prep.images --profile tiny --out {folder}`")
+                        f"`python -m data_prep.images --profile tiny --out {folder}`")
     index = json.loads(index_path.read_text())
     entries = {t["name"]: t for t in index["tasks"]}
     order = names if names is not None else [t["name"] for t in index["tasks"]]
