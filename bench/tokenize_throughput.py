@@ -1,6 +1,6 @@
 """Tokenization throughput of the data pipeline (tokens/s), 1 worker vs N worker processes.
 
-    python bench/tokenize_throughput.py --data data/demo [--workers 1 2] [--repeat 2]
+    python bench/tokenize_throughput.py --data data/demo [--workers 1 2] [--repeat 2] [--scale 8]
 
 Encodes the train text of every domain of a prepared folder with its own
 tokenizer, through the same ``encode_all`` the build uses (spawned worker pool,
@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--data", default="data/demo")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--scale", type=int, default=1, help="encode the corpus this many times over")
     p.add_argument("--json")
     args = p.parse_args()
 
@@ -30,7 +31,7 @@ def main() -> None:
     from desmoe.data import PreparedData
 
     data = PreparedData(args.data)
-    texts = [t for d in data.domains for t in data.raw("train", d)["text"]]
+    texts = [t for d in data.domains for t in data.raw("train", d)["text"]] * args.scale
     tok = data.tokenizer
     rows = []
     for w in args.workers:

@@ -353,8 +353,9 @@ class Builder:
 
 
 def _plain(cfg) -> dict:
+    """The config as recorded in meta.json: without ``workers``, which cannot change the output."""
     import dataclasses
-    return dataclasses.asdict(cfg)
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:

@@ -105,7 +105,7 @@ def _gcide_entries(ctx: Context) -> list[tuple[str, str, list[str]]]:
 
 def _gcide_clean(text: str) -> str:
     text = re.sub(r"\\[^\\\n]*\\", "", text)                    # pronunciation
-    text = re.sub(r"\[(?:[^\]]*?)(?:Webster|WordNet|PJC|Century|Obs\.?)\]", "", text)
+    text = re.sub(r"\[[^\]\n]*(?:Webster|WordNet|PJC|Century)[^\]\n]*\]", "", text)  # citation marks
     text = text.replace("{", "").replace("}", "")
     return tidy("\n".join(line.strip() for line in text.splitlines()))
 

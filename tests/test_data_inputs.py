@@ -130,3 +130,29 @@ def test_config_errors_name_the_key():
         load_profile("tiny", ["tokenizer.kind=hf"])
     with pytest.raises(UserError, match="not a prepared data folder"):
         PreparedData(ROOT / "data_prep")
+
+
+def test_hf_tokenizer_from_a_local_folder(tiny_data, tmp_path):
+    """tokenizer.kind=hf: a local HF tokenizer (here a byte-level BPE trained on the user's text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data_prep.build import build
+
+    folder = _user_folder(tmp_path, tiny_data)
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(_paragraphs(60, 0), trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "hf")
+    build(str(_user_profile(tmp_path, folder)), tmp_path / "out", cache=CACHE, quiet=True,
+          overrides=["tokenizer.kind=hf", f"tokenizer.hf_path={tmp_path / 'hf'}"])
+    data = PreparedData(tmp_path / "out")
+    tok = data.tokenizer
+    assert tok.kind == "hf" and tok.vocab_size == 500 and tok.eos_id == 2
+    texts = data.raw("val", "beta")["text"]
+    ds = data.indexed("beta", "val")
+    assert [ds[i].tolist()[:-1] for i in range(len(ds))] == tok.encode(texts)
+    assert data.meta["tokenizer"]["kind"] == "hf" and data.meta["tokenizer"]["vocab_size"] == 500

@@ -22,11 +22,13 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_same_seed_gives_byte_identical_outputs(tiny_data, tmp_path):
     from data_prep.build import build
 
-    build("tiny", tmp_path / "again", cache=CACHE, quiet=True)
+    # the rebuild tokenizes with a process pool (the first build: one process): same bytes
+    build("tiny", tmp_path / "again", cache=CACHE, quiet=True, overrides=["workers=2"])
     first, again = _files(tiny_data), _files(tmp_path / "again")
     assert sorted(first) == sorted(again)
     assert [k for k in first if first[k] != again[k]] == []
     assert any(k.endswith(".bin") for k in first) and "tokenizer/spm.model" in first
+    assert json.loads((tmp_path / "again" / "timing.json").read_text())["workers"] == 2
 
 
 def test_splits_disjoint_by_document_no_near_duplicates_across_splits_no_heldout_leak(tiny_data):
