@@ -128,6 +128,11 @@ class GeneralCorpus:
         ds = self.data.indexed(self.data.heldout_name, "test")
         return _first_tokens((ds[i] for i in range(len(ds))), max_tokens)
 
+    def test_stream(self, max_tokens: int) -> torch.Tensor:
+        """The training domains' own test split (in-domain held-out documents)."""
+        docs = (ds[i] for ds in (self.data.indexed(d, "test") for d in self.domains) for i in range(len(ds)))
+        return _first_tokens(docs, max_tokens)
+
     def train_counts(self) -> torch.Tensor:
         counts = np.zeros(self.vocab_size, dtype=np.int64)
         for d in self.domains:
@@ -158,6 +163,8 @@ class StdlibBytes:
 
     def heldout_stream(self, max_tokens: int) -> torch.Tensor:
         return self.heldout[:max_tokens].long()
+
+    test_stream = heldout_stream
 
     def train_counts(self) -> torch.Tensor:
         return torch.bincount(self.train.long(), minlength=256)
@@ -300,10 +307,15 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
         monitor.close()
     train_s = time.perf_counter() - t0
     heldout_nll = evaluate(engine.module, heldout, engine.device)
-    unigram = unigram_nll(data.train_counts(), heldout)
+    counts = data.train_counts()
+    unigram = unigram_nll(counts, heldout)
+    in_domain = heldout_batches(data.test_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
+                                cfg.train.micro_batch, rank, world)
+    test_nll, test_unigram = evaluate(engine.module, in_domain, engine.device), unigram_nll(counts, in_domain)
     export_hf(engine.module, cfg.output.dir)
     report = {"heldout_ppl": math.exp(heldout_nll), "unigram_ppl": math.exp(unigram), "heldout_nll": heldout_nll,
-              "unigram_nll": unigram, "heldout_tokens": sum(b[:, 1:].numel() for b in heldout) * world,
+              "unigram_nll": unigram, "test_ppl": math.exp(test_nll), "test_unigram_ppl": math.exp(test_unigram),
+              "heldout_tokens": sum(b[:, 1:].numel() for b in heldout) * world,
               "steps": cfg.train.steps, "vocab_size": data.vocab_size, "parameters": _count_parameters(engine.module),
               "train_tokens": cfg.train.steps * cfg.train.micro_batch * cfg.train.seq_len * world,
               "train_s_this_run": train_s, "world_size": world, "run_dir": str(run_dir),
@@ -338,6 +350,8 @@ def _summarize(run_dir: Path, report: dict, out_dir: str) -> None:
     if train:
         plot_curves(run_dir / "loss.png", {"train": train, "held-out general": val}, ylabel="cross-entropy (nats/token)")
         print(ascii_curve(train, label="train loss, nats/token"), flush=True)
+    print(f"training domains' test split: perplexity {report['test_ppl']:.2f} vs unigram "
+          f"{report['test_unigram_ppl']:.2f}", flush=True)
     print(f"held-out general perplexity {report['heldout_ppl']:.2f} vs unigram {report['unigram_ppl']:.2f} "
           f"({report['parameters'] / 1e6:.1f}M parameters, {report['train_tokens'] / 1e6:.2f}M training tokens, "
           f"{report['train_s_this_run']:.0f} s of training)", flush=True)
