@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.desmoe-setup
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test demo bench clean data
+.PHONY: setup test demo trge bench clean data
 
 setup: $(STAMP)
 
@@ -42,6 +42,15 @@ demo: setup
 PROFILE ?= demo
 data: setup
 	$(BIN)/python -m data_prep.build --profile $(PROFILE) --out data/$(PROFILE)
+
+# make trge: the TRGE embedded default: offline image task sequence -> aligned CLIP stand-in
+# (EfficientNet-Lite0 + MiniLM) -> TRGE over the sequence on 2 local ranks (configs/trge_offline.yaml).
+TRGE_DATA ?= data/images-demo
+trge: setup
+	test -f $(TRGE_DATA)/tasks.json || $(BIN)/python -m data_prep.images --profile demo --out $(TRGE_DATA)
+	test -f cache/dual_encoder/model.safetensors || $(BIN)/python launcher/align_dual_encoder.py --tasks $(TRGE_DATA)
+	$(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/trge.py --deepspeed configs/zero2.json \
+		data.root=$(TRGE_DATA)
 
 bench: setup
 	$(BIN)/python bench/moe_block.py

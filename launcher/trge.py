@@ -1,6 +1,6 @@
 """TRGE: continual learning of a CLIP-style dual encoder with one expert group per task.
 
-    deepspeed --num_gpus 2 launcher/trge.py --deepspeed configs/zero2.json --config configs/trge_offline.yaml [key=value ...]
+    deepspeed --num_gpus 2 launcher/trge.py --deepspeed configs/zero2.json [--config configs/trge_offline.yaml] [key=value ...]
     python launcher/trge.py --config configs/trge_digits.yaml method=continual_ft run.name=cft   # one process
 
 Writes runs/<run.name>/: accuracy_matrix.{csv,png}, results.json, metrics.jsonl, tensorboard/, checkpoints/.
@@ -16,9 +16,13 @@ from desmoe.errors import run_cli  # noqa: E402
 from desmoe.trge.train import TRGEExperiment, run_trge  # noqa: E402
 
 
+# Without --config: the embedded default (offline task sequence, aligned CLIP stand-in).
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "trge_offline.yaml")
+
+
 @run_cli
 def main() -> None:
-    cfg, args = parse_launcher_args(TRGEExperiment, __doc__)
+    cfg, args = parse_launcher_args(TRGEExperiment, __doc__, default_config=DEFAULT_CONFIG)
     summary = run_trge(cfg, args.deepspeed)
     if is_rank0() and "avg" in summary:
         print(f"{summary['method']}: Transfer {summary['transfer']}  Avg {summary['avg']}  Last {summary['last']}  "

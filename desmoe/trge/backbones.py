@@ -131,7 +131,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         model.eval()
         max_len = model.config.max_text_length
     else:
-        model, tok = de.load_dual_encoder(cfg.path or "cache/dual_encoder/aligned")
+        model, tok = de.load_dual_encoder(cfg.path or "cache/dual_encoder")
         max_len = model.config.max_text_length
     size, mean, std = de.image_spec(model)
     return Backbone(model, _hf_tokenize(tok, max_len), size, tuple(mean), tuple(std))
