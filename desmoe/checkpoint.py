@@ -139,3 +139,45 @@ def _load_rng(tag_dir: Path) -> None:
     np.random.set_state(state["numpy"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Keys a resumed run may change: how long it runs, how often it logs/saves/evaluates, and
+# the learning rate (the documented way out of a divergence).
+# Everything else (model, data, method, optimisation) must match the run being resumed,
+# otherwise its checkpoint and results would silently mix two experiments.
+RESUMABLE_KEYS = ("train.steps", "train.lr", "train.log_every", "train.eval_every", "train.save_every",
+                  "train.eval_batches", "run.resume", "evaluation.")
+
+
+def check_resume_config(run_dir: str | Path, ckpt_dir: str | Path, cfg: Any,
+                        resumable: tuple[str, ...] = RESUMABLE_KEYS) -> None:
+    """Refuse to resume ``run_dir`` (one line) when its saved config.yaml differs from ``cfg``
+    in any key outside ``resumable``. Nothing to check for a fresh run."""
+    import yaml
+
+    from desmoe.config import to_dict
+
+    saved_path = Path(run_dir) / "config.yaml"
+    if latest_tag(ckpt_dir) is None or not saved_path.is_file():
+        return
+    try:
+        saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    except yaml.YAMLError:
+        raise UserError(f"{saved_path}: not valid YAML; fix it or start over with run.resume=false") from None
+    current = _flatten(to_dict(cfg))
+    changed = sorted(k for k in set(saved) | set(current)
+                     if saved.get(k) != current.get(k) and not k.startswith(resumable))
+    if changed:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise UserError(f"{run_dir}: resuming a run whose config differs in {shown}{more}; "
+                        f"use a new run.name or run.resume=false")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

@@ -102,6 +102,8 @@ def train_lm(cfg: LMExperiment, ds_config_path: str) -> dict:
     engine, _ = build_engine(model, resolve_ds_config(ds_raw, cfg.train.micro_batch, lr=cfg.train.lr))
     run_dir = Path(cfg.run.dir) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
+    if cfg.run.resume:
+        checkpoint.check_resume_config(run_dir, ckpt_dir, cfg)
     state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
     start = state["step"] if state else 0
     if is_rank0():
