@@ -5,9 +5,9 @@ convention (``global = ep_rank * num_local + local``), which is also how its
 checkpoint files name experts, so a checkpoint written at one ``ep_size``
 reloads at another.
 
-Named groups are sets of global expert ids with a meaning to the caller: a
-task's experts (TRGE), a domain's experts (DES-MoE).  The core only stores and
-validates them.
+Named groups are sets of global expert ids with a meaning to the caller (say,
+the experts of one task or of one domain).  The core only stores and validates
+them.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 A router only has to say how it computes logits (:meth:`Router.compute_logits`);
 scoring, noise, top-k selection and weight normalisation are shared here so that
-every router in the project (the built-in linear one, DES-MoE's MLP router, TRGE's
-group routers) obeys the same conventions:
+every router built on this base (the linear one here, or any learned router a
+method defines in its own package) obeys the same conventions:
 
 * logits are computed in fp32 and kept *before* any noise (auxiliary and
   distillation losses must see the deterministic function);
