@@ -80,7 +80,7 @@ class AdaptiveRouter(Router):
                  **router_kwargs) -> None:
         super().__init__(num_experts, k, **router_kwargs)
         cfg = cfg or ALRConfig()
-        self.init_reading = cfg.init
+        self.init_reading, self.init_seed = cfg.init, seed
         hidden = cfg.hidden_mult * hidden_size
         if cfg.init in ("mirror", "gelu_copy") and hidden < (2 if cfg.init == "mirror" else 1) * hidden_size:
             raise ValueError(f"ALR init '{cfg.init}' needs hidden_mult >= {2 if cfg.init == 'mirror' else 1}")
@@ -108,9 +108,9 @@ class AdaptiveRouter(Router):
         alr.allowed_experts = router.allowed_experts
         return alr.to(device=proj.weight.device, dtype=proj.weight.dtype)
 
-    def reinit_from_teacher(self, seed: int = 0) -> None:
+    def reinit_from_teacher(self) -> None:
         """Redo the step-0 initialisation after new pretrained router weights were loaded into ``proj``."""
-        self._init_weights(self.init_reading, seed)
+        self._init_weights(self.init_reading, self.init_seed)
 
     @torch.no_grad()
     def _init_weights(self, reading: str, seed: int) -> None:
