@@ -219,6 +219,8 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
         method.enable_gradient_skipping(engine.module, parts)
     run_dir = Path(cfg.run.dir) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
+    if cfg.run.resume:
+        checkpoint.check_resume_config(run_dir, ckpt_dir, cfg)
     state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
     if state:
         method.load_state_dict(state)
@@ -230,6 +232,9 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
         truncate_metrics(run_dir, after_step=start)
+        if start == 0:  # a fresh run: results of an earlier run under this name are stale
+            for stale in run_dir.glob("results.*"):
+                stale.unlink()
     streams = DomainStreams(data, cfg, rank, world, start)
     preemption = Preemption()
     monitor = Monitor(run_dir, t.steps, initial_step=start, desc=f"{method.name} {cfg.run.name}")

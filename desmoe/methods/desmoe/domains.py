@@ -41,7 +41,7 @@ class DomainDataConfig:
     source: str = "stdlib"
     # stdlib: package folders; prepared: a subset of the data's domains ([] = all but the held-out set)
     domains: list[str] = field(default_factory=lambda: ["asyncio", "email", "multiprocessing", "unittest", "xml",
-                                                        "lib2to3"])
+                                                        "idlelib"])
     general: list[str] = field(default_factory=lambda: ["logging", "http", "urllib"])  # held out (stdlib only)
     max_bytes_per_domain: int = 400_000
     val_fraction: float = 0.1
