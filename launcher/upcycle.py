@@ -40,9 +40,9 @@ def main() -> None:
     out = upcycle(dense, args.out, args.experts, args.top_k, args.mode)
     print(f"upcycled {dense} -> {out} ({args.experts} experts, top-{args.top_k}, {args.mode})", flush=True)
     if args.check:
-        tok = AutoTokenizer.from_pretrained(str(dense))
+        tok = AutoTokenizer.from_pretrained(str(dense), local_files_only=True)
         ids = torch.tensor([tok(Path(args.check).read_text()[:20000])["input_ids"][:257]])
-        ref = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()
+        ref = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32, local_files_only=True).eval()
         moe = load_hf_moe(out).eval()
         with torch.no_grad():
             diff = (moe(ids).logits - ref(ids).logits).abs().max().item()

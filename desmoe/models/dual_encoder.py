@@ -132,7 +132,7 @@ def from_pretrained_towers(effnet_state_dict: str | Path, minilm_dir: str | Path
     minilm_dir = Path(minilm_dir)
     if not (minilm_dir / "config.json").is_file():
         raise UserError(f"{minilm_dir}: not a text-encoder folder (config.json missing)")
-    text_cfg = BertConfig.from_pretrained(minilm_dir).to_dict()
+    text_cfg = BertConfig.from_pretrained(minilm_dir, local_files_only=True).to_dict()
     torch.manual_seed(seed)
     model = DualEncoder(DualEncoderConfig(text=_bert_fields(text_cfg), embed_dim=embed_dim, image_size=image_size))
     # orthogonal rows keep the sentence encoder's cosine geometry when the text head stays frozen
@@ -152,7 +152,7 @@ def from_pretrained_towers(effnet_state_dict: str | Path, minilm_dir: str | Path
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise UserError(f"{minilm_dir}: not a BERT checkpoint (missing {missing[:2]}, unexpected {unexpected[:2]})")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir, local_files_only=True)
     return model, tokenizer
 
 
@@ -203,7 +203,7 @@ def load_dual_encoder(folder: str | Path, device: str | torch.device = "cpu"):
     names = {f.name for f in dataclasses.fields(DualEncoderConfig)}
     model = DualEncoder(DualEncoderConfig(**{k: v for k, v in raw.items() if k in names}))
     model.load_state_dict(load_file(folder / "model.safetensors"))
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     return model.to(device).eval(), tokenizer
 
 

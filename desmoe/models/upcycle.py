@@ -92,7 +92,7 @@ def upcycle(dense: str | Path, out_dir: str | Path, num_experts: int, top_k: int
         raise UserError(f"upcycling mode '{mode}': expected copy or segment")
     dense_cfg = checkpoint_config(dense)
     cfg = moe_config(dense_cfg, num_experts, top_k, mode)
-    dense_model = AutoModelForCausalLM.from_pretrained(str(dense), dtype=dtype)
+    dense_model = AutoModelForCausalLM.from_pretrained(str(dense), dtype=dtype, local_files_only=True)
     state = upcycle_state(dense_model.state_dict(), cfg.num_hidden_layers, num_experts, mode, router_std, seed)
     del dense_model
     with torch.device("meta"):
