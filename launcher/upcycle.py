@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from desmoe.errors import run_cli  # noqa: E402
+from desmoe.errors import UserError, run_cli  # noqa: E402
 
 
 @run_cli
@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("copy", "segment"), default="copy")
     parser.add_argument("--check", metavar="TEXT_FILE")
     args = parser.parse_args()
+    if args.check and not Path(args.check).is_file():
+        raise UserError(f"--check {args.check}: no such text file")
     dense = Path(args.dense)
     if not (dense / "config.json").is_file():  # a GGUF source: dequantise once, cache beside the output
         dense = dequantize_gguf(dense, Path(args.out).with_name(Path(args.out).name + ".dense"))
