@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError
 from desmoe.models.efficientnet_lite import EfficientNetLite, EfficientNetLiteConfig
 
@@ -176,12 +176,7 @@ def save_dual_encoder(model: DualEncoder, tokenizer, folder: str | Path, extra: 
         (tmp / "config.json").write_text(json.dumps(
             {"model_type": "desmoe_dual_encoder", **dataclasses.asdict(model.config), **(extra or {})}, indent=1))
         tokenizer.save_pretrained(tmp / "tokenizer")
-        old = folder.with_name(f".{folder.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir_atomic(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError, run_cli
 
 
@@ -60,10 +61,7 @@ def dequantize_gguf(source: str | Path, out_dir: str | Path, dtype: torch.dtype 
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return out_dir
+    return replace_dir_atomic(staging, out_dir)
 
 
 def _plain_copy(loaded, dtype: torch.dtype):
