@@ -36,6 +36,10 @@ def main() -> None:
     study.add_argument("--scaling", default="", help="comma-separated numbers of domains, e.g. 2,3,4,5,6")
     opts, rest = study.parse_known_args()
     cfg, args = parse_launcher_args(DESMoEExperiment, __doc__, argv=rest)
+    try:
+        sizes = [int(n) for n in opts.scaling.split(",") if n] or [None]
+    except ValueError:
+        raise UserError(f"--scaling {opts.scaling}: expected comma-separated integers, e.g. 2,3,4") from None
     methods, known = opts.methods.split(","), get_args(Method)
     if any(m not in known for m in methods):
         raise UserError(f"--methods {opts.methods}: expected a comma-separated list of {', '.join(known)}")
@@ -44,10 +48,6 @@ def main() -> None:
 
     init_distributed()
     domains = scaling_order(list(open_domains(cfg.data).domains))
-    try:
-        sizes = [int(n) for n in opts.scaling.split(",") if n] or [None]
-    except ValueError:
-        raise UserError(f"--scaling {opts.scaling}: expected comma-separated integers, e.g. 2,3,4") from None
     if any(n is not None and not 1 <= n <= len(domains) for n in sizes):
         raise UserError(f"--scaling {opts.scaling}: expected numbers in 1..{len(domains)} (domains: {domains})")
     runs = []
