@@ -104,7 +104,9 @@ def main() -> None:
         print(f"{k:<22}{v:>9.2f}{v / base:>8.3f}")
     print(f"{'desmoe (0.2/0.5/0.3)':<22}{weighted:>9.2f}{weighted / base:>8.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"ms": med, "weighted_ms": weighted, "ratio": weighted / base,
+        from desmoe.checkpoint import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps({"ms": med, "weighted_ms": weighted, "ratio": weighted / base,
                                                "args": vars(args)}, indent=1))
 
 

@@ -159,7 +159,9 @@ def main() -> None:
           f"{result['speedup_vs_hf_eager']:.2f}x HF eager and {result['speedup_vs_deepspeed_moe']:.2f}x DeepSpeed MoE")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from desmoe.checkpoint import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['workers']:>8} {r['seconds']:>8.2f} {r['tokens_per_s']:>10,} {r['tokens_per_s'] / base:>11.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        from desmoe.checkpoint import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from data_prep import image_sources as S
 from data_prep.sources import Source, SourceCache, load_manifest
+from desmoe.checkpoint import write_text_atomic
 from desmoe.errors import UserError, run_cli
 from desmoe.vision.tasks import ImageTask, save_index, save_task, task_entry
 
@@ -232,7 +233,7 @@ def write_card(folder: Path, task: ImageTask, sources: list[Source]) -> None:
               "| label | class name | train | test |", "|---|---|---|---|"]
     lines += [f"| {i} | {c} | {counts[0][i]} | {counts[1][i]} |" for i, c in enumerate(task.classnames)]
     (folder / "cards").mkdir(exist_ok=True)
-    (folder / "cards" / f"{task.name}.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(folder / "cards" / f"{task.name}.md", "\n".join(lines) + "\n")
 
 
 def build(profile_name: str, out: Path, cache_root: Path, size: int = 64, seed: int = 0,

@@ -10,7 +10,6 @@ registry does not have stops with one line naming the source.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from typing import Literal, Optional
 
 import yaml
 
+from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import ConfigError, UserError
 
 Kind = Literal["pip", "apt", "npm"]
@@ -113,12 +113,11 @@ class SourceCache:
                 raise UserError(f"source '{src.name}': sha256 mismatch for {src.kind} {src.spec} "
                                 f"(expected {src.sha256}, got {got}); the download was discarded")
             folder = self._archive_dir(src)
-            shutil.rmtree(folder, ignore_errors=True)
             folder.parent.mkdir(parents=True, exist_ok=True)
             staged = Path(tmp) / "final"
             staged.mkdir()
             shutil.move(str(archive), staged / archive.name)
-            os.replace(staged, folder)  # atomic: a folder holds a complete, verified archive or nothing
+            replace_dir_atomic(staged, folder)  # a folder holds a complete, verified archive or nothing
         return folder / archive.name
 
     def unpack(self, src: Source) -> Path:
@@ -133,8 +132,7 @@ class SourceCache:
             out = Path(tmp) / "out"
             _unpack(archive, out)
             (out / ".sha256").write_text(src.sha256 + "\n")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(out, target)
+            replace_dir_atomic(out, target)
         return target
 
 

@@ -34,6 +34,20 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_dir_atomic(tmp: str | Path, final: str | Path) -> Path:
+    """Put the finished folder ``tmp`` at ``final``: the old copy is renamed aside
+    before the new one is renamed in and only then deleted, so a crash at any point
+    leaves a complete folder at ``final`` or at its ``.old`` neighbour, never nothing."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def _barrier() -> None:
     import deepspeed.comm as dist
 

@@ -14,6 +14,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from desmoe.distributed import is_rank0
+from desmoe.errors import UserError
 
 
 class Monitor:
@@ -80,11 +81,24 @@ def _figure_to_chw(fig) -> np.ndarray:
     return np.transpose(rgba[..., :3], (2, 0, 1))
 
 
+def _parse_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) pairs; an undecodable LAST line is a write torn by a kill and is dropped."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}: line {i + 1} is not JSON (expected one metrics row per line)") from None
+    return rows
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for _, row in _parse_rows(path)]
 
 
 def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
@@ -92,7 +106,7 @@ def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    rows = [line for line, row in _parse_rows(path) if row["step"] <= after_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in rows))
     tmp.replace(path)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from data_prep import image_sources as S  # noqa: E402
 from data_prep.sources import SourceCache, load_manifest  # noqa: E402
+from desmoe.checkpoint import write_text_atomic  # noqa: E402
 from desmoe.errors import UserError, run_cli  # noqa: E402
 from desmoe.models.dual_encoder import from_pretrained_towers, save_dual_encoder  # noqa: E402
 from desmoe.vision.align import AlignConfig, tower_features, train_heads  # noqa: E402
@@ -69,6 +70,9 @@ def main() -> None:
         load_task_sequence(args.tasks)  # fail early, in one line, on a bad folder
     if args.steps < 1 or args.views < 1:
         raise UserError("--steps and --views: expected positive integers")
+    for flag, value in (("--image-size", args.image_size), ("--embed-dim", args.embed_dim)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: expected a positive integer")
     t0 = time.perf_counter()
     manifest, cache = load_manifest(MANIFEST), SourceCache(args.cache)
     effnet = cache.unpack(manifest["model-efficientnet-lite0"])
@@ -114,7 +118,7 @@ def main() -> None:
                                  "zero_shot_only": task.zero_shot_only}
             print(f"zero-shot {task.name:16s} {100 * acc:5.1f}%  (chance {100 / task.num_classes:4.1f}%)")
         report["_mean"] = round(float(np.mean([r["accuracy"] for r in report.values()])), 1)
-        (args.out / "zero_shot.json").write_text(json.dumps({**info, "zero_shot": report}, indent=1))
+        write_text_atomic(args.out / "zero_shot.json", json.dumps({**info, "zero_shot": report}, indent=1))
         print(f"mean zero-shot accuracy {report['_mean']}%; total {time.perf_counter() - t0:.0f} s")
 
 

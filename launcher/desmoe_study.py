@@ -13,12 +13,14 @@ import copy
 import gc
 import sys
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from desmoe.cli import parse_launcher_args  # noqa: E402
 from desmoe.config import dump_yaml  # noqa: E402
 from desmoe.errors import UserError, run_cli  # noqa: E402
+from desmoe.methods.desmoe.config import Method  # noqa: E402
 from desmoe.training.desmoe_trainer import DESMoEExperiment, train_desmoe  # noqa: E402
 
 
@@ -34,17 +36,23 @@ def main() -> None:
     study.add_argument("--scaling", default="", help="comma-separated numbers of domains, e.g. 2,3,4,5,6")
     opts, rest = study.parse_known_args()
     cfg, args = parse_launcher_args(DESMoEExperiment, __doc__, argv=rest)
+    try:
+        sizes = [int(n) for n in opts.scaling.split(",") if n] or [None]
+    except ValueError:
+        raise UserError(f"--scaling {opts.scaling}: expected comma-separated integers, e.g. 2,3,4") from None
+    methods, known = opts.methods.split(","), get_args(Method)
+    if any(m not in known for m in methods):
+        raise UserError(f"--methods {opts.methods}: expected a comma-separated list of {', '.join(known)}")
     from desmoe.distributed import init_distributed, is_rank0
     from desmoe.methods.desmoe.domains import open_domains
 
     init_distributed()
     domains = scaling_order(list(open_domains(cfg.data).domains))
-    sizes = [int(n) for n in opts.scaling.split(",") if n] or [None]
     if any(n is not None and not 1 <= n <= len(domains) for n in sizes):
         raise UserError(f"--scaling {opts.scaling}: expected numbers in 1..{len(domains)} (domains: {domains})")
     runs = []
     for n in sizes:
-        for method in opts.methods.split(","):
+        for method in methods:
             run = copy.deepcopy(cfg)
             run.desmoe.method = method
             run.run.name = f"{cfg.run.name}-{method}" if n is None else f"{cfg.run.name}-N{n}-{method}"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from desmoe.errors import run_cli  # noqa: E402
+from desmoe.errors import UserError, run_cli  # noqa: E402
 
 
 @run_cli
@@ -34,15 +34,17 @@ def main() -> None:
     parser.add_argument("--mode", choices=("copy", "segment"), default="copy")
     parser.add_argument("--check", metavar="TEXT_FILE")
     args = parser.parse_args()
+    if args.check and not Path(args.check).is_file():
+        raise UserError(f"--check {args.check}: no such text file")
     dense = Path(args.dense)
     if not (dense / "config.json").is_file():  # a GGUF source: dequantise once, cache beside the output
         dense = dequantize_gguf(dense, Path(args.out).with_name(Path(args.out).name + ".dense"))
     out = upcycle(dense, args.out, args.experts, args.top_k, args.mode)
     print(f"upcycled {dense} -> {out} ({args.experts} experts, top-{args.top_k}, {args.mode})", flush=True)
     if args.check:
-        tok = AutoTokenizer.from_pretrained(str(dense))
+        tok = AutoTokenizer.from_pretrained(str(dense), local_files_only=True)
         ids = torch.tensor([tok(Path(args.check).read_text()[:20000])["input_ids"][:257]])
-        ref = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()
+        ref = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32, local_files_only=True).eval()
         moe = load_hf_moe(out).eval()
         with torch.no_grad():
             diff = (moe(ids).logits - ref(ids).logits).abs().max().item()

@@ -107,6 +107,7 @@ CASES = [
          "too little text"),
     # checkpoints
     Case("latest points nowhere", "checkpoint", lambda t: _latest_nowhere(t), "points to 'step00000007', which does not exist"),
+    Case("unknown fine-tuning method", "config", lambda t: _unknown_method(), "desmoe.method 'lroa': expected one of"),
     # launcher / Slurm environment
     Case("torchrun variables incomplete", "environment", lambda t: resolve_env({"RANK": "0", "WORLD_SIZE": "2"}),
          "incomplete launcher environment: RANK, WORLD_SIZE set but MASTER_ADDR, MASTER_PORT missing"),
@@ -118,6 +119,15 @@ CASES = [
          "incomplete Slurm environment: SLURM_LOCALID missing (run the job with srun)"),
     Case("unreadable Slurm node list", "environment", lambda t: expand_hostlist("gpu[1-x]"), "cannot read the range '1-x'"),
 ]
+
+
+def _unknown_method():
+    from desmoe.methods.desmoe.baselines import build_method
+    from desmoe.methods.desmoe.config import DESMoEConfig
+
+    cfg = DESMoEConfig()
+    cfg.method = "lroa"  # bypasses the config's own check, as a launcher setting it by hand would
+    return build_method(cfg, total_steps=1, num_domains=2, aux_coef=0.0)
 
 
 def _latest_nowhere(tmp: Path):

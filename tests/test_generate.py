@@ -21,7 +21,7 @@ def test_greedy_matches_transformers_and_single(tiny):
     from desmoe.models.generate import greedy_generate
     from desmoe.models.hf_moe import load_hf_moe
 
-    hf = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32, local_files_only=True).eval()
     want = [hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0,
                         eos_token_id=None)[0, len(p):].tolist() for p in PROMPTS]
     ours = load_hf_moe(tiny)

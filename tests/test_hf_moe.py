@@ -28,7 +28,7 @@ def parity_on_ranks(path: str, export_dir: str) -> dict:
     from desmoe.moe import moe_blocks
 
     rank = dist.get_rank()
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
     ids = _tokens(ref.config.vocab_size, seed=rank)  # each rank its own tokens
     with torch.no_grad():
         want = ref(ids).logits
@@ -46,7 +46,7 @@ def parity_on_ranks(path: str, export_dir: str) -> dict:
             dist.all_reduce(used)
             result[f"unused{ep}"] = int((used == 0).sum())
         export_hf(model, export_dir)  # from the EP=2 model: experts gathered from both ranks
-        back = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+        back = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32, local_files_only=True).eval()
         result["export_identical"] = torch.equal(back(ids).logits, want)
         result["export_weights_identical"] = all(torch.equal(a, b) for a, b in
                                                  zip(ref.state_dict().values(), back.state_dict().values()))

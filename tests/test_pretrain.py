@@ -35,22 +35,26 @@ def test_pretrain_resume_export_reuse(ranks, tmp_path):
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     assert second["heldout_nll"] < first["heldout_nll"] < math.log(256)  # learning, better than uniform bytes
     assert second["unigram_ppl"] > 1 and second["test_ppl"] > 1 and second["parameters"] > 0
-    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), local_files_only=True)
     assert type(model).__name__ == "DeepseekV2ForCausalLM" and model.config.n_routed_experts == 4
     # the export is reused as long as the config is the same
     again = ranks.run(pretrain_on_ranks, str(ROOT), str(tmp_path), 6)[0]
     assert again["train_s_this_run"] == second["train_s_this_run"]
 
 
-def upcycle_on_ranks(root: str, run_dir: str, dense: str) -> dict:
+def upcycle_on_ranks(root: str, run_dir: str, dense: str, kind: str = "upcycle", name: str = "pretrain_base"):
     from desmoe.config import load_config
+    from desmoe.errors import UserError
     from desmoe.training.pretrain import PretrainExperiment, pretrain
 
     cfg = load_config(PretrainExperiment, f"{root}/{ROOT_CFG}", [
         "data.source=stdlib_bytes", "train.steps=2", "train.eval_tokens=500", "train.warmup_steps=1",
-        "train.seq_len=16", "train.micro_batch=2", "init.kind=upcycle", f"init.path={dense}", "init.num_experts=4",
-        f"run.dir={run_dir}", f"output.dir={run_dir}/base"])
-    return pretrain(cfg, f"{root}/configs/zero2.json")
+        "train.seq_len=16", "train.micro_batch=2", f"init.kind={kind}", f"init.path={dense}", "init.num_experts=4",
+        f"run.dir={run_dir}", f"run.name={name}", f"output.dir={run_dir}/{name}-out"])
+    try:
+        return pretrain(cfg, f"{root}/configs/zero2.json")
+    except UserError as err:  # every rank must raise it: none may wait at a barrier for rank 0
+        return f"UserError: {err}"
 
 
 def test_upcycle_then_continue_pretraining(ranks, tmp_path):
@@ -65,6 +69,13 @@ def test_upcycle_then_continue_pretraining(ranks, tmp_path):
                                  tie_word_embeddings=True)).save_pretrained(str(tmp_path / "dense"))
     ranks.run(upcycle_on_ranks, str(ROOT), str(tmp_path), str(tmp_path / "dense"))
     before = load_file(str(tmp_path / "pretrain_base" / "init" / "model.safetensors"))
-    after = load_file(str(tmp_path / "base" / "model.safetensors"))
+    after = load_file(str(tmp_path / "pretrain_base-out" / "model.safetensors"))
     gate = "model.layers.0.block_sparse_moe.gate.weight"
     assert gate in after and not torch.equal(before[gate], after[gate])
+    # a bad dense folder fails on every rank, in one line; none is left waiting for rank 0 at a barrier
+    bad = ranks.run(upcycle_on_ranks, str(ROOT), str(tmp_path), str(tmp_path / "nope"), "upcycle", "bad")
+    assert all(isinstance(r, str) and "not a directory" in r for r in bad), bad
+    # continuing from the export (init.kind=checkpoint) into a run directory nothing has created yet
+    cont = ranks.run(upcycle_on_ranks, str(ROOT), str(tmp_path), str(tmp_path / "pretrain_base-out"), "checkpoint",
+                     "cont")
+    assert cont[0]["steps"] == 2 and (tmp_path / "cont" / "config.yaml").is_file()

@@ -30,8 +30,8 @@ def test_upcycled_equals_dense(dense, tmp_path, mode, experts, top_k):
     out = upcycle(dense, tmp_path / "moe", num_experts=experts, top_k=top_k, mode=mode)
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()(ids).logits
-        hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        want = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32, local_files_only=True).eval()(ids).logits
+        hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, local_files_only=True).eval()
         assert type(hf).__name__ == "MixtralForCausalLM"
         assert (hf(ids).logits - want).abs().max() < TOL
         ours = load_hf_moe(out).eval()
@@ -52,8 +52,8 @@ def test_segment_with_fewer_active_differs(dense, tmp_path):
     out = upcycle(dense, tmp_path / "moe", num_experts=4, top_k=2, mode="segment")
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32)(ids).logits
-        got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32, local_files_only=True)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, local_files_only=True)(ids).logits
     assert (got - want).abs().max() > 1e-2
 
 

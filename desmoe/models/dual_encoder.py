@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError
 from desmoe.models.efficientnet_lite import EfficientNetLite, EfficientNetLiteConfig
 
@@ -132,7 +132,7 @@ def from_pretrained_towers(effnet_state_dict: str | Path, minilm_dir: str | Path
     minilm_dir = Path(minilm_dir)
     if not (minilm_dir / "config.json").is_file():
         raise UserError(f"{minilm_dir}: not a text-encoder folder (config.json missing)")
-    text_cfg = BertConfig.from_pretrained(minilm_dir).to_dict()
+    text_cfg = BertConfig.from_pretrained(minilm_dir, local_files_only=True).to_dict()
     torch.manual_seed(seed)
     model = DualEncoder(DualEncoderConfig(text=_bert_fields(text_cfg), embed_dim=embed_dim, image_size=image_size))
     # orthogonal rows keep the sentence encoder's cosine geometry when the text head stays frozen
@@ -152,7 +152,7 @@ def from_pretrained_towers(effnet_state_dict: str | Path, minilm_dir: str | Path
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise UserError(f"{minilm_dir}: not a BERT checkpoint (missing {missing[:2]}, unexpected {unexpected[:2]})")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir, local_files_only=True)
     return model, tokenizer
 
 
@@ -176,12 +176,7 @@ def save_dual_encoder(model: DualEncoder, tokenizer, folder: str | Path, extra: 
         (tmp / "config.json").write_text(json.dumps(
             {"model_type": "desmoe_dual_encoder", **dataclasses.asdict(model.config), **(extra or {})}, indent=1))
         tokenizer.save_pretrained(tmp / "tokenizer")
-        old = folder.with_name(f".{folder.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir_atomic(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -203,7 +198,7 @@ def load_dual_encoder(folder: str | Path, device: str | torch.device = "cpu"):
     names = {f.name for f in dataclasses.fields(DualEncoderConfig)}
     model = DualEncoder(DualEncoderConfig(**{k: v for k, v in raw.items() if k in names}))
     model.load_state_dict(load_file(folder / "model.safetensors"))
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     return model.to(device).eval(), tokenizer
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError, run_cli
 
 
@@ -51,17 +52,16 @@ def dequantize_gguf(source: str | Path, out_dir: str | Path, dtype: torch.dtype 
 
     with tempfile.TemporaryDirectory() as scratch:
         gguf_file = _find_gguf(Path(source), Path(scratch))
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=dtype,
+                                                      local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                  local_files_only=True)
         model = _plain_copy(loaded, dtype)  # transformers refuses to save a model marked GGUF-quantised
         staging = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return out_dir
+    return replace_dir_atomic(staging, out_dir)
 
 
 def _plain_copy(loaded, dtype: torch.dtype):

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from desmoe.checkpoint import replace_dir_atomic
 from desmoe.config import bad
 
 
@@ -92,7 +93,4 @@ def write_initial_checkpoint(config, out_dir: str | Path, seed: int) -> Path:
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return out_dir
+    return replace_dir_atomic(staging, out_dir)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError
 from desmoe.models.hf_arch import MoEArch, arch_for
 from desmoe.models.hf_io import CheckpointTensors, checkpoint_config
@@ -157,8 +158,11 @@ def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Optional[Path]:
+def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None,
+              extra_files: Optional[dict[str, str | Path]] = None) -> Optional[Path]:
     """Write an HF checkpoint of ``model`` (all experts) to ``out_dir``, atomically.
+
+    ``extra_files`` maps a file name in ``out_dir`` to a file to copy there (inside the swap).
 
     Collective: every rank must call it; global rank 0 writes.  Returns the path on rank 0.
     """
@@ -183,9 +187,9 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Optional
         hf.save_pretrained(str(staging))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        for name, src in (extra_files or {}).items():
+            shutil.copy2(src, staging / name)
+        replace_dir_atomic(staging, out_dir)
     if dist.is_initialized():
         dist.barrier()
     return out_dir if rank0 else None

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError
 from desmoe.models.hf_io import checkpoint_config
 from desmoe.models.hf_moe import restore_buffers
@@ -92,7 +93,7 @@ def upcycle(dense: str | Path, out_dir: str | Path, num_experts: int, top_k: int
         raise UserError(f"upcycling mode '{mode}': expected copy or segment")
     dense_cfg = checkpoint_config(dense)
     cfg = moe_config(dense_cfg, num_experts, top_k, mode)
-    dense_model = AutoModelForCausalLM.from_pretrained(str(dense), dtype=dtype)
+    dense_model = AutoModelForCausalLM.from_pretrained(str(dense), dtype=dtype, local_files_only=True)
     state = upcycle_state(dense_model.state_dict(), cfg.num_hidden_layers, num_experts, mode, router_std, seed)
     del dense_model
     with torch.device("meta"):
@@ -110,7 +111,4 @@ def upcycle(dense: str | Path, out_dir: str | Path, num_experts: int, top_k: int
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
         if (Path(dense) / name).is_file():
             shutil.copy2(Path(dense) / name, staging / name)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return out_dir
+    return replace_dir_atomic(staging, out_dir)

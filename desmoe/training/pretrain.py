@@ -12,7 +12,6 @@ A finished export whose report holds the same config is reused, not retrained.
 from __future__ import annotations
 
 import json
-import shutil
 import math
 import time
 from dataclasses import dataclass, field
@@ -241,7 +240,8 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
     from desmoe.distributed import init_distributed, is_rank0
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
     from desmoe.models.hf_moe import check_tokenizer, export_hf, load_hf_moe
-    from desmoe.models.upcycle import upcycle
+    from desmoe.models.hf_io import checkpoint_config
+    from desmoe.models.upcycle import moe_config, upcycle
 
     cached = _cached(cfg)
     if cached is not None:
@@ -260,11 +260,16 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
     init_dir, ckpt_dir = run_dir / "init", run_dir / "checkpoints"
     if cfg.init.kind == "checkpoint":
         init_dir = Path(cfg.init.path)
-    elif is_rank0() and not (init_dir / "config.json").is_file():
+    elif not (init_dir / "config.json").is_file():
+        # validate on every rank: a bad input must fail everywhere, not on rank 0 while the rest wait at the barrier
         if cfg.init.kind == "upcycle":
-            upcycle(cfg.init.path, init_dir, cfg.init.num_experts, cfg.init.top_k, cfg.init.mode, seed=cfg.model.seed)
+            moe_config(checkpoint_config(cfg.init.path), cfg.init.num_experts, cfg.init.top_k, cfg.init.mode)
         else:
-            write_initial_checkpoint(hf_config(cfg.model, data.vocab_size, **data.special), init_dir, cfg.model.seed)
+            init_cfg = hf_config(cfg.model, data.vocab_size, **data.special)
+        if is_rank0() and cfg.init.kind == "upcycle":
+            upcycle(cfg.init.path, init_dir, cfg.init.num_experts, cfg.init.top_k, cfg.init.mode, seed=cfg.model.seed)
+        elif is_rank0():
+            write_initial_checkpoint(init_cfg, init_dir, cfg.model.seed)
     dist.barrier()
     model = load_hf_moe(init_dir, ep_size=cfg.model.ep_size)
     if data.tokenizer is not None:
@@ -273,6 +278,7 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
     state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
     start = state["step"] if state else 0
     if is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)  # init.kind=checkpoint creates nothing under run_dir before
         checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
         truncate_metrics(run_dir, after_step=start)
     batches = data.train_batches(cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed, rank, world, start)
@@ -312,7 +318,9 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
     in_domain = heldout_batches(data.test_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
                                 cfg.train.micro_batch, rank, world)
     test_nll, test_unigram = evaluate(engine.module, in_domain, engine.device), unigram_nll(counts, in_domain)
-    export_hf(engine.module, cfg.output.dir)
+    tok_path = getattr(data.tokenizer, "path", None)
+    ship = {"tokenizer.model": tok_path} if tok_path is not None and Path(tok_path).is_file() else None
+    export_hf(engine.module, cfg.output.dir, extra_files=ship)  # the sentencepiece model ships with the weights
     report = {"heldout_ppl": math.exp(heldout_nll), "unigram_ppl": math.exp(unigram), "heldout_nll": heldout_nll,
               "unigram_nll": unigram, "test_ppl": math.exp(test_nll), "test_unigram_ppl": math.exp(test_unigram),
               "heldout_tokens": sum(b[:, 1:].numel() for b in heldout) * world,
@@ -321,9 +329,6 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
               "train_s_this_run": train_s, "world_size": world, "run_dir": str(run_dir),
               "config": {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}
     if is_rank0():
-        tok_path = getattr(data.tokenizer, "path", None)
-        if tok_path is not None and Path(tok_path).is_file():  # ship the sentencepiece model with the weights
-            shutil.copy2(tok_path, Path(cfg.output.dir) / "tokenizer.model")
         text = json.dumps(report, indent=2)
         checkpoint.write_text_atomic(run_dir / "report.json", text)
         checkpoint.write_text_atomic(Path(cfg.output.dir) / "report.json", text)  # last: marks the export complete

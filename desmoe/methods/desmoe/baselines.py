@@ -6,10 +6,14 @@ names); the method is the same object.  Frozen means frozen in the optimizer
 """
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import nn
 
+from desmoe.errors import UserError
 from desmoe.methods.desmoe import esft
+from desmoe.methods.desmoe.config import Method as MethodName
 from desmoe.methods.desmoe.method import Method
 from desmoe.moe import moe_blocks
 
@@ -124,4 +128,6 @@ def build_method(cfg, total_steps: int, num_domains: int, aux_coef: float, seed:
         return Vanilla(*args)
     if cfg.method in ("esft_token", "esft_gate"):
         return ESFT(cfg.method.split("_")[1], *args)
-    return LoRA(*args)
+    if cfg.method == "lora":
+        return LoRA(*args)
+    raise UserError(f"desmoe.method '{cfg.method}': expected one of {', '.join(get_args(MethodName))}")

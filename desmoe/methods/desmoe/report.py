@@ -15,6 +15,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -81,8 +82,9 @@ def plots(rows: list[dict], out: Path) -> None:
             ax.set_xticks(range(len(rows)), [r["run"] for r in rows], rotation=45, ha="right", fontsize=7)
             ax.set_title(key, fontsize=9)
         fig.tight_layout()
-        fig.savefig(out / "comparison.png", dpi=100)
+        fig.savefig(out / ".comparison.tmp.png", dpi=100)  # same suffix: matplotlib picks the format from it
         plt.close(fig)
+        os.replace(out / ".comparison.tmp.png", out / "comparison.png")
     scaling: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         m = re.search(r"-N(\d+)-", r["run"] + "-")
@@ -97,8 +99,9 @@ def plots(rows: list[dict], out: Path) -> None:
         ax.set_ylabel("held-out general (lower is better)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "scaling.png", dpi=100)
+        fig.savefig(out / ".scaling.tmp.png", dpi=100)  # same suffix: matplotlib picks the format from it
         plt.close(fig)
+        os.replace(out / ".scaling.tmp.png", out / "scaling.png")
 
 
 @run_cli
