@@ -118,16 +118,17 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     import deepspeed.comm as dist
 
-    from desmoe.distributed import init_distributed, is_rank0
+    from desmoe.distributed import init_distributed, is_rank0, prepare_in_turn
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
-    from desmoe.monitor import Monitor
+    from desmoe.monitor import Monitor, truncate_metrics
     from desmoe.training.preemption import Preempted, Preemption, announce
     from desmoe.moe.layer import moe_blocks
     from desmoe.vision.transforms import random_resized_crop
 
-    # User errors first, before any process group exists.
-    ds_raw = read_ds_config(ds_config_path)
-    tasks, controls = load_sequence(cfg.data)
+    ds_raw = read_ds_config(ds_config_path)  # user errors first, before any process group exists
+    init_distributed()
+    # the first use builds the image data and fetches the towers: one rank at a time, never racing
+    tasks, controls = prepare_in_turn(lambda: load_sequence(cfg.data))
     if cfg.groups.num_tasks == 0:
         cfg.groups.num_tasks = len(tasks)
     if cfg.groups.num_tasks < len(tasks):
@@ -138,8 +139,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     if skipped:
         print("desmoe: warning: images that failed to decode were skipped: "
               + ", ".join(f"{k} {v}" for k, v in skipped.items()), flush=True)
-    backbone = load_backbone(cfg.backbone)
-    init_distributed()
+    backbone = prepare_in_turn(lambda: load_backbone(cfg.backbone))
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % cfg.groups.ep_size or cfg.groups.num_experts % cfg.groups.ep_size:
         raise bad("groups.ep_size", f"a divisor of the world size {world} and of the "
@@ -168,11 +168,14 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
             oracle.fit_task(stored)
     if usage is not None and progress["pool_frozen"]:
         usage.frozen = [set(f) for f in progress["pool_frozen"]]
+    for v in cfg.eval.variants:  # a resumed run may ask for a variant the checkpoint did not track
+        progress["variants"].setdefault(v, [])
+    start = len(progress["rows"])
+    steps = cfg.train.steps_per_task if cfg.method != "zero_shot" else 0
     if is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    start = len(progress["rows"])
-    steps = cfg.train.steps_per_task if cfg.method != "zero_shot" else 0
+        truncate_metrics(run_dir, after_step=start * max(steps, 1))  # rows logged after the checkpoint get redone
     monitor = Monitor(run_dir, len(tasks) * max(steps, 1), initial_step=start * max(steps, 1),
                       desc=f"{cfg.method} {cfg.run.name}")
     bank = TextBank(model, backbone.tokenize, T)
