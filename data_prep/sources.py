@@ -9,6 +9,8 @@ registry does not have stops with one line naming the source.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import re
 import shutil
@@ -100,12 +102,29 @@ class SourceCache:
         files = [p for p in folder.glob("*") if p.is_file()] if folder.is_dir() else []
         return files[0] if len(files) == 1 and sha256_of(files[0]) == src.sha256 else None
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """Exclusive lock on ``root/.lock``: concurrent jobs (or ranks) on one machine fetch and unpack in turn."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def fetch(self, src: Source) -> Path:
         """The verified archive, downloaded on first use."""
         cached = self.cached_archive(src)
         if cached is not None:
             return cached
-        self.root.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            return self._fetch(src)
+
+    def _fetch(self, src: Source) -> Path:
+        cached = self.cached_archive(src)  # another process may have fetched it while we waited
+        if cached is not None:
+            return cached
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".download-") as tmp:
             archive = _download(src, Path(tmp))
             got = sha256_of(archive)
@@ -126,13 +145,16 @@ class SourceCache:
         stamp = target / ".sha256"
         if stamp.is_file() and stamp.read_text().strip() == src.sha256:
             return target
-        archive = self.fetch(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".unpack-") as tmp:
-            out = Path(tmp) / "out"
-            _unpack(archive, out)
-            (out / ".sha256").write_text(src.sha256 + "\n")
-            replace_dir_atomic(out, target)
+        with self._locked():
+            if stamp.is_file() and stamp.read_text().strip() == src.sha256:  # unpacked while we waited
+                return target
+            archive = self._fetch(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".unpack-") as tmp:
+                out = Path(tmp) / "out"
+                _unpack(archive, out)
+                (out / ".sha256").write_text(src.sha256 + "\n")
+                replace_dir_atomic(out, target)
         return target
 
 

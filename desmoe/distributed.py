@@ -23,9 +23,11 @@ import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, MutableMapping, Optional
+from typing import Callable, Mapping, MutableMapping, Optional, TypeVar
 
-from desmoe.errors import LaunchError
+from desmoe.errors import LaunchError, UserError
+
+T = TypeVar("T")
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")
@@ -182,3 +184,34 @@ def is_rank0() -> bool:
     import deepspeed.comm as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def prepare_in_turn(fn: Callable[[], T]) -> T:
+    """Run ``fn`` (which may build or download into shared caches) on global rank 0 first, then on each
+    node's local rank 0, then on the rest, with a barrier between turns.
+
+    Whether the cache sits on a shared or a node-local disk, one process fills a folder and the others
+    find it complete.  A failure on any rank ends every rank: a UserError stays one line.
+    """
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return fn()
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    turn = 0 if rank == 0 else 1 if int(os.environ.get("LOCAL_RANK", rank)) == 0 else 2
+    result, error = None, None
+    for phase in range(3):
+        if phase == turn:
+            try:
+                result = fn()
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the others heard of it
+                error = err
+        reports: list = [None] * world
+        tdist.all_gather_object(reports, None if error is None else (isinstance(error, UserError), str(error)))
+        if error is not None:
+            raise error
+        failed = next(((r, rep) for r, rep in enumerate(reports) if rep is not None), None)
+        if failed is not None:
+            r, (user, msg) = failed
+            raise (UserError if user else RuntimeError)(f"{msg} (on rank {r})")
+    return result

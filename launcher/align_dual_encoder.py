@@ -92,9 +92,17 @@ def main() -> None:
         "model-efficientnet-lite0"].sha256, manifest["model-minilm-l6"].sha256, manifest["align-emoji-twemoji"].sha256])
         .encode()).hexdigest()[:16]
     feature_file = args.out.parent / "dual_encoder_features" / f"{key}.pt"
+    cached = None
     if feature_file.is_file():
-        img, txt, cap_ids = torch.load(feature_file)
-    else:
+        try:
+            cached = torch.load(feature_file)
+            img, txt, cap_ids = cached
+        except Exception as err:  # noqa: BLE001 - a truncated/corrupt cache is recomputed, never fatal
+            print(f"desmoe: warning: {feature_file}: unreadable feature cache ({type(err).__name__}); recomputing",
+                  flush=True)
+            feature_file.unlink(missing_ok=True)
+            cached = None
+    if cached is None:
         img, txt, cap_ids = tower_features(model, tok, images, captions, cfg)
         feature_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save((img, txt, cap_ids), feature_file.with_suffix(".tmp"))

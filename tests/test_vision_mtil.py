@@ -98,3 +98,18 @@ def test_bad_folders_one_line(tmp_path):
     with pytest.raises(UserError, match="expected one of aircraft, caltech101"):
         load_mtil_task("imagenet", tmp_path)
     assert sorted(ORDER_II) == sorted(ORDER_I) and ORDER_II[0] == "stanford_cars"
+    bad = tmp_path / "pets"
+    bad.mkdir()
+    (bad / "split_zhou_OxfordPets.json").write_text('{"train": [["a.jpg", 0, "pug"]], "test": [')
+    with pytest.raises(UserError, match=r"pets: dataset 'oxford_pets' could not be read \(expected a split_zhou_"
+                                        r".*JSONDecodeError"):
+        load_mtil_task("oxford_pets", bad)
+    (bad / "split_zhou_OxfordPets.json").write_text(json.dumps({"train": [["a.jpg", 0, "pug"], ["b.jpg", 2, "cat"]],
+                                                               "test": []}))
+    with pytest.raises(UserError, match=r"labels 0..N-1; KeyError"):  # labels 0 and 2: not contiguous
+        load_mtil_task("oxford_pets", bad)
+    (tmp_path / "cifar" / "cifar-100-python").mkdir(parents=True)
+    for f in ("train", "test", "meta"):
+        (tmp_path / "cifar" / "cifar-100-python" / f).write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match=r"dataset 'cifar100' could not be read \(expected the official python pickles"):
+        load_mtil_task("cifar100", tmp_path / "cifar")

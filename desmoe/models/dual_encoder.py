@@ -197,7 +197,12 @@ def load_dual_encoder(folder: str | Path, device: str | torch.device = "cpu"):
         raise UserError(f"{cfg_path}: key 'model_type': expected 'desmoe_dual_encoder', got {raw.get('model_type')!r}")
     names = {f.name for f in dataclasses.fields(DualEncoderConfig)}
     model = DualEncoder(DualEncoderConfig(**{k: v for k, v in raw.items() if k in names}))
-    model.load_state_dict(load_file(folder / "model.safetensors"))
+    try:
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+    except Exception as err:  # noqa: BLE001 - wrong shapes/keys or a corrupt file are the user's folder
+        raise UserError(f"{folder / 'model.safetensors'}: does not match {cfg_path} "
+                        f"({' '.join(str(err).split())[:200]}); rebuild it with "
+                        "`python launcher/align_dual_encoder.py`") from None
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     return model.to(device).eval(), tokenizer
 

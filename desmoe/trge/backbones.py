@@ -131,7 +131,14 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         model.eval()
         max_len = model.config.max_text_length
     else:
-        model, tok = de.load_dual_encoder(cfg.path or "cache/dual_encoder")
+        folder = cfg.path or "cache/dual_encoder"
+        try:
+            model, tok = de.load_dual_encoder(folder)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"backbone.path '{folder}': not a usable saved dual encoder "
+                            f"({' '.join(str(err).split())[:200]})") from None
         max_len = model.config.max_text_length
     size, mean, std = de.image_spec(model)
     return Backbone(model, _hf_tokenize(tok, max_len), size, tuple(mean), tuple(std))

@@ -107,9 +107,10 @@ class TRGEModel(nn.Module):
         return self.base.logit_scale.detach().float().exp()
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                image_weights: Optional[Tensor], text_weights: Optional[Tensor]) -> Tensor:
-        """Logits [B, C] of images against C class prompts."""
-        img = self.image_features(pixel_values, image_weights)
+                image_weights: Optional[Tensor], text_weights: Optional[Tensor],
+                cnn_features: Optional[Tensor] = None) -> Tensor:
+        """Logits [B, C] of images against C class prompts (``cnn_features``: precomputed, see image_features)."""
+        img = self.image_features(pixel_values, image_weights, cnn_features=cnn_features)
         txt = self.text_features(input_ids, attention_mask, text_weights)
         return self.scale * img @ txt.t()
 

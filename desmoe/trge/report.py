@@ -15,8 +15,11 @@ from desmoe.errors import UserError, run_cli
 def rows(root: Path) -> list[dict]:
     out = []
     for path in sorted(root.glob("*/results.json")):
-        r = json.loads(path.read_text())
-        if "avg" not in r:
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: not a readable results.json ({err}); re-run or delete that run") from None
+        if not isinstance(r, dict) or "avg" not in r:
             continue
         ident = r["identifier"] if r["method"] in ("trge", "shared_pool") else "-"
         base = {"run": path.parent.name, "method": r["method"], "identifier": ident, "reading": r["reading"],

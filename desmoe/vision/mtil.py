@@ -241,6 +241,31 @@ def _cifar100_arrays(root: Path):
     return [_clean(n.decode()) for n in meta[b"fine_label_names"]], out
 
 
+LAYOUTS = {"_zhou_json": "a split_zhou_*.json whose rows are [path, label, classname] with labels 0..N-1",
+           "_train_test_folders": "train/ and test/ (or val/) class folders",
+           "_image_folder": "one folder of images per class",
+           "_mat_layout": "the official .mat label files",
+           "_mnist_arrays": "the official idx(.gz) files", "_cifar100_arrays": "the official python pickles"}
+
+
+def _read(name: str, root: Path, read):
+    """Run a layout reader; a malformed user folder ends in one line naming dataset, folder and expectation."""
+    try:
+        return read()
+    except UserError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            pickle.UnpicklingError) as err:
+        expected = {"mnist": LAYOUTS["_mnist_arrays"], "cifar100": LAYOUTS["_cifar100_arrays"]}.get(name)
+        if expected is None:
+            try:
+                expected = LAYOUTS.get(detect_layout(name, root).__name__, "its official layout")
+            except UserError:
+                expected = "its official layout"
+        raise UserError(f"{root}: dataset '{name}' could not be read (expected {expected}; "
+                        f"{type(err).__name__}: {' '.join(str(err).split())[:160]})") from None
+
+
 def detect_layout(name: str, root: Path):
     """The reader for the layout found under ``root``; one clear line when none fits."""
     checks = [
@@ -295,7 +320,8 @@ def load_mtil_task(name: str, root: str | Path, size: int = 224, max_train_per_c
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: dataset folder not found")
-    arrays = _mnist_arrays(root) if name == "mnist" else _cifar100_arrays(root) if name == "cifar100" else None
+    arrays = _read(name, root, lambda: _mnist_arrays(root) if name == "mnist"
+                   else _cifar100_arrays(root) if name == "cifar100" else None)
     if arrays is not None:
         classes, arrays = ([str(i) for i in range(10)], arrays) if name == "mnist" else arrays
         out, skipped = {}, 0
@@ -309,7 +335,8 @@ def load_mtil_task(name: str, root: str | Path, size: int = 224, max_train_per_c
             out[f"{split}_x"], out[f"{split}_y"] = x.permute(0, 2, 3, 1).contiguous(), torch.from_numpy(
                 np.asarray(y[keep], dtype=np.int64))
     else:
-        classes, train, test = detect_layout(name, root)(root, name)
+        reader = detect_layout(name, root)
+        classes, train, test = _read(name, root, lambda: reader(root, name))
         tx, ty, s1 = _decode(_limit(train, max_train_per_class, seed), size, f"{name} train")
         vx, vy, s2 = _decode(_limit(test, max_test_per_class, seed), size, f"{name} test")
         out, skipped = dict(train_x=tx, train_y=ty, test_x=vx, test_y=vy), s1 + s2

@@ -56,8 +56,12 @@ def load_task_sequence(folder: str | Path, names: Optional[list[str]] = None,
     if not index_path.is_file():
         raise UserError(f"{folder}: not an image task sequence ({INDEX} missing); build one with "
                         f"`python -m data_prep.images --profile tiny --out {folder}`")
-    index = json.loads(index_path.read_text())
-    entries = {t["name"]: t for t in index["tasks"]}
+    try:
+        index = json.loads(index_path.read_text())
+        entries = {t["name"]: t for t in index["tasks"]}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{index_path}: not a valid task index (expected JSON with a 'tasks' list of "
+                        f"{{'name': ...}} entries; {type(err).__name__}: {err}); rebuild the folder") from None
     order = names if names is not None else [t["name"] for t in index["tasks"]]
     tasks = []
     for name in order:
