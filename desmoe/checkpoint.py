@@ -159,8 +159,8 @@ def _load_rng(tag_dir: Path) -> None:
 # the learning rate (the documented way out of a divergence).
 # Everything else (model, data, method, optimisation) must match the run being resumed,
 # otherwise its checkpoint and results would silently mix two experiments.
-RESUMABLE_KEYS = ("train.steps", "train.lr", "train.log_every", "train.eval_every", "train.save_every",
-                  "train.eval_batches", "run.resume", "evaluation.")
+RESUMABLE_KEYS = ("train.steps", "train.lr", "train.log_every", "train.eval_", "train.save_every",
+                  "run.resume", "evaluation.", "eval.")
 
 
 def check_resume_config(run_dir: str | Path, ckpt_dir: str | Path, cfg: Any,

@@ -275,6 +275,8 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
     if data.tokenizer is not None:
         check_tokenizer(data.tokenizer, model.config, f"{cfg.data.root} tokenizer")
     engine, _ = build_engine(model, resolve_ds_config(ds_raw, cfg.train.micro_batch, lr=cfg.train.lr))
+    if cfg.run.resume:
+        checkpoint.check_resume_config(run_dir, ckpt_dir, cfg)
     state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
     start = state["step"] if state else 0
     if is_rank0():

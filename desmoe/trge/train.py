@@ -176,6 +176,8 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
 
     run_dir = Path(cfg.run.dir) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
+    if cfg.run.resume:
+        checkpoint.check_resume_config(run_dir, ckpt_dir, cfg)
     state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
     progress = state["progress"] if state else {"rows": [], "control_rows": [], "id_rows": [], "gw_rows": [],
                                                 "infos": [], "pool_frozen": [], "seconds": [],
