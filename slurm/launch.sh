@@ -1,0 +1,44 @@
+# Shared by the job scripts in slurm/ (sourced after `cd` to the submit directory):
+# rendezvous from Slurm's allocation, CPU mode, per-rank logs, and requeue on preemption.
+#
+#   desmoe_launch LAUNCHER CONFIG RUN_NAME [overrides ...]
+#
+# Environment: DESMOE_LOG_DIR (logs), DESMOE_PYTHON (.venv/bin/python),
+# DESMOE_DS_CONFIG (configs/zero2.json), DESMOE_CPU=1 (gloo + DeepSpeed's CPU accelerator).
+
+LOG_DIR="${DESMOE_LOG_DIR:-logs}"
+mkdir -p "$LOG_DIR"
+PYTHON="${DESMOE_PYTHON:-.venv/bin/python}"
+DS_CONFIG="${DESMOE_DS_CONFIG:-configs/zero2.json}"
+
+desmoe_launch() {
+    local launcher="$1" config="$2" run_name="$3"
+    shift 3
+    # The trainer writes this file after saving on a preemption signal (all ranks then exit 0).
+    export DESMOE_REQUEUE_MARKER="${LOG_DIR}/.requeue-${SLURM_JOB_ID}"
+    rm -f "$DESMOE_REQUEUE_MARKER"
+    # Rendezvous: first host of the allocation, a port derived from the job id (jobs sharing
+    # nodes do not collide).  A preset MASTER_ADDR / MASTER_PORT wins.
+    export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
+    export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+    if [ "${DESMOE_CPU:-0}" = "1" ]; then
+        export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    fi
+    echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} ranks," \
+         "master ${MASTER_ADDR}:${MASTER_PORT}, config ${config}, run runs/${run_name}" \
+         "(tensorboard --logdir runs/${run_name}/tensorboard)"
+    # --kill-on-bad-exit: one dead rank ends the step; --wait: the others get 60 s at most.
+    # Per-rank logs go next to the job log.
+    srun --kill-on-bad-exit=1 --wait=60 --output="${LOG_DIR}/%x-%j-rank%t.out" --open-mode=append \
+        "$PYTHON" "$launcher" --deepspeed "$DS_CONFIG" --config "$config" "run.name=${run_name}" "$@"
+    local rc=$?
+    if [ -f "$DESMOE_REQUEUE_MARKER" ]; then
+        echo "job ${SLURM_JOB_ID}: checkpoint saved on preemption at step $(cat "$DESMOE_REQUEUE_MARKER"); requeueing"
+        rm -f "$DESMOE_REQUEUE_MARKER"
+        scontrol requeue "$SLURM_JOB_ID"
+        return 0
+    fi
+    echo "job ${SLURM_JOB_ID}: finished with exit code ${rc}"
+    return "$rc"
+}
