@@ -196,7 +196,7 @@ def test_corrupted_checkpoint_is_named_and_left_alone(tmp_path):
     victim = ckpt / "mp_rank_00_model_states.pt"
     victim.write_bytes(victim.read_bytes()[:64])
     before = snapshot(tmp_path / "r")
-    proc = _launch(*args[:-3], "train.steps=3", *args[-2:])
+    proc = _launch(*args[:-2], "train.steps=3", *args[-2:])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("desmoe: error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "step00000002: cannot load checkpoint" in errors[0]
