@@ -20,12 +20,13 @@ import torch
 
 from desmoe import checkpoint
 from desmoe.config import bad, dump_yaml
-from desmoe.errors import TrainingFailure, UserError
+from desmoe.errors import UserError
 from desmoe.methods.desmoe.config import DESMoEConfig
 from desmoe.methods.desmoe.domains import DomainDataConfig, open_domains
 from desmoe.models.moe_lm import MoELM, MoELMConfig
 from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
 from desmoe.training.lm import RunConfig, TrainConfig, _mean_over_ranks
+from desmoe.training.guards import check_finite
 from desmoe.training.preemption import Preempted, Preemption, announce
 
 
@@ -199,7 +200,6 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
     from desmoe.distributed import init_distributed, is_rank0
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
     from desmoe.methods.desmoe.baselines import build_method
-    from desmoe.moe import moe_blocks
 
     ds_raw = read_ds_config(ds_config_path)
     init_distributed()
@@ -250,9 +250,7 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
             logs = method.begin_step(step, domain)  # phase, domain experts, lambda -> what may train
             method.sync_gradients()  # frozen parameters get no weight gradients computed
             loss, parts_ = method.loss(batch.input_ids.to(engine.device))
-            if not torch.isfinite(loss):
-                raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step + 1} on rank {rank}; "
-                                      f"resume from {ckpt_dir} with a lower train.lr")
+            check_finite(loss, step + 1, rank, ckpt_dir)
             engine.backward(loss)
             engine.step()
             refreshed = method.end_step(step, batch.token_domain[:, :-1].to(engine.device))

@@ -17,10 +17,10 @@ import torch
 
 from desmoe import checkpoint
 from desmoe.config import bad, dump_yaml
-from desmoe.errors import TrainingFailure
 from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus, sample_windows
 from desmoe.models.moe_lm import MoELM, MoELMConfig
 from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
+from desmoe.training.guards import check_finite
 from desmoe.training.preemption import Preempted, Preemption, announce
 
 
@@ -117,9 +117,7 @@ def train_lm(cfg: LMExperiment, ds_config_path: str) -> dict:
         for step in range(start, cfg.train.steps):
             batch = sample_windows(train_data, cfg.train.micro_batch, cfg.train.seq_len + 1, cfg.train.seed, step, rank)
             loss, lm_loss = engine.module.loss(batch.to(engine.device), cfg.train.aux_loss_coef)
-            if not torch.isfinite(loss):
-                raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step + 1} on rank {rank}; "
-                                      f"resume from {ckpt_dir} with a lower train.lr")
+            check_finite(loss, step + 1, rank, ckpt_dir)
             engine.backward(loss)
             engine.step()
             done = step + 1

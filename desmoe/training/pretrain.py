@@ -24,11 +24,12 @@ import torch.nn.functional as F
 
 from desmoe import checkpoint
 from desmoe.config import bad, dump_yaml, to_dict
-from desmoe.errors import TrainingFailure, UserError
+from desmoe.errors import UserError
 from desmoe.models.hf_build import MoEModelSpec, hf_config, write_initial_checkpoint
 from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
 from desmoe.moe import total_aux_loss
 from desmoe.training.lm import RunConfig, _log_train, _mean_over_ranks
+from desmoe.training.guards import check_finite
 from desmoe.training.preemption import Preempted, Preemption, announce
 
 
@@ -292,9 +293,7 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg.train)
             loss, lm = lm_loss(engine.module, next(batches).to(engine.device), cfg.train.aux_loss_coef)
-            if not torch.isfinite(loss):
-                raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step + 1} on rank {rank}; "
-                                      f"resume from {ckpt_dir} with a lower train.lr")
+            check_finite(loss, step + 1, rank, ckpt_dir)
             engine.backward(loss)
             engine.step()
             done = step + 1
