@@ -30,3 +30,16 @@ def ranks():
 def pytest_sessionfinish(session, exitstatus):
     if _pool is not None:
         _pool.close()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """One real local Slurm cluster (2 emulated nodes) for every Slurm test of the session."""
+    from slurmcluster import LocalSlurm, SlurmUnavailable
+
+    try:
+        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    except SlurmUnavailable as why:
+        pytest.skip(f"local Slurm cluster not possible here: {why}")
+    yield cluster
+    cluster.stop()

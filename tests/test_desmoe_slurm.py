@@ -4,25 +4,11 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.hidden_size=32", "model.ffn_size=32", "model.num_experts=4", "model.num_heads=2",
         "data.domains=[email, xml]", "data.general=[json]", "data.max_bytes_per_domain=40000",
         "train.steps=6", "train.micro_batch=4", "train.seq_len=32", "train.log_every=2", "train.eval_every=6",
         "train.eval_batches=1", "train.save_every=6", "desmoe.schedule.t1=0.4", "desmoe.dges.update_every=2"]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    from slurmcluster import LocalSlurm, SlurmUnavailable
-
-    try:
-        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
-    except SlurmUnavailable as why:
-        pytest.skip(f"local Slurm cluster not possible here: {why}")
-    yield cluster
-    cluster.stop()
 
 
 def test_desmoe_slurm_script_cpu_mode(slurm, tmp_path):

@@ -8,26 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small enough for 4 CPU ranks on 2 cores; EP=2 inside a world of 4 (so EDP=2 too).
 SMOKE_ARGS = ["model.hidden_size=32", "model.ffn_size=32", "model.num_experts=4", "train.seq_len=32",
               "train.micro_batch=4", "train.log_every=1", "train.eval_every=6", "train.eval_batches=1",
               "train.save_every=6", "data.max_bytes=300000"]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    from slurmcluster import LocalSlurm, SlurmUnavailable
-
-    try:
-        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
-    except SlurmUnavailable as why:
-        pytest.skip(f"local Slurm cluster not possible here: {why}")
-    yield cluster
-    cluster.stop()
 
 
 def job_env(**extra):
