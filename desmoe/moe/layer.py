@@ -60,6 +60,14 @@ class MoEBlock(MoE):
         # a [B, L, d] input and its decision holds for every token of that sequence
         # (sample-level routing on a CLS/BOS token, as in adapter mixtures).
         self.route_per_sequence = route_per_sequence
+        # Optional [S, E] bool over (flattened token, expert), set by a caller before a forward:
+        # False = that route adds nothing to the expert's weight gradients (its output, the input
+        # gradient and the router gradient are unchanged).  Read only when gradients are enabled.
+        self.weight_grad_mask: Optional[Tensor] = None
+        # Expert slots (desmoe.moe.slots): the slot each router output runs on (None = itself), and an
+        # optional [S, E] per-(token, expert) override for one forward.
+        self.slot_of_expert: Optional[Tensor] = None
+        self.route_slots: Optional[Tensor] = None
         # Filled by every forward, for losses and monitoring.
         self.last_routing: Optional[Routing] = None
         self.last_stats: Optional[DispatchStats] = None
@@ -90,15 +98,32 @@ class MoEBlock(MoE):
             routing = _repeat_routing(self.router(hidden_states[:, 0]), shape[1])
         else:
             routing = self.router(x)
-        out, stats = self.deepspeed_moe(x, routing)
+        keep = None
+        if self.weight_grad_mask is not None and torch.is_grad_enabled():
+            mask = self.weight_grad_mask
+            if mask.shape != routing.scores.shape:
+                raise ValueError(f"weight_grad_mask must be [tokens, experts] = {tuple(routing.scores.shape)}, "
+                                 f"got {tuple(mask.shape)}")
+            keep = mask.to(device=x.device, dtype=torch.bool).gather(1, routing.expert_ids)
+        out, stats = self.deepspeed_moe(x, routing, keep, self._slots(routing))
         if self.shared is not None:
             shared_out = self.shared(x)
             if self.shared_gate is not None:
                 shared_out = torch.sigmoid(self.shared_gate(x)) * shared_out
             out = out + shared_out
         self.last_routing, self.last_stats = routing, stats
-        self.aux_loss = load_balancing_loss(routing.scores, routing.expert_ids, self.num_experts)
+        self.aux_loss = load_balancing_loss(routing.scores, routing.expert_ids, self.router.num_experts)
         return out.reshape(shape)
+
+    def _slots(self, routing: Routing) -> Optional[Tensor]:
+        if self.route_slots is not None:
+            if self.route_slots.shape != routing.scores.shape:
+                raise ValueError(f"route_slots must be [tokens, experts] = {tuple(routing.scores.shape)}, "
+                                 f"got {tuple(self.route_slots.shape)}")
+            return self.route_slots.to(routing.expert_ids.device).gather(1, routing.expert_ids)
+        if self.slot_of_expert is not None:
+            return self.slot_of_expert.to(routing.expert_ids.device)[routing.expert_ids]
+        return None
 
 
 def _repeat_routing(routing: Routing, times: int) -> Routing:

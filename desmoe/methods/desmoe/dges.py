@@ -15,7 +15,9 @@ row with no tokens at all gets an empty S_d (its batches then update no expert).
 
 Updates of a domain's batch reach only S_d (Eq. 7): the trainer makes exactly the
 experts of S_d trainable in the optimizer (``Trainability.set_experts``), so the
-others stay bit-identical under AdamW.
+others stay bit-identical under AdamW.  Mixed batches (Eq. 8): ``route_mask``
+gives the core's per-(token, expert) weight-gradient mask M[d_i, e], and the
+union of the present domains' S_d is trainable.
 """
 from __future__ import annotations
 
@@ -84,6 +86,13 @@ class DomainExpertMap:
     def experts_for(self, layer: int, domain: int) -> list[int]:
         """S_d of one layer (global expert ids)."""
         return torch.nonzero(self.M[layer, domain]).flatten().tolist()
+
+    def route_mask(self, layer: int, token_domain: Tensor) -> Tensor:
+        """[S, E] bool: M[d_i, e] for every token i (Eq. 8); unlabelled tokens (d < 0) own no expert,
+        as they count in no row of A."""
+        dom = token_domain.reshape(-1)
+        rows = self.M[layer].to(dom.device)[dom.clamp_min(0)]
+        return rows & (dom >= 0).unsqueeze(1)
 
     def claimed_by_several(self, layer: int) -> list[int]:
         """Experts with M = 1 in more than one domain: the paper's duplication candidates."""
