@@ -107,11 +107,16 @@ def test_token_mask_mixed_batch_ep2(ranks):
     assert max(reach) > 1e-6, "domain B's tokens never reach expert 0: the mask would not be exercised"
 
 
-def test_trainer_mixed_batches_ep2(ranks, tmp_path):
+def test_trainer_mixed_batches_and_copies_ep2(ranks, tmp_path):
     import json
 
+    # mixed batches together with expert duplication (spare slots, copies at the first M)
     ranks.run(trainer_case, str(tmp_path), 6, "desmoe", ["desmoe.dges.batching=token", "train.save_every=6",
-                                                         "train.eval_every=6", "desmoe.schedule.t1=0.34"])
+                                                         "train.eval_every=6", "desmoe.schedule.t1=0.34",
+                                                         "desmoe.dges.duplicate_shared=true",
+                                                         "desmoe.dges.spare_experts=2", "desmoe.dges.phi=0.1"])
     rows = [json.loads(line) for line in (tmp_path / "desmoe" / "metrics.jsonl").read_text().splitlines()]
     assert {r.get("train/domain") for r in rows if "train/domain" in r} == {-1.0}  # no per-step domain
+    copies = [r["dges/expert_copies"] for r in rows if "dges/expert_copies" in r]
+    assert copies and copies[0] > 0, "phi=0.1 makes experts shared: copies expected"
     assert json.loads((tmp_path / "desmoe" / "results.json").read_text())["method"] == "desmoe"

@@ -328,6 +328,8 @@ def _log_affinity(monitor, method, step, domains) -> None:
     for layer in range(dmap.A.shape[0]):
         monitor.heatmap(step, f"dges/A_layer{layer}", dmap.A[layer].numpy(), xlabel="expert",
                         ylabel="domain " + "/".join(domains))
+    if getattr(method, "copies", None) is not None:
+        monitor.scalars(step, {"dges/expert_copies": float(getattr(method, "copies_made", 0))})
     monitor.scalars(step, {"dges/experts_per_domain": dmap.M.float().sum(-1).mean().item(),
                            "dges/shared_by_several": float(sum(len(dmap.claimed_by_several(l))
                                                                for l in range(dmap.A.shape[0])))})
