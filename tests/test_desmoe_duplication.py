@@ -133,6 +133,20 @@ def duplication_case():
                 assert slot in mine or not changed, (step, domain, layer, slot, "frozen slot moved")
                 moved |= {(layer, slot)} if changed else set()
     assert moved == {(layer, slot) for layer in range(2) for slot in (0, 1, 2, 3, 5)}, moved
+    # Unlabelled inference, "average": each expert's output is the mean over its original and copies;
+    # every expert here has at most one copy, so that is the mean of running all tokens as A and as B.
+    method.copies.apply_inference("average")
+    blk, x = moe_blocks(engine.module)[0], torch.randn(64, 32, generator=torch.Generator().manual_seed(rank))
+    engine.module.eval()
+    with torch.no_grad():
+        y_avg = blk(x)
+        blk.slot_fanout, ys = None, []
+        for d in (0, 1):
+            blk.route_slots = method.copies.route_slots(0, torch.full((64,), d))
+            ys.append(blk(x))
+        blk.route_slots = None
+    assert (ys[0] - ys[1]).abs().max() > 1e-4, "the copies never diverged from their originals"
+    assert (y_avg - (ys[0] + ys[1]) / 2).abs().max() < 1e-5
     return True
 
 

@@ -50,6 +50,8 @@ class DGESConfig:
     # multiple of model.ep_size (same number on every EP rank).
     duplicate_shared: bool = False
     spare_experts: int = 0
+    # without domain labels (evaluation, generation): run the original, or average the copies' outputs
+    duplicate_inference: Literal["original", "average"] = "original"
 
     def check(self) -> None:
         if not 0 < self.phi <= 1:

@@ -12,7 +12,9 @@ reducing capacity for other domains".  The paper gives no mechanics; ours:
   (``MoEBlock.route_slots``); the router is not grown: it still chooses e with e's
   score, so the copy changes nothing at creation and no other domain loses
   capacity; the optimizer trains d's slots of S_d only;
-* without domain labels (evaluation, generation) e runs on its original slot.
+* without domain labels (evaluation, generation) e runs on its original slot
+  (``dges.duplicate_inference: original``) or on all its slots, outputs averaged
+  (``average``; costs one expert call per copy).
 
 Copies are made once: later refreshes of M keep the table (a domain that claims an
 expert later shares its original).  See docs/desmoe.md for the alternatives.
@@ -30,16 +32,17 @@ from desmoe.moe.slots import add_spare_slots, copy_slots
 
 class ExpertCopies:
     def __init__(self, blocks: list[MoEBlock], num_domains: int, spare_per_layer: int) -> None:
+        self.blocks = blocks
         self.spares = [add_spare_slots(b, spare_per_layer // b.ep_size) for b in blocks]
         # tables[l][d, e] = the slot that domain d's tokens routed to logical expert e run on
         self.originals = [b.slot_of_expert.clone() for b in blocks]
         self.tables = [o.repeat(num_domains, 1) for o in self.originals]
         self.made = False
 
-    def create(self, blocks: list[MoEBlock], A: Tensor, M: Tensor) -> int:
+    def create(self, A: Tensor, M: Tensor) -> int:
         """Make the copies from the first M ([L, D, E]); returns how many were made."""
         made = 0
-        for layer, block in enumerate(blocks):
+        for layer, block in enumerate(self.blocks):
             free, table, pairs = list(self.spares[layer]), self.tables[layer], []
             claims = M[layer].sum(0)
             shared = sorted(torch.nonzero(claims > 1).flatten().tolist(),
@@ -67,6 +70,20 @@ class ExpertCopies:
 
     def used_slots(self, layer: int) -> list[int]:
         return sorted(set(self.tables[layer].flatten().tolist()))
+
+    def fanout(self, layer: int) -> Tensor:
+        """[E, R]: every slot of each logical expert (original first, -1 padded), for averaging."""
+        table = self.tables[layer]
+        rows = [[int(self.originals[layer][e])] + sorted(set(table[:, e].tolist()) - {int(self.originals[layer][e])})
+                for e in range(table.shape[1])]
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
+
+    def apply_inference(self, mode: str) -> None:
+        """How unlabelled forwards (evaluation, generation) use the copies: "original" runs e itself,
+        "average" the mean of the outputs of e and its copies."""
+        for layer, block in enumerate(self.blocks):
+            block.slot_fanout = self.fanout(layer) if mode == "average" and self.made else None
 
     def route_slots(self, layer: int, token_domain: Tensor) -> Tensor:
         """[S, E] slot per (token, logical expert); unlabelled tokens use the originals."""

@@ -169,7 +169,8 @@ class DESMoE(Method):
         if t == self.t1 or (t > self.t1 and every and (t - self.t1) % every == 0):
             self.dmap.refresh()
             if self.copies is not None and not self.copies.made:  # duplication at the first M
-                self.copies_made = self.copies.create(moe_blocks(self.model), self.dmap.A, self.dmap.M)
+                self.copies_made = self.copies.create(self.dmap.A, self.dmap.M)
+                self.copies.apply_inference(self.cfg.dges.duplicate_inference)
                 if self.on_weights_changed is not None:
                     self.on_weights_changed()
             return True
@@ -182,3 +183,4 @@ class DESMoE(Method):
         self.dmap.load_state_dict(state["dges"])
         if self.copies is not None:
             self.copies.load_state_dict(state.get("copies"))
+            self.copies.apply_inference(self.cfg.dges.duplicate_inference)
