@@ -92,10 +92,11 @@ class GroupedSwiGLU(torch.autograd.Function):
             # Frozen experts (requires_grad=False) need no weight GEMMs.
             need_gu, need_down = ctx.needs_input_grad[4 + 2 * e], ctx.needs_input_grad[5 + 2 * e]
             torch.mm(d_h, w_gate_up, out=grad_x[rows])  # every row: the input gradient is never masked
-            if ctx.keep is not None:  # masked rows teach the expert nothing (rows are independent)
-                drop = ~ctx.keep[rows].unsqueeze(1)
-                d_h, dy = d_h.masked_fill(drop, 0), dy.masked_fill(drop, 0)
-            grad_w.extend((torch.mm(d_h.t(), x[rows]) if need_gu else None,
+            xr = x[rows]
+            if ctx.keep is not None:  # masked rows teach the expert nothing: weight GEMMs over kept rows only
+                kept = torch.nonzero(ctx.keep[rows]).flatten()
+                d_h, dy, xr, act = d_h[kept], dy[kept], xr[kept], act[kept]
+            grad_w.extend((torch.mm(d_h.t(), xr) if need_gu else None,
                            torch.mm(dy.t(), act) if need_down else None))
             start += n
         if grad_route is not None:
