@@ -110,11 +110,14 @@ def test_token_mask_mixed_batch_ep2(ranks):
 def test_trainer_mixed_batches_and_copies_ep2(ranks, tmp_path):
     import json
 
-    # mixed batches together with expert duplication (spare slots, copies at the first M)
-    ranks.run(trainer_case, str(tmp_path), 6, "desmoe", ["desmoe.dges.batching=token", "train.save_every=6",
-                                                         "train.eval_every=6", "desmoe.schedule.t1=0.34",
-                                                         "desmoe.dges.duplicate_shared=true",
-                                                         "desmoe.dges.spare_experts=2", "desmoe.dges.phi=0.1"])
+    # mixed batches together with expert duplication (spare slots, copies at the first M), and exact resume
+    extra = ["desmoe.dges.batching=token", "train.save_every=3", "train.eval_every=6", "desmoe.schedule.t1=0.34",
+             "desmoe.dges.duplicate_shared=true", "desmoe.dges.spare_experts=2", "desmoe.dges.phi=0.1"]
+    full = ranks.run(trainer_case, str(tmp_path), 6, "desmoe", extra)[0]
+    (tmp_path / "desmoe" / "checkpoints" / "latest").write_text("step00000003")  # as if it died after step 3
+    resumed = ranks.run(trainer_case, str(tmp_path), 6, "desmoe", extra)[0]
+    for key in ("email", "xml", "general"):  # copies, their table and the mixed stream resume exactly
+        assert resumed[key] == full[key], (key, resumed[key], full[key])
     rows = [json.loads(line) for line in (tmp_path / "desmoe" / "metrics.jsonl").read_text().splitlines()]
     assert {r.get("train/domain") for r in rows if "train/domain" in r} == {-1.0}  # no per-step domain
     copies = [r["dges/expert_copies"] for r in rows if "dges/expert_copies" in r]

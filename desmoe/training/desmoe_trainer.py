@@ -290,11 +290,11 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
                 _log_affinity(monitor, method, done, data.domains)
             if done % t.eval_every == 0 or done == t.steps:
                 monitor.scalars(done, evaluate(engine.module, data, cfg, rank, world, engine.device))
-            client = {**method.state_dict(), "train_seconds": train_seconds}
-            if done % t.save_every == 0 or done == t.steps:
-                checkpoint.save(engine, ckpt_dir, done, client)
-            elif preemption.requested():
-                checkpoint.save(engine, ckpt_dir, done, client)
+            due = done % t.save_every == 0 or done == t.steps
+            preempted = not due and preemption.requested()  # collective, as is method.state_dict()
+            if due or preempted:
+                checkpoint.save(engine, ckpt_dir, done, {**method.state_dict(), "train_seconds": train_seconds})
+            if preempted:
                 monitor.close()
                 if is_rank0():
                     print(f"preempted: saved step {done}, exiting for requeue", flush=True)

@@ -98,12 +98,30 @@ class DomainExpertMap:
         """Experts with M = 1 in more than one domain: the paper's duplication candidates."""
         return torch.nonzero(self.M[layer].sum(0) > 1).flatten().tolist()
 
-    def state_dict(self) -> dict:
+    def state_dict(self, group=None) -> dict:
+        """Collective (every rank): the window counts are per rank, and a checkpoint's client state is
+        rank 0's, so rank 0 first takes the sum over ranks and the others keep zeros -- the next
+        refresh's all-reduce gives the same total, before or after a resume."""
+        import deepspeed.comm as dist
+
+        if dist.is_initialized() and dist.get_world_size(group=group) > 1:
+            from desmoe.distributed import device
+
+            packed = torch.cat([self.window.reshape(-1), self.window_tokens.reshape(-1)]).to(device())
+            dist.all_reduce(packed, group=group)
+            packed = packed.cpu() if dist.get_rank(group=group) == 0 else torch.zeros_like(packed, device="cpu")
+            self.window.copy_(packed[: self.window.numel()].view_as(self.window))
+            self.window_tokens.copy_(packed[self.window.numel():].view_as(self.window_tokens))
         return {"window": self.window, "window_tokens": self.window_tokens, "A": self.A, "M": self.M,
                 "refreshes": self.refreshes}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.window, self.window_tokens = state["window"], state["window_tokens"]
+    def load_state_dict(self, state: dict, group=None) -> None:
+        import deepspeed.comm as dist
+
+        self.window, self.window_tokens = state["window"].clone(), state["window_tokens"].clone()
+        if dist.is_initialized() and dist.get_rank(group=group) != 0:  # rank 0 holds the ranks' sum
+            self.window.zero_()
+            self.window_tokens.zero_()
         self.A, self.M, self.refreshes = state["A"], state["M"], state["refreshes"]
 
 
