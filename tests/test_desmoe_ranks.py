@@ -110,7 +110,7 @@ def test_phases_train_exactly_their_sets(ranks, skip_grads, ep_size):
     assert lambdas[0] == 1.0 and lambdas[-1] == 0.0 and lambdas[2] == 0.8
 
 
-def trainer_case(run_dir: str, steps: int, method: str):
+def trainer_case(run_dir: str, steps: int, method: str, extra: tuple = ()):
     from desmoe.config import load_config
     from desmoe.training.desmoe_trainer import DESMoEExperiment, train_desmoe
 
@@ -121,7 +121,7 @@ def trainer_case(run_dir: str, steps: int, method: str):
         "data.domains=[email, xml]", "data.general=[json]", "data.max_bytes_per_domain=40000",
         f"train.steps={steps}", "train.micro_batch=4", "train.seq_len=32", "train.log_every=2", "train.eval_every=5",
         "train.eval_batches=1", "train.save_every=5", "train.lr=0.01", f"desmoe.method={method}",
-        "desmoe.dges.update_every=3", f"run.dir={run_dir}", f"run.name={method}"])
+        "desmoe.dges.update_every=3", f"run.dir={run_dir}", f"run.name={method}", *extra])
     return train_desmoe(cfg, str(ROOT / "configs/zero2.json"))
 
 

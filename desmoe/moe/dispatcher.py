@@ -10,6 +10,11 @@ Capacity: ``capacity_factor=None`` is dropless.  Otherwise each expert keeps at
 most ``max(min_capacity, ceil(k * S / E * capacity_factor))`` routes from this
 rank; first choices of all tokens win over second choices, then earlier tokens
 win (the GShard/DeepSpeed top-2 priority).  Dropped routes contribute zero.
+
+Weight-gradient mask: ``forward(..., keep=[S, k] bool)`` marks routes that must
+not contribute to their expert's weight gradients (their output, input gradient
+and route-weight gradient are unchanged).  The mask is sorted and shipped with
+the rows, so it holds whichever rank runs the expert.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Optional
 import deepspeed.comm as dist
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from desmoe.moe.experts import SwiGLUExpert
 from desmoe.moe.grouped import grouped_swiglu
@@ -62,6 +68,7 @@ class ExpertDispatcher(nn.Module):
         # checkpointing looks for under `deepspeed_moe.experts.deepspeed_experts.<i>`.
         self.experts = experts
         self.layout = layout
+        self.num_routed = layout.num_experts  # router outputs; capacity stays per routed expert with spare slots
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.min_capacity = min_capacity
@@ -76,13 +83,15 @@ class ExpertDispatcher(nn.Module):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if factor is None or factor <= 0:
             return None
-        return max(self.min_capacity, math.ceil(k * num_tokens / self.layout.num_experts * factor))
+        return max(self.min_capacity, math.ceil(k * num_tokens / self.num_routed * factor))
 
-    def forward(self, x: Tensor, routing: Routing) -> tuple[Tensor, DispatchStats]:
+    def forward(self, x: Tensor, routing: Routing, keep: Optional[Tensor] = None,
+                slots: Optional[Tensor] = None) -> tuple[Tensor, DispatchStats]:
+        """``slots`` [S, k]: the expert slot each route runs on (default: the chosen expert)."""
         num_tokens, k = routing.expert_ids.shape
         num_experts = self.layout.num_experts
         # Routes in priority order: all first choices, then all second choices, ...
-        route_expert = routing.expert_ids.t().reshape(-1)
+        route_expert = (routing.expert_ids if slots is None else slots).t().reshape(-1)
         route_weight = routing.weights.t().reshape(-1)
         order = torch.argsort(route_expert, stable=True)
         counts = torch.bincount(route_expert, minlength=num_experts)
@@ -98,22 +107,23 @@ class ExpertDispatcher(nn.Module):
         token_of_route = order % num_tokens
         dispatched = x.index_select(0, token_of_route)  # [N, d] grouped by expert; backward = index_add
         weights = route_weight[order]
+        route_keep = None if keep is None else keep.t().reshape(-1)[order]
         if self.layout.ep_size == 1 and self._grouped():
             # Local experts can apply the route weight inside their fused activation.
             weighted = grouped_swiglu(dispatched, kept_counts.tolist(), self.experts.deepspeed_experts,
-                                      weights.to(dispatched.dtype))
+                                      weights.to(dispatched.dtype), route_keep)
         else:
-            weighted = self._run_experts(dispatched, kept_counts).float() * weights.unsqueeze(1)
+            weighted = self._run_experts(dispatched, kept_counts, route_keep).float() * weights.unsqueeze(1)
         out = torch.zeros((num_tokens, x.shape[1]), dtype=torch.float32, device=x.device)  # fp32 accumulation
         out = out.index_add(0, token_of_route, weighted.float()).to(x.dtype)
         stats = DispatchStats(tokens_per_expert=counts.detach(), dropped=(counts - kept_counts).sum().detach())
         return out, stats
 
-    def _run_experts(self, dispatched: Tensor, counts: Tensor) -> Tensor:
+    def _run_experts(self, dispatched: Tensor, counts: Tensor, keep: Optional[Tensor] = None) -> Tensor:
         """Run the local experts; with EP, ship each slice to the rank owning its expert."""
         ep, nl = self.layout.ep_size, self.layout.num_local
         if ep == 1:
-            return self._local_experts(dispatched, counts.tolist())
+            return self._local_experts(dispatched, counts.tolist(), keep)
         # How many rows each rank sends to each of the receiver's local experts.
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.ep_group)
@@ -125,19 +135,35 @@ class ExpertDispatcher(nn.Module):
         # Received rows are source-major; the experts want expert-major slices.
         segment = torch.repeat_interleave(torch.arange(ep * nl, device=counts.device), recv_matrix.reshape(-1))
         expert_major = torch.argsort((segment % nl) * ep + segment // nl, stable=True)
-        local_out = self._local_experts(received.index_select(0, expert_major), recv_matrix.sum(0).tolist())
+        if keep is not None:  # the mask travels with its rows (same splits, no gradient)
+            keep_recv = keep.new_empty(sum(recv_splits), dtype=torch.uint8)
+            dist.all_to_all_single(keep_recv, keep.to(torch.uint8).contiguous(), output_split_sizes=recv_splits,
+                                   input_split_sizes=send_splits, group=self.ep_group)
+            keep = keep_recv.bool().index_select(0, expert_major)
+        local_out = self._local_experts(received.index_select(0, expert_major), recv_matrix.sum(0).tolist(), keep)
         restored = local_out.index_select(0, torch.argsort(expert_major))
         return _AllToAllV.apply(restored, recv_splits, send_splits, self.ep_group)
 
     def _grouped(self) -> bool:
         return all(type(e) is SwiGLUExpert for e in self.experts.deepspeed_experts)
 
-    def _local_experts(self, rows: Tensor, counts: list[int]) -> Tensor:
+    def _local_experts(self, rows: Tensor, counts: list[int], keep: Optional[Tensor] = None) -> Tensor:
         experts = self.experts.deepspeed_experts
         if self._grouped():
-            return grouped_swiglu(rows, counts, experts)
+            return grouped_swiglu(rows, counts, experts, keep=keep)
         # split (not slicing): its backward is one concat, where slices would each
         # materialise a full-size zero gradient.  Empty slices still run so every
         # expert parameter gets a (zero) gradient.
         slices = rows.split(counts, dim=0)
-        return torch.cat([expert(part) for expert, part in zip(experts, slices)], dim=0)
+        if keep is None:
+            return torch.cat([expert(part) for expert, part in zip(experts, slices)], dim=0)
+        return torch.cat([_masked_call(expert, part, k) for expert, part, k
+                          in zip(experts, slices, keep.split(counts))], dim=0)
+
+
+def _masked_call(expert: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
+    """Any expert module with a weight-gradient row mask: masked rows run on detached
+    parameters (input gradient intact, no weight gradient).  Costs a second forward of the
+    expert; the grouped SwiGLU path does it inside its backward instead."""
+    frozen = {name: p.detach() for name, p in expert.named_parameters()}
+    return torch.where(keep.unsqueeze(1), expert(x), functional_call(expert, frozen, (x,)))

@@ -8,6 +8,11 @@ into preallocated row blocks, and the activation -- optionally scaled by each
 row's route weight, which then needs no pass of its own -- runs as one fused
 pass forward and one backward (``desmoe.kernels`` on CPU, torch ops elsewhere).
 Same math as ``SwiGLUExpert`` followed by the weighting.
+
+An optional boolean row mask ``keep`` restricts the *weight* gradients to the
+kept rows, while the input and route-weight gradients still come from every row
+(a caller's per-route "does this route teach the expert" decision, e.g. gradient
+isolation between data sources).  Without it the code path is unchanged.
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor) -> tuple[Tensor, Opt
 
 class GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, route_w: Optional[Tensor], counts: list[int], *weights: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor], counts: list[int],  # type: ignore[override]
+                *weights: Tensor) -> Tensor:
         out = x.new_empty(x.shape)
         saved = []  # per expert: pre-activation h and the (weighted) activation
         start = 0
@@ -61,6 +67,7 @@ class GroupedSwiGLU(torch.autograd.Function):
             start += n
         ctx.counts = counts
         ctx.has_w = route_w is not None
+        ctx.keep = keep  # bool, not differentiable
         ctx.save_for_backward(x, route_w if route_w is not None else x.new_empty(0), *weights, *saved)
         return out
 
@@ -83,18 +90,24 @@ class GroupedSwiGLU(torch.autograd.Function):
             if grad_route is not None:
                 grad_route[rows] = d_w
             # Frozen experts (requires_grad=False) need no weight GEMMs.
-            need_gu, need_down = ctx.needs_input_grad[3 + 2 * e], ctx.needs_input_grad[4 + 2 * e]
-            grad_w.extend((torch.mm(d_h.t(), x[rows]) if need_gu else None,
+            need_gu, need_down = ctx.needs_input_grad[4 + 2 * e], ctx.needs_input_grad[5 + 2 * e]
+            torch.mm(d_h, w_gate_up, out=grad_x[rows])  # every row: the input gradient is never masked
+            xr = x[rows]
+            if ctx.keep is not None:  # masked rows teach the expert nothing: weight GEMMs over kept rows only
+                kept = torch.nonzero(ctx.keep[rows]).flatten()
+                d_h, dy, xr, act = d_h[kept], dy[kept], xr[kept], act[kept]
+            grad_w.extend((torch.mm(d_h.t(), xr) if need_gu else None,
                            torch.mm(dy.t(), act) if need_down else None))
-            torch.mm(d_h, w_gate_up, out=grad_x[rows])
             start += n
         if grad_route is not None:
             grad_route = grad_route.to(route_w.dtype)
-        return (grad_x, grad_route, None, *grad_w)
+        return (grad_x, grad_route, None, None, *grad_w)
 
 
-def grouped_swiglu(x: Tensor, counts: list[int], experts, route_w: Optional[Tensor] = None) -> Tensor:
+def grouped_swiglu(x: Tensor, counts: list[int], experts, route_w: Optional[Tensor] = None,
+                   keep: Optional[Tensor] = None) -> Tensor:
     """Run SwiGLU experts on consecutive row blocks of ``x`` (``counts`` rows each),
-    scaling each row's output by ``route_w`` when given."""
+    scaling each row's output by ``route_w`` when given; rows with ``keep`` False
+    add nothing to the experts' weight gradients."""
     weights = [w for e in experts for w in (e.gate_up.weight, e.down.weight)]
-    return GroupedSwiGLU.apply(x, route_w, counts, *weights)
+    return GroupedSwiGLU.apply(x, route_w, keep, counts, *weights)

@@ -60,6 +60,17 @@ class MoEBlock(MoE):
         # a [B, L, d] input and its decision holds for every token of that sequence
         # (sample-level routing on a CLS/BOS token, as in adapter mixtures).
         self.route_per_sequence = route_per_sequence
+        # Optional [S, E] bool over (flattened token, expert), set by a caller before a forward:
+        # False = that route adds nothing to the expert's weight gradients (its output, the input
+        # gradient and the router gradient are unchanged).  Read only when gradients are enabled.
+        self.weight_grad_mask: Optional[Tensor] = None
+        # Expert slots (desmoe.moe.slots): the slot each router output runs on (None = itself), an
+        # optional [S, E] per-(token, expert) override for one forward, and an optional [E, R] fan-out
+        # (used when no override is set): a route to e runs on every slot of row e (-1 = padding) with
+        # its weight split equally, i.e. the mean of those slots' outputs.
+        self.slot_of_expert: Optional[Tensor] = None
+        self.route_slots: Optional[Tensor] = None
+        self.slot_fanout: Optional[Tensor] = None
         # Filled by every forward, for losses and monitoring.
         self.last_routing: Optional[Routing] = None
         self.last_stats: Optional[DispatchStats] = None
@@ -90,15 +101,50 @@ class MoEBlock(MoE):
             routing = _repeat_routing(self.router(hidden_states[:, 0]), shape[1])
         else:
             routing = self.router(x)
-        out, stats = self.deepspeed_moe(x, routing)
+        keep = None
+        if self.weight_grad_mask is not None and torch.is_grad_enabled():
+            mask = self.weight_grad_mask
+            if mask.shape != routing.scores.shape:
+                raise ValueError(f"weight_grad_mask must be [tokens, experts] = {tuple(routing.scores.shape)}, "
+                                 f"got {tuple(mask.shape)}")
+            keep = mask.to(device=x.device, dtype=torch.bool).gather(1, routing.expert_ids)
+        if self.slot_fanout is not None and self.route_slots is None:
+            wide, wide_keep, slots = _fan_out(routing, keep, self.slot_fanout.to(x.device))
+            out, stats = self.deepspeed_moe(x, wide, wide_keep, slots)
+        else:
+            out, stats = self.deepspeed_moe(x, routing, keep, self._slots(routing))
         if self.shared is not None:
             shared_out = self.shared(x)
             if self.shared_gate is not None:
                 shared_out = torch.sigmoid(self.shared_gate(x)) * shared_out
             out = out + shared_out
         self.last_routing, self.last_stats = routing, stats
-        self.aux_loss = load_balancing_loss(routing.scores, routing.expert_ids, self.num_experts)
+        self.aux_loss = load_balancing_loss(routing.scores, routing.expert_ids, self.router.num_experts)
         return out.reshape(shape)
+
+    def _slots(self, routing: Routing) -> Optional[Tensor]:
+        if self.route_slots is not None:
+            if self.route_slots.shape != routing.scores.shape:
+                raise ValueError(f"route_slots must be [tokens, experts] = {tuple(routing.scores.shape)}, "
+                                 f"got {tuple(self.route_slots.shape)}")
+            return self.route_slots.to(routing.expert_ids.device).gather(1, routing.expert_ids)
+        if self.slot_of_expert is not None:
+            return self.slot_of_expert.to(routing.expert_ids.device)[routing.expert_ids]
+        return None
+
+
+def _fan_out(routing: Routing, keep: Optional[Tensor], fanout: Tensor) -> tuple:
+    """Each route (i, e, w) -> routes (i, s, w / n_e) for the n_e slots s of fanout[e]; padding
+    entries run the first slot with weight 0 (they add nothing)."""
+    table = fanout[routing.expert_ids]  # [S, k, R]
+    valid = table >= 0
+    share = valid.sum(-1, keepdim=True).clamp_min(1)
+    slots = torch.where(valid, table, table[..., :1]).flatten(1)
+    weights = (routing.weights.unsqueeze(-1) * valid / share).flatten(1)
+    wide = Routing(logits=routing.logits, scores=routing.scores, weights=weights,
+                   expert_ids=routing.expert_ids.repeat_interleave(table.shape[-1], dim=1))
+    wide_keep = None if keep is None else keep.repeat_interleave(table.shape[-1], dim=1)
+    return wide, wide_keep, slots
 
 
 def _repeat_routing(routing: Routing, times: int) -> Routing:

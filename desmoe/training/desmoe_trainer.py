@@ -66,8 +66,14 @@ class DESMoEExperiment:
         if self.base.hf and self.base.checkpoint:
             raise bad("base.checkpoint", "null when base.hf is set (one source of pretrained weights)",
                       self.base.checkpoint)
-        if self.desmoe.dges.batching != "step":
-            raise bad("desmoe.dges.batching", "'step' (token-level masking of mixed batches is not implemented yet)",
+        dges = self.desmoe.dges
+        if dges.duplicate_shared and dges.spare_experts % self.model.ep_size:
+            raise bad("desmoe.dges.spare_experts", f"a multiple of model.ep_size={self.model.ep_size}",
+                      dges.spare_experts)
+        if dges.duplicate_shared and self.base.checkpoint:  # spare slots renumber the experts' checkpoint files
+            raise bad("desmoe.dges.duplicate_shared", "false with base.checkpoint (use base.hf)", True)
+        if self.desmoe.dges.batching not in ("step", "token"):
+            raise bad("desmoe.dges.batching", "'step' (one domain per step) or 'token' (mixed batches, Eq. 8)",
                       self.desmoe.dges.batching)
 
 
@@ -79,10 +85,16 @@ def domain_of_step(step: int, num_domains: int, seed: int) -> int:
 
 
 class DomainStreams:
-    """One batch iterator per domain, positioned for a (resumed) start step."""
+    """One batch iterator per domain, positioned for a (resumed) start step; with
+    ``dges.batching: token`` one stream of mixed batches instead (domain -1)."""
 
     def __init__(self, data, cfg: DESMoEExperiment, rank: int, world: int, start: int) -> None:
         n, t = len(data.domains), cfg.train
+        self.mixed = cfg.desmoe.dges.batching == "token"
+        if self.mixed:
+            self.streams = [data.batches("train", t.micro_batch, t.seq_len, t.seed, rank, world, start,
+                                         domains=data.domains, homogeneous=False)]
+            return
         done = [0] * n
         for s in range(start):
             done[domain_of_step(s, n, t.seed)] += 1
@@ -90,7 +102,18 @@ class DomainStreams:
                                      domains=[name], homogeneous=True) for d, name in enumerate(data.domains)]
 
     def next(self, domain: int):
-        return next(self.streams[domain])
+        return next(self.streams[0 if self.mixed else domain])
+
+
+def present_domains(token_domain: torch.Tensor, num_domains: int) -> list[int]:
+    """Domains with a token on any rank (every rank must freeze the same experts)."""
+    import deepspeed.comm as dist
+
+    dom = token_domain.reshape(-1)
+    seen = torch.bincount(dom[dom >= 0], minlength=num_domains).clamp(max=1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(seen)
+    return torch.nonzero(seen).flatten().tolist()
 
 
 @torch.no_grad()
@@ -215,6 +238,8 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
     method = build_method(cfg.desmoe, t.steps, len(data.domains), t.aux_loss_coef, seed=cfg.model.init_seed)
     parts = method.prepare_model(model)
     engine, trainability = build_engine(model, resolve_ds_config(ds_raw, t.micro_batch, lr=t.lr), parts=parts)
+    # A method that writes weights (expert copies) must make ZeRO re-read its fp32 master copy.
+    method.on_weights_changed = getattr(engine.optimizer, "refresh_fp32_params", None)
     if cfg.desmoe.skip_frozen_grads:
         method.enable_gradient_skipping(engine.module, parts)
     run_dir = Path(cfg.run.dir) / cfg.run.name
@@ -245,15 +270,17 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
             monitor.scalars(0, evaluate(engine.module, data, cfg, rank, world, engine.device))
         for step in range(start, t.steps):
             t0 = time.perf_counter()
-            domain = domain_of_step(step, len(data.domains), t.seed)
+            domain = -1 if streams.mixed else domain_of_step(step, len(data.domains), t.seed)
             batch = streams.next(domain)
-            logs = method.begin_step(step, domain)  # phase, domain experts, lambda -> what may train
+            tokens_domain = batch.token_domain[:, :-1].to(engine.device)  # domain of each input position
+            present = present_domains(tokens_domain, len(data.domains)) if streams.mixed else domain
+            logs = method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
             method.sync_gradients()  # frozen parameters get no weight gradients computed
-            loss, parts_ = method.loss(batch.input_ids.to(engine.device))
+            loss, parts_ = method.loss(batch.input_ids.to(engine.device), tokens_domain)
             check_finite(loss, step + 1, rank, ckpt_dir)
             engine.backward(loss)
             engine.step()
-            refreshed = method.end_step(step, batch.token_domain[:, :-1].to(engine.device))
+            refreshed = method.end_step(step, tokens_domain)
             train_seconds += time.perf_counter() - t0
             done = step + 1
             monitor.progress(1, loss=parts_["task_loss"].item())
@@ -263,11 +290,11 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
                 _log_affinity(monitor, method, done, data.domains)
             if done % t.eval_every == 0 or done == t.steps:
                 monitor.scalars(done, evaluate(engine.module, data, cfg, rank, world, engine.device))
-            client = {**method.state_dict(), "train_seconds": train_seconds}
-            if done % t.save_every == 0 or done == t.steps:
-                checkpoint.save(engine, ckpt_dir, done, client)
-            elif preemption.requested():
-                checkpoint.save(engine, ckpt_dir, done, client)
+            due = done % t.save_every == 0 or done == t.steps
+            preempted = not due and preemption.requested()  # collective, as is method.state_dict()
+            if due or preempted:
+                checkpoint.save(engine, ckpt_dir, done, {**method.state_dict(), "train_seconds": train_seconds})
+            if preempted:
                 monitor.close()
                 if is_rank0():
                     print(f"preempted: saved step {done}, exiting for requeue", flush=True)
@@ -301,6 +328,8 @@ def _log_affinity(monitor, method, step, domains) -> None:
     for layer in range(dmap.A.shape[0]):
         monitor.heatmap(step, f"dges/A_layer{layer}", dmap.A[layer].numpy(), xlabel="expert",
                         ylabel="domain " + "/".join(domains))
+    if getattr(method, "copies", None) is not None:
+        monitor.scalars(step, {"dges/expert_copies": float(getattr(method, "copies_made", 0))})
     monitor.scalars(step, {"dges/experts_per_domain": dmap.M.float().sum(-1).mean().item(),
                            "dges/shared_by_several": float(sum(len(dmap.claimed_by_several(l))
                                                                for l in range(dmap.A.shape[0])))})

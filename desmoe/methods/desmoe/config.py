@@ -45,7 +45,13 @@ class DGESConfig:
     # step:  every rank and micro-batch of a step comes from one domain (exact isolation, no overhead);
     # token: mixed batches, Eq. 8 -- routes (token i, expert e) with M[d_i, e] = 0 pass no gradient
     batching: Literal["step", "token"] = "step"
-    duplicate_shared: bool = False  # record experts claimed by >1 domain for duplication (docs/desmoe.md)
+    # Experts claimed by >1 domain at the first M get per-domain copies in spare slots (duplication.py);
+    # false: they are only counted (dges/shared_by_several).  spare_experts: slots per MoE layer, a
+    # multiple of model.ep_size (same number on every EP rank).
+    duplicate_shared: bool = False
+    spare_experts: int = 0
+    # without domain labels (evaluation, generation): run the original, or average the copies' outputs
+    duplicate_inference: Literal["original", "average"] = "original"
 
     def check(self) -> None:
         if not 0 < self.phi <= 1:
@@ -54,6 +60,8 @@ class DGESConfig:
             raise bad("momentum", "a number in [0, 1]", self.momentum)
         if self.update_every < 0:
             raise bad("update_every", "an integer >= 0", self.update_every)
+        if self.spare_experts < 0 or (self.duplicate_shared and self.spare_experts < 1):
+            raise bad("spare_experts", "an integer >= 1 when duplicate_shared is true (else 0)", self.spare_experts)
 
 
 @dataclass

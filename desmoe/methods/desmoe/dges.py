@@ -15,7 +15,9 @@ row with no tokens at all gets an empty S_d (its batches then update no expert).
 
 Updates of a domain's batch reach only S_d (Eq. 7): the trainer makes exactly the
 experts of S_d trainable in the optimizer (``Trainability.set_experts``), so the
-others stay bit-identical under AdamW.
+others stay bit-identical under AdamW.  Mixed batches (Eq. 8): ``route_mask``
+gives the core's per-(token, expert) weight-gradient mask M[d_i, e], and the
+union of the present domains' S_d is trainable.
 """
 from __future__ import annotations
 
@@ -85,16 +87,41 @@ class DomainExpertMap:
         """S_d of one layer (global expert ids)."""
         return torch.nonzero(self.M[layer, domain]).flatten().tolist()
 
+    def route_mask(self, layer: int, token_domain: Tensor) -> Tensor:
+        """[S, E] bool: M[d_i, e] for every token i (Eq. 8); unlabelled tokens (d < 0) own no expert,
+        as they count in no row of A."""
+        dom = token_domain.reshape(-1)
+        rows = self.M[layer].to(dom.device)[dom.clamp_min(0)]
+        return rows & (dom >= 0).unsqueeze(1)
+
     def claimed_by_several(self, layer: int) -> list[int]:
         """Experts with M = 1 in more than one domain: the paper's duplication candidates."""
         return torch.nonzero(self.M[layer].sum(0) > 1).flatten().tolist()
 
-    def state_dict(self) -> dict:
+    def state_dict(self, group=None) -> dict:
+        """Collective (every rank): the window counts are per rank, and a checkpoint's client state is
+        rank 0's, so rank 0 first takes the sum over ranks and the others keep zeros -- the next
+        refresh's all-reduce gives the same total, before or after a resume."""
+        import deepspeed.comm as dist
+
+        if dist.is_initialized() and dist.get_world_size(group=group) > 1:
+            from desmoe.distributed import device
+
+            packed = torch.cat([self.window.reshape(-1), self.window_tokens.reshape(-1)]).to(device())
+            dist.all_reduce(packed, group=group)
+            packed = packed.cpu() if dist.get_rank(group=group) == 0 else torch.zeros_like(packed, device="cpu")
+            self.window.copy_(packed[: self.window.numel()].view_as(self.window))
+            self.window_tokens.copy_(packed[self.window.numel():].view_as(self.window_tokens))
         return {"window": self.window, "window_tokens": self.window_tokens, "A": self.A, "M": self.M,
                 "refreshes": self.refreshes}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.window, self.window_tokens = state["window"], state["window_tokens"]
+    def load_state_dict(self, state: dict, group=None) -> None:
+        import deepspeed.comm as dist
+
+        self.window, self.window_tokens = state["window"].clone(), state["window_tokens"].clone()
+        if dist.is_initialized() and dist.get_rank(group=group) != 0:  # rank 0 holds the ranks' sum
+            self.window.zero_()
+            self.window_tokens.zero_()
         self.A, self.M, self.refreshes = state["A"], state["M"], state["refreshes"]
 
 

@@ -7,7 +7,7 @@ computes the objective, ``end_step`` consumes the step's routing.  The trainer
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from desmoe.methods.desmoe import schedule
 from desmoe.methods.desmoe.alr import install_alr, is_router_param, lambda_at, model_kd_loss, set_lambda
 from desmoe.methods.desmoe.config import DESMoEConfig
 from desmoe.methods.desmoe.dges import DomainExpertMap
+from desmoe.methods.desmoe.duplication import ExpertCopies
 from desmoe.moe import moe_blocks, total_aux_loss
 from desmoe.moe.trainability import FROZEN_KEY, PART_KEY, Trainability
 
@@ -66,6 +67,7 @@ class Method:
         self.cfg, self.total_steps, self.num_domains, self.aux_coef, self.seed = cfg, total_steps, num_domains, aux_coef, seed
         self.train: Optional[Trainability] = None
         self.model: Optional[nn.Module] = None
+        self.on_weights_changed: Optional[Callable[[], None]] = None  # set by the trainer (ZeRO fp32 refresh)
 
     def prepare_model(self, model: nn.Module) -> Mapping[str, Callable[[str], bool]]:
         """Change the model before the engine is built; return the named dense parts to freeze separately."""
@@ -83,10 +85,11 @@ class Method:
                seq_len: int) -> None:
         self.model, self.train = model, train
 
-    def begin_step(self, step: int, domain: int) -> dict[str, float]:
+    def begin_step(self, step: int, domain: Union[int, Sequence[int]]) -> dict[str, float]:
+        """``domain``: the step's domain, or with mixed batches the domains present on any rank."""
         return {}
 
-    def loss(self, input_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, input_ids: Tensor, token_domain: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         task = task_loss(self.model, input_ids)
         aux = total_aux_loss(self.model)
         return task + self.aux_coef * aux, {"task_loss": task.detach(), "aux_loss": aux.detach()}
@@ -109,7 +112,10 @@ class DESMoE(Method):
         if self.cfg.alr.enabled:
             install_alr(model, self.cfg.alr, seed=self.seed)
         blocks = moe_blocks(model)
-        self.dmap = DomainExpertMap(len(blocks), self.num_domains, blocks[0].num_experts, self.cfg.dges)
+        self.dmap = DomainExpertMap(len(blocks), self.num_domains, blocks[0].router.num_experts, self.cfg.dges)
+        dges = self.cfg.dges
+        self.copies = ExpertCopies(blocks, self.num_domains, dges.spare_experts) \
+            if dges.enabled and dges.duplicate_shared else None
         self.t1, self.t2 = schedule.boundaries(self.total_steps, self.cfg.schedule)
         return super().prepare_model(model)
 
@@ -119,16 +125,39 @@ class DESMoE(Method):
         blocks = moe_blocks(self.model)
         if tset.experts == "domain" and not self.dmap.ready:  # e.g. resumed from a pre-DGES checkpoint
             self.dmap.refresh()
-        sets = [self.dmap.experts_for(b, domain) for b in range(len(blocks))] if tset.experts == "domain" else None
+        # Mixed batches: the union of the present domains' sets trains (experts no present domain
+        # owns stay bit-identical under AdamW); the route mask in loss() keeps each token to its own.
+        present = [domain] if isinstance(domain, int) else list(domain)
+        sets = [sorted({e for d in present for e in self.dmap.experts_for(b, d)}) for b in range(len(blocks))] \
+            if tset.experts == "domain" else None
+        self.mask_routes = tset.experts == "domain" and self.cfg.dges.batching == "token"
+        if self.copies is not None and sets is not None:  # logical experts -> the present domains' slots
+            sets = [self.copies.slots_for(b, present, sets[b]) for b in range(len(blocks))]
         schedule.apply(self.train, tset, len(blocks), sets)
+        if self.copies is not None and tset.experts == "all":  # never the unused spare slots
+            for b in range(len(blocks)):
+                self.train.set_experts(b, self.copies.used_slots(b))
         alr_trains = self.cfg.alr.enabled and tset.router
         self.lam = lambda_at(step / self.total_steps, self.cfg.alr.lambda_end) if alr_trains else 0.0
         set_lambda(self.model, self.lam)
         self.phase = phase
         return {"phase": float(phase), "lambda": self.lam, "frozen_share": self.train.frozen_fraction()}
 
-    def loss(self, input_ids):
-        task = task_loss(self.model, input_ids)
+    def loss(self, input_ids, token_domain=None):
+        blocks = moe_blocks(self.model)
+        if getattr(self, "mask_routes", False):
+            if token_domain is None:
+                raise ValueError("token-level masking (dges.batching=token) needs the batch's token domains")
+            for b, block in enumerate(blocks):  # Eq. 8: route (i, e) teaches e only if d_i owns e
+                block.weight_grad_mask = self.dmap.route_mask(b, token_domain.to(input_ids.device))
+        if self.copies is not None and self.copies.made and token_domain is not None:
+            for b, block in enumerate(blocks):  # each domain's tokens run on its own copies
+                block.route_slots = self.copies.route_slots(b, token_domain.to(input_ids.device))
+        try:
+            task = task_loss(self.model, input_ids)
+        finally:
+            for block in blocks:  # the mask lives on in the autograd graph until backward
+                block.weight_grad_mask = block.route_slots = None
         aux = total_aux_loss(self.model)
         kd = model_kd_loss(self.model, self.cfg.alr) if self.lam > 0 else torch.zeros((), device=task.device)
         total = task + self.aux_coef * aux + self.lam * kd  # the ALR mixes (1 - lambda) into its task gradient
@@ -139,11 +168,19 @@ class DESMoE(Method):
         t, every = step + 1, self.cfg.dges.update_every
         if t == self.t1 or (t > self.t1 and every and (t - self.t1) % every == 0):
             self.dmap.refresh()
+            if self.copies is not None and not self.copies.made:  # duplication at the first M
+                self.copies_made = self.copies.create(self.dmap.A, self.dmap.M)
+                self.copies.apply_inference(self.cfg.dges.duplicate_inference)
+                if self.on_weights_changed is not None:
+                    self.on_weights_changed()
             return True
         return False
 
     def state_dict(self):
-        return {"dges": self.dmap.state_dict()}
+        return {"dges": self.dmap.state_dict(), **({"copies": self.copies.state_dict()} if self.copies else {})}
 
     def load_state_dict(self, state):
         self.dmap.load_state_dict(state["dges"])
+        if self.copies is not None:
+            self.copies.load_state_dict(state.get("copies"))
+            self.copies.apply_inference(self.cfg.dges.duplicate_inference)
