@@ -43,7 +43,7 @@ def _slot_counts(model):
 def duplication_case():
     import deepspeed.comm as dist
 
-    from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
+    from desmoe.engine import build_engine, read_ds_config, refresh_master_weights, resolve_ds_config
     from desmoe.methods.desmoe.config import DESMoEConfig
     from desmoe.methods.desmoe.method import DESMoE
     from desmoe.models.moe_lm import MoELM
@@ -63,7 +63,7 @@ def duplication_case():
     assert [b.slot_of_expert.tolist() for b in blocks] == [[0, 1, 3, 4]] * 2 and method.copies.spares == [[2, 5]] * 2
     ds = resolve_ds_config(read_ds_config(ROOT / "configs/zero2.json"), micro_batch=4, lr=1e-2)
     engine, train = build_engine(model, ds, parts=parts)
-    method.on_weights_changed = engine.optimizer.refresh_fp32_params
+    method.on_weights_changed = lambda tags: refresh_master_weights(engine, tags)
     method.enable_gradient_skipping(engine.module, parts)
     data = _data()
     method.attach(engine.module, train, data, rank, world, 4, 32)
