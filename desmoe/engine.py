@@ -88,3 +88,24 @@ def build_engine(model: nn.Module, ds_config: Mapping[str, Any],
                                eps=float(params.get("eps", 1e-8)), weight_decay=wd, foreach=False)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
     return engine, Trainability(optimizer)
+
+
+def refresh_master_weights(engine, expert_tags) -> None:
+    """After expert weights were written into the module (e.g. copied between slots), make a
+    ZeRO-1/2 optimizer's fp32 master partitions of exactly those experts' groups (tags
+    ``(block, global expert id)``) re-read them; every other group keeps its fp32 bits
+    (DeepSpeed's ``refresh_fp32_params`` would round all of them to bf16 under bf16)."""
+    import deepspeed.comm as dist
+
+    from desmoe.moe.trainability import EXPERT_KEY
+
+    zero = engine.optimizer
+    if not hasattr(zero, "single_partition_of_fp32_groups"):
+        if hasattr(zero, "refresh_fp32_params"):
+            zero.refresh_fp32_params()
+        return  # no master copy: the module weights are what the optimizer steps
+    tags = {tuple(t) for t in expert_tags}
+    for i, group in enumerate(zero.optimizer.param_groups):
+        if tuple(group.get(EXPERT_KEY) or ()) in tags:
+            part = dist.get_rank(group=zero.real_dp_process_group[i])
+            zero.single_partition_of_fp32_groups[i].data.copy_(zero.parallel_partitioned_bit16_groups[i][part].data)

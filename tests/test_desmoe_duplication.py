@@ -1,10 +1,12 @@
-"""DES-MoE expert duplication on 2 real ranks, EP=2, ZeRO-2 AdamW with weight decay:
-spare slots on both ranks, copies made at the first M (one on another rank), equal
+"""DES-MoE expert duplication on 2 real ranks (EP=2, and EP=1 x DP=2 with frozen gradients
+skipped), ZeRO-2 AdamW with weight decay: spare slots on every EP rank, copies made at the
+first M (at EP=2 one on the other rank), equal
 to their originals and the model's function unchanged at creation, each domain's
 tokens reach its own copy while the other domain's routing and capacity stay as
 they were, and every slot a step does not train stays bit-identical."""
 from pathlib import Path
 
+import pytest
 import torch
 
 from test_desmoe_ranks import _data, _tiny_model_cfg
@@ -40,10 +42,15 @@ def _slot_counts(model):
     return counts, logical
 
 
-def duplication_case():
+# Per EP size: the originals' slots, the spares, the copy of expert 0 (for B) and of expert 1 (for A):
+# EP=2 puts one spare on each rank (A's copy of expert 1 goes to the other rank), EP=1 (DP=2) both on one.
+LAYOUT = {2: ([0, 1, 3, 4], [2, 5], 2, 5), 1: ([0, 1, 2, 3], [4, 5], 4, 5)}
+
+
+def duplication_case(ep):
     import deepspeed.comm as dist
 
-    from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
+    from desmoe.engine import build_engine, read_ds_config, refresh_master_weights, resolve_ds_config
     from desmoe.methods.desmoe.config import DESMoEConfig
     from desmoe.methods.desmoe.method import DESMoE
     from desmoe.models.moe_lm import MoELM
@@ -54,16 +61,17 @@ def duplication_case():
     cfg = DESMoEConfig()
     cfg.dges.duplicate_shared, cfg.dges.spare_experts, cfg.dges.update_every = True, 2, 0
     torch.manual_seed(0)
-    model = MoELM(_tiny_model_cfg(ep_size=2))
+    model = MoELM(_tiny_model_cfg(ep_size=ep))
+    originals, spares, copy0, copy1 = LAYOUT[ep]
     model.setup_expert_parallel()
     method = DESMoE(cfg, STEPS, 2, aux_coef=0.0)
     parts = method.prepare_model(model)
     blocks = moe_blocks(model)
     # one spare per rank: logical 0,1 -> slots 0,1 (rank 0), logical 2,3 -> slots 3,4 (rank 1), spares 2 and 5
-    assert [b.slot_of_expert.tolist() for b in blocks] == [[0, 1, 3, 4]] * 2 and method.copies.spares == [[2, 5]] * 2
+    assert [b.slot_of_expert.tolist() for b in blocks] == [originals] * 2 and method.copies.spares == [spares] * 2
     ds = resolve_ds_config(read_ds_config(ROOT / "configs/zero2.json"), micro_batch=4, lr=1e-2)
     engine, train = build_engine(model, ds, parts=parts)
-    method.on_weights_changed = engine.optimizer.refresh_fp32_params
+    method.on_weights_changed = lambda tags: refresh_master_weights(engine, tags)
     method.enable_gradient_skipping(engine.module, parts)
     data = _data()
     method.attach(engine.module, train, data, rank, world, 4, 32)
@@ -89,12 +97,14 @@ def duplication_case():
         method.end_step(step, batch.token_domain[:, :-1])
     assert method.copies.made and method.copies_made == 4  # 2 layers x 2 shared experts
     # A keeps expert 0 (higher affinity), B gets a copy on rank 0; B keeps 1, A's copy of 1 goes to rank 1
-    assert [t.tolist() for t in method.copies.tables] == [[[0, 5, 3, 4], [2, 1, 3, 4]]] * 2
+    o = originals
+    assert [t.tolist() for t in method.copies.tables] == [[[o[0], copy1, o[2], o[3]], [copy0, o[1], o[2], o[3]]]] * 2
     created = _all_slots(engine.module)
     for layer in range(2):
-        assert torch.equal(created[layer][2], created[layer][0]) and torch.equal(created[layer][5], created[layer][1])
-        assert not torch.equal(before_copy[layer][5], created[layer][1])  # the spare held other weights before
-        for slot in (0, 1, 3, 4):
+        assert torch.equal(created[layer][copy0], created[layer][o[0]])
+        assert torch.equal(created[layer][copy1], created[layer][o[1]])
+        assert not torch.equal(before_copy[layer][copy1], created[layer][o[1]])  # the spare held other weights
+        for slot in originals:
             assert torch.equal(created[layer][slot], before_copy[layer][slot])
     # At creation the function is unchanged, B's tokens run on B's copy, A's routing and capacity are as before.
     engine.module.eval()
@@ -113,8 +123,8 @@ def duplication_case():
         for layer in range(2):
             want = torch.zeros(6, dtype=torch.long).index_add_(0, method.copies.tables[layer][d], logical[layer])
             assert torch.equal(slots[layer], want), (d, layer, slots[layer], want)
-        copy = 2 if d == 1 else 5  # the domain's own copy is used, not the other domain's
-        assert slots[:, copy].sum() > 0 and slots[:, 7 - copy].sum() == 0, (d, slots)
+        mine, other = (copy0, copy1) if d == 1 else (copy1, copy0)  # its own copy is used, not the other's
+        assert slots[:, mine].sum() > 0 and slots[:, other].sum() == 0, (d, slots)
     engine.module.train()
     # Stabilisation: a step trains exactly its domain's slots of S_d; every other slot is bit-identical.
     moved = set()
@@ -132,7 +142,7 @@ def duplication_case():
                 changed = not torch.equal(prev[layer][slot], now[layer][slot])
                 assert slot in mine or not changed, (step, domain, layer, slot, "frozen slot moved")
                 moved |= {(layer, slot)} if changed else set()
-    assert moved == {(layer, slot) for layer in range(2) for slot in (0, 1, 2, 3, 5)}, moved
+    assert moved == {(layer, slot) for layer in range(2) for slot in range(6) if slot != o[3]}, moved
     # Unlabelled inference, "average": each expert's output is the mean over its original and copies;
     # every expert here has at most one copy, so that is the mean of running all tokens as A and as B.
     method.copies.apply_inference("average")
@@ -150,13 +160,12 @@ def duplication_case():
     return True
 
 
-def test_duplication_copies_and_isolation_ep2(ranks):
-    assert ranks.run(duplication_case) == [True, True]
+@pytest.mark.parametrize("ep", [2, 1], ids=["ep2", "ep1-dp2"])
+def test_duplication_copies_and_isolation(ranks, ep):
+    assert ranks.run(duplication_case, ep) == [True, True]
 
 
 def test_duplication_switches_are_checked():
-    import pytest
-
     from desmoe.config import load_config
     from desmoe.errors import ConfigError
     from desmoe.training.desmoe_trainer import DESMoEExperiment

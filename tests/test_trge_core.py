@@ -159,6 +159,13 @@ def test_identifiers_on_real_digits(digits):
         proto.fit_task(TaskInfo(tasks[t].name, tasks[t].classnames, feats[t]))
     unseen_rate = [(proto.identify(IdBatch(test[t])) == UNSEEN).float().mean().item() for t in range(3)]
     assert unseen_rate[2] > max(unseen_rate[:2]) and max(unseen_rate[:2]) < 0.3, unseen_rate
+    # the same with thresholds calibrated on held-out training samples (prototype and Gaussian)
+    for ident in (PrototypeIdentifier(0.0, quantile=0.05, calibration_split=0.25),
+                  GaussianIdentifier(0.0, 0.5, quantile=0.05, calibration_split=0.25)):
+        for t in range(2):
+            ident.fit_task(TaskInfo(tasks[t].name, tasks[t].classnames, feats[t]))
+        rate = [(ident.identify(IdBatch(test[t])) == UNSEEN).float().mean().item() for t in range(3)]
+        assert rate[2] > max(rate[:2]) and max(rate[:2]) < 0.3, (ident.name, rate)
     vote = BatchVote(PrototypeIdentifier(0.0))
     for t in range(2):
         vote.fit_task(TaskInfo(tasks[t].name, tasks[t].classnames, feats[t]))
@@ -198,7 +205,7 @@ def test_bad_model_paths_one_line(tmp_path, case, expect):
     assert expect in msg and "\n" not in msg and str(tmp_path) in msg
 
 
-def test_embedded_architecture_adapters_in_bert_layers_and_on_cnn_features(digits):
+def test_embedded_architecture_adapters_in_bert_layers_and_on_cnn_features(digits, tmp_path):
     """The embedded encoder's layout: groups in every BERT layer and in residual blocks on the CNN feature."""
     from desmoe.moe.layer import moe_blocks
     from desmoe.trge.adapters import AdaptedBertOutput, FeatureAdapters
@@ -232,6 +239,20 @@ def test_embedded_architecture_adapters_in_bert_layers_and_on_cnn_features(digit
         assert torch.allclose(model.image_features(None, w, cnn_features=cached), model.image_features(px, w))
         wt = torch.tensor([[0.0, 1.0]] * len(ids))
         assert (model.text_features(ids, mask, wt) - ref_txt).abs().max() > 1e-3
+    # the run's table of frozen CNN features: the same features, computed once, then read from disk
+    from desmoe.trge.features import frozen_cnn_table, key
+
+    cache = tmp_path / "features"
+    table = frozen_cnn_table(model, bb, tasks[:2], 64, str(cache))
+    with torch.no_grad():
+        assert torch.allclose(table[key(tasks[1].name, "test")], model.cnn_features(bb.pixels(tasks[1].test_x)),
+                              atol=1e-5)
+    (stored,) = cache.glob("*.pt")
+    torch.save({k: v + 1 for k, v in table.items()}, stored)  # a later run reads the file, not the CNN
+    assert torch.equal(frozen_cnn_table(model, bb, tasks[:2], 64, str(cache))[key(tasks[0].name, "train")],
+                       table[key(tasks[0].name, "train")] + 1)
+    assert torch.equal(frozen_cnn_table(model, bb, tasks[:1], 64, str(cache))[key(tasks[0].name, "train")],
+                       table[key(tasks[0].name, "train")])  # other images: another key, computed afresh
 
 
 def test_bad_dataset_folders_one_line(tmp_path):

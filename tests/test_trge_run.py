@@ -25,7 +25,7 @@ def run_case(run_dir, method, extra=()):
 
 
 def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
-    first = ranks.run(run_case, str(tmp_path), "trge")
+    first = ranks.run(run_case, str(tmp_path), "trge", ("train.save_every=2",))
     s = first[0]
     A = np.array(s["accuracy_matrix"])
     assert A.shape == (3, 3) and ((A >= 0) & (A <= 100)).all()
@@ -43,10 +43,15 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
         assert (run / name).is_file(), name
     assert json.loads((run / "results.json").read_text())["accuracy_matrix"] == s["accuracy_matrix"]
     assert list((run / "tensorboard").iterdir())
-    # resume: every task is done, nothing retrains, the same results come back; rows logged after the
-    # last checkpoint (here a fake one) are dropped, and a variant new to this run does not break it
+    # resume inside a task: back to the checkpoint at step 2 of the last task (as after a preemption
+    # there), the run trains only that task's last step and ends with the very same results; rows logged
+    # after that checkpoint (here a fake one) are dropped, and a variant new to this run does not break it
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step00000009" and (ckpts / "step00000008").is_dir()
+    (ckpts / "latest").write_text("step00000008")
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 10**6, "train/loss": 1.0}) + "\n")
-    again = ranks.run(run_case, str(tmp_path), "trge", ("eval.variants=[oracle,no_fusion]",))
+    again = ranks.run(run_case, str(tmp_path), "trge", ("train.save_every=2", "eval.variants=[oracle,no_fusion]"))
     assert again[0]["accuracy_matrix"] == s["accuracy_matrix"]
-    assert all(json.loads(r)["step"] <= 9 for r in (run / "metrics.jsonl").read_text().splitlines())
+    steps = [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 9 and 10**6 not in steps

@@ -221,7 +221,7 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
     import deepspeed.comm as dist
 
     from desmoe.distributed import init_distributed, is_rank0
-    from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
+    from desmoe.engine import build_engine, read_ds_config, refresh_master_weights, resolve_ds_config
     from desmoe.methods.desmoe.baselines import build_method
 
     ds_raw = read_ds_config(ds_config_path)
@@ -238,8 +238,8 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
     method = build_method(cfg.desmoe, t.steps, len(data.domains), t.aux_loss_coef, seed=cfg.model.init_seed)
     parts = method.prepare_model(model)
     engine, trainability = build_engine(model, resolve_ds_config(ds_raw, t.micro_batch, lr=t.lr), parts=parts)
-    # A method that writes weights (expert copies) must make ZeRO re-read its fp32 master copy.
-    method.on_weights_changed = getattr(engine.optimizer, "refresh_fp32_params", None)
+    # A method that writes expert weights (copies) must make ZeRO re-read those experts' fp32 master copy.
+    method.on_weights_changed = lambda tags: refresh_master_weights(engine, tags)
     if cfg.desmoe.skip_frozen_grads:
         method.enable_gradient_skipping(engine.module, parts)
     run_dir = Path(cfg.run.dir) / cfg.run.name

@@ -99,7 +99,9 @@ class Backbone:
 
 def _hf_tokenize(tok, max_len: int) -> Callable[[list[str]], tuple[Tensor, Tensor]]:
     def tokenize(texts: list[str]) -> tuple[Tensor, Tensor]:
-        enc = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+        # pad to the longest prompt, not to max_len: class prompts are short, and every padded position
+        # would cost a full pass through the (adapted) text tower in every training step
+        enc = tok(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
     return tokenize
@@ -118,13 +120,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         if not p.is_dir() or not (p / "config.json").is_file():
             raise UserError(f"backbone.path '{cfg.path}': not a folder with a config.json "
                             f"(expected a local HF CLIPModel)")
-        try:
-            model, tok = de.load_clip(p)
-        except UserError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            raise UserError(f"backbone.path '{cfg.path}': not a usable CLIPModel "
-                            f"({' '.join(str(err).split())[:200]})") from None
+        model, tok = _load_or_one_line(de.load_clip, p, f"backbone.path '{cfg.path}': not a usable CLIPModel")
         max_len = min(77, model.config.text_config.max_position_embeddings)
     elif cfg.kind == "towers":
         model, tok = de.from_pretrained_towers(*_tower_files(), image_size=cfg.image_size, seed=cfg.seed)
@@ -132,16 +128,21 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         max_len = model.config.max_text_length
     else:
         folder = cfg.path or "cache/dual_encoder"
-        try:
-            model, tok = de.load_dual_encoder(folder)
-        except UserError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            raise UserError(f"backbone.path '{folder}': not a usable saved dual encoder "
-                            f"({' '.join(str(err).split())[:200]})") from None
+        model, tok = _load_or_one_line(de.load_dual_encoder, folder,
+                                       f"backbone.path '{folder}': not a usable saved dual encoder")
         max_len = model.config.max_text_length
     size, mean, std = de.image_spec(model)
     return Backbone(model, _hf_tokenize(tok, max_len), size, tuple(mean), tuple(std))
+
+
+def _load_or_one_line(load: Callable, path, what: str):
+    """``load(path)``; its own UserErrors pass through, any other failure is the user's folder: one line."""
+    try:
+        return load(path)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever a broken model folder raises
+        raise UserError(f"{what} ({' '.join(str(err).split())[:200]})") from None
 
 
 def _tower_files() -> tuple[Path, Path]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from desmoe.trge.features import key as feature_key
 from desmoe.trge.fusion import fuse_where
 from desmoe.trge.inter_group import UNSEEN, InterGroupConfig, group_weights, one_hot_weights
 from desmoe.trge.task_id import IdBatch, TaskIdentifier
@@ -22,8 +23,9 @@ from desmoe.trge.task_id import IdBatch, TaskIdentifier
 class TextBank:
     """Class embeddings per (task, group), cached: a finished group never changes."""
 
-    def __init__(self, model, tokenize, num_groups: int) -> None:
+    def __init__(self, model, tokenize, num_groups: int, cnn_table: Optional[dict] = None) -> None:
         self.model, self.tokenize, self.num_groups = model, tokenize, num_groups
+        self.cnn_table = cnn_table  # desmoe.trge.features: frozen CNN features of every image, or None
         self.cache: dict[tuple[str, int], Tensor] = {}
         # Frozen image inputs per (test set, batch start): f0 and, for a CNN tower, its pooled
         # features -- the same at every stage, so computed once per run.
@@ -66,8 +68,11 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
         images, y = task.test_x[sel], task.test_y[sel]
         key = (task.name, start)
         if key not in bank.images:
-            px = pixels(images)
-            cnn = model.cnn_features(px)
+            if bank.cnn_table is not None:
+                px, cnn = None, bank.cnn_table[feature_key(task.name, "test")][sel]
+            else:
+                px = pixels(images)
+                cnn = model.cnn_features(px)
             bank.images[key] = (model.image_features(px, cnn_features=cnn), cnn)
         f0, cnn = bank.images[key]
         px = None if cnn is not None else pixels(images)  # a CNN tower needs only its cached features

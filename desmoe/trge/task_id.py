@@ -60,6 +60,9 @@ class IdentifierConfig:
     # prototype: if > 0, a per-task threshold instead -- this quantile of the task's own training
     # samples' similarity to its prototype (0.05: 5% of a task's own samples would be called unseen)
     threshold_quantile: float = 0.0
+    # share of a task's identifier samples held out from fitting, to calibrate the per-task threshold
+    # on samples the prototype / Gaussian has not seen (0 = calibrate on the fitting samples themselves)
+    calibration_split: float = 0.0
     per_batch: bool = False  # majority vote per batch (labelled variant)
     shrinkage: float = 0.5  # gaussian: covariance shrinkage towards its diagonal mean
     mllm_path: str = ""
@@ -71,6 +74,10 @@ class IdentifierConfig:
 
         if self.backend not in BACKENDS:
             raise bad("backend", "one of " + ", ".join(BACKENDS), self.backend)
+        if not 0 <= self.threshold_quantile < 1:
+            raise bad("threshold_quantile", "a number in [0, 1)", self.threshold_quantile)
+        if not 0 <= self.calibration_split < 1:
+            raise bad("calibration_split", "a number in [0, 1)", self.calibration_split)
         if self.backend == "mllm" and not self.mllm_path:
             raise bad("mllm_path", "the folder of a local HF image-text-to-text model", self.mllm_path)
 
@@ -98,20 +105,32 @@ class OracleIdentifier(TaskIdentifier):
         return torch.where(t < len(self.tasks), t, torch.full_like(t, UNSEEN))
 
 
+def split_for_calibration(feats: Tensor, share: float) -> tuple[Tensor, Tensor]:
+    """(fitting rows, held-out rows): every k-th sample is held out (the samples are already a random
+    draw); share 0 = calibrate on the fitting rows themselves."""
+    n_cal = int(round(share * len(feats)))
+    if n_cal < 1 or len(feats) - n_cal < 2:
+        return feats, feats
+    held = torch.zeros(len(feats), dtype=torch.bool)
+    held[torch.linspace(0, len(feats) - 1, n_cal).round().long()] = True
+    return feats[~held], feats[held]
+
+
 class PrototypeIdentifier(TaskIdentifier):
     name = "prototype"
 
-    def __init__(self, threshold: float, quantile: float = 0.0) -> None:
+    def __init__(self, threshold: float, quantile: float = 0.0, calibration_split: float = 0.0) -> None:
         super().__init__()
-        self.threshold, self.quantile = threshold, quantile
+        self.threshold, self.quantile, self.calibration_split = threshold, quantile, calibration_split
         self.protos: list[Tensor] = []
         self.task_thresholds: list[float] = []
 
     def fit_task(self, info: TaskInfo) -> None:
         super().fit_task(info)
-        proto = F.normalize(info.feats.float().mean(0), dim=0)
+        fit, held = split_for_calibration(info.feats.float(), self.calibration_split)
+        proto = F.normalize(fit.mean(0), dim=0)
         self.protos.append(proto)
-        own = F.normalize(info.feats.float(), dim=-1) @ proto
+        own = F.normalize(held, dim=-1) @ proto  # similarities a task's own new samples reach
         self.task_thresholds.append(float(torch.quantile(own, self.quantile)) if self.quantile > 0 else self.threshold)
 
     def identify(self, batch: IdBatch) -> Tensor:
@@ -140,18 +159,24 @@ class DescriptionIdentifier(PrototypeIdentifier):
 
 
 class GaussianIdentifier(TaskIdentifier):
+    """Unseen when the best task's Mahalanobis distance per dimension exceeds ``threshold``, or, with
+    ``quantile`` q > 0, that task's own (1 - q)-quantile on held-out training samples."""
+
     name = "gaussian"
 
-    def __init__(self, threshold: float, shrinkage: float) -> None:
+    def __init__(self, threshold: float, shrinkage: float, quantile: float = 0.0,
+                 calibration_split: float = 0.0) -> None:
         super().__init__()
         self.threshold, self.shrinkage = threshold, shrinkage
+        self.quantile, self.calibration_split = quantile, calibration_split
         self.means: list[Tensor] = []
         self.precisions: list[Tensor] = []
         self.logdets: list[Tensor] = []
+        self.task_thresholds: list[float] = []
 
     def fit_task(self, info: TaskInfo) -> None:
         super().fit_task(info)
-        x = info.feats.double()
+        x, held = split_for_calibration(info.feats.double(), self.calibration_split)
         mu = x.mean(0)
         cov = torch.cov((x - mu).t()) if x.shape[0] > 1 else torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype)
         target = torch.eye(x.shape[1], dtype=x.dtype) * max(float(cov.diagonal().mean()), 1e-6)
@@ -159,16 +184,18 @@ class GaussianIdentifier(TaskIdentifier):
         self.means.append(mu)
         self.precisions.append(torch.linalg.inv(cov))
         self.logdets.append(torch.linalg.slogdet(cov)[1])
+        own = ((held - mu) @ self.precisions[-1] * (held - mu)).sum(1) / x.shape[1]
+        self.task_thresholds.append(float(torch.quantile(own, 1 - self.quantile)) if self.quantile > 0
+                                    else self.threshold)
 
     def identify(self, batch: IdBatch) -> Tensor:
         x = batch.feats.double()
         maha = torch.stack([((x - m) @ p * (x - m)).sum(1) for m, p in zip(self.means, self.precisions)], 1)
         logp = -0.5 * (maha + torch.stack(self.logdets)[None])
         idx = logp.argmax(1)
-        if self.threshold > 0:
-            per_dim = maha.gather(1, idx[:, None]).squeeze(1) / x.shape[1]
-            idx = torch.where(per_dim <= self.threshold, idx, torch.full_like(idx, UNSEEN))
-        return idx
+        limit = torch.tensor(self.task_thresholds, dtype=x.dtype)[idx]
+        per_dim = maha.gather(1, idx[:, None]).squeeze(1) / x.shape[1]
+        return torch.where((limit <= 0) | (per_dim <= limit), idx, torch.full_like(idx, UNSEEN))
 
 
 class BatchVote(TaskIdentifier):
@@ -254,13 +281,13 @@ def build_identifier(cfg: IdentifierConfig, embed_text: Optional[Callable[[list[
     if cfg.backend == "oracle":
         ident: TaskIdentifier = OracleIdentifier()
     elif cfg.backend == "prototype":
-        ident = PrototypeIdentifier(cfg.threshold, cfg.threshold_quantile)
+        ident = PrototypeIdentifier(cfg.threshold, cfg.threshold_quantile, cfg.calibration_split)
     elif cfg.backend == "description":
         if embed_text is None:
             raise ValueError("the description identifier needs a text embedder")
         ident = DescriptionIdentifier(cfg.threshold, embed_text)
     elif cfg.backend == "gaussian":
-        ident = GaussianIdentifier(cfg.threshold, cfg.shrinkage)
+        ident = GaussianIdentifier(cfg.threshold, cfg.shrinkage, cfg.threshold_quantile, cfg.calibration_split)
     else:
         ident = MLLMIdentifier(cfg.mllm_path, cfg.mllm_images, cfg.mllm_max_new_tokens)
     return BatchVote(ident) if cfg.per_batch else ident

@@ -29,6 +29,8 @@ from desmoe.trge.backbones import BackboneConfig, load_backbone
 from desmoe.trge.baselines import METHODS, PoolUsage
 from desmoe.trge.data import DataConfig, load_sequence
 from desmoe.trge.evaluate import TextBank, evaluate_task
+from desmoe.trge.features import frozen_cnn_table
+from desmoe.trge.features import key as feature_key
 from desmoe.trge.fusion import fusion_weight
 from desmoe.trge.groups import GroupSpec, gate_parts, setup_groups, train_only_group
 from desmoe.trge.inter_group import InterGroupConfig, one_hot_weights
@@ -47,14 +49,20 @@ class TrainConfig:
     proto_samples: int = 512  # training images per task for the prototype / identifier
     log_every: int = 10
     seed: int = 42
+    save_every: int = 0  # steps between checkpoints inside a task (0 = at task ends and on preemption only)
     # Reuse the frozen CNN's pooled features of each sampled training image (embedded tower only):
     # several times faster, at the price of no random-crop augmentation for the image-side adapters.
     cache_image_features: bool = False
+    # Where the frozen CNN features of all images are kept between runs (content-keyed; "" = recompute
+    # every run).  A CNN tower's features never change, so every method and ablation shares them.
+    feature_cache: str = "cache/trge_features"
 
     def check(self) -> None:
         for key in ("steps_per_task", "micro_batch", "eval_batch", "proto_samples", "log_every"):
             if getattr(self, key) < 1:
                 raise bad(key, "an integer >= 1", getattr(self, key))
+        if self.save_every < 0:
+            raise bad("save_every", "an integer >= 0", self.save_every)
 
 
 @dataclass
@@ -118,21 +126,13 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
 
 
-def _cached_features(cfg: TRGEExperiment, model, backbone, task, steps: int, gen: torch.Generator, rank: int):
-    """(per-step sample indices, frozen pooled CNN features of the sampled images, per-step rows into them),
-    or None when ``train.cache_image_features`` is off or the image tower is not the embedded CNN."""
-    if not cfg.train.cache_image_features or not model.cnn:
+def _cached_features(cfg: TRGEExperiment, table, task, steps: int, gen: torch.Generator):
+    """(per-step sample indices, frozen pooled CNN features of the task's training images), or None
+    when ``train.cache_image_features`` is off or the image tower is not a CNN (``table`` None)."""
+    if not cfg.train.cache_image_features or table is None:
         return None
-    from tqdm.auto import tqdm
-
     sels = torch.randint(len(task.train_y), (steps, cfg.train.micro_batch), generator=gen)
-    uniq, rows = torch.unique(sels, return_inverse=True)  # each image through the CNN once
-    chunks = range(0, len(uniq), cfg.train.eval_batch)
-    with torch.no_grad():
-        feats = torch.cat([model.cnn_features(backbone.pixels(task.train_x[uniq[i:i + cfg.train.eval_batch]]))
-                           for i in tqdm(chunks, desc=f"{task.name}: image features", leave=False,
-                                         disable=rank != 0)])
-    return sels, feats, rows
+    return sels, table[feature_key(task.name, "train")]
 
 
 def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
@@ -141,7 +141,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     from desmoe.distributed import init_distributed, is_rank0, prepare_in_turn
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
     from desmoe.monitor import Monitor, truncate_metrics
-    from desmoe.training.preemption import Preempted, Preemption, announce
+    from desmoe.training.preemption import Preemption
     from desmoe.moe.layer import moe_blocks
     from desmoe.vision.transforms import random_resized_crop
 
@@ -194,18 +194,30 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
         progress["variants"].setdefault(v, [])
     start = len(progress["rows"])
     steps = cfg.train.steps_per_task if cfg.method != "zero_shot" else 0
+    # a checkpoint taken inside task ``start`` (preemption or save_every): continue from its step
+    mid = state.get("mid_task") if state else None
+    first_step = mid["step"] if mid and mid["task"] == start else 0
+    if mid and usage is not None and mid["task"] == start:
+        usage.counts = [torch.tensor(c) for c in mid["pool_counts"]]
+    done_steps = start * max(steps, 1) + first_step
     if is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-        truncate_metrics(run_dir, after_step=start * max(steps, 1))  # rows logged after the checkpoint get redone
-    monitor = Monitor(run_dir, len(tasks) * max(steps, 1), initial_step=start * max(steps, 1),
+        truncate_metrics(run_dir, after_step=done_steps)  # rows logged after the checkpoint get redone
+    monitor = Monitor(run_dir, len(tasks) * max(steps, 1), initial_step=done_steps,
                       desc=f"{cfg.method} {cfg.run.name}")
-    bank = TextBank(model, backbone.tokenize, T)
-    preemption = Preemption()  # honoured at task boundaries, right after the task's checkpoint
+    t_feat = time.perf_counter()
+    table = frozen_cnn_table(model, backbone, tasks + controls, cfg.train.eval_batch, cfg.train.feature_cache,
+                             rank, world)
+    progress.setdefault("timing", {"startup_features": 0.0, "tasks": []})
+    progress["timing"]["startup_features"] += time.perf_counter() - t_feat
+    bank = TextBank(model, backbone.tokenize, T, table)
+    preemption = Preemption()  # honoured at the next step (or task end), right after a checkpoint
     try:
         for t in range(start, len(tasks)):
             task = tasks[t]
             t0 = time.perf_counter()
+            timing = {}
             group = 0 if cfg.method == "continual_ft" else t
             model.train()
             if steps:
@@ -214,16 +226,18 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
                 w_img = one_hot_weights(group, cfg.train.micro_batch, T)
                 w_txt = one_hot_weights(group, len(ids), T)
                 gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 * t + rank)
-                cached = _cached_features(cfg, model, backbone, task, steps, gen, rank)
-                for step in range(steps):
+                cached = _cached_features(cfg, table, task, steps, gen)
+                for step in range(first_step if t == start else 0, steps):
                     for g in trainability.optimizer.param_groups:
                         g["lr"] = _lr(cfg.train, step)
                     if cached is not None:  # frozen CNN features of this step's images, computed once
-                        sel, cnn = cached[0][step], cached[1][cached[2][step]]
+                        sel = cached[0][step]
+                        cnn = cached[1][sel]
                         logits = engine(None, ids, mask, w_img, w_txt, cnn_features=cnn)
                     else:
-                        sel = torch.randint(len(task.train_y), (cfg.train.micro_batch,), generator=gen)
-                        px = backbone.pixels(random_resized_crop(task.train_x[sel], gen))
+                        g = torch.Generator().manual_seed(cfg.train.seed * 10**6 + 1009 * t + 17 * step + rank)
+                        sel = torch.randint(len(task.train_y), (cfg.train.micro_batch,), generator=g)
+                        px = backbone.pixels(random_resized_crop(task.train_x[sel], g))
                         logits = engine(px, ids, mask, w_img, w_txt)
                     loss = F.cross_entropy(logits, task.train_y[sel], label_smoothing=cfg.train.label_smoothing)
                     if not torch.isfinite(loss):
@@ -236,15 +250,29 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
                     monitor.progress(1, loss=loss.item())
                     if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
                         monitor.scalars(done, {"train/loss": loss.item(), "train/lr": _lr(cfg.train, step)})
+                    if step + 1 < steps:
+                        every = cfg.train.save_every and (step + 1) % cfg.train.save_every == 0
+                        stop = preemption.requested()
+                        if every or stop:
+                            mid_state = {"task": t, "step": step + 1,
+                                         "pool_counts": [c.tolist() for c in usage.counts] if usage else []}
+                            checkpoint.save(engine, ckpt_dir, done, client_state={"progress": progress,
+                                                                                  "mid_task": mid_state})
+                        if stop:
+                            _exit_preempted(monitor, preemption, done, f"at step {step + 1} of task {t + 1}")
                 if usage is not None:
                     usage.freeze_most_used(reduce=lambda c: dist.all_reduce(c) if world > 1 else None)
             model.eval()
+            timing["train"] = time.perf_counter() - t0
             # Task t is done: its prototype and identifier inputs from frozen features.
             with torch.no_grad():
                 pick = torch.randperm(len(task.train_y), generator=torch.Generator().manual_seed(t))
                 pick = pick[: cfg.train.proto_samples]
-                feats = torch.cat([model.image_features(backbone.pixels(task.train_x[pick[i:i + 128]]))
-                                   for i in range(0, len(pick), 128)])
+                if table is not None:
+                    feats = model.image_features(None, cnn_features=table[feature_key(task.name, "train")][pick])
+                else:
+                    feats = torch.cat([model.image_features(backbone.pixels(task.train_x[pick[i:i + 128]]))
+                                       for i in range(0, len(pick), 128)])
             info = TaskInfo(task.name, task.classnames, feats, images=task.train_x[pick[:8]].numpy(),
                             description=task.meta.get("description") if cfg.identifier.backend != "mllm" else None)
             identifier.fit_task(info)
@@ -254,6 +282,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
                                               for i in identifier_infos(identifier)]), dim=-1)
             lam = fusion_weight(cfg.fusion.schedule, t + 1, len(tasks), cfg.fusion.lam_max)
             row, id_row, gw_row, ctrl_row = [], [], [], []
+            timing["prototype"] = time.perf_counter() - t0 - timing["train"]
             for j, other in enumerate(tasks + controls):
                 truth = j if j <= t else -1
                 r = evaluate_task(cfg.method, model, bank, backbone.pixels, other, truth, t + 1, identifier,
@@ -262,6 +291,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
                 (row if j < len(tasks) else ctrl_row).append(r["acc"])
                 id_row.append(r["id_acc"])
                 gw_row.append(r["group_weights"])
+            timing["eval"] = time.perf_counter() - t0 - timing["train"] - timing["prototype"]
             for v in cfg.eval.variants:  # same groups, another test-time path
                 inter = dataclasses.replace(cfg.inter, reading="own") if v == "no_inter" else cfg.inter
                 ident = oracle if v == "oracle" else identifier
@@ -277,21 +307,30 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
                                       "description": info.description})
             progress["pool_frozen"] = [sorted(f) for f in usage.frozen] if usage is not None else []
             progress["seconds"].append(time.perf_counter() - t0)
+            timing["variants"] = progress["seconds"][-1] - timing["train"] - timing["prototype"] - timing["eval"]
+            progress["timing"]["tasks"].append(timing)
             _log_stage(monitor, cfg, tasks, controls, progress, t, steps)
-            checkpoint.save(engine, ckpt_dir, t + 1, client_state={"progress": progress})
+            checkpoint.save(engine, ckpt_dir, (t + 1) * max(steps, 1), client_state={"progress": progress})
             if t + 1 < len(tasks) and preemption.requested():
-                monitor.close()
-                if is_rank0():
-                    print(f"preempted after task {t + 1} ({preemption.signal_name or 'signal on another rank'}): "
-                          f"checkpoint saved, exiting for requeue", flush=True)
-                announce(t + 1, is_rank0())
-                raise Preempted(t + 1)
+                _exit_preempted(monitor, preemption, (t + 1) * max(steps, 1), f"after task {t + 1}")
     finally:
         monitor.close()
     summary = summarize(cfg, tasks, controls, progress, model)
     if is_rank0():
         write_reports(run_dir, summary, tasks, controls, progress)
     return summary
+
+
+def _exit_preempted(monitor, preemption, step: int, where: str) -> None:
+    from desmoe.distributed import is_rank0
+    from desmoe.training.preemption import Preempted, announce
+
+    monitor.close()
+    if is_rank0():
+        print(f"preempted {where} ({preemption.signal_name or 'signal on another rank'}): "
+              f"checkpoint saved, exiting for requeue", flush=True)
+    announce(step, is_rank0())
+    raise Preempted(step)
 
 
 def identifier_infos(identifier) -> list[TaskInfo]:
@@ -344,6 +383,7 @@ def summarize(cfg, tasks, controls, progress, model) -> dict:
     out = {"method": cfg.method, "tasks": [t.name for t in tasks], "controls": [c.name for c in controls],
            "accuracy_matrix": progress["rows"], "control_rows": progress["control_rows"],
            "id_rows": progress["id_rows"], "seconds_per_task": progress["seconds"],
+           "timing": progress.get("timing", {}),
            "trainable_params_per_task": trainable_per_task(cfg, model, progress),
            "identifier": cfg.identifier.backend + ("+batch-vote" if cfg.identifier.per_batch else ""),
            "reading": cfg.inter.reading, "fusion": cfg.fusion.schedule,

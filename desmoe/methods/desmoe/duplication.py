@@ -41,7 +41,7 @@ class ExpertCopies:
 
     def create(self, A: Tensor, M: Tensor) -> int:
         """Make the copies from the first M ([L, D, E]); returns how many were made."""
-        made = 0
+        made, self.written = 0, []  # (layer, slot) whose weights were overwritten
         for layer, block in enumerate(self.blocks):
             free, table, pairs = list(self.spares[layer]), self.tables[layer], []
             claims = M[layer].sum(0)
@@ -59,6 +59,7 @@ class ExpertCopies:
                     table[d, e] = slot
                     pairs.append((original, slot))
             copy_slots(block, pairs)
+            self.written += [(layer, dst) for _, dst in pairs]
             self.spares[layer] = free
             made += len(pairs)
         self.made = True

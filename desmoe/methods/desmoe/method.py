@@ -67,7 +67,8 @@ class Method:
         self.cfg, self.total_steps, self.num_domains, self.aux_coef, self.seed = cfg, total_steps, num_domains, aux_coef, seed
         self.train: Optional[Trainability] = None
         self.model: Optional[nn.Module] = None
-        self.on_weights_changed: Optional[Callable[[], None]] = None  # set by the trainer (ZeRO fp32 refresh)
+        # set by the trainer: called with the (block, expert slot) pairs whose weights the method wrote
+        self.on_weights_changed: Optional[Callable[[list], None]] = None
 
     def prepare_model(self, model: nn.Module) -> Mapping[str, Callable[[str], bool]]:
         """Change the model before the engine is built; return the named dense parts to freeze separately."""
@@ -172,7 +173,7 @@ class DESMoE(Method):
                 self.copies_made = self.copies.create(self.dmap.A, self.dmap.M)
                 self.copies.apply_inference(self.cfg.dges.duplicate_inference)
                 if self.on_weights_changed is not None:
-                    self.on_weights_changed()
+                    self.on_weights_changed(self.copies.written)
             return True
         return False
 
