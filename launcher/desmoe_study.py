@@ -1,12 +1,15 @@
 """Several fine-tuning runs under one launch, then their comparison table (same data, same budget).
 
     deepspeed --num_gpus 2 launcher/desmoe_study.py --config configs/desmoe_demo.yaml --methods desmoe,fft
-    deepspeed --num_gpus 2 launcher/desmoe_study.py --config configs/desmoe_demo.yaml --methods desmoe,fft --scaling 2,3,4,5
+    deepspeed --num_gpus 2 launcher/desmoe_study.py --config configs/desmoe_demo.yaml --methods desmoe,fft \
+        --scaling 2,3,4,5 --steps-per-domain 30
 
 A run whose directory already holds results.json for the same config is reused.
 Runs are named <run.name>-<method> (or <run.name>-N<k>-<method> in the domain-scaling study, whose
-domains are math and code first, then the others in the data's order).  The table, CSV and plots go
-to runs/<run.name>-compare/.
+domains are math and code first, then the others in the order of data.domains).  With
+--steps-per-domain K every run trains K x (its number of domains) steps, so each domain gets the same
+budget at every N (the paper's "same per-domain budget"); otherwise train.steps is used as given.
+The table, CSV and plots go to runs/<run.name>-compare/.
 """
 import argparse
 import copy
@@ -34,6 +37,8 @@ def main() -> None:
     study = argparse.ArgumentParser(add_help=False)
     study.add_argument("--methods", default="desmoe,fft")
     study.add_argument("--scaling", default="", help="comma-separated numbers of domains, e.g. 2,3,4,5,6")
+    study.add_argument("--steps-per-domain", type=int, default=0,
+                       help="train.steps = this x the run's number of domains (0: train.steps as configured)")
     opts, rest = study.parse_known_args()
     cfg, args = parse_launcher_args(DESMoEExperiment, __doc__, argv=rest)
     try:
@@ -43,6 +48,8 @@ def main() -> None:
     methods, known = opts.methods.split(","), get_args(Method)
     if any(m not in known for m in methods):
         raise UserError(f"--methods {opts.methods}: expected a comma-separated list of {', '.join(known)}")
+    if opts.steps_per_domain < 0:
+        raise UserError(f"--steps-per-domain {opts.steps_per_domain}: expected an integer >= 0")
     from desmoe.distributed import init_distributed, is_rank0
     from desmoe.methods.desmoe.domains import open_domains
 
@@ -58,6 +65,8 @@ def main() -> None:
             run.run.name = f"{cfg.run.name}-{method}" if n is None else f"{cfg.run.name}-N{n}-{method}"
             if n is not None:
                 run.data.domains = domains[:n]
+            if opts.steps_per_domain:
+                run.train.steps = opts.steps_per_domain * len(run.data.domains or domains)
             run.check()
             run_dir = Path(run.run.dir) / run.run.name
             done = run_dir / "results.json"

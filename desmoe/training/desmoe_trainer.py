@@ -149,17 +149,26 @@ def build_model(cfg: DESMoEExperiment):
 
 
 def downstream_eval(model, data, cfg: DESMoEExperiment) -> dict[str, float]:
-    """Exact-answer / MCQ tasks and perplexities of the prepared data (every rank must call it)."""
+    """Exact-answer / MCQ tasks and perplexities of the prepared data (every rank must call it).
+
+    The data's "general" domain (what the embedded base was pretrained on) is always evaluated, also
+    when it is not a fine-tuning domain: its test perplexity and MCQ accuracy are the general-ability
+    probe in-distribution for the base (``ppl/general``, ``mcq/general``), next to the never-trained
+    held-out text (``ppl/general_heldout``).  ``downstream/mean`` averages the fine-tuning domains only."""
     if not cfg.evaluation.downstream or not hasattr(data, "data"):
         return {}
     from desmoe.distributed import is_rank0
     from desmoe.evaluation.lm_tasks import LMEvalConfig, evaluate_lm
 
     ev = LMEvalConfig(items_per_task=cfg.evaluation.items_per_task, ppl_tokens=cfg.evaluation.ppl_tokens)
+    probe = [d for d in ("general",) if d in data.data.domains and d not in data.domains]
     was_training = model.training
     model.eval()
-    out = evaluate_lm(model, data.data, ev, domains=data.domains, progress=is_rank0())
+    out = evaluate_lm(model, data.data, ev, domains=[*data.domains, *probe], progress=is_rank0())
     model.train(was_training)
+    mcq = [out[f"mcq/{d}"] for d in data.domains if f"mcq/{d}" in out]
+    if mcq:
+        out["downstream/mean"] = sum(mcq) / len(mcq)
     return {f"eval/{k}": v for k, v in out.items()}
 
 
