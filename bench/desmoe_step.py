@@ -62,14 +62,22 @@ def build(args, method_name: str, data):
 
 
 def step_once(engine, method, step: int, domain: int, batch) -> float:
+    ids, dom = batch.input_ids.to(engine.device), batch.token_domain[:, :-1].to(engine.device)
+    _sync(engine.device)
     t0 = time.perf_counter()
     method.begin_step(step, domain)
     method.sync_gradients()
-    loss, _ = method.loss(batch.input_ids)
+    loss, _ = method.loss(ids)
     engine.backward(loss)
     engine.step()
-    method.end_step(step, batch.token_domain[:, :-1])
+    method.end_step(step, dom)
+    _sync(engine.device)  # GPU work is asynchronous: time it to completion
     return time.perf_counter() - t0
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:

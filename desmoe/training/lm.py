@@ -69,7 +69,10 @@ class LMExperiment:
 def _mean_over_ranks(value: torch.Tensor) -> float:
     import deepspeed.comm as dist
 
-    value = value.detach().float().reshape(1).clone()
+    from desmoe.distributed import device
+
+    # NCCL reduces only accelerator tensors; callers may pass CPU statistics.
+    value = value.detach().float().reshape(1).to(device(), copy=True)
     dist.all_reduce(value)
     return value.item() / dist.get_world_size()
 
