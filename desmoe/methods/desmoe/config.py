@@ -84,7 +84,11 @@ class BaselineConfig:
     esft_mixed: Literal["union", "mixture"] = "union"  # mixed regime: union of per-domain sets or one profile
     lora_rank: int = 8
     lora_alpha: float = 16.0  # scaling alpha / r = 2 (the paper's "scaling 2")
-    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "out"])  # dense linears (not experts)
+    # Attention projections (dense linears, never experts) by their last name: desmoe's MoELM and the HF
+    # families (Mixtral/Qwen2-MoE/OLMoE q/k/v/o, DeepSeek-V2's low-rank q/kv); the ones a model has are used.
+    lora_targets: list[str] = field(default_factory=lambda: [
+        "qkv", "out", "q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+        "kv_b_proj"])
 
     def check(self) -> None:
         for key in ("esft_token_p", "esft_gate_p"):
