@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from desmoe.errors import run_cli
+from desmoe.errors import UserError, run_cli
 
 CANDIDATES = {  # name -> IdentifierConfig overrides
     "prototype, no threshold": dict(backend="prototype", threshold=0.0, threshold_quantile=0.0, calibration_split=0.0),
@@ -42,7 +42,7 @@ def study(cfg) -> dict:
     model = TRGEModel(backbone.model, cfg.groups, cfg.placement)
     table = frozen_cnn_table(model, backbone, tasks + controls, cfg.train.eval_batch, cfg.train.feature_cache)
     if table is None:
-        raise SystemExit("id_study needs a CNN image tower (the embedded stand-in)")
+        raise UserError(f"backbone.kind '{cfg.backbone.kind}': id_study needs a CNN image tower (embedded, towers)")
     with torch.no_grad():
         f = {k: model.image_features(None, cnn_features=v) for k, v in table.items()}
     names = [t.name for t in tasks + controls]
