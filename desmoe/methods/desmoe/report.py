@@ -111,6 +111,7 @@ def plots(rows: list[dict], out: Path) -> None:
                 xy = [(p["N"], p[key]) for p in pts if key in p]
                 if xy:
                     ax.plot(*zip(*xy), marker="o", label=method)
+            ax.set_xticks(sorted({p["N"] for pts in points.values() for p in pts}))
             ax.set_xlabel("number of domains N")
             ax.set_title(SCALING_KEYS[key], fontsize=9)
             ax.legend(fontsize=7)
