@@ -49,9 +49,13 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step00000009" and (ckpts / "step00000008").is_dir()
     (ckpts / "latest").write_text("step00000008")
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    last_loss = [r["train/loss"] for r in rows if r["step"] == 9 and "train/loss" in r]
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 10**6, "train/loss": 1.0}) + "\n")
     again = ranks.run(run_case, str(tmp_path), "trge", ("train.save_every=2", "eval.variants=[oracle,no_fusion]"))
     assert again[0]["accuracy_matrix"] == s["accuracy_matrix"]
-    steps = [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps) == 9 and 10**6 not in steps
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 9 and all(r["step"] != 10**6 for r in rows)
+    # the redone last step computed the very same loss: it continued from step 2, not from the task's start
+    assert [r["train/loss"] for r in rows if r["step"] == 9 and "train/loss" in r] == last_loss and last_loss

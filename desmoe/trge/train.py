@@ -161,6 +161,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
               + ", ".join(f"{k} {v}" for k, v in skipped.items()), flush=True)
     backbone = prepare_in_turn(lambda: load_backbone(cfg.backbone))
     rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg.train.seed * 1000 + rank)  # the gates' training noise: reproducible runs
     if world % cfg.groups.ep_size or cfg.groups.num_experts % cfg.groups.ep_size:
         raise bad("groups.ep_size", f"a divisor of the world size {world} and of the "
                                     f"{cfg.groups.num_experts} experts per site", cfg.groups.ep_size)

@@ -102,6 +102,18 @@ def plots(rows: list[dict], out: Path) -> None:
         fig.savefig(out / ".comparison.tmp.png", dpi=100)  # same suffix: matplotlib picks the format from it
         plt.close(fig)
         os.replace(out / ".comparison.tmp.png", out / "comparison.png")
+    pairs = [r for r in rows if "domain_mean" in r and "ppl/general" in r]
+    if len(pairs) > 1:  # forgetting vs fit: lower-left is better on both
+        fig, ax = plt.subplots(figsize=(5.0, 3.8))
+        for r in pairs:
+            ax.scatter(r["domain_mean"], r["ppl/general"])
+            ax.annotate(r["run"], (r["domain_mean"], r["ppl/general"]), fontsize=6)
+        ax.set_xlabel("trained domains' val loss (nats)")
+        ax.set_ylabel("general-domain perplexity")
+        fig.tight_layout()
+        fig.savefig(out / ".tradeoff.tmp.png", dpi=100)  # same suffix: matplotlib picks the format from it
+        plt.close(fig)
+        os.replace(out / ".tradeoff.tmp.png", out / "tradeoff.png")
     points = scaling_points(rows)
     if points:
         keys = [k for k in SCALING_KEYS if any(k in p for pts in points.values() for p in pts)]
@@ -111,6 +123,7 @@ def plots(rows: list[dict], out: Path) -> None:
                 xy = [(p["N"], p[key]) for p in pts if key in p]
                 if xy:
                     ax.plot(*zip(*xy), marker="o", label=method)
+            ax.set_xticks(sorted({p["N"] for pts in points.values() for p in pts}))
             ax.set_xlabel("number of domains N")
             ax.set_title(SCALING_KEYS[key], fontsize=9)
             ax.legend(fontsize=7)
