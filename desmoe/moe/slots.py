@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import Tensor
 
 from desmoe.moe.layer import MoEBlock
 from desmoe.moe.layout import ExpertLayout
@@ -31,7 +30,7 @@ def add_spare_slots(block: MoEBlock, per_rank: int) -> list[int]:
     shape, not used until a caller routes to them).  Returns the spare slots' ids."""
     if per_rank < 1:
         raise ValueError(f"per_rank must be >= 1, got {per_rank}")
-    ep, nl, rank = block.ep_size, block.layout.num_local, block.ep_rank
+    ep, nl = block.ep_size, block.layout.num_local
     experts = block.deepspeed_moe.experts
     for _ in range(per_rank):
         spare = copy.deepcopy(experts.deepspeed_experts[0])

@@ -44,8 +44,6 @@ def frozen_cnn_table(model, backbone, tasks, batch_size: int, cache_dir: str, ra
         return None
     from tqdm.auto import tqdm
 
-    from desmoe import checkpoint
-
     path = Path(cache_dir) / f"{_fingerprint(model, backbone, tasks)}.pt" if cache_dir else None
     table = _read(path)
     if world > 1:  # one decision for all ranks: they compute together or not at all
