@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import Tensor
 
 from desmoe.moe.layer import MoEBlock
 from desmoe.moe.layout import ExpertLayout
