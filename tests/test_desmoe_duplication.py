@@ -37,7 +37,8 @@ def _slot_counts(model):
 
     counts = torch.stack([b.last_stats.tokens_per_expert for b in moe_blocks(model)]).clone()
     dist.all_reduce(counts)
-    logical = torch.stack([torch.bincount(b.last_routing.expert_ids.reshape(-1), minlength=4) for b in moe_blocks(model)])
+    logical = torch.stack([torch.bincount(b.last_routing.expert_ids.reshape(-1), minlength=4)
+                           for b in moe_blocks(model)])
     dist.all_reduce(logical)
     return counts, logical
 

@@ -53,8 +53,8 @@ def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor) -> tuple[Tensor, Opt
 
 class GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor], counts: list[int],  # type: ignore[override]
-                *weights: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor],  # type: ignore[override]
+                counts: list[int], *weights: Tensor) -> Tensor:
         out = x.new_empty(x.shape)
         saved = []  # per expert: pre-activation h and the (weighted) activation
         start = 0

@@ -101,13 +101,7 @@ class MoEBlock(MoE):
             routing = _repeat_routing(self.router(hidden_states[:, 0]), shape[1])
         else:
             routing = self.router(x)
-        keep = None
-        if self.weight_grad_mask is not None and torch.is_grad_enabled():
-            mask = self.weight_grad_mask
-            if mask.shape != routing.scores.shape:
-                raise ValueError(f"weight_grad_mask must be [tokens, experts] = {tuple(routing.scores.shape)}, "
-                                 f"got {tuple(mask.shape)}")
-            keep = mask.to(device=x.device, dtype=torch.bool).gather(1, routing.expert_ids)
+        keep = self._route_keep(routing)  # None unless a caller set weight_grad_mask
         if self.slot_fanout is not None and self.route_slots is None:
             wide, wide_keep, slots = _fan_out(routing, keep, self.slot_fanout.to(x.device))
             out, stats = self.deepspeed_moe(x, wide, wide_keep, slots)
@@ -121,6 +115,16 @@ class MoEBlock(MoE):
         self.last_routing, self.last_stats = routing, stats
         self.aux_loss = load_balancing_loss(routing.scores, routing.expert_ids, self.router.num_experts)
         return out.reshape(shape)
+
+    def _route_keep(self, routing: Routing) -> Optional[Tensor]:
+        """[S, k] bool per route from ``weight_grad_mask`` (no backward, no mask needed)."""
+        if self.weight_grad_mask is None or not torch.is_grad_enabled():
+            return None
+        if self.weight_grad_mask.shape != routing.scores.shape:
+            raise ValueError(f"weight_grad_mask must be [tokens, experts] = {tuple(routing.scores.shape)}, "
+                             f"got {tuple(self.weight_grad_mask.shape)}")
+        mask = self.weight_grad_mask.to(device=routing.expert_ids.device, dtype=torch.bool)
+        return mask.gather(1, routing.expert_ids)
 
     def _slots(self, routing: Routing) -> Optional[Tensor]:
         if self.route_slots is not None:
