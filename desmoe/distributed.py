@@ -16,6 +16,7 @@ accelerator.  Every collective has a timeout so a dead peer fails the job.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import socket
@@ -169,7 +170,21 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
+    # A process that exits with its process group alive can abort in teardown ("terminate called
+    # without an active exception", seen on a 4-rank Slurm job after all ranks had finished), and
+    # the scheduler then marks a finished job FAILED.
+    atexit.register(_destroy_process_group)
     return d
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        try:
+            tdist.destroy_process_group()
+        except Exception:  # noqa: BLE001  (exiting anyway; nothing useful to report)
+            pass
 
 
 def device() -> "torch.device":  # noqa: F821
