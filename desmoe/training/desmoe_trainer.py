@@ -27,7 +27,7 @@ from desmoe.models.moe_lm import MoELM, MoELMConfig
 from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
 from desmoe.training.lm import RunConfig, TrainConfig, _mean_over_ranks
 from desmoe.training.guards import check_finite
-from desmoe.training.preemption import Preempted, Preemption, announce
+from desmoe.training.preemption import Preemption, exit_for_requeue
 
 
 @dataclass
@@ -304,11 +304,7 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
             if due or preempted:
                 checkpoint.save(engine, ckpt_dir, done, {**method.state_dict(), "train_seconds": train_seconds})
             if preempted:
-                monitor.close()
-                if is_rank0():
-                    print(f"preempted: saved step {done}, exiting for requeue", flush=True)
-                announce(done, is_rank0())
-                raise Preempted(done)
+                exit_for_requeue(monitor, preemption, done, f"at step {done}")
         extra = downstream_eval(engine.module, data, cfg)
         if extra:
             monitor.scalars(0 if method.name == "vanilla" else t.steps, extra)

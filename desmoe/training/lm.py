@@ -21,7 +21,7 @@ from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus, sample_w
 from desmoe.models.moe_lm import MoELM, MoELMConfig
 from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
 from desmoe.training.guards import check_finite
-from desmoe.training.preemption import Preempted, Preemption, announce
+from desmoe.training.preemption import Preemption, exit_for_requeue
 
 
 @dataclass
@@ -134,12 +134,7 @@ def train_lm(cfg: LMExperiment, ds_config_path: str) -> dict:
                 checkpoint.save(engine, ckpt_dir, done)
             elif preemption.requested():
                 checkpoint.save(engine, ckpt_dir, done)
-                monitor.close()
-                if is_rank0():
-                    print(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved step {done}, "
-                          f"exiting for requeue", flush=True)
-                announce(done, is_rank0())
-                raise Preempted(done)
+                exit_for_requeue(monitor, preemption, done, f"at step {done}")
     finally:
         monitor.close()  # ends the progress bar and flushes TensorBoard, also on failure
     return summarize(run_dir) if is_rank0() else {}

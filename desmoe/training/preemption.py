@@ -47,6 +47,18 @@ def announce(step: int, rank0: bool) -> None:
         dist.barrier()  # no rank leaves before the marker exists
 
 
+def exit_for_requeue(monitor, preemption: "Preemption", step: int, where: str) -> None:
+    """After the checkpoint of ``step`` is saved: close the monitor, say so, tell the supervisor, exit."""
+    from desmoe.distributed import is_rank0
+
+    monitor.close()
+    if is_rank0():
+        print(f"preempted {where} ({preemption.signal_name or 'signal on another rank'}): "
+              f"checkpoint saved, exiting for requeue", flush=True)
+    announce(step, is_rank0())
+    raise Preempted(step)
+
+
 class Preemption:
     def __init__(self) -> None:
         self.flag = False

@@ -30,7 +30,7 @@ from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, trun
 from desmoe.moe import total_aux_loss
 from desmoe.training.lm import RunConfig, _log_train, _mean_over_ranks
 from desmoe.training.guards import check_finite
-from desmoe.training.preemption import Preempted, Preemption, announce
+from desmoe.training.preemption import Preemption, exit_for_requeue
 
 
 @dataclass
@@ -307,9 +307,7 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
                 checkpoint.save(engine, ckpt_dir, done)
             elif preemption.requested():
                 checkpoint.save(engine, ckpt_dir, done)
-                monitor.close()
-                announce(done, is_rank0())
-                raise Preempted(done)
+                exit_for_requeue(monitor, preemption, done, f"at step {done}")
     finally:
         monitor.close()
     train_s = time.perf_counter() - t0

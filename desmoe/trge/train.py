@@ -141,7 +141,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     from desmoe.distributed import init_distributed, is_rank0, prepare_in_turn
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
     from desmoe.monitor import Monitor, truncate_metrics
-    from desmoe.training.preemption import Preemption
+    from desmoe.training.preemption import Preemption, exit_for_requeue
     from desmoe.moe.layer import moe_blocks
     from desmoe.vision.transforms import random_resized_crop
 
@@ -260,7 +260,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
                             checkpoint.save(engine, ckpt_dir, done, client_state={"progress": progress,
                                                                                   "mid_task": mid_state})
                         if stop:
-                            _exit_preempted(monitor, preemption, done, f"at step {step + 1} of task {t + 1}")
+                            exit_for_requeue(monitor, preemption, done, f"at step {step + 1} of task {t + 1}")
                 if usage is not None:
                     usage.freeze_most_used(reduce=lambda c: dist.all_reduce(c) if world > 1 else None)
             model.eval()
@@ -313,25 +313,13 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
             _log_stage(monitor, cfg, tasks, controls, progress, t, steps)
             checkpoint.save(engine, ckpt_dir, (t + 1) * max(steps, 1), client_state={"progress": progress})
             if t + 1 < len(tasks) and preemption.requested():
-                _exit_preempted(monitor, preemption, (t + 1) * max(steps, 1), f"after task {t + 1}")
+                exit_for_requeue(monitor, preemption, (t + 1) * max(steps, 1), f"after task {t + 1}")
     finally:
         monitor.close()
     summary = summarize(cfg, tasks, controls, progress, model)
     if is_rank0():
         write_reports(run_dir, summary, tasks, controls, progress)
     return summary
-
-
-def _exit_preempted(monitor, preemption, step: int, where: str) -> None:
-    from desmoe.distributed import is_rank0
-    from desmoe.training.preemption import Preempted, announce
-
-    monitor.close()
-    if is_rank0():
-        print(f"preempted {where} ({preemption.signal_name or 'signal on another rank'}): "
-              f"checkpoint saved, exiting for requeue", flush=True)
-    announce(step, is_rank0())
-    raise Preempted(step)
 
 
 def identifier_infos(identifier) -> list[TaskInfo]:
