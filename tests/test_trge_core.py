@@ -267,3 +267,39 @@ def test_bad_dataset_folders_one_line(tmp_path):
     with pytest.raises(UserError) as err:
         load_sequence(DataConfig(sequence="offline", root=str(tmp_path / "aircraft")))
     assert "tasks.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_text_routing_by_vocabulary(digits):
+    """``vocabulary``: a group re-embeds only the class names it was trained on."""
+    from desmoe.trge.evaluate import TextBank, group_class_embeddings
+
+    model, bb = _tiny(T=2)
+    model.eval()  # no gate noise
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # give the adapters weights (their up-projections start at zero)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    task = digits[0][0]
+    bank = TextBank(model, bb.tokenize, num_groups=2)
+    W0 = bank.get(task, -1, 2)
+    by_image = group_class_embeddings(bank, task, 2, 0, "image")
+    assert not torch.allclose(by_image[0], W0, atol=1e-3) and not torch.allclose(by_image[1], W0, atol=1e-3)
+    names = list(task.classnames)
+    trained = [set(names[:3]), set()]  # group 0 learned three of these names, group 1 none
+    by_vocab = group_class_embeddings(bank, task, 2, 0, "vocabulary", trained)
+    assert torch.equal(by_vocab[0, :3], by_image[0, :3]) and torch.equal(by_vocab[0, 3:], W0[3:])
+    assert torch.equal(by_vocab[1], W0)
+    with pytest.raises(ValueError, match="trained on"):
+        group_class_embeddings(bank, task, 2, 0, "vocabulary", None)
+
+
+def test_unseen_if_the_identified_task_never_learned_these_names():
+    from desmoe.trge.evaluate import unseen_if_names_unknown
+
+    trained = [{"cat", "dog"}, {"pizza", "apple"}, {"cat", "car"}]
+    ids = torch.tensor([0, 1, 2, UNSEEN, 1])
+    assert unseen_if_names_unknown(ids, ["cat", "cow"], trained).tolist() == [0, UNSEEN, 2, UNSEEN, UNSEEN]
+    assert unseen_if_names_unknown(ids, ["apple"], trained).tolist() == [UNSEEN, 1, UNSEEN, UNSEEN, 1]
+    with pytest.raises(ValueError, match="trained on"):
+        unseen_if_names_unknown(ids, ["cat"], None)

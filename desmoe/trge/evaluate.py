@@ -16,7 +16,7 @@ from torch import Tensor
 
 from desmoe.trge.features import key as feature_key
 from desmoe.trge.fusion import fuse_where
-from desmoe.trge.inter_group import UNSEEN, InterGroupConfig, group_weights, one_hot_weights
+from desmoe.trge.inter_group import UNSEEN, InterGroupConfig, group_weights, one_hot_weights, vocabulary_mask
 from desmoe.trge.task_id import IdBatch, TaskIdentifier
 
 
@@ -47,11 +47,34 @@ class TextBank:
         return out
 
 
+def group_class_embeddings(bank: TextBank, task, groups: int, fixed: int, text_routing: str,
+                           trained_names: Optional[list[set[str]]] = None) -> Tensor:
+    """[G, C, D]: the test set's class embeddings through each of the first G groups.  Under text
+    routing ``vocabulary`` a class name group g never trained on keeps its frozen embedding."""
+    Wg = torch.stack([bank.get(task, g, fixed) for g in range(groups)])
+    if text_routing == "vocabulary":
+        if trained_names is None or len(trained_names) < groups:
+            raise ValueError("text routing 'vocabulary' needs the class names every group was trained on")
+        known = vocabulary_mask(task.classnames, trained_names[:groups])
+        Wg = torch.where(known[..., None], Wg, bank.get(task, -1, bank.num_groups)[None])
+    return Wg
+
+
+def unseen_if_names_unknown(ids: Tensor, class_names: list[str], trained_names: Optional[list[set[str]]]) -> Tensor:
+    """Samples identified as a task that was trained on none of ``class_names`` become UNSEEN."""
+    if trained_names is None:
+        raise ValueError("unknown_names 'unseen' needs the class names every task was trained on")
+    novel = ~vocabulary_mask(class_names, trained_names).any(1)  # [learned tasks]
+    return torch.where((ids >= 0) & novel[ids.clamp_min(0)], torch.full_like(ids, UNSEEN), ids)
+
+
 @torch.no_grad()
 def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: int, learned: int,
                   identifier: Optional[TaskIdentifier], prototypes: Optional[Tensor], inter: InterGroupConfig,
-                  lam: float, batch_size: int, rank: int, world: int, need_images: bool = False) -> dict:
-    """Accuracy, identification accuracy and mean group weights on one test set (all ranks)."""
+                  lam: float, batch_size: int, rank: int, world: int, need_images: bool = False,
+                  trained_names: Optional[list[set[str]]] = None) -> dict:
+    """Accuracy, identification accuracy and mean group weights on one test set (all ranks).
+    ``trained_names[g]``: the class names group g was trained on (text routing ``vocabulary``)."""
     import deepspeed.comm as dist
 
     T = bank.num_groups
@@ -60,7 +83,8 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
     groups_used = 1 if method == "continual_ft" else learned
     # Only TRGE's finished groups are fixed; the other methods keep changing shared adapters.
     fixed = learned - 1 if method == "trge" else 0
-    Wg = torch.stack([bank.get(task, g, fixed) for g in range(groups_used)]) if method != "zero_shot" else None
+    Wg = group_class_embeddings(bank, task, groups_used, fixed, inter.text_routing, trained_names) \
+        if method != "zero_shot" else None
     scale = model.scale
     stats = torch.zeros(3 + T)  # correct, count, id-correct, summed group weights
     for start in range(0, len(idx), batch_size):
@@ -85,7 +109,9 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
             pred = (scale * model.image_features(px, w, cnn_features=cnn) @ Wg[0].t()).argmax(1)
         else:
             ids = identifier.identify(IdBatch(f0, images.numpy() if need_images else None, truth))
-            stats[2] += (ids == truth).sum()
+            if inter.unknown_names == "unseen":
+                ids = unseen_if_names_unknown(ids, task.classnames, trained_names)
+            stats[2] += (ids == truth).sum()  # the decision routing acts on
             unseen = ids == UNSEEN
             if method == "shared_pool":  # identified task's router; unseen -> frozen model
                 w = F.one_hot(ids.clamp_min(0), T).float()

@@ -17,6 +17,22 @@ task prototype distance"):
 Unseen samples (all readings but ``own``): softmax(-d(f0, P_j) / temperature)
 over the learned groups -- the adapted path that fusion mixes with the frozen model.
 d is the cosine distance 1 - cos.
+
+The text tower (the class prompts of the test set) is routed by ``text_routing``:
+
+* ``image``: every class prompt goes through the groups the *image* was routed to,
+  with the image's weights (MoE-Adapters: one task id drives both towers).
+* ``vocabulary``: as ``image``, except that a group embeds only the class names it
+  was trained on; any other class name keeps its frozen embedding in that group's
+  slot.  The text tower's input is its own task identifier: a group trained on
+  eight emoji group names has no business re-embedding "pizza".
+
+``unknown_names: unseen`` adds the label set to the image identifier: a sample
+identified as task k is treated as unseen (fused) when the test set's class names
+include none that task k was trained on -- the classifier itself says the task is
+new, whatever the image looks like.  MTIL scores each test set with its own class
+names, so the names are known at test time; RAIL's rule (a zero-shot argmax
+outside the learned classes means unseen) uses the same information.
 """
 from __future__ import annotations
 
@@ -27,6 +43,8 @@ from torch import Tensor
 
 UNSEEN = -1
 READINGS = ("own", "task_anchored", "sample_anchored")
+TEXT_ROUTINGS = ("image", "vocabulary")
+UNKNOWN_NAMES = ("route", "unseen")
 
 
 @dataclass
@@ -36,12 +54,18 @@ class InterGroupConfig:
     tau: float = 0.5  # task_anchored: max prototype distance of a collaborating group
     beta: float = 0.5  # sample_anchored: total share offered to the other groups
     max_groups: int = 2
+    text_routing: str = "image"  # image | vocabulary (see the module docstring)
+    unknown_names: str = "route"  # route | unseen: identified task never trained on these class names
 
     def check(self) -> None:
         from desmoe.config import bad
 
         if self.reading not in READINGS:
             raise bad("reading", "one of " + ", ".join(READINGS), self.reading)
+        if self.text_routing not in TEXT_ROUTINGS:
+            raise bad("text_routing", "one of " + ", ".join(TEXT_ROUTINGS), self.text_routing)
+        if self.unknown_names not in UNKNOWN_NAMES:
+            raise bad("unknown_names", "one of " + ", ".join(UNKNOWN_NAMES), self.unknown_names)
         if self.temperature <= 0:
             raise bad("temperature", "a number > 0", self.temperature)
         if not 0 <= self.beta < 1:
@@ -99,3 +123,8 @@ def one_hot_weights(task: int, batch: int, num_groups: int) -> Tensor:
     w = torch.zeros(batch, num_groups)
     w[:, task] = 1.0
     return w
+
+
+def vocabulary_mask(class_names: list[str], trained: list[set[str]]) -> Tensor:
+    """[G, C] bool: group g was trained on class name c (text routing ``vocabulary``)."""
+    return torch.tensor([[c in names for c in class_names] for names in trained], dtype=torch.bool)

@@ -71,19 +71,34 @@ class FusionConfig:
     lam_max: float = 1.0
 
 
-VARIANTS = ("no_inter", "no_fusion", "oracle")
+# Test-time variants, evaluated on the same trained groups; "+" combines them (e.g. oracle+no_fusion).
+VARIANT_INTER = {  # atoms that change the inter-group routing config
+    "no_inter": lambda c: dataclasses.replace(c, reading="own"),
+    "text_image": lambda c: dataclasses.replace(c, text_routing="image"),
+    "text_vocabulary": lambda c: dataclasses.replace(c, text_routing="vocabulary"),
+    "names_route": lambda c: dataclasses.replace(c, unknown_names="route"),
+    "names_unseen": lambda c: dataclasses.replace(c, unknown_names="unseen"),
+}
+VARIANTS = ("no_fusion", "oracle", *VARIANT_INTER)
+
+
+def variant_inter(variant: str, inter: InterGroupConfig) -> InterGroupConfig:
+    for atom in variant.split("+"):
+        inter = VARIANT_INTER.get(atom, lambda c: c)(inter)
+    return inter
 
 
 @dataclass
 class EvalConfig:
     # Ablations that change only the test-time path, evaluated on the same trained groups
-    # after every task: no_inter (own group only), no_fusion (lambda = 0), oracle (true task ids).
+    # after every task: no_inter (own group only), no_fusion (lambda = 0), oracle (true task ids),
+    # text_image / text_vocabulary (the text tower routed by the image / by its class names).
     variants: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         for v in self.variants:
-            if v not in VARIANTS:
-                raise bad("variants", "a list drawn from " + ", ".join(VARIANTS), self.variants)
+            if not v or any(atom not in VARIANTS for atom in v.split("+")):
+                raise bad("variants", "a list of " + ", ".join(VARIANTS) + " or '+'-joined atoms", self.variants)
 
 
 @dataclass
@@ -169,7 +184,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     model = TRGEModel(backbone.model, cfg.groups, cfg.placement)
     setup_groups(model, cfg.train.seed)
     identifier = build_identifier(cfg.identifier, embed_text=lambda texts: model.text_features(*backbone.tokenize(texts)))
-    oracle = OracleIdentifier() if "oracle" in cfg.eval.variants else None
+    oracle = OracleIdentifier() if any("oracle" in v.split("+") for v in cfg.eval.variants) else None
     ds = resolve_ds_config(ds_raw, cfg.train.micro_batch, lr=cfg.train.lr)
     engine, trainability = build_engine(model, ds, parts=gate_parts(T))
     blocks = moe_blocks(model)
@@ -284,22 +299,26 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
             lam = fusion_weight(cfg.fusion.schedule, t + 1, len(tasks), cfg.fusion.lam_max)
             row, id_row, gw_row, ctrl_row = [], [], [], []
             timing["prototype"] = time.perf_counter() - t0 - timing["train"]
+            trained_names = [set(x.classnames) for x in tasks[:t + 1]]
+            if cfg.method == "continual_ft":  # one group trained on every learned class name
+                trained_names = [set().union(*trained_names)]
             for j, other in enumerate(tasks + controls):
                 truth = j if j <= t else -1
                 r = evaluate_task(cfg.method, model, bank, backbone.pixels, other, truth, t + 1, identifier,
                                   protos, cfg.inter, lam, cfg.train.eval_batch, rank, world,
-                                  need_images=cfg.identifier.backend == "mllm")
+                                  need_images=cfg.identifier.backend == "mllm", trained_names=trained_names)
                 (row if j < len(tasks) else ctrl_row).append(r["acc"])
                 id_row.append(r["id_acc"])
                 gw_row.append(r["group_weights"])
             timing["eval"] = time.perf_counter() - t0 - timing["train"] - timing["prototype"]
             for v in cfg.eval.variants:  # same groups, another test-time path
-                inter = dataclasses.replace(cfg.inter, reading="own") if v == "no_inter" else cfg.inter
-                ident = oracle if v == "oracle" else identifier
+                atoms = v.split("+")
+                ident = oracle if "oracle" in atoms else identifier
                 progress["variants"][v].append([
                     evaluate_task("trge", model, bank, backbone.pixels, other, j if j <= t else -1, t + 1, ident,
-                                  protos, inter, 0.0 if v == "no_fusion" else lam, cfg.train.eval_batch, rank,
-                                  world)["acc"] for j, other in enumerate(tasks)])
+                                  protos, variant_inter(v, cfg.inter), 0.0 if "no_fusion" in atoms else lam,
+                                  cfg.train.eval_batch, rank,
+                                  world, trained_names=trained_names)["acc"] for j, other in enumerate(tasks)])
             progress["rows"].append(row)
             progress["control_rows"].append(ctrl_row)
             progress["id_rows"].append(id_row)
