@@ -101,6 +101,10 @@ def build_param_groups(
     return [g for g in split if g["params"]]
 
 
+def _short(items: list, n: int = 4) -> str:
+    return "[" + ", ".join(map(str, items[:n])) + (", ...]" if len(items) > n else "]")
+
+
 class Trainability:
     """Says which parts and experts the next optimizer step may update."""
 
@@ -140,7 +144,8 @@ class Trainability:
             if len(set(state.values())) > 1:
                 moving = [m for m, frozen in state.items() if not frozen]
                 raise ValueError(f"expert unit {g[UNIT_KEY]!r} changes only whole, but the request would leave "
-                                 f"only {moving} of its (block, expert) members {list(members)} trainable")
+                                 f"only {_short(moving)} of its {len(members)} (block, expert) members "
+                                 f"{_short(list(members))} trainable")
             plan.append((g, next(iter(state.values()))))
         for g, frozen in plan:
             g[FROZEN_KEY] = frozen
