@@ -1,7 +1,8 @@
 """TRGE training-step cost at the first vs the last task, and with one optimizer
 group per expert vs one per task group (same process, interleaved).
 
-    python bench/trge_step.py [--tasks 10] [--layers 2] [--steps 8] [--backbone tiny_clip|tiny_dual]
+    python bench/trge_step.py [--tasks 10] [--layers 2] [--steps 8] [--backbone tiny_clip|tiny_dual|towers]
+    torchrun --nproc_per_node 2 bench/trge_step.py --ep 2 ...   # as the TRGE runs: 2 ranks, experts parallel
 
 Training task t routes every sample to group t only and freezes every other
 group, so the step should cost the same at task 0 and at task T-1 (all groups
@@ -32,10 +33,14 @@ def main() -> None:
     ap.add_argument("--backbone", default="tiny_clip")
     ap.add_argument("--layers", type=int, default=2, help="encoder layers per tower (one MoE site each)")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--bottleneck", type=int, default=16, help="adapter width (configs/trge_offline.yaml: 64)")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel size (launch that many ranks or more)")
     args = ap.parse_args()
 
     import torch
     import torch.nn.functional as F
+
+    import deepspeed.comm as dist
 
     from desmoe.distributed import init_distributed
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
@@ -52,7 +57,8 @@ def main() -> None:
     runs = {}
     for mode in ("per expert", "per task group"):
         bb = load_backbone(BackboneConfig(kind=args.backbone, hidden_size=64, layers=args.layers, image_size=32))
-        model = TRGEModel(bb.model, GroupSpec(num_tasks=T, experts_per_group=2, top_k=2, bottleneck=16), Placement())
+        model = TRGEModel(bb.model, GroupSpec(num_tasks=T, experts_per_group=2, top_k=2, bottleneck=args.bottleneck,
+                                                   ep_size=args.ep), Placement())
         setup_groups(model, 0)
         unit = group_unit(model) if mode == "per task group" else None
         engine, trainability = build_engine(model, ds, parts=gate_parts(T), expert_unit=unit)
@@ -85,20 +91,25 @@ def main() -> None:
             train_only_group(runs[mode][2], runs[mode][0], t)
             times[(mode, t)].extend(step(mode, t) for _ in range(args.steps))
 
+    say = print if dist.get_rank() == 0 else (lambda *a, **k: None)
+
     def med(mode, t, part=0):
         return statistics.median(x[part] for x in times[(mode, t)])
 
-    print(f"train step, {T} groups of 2 experts, {args.layers} layers per tower, batch {args.batch}, "
-          f"backbone {args.backbone}, ZeRO-2, 1 process:")
+    from desmoe.moe.layer import moe_blocks
+
+    sites = len(moe_blocks(runs["per expert"][0]))
+    say(f"train step, {T} groups of 2 experts at {sites} MoE sites, bottleneck {args.bottleneck}, batch {args.batch}, "
+        f"backbone {args.backbone}, ZeRO-2, {dist.get_world_size()} rank(s), EP={args.ep} (rank 0's times):")
     for mode, (_, _, trainability) in runs.items():
         first, last = med(mode, 0), med(mode, T - 1)
         n = len(trainability.optimizer.param_groups)
-        print(f"  {mode:>14} ({n:3d} optimizer groups): task 1 {first * 1e3:6.1f} ms (step() {med(mode, 0, 1) * 1e3:5.1f}) "
-              f"  task {T} {last * 1e3:6.1f} ms (step() {med(mode, T - 1, 1) * 1e3:5.1f})   ratio last/first = {last / first:.2f}")
+        say(f"  {mode:>14} ({n:3d} optimizer groups): task 1 {first * 1e3:6.1f} ms (step() {med(mode, 0, 1) * 1e3:5.1f}) "
+            f"  task {T} {last * 1e3:6.1f} ms (step() {med(mode, T - 1, 1) * 1e3:5.1f})   ratio last/first = {last / first:.2f}")
     both = {mode: statistics.median([x[0] for t in (0, T - 1) for x in times[(mode, t)]]) for mode in runs}
     opt = {mode: statistics.median([x[1] for t in (0, T - 1) for x in times[(mode, t)]]) for mode in runs}
-    print(f"  per task group / per expert: whole step {both['per task group'] / both['per expert']:.2f}, "
-          f"engine.step() {opt['per task group'] / opt['per expert']:.2f}")
+    say(f"  per task group / per expert: whole step {both['per task group'] / both['per expert']:.2f}, "
+        f"engine.step() {opt['per task group'] / opt['per expert']:.2f}")
 
     model = runs["per task group"][0]
     model.eval()
@@ -114,8 +125,8 @@ def main() -> None:
                 model.image_features(px, w)
                 ev[name].append(time.perf_counter() - t0)
     e1, e2 = statistics.median(ev["1 group"]), statistics.median(ev["2 groups"])
-    print(f"eval image forward (64 images): 1 group {e1 * 1e3:.1f} ms, 2 groups mixed {e2 * 1e3:.1f} ms, "
-          f"ratio {e2 / e1:.2f}")
+    say(f"eval image forward (64 images): 1 group {e1 * 1e3:.1f} ms, 2 groups mixed {e2 * 1e3:.1f} ms, "
+        f"ratio {e2 / e1:.2f}")
 
 
 if __name__ == "__main__":
