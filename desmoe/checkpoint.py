@@ -169,7 +169,8 @@ def load(engine, ckpt_dir: str | Path, tag: Optional[str] = None, module_only: b
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         hint = ""
         if "layout does not match" in str(err) or "size mismatch" in str(err):
-            hint = " (written with another ep_size or model shape? resume weights only with module_only=True)"
+            hint = (" (written with another ep_size, model shape or grouping of experts into optimizer groups?"
+                    " resume weights only with module_only=True)")
         raise UserError(f"{Path(ckpt_dir) / tag}: cannot load checkpoint: {type(err).__name__}: {first}{hint}") from None
     if path is None:
         raise UserError(f"{Path(ckpt_dir) / tag}: not a loadable DeepSpeed checkpoint")
