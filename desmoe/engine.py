@@ -16,7 +16,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional
 import torch
 from torch import nn
 
-from desmoe.distributed import use_cuda
+from desmoe.distributed import device, use_cuda
 from desmoe.errors import ConfigError
 from desmoe.moe.trainability import FreezableAdamW, Trainability, build_param_groups
 
@@ -101,7 +101,7 @@ def _check_group_count(n: int) -> None:
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    t = torch.tensor([n, -n], dtype=torch.int64)
+    t = torch.tensor([n, -n], dtype=torch.int64, device=device())  # NCCL reduces device tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if t[0] != -t[1]:
         raise ConfigError(f"expert units give this rank {n} optimizer groups but others between {-int(t[1])} and "
