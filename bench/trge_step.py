@@ -104,8 +104,9 @@ def main() -> None:
     for mode, (_, _, trainability) in runs.items():
         first, last = med(mode, 0), med(mode, T - 1)
         n = len(trainability.optimizer.param_groups)
-        say(f"  {mode:>14} ({n:3d} optimizer groups): task 1 {first * 1e3:6.1f} ms (step() {med(mode, 0, 1) * 1e3:5.1f}) "
-            f"  task {T} {last * 1e3:6.1f} ms (step() {med(mode, T - 1, 1) * 1e3:5.1f})   ratio last/first = {last / first:.2f}")
+        say(f"  {mode:>14} ({n:3d} optimizer groups): task 1 {first * 1e3:6.1f} ms "
+            f"(step() {med(mode, 0, 1) * 1e3:5.1f})   task {T} {last * 1e3:6.1f} ms "
+            f"(step() {med(mode, T - 1, 1) * 1e3:5.1f})   ratio last/first = {last / first:.2f}")
     both = {mode: statistics.median([x[0] for t in (0, T - 1) for x in times[(mode, t)]]) for mode in runs}
     opt = {mode: statistics.median([x[1] for t in (0, T - 1) for x in times[(mode, t)]]) for mode in runs}
     say(f"  per task group / per expert: whole step {both['per task group'] / both['per expert']:.2f}, "

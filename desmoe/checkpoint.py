@@ -10,8 +10,9 @@ directory is on a filesystem all ranks share, as multi-node training does.
 (a frozen backbone the run rebuilds anyway); ``load(..., trainable_only=True)`` then
 accepts exactly those keys as missing and nothing else.  Only for parameters frozen
 for good: a parameter the optimizer owns but has frozen for now (DES-MoE turns
-``requires_grad`` off on frozen experts) makes such a save raise instead.  ``save(..., keep=N)`` keeps
-the newest N tags, deleting older ones only once the new one is in place.
+``requires_grad`` off on frozen experts) makes such a save raise instead.
+``save(..., keep=N)`` keeps the newest N tags, deleting older ones only once the new
+one is in place.
 """
 from __future__ import annotations
 
@@ -110,8 +111,9 @@ def _check_nothing_trained_is_dropped(engine) -> None:
     owned = {id(p) for ps in groups for p in ps}
     dropped = [n for n, p in engine.module.named_parameters() if not p.requires_grad and id(p) in owned]
     if dropped:
-        raise ValueError(f"checkpoint.save(trainable_only=True) would drop '{dropped[0]}' (and {len(dropped) - 1} "
-                         f"more), which the optimizer trains but has frozen for now; save whole checkpoints")
+        more = f" (and {len(dropped) - 1} more)" if len(dropped) > 1 else ""
+        raise ValueError(f"checkpoint.save(trainable_only=True) would drop '{dropped[0]}'{more}, which the "
+                         f"optimizer trains but has frozen for now; save whole checkpoints")
 
 
 def tags(ckpt_dir: str | Path) -> list[tuple[int, str]]:
@@ -188,8 +190,9 @@ def _load_allowing_frozen(where: Path):
         frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
         missing = sorted(set(result.missing_keys) - frozen)
         if missing or result.unexpected_keys:
-            what = (f"lacks trainable key '{missing[0]}'" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                    if missing else f"has key '{result.unexpected_keys[0]}' the model does not")
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            what = (f"lacks trainable key '{missing[0]}'{more}" if missing
+                    else f"has key '{result.unexpected_keys[0]}' the model does not")
             raise UserError(f"{where}: checkpoint {what} (written by another model or method?)")
 
     return load_fn

@@ -89,7 +89,8 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
     sites = {k.split(".router.")[0] for k in states["module"]}  # the dense trainable part: every site's gates
     assert len(states["module"]) == len(sites) * 3 * 2  # 3 tasks x (w_gate, w_noise)
     expert_files = {p.name for p in (ckpts / "step00000009").glob("layer_*_expert_*_model_states.pt")}
-    assert expert_files == {f"layer_{i}_expert_{e}_mp_rank_00_model_states.pt" for i in range(len(sites)) for e in range(6)}
+    assert expert_files == {f"layer_{i}_expert_{e}_mp_rank_00_model_states.pt"
+                            for i in range(len(sites)) for e in range(6)}
     # a checkpoint that lacks a trainable weight is refused in one line, never loaded non-strictly
     dropped = sorted(states["module"])[0]
     del states["module"][dropped]
