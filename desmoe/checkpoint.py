@@ -105,7 +105,9 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[st
 
 def _check_nothing_trained_is_dropped(engine) -> None:
     opt = engine.optimizer
-    groups = getattr(opt, "bit16_groups", None)  # ZeRO-1/2 keep the module's own parameters here
+    # the module's own parameters: ZeRO-1/2 and DeepSpeed's bf16 optimizer keep them here (their
+    # param_groups hold fp32 copies); a plain optimizer steps them directly
+    groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
     if groups is None:
         groups = [g["params"] for g in getattr(opt, "param_groups", [])]
     owned = {id(p) for ps in groups for p in ps}
