@@ -5,11 +5,20 @@ staging directory; once every rank has finished, rank 0 renames the tag into
 place and only then rewrites the ``latest`` pointer (temp file + rename).  A
 crash at any point leaves the previous checkpoint loadable.  Assumes the run
 directory is on a filesystem all ranks share, as multi-node training does.
+
+``save(..., trainable_only=True)`` leaves out parameters with ``requires_grad=False``
+(a frozen backbone the run rebuilds anyway); ``load(..., trainable_only=True)`` then
+accepts exactly those keys as missing and nothing else.  Only for parameters frozen
+for good: a parameter the optimizer owns but has frozen for now (DES-MoE turns
+``requires_grad`` off on frozen experts) makes such a save raise instead.
+``save(..., keep=N)`` keeps the newest N tags, deleting older ones only once the new
+one is in place.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -61,14 +70,20 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[str, Any]] = None) -> Path:
+def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[str, Any]] = None,
+         trainable_only: bool = False, keep: int = 0) -> Path:
+    """Write tag ``step`` atomically.  ``trainable_only``: leave out frozen (requires_grad=False)
+    parameters.  ``keep`` > 0: afterwards delete all but the newest ``keep`` tags up to this step."""
     root = Path(ckpt_dir)
+    if trainable_only:
+        _check_nothing_trained_is_dropped(engine)
     staging, tag = root / STAGING, tag_for(step)
     if _is_rank0():
         shutil.rmtree(staging / tag, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
     _barrier()
-    engine.save_checkpoint(str(staging), tag=tag, client_state=dict(client_state or {}, step=step), save_latest=False)
+    engine.save_checkpoint(str(staging), tag=tag, client_state=dict(client_state or {}, step=step), save_latest=False,
+                           exclude_frozen_parameters=trainable_only)
     _save_rng(staging / tag)
     _barrier()
     if _is_rank0():
@@ -82,8 +97,53 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[st
         else:
             os.replace(staging / tag, final)
         write_text_atomic(root / LATEST, tag)
+        if keep > 0:
+            prune(root, step, keep)
     _barrier()
     return root / tag
+
+
+def _check_nothing_trained_is_dropped(engine) -> None:
+    opt = engine.optimizer
+    # the module's own parameters: ZeRO-1/2 and DeepSpeed's bf16 optimizer keep them here (their
+    # param_groups hold fp32 copies); a plain optimizer steps them directly
+    groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
+    if groups is None:
+        groups = [g["params"] for g in getattr(opt, "param_groups", [])]
+    owned = {id(p) for ps in groups for p in ps}
+    dropped = [n for n, p in engine.module.named_parameters() if not p.requires_grad and id(p) in owned]
+    if dropped:
+        more = f" (and {len(dropped) - 1} more)" if len(dropped) > 1 else ""
+        raise ValueError(f"checkpoint.save(trainable_only=True) would drop '{dropped[0]}'{more}, which the "
+                         f"optimizer trains but has frozen for now; save whole checkpoints")
+
+
+def tags(ckpt_dir: str | Path) -> list[tuple[int, str]]:
+    """(step, tag) of every finished checkpoint in ``ckpt_dir``, oldest first."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = re.fullmatch(r"step(\d{8})", p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p.name))
+    return sorted(found)
+
+
+def prune(ckpt_dir: str | Path, step: int, keep: int) -> None:
+    """Keep tag ``step`` and the ``keep - 1`` newest tags before it; delete older ones.  Tags after
+    ``step`` (left by a run resumed from an earlier tag) are not touched: they get re-saved.  Each
+    doomed tag is first renamed into the staging area, so no half-deleted tag is ever visible."""
+    root = Path(ckpt_dir)
+    older = [t for s, t in tags(root) if s < step]
+    doomed = older[: max(len(older) - (keep - 1), 0)]
+    for tag in doomed:
+        trash = root / STAGING / f"{tag}.deleting"
+        shutil.rmtree(trash, ignore_errors=True)
+        (root / STAGING).mkdir(parents=True, exist_ok=True)
+        os.replace(root / tag, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
@@ -96,26 +156,48 @@ def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
     return tag
 
 
-def load(engine, ckpt_dir: str | Path, tag: Optional[str] = None, module_only: bool = False) -> Optional[dict]:
-    """Load ``tag`` (default: latest); returns the client state, or None if there is nothing."""
+def load(engine, ckpt_dir: str | Path, tag: Optional[str] = None, module_only: bool = False,
+         trainable_only: bool = False) -> Optional[dict]:
+    """Load ``tag`` (default: latest); returns the client state, or None if there is nothing.
+    ``trainable_only``: the checkpoint may lack frozen (requires_grad=False) parameters, which keep
+    their current values; any other missing or unexpected key is still an error."""
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         return None
+    custom = _load_allowing_frozen(Path(ckpt_dir) / tag) if trainable_only else None
     try:
         path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=module_only,
                                              load_optimizer_states=not module_only,
-                                             load_lr_scheduler_states=not module_only)
+                                             load_lr_scheduler_states=not module_only, custom_load_fn=custom)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         hint = ""
         if "layout does not match" in str(err) or "size mismatch" in str(err):
-            hint = " (written with another ep_size or model shape? resume weights only with module_only=True)"
+            hint = (" (written with another ep_size, model shape or grouping of experts into optimizer groups?"
+                    " resume weights only with module_only=True)")
         raise UserError(f"{Path(ckpt_dir) / tag}: cannot load checkpoint: {type(err).__name__}: {first}{hint}") from None
     if path is None:
         raise UserError(f"{Path(ckpt_dir) / tag}: not a loadable DeepSpeed checkpoint")
     if not module_only:
         _load_rng(Path(ckpt_dir) / tag)
     return state or {}
+
+
+def _load_allowing_frozen(where: Path):
+    """A DeepSpeed ``custom_load_fn``: a non-strict load whose missing keys must all be frozen
+    parameters of the module (a dropped adapter must never load silently)."""
+
+    def load_fn(src, dst) -> None:
+        result = dst.load_state_dict(src, strict=False)
+        frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+        missing = sorted(set(result.missing_keys) - frozen)
+        if missing or result.unexpected_keys:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            what = (f"lacks trainable key '{missing[0]}'{more}" if missing
+                    else f"has key '{result.unexpected_keys[0]}' the model does not")
+            raise UserError(f"{where}: checkpoint {what} (written by another model or method?)")
+
+    return load_fn
 
 
 def _rank() -> int:
@@ -160,7 +242,7 @@ def _load_rng(tag_dir: Path) -> None:
 # Everything else (model, data, method, optimisation) must match the run being resumed,
 # otherwise its checkpoint and results would silently mix two experiments.
 RESUMABLE_KEYS = ("train.steps", "train.lr", "train.log_every", "train.eval_", "train.save_every",
-                  "run.resume", "evaluation.", "eval.")
+                  "run.resume", "run.keep_checkpoints", "evaluation.", "eval.")
 
 
 def check_resume_config(run_dir: str | Path, ckpt_dir: str | Path, cfg: Any,

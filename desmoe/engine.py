@@ -11,12 +11,12 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Hashable, Mapping, Optional
 
 import torch
 from torch import nn
 
-from desmoe.distributed import use_cuda
+from desmoe.distributed import device, use_cuda
 from desmoe.errors import ConfigError
 from desmoe.moe.trainability import FreezableAdamW, Trainability, build_param_groups
 
@@ -73,9 +73,12 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
 
 
 def build_engine(model: nn.Module, ds_config: Mapping[str, Any],
-                 parts: Optional[Mapping[str, Callable[[str], bool]]] = None):
+                 parts: Optional[Mapping[str, Callable[[str], bool]]] = None,
+                 expert_unit: Optional[Callable[[int, int], Hashable]] = None):
     """Returns (engine, trainability).  ``parts`` names dense parameter sets that
-    can be frozen on their own (e.g. {"router": lambda n: ".router." in n})."""
+    can be frozen on their own (e.g. {"router": lambda n: ".router." in n}).
+    ``expert_unit(block, global expert id)``: experts with equal keys share one
+    optimizer group and are frozen together (default: one group per expert)."""
     import deepspeed
 
     cfg = dict(ds_config)
@@ -83,18 +86,35 @@ def build_engine(model: nn.Module, ds_config: Mapping[str, Any],
     params.pop("torch_adam", None)
     params.pop("adam_w_mode", None)
     wd = float(params.pop("weight_decay", 0.0))
-    groups = build_param_groups(model, parts, weight_decay=wd)
+    groups = build_param_groups(model, parts, weight_decay=wd, expert_unit=expert_unit)
+    _check_group_count(len(groups))
     optimizer = FreezableAdamW(groups, lr=float(params.get("lr", 1e-3)), betas=tuple(params.get("betas", (0.9, 0.999))),
                                eps=float(params.get("eps", 1e-8)), weight_decay=wd, foreach=False)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
     return engine, Trainability(optimizer)
 
 
+def _check_group_count(n: int) -> None:
+    """ZeRO runs one collective per optimizer group over all ranks: every rank needs as many
+    groups, or the first step hangs.  Units that split unevenly over EP ranks break that."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    t = torch.tensor([n, -n], dtype=torch.int64, device=device())  # NCCL reduces device tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if t[0] != -t[1]:
+        raise ConfigError(f"expert units give this rank {n} optimizer groups but others between {-int(t[1])} and "
+                          f"{int(t[0])}; ZeRO needs the same number on every rank (units that split evenly "
+                          f"over the expert-parallel ranks, or the default one group per expert)")
+
+
 def refresh_master_weights(engine, expert_tags) -> None:
     """After expert weights were written into the module (e.g. copied between slots), make a
     ZeRO-1/2 optimizer's fp32 master partitions of exactly those experts' groups (tags
     ``(block, global expert id)``) re-read them; every other group keeps its fp32 bits
-    (DeepSpeed's ``refresh_fp32_params`` would round all of them to bf16 under bf16)."""
+    (DeepSpeed's ``refresh_fp32_params`` would round all of them to bf16 under bf16).
+    A group holding several experts (an expert unit) is re-read only if all are named."""
     import deepspeed.comm as dist
 
     from desmoe.moe.trainability import EXPERT_KEY
@@ -106,6 +126,7 @@ def refresh_master_weights(engine, expert_tags) -> None:
         return  # no master copy: the module weights are what the optimizer steps
     tags = {tuple(t) for t in expert_tags}
     for i, group in enumerate(zero.optimizer.param_groups):
-        if tuple(group.get(EXPERT_KEY) or ()) in tags:
+        members = {tuple(m) for m in group.get(EXPERT_KEY, ())}
+        if members and members <= tags:
             part = dist.get_rank(group=zero.real_dp_process_group[i])
             zero.single_partition_of_fp32_groups[i].data.copy_(zero.parallel_partitioned_bit16_groups[i][part].data)

@@ -68,3 +68,17 @@ def test_checkpoint_roundtrip_and_reshard(ranks, tmp_path):
     # one file per (MoE layer, global expert): 2 layers x 4 experts
     assert sum(f.startswith("layer_") for f in files) == 8
     assert not (tmp_path / "ckpt" / ".staging" / "step00000003").exists()
+
+
+def test_prune_keeps_newest_tags(tmp_path):
+    from desmoe import checkpoint
+
+    for step in (1, 2, 3, 5, 9):
+        (tmp_path / checkpoint.tag_for(step)).mkdir()
+        (tmp_path / checkpoint.tag_for(step) / "w.pt").write_text("x")
+    (tmp_path / "notes").mkdir()  # not a tag: never touched
+    checkpoint.prune(tmp_path, step=5, keep=2)  # resumed from step 5: the abandoned step 9 is re-saved later
+    assert [s for s, _ in checkpoint.tags(tmp_path)] == [3, 5, 9] and (tmp_path / "notes").is_dir()
+    checkpoint.prune(tmp_path, step=9, keep=1)
+    assert [s for s, _ in checkpoint.tags(tmp_path)] == [9]
+    assert not list((tmp_path / checkpoint.STAGING).iterdir())  # nothing half-deleted left behind

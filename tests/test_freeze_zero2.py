@@ -6,7 +6,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_engine(ep_size=2, lr=1e-2, seed=0):
+def tiny_engine(ep_size=2, lr=1e-2, seed=0, unit=None):
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
     from desmoe.models.moe_lm import MoELM, MoELMConfig
 
@@ -15,7 +15,7 @@ def tiny_engine(ep_size=2, lr=1e-2, seed=0):
     model = MoELM(cfg)
     model.setup_expert_parallel()
     ds = resolve_ds_config(read_ds_config(ROOT / "configs/zero2.json"), micro_batch=4, lr=lr)
-    return build_engine(model, ds, parts={"router": lambda n: ".router." in n})
+    return build_engine(model, ds, parts={"router": lambda n: ".router." in n}, expert_unit=unit)
 
 
 def batch_for(step, rank, vocab=64, seq=17):

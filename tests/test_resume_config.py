@@ -51,3 +51,20 @@ def test_changed_config_is_named(tmp_path):
 def test_fresh_run_is_not_checked(tmp_path):
     checkpoint.write_text_atomic(tmp_path / "config.yaml", dump_yaml(Exp()))
     checkpoint.check_resume_config(tmp_path, tmp_path / "checkpoints", Exp(model=Model(hidden_size=8)))
+
+
+def test_keep_checkpoints_may_change_and_be_absent_in_older_runs(tmp_path):
+    import yaml
+
+    from desmoe.trge.train import TRGEExperiment
+
+    run_dir, ckpt = _run_with_checkpoint(tmp_path, TRGEExperiment())
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["run"]["keep_checkpoints"]  # a run saved before the key existed
+    checkpoint.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(saved))
+    changed = TRGEExperiment()
+    changed.run.keep_checkpoints = 5
+    checkpoint.check_resume_config(run_dir, ckpt, changed)
+    changed.train.micro_batch = 4  # still refused for a key that matters
+    with pytest.raises(UserError, match="train.micro_batch"):
+        checkpoint.check_resume_config(run_dir, ckpt, changed)

@@ -1,6 +1,7 @@
 """TRGE expert groups on 2 real ranks: EP=2 (groups on different ranks) == EP=1,
 and groups of finished tasks stay bit-identical under ZeRO-2 + AdamW while the
-next task trains (also when the new task's forward uses them)."""
+next task trains (also when the new task's forward uses them), with one optimizer
+group per task group as the TRGE run builds it."""
 import pytest
 import torch
 
@@ -78,12 +79,13 @@ def freeze_case():
 
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
     from desmoe.moe.layer import moe_blocks
-    from desmoe.trge.groups import gate_parts, train_only_group
+    from desmoe.trge.groups import gate_parts, group_unit, train_only_group
 
     rank = dist.get_rank()
     model, bb = _model(2)
     cfg = resolve_ds_config(read_ds_config("configs/zero2.json"), micro_batch=6, lr=5e-3)
-    engine, trainability = build_engine(model, cfg, parts=gate_parts(T))
+    engine, trainability = build_engine(model, cfg, parts=gate_parts(T), expert_unit=group_unit(model))
+    assert len([g for g in trainability.optimizer.param_groups if "desmoe_unit" in g]) == 2 * 2  # 2 tasks/rank
     images, labels = _digits(rank)
     px, y = bb.pixels(images), torch.as_tensor(labels)
     ids, mask = bb.tokenize([f"a photo of the number {i}." for i in range(10)])

@@ -13,15 +13,30 @@ def digits_cached():
     load_mnist_5k()
 
 
-def run_case(run_dir, method, extra=()):
+def case_config(run_dir, method, extra=()):
     from desmoe.config import load_config
-    from desmoe.trge.train import TRGEExperiment, run_trge
+    from desmoe.trge.train import TRGEExperiment
 
     overrides = [f"method={method}", f"run.dir={run_dir}", f"run.name={method}", "backbone.hidden_size=32",
                  "groups.bottleneck=8", "train.steps_per_task=3", "train.micro_batch=8", "train.eval_batch=64",
                  "train.proto_samples=48", "data.n_train=64", "data.n_test=32", "eval.variants=[oracle]", *extra]
-    cfg = load_config(TRGEExperiment, "configs/trge_digits.yaml", overrides)
-    return run_trge(cfg, "configs/zero2.json")
+    return load_config(TRGEExperiment, "configs/trge_digits.yaml", overrides)
+
+
+def run_case(run_dir, method, extra=()):
+    from desmoe.trge.train import run_trge
+
+    return run_trge(case_config(run_dir, method, extra), "configs/zero2.json")
+
+
+def resume_error(run_dir, method):
+    from desmoe.errors import UserError
+
+    try:
+        run_case(run_dir, method)
+    except UserError as err:
+        return str(err)
+    return None
 
 
 def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
@@ -59,3 +74,26 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
     assert max(r["step"] for r in rows) == 9 and all(r["step"] != 10**6 for r in rows)
     # the redone last step computed the very same loss: it continued from step 2, not from the task's start
     assert [r["train/loss"] for r in rows if r["step"] == 9 and "train/loss" in r] == last_loss and last_loss
+
+    # Checkpoints hold no frozen backbone weight (the run rebuilds it), every trainable one (the resume
+    # above loads them and refuses a missing one, see below), and only the newest run.keep_checkpoints=2.
+    import torch
+
+    from desmoe.trge.backbones import load_backbone
+
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step")) == ["step00000008", "step00000009"]
+    states = torch.load(ckpts / "step00000009" / "mp_rank_00_model_states.pt", weights_only=False)
+    backbone = load_backbone(case_config(str(tmp_path), "trge").backbone).model
+    frozen = {f"base.{n}" for n, _ in backbone.named_parameters()}
+    assert states["module"] and not frozen & set(states["module"]) and states["frozen_param_fragments"] is None
+    sites = {k.split(".router.")[0] for k in states["module"]}  # the dense trainable part: every site's gates
+    assert len(states["module"]) == len(sites) * 3 * 2  # 3 tasks x (w_gate, w_noise)
+    expert_files = {p.name for p in (ckpts / "step00000009").glob("layer_*_expert_*_model_states.pt")}
+    assert expert_files == {f"layer_{i}_expert_{e}_mp_rank_00_model_states.pt"
+                            for i in range(len(sites)) for e in range(6)}
+    # a checkpoint that lacks a trainable weight is refused in one line, never loaded non-strictly
+    dropped = sorted(states["module"])[0]
+    del states["module"][dropped]
+    torch.save(states, ckpts / "step00000009" / "mp_rank_00_model_states.pt")
+    errors = ranks.run(resume_error, str(tmp_path), "trge")
+    assert errors[0] and f"lacks trainable key '{dropped}'" in errors[0] and "\n" not in errors[0], errors

@@ -11,7 +11,9 @@ start-up, and the per-step cost then does not depend on how many tasks are done.
 
 Training task t makes exactly group t's experts and gate trainable
 (:class:`~desmoe.moe.trainability.Trainability`); every other group is frozen
-bit-identically by ``FreezableAdamW``.
+bit-identically by ``FreezableAdamW``.  Since a group is only ever frozen whole,
+its experts in every block share one optimizer group (:func:`group_unit`): about
+T x 2 expert groups instead of blocks x T x N_g, which ZeRO steps much faster.
 """
 from __future__ import annotations
 
@@ -97,10 +99,22 @@ def setup_groups(model: nn.Module, seed: int) -> None:
         block.init_experts(seed=seed * 1000 + i)
 
 
+def group_unit(model: nn.Module):
+    """``expert_unit`` for :func:`~desmoe.engine.build_engine`: an expert's task group, the same
+    in every block; an expert in no group (the pool layout of shared_pool) is its own unit."""
+    layouts = [block.layout for block in moe_blocks(model)]
+
+    def unit(block: int, expert: int):
+        names = layouts[block].groups_of(expert)
+        return names[0] if names else (block, expert)
+
+    return unit
+
+
 def train_only_group(trainability, model: nn.Module, task: int) -> None:
     """Exactly group ``task`` (experts + gate) may move; all others stay bit-identical."""
-    for b, block in enumerate(moe_blocks(model)):
-        trainability.set_experts(b, block.layout.group(group_name(task)))
+    trainability.set_expert_blocks({b: block.layout.group(group_name(task))
+                                    for b, block in enumerate(moe_blocks(model))})
     for part in trainability.parts:
         if part.startswith("gate"):
             trainability.set_part(part, part == gate_part(task))

@@ -32,7 +32,7 @@ from desmoe.trge.evaluate import TextBank, evaluate_task
 from desmoe.trge.features import frozen_cnn_table
 from desmoe.trge.features import key as feature_key
 from desmoe.trge.fusion import fusion_weight
-from desmoe.trge.groups import GroupSpec, gate_parts, setup_groups, train_only_group
+from desmoe.trge.groups import GroupSpec, gate_parts, group_unit, setup_groups, train_only_group
 from desmoe.trge.inter_group import InterGroupConfig, one_hot_weights
 from desmoe.trge.model import Placement, TRGEModel
 from desmoe.trge.task_id import IdentifierConfig, OracleIdentifier, TaskInfo, build_identifier
@@ -106,6 +106,11 @@ class RunConfig:
     dir: str = "runs"
     name: str = "trge"
     resume: bool = True
+    keep_checkpoints: int = 2  # newest checkpoint tags kept (0 = all); each holds only trainable state
+
+    def check(self) -> None:
+        if self.keep_checkpoints < 0:
+            raise bad("keep_checkpoints", "an integer >= 0 (0 = keep all)", self.keep_checkpoints)
 
 
 @dataclass
@@ -186,7 +191,10 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     identifier = build_identifier(cfg.identifier, embed_text=lambda texts: model.text_features(*backbone.tokenize(texts)))
     oracle = OracleIdentifier() if any("oracle" in v.split("+") for v in cfg.eval.variants) else None
     ds = resolve_ds_config(ds_raw, cfg.train.micro_batch, lr=cfg.train.lr)
-    engine, trainability = build_engine(model, ds, parts=gate_parts(T))
+    # trge / continual_ft freeze whole task groups: one optimizer group per task (not per expert);
+    # shared_pool freezes single experts, so keeps one group each
+    unit = None if cfg.method == "shared_pool" else group_unit(model)
+    engine, trainability = build_engine(model, ds, parts=gate_parts(T), expert_unit=unit)
     blocks = moe_blocks(model)
     usage = PoolUsage(blocks, cfg.groups.pool_freeze_per_task) if cfg.method == "shared_pool" else None
 
@@ -194,7 +202,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     if cfg.run.resume:
         checkpoint.check_resume_config(run_dir, ckpt_dir, cfg)
-    state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
+    state = checkpoint.load(engine, ckpt_dir, trainable_only=True) if cfg.run.resume else None
     progress = state["progress"] if state else {"rows": [], "control_rows": [], "id_rows": [], "gw_rows": [],
                                                 "infos": [], "pool_frozen": [], "seconds": [],
                                                 "variants": {v: [] for v in cfg.eval.variants}}
@@ -273,7 +281,8 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
                             mid_state = {"task": t, "step": step + 1,
                                          "pool_counts": [c.tolist() for c in usage.counts] if usage else []}
                             checkpoint.save(engine, ckpt_dir, done, client_state={"progress": progress,
-                                                                                  "mid_task": mid_state})
+                                                                                  "mid_task": mid_state},
+                                            trainable_only=True, keep=cfg.run.keep_checkpoints)
                         if stop:
                             exit_for_requeue(monitor, preemption, done, f"at step {step + 1} of task {t + 1}")
                 if usage is not None:
@@ -330,7 +339,8 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
             timing["variants"] = progress["seconds"][-1] - timing["train"] - timing["prototype"] - timing["eval"]
             progress["timing"]["tasks"].append(timing)
             _log_stage(monitor, cfg, tasks, controls, progress, t, steps)
-            checkpoint.save(engine, ckpt_dir, (t + 1) * max(steps, 1), client_state={"progress": progress})
+            checkpoint.save(engine, ckpt_dir, (t + 1) * max(steps, 1), client_state={"progress": progress},
+                            trainable_only=True, keep=cfg.run.keep_checkpoints)
             if t + 1 < len(tasks) and preemption.requested():
                 exit_for_requeue(monitor, preemption, (t + 1) * max(steps, 1), f"after task {t + 1}")
     finally:
