@@ -54,8 +54,8 @@ class InterGroupConfig:
     tau: float = 0.5  # task_anchored: max prototype distance of a collaborating group
     beta: float = 0.5  # sample_anchored: total share offered to the other groups
     max_groups: int = 2
-    text_routing: str = "image"  # image | vocabulary (see the module docstring)
-    unknown_names: str = "route"  # route | unseen: identified task never trained on these class names
+    text_routing: str = "vocabulary"  # vocabulary | image (MoE-Adapters); see the module docstring
+    unknown_names: str = "unseen"  # unseen | route: identified task never trained on these class names
 
     def check(self) -> None:
         from desmoe.config import bad
