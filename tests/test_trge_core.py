@@ -303,3 +303,18 @@ def test_unseen_if_the_identified_task_never_learned_these_names():
     assert unseen_if_names_unknown(ids, ["apple"], trained).tolist() == [UNSEEN, 1, UNSEEN, UNSEEN, 1]
     with pytest.raises(ValueError, match="trained on"):
         unseen_if_names_unknown(ids, ["cat"], None)
+
+
+def test_group_filter_keeps_only_groups_that_know_the_names():
+    gen = torch.Generator().manual_seed(1)
+    protos = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=-1)
+    f0 = torch.nn.functional.normalize(protos[[0, 1, 2, 0]] + 0.3 * torch.randn(4, 16, generator=gen), dim=-1)
+    ids = torch.tensor([0, 1, UNSEEN, UNSEEN])
+    cfg = InterGroupConfig(reading="sample_anchored", max_groups=2)
+    full = group_weights(cfg, ids, f0, protos, num_groups=4)
+    assert (full[:, :3] > 0).sum(1).tolist() == [2, 2, 2, 2]
+    w = group_weights(cfg, ids, f0, protos, num_groups=4, usable=torch.tensor([True, False, True]))
+    assert (w[:, 1] == 0).all() and torch.allclose(w.sum(1), torch.ones(4))
+    assert w[0, 0] > 0.5  # the identified, usable group still dominates
+    none = group_weights(cfg, ids, f0, protos, num_groups=4, usable=torch.zeros(3, dtype=torch.bool))
+    assert (none == 0).all()  # nobody knows the names: all-zero rows, the adapted path is the frozen model

@@ -53,18 +53,21 @@ def group_class_embeddings(bank: TextBank, task, groups: int, fixed: int, text_r
     routing ``vocabulary`` a class name group g never trained on keeps its frozen embedding."""
     Wg = torch.stack([bank.get(task, g, fixed) for g in range(groups)])
     if text_routing == "vocabulary":
-        if trained_names is None or len(trained_names) < groups:
-            raise ValueError("text routing 'vocabulary' needs the class names every group was trained on")
-        known = vocabulary_mask(task.classnames, trained_names[:groups])
+        known = vocabulary_mask(task.classnames, _names(trained_names, groups))
         Wg = torch.where(known[..., None], Wg, bank.get(task, -1, bank.num_groups)[None])
     return Wg
 
 
+def _names(trained_names: Optional[list[set[str]]], learned: Optional[int] = None) -> list[set[str]]:
+    """The first ``learned`` tasks' trained class names (all when None)."""
+    if trained_names is None or (learned is not None and len(trained_names) < learned):
+        raise ValueError("routing by vocabulary needs the class names every task was trained on")
+    return trained_names[:learned]
+
+
 def unseen_if_names_unknown(ids: Tensor, class_names: list[str], trained_names: Optional[list[set[str]]]) -> Tensor:
     """Samples identified as a task that was trained on none of ``class_names`` become UNSEEN."""
-    if trained_names is None:
-        raise ValueError("unknown_names 'unseen' needs the class names every task was trained on")
-    novel = ~vocabulary_mask(class_names, trained_names).any(1)  # [learned tasks]
+    novel = ~vocabulary_mask(class_names, _names(trained_names)).any(1)  # [learned tasks]
     return torch.where((ids >= 0) & novel[ids.clamp_min(0)], torch.full_like(ids, UNSEEN), ids)
 
 
@@ -119,10 +122,15 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
                 pred = torch.where(unseen, z0.argmax(1), za.argmax(1))
                 w = w * (~unseen)[:, None]
             else:
-                w = group_weights(inter, ids, f0, prototypes, T)
-                fa = model.image_features(px, w, cnn_features=cnn)
-                wmix = F.normalize(torch.einsum("bg,gcd->bcd", w[:, :groups_used], Wg), dim=-1)
-                za = scale * torch.einsum("bd,bcd->bc", fa, wmix)
+                usable = None
+                if inter.group_filter == "vocabulary":
+                    usable = vocabulary_mask(task.classnames, _names(trained_names, learned)).any(1)
+                w = group_weights(inter, ids, f0, prototypes, T, usable)
+                none = w.sum(1) == 0  # no group knows these names: the adapted path is the frozen model
+                wr = torch.where(none[:, None], one_hot_weights(0, len(sel), T), w)  # a placeholder route
+                fa = model.image_features(px, wr, cnn_features=cnn)
+                wmix = F.normalize(torch.einsum("bg,gcd->bcd", wr[:, :groups_used], Wg), dim=-1)
+                za = torch.where(none[:, None], z0, scale * torch.einsum("bd,bcd->bc", fa, wmix))
                 probs = fuse_where(unseen, za.softmax(-1), z0, za, lam)
                 pred = probs.argmax(1)
         stats[0] += (pred == y).sum()

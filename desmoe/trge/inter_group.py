@@ -33,10 +33,18 @@ include none that task k was trained on -- the classifier itself says the task i
 new, whatever the image looks like.  MTIL scores each test set with its own class
 names, so the names are known at test time; RAIL's rule (a zero-shot argmax
 outside the learned classes means unseen) uses the same information.
+
+``group_filter: vocabulary`` extends the vocabulary reading to the image tower: a
+group takes part in a sample's routing only if it was trained on at least one of
+the test set's class names (its image adapter was trained against exactly those
+text embeddings; against names it never saw its shift has no counterpart).  A
+sample left with no group gets an all-zero row: its adapted path is the frozen
+model, so fusion cannot move an entirely new label set away from zero-shot.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -45,6 +53,7 @@ UNSEEN = -1
 READINGS = ("own", "task_anchored", "sample_anchored")
 TEXT_ROUTINGS = ("image", "vocabulary")
 UNKNOWN_NAMES = ("route", "unseen")
+GROUP_FILTERS = ("none", "vocabulary")
 
 
 @dataclass
@@ -56,6 +65,7 @@ class InterGroupConfig:
     max_groups: int = 2
     text_routing: str = "vocabulary"  # vocabulary | image (MoE-Adapters); see the module docstring
     unknown_names: str = "unseen"  # unseen | route: identified task never trained on these class names
+    group_filter: str = "none"  # none | vocabulary: only groups that know a class name of the test set
 
     def check(self) -> None:
         from desmoe.config import bad
@@ -66,6 +76,8 @@ class InterGroupConfig:
             raise bad("text_routing", "one of " + ", ".join(TEXT_ROUTINGS), self.text_routing)
         if self.unknown_names not in UNKNOWN_NAMES:
             raise bad("unknown_names", "one of " + ", ".join(UNKNOWN_NAMES), self.unknown_names)
+        if self.group_filter not in GROUP_FILTERS:
+            raise bad("group_filter", "one of " + ", ".join(GROUP_FILTERS), self.group_filter)
         if self.temperature <= 0:
             raise bad("temperature", "a number > 0", self.temperature)
         if not 0 <= self.beta < 1:
@@ -78,16 +90,18 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _top_m(weights: Tensor, m: int) -> Tensor:
-    """Keep the m largest entries per row and renormalise to sum 1."""
+    """Keep the m largest entries per row and renormalise to sum 1 (an all-zero row stays zero)."""
     if m < weights.shape[1]:
         keep = torch.zeros_like(weights, dtype=torch.bool).scatter(1, torch.topk(weights, m, dim=1).indices, True)
         weights = weights * keep
-    return weights / weights.sum(1, keepdim=True)
+    return weights / weights.sum(1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 def group_weights(cfg: InterGroupConfig, task_ids: Tensor, f0: Tensor, prototypes: Tensor,
-                  num_groups: int) -> Tensor:
-    """[B, num_groups] inter-group weights; prototypes [L, D] of the L learned tasks 0..L-1."""
+                  num_groups: int, usable: Optional[Tensor] = None) -> Tensor:
+    """[B, num_groups] inter-group weights; prototypes [L, D] of the L learned tasks 0..L-1.
+    ``usable`` [L] bool (``group_filter``): only these groups may take weight; a row left
+    without any is all zero (the sample's adapted path is the frozen model)."""
     learned = prototypes.shape[0]
     if learned < 1:
         raise ValueError("inter-group routing needs at least one learned task prototype")
@@ -112,6 +126,8 @@ def group_weights(cfg: InterGroupConfig, task_ids: Tensor, f0: Tensor, prototype
                 else torch.zeros(B, 1)
             seen_w = others.nan_to_num(0.0).scatter(1, k[:, None], 1.0)
     w = torch.where(seen[:, None], seen_w, unseen_w)
+    if usable is not None:
+        w = w * usable[:learned].float()
     w = _top_m(w, cfg.max_groups)
     out = torch.zeros(B, num_groups)
     out[:, :learned] = w

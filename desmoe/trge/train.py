@@ -78,6 +78,8 @@ VARIANT_INTER = {  # atoms that change the inter-group routing config
     "text_vocabulary": lambda c: dataclasses.replace(c, text_routing="vocabulary"),
     "names_route": lambda c: dataclasses.replace(c, unknown_names="route"),
     "names_unseen": lambda c: dataclasses.replace(c, unknown_names="unseen"),
+    "filter_none": lambda c: dataclasses.replace(c, group_filter="none"),
+    "filter_vocabulary": lambda c: dataclasses.replace(c, group_filter="vocabulary"),
 }
 VARIANTS = ("no_fusion", "oracle", *VARIANT_INTER)
 
