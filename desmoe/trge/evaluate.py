@@ -122,9 +122,11 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
                 pred = torch.where(unseen, z0.argmax(1), za.argmax(1))
                 w = w * (~unseen)[:, None]
             else:
-                usable = None
-                if inter.group_filter == "vocabulary":
+                usable = None  # groups that may take weight (inter.group_filter)
+                if inter.group_filter != "none":
                     usable = vocabulary_mask(task.classnames, _names(trained_names, learned)).any(1)
+                    if inter.group_filter == "novel_set" and usable.any():
+                        usable = None  # some group knows these names: routing unchanged
                 w = group_weights(inter, ids, f0, prototypes, T, usable)
                 none = w.sum(1) == 0  # no group knows these names: the adapted path is the frozen model
                 wr = torch.where(none[:, None], one_hot_weights(0, len(sel), T), w)  # a placeholder route

@@ -34,12 +34,18 @@ new, whatever the image looks like.  MTIL scores each test set with its own clas
 names, so the names are known at test time; RAIL's rule (a zero-shot argmax
 outside the learned classes means unseen) uses the same information.
 
-``group_filter: vocabulary`` extends the vocabulary reading to the image tower: a
-group takes part in a sample's routing only if it was trained on at least one of
-the test set's class names (its image adapter was trained against exactly those
-text embeddings; against names it never saw its shift has no counterpart).  A
-sample left with no group gets an all-zero row: its adapted path is the frozen
-model, so fusion cannot move an entirely new label set away from zero-shot.
+``group_filter`` extends the vocabulary reading to the image tower (a group's
+image adapter was trained against the text embeddings of its own class names;
+against names it never saw, its shift has no counterpart):
+
+* ``novel_set`` (default): when *no* learned group was trained on any of the test
+  set's class names, no group takes part -- an all-zero row, the sample's adapted
+  path is the frozen model, so fusion cannot move an entirely new label set away
+  from zero-shot.  Otherwise routing is unchanged.
+* ``vocabulary``: every group must know at least one of the class names.  With
+  disjoint label sets this lets the names pick the groups -- close to oracle task
+  ids, so it is a labelled variant, not the default.
+* ``none``: routing ignores the class names.
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ UNSEEN = -1
 READINGS = ("own", "task_anchored", "sample_anchored")
 TEXT_ROUTINGS = ("image", "vocabulary")
 UNKNOWN_NAMES = ("route", "unseen")
-GROUP_FILTERS = ("none", "vocabulary")
+GROUP_FILTERS = ("none", "novel_set", "vocabulary")
 
 
 @dataclass
@@ -65,7 +71,7 @@ class InterGroupConfig:
     max_groups: int = 2
     text_routing: str = "vocabulary"  # vocabulary | image (MoE-Adapters); see the module docstring
     unknown_names: str = "unseen"  # unseen | route: identified task never trained on these class names
-    group_filter: str = "none"  # none | vocabulary: only groups that know a class name of the test set
+    group_filter: str = "novel_set"  # novel_set | vocabulary | none (see the module docstring)
 
     def check(self) -> None:
         from desmoe.config import bad

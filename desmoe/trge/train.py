@@ -79,6 +79,7 @@ VARIANT_INTER = {  # atoms that change the inter-group routing config
     "names_route": lambda c: dataclasses.replace(c, unknown_names="route"),
     "names_unseen": lambda c: dataclasses.replace(c, unknown_names="unseen"),
     "filter_none": lambda c: dataclasses.replace(c, group_filter="none"),
+    "filter_novel_set": lambda c: dataclasses.replace(c, group_filter="novel_set"),
     "filter_vocabulary": lambda c: dataclasses.replace(c, group_filter="vocabulary"),
 }
 VARIANTS = ("no_fusion", "oracle", *VARIANT_INTER)
