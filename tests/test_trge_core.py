@@ -318,3 +318,36 @@ def test_group_filter_keeps_only_groups_that_know_the_names():
     assert w[0, 0] > 0.5  # the identified, usable group still dominates
     none = group_weights(cfg, ids, f0, protos, num_groups=4, usable=torch.zeros(3, dtype=torch.bool))
     assert (none == 0).all()  # nobody knows the names: all-zero rows, the adapted path is the frozen model
+
+
+@pytest.mark.parametrize("group_filter", ["novel_set", "none"])
+def test_new_label_set_is_served_by_the_frozen_model(digits, group_filter):
+    """An unseen sample of a label set no group was trained on: with ``novel_set`` the fused output
+    is the frozen model's even at lambda = 1 (no group weight at all); without the filter it is not."""
+    from desmoe.trge.evaluate import TextBank, evaluate_task
+    from desmoe.trge.task_id import OracleIdentifier, TaskInfo
+
+    model, bb = _tiny(T=2)
+    model.eval()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    tasks, _ = digits
+    oracle = OracleIdentifier()
+    feats = model.image_features(bb.pixels(tasks[0].train_x[:16]))
+    oracle.fit_task(TaskInfo(tasks[0].name, tasks[0].classnames, feats))
+    protos = torch.nn.functional.normalize(feats.mean(0, keepdim=True), dim=-1)
+    bank = TextBank(model, bb.tokenize, num_groups=2)
+    inter = InterGroupConfig(group_filter=group_filter)
+
+    def run(method):
+        return evaluate_task(method, model, bank, bb.pixels, tasks[2], -1, 1, oracle, protos, inter, 1.0,
+                             batch_size=32, rank=0, world=1, trained_names=[set(tasks[0].classnames)])
+
+    out, frozen = run("trge"), run("zero_shot")
+    if group_filter == "novel_set":
+        assert out["acc"] == frozen["acc"] and sum(out["group_weights"]) == 0
+    else:
+        assert sum(out["group_weights"]) == pytest.approx(1.0)

@@ -49,6 +49,9 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
 
     assert {k: s[k] for k in ("transfer", "avg", "last")} == mtil_metrics(A)
     assert len(s["control_rows"]) == 3 and len(s["id_rows"][0]) == 4
+    # label sets here are disjoint, so a test set whose task is not learned yet (and the control) is an
+    # entirely new label set: served by the frozen model (inter.group_filter novel_set), the same at every stage
+    assert A[0, 2] == A[1, 2] and len({r[0] for r in s["control_rows"]}) == 1
     oracle = np.array(s["variants"]["oracle"]["accuracy_matrix"])  # ablation on the same groups
     assert oracle.shape == (3, 3) and s["variants"]["oracle"]["last"] == mtil_metrics(oracle)["last"]
     # the prototype identifier tells the learned domains apart (chance would be ~1/2 .. 1/3)
