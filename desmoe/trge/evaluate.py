@@ -3,7 +3,9 @@
 Per sample: frozen features f0 -> task identifier -> inter-group weights -> the
 adapted image feature and a per-sample text classifier (the learned groups'
 class embeddings mixed by the same weights); samples judged unseen are fused
-with the frozen model's prediction by training progress.  Test sets are sharded
+with the frozen model's prediction by training progress.  The test set's class
+names take part as the protocol gives them (``inter.text_routing``,
+``unknown_names``, ``group_filter``: see inter_group.py).  Test sets are sharded
 over the ranks and counts all-reduced, so every rank ends with the same numbers.
 """
 from __future__ import annotations
