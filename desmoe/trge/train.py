@@ -94,8 +94,8 @@ def variant_inter(variant: str, inter: InterGroupConfig) -> InterGroupConfig:
 @dataclass
 class EvalConfig:
     # Ablations that change only the test-time path, evaluated on the same trained groups
-    # after every task: no_inter (own group only), no_fusion (lambda = 0), oracle (true task ids),
-    # text_image / text_vocabulary (the text tower routed by the image / by its class names).
+    # after every task: no_inter (own group only), no_fusion (lambda = 0), oracle (true task ids), and the
+    # class-name readings text_*, names_*, filter_* (inter_group.py); "+" combines atoms.
     variants: list[str] = field(default_factory=list)
 
     def check(self) -> None:
