@@ -69,8 +69,12 @@ def _names(trained_names: Optional[list[set[str]]], learned: Optional[int] = Non
 
 def unseen_if_names_unknown(ids: Tensor, class_names: list[str], trained_names: Optional[list[set[str]]]) -> Tensor:
     """Samples identified as a task that was trained on none of ``class_names`` become UNSEEN."""
-    novel = ~vocabulary_mask(class_names, _names(trained_names)).any(1)  # [learned tasks]
-    return torch.where((ids >= 0) & novel[ids.clamp_min(0)], torch.full_like(ids, UNSEEN), ids)
+    return _unseen_where(ids, vocabulary_mask(class_names, _names(trained_names)).any(1))
+
+
+def _unseen_where(ids: Tensor, knows_names: Tensor) -> Tensor:
+    """``knows_names`` [learned tasks] bool: ids of tasks that know none of the names -> UNSEEN."""
+    return torch.where((ids >= 0) & ~knows_names[ids.clamp_min(0)], torch.full_like(ids, UNSEEN), ids)
 
 
 @torch.no_grad()
@@ -90,6 +94,13 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
     fixed = learned - 1 if method == "trge" else 0
     Wg = group_class_embeddings(bank, task, groups_used, fixed, inter.text_routing, trained_names) \
         if method != "zero_shot" else None
+    # Per test set, not per batch: which learned tasks know any of its class names, and from that the
+    # groups that may take weight (inter.group_filter; None = routing unchanged)
+    knows_names, usable = None, None
+    if method in ("trge", "shared_pool") and (inter.unknown_names == "unseen" or inter.group_filter != "none"):
+        knows_names = vocabulary_mask(task.classnames, _names(trained_names, learned)).any(1)
+        if inter.group_filter == "vocabulary" or (inter.group_filter == "novel_set" and not knows_names.any()):
+            usable = knows_names
     scale = model.scale
     stats = torch.zeros(3 + T)  # correct, count, id-correct, summed group weights
     for start in range(0, len(idx), batch_size):
@@ -115,7 +126,7 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
         else:
             ids = identifier.identify(IdBatch(f0, images.numpy() if need_images else None, truth))
             if inter.unknown_names == "unseen":
-                ids = unseen_if_names_unknown(ids, task.classnames, trained_names)
+                ids = _unseen_where(ids, knows_names)
             stats[2] += (ids == truth).sum()  # the decision routing acts on
             unseen = ids == UNSEEN
             if method == "shared_pool":  # identified task's router; unseen -> frozen model
@@ -124,11 +135,6 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
                 pred = torch.where(unseen, z0.argmax(1), za.argmax(1))
                 w = w * (~unseen)[:, None]
             else:
-                usable = None  # groups that may take weight (inter.group_filter)
-                if inter.group_filter != "none":
-                    usable = vocabulary_mask(task.classnames, _names(trained_names, learned)).any(1)
-                    if inter.group_filter == "novel_set" and usable.any():
-                        usable = None  # some group knows these names: routing unchanged
                 w = group_weights(inter, ids, f0, prototypes, T, usable)
                 none = w.sum(1) == 0  # no group knows these names: the adapted path is the frozen model
                 wr = torch.where(none[:, None], one_hot_weights(0, len(sel), T), w)  # a placeholder route
