@@ -50,7 +50,9 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
     assert {k: s[k] for k in ("transfer", "avg", "last")} == mtil_metrics(A)
     assert len(s["control_rows"]) == 3 and len(s["id_rows"][0]) == 4
     # label sets here are disjoint, so a test set whose task is not learned yet (and the control) is an
-    # entirely new label set: served by the frozen model (inter.group_filter novel_set), the same at every stage
+    # entirely new label set: served by the frozen model (inter.group_filter novel_set), the same at every
+    # stage.  A consistency check only: 3 steps barely move the adapters, so it also holds without the
+    # filter; test_trge_core::test_new_label_set_is_served_by_the_frozen_model is the one that fails then.
     assert A[0, 2] == A[1, 2] and len({r[0] for r in s["control_rows"]}) == 1
     oracle = np.array(s["variants"]["oracle"]["accuracy_matrix"])  # ablation on the same groups
     assert oracle.shape == (3, 3) and s["variants"]["oracle"]["last"] == mtil_metrics(oracle)["last"]
