@@ -1,0 +1,62 @@
+"""Tolerances from the dtype and the magnitudes involved, never from what one machine printed.
+
+Two computations of the same real-number result differ only by rounding when they take different
+kernels: another CPU's SIMD width (AVX2, AVX-512, AMX), a GPU's tensor cores, another summation order,
+an all-to-all that regroups rows, a fused kernel against the module path.  Standard error analysis
+(Higham, *Accuracy and Stability of Numerical Algorithms*, sec. 3.1) bounds each: a sum or dot product
+of n terms, in any order, has an absolute error of at most gamma_n * sum|terms|, gamma_n = n*u/(1 - n*u),
+u = eps/2 the unit roundoff.  Two such evaluations therefore differ by at most 2*gamma_n*sum|terms|,
+about n * eps * magnitude.  A chain of reductions (layer after layer) adds their lengths; a value stored
+in a narrower dtype than it was computed in adds one eps of that dtype per rounding.
+
+``bound`` is that worst case.  It is loose (typical rounding errors grow like sqrt(n), not n), so it
+holds on every machine, and still far below what a real bug does: a wrong expert, a missing
+renormalisation or a dropped scaling factor moves the result by a fraction of its magnitude.
+
+Usage::
+
+    assert_close(got, want, terms=2 * d + seq)           # fp32, magnitude = max|want|
+    assert_close(got, want, terms=d, dtype=torch.bfloat16, roundings=2)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def bound(terms: int, *, dtype: torch.dtype = torch.float32, scale: float = 1.0, roundings: int = 0,
+          stored: torch.dtype | None = None) -> float:
+    """Worst-case |a - b| for two evaluations of the same result.
+
+    terms: the total length of the reductions on the longest path from inputs to the compared value
+    (for a matmul chain, the sum of the inner dimensions); dtype: the dtype the arithmetic accumulates in;
+    scale: the magnitude of the summed terms (max |value| of the inputs' products, or of the result when
+    the terms do not cancel); roundings, stored: how many times the value passed through the narrower
+    storage dtype ``stored`` (e.g. bf16 activations) on the way.
+    """
+    u = eps(dtype) / 2
+    n = max(int(terms), 1)
+    gamma = n * u / (1 - n * u)
+    storage = roundings * eps(stored or dtype)
+    return 2 * (gamma + storage) * scale
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, terms: int,
+                 dtype: torch.dtype | None = None, scale: float | None = None, roundings: int = 0,
+                 stored: torch.dtype | None = None, msg: str = "") -> None:
+    """Assert |actual - expected| <= bound(...) elementwise-max; the message shows error, bound and ratio."""
+    actual, expected = actual.detach(), expected.detach()
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    acc = dtype or (expected.dtype if expected.is_floating_point() else torch.float32)
+    if scale is None:
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+    scale = scale or 1.0  # an all-zero reference: compare at unit magnitude
+    tol = bound(terms, dtype=acc, scale=scale, roundings=roundings, stored=stored)
+    err = float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
+    assert math.isfinite(err) and err <= tol, (
+        f"{msg} max |diff| {err:.3g} > bound {tol:.3g} ({err / tol:.2f}x; {acc}, {terms} terms, scale {scale:.3g})")
