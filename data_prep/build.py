@@ -108,7 +108,9 @@ class Builder:
         src = EXTRACTORS[name][0]
         code = b"".join((HERE / f).read_bytes() for f in ("extract.py", "clean.py", "mathgen_worker.py"))
         settings = (self.cfg.seed, self.cfg.mathgen.per_module_train) if name == "mathematics-dataset" else ()
-        key = hashlib.sha256(code + repr((self.manifest[src].sha256, settings)).encode()).hexdigest()[:16]
+        res = self.cache.resolution(self.manifest[src])  # a superseding Debian version may hold other files
+        key = hashlib.sha256(code + repr((self.manifest[src].sha256, res.get("used"), res.get("drift"),
+                                          settings)).encode()).hexdigest()[:16]
         path = self.work / "extract" / f"{name}-{key}.jsonl"
         if path.is_file():
             return [Doc(**{**r, "pairs": [tuple(p) for p in r["pairs"]]}) for r in map(json.loads, path.open())]
@@ -318,6 +320,9 @@ class Builder:
                               f"'{cfg.eval.mcq_split}' documents; distractors are other answers of the same kind")
         return ev
 
+    def _package(self, name: str) -> dict:
+        return _package_record(self.manifest[name], self.cache.resolution(self.manifest[name]))
+
     def _meta(self, root: Path, selected, parts, tok, budget: int) -> dict:
         from data_prep.card import write_card
 
@@ -338,9 +343,7 @@ class Builder:
             "tokenizer": {"kind": tok.kind, "path": str(tok.path.relative_to(root)), "vocab_size": tok.vocab_size,
                           "sha256": tok.fingerprint(), "eos_id": tok.eos_id},
             "counts": counts, "sources": sources,
-            "packages": {n: {"kind": self.manifest[n].kind, "package": self.manifest[n].package,
-                             "version": self.manifest[n].version, "sha256": self.manifest[n].sha256,
-                             "licence": self.manifest[n].licence} for n in self.used_sources},
+            "packages": {n: self._package(n) for n in self.used_sources},
             "dropped": self.stats["dropped"], "available_train_tokens": self.stats["available_train_tokens"],
             "eval": self._eval(root, selected, parts), "card": "DATA_CARD.md",
             "config": _plain(cfg),
@@ -350,6 +353,15 @@ class Builder:
         write_card(root / "DATA_CARD.md", meta)
         (root / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         return meta
+
+
+def _package_record(src, res: dict) -> dict:
+    """meta.json's record of one source: what was pinned, what was used, and how its files compare."""
+    out = {"kind": src.kind, "package": src.package, "version": src.version, "sha256": src.sha256,
+           "licence": src.licence, "used_version": res["used"], "content": res["content"]}
+    if "drift" in res:
+        out["drift"] = res["drift"]
+    return out
 
 
 def _plain(cfg) -> dict:

@@ -45,6 +45,16 @@ def write_card(path: Path, meta: dict) -> None:
     lines += ["", "Per-domain perplexity: the `test` split of every domain; forgetting: the held-out set.", "",
               "## Packages", "", "| source | kind | package | version | sha256 | licence |", "|---|---|---|---|---|---|"]
     for name, p in sorted(meta["packages"].items()):
-        lines.append(f"| {name} | {p['kind']} | {p['package']} | {p['version']} | `{p['sha256'][:16]}…` | "
+        used = p.get("used_version", p["version"])
+        version = p["version"] if used == p["version"] else f"{used} (pinned {p['version']}: {p['content']} files)"
+        lines.append(f"| {name} | {p['kind']} | {p['package']} | {version} | `{p['sha256'][:16]}…` | "
                      f"{p['licence']} |")
+    drifted = {n: p["drift"] for n, p in sorted(meta["packages"].items()) if "drift" in p}
+    if drifted:
+        lines += ["", "## Drift from the pinned sources", "",
+                  "These Debian sources were superseded and their files differ from the recorded ones; "
+                  "the data differ from a build with the pinned versions accordingly.", ""]
+        for n, d in drifted.items():
+            files = ", ".join(d["changed"] + d["added"] + d["removed"])
+            lines.append(f"- **{n}**: {d['summary']}, accepted because: {d['accepted_because']}. Files: {files}")
     path.write_text("\n".join(lines) + "\n")

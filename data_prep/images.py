@@ -257,7 +257,9 @@ def build(profile_name: str, out: Path, cache_root: Path, size: int = 64, seed: 
         task = build_task(name, counts, profile, roots, size, seed)
         task.zero_shot_only = (name, counts) == profile.control
         used = [manifest[n] for n in TASK_SOURCES[name]]
-        task.source = ", ".join(s.spec for s in used)
+        # a superseded Debian version is used only with identical files (no image source declares drift)
+        task.source = ", ".join(s.spec if cache.resolution(s).get("used", s.version) == s.version else
+                                f"{s.spec} (used {cache.resolution(s)['used']}: identical files)" for s in used)
         task.licence = "; ".join(s.licence for s in used)
         save_task(out, task)
         write_card(out, task, used)
