@@ -1,5 +1,6 @@
 """Checkpoints: exact round trip, and weights reloaded at another ep_size."""
 import torch
+from tolerance import assert_close, transformer_terms
 
 from test_freeze_zero2 import batch_for, tiny_engine
 
@@ -49,9 +50,10 @@ def roundtrip_case(ckpt_dir):
     # ep_size 2 -> 1: every rank now holds all 4 experts, loaded from the per-expert files.
     single, _ = tiny_engine(ep_size=1, seed=6)
     checkpoint.load(single, ckpt_dir, module_only=True)
-    # Same weights; a larger GEMM per expert under EP=2 may round differently, hence 1e-5.
-    diff = (eval_logits(single, rank) - ref).abs().max().item()
-    assert diff < 1e-5, f"EP=1 reload of an EP=2 checkpoint differs by {diff}"
+    # Same weights; a larger GEMM per expert under EP=1 may round differently (tiny_engine's shapes)
+    assert_close(eval_logits(single, rank), ref, terms=transformer_terms(hidden=32, layers=2, seq=17, ffn=32,
+                                                                         heads=2, top_k=2),
+                 msg="EP=1 reload of an EP=2 checkpoint")
     from desmoe.moe import moe_blocks
 
     for b_ep2, b_ep1 in zip(moe_blocks(engine.module), moe_blocks(single.module)):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from test_desmoe_ranks import _data, _tiny_model_cfg
+from tolerance import assert_close, transformer_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10  # warm-up steps 1-2 (first M at the end of step 2), then stabilisation
@@ -119,7 +120,8 @@ def duplication_case(ep):
             copied = engine.module(ids)
             for blk in moe_blocks(engine.module):
                 blk.route_slots = None
-        assert (plain - copied).abs().max() < 1e-5
+        # the same weights in other slots: the forward of _tiny_model_cfg on 4 x 32 tokens
+        assert_close(copied, plain, terms=transformer_terms(hidden=32, layers=2, seq=32, ffn=32, heads=2, top_k=2))
         slots, logical = _slot_counts(engine.module)
         for layer in range(2):
             want = torch.zeros(6, dtype=torch.long).index_add_(0, method.copies.tables[layer][d], logical[layer])
@@ -157,7 +159,8 @@ def duplication_case(ep):
             ys.append(blk(x))
         blk.route_slots = None
     assert (ys[0] - ys[1]).abs().max() > 1e-4, "the copies never diverged from their originals"
-    assert (y_avg - (ys[0] + ys[1]) / 2).abs().max() < 1e-5
+    # one block (d 32 -> 32 -> 32, top-2): the mean of two copies' outputs vs the fan-out's weight split
+    assert_close(y_avg, (ys[0] + ys[1]) / 2, terms=2 * 32 + 32 + 2 + 2)
     return True
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from test_desmoe_ranks import _data, _tiny_model_cfg, trainer_case
+from tolerance import assert_close, transformer_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 OWNS = {0: {0, 1}, 1: {1, 2}}  # domain A owns experts 0, 1; domain B owns 1, 2; nobody owns 3
@@ -74,7 +75,9 @@ def token_mask_case():
     for key, g in masked.items():
         owners = [d for d in (0, 1) if key[1] in OWNS[d]]
         want = sum((refs[d][key] for d in owners), torch.zeros_like(g))
-        assert (g - want).abs().max() <= 1e-6 + 1e-4 * want.abs().max(), (key, owners, (g - want).abs().max())
+        # _tiny_model_cfg's backward; expert gradients sum over the 2 x 128 tokens of both ranks
+        assert_close(g, want, terms=transformer_terms(hidden=32, layers=2, seq=32, ffn=32, heads=2, top_k=2,
+                                                      backward=True, tokens=256), msg=f"{key} owners {owners}")
         if key[1] == 0:
             b_reaches_0 = max(b_reaches_0, refs[1][key].abs().max().item())
         if not owners:

@@ -1,11 +1,11 @@
 """Batched greedy generation and log-likelihood scoring agree with one-at-a-time
 computation and with transformers' own generate."""
-import math
 
 import pytest
 import torch
 
 from hf_tiny import save_tiny
+from tolerance import bound, transformer_terms
 
 PROMPTS = [[5, 9, 3], [7], [1, 2, 3, 4, 5, 6], [8, 8]]
 
@@ -50,7 +50,11 @@ def test_scoring_matches_direct_computation(tiny):
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
         direct = sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
-        assert n == len(cont) and math.isclose(lp, direct, rel_tol=1e-5, abs_tol=1e-5)
+        # the scorer batches and pads: other shapes, other kernels; then log-softmax over the vocabulary
+        # and a sum over the continuation (hf_tiny's olmoe: hidden 32, 2 layers, 4 heads, experts of 16, top-2)
+        terms = transformer_terms(hidden=32, layers=2, seq=8, ffn=16, heads=4, top_k=2) + 96 + len(cont)
+        assert n == len(cont)
+        assert abs(lp - direct) <= bound(terms, scale=max(abs(direct), 1.0)), (lp, direct)
         assert greedy == (greedy_generate(model, [ctx], len(cont))[0] == cont)
     # the greedy continuation is recognised as greedy
     g = greedy_generate(model, [[5, 9, 3]], 3)[0]
@@ -59,7 +63,8 @@ def test_scoring_matches_direct_computation(tiny):
     with torch.no_grad():
         logits = model(batch[:, :-1]).logits
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item()
-    assert math.isclose(mean_nll(model, [batch]), ref, rel_tol=1e-6)
+    # the same forward; the mean over 8 tokens may be summed in another order
+    assert abs(mean_nll(model, [batch]) - ref) <= bound(8 + 96, scale=ref)
 
 
 def generate_ep2(path: str) -> list:

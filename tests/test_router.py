@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tolerance import assert_close, bound
 from desmoe.moe import LinearRouter, MoEBlock, SwiGLUExpert, load_balancing_loss
 
 
@@ -24,7 +25,7 @@ def test_aux_loss_and_counts_hand_case():
     a = 1 / (1 + math.exp(-2.0))  # softmax([2, 0])[0]
     mean_p0, mean_p1 = (3 * a + (1 - a)) / 4, (3 * (1 - a) + a) / 4
     expected = 2 * (mean_p0 * 3 / 4 + mean_p1 * 1 / 4)
-    assert block.aux_loss.item() == pytest.approx(expected, rel=1e-6)
+    assert abs(block.aux_loss.item() - expected) <= bound(4 + 2 + 2, scale=expected)  # fp32: means over 4 tokens
     # perfectly uniform routing scores exactly 1
     uniform = load_balancing_loss(torch.full((4, 2), 0.5), torch.tensor([[0], [1], [0], [1]]), 2)
     assert uniform.item() == pytest.approx(1.0)
@@ -62,8 +63,8 @@ def test_topk_weights_with_and_without_renormalisation(normalize):
     picked = routing.scores.gather(1, routing.expert_ids)
     assert torch.equal(routing.expert_ids, routing.scores.topk(3, dim=-1).indices)
     if normalize:
-        assert torch.allclose(routing.weights.sum(-1), torch.ones(10))
-        assert torch.allclose(routing.weights, picked / picked.sum(-1, keepdim=True))
+        assert_close(routing.weights.sum(-1), torch.ones(10), terms=3)
+        assert_close(routing.weights, picked / picked.sum(-1, keepdim=True), terms=3)
     else:
         assert torch.equal(routing.weights, picked)  # softmax over all experts, not renormalised
 
@@ -73,8 +74,8 @@ def test_sigmoid_scores_scaling_and_allowed_experts():
     router = LinearRouter(8, 6, 2, score_func="sigmoid", normalize_topk=False, scaling=2.5)
     x = torch.randn(7, 8)
     routing = router(x)
-    assert torch.allclose(routing.scores, torch.sigmoid(x @ router.proj.weight.t()))
-    assert torch.allclose(routing.weights, 2.5 * routing.scores.gather(1, routing.expert_ids))
+    assert_close(routing.scores, torch.sigmoid(x @ router.proj.weight.t()), terms=8)
+    assert_close(routing.weights, 2.5 * routing.scores.gather(1, routing.expert_ids), terms=1)
     router.allowed_experts = torch.tensor([False, False, True, True, True, False])
     assert set(router(x).expert_ids.flatten().tolist()) <= {2, 3, 4}
 
@@ -88,7 +89,7 @@ def test_shared_expert_is_always_on():
         routed_only = MoEBlock.forward(block, x) - shared(x)
         for p in block.local_experts.parameters():
             p.zero_()
-        assert torch.allclose(block(x), shared(x))
+        assert_close(block(x), shared(x), terms=8 + 8 + 1)
     assert routed_only.abs().sum() > 0
 
 

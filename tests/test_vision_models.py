@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import BertModel
 
+from tolerance import assert_close, module_terms
 from desmoe.errors import UserError
 from desmoe.models.dual_encoder import (DualEncoder, clip_loss, load_clip, load_dual_encoder, save_dual_encoder,
                                         tiny_clip, tiny_dual_encoder)
@@ -28,8 +29,9 @@ def test_dual_encoder_surface_matches_clip():
     assert model.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).shape == (3, 16)
     # padding must not change a sentence's features
     one = tok(["x"], return_tensors="pt")
-    assert torch.allclose(model.get_text_features(**one)[0],
-                          model.get_text_features(t["input_ids"], t["attention_mask"])[2], atol=1e-5)
+    # other sequence lengths may take other kernels
+    assert_close(model.get_text_features(**one)[0], model.get_text_features(t["input_ids"], t["attention_mask"])[2],
+                 terms=module_terms(model, attention=2 * 2 * t["input_ids"].shape[1]))
     out = model(t["input_ids"], px, t["attention_mask"], return_loss=True)
     assert out.logits_per_image.shape == (3, 3) and torch.isfinite(out.loss)
     # LiT: frozen towers get no gradient, projections and temperature do
@@ -81,8 +83,8 @@ def test_tiny_clip_features_and_bad_paths(tmp_path):
     tok.save_pretrained(tmp_path / "clip")
     again, tok2 = load_clip(tmp_path / "clip")
     px = torch.randn(1, 3, 32, 32)
-    assert torch.allclose(as_features(model.get_image_features(pixel_values=px)),
-                          as_features(again.get_image_features(pixel_values=px)), atol=1e-5)
+    assert_close(as_features(again.get_image_features(pixel_values=px)),
+                 as_features(model.get_image_features(pixel_values=px)), terms=module_terms(model.vision_model) + 32)
     assert torch.equal(tok2(["a cat"], return_tensors="pt")["input_ids"], t["input_ids"])
     with pytest.raises(UserError, match="not a local CLIP checkpoint folder"):
         load_clip(tmp_path)

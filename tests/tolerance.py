@@ -21,8 +21,12 @@ Usage::
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+
+# Diagnostic only: DESMOE_TOL_MARGIN=10 divides every bound by 10, to see how much room a machine leaves.
+MARGIN = float(os.environ.get("DESMOE_TOL_MARGIN", "1"))
 
 
 def eps(dtype: torch.dtype) -> float:
@@ -43,7 +47,30 @@ def bound(terms: int, *, dtype: torch.dtype = torch.float32, scale: float = 1.0,
     n = max(int(terms), 1)
     gamma = n * u / (1 - n * u)
     storage = roundings * eps(stored or dtype)
-    return 2 * (gamma + storage) * scale
+    return 2 * (gamma + storage) * scale / MARGIN
+
+
+def transformer_terms(*, hidden: int, layers: int, seq: int, ffn: int, heads: int = 1, top_k: int = 1,
+                      backward: bool = False, tokens: int = 0) -> int:
+    """Reduction lengths through a pre-norm transformer's forward: per layer q/k/v (d), scores (d/heads),
+    the attention-weighted sum (seq), the output projection (d), router (d), expert in (d) and out (ffn),
+    the top-k combine (k); then the LM head (d).  ``backward`` runs the chain again and sums weight
+    gradients over ``tokens``."""
+    fwd = layers * (4 * hidden + hidden // heads + seq + ffn + top_k) + hidden
+    return 2 * fwd + tokens if backward else fwd
+
+
+def module_terms(module: torch.nn.Module, *, attention: int = 0) -> int:
+    """Reduction lengths of every linear map in ``module`` (Linear: in_features; Conv: in/groups x kernel),
+    plus ``attention`` for the score and weighted-sum reductions of its attention layers.  An upper bound on
+    the longest path when the model is one chain (parallel branches are counted too)."""
+    n = attention
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            n += m.in_features
+        elif isinstance(m, torch.nn.modules.conv._ConvNd):
+            n += m.in_channels // m.groups * math.prod(m.kernel_size)
+    return n
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, terms: int,
