@@ -34,6 +34,7 @@ from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece,
 from desmoe.config import split_overrides
 from desmoe.data.prepared import FORMAT, SPLITS
 from desmoe.errors import ConfigError, UserError, run_cli
+from desmoe.integrity import seal
 
 HERE = Path(__file__).resolve().parent
 
@@ -246,6 +247,7 @@ class Builder:
             lap("eval_card")
             # the only file that differs between identical builds: measured times
             (tmp / "timing.json").write_text(json.dumps({**perf, "stages_s": stages}, sort_keys=True) + "\n")
+            seal(tmp)  # sizes and sha256 of every file, checked when the folder is opened
             _swap(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,7 @@ from data_prep import image_sources as S
 from data_prep.sources import Source, SourceCache, load_manifest
 from desmoe.checkpoint import write_text_atomic
 from desmoe.errors import UserError, run_cli
+from desmoe.integrity import seal
 from desmoe.vision.tasks import ImageTask, save_index, save_task, task_entry
 
 MANIFEST = Path(__file__).with_name("manifest.yaml")
@@ -265,6 +266,7 @@ def build(profile_name: str, out: Path, cache_root: Path, size: int = 64, seed: 
         write_card(out, task, used)
         entries.append(task_entry(task))
     save_index(out, entries, extra=stamp)
+    seal(out)  # sizes and sha256 of every task file, checked when the sequence is loaded
     total = sum(e["num_train"] + e["num_test"] for e in entries)
     skipped = sum(e["meta"].get("skipped", 0) for e in entries)
     print(f"{out}: {len(entries)} tasks, {total} images, {skipped} glyphs skipped")

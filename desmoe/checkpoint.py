@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from desmoe import integrity
 from desmoe.errors import UserError
 
 LATEST = "latest"
@@ -43,10 +44,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def replace_dir_atomic(tmp: str | Path, final: str | Path) -> Path:
+def replace_dir_atomic(tmp: str | Path, final: str | Path, seal: bool = False) -> Path:
     """Put the finished folder ``tmp`` at ``final``: the old copy is renamed aside
     before the new one is renamed in and only then deleted, so a crash at any point
     leaves a complete folder at ``final`` or at its ``.old`` neighbour, never nothing."""
+    if seal:  # the manifest (desmoe/integrity.py) goes in with the folder, never after it
+        integrity.seal(tmp)
     tmp, final = Path(tmp), Path(final)
     old = final.with_name(f".{final.name}.old{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
@@ -87,6 +90,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[st
     _save_rng(staging / tag)
     _barrier()
     if _is_rank0():
+        integrity.seal(staging / tag)  # every rank's files are complete (barrier above)
         final = root / tag
         if final.exists():  # re-saving a step: move the old copy aside first, then drop it
             old = root / STAGING / f"{tag}.old"
@@ -157,13 +161,14 @@ def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
 
 
 def load(engine, ckpt_dir: str | Path, tag: Optional[str] = None, module_only: bool = False,
-         trainable_only: bool = False) -> Optional[dict]:
+         trainable_only: bool = False, verify_hashes: bool = False) -> Optional[dict]:
     """Load ``tag`` (default: latest); returns the client state, or None if there is nothing.
     ``trainable_only``: the checkpoint may lack frozen (requires_grad=False) parameters, which keep
     their current values; any other missing or unexpected key is still an error."""
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         return None
+    integrity.verify(Path(ckpt_dir) / tag, "checkpoint", hashes=verify_hashes)  # never read a short file
     custom = _load_allowing_frozen(Path(ckpt_dir) / tag) if trainable_only else None
     try:
         path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=module_only,

@@ -51,6 +51,9 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
         block = cfg.get(precision)
         if isinstance(block, dict) and block.get("enabled") == "auto":
             block["enabled"] = precision == "bf16" and use_cuda() and torch.cuda.is_bf16_supported()
+    for key in ("fp16", "bf16", "zero_optimization", "optimizer"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ConfigError(f"{source}: key '{key}': expected an object, got {cfg[key]!r}")
     if cfg.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{source}: key 'fp16.enabled': fp16 is not supported (use bf16)")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
@@ -69,7 +72,57 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     cfg["optimizer"] = opt
     # Our optimizer is an AdamW subclass, which ZeRO does not list by type.
     cfg["zero_allow_untested_optimizer"] = True
+    _check_values(cfg, source)
     return cfg
+
+
+def _is_int(v: Any, low: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_num(v: Any, low: float = 0.0, open_low: bool = False) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (v > low if open_low else v >= low)
+
+
+def _check_values(cfg: Mapping[str, Any], source: str) -> None:
+    """Values DeepSpeed would assert on (or silently misread) become one line naming the key."""
+    def bad(key: str, expected: str, value: Any) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}': expected {expected}, got {value!r}")
+
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                "steps_per_print"):
+        if key in cfg and not _is_int(cfg[key]):
+            raise bad(key, "a positive integer", cfg[key])
+    if "gradient_clipping" in cfg and not _is_num(cfg["gradient_clipping"]):
+        raise bad("gradient_clipping", "a number >= 0", cfg["gradient_clipping"])
+    for block in ("bf16", "fp16"):
+        if "enabled" in cfg.get(block, {}) and not isinstance(cfg[block]["enabled"], bool):
+            raise bad(f"{block}.enabled", 'true, false or "auto"', cfg[block]["enabled"])
+    zero = cfg.get("zero_optimization", {})
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if key in zero and not (_is_int(zero[key]) or _is_num(zero[key], 0, open_low=True)):
+            raise bad(f"zero_optimization.{key}", "a positive number", zero[key])
+    for key in ("overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_partitions"):
+        if key in zero and not isinstance(zero[key], bool):
+            raise bad(f"zero_optimization.{key}", "true or false", zero[key])
+    params = cfg["optimizer"].get("params", {})
+    if not isinstance(params, dict):
+        raise bad("optimizer.params", "an object", params)
+    checks = {"lr": ("a number > 0", lambda v: _is_num(v, 0, open_low=True)),
+              "eps": ("a number > 0", lambda v: _is_num(v, 0, open_low=True)),
+              "weight_decay": ("a number >= 0", _is_num),
+              "betas": ("two numbers in [0, 1)", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                        and all(_is_num(b) and b < 1 for b in v))}
+    for key, (expected, ok) in checks.items():
+        if key in params and params[key] != "auto" and not ok(params[key]):
+            raise bad(f"optimizer.params.{key}", expected, params[key])
+    import torch.distributed as dist
+
+    if "train_batch_size" in cfg and dist.is_available() and dist.is_initialized():
+        world, micro, accum = dist.get_world_size(), cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
+        if cfg["train_batch_size"] != micro * accum * world:
+            raise bad("train_batch_size", f"micro batch x accumulation x ranks = {micro} x {accum} x {world} "
+                      f"= {micro * accum * world} (or \"auto\")", cfg["train_batch_size"])
 
 
 def build_engine(model: nn.Module, ds_config: Mapping[str, Any],

@@ -8,12 +8,24 @@ import argparse
 import json
 from pathlib import Path
 
-from desmoe import checkpoint
+from desmoe import checkpoint, integrity
 from desmoe.errors import UserError, run_cli
 from desmoe.monitor import read_metrics
 
 
-def describe(run_dir: Path) -> dict:
+def verify_tag(tag_dir: Path) -> str:
+    """'ok (N files)', 'no manifest' or the one-line reason the tag's files differ from its manifest."""
+    try:
+        if not integrity.verify(tag_dir, "checkpoint", hashes=True):
+            return "no manifest (written before manifests existed)"
+    except UserError as err:
+        return f"FAILED: {err}"
+    return f"ok ({len(integrity.read_manifest(tag_dir, 'checkpoint')['files'])} files, sha256 verified)"
+
+
+def describe(run_dir: Path, verify: bool = True) -> dict:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: is a file, expected a run directory")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     ckpt_dir = run_dir / "checkpoints"
@@ -33,6 +45,7 @@ def describe(run_dir: Path) -> dict:
         "phase_or_task": phase,
         "latest_metrics": latest,
         "interrupted_save": any(p.is_dir() for p in (ckpt_dir / checkpoint.STAGING).glob("step*")),
+        "integrity": {t: verify_tag(ckpt_dir / t) for t in tags} if verify else {},
     }
 
 
@@ -41,11 +54,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-verify", action="store_true", help="skip hashing the checkpoints' files")
     args = parser.parse_args()
-    info = describe(args.run_dir)
+    info = describe(args.run_dir, verify=not args.no_verify)
+    failed = any(v.startswith("FAILED") for v in info["integrity"].values())
     if args.json:
         print(json.dumps(info, indent=2))
-        return
+        raise SystemExit(1 if failed else 0)
     print(f"run               {info['run']}")
     print(f"latest checkpoint {info['latest_checkpoint'] or '-'}  ({len(info['checkpoints'])} kept)")
     print(f"last logged step  {info['last_logged_step'] if info['last_logged_step'] is not None else '-'}")
@@ -53,8 +68,12 @@ def main() -> None:
         print(f"phase / task      {info['phase_or_task']:g}")
     if info["interrupted_save"]:
         print("note              an interrupted save is left in checkpoints/.staging (ignored on resume)")
+    for tag, status in info["integrity"].items():
+        print(f"checkpoint {tag}  {status}")
     for key, value in sorted(info["latest_metrics"].items()):
         print(f"  {key:<24} {value:.6g}")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

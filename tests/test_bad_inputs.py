@@ -99,6 +99,30 @@ CASES = [
     Case("unknown optimizer parameter", "deepspeed", lambda t: ds(t, '{"optimizer": {"type": "AdamW", "params": {"momentum": 0.9}}}'),
          "key 'optimizer.params.momentum': unknown"),
     Case("fp16 requested", "deepspeed", lambda t: ds(t, '{"fp16": {"enabled": true}}'), "key 'fp16.enabled': fp16 is not supported (use bf16)"),
+    # values DeepSpeed itself would assert on (a traceback) or misread
+    Case("micro batch of zero", "deepspeed", lambda t: ds(t, '{"train_micro_batch_size_per_gpu": 0}'),
+         "key 'train_micro_batch_size_per_gpu': expected a positive integer, got 0"),
+    Case("accumulation not an integer", "deepspeed", lambda t: ds(t, '{"gradient_accumulation_steps": 1.5}'),
+         "key 'gradient_accumulation_steps': expected a positive integer, got 1.5"),
+    Case("clipping as a string", "deepspeed", lambda t: ds(t, '{"gradient_clipping": "1.0"}'),
+         "key 'gradient_clipping': expected a number >= 0, got '1.0'"),
+    Case("section not an object", "deepspeed", lambda t: ds(t, '{"zero_optimization": 2}'),
+         "key 'zero_optimization': expected an object, got 2"),
+    Case("flag as a string", "deepspeed", lambda t: ds(t, '{"zero_optimization": {"stage": 2, "overlap_comm": "true"}}'),
+         "key 'zero_optimization.overlap_comm': expected true or false, got 'true'"),
+    Case("bf16 flag not boolean", "deepspeed", lambda t: ds(t, '{"bf16": {"enabled": "yes"}}'),
+         "key 'bf16.enabled': expected true, false or \"auto\", got 'yes'"),
+    Case("one beta", "deepspeed", lambda t: ds(t, '{"optimizer": {"type": "AdamW", "params": {"betas": [0.9]}}}'),
+         "key 'optimizer.params.betas': expected two numbers in [0, 1), got [0.9]"),
+    Case("negative learning rate", "deepspeed", lambda t: ds(t, '{"optimizer": {"type": "AdamW", "params": {"lr": -1}}}'),
+         "key 'optimizer.params.lr': expected a number > 0, got -1"),
+    # what desmoe wrote, damaged afterwards (desmoe/integrity.py)
+    Case("truncated data file", "integrity", lambda t: _damaged_data(t, truncate=True), "file is truncated"),
+    Case("data file replaced by a longer one", "integrity", lambda t: _damaged_data(t, truncate=False),
+         "file is longer than written"),
+    Case("altered file, hashes requested", "integrity", lambda t: _altered_file(t), "file was altered (sha256 differs"),
+    Case("run directory that is a file", "integrity", lambda t: _run_dir_is_a_file(t),
+         "is a file, expected a run directory"),
     # data files
     Case("data path is not a folder", "data", lambda t: load_byte_corpus(TextCorpusConfig(path=str(t / "nope"))), "not a directory"),
     Case("no file matches the pattern", "data", lambda t: load_byte_corpus(TextCorpusConfig(path=str(files(t, {"a.md": "x"})))),
@@ -138,6 +162,44 @@ def _latest_nowhere(tmp: Path):
     return latest_tag(tmp / "ckpt")
 
 
+def _sealed(tmp: Path) -> Path:
+    from desmoe.integrity import seal
+
+    folder = tmp / "sealed"
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"format": 1}')
+    (folder / "train.bin").write_bytes(bytes(range(256)) * 4)
+    seal(folder)
+    return folder
+
+
+def _damaged_data(tmp: Path, truncate: bool):
+    from desmoe.data.prepared import PreparedData
+
+    folder = _sealed(tmp)
+    data = (folder / "train.bin").read_bytes()
+    (folder / "train.bin").write_bytes(data[:100] if truncate else data + b"x")
+    return PreparedData(folder)
+
+
+def _altered_file(tmp: Path):
+    from desmoe.integrity import verify
+
+    folder = _sealed(tmp)
+    data = bytearray((folder / "train.bin").read_bytes())
+    data[7] ^= 1  # same size: only the hash can tell
+    (folder / "train.bin").write_bytes(bytes(data))
+    assert verify(folder, "checkpoint")  # sizes agree
+    return verify(folder, "checkpoint", hashes=True)
+
+
+def _run_dir_is_a_file(tmp: Path):
+    from desmoe.inspect_run import describe
+
+    (tmp / "run.txt").write_text("not a run")
+    return describe(tmp / "run.txt")
+
+
 def snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -165,7 +227,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path):
 
 def test_catalogue_is_large_enough():
     assert len(CASES) >= 25
-    assert {c.area for c in CASES} >= {"config", "cli", "deepspeed", "data", "checkpoint", "environment"}
+    assert {c.area for c in CASES} >= {"config", "cli", "deepspeed", "data", "checkpoint", "environment", "integrity"}
 
 
 def _launch(*args):
@@ -199,9 +261,16 @@ def test_corrupted_checkpoint_is_named_and_left_alone(tmp_path):
     proc = _launch(*args[:-2], "train.steps=3", *args[-2:])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("desmoe: error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert "step00000002: cannot load checkpoint" in errors[0]
+    # the tag's manifest catches it before anything is read
+    assert f"{victim}: checkpoint file is truncated (64 bytes, the manifest says" in errors[0]
     assert "Traceback" not in proc.stderr
     assert snapshot(tmp_path / "r") == before, "a failed resume must not modify the run directory"
+    # without a manifest (a checkpoint written before manifests), the load itself fails in one line
+    (ckpt / "desmoe-manifest.json").unlink()
+    proc = _launch(*args[:-2], "train.steps=3", *args[-2:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("desmoe: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "step00000002: cannot load checkpoint" in errors[0]
 
 
 if __name__ == "__main__":

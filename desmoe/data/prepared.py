@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from desmoe import integrity
 from desmoe.data.packing import DomainBatch, DomainSampler
 from desmoe.data.tokenizer import load_tokenizer
 from desmoe.errors import UserError
@@ -53,12 +54,13 @@ class EvalSets:
 
 
 class PreparedData:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, verify_hashes: bool = False) -> None:
         self.root = Path(root)
         meta_path = self.root / "meta.json"
         if not meta_path.is_file():
             raise UserError(f"{self.root}: not a prepared data folder (no meta.json); "
                             f"build one with `python -m data_prep.build --profile tiny --out {self.root}`")
+        integrity.verify(self.root, "prepared data folder", hashes=verify_hashes)
         try:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError:

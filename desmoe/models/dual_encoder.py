@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from desmoe import integrity
 from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError
 from desmoe.models.efficientnet_lite import EfficientNetLite, EfficientNetLiteConfig
@@ -176,7 +177,7 @@ def save_dual_encoder(model: DualEncoder, tokenizer, folder: str | Path, extra: 
         (tmp / "config.json").write_text(json.dumps(
             {"model_type": "desmoe_dual_encoder", **dataclasses.asdict(model.config), **(extra or {})}, indent=1))
         tokenizer.save_pretrained(tmp / "tokenizer")
-        replace_dir_atomic(tmp, folder)
+        replace_dir_atomic(tmp, folder, seal=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -192,6 +193,7 @@ def load_dual_encoder(folder: str | Path, device: str | torch.device = "cpu"):
     if not cfg_path.is_file() or not (folder / "model.safetensors").is_file():
         raise UserError(f"{folder}: not a saved dual encoder (expected config.json and model.safetensors); "
                         "build one with `python launcher/align_dual_encoder.py`")
+    integrity.verify(folder, "dual encoder folder")
     raw = json.loads(cfg_path.read_text())
     if raw.get("model_type") != "desmoe_dual_encoder":
         raise UserError(f"{cfg_path}: key 'model_type': expected 'desmoe_dual_encoder', got {raw.get('model_type')!r}")
@@ -214,6 +216,7 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu"):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a local CLIP checkpoint folder (config.json missing)")
+    integrity.verify(path, "model folder")
     model = CLIPModel.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.to(device).eval(), tokenizer

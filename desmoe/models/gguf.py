@@ -61,7 +61,7 @@ def dequantize_gguf(source: str | Path, out_dir: str | Path, dtype: torch.dtype 
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-    return replace_dir_atomic(staging, out_dir)
+    return replace_dir_atomic(staging, out_dir, seal=True)
 
 
 def _plain_copy(loaded, dtype: torch.dtype):

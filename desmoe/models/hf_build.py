@@ -93,4 +93,4 @@ def write_initial_checkpoint(config, out_dir: str | Path, seed: int) -> Path:
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
-    return replace_dir_atomic(staging, out_dir)
+    return replace_dir_atomic(staging, out_dir, seal=True)

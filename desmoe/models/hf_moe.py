@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from desmoe import integrity
 from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError
 from desmoe.models.hf_arch import MoEArch, arch_for
@@ -58,6 +59,7 @@ def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.f
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    integrity.verify(path, "model folder")  # a folder desmoe exported: every file complete
     cfg = checkpoint_config(path)
     arch = arch_for(cfg, str(path / "config.json"))
     _check_ep(cfg, ep_size, str(path))
@@ -189,7 +191,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None,
             tokenizer.save_pretrained(str(staging))
         for name, src in (extra_files or {}).items():
             shutil.copy2(src, staging / name)
-        replace_dir_atomic(staging, out_dir)
+        replace_dir_atomic(staging, out_dir, seal=True)
     if dist.is_initialized():
         dist.barrier()
     return out_dir if rank0 else None

@@ -111,4 +111,4 @@ def upcycle(dense: str | Path, out_dir: str | Path, num_experts: int, top_k: int
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
         if (Path(dense) / name).is_file():
             shutil.copy2(Path(dense) / name, staging / name)
-    return replace_dir_atomic(staging, out_dir)
+    return replace_dir_atomic(staging, out_dir, seal=True)

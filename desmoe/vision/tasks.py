@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from desmoe import integrity
 from desmoe.errors import UserError
 
 INDEX = "tasks.json"
@@ -56,6 +57,7 @@ def load_task_sequence(folder: str | Path, names: Optional[list[str]] = None,
     if not index_path.is_file():
         raise UserError(f"{folder}: not an image task sequence ({INDEX} missing); build one with "
                         f"`python -m data_prep.images --profile tiny --out {folder}`")
+    integrity.verify(folder, "image task folder")
     try:
         index = json.loads(index_path.read_text())
         entries = {t["name"]: t for t in index["tasks"]}
