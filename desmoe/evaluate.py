@@ -1,0 +1,90 @@
+"""Standard evaluation with lm-evaluation-harness, offline, on a model folder desmoe can load.
+
+    python -m desmoe.evaluate MODEL_DIR --data data/demo [--tasks all|t1,t2] [--limit N]
+    python -m desmoe.evaluate MODEL_DIR --include_path my_tasks/ --tasks gsm8k_local [--tokenizer DIR]
+
+``--data``: the prepared folder's own evaluation sets as harness tasks (``desmoe_math``,
+``desmoe_mcq_<domain>``; YAMLs in ``desmoe/evaluation/tasks``).  ``--include_path``: the user's task
+YAMLs pointing at local files (``dataset_path: json`` + ``dataset_kwargs.data_files``; docs/evaluation.md
+shows GSM8K-, MMLU- and HumanEval-style ones).  The model is loaded with ``load_hf_moe`` (any family
+desmoe supports, EP=1, this process) and scored by ``desmoe.evaluation.harness.make_lm``.  The tokenizer
+is the model folder's own when it has one, else the data folder's.  Prints one JSON object; ``--out``
+also writes it (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from desmoe.errors import UserError, run_cli
+
+
+def load_tokenizer_for(model_dir: Path, data_root: Path | None):
+    from desmoe.data.tokenizer import HFTokenizer
+
+    if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
+        return HFTokenizer(model_dir)
+    if data_root is not None:
+        from desmoe.data.prepared import PreparedData
+        return PreparedData(data_root).tokenizer
+    raise UserError(f"{model_dir}: no tokenizer in the model folder; give --data or --tokenizer")
+
+
+def evaluate(model_dir: str | Path, data: str | Path | None = None, include_path: str | Path | None = None,
+             tasks: str = "all", limit: int | None = None, tokenizer: str | Path | None = None,
+             batch_size: int = 16) -> dict:
+    """{task: {metric: value}} from the harness for the model folder ``model_dir``."""
+    from desmoe.data.tokenizer import HFTokenizer
+    from desmoe.evaluation.harness import make_lm, run, task_dir
+    from desmoe.models.hf_moe import load_hf_moe
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: not a model folder (config.json missing)")
+    if (data is None) == (include_path is None):
+        raise UserError("give exactly one of --data (the folder's own tasks) or --include_path (your task YAMLs)")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"{include_path}: --include_path is not a folder of task YAMLs")
+    tok = HFTokenizer(tokenizer) if tokenizer else load_tokenizer_for(model_dir, Path(data) if data else None)
+    model = load_hf_moe(model_dir).eval()
+    with tempfile.TemporaryDirectory(prefix="desmoe-tasks-") as tmp:
+        if data is not None:
+            include, names = Path(tmp), task_dir(data, tmp)
+        else:
+            include = Path(include_path)
+            names = sorted(p.stem for p in include.glob("*.yaml"))
+        chosen = names if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+        unknown = [t for t in chosen if t not in names]
+        if unknown:
+            raise UserError(f"--tasks: '{unknown[0]}' is not a task of {data or include_path} "
+                            f"(tasks: {', '.join(names)})")
+        return run(make_lm(model, tok, batch_size=batch_size), chosen, include, limit=limit)
+
+
+@run_cli
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m desmoe.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", help="an HF model folder (exported by desmoe or your own)")
+    parser.add_argument("--data", help="a prepared data folder: evaluate on its own evaluation sets")
+    parser.add_argument("--include_path", help="a folder of lm-eval task YAMLs over local files")
+    parser.add_argument("--tasks", default="all", help="comma-separated task names (default: all)")
+    parser.add_argument("--limit", type=int, help="first N documents of each task")
+    parser.add_argument("--tokenizer", help="an HF tokenizer folder (default: the model's, else the data's)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: expected a positive integer")
+    result = evaluate(args.model_dir, args.data, args.include_path, args.tasks, args.limit, args.tokenizer,
+                      args.batch_size)
+    text = json.dumps(result, indent=1, sort_keys=True, default=float)
+    print(text)
+    if args.out:
+        from desmoe.checkpoint import write_text_atomic
+        write_text_atomic(args.out, text + "\n")
+
+
+if __name__ == "__main__":
+    main()

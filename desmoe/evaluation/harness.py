@@ -1,0 +1,175 @@
+"""lm-evaluation-harness on desmoe models: an in-process model adapter and the demo data's task YAMLs.
+
+``DesmoeLM`` is an ``lm_eval`` model over any causal LM desmoe can run (an expert-parallel model in
+training, or an exported HF folder loaded with ``load_hf_moe``).  Expert parallelism makes every forward
+a collective, so **every rank answers every request** in the same batches: the adapter tells the harness
+it is rank 0 of 1 on each process, and results are identical on all ranks.
+
+Scoring is the in-house evaluator's (``desmoe.models.generate``), request by request:
+- ``loglikelihood(context, continuation)``: context and continuation tokenised separately and joined,
+  the sum of the continuation's log-probabilities, and whether it is the greedy continuation;
+- ``generate_until``: greedy decoding up to ``max_gen_toks``, cut at the first ``until`` string;
+- ``loglikelihood_rolling``: the document's full log-likelihood in windows of ``max_len``.
+
+The task YAMLs shipped in ``desmoe/evaluation/tasks/`` describe the demo data's evaluation sets
+(``eval/mcq-<domain>.jsonl``, ``eval/math.jsonl`` of a prepared folder); ``task_dir`` copies them beside
+a folder's files with the paths filled in, for ``--include_path``.  On the same items the harness's
+``acc_norm`` equals the in-house ``mcq/<domain>`` (per-character normalisation) and its ``exact_match``
+equals ``math/exact`` (``tests/test_harness.py``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from desmoe.errors import UserError
+from desmoe.models.generate import greedy_generate, score_continuations
+
+TASKS = Path(__file__).resolve().parent / "tasks"
+
+
+def _lm_base():
+    try:
+        from lm_eval.api.model import LM
+    except ImportError:
+        raise UserError("lm-evaluation-harness is not installed (pip install lm_eval; `make setup` does)") from None
+    return LM
+
+
+def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 512):
+    """An ``lm_eval`` LM over ``model`` with a desmoe tokenizer (encode/decode/eos_id/pad_id)."""
+    LM = _lm_base()
+
+    class DesmoeLM(LM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.tok, self.batch, self.max_len = model, tokenizer, batch_size, max_len
+
+        # every rank answers every request: EP forwards are collectives
+        @property
+        def rank(self) -> int:
+            return 0
+
+        @property
+        def world_size(self) -> int:
+            return 1
+
+        def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, int, bool]]:
+            out = []
+            for i in range(0, len(pairs), self.batch):
+                chunk = pairs[i:i + self.batch]
+                out += score_continuations(self.model, [c for c, _ in chunk], [t for _, t in chunk],
+                                           max_len=self.max_len, pad_id=self.tok.pad_id)
+            return out
+
+        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+            contexts = self.tok.encode([r.args[0] for r in requests])
+            conts = self.tok.encode([r.args[1] for r in requests])
+            return [(float(lp), bool(greedy)) for lp, _, greedy in self._score(list(zip(contexts, conts)))]
+
+        def loglikelihood_rolling(self, requests) -> list[float]:
+            out = []
+            for ids in self.tok.encode([r.args[0] for r in requests]):
+                ids = [self.tok.eos_id] + list(ids)  # the first token is predicted from end-of-text
+                windows = [(ids[max(0, s - self.max_len):s], ids[s:s + self.max_len])
+                           for s in range(1, len(ids), self.max_len)]
+                out.append(float(sum(lp for lp, _, _ in self._score(windows))))
+            return out
+
+        def generate_until(self, requests) -> list[str]:
+            answers = []
+            for i in range(0, len(requests), self.batch):
+                chunk = requests[i:i + self.batch]
+                kwargs = [r.args[1] for r in chunk]
+                steps = max(int(k.get("max_gen_toks", 32)) for k in kwargs)
+                prompts = [p[-self.max_len:] for p in self.tok.encode([r.args[0] for r in chunk])]
+                outs = greedy_generate(self.model, prompts, steps, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
+                for out, k in zip(outs, kwargs):
+                    text = self.tok.decode(out[:int(k.get("max_gen_toks", 32))])
+                    for stop in k.get("until", []) or []:
+                        text = text.split(stop, 1)[0]
+                    answers.append(text)
+            return answers
+
+    return DesmoeLM()
+
+
+def task_dir(data_root: str | Path, out: str | Path) -> list[str]:
+    """Write the demo tasks for the prepared folder ``data_root`` into ``out``; returns their names."""
+    data_root, out = Path(data_root).resolve(), Path(out)
+    meta_path = data_root / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(f"{data_root}: not a prepared data folder (no meta.json)")
+    ev = json.loads(meta_path.read_text())["eval"]
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(TASKS / "utils.py", out / "utils.py")
+    names = []
+    templates = [("desmoe_math", "math.yaml", data_root / ev["math"])]
+    templates += [(f"desmoe_mcq_{d}", "mcq.yaml", data_root / p) for d, p in ev["mcq"].items()]
+    for name, template, data_file in templates:
+        if not data_file.is_file():
+            raise UserError(f"{data_file}: evaluation file of task {name} not found")
+        text = (TASKS / template).read_text().replace("@TASK@", name).replace("@DATA_FILE@", str(data_file))
+        (out / f"{name}.yaml").write_text(text)
+        names.append(name)
+    return names
+
+
+def check_task_files(include_path: str | Path) -> None:
+    """Every ``data_files`` a task YAML names exists (the harness would fail deep inside ``datasets``)."""
+    import yaml
+
+    for path in sorted(Path(include_path).glob("*.yaml")):
+        try:
+            cfg = yaml.load(path.read_text(), Loader=_FunctionLoader) or {}
+        except yaml.YAMLError:
+            raise UserError(f"{path}: not valid YAML") from None
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+        for split, name in (files.items() if isinstance(files, dict) else [("", files)]):
+            for f in [name] if isinstance(name, str) else name:
+                if not Path(f).is_file():
+                    raise UserError(f"{path}: key 'dataset_kwargs.data_files{'.' + split if split else ''}': "
+                                    f"file {f} not found")
+
+
+class _FunctionLoader:
+    """A YAML loader that accepts lm_eval's ``!function`` tags (their targets are not needed here)."""
+
+    def __new__(cls, stream):
+        import yaml
+
+        loader = yaml.SafeLoader(stream)
+        loader.add_constructor("!function", lambda ld, node: ld.construct_scalar(node))
+        return loader
+
+
+def run(lm, tasks: list[str], include_path: str | Path, limit: Optional[int] = None,
+        samples: Optional[dict] = None) -> dict[str, dict[str, Any]]:
+    """Run the harness offline on ``tasks``; returns {task: {metric: value}} (the harness's own numbers).
+    Tasks run one at a time, so each one's requests are batched as the in-house evaluator batches them.
+    ``samples``: filled with {task: [per-document record]} when given."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_task_files(include_path)
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path), include_defaults=False)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"task '{unknown[0]}': not among the tasks in {include_path}")
+    out = {}
+    for task in tasks:
+        result = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=0,
+                                 log_samples=samples is not None, bootstrap_iters=0, verbosity="ERROR")
+        metrics = result["results"][task]
+        out[task] = {k.split(",")[0]: v for k, v in metrics.items() if "_stderr" not in k and k != "alias"}
+        if samples is not None:
+            samples[task] = result["samples"][task]
+    return out
