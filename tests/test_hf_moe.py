@@ -38,7 +38,7 @@ def parity_on_ranks(path: str, export_dir: str) -> dict:
             got = model(ids).logits
             result[f"ep{ep}"] = (got - want).abs().max().item()
             blocks = moe_blocks(model)
-            n_local = ref.config.num_experts // ep
+            n_local = blocks[0].num_experts // ep
             mine = range(rank * n_local, (rank + 1) * n_local) if ep > 1 else range(n_local)
             assert all(len(b.local_experts) == n_local and b.local_global_ids() == mine for b in blocks)
             # Every expert of every block was used by somebody, so every expert's weights were checked.
