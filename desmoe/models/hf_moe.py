@@ -61,14 +61,23 @@ def _check_ep(num_experts: int, ep_size: int, source: str) -> None:
         raise UserError(f"ep_size {ep_size} does not divide the world size {world}")
 
 
-def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The HF model at ``path`` with desmoe MoE blocks holding this rank's experts."""
+def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.float32,
+                bias_update_rate: float = 0.0) -> nn.Module:
+    """The HF model at ``path`` with desmoe MoE blocks holding this rank's experts.
+
+    ``bias_update_rate`` > 0 (families with a selection bias, e.g. DeepSeek-V3's
+    ``e_score_correction_bias``): the bias follows the auxiliary-loss-free balancing rule, one step
+    of ``rate * sign(mean load - load)`` per ``desmoe.moe.update_selection_biases(model)`` call (the
+    trainer calls it after each optimizer step); 0 keeps the checkpoint's bias fixed."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     cfg = checkpoint_config(path)
     arch = arch_for(cfg, str(path / "config.json"))
     _check_ep(arch.num_experts(cfg), ep_size, str(path))
+    if bias_update_rate and not arch.selection_bias:
+        raise UserError(f"{path}: bias_update_rate {bias_update_rate}: architecture '{arch.model_type}' has no "
+                        f"selection bias to update (deepseek_v3 and glm4_moe have one)")
     source = CheckpointTensors(path, arch.renames)
     original = copy.deepcopy(cfg)
     cfg.output_router_logits = False  # the HF router modules are gone; desmoe keeps routing on the blocks
@@ -83,6 +92,9 @@ def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.f
     restore_buffers(model)
     blocks = {i: model.model.layers[i].mlp for i in moe_layer_ids(model)}
     for block in blocks.values():
+        block.router.bias_update_rate = float(bias_update_rate)
+        if block.router.selection_bias is not None:  # fp32 like transformers keeps it: small steps must not round away
+            block.router.selection_bias = block.router.selection_bias.float()
         for p in block.local_experts.parameters():  # to_empty made new Parameters: re-tag them as
             p.allreduce, p.group_name = False, block.expert_group_name  # DeepSpeed's Experts does
         if ep_size > 1 or torch.distributed.is_initialized():
