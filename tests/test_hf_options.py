@@ -109,7 +109,7 @@ def family_on_ranks(family: str, root: str, seed: int) -> dict:
 
     rank = dist.get_rank()
     configs = sample(family, seed)
-    result = {"checked": [], "refused": [], "sensitivity": {}, "worst": {}}
+    result = {"checked": [], "refused": [], "sensitivity": {}}
     for i, options in enumerate(configs):
         path = f"{root}/{family}-{i}"
         cfg = make_config(family, options)
@@ -135,7 +135,8 @@ def family_on_ranks(family: str, root: str, seed: int) -> dict:
         want_grads = {n: p.grad for n, p in ref.named_parameters()}
         layer_scale: dict = {}
         for n, g in want_grads.items():
-            layer_scale[_layer_of(n)] = max(layer_scale.get(_layer_of(n), 0.0), float(g.abs().max()) if g.numel() else 0.0)
+            top = float(g.abs().max()) if g.numel() else 0.0
+            layer_scale[_layer_of(n)] = max(layer_scale.get(_layer_of(n), 0.0), top)
         want = want[rank].detach()
         terms = _chain_terms(cfg)
         grad_terms = 2 * terms + 2 * BATCH * SEQ
@@ -162,7 +163,7 @@ def family_on_ranks(family: str, root: str, seed: int) -> dict:
             worst_ratio, worst_rel, worst_name = 0.0, 0.0, ""
             for name, g_want in want_grads.items():
                 g_got = grads[name]
-                scale = layer_scale[_layer_of(name)]
+                scale = layer_scale[_layer_of(name)] or 1.0  # an all-zero layer: compare at unit magnitude
                 e = float((g_got - g_want).abs().max()) if g_want.numel() else 0.0
                 ratio = e / bound(grad_terms, scale=scale)
                 if ratio > worst_ratio:
