@@ -73,7 +73,8 @@ CONFIG_CLASS = {"mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen
                 "olmoe": "OlmoeConfig", "deepseek_v2": "DeepseekV2Config", "deepseek_v3": "DeepseekV3Config",
                 "glm4_moe": "Glm4MoeConfig", "gpt_oss": "GptOssConfig"}
 
-_COMMON = dict(vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=None, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+_COMMON = dict(vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=None, hidden_size=32, num_attention_heads=4,
+               num_key_value_heads=2, num_hidden_layers=3,
                max_position_embeddings=64, initializer_range=0.3)
 _MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 BASE: dict[str, dict] = {

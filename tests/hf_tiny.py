@@ -58,7 +58,8 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-ARCHS = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v2", "qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss")  # every architecture desmoe.models.hf_arch lists
+# every architecture desmoe.models.hf_arch lists
+ARCHS = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v2", "qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss")
 
 
 def save_tiny(arch: str, out: Path, seed: int = 0) -> Path:

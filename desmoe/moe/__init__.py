@@ -8,7 +8,8 @@ from desmoe.moe.layout import ExpertLayout
 from desmoe.moe.router import LinearRouter, Router, Routing, load_balancing_loss
 
 __all__ = [
-    "AdapterExpert", "ClampedSwiGLUExpert", "DispatchStats", "ExpertDispatcher", "ExpertLayout", "LinearRouter", "MLPExpert",
+    "AdapterExpert", "ClampedSwiGLUExpert", "DispatchStats", "ExpertDispatcher", "ExpertLayout", "LinearRouter",
+    "MLPExpert",
     "MoEBlock", "Router", "Routing", "SwiGLUExpert", "build_expert", "global_tokens_per_expert",
     "init_local_experts", "load_balancing_loss", "moe_blocks", "total_aux_loss", "update_selection_biases",
 ]

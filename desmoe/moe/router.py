@@ -70,8 +70,8 @@ class Router(nn.Module):
         if num_groups > 1 and (num_experts % num_groups or not 1 <= topk_groups <= num_groups
                                or k > topk_groups * (num_experts // num_groups)):
             raise ValueError(f"{num_groups} expert groups (top {topk_groups}) do not fit {num_experts} experts, top-{k}")
-        if group_score not in ("max", "top2_sum") or (num_groups > 1 and group_score == "top2_sum"
-                                                     and num_experts // num_groups < 2):
+        if group_score not in ("max", "top2_sum") or (
+                num_groups > 1 and group_score == "top2_sum" and num_experts // num_groups < 2):
             raise ValueError(f"group score '{group_score}' needs 'max' or 'top2_sum' with >= 2 experts per group")
         if bias_update_rate and not selection_bias:
             raise ValueError("bias_update_rate needs selection_bias=True")
