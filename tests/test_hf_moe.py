@@ -38,7 +38,7 @@ def parity_on_ranks(path: str, export_dir: str) -> dict:
             got = model(ids).logits
             result[f"ep{ep}"] = (got - want).abs().max().item()
             blocks = moe_blocks(model)
-            n_local = ref.config.num_experts // ep
+            n_local = blocks[0].num_experts // ep
             mine = range(rank * n_local, (rank + 1) * n_local) if ep > 1 else range(n_local)
             assert all(len(b.local_experts) == n_local and b.local_global_ids() == mine for b in blocks)
             # Every expert of every block was used by somebody, so every expert's weights were checked.
@@ -119,3 +119,25 @@ def test_bad_inputs(tmp_path, checkpoints):
         check_tokenizer(wrapper, cfg, "data/demo/tokenizer")
     assert "eos id 7 differs from the checkpoint's 3" in _one_line(err)
     check_tokenizer(types.SimpleNamespace(vocab_size=50, eos_id=3, bos_id=1), cfg)  # a matching one passes
+
+
+def test_top1_upcycled_copy_equals_dense(tmp_path):
+    """Mixtral renormalises top-1 to a weight of exactly 1, so a copy-upcycled top-1 MoE is the dense
+    model for any router; desmoe's blocks renormalised only for k >= 2 before, which scaled every
+    layer's MLP output by the chosen expert's softmax score (about 1/E)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from desmoe.models.hf_moe import load_hf_moe
+    from desmoe.models.upcycle import upcycle
+    from tolerance import assert_close
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "dense"))
+    out = upcycle(tmp_path / "dense", tmp_path / "moe", num_experts=4, top_k=1, mode="copy", router_std=0.5)
+    ids = _tokens(96, 0)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"), local_files_only=True).eval()(ids).logits
+        got = load_hf_moe(out).eval()(ids).logits
+    assert_close(got, want, terms=2 * (6 * 32 + 11 + 48) + 32)

@@ -25,44 +25,61 @@ from torch import Tensor, nn
 from desmoe import integrity
 from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError
-from desmoe.models.hf_arch import MoEArch, arch_for
+from desmoe.models.hf_arch import MoEArch, arch_for, experts_from_hf, experts_to_hf
 from desmoe.models.hf_io import CheckpointTensors, checkpoint_config
-from desmoe.moe import LinearRouter, MoEBlock, SwiGLUExpert
+from desmoe.moe import LinearRouter, MoEBlock
 
 MOE_ATTR = "desmoe_hf"  # the model attribute holding (arch, original config)
 
 
+class TupleMoEBlock(MoEBlock):
+    """For decoder layers that unpack (hidden states, router weights) from their MLP (GPT-OSS)."""
+
+    def forward(self, hidden_states: Tensor):  # type: ignore[override]
+        out = super().forward(hidden_states)
+        return out, self.last_routing.weights
+
+
 def _build_block(arch: MoEArch, cfg, hf_block: nn.Module, ep_size: int) -> MoEBlock:
-    d, num_experts = cfg.hidden_size, cfg.num_experts
-    router = LinearRouter(d, num_experts, **arch.router(cfg))
+    d = cfg.hidden_size
+    router = LinearRouter(d, arch.num_experts(cfg), bias=arch.router_bias, **arch.router(cfg))
     shared = getattr(hf_block, arch.shared) if arch.shared else None  # the model's own MLP module
-    return MoEBlock(d, SwiGLUExpert(d, arch.expert_ffn(cfg)), router, ep_size=ep_size, shared=shared,
-                    shared_gate=arch.shared_gate is not None)
+    cls = TupleMoEBlock if arch.returns_tuple else MoEBlock
+    return cls(d, arch.expert(cfg), router, ep_size=ep_size, shared=shared, shared_gate=arch.shared_gate is not None)
 
 
 def moe_layer_ids(model: nn.Module) -> list[int]:
     return [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoEBlock)]
 
 
-def _check_ep(cfg, ep_size: int, source: str) -> None:
+def _check_ep(num_experts: int, ep_size: int, source: str) -> None:
     import torch.distributed as dist
 
-    if ep_size < 1 or cfg.num_experts % ep_size:
-        raise UserError(f"{source}: ep_size {ep_size} does not divide the checkpoint's {cfg.num_experts} experts")
+    if ep_size < 1 or num_experts % ep_size:
+        raise UserError(f"{source}: ep_size {ep_size} does not divide the checkpoint's {num_experts} experts")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world % ep_size:
         raise UserError(f"ep_size {ep_size} does not divide the world size {world}")
 
 
-def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The HF model at ``path`` with desmoe MoE blocks holding this rank's experts."""
+def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.float32,
+                bias_update_rate: float = 0.0) -> nn.Module:
+    """The HF model at ``path`` with desmoe MoE blocks holding this rank's experts.
+
+    ``bias_update_rate`` > 0 (families with a selection bias, e.g. DeepSeek-V3's
+    ``e_score_correction_bias``): the bias follows the auxiliary-loss-free balancing rule, one step
+    of ``rate * sign(mean load - load)`` per ``desmoe.moe.update_selection_biases(model)`` call (the
+    trainer calls it after each optimizer step); 0 keeps the checkpoint's bias fixed."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     integrity.verify(path, "model folder")  # a folder desmoe exported: every file complete
     cfg = checkpoint_config(path)
     arch = arch_for(cfg, str(path / "config.json"))
-    _check_ep(cfg, ep_size, str(path))
+    _check_ep(arch.num_experts(cfg), ep_size, str(path))
+    if bias_update_rate and not arch.selection_bias:
+        raise UserError(f"{path}: bias_update_rate {bias_update_rate}: architecture '{arch.model_type}' has no "
+                        f"selection bias to update (deepseek_v3 and glm4_moe have one)")
     source = CheckpointTensors(path, arch.renames)
     original = copy.deepcopy(cfg)
     cfg.output_router_logits = False  # the HF router modules are gone; desmoe keeps routing on the blocks
@@ -77,6 +94,9 @@ def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.f
     restore_buffers(model)
     blocks = {i: model.model.layers[i].mlp for i in moe_layer_ids(model)}
     for block in blocks.values():
+        block.router.bias_update_rate = float(bias_update_rate)
+        if block.router.selection_bias is not None:  # fp32 like transformers keeps it: small steps must not round away
+            block.router.selection_bias = block.router.selection_bias.float()
         for p in block.local_experts.parameters():  # to_empty made new Parameters: re-tag them as
             p.allreduce, p.group_name = False, block.expert_group_name  # DeepSpeed's Experts does
         if ep_size > 1 or torch.distributed.is_initialized():
@@ -110,11 +130,17 @@ def _load_dense(model: nn.Module, source: CheckpointTensors, skip: tuple[str, ..
 
 
 def _load_block(block: MoEBlock, source: CheckpointTensors, arch: MoEArch, prefix: str) -> None:
-    block.router.proj.weight.copy_(source.get(f"{prefix}.gate.weight"))
-    gate_up, down = source.experts(prefix, block.local_global_ids(), arch.legacy)
+    router = f"{prefix}.{arch.router_name}"
+    block.router.proj.weight.copy_(source.get(f"{router}.weight"))
+    if arch.router_bias:
+        block.router.proj.bias.copy_(source.get(f"{router}.bias"))
+    if arch.selection_bias:
+        block.router.selection_bias.copy_(source.get(f"{router}.{arch.selection_bias}"))
+    tensors = experts_from_hf(arch, source, prefix, block.local_global_ids())
     for local_id, expert in enumerate(block.local_experts):
-        expert.gate_up.weight.copy_(gate_up[local_id])
-        expert.down.weight.copy_(down[local_id])
+        params = dict(expert.named_parameters())
+        for name, stacked in tensors.items():
+            params[name].copy_(stacked[local_id])
     if block.shared is not None:
         for name, tensor in block.shared.state_dict(keep_vars=True).items():
             tensor.data.copy_(source.get(f"{prefix}.{arch.shared}.{name}"))
@@ -122,21 +148,22 @@ def _load_block(block: MoEBlock, source: CheckpointTensors, arch: MoEArch, prefi
         block.shared_gate.weight.copy_(source.get(f"{prefix}.{arch.shared_gate}.weight"))
 
 
-def _gather_experts(block: MoEBlock) -> tuple[Tensor, Tensor]:
-    """(gate_up [E, 2f, d], down [E, d, f]) of all experts, from every EP rank."""
-    gate_up = torch.stack([e.gate_up.weight.detach() for e in block.local_experts])
-    down = torch.stack([e.down.weight.detach() for e in block.local_experts])
+def _gather_experts(block: MoEBlock) -> dict[str, Tensor]:
+    """{expert parameter name: [E, ...]} over all experts, from every EP rank."""
+    names = [name for name, _ in block.local_experts[0].named_parameters()]
+    local = {name: torch.stack([dict(e.named_parameters())[name].detach() for e in block.local_experts])
+             for name in names}
     if block.ep_size == 1:
-        return gate_up, down
+        return local
     import deepspeed.comm as dist
 
     group = block.deepspeed_moe.ep_group
-    out = []
-    for local in (gate_up, down):
-        parts = [torch.empty_like(local) for _ in range(block.ep_size)]
-        dist.all_gather(parts, local.contiguous(), group=group)  # EP rank order = global id order
-        out.append(torch.cat(parts))
-    return out[0], out[1]
+    out = {}
+    for name, t in local.items():
+        parts = [torch.empty_like(t) for _ in range(block.ep_size)]
+        dist.all_gather(parts, t.contiguous(), group=group)  # EP rank order = global id order
+        out[name] = torch.cat(parts)
+    return out
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -147,8 +174,14 @@ def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for i in moe_layer_ids(model):
         block, prefix = model.model.layers[i].mlp, f"model.layers.{i}.mlp"
         moe_prefixes.append(prefix + ".")
-        state[f"{prefix}.gate.weight"] = block.router.proj.weight.detach()
-        state[f"{prefix}.experts.gate_up_proj"], state[f"{prefix}.experts.down_proj"] = _gather_experts(block)
+        router = f"{prefix}.{arch.router_name}"
+        state[f"{router}.weight"] = block.router.proj.weight.detach()
+        if arch.router_bias:
+            state[f"{router}.bias"] = block.router.proj.bias.detach()
+        if arch.selection_bias:
+            state[f"{router}.{arch.selection_bias}"] = block.router.selection_bias.detach()
+        for name, t in experts_to_hf(arch, _gather_experts(block)).items():
+            state[f"{prefix}.experts.{name}"] = t
         if block.shared is not None:
             for name, t in block.shared.state_dict().items():
                 state[f"{prefix}.{arch.shared}.{name}"] = t

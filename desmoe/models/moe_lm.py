@@ -71,8 +71,10 @@ class DecoderLayer(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.hidden_size)
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.hidden_size)
+        # Top-1 keeps its score as the weight (a renormalised top-1 weight is always 1, which would
+        # leave the router without a task gradient); this model renormalises only for k >= 2.
         router = LinearRouter(cfg.hidden_size, cfg.num_experts, cfg.top_k, score_func=cfg.score_func,
-                              normalize_topk=cfg.normalize_topk)
+                              normalize_topk=cfg.normalize_topk and cfg.top_k > 1)
         shared = MLPExpert(cfg.hidden_size, cfg.shared_ffn_size) if cfg.shared_ffn_size else None
         self.moe = MoEBlock(cfg.hidden_size, build_expert(cfg.expert_type, cfg.hidden_size, cfg.ffn_size), router,
                             ep_size=cfg.ep_size, capacity_factor=cfg.capacity_factor,

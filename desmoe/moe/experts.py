@@ -51,6 +51,30 @@ class SwiGLUExpert(nn.Module):
         _init_linear(self.down, gen)
 
 
+class ClampedSwiGLUExpert(nn.Module):
+    """SwiGLU with biases, clamped inputs and a sharpened gate (GPT-OSS's experts):
+    down((clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)), g = min(gate, limit).
+
+    Gate rows first in ``gate_up`` (as in :class:`SwiGLUExpert`); the clamps keep the
+    activation bounded, and ``up + 1`` lets an expert pass the gate through at up = 0."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, alpha: float = 1.702, limit: float = 7.0) -> None:
+        super().__init__()
+        self.ffn_size, self.alpha, self.limit = ffn_size, alpha, limit
+        self.gate_up = nn.Linear(hidden_size, 2 * ffn_size, bias=True)
+        self.down = nn.Linear(ffn_size, hidden_size, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return self.down((up + 1) * gate * torch.sigmoid(gate * self.alpha))
+
+    def reset_parameters(self, gen: torch.Generator) -> None:
+        _init_linear(self.gate_up, gen)
+        _init_linear(self.down, gen)
+
+
 class MLPExpert(nn.Module):
     """Two-layer GELU MLP (ViT/CLIP-style)."""
 

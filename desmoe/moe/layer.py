@@ -75,6 +75,9 @@ class MoEBlock(MoE):
         self.last_routing: Optional[Routing] = None
         self.last_stats: Optional[DispatchStats] = None
         self.aux_loss: Tensor = torch.zeros(())
+        # Routes per router output since the last update_selection_biases (training forwards of a
+        # router that asked for bias updates only).
+        self.pending_load: Optional[Tensor] = None
 
     @property
     def local_experts(self) -> nn.ModuleList:
@@ -113,6 +116,10 @@ class MoEBlock(MoE):
                 shared_out = torch.sigmoid(self.shared_gate(x)) * shared_out
             out = out + shared_out
         self.last_routing, self.last_stats = routing, stats
+        if self.training and getattr(self.router, "bias_update_rate", 0.0):
+            with torch.no_grad():
+                load = torch.bincount(routing.expert_ids.reshape(-1), minlength=self.router.num_experts).float()
+                self.pending_load = load if self.pending_load is None else self.pending_load + load
         self.aux_loss = load_balancing_loss(routing.scores, routing.expert_ids, self.router.num_experts)
         return out.reshape(shape)
 
@@ -166,6 +173,28 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
 def total_aux_loss(model: nn.Module) -> Tensor:
     blocks = moe_blocks(model)
     return torch.stack([b.aux_loss for b in blocks]).mean() if blocks else torch.zeros(())
+
+
+@torch.no_grad()
+def update_selection_biases(model: nn.Module, group=None) -> int:
+    """One auxiliary-loss-free balancing step for every router with ``bias_update_rate``: the loads
+    gathered since the last call are summed over ``group`` (all ranks; one collective for all
+    layers) so every rank applies the same step.  Call it on every rank after each optimizer step.
+    A recomputed forward (activation checkpointing) counts its routes twice, which leaves the
+    sign of (mean - load), and so the step, unchanged.  Returns the number of routers updated."""
+    import deepspeed.comm as dist
+
+    blocks = [b for b in moe_blocks(model) if getattr(b.router, "bias_update_rate", 0.0)]
+    if not blocks:
+        return 0
+    loads = torch.stack([b.pending_load if b.pending_load is not None
+                         else torch.zeros(b.router.num_experts) for b in blocks])
+    if dist.is_initialized() and dist.get_world_size(group=group) > 1:
+        dist.all_reduce(loads, group=group)
+    for block, load in zip(blocks, loads):
+        block.router.update_selection_bias(load)
+        block.pending_load = None
+    return len(blocks)
 
 
 def global_tokens_per_expert(model: nn.Module, group=None) -> Tensor:
