@@ -160,15 +160,9 @@ def alr_start_case(family: str, root: str) -> float:
     return float((got - want).abs().max())
 
 
-# desmoe/methods/desmoe/alr.py (AdaptiveRouter.from_linear) copies score function, renormalisation and
-# scaling from the pretrained router but not yet its group limit, group score or selection bias: on the
-# group-limited / biased families the ALR starts with another routing rule.  See docs/models.md.
-_ALR_GAP = {"deepseek_v2", "deepseek_v3", "glm4_moe"}
-
-
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(
-    strict=True, reason="alr.from_linear does not carry group limits / selection bias")) if f in _ALR_GAP else f
-    for f in FAMILIES])
+# AdaptiveRouter.from_linear carries the pretrained router's whole selection rule: score function,
+# renormalisation, scaling, group limit and group score, and the selection bias.
+@pytest.mark.parametrize("family", FAMILIES)
 def test_alr_starts_as_the_pretrained_router(ranks, tmp_path, family):
     for err in ranks.run(alr_start_case, family, str(tmp_path)):  # teacher + 0: bit-identical routing
         assert err == 0.0, f"{family}: the ALR at step 0 changes the logits by {err:.3g}"

@@ -104,7 +104,12 @@ class AdaptiveRouter(Router):
         proj = router.proj
         alr = cls(proj.in_features, router.num_experts, router.k, proj.weight, proj.bias, cfg, seed,
                   score_func=router.score_func, normalize_topk=router.normalize_topk, scaling=router.scaling,
-                  noise=router.noise, noise_eps=router.noise_eps)
+                  noise=router.noise, noise_eps=router.noise_eps, num_groups=router.num_groups,
+                  topk_groups=router.topk_groups, group_score=router.group_score,
+                  selection_bias=router.selection_bias is not None, bias_update_rate=router.bias_update_rate)
+        if router.selection_bias is not None:  # the pretrained router's selection rule, bias included
+            with torch.no_grad():
+                alr.selection_bias.copy_(router.selection_bias)
         alr.allowed_experts = router.allowed_experts
         return alr.to(device=proj.weight.device, dtype=proj.weight.dtype)
 
