@@ -15,16 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from desmoe.errors import UserError
+from desmoe.integrity import sha256_file
 
 LISTS = Path(__file__).resolve().parent / "content"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def scan(root: Path, paths: tuple[str, ...]) -> dict[str, tuple[str, int]]:
@@ -35,7 +28,7 @@ def scan(root: Path, paths: tuple[str, ...]) -> dict[str, tuple[str, int]]:
         if not top.exists():
             continue  # an absent path shows up as removed files in the comparison
         for f in ([top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file() and not p.is_symlink())):
-            out[f.relative_to(root).as_posix()] = (_sha256(f), f.stat().st_size)
+            out[f.relative_to(root).as_posix()] = (sha256_file(f), f.stat().st_size)
     return out
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import re
 import shutil
@@ -40,6 +39,7 @@ import yaml
 from data_prep import apt, content
 from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import ConfigError, UserError
+from desmoe.integrity import sha256_file
 
 Kind = Literal["pip", "apt", "npm"]
 KINDS = ("pip", "apt", "npm")
@@ -112,14 +112,6 @@ def load_manifest(path: str | Path) -> dict[str, Source]:
     return sources
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class SourceCache:
     """``root/archives/<kind>/<package>-<version>/<file>`` and ``root/unpacked/<kind>/<package>-<version>/``.
 
@@ -139,7 +131,7 @@ class SourceCache:
     def cached_archive(self, src: Source) -> Optional[Path]:
         folder = self._archive_dir(src)
         files = [p for p in folder.glob("*") if p.is_file()] if folder.is_dir() else []
-        return files[0] if len(files) == 1 and sha256_of(files[0]) == src.sha256 else None
+        return files[0] if len(files) == 1 and sha256_file(files[0]) == src.sha256 else None
 
     @contextlib.contextmanager
     def _locked(self):
@@ -171,7 +163,7 @@ class SourceCache:
                 archive, used = apt.download(src.name, src.package, src.version, Path(tmp), allow_other)
             else:
                 archive, used = _download(src, Path(tmp)), src.version
-            got = sha256_of(archive)
+            got = sha256_file(archive)
             if used == src.version and got != src.sha256:
                 raise UserError(f"source '{src.name}': sha256 mismatch for {src.kind} {src.spec} "
                                 f"(expected {src.sha256}, got {got}); the download was discarded")
@@ -209,7 +201,7 @@ class SourceCache:
                 out = Path(tmp) / "out"
                 _unpack(archive, out)
                 res = {"pinned": src.version, "pinned_sha256": src.sha256, "used": used,
-                       "archive_sha256": sha256_of(archive), "content_list": src.content, "content": "archive"}
+                       "archive_sha256": sha256_file(archive), "content_list": src.content, "content": "archive"}
                 if src.content:
                     res.update(_check_content(src, out, used))
                 (out / ".resolution.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
