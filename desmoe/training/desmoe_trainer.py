@@ -107,12 +107,10 @@ class DomainStreams:
 
 def present_domains(token_domain: torch.Tensor, num_domains: int) -> list[int]:
     """Domains with a token on any rank (every rank must freeze the same experts)."""
-    import deepspeed.comm as dist
+    from desmoe.collectives import all_reduce_
 
     dom = token_domain.reshape(-1)
-    seen = torch.bincount(dom[dom >= 0], minlength=num_domains).clamp(max=1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(seen)
+    seen = all_reduce_(torch.bincount(dom[dom >= 0], minlength=num_domains).clamp(max=1))
     return torch.nonzero(seen).flatten().tolist()
 
 

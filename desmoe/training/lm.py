@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from desmoe import checkpoint
+from desmoe.collectives import mean_over_ranks as _mean_over_ranks
 from desmoe.config import bad, dump_yaml
 from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus, sample_windows
 from desmoe.models.moe_lm import MoELM, MoELMConfig
@@ -64,17 +65,6 @@ class LMExperiment:
     def check(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
             raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
-
-
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    import deepspeed.comm as dist
-
-    from desmoe.distributed import device
-
-    # NCCL reduces only accelerator tensors; callers may pass CPU statistics.
-    value = value.detach().float().reshape(1).to(device(), copy=True)
-    dist.all_reduce(value)
-    return value.item() / dist.get_world_size()
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from desmoe.collectives import all_ranks, all_reduce_, reduce_number
+
 SPLITS = ("train", "test")
 
 
@@ -46,13 +48,8 @@ def frozen_cnn_table(model, backbone, tasks, batch_size: int, cache_dir: str, ra
 
     path = Path(cache_dir) / f"{_fingerprint(model, backbone, tasks)}.pt" if cache_dir else None
     table = _read(path)
-    if world > 1:  # one decision for all ranks: they compute together or not at all
-        import deepspeed.comm as dist
-
-        have = torch.tensor([int(table is not None)])
-        dist.all_reduce(have, op=dist.ReduceOp.MIN)
-        if not int(have):
-            table = None
+    if world > 1 and not all_ranks(table is not None):  # one decision: all ranks compute together or none
+        table = None
     if table is not None:
         return table
     parts = [(t.name, s, getattr(t, f"{s}_x")) for t in tasks for s in SPLITS]
@@ -71,12 +68,9 @@ def frozen_cnn_table(model, backbone, tasks, batch_size: int, cache_dir: str, ra
             out = torch.zeros(total, f.shape[1])
         out[offsets[p] + i: offsets[p] + i + len(x)] = f
     if world > 1:
-        import deepspeed.comm as dist
-
-        dim = torch.tensor([0 if out is None else out.shape[1]])
-        dist.all_reduce(dim, op=dist.ReduceOp.MAX)
-        out = torch.zeros(total, int(dim)) if out is None else out
-        dist.all_reduce(out)  # every row was written by exactly one rank
+        dim = int(reduce_number(0 if out is None else out.shape[1], "max"))
+        out = torch.zeros(total, dim) if out is None else out
+        all_reduce_(out)  # every row was written by exactly one rank
     table = {key(name, s): out[o:o + len(x)].clone() for (name, s, x), o in zip(parts, offsets)}
     if path is not None and rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

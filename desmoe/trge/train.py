@@ -161,6 +161,7 @@ def _cached_features(cfg: TRGEExperiment, table, task, steps: int, gen: torch.Ge
 def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     import deepspeed.comm as dist
 
+    from desmoe.collectives import all_reduce_
     from desmoe.distributed import init_distributed, is_rank0, prepare_in_turn
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
     from desmoe.monitor import Monitor, truncate_metrics
@@ -289,7 +290,7 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
                         if stop:
                             exit_for_requeue(monitor, preemption, done, f"at step {step + 1} of task {t + 1}")
                 if usage is not None:
-                    usage.freeze_most_used(reduce=lambda c: dist.all_reduce(c) if world > 1 else None)
+                    usage.freeze_most_used(reduce=all_reduce_)
             model.eval()
             timing["train"] = time.perf_counter() - t0
             # Task t is done: its prototype and identifier inputs from frozen features.

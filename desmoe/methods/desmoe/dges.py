@@ -61,15 +61,9 @@ class DomainExpertMap:
 
     def refresh(self, group=None) -> None:
         """Sum the window over ranks, update A (Eq. 5 / Eq. 9) and M (Eq. 6), start a new window."""
-        import deepspeed.comm as dist
+        from desmoe.collectives import all_reduce_
 
-        packed = torch.cat([self.window.reshape(-1), self.window_tokens.reshape(-1)])
-        if dist.is_initialized() and dist.get_world_size(group=group) > 1:
-            from desmoe.distributed import device
-
-            packed = packed.to(device())
-            dist.all_reduce(packed, group=group)
-            packed = packed.cpu()
+        packed = all_reduce_(torch.cat([self.window.reshape(-1), self.window_tokens.reshape(-1)]), group=group)
         counts = packed[: self.window.numel()].view(self.shape)
         tokens = packed[self.window.numel():].view(self.shape[:2])
         fresh = counts / tokens.clamp_min(1.0).unsqueeze(-1)
@@ -104,12 +98,11 @@ class DomainExpertMap:
         refresh's all-reduce gives the same total, before or after a resume."""
         import deepspeed.comm as dist
 
-        if dist.is_initialized() and dist.get_world_size(group=group) > 1:
-            from desmoe.distributed import device
+        from desmoe.collectives import all_reduce_, is_distributed
 
-            packed = torch.cat([self.window.reshape(-1), self.window_tokens.reshape(-1)]).to(device())
-            dist.all_reduce(packed, group=group)
-            packed = packed.cpu() if dist.get_rank(group=group) == 0 else torch.zeros_like(packed, device="cpu")
+        if is_distributed(group):
+            packed = all_reduce_(torch.cat([self.window.reshape(-1), self.window_tokens.reshape(-1)]), group=group)
+            packed = packed if dist.get_rank(group=group) == 0 else torch.zeros_like(packed)
             self.window.copy_(packed[: self.window.numel()].view_as(self.window))
             self.window_tokens.copy_(packed[self.window.numel():].view_as(self.window_tokens))
         return {"window": self.window, "window_tokens": self.window_tokens, "A": self.A, "M": self.M,

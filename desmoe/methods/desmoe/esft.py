@@ -43,15 +43,11 @@ class RoutingProfile:
             self.record(layer, block.last_routing)
 
     def all_reduce(self, group=None) -> None:
-        import deepspeed.comm as dist
+        from desmoe.collectives import all_reduce_, is_distributed
 
-        if dist.is_initialized() and dist.get_world_size(group=group) > 1:
-            from desmoe.distributed import device
-
-            packed = torch.cat([self.gate_sum.reshape(-1), self.count.reshape(-1),
-                                torch.tensor([self.tokens], dtype=torch.float64)]).to(device())
-            dist.all_reduce(packed, group=group)
-            packed = packed.cpu()
+        if is_distributed(group):
+            packed = all_reduce_(torch.cat([self.gate_sum.reshape(-1), self.count.reshape(-1),
+                                            torch.tensor([self.tokens], dtype=torch.float64)]), group=group)
             n = self.gate_sum.numel()
             self.gate_sum = packed[:n].view_as(self.gate_sum)
             self.count = packed[n:2 * n].view_as(self.count)
