@@ -25,7 +25,8 @@ from desmoe.methods.desmoe.config import DESMoEConfig
 from desmoe.methods.desmoe.domains import DomainDataConfig, open_domains
 from desmoe.models.moe_lm import MoELM, MoELMConfig
 from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
-from desmoe.training.lm import RunConfig, TrainConfig, _mean_over_ranks
+from desmoe.collectives import mean_over_ranks as _mean_over_ranks
+from desmoe.training.lm import RunConfig, TrainConfig
 from desmoe.training.guards import check_finite
 from desmoe.training.preemption import Preemption, exit_for_requeue
 

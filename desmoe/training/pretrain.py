@@ -13,24 +13,22 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from desmoe import checkpoint
-from desmoe.config import bad, dump_yaml, to_dict
+from desmoe.collectives import mean_over_ranks
+from desmoe.config import bad, to_dict
 from desmoe.errors import UserError
 from desmoe.models.hf_build import MoEModelSpec, hf_config, write_initial_checkpoint
-from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
-from desmoe.moe import total_aux_loss
-from desmoe.training.lm import RunConfig, _log_train, _mean_over_ranks
-from desmoe.training.guards import check_finite
-from desmoe.training.preemption import Preemption, exit_for_requeue
+from desmoe.monitor import ascii_curve, plot_curves, read_metrics
+from desmoe.training.lm import LMRecipe
+from desmoe.training.objective import heldout_loss
+from desmoe.training.trainer import RunConfig, Setup, Trainer
 
 
 @dataclass
@@ -204,26 +202,11 @@ def lr_at(step: int, cfg: PretrainTrain) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def lm_loss(model, ids: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(ids[:, :-1]).logits.float()
-    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    return lm + aux_coef * total_aux_loss(model), lm.detach()
-
-
-@torch.no_grad()
-def evaluate(model, batches, device) -> float:
-    """Mean held-out next-token NLL over all ranks' windows (equal counts per rank)."""
-    model.eval()
-    loss = torch.stack([lm_loss(model, b.to(device), 0.0)[1] for b in batches]).mean()
-    model.train()
-    return _mean_over_ranks(loss)
-
-
 def unigram_nll(counts: torch.Tensor, batches: list[torch.Tensor]) -> float:
     """Held-out NLL of an add-one unigram model of the training tokens, on the same targets."""
     logp = ((counts.double() + 1) / (counts.sum() + len(counts))).log()
     nll = torch.stack([-logp[b[:, 1:].reshape(-1)].mean() for b in batches]).mean().float()
-    return _mean_over_ranks(nll)
+    return mean_over_ranks(nll)
 
 
 def _cached(cfg: PretrainExperiment) -> Optional[dict]:
@@ -235,105 +218,98 @@ def _cached(cfg: PretrainExperiment) -> Optional[dict]:
     return saved if same else None
 
 
+class PretrainRecipe(LMRecipe):
+    """An HF MoE from scratch, a checkpoint or an upcycled dense model, on the general corpus;
+    warm-up + cosine LR; at the end an HF export and a report against a unigram model."""
+
+    name = "pretrain"
+
+    def setup(self, trainer: Trainer) -> Setup:
+        import deepspeed.comm as dist
+
+        from desmoe.distributed import is_rank0
+        from desmoe.models.hf_io import checkpoint_config
+        from desmoe.models.hf_moe import check_tokenizer, load_hf_moe
+        from desmoe.models.upcycle import moe_config, upcycle
+
+        cfg, rank, world = self.cfg, trainer.rank, trainer.world
+        trainer.check_ep(cfg.model.ep_size)
+        self.data = data = open_data(cfg.data)
+        self.heldout = heldout_batches(data.heldout_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
+                                       cfg.train.micro_batch, rank, world)
+        init_dir = trainer.run_dir / "init"
+        if cfg.init.kind == "checkpoint":
+            init_dir = Path(cfg.init.path)
+        elif not (init_dir / "config.json").is_file():
+            # validate on every rank: a bad input must fail everywhere, not on rank 0 while the rest wait at the barrier
+            if cfg.init.kind == "upcycle":
+                moe_config(checkpoint_config(cfg.init.path), cfg.init.num_experts, cfg.init.top_k, cfg.init.mode)
+            else:
+                init_cfg = hf_config(cfg.model, data.vocab_size, **data.special)
+            if is_rank0() and cfg.init.kind == "upcycle":
+                upcycle(cfg.init.path, init_dir, cfg.init.num_experts, cfg.init.top_k, cfg.init.mode, seed=cfg.model.seed)
+            elif is_rank0():
+                write_initial_checkpoint(init_cfg, init_dir, cfg.model.seed)
+        dist.barrier()
+        model = load_hf_moe(init_dir, ep_size=cfg.model.ep_size)
+        if data.tokenizer is not None:
+            check_tokenizer(data.tokenizer, model.config, f"{cfg.data.root} tokenizer")
+        return Setup(model, cfg.train.micro_batch, lr=cfg.train.lr)
+
+    def attach(self, trainer, state):
+        t = self.cfg.train
+        self.batches = self.data.train_batches(t.micro_batch, t.seq_len, t.seed, trainer.rank, trainer.world,
+                                               trainer.start)
+
+    def lr(self, stage, step):
+        return lr_at(step, self.cfg.train)
+
+    def batch(self, step):
+        return next(self.batches)
+
+    def evaluate(self, done):
+        return {"val/loss": heldout_loss(self.trainer.engine.module, self.heldout, self.trainer.engine.device)}
+
+    def finish(self, trainer):
+        import deepspeed.comm as dist
+
+        from desmoe.distributed import is_rank0
+        from desmoe.models.hf_moe import export_hf
+
+        cfg, data, engine, world = self.cfg, self.data, trainer.engine, trainer.world
+        heldout_nll = heldout_loss(engine.module, self.heldout, engine.device)
+        counts = data.train_counts()
+        unigram = unigram_nll(counts, self.heldout)
+        in_domain = heldout_batches(data.test_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
+                                    cfg.train.micro_batch, trainer.rank, world)
+        test_nll, test_unigram = heldout_loss(engine.module, in_domain, engine.device), unigram_nll(counts, in_domain)
+        tok_path = getattr(data.tokenizer, "path", None)
+        ship = {"tokenizer.model": tok_path} if tok_path is not None and Path(tok_path).is_file() else None
+        export_hf(engine.module, cfg.output.dir, extra_files=ship)  # the sentencepiece model ships with the weights
+        report = {"heldout_ppl": math.exp(heldout_nll), "unigram_ppl": math.exp(unigram), "heldout_nll": heldout_nll,
+                  "unigram_nll": unigram, "test_ppl": math.exp(test_nll), "test_unigram_ppl": math.exp(test_unigram),
+                  "heldout_tokens": sum(b[:, 1:].numel() for b in self.heldout) * world,
+                  "steps": cfg.train.steps, "vocab_size": data.vocab_size,
+                  "parameters": _count_parameters(engine.module),
+                  "train_tokens": cfg.train.steps * cfg.train.micro_batch * cfg.train.seq_len * world,
+                  "train_s_this_run": trainer.train_seconds - trainer.seconds_at_start, "world_size": world, "run_dir": str(trainer.run_dir),
+                  "config": {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}
+        if is_rank0():
+            text = json.dumps(report, indent=2)
+            checkpoint.write_text_atomic(trainer.run_dir / "report.json", text)
+            checkpoint.write_text_atomic(Path(cfg.output.dir) / "report.json", text)  # last: marks the export complete
+            _summarize(trainer.run_dir, report, cfg.output.dir)
+        dist.barrier()
+        return report
+
+
 def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
-    import deepspeed.comm as dist
-
-    from desmoe.distributed import init_distributed, is_rank0
-    from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
-    from desmoe.models.hf_moe import check_tokenizer, export_hf, load_hf_moe
-    from desmoe.models.hf_io import checkpoint_config
-    from desmoe.models.upcycle import moe_config, upcycle
-
     cached = _cached(cfg)
     if cached is not None:
         print(f"embedded base already built: {cfg.output.dir} (held-out perplexity {cached['heldout_ppl']:.2f}); "
               f"set output.reuse=false to retrain", flush=True)
         return cached
-    ds_raw = read_ds_config(ds_config_path)
-    init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if world % cfg.model.ep_size:
-        raise bad("model.ep_size", f"a divisor of the world size {world}", cfg.model.ep_size)
-    data = open_data(cfg.data)
-    heldout = heldout_batches(data.heldout_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
-                              cfg.train.micro_batch, rank, world)
-    run_dir = Path(cfg.run.dir) / cfg.run.name
-    init_dir, ckpt_dir = run_dir / "init", run_dir / "checkpoints"
-    if cfg.init.kind == "checkpoint":
-        init_dir = Path(cfg.init.path)
-    elif not (init_dir / "config.json").is_file():
-        # validate on every rank: a bad input must fail everywhere, not on rank 0 while the rest wait at the barrier
-        if cfg.init.kind == "upcycle":
-            moe_config(checkpoint_config(cfg.init.path), cfg.init.num_experts, cfg.init.top_k, cfg.init.mode)
-        else:
-            init_cfg = hf_config(cfg.model, data.vocab_size, **data.special)
-        if is_rank0() and cfg.init.kind == "upcycle":
-            upcycle(cfg.init.path, init_dir, cfg.init.num_experts, cfg.init.top_k, cfg.init.mode, seed=cfg.model.seed)
-        elif is_rank0():
-            write_initial_checkpoint(init_cfg, init_dir, cfg.model.seed)
-    dist.barrier()
-    model = load_hf_moe(init_dir, ep_size=cfg.model.ep_size)
-    if data.tokenizer is not None:
-        check_tokenizer(data.tokenizer, model.config, f"{cfg.data.root} tokenizer")
-    engine, _ = build_engine(model, resolve_ds_config(ds_raw, cfg.train.micro_batch, lr=cfg.train.lr))
-    if cfg.run.resume:
-        checkpoint.check_resume_config(run_dir, ckpt_dir, cfg)
-    state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
-    start = state["step"] if state else 0
-    if is_rank0():
-        run_dir.mkdir(parents=True, exist_ok=True)  # init.kind=checkpoint creates nothing under run_dir before
-        checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-        truncate_metrics(run_dir, after_step=start)
-    batches = data.train_batches(cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed, rank, world, start)
-    preemption = Preemption()
-    monitor = Monitor(run_dir, cfg.train.steps, initial_step=start, desc=f"pretrain {cfg.run.name}")
-    t0 = time.perf_counter()
-    try:
-        for step in range(start, cfg.train.steps):
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg.train)
-            loss, lm = lm_loss(engine.module, next(batches).to(engine.device), cfg.train.aux_loss_coef)
-            check_finite(loss, step + 1, rank, ckpt_dir)
-            engine.backward(loss)
-            engine.step()
-            done = step + 1
-            monitor.progress(1, loss=lm.item())
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                tokens = cfg.train.micro_batch * cfg.train.seq_len * world * (done - start)
-                _log_train(monitor, engine, done, loss, lm, cfg.train.aux_loss_coef, tokens / (time.perf_counter() - t0))
-            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-                monitor.scalars(done, {"val/loss": evaluate(engine.module, heldout, engine.device)})
-            if done % cfg.train.save_every == 0 or done == cfg.train.steps:
-                checkpoint.save(engine, ckpt_dir, done)
-            elif preemption.requested():
-                checkpoint.save(engine, ckpt_dir, done)
-                exit_for_requeue(monitor, preemption, done, f"at step {done}")
-    finally:
-        monitor.close()
-    train_s = time.perf_counter() - t0
-    heldout_nll = evaluate(engine.module, heldout, engine.device)
-    counts = data.train_counts()
-    unigram = unigram_nll(counts, heldout)
-    in_domain = heldout_batches(data.test_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
-                                cfg.train.micro_batch, rank, world)
-    test_nll, test_unigram = evaluate(engine.module, in_domain, engine.device), unigram_nll(counts, in_domain)
-    tok_path = getattr(data.tokenizer, "path", None)
-    ship = {"tokenizer.model": tok_path} if tok_path is not None and Path(tok_path).is_file() else None
-    export_hf(engine.module, cfg.output.dir, extra_files=ship)  # the sentencepiece model ships with the weights
-    report = {"heldout_ppl": math.exp(heldout_nll), "unigram_ppl": math.exp(unigram), "heldout_nll": heldout_nll,
-              "unigram_nll": unigram, "test_ppl": math.exp(test_nll), "test_unigram_ppl": math.exp(test_unigram),
-              "heldout_tokens": sum(b[:, 1:].numel() for b in heldout) * world,
-              "steps": cfg.train.steps, "vocab_size": data.vocab_size, "parameters": _count_parameters(engine.module),
-              "train_tokens": cfg.train.steps * cfg.train.micro_batch * cfg.train.seq_len * world,
-              "train_s_this_run": train_s, "world_size": world, "run_dir": str(run_dir),
-              "config": {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}
-    if is_rank0():
-        text = json.dumps(report, indent=2)
-        checkpoint.write_text_atomic(run_dir / "report.json", text)
-        checkpoint.write_text_atomic(Path(cfg.output.dir) / "report.json", text)  # last: marks the export complete
-        _summarize(run_dir, report, cfg.output.dir)
-    dist.barrier()
-    return report
+    return Trainer(PretrainRecipe(cfg), ds_config_path).run()
 
 
 def _count_parameters(model) -> int:
