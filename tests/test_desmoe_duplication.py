@@ -96,7 +96,7 @@ def duplication_case(ep):
             method.dmap.window_tokens += 1e6
         before_copy = _all_slots(engine.module)
         method.end_step(step, batch.token_domain[:, :-1])
-    assert method.copies.made and method.copies_made == 4  # 2 layers x 2 shared experts
+    assert method.copies.made and method.copies.count == 4  # 2 layers x 2 shared experts
     # A keeps expert 0 (higher affinity), B gets a copy on rank 0; B keeps 1, A's copy of 1 goes to rank 1
     o = originals
     assert [t.tolist() for t in method.copies.tables] == [[[o[0], copy1, o[2], o[3]], [copy0, o[1], o[2], o[3]]]] * 2

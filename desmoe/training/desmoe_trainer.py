@@ -1,17 +1,16 @@
-"""Multi-domain fine-tuning of an MoE LM: DES-MoE and its baselines on one trainer.
+"""Multi-domain fine-tuning of an MoE LM: DES-MoE and its baselines as one recipe of the trainer.
 
-The step, on one screen: pick the step's domain (every rank, equal shares) ->
-the method sets what may train (phase, domain's experts, lambda) -> forward,
-task + lambda*KD + aux loss -> DeepSpeed backward/step -> the method consumes
-the routing (domain-expert counts, A/M refresh) -> log, evaluate, checkpoint.
-Resumes from the run directory (method state rides in the checkpoint).
+A step: pick the step's domain (every rank, equal shares) -> the method sets what
+may train (phase, domain's experts, lambda) -> forward, task + lambda*KD + aux loss
+-> (trainer: backward/step) -> the method consumes the routing (domain-expert
+counts, A/M refresh).  The trainer logs, evaluates, checkpoints (method state rides
+in the checkpoint) and resumes.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -19,16 +18,16 @@ from typing import Optional
 import torch
 
 from desmoe import checkpoint
-from desmoe.config import bad, dump_yaml
+from desmoe.collectives import all_reduce_, mean_over_ranks
+from desmoe.config import bad
 from desmoe.errors import UserError
 from desmoe.methods.desmoe.config import DESMoEConfig
 from desmoe.methods.desmoe.domains import DomainDataConfig, open_domains
 from desmoe.models.moe_lm import MoELM, MoELMConfig
-from desmoe.monitor import Monitor, ascii_curve, plot_curves, read_metrics, truncate_metrics
-from desmoe.collectives import mean_over_ranks as _mean_over_ranks
-from desmoe.training.lm import RunConfig, TrainConfig
-from desmoe.training.guards import check_finite
-from desmoe.training.preemption import Preemption, exit_for_requeue
+from desmoe.monitor import ascii_curve, plot_curves, read_metrics
+from desmoe.training.lm import TrainConfig
+from desmoe.objective import next_token_loss
+from desmoe.training.trainer import Cadence, Recipe, RunConfig, Setup, Trainer
 
 
 @dataclass
@@ -108,8 +107,6 @@ class DomainStreams:
 
 def present_domains(token_domain: torch.Tensor, num_domains: int) -> list[int]:
     """Domains with a token on any rank (every rank must freeze the same experts)."""
-    from desmoe.collectives import all_reduce_
-
     dom = token_domain.reshape(-1)
     seen = all_reduce_(torch.bincount(dom[dom >= 0], minlength=num_domains).clamp(max=1))
     return torch.nonzero(seen).flatten().tolist()
@@ -118,8 +115,6 @@ def present_domains(token_domain: torch.Tensor, num_domains: int) -> list[int]:
 @torch.no_grad()
 def evaluate(model, data, cfg: DESMoEExperiment, rank: int, world: int, device) -> dict[str, float]:
     """Held-out next-token loss per domain, their mean, and on the general (untrained) set."""
-    from desmoe.methods.desmoe.method import task_loss
-
     model.eval()
     out = {}
     names = [*data.domains, *(["general"] if getattr(data, "general", None) else [])]
@@ -127,8 +122,8 @@ def evaluate(model, data, cfg: DESMoEExperiment, rank: int, world: int, device) 
         pick = data.general if name == "general" else [name]
         stream = data.batches("val", cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed + 7, rank, world, 0,
                               domains=pick, homogeneous=False)
-        losses = [task_loss(model, next(stream).input_ids.to(device)) for _ in range(cfg.train.eval_batches)]
-        out[f"val/{name}"] = _mean_over_ranks(torch.stack(losses).mean())
+        losses = [next_token_loss(model, next(stream).input_ids.to(device)) for _ in range(cfg.train.eval_batches)]
+        out[f"val/{name}"] = mean_over_ranks(torch.stack(losses).mean())
     model.train()
     out["val/domain_mean"] = sum(out[f"val/{d}"] for d in data.domains) / len(data.domains)
     return out
@@ -225,118 +220,110 @@ def _load_wrapped_dense(model, tag_dir: Path) -> bool:
     return copied
 
 
-def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
-    import deepspeed.comm as dist
+class DESMoERecipe(Recipe):
+    """DES-MoE or a baseline (``desmoe.method``): the method object decides what trains and the loss."""
 
-    from desmoe.distributed import init_distributed, is_rank0
-    from desmoe.engine import build_engine, read_ds_config, refresh_master_weights, resolve_ds_config
-    from desmoe.methods.desmoe.baselines import build_method
+    def cadence(self) -> Cadence:
+        t = self.cfg.train
+        return Cadence(t.log_every, t.eval_every, t.save_every)
 
-    ds_raw = read_ds_config(ds_config_path)
-    init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if world % cfg.model.ep_size:
-        raise bad("model.ep_size", f"a divisor of the world size {world}", cfg.model.ep_size)
-    data = open_domains(cfg.data)
-    t = cfg.train
-    if cfg.desmoe.method == "desmoe" and round(cfg.desmoe.schedule.t1 * t.steps) < len(data.domains):
-        raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(data.domains)} domains; "
-                  f"t1 * train.steps = {round(cfg.desmoe.schedule.t1 * t.steps)})", cfg.desmoe.schedule.t1)
-    model = build_model(cfg)
-    method = build_method(cfg.desmoe, t.steps, len(data.domains), t.aux_loss_coef, seed=cfg.model.init_seed)
-    parts = method.prepare_model(model)
-    engine, trainability = build_engine(model, resolve_ds_config(ds_raw, t.micro_batch, lr=t.lr), parts=parts)
-    # A method that writes expert weights (copies) must make ZeRO re-read those experts' fp32 master copy.
-    method.on_weights_changed = lambda tags: refresh_master_weights(engine, tags)
-    if cfg.desmoe.skip_frozen_grads:
-        method.enable_gradient_skipping(engine.module, parts)
-    run_dir = Path(cfg.run.dir) / cfg.run.name
-    ckpt_dir = run_dir / "checkpoints"
-    if cfg.run.resume:
-        checkpoint.check_resume_config(run_dir, ckpt_dir, cfg)
-    state = checkpoint.load(engine, ckpt_dir) if cfg.run.resume else None
-    if state:
-        method.load_state_dict(state)
-    elif cfg.base.checkpoint:
-        load_base(engine, cfg.base.checkpoint)
-    start = state["step"] if state else 0
-    method.attach(engine.module, trainability, data, rank, world, t.micro_batch, t.seq_len)
-    if is_rank0():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-        truncate_metrics(run_dir, after_step=start)
-        if start == 0:  # a fresh run: results of an earlier run under this name are stale
-            for stale in run_dir.glob("results.*"):
+    def setup(self, trainer: Trainer) -> Setup:
+        from desmoe.methods.desmoe.baselines import build_method
+
+        cfg, t = self.cfg, self.cfg.train
+        trainer.check_ep(cfg.model.ep_size)
+        self.data = open_domains(cfg.data)
+        if cfg.desmoe.method == "desmoe" and round(cfg.desmoe.schedule.t1 * t.steps) < len(self.data.domains):
+            raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(self.data.domains)} "
+                      f"domains; t1 * train.steps = {round(cfg.desmoe.schedule.t1 * t.steps)})", cfg.desmoe.schedule.t1)
+        model = build_model(cfg)
+        self.method = build_method(cfg.desmoe, t.steps, len(self.data.domains), t.aux_loss_coef,
+                                   seed=cfg.model.init_seed)
+        self.name = self.method.name
+        self.parts = self.method.prepare_model(model)
+        return Setup(model, t.micro_batch, lr=t.lr, parts=self.parts)
+
+    def on_engine(self, trainer):
+        from desmoe.engine import refresh_master_weights
+
+        # A method that writes expert weights (copies) must make ZeRO re-read those experts' fp32 master copy.
+        self.method.on_weights_changed = lambda tags: refresh_master_weights(trainer.engine, tags)
+        if self.cfg.desmoe.skip_frozen_grads:
+            self.method.enable_gradient_skipping(trainer.engine.module, self.parts)
+
+    def attach(self, trainer, state):
+        from desmoe.distributed import is_rank0
+
+        t = self.cfg.train
+        if state:
+            self.method.load_state_dict(state)
+        elif self.cfg.base.checkpoint:
+            load_base(trainer.engine, self.cfg.base.checkpoint)
+        self.method.attach(trainer.engine.module, trainer.trainability, self.data, trainer.rank, trainer.world,
+                           t.micro_batch, t.seq_len)
+        if is_rank0() and trainer.start == 0:  # a fresh run: results of an earlier run under this name are stale
+            for stale in trainer.run_dir.glob("results.*"):
                 stale.unlink()
-    streams = DomainStreams(data, cfg, rank, world, start)
-    preemption = Preemption()
-    monitor = Monitor(run_dir, t.steps, initial_step=start, desc=f"{method.name} {cfg.run.name}")
-    train_seconds = float((state or {}).get("train_seconds", 0.0))  # steps only: no evaluation, no saving
-    try:
-        if method.name == "vanilla":  # evaluation of the untrained base only
-            start = t.steps
-            monitor.scalars(0, evaluate(engine.module, data, cfg, rank, world, engine.device))
-        for step in range(start, t.steps):
-            t0 = time.perf_counter()
-            domain = -1 if streams.mixed else domain_of_step(step, len(data.domains), t.seed)
-            batch = streams.next(domain)
-            tokens_domain = batch.token_domain[:, :-1].to(engine.device)  # domain of each input position
-            present = present_domains(tokens_domain, len(data.domains)) if streams.mixed else domain
-            logs = method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
-            method.sync_gradients()  # frozen parameters get no weight gradients computed
-            loss, parts_ = method.loss(batch.input_ids.to(engine.device), tokens_domain)
-            check_finite(loss, step + 1, rank, ckpt_dir)
-            engine.backward(loss)
-            engine.step()
-            refreshed = method.end_step(step, tokens_domain)
-            train_seconds += time.perf_counter() - t0
-            done = step + 1
-            monitor.progress(1, loss=parts_["task_loss"].item())
-            if done % t.log_every == 0 or done == t.steps:
-                _log(monitor, engine, method, done, domain, parts_, logs)
-            if refreshed:
-                _log_affinity(monitor, method, done, data.domains)
-            if done % t.eval_every == 0 or done == t.steps:
-                monitor.scalars(done, evaluate(engine.module, data, cfg, rank, world, engine.device))
-            due = done % t.save_every == 0 or done == t.steps
-            preempted = not due and preemption.requested()  # collective, as is method.state_dict()
-            if due or preempted:
-                checkpoint.save(engine, ckpt_dir, done, {**method.state_dict(), "train_seconds": train_seconds})
-            if preempted:
-                exit_for_requeue(monitor, preemption, done, f"at step {done}")
-        extra = downstream_eval(engine.module, data, cfg)
+        self.streams = DomainStreams(self.data, self.cfg, trainer.rank, trainer.world, trainer.start)
+
+    def stages(self):
+        return [] if self.method.name == "vanilla" else [self.cfg.train.steps]  # vanilla: evaluation only
+
+    def tokens_per_step(self):
+        return self.cfg.train.micro_batch * self.cfg.train.seq_len * self.trainer.world
+
+    def step(self, stage, step):
+        engine, n = self.trainer.engine, len(self.data.domains)
+        self.domain = -1 if self.streams.mixed else domain_of_step(step, n, self.cfg.train.seed)
+        batch = self.streams.next(self.domain)
+        self.token_domain = batch.token_domain[:, :-1].to(engine.device)  # domain of each input position
+        present = present_domains(self.token_domain, n) if self.streams.mixed else self.domain
+        self.logs = self.method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
+        self.method.sync_gradients()  # frozen parameters get no weight gradients computed
+        loss, self.parts_ = self.method.loss(batch.input_ids.to(engine.device), self.token_domain)
+        return loss, self.parts_["task_loss"].item()
+
+    def end_step(self, stage, step):
+        self.refreshed = self.method.end_step(step, self.token_domain)
+
+    def log(self, done):
+        values = {f"train/{k}": mean_over_ranks(v) for k, v in self.parts_.items()}
+        values.update({f"train/{k}": v for k, v in self.logs.items()})
+        values.update({"train/domain": float(self.domain), "train/lr": self.trainer.engine.get_lr()[0]})
+        return values
+
+    def after_log(self, done):
+        if self.refreshed:
+            scalars, images = self.method.refresh_report(self.data.domains)
+            for tag, (matrix, xlabel, ylabel) in images.items():
+                self.trainer.monitor.heatmap(done, tag, matrix, xlabel=xlabel, ylabel=ylabel)
+            if scalars:
+                self.trainer.monitor.scalars(done, scalars)
+
+    def evaluate(self, done):
+        tr = self.trainer
+        return evaluate(tr.engine.module, self.data, self.cfg, tr.rank, tr.world, tr.engine.device)
+
+    def state_dict(self):
+        return self.method.state_dict()
+
+    def finish(self, trainer):
+        vanilla = self.method.name == "vanilla"
+        if vanilla:  # evaluation of the untrained base only
+            trainer.monitor.scalars(0, self.evaluate(0))
+        extra = downstream_eval(trainer.engine.module, self.data, self.cfg)
         if extra:
-            monitor.scalars(0 if method.name == "vanilla" else t.steps, extra)
-    finally:
-        monitor.close()
-    return write_results(run_dir, method.name, data.domains, train_seconds) if is_rank0() else {}
+            trainer.monitor.scalars(0 if vanilla else self.cfg.train.steps, extra)
+
+    def summary(self, trainer):
+        from desmoe.distributed import is_rank0
+
+        return write_results(trainer.run_dir, self.method.name, self.data.domains, trainer.train_seconds) \
+            if is_rank0() else {}
 
 
-def _log(monitor, engine, method, step, domain, parts, logs) -> None:
-    from desmoe.moe import global_tokens_per_expert
-
-    counts = global_tokens_per_expert(engine.module).float()
-    load = counts / counts.sum(dim=1, keepdim=True)
-    values = {f"train/{k}": _mean_over_ranks(v) for k, v in parts.items()}
-    values.update({f"train/{k}": v for k, v in logs.items()})
-    values.update({"train/domain": float(domain), "train/lr": engine.get_lr()[0],
-                   "moe/max_load_share": load.max().item()})
-    monitor.scalars(step, values)
-    monitor.heatmap(step, "moe/expert_load", load.cpu().numpy(), xlabel="expert", ylabel="layer")
-
-
-def _log_affinity(monitor, method, step, domains) -> None:
-    dmap = getattr(method, "dmap", None)
-    if dmap is None or dmap.A is None:
-        return
-    for layer in range(dmap.A.shape[0]):
-        monitor.heatmap(step, f"dges/A_layer{layer}", dmap.A[layer].numpy(), xlabel="expert",
-                        ylabel="domain " + "/".join(domains))
-    if getattr(method, "copies", None) is not None:
-        monitor.scalars(step, {"dges/expert_copies": float(getattr(method, "copies_made", 0))})
-    monitor.scalars(step, {"dges/experts_per_domain": dmap.M.float().sum(-1).mean().item(),
-                           "dges/shared_by_several": float(sum(len(dmap.claimed_by_several(l))
-                                                               for l in range(dmap.A.shape[0])))})
+def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
+    return Trainer(DESMoERecipe(cfg), ds_config_path).run()
 
 
 def write_results(run_dir: Path, method: str, domains: list[str], seconds: float) -> dict:

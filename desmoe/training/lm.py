@@ -20,7 +20,7 @@ from desmoe.config import bad
 from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus, sample_windows
 from desmoe.models.moe_lm import MoELM, MoELMConfig
 from desmoe.monitor import ascii_curve, plot_curves, read_metrics
-from desmoe.training.objective import heldout_loss, lm_loss
+from desmoe.objective import heldout_loss, lm_loss
 from desmoe.training.trainer import Cadence, Recipe, RunConfig, Setup, Trainer
 
 
@@ -107,7 +107,7 @@ class SmokeRecipe(LMRecipe):
                    for i in range(t.eval_batches))
         return {"val/loss": heldout_loss(tr.engine.module, batches, tr.engine.device)}
 
-    def finish(self, trainer):
+    def summary(self, trainer):
         from desmoe.distributed import is_rank0
 
         return summarize(trainer.run_dir) if is_rank0() else {}

@@ -27,7 +27,7 @@ from desmoe.errors import UserError
 from desmoe.models.hf_build import MoEModelSpec, hf_config, write_initial_checkpoint
 from desmoe.monitor import ascii_curve, plot_curves, read_metrics
 from desmoe.training.lm import LMRecipe
-from desmoe.training.objective import heldout_loss
+from desmoe.objective import heldout_loss
 from desmoe.training.trainer import RunConfig, Setup, Trainer
 
 
@@ -300,7 +300,10 @@ class PretrainRecipe(LMRecipe):
             checkpoint.write_text_atomic(Path(cfg.output.dir) / "report.json", text)  # last: marks the export complete
             _summarize(trainer.run_dir, report, cfg.output.dir)
         dist.barrier()
-        return report
+        self.report = report
+
+    def summary(self, trainer):
+        return self.report
 
 
 def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:

@@ -131,7 +131,11 @@ class Recipe:
         """Client state saved with every checkpoint (collective: every rank calls it)."""
         return {}
 
-    def finish(self, trainer: "Trainer") -> dict:
+    def finish(self, trainer: "Trainer") -> None:
+        """After the last stage, the monitor still open (collective: every rank calls it)."""
+
+    def summary(self, trainer: "Trainer") -> dict:
+        """After the monitor is closed: reports from the metrics; the run's return value."""
         return {}
 
 
@@ -196,9 +200,10 @@ class Trainer:
                 if self.start < offset + span:
                     self._train_stage(stage, steps, offset, max(0, self.start - offset), last=stage == len(spans) - 1)
                 offset += span
-            return r.finish(self)
+            r.finish(self)
         finally:
             self.monitor.close()  # ends the progress bar and flushes TensorBoard, also on failure
+        return r.summary(self)
 
     def _train_stage(self, stage: int, steps: int, offset: int, first: int, last: bool) -> None:
         r, engine, every = self.recipe, self.engine, self.recipe.cadence()

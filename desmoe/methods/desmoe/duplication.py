@@ -65,6 +65,11 @@ class ExpertCopies:
         self.made = True
         return made
 
+    @property
+    def count(self) -> int:
+        """Copies made so far, read from the tables (so it survives a resume)."""
+        return sum(int((table != original).sum()) for table, original in zip(self.tables, self.originals))
+
     def slots_for(self, layer: int, domains: list[int], experts: list[int]) -> list[int]:
         """The slots a step of these domains trains for these logical experts."""
         return sorted({int(self.tables[layer][d, e]) for d in domains for e in experts})

@@ -3,14 +3,13 @@
 A method prepares the model before the engine exists (install the ALR, LoRA ...),
 then, every step: ``begin_step`` sets what the optimizer may update, ``loss``
 computes the objective, ``end_step`` consumes the step's routing.  The trainer
-(desmoe/training/desmoe_trainer.py) is the same for DES-MoE and every baseline.
+(desmoe/training/desmoe_trainer.py, a recipe of desmoe/training/trainer.py) is the same for DES-MoE and every baseline.
 """
 from __future__ import annotations
 
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from desmoe.methods.desmoe import schedule
@@ -20,13 +19,10 @@ from desmoe.methods.desmoe.dges import DomainExpertMap
 from desmoe.methods.desmoe.duplication import ExpertCopies
 from desmoe.moe import moe_blocks, total_aux_loss
 from desmoe.moe.trainability import FROZEN_KEY, PART_KEY, Trainability
+from desmoe.objective import next_token_loss
 
 
-def task_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
-    """Next-token NLL (Eq. 3) of a [B, T+1] batch, mean over tokens."""
-    out = model(input_ids[:, :-1])
-    logits = getattr(out, "logits", out)  # HF models return an output object
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+task_loss = next_token_loss  # Eq. 3: the next-token NLL every LM recipe uses
 
 
 class GradientSkipper:
@@ -99,6 +95,10 @@ class Method:
         """Returns True when expert-domain statistics were refreshed (for logging)."""
         return False
 
+    def refresh_report(self, domains: Sequence[str]) -> tuple[dict[str, float], dict[str, tuple]]:
+        """After ``end_step`` returned True: (scalars, {tag: (matrix, xlabel, ylabel)}) to monitor."""
+        return {}, {}
+
     def state_dict(self) -> dict:
         return {}
 
@@ -170,12 +170,22 @@ class DESMoE(Method):
         if t == self.t1 or (t > self.t1 and every and (t - self.t1) % every == 0):
             self.dmap.refresh()
             if self.copies is not None and not self.copies.made:  # duplication at the first M
-                self.copies_made = self.copies.create(self.dmap.A, self.dmap.M)
+                self.copies.create(self.dmap.A, self.dmap.M)
                 self.copies.apply_inference(self.cfg.dges.duplicate_inference)
                 if self.on_weights_changed is not None:
                     self.on_weights_changed(self.copies.written)
             return True
         return False
+
+    def refresh_report(self, domains):
+        A, M, layers = self.dmap.A, self.dmap.M, self.dmap.A.shape[0]
+        images = {f"dges/A_layer{layer}": (A[layer].numpy(), "expert", "domain " + "/".join(domains))
+                  for layer in range(layers)}
+        scalars = {"dges/expert_copies": float(self.copies.count)} if self.copies is not None else {}
+        scalars.update({"dges/experts_per_domain": M.float().sum(-1).mean().item(),
+                        "dges/shared_by_several": float(sum(len(self.dmap.claimed_by_several(l))
+                                                            for l in range(layers)))})
+        return scalars, images
 
     def state_dict(self):
         return {"dges": self.dmap.state_dict(), **({"copies": self.copies.state_dict()} if self.copies else {})}
