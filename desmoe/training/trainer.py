@@ -73,6 +73,7 @@ class Recipe:
     resumable_keys: tuple[str, ...] = checkpoint.RESUMABLE_KEYS  # config keys a resumed run may change
     trainable_only = False  # checkpoints leave out parameters frozen for good
     logs_expert_load = True  # the trainer logs MoE load shares (a collective over the EP groups)
+    throughput = "tokens"  # what tokens_per_step counts: perf/<throughput>_per_s
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -198,14 +199,14 @@ class Trainer:
             offset = 0
             for stage, (steps, span) in enumerate(zip(r.stages(), spans)):
                 if self.start < offset + span:
-                    self._train_stage(stage, steps, offset, max(0, self.start - offset), last=stage == len(spans) - 1)
+                    self._train_stage(stage, steps, offset, max(0, self.start - offset), len(spans))
                 offset += span
             r.finish(self)
         finally:
             self.monitor.close()  # ends the progress bar and flushes TensorBoard, also on failure
         return r.summary(self)
 
-    def _train_stage(self, stage: int, steps: int, offset: int, first: int, last: bool) -> None:
+    def _train_stage(self, stage: int, steps: int, offset: int, first: int, stages: int) -> None:
         r, engine, every = self.recipe, self.engine, self.recipe.cadence()
         r.begin_stage(stage, first)
         t_start, n_start = time.perf_counter(), first
@@ -235,17 +236,17 @@ class Trainer:
             if stop or (every.save_every and (i + 1) % every.save_every == 0):
                 self.save(done)
             if stop:
-                self.exit_for_requeue(done, f"at step {i + 1}" + (f" of stage {stage + 1}" if offset else ""))
+                self.exit_for_requeue(done, f"at step {i + 1}" + (f" of stage {stage + 1}" if stages > 1 else ""))
         done = offset + max(steps, 1)
         r.end_stage(stage, done)
         self.save(done)
-        if not last and self.preemption.requested():
+        if stage + 1 < stages and self.preemption.requested():
             self.exit_for_requeue(done, f"after stage {stage + 1}")
 
     def _log(self, done: int, tokens_per_s: float) -> None:
         values = self.recipe.log(done)
         if self.recipe.tokens_per_step():
-            values["perf/tokens_per_s"] = tokens_per_s
+            values[f"perf/{self.recipe.throughput}_per_s"] = tokens_per_s
         values["perf/train_s"] = self.train_seconds
         if self.recipe.logs_expert_load:
             load = self.expert_load()

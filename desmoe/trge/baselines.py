@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from desmoe.moe.router import Router, Routing
 from desmoe.trge.intra_group import GroupContext, TaskGate
 
-METHODS = ("trge", "zero_shot", "continual_ft", "shared_pool")
+METHODS = ("trge", "zero_shot", "continual_ft", "shared_pool")  # the registry's keys (METHODS_BY_NAME, below)
 
 
 class PoolRouter(Router):
@@ -72,3 +72,94 @@ class PoolUsage:
     def apply(self, trainability) -> None:
         for b, block in enumerate(self.blocks):
             trainability.set_experts(b, [e for e in range(block.num_experts) if e not in self.frozen[b]])
+
+
+class Method:
+    """What one method (TRGE or a baseline) changes in the training of a task; picked by ``method``.
+
+    TRGE itself: one group per task, trained alone; its optimizer groups are whole task groups."""
+
+    trains = True
+
+    def __init__(self, cfg, model) -> None:
+        self.cfg, self.model = cfg, model
+
+    def expert_unit(self, model):
+        """Experts frozen together share one optimizer group: a whole task group."""
+        from desmoe.trge.groups import group_unit
+
+        return group_unit(model)
+
+    def set_trainable(self, trainability, group: int) -> None:
+        from desmoe.trge.groups import train_only_group
+
+        train_only_group(trainability, self.model, group)
+
+    def record(self) -> None:
+        """After each step (routing statistics)."""
+
+    def end_task(self) -> None:
+        """After the last step of a task."""
+
+    def counts_state(self) -> list:
+        return []
+
+    def frozen_state(self) -> list:
+        return []
+
+    def load_state(self, progress: dict, mid_task, task: int) -> None:
+        """From a checkpoint: ``progress`` at its last task end, ``mid_task`` if taken inside ``task``."""
+
+
+class ZeroShot(Method):
+    trains = False
+
+
+class ContinualFT(Method):
+    """One group (group 0) trained on every task in turn; see the module doc."""
+
+
+class SharedPool(Method):
+    """MoE-Adapters: per-task routers over one pool, the most used experts frozen after each task."""
+
+    def __init__(self, cfg, model) -> None:
+        from desmoe.moe.layer import moe_blocks
+
+        super().__init__(cfg, model)
+        self.usage = PoolUsage(moe_blocks(model), cfg.groups.pool_freeze_per_task)
+
+    def expert_unit(self, model):
+        return None  # single experts freeze: one optimizer group each
+
+    def set_trainable(self, trainability, group):
+        self.usage.apply(trainability)
+        for part in trainability.parts:
+            if part.startswith("gate"):
+                trainability.set_part(part, part == f"gate{group}")
+
+    def record(self):
+        self.usage.record()
+
+    def end_task(self):
+        from desmoe.collectives import all_reduce_
+
+        self.usage.freeze_most_used(reduce=all_reduce_)
+
+    def counts_state(self):
+        return [c.tolist() for c in self.usage.counts]
+
+    def frozen_state(self):
+        return [sorted(f) for f in self.usage.frozen]
+
+    def load_state(self, progress, mid_task, task):
+        if progress["pool_frozen"]:
+            self.usage.frozen = [set(f) for f in progress["pool_frozen"]]
+        if mid_task and mid_task["task"] == task:
+            self.usage.counts = [torch.tensor(c) for c in mid_task["pool_counts"]]
+
+
+METHODS_BY_NAME = {"trge": Method, "zero_shot": ZeroShot, "continual_ft": ContinualFT, "shared_pool": SharedPool}
+
+
+def build_method(cfg, model) -> Method:
+    return METHODS_BY_NAME[cfg.method](cfg, model)
