@@ -8,25 +8,19 @@ in the checkpoint) and resumes.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
-import torch
-
-from desmoe import checkpoint
-from desmoe.collectives import all_reduce_, mean_over_ranks
+from desmoe.collectives import mean_over_ranks
 from desmoe.config import bad
-from desmoe.errors import UserError
+from desmoe.methods.desmoe.base_model import build_model, load_base
 from desmoe.methods.desmoe.config import DESMoEConfig
 from desmoe.methods.desmoe.domains import DomainDataConfig, open_domains
-from desmoe.models.moe_lm import MoELM, MoELMConfig
-from desmoe.monitor import ascii_curve, plot_curves, read_metrics
+from desmoe.methods.desmoe.evaluate import downstream_eval, evaluate
+from desmoe.methods.desmoe.results import write_results
+from desmoe.methods.desmoe.streams import DomainStreams, domain_of_step, present_domains  # noqa: F401 (tests)
+from desmoe.models.moe_lm import MoELMConfig
 from desmoe.training.lm import TrainConfig
-from desmoe.objective import next_token_loss
 from desmoe.training.trainer import Cadence, Recipe, RunConfig, Setup, Trainer
 
 
@@ -75,149 +69,6 @@ class DESMoEExperiment:
         if self.desmoe.dges.batching not in ("step", "token"):
             raise bad("desmoe.dges.batching", "'step' (one domain per step) or 'token' (mixed batches, Eq. 8)",
                       self.desmoe.dges.batching)
-
-
-def domain_of_step(step: int, num_domains: int, seed: int) -> int:
-    """Equal shares: each block of ``num_domains`` steps visits every domain once, in a seeded order."""
-    cycle, pos = divmod(step, num_domains)
-    order = torch.randperm(num_domains, generator=torch.Generator().manual_seed(seed * 7919 + cycle))
-    return int(order[pos])
-
-
-class DomainStreams:
-    """One batch iterator per domain, positioned for a (resumed) start step; with
-    ``dges.batching: token`` one stream of mixed batches instead (domain -1)."""
-
-    def __init__(self, data, cfg: DESMoEExperiment, rank: int, world: int, start: int) -> None:
-        n, t = len(data.domains), cfg.train
-        self.mixed = cfg.desmoe.dges.batching == "token"
-        if self.mixed:
-            self.streams = [data.batches("train", t.micro_batch, t.seq_len, t.seed, rank, world, start,
-                                         domains=data.domains, homogeneous=False)]
-            return
-        done = [0] * n
-        for s in range(start):
-            done[domain_of_step(s, n, t.seed)] += 1
-        self.streams = [data.batches("train", t.micro_batch, t.seq_len, t.seed, rank, world, done[d],
-                                     domains=[name], homogeneous=True) for d, name in enumerate(data.domains)]
-
-    def next(self, domain: int):
-        return next(self.streams[0 if self.mixed else domain])
-
-
-def present_domains(token_domain: torch.Tensor, num_domains: int) -> list[int]:
-    """Domains with a token on any rank (every rank must freeze the same experts)."""
-    dom = token_domain.reshape(-1)
-    seen = all_reduce_(torch.bincount(dom[dom >= 0], minlength=num_domains).clamp(max=1))
-    return torch.nonzero(seen).flatten().tolist()
-
-
-@torch.no_grad()
-def evaluate(model, data, cfg: DESMoEExperiment, rank: int, world: int, device) -> dict[str, float]:
-    """Held-out next-token loss per domain, their mean, and on the general (untrained) set."""
-    model.eval()
-    out = {}
-    names = [*data.domains, *(["general"] if getattr(data, "general", None) else [])]
-    for name in names:
-        pick = data.general if name == "general" else [name]
-        stream = data.batches("val", cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed + 7, rank, world, 0,
-                              domains=pick, homogeneous=False)
-        losses = [next_token_loss(model, next(stream).input_ids.to(device)) for _ in range(cfg.train.eval_batches)]
-        out[f"val/{name}"] = mean_over_ranks(torch.stack(losses).mean())
-    model.train()
-    out["val/domain_mean"] = sum(out[f"val/{d}"] for d in data.domains) / len(data.domains)
-    return out
-
-
-def build_model(cfg: DESMoEExperiment):
-    """The pretrained MoE to adapt: an HF checkpoint on desmoe's EP blocks, or desmoe's MoELM."""
-    if cfg.base.hf:
-        from desmoe.models.hf_moe import load_hf_moe
-
-        model = load_hf_moe(cfg.base.hf, ep_size=cfg.model.ep_size)
-        model.config.use_cache = False
-        return model
-    model = MoELM(cfg.model)
-    model.setup_expert_parallel()
-    return model
-
-
-def downstream_eval(model, data, cfg: DESMoEExperiment) -> dict[str, float]:
-    """Exact-answer / MCQ tasks and perplexities of the prepared data (every rank must call it).
-
-    The data's "general" domain (what the embedded base was pretrained on) is always evaluated, also
-    when it is not a fine-tuning domain: its test perplexity and MCQ accuracy are the general-ability
-    probe in-distribution for the base (``ppl/general``, ``mcq/general``), next to the never-trained
-    held-out text (``ppl/general_heldout``).  ``downstream/mean`` averages the fine-tuning domains only."""
-    if not cfg.evaluation.downstream or not hasattr(data, "data"):
-        return {}
-    from desmoe.distributed import is_rank0
-    from desmoe.evaluation.lm_tasks import LMEvalConfig, evaluate_lm
-
-    ev = LMEvalConfig(items_per_task=cfg.evaluation.items_per_task, ppl_tokens=cfg.evaluation.ppl_tokens)
-    probe = [d for d in ("general",) if d in data.data.domains and d not in data.domains]
-    was_training = model.training
-    model.eval()
-    out = evaluate_lm(model, data.data, ev, domains=[*data.domains, *probe], progress=is_rank0())
-    model.train(was_training)
-    mcq = [out[f"mcq/{d}"] for d in data.domains if f"mcq/{d}" in out]
-    if mcq:
-        out["downstream/mean"] = sum(mcq) / len(mcq)
-    return {f"eval/{k}": v for k, v in out.items()}
-
-
-def load_base(engine, path: str) -> None:
-    """Pretrained weights only (optimizer starts fresh); parameters the base lacks (the ALR) keep their init."""
-    from desmoe.methods.desmoe.alr import alr_routers
-
-    tag = checkpoint.latest_tag(path)
-    if tag is None:
-        raise UserError(f"base.checkpoint='{path}': no 'latest' checkpoint there")
-    # DeepSpeed restores parameters with requires_grad=False from the checkpoint's own list of frozen
-    # parameters, which a base trained without the ALR lacks; the module weights load either way.
-    frozen = [p for p in engine.module.parameters() if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
-    try:
-        loaded, _ = engine.load_checkpoint(path, tag=tag, load_module_only=True, load_module_strict=False,
-                                           load_optimizer_states=False, load_lr_scheduler_states=False)
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-    if loaded is None:
-        raise UserError(f"base.checkpoint='{path}': not a loadable DeepSpeed checkpoint")
-    _load_wrapped_dense(engine.module, Path(path) / tag)
-    for router in alr_routers(engine.module):
-        router.reinit_from_teacher()  # the step-0 identity must hold for the loaded router
-    if hasattr(engine.optimizer, "refresh_fp32_params"):
-        # ZeRO's fp32 master copy (which every step copies back, frozen groups included) must hold
-        # the weights written into the module above.
-        engine.optimizer.refresh_fp32_params()
-
-
-def _load_wrapped_dense(model, tag_dir: Path) -> bool:
-    """Dense weights of layers a method wrapped (peft's LoRA moves ``x.weight`` to ``x.base_layer.weight``),
-    which the name-keyed load above skipped; anything else missing from the base is an error."""
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        return False
-    saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    state = model.state_dict()
-    missing, copied = [], False
-    for key, value in state.items():
-        if key in saved or "deepspeed_experts" in key or ".mlp_in." in key or ".mlp_out." in key or "lora_" in key:
-            continue
-        source = key.replace(".base_layer.", ".")
-        if source in saved:
-            with torch.no_grad():
-                value.copy_(saved[source])
-            copied = True
-        else:
-            missing.append(key)
-    if missing:
-        raise UserError(f"{tag_dir}: the base checkpoint has no '{missing[0]}' ({len(missing)} missing; "
-                        f"same model.* as the base?)")
-    return copied
 
 
 class DESMoERecipe(Recipe):
@@ -326,36 +177,3 @@ def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
     return Trainer(DESMoERecipe(cfg), ds_config_path).run()
 
 
-def write_results(run_dir: Path, method: str, domains: list[str], seconds: float) -> dict:
-    """results.json / results.csv / results.md and loss plots in the run directory."""
-    rows = read_metrics(run_dir)
-    evals = [r for r in rows if "val/domain_mean" in r]
-    final = evals[-1] if evals else {}
-    downstream = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}  # the last value of each
-    result = {"method": method, "train_seconds": round(seconds, 2),
-              **{k.split("/", 1)[1]: round(v, 4) for k, v in final.items() if k.startswith("val/")},
-              **{k.split("/", 1)[1]: round(v, 4) for k, v in downstream.items()}}
-    checkpoint.write_text_atomic(run_dir / "results.json", json.dumps(result, indent=1) + "\n")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(result))
-    writer.writeheader()
-    writer.writerow(result)
-    checkpoint.write_text_atomic(run_dir / "results.csv", buf.getvalue())
-    checkpoint.write_text_atomic(run_dir / "results.md", results_table([result]))
-    train = [(r["step"], r["train/task_loss"]) for r in rows if "train/task_loss" in r]
-    if train:
-        val = {k.split("/", 1)[1]: [(r["step"], r[k]) for r in evals] for k in final if k.startswith("val/")}
-        plot_curves(run_dir / "loss.png", {"train (task)": train, **val}, ylabel="next-byte NLL (nats)")
-        print(ascii_curve(train, label=f"{method} task loss"), flush=True)
-    print(results_table([result]), flush=True)
-    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tensorboard'})", flush=True)
-    return result
-
-
-def results_table(results: list[dict]) -> str:
-    """Markdown table: one row per method, held-out loss per domain (lower is better)."""
-    keys = [k for k in results[0] if k not in ("method",)]
-    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines += ["| " + r["method"] + " | " + " | ".join(f"{r.get(k, float('nan')):.4g}" for k in keys) + " |"
-              for r in results]
-    return "\n".join(lines) + "\n"

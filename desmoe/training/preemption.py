@@ -19,7 +19,6 @@ import os
 import signal
 from pathlib import Path
 
-import torch
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)

@@ -17,17 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
-import torch
-
 from desmoe import checkpoint
-from desmoe.collectives import mean_over_ranks
 from desmoe.config import bad, to_dict
-from desmoe.errors import UserError
+from desmoe.data.pretrain_corpus import heldout_batches, open_data
+from desmoe.evaluation.pretrain_report import count_parameters, print_summary, unigram_nll
 from desmoe.models.hf_build import MoEModelSpec, hf_config, write_initial_checkpoint
-from desmoe.monitor import ascii_curve, plot_curves, read_metrics
-from desmoe.training.lm import LMRecipe
 from desmoe.objective import heldout_loss
+from desmoe.training.lm import LMRecipe
 from desmoe.training.trainer import RunConfig, Setup, Trainer
 
 
@@ -100,113 +96,11 @@ class PretrainExperiment:
             raise bad("train.seq_len", f"below model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
 
 
-class GeneralCorpus:
-    """What pretraining reads from a prepared data folder (``desmoe.data.PreparedData``):
-    packed training batches of the chosen domains, the held-out general text as one
-    token stream, and token counts of the training split (for the unigram baseline)."""
-
-    def __init__(self, cfg: PretrainData) -> None:
-        from desmoe.data import PreparedData
-
-        self.data = PreparedData(cfg.root)
-        self.domains = list(cfg.domains) if cfg.domains else ["general"]
-        for d in self.domains:
-            self.data.domain_id(d)  # one line naming the known domains if wrong
-        self.tokenizer = self.data.tokenizer
-        self.vocab_size = self.tokenizer.vocab_size
-        self.special = {"bos_id": self.tokenizer.bos_id, "eos_id": self.tokenizer.eos_id,
-                        "pad_id": self.tokenizer.pad_id}
-
-    def train_batches(self, micro_batch: int, seq_len: int, seed: int, rank: int, world: int, step: int):
-        for batch in self.data.batches("train", micro_batch, seq_len, seed, rank, world, step, self.domains,
-                                       homogeneous=False):
-            yield batch.input_ids
-
-    def heldout_stream(self, max_tokens: int) -> torch.Tensor:
-        ds = self.data.indexed(self.data.heldout_name, "test")
-        return _first_tokens((ds[i] for i in range(len(ds))), max_tokens)
-
-    def test_stream(self, max_tokens: int) -> torch.Tensor:
-        """The training domains' own test split (in-domain held-out documents)."""
-        docs = (ds[i] for ds in (self.data.indexed(d, "test") for d in self.domains) for i in range(len(ds)))
-        return _first_tokens(docs, max_tokens)
-
-    def train_counts(self) -> torch.Tensor:
-        counts = np.zeros(self.vocab_size, dtype=np.int64)
-        for d in self.domains:
-            ds = self.data.indexed(d, "train")
-            for i in range(len(ds)):
-                counts += np.bincount(np.asarray(ds[i], dtype=np.int64), minlength=self.vocab_size)[:self.vocab_size]
-        return torch.from_numpy(counts)
-
-
-class StdlibBytes:
-    """The same three things over Python's own sources, byte-level (tests; no data folder needed)."""
-
-    tokenizer = None
-    vocab_size = 256
-    special: dict = {}
-
-    def __init__(self) -> None:
-        from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus
-
-        self.train, self.heldout = load_byte_corpus(TextCorpusConfig(max_bytes=2_000_000))
-
-    def train_batches(self, micro_batch: int, seq_len: int, seed: int, rank: int, world: int, step: int):
-        from desmoe.data.text_corpus import sample_windows
-
-        while True:
-            yield sample_windows(self.train, micro_batch, seq_len + 1, seed, step, rank + 1000 * world)
-            step += 1
-
-    def heldout_stream(self, max_tokens: int) -> torch.Tensor:
-        return self.heldout[:max_tokens].long()
-
-    test_stream = heldout_stream
-
-    def train_counts(self) -> torch.Tensor:
-        return torch.bincount(self.train.long(), minlength=256)
-
-
-def _first_tokens(docs, max_tokens: int) -> torch.Tensor:
-    out, n = [], 0
-    for doc in docs:
-        out.append(np.asarray(doc, dtype=np.int64))
-        n += len(out[-1])
-        if n >= max_tokens:
-            break
-    return torch.from_numpy(np.concatenate(out)[:max_tokens]) if out else torch.zeros(0, dtype=torch.long)
-
-
-def open_data(cfg: PretrainData):
-    return StdlibBytes() if cfg.source == "stdlib_bytes" else GeneralCorpus(cfg)
-
-
-def heldout_batches(stream: torch.Tensor, seq_len: int, micro_batch: int, rank: int, world: int) -> list[torch.Tensor]:
-    """Non-overlapping windows of the held-out stream, the same number of batches on every
-    rank (each forward of an EP model is a collective)."""
-    width = seq_len + 1
-    windows = [stream[i:i + width] for i in range(0, len(stream) - width + 1, seq_len)]
-    per_rank = len(windows) // world // micro_batch * micro_batch
-    if per_rank == 0:
-        raise UserError(f"held-out text too short: {len(stream)} tokens give fewer than "
-                        f"{world * micro_batch} windows of {width} tokens")
-    mine = windows[rank * per_rank:(rank + 1) * per_rank]
-    return [torch.stack(mine[i:i + micro_batch]) for i in range(0, per_rank, micro_batch)]
-
-
 def lr_at(step: int, cfg: PretrainTrain) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def unigram_nll(counts: torch.Tensor, batches: list[torch.Tensor]) -> float:
-    """Held-out NLL of an add-one unigram model of the training tokens, on the same targets."""
-    logp = ((counts.double() + 1) / (counts.sum() + len(counts))).log()
-    nll = torch.stack([-logp[b[:, 1:].reshape(-1)].mean() for b in batches]).mean().float()
-    return mean_over_ranks(nll)
 
 
 def _cached(cfg: PretrainExperiment) -> Optional[dict]:
@@ -290,7 +184,7 @@ class PretrainRecipe(LMRecipe):
                   "unigram_nll": unigram, "test_ppl": math.exp(test_nll), "test_unigram_ppl": math.exp(test_unigram),
                   "heldout_tokens": sum(b[:, 1:].numel() for b in self.heldout) * world,
                   "steps": cfg.train.steps, "vocab_size": data.vocab_size,
-                  "parameters": _count_parameters(engine.module),
+                  "parameters": count_parameters(engine.module),
                   "train_tokens": cfg.train.steps * cfg.train.micro_batch * cfg.train.seq_len * world,
                   "train_s_this_run": trainer.train_seconds - trainer.seconds_at_start, "world_size": world, "run_dir": str(trainer.run_dir),
                   "config": {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}
@@ -298,7 +192,7 @@ class PretrainRecipe(LMRecipe):
             text = json.dumps(report, indent=2)
             checkpoint.write_text_atomic(trainer.run_dir / "report.json", text)
             checkpoint.write_text_atomic(Path(cfg.output.dir) / "report.json", text)  # last: marks the export complete
-            _summarize(trainer.run_dir, report, cfg.output.dir)
+            print_summary(trainer.run_dir, report, cfg.output.dir)
         dist.barrier()
         self.report = report
 
@@ -315,27 +209,3 @@ def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
     return Trainer(PretrainRecipe(cfg), ds_config_path).run()
 
 
-def _count_parameters(model) -> int:
-    """All parameters of the full model (routed experts of other EP ranks included)."""
-    from desmoe.moe import moe_blocks
-
-    total = sum(p.numel() for p in model.parameters())
-    for block in moe_blocks(model):
-        per_expert = sum(p.numel() for p in block.local_experts.parameters()) // len(block.local_experts)
-        total += per_expert * (block.num_experts - len(block.local_experts))
-    return total
-
-
-def _summarize(run_dir: Path, report: dict, out_dir: str) -> None:
-    rows = read_metrics(run_dir)
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
-    if train:
-        plot_curves(run_dir / "loss.png", {"train": train, "held-out general": val}, ylabel="cross-entropy (nats/token)")
-        print(ascii_curve(train, label="train loss, nats/token"), flush=True)
-    print(f"training domains' test split: perplexity {report['test_ppl']:.2f} vs unigram "
-          f"{report['test_unigram_ppl']:.2f}", flush=True)
-    print(f"held-out general perplexity {report['heldout_ppl']:.2f} vs unigram {report['unigram_ppl']:.2f} "
-          f"({report['parameters'] / 1e6:.1f}M parameters, {report['train_tokens'] / 1e6:.2f}M training tokens, "
-          f"{report['train_s_this_run']:.0f} s of training)", flush=True)
-    print(f"base model: {out_dir}  (tensorboard --logdir {run_dir / 'tensorboard'})", flush=True)

@@ -10,6 +10,7 @@ over the ranks and counts all-reduced, so every rank ends with the same numbers.
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -17,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from desmoe.trge.features import key as feature_key
-from desmoe.trge.fusion import fuse_where
+from desmoe.trge.fusion import fuse_where, fusion_weight
 from desmoe.trge.inter_group import UNSEEN, InterGroupConfig, group_weights, one_hot_weights, vocabulary_mask
-from desmoe.trge.task_id import IdBatch, TaskIdentifier
+from desmoe.trge.task_id import IdBatch, TaskIdentifier, TaskInfo
 
 
 class TextBank:
@@ -150,3 +151,62 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
     n = max(float(stats[1]), 1.0)
     return {"acc": 100.0 * float(stats[0]) / n, "id_acc": 100.0 * float(stats[2]) / n,
             "group_weights": (stats[3:] / n).tolist()}
+
+
+def identifier_infos(identifier) -> list[TaskInfo]:
+    return getattr(identifier, "inner", identifier).tasks
+
+
+def evaluate_stage(r, t: int) -> None:
+    """Task t is done: its prototype and identifier inputs from frozen features, then every test set
+    (and each test-time variant) evaluated into the progress rows.  ``r``: the run's TRGERecipe."""
+    from desmoe.trge.config import variant_inter
+    cfg, model, task, tasks, progress, timing = r.cfg, r.model, r.tasks[t], r.tasks, r.progress, r.timing
+    rank, world = r.trainer.rank, r.trainer.world
+    with torch.no_grad():
+        pick = torch.randperm(len(task.train_y), generator=torch.Generator().manual_seed(t))
+        pick = pick[: cfg.train.proto_samples]
+        if r.table is not None:
+            feats = model.image_features(None, cnn_features=r.table[feature_key(task.name, "train")][pick])
+        else:
+            feats = torch.cat([model.image_features(r.backbone.pixels(task.train_x[pick[i:i + 128]]))
+                               for i in range(0, len(pick), 128)])
+    info = TaskInfo(task.name, task.classnames, feats, images=task.train_x[pick[:8]].numpy(),
+                    description=task.meta.get("description") if cfg.identifier.backend != "mllm" else None)
+    r.identifier.fit_task(info)
+    if r.oracle is not None:
+        r.oracle.fit_task(info)
+    protos = F.normalize(torch.stack([F.normalize(i.feats.float().mean(0), dim=0)
+                                      for i in identifier_infos(r.identifier)]), dim=-1)
+    lam = fusion_weight(cfg.fusion.schedule, t + 1, len(tasks), cfg.fusion.lam_max)
+    row, id_row, gw_row, ctrl_row = [], [], [], []
+    timing["prototype"] = time.perf_counter() - r.t0 - timing["train"]
+    trained_names = [set(x.classnames) for x in tasks[:t + 1]]
+    if cfg.method == "continual_ft":  # one group trained on every learned class name
+        trained_names = [set().union(*trained_names)]
+    for j, other in enumerate(tasks + r.controls):
+        res = evaluate_task(cfg.method, model, r.bank, r.backbone.pixels, other, j if j <= t else -1, t + 1,
+                            r.identifier, protos, cfg.inter, lam, cfg.train.eval_batch, rank, world,
+                            need_images=cfg.identifier.backend == "mllm", trained_names=trained_names)
+        (row if j < len(tasks) else ctrl_row).append(res["acc"])
+        id_row.append(res["id_acc"])
+        gw_row.append(res["group_weights"])
+    timing["eval"] = time.perf_counter() - r.t0 - timing["train"] - timing["prototype"]
+    for v in cfg.eval.variants:  # same groups, another test-time path
+        atoms = v.split("+")
+        ident = r.oracle if "oracle" in atoms else r.identifier
+        progress["variants"][v].append([
+            evaluate_task("trge", model, r.bank, r.backbone.pixels, other, j if j <= t else -1, t + 1, ident,
+                          protos, variant_inter(v, cfg.inter), 0.0 if "no_fusion" in atoms else lam,
+                          cfg.train.eval_batch, rank, world, trained_names=trained_names)["acc"]
+            for j, other in enumerate(tasks)])
+    progress["rows"].append(row)
+    progress["control_rows"].append(ctrl_row)
+    progress["id_rows"].append(id_row)
+    progress["gw_rows"].append(gw_row)
+    progress["infos"].append({"name": info.name, "classnames": info.class_names, "feats": feats.tolist(),
+                              "description": info.description})
+    progress["pool_frozen"] = r.baseline.frozen_state()
+    progress["seconds"].append(time.perf_counter() - r.t0)
+    timing["variants"] = progress["seconds"][-1] - timing["train"] - timing["prototype"] - timing["eval"]
+    progress["timing"]["tasks"].append(timing)

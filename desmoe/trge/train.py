@@ -10,29 +10,24 @@ prototypes and identifier inputs so far (and, inside a task, the step).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from desmoe import checkpoint
 from desmoe.config import bad
-from desmoe.trge import metrics
 from desmoe.trge.backbones import load_backbone
 from desmoe.trge.baselines import build_method
-from desmoe.trge.config import TrainConfig, TRGEExperiment, variant_inter  # noqa: F401  (TRGEExperiment: users)
+from desmoe.trge.config import TrainConfig, TRGEExperiment  # noqa: F401  (TRGEExperiment: users)
 from desmoe.trge.data import load_sequence
-from desmoe.trge.evaluate import TextBank, evaluate_task
+from desmoe.trge.evaluate import TextBank, evaluate_stage
 from desmoe.trge.features import frozen_cnn_table
 from desmoe.trge.features import key as feature_key
-from desmoe.trge.fusion import fusion_weight
 from desmoe.trge.groups import gate_parts, setup_groups
 from desmoe.trge.inter_group import one_hot_weights
 from desmoe.trge.model import TRGEModel
+from desmoe.trge.results import log_stage, summarize, write_reports
 from desmoe.trge.task_id import OracleIdentifier, TaskInfo, build_identifier
 from desmoe.training.trainer import Cadence, Recipe, Setup, Trainer
 
@@ -177,7 +172,7 @@ class TRGERecipe(Recipe):
         self.model.eval()
         self.timing["train"] = time.perf_counter() - self.t0
         evaluate_stage(self, t)
-        _log_stage(self.trainer.monitor, self.cfg, self.tasks, self.controls, self.progress, t, done)
+        log_stage(self.trainer.monitor, self.cfg, self.tasks, self.controls, self.progress, t, done)
 
     def summary(self, trainer):
         from desmoe.distributed import is_rank0
@@ -192,135 +187,3 @@ def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
     return Trainer(TRGERecipe(cfg), ds_config_path).run()
 
 
-def evaluate_stage(r: TRGERecipe, t: int) -> None:
-    """Task t is done: its prototype and identifier inputs from frozen features, then every test set
-    (and each test-time variant) evaluated into the progress rows."""
-    cfg, model, task, tasks, progress, timing = r.cfg, r.model, r.tasks[t], r.tasks, r.progress, r.timing
-    rank, world = r.trainer.rank, r.trainer.world
-    with torch.no_grad():
-        pick = torch.randperm(len(task.train_y), generator=torch.Generator().manual_seed(t))
-        pick = pick[: cfg.train.proto_samples]
-        if r.table is not None:
-            feats = model.image_features(None, cnn_features=r.table[feature_key(task.name, "train")][pick])
-        else:
-            feats = torch.cat([model.image_features(r.backbone.pixels(task.train_x[pick[i:i + 128]]))
-                               for i in range(0, len(pick), 128)])
-    info = TaskInfo(task.name, task.classnames, feats, images=task.train_x[pick[:8]].numpy(),
-                    description=task.meta.get("description") if cfg.identifier.backend != "mllm" else None)
-    r.identifier.fit_task(info)
-    if r.oracle is not None:
-        r.oracle.fit_task(info)
-    protos = F.normalize(torch.stack([F.normalize(i.feats.float().mean(0), dim=0)
-                                      for i in identifier_infos(r.identifier)]), dim=-1)
-    lam = fusion_weight(cfg.fusion.schedule, t + 1, len(tasks), cfg.fusion.lam_max)
-    row, id_row, gw_row, ctrl_row = [], [], [], []
-    timing["prototype"] = time.perf_counter() - r.t0 - timing["train"]
-    trained_names = [set(x.classnames) for x in tasks[:t + 1]]
-    if cfg.method == "continual_ft":  # one group trained on every learned class name
-        trained_names = [set().union(*trained_names)]
-    for j, other in enumerate(tasks + r.controls):
-        res = evaluate_task(cfg.method, model, r.bank, r.backbone.pixels, other, j if j <= t else -1, t + 1,
-                            r.identifier, protos, cfg.inter, lam, cfg.train.eval_batch, rank, world,
-                            need_images=cfg.identifier.backend == "mllm", trained_names=trained_names)
-        (row if j < len(tasks) else ctrl_row).append(res["acc"])
-        id_row.append(res["id_acc"])
-        gw_row.append(res["group_weights"])
-    timing["eval"] = time.perf_counter() - r.t0 - timing["train"] - timing["prototype"]
-    for v in cfg.eval.variants:  # same groups, another test-time path
-        atoms = v.split("+")
-        ident = r.oracle if "oracle" in atoms else r.identifier
-        progress["variants"][v].append([
-            evaluate_task("trge", model, r.bank, r.backbone.pixels, other, j if j <= t else -1, t + 1, ident,
-                          protos, variant_inter(v, cfg.inter), 0.0 if "no_fusion" in atoms else lam,
-                          cfg.train.eval_batch, rank, world, trained_names=trained_names)["acc"]
-            for j, other in enumerate(tasks)])
-    progress["rows"].append(row)
-    progress["control_rows"].append(ctrl_row)
-    progress["id_rows"].append(id_row)
-    progress["gw_rows"].append(gw_row)
-    progress["infos"].append({"name": info.name, "classnames": info.class_names, "feats": feats.tolist(),
-                              "description": info.description})
-    progress["pool_frozen"] = r.baseline.frozen_state()
-    progress["seconds"].append(time.perf_counter() - r.t0)
-    timing["variants"] = progress["seconds"][-1] - timing["train"] - timing["prototype"] - timing["eval"]
-    progress["timing"]["tasks"].append(timing)
-
-
-def identifier_infos(identifier) -> list[TaskInfo]:
-    return getattr(identifier, "inner", identifier).tasks
-
-
-def _log_stage(monitor, cfg, tasks, controls, progress, t, step) -> None:
-    names = [x.name for x in tasks + controls]
-    row = progress["rows"][-1] + progress["control_rows"][-1]
-    monitor.scalars(step, {f"acc/{n}": a for n, a in zip(names, row)})
-    if cfg.method in ("trge", "shared_pool"):
-        monitor.scalars(step, {f"id_acc/{n}": a for n, a in zip(names, progress["id_rows"][-1])})
-    matrix = np.full((len(tasks), len(tasks)), np.nan)
-    for i, r in enumerate(progress["rows"]):
-        matrix[i] = r
-    monitor.heatmap(step, "accuracy_matrix", np.nan_to_num(matrix), xlabel="test set", ylabel="after task")
-    gw = np.array(progress["gw_rows"][-1])
-    monitor.heatmap(step, "group_weights", gw, xlabel="group", ylabel="test set")
-
-
-def trainable_per_task(cfg, model, progress) -> int:
-    from desmoe.moe.layer import moe_blocks
-
-    if cfg.method == "zero_shot":
-        return 0
-    if cfg.method != "shared_pool":
-        return model.trainable_parameters()
-    total = 0
-    for b, block in enumerate(moe_blocks(model)):
-        per_expert = sum(p.numel() for p in block.local_experts[0].parameters())
-        frozen_before_last = len(progress["pool_frozen"][b]) - cfg.groups.pool_freeze_per_task if progress["pool_frozen"] else 0
-        total += (block.num_experts - max(frozen_before_last, 0)) * per_expert
-        total += sum(p.numel() for p in block.router.gates[0].parameters())
-    return total
-
-
-def summarize(cfg, tasks, controls, progress, model) -> dict:
-    A = np.array(progress["rows"], dtype=np.float64)
-    out = {"method": cfg.method, "tasks": [t.name for t in tasks], "controls": [c.name for c in controls],
-           "accuracy_matrix": progress["rows"], "control_rows": progress["control_rows"],
-           "id_rows": progress["id_rows"], "seconds_per_task": progress["seconds"],
-           "timing": progress.get("timing", {}),
-           "trainable_params_per_task": trainable_per_task(cfg, model, progress),
-           "identifier": cfg.identifier.backend + ("+batch-vote" if cfg.identifier.per_batch else ""),
-           "reading": cfg.inter.reading, "fusion": cfg.fusion.schedule,
-           # images that failed to decode while loading (skipped, not fatal)
-           "skipped_images": {t.name: int(t.meta.get("skipped", 0)) for t in tasks + controls}}
-    if A.shape[0] == A.shape[1] and A.shape[0] >= 2:
-        out.update(metrics.mtil_metrics(A))
-        out["variants"] = {v: {"accuracy_matrix": rows, **metrics.mtil_metrics(np.array(rows))}
-                           for v, rows in progress.get("variants", {}).items() if len(rows) == A.shape[0]}
-    return out
-
-
-def write_reports(run_dir: Path, summary: dict, tasks, controls, progress) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [t.name for t in tasks]
-    A = np.array(progress["rows"])
-    lines = ["after_task," + ",".join(names + [c.name for c in controls])]
-    for i, r in enumerate(progress["rows"]):
-        lines.append(names[i] + "," + ",".join(f"{v:.2f}" for v in r + progress["control_rows"][i]))
-    checkpoint.write_text_atomic(run_dir / "accuracy_matrix.csv", "\n".join(lines) + "\n")
-    checkpoint.write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=1))
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 1 + 0.5 * len(names)))
-    ax.imshow(A, vmin=0, vmax=100, cmap="viridis")
-    for i in range(A.shape[0]):
-        for j in range(A.shape[1]):
-            ax.text(j, i, f"{A[i, j]:.0f}", ha="center", va="center", color="w", fontsize=7)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(A.shape[0]), names[:A.shape[0]], fontsize=7)
-    ax.set_title(f"{summary['method']}: accuracy after each task")
-    fig.tight_layout()
-    tmp = run_dir / ".accuracy_matrix.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(run_dir / "accuracy_matrix.png")
