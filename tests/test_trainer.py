@@ -107,3 +107,22 @@ def test_preempted_run_resumes_bit_identical(ranks, tmp_path, kind, stop):
     assert logged_full.keys() == logged_resumed.keys()
     differ = [k for k in logged_full if not _same(logged_full[k], logged_resumed[k])]
     assert not differ, [(k, logged_full[k], logged_resumed[k]) for k in differ[:5]]
+
+
+def _tensorboard(run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc.Tags()
+
+
+@pytest.mark.parametrize("kind,throughput", [("desmoe", "tokens"), ("trge", "samples")])
+def test_tensorboard_has_config_throughput_and_categorical_text(ranks, tmp_path, kind, throughput):
+    ranks.run(run_case, kind, str(tmp_path), "tb")
+    tags = _tensorboard(tmp_path / "tb")
+    assert {f"perf/{throughput}_per_s", "perf/wall_s", "perf/train_s"} <= set(tags["scalars"]), tags["scalars"]
+    assert "run/config/text_summary" in tags["tensors"]  # text summaries are stored as tensors
+    assert tags["images"], "heatmaps"
+    if kind == "desmoe":  # the step's domain is a category: text, not a smoothed scalar line
+        assert "train/domain/text_summary" in tags["tensors"] and "train/domain" not in tags["scalars"]

@@ -91,6 +91,7 @@ class DESMoERecipe(Recipe):
         self.method = build_method(cfg.desmoe, t.steps, len(self.data.domains), t.aux_loss_coef,
                                    seed=cfg.model.init_seed)
         self.name = self.method.name
+        self.labels = {"train/domain": {-1: "mixed (token-level masks)", **dict(enumerate(self.data.domains))}}
         self.parts = self.method.prepare_model(model)
         return Setup(model, t.micro_batch, lr=t.lr, parts=self.parts)
 
@@ -146,8 +147,8 @@ class DESMoERecipe(Recipe):
     def after_log(self, done):
         if self.refreshed:
             scalars, images = self.method.refresh_report(self.data.domains)
-            for tag, (matrix, xlabel, ylabel) in images.items():
-                self.trainer.monitor.heatmap(done, tag, matrix, xlabel=xlabel, ylabel=ylabel)
+            for tag, image in images.items():
+                self.trainer.monitor.heatmap(done, tag, **image)
             if scalars:
                 self.trainer.monitor.scalars(done, scalars)
 

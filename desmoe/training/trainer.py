@@ -73,6 +73,7 @@ class Recipe:
     resumable_keys: tuple[str, ...] = checkpoint.RESUMABLE_KEYS  # config keys a resumed run may change
     trainable_only = False  # checkpoints leave out parameters frozen for good
     logs_expert_load = True  # the trainer logs MoE load shares (a collective over the EP groups)
+    labels: dict = {}  # categorical log keys -> {value: name}: TensorBoard text, not a smoothed line
     throughput = "tokens"  # what tokens_per_step counts: perf/<throughput>_per_s
 
     def __init__(self, cfg) -> None:
@@ -188,13 +189,17 @@ class Trainer:
         self.start = state["step"] if state else 0
         self.train_seconds = self.seconds_at_start = float((state or {}).get("train_seconds", 0.0))
         r.attach(self, state)
+        config = dump_yaml(cfg)
         if is_rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
+            checkpoint.write_text_atomic(self.run_dir / "config.yaml", config)
             truncate_metrics(self.run_dir, after_step=self.start)  # rows logged after the checkpoint get redone
         spans = [max(n, 1) for n in r.stages()]
         self.preemption = Preemption()
         self.monitor = Monitor(self.run_dir, sum(spans), initial_step=self.start, desc=f"{r.name} {cfg.run.name}")
+        # the run's config next to its curves (indented: TensorBoard renders text as markdown)
+        self.monitor.text("run/config", "".join(f"    {line}\n" for line in config.splitlines()), self.start)
+        self.t_run = time.perf_counter()
         try:
             offset = 0
             for stage, (steps, span) in enumerate(zip(r.stages(), spans)):
@@ -204,7 +209,11 @@ class Trainer:
             r.finish(self)
         finally:
             self.monitor.close()  # ends the progress bar and flushes TensorBoard, also on failure
-        return r.summary(self)
+        summary = r.summary(self)
+        if is_rank0():
+            # every run under run.dir side by side; images=0 makes TensorBoard keep every image step (default 10)
+            print(f"compare runs: tensorboard --logdir {cfg.run.dir} --samples_per_plugin images=0", flush=True)
+        return summary
 
     def _train_stage(self, stage: int, steps: int, offset: int, first: int, stages: int) -> None:
         r, engine, every = self.recipe, self.engine, self.recipe.cadence()
@@ -247,13 +256,18 @@ class Trainer:
         values = self.recipe.log(done)
         if self.recipe.tokens_per_step():
             values[f"perf/{self.recipe.throughput}_per_s"] = tokens_per_s
-        values["perf/train_s"] = self.train_seconds
+        values["perf/train_s"] = self.train_seconds  # in steps, over every resume
+        values["perf/wall_s"] = time.perf_counter() - self.t_run  # this process, evaluation and saves included
         if self.recipe.logs_expert_load:
             load = self.expert_load()
             values["moe/max_load_share"] = load.max().item()
-        self.monitor.scalars(done, values)
+        self.monitor.scalars(done, values, labels=self.recipe.labels)
         if self.recipe.logs_expert_load:
-            self.monitor.heatmap(done, "moe/expert_load", load.cpu().numpy(), xlabel="expert", ylabel="layer")
+            layers, experts = load.shape
+            self.monitor.heatmap(done, "moe/expert_load", load.cpu().numpy(), xlabel="expert (global id)",
+                                 ylabel="MoE layer", yticks=[str(i) for i in range(layers)],
+                                 title=f"share of the step's routes per expert (uniform = 1/{experts})",
+                                 vmin=0.0, vmax=min(1.0, 4.0 / experts))
 
     def expert_load(self) -> torch.Tensor:
         """[layers, experts] share of the last step's routes, summed over all ranks."""

@@ -20,9 +20,14 @@ def log_stage(monitor, cfg, tasks, controls, progress, t, step) -> None:
     matrix = np.full((len(tasks), len(tasks)), np.nan)
     for i, r in enumerate(progress["rows"]):
         matrix[i] = r
-    monitor.heatmap(step, "accuracy_matrix", np.nan_to_num(matrix), xlabel="test set", ylabel="after task")
+    task_names = [x.name for x in tasks]
+    monitor.heatmap(step, "accuracy_matrix", np.nan_to_num(matrix), xlabel="test set", ylabel="after task",
+                    xticks=task_names, yticks=task_names, vmin=0.0, vmax=100.0,
+                    title="top-1 accuracy (%) on each test set after each task")
     gw = np.array(progress["gw_rows"][-1])
-    monitor.heatmap(step, "group_weights", gw, xlabel="group", ylabel="test set")
+    monitor.heatmap(step, "group_weights", gw, xlabel="expert group (task)", ylabel="test set",
+                    xticks=[str(g + 1) for g in range(gw.shape[1])], yticks=names, vmin=0.0, vmax=1.0,
+                    title="mean inter-group routing weight per test set")
 
 
 def trainable_per_task(cfg, model, progress) -> int:

@@ -96,7 +96,7 @@ class Method:
         return False
 
     def refresh_report(self, domains: Sequence[str]) -> tuple[dict[str, float], dict[str, tuple]]:
-        """After ``end_step`` returned True: (scalars, {tag: (matrix, xlabel, ylabel)}) to monitor."""
+        """After ``end_step`` returned True: (scalars, {tag: Monitor.heatmap keyword arguments}) to monitor."""
         return {}, {}
 
     def state_dict(self) -> dict:
@@ -179,7 +179,9 @@ class DESMoE(Method):
 
     def refresh_report(self, domains):
         A, M, layers = self.dmap.A, self.dmap.M, self.dmap.A.shape[0]
-        images = {f"dges/A_layer{layer}": (A[layer].numpy(), "expert", "domain " + "/".join(domains))
+        images = {f"dges/A_layer{layer}": dict(matrix=A[layer].numpy(), xlabel="expert", ylabel="domain",
+                                               yticks=list(domains), vmin=0.0, vmax=1.0,
+                                               title=f"DGES affinity A (share of tokens routed), layer {layer}")
                   for layer in range(layers)}
         scalars = {"dges/expert_copies": float(self.copies.count)} if self.copies is not None else {}
         scalars.update({"dges/experts_per_domain": M.float().sum(-1).mean().item(),
