@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from desmoe.collectives import mean_over_ranks
-from desmoe.monitor import ascii_curve, plot_curves, read_metrics
+from desmoe.monitor import loss_curves
 
 
 def unigram_nll(counts: torch.Tensor, batches: list[torch.Tensor]) -> float:
@@ -29,12 +29,7 @@ def count_parameters(model) -> int:
 
 
 def print_summary(run_dir: Path, report: dict, out_dir: str) -> None:
-    rows = read_metrics(run_dir)
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
-    if train:
-        plot_curves(run_dir / "loss.png", {"train": train, "held-out general": val}, ylabel="cross-entropy (nats/token)")
-        print(ascii_curve(train, label="train loss, nats/token"), flush=True)
+    loss_curves(run_dir, "held-out general", "nats/token")
     print(f"training domains' test split: perplexity {report['test_ppl']:.2f} vs unigram "
           f"{report['test_unigram_ppl']:.2f}", flush=True)
     print(f"held-out general perplexity {report['heldout_ppl']:.2f} vs unigram {report['unigram_ppl']:.2f} "

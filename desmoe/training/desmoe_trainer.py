@@ -21,7 +21,7 @@ from desmoe.methods.desmoe.results import write_results
 from desmoe.methods.desmoe.streams import DomainStreams, domain_of_step, present_domains  # noqa: F401 (tests)
 from desmoe.models.moe_lm import MoELMConfig
 from desmoe.training.lm import TrainConfig
-from desmoe.training.trainer import Cadence, Recipe, RunConfig, Setup, Trainer
+from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, RunConfig, Setup, Trainer
 
 
 @dataclass
@@ -73,6 +73,8 @@ class DESMoEExperiment:
 
 class DESMoERecipe(Recipe):
     """DES-MoE or a baseline (``desmoe.method``): the method object decides what trains and the loss."""
+
+    resumable_keys = RESUMABLE_KEYS + ("evaluation.",)  # the end-of-run evaluation may change
 
     def cadence(self) -> Cadence:
         t = self.cfg.train

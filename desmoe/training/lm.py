@@ -19,7 +19,7 @@ from desmoe.collectives import mean_over_ranks
 from desmoe.config import bad
 from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus, sample_windows
 from desmoe.models.moe_lm import MoELM, MoELMConfig
-from desmoe.monitor import ascii_curve, plot_curves, read_metrics
+from desmoe.monitor import loss_curves
 from desmoe.objective import heldout_loss, lm_loss
 from desmoe.training.trainer import Cadence, Recipe, RunConfig, Setup, Trainer
 
@@ -118,12 +118,7 @@ def train_lm(cfg: LMExperiment, ds_config_path: str) -> dict:
 
 
 def summarize(run_dir: Path) -> dict:
-    rows = read_metrics(run_dir)
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
-    if train:
-        plot_curves(run_dir / "loss.png", {"train": train, "validation": val}, ylabel="cross-entropy (nats/byte)")
-        print(ascii_curve(train, label="train loss, nats/byte"), flush=True)
+    train, val = loss_curves(run_dir, "validation", "nats/byte")
     if val:
         print(f"validation loss {val[0][1]:.3f} -> {val[-1][1]:.3f} nats/byte "
               f"({val[-1][1] / math.log(2):.3f} bits/byte; uniform bytes = 8.000)", flush=True)

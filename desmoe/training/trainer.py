@@ -31,6 +31,13 @@ from desmoe.config import bad, dump_yaml
 from desmoe.errors import TrainingFailure
 
 
+# Config keys (prefixes) any resumed run may change: how long it runs, how often it logs, evaluates and
+# saves, and the learning rate (the documented way out of a divergence).  Everything else must match the
+# run being resumed, or its checkpoint and results would mix two experiments; a recipe adds its own keys.
+RESUMABLE_KEYS = ("train.steps", "train.lr", "train.log_every", "train.eval_", "train.save_every", "run.resume",
+                  "run.keep_checkpoints")
+
+
 @dataclass
 class RunConfig:
     """Where a run lives and whether it continues: the same section for every recipe."""
@@ -70,7 +77,7 @@ class Recipe:
     """A method on the trainer.  Override what the method needs; the defaults do nothing."""
 
     name = "recipe"
-    resumable_keys: tuple[str, ...] = checkpoint.RESUMABLE_KEYS  # config keys a resumed run may change
+    resumable_keys: tuple[str, ...] = RESUMABLE_KEYS  # config keys a resumed run may change
     trainable_only = False  # checkpoints leave out parameters frozen for good
     logs_expert_load = True  # the trainer logs MoE load shares (a collective over the EP groups)
     labels: dict = {}  # categorical log keys -> {value: name}: TensorBoard text, not a smoothed line

@@ -29,7 +29,7 @@ from desmoe.trge.inter_group import one_hot_weights
 from desmoe.trge.model import TRGEModel
 from desmoe.trge.results import log_stage, summarize, write_reports
 from desmoe.trge.task_id import OracleIdentifier, TaskInfo, build_identifier
-from desmoe.training.trainer import Cadence, Recipe, Setup, Trainer
+from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, Setup, Trainer
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
@@ -53,6 +53,7 @@ class TRGERecipe(Recipe):
     """One stage per task: train the task's group, then prototype, identifier and the evaluation of
     every test set (a row of the accuracy matrix) at the stage end."""
 
+    resumable_keys = RESUMABLE_KEYS + ("eval.",)  # test-time variants may be added on resume
     trainable_only = True  # the frozen backbone is rebuilt by every run
     logs_expert_load = False
     throughput = "samples"

@@ -18,14 +18,8 @@ import torch
 from torch import Tensor
 
 from desmoe.config import bad
+from desmoe.data.packing import DomainBatch  # the one batch type of every domain-labelled source
 from desmoe.errors import UserError
-
-
-@dataclass
-class DomainBatch:
-    input_ids: Tensor  # [B, T+1]
-    domain: Tensor  # [B] index into DomainBatches.domains
-    token_domain: Tensor  # [B, T+1]
 
 
 class DomainBatches(Protocol):
