@@ -52,11 +52,11 @@ def duplication_case(ep):
     import deepspeed.comm as dist
 
     from desmoe.engine import build_engine, read_ds_config, refresh_master_weights, resolve_ds_config
-    from desmoe.methods.desmoe.config import DESMoEConfig
-    from desmoe.methods.desmoe.method import DESMoE
+    from desmoe.recipes.des_moe.config import DESMoEConfig
+    from desmoe.recipes.des_moe.method import DESMoE
     from desmoe.models.moe_lm import MoELM
     from desmoe.moe import moe_blocks
-    from desmoe.training.desmoe_trainer import domain_of_step
+    from desmoe.recipes.des_moe.recipe import domain_of_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = DESMoEConfig()
@@ -169,7 +169,7 @@ def test_duplication_copies_and_isolation(ranks, ep):
 def test_duplication_switches_are_checked():
     from desmoe.config import load_config
     from desmoe.errors import ConfigError
-    from desmoe.training.desmoe_trainer import DESMoEExperiment
+    from desmoe.recipes.des_moe.recipe import DESMoEExperiment
 
     base = ["data.domains=[email, xml]", "model.ep_size=2", "desmoe.dges.duplicate_shared=true"]
     for extra, key in ((["desmoe.dges.spare_experts=0"], "spare_experts"),

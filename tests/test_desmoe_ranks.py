@@ -20,7 +20,7 @@ def _tiny_model_cfg(ep_size=2):
 
 
 def _data():
-    from desmoe.methods.desmoe.domains import DomainDataConfig, StdlibDomains
+    from desmoe.recipes.des_moe.domains import DomainDataConfig, StdlibDomains
 
     return StdlibDomains(DomainDataConfig(domains=["email", "xml"], general=["json"], max_bytes_per_domain=40_000))
 
@@ -47,11 +47,11 @@ def phases_case(skip_grads: bool, ep_size: int):
     import deepspeed.comm as dist
 
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
-    from desmoe.methods.desmoe import schedule
-    from desmoe.methods.desmoe.config import DESMoEConfig
-    from desmoe.methods.desmoe.method import DESMoE
+    from desmoe.recipes.des_moe import schedule
+    from desmoe.recipes.des_moe.config import DESMoEConfig
+    from desmoe.recipes.des_moe.method import DESMoE
     from desmoe.models.moe_lm import MoELM
-    from desmoe.training.desmoe_trainer import domain_of_step
+    from desmoe.recipes.des_moe.recipe import domain_of_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = DESMoEConfig()
@@ -112,7 +112,7 @@ def test_phases_train_exactly_their_sets(ranks, skip_grads, ep_size):
 
 def trainer_case(run_dir: str, steps: int, method: str, extra: tuple = ()):
     from desmoe.config import load_config
-    from desmoe.training.desmoe_trainer import DESMoEExperiment, train_desmoe
+    from desmoe.recipes.des_moe.recipe import DESMoEExperiment, train_desmoe
 
     m = _tiny_model_cfg()
     cfg = load_config(DESMoEExperiment, None, [

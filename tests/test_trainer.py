@@ -16,13 +16,13 @@ def _config(kind: str, run_dir: str, name: str):
 
     run = [f"run.dir={run_dir}", f"run.name={name}"]
     if kind == "lm":
-        from desmoe.training.lm import LMExperiment
+        from desmoe.recipes.lm.recipe import LMExperiment
 
         return load_config(LMExperiment, ROOT / "configs/smoke.yaml", [
             "model.hidden_size=32", "model.ffn_size=32", "train.seq_len=32", "data.max_bytes=300000", "train.steps=6",
             "train.log_every=1", "train.eval_every=3", "train.eval_batches=1", "train.save_every=100", *run])
     if kind == "pretrain":
-        from desmoe.training.pretrain import PretrainExperiment
+        from desmoe.recipes.lm.pretrain import PretrainExperiment
 
         return load_config(PretrainExperiment, ROOT / "configs/pretrain_base.yaml", [
             "data.source=stdlib_bytes", "train.steps=6", "train.save_every=100", "train.eval_every=3",
@@ -31,7 +31,7 @@ def _config(kind: str, run_dir: str, name: str):
             "model.num_experts=4", "model.expert_ffn=32", "model.shared_ffn=32", "model.dense_ffn=64",
             f"output.dir={run_dir}/{name}-export", "output.reuse=false", *run])
     if kind == "desmoe":
-        from desmoe.training.desmoe_trainer import DESMoEExperiment
+        from desmoe.recipes.des_moe.recipe import DESMoEExperiment
 
         return load_config(DESMoEExperiment, None, [
             "model.hidden_size=32", "model.ffn_size=32", "model.num_experts=4", "model.num_heads=2",
@@ -39,7 +39,7 @@ def _config(kind: str, run_dir: str, name: str):
             "train.steps=8", "train.micro_batch=4", "train.seq_len=32", "train.log_every=1", "train.eval_every=4",
             "train.eval_batches=1", "train.save_every=100", "train.lr=0.01", "desmoe.dges.update_every=2",
             "evaluation.downstream=false", *run])
-    from desmoe.trge.train import TRGEExperiment
+    from desmoe.recipes.trge.recipe import TRGEExperiment
 
     return load_config(TRGEExperiment, ROOT / "configs/trge_digits.yaml", [
         "backbone.hidden_size=32", "groups.bottleneck=8", "train.steps_per_task=3", "train.micro_batch=8",
@@ -47,8 +47,8 @@ def _config(kind: str, run_dir: str, name: str):
         *run])
 
 
-RECIPES = {"lm": "desmoe.training.lm:SmokeRecipe", "pretrain": "desmoe.training.pretrain:PretrainRecipe",
-           "desmoe": "desmoe.training.desmoe_trainer:DESMoERecipe", "trge": "desmoe.trge.train:TRGERecipe"}
+RECIPES = {"lm": "desmoe.recipes.lm.recipe:SmokeRecipe", "pretrain": "desmoe.recipes.lm.pretrain:PretrainRecipe",
+           "desmoe": "desmoe.recipes.des_moe.recipe:DESMoERecipe", "trge": "desmoe.recipes.trge.recipe:TRGERecipe"}
 
 
 def run_case(kind: str, run_dir: str, name: str, signal_after: int = 0):

@@ -87,7 +87,7 @@ def _first_tokens(docs, max_tokens: int) -> torch.Tensor:
 
 
 def open_data(cfg):
-    """``cfg``: the pretraining run's ``data`` section (desmoe.training.pretrain.PretrainData)."""
+    """``cfg``: the pretraining run's ``data`` section (desmoe.recipes.lm.pretrain.PretrainData)."""
     return StdlibBytes() if cfg.source == "stdlib_bytes" else GeneralCorpus(cfg)
 
 

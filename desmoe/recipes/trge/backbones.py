@@ -148,9 +148,9 @@ def _load_or_one_line(load: Callable, path, what: str):
 def _tower_files() -> tuple[Path, Path]:
     """The pinned EfficientNet-Lite0 state dict and all-MiniLM-L6-v2 folder (fetched by data_prep)."""
     from data_prep.sources import SourceCache, load_manifest
-    from desmoe.trge.data import cache_root
+    from desmoe.recipes.trge.data import cache_root
 
-    manifest = load_manifest(Path(__file__).resolve().parents[2] / "data_prep" / "manifest.yaml")
+    manifest = load_manifest(Path(__file__).resolve().parents[3] / "data_prep" / "manifest.yaml")
     cache = SourceCache(cache_root())
     effnet = cache.unpack(manifest["model-efficientnet-lite0"])
     minilm = cache.unpack(manifest["model-minilm-l6"])

@@ -14,9 +14,9 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from desmoe.trge.adapters import FeatureAdapters, adapt_bert_encoder, adapt_clip_encoder
-from desmoe.trge.groups import GroupSpec
-from desmoe.trge.intra_group import GroupContext
+from desmoe.recipes.trge.adapters import FeatureAdapters, adapt_bert_encoder, adapt_clip_encoder
+from desmoe.recipes.trge.groups import GroupSpec
+from desmoe.recipes.trge.intra_group import GroupContext
 
 
 @dataclass

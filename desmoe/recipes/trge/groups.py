@@ -23,7 +23,7 @@ from torch import nn
 
 from desmoe.moe.experts import AdapterExpert
 from desmoe.moe.layer import MoEBlock, moe_blocks
-from desmoe.trge.intra_group import GroupContext, GroupRouter
+from desmoe.recipes.trge.intra_group import GroupContext, GroupRouter
 
 
 @dataclass
@@ -71,7 +71,7 @@ def gate_part(task: int) -> str:
 
 def build_group_block(hidden_size: int, spec: GroupSpec, context: GroupContext) -> MoEBlock:
     if spec.layout == "pool":
-        from desmoe.trge.baselines import PoolRouter
+        from desmoe.recipes.trge.baselines import PoolRouter
 
         router = PoolRouter(hidden_size, spec.num_tasks, spec.num_experts, spec.top_k, context, noisy=spec.noisy)
         return MoEBlock(hidden_size, AdapterExpert(hidden_size, spec.bottleneck, spec.scale), router,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Optional, Sequence
 
-from desmoe.methods.desmoe.config import ScheduleConfig
+from desmoe.recipes.des_moe.config import ScheduleConfig
 from desmoe.moe.trainability import Trainability
 
 ROUTER_PART, BACKBONE_PART = "router", "other"

@@ -4,7 +4,7 @@
                  ->  evaluate every test set  ->  row t of the accuracy matrix  ->  checkpoint
     at the end:  Transfer / Avg / Last (ZSCL), table + CSV + heatmaps in the run dir
 
-Baselines (``method``) are classes of ``desmoe.trge.baselines`` on the same recipe.
+Baselines (``method``) are classes of ``desmoe.recipes.trge.baselines`` on the same recipe.
 Resumable: a checkpoint after every task holds the engine state plus the rows,
 prototypes and identifier inputs so far (and, inside a task, the step).
 """
@@ -17,18 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from desmoe.config import bad
-from desmoe.trge.backbones import load_backbone
-from desmoe.trge.baselines import build_method
-from desmoe.trge.config import TrainConfig, TRGEExperiment  # noqa: F401  (TRGEExperiment: users)
-from desmoe.trge.data import load_sequence
-from desmoe.trge.evaluate import TextBank, evaluate_stage
-from desmoe.trge.features import frozen_cnn_table
-from desmoe.trge.features import key as feature_key
-from desmoe.trge.groups import gate_parts, setup_groups
-from desmoe.trge.inter_group import one_hot_weights
-from desmoe.trge.model import TRGEModel
-from desmoe.trge.results import log_stage, summarize, write_reports
-from desmoe.trge.task_id import OracleIdentifier, TaskInfo, build_identifier
+from desmoe.recipes.trge.backbones import load_backbone
+from desmoe.recipes.trge.baselines import build_method
+from desmoe.recipes.trge.config import TrainConfig, TRGEExperiment  # noqa: F401  (TRGEExperiment: users)
+from desmoe.recipes.trge.data import load_sequence
+from desmoe.recipes.trge.evaluate import TextBank, evaluate_stage
+from desmoe.recipes.trge.features import frozen_cnn_table
+from desmoe.recipes.trge.features import key as feature_key
+from desmoe.recipes.trge.groups import gate_parts, setup_groups
+from desmoe.recipes.trge.inter_group import one_hot_weights
+from desmoe.recipes.trge.model import TRGEModel
+from desmoe.recipes.trge.results import log_stage, summarize, write_reports
+from desmoe.recipes.trge.task_id import OracleIdentifier, TaskInfo, build_identifier
 from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, Setup, Trainer
 
 

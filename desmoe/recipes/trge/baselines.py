@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from desmoe.moe.router import Router, Routing
-from desmoe.trge.intra_group import GroupContext, TaskGate
+from desmoe.recipes.trge.intra_group import GroupContext, TaskGate
 
 METHODS = ("trge", "zero_shot", "continual_ft", "shared_pool")  # the registry's keys (METHODS_BY_NAME, below)
 
@@ -86,12 +86,12 @@ class Method:
 
     def expert_unit(self, model):
         """Experts frozen together share one optimizer group: a whole task group."""
-        from desmoe.trge.groups import group_unit
+        from desmoe.recipes.trge.groups import group_unit
 
         return group_unit(model)
 
     def set_trainable(self, trainability, group: int) -> None:
-        from desmoe.trge.groups import train_only_group
+        from desmoe.recipes.trge.groups import train_only_group
 
         train_only_group(trainability, self.model, group)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from desmoe import checkpoint
-from desmoe.trge import metrics
+from desmoe.recipes.trge import metrics
 
 
 def log_stage(monitor, cfg, tasks, controls, progress, t, step) -> None:

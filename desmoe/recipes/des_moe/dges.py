@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from desmoe.methods.desmoe.config import DGESConfig
+from desmoe.recipes.des_moe.config import DGESConfig
 from desmoe.moe import moe_blocks
 
 

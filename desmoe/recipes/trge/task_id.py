@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from desmoe.errors import UserError
-from desmoe.trge.inter_group import UNSEEN
+from desmoe.recipes.trge.inter_group import UNSEEN
 
 BACKENDS = ("mllm", "description", "prototype", "gaussian", "oracle")
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from desmoe.errors import UserError
-from desmoe.methods.desmoe import esft
-from desmoe.methods.desmoe.config import Method as MethodName
-from desmoe.methods.desmoe.method import Method
+from desmoe.recipes.des_moe import esft
+from desmoe.recipes.des_moe.config import Method as MethodName
+from desmoe.recipes.des_moe.method import Method
 from desmoe.moe import moe_blocks
 
 
@@ -117,7 +117,7 @@ class Vanilla(Method):
 
 
 def build_method(cfg, total_steps: int, num_domains: int, aux_coef: float, seed: int = 0) -> Method:
-    from desmoe.methods.desmoe.method import DESMoE
+    from desmoe.recipes.des_moe.method import DESMoE
 
     args = (cfg, total_steps, num_domains, aux_coef, seed)
     if cfg.method == "desmoe":

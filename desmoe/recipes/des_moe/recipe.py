@@ -13,14 +13,14 @@ from typing import Optional
 
 from desmoe.collectives import mean_over_ranks
 from desmoe.config import bad
-from desmoe.methods.desmoe.base_model import build_model, load_base
-from desmoe.methods.desmoe.config import DESMoEConfig
-from desmoe.methods.desmoe.domains import DomainDataConfig, open_domains
-from desmoe.methods.desmoe.evaluate import downstream_eval, evaluate
-from desmoe.methods.desmoe.results import write_results
-from desmoe.methods.desmoe.streams import DomainStreams, domain_of_step, present_domains  # noqa: F401 (tests)
+from desmoe.recipes.des_moe.base_model import build_model, load_base
+from desmoe.recipes.des_moe.config import DESMoEConfig
+from desmoe.recipes.des_moe.domains import DomainDataConfig, open_domains
+from desmoe.recipes.des_moe.evaluate import downstream_eval, evaluate
+from desmoe.recipes.des_moe.results import write_results
+from desmoe.recipes.des_moe.streams import DomainStreams, domain_of_step, present_domains  # noqa: F401 (tests)
 from desmoe.models.moe_lm import MoELMConfig
-from desmoe.training.lm import TrainConfig
+from desmoe.recipes.lm.recipe import TrainConfig
 from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, RunConfig, Setup, Trainer
 
 
@@ -81,7 +81,7 @@ class DESMoERecipe(Recipe):
         return Cadence(t.log_every, t.eval_every, t.save_every)
 
     def setup(self, trainer: Trainer) -> Setup:
-        from desmoe.methods.desmoe.baselines import build_method
+        from desmoe.recipes.des_moe.baselines import build_method
 
         cfg, t = self.cfg, self.cfg.train
         trainer.check_ep(cfg.model.ep_size)

@@ -1,6 +1,6 @@
 """Task identification alone, stage by stage, on frozen features (no training needed).
 
-    python -m desmoe.trge.id_study [--config configs/trge_offline.yaml] [key=value ...]
+    python -m desmoe.recipes.trge.id_study [--config configs/trge_offline.yaml] [key=value ...]
 
 Identifiers depend only on the frozen image features, so every backend can be
 compared on the run's protocol (``train.proto_samples`` training images per task,
@@ -28,12 +28,12 @@ CANDIDATES = {  # name -> IdentifierConfig overrides
 
 
 def study(cfg) -> dict:
-    from desmoe.trge.backbones import load_backbone
-    from desmoe.trge.data import load_sequence
-    from desmoe.trge.features import frozen_cnn_table, key
-    from desmoe.trge.inter_group import UNSEEN
-    from desmoe.trge.model import TRGEModel
-    from desmoe.trge.task_id import IdBatch, TaskInfo, build_identifier
+    from desmoe.recipes.trge.backbones import load_backbone
+    from desmoe.recipes.trge.data import load_sequence
+    from desmoe.recipes.trge.features import frozen_cnn_table, key
+    from desmoe.recipes.trge.inter_group import UNSEEN
+    from desmoe.recipes.trge.model import TRGEModel
+    from desmoe.recipes.trge.task_id import IdBatch, TaskInfo, build_identifier
 
     tasks, controls = load_sequence(cfg.data)
     cfg.groups.num_tasks = cfg.groups.num_tasks or len(tasks)
@@ -70,7 +70,7 @@ def study(cfg) -> dict:
 @run_cli
 def main() -> None:
     from desmoe.config import load_config
-    from desmoe.trge.train import TRGEExperiment
+    from desmoe.recipes.trge.recipe import TRGEExperiment
 
     import argparse
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from desmoe.methods.desmoe.config import ALRConfig
+from desmoe.recipes.des_moe.config import ALRConfig
 from desmoe.moe import LinearRouter, Router, moe_blocks
 
 

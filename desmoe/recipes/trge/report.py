@@ -1,6 +1,6 @@
 """Collect the results.json of several runs into one table (markdown + CSV).
 
-    python -m desmoe.trge.report runs/suite            # every run folder below
+    python -m desmoe.recipes.trge.report runs/suite            # every run folder below
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ COLUMNS = ["run", "method", "identifier", "reading", "fusion", "transfer", "avg"
 @run_cli
 def main() -> None:
     if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
-        raise UserError("usage: python -m desmoe.trge.report RUNS_FOLDER (a folder holding run folders)")
+        raise UserError("usage: python -m desmoe.recipes.trge.report RUNS_FOLDER (a folder holding run folders)")
     root = Path(sys.argv[1])
     table = rows(root)
     if not table:

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from desmoe.trge.features import key as feature_key
-from desmoe.trge.fusion import fuse_where, fusion_weight
-from desmoe.trge.inter_group import UNSEEN, InterGroupConfig, group_weights, one_hot_weights, vocabulary_mask
-from desmoe.trge.task_id import IdBatch, TaskIdentifier, TaskInfo
+from desmoe.recipes.trge.features import key as feature_key
+from desmoe.recipes.trge.fusion import fuse_where, fusion_weight
+from desmoe.recipes.trge.inter_group import UNSEEN, InterGroupConfig, group_weights, one_hot_weights, vocabulary_mask
+from desmoe.recipes.trge.task_id import IdBatch, TaskIdentifier, TaskInfo
 
 
 class TextBank:
@@ -28,7 +28,7 @@ class TextBank:
 
     def __init__(self, model, tokenize, num_groups: int, cnn_table: Optional[dict] = None) -> None:
         self.model, self.tokenize, self.num_groups = model, tokenize, num_groups
-        self.cnn_table = cnn_table  # desmoe.trge.features: frozen CNN features of every image, or None
+        self.cnn_table = cnn_table  # desmoe.recipes.trge.features: frozen CNN features of every image, or None
         self.cache: dict[tuple[str, int], Tensor] = {}
         # Frozen image inputs per (test set, batch start): f0 and, for a CNN tower, its pooled
         # features -- the same at every stage, so computed once per run.
@@ -160,7 +160,7 @@ def identifier_infos(identifier) -> list[TaskInfo]:
 def evaluate_stage(r, t: int) -> None:
     """Task t is done: its prototype and identifier inputs from frozen features, then every test set
     (and each test-time variant) evaluated into the progress rows.  ``r``: the run's TRGERecipe."""
-    from desmoe.trge.config import variant_inter
+    from desmoe.recipes.trge.config import variant_inter
     cfg, model, task, tasks, progress, timing = r.cfg, r.model, r.tasks[t], r.tasks, r.progress, r.timing
     rank, world = r.trainer.rank, r.trainer.world
     with torch.no_grad():

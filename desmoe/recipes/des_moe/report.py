@@ -1,6 +1,6 @@
 """Comparison of finished runs: markdown table + CSV + plots, next to the paper's numbers.
 
-    python -m desmoe.methods.desmoe.report runs/desmoe-demo runs/fft-mixed ... [--out runs/compare]
+    python -m desmoe.recipes.des_moe.report runs/desmoe-demo runs/fft-mixed ... [--out runs/compare]
 
 Each run directory holds ``results.json`` (written by the trainer).  With a run of method
 ``vanilla`` (the untrained base) among them, forgetting = the change relative to it of the

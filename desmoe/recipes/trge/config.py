@@ -5,13 +5,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from desmoe.config import bad
-from desmoe.trge.backbones import BackboneConfig
-from desmoe.trge.baselines import METHODS
-from desmoe.trge.data import DataConfig
-from desmoe.trge.groups import GroupSpec
-from desmoe.trge.inter_group import InterGroupConfig
-from desmoe.trge.model import Placement
-from desmoe.trge.task_id import IdentifierConfig
+from desmoe.recipes.trge.backbones import BackboneConfig
+from desmoe.recipes.trge.baselines import METHODS
+from desmoe.recipes.trge.data import DataConfig
+from desmoe.recipes.trge.groups import GroupSpec
+from desmoe.recipes.trge.inter_group import InterGroupConfig
+from desmoe.recipes.trge.model import Placement
+from desmoe.recipes.trge.task_id import IdentifierConfig
 from desmoe.training.trainer import RunConfig
 
 
@@ -108,7 +108,7 @@ class TRGEExperiment:
             raise bad("method", "one of " + ", ".join(METHODS), self.method)
         if self.eval.variants and self.method != "trge":
             raise bad("eval.variants", "empty unless method is trge", self.eval.variants)
-        from desmoe.trge.fusion import FUSION_SCHEDULES
+        from desmoe.recipes.trge.fusion import FUSION_SCHEDULES
 
         if self.fusion.schedule not in FUSION_SCHEDULES:
             raise bad("fusion.schedule", "one of " + ", ".join(FUSION_SCHEDULES), self.fusion.schedule)

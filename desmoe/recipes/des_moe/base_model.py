@@ -26,7 +26,7 @@ def build_model(cfg):
 
 def load_base(engine, path: str) -> None:
     """Pretrained weights only (optimizer starts fresh); parameters the base lacks (the ALR) keep their init."""
-    from desmoe.methods.desmoe.alr import alr_routers
+    from desmoe.recipes.des_moe.alr import alr_routers
 
     tag = checkpoint.latest_tag(path)
     if tag is None:

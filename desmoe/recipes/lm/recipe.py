@@ -3,7 +3,7 @@
 The smoke job trains desmoe's own MoELM expert-parallel on byte-level text; batches
 are a pure function of (seed, step, rank), so a resumed run continues exactly where
 an uninterrupted one would be.  ``LMRecipe`` is the part both LM recipes share (the
-step, its log); ``desmoe.training.pretrain`` adds HF models, prepared data, the LR
+step, its log); ``desmoe.recipes.lm.pretrain`` adds HF models, prepared data, the LR
 schedule and the export.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A method prepares the model before the engine exists (install the ALR, LoRA ...),
 then, every step: ``begin_step`` sets what the optimizer may update, ``loss``
 computes the objective, ``end_step`` consumes the step's routing.  The trainer
-(desmoe/training/desmoe_trainer.py, a recipe of desmoe/training/trainer.py) is the same for DES-MoE and every baseline.
+(desmoe/recipes/des_moe/recipe.py, a recipe of desmoe/training/trainer.py) is the same for DES-MoE and every baseline.
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from desmoe.methods.desmoe import schedule
-from desmoe.methods.desmoe.alr import install_alr, is_router_param, lambda_at, model_kd_loss, set_lambda
-from desmoe.methods.desmoe.config import DESMoEConfig
-from desmoe.methods.desmoe.dges import DomainExpertMap
-from desmoe.methods.desmoe.duplication import ExpertCopies
+from desmoe.recipes.des_moe import schedule
+from desmoe.recipes.des_moe.alr import install_alr, is_router_param, lambda_at, model_kd_loss, set_lambda
+from desmoe.recipes.des_moe.config import DESMoEConfig
+from desmoe.recipes.des_moe.dges import DomainExpertMap
+from desmoe.recipes.des_moe.duplication import ExpertCopies
 from desmoe.moe import moe_blocks, total_aux_loss
 from desmoe.moe.trainability import FROZEN_KEY, PART_KEY, Trainability
 from desmoe.objective import next_token_loss
