@@ -174,12 +174,12 @@ def plot_curves(path: str | Path, series: Mapping[str, list[tuple[int, float]]],
     tmp.replace(path)
 
 
-def loss_curves(run_dir: str | Path, val_label: str, unit: str) -> tuple[list, list]:
-    """(step, loss) of ``train/loss`` and ``val/loss`` from the run's metrics; writes loss.png and prints
+def loss_curves(run_dir: str | Path, val_label: str, unit: str, val_key: str = "val/loss") -> tuple[list, list]:
+    """(step, loss) of ``train/loss`` and ``val_key`` from the run's metrics; writes loss.png and prints
     the training curve (what an LM run shows at its end)."""
     rows = read_metrics(run_dir)
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+    val = [(r["step"], r[val_key]) for r in rows if val_key in r]
     if train:
         plot_curves(Path(run_dir) / "loss.png", {"train": train, val_label: val}, ylabel=f"cross-entropy ({unit})")
         print(ascii_curve(train, label=f"train loss, {unit}"), flush=True)

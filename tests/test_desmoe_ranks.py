@@ -134,7 +134,7 @@ def test_trainer_end_to_end_and_exact_resume_ep2(ranks, tmp_path):
     assert [r["step"] for r in rows if "train/task_loss" in r] == [2, 4, 6, 8, 10]
     logged = set().union(*rows)
     for key in ("train/kd_loss", "train/lambda", "train/phase", "train/aux_loss", "train/frozen_share",
-                "val/email", "val/general", "dges/experts_per_domain"):
+                "val/loss/email", "val/loss/general", "dges/experts_per_domain", "train/loss"):
         assert key in logged, key
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((run / "results.json").read_text())["method"] == "desmoe"

@@ -29,7 +29,7 @@ def count_parameters(model) -> int:
 
 
 def print_summary(run_dir: Path, report: dict, out_dir: str) -> None:
-    loss_curves(run_dir, "held-out general", "nats/token")
+    loss_curves(run_dir, "held-out general", "nats/token", val_key="val/loss/general")
     print(f"training domains' test split: perplexity {report['test_ppl']:.2f} vs unigram "
           f"{report['test_unigram_ppl']:.2f}", flush=True)
     print(f"held-out general perplexity {report['heldout_ppl']:.2f} vs unigram {report['unigram_ppl']:.2f} "

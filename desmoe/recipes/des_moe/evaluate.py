@@ -19,9 +19,9 @@ def evaluate(model, data, cfg, rank: int, world: int, device) -> dict[str, float
         stream = data.batches("val", cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed + 7, rank, world, 0,
                               domains=pick, homogeneous=False)
         losses = [next_token_loss(model, next(stream).input_ids.to(device)) for _ in range(cfg.train.eval_batches)]
-        out[f"val/{name}"] = mean_over_ranks(torch.stack(losses).mean())
+        out[f"val/loss/{name}"] = mean_over_ranks(torch.stack(losses).mean())
     model.train()
-    out["val/domain_mean"] = sum(out[f"val/{d}"] for d in data.domains) / len(data.domains)
+    out["val/loss/domain_mean"] = sum(out[f"val/loss/{d}"] for d in data.domains) / len(data.domains)
     return out
 
 

@@ -142,6 +142,7 @@ class DESMoERecipe(Recipe):
 
     def log(self, done):
         values = {f"train/{k}": mean_over_ranks(v) for k, v in self.parts_.items()}
+        values["train/loss"] = values["train/task_loss"]  # the next-token loss: pretraining's tag, one chart
         values.update({f"train/{k}": v for k, v in self.logs.items()})
         values.update({"train/domain": float(self.domain), "train/lr": self.trainer.engine.get_lr()[0]})
         return values

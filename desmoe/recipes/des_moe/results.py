@@ -9,15 +9,17 @@ from pathlib import Path
 from desmoe import checkpoint
 from desmoe.monitor import ascii_curve, plot_curves, read_metrics
 
+VAL = "val/loss/"  # held-out next-token loss per domain (nats): val/loss/<domain>
+
 
 def write_results(run_dir: Path, method: str, domains: list[str], seconds: float) -> dict:
     """results.json / results.csv / results.md and loss plots in the run directory."""
     rows = read_metrics(run_dir)
-    evals = [r for r in rows if "val/domain_mean" in r]
+    evals = [r for r in rows if "val/loss/domain_mean" in r]
     final = evals[-1] if evals else {}
     downstream = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}  # the last value of each
     result = {"method": method, "train_seconds": round(seconds, 2),
-              **{k.split("/", 1)[1]: round(v, 4) for k, v in final.items() if k.startswith("val/")},
+              **{k[len(VAL):]: round(v, 4) for k, v in final.items() if k.startswith(VAL)},
               **{k.split("/", 1)[1]: round(v, 4) for k, v in downstream.items()}}
     checkpoint.write_text_atomic(run_dir / "results.json", json.dumps(result, indent=1) + "\n")
     buf = io.StringIO()
@@ -28,7 +30,7 @@ def write_results(run_dir: Path, method: str, domains: list[str], seconds: float
     checkpoint.write_text_atomic(run_dir / "results.md", results_table([result]))
     train = [(r["step"], r["train/task_loss"]) for r in rows if "train/task_loss" in r]
     if train:
-        val = {k.split("/", 1)[1]: [(r["step"], r[k]) for r in evals] for k in final if k.startswith("val/")}
+        val = {k[len(VAL):]: [(r["step"], r[k]) for r in evals] for k in final if k.startswith(VAL)}
         plot_curves(run_dir / "loss.png", {"train (task)": train, **val}, ylabel="next-byte NLL (nats)")
         print(ascii_curve(train, label=f"{method} task loss"), flush=True)
     print(results_table([result]), flush=True)

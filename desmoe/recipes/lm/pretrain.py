@@ -162,7 +162,7 @@ class PretrainRecipe(LMRecipe):
         return next(self.batches)
 
     def evaluate(self, done):
-        return {"val/loss": heldout_loss(self.trainer.engine.module, self.heldout, self.trainer.engine.device)}
+        return {"val/loss/general": heldout_loss(self.trainer.engine.module, self.heldout, self.trainer.engine.device)}
 
     def finish(self, trainer):
         import deepspeed.comm as dist
