@@ -5,7 +5,7 @@
 * ``trge/``    -- TRGE (arXiv 2508.07738) and its baselines: continual learning of CLIP, one stage per task.
 
 Each package has the same shape: ``recipe.py`` (the Recipe and the run's entry point), ``config.py``
-(the experiment's sections; lm's live in recipe.py), ``baselines.py`` (method classes picked by
+(the experiment's sections; lm's few live in recipe.py), ``baselines.py`` (method classes picked by
 config), and one file per idea of its paper.  ``desmoe`` (the top-level package) is the framework;
 ``des_moe`` is the method.
 """

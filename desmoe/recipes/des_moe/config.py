@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from desmoe.config import bad
+from desmoe.models.moe_lm import MoELMConfig
+from desmoe.recipes.des_moe.domains import DomainDataConfig
+from desmoe.recipes.lm.recipe import TrainConfig
+from desmoe.training.trainer import RunConfig
 
 AlrInit = Literal["residual", "mirror", "gelu_copy"]
 Method = Literal["desmoe", "fft", "esft_token", "esft_gate", "lora", "vanilla"]  # vanilla: the base, untrained
@@ -108,3 +112,51 @@ class DESMoEConfig:
     dges: DGESConfig = field(default_factory=DGESConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+
+
+# The experiment: the method's sections above plus the model, data, training and run sections.
+@dataclass
+class BaseConfig:
+    # An HF MoE checkpoint (e.g. the embedded base from launcher/pretrain.py): the model comes from it and
+    # model.* only supplies ep_size.  Otherwise desmoe's MoELM from model.*, optionally loaded from
+    # ``checkpoint`` (a desmoe checkpoint directory of the same shape).
+    hf: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    downstream: bool = True  # at the end, on prepared data: desmoe.evaluation.lm_tasks.evaluate_lm
+    items_per_task: int = 200
+    ppl_tokens: int = 20000
+
+
+@dataclass
+class DESMoEExperiment:
+    model: MoELMConfig = field(default_factory=MoELMConfig)
+    data: DomainDataConfig = field(default_factory=DomainDataConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    desmoe: DESMoEConfig = field(default_factory=DESMoEConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="desmoe"))
+
+    def check(self) -> None:
+        if not self.base.hf and self.train.seq_len > self.model.max_seq_len:
+            raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
+        warmup = round(self.desmoe.schedule.t1 * self.train.steps)
+        if self.desmoe.method == "desmoe" and warmup < max(1, len(self.data.domains)):
+            raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(self.data.domains)}; "
+                      f"t1 * train.steps = {warmup})", self.desmoe.schedule.t1)
+        if self.base.hf and self.base.checkpoint:
+            raise bad("base.checkpoint", "null when base.hf is set (one source of pretrained weights)",
+                      self.base.checkpoint)
+        dges = self.desmoe.dges
+        if dges.duplicate_shared and dges.spare_experts % self.model.ep_size:
+            raise bad("desmoe.dges.spare_experts", f"a multiple of model.ep_size={self.model.ep_size}",
+                      dges.spare_experts)
+        if dges.duplicate_shared and self.base.checkpoint:  # spare slots renumber the experts' checkpoint files
+            raise bad("desmoe.dges.duplicate_shared", "false with base.checkpoint (use base.hf)", True)
+        if self.desmoe.dges.batching not in ("step", "token"):
+            raise bad("desmoe.dges.batching", "'step' (one domain per step) or 'token' (mixed batches, Eq. 8)",
+                      self.desmoe.dges.batching)

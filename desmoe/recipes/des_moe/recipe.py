@@ -8,67 +8,15 @@ in the checkpoint) and resumes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
-
 from desmoe.collectives import mean_over_ranks
 from desmoe.config import bad
 from desmoe.recipes.des_moe.base_model import build_model, load_base
-from desmoe.recipes.des_moe.config import DESMoEConfig
-from desmoe.recipes.des_moe.domains import DomainDataConfig, open_domains
+from desmoe.recipes.des_moe.config import DESMoEExperiment
+from desmoe.recipes.des_moe.domains import open_domains
 from desmoe.recipes.des_moe.evaluate import downstream_eval, evaluate
 from desmoe.recipes.des_moe.results import write_results
 from desmoe.recipes.des_moe.streams import DomainStreams, domain_of_step, present_domains  # noqa: F401 (tests)
-from desmoe.models.moe_lm import MoELMConfig
-from desmoe.recipes.lm.recipe import TrainConfig
-from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, RunConfig, Setup, Trainer
-
-
-@dataclass
-class BaseConfig:
-    # An HF MoE checkpoint (e.g. the embedded base from launcher/pretrain.py): the model comes from it and
-    # model.* only supplies ep_size.  Otherwise desmoe's MoELM from model.*, optionally loaded from
-    # ``checkpoint`` (a desmoe checkpoint directory of the same shape).
-    hf: Optional[str] = None
-    checkpoint: Optional[str] = None
-
-
-@dataclass
-class EvalConfig:
-    downstream: bool = True  # at the end, on prepared data: desmoe.evaluation.lm_tasks.evaluate_lm
-    items_per_task: int = 200
-    ppl_tokens: int = 20000
-
-
-@dataclass
-class DESMoEExperiment:
-    model: MoELMConfig = field(default_factory=MoELMConfig)
-    data: DomainDataConfig = field(default_factory=DomainDataConfig)
-    base: BaseConfig = field(default_factory=BaseConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    desmoe: DESMoEConfig = field(default_factory=DESMoEConfig)
-    evaluation: EvalConfig = field(default_factory=EvalConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(name="desmoe"))
-
-    def check(self) -> None:
-        if not self.base.hf and self.train.seq_len > self.model.max_seq_len:
-            raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
-        warmup = round(self.desmoe.schedule.t1 * self.train.steps)
-        if self.desmoe.method == "desmoe" and warmup < max(1, len(self.data.domains)):
-            raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(self.data.domains)}; "
-                      f"t1 * train.steps = {warmup})", self.desmoe.schedule.t1)
-        if self.base.hf and self.base.checkpoint:
-            raise bad("base.checkpoint", "null when base.hf is set (one source of pretrained weights)",
-                      self.base.checkpoint)
-        dges = self.desmoe.dges
-        if dges.duplicate_shared and dges.spare_experts % self.model.ep_size:
-            raise bad("desmoe.dges.spare_experts", f"a multiple of model.ep_size={self.model.ep_size}",
-                      dges.spare_experts)
-        if dges.duplicate_shared and self.base.checkpoint:  # spare slots renumber the experts' checkpoint files
-            raise bad("desmoe.dges.duplicate_shared", "false with base.checkpoint (use base.hf)", True)
-        if self.desmoe.dges.batching not in ("step", "token"):
-            raise bad("desmoe.dges.batching", "'step' (one domain per step) or 'token' (mixed batches, Eq. 8)",
-                      self.desmoe.dges.batching)
+from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, Setup, Trainer
 
 
 class DESMoERecipe(Recipe):
