@@ -95,6 +95,14 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _tensorboard(run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc.Tags()
+
+
 @pytest.mark.parametrize("kind,stop", [("lm", 4), ("pretrain", 4), ("desmoe", 5), ("trge", 5)])
 def test_preempted_run_resumes_bit_identical(ranks, tmp_path, kind, stop):
     full = ranks.run(run_case, kind, str(tmp_path), "full")
@@ -107,22 +115,11 @@ def test_preempted_run_resumes_bit_identical(ranks, tmp_path, kind, stop):
     assert logged_full.keys() == logged_resumed.keys()
     differ = [k for k in logged_full if not _same(logged_full[k], logged_resumed[k])]
     assert not differ, [(k, logged_full[k], logged_resumed[k]) for k in differ[:5]]
-
-
-def _tensorboard(run: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc.Tags()
-
-
-@pytest.mark.parametrize("kind,throughput", [("desmoe", "tokens"), ("trge", "samples")])
-def test_tensorboard_has_config_throughput_and_categorical_text(ranks, tmp_path, kind, throughput):
-    ranks.run(run_case, kind, str(tmp_path), "tb")
-    tags = _tensorboard(tmp_path / "tb")
-    assert {f"perf/{throughput}_per_s", "perf/wall_s", "perf/train_s"} <= set(tags["scalars"]), tags["scalars"]
-    assert "run/config/text_summary" in tags["tensors"]  # text summaries are stored as tensors
-    assert tags["images"], "heatmaps"
-    if kind == "desmoe":  # the step's domain is a category: text, not a smoothed scalar line
+    # TensorBoard, written by the trainer for every recipe: throughput and wall time, the run's config as
+    # text, images; a categorical value (DES-MoE's step domain) as text, not a smoothed scalar line
+    tags = _tensorboard(tmp_path / "full")
+    unit = "samples" if kind == "trge" else "tokens"
+    assert {f"perf/{unit}_per_s", "perf/wall_s", "perf/train_s"} <= set(tags["scalars"]), tags["scalars"]
+    assert "run/config/text_summary" in tags["tensors"] and tags["images"]  # text summaries are tensors
+    if kind == "desmoe":
         assert "train/domain/text_summary" in tags["tensors"] and "train/domain" not in tags["scalars"]
