@@ -40,8 +40,8 @@ def parse() -> argparse.Namespace:
 
 def build(args, method_name: str, data):
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
-    from desmoe.methods.desmoe.baselines import build_method
-    from desmoe.methods.desmoe.config import DESMoEConfig
+    from desmoe.recipes.des_moe.baselines import build_method
+    from desmoe.recipes.des_moe.config import DESMoEConfig
     from desmoe.models.moe_lm import MoELM, MoELMConfig
 
     cfg = MoELMConfig(vocab_size=256, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
@@ -84,7 +84,7 @@ def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     from desmoe.distributed import init_distributed
-    from desmoe.methods.desmoe.domains import DomainDataConfig, StdlibDomains
+    from desmoe.recipes.des_moe.domains import DomainDataConfig, StdlibDomains
 
     init_distributed()
     data = StdlibDomains(DomainDataConfig(domains=["email", "xml"], general=[], max_bytes_per_domain=100_000))

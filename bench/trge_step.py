@@ -44,11 +44,11 @@ def main() -> None:
 
     from desmoe.distributed import init_distributed
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
-    from desmoe.trge.backbones import BackboneConfig, load_backbone
-    from desmoe.trge.data import digit_sequence
-    from desmoe.trge.groups import GroupSpec, gate_parts, group_unit, setup_groups, train_only_group
-    from desmoe.trge.inter_group import one_hot_weights
-    from desmoe.trge.model import Placement, TRGEModel
+    from desmoe.recipes.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.recipes.trge.data import digit_sequence
+    from desmoe.recipes.trge.groups import GroupSpec, gate_parts, group_unit, setup_groups, train_only_group
+    from desmoe.recipes.trge.inter_group import one_hot_weights
+    from desmoe.recipes.trge.model import Placement, TRGEModel
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     init_distributed()

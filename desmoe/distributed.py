@@ -11,8 +11,12 @@ Supported launchers, in order of precedence:
 * nothing at all: a single process on this machine.
 
 A partial environment (say RANK without WORLD_SIZE) is an error, never a guess.
-Backends: NCCL when CUDA is usable, otherwise gloo with DeepSpeed's CPU
-accelerator.  Every collective has a timeout so a dead peer fails the job.
+Backends: with CUDA the process groups map devices to backends
+(``cpu:gloo,cuda:nccl``), so a collective on a CPU tensor (statistics, flags)
+runs on gloo and one on a GPU tensor on NCCL -- the same code works on CPU-only
+tests and GPU jobs (reductions: ``desmoe.collectives``).  Without CUDA: gloo with
+DeepSpeed's CPU accelerator.  Every collective has a timeout so a dead peer fails
+the job.
 """
 from __future__ import annotations
 
@@ -164,10 +168,12 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
     export_env(d)
     if dist.is_initialized():
         return d
-    backend = "nccl" if use_cuda() else "gloo"
-    if backend == "nccl":
+    backend = dist_backend()
+    if use_cuda():
         torch.cuda.set_device(d.local_rank % torch.cuda.device_count())
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    # DeepSpeed hands the string to torch.distributed.init_process_group; its expert-parallel groups
+    # (dist.new_group without a backend) inherit the default group's device->backend map.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
     # A process that exits with its process group alive can abort in teardown ("terminate called
@@ -175,6 +181,11 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
     # the scheduler then marks a finished job FAILED.
     atexit.register(_destroy_process_group)
     return d
+
+
+def dist_backend() -> str:
+    """The backend string of the default process group: NCCL serves CUDA tensors, gloo CPU ones."""
+    return "cpu:gloo,cuda:nccl" if use_cuda() else "gloo"
 
 
 def _destroy_process_group() -> None:

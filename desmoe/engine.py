@@ -16,7 +16,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional
 import torch
 from torch import nn
 
-from desmoe.distributed import device, use_cuda
+from desmoe.distributed import use_cuda
 from desmoe.errors import ConfigError
 from desmoe.moe.trainability import FreezableAdamW, Trainability, build_param_groups
 
@@ -150,12 +150,9 @@ def build_engine(model: nn.Module, ds_config: Mapping[str, Any],
 def _check_group_count(n: int) -> None:
     """ZeRO runs one collective per optimizer group over all ranks: every rank needs as many
     groups, or the first step hangs.  Units that split unevenly over EP ranks break that."""
-    import torch.distributed as dist
+    from desmoe.collectives import all_reduce_
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    t = torch.tensor([n, -n], dtype=torch.int64, device=device())  # NCCL reduces device tensors only
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = all_reduce_(torch.tensor([n, -n], dtype=torch.int64), "max")
     if t[0] != -t[1]:
         raise ConfigError(f"expert units give this rank {n} optimizer groups but others between {-int(t[1])} and "
                           f"{int(t[0])}; ZeRO needs the same number on every rank (units that split evenly "

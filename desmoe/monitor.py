@@ -33,15 +33,29 @@ class Monitor:
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
-    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
+    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "",
+                labels: Optional[Mapping[str, Mapping[int, str]]] = None) -> None:
+        """One metrics row; in TensorBoard a scalar each, except categorical keys (``labels``: key ->
+        {value: name}, e.g. the step's domain), which are text: a smoothed line of categories reads wrong."""
         if not self.enabled:
             return
         for key, value in values.items():
-            self.writer.add_scalar(f"{prefix}{key}", float(value), step)
+            if labels and key in labels:
+                self.writer.add_text(f"{prefix}{key}", labels[key].get(int(value), str(value)), step)
+            else:
+                self.writer.add_scalar(f"{prefix}{key}", float(value), step)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **{f"{prefix}{k}": float(v) for k, v in values.items()}}) + "\n")
 
-    def heatmap(self, step: int, tag: str, matrix: np.ndarray, xlabel: str = "", ylabel: str = "") -> None:
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text, step)
+
+    def heatmap(self, step: int, tag: str, matrix: np.ndarray, xlabel: str = "", ylabel: str = "",
+                xticks: Optional[list[str]] = None, yticks: Optional[list[str]] = None, title: str = "",
+                vmin: Optional[float] = None, vmax: Optional[float] = None) -> None:
+        """An image of ``matrix`` with named rows/columns and a title; pass ``vmin``/``vmax`` so the
+        colour scale stays the same at every step (images of one tag are then comparable)."""
         if not self.enabled:
             return
         import matplotlib
@@ -50,9 +64,15 @@ class Monitor:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(max(3.0, 0.35 * matrix.shape[1] + 1.5), max(2.0, 0.35 * matrix.shape[0] + 1)))
-        im = ax.imshow(matrix, aspect="auto", cmap="viridis")
+        im = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        if xticks is not None:
+            ax.set_xticks(range(len(xticks)), xticks, rotation=60 if max(map(len, xticks), default=0) > 3 else 0,
+                          ha="right" if max(map(len, xticks), default=0) > 3 else "center", fontsize=7)
+        if yticks is not None:
+            ax.set_yticks(range(len(yticks)), yticks, fontsize=7)
+        ax.set_title(f"{title or tag} (step {step})", fontsize=9)
         fig.colorbar(im, ax=ax)
         self.writer.add_image(tag, _figure_to_chw(fig), step)
         plt.close(fig)
@@ -152,3 +172,15 @@ def plot_curves(path: str | Path, series: Mapping[str, list[tuple[int, float]]],
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
+
+
+def loss_curves(run_dir: str | Path, val_label: str, unit: str, val_key: str = "val/loss") -> tuple[list, list]:
+    """(step, loss) of ``train/loss`` and ``val_key`` from the run's metrics; writes loss.png and prints
+    the training curve (what an LM run shows at its end)."""
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    val = [(r["step"], r[val_key]) for r in rows if val_key in r]
+    if train:
+        plot_curves(Path(run_dir) / "loss.png", {"train": train, val_label: val}, ylabel=f"cross-entropy ({unit})")
+        print(ascii_curve(train, label=f"train loss, {unit}"), flush=True)
+    return train, val

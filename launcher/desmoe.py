@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from desmoe.cli import parse_launcher_args  # noqa: E402
 from desmoe.errors import run_cli  # noqa: E402
-from desmoe.training.desmoe_trainer import DESMoEExperiment, train_desmoe  # noqa: E402
+from desmoe.recipes.des_moe.recipe import DESMoEExperiment, train_desmoe  # noqa: E402
 
 
 @run_cli

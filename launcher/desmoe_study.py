@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from desmoe.cli import parse_launcher_args  # noqa: E402
 from desmoe.config import dump_yaml  # noqa: E402
 from desmoe.errors import UserError, run_cli  # noqa: E402
-from desmoe.methods.desmoe.config import Method  # noqa: E402
-from desmoe.training.desmoe_trainer import DESMoEExperiment, train_desmoe  # noqa: E402
+from desmoe.recipes.des_moe.config import Method  # noqa: E402
+from desmoe.recipes.des_moe.recipe import DESMoEExperiment, train_desmoe  # noqa: E402
 
 
 def scaling_order(domains: list[str]) -> list[str]:
@@ -51,7 +51,7 @@ def main() -> None:
     if opts.steps_per_domain < 0:
         raise UserError(f"--steps-per-domain {opts.steps_per_domain}: expected an integer >= 0")
     from desmoe.distributed import init_distributed, is_rank0
-    from desmoe.methods.desmoe.domains import open_domains
+    from desmoe.recipes.des_moe.domains import open_domains
 
     init_distributed()
     domains = scaling_order(list(open_domains(cfg.data).domains))
@@ -79,7 +79,7 @@ def main() -> None:
             runs.append(str(run_dir))
             gc.collect()
     if is_rank0():
-        from desmoe.methods.desmoe.report import main as report
+        from desmoe.recipes.des_moe.report import main as report
 
         sys.argv = ["report", *runs, "--out", str(Path(cfg.run.dir) / f"{cfg.run.name}-compare")]
         report()

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from desmoe.cli import parse_launcher_args  # noqa: E402
 from desmoe.errors import run_cli  # noqa: E402
-from desmoe.training.pretrain import PretrainExperiment, pretrain  # noqa: E402
+from desmoe.recipes.lm.pretrain import PretrainExperiment, pretrain  # noqa: E402
 
 
 @run_cli

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from desmoe.cli import parse_launcher_args  # noqa: E402
 from desmoe.distributed import is_rank0  # noqa: E402
 from desmoe.errors import run_cli  # noqa: E402
-from desmoe.trge.train import TRGEExperiment, run_trge  # noqa: E402
+from desmoe.recipes.trge.recipe import TRGEExperiment, run_trge  # noqa: E402
 
 
 # Without --config: the embedded default (offline task sequence, aligned CLIP stand-in).

@@ -22,7 +22,7 @@ from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus  # noqa: 
 from desmoe.distributed import expand_hostlist, resolve_env  # noqa: E402
 from desmoe.engine import read_ds_config, resolve_ds_config  # noqa: E402
 from desmoe.errors import UserError  # noqa: E402
-from desmoe.training.lm import LMExperiment  # noqa: E402
+from desmoe.recipes.lm.recipe import LMExperiment  # noqa: E402
 
 TORCH_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
 SLURM_ENV = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n[1-2]",
@@ -146,8 +146,8 @@ CASES = [
 
 
 def _unknown_method():
-    from desmoe.methods.desmoe.baselines import build_method
-    from desmoe.methods.desmoe.config import DESMoEConfig
+    from desmoe.recipes.des_moe.baselines import build_method
+    from desmoe.recipes.des_moe.config import DESMoEConfig
 
     cfg = DESMoEConfig()
     cfg.method = "lroa"  # bypasses the config's own check, as a launcher setting it by hand would

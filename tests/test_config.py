@@ -4,7 +4,7 @@ import pytest
 from desmoe.config import load_config, split_overrides
 from desmoe.engine import read_ds_config, resolve_ds_config
 from desmoe.errors import ConfigError
-from desmoe.training.lm import LMExperiment
+from desmoe.recipes.lm.recipe import LMExperiment
 
 
 def write(tmp_path, text, name="exp.yaml"):

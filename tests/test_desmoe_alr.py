@@ -4,9 +4,9 @@ import copy
 import pytest
 import torch
 
-from desmoe.methods.desmoe.alr import AdaptiveRouter, install_alr, kd_loss, lambda_at
-from desmoe.methods.desmoe.config import ALRConfig
-from desmoe.methods.desmoe.domains import DomainDataConfig, StdlibDomains
+from desmoe.recipes.des_moe.alr import AdaptiveRouter, install_alr, kd_loss, lambda_at
+from desmoe.recipes.des_moe.config import ALRConfig
+from desmoe.recipes.des_moe.domains import DomainDataConfig, StdlibDomains
 from desmoe.models.moe_lm import MoELM, MoELMConfig
 from desmoe.moe import LinearRouter, moe_blocks
 from tolerance import assert_close, transformer_terms

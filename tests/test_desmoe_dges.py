@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from desmoe.methods.desmoe import esft
-from desmoe.methods.desmoe.config import DGESConfig, ScheduleConfig
-from desmoe.methods.desmoe.dges import DomainExpertMap, specialization_mask
-from desmoe.methods.desmoe.schedule import Phase, TrainableSet, boundaries, phase_at, trainable_set
+from desmoe.recipes.des_moe import esft
+from desmoe.recipes.des_moe.config import DGESConfig, ScheduleConfig
+from desmoe.recipes.des_moe.dges import DomainExpertMap, specialization_mask
+from desmoe.recipes.des_moe.schedule import Phase, TrainableSet, boundaries, phase_at, trainable_set
 
 
 def hand_log():

@@ -53,11 +53,11 @@ def duplication_case(ep):
     import deepspeed.comm as dist
 
     from desmoe.engine import build_engine, read_ds_config, refresh_master_weights, resolve_ds_config
-    from desmoe.methods.desmoe.config import DESMoEConfig
-    from desmoe.methods.desmoe.method import DESMoE
+    from desmoe.recipes.des_moe.config import DESMoEConfig
+    from desmoe.recipes.des_moe.method import DESMoE
     from desmoe.models.moe_lm import MoELM
     from desmoe.moe import moe_blocks
-    from desmoe.training.desmoe_trainer import domain_of_step
+    from desmoe.recipes.des_moe.recipe import domain_of_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = DESMoEConfig()
@@ -97,7 +97,7 @@ def duplication_case(ep):
             method.dmap.window_tokens += 1e6
         before_copy = _all_slots(engine.module)
         method.end_step(step, batch.token_domain[:, :-1])
-    assert method.copies.made and method.copies_made == 4  # 2 layers x 2 shared experts
+    assert method.copies.made and method.copies.count == 4  # 2 layers x 2 shared experts
     # A keeps expert 0 (higher affinity), B gets a copy on rank 0; B keeps 1, A's copy of 1 goes to rank 1
     o = originals
     assert [t.tolist() for t in method.copies.tables] == [[[o[0], copy1, o[2], o[3]], [copy0, o[1], o[2], o[3]]]] * 2
@@ -172,7 +172,7 @@ def test_duplication_copies_and_isolation(ranks, ep):
 def test_duplication_switches_are_checked():
     from desmoe.config import load_config
     from desmoe.errors import ConfigError
-    from desmoe.training.desmoe_trainer import DESMoEExperiment
+    from desmoe.recipes.des_moe.recipe import DESMoEExperiment
 
     base = ["data.domains=[email, xml]", "model.ep_size=2", "desmoe.dges.duplicate_shared=true"]
     for extra, key in ((["desmoe.dges.spare_experts=0"], "spare_experts"),

@@ -8,8 +8,8 @@ from hf_tiny import save_tiny
 
 @pytest.mark.parametrize("arch", ["deepseek_v2", "mixtral"])
 def test_lora_adapts_attention_of_hf_models(arch, tmp_path):
-    from desmoe.methods.desmoe.baselines import build_method
-    from desmoe.methods.desmoe.config import DESMoEConfig
+    from desmoe.recipes.des_moe.baselines import build_method
+    from desmoe.recipes.des_moe.config import DESMoEConfig
     from desmoe.models.hf_moe import load_hf_moe
 
     model = load_hf_moe(save_tiny(arch, tmp_path / arch, seed=3)).eval()

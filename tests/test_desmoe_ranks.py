@@ -20,7 +20,7 @@ def _tiny_model_cfg(ep_size=2):
 
 
 def _data():
-    from desmoe.methods.desmoe.domains import DomainDataConfig, StdlibDomains
+    from desmoe.recipes.des_moe.domains import DomainDataConfig, StdlibDomains
 
     return StdlibDomains(DomainDataConfig(domains=["email", "xml"], general=["json"], max_bytes_per_domain=40_000))
 
@@ -47,11 +47,11 @@ def phases_case(skip_grads: bool, ep_size: int):
     import deepspeed.comm as dist
 
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
-    from desmoe.methods.desmoe import schedule
-    from desmoe.methods.desmoe.config import DESMoEConfig
-    from desmoe.methods.desmoe.method import DESMoE
+    from desmoe.recipes.des_moe import schedule
+    from desmoe.recipes.des_moe.config import DESMoEConfig
+    from desmoe.recipes.des_moe.method import DESMoE
     from desmoe.models.moe_lm import MoELM
-    from desmoe.training.desmoe_trainer import domain_of_step
+    from desmoe.recipes.des_moe.recipe import domain_of_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = DESMoEConfig()
@@ -112,7 +112,7 @@ def test_phases_train_exactly_their_sets(ranks, skip_grads, ep_size):
 
 def trainer_case(run_dir: str, steps: int, method: str, extra: tuple = ()):
     from desmoe.config import load_config
-    from desmoe.training.desmoe_trainer import DESMoEExperiment, train_desmoe
+    from desmoe.recipes.des_moe.recipe import DESMoEExperiment, train_desmoe
 
     m = _tiny_model_cfg()
     cfg = load_config(DESMoEExperiment, None, [
@@ -134,7 +134,7 @@ def test_trainer_end_to_end_and_exact_resume_ep2(ranks, tmp_path):
     assert [r["step"] for r in rows if "train/task_loss" in r] == [2, 4, 6, 8, 10]
     logged = set().union(*rows)
     for key in ("train/kd_loss", "train/lambda", "train/phase", "train/aux_loss", "train/frozen_share",
-                "val/email", "val/general", "dges/experts_per_domain"):
+                "val/loss/email", "val/loss/general", "dges/experts_per_domain", "train/loss"):
         assert key in logged, key
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((run / "results.json").read_text())["method"] == "desmoe"

@@ -3,7 +3,7 @@ import csv
 import io
 import json
 
-from desmoe.methods.desmoe import report
+from desmoe.recipes.des_moe import report
 
 
 def _run(tmp_path, name, **result):

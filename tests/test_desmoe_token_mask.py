@@ -15,8 +15,8 @@ OWNS = {0: {0, 1}, 1: {1, 2}}  # domain A owns experts 0, 1; domain B owns 1, 2;
 
 
 def _method(model, steps=10):
-    from desmoe.methods.desmoe.config import DESMoEConfig
-    from desmoe.methods.desmoe.method import DESMoE
+    from desmoe.recipes.des_moe.config import DESMoEConfig
+    from desmoe.recipes.des_moe.method import DESMoE
 
     cfg = DESMoEConfig()
     cfg.dges.batching, cfg.dges.update_every = "token", 0

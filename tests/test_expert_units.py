@@ -9,9 +9,9 @@ T, NG = 3, 2
 
 
 def _trge_model():
-    from desmoe.trge.backbones import BackboneConfig, load_backbone
-    from desmoe.trge.groups import GroupSpec, setup_groups
-    from desmoe.trge.model import Placement, TRGEModel
+    from desmoe.recipes.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.recipes.trge.groups import GroupSpec, setup_groups
+    from desmoe.recipes.trge.model import Placement, TRGEModel
 
     bb = load_backbone(BackboneConfig(hidden_size=32, layers=2))
     model = TRGEModel(bb.model, GroupSpec(num_tasks=T, experts_per_group=NG, bottleneck=8), Placement())
@@ -22,7 +22,7 @@ def _trge_model():
 def test_task_group_units_share_a_group_and_change_only_whole():
     from desmoe.moe.layer import moe_blocks
     from desmoe.moe.trainability import EXPERT_KEY, UNIT_KEY, FreezableAdamW, Trainability, build_param_groups
-    from desmoe.trge.groups import gate_parts, group_unit, train_only_group
+    from desmoe.recipes.trge.groups import gate_parts, group_unit, train_only_group
 
     model = _trge_model()
     B = len(moe_blocks(model))

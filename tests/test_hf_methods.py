@@ -48,9 +48,9 @@ def methods_case(family: str, root: str) -> dict:
     import deepspeed.comm as dist
 
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
-    from desmoe.methods.desmoe.baselines import build_method
-    from desmoe.methods.desmoe.config import DESMoEConfig
-    from desmoe.methods.desmoe.domains import DomainDataConfig, StdlibDomains
+    from desmoe.recipes.des_moe.baselines import build_method
+    from desmoe.recipes.des_moe.config import DESMoEConfig
+    from desmoe.recipes.des_moe.domains import DomainDataConfig, StdlibDomains
     from desmoe.models.hf_moe import load_hf_moe
     from desmoe.moe import update_selection_biases
 
@@ -143,8 +143,8 @@ def test_methods_train_on_family(ranks, tmp_path, family):
 def alr_start_case(family: str, root: str) -> float:
     import deepspeed.comm as dist
 
-    from desmoe.methods.desmoe.alr import install_alr
-    from desmoe.methods.desmoe.config import ALRConfig
+    from desmoe.recipes.des_moe.alr import install_alr
+    from desmoe.recipes.des_moe.config import ALRConfig
     from desmoe.models.hf_moe import load_hf_moe
 
     path = f"{root}/{family}"

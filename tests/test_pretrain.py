@@ -10,7 +10,7 @@ ROOT_CFG = "configs/pretrain_base.yaml"
 
 def pretrain_on_ranks(root: str, run_dir: str, steps: int) -> dict:
     from desmoe.config import load_config
-    from desmoe.training.pretrain import PretrainExperiment, pretrain
+    from desmoe.recipes.lm.pretrain import PretrainExperiment, pretrain
 
     cfg = load_config(PretrainExperiment, f"{root}/{ROOT_CFG}", [
         "data.source=stdlib_bytes", f"train.steps={steps}", "train.save_every=3", "train.eval_every=3",
@@ -45,7 +45,7 @@ def test_pretrain_resume_export_reuse(ranks, tmp_path):
 def upcycle_on_ranks(root: str, run_dir: str, dense: str, kind: str = "upcycle", name: str = "pretrain_base"):
     from desmoe.config import load_config
     from desmoe.errors import UserError
-    from desmoe.training.pretrain import PretrainExperiment, pretrain
+    from desmoe.recipes.lm.pretrain import PretrainExperiment, pretrain
 
     cfg = load_config(PretrainExperiment, f"{root}/{ROOT_CFG}", [
         "data.source=stdlib_bytes", "train.steps=2", "train.eval_tokens=500", "train.warmup_steps=1",

@@ -56,7 +56,7 @@ def test_fresh_run_is_not_checked(tmp_path):
 def test_keep_checkpoints_may_change_and_be_absent_in_older_runs(tmp_path):
     import yaml
 
-    from desmoe.trge.train import TRGEExperiment
+    from desmoe.recipes.trge.recipe import TRGEExperiment
 
     run_dir, ckpt = _run_with_checkpoint(tmp_path, TRGEExperiment())
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())

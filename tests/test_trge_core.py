@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from desmoe.trge import metrics
+from desmoe.recipes.trge import metrics
+from desmoe.recipes.trge.fusion import fuse, fuse_where, fusion_weight
+from desmoe.recipes.trge.inter_group import UNSEEN, InterGroupConfig, group_weights
 from tolerance import assert_close, module_terms
-from desmoe.trge.fusion import fuse, fuse_where, fusion_weight
-from desmoe.trge.inter_group import UNSEEN, InterGroupConfig, group_weights
 
 
 def test_metrics_match_hand_computation():
@@ -64,9 +64,9 @@ def test_inter_group_weights(reading):
 
 
 def _tiny(T=3, NG=2, k=1, max_groups=2):
-    from desmoe.trge.backbones import BackboneConfig, load_backbone
-    from desmoe.trge.groups import GroupSpec, setup_groups
-    from desmoe.trge.model import Placement, TRGEModel
+    from desmoe.recipes.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.recipes.trge.groups import GroupSpec, setup_groups
+    from desmoe.recipes.trge.model import Placement, TRGEModel
 
     bb = load_backbone(BackboneConfig(hidden_size=32, layers=2))
     model = TRGEModel(bb.model, GroupSpec(num_tasks=T, experts_per_group=NG, top_k=k, bottleneck=8,
@@ -77,7 +77,7 @@ def _tiny(T=3, NG=2, k=1, max_groups=2):
 
 @pytest.fixture(scope="module")
 def digits():
-    from desmoe.trge.data import digit_sequence
+    from desmoe.recipes.trge.data import digit_sequence
 
     return digit_sequence(n_train=120, n_test=60)
 
@@ -133,7 +133,7 @@ def test_core_per_sequence_routing_uses_first_token():
 
 
 def test_identifiers_on_real_digits(digits):
-    from desmoe.trge.task_id import (BatchVote, GaussianIdentifier, IdBatch, OracleIdentifier,
+    from desmoe.recipes.trge.task_id import (BatchVote, GaussianIdentifier, IdBatch, OracleIdentifier,
                                      PrototypeIdentifier, TaskInfo, identification_accuracy)
 
     model, bb = _tiny()
@@ -175,7 +175,7 @@ def test_identifiers_on_real_digits(digits):
 
 
 def test_mllm_parse_choice():
-    from desmoe.trge.task_id import parse_choice
+    from desmoe.recipes.trge.task_id import parse_choice
 
     assert parse_choice("2", 3) == 1
     assert parse_choice("It is collection 3.", 3) == 2
@@ -190,8 +190,8 @@ def test_mllm_parse_choice():
 ])
 def test_bad_model_paths_one_line(tmp_path, case, expect):
     from desmoe.errors import UserError
-    from desmoe.trge.backbones import BackboneConfig, load_backbone
-    from desmoe.trge.task_id import IdentifierConfig, build_identifier
+    from desmoe.recipes.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.recipes.trge.task_id import IdentifierConfig, build_identifier
 
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text('{"model_type": "nothing-like-this"}')
@@ -209,10 +209,10 @@ def test_bad_model_paths_one_line(tmp_path, case, expect):
 def test_embedded_architecture_adapters_in_bert_layers_and_on_cnn_features(digits, tmp_path):
     """The embedded encoder's layout: groups in every BERT layer and in residual blocks on the CNN feature."""
     from desmoe.moe.layer import moe_blocks
-    from desmoe.trge.adapters import AdaptedBertOutput, FeatureAdapters
-    from desmoe.trge.backbones import BackboneConfig, load_backbone
-    from desmoe.trge.groups import GroupSpec, setup_groups
-    from desmoe.trge.model import Placement, TRGEModel
+    from desmoe.recipes.trge.adapters import AdaptedBertOutput, FeatureAdapters
+    from desmoe.recipes.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.recipes.trge.groups import GroupSpec, setup_groups
+    from desmoe.recipes.trge.model import Placement, TRGEModel
 
     bb = load_backbone(BackboneConfig(kind="tiny_dual", hidden_size=16, image_size=32))
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_embedded_architecture_adapters_in_bert_layers_and_on_cnn_features(digit
         wt = torch.tensor([[0.0, 1.0]] * len(ids))
         assert (model.text_features(ids, mask, wt) - ref_txt).abs().max() > 1e-3
     # the run's table of frozen CNN features: the same features, computed once, then read from disk
-    from desmoe.trge.features import frozen_cnn_table, key
+    from desmoe.recipes.trge.features import frozen_cnn_table, key
 
     cache = tmp_path / "features"
     table = frozen_cnn_table(model, bb, tasks[:2], 64, str(cache))
@@ -261,7 +261,7 @@ def test_embedded_architecture_adapters_in_bert_layers_and_on_cnn_features(digit
 
 def test_bad_dataset_folders_one_line(tmp_path):
     from desmoe.errors import UserError
-    from desmoe.trge.data import DataConfig, load_sequence
+    from desmoe.recipes.trge.data import DataConfig, load_sequence
 
     (tmp_path / "aircraft").mkdir()
     (tmp_path / "aircraft" / "notes.txt").write_text("not a dataset")
@@ -275,7 +275,7 @@ def test_bad_dataset_folders_one_line(tmp_path):
 
 def test_text_routing_by_vocabulary(digits):
     """``vocabulary``: a group re-embeds only the class names it was trained on."""
-    from desmoe.trge.evaluate import TextBank, group_class_embeddings
+    from desmoe.recipes.trge.evaluate import TextBank, group_class_embeddings
 
     model, bb = _tiny(T=2)
     model.eval()  # no gate noise
@@ -299,7 +299,7 @@ def test_text_routing_by_vocabulary(digits):
 
 
 def test_unseen_if_the_identified_task_never_learned_these_names():
-    from desmoe.trge.evaluate import unseen_if_names_unknown
+    from desmoe.recipes.trge.evaluate import unseen_if_names_unknown
 
     trained = [{"cat", "dog"}, {"pizza", "apple"}, {"cat", "car"}]
     ids = torch.tensor([0, 1, 2, UNSEEN, 1])
@@ -329,8 +329,8 @@ def test_group_filter_keeps_only_groups_that_know_the_names():
 def test_new_label_set_is_served_by_the_frozen_model(digits, group_filter):
     """An unseen sample of a label set no group was trained on: with ``novel_set`` the fused output
     is the frozen model's even at lambda = 1 (no group weight at all); without the filter it is not."""
-    from desmoe.trge.evaluate import TextBank, evaluate_task
-    from desmoe.trge.task_id import OracleIdentifier, TaskInfo
+    from desmoe.recipes.trge.evaluate import TextBank, evaluate_task
+    from desmoe.recipes.trge.task_id import OracleIdentifier, TaskInfo
 
     model, bb = _tiny(T=2)
     model.eval()

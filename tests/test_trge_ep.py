@@ -10,9 +10,9 @@ T, NG = 4, 2  # 8 experts: with EP=2 groups 0-1 live on rank 0, groups 2-3 on ra
 
 
 def _model(ep_size):
-    from desmoe.trge.backbones import BackboneConfig, load_backbone
-    from desmoe.trge.groups import GroupSpec, setup_groups
-    from desmoe.trge.model import Placement, TRGEModel
+    from desmoe.recipes.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.recipes.trge.groups import GroupSpec, setup_groups
+    from desmoe.recipes.trge.model import Placement, TRGEModel
 
     bb = load_backbone(BackboneConfig(hidden_size=32, layers=2, seed=3))
     model = TRGEModel(bb.model, GroupSpec(num_tasks=T, experts_per_group=NG, top_k=1, bottleneck=8,
@@ -22,7 +22,7 @@ def _model(ep_size):
 
 
 def _digits(rank, n=6):
-    from desmoe.trge.data import load_mnist_5k
+    from desmoe.recipes.trge.data import load_mnist_5k
 
     images, labels = load_mnist_5k()
     pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(rank))[:n].numpy()
@@ -82,7 +82,7 @@ def freeze_case():
 
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
     from desmoe.moe.layer import moe_blocks
-    from desmoe.trge.groups import gate_parts, group_unit, train_only_group
+    from desmoe.recipes.trge.groups import gate_parts, group_unit, train_only_group
 
     rank = dist.get_rank()
     model, bb = _model(2)
@@ -141,7 +141,7 @@ def freeze_case():
 
 @pytest.fixture(scope="module", autouse=True)
 def digits_cached():
-    from desmoe.trge.data import load_mnist_5k
+    from desmoe.recipes.trge.data import load_mnist_5k
 
     load_mnist_5k()  # fetch once here, not from two ranks at the same time
 

@@ -8,14 +8,14 @@ import pytest
 
 @pytest.fixture(scope="module", autouse=True)
 def digits_cached():
-    from desmoe.trge.data import load_mnist_5k
+    from desmoe.recipes.trge.data import load_mnist_5k
 
     load_mnist_5k()
 
 
 def case_config(run_dir, method, extra=()):
     from desmoe.config import load_config
-    from desmoe.trge.train import TRGEExperiment
+    from desmoe.recipes.trge.recipe import TRGEExperiment
 
     overrides = [f"method={method}", f"run.dir={run_dir}", f"run.name={method}", "backbone.hidden_size=32",
                  "groups.bottleneck=8", "train.steps_per_task=3", "train.micro_batch=8", "train.eval_batch=64",
@@ -24,7 +24,7 @@ def case_config(run_dir, method, extra=()):
 
 
 def run_case(run_dir, method, extra=()):
-    from desmoe.trge.train import run_trge
+    from desmoe.recipes.trge.recipe import run_trge
 
     return run_trge(case_config(run_dir, method, extra), "configs/zero2.json")
 
@@ -45,7 +45,7 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
     A = np.array(s["accuracy_matrix"])
     assert A.shape == (3, 3) and ((A >= 0) & (A <= 100)).all()
     assert first[1]["accuracy_matrix"] == s["accuracy_matrix"]  # counts are all-reduced
-    from desmoe.trge.metrics import mtil_metrics
+    from desmoe.recipes.trge.metrics import mtil_metrics
 
     assert {k: s[k] for k in ("transfer", "avg", "last")} == mtil_metrics(A)
     assert len(s["control_rows"]) == 3 and len(s["id_rows"][0]) == 4
@@ -84,7 +84,7 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
     # above loads them and refuses a missing one, see below), and only the newest run.keep_checkpoints=2.
     import torch
 
-    from desmoe.trge.backbones import load_backbone
+    from desmoe.recipes.trge.backbones import load_backbone
 
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step")) == ["step00000008", "step00000009"]
     states = torch.load(ckpts / "step00000009" / "mp_rank_00_model_states.pt", weights_only=False)

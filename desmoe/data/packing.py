@@ -30,7 +30,7 @@ class DomainBatch:
     input_ids: torch.Tensor      # LongTensor [B, T+1]
     domain: torch.Tensor         # LongTensor [B]: the sample's domain id
     token_domain: torch.Tensor   # LongTensor [B, T+1]: domain id of every token
-    step: int
+    step: int = -1               # the step it was drawn for (-1: a source that is not step-keyed)
 
     @property
     def inputs(self) -> torch.Tensor:

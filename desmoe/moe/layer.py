@@ -199,9 +199,8 @@ def update_selection_biases(model: nn.Module, group=None) -> int:
 
 def global_tokens_per_expert(model: nn.Module, group=None) -> Tensor:
     """[layers, E] routes per expert summed over all ranks (one collective for all layers)."""
-    import deepspeed.comm as dist
+    from desmoe.collectives import all_reduce_
 
     counts = torch.stack([b.last_stats.tokens_per_expert for b in moe_blocks(model)]).clone()
-    if dist.is_initialized() and dist.get_world_size(group=group) > 1:
-        dist.all_reduce(counts, group=group)
+    all_reduce_(counts, group=group)
     return counts

@@ -50,7 +50,7 @@ def add_spare_slots(block: MoEBlock, per_rank: int) -> list[int]:
 def copy_slots(block: MoEBlock, pairs: list[tuple[int, int]]) -> None:
     """Copy expert weights slot src -> slot dst for each (src, dst); the slots may live on
     different EP ranks (one sum-all-reduce over the EP group for all pairs)."""
-    import deepspeed.comm as dist
+    from desmoe.collectives import all_reduce_
 
     if not pairs:
         return
@@ -62,7 +62,7 @@ def copy_slots(block: MoEBlock, pairs: list[tuple[int, int]]) -> None:
         if src in local:
             buf[i] = torch.cat([p.reshape(-1) for p in local[src].parameters()])
     if block.ep_size > 1:
-        dist.all_reduce(buf, group=block.deepspeed_moe.ep_group)  # only the owner wrote a non-zero row
+        all_reduce_(buf, group=block.deepspeed_moe.ep_group)  # only the owner wrote a non-zero row
     for i, (_, dst) in enumerate(pairs):
         if dst in local:
             offset = 0

@@ -19,7 +19,6 @@ import os
 import signal
 from pathlib import Path
 
-import torch
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -71,11 +70,6 @@ class Preemption:
         self.signal_name = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        import deepspeed.comm as dist
+        from desmoe.collectives import any_rank
 
-        from desmoe.distributed import device
-
-        flag = torch.tensor([1.0 if self.flag else 0.0], device=device())
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(self.flag)

@@ -1,1 +1,0 @@
-"""Paper methods built on the MoE core; each lives in its own package."""

@@ -1,0 +1,124 @@
+"""Domain-Guided Expert Specialization (DES-MoE Sec. 3.2).
+
+Per MoE layer l (the paper writes one A; experts belong to one layer, so A is kept
+per layer):
+
+    A^l[d, e] = (1/N_d) #{tokens t of domain d : e in TopK(R_adapt(h_t))}     (Eq. 5)
+    M^l[d, e] = A^l[d, e] >= phi * max_e' A^l[d, e']                          (Eq. 6)
+    S^l_d     = {e : M^l[d, e] = 1}
+
+Counts are gathered from the routing every training step (cheap: one bincount per
+layer), summed over all ranks at each refresh (one all-reduce for all layers), and
+turned into A.  The first refresh (end of warm-up) sets A; later ones, every
+``update_every`` steps, blend the new window in with momentum (Eq. 9).  A domain
+row with no tokens at all gets an empty S_d (its batches then update no expert).
+
+Updates of a domain's batch reach only S_d (Eq. 7): the trainer makes exactly the
+experts of S_d trainable in the optimizer (``Trainability.set_experts``), so the
+others stay bit-identical under AdamW.  Mixed batches (Eq. 8): ``route_mask``
+gives the core's per-(token, expert) weight-gradient mask M[d_i, e], and the
+union of the present domains' S_d is trainable.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from desmoe.recipes.des_moe.config import DGESConfig
+from desmoe.moe import moe_blocks
+
+
+class DomainExpertMap:
+    def __init__(self, num_layers: int, num_domains: int, num_experts: int, cfg: Optional[DGESConfig] = None) -> None:
+        self.cfg = cfg or DGESConfig()
+        self.shape = (num_layers, num_domains, num_experts)
+        self.window = torch.zeros(self.shape, dtype=torch.float64)  # top-K counts since the last refresh
+        self.window_tokens = torch.zeros(num_layers, num_domains, dtype=torch.float64)
+        self.A: Optional[Tensor] = None  # [L, D, E] smoothed affinity (None until the first refresh)
+        self.M: Optional[Tensor] = None  # [L, D, E] bool
+        self.refreshes = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.M is not None
+
+    def record(self, layer: int, expert_ids: Tensor, token_domain: Tensor) -> None:
+        """Count one layer's routing: expert_ids [S, k], token_domain [S] (negative = not counted)."""
+        num_domains, num_experts = self.shape[1:]
+        dom = token_domain.reshape(-1).to(expert_ids.device)
+        valid = dom >= 0
+        idx = (dom[valid].unsqueeze(1) * num_experts + expert_ids[valid]).reshape(-1)
+        counts = torch.bincount(idx, minlength=num_domains * num_experts).view(num_domains, num_experts)
+        self.window[layer] += counts.cpu().double()
+        self.window_tokens[layer] += torch.bincount(dom[valid], minlength=num_domains).cpu().double()
+
+    def record_model(self, model: nn.Module, token_domain: Tensor) -> None:
+        """Count the last forward of every MoE block; token_domain matches the flattened tokens."""
+        for layer, block in enumerate(moe_blocks(model)):
+            self.record(layer, block.last_routing.expert_ids, token_domain)
+
+    def refresh(self, group=None) -> None:
+        """Sum the window over ranks, update A (Eq. 5 / Eq. 9) and M (Eq. 6), start a new window."""
+        from desmoe.collectives import all_reduce_
+
+        packed = all_reduce_(torch.cat([self.window.reshape(-1), self.window_tokens.reshape(-1)]), group=group)
+        counts = packed[: self.window.numel()].view(self.shape)
+        tokens = packed[self.window.numel():].view(self.shape[:2])
+        fresh = counts / tokens.clamp_min(1.0).unsqueeze(-1)
+        if self.A is None:
+            self.A = fresh
+        else:
+            m = self.cfg.momentum
+            self.A = m * fresh + (1 - m) * self.A if self.cfg.momentum_on == "new" else m * self.A + (1 - m) * fresh
+        self.M = specialization_mask(self.A, self.cfg.phi)
+        self.window.zero_()
+        self.window_tokens.zero_()
+        self.refreshes += 1
+
+    def experts_for(self, layer: int, domain: int) -> list[int]:
+        """S_d of one layer (global expert ids)."""
+        return torch.nonzero(self.M[layer, domain]).flatten().tolist()
+
+    def route_mask(self, layer: int, token_domain: Tensor) -> Tensor:
+        """[S, E] bool: M[d_i, e] for every token i (Eq. 8); unlabelled tokens (d < 0) own no expert,
+        as they count in no row of A."""
+        dom = token_domain.reshape(-1)
+        rows = self.M[layer].to(dom.device)[dom.clamp_min(0)]
+        return rows & (dom >= 0).unsqueeze(1)
+
+    def claimed_by_several(self, layer: int) -> list[int]:
+        """Experts with M = 1 in more than one domain: the paper's duplication candidates."""
+        return torch.nonzero(self.M[layer].sum(0) > 1).flatten().tolist()
+
+    def state_dict(self, group=None) -> dict:
+        """Collective (every rank): the window counts are per rank, and a checkpoint's client state is
+        rank 0's, so rank 0 first takes the sum over ranks and the others keep zeros -- the next
+        refresh's all-reduce gives the same total, before or after a resume."""
+        import deepspeed.comm as dist
+
+        from desmoe.collectives import all_reduce_, is_distributed
+
+        if is_distributed(group):
+            packed = all_reduce_(torch.cat([self.window.reshape(-1), self.window_tokens.reshape(-1)]), group=group)
+            packed = packed if dist.get_rank(group=group) == 0 else torch.zeros_like(packed)
+            self.window.copy_(packed[: self.window.numel()].view_as(self.window))
+            self.window_tokens.copy_(packed[self.window.numel():].view_as(self.window_tokens))
+        return {"window": self.window, "window_tokens": self.window_tokens, "A": self.A, "M": self.M,
+                "refreshes": self.refreshes}
+
+    def load_state_dict(self, state: dict, group=None) -> None:
+        import deepspeed.comm as dist
+
+        self.window, self.window_tokens = state["window"].clone(), state["window_tokens"].clone()
+        if dist.is_initialized() and dist.get_rank(group=group) != 0:  # rank 0 holds the ranks' sum
+            self.window.zero_()
+            self.window_tokens.zero_()
+        self.A, self.M, self.refreshes = state["A"], state["M"], state["refreshes"]
+
+
+def specialization_mask(A: Tensor, phi: float) -> Tensor:
+    """Eq. 6 on the last axis: A >= phi * row max; an all-zero row selects nothing."""
+    row_max = A.amax(dim=-1, keepdim=True)
+    return (A >= phi * row_max) & (row_max > 0)

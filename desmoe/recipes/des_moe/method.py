@@ -1,0 +1,199 @@
+"""What a fine-tuning method does around the trainer's step, and DES-MoE itself.
+
+A method prepares the model before the engine exists (install the ALR, LoRA ...),
+then, every step: ``begin_step`` sets what the optimizer may update, ``loss``
+computes the objective, ``end_step`` consumes the step's routing.  The trainer
+(desmoe/recipes/des_moe/recipe.py, a recipe of desmoe/training/trainer.py) is the same for DES-MoE and every baseline.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from desmoe.recipes.des_moe import schedule
+from desmoe.recipes.des_moe.alr import install_alr, is_router_param, lambda_at, model_kd_loss, set_lambda
+from desmoe.recipes.des_moe.config import DESMoEConfig
+from desmoe.recipes.des_moe.dges import DomainExpertMap
+from desmoe.recipes.des_moe.duplication import ExpertCopies
+from desmoe.moe import moe_blocks, total_aux_loss
+from desmoe.moe.trainability import FROZEN_KEY, PART_KEY, Trainability
+from desmoe.objective import next_token_loss
+
+
+task_loss = next_token_loss  # Eq. 3: the next-token NLL every LM recipe uses
+
+
+class GradientSkipper:
+    """Sets ``requires_grad`` from the optimizer's frozen flags, so backward computes no weight
+    gradients for frozen parameters (DeepSpeed >= 0.18's ZeRO-2 counts the parameters each
+    backward uses and fills the rest with zeros; FreezableAdamW still leaves them untouched).
+    Parameters created frozen (the ALR's teacher) stay frozen.
+
+    Experts of expert-parallel blocks keep computing gradients: ranks hold different
+    experts, and a rank whose experts and inputs all needed no gradient would skip the
+    all-to-all of the backward that the other ranks wait in."""
+
+    def __init__(self, model: nn.Module, parts: Mapping[str, Callable[[str], bool]]) -> None:
+        ids = {id(p): (b, g) for b, blk in enumerate(moe_blocks(model)) if blk.ep_size == 1
+               for local, g in enumerate(blk.local_global_ids()) for p in blk.local_experts[local].parameters()}
+        ep_experts = {id(p) for blk in moe_blocks(model) if blk.ep_size > 1 for p in blk.local_experts.parameters()}
+        self.entries = []  # (param, ("expert", block, id) | ("part", name))
+        for name, p in model.named_parameters():
+            if not p.requires_grad or id(p) in ep_experts:
+                continue
+            if id(p) in ids:
+                self.entries.append((p, ("expert", *ids[id(p)])))
+            else:
+                self.entries.append((p, ("part", next((k for k, f in parts.items() if f(name)), "other"))))
+
+    def sync(self, train: Trainability) -> None:
+        groups = train.optimizer.param_groups
+        part_frozen = {g[PART_KEY]: g.get(FROZEN_KEY, False) for g in groups if PART_KEY in g}
+        trainable = {b: train.trainable_experts(b) for b in {key[1] for _, key in self.entries if key[0] == "expert"}}
+        for p, key in self.entries:
+            p.requires_grad_(key[2] in trainable[key[1]] if key[0] == "expert" else not part_frozen[key[1]])
+
+
+class Method:
+    name = "method"
+
+    def __init__(self, cfg: DESMoEConfig, total_steps: int, num_domains: int, aux_coef: float, seed: int = 0) -> None:
+        self.cfg, self.total_steps, self.num_domains, self.aux_coef, self.seed = cfg, total_steps, num_domains, aux_coef, seed
+        self.train: Optional[Trainability] = None
+        self.model: Optional[nn.Module] = None
+        # set by the trainer: called with the (block, expert slot) pairs whose weights the method wrote
+        self.on_weights_changed: Optional[Callable[[list], None]] = None
+
+    def prepare_model(self, model: nn.Module) -> Mapping[str, Callable[[str], bool]]:
+        """Change the model before the engine is built; return the named dense parts to freeze separately."""
+        return {schedule.ROUTER_PART: is_router_param}
+
+    def enable_gradient_skipping(self, model: nn.Module, parts: Mapping[str, Callable[[str], bool]]) -> None:
+        """Call after the engine is built when ``cfg.skip_frozen_grads``; ``sync`` then follows every change."""
+        self.skipper = GradientSkipper(model, parts)
+
+    def sync_gradients(self) -> None:
+        if getattr(self, "skipper", None) is not None:
+            self.skipper.sync(self.train)
+
+    def attach(self, model: nn.Module, train: Trainability, data, rank: int, world: int, micro_batch: int,
+               seq_len: int) -> None:
+        self.model, self.train = model, train
+
+    def begin_step(self, step: int, domain: Union[int, Sequence[int]]) -> dict[str, float]:
+        """``domain``: the step's domain, or with mixed batches the domains present on any rank."""
+        return {}
+
+    def loss(self, input_ids: Tensor, token_domain: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        task = task_loss(self.model, input_ids)
+        aux = total_aux_loss(self.model)
+        return task + self.aux_coef * aux, {"task_loss": task.detach(), "aux_loss": aux.detach()}
+
+    def end_step(self, step: int, token_domain: Tensor) -> bool:
+        """Returns True when expert-domain statistics were refreshed (for logging)."""
+        return False
+
+    def refresh_report(self, domains: Sequence[str]) -> tuple[dict[str, float], dict[str, tuple]]:
+        """After ``end_step`` returned True: (scalars, {tag: Monitor.heatmap keyword arguments}) to monitor."""
+        return {}, {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class DESMoE(Method):
+    name = "desmoe"
+
+    def prepare_model(self, model):
+        if self.cfg.alr.enabled:
+            install_alr(model, self.cfg.alr, seed=self.seed)
+        blocks = moe_blocks(model)
+        self.dmap = DomainExpertMap(len(blocks), self.num_domains, blocks[0].router.num_experts, self.cfg.dges)
+        dges = self.cfg.dges
+        self.copies = ExpertCopies(blocks, self.num_domains, dges.spare_experts) \
+            if dges.enabled and dges.duplicate_shared else None
+        self.t1, self.t2 = schedule.boundaries(self.total_steps, self.cfg.schedule)
+        return super().prepare_model(model)
+
+    def begin_step(self, step, domain):
+        phase = schedule.phase_at(step, self.total_steps, self.cfg.schedule)
+        tset = schedule.trainable_set(phase, self.cfg.schedule, dges=self.cfg.dges.enabled)
+        blocks = moe_blocks(self.model)
+        if tset.experts == "domain" and not self.dmap.ready:  # e.g. resumed from a pre-DGES checkpoint
+            self.dmap.refresh()
+        # Mixed batches: the union of the present domains' sets trains (experts no present domain
+        # owns stay bit-identical under AdamW); the route mask in loss() keeps each token to its own.
+        present = [domain] if isinstance(domain, int) else list(domain)
+        sets = [sorted({e for d in present for e in self.dmap.experts_for(b, d)}) for b in range(len(blocks))] \
+            if tset.experts == "domain" else None
+        self.mask_routes = tset.experts == "domain" and self.cfg.dges.batching == "token"
+        if self.copies is not None and sets is not None:  # logical experts -> the present domains' slots
+            sets = [self.copies.slots_for(b, present, sets[b]) for b in range(len(blocks))]
+        schedule.apply(self.train, tset, len(blocks), sets)
+        if self.copies is not None and tset.experts == "all":  # never the unused spare slots
+            for b in range(len(blocks)):
+                self.train.set_experts(b, self.copies.used_slots(b))
+        alr_trains = self.cfg.alr.enabled and tset.router
+        self.lam = lambda_at(step / self.total_steps, self.cfg.alr.lambda_end) if alr_trains else 0.0
+        set_lambda(self.model, self.lam)
+        self.phase = phase
+        return {"phase": float(phase), "lambda": self.lam, "frozen_share": self.train.frozen_fraction()}
+
+    def loss(self, input_ids, token_domain=None):
+        blocks = moe_blocks(self.model)
+        if getattr(self, "mask_routes", False):
+            if token_domain is None:
+                raise ValueError("token-level masking (dges.batching=token) needs the batch's token domains")
+            for b, block in enumerate(blocks):  # Eq. 8: route (i, e) teaches e only if d_i owns e
+                block.weight_grad_mask = self.dmap.route_mask(b, token_domain.to(input_ids.device))
+        if self.copies is not None and self.copies.made and token_domain is not None:
+            for b, block in enumerate(blocks):  # each domain's tokens run on its own copies
+                block.route_slots = self.copies.route_slots(b, token_domain.to(input_ids.device))
+        try:
+            task = task_loss(self.model, input_ids)
+        finally:
+            for block in blocks:  # the mask lives on in the autograd graph until backward
+                block.weight_grad_mask = block.route_slots = None
+        aux = total_aux_loss(self.model)
+        kd = model_kd_loss(self.model, self.cfg.alr) if self.lam > 0 else torch.zeros((), device=task.device)
+        total = task + self.aux_coef * aux + self.lam * kd  # the ALR mixes (1 - lambda) into its task gradient
+        return total, {"task_loss": task.detach(), "aux_loss": aux.detach(), "kd_loss": kd.detach()}
+
+    def end_step(self, step, token_domain):
+        self.dmap.record_model(self.model, token_domain)
+        t, every = step + 1, self.cfg.dges.update_every
+        if t == self.t1 or (t > self.t1 and every and (t - self.t1) % every == 0):
+            self.dmap.refresh()
+            if self.copies is not None and not self.copies.made:  # duplication at the first M
+                self.copies.create(self.dmap.A, self.dmap.M)
+                self.copies.apply_inference(self.cfg.dges.duplicate_inference)
+                if self.on_weights_changed is not None:
+                    self.on_weights_changed(self.copies.written)
+            return True
+        return False
+
+    def refresh_report(self, domains):
+        A, M, layers = self.dmap.A, self.dmap.M, self.dmap.A.shape[0]
+        images = {f"dges/A_layer{layer}": dict(matrix=A[layer].numpy(), xlabel="expert", ylabel="domain",
+                                               yticks=list(domains), vmin=0.0, vmax=1.0,
+                                               title=f"DGES affinity A (share of tokens routed), layer {layer}")
+                  for layer in range(layers)}
+        scalars = {"dges/expert_copies": float(self.copies.count)} if self.copies is not None else {}
+        scalars.update({"dges/experts_per_domain": M.float().sum(-1).mean().item(),
+                        "dges/shared_by_several": float(sum(len(self.dmap.claimed_by_several(l))
+                                                            for l in range(layers)))})
+        return scalars, images
+
+    def state_dict(self):
+        return {"dges": self.dmap.state_dict(), **({"copies": self.copies.state_dict()} if self.copies else {})}
+
+    def load_state_dict(self, state):
+        self.dmap.load_state_dict(state["dges"])
+        if self.copies is not None:
+            self.copies.load_state_dict(state.get("copies"))
+            self.copies.apply_inference(self.cfg.dges.duplicate_inference)

@@ -1,0 +1,131 @@
+"""Multi-domain fine-tuning of an MoE LM: DES-MoE and its baselines as one recipe of the trainer.
+
+A step: pick the step's domain (every rank, equal shares) -> the method sets what
+may train (phase, domain's experts, lambda) -> forward, task + lambda*KD + aux loss
+-> (trainer: backward/step) -> the method consumes the routing (domain-expert
+counts, A/M refresh).  The trainer logs, evaluates, checkpoints (method state rides
+in the checkpoint) and resumes.
+"""
+from __future__ import annotations
+
+from desmoe.collectives import mean_over_ranks
+from desmoe.config import bad
+from desmoe.recipes.des_moe.base_model import build_model, load_base
+from desmoe.recipes.des_moe.config import DESMoEExperiment
+from desmoe.recipes.des_moe.domains import open_domains
+from desmoe.recipes.des_moe.evaluate import downstream_eval, evaluate
+from desmoe.recipes.des_moe.results import write_results
+from desmoe.recipes.des_moe.streams import DomainStreams, domain_of_step, present_domains  # noqa: F401 (tests)
+from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, Setup, Trainer
+
+
+class DESMoERecipe(Recipe):
+    """DES-MoE or a baseline (``desmoe.method``): the method object decides what trains and the loss."""
+
+    resumable_keys = RESUMABLE_KEYS + ("evaluation.",)  # the end-of-run evaluation may change
+
+    def cadence(self) -> Cadence:
+        t = self.cfg.train
+        return Cadence(t.log_every, t.eval_every, t.save_every)
+
+    def setup(self, trainer: Trainer) -> Setup:
+        from desmoe.recipes.des_moe.baselines import build_method
+
+        cfg, t = self.cfg, self.cfg.train
+        trainer.check_ep(cfg.model.ep_size)
+        self.data = open_domains(cfg.data)
+        if cfg.desmoe.method == "desmoe" and round(cfg.desmoe.schedule.t1 * t.steps) < len(self.data.domains):
+            raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(self.data.domains)} "
+                      f"domains; t1 * train.steps = {round(cfg.desmoe.schedule.t1 * t.steps)})", cfg.desmoe.schedule.t1)
+        model = build_model(cfg)
+        self.method = build_method(cfg.desmoe, t.steps, len(self.data.domains), t.aux_loss_coef,
+                                   seed=cfg.model.init_seed)
+        self.name = self.method.name
+        self.labels = {"train/domain": {-1: "mixed (token-level masks)", **dict(enumerate(self.data.domains))}}
+        self.parts = self.method.prepare_model(model)
+        return Setup(model, t.micro_batch, lr=t.lr, parts=self.parts)
+
+    def on_engine(self, trainer):
+        from desmoe.engine import refresh_master_weights
+
+        # A method that writes expert weights (copies) must make ZeRO re-read those experts' fp32 master copy.
+        self.method.on_weights_changed = lambda tags: refresh_master_weights(trainer.engine, tags)
+        if self.cfg.desmoe.skip_frozen_grads:
+            self.method.enable_gradient_skipping(trainer.engine.module, self.parts)
+
+    def attach(self, trainer, state):
+        from desmoe.distributed import is_rank0
+
+        t = self.cfg.train
+        if state:
+            self.method.load_state_dict(state)
+        elif self.cfg.base.checkpoint:
+            load_base(trainer.engine, self.cfg.base.checkpoint)
+        self.method.attach(trainer.engine.module, trainer.trainability, self.data, trainer.rank, trainer.world,
+                           t.micro_batch, t.seq_len)
+        if is_rank0() and trainer.start == 0:  # a fresh run: results of an earlier run under this name are stale
+            for stale in trainer.run_dir.glob("results.*"):
+                stale.unlink()
+        self.streams = DomainStreams(self.data, self.cfg, trainer.rank, trainer.world, trainer.start)
+
+    def stages(self):
+        return [] if self.method.name == "vanilla" else [self.cfg.train.steps]  # vanilla: evaluation only
+
+    def tokens_per_step(self):
+        return self.cfg.train.micro_batch * self.cfg.train.seq_len * self.trainer.world
+
+    def step(self, stage, step):
+        engine, n = self.trainer.engine, len(self.data.domains)
+        self.domain = -1 if self.streams.mixed else domain_of_step(step, n, self.cfg.train.seed)
+        batch = self.streams.next(self.domain)
+        self.token_domain = batch.token_domain[:, :-1].to(engine.device)  # domain of each input position
+        present = present_domains(self.token_domain, n) if self.streams.mixed else self.domain
+        self.logs = self.method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
+        self.method.sync_gradients()  # frozen parameters get no weight gradients computed
+        loss, self.parts_ = self.method.loss(batch.input_ids.to(engine.device), self.token_domain)
+        return loss, self.parts_["task_loss"].item()
+
+    def end_step(self, stage, step):
+        self.refreshed = self.method.end_step(step, self.token_domain)
+
+    def log(self, done):
+        values = {f"train/{k}": mean_over_ranks(v) for k, v in self.parts_.items()}
+        values["train/loss"] = values["train/task_loss"]  # the next-token loss: pretraining's tag, one chart
+        values.update({f"train/{k}": v for k, v in self.logs.items()})
+        values.update({"train/domain": float(self.domain), "train/lr": self.trainer.engine.get_lr()[0]})
+        return values
+
+    def after_log(self, done):
+        if self.refreshed:
+            scalars, images = self.method.refresh_report(self.data.domains)
+            for tag, image in images.items():
+                self.trainer.monitor.heatmap(done, tag, **image)
+            if scalars:
+                self.trainer.monitor.scalars(done, scalars)
+
+    def evaluate(self, done):
+        tr = self.trainer
+        return evaluate(tr.engine.module, self.data, self.cfg, tr.rank, tr.world, tr.engine.device)
+
+    def state_dict(self):
+        return self.method.state_dict()
+
+    def finish(self, trainer):
+        vanilla = self.method.name == "vanilla"
+        if vanilla:  # evaluation of the untrained base only
+            trainer.monitor.scalars(0, self.evaluate(0))
+        extra = downstream_eval(trainer.engine.module, self.data, self.cfg)
+        if extra:
+            trainer.monitor.scalars(0 if vanilla else self.cfg.train.steps, extra)
+
+    def summary(self, trainer):
+        from desmoe.distributed import is_rank0
+
+        return write_results(trainer.run_dir, self.method.name, self.data.domains, trainer.train_seconds) \
+            if is_rank0() else {}
+
+
+def train_desmoe(cfg: DESMoEExperiment, ds_config_path: str) -> dict:
+    return Trainer(DESMoERecipe(cfg), ds_config_path).run()
+
+

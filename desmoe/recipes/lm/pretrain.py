@@ -1,0 +1,211 @@
+"""Pretraining an HF MoE from scratch on the general corpus: the embedded CPU base.
+
+Rank 0 writes a randomly initialised HF checkpoint of the configured
+architecture; every rank loads it onto desmoe's EP blocks (its own experts
+only).  Then one screen of training: batch -> forward (+ load balancing) ->
+DeepSpeed step -> log / evaluate / checkpoint, resumable and preemptible like
+``desmoe.recipes.lm.recipe``.  At the end the model is exported as an ordinary HF
+checkpoint (experts gathered from all ranks) with the tokenizer and a report
+comparing its held-out perplexity to a unigram model of the training tokens.
+A finished export whose report holds the same config is reused, not retrained.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from desmoe import checkpoint
+from desmoe.config import bad, to_dict
+from desmoe.data.pretrain_corpus import heldout_batches, open_data
+from desmoe.evaluation.pretrain_report import count_parameters, print_summary, unigram_nll
+from desmoe.models.hf_build import MoEModelSpec, hf_config, write_initial_checkpoint
+from desmoe.objective import heldout_loss
+from desmoe.recipes.lm.recipe import LMRecipe
+from desmoe.training.trainer import RunConfig, Setup, Trainer
+
+
+@dataclass
+class PretrainData:
+    source: Literal["prepared", "stdlib_bytes"] = "prepared"  # stdlib_bytes: byte-level Python sources (tests)
+    root: str = "data/demo"  # prepared data folder (python -m data_prep.build --profile demo)
+    domains: Optional[list[str]] = None  # training domains; None = ["general"]
+
+
+@dataclass
+class PretrainTrain:
+    steps: int = 1000
+    micro_batch: int = 8
+    seq_len: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    aux_loss_coef: float = 0.01
+    log_every: int = 10
+    eval_every: int = 100
+    eval_tokens: int = 20000  # held-out general tokens for perplexity (all ranks together)
+    save_every: int = 100
+    seed: int = 0
+
+    def check(self) -> None:
+        for key in ("steps", "micro_batch", "seq_len", "log_every", "eval_every", "eval_tokens", "save_every"):
+            if getattr(self, key) < 1:
+                raise bad(key, "a positive integer", getattr(self, key))
+        if not 0 < self.lr < 1:
+            raise bad("lr", "a number in (0, 1)", self.lr)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise bad("min_lr_ratio", "a number in [0, 1]", self.min_lr_ratio)
+
+
+@dataclass
+class PretrainInit:
+    """Where the weights start: a fresh model of ``model`` (scratch), an HF MoE checkpoint
+    (checkpoint), or a dense Llama/Mistral checkpoint upcycled to a Mixtral MoE (upcycle;
+    continued pretraining then makes its router a real one)."""
+
+    kind: Literal["scratch", "checkpoint", "upcycle"] = "scratch"
+    path: Optional[str] = None
+    num_experts: int = 8  # upcycle only
+    top_k: int = 2
+    mode: Literal["copy", "segment"] = "copy"
+
+    def check(self) -> None:
+        if self.kind != "scratch" and not self.path:
+            raise bad("path", f"the checkpoint directory for kind={self.kind}")
+
+
+@dataclass
+class PretrainOutput:
+    dir: str = "cache/base/embedded_moe"  # the exported HF checkpoint (+ tokenizer, report.json)
+    reuse: bool = True  # skip training when dir holds an export of the same config
+
+
+@dataclass
+class PretrainExperiment:
+    model: MoEModelSpec = field(default_factory=MoEModelSpec)  # used by init.kind=scratch; ep_size always
+    init: PretrainInit = field(default_factory=PretrainInit)
+    data: PretrainData = field(default_factory=PretrainData)
+    train: PretrainTrain = field(default_factory=PretrainTrain)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="pretrain_base"))
+    output: PretrainOutput = field(default_factory=PretrainOutput)
+
+    def check(self) -> None:
+        if self.train.seq_len + 1 > self.model.max_seq_len:
+            raise bad("train.seq_len", f"below model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
+
+
+def lr_at(step: int, cfg: PretrainTrain) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _cached(cfg: PretrainExperiment) -> Optional[dict]:
+    report = Path(cfg.output.dir) / "report.json"
+    if not (cfg.output.reuse and report.is_file()):
+        return None
+    saved = json.loads(report.read_text())
+    same = saved.get("config") == {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}
+    return saved if same else None
+
+
+class PretrainRecipe(LMRecipe):
+    """An HF MoE from scratch, a checkpoint or an upcycled dense model, on the general corpus;
+    warm-up + cosine LR; at the end an HF export and a report against a unigram model."""
+
+    name = "pretrain"
+
+    def setup(self, trainer: Trainer) -> Setup:
+        import deepspeed.comm as dist
+
+        from desmoe.distributed import is_rank0
+        from desmoe.models.hf_io import checkpoint_config
+        from desmoe.models.hf_moe import check_tokenizer, load_hf_moe
+        from desmoe.models.upcycle import moe_config, upcycle
+
+        cfg, rank, world = self.cfg, trainer.rank, trainer.world
+        trainer.check_ep(cfg.model.ep_size)
+        self.data = data = open_data(cfg.data)
+        self.heldout = heldout_batches(data.heldout_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
+                                       cfg.train.micro_batch, rank, world)
+        init_dir = trainer.run_dir / "init"
+        if cfg.init.kind == "checkpoint":
+            init_dir = Path(cfg.init.path)
+        elif not (init_dir / "config.json").is_file():
+            # validate on every rank: a bad input must fail everywhere, not on rank 0 while the rest wait at the barrier
+            if cfg.init.kind == "upcycle":
+                moe_config(checkpoint_config(cfg.init.path), cfg.init.num_experts, cfg.init.top_k, cfg.init.mode)
+            else:
+                init_cfg = hf_config(cfg.model, data.vocab_size, **data.special)
+            if is_rank0() and cfg.init.kind == "upcycle":
+                upcycle(cfg.init.path, init_dir, cfg.init.num_experts, cfg.init.top_k, cfg.init.mode, seed=cfg.model.seed)
+            elif is_rank0():
+                write_initial_checkpoint(init_cfg, init_dir, cfg.model.seed)
+        dist.barrier()
+        model = load_hf_moe(init_dir, ep_size=cfg.model.ep_size)
+        if data.tokenizer is not None:
+            check_tokenizer(data.tokenizer, model.config, f"{cfg.data.root} tokenizer")
+        return Setup(model, cfg.train.micro_batch, lr=cfg.train.lr)
+
+    def attach(self, trainer, state):
+        t = self.cfg.train
+        self.batches = self.data.train_batches(t.micro_batch, t.seq_len, t.seed, trainer.rank, trainer.world,
+                                               trainer.start)
+
+    def lr(self, stage, step):
+        return lr_at(step, self.cfg.train)
+
+    def batch(self, step):
+        return next(self.batches)
+
+    def evaluate(self, done):
+        return {"val/loss/general": heldout_loss(self.trainer.engine.module, self.heldout, self.trainer.engine.device)}
+
+    def finish(self, trainer):
+        import deepspeed.comm as dist
+
+        from desmoe.distributed import is_rank0
+        from desmoe.models.hf_moe import export_hf
+
+        cfg, data, engine, world = self.cfg, self.data, trainer.engine, trainer.world
+        heldout_nll = heldout_loss(engine.module, self.heldout, engine.device)
+        counts = data.train_counts()
+        unigram = unigram_nll(counts, self.heldout)
+        in_domain = heldout_batches(data.test_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
+                                    cfg.train.micro_batch, trainer.rank, world)
+        test_nll, test_unigram = heldout_loss(engine.module, in_domain, engine.device), unigram_nll(counts, in_domain)
+        tok_path = getattr(data.tokenizer, "path", None)
+        ship = {"tokenizer.model": tok_path} if tok_path is not None and Path(tok_path).is_file() else None
+        export_hf(engine.module, cfg.output.dir, extra_files=ship)  # the sentencepiece model ships with the weights
+        report = {"heldout_ppl": math.exp(heldout_nll), "unigram_ppl": math.exp(unigram), "heldout_nll": heldout_nll,
+                  "unigram_nll": unigram, "test_ppl": math.exp(test_nll), "test_unigram_ppl": math.exp(test_unigram),
+                  "heldout_tokens": sum(b[:, 1:].numel() for b in self.heldout) * world,
+                  "steps": cfg.train.steps, "vocab_size": data.vocab_size,
+                  "parameters": count_parameters(engine.module),
+                  "train_tokens": cfg.train.steps * cfg.train.micro_batch * cfg.train.seq_len * world,
+                  "train_s_this_run": trainer.train_seconds - trainer.seconds_at_start, "world_size": world, "run_dir": str(trainer.run_dir),
+                  "config": {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}
+        if is_rank0():
+            text = json.dumps(report, indent=2)
+            checkpoint.write_text_atomic(trainer.run_dir / "report.json", text)
+            checkpoint.write_text_atomic(Path(cfg.output.dir) / "report.json", text)  # last: marks the export complete
+            print_summary(trainer.run_dir, report, cfg.output.dir)
+        dist.barrier()
+        self.report = report
+
+    def summary(self, trainer):
+        return self.report
+
+
+def pretrain(cfg: PretrainExperiment, ds_config_path: str) -> dict:
+    cached = _cached(cfg)
+    if cached is not None:
+        print(f"embedded base already built: {cfg.output.dir} (held-out perplexity {cached['heldout_ppl']:.2f}); "
+              f"set output.reuse=false to retrain", flush=True)
+        return cached
+    return Trainer(PretrainRecipe(cfg), ds_config_path).run()
+
+

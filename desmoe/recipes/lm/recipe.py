@@ -1,0 +1,126 @@
+"""Language-model training on the trainer: the core's smoke job, and what pretraining shares with it.
+
+The smoke job trains desmoe's own MoELM expert-parallel on byte-level text; batches
+are a pure function of (seed, step, rank), so a resumed run continues exactly where
+an uninterrupted one would be.  ``LMRecipe`` is the part both LM recipes share (the
+step, its log); ``desmoe.recipes.lm.pretrain`` adds HF models, prepared data, the LR
+schedule and the export.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from desmoe.collectives import mean_over_ranks
+from desmoe.config import bad
+from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus, sample_windows
+from desmoe.models.moe_lm import MoELM, MoELMConfig
+from desmoe.monitor import loss_curves
+from desmoe.objective import heldout_loss, lm_loss
+from desmoe.training.trainer import Cadence, Recipe, RunConfig, Setup, Trainer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    micro_batch: int = 8
+    seq_len: int = 128
+    lr: Optional[float] = None  # None = the DeepSpeed config's optimizer lr
+    aux_loss_coef: float = 0.01
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 100
+    seed: int = 0
+
+    def check(self) -> None:
+        for key in ("steps", "micro_batch", "seq_len", "log_every", "eval_every", "eval_batches", "save_every"):
+            if getattr(self, key) < 1:
+                raise bad(key, "a positive integer", getattr(self, key))
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise bad("lr", "a number in (0, 1)", self.lr)
+        if not 0 <= self.aux_loss_coef < float("inf"):
+            raise bad("aux_loss_coef", "a finite number >= 0", self.aux_loss_coef)
+
+
+@dataclass
+class LMExperiment:
+    model: MoELMConfig = field(default_factory=MoELMConfig)
+    data: TextCorpusConfig = field(default_factory=TextCorpusConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="smoke"))
+
+    def check(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
+
+
+class LMRecipe(Recipe):
+    """Next-token training of an MoE LM in one stage; subclasses supply model, batches and evaluation."""
+
+    def cadence(self) -> Cadence:
+        t = self.cfg.train
+        return Cadence(t.log_every, t.eval_every, t.save_every)
+
+    def stages(self) -> list[int]:
+        return [self.cfg.train.steps]
+
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.micro_batch * self.cfg.train.seq_len * self.trainer.world
+
+    def batch(self, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, stage, step):
+        engine = self.trainer.engine
+        self.loss, self.lm = lm_loss(engine.module, self.batch(step).to(engine.device), self.cfg.train.aux_loss_coef)
+        return self.loss, self.lm.item()
+
+    def log(self, done):
+        aux = self.cfg.train.aux_loss_coef
+        return {"train/loss": mean_over_ranks(self.lm),
+                "train/aux_loss": (self.loss.detach() - self.lm).item() / max(aux, 1e-12),
+                "train/lr": self.trainer.engine.get_lr()[0]}
+
+
+class SmokeRecipe(LMRecipe):
+    name = "train"
+
+    def setup(self, trainer: Trainer) -> Setup:
+        trainer.check_ep(self.cfg.model.ep_size)
+        self.train_data, self.val_data = load_byte_corpus(self.cfg.data)
+        model = MoELM(self.cfg.model)
+        model.setup_expert_parallel()
+        return Setup(model, self.cfg.train.micro_batch, lr=self.cfg.train.lr)
+
+    def batch(self, step):
+        t = self.cfg.train
+        return sample_windows(self.train_data, t.micro_batch, t.seq_len + 1, t.seed, step, self.trainer.rank)
+
+    def evaluate(self, done):
+        t, tr = self.cfg.train, self.trainer
+        batches = (sample_windows(self.val_data, t.micro_batch, t.seq_len + 1, t.seed + 7, i, tr.rank)
+                   for i in range(t.eval_batches))
+        return {"val/loss": heldout_loss(tr.engine.module, batches, tr.engine.device)}
+
+    def summary(self, trainer):
+        from desmoe.distributed import is_rank0
+
+        return summarize(trainer.run_dir) if is_rank0() else {}
+
+
+def train_lm(cfg: LMExperiment, ds_config_path: str) -> dict:
+    return Trainer(SmokeRecipe(cfg), ds_config_path).run()
+
+
+def summarize(run_dir: Path) -> dict:
+    train, val = loss_curves(run_dir, "validation", "nats/byte")
+    if val:
+        print(f"validation loss {val[0][1]:.3f} -> {val[-1][1]:.3f} nats/byte "
+              f"({val[-1][1] / math.log(2):.3f} bits/byte; uniform bytes = 8.000)", flush=True)
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tensorboard'})", flush=True)
+    return {"train": train, "val": val}

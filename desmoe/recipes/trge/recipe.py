@@ -1,0 +1,190 @@
+"""The TRGE continual-learning recipe: tasks in order (one trainer stage each), one expert group each.
+
+    for task t:  train group t (+ its gate) only  ->  prototype + identifier from frozen features
+                 ->  evaluate every test set  ->  row t of the accuracy matrix  ->  checkpoint
+    at the end:  Transfer / Avg / Last (ZSCL), table + CSV + heatmaps in the run dir
+
+Baselines (``method``) are classes of ``desmoe.recipes.trge.baselines`` on the same recipe.
+Resumable: a checkpoint after every task holds the engine state plus the rows,
+prototypes and identifier inputs so far (and, inside a task, the step).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from desmoe.config import bad
+from desmoe.recipes.trge.backbones import load_backbone
+from desmoe.recipes.trge.baselines import build_method
+from desmoe.recipes.trge.config import TrainConfig, TRGEExperiment  # noqa: F401  (TRGEExperiment: users)
+from desmoe.recipes.trge.data import load_sequence
+from desmoe.recipes.trge.evaluate import TextBank, evaluate_stage
+from desmoe.recipes.trge.features import frozen_cnn_table
+from desmoe.recipes.trge.features import key as feature_key
+from desmoe.recipes.trge.groups import gate_parts, setup_groups
+from desmoe.recipes.trge.inter_group import one_hot_weights
+from desmoe.recipes.trge.model import TRGEModel
+from desmoe.recipes.trge.results import log_stage, summarize, write_reports
+from desmoe.recipes.trge.task_id import OracleIdentifier, TaskInfo, build_identifier
+from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, Setup, Trainer
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine to zero, restarted for every task (MoE-Adapters)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps_per_task - cfg.warmup)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+
+
+def _cached_features(cfg: TRGEExperiment, table, task, steps: int, gen: torch.Generator):
+    """(per-step sample indices, frozen pooled CNN features of the task's training images), or None
+    when ``train.cache_image_features`` is off or the image tower is not a CNN (``table`` None)."""
+    if not cfg.train.cache_image_features or table is None:
+        return None
+    sels = torch.randint(len(task.train_y), (steps, cfg.train.micro_batch), generator=gen)
+    return sels, table[feature_key(task.name, "train")]
+
+
+class TRGERecipe(Recipe):
+    """One stage per task: train the task's group, then prototype, identifier and the evaluation of
+    every test set (a row of the accuracy matrix) at the stage end."""
+
+    resumable_keys = RESUMABLE_KEYS + ("eval.",)  # test-time variants may be added on resume
+    trainable_only = True  # the frozen backbone is rebuilt by every run
+    logs_expert_load = False
+    throughput = "samples"
+
+    def __init__(self, cfg: TRGEExperiment) -> None:
+        super().__init__(cfg)
+        self.name = cfg.method
+
+    def setup(self, trainer: Trainer) -> Setup:
+        from desmoe.distributed import prepare_in_turn
+
+        cfg = self.cfg
+        # the first use builds the image data and fetches the towers: one rank at a time, never racing
+        self.tasks, self.controls = prepare_in_turn(lambda: load_sequence(cfg.data))
+        if cfg.groups.num_tasks == 0:
+            cfg.groups.num_tasks = len(self.tasks)
+        if cfg.groups.num_tasks < len(self.tasks):
+            raise bad("groups.num_tasks", f">= the {len(self.tasks)} tasks of the sequence (or 0)", cfg.groups.num_tasks)
+        if cfg.method == "shared_pool":
+            cfg.groups.layout = "pool"
+        skipped = {t.name: t.meta.get("skipped", 0) for t in self.tasks + self.controls if t.meta.get("skipped", 0)}
+        if skipped:
+            print("desmoe: warning: images that failed to decode were skipped: "
+                  + ", ".join(f"{k} {v}" for k, v in skipped.items()), flush=True)
+        self.backbone = prepare_in_turn(lambda: load_backbone(cfg.backbone))
+        torch.manual_seed(cfg.train.seed * 1000 + trainer.rank)  # the gates' training noise: reproducible runs
+        if trainer.world % cfg.groups.ep_size or cfg.groups.num_experts % cfg.groups.ep_size:
+            raise bad("groups.ep_size", f"a divisor of the world size {trainer.world} and of the "
+                                        f"{cfg.groups.num_experts} experts per site", cfg.groups.ep_size)
+        T = cfg.groups.num_tasks
+        self.model = model = TRGEModel(self.backbone.model, cfg.groups, cfg.placement)
+        setup_groups(model, cfg.train.seed)
+        self.identifier = build_identifier(cfg.identifier, embed_text=lambda texts: model.text_features(
+            *self.backbone.tokenize(texts)))
+        self.oracle = OracleIdentifier() if any("oracle" in v.split("+") for v in cfg.eval.variants) else None
+        self.baseline = build_method(cfg, model)
+        return Setup(model, cfg.train.micro_batch, lr=cfg.train.lr, parts=gate_parts(T),
+                     expert_unit=self.baseline.expert_unit(model))
+
+    def attach(self, trainer, state):
+        cfg, progress = self.cfg, state["progress"] if state else {
+            "rows": [], "control_rows": [], "id_rows": [], "gw_rows": [], "infos": [], "pool_frozen": [],
+            "seconds": [], "variants": {v: [] for v in self.cfg.eval.variants}}
+        for info in progress["infos"]:  # identifier and prototypes from the stored frozen features
+            stored = TaskInfo(info["name"], info["classnames"], torch.tensor(info["feats"]),
+                              description=info.get("description"))
+            self.identifier.fit_task(stored)
+            if self.oracle is not None:
+                self.oracle.fit_task(stored)
+        for v in cfg.eval.variants:  # a resumed run may ask for a variant the checkpoint did not track
+            progress["variants"].setdefault(v, [])
+        self.progress, self.mid = progress, None
+        self.baseline.load_state(progress, (state or {}).get("mid_task"), len(progress["rows"]))
+        t_feat = time.perf_counter()
+        self.table = frozen_cnn_table(self.model, self.backbone, self.tasks + self.controls, cfg.train.eval_batch,
+                                      cfg.train.feature_cache, trainer.rank, trainer.world)
+        progress.setdefault("timing", {"startup_features": 0.0, "tasks": []})
+        progress["timing"]["startup_features"] += time.perf_counter() - t_feat
+        self.bank = TextBank(self.model, self.backbone.tokenize, cfg.groups.num_tasks, self.table)
+
+    def cadence(self):
+        return Cadence(self.cfg.train.log_every, 0, self.cfg.train.save_every)
+
+    def stages(self):
+        return [0 if self.cfg.method == "zero_shot" else self.cfg.train.steps_per_task] * len(self.tasks)
+
+    def tokens_per_step(self):
+        return self.cfg.train.micro_batch * self.trainer.world
+
+    def begin_stage(self, t, first_step):
+        cfg, T, task = self.cfg, self.cfg.groups.num_tasks, self.tasks[t]
+        self.t0, self.timing = time.perf_counter(), {}
+        group = 0 if cfg.method == "continual_ft" else t
+        self.model.train()
+        if not self.stages()[t]:
+            return
+        self.baseline.set_trainable(self.trainer.trainability, group)
+        self.ids, self.mask = self.backbone.tokenize(task.prompts())
+        self.w_img = one_hot_weights(group, cfg.train.micro_batch, T)
+        self.w_txt = one_hot_weights(group, len(self.ids), T)
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 * t + self.trainer.rank)
+        self.cached = _cached_features(cfg, self.table, task, self.stages()[t], gen)
+
+    def lr(self, t, step):
+        return _lr(self.cfg.train, step)
+
+    def step(self, t, step):
+        from desmoe.vision.transforms import random_resized_crop
+
+        cfg, task, engine = self.cfg, self.tasks[t], self.trainer.engine
+        if self.cached is not None:  # frozen CNN features of this step's images, computed once
+            sel = self.cached[0][step]
+            logits = engine(None, self.ids, self.mask, self.w_img, self.w_txt, cnn_features=self.cached[1][sel])
+        else:
+            g = torch.Generator().manual_seed(cfg.train.seed * 10**6 + 1009 * t + 17 * step + self.trainer.rank)
+            sel = torch.randint(len(task.train_y), (cfg.train.micro_batch,), generator=g)
+            px = self.backbone.pixels(random_resized_crop(task.train_x[sel], g))
+            logits = engine(px, self.ids, self.mask, self.w_img, self.w_txt)
+        self.loss = F.cross_entropy(logits, task.train_y[sel], label_smoothing=cfg.train.label_smoothing)
+        self.at = (t, step)
+        return self.loss, self.loss.item()
+
+    def end_step(self, t, step):
+        self.baseline.record()
+        self.mid = {"task": t, "step": step + 1, "pool_counts": self.baseline.counts_state()}
+
+    def log(self, done):
+        return {"train/loss": self.loss.item(), "train/lr": _lr(self.cfg.train, self.at[1])}
+
+    def state_dict(self):
+        return {"progress": self.progress, **({"mid_task": self.mid} if self.mid else {})}
+
+    def end_stage(self, t, done):
+        if self.stages()[t]:
+            self.baseline.end_task()
+        self.mid = None
+        self.model.eval()
+        self.timing["train"] = time.perf_counter() - self.t0
+        evaluate_stage(self, t)
+        log_stage(self.trainer.monitor, self.cfg, self.tasks, self.controls, self.progress, t, done)
+
+    def summary(self, trainer):
+        from desmoe.distributed import is_rank0
+
+        summary = summarize(self.cfg, self.tasks, self.controls, self.progress, self.model)
+        if is_rank0():
+            write_reports(trainer.run_dir, summary, self.tasks, self.controls, self.progress)
+        return summary
+
+
+def run_trge(cfg: TRGEExperiment, ds_config_path: str) -> dict:
+    return Trainer(TRGERecipe(cfg), ds_config_path).run()
+
+

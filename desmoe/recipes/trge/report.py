@@ -1,0 +1,63 @@
+"""Collect the results.json of several runs into one table (markdown + CSV).
+
+    python -m desmoe.recipes.trge.report runs/suite            # every run folder below
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from desmoe.checkpoint import write_text_atomic
+from desmoe.errors import UserError, run_cli
+
+
+def rows(root: Path) -> list[dict]:
+    out = []
+    for path in sorted(root.glob("*/results.json")):
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: not a readable results.json ({err}); re-run or delete that run") from None
+        if not isinstance(r, dict) or "avg" not in r:
+            continue
+        ident = r["identifier"] if r["method"] in ("trge", "shared_pool") else "-"
+        base = {"run": path.parent.name, "method": r["method"], "identifier": ident, "reading": r["reading"],
+                "fusion": r["fusion"], "trainable_per_task": r["trainable_params_per_task"]}
+        last_id = r["id_rows"][-1][: len(r["tasks"])] if r["method"] in ("trge", "shared_pool") else []
+        out.append({**base, "transfer": r["transfer"], "avg": r["avg"], "last": r["last"],
+                    "id_acc_last": round(sum(last_id) / len(last_id), 1) if last_id else None,
+                    "control_last": round(r["control_rows"][-1][0], 1) if r["control_rows"][-1] else None})
+        for v, m in r.get("variants", {}).items():
+            out.append({**base, "run": f"{path.parent.name} [{v}]",
+                        "identifier": "oracle" if v == "oracle" else ident,
+                        "reading": "own" if v == "no_inter" else r["reading"],
+                        "fusion": "frozen" if v == "no_fusion" else r["fusion"],
+                        "transfer": m["transfer"], "avg": m["avg"], "last": m["last"], "id_acc_last": None,
+                        "control_last": None})
+    return out
+
+
+COLUMNS = ["run", "method", "identifier", "reading", "fusion", "transfer", "avg", "last", "id_acc_last",
+           "control_last", "trainable_per_task"]
+
+
+@run_cli
+def main() -> None:
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        raise UserError("usage: python -m desmoe.recipes.trge.report RUNS_FOLDER (a folder holding run folders)")
+    root = Path(sys.argv[1])
+    table = rows(root)
+    if not table:
+        raise UserError(f"{root}: no finished runs (no */results.json with metrics)")
+    fmt = lambda v: "-" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))  # noqa: E731
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in table]
+    csv = [",".join(COLUMNS)] + [",".join("" if r[c] is None else str(r[c]) for c in COLUMNS) for r in table]
+    write_text_atomic(root / "table.md", "\n".join(md) + "\n")
+    write_text_atomic(root / "table.csv", "\n".join(csv) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""TRGE's results: the stage's TensorBoard rows and images, the run summary (ZSCL metrics) and the
+reports in the run directory (accuracy matrix CSV + PNG, results.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from desmoe import checkpoint
+from desmoe.recipes.trge import metrics
+
+
+def log_stage(monitor, cfg, tasks, controls, progress, t, step) -> None:
+    names = [x.name for x in tasks + controls]
+    row = progress["rows"][-1] + progress["control_rows"][-1]
+    monitor.scalars(step, {f"acc/{n}": a for n, a in zip(names, row)})
+    if cfg.method in ("trge", "shared_pool"):
+        monitor.scalars(step, {f"id_acc/{n}": a for n, a in zip(names, progress["id_rows"][-1])})
+    matrix = np.full((len(tasks), len(tasks)), np.nan)
+    for i, r in enumerate(progress["rows"]):
+        matrix[i] = r
+    task_names = [x.name for x in tasks]
+    monitor.heatmap(step, "accuracy_matrix", np.nan_to_num(matrix), xlabel="test set", ylabel="after task",
+                    xticks=task_names, yticks=task_names, vmin=0.0, vmax=100.0,
+                    title="top-1 accuracy (%) on each test set after each task")
+    gw = np.array(progress["gw_rows"][-1])
+    monitor.heatmap(step, "group_weights", gw, xlabel="expert group (task)", ylabel="test set",
+                    xticks=[str(g + 1) for g in range(gw.shape[1])], yticks=names, vmin=0.0, vmax=1.0,
+                    title="mean inter-group routing weight per test set")
+
+
+def trainable_per_task(cfg, model, progress) -> int:
+    from desmoe.moe.layer import moe_blocks
+
+    if cfg.method == "zero_shot":
+        return 0
+    if cfg.method != "shared_pool":
+        return model.trainable_parameters()
+    total = 0
+    for b, block in enumerate(moe_blocks(model)):
+        per_expert = sum(p.numel() for p in block.local_experts[0].parameters())
+        frozen_before_last = len(progress["pool_frozen"][b]) - cfg.groups.pool_freeze_per_task if progress["pool_frozen"] else 0
+        total += (block.num_experts - max(frozen_before_last, 0)) * per_expert
+        total += sum(p.numel() for p in block.router.gates[0].parameters())
+    return total
+
+
+def summarize(cfg, tasks, controls, progress, model) -> dict:
+    A = np.array(progress["rows"], dtype=np.float64)
+    out = {"method": cfg.method, "tasks": [t.name for t in tasks], "controls": [c.name for c in controls],
+           "accuracy_matrix": progress["rows"], "control_rows": progress["control_rows"],
+           "id_rows": progress["id_rows"], "seconds_per_task": progress["seconds"],
+           "timing": progress.get("timing", {}),
+           "trainable_params_per_task": trainable_per_task(cfg, model, progress),
+           "identifier": cfg.identifier.backend + ("+batch-vote" if cfg.identifier.per_batch else ""),
+           "reading": cfg.inter.reading, "fusion": cfg.fusion.schedule,
+           # images that failed to decode while loading (skipped, not fatal)
+           "skipped_images": {t.name: int(t.meta.get("skipped", 0)) for t in tasks + controls}}
+    if A.shape[0] == A.shape[1] and A.shape[0] >= 2:
+        out.update(metrics.mtil_metrics(A))
+        out["variants"] = {v: {"accuracy_matrix": rows, **metrics.mtil_metrics(np.array(rows))}
+                           for v, rows in progress.get("variants", {}).items() if len(rows) == A.shape[0]}
+    return out
+
+
+def write_reports(run_dir: Path, summary: dict, tasks, controls, progress) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [t.name for t in tasks]
+    A = np.array(progress["rows"])
+    lines = ["after_task," + ",".join(names + [c.name for c in controls])]
+    for i, r in enumerate(progress["rows"]):
+        lines.append(names[i] + "," + ",".join(f"{v:.2f}" for v in r + progress["control_rows"][i]))
+    checkpoint.write_text_atomic(run_dir / "accuracy_matrix.csv", "\n".join(lines) + "\n")
+    checkpoint.write_text_atomic(run_dir / "results.json", json.dumps(summary, indent=1))
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 1 + 0.5 * len(names)))
+    ax.imshow(A, vmin=0, vmax=100, cmap="viridis")
+    for i in range(A.shape[0]):
+        for j in range(A.shape[1]):
+            ax.text(j, i, f"{A[i, j]:.0f}", ha="center", va="center", color="w", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(A.shape[0]), names[:A.shape[0]], fontsize=7)
+    ax.set_title(f"{summary['method']}: accuracy after each task")
+    fig.tight_layout()
+    tmp = run_dir / ".accuracy_matrix.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(run_dir / "accuracy_matrix.png")
