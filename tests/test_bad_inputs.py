@@ -240,6 +240,7 @@ def _launch(*args):
     (["--config", "configs/smoke.yaml", "model.num_expert=4"], "unknown key 'model.num_expert'"),
     (["--deepspeed", "configs/none.json"], "configs/none.json: DeepSpeed config not found"),
     (["--config", "configs/smoke.yaml", "model.ep_size=2", "run.dir=/nonexistent-never"], "key 'model.ep_size': expected a divisor of the world size 1"),
+    (["--config", "configs/smoke.yaml", "run.dir=README.md"], "key 'run.dir': expected a directory or a path that does not exist yet, got 'README.md (a file)'"),
 ])
 def test_launcher_reports_one_line_without_traceback(args, expect):
     proc = _launch(*args)

@@ -166,3 +166,34 @@ def alr_start_case(family: str, root: str) -> float:
 def test_alr_starts_as_the_pretrained_router(ranks, tmp_path, family):
     for err in ranks.run(alr_start_case, family, str(tmp_path)):  # teacher + 0: bit-identical routing
         assert err == 0.0, f"{family}: the ALR at step 0 changes the logits by {err:.3g}"
+
+
+def trainer_bias_case(root: str, base: str, rate: float) -> dict:
+    """A DES-MoE-recipe run (FFT baseline, 3 steps, EP=2) through the Trainer; the routers' final biases."""
+    from test_desmoe_ranks import trainer_case
+
+    trainer_case(root, 3, "fft", (f"base.hf={base}", f"base.bias_update_rate={rate}", "train.save_every=3",
+                                  f"run.name=fft-{rate}"))
+    tag = (Path(root) / f"fft-{rate}" / "checkpoints" / "latest").read_text().strip()
+    state = torch.load(Path(root) / f"fft-{rate}" / "checkpoints" / tag / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)["module"]
+    return {k: v for k, v in state.items() if k.endswith("selection_bias")}
+
+
+def test_trainer_applies_the_bias_rule_only_when_asked(ranks, tmp_path):
+    from safetensors.torch import load_file
+
+    base = _checkpoint("deepseek_v3", str(tmp_path / "base"))
+    start = [v for k, v in sorted(load_file(str(Path(base) / "model.safetensors")).items())
+             if k.endswith("e_score_correction_bias")]
+    for rate, moves in ((0.0, False), (0.05, True)):
+        final = ranks.run(trainer_bias_case, str(tmp_path), base, rate)[0]
+        assert len(final) == len(start) > 0
+        for (name, got), want in zip(sorted(final.items()), start):
+            assert torch.equal(got, want) != moves, (rate, name)
+            if moves:  # three steps of +-rate per expert
+                steps = ((got - want) / rate).round()
+                assert steps.abs().max() <= 3
+                # three fp32 additions to the bias, then the difference: rounding only
+                tol = bound(5, scale=float(want.abs().max()) + 3 * rate)
+                assert float((got - want - steps * rate).abs().max()) <= tol

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from desmoe.collectives import any_rank
+
 
 def _logits(model: nn.Module, ids: Tensor, **kwargs) -> Tensor:
     out = model(ids, **kwargs)
@@ -28,16 +30,6 @@ def _logits(model: nn.Module, ids: Tensor, **kwargs) -> Tensor:
 
 def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
-
-
-def _any_rank(flag: bool, device) -> bool:
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _device(model: nn.Module):
@@ -71,7 +63,7 @@ def _recompute_steps(model, prompts, max_new, eos_id, pad_id) -> list[list[int]]
     rows = torch.arange(len(prompts), device=device)
     for t in range(max_new):
         done = _finished(new, eos_id)
-        if not _any_rank(not all(done), device):
+        if not any_rank(not all(done)):  # EP: every rank forwards until all ranks are done
             break
         end = int(lengths.max()) + t if prompts else 0
         nxt = _logits(model, buf[:, :max(end, 1)])[rows, lengths + t - 1].argmax(-1)
@@ -95,7 +87,7 @@ def _cached_steps(model, prompts, max_new, eos_id, pad_id) -> list[list[int]]:
     step_ids = ids
     for _ in range(max_new):
         done = _finished(new, eos_id)
-        if not _any_rank(not all(done), device):
+        if not any_rank(not all(done)):  # EP: every rank forwards until all ranks are done
             break
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]
         out = model(step_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)

@@ -182,15 +182,15 @@ def update_selection_biases(model: nn.Module, group=None) -> int:
     layers) so every rank applies the same step.  Call it on every rank after each optimizer step.
     A recomputed forward (activation checkpointing) counts its routes twice, which leaves the
     sign of (mean - load), and so the step, unchanged.  Returns the number of routers updated."""
-    import deepspeed.comm as dist
+    from desmoe.collectives import all_reduce_
 
     blocks = [b for b in moe_blocks(model) if getattr(b.router, "bias_update_rate", 0.0)]
     if not blocks:
         return 0
-    loads = torch.stack([b.pending_load if b.pending_load is not None
-                         else torch.zeros(b.router.num_experts) for b in blocks])
-    if dist.is_initialized() and dist.get_world_size(group=group) > 1:
-        dist.all_reduce(loads, group=group)
+    device = blocks[0].router.selection_bias.device
+    loads = torch.stack([b.pending_load.to(device) if b.pending_load is not None
+                         else torch.zeros(b.router.num_experts, device=device) for b in blocks])
+    all_reduce_(loads, group=group)  # NCCL reduces device tensors only: the helper handles any device
     for block, load in zip(blocks, loads):
         block.router.update_selection_bias(load)
         block.pending_load = None

@@ -29,6 +29,7 @@ import torch
 from desmoe import checkpoint
 from desmoe.config import bad, dump_yaml
 from desmoe.errors import TrainingFailure
+from desmoe.moe import update_selection_biases
 
 
 # Config keys (prefixes) any resumed run may change: how long it runs, how often it logs, evaluates and
@@ -175,6 +176,9 @@ class Trainer:
         from desmoe.engine import read_ds_config
 
         self.ds_raw = read_ds_config(self.ds_config_path)
+        for path, key in ((Path(self.recipe.cfg.run.dir), "run.dir"), (self.run_dir, "run.name")):
+            if path.exists() and not path.is_dir():  # else mkdir fails later with a traceback
+                raise bad(key, "a directory or a path that does not exist yet", f"{path} (a file)")
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
@@ -236,6 +240,7 @@ class Trainer:
             self.check_finite(loss, offset + i + 1)
             engine.backward(loss)
             engine.step()
+            update_selection_biases(engine.module)  # no-op unless a router balances by its selection bias
             r.end_step(stage, i)
             self.train_seconds += time.perf_counter() - t0
             done, end = offset + i + 1, i + 1 == steps

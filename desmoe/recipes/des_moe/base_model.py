@@ -16,7 +16,7 @@ def build_model(cfg):
     if cfg.base.hf:
         from desmoe.models.hf_moe import load_hf_moe
 
-        model = load_hf_moe(cfg.base.hf, ep_size=cfg.model.ep_size)
+        model = load_hf_moe(cfg.base.hf, ep_size=cfg.model.ep_size, bias_update_rate=cfg.base.bias_update_rate)
         model.config.use_cache = False
         return model
     model = MoELM(cfg.model)

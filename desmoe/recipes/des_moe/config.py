@@ -122,6 +122,16 @@ class BaseConfig:
     # ``checkpoint`` (a desmoe checkpoint directory of the same shape).
     hf: Optional[str] = None
     checkpoint: Optional[str] = None
+    # > 0: the auxiliary-loss-free balancing rule updates the routers' selection biases (DeepSeek-V3, GLM-4.5)
+    # after every optimizer step: b += rate * sign(mean load - load).  0 keeps the checkpoint's biases.
+    bias_update_rate: float = 0.0
+
+    def check(self) -> None:
+        if not (isinstance(self.bias_update_rate, (int, float)) and 0 <= self.bias_update_rate < 1):
+            raise bad("base.bias_update_rate", "a number in [0, 1)", self.bias_update_rate)
+        if self.bias_update_rate and not self.hf:
+            raise bad("base.bias_update_rate", "0 unless base.hf names a model with selection biases",
+                      self.bias_update_rate)
 
 
 @dataclass
