@@ -70,3 +70,26 @@ def test_evaluate_cli_on_a_model_folder(model_and_data, tmp_path):
     task_dir(data.root, tmp_path / "t")
     want = run(make_lm(model, data.tokenizer), ["desmoe_mcq_law"], tmp_path / "t", limit=6)
     assert got["desmoe_mcq_law"]["acc_norm"] == want["desmoe_mcq_law"]["acc_norm"]
+
+
+def ep2_case(model_dir: str, data_root: str) -> dict:
+    """Both ranks hold half the experts; the harness runs on both (every forward is a collective)."""
+    from desmoe.data.prepared import PreparedData
+    from desmoe.evaluation.lm_tasks import LMEvalConfig, evaluate_lm, mcq_accuracy
+    from desmoe.models.hf_moe import load_hf_moe
+
+    data = PreparedData(data_root)
+    model = load_hf_moe(model_dir, ep_size=2).eval()
+    cfg = LMEvalConfig(items_per_task=6, batch_size=4, ppl_tokens=200)
+    out = evaluate_lm(model, data, cfg, domains=["law", "math"])
+    sets = data.eval_sets()
+    out["in_house/law"] = mcq_accuracy(model, data.tokenizer, sets.mcq["law"][:6], cfg)
+    return out
+
+
+def test_harness_in_process_on_two_ep_ranks(ranks, model_and_data):
+    _, data, folder = model_and_data
+    a, b = ranks.run(ep2_case, str(folder), str(data.root))
+    assert a == b, "every rank must get the same numbers"
+    assert {"mcq/law", "mcq/math", "math/exact", "ppl/law", "ppl/general_heldout"} <= set(a)
+    assert a["mcq/law"] == a["in_house/law"]

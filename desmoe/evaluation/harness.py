@@ -98,7 +98,7 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
     return DesmoeLM()
 
 
-def task_dir(data_root: str | Path, out: str | Path) -> list[str]:
+def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12) -> list[str]:
     """Write the demo tasks for the prepared folder ``data_root`` into ``out``; returns their names."""
     data_root, out = Path(data_root).resolve(), Path(out)
     meta_path = data_root / "meta.json"
@@ -114,6 +114,7 @@ def task_dir(data_root: str | Path, out: str | Path) -> list[str]:
         if not data_file.is_file():
             raise UserError(f"{data_file}: evaluation file of task {name} not found")
         text = (TASKS / template).read_text().replace("@TASK@", name).replace("@DATA_FILE@", str(data_file))
+        text = text.replace("@MAX_GEN_TOKS@", str(int(max_gen_toks)))
         (out / f"{name}.yaml").write_text(text)
         names.append(name)
     return names
@@ -165,9 +166,17 @@ def run(lm, tasks: list[str], include_path: str | Path, limit: Optional[int] = N
     if unknown:
         raise UserError(f"task '{unknown[0]}': not among the tasks in {include_path}")
     out = {}
-    for task in tasks:
-        result = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=0,
-                                 log_samples=samples is not None, bootstrap_iters=0, verbosity="ERROR")
+    # The harness treats LOCAL_RANK > 0 as a tensor-parallel peer and returns nothing there; under EP every
+    # rank is a whole evaluator of its own (rank 0 of 1), so each one must get the results.
+    local_rank = os.environ.pop("LOCAL_RANK", None)
+    try:
+        results = [simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=0,
+                                   log_samples=samples is not None, bootstrap_iters=0, verbosity="ERROR")
+                   for task in tasks]
+    finally:
+        if local_rank is not None:
+            os.environ["LOCAL_RANK"] = local_rank
+    for task, result in zip(tasks, results):
         metrics = result["results"][task]
         out[task] = {k.split(",")[0]: v for k, v in metrics.items() if "_stderr" not in k and k != "alias"}
         if samples is not None:

@@ -10,6 +10,10 @@ comparison and the base-model report need:
   on the held-out general text that is never trained on (forgetting);
 - ``downstream/mean``: the mean MCQ accuracy over the training domains.
 
+``mcq/<domain>`` and ``math/exact`` are lm-evaluation-harness's numbers (``desmoe.evaluation.harness``,
+the data folder's task YAMLs); the scorers below compute the same numbers independently
+(``tests/test_harness.py``) and serve ``mcq_norm: per_token``, which has no harness metric.
+
 Expert parallelism makes every forward a collective, so every rank runs the
 same items in the same batches; results are identical on all ranks.
 """
@@ -125,6 +129,27 @@ def perplexity(model: nn.Module, tokenizer, docs: list[str], cfg: LMEvalConfig) 
     return math.exp(mean_nll(model, batches))
 
 
+# mcq_norm -> the harness metric that scores the same way (tests/test_harness.py)
+HARNESS_METRIC = {"per_char": "acc_norm", "sum": "acc"}
+
+
+def harness_scores(model: nn.Module, data, cfg: LMEvalConfig, mcq: list[str], math_on: bool) -> dict[str, float]:
+    """``mcq/<domain>`` and ``math/exact`` through lm-evaluation-harness (every rank takes part)."""
+    import tempfile
+
+    from desmoe.evaluation import harness
+
+    with tempfile.TemporaryDirectory(prefix="desmoe-tasks-") as tmp:
+        harness.task_dir(data.root, tmp, max_gen_toks=cfg.math_max_new_tokens)
+        names = [f"desmoe_mcq_{d}" for d in mcq] + (["desmoe_math"] if math_on else [])
+        lm = harness.make_lm(model, data.tokenizer, batch_size=cfg.batch_size, max_len=cfg.max_len)
+        res = harness.run(lm, names, tmp, limit=cfg.items_per_task)
+    out = {f"mcq/{d}": float(res[f"desmoe_mcq_{d}"][HARNESS_METRIC[cfg.mcq_norm]]) for d in mcq}
+    if math_on:
+        out["math/exact"] = float(res["desmoe_math"]["exact_match"])
+    return out
+
+
 def evaluate_lm(model: nn.Module, data, cfg: Optional[LMEvalConfig] = None,
                 domains: Optional[list[str]] = None, progress: bool = False) -> dict[str, float]:
     """All evaluation numbers of ``model`` on the prepared data folder ``data``."""
@@ -133,10 +158,14 @@ def evaluate_lm(model: nn.Module, data, cfg: Optional[LMEvalConfig] = None,
     sets = data.eval_sets()
     tok = data.tokenizer
     domains = list(domains or data.domains)
-    steps = [(f"mcq/{d}", lambda d=d: mcq_accuracy(model, tok, sets.mcq[d][:cfg.items_per_task], cfg))
-             for d in domains if sets.mcq.get(d)]
-    if sets.math and "math" in domains:
-        steps.append(("math/exact", lambda: math_exact(model, tok, sets.math[:cfg.items_per_task], cfg)))
+    mcq = [d for d in domains if sets.mcq.get(d)]
+    math_on = bool(sets.math) and "math" in domains
+    if cfg.mcq_norm in HARNESS_METRIC:  # downstream scores are lm-evaluation-harness's own numbers
+        steps = [("harness", lambda: harness_scores(model, data, cfg, mcq, math_on))]
+    else:  # per_token has no harness metric: the in-house scorer
+        steps = [(f"mcq/{d}", lambda d=d: mcq_accuracy(model, tok, sets.mcq[d][:cfg.items_per_task], cfg)) for d in mcq]
+        if math_on:
+            steps.append(("math/exact", lambda: math_exact(model, tok, sets.math[:cfg.items_per_task], cfg)))
     steps += [(f"ppl/{d}", lambda d=d: perplexity(model, tok, sets.heldout_text[d], cfg))
               for d in domains if sets.heldout_text.get(d)]
     steps.append(("ppl/general_heldout", lambda: perplexity(model, tok, sets.heldout_general, cfg)))
@@ -146,9 +175,13 @@ def evaluate_lm(model: nn.Module, data, cfg: Optional[LMEvalConfig] = None,
         bar = tqdm(total=len(steps), desc="evaluate", leave=False)
     out: dict[str, float] = {}
     for key, run in steps:
-        out[key] = float(run())
+        value = run()
+        if isinstance(value, dict):
+            out.update(value)
+        else:
+            out[key] = float(value)
         if bar is not None:
-            bar.set_postfix_str(f"{key}={out[key]:.3f}")
+            bar.set_postfix_str(key)
             bar.update()
     if bar is not None:
         bar.close()
