@@ -49,3 +49,19 @@ def test_ablations_are_labelled_from_the_run_config(tmp_path):
     rows = report.load_results([run, plain])
     assert [r["method"] for r in rows] == ["desmoe w/o DGES", "desmoe"]
     assert "47.3 / 55.6" in report.table(rows)[0]
+
+
+def test_headline_fits_a_terminal_with_units_and_directions():
+    from desmoe.recipes.des_moe.report import HEADLINE, LEGEND, headline
+
+    rows = [{"method": "vanilla", "ppl/general": 80.0, "forgetting_general_ppl_pct": 0.0, "downstream/mean": 0.25,
+             "domain_mean": 6.3, "train_seconds": 0},
+            {"method": "desmoe w/o ALR + DGES", "ppl/general": 112.8, "forgetting_general_ppl_pct": 41.04,
+             "downstream/mean": 0.278, "domain_mean": 5.11, "train_seconds": 239.3},
+            {"method": "fft", "ppl/general": 111.6}]  # a run without some metrics
+    lines = headline(rows).splitlines()
+    assert len(lines) == 1 + len(rows)
+    assert all(len(line) <= 100 for line in lines + LEGEND.splitlines())
+    assert all(("↓" in name) != ("↑" in name) for name, _, _ in HEADLINE)  # every column says its direction
+    assert lines[2].split()[-5:] == ["112.8", "+41.0", "0.278", "5.110", "239"]
+    assert lines[3].split()[1:] == ["111.6", "-", "-", "-", "-"]

@@ -83,6 +83,31 @@ def table(rows: list[dict]) -> tuple[str, str]:
     return "\n".join(md) + "\n", buf.getvalue()
 
 
+# What a person reads on screen: one row per method, units and direction in the header (<= 100 columns).
+HEADLINE = (("general ppl ↓", "ppl/general", "{:.1f}"),
+            ("vs base % ↓", "forgetting_general_ppl_pct", "{:+.1f}"),
+            ("downstream acc ↑", "downstream/mean", "{:.3f}"),
+            ("domain loss (nats) ↓", "domain_mean", "{:.3f}"),
+            ("train s ↓", "train_seconds", "{:.0f}"))
+LEGEND = ("↓ lower is better, ↑ higher is better.  general ppl: perplexity on the general domain's test\n"
+          "split (the base's own domain); vs base: its change against the untrained base; downstream: mean\n"
+          "multiple-choice accuracy (lm-evaluation-harness); domain loss: mean test loss, trained domains.")
+
+
+def headline(rows: list[dict]) -> str:
+    """The headline columns as a fixed-width table; a missing value is '-'."""
+    width = max([len("method")] + [len(r["method"]) for r in rows])
+    head = ["method".ljust(width)] + [name for name, _, _ in HEADLINE]
+    lines = ["  ".join(head)]
+    for r in rows:
+        cells = [r["method"].ljust(width)]
+        for name, key, fmt in HEADLINE:
+            value = r.get(key)
+            cells.append((fmt.format(value) if isinstance(value, (int, float)) else "-").rjust(len(name)))
+        lines.append("  ".join(cells))
+    return "\n".join(lines) + "\n"
+
+
 def plots(rows: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -204,7 +229,11 @@ def main() -> None:
     if smd:
         write_text_atomic(out / "scaling.md", smd)
         write_text_atomic(out / "scaling.csv", scsv)
-    print(md + note + ("\n" + smd if smd else ""), flush=True)
+    short = headline(rows)
+    write_text_atomic(out / "headline.txt", short)
+    print(f"\n{short}\n{LEGEND}\n"
+          f"full table ({len(csv_text.splitlines()[0].split(','))} columns): {out / 'comparison.md'}"
+          + (f"\n\n{smd}" if smd else ""), flush=True)
 
 
 if __name__ == "__main__":
