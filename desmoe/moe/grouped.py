@@ -9,6 +9,18 @@ row's route weight, which then needs no pass of its own -- runs as one fused
 pass forward and one backward (``desmoe.kernels`` on CPU, torch ops elsewhere).
 Same math as ``SwiGLUExpert`` followed by the weighting.
 
+Two backends compute the same function:
+
+* ``loop``: one GEMM per expert on its row block.  On a CPU a GEMM's launch
+  costs nothing next to its work, so this is the fastest there (measured in
+  ``bench/moe_block.py``); it needs the row counts on the host.
+* ``grouped_mm``: ``torch._grouped_mm``, one kernel for all experts per GEMM
+  (2 forward, 4 backward).  On a GPU the per-expert launches dominate a
+  fine-grained MoE (64-128 small experts), and the row offsets stay on the
+  device, so the routed path needs no host synchronisation.  Chosen
+  automatically on CUDA for bf16 with 16-byte aligned widths (what the kernel
+  takes); torch also runs it on CPU, which is how the tests check its math.
+
 An optional boolean row mask ``keep`` restricts the *weight* gradients to the
 kept rows, while the input and route-weight gradients still come from every row
 (a caller's per-route "does this route teach the expert" decision, e.g. gradient
@@ -16,13 +28,16 @@ isolation between data sources).  Without it the code path is unchanged.
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from desmoe.kernels import swiglu_cpu
+
+Counts = Union[Sequence[int], Tensor]
 
 
 def _act_fwd(h: Tensor, w: Optional[Tensor]) -> Tensor:
@@ -52,6 +67,8 @@ def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor) -> tuple[Tensor, Opt
 
 
 class GroupedSwiGLU(torch.autograd.Function):
+    """The ``loop`` backend: one GEMM per expert, row counts on the host."""
+
     @staticmethod
     def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor],  # type: ignore[override]
                 counts: list[int], *weights: Tensor) -> Tensor:
@@ -104,10 +121,83 @@ class GroupedSwiGLU(torch.autograd.Function):
         return (grad_x, grad_route, None, None, *grad_w)
 
 
-def grouped_swiglu(x: Tensor, counts: list[int], experts, route_w: Optional[Tensor] = None,
-                   keep: Optional[Tensor] = None) -> Tensor:
-    """Run SwiGLU experts on consecutive row blocks of ``x`` (``counts`` rows each),
-    scaling each row's output by ``route_w`` when given; rows with ``keep`` False
-    add nothing to the experts' weight gradients."""
+def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+class GroupedMMSwiGLU(torch.autograd.Function):
+    """The ``grouped_mm`` backend: six grouped GEMMs per step whatever the number of experts.
+
+    The experts' weights are separate parameters (DeepSpeed's checkpoint layout), so
+    they are stacked for each GEMM; the stack is rebuilt in backward rather than
+    saved, which would hold a second copy of every layer's experts until backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor],  # type: ignore[override]
+                counts: Tensor, *weights: Tensor) -> Tensor:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)  # group ends, on the device
+        w_gate_up, w_down = torch.stack(weights[0::2]), torch.stack(weights[1::2])  # [E, 2f, d], [E, d, f]
+        h = _gmm(x, w_gate_up.transpose(1, 2), offs)  # [N, 2f]
+        act = _act_fwd(h, route_w)
+        out = _gmm(act, w_down.transpose(1, 2), offs)  # [N, d]
+        ctx.has_w = route_w is not None
+        ctx.num_experts = len(counts)
+        ctx.save_for_backward(x, route_w if route_w is not None else x.new_empty(0),
+                              keep if keep is not None else x.new_empty(0, dtype=torch.bool), offs, h, act, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, route_w, keep, offs, h, act, *weights = ctx.saved_tensors
+        w = route_w if ctx.has_w else None
+        dy = grad_out.contiguous()
+        w_gate_up, w_down = torch.stack(weights[0::2]), torch.stack(weights[1::2])
+        d_h, d_w = _act_bwd(h, w, _gmm(dy, w_down, offs))
+        grad_x = _gmm(d_h, w_gate_up, offs)  # every row: the input gradient is never masked
+        grad_route = d_w.to(route_w.dtype) if ctx.has_w else None
+        need = ctx.needs_input_grad[4:]
+        grad_w: list[Optional[Tensor]] = [None] * len(weights)
+        if any(need):
+            if keep.numel():  # masked rows add exact zeros to the weight sums: no host sync to select rows
+                d_h, dy = d_h * keep.unsqueeze(1), dy * keep.unsqueeze(1)
+            # Frozen experts still share the kernel; their slices are dropped.
+            g_gate_up = _gmm(d_h.t(), x, offs) if any(need[0::2]) else None  # [E, 2f, d]
+            g_down = _gmm(dy.t(), act, offs) if any(need[1::2]) else None  # [E, d, f]
+            for e in range(ctx.num_experts):
+                if need[2 * e]:
+                    grad_w[2 * e] = g_gate_up[e]
+                if need[2 * e + 1]:
+                    grad_w[2 * e + 1] = g_down[e]
+        return (grad_x, grad_route, None, None, *grad_w)
+
+
+def grouped_mm_supported(x: Tensor, experts) -> bool:
+    """Whether ``auto`` picks the grouped_mm backend: CUDA, bf16 (the kernel's dtype), widths whose rows
+    are 16-byte aligned, and not switched off with ``DESMOE_GROUPED_MM=0``."""
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    if os.environ.get("DESMOE_GROUPED_MM", "1") == "0":
+        return False
+    d, two_f = x.shape[1], experts[0].gate_up.weight.shape[0]
+    return d % 8 == 0 and two_f % 16 == 0
+
+
+def grouped_swiglu(x: Tensor, counts: Counts, experts, route_w: Optional[Tensor] = None,
+                   keep: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Run SwiGLU experts on consecutive row blocks of ``x`` (``counts`` rows each: a list or
+    an integer tensor), scaling each row's output by ``route_w`` when given; rows with
+    ``keep`` False add nothing to the experts' weight gradients.
+
+    ``backend``: ``auto`` (grouped_mm where :func:`grouped_mm_supported`, else loop),
+    ``loop`` or ``grouped_mm`` (forced, e.g. to test its math on a CPU)."""
+    if backend == "auto":
+        backend = "grouped_mm" if grouped_mm_supported(x, experts) else "loop"
     weights = [w for e in experts for w in (e.gate_up.weight, e.down.weight)]
-    return GroupedSwiGLU.apply(x, route_w, keep, counts, *weights)
+    if backend == "grouped_mm":
+        counts_t = counts if isinstance(counts, Tensor) else torch.tensor(list(counts))
+        return GroupedMMSwiGLU.apply(x, route_w, keep, counts_t.to(x.device), *weights)
+    if backend != "loop":
+        raise ValueError(f"unknown grouped_swiglu backend '{backend}' (auto, loop, grouped_mm)")
+    counts_l = counts.tolist() if isinstance(counts, Tensor) else list(counts)  # the loop needs host ints
+    return GroupedSwiGLU.apply(x, route_w, keep, counts_l, *weights)
