@@ -40,20 +40,22 @@ from desmoe.kernels import swiglu_cpu
 Counts = Union[Sequence[int], Tensor]
 
 
-def _act_fwd(h: Tensor, w: Optional[Tensor]) -> Tensor:
+def _act_fwd(h: Tensor, w: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
     kernel = swiglu_cpu() if h.device.type == "cpu" else None
     if kernel is not None:
-        return kernel.fwd(h, w)
+        return kernel.fwd(h, w, out)
     f = h.shape[1] // 2
     act = F.silu(h[:, :f]) * h[:, f:]
-    return act * w.unsqueeze(1) if w is not None else act
+    act = act * w.unsqueeze(1) if w is not None else act
+    return act if out is None else out.copy_(act)
 
 
-def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """Returns (d_h, d_w)."""
+def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor, d_h_out: Optional[Tensor] = None,
+             d_w_out: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Returns (d_h, d_w), written into ``d_h_out`` / ``d_w_out`` when given."""
     kernel = swiglu_cpu() if h.device.type == "cpu" else None
     if kernel is not None:
-        return kernel.bwd(h, w, d_act)
+        return kernel.bwd(h, w, d_act, d_h_out, d_w_out)
     f = h.shape[1] // 2
     gate, up = h[:, :f].float(), h[:, f:].float()
     sig = torch.sigmoid(gate)
@@ -63,53 +65,74 @@ def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor) -> tuple[Tensor, Opt
     d_w = (d * act).sum(1) if w is not None else None
     dw = d * w.float().unsqueeze(1) if w is not None else d
     d_h = torch.cat([dw * up * sig * (1 + gate * (1 - sig)), dw * silu], dim=1).to(h.dtype)
+    if d_h_out is not None:
+        d_h = d_h_out.copy_(d_h)
+    if d_w_out is not None and d_w is not None:
+        d_w = d_w_out.copy_(d_w)
     return d_h, d_w
 
 
+# CPU row tiles: the first GEMM's output tile is still in cache when the activation reads it, and the
+# activation's when the second GEMM does (untiled, the [n, 2f] pre-activation of a large expert goes
+# to memory and back: the activation pass was memory-bound).  About 256 KiB of pre-activation per tile.
+TILE_BYTES = int(os.environ.get("DESMOE_TILE_BYTES", str(256 * 1024)))
+
+
+def _tiles(start: int, n: int, x: Tensor, two_f: int):
+    if x.device.type != "cpu" or TILE_BYTES <= 0:
+        yield slice(start, start + n)  # GPUs: one launch per GEMM, no tiling
+        return
+    rows = max(16, TILE_BYTES // (two_f * x.element_size()))
+    for t in range(start, start + n, rows):
+        yield slice(t, min(t + rows, start + n))
+
+
 class GroupedSwiGLU(torch.autograd.Function):
-    """The ``loop`` backend: one GEMM per expert, row counts on the host."""
+    """The ``loop`` backend: per expert, per row tile, GEMM -> activation -> GEMM; counts on the host."""
 
     @staticmethod
     def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor],  # type: ignore[override]
                 counts: list[int], *weights: Tensor) -> Tensor:
+        two_f = weights[0].shape[0]
         out = x.new_empty(x.shape)
-        saved = []  # per expert: pre-activation h and the (weighted) activation
+        h_all = x.new_empty((x.shape[0], two_f))  # pre-activations, gate | up, all experts' rows
+        act_all = x.new_empty((x.shape[0], two_f // 2))  # (weighted) activations
         start = 0
         for e, n in enumerate(counts):
             w_gate_up, w_down = weights[2 * e], weights[2 * e + 1]
-            h = torch.mm(x[start:start + n], w_gate_up.t())  # [n, 2f]: gate | up
-            act = _act_fwd(h, route_w[start:start + n] if route_w is not None else None)
-            torch.mm(act, w_down.t(), out=out[start:start + n])
-            saved.extend((h, act))
+            for r in _tiles(start, n, x, two_f):
+                torch.mm(x[r], w_gate_up.t(), out=h_all[r])
+                _act_fwd(h_all[r], route_w[r] if route_w is not None else None, act_all[r])
+                torch.mm(act_all[r], w_down.t(), out=out[r])
             start += n
         ctx.counts = counts
         ctx.has_w = route_w is not None
         ctx.keep = keep  # bool, not differentiable
-        ctx.save_for_backward(x, route_w if route_w is not None else x.new_empty(0), *weights, *saved)
+        ctx.save_for_backward(x, route_w if route_w is not None else x.new_empty(0), h_all, act_all, *weights)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         counts = ctx.counts
-        x, route_w, *rest = ctx.saved_tensors
-        weights, saved = rest[:2 * len(counts)], rest[2 * len(counts):]
+        x, route_w, h_all, act_all, *weights = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        two_f = h_all.shape[1]
         grad_x = torch.empty_like(x)
+        d_h_all = torch.empty_like(h_all)
         grad_route = torch.empty(x.shape[0], dtype=torch.float32, device=x.device) if ctx.has_w else None
         grad_w: list[Tensor] = []
         start = 0
         for e, n in enumerate(counts):
             w_gate_up, w_down = weights[2 * e], weights[2 * e + 1]
-            rows, dy = slice(start, start + n), grad_out[start:start + n]
-            w = route_w[rows] if ctx.has_w else None
-            h, act = saved[2 * e], saved[2 * e + 1]
-            d_h, d_w = _act_bwd(h, w, torch.mm(dy, w_down))
-            if grad_route is not None:
-                grad_route[rows] = d_w
+            for r in _tiles(start, n, x, two_f):
+                d_act = torch.mm(grad_out[r], w_down)
+                _act_bwd(h_all[r], route_w[r] if ctx.has_w else None, d_act, d_h_all[r],
+                         grad_route[r] if grad_route is not None else None)
+                torch.mm(d_h_all[r], w_gate_up, out=grad_x[r])  # every row: the input gradient is never masked
             # Frozen experts (requires_grad=False) need no weight GEMMs.
             need_gu, need_down = ctx.needs_input_grad[4 + 2 * e], ctx.needs_input_grad[5 + 2 * e]
-            torch.mm(d_h, w_gate_up, out=grad_x[rows])  # every row: the input gradient is never masked
-            xr = x[rows]
+            rows = slice(start, start + n)
+            d_h, dy, xr, act = d_h_all[rows], grad_out[rows], x[rows], act_all[rows]
             if ctx.keep is not None:  # masked rows teach the expert nothing: weight GEMMs over kept rows only
                 kept = torch.nonzero(ctx.keep[rows]).flatten()
                 d_h, dy, xr, act = d_h[kept], dy[kept], xr[kept], act[kept]
