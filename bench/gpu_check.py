@@ -84,8 +84,8 @@ class Check:
                                timeout=max(10.0, min(timeout, self.left())))
             rc, text = p.returncode, p.stdout + p.stderr
         except subprocess.TimeoutExpired as err:
-            rc, text = 124, f"{err.stdout or ''}{err.stderr or ''}\nTIMEOUT after {err.timeout:.0f} s"
-            text = text if isinstance(text, str) else text.decode(errors="replace")
+            parts = [b if isinstance(b, str) else (b or b"").decode(errors="replace") for b in (err.stdout, err.stderr)]
+            rc, text = 124, "".join(parts) + f"\nTIMEOUT after {err.timeout:.0f} s"
         log.write_text(text)
         return rc, text
 
@@ -115,8 +115,10 @@ def loss_figure(rows: list[dict], key: str = "train/loss") -> str:
 
 
 def tail(text: str, n: int = 160) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else "")[-n:]
+    """The line that says what went wrong: the first 'error:'/'Error' line, else the last line."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln.lower() or "Error:" in ln]
+    return (errors[0] if errors else lines[-1] if lines else "")[-n:]
 
 
 def stage_grouped(c: Check) -> None:
@@ -200,7 +202,7 @@ def stage_pretrain(c: Check) -> None:
 
 def stage_desmoe(c: Check) -> None:
     start = time.monotonic()
-    steps = 12 if c.cpu else 60
+    steps = 30 if c.cpu else 60  # warm-up (t1 = 0.2) needs a step per domain (6)
     figs, ok, rc_all = [], True, 0
     for method in ("desmoe", "fft"):
         rc, text = c.launch(f"desmoe_{method}", "launcher/desmoe.py", [
@@ -209,7 +211,7 @@ def stage_desmoe(c: Check) -> None:
             "desmoe.dges.update_every=4", f"run.dir={c.out}", f"run.name={method}"], 150)
         rows = last_metrics(c.out / method)
         ok, rc_all = ok and rc == 0, rc_all or rc
-        figs.append(f"{method}: " + (loss_figure(rows) if rc == 0 else tail(text, 100)))
+        figs.append(f"{method}: " + (loss_figure(rows, "train/task_loss") if rc == 0 else tail(text, 100)))
     c.record("desmoe+fft", start, ok, "; ".join(figs), rc_all)
 
 

@@ -52,7 +52,7 @@ def parse(argv=None) -> argparse.Namespace:
     for name in ("hidden", "ffn", "experts", "topk"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the shape's value")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15 toy, 4 real shapes on CPU)")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--skip", default="", help="comma-separated variants to leave out")
     p.add_argument("--json", default=None)
@@ -215,8 +215,8 @@ def main(argv=None) -> dict:
     args = parse(argv)
     from desmoe.distributed import init_distributed, use_cuda
 
+    init_distributed()  # (it sets CPU threads from the rank count: --threads is applied after it)
     torch.set_num_threads(args.threads)
-    init_distributed()  # one process; DeepSpeed's MoE needs its groups
     cuda = use_cuda()
     device = torch.device("cuda") if cuda else torch.device("cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if cuda else "fp32")]

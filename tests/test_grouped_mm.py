@@ -61,3 +61,25 @@ def test_unknown_backend_is_refused():
     experts = torch.nn.ModuleList([SwiGLUExpert(D, F)])
     with pytest.raises(ValueError, match="backend"):
         grouped_swiglu(torch.randn(2, D), [2], experts, backend="cutlass")
+
+
+def test_cpu_row_tiles_match_one_tile(monkeypatch):
+    """The loop backend's CPU row tiles (GEMM -> activation -> GEMM per tile) change nothing but the order."""
+    import desmoe.moe.grouped as grouped
+
+    torch.manual_seed(2)
+    experts = torch.nn.ModuleList(SwiGLUExpert(D, F) for _ in range(3))
+    counts = [41, 0, 70]  # several tiles each, the last one partial
+    n = sum(counts)
+    x = torch.randn(n, D, requires_grad=True)
+    w = torch.rand(n, requires_grad=True)
+    keep = torch.rand(n) > 0.3
+    upstream = torch.randn(n, D)
+    monkeypatch.setattr(grouped, "TILE_BYTES", 0)
+    y_one, g_one = run("loop", experts, x, counts, w, keep, upstream)
+    monkeypatch.setattr(grouped, "TILE_BYTES", 16 * 2 * F * 4)  # 16 rows per tile
+    y_tiled, g_tiled = run("loop", experts, x, counts, w, keep, upstream)
+    # the same arithmetic per row; a GEMM library may still pick another kernel for fewer rows
+    assert_close(y_tiled, y_one, terms=D + F)
+    for a, b in zip(g_tiled, g_one):
+        assert_close(a, b, terms=2 * (D + F) + max(counts))

@@ -72,10 +72,11 @@ def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor, d_h_out: Optional[Te
     return d_h, d_w
 
 
-# CPU row tiles: the first GEMM's output tile is still in cache when the activation reads it, and the
-# activation's when the second GEMM does (untiled, the [n, 2f] pre-activation of a large expert goes
-# to memory and back: the activation pass was memory-bound).  About 256 KiB of pre-activation per tile.
-TILE_BYTES = int(os.environ.get("DESMOE_TILE_BYTES", str(256 * 1024)))
+# Optional CPU row tiles (GEMM -> activation -> GEMM per tile of about TILE_BYTES of pre-activation), so
+# the activation reads its GEMM's output from cache: in isolation the activation pass is memory-bound
+# (4x faster on cache-resident rows).  Off by default: in the block, same process, 1 thread, tiles of
+# 256 KiB / 1 MiB made the step 11 % / 6 % slower (more, smaller GEMM calls; docs/performance.md).
+TILE_BYTES = int(os.environ.get("DESMOE_TILE_BYTES", "0"))
 
 
 def _tiles(start: int, n: int, x: Tensor, two_f: int):
