@@ -91,11 +91,19 @@ def build(s: dict, device, dtype) -> dict:
     from desmoe.moe import LinearRouter, MoEBlock, SwiGLUExpert
 
     torch.manual_seed(0)
+    with torch.device(device):  # initialise where it runs: Mixtral's full-width variants are 1.4 B weights each
+        return _build(s, device, dtype, DeepSpeedMoE, Qwen2MoeConfig, Qwen2MoeSparseMoeBlock, LinearRouter, MoEBlock,
+                      SwiGLUExpert)
+
+
+def _build(s, device, dtype, DeepSpeedMoE, Qwen2MoeConfig, Qwen2MoeSparseMoeBlock, LinearRouter, MoEBlock,
+           SwiGLUExpert) -> dict:
     d, f, E, k, sf = s["hidden"], s["ffn"], s["experts"], s["topk"], s["shared"]
     shared = SwiGLUExpert(d, sf) if sf else None
     ours = MoEBlock(d, SwiGLUExpert(d, f), LinearRouter(d, E, k, normalize_topk=s["normalize"]), shared=shared,
                     shared_gate=shared is not None)
-    ours.init_experts(seed=0)
+    if device.type == "cpu":  # seeded per global expert (drawn on the CPU); elsewhere nn.Linear's own init will do,
+        ours.init_experts(seed=0)  # every variant copies these weights either way
     blocks = {"desmoe": ours}
     for impl in HF_IMPLS:
         cfg = Qwen2MoeConfig(hidden_size=d, moe_intermediate_size=f, num_experts=E, num_experts_per_tok=k,
@@ -206,6 +214,14 @@ def timed(run, sync) -> float:
     return time.perf_counter() - t0
 
 
+def _available_ram() -> int:
+    """MemAvailable (free + reclaimable cache); the free-page count alone ignores the page cache."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def hf_batched_bytes(s, itemsize) -> int:
     """batched_mm gathers [routes, 3 f, d] of weights, and its backward as much again."""
     return 2 * s["tokens"] * s["topk"] * 3 * s["ffn"] * s["hidden"] * itemsize
@@ -224,7 +240,7 @@ def main(argv=None) -> dict:
     s = resolve(args, cuda)
     rounds = args.rounds or (15 if args.shape == "toy" or cuda else 6)
     weights = 2 * 3 * s["hidden"] * (s["experts"] * s["ffn"] + s["shared"]) * torch.finfo(dtype).bits // 8
-    avail = torch.cuda.mem_get_info()[0] if cuda else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    avail = torch.cuda.mem_get_info()[0] if cuda else _available_ram()
     if 6 * weights > avail / 2:  # six copies (desmoe, 3 HF, DeepSpeed, floor), weights + gradients
         sys.exit(f"moe_block: {args.shape} needs about {6 * weights / 2**30:.1f} GiB for its variants' weights and "
                  f"gradients, more than half of the {avail / 2**30:.1f} GiB free: use --hidden/--ffn/--experts")
@@ -238,7 +254,7 @@ def main(argv=None) -> dict:
         diff = {n: (blocks[n](x.unsqueeze(0))[0] - ref).abs().max().item() for n in ("hf_eager", "deepspeed_moe")
                 if n != "deepspeed_moe" or s["normalize"]}
     counts = blocks["desmoe"].last_stats.tokens_per_expert.tolist()
-    free = (torch.cuda.mem_get_info()[0] if cuda else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    free = torch.cuda.mem_get_info()[0] if cuda else _available_ram()
     need = hf_batched_bytes(s, x.element_size())
     if need > free / 3:
         skipped["hf_batched_mm"] = f"would gather {need / 2**30:.1f} GiB of per-route weights"
