@@ -162,6 +162,8 @@ def main(argv=None) -> dict:
         except Exception as err:  # noqa: BLE001 - e.g. out of memory: report, go on with the next model
             r = {"model": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}", "mfu": None}
         rows.append(r)
+        print(f"[model_mfu] {name}: " + (r['error'] if r.get('error') else
+              f"{r['tflops']:.2f} TFLOP/s, MFU {r['mfu']:.1%}"), flush=True)  # survives a timeout later
     result = {"device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads",
               "dtype": str(dtype).replace("torch.", ""), "seq": args.seq, "batch": args.batch,
               "peak_tflops": peak_flops / 1e12, "peak": peak_what, "load": os.getloadavg(), "models": rows}

@@ -201,6 +201,8 @@ def grouped_mm_supported(x: Tensor, experts) -> bool:
     are 16-byte aligned, and not switched off with ``DESMOE_GROUPED_MM=0``."""
     if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
         return False
+    if x.shape[0] == 0:  # a rank that received no rows (EP): nothing to launch, the loop handles it
+        return False
     if os.environ.get("DESMOE_GROUPED_MM", "1") == "0":
         return False
     d, two_f = x.shape[1], experts[0].gate_up.weight.shape[0]
