@@ -57,3 +57,12 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# make gpu-check: every GPU path end to end (smoke + resume, pretraining, DES-MoE and FFT, TRGE, the block
+# benches at real shapes, model MFU) in <= 8 minutes on one GPU, one table (bench/gpu_check.py).  Uses the
+# venv if there is one, else the machine's python3 (a GPU machine's own torch).  GPU_CHECK_ARGS=--cpu: the
+# dry run on CPU ranks.
+.PHONY: gpu-check
+GPU_PY ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)

@@ -88,26 +88,42 @@ class SwiGLUKernels:
             return "bf16"
         raise TypeError(f"fused SwiGLU supports float32 and bfloat16, not {h.dtype}")
 
-    def fwd(self, h: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
+    def fwd(self, h: torch.Tensor, w: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``out``: a contiguous [n, f] tensor of h's dtype to write into (a row block of a larger buffer)."""
         h = h.contiguous()
         n, f = h.shape[0], h.shape[1] // 2
-        act = h.new_empty((n, f))
+        act = h.new_empty((n, f)) if out is None else _checked_out(out, (n, f), h.dtype)
         w = w.contiguous().to(h.dtype) if w is not None else None
         fn = getattr(self.lib, f"swiglu_fwd_{self._suffix(h)}")
         self._run(fn, n, h.data_ptr(), w.data_ptr() if w is not None else None, act.data_ptr(), f)
         return act
 
-    def bwd(self, h: torch.Tensor, w: Optional[torch.Tensor], d_act: torch.Tensor):
-        """Returns (d_h, d_w); d_w is None without w."""
+    def bwd(self, h: torch.Tensor, w: Optional[torch.Tensor], d_act: torch.Tensor,
+            d_h: Optional[torch.Tensor] = None, d_w: Optional[torch.Tensor] = None):
+        """Returns (d_h, d_w); d_w is None without w.  ``d_h`` [n, 2f] (h's dtype) and ``d_w`` [n]
+        (float32): contiguous tensors to write into instead of new ones."""
         h, d_act = h.contiguous(), d_act.contiguous().to(h.dtype)
         n, f = h.shape[0], h.shape[1] // 2
-        d_h = torch.empty_like(h)
+        d_h = torch.empty_like(h) if d_h is None else _checked_out(d_h, tuple(h.shape), h.dtype)
         w = w.contiguous().to(h.dtype) if w is not None else None
-        d_w = torch.empty(n, dtype=torch.float32) if w is not None else None
+        if w is None:
+            d_w = None
+        elif d_w is None:
+            d_w = torch.empty(n, dtype=torch.float32)
+        else:
+            d_w = _checked_out(d_w, (n,), torch.float32)
         fn = getattr(self.lib, f"swiglu_bwd_{self._suffix(h)}")
         self._run(fn, n, h.data_ptr(), w.data_ptr() if w is not None else None, d_act.data_ptr(), d_h.data_ptr(),
                   d_w.data_ptr() if d_w is not None else None, f)
         return d_h, d_w
+
+
+def _checked_out(t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    # The C code writes through the raw pointer: a wrong shape or a strided view would corrupt memory.
+    if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"output must be a contiguous CPU {dtype} tensor of shape {shape}, got "
+                         f"{t.dtype} {tuple(t.shape)} contiguous={t.is_contiguous()}")
+    return t
 
 
 def swiglu_cpu() -> Optional[SwiGLUKernels]:

@@ -94,7 +94,9 @@ class ExpertDispatcher(nn.Module):
         route_expert = (routing.expert_ids if slots is None else slots).t().reshape(-1)
         route_weight = routing.weights.t().reshape(-1)
         order = torch.argsort(route_expert, stable=True)
-        counts = torch.bincount(route_expert, minlength=num_experts)
+        # scatter_add, not bincount: CUDA's bincount reads the largest id back to the host.
+        counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, route_expert, torch.ones_like(route_expert))
         capacity = self.capacity(num_tokens, k)
         if capacity is not None:
             sorted_expert = route_expert[order]
@@ -110,12 +112,14 @@ class ExpertDispatcher(nn.Module):
         route_keep = None if keep is None else keep.t().reshape(-1)[order]
         if self.layout.ep_size == 1 and self._grouped():
             # Local experts can apply the route weight inside their fused activation.
-            weighted = grouped_swiglu(dispatched, kept_counts.tolist(), self.experts.deepspeed_experts,
+            # Counts stay a tensor: the grouped_mm backend (CUDA) needs no host copy of them.
+            weighted = grouped_swiglu(dispatched, kept_counts, self.experts.deepspeed_experts,
                                       weights.to(dispatched.dtype), route_keep)
         else:
             weighted = self._run_experts(dispatched, kept_counts, route_keep).float() * weights.unsqueeze(1)
-        out = torch.zeros((num_tokens, x.shape[1]), dtype=torch.float32, device=x.device)  # fp32 accumulation
-        out = out.index_add(0, token_of_route, weighted.float()).to(x.dtype)
+        # fp32 accumulation; in place on the fresh buffer (out-of-place index_add would copy it first).
+        out = torch.zeros((num_tokens, x.shape[1]), dtype=torch.float32, device=x.device)
+        out = out.index_add_(0, token_of_route, weighted.float()).to(x.dtype)
         stats = DispatchStats(tokens_per_expert=counts.detach(), dropped=(counts - kept_counts).sum().detach())
         return out, stats
 

@@ -9,6 +9,18 @@ row's route weight, which then needs no pass of its own -- runs as one fused
 pass forward and one backward (``desmoe.kernels`` on CPU, torch ops elsewhere).
 Same math as ``SwiGLUExpert`` followed by the weighting.
 
+Two backends compute the same function:
+
+* ``loop``: one GEMM per expert on its row block.  On a CPU a GEMM's launch
+  costs nothing next to its work, so this is the fastest there (measured in
+  ``bench/moe_block.py``); it needs the row counts on the host.
+* ``grouped_mm``: ``torch._grouped_mm``, one kernel for all experts per GEMM
+  (2 forward, 4 backward).  On a GPU the per-expert launches dominate a
+  fine-grained MoE (64-128 small experts), and the row offsets stay on the
+  device, so the routed path needs no host synchronisation.  Chosen
+  automatically on CUDA for bf16 with 16-byte aligned widths (what the kernel
+  takes); torch also runs it on CPU, which is how the tests check its math.
+
 An optional boolean row mask ``keep`` restricts the *weight* gradients to the
 kept rows, while the input and route-weight gradients still come from every row
 (a caller's per-route "does this route teach the expert" decision, e.g. gradient
@@ -16,7 +28,8 @@ isolation between data sources).  Without it the code path is unchanged.
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,21 +37,25 @@ from torch import Tensor
 
 from desmoe.kernels import swiglu_cpu
 
+Counts = Union[Sequence[int], Tensor]
 
-def _act_fwd(h: Tensor, w: Optional[Tensor]) -> Tensor:
+
+def _act_fwd(h: Tensor, w: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
     kernel = swiglu_cpu() if h.device.type == "cpu" else None
     if kernel is not None:
-        return kernel.fwd(h, w)
+        return kernel.fwd(h, w, out)
     f = h.shape[1] // 2
     act = F.silu(h[:, :f]) * h[:, f:]
-    return act * w.unsqueeze(1) if w is not None else act
+    act = act * w.unsqueeze(1) if w is not None else act
+    return act if out is None else out.copy_(act)
 
 
-def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """Returns (d_h, d_w)."""
+def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor, d_h_out: Optional[Tensor] = None,
+             d_w_out: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Returns (d_h, d_w), written into ``d_h_out`` / ``d_w_out`` when given."""
     kernel = swiglu_cpu() if h.device.type == "cpu" else None
     if kernel is not None:
-        return kernel.bwd(h, w, d_act)
+        return kernel.bwd(h, w, d_act, d_h_out, d_w_out)
     f = h.shape[1] // 2
     gate, up = h[:, :f].float(), h[:, f:].float()
     sig = torch.sigmoid(gate)
@@ -48,51 +65,75 @@ def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor) -> tuple[Tensor, Opt
     d_w = (d * act).sum(1) if w is not None else None
     dw = d * w.float().unsqueeze(1) if w is not None else d
     d_h = torch.cat([dw * up * sig * (1 + gate * (1 - sig)), dw * silu], dim=1).to(h.dtype)
+    if d_h_out is not None:
+        d_h = d_h_out.copy_(d_h)
+    if d_w_out is not None and d_w is not None:
+        d_w = d_w_out.copy_(d_w)
     return d_h, d_w
 
 
+# Optional CPU row tiles (GEMM -> activation -> GEMM per tile of about TILE_BYTES of pre-activation), so
+# the activation reads its GEMM's output from cache: in isolation the activation pass is memory-bound
+# (4x faster on cache-resident rows).  Off by default: in the block, same process, 1 thread, tiles of
+# 256 KiB / 1 MiB made the step 11 % / 6 % slower (more, smaller GEMM calls; docs/performance.md).
+TILE_BYTES = int(os.environ.get("DESMOE_TILE_BYTES", "0"))
+
+
+def _tiles(start: int, n: int, x: Tensor, two_f: int):
+    if x.device.type != "cpu" or TILE_BYTES <= 0:
+        yield slice(start, start + n)  # GPUs: one launch per GEMM, no tiling
+        return
+    rows = max(16, TILE_BYTES // (two_f * x.element_size()))
+    for t in range(start, start + n, rows):
+        yield slice(t, min(t + rows, start + n))
+
+
 class GroupedSwiGLU(torch.autograd.Function):
+    """The ``loop`` backend: per expert, per row tile, GEMM -> activation -> GEMM; counts on the host."""
+
     @staticmethod
     def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor],  # type: ignore[override]
                 counts: list[int], *weights: Tensor) -> Tensor:
+        two_f = weights[0].shape[0]
         out = x.new_empty(x.shape)
-        saved = []  # per expert: pre-activation h and the (weighted) activation
+        h_all = x.new_empty((x.shape[0], two_f))  # pre-activations, gate | up, all experts' rows
+        act_all = x.new_empty((x.shape[0], two_f // 2))  # (weighted) activations
         start = 0
         for e, n in enumerate(counts):
             w_gate_up, w_down = weights[2 * e], weights[2 * e + 1]
-            h = torch.mm(x[start:start + n], w_gate_up.t())  # [n, 2f]: gate | up
-            act = _act_fwd(h, route_w[start:start + n] if route_w is not None else None)
-            torch.mm(act, w_down.t(), out=out[start:start + n])
-            saved.extend((h, act))
+            for r in _tiles(start, n, x, two_f):
+                torch.mm(x[r], w_gate_up.t(), out=h_all[r])
+                _act_fwd(h_all[r], route_w[r] if route_w is not None else None, act_all[r])
+                torch.mm(act_all[r], w_down.t(), out=out[r])
             start += n
         ctx.counts = counts
         ctx.has_w = route_w is not None
         ctx.keep = keep  # bool, not differentiable
-        ctx.save_for_backward(x, route_w if route_w is not None else x.new_empty(0), *weights, *saved)
+        ctx.save_for_backward(x, route_w if route_w is not None else x.new_empty(0), h_all, act_all, *weights)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         counts = ctx.counts
-        x, route_w, *rest = ctx.saved_tensors
-        weights, saved = rest[:2 * len(counts)], rest[2 * len(counts):]
+        x, route_w, h_all, act_all, *weights = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        two_f = h_all.shape[1]
         grad_x = torch.empty_like(x)
+        d_h_all = torch.empty_like(h_all)
         grad_route = torch.empty(x.shape[0], dtype=torch.float32, device=x.device) if ctx.has_w else None
         grad_w: list[Tensor] = []
         start = 0
         for e, n in enumerate(counts):
             w_gate_up, w_down = weights[2 * e], weights[2 * e + 1]
-            rows, dy = slice(start, start + n), grad_out[start:start + n]
-            w = route_w[rows] if ctx.has_w else None
-            h, act = saved[2 * e], saved[2 * e + 1]
-            d_h, d_w = _act_bwd(h, w, torch.mm(dy, w_down))
-            if grad_route is not None:
-                grad_route[rows] = d_w
+            for r in _tiles(start, n, x, two_f):
+                d_act = torch.mm(grad_out[r], w_down)
+                _act_bwd(h_all[r], route_w[r] if ctx.has_w else None, d_act, d_h_all[r],
+                         grad_route[r] if grad_route is not None else None)
+                torch.mm(d_h_all[r], w_gate_up, out=grad_x[r])  # every row: the input gradient is never masked
             # Frozen experts (requires_grad=False) need no weight GEMMs.
             need_gu, need_down = ctx.needs_input_grad[4 + 2 * e], ctx.needs_input_grad[5 + 2 * e]
-            torch.mm(d_h, w_gate_up, out=grad_x[rows])  # every row: the input gradient is never masked
-            xr = x[rows]
+            rows = slice(start, start + n)
+            d_h, dy, xr, act = d_h_all[rows], grad_out[rows], x[rows], act_all[rows]
             if ctx.keep is not None:  # masked rows teach the expert nothing: weight GEMMs over kept rows only
                 kept = torch.nonzero(ctx.keep[rows]).flatten()
                 d_h, dy, xr, act = d_h[kept], dy[kept], xr[kept], act[kept]
@@ -104,10 +145,85 @@ class GroupedSwiGLU(torch.autograd.Function):
         return (grad_x, grad_route, None, None, *grad_w)
 
 
-def grouped_swiglu(x: Tensor, counts: list[int], experts, route_w: Optional[Tensor] = None,
-                   keep: Optional[Tensor] = None) -> Tensor:
-    """Run SwiGLU experts on consecutive row blocks of ``x`` (``counts`` rows each),
-    scaling each row's output by ``route_w`` when given; rows with ``keep`` False
-    add nothing to the experts' weight gradients."""
+def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+class GroupedMMSwiGLU(torch.autograd.Function):
+    """The ``grouped_mm`` backend: six grouped GEMMs per step whatever the number of experts.
+
+    The experts' weights are separate parameters (DeepSpeed's checkpoint layout), so
+    they are stacked for each GEMM; the stack is rebuilt in backward rather than
+    saved, which would hold a second copy of every layer's experts until backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor],  # type: ignore[override]
+                counts: Tensor, *weights: Tensor) -> Tensor:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)  # group ends, on the device
+        w_gate_up, w_down = torch.stack(weights[0::2]), torch.stack(weights[1::2])  # [E, 2f, d], [E, d, f]
+        h = _gmm(x, w_gate_up.transpose(1, 2), offs)  # [N, 2f]
+        act = _act_fwd(h, route_w)
+        out = _gmm(act, w_down.transpose(1, 2), offs)  # [N, d]
+        ctx.has_w = route_w is not None
+        ctx.num_experts = len(counts)
+        ctx.save_for_backward(x, route_w if route_w is not None else x.new_empty(0),
+                              keep if keep is not None else x.new_empty(0, dtype=torch.bool), offs, h, act, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, route_w, keep, offs, h, act, *weights = ctx.saved_tensors
+        w = route_w if ctx.has_w else None
+        dy = grad_out.contiguous()
+        w_gate_up, w_down = torch.stack(weights[0::2]), torch.stack(weights[1::2])
+        d_h, d_w = _act_bwd(h, w, _gmm(dy, w_down, offs))
+        grad_x = _gmm(d_h, w_gate_up, offs)  # every row: the input gradient is never masked
+        grad_route = d_w.to(route_w.dtype) if ctx.has_w else None
+        need = ctx.needs_input_grad[4:]
+        grad_w: list[Optional[Tensor]] = [None] * len(weights)
+        if any(need):
+            if keep.numel():  # masked rows add exact zeros to the weight sums: no host sync to select rows
+                d_h, dy = d_h * keep.unsqueeze(1), dy * keep.unsqueeze(1)
+            # Frozen experts still share the kernel; their slices are dropped.
+            g_gate_up = _gmm(d_h.t(), x, offs) if any(need[0::2]) else None  # [E, 2f, d]
+            g_down = _gmm(dy.t(), act, offs) if any(need[1::2]) else None  # [E, d, f]
+            for e in range(ctx.num_experts):
+                if need[2 * e]:
+                    grad_w[2 * e] = g_gate_up[e]
+                if need[2 * e + 1]:
+                    grad_w[2 * e + 1] = g_down[e]
+        return (grad_x, grad_route, None, None, *grad_w)
+
+
+def grouped_mm_supported(x: Tensor, experts) -> bool:
+    """Whether ``auto`` picks the grouped_mm backend: CUDA, bf16 (the kernel's dtype), widths whose rows
+    are 16-byte aligned, and not switched off with ``DESMOE_GROUPED_MM=0``."""
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.shape[0] == 0:  # a rank that received no rows (EP): nothing to launch, the loop handles it
+        return False
+    if os.environ.get("DESMOE_GROUPED_MM", "1") == "0":
+        return False
+    d, two_f = x.shape[1], experts[0].gate_up.weight.shape[0]
+    return d % 8 == 0 and two_f % 16 == 0
+
+
+def grouped_swiglu(x: Tensor, counts: Counts, experts, route_w: Optional[Tensor] = None,
+                   keep: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Run SwiGLU experts on consecutive row blocks of ``x`` (``counts`` rows each: a list or
+    an integer tensor), scaling each row's output by ``route_w`` when given; rows with
+    ``keep`` False add nothing to the experts' weight gradients.
+
+    ``backend``: ``auto`` (grouped_mm where :func:`grouped_mm_supported`, else loop),
+    ``loop`` or ``grouped_mm`` (forced, e.g. to test its math on a CPU)."""
+    if backend == "auto":
+        backend = "grouped_mm" if grouped_mm_supported(x, experts) else "loop"
     weights = [w for e in experts for w in (e.gate_up.weight, e.down.weight)]
-    return GroupedSwiGLU.apply(x, route_w, keep, counts, *weights)
+    if backend == "grouped_mm":
+        counts_t = counts if isinstance(counts, Tensor) else torch.tensor(list(counts))
+        return GroupedMMSwiGLU.apply(x, route_w, keep, counts_t.to(x.device), *weights)
+    if backend != "loop":
+        raise ValueError(f"unknown grouped_swiglu backend '{backend}' (auto, loop, grouped_mm)")
+    counts_l = counts.tolist() if isinstance(counts, Tensor) else list(counts)  # the loop needs host ints
+    return GroupedSwiGLU.apply(x, route_w, keep, counts_l, *weights)
