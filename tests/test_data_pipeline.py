@@ -15,8 +15,14 @@ SPLITS = ("train", "val", "test")
 
 
 def _files(root: Path) -> dict[str, bytes]:
+    # timing.json holds wall times; the manifest lists timing.json's hash too (compared below without it)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "timing.json"}
+            if p.is_file() and p.name not in ("timing.json", "desmoe-manifest.json")}
+
+
+def _manifest_without_timing(root: Path) -> dict:
+    files = json.loads((root / "desmoe-manifest.json").read_text())["files"]
+    return {k: v for k, v in files.items() if k != "timing.json"}
 
 
 def test_same_seed_gives_byte_identical_outputs(tiny_data, tmp_path):
@@ -27,6 +33,7 @@ def test_same_seed_gives_byte_identical_outputs(tiny_data, tmp_path):
     first, again = _files(tiny_data), _files(tmp_path / "again")
     assert sorted(first) == sorted(again)
     assert [k for k in first if first[k] != again[k]] == []
+    assert _manifest_without_timing(tiny_data) == _manifest_without_timing(tmp_path / "again")
     assert any(k.endswith(".bin") for k in first) and "tokenizer/spm.model" in first
     assert json.loads((tmp_path / "again" / "timing.json").read_text())["workers"] == 2
 
@@ -181,6 +188,9 @@ def test_tokenizer_mismatch_with_indexed_data_is_one_line(tiny_data, tmp_path):
     shutil.copytree(tiny_data, copy)
     other = next(CACHE.glob("unpacked/pip/sentencepiece-0.2.3/*/test/botchan_en_unigram_1000.model"))
     shutil.copy(other, copy / "tokenizer" / "spm.model")
+    with pytest.raises(UserError, match=r"spm\.model: prepared data folder file is (truncated|longer than written)"):
+        PreparedData(copy)  # the folder's manifest notices the swap first
+    (copy / "desmoe-manifest.json").unlink()  # a folder without a manifest: the tokenizer check itself
     with pytest.raises(UserError, match=r"tokenizer .*spm.model \(vocab 1000, .*\) does not match the indexed "
                                         r"data in .* \(built with vocab 2000"):
         PreparedData(copy).tokenizer
