@@ -31,7 +31,7 @@ from desmoe.errors import UserError, run_cli  # noqa: E402
 
 DENSE = Path("cache/base/smollm2-135m")
 DATA = Path("data/realbase")
-EVAL_TOKENS, EVAL_SEQ, EVAL_BATCH = 8192, 128, 8  # held-out windows, as launcher/pretrain.py evaluates them
+EVAL_TOKENS, EVAL_SEQ, EVAL_BATCH = 4096, 128, 8  # held-out windows, as launcher/pretrain.py evaluates them
 
 
 def log(msg: str) -> None:
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--shared-ffn", type=int, default=512)
     parser.add_argument("--router", choices=("fit", "zero"), default="fit")
     parser.add_argument("--heal-steps", type=int, default=60, help="0: no healing")
-    parser.add_argument("--probe-items", type=int, default=100)
+    parser.add_argument("--probe-items", type=int, default=50)
     parser.add_argument("--out", default="cache/realbase")
     parser.add_argument("--cache", default="cache", help="download cache of data_prep")
     parser.add_argument("--port", type=int, default=29531)
@@ -177,6 +177,7 @@ def main() -> None:
     if not (moe / "config.json").is_file():
         calib = general_ids(data, "train", 8 * 256).view(8, 256)
         upcycle_shared(dense, moe, args.experts, args.top_k, args.shared_ffn, args.router, calib_ids=calib)
+        log(f"upcycled: {moe} ({time.perf_counter() - t:.0f} s)")
     times["upcycle_s"] = time.perf_counter() - t
     probes = out / "probes"
     if not (probes / "probes.json").is_file():

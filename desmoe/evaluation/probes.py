@@ -130,7 +130,7 @@ def cloze_items(texts: list[str], n: int, rng: random.Random) -> list[dict]:
     for prompt, word in rng.sample(cases, min(n, len(cases))):
         options = rng.sample([w for w in pool if w.lower() != word.lower()], 3) + [word]
         rng.shuffle(options)
-        items.append({"prompt": prompt[-600:], "choices": options, "answer": options.index(word)})
+        items.append({"prompt": prompt[-300:], "choices": options, "answer": options.index(word)})
     return items
 
 
@@ -175,7 +175,7 @@ def copy_items(words: list[str], n: int, rng: random.Random) -> list[dict]:
     return [{"prompt": f"{shots}Word: {w}\nRepeat:", "answer": w} for w in rng.sample(words, min(n, len(words)))]
 
 
-def build_probes(data_root: str | Path, out: str | Path, n: int = 100, prose_chars: int = 20000,
+def build_probes(data_root: str | Path, out: str | Path, n: int = 50, prose_chars: int = 8000,
                  seed: int = 0) -> dict:
     """Write the probe tasks of the prepared folder ``data_root`` into ``out``; returns probes.json's content."""
     data_root, out = Path(data_root).resolve(), Path(out)
@@ -204,7 +204,7 @@ def write_tasks(sets: dict[str, list[dict]], out: Path) -> dict:
         data_file = (out / f"{task}.jsonl").resolve()
         data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         template = ROLLING if task == "probe_prose" else CHOICE if "choices" in rows[0] else EXACT
-        tokens = "4" if task == "probe_arith" else "8"
+        tokens = "3" if task == "probe_arith" else "5"
         (out / f"{task}.yaml").write_text(template.replace("@TASK@", task).replace("@DATA@", str(data_file))
                                           .replace("@TOKENS@", tokens))
     info = {task: {"metric": PROBES[task][0], "chance": PROBES[task][1], "chance_is": PROBES[task][2],

@@ -82,7 +82,7 @@ def balanced_groups(features: Tensor, groups: int, iters: int = 10, seed: int = 
     assignment); returns the row indices ordered group by group."""
     n = features.shape[0]
     size = n // groups
-    f = torch.nn.functional.normalize(features.double(), dim=1)
+    f = torch.nn.functional.normalize(features.float(), dim=1)
     gen = torch.Generator().manual_seed(seed)
     centres = f[torch.randperm(n, generator=gen)[:groups]]
     for _ in range(iters):
@@ -93,8 +93,9 @@ def balanced_groups(features: Tensor, groups: int, iters: int = 10, seed: int = 
             if owner_list[row] < 0 and room[g]:  # each group filled to its size
                 owner_list[row], room[g] = g, room[g] - 1
         owner = torch.tensor(owner_list)
-        centres = torch.nn.functional.normalize(torch.stack([f[owner == g].mean(0) for g in range(groups)]), dim=1)
-    return torch.cat([(owner == g).nonzero().flatten() for g in range(groups)])
+        members = torch.nn.functional.one_hot(owner, groups).to(f.dtype)  # (n, groups): one matmul, no masks
+        centres = torch.nn.functional.normalize(members.T @ f, dim=1)
+    return owner.argsort(stable=True)
 
 
 def _layer_split(gate: Tensor, up: Tensor, down: Tensor, num_experts: int, shared_ffn: int,
