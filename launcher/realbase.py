@@ -104,11 +104,16 @@ def _headline(results: dict, probes: Path) -> dict:
 
 
 def cached_eval(path: Path, model_dir: Path, data: Path, probes: Path) -> dict:
+    """The evaluation of ``model_dir``, reused while the model and the probe set are the same."""
+    import hashlib
+
+    key = {"model": str(model_dir), "probes_sha256": hashlib.sha256((probes / "probes.json").read_bytes()
+                                                                    + str(EVAL_TOKENS).encode()).hexdigest()}
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("model") == str(model_dir):
+        if all(saved.get(k) == v for k, v in key.items()):
             return saved
-    result = {"model": str(model_dir), **evaluate(model_dir, data, probes)}
+    result = {**key, **evaluate(model_dir, data, probes)}
     path.write_text(json.dumps(result, indent=1, default=float) + "\n")
     return result
 
@@ -162,7 +167,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.heal_steps < 0:
         raise UserError(f"--heal-steps {args.heal_steps}: expected 0 or more")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    # one thread unless told: on a shared 2-core box, two spinning OpenMP threads per process ran the
+    # evaluation several times slower than one
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out, times = Path(args.out), {}
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()

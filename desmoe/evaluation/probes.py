@@ -20,6 +20,7 @@ their metric and chance level); ``python -m desmoe.evaluate MODEL --include_path
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -141,10 +142,12 @@ def define_items(rows: list[dict], n: int, rng: random.Random) -> list[dict]:
     if len(words) < 4:
         raise UserError("fewer than 4 dictionary items (source gcide) for the definition probe")
     items = []
-    for prompt, definition in rng.sample(pairs, min(n, len(pairs))):
+    for prompt, definition in rng.sample(pairs, len(pairs)):
         term = _term(prompt)
         if not term or term.lower() in definition.lower():  # the answer must not be in the question
             continue
+        if len(items) == n:
+            break
         options = rng.sample([w for w in words if w != term], 3) + [term]
         rng.shuffle(options)
         items.append({"prompt": f"Definition: {definition.strip()[:400]}\nThe word defined is:", "choices": options,
@@ -208,6 +211,7 @@ def write_tasks(sets: dict[str, list[dict]], out: Path) -> dict:
         (out / f"{task}.yaml").write_text(template.replace("@TASK@", task).replace("@DATA@", str(data_file))
                                           .replace("@TOKENS@", tokens))
     info = {task: {"metric": PROBES[task][0], "chance": PROBES[task][1], "chance_is": PROBES[task][2],
-                   "items": len(rows)} for task, rows in sets.items()}
+                   "items": len(rows), "sha256": hashlib.sha256((out / f"{task}.jsonl").read_bytes()).hexdigest()}
+            for task, rows in sets.items()}  # the digests key cached evaluations to these items
     (out / "probes.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
