@@ -91,7 +91,7 @@ def evaluate(model_dir: Path, data: Path, probes: Path) -> dict:
         nll = torch.stack([lm_loss(model, b, 0.0)[1] for b in batches]).mean().item()
     out = {"heldout_ppl": math.exp(nll), "heldout_tokens": sum(b[:, 1:].numel() for b in batches)}
     tasks = sorted(json.loads((probes / "probes.json").read_text()))
-    out["probes"] = run(make_lm(model, HFTokenizer(model_dir), batch_size=16), tasks, probes)
+    out["probes"] = run(make_lm(model, HFTokenizer(DENSE), batch_size=16), tasks, probes)  # one tokenizer for all
     out["eval_s"] = time.perf_counter() - t0
     log(f"{model_dir}: held-out ppl {out['heldout_ppl']:.2f}; " + ", ".join(
         f"{t} {v}" for t, v in _headline(out["probes"], probes).items()) + f" ({out['eval_s']:.0f} s)")
@@ -122,6 +122,7 @@ def heal(moe: Path, data: Path, out: Path, steps: int, port: int) -> tuple[Path,
     """Continued pretraining of the upcycled MoE on general text: launcher/pretrain.py, 2 ranks, EP=2."""
     healed = out / f"healed-{moe.name}-{steps}"
     if (healed / "report.json").is_file():
+        _ship_tokenizer(moe, healed)
         return healed, json.loads((healed / "report.json").read_text()).get("train_s_this_run", float("nan"))
     args = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(port), "--num_gpus", "2",
             "launcher/pretrain.py", "--deepspeed", "configs/zero2.json", "--config", "configs/realbase_heal.yaml",
@@ -132,17 +133,29 @@ def heal(moe: Path, data: Path, out: Path, steps: int, port: int) -> tuple[Path,
     proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode:
         raise UserError(f"healing run failed (exit {proc.returncode}); see runs/realbase-heal-{moe.name}-{steps}")
+    _ship_tokenizer(moe, healed)
     return healed, time.perf_counter() - t0
+
+
+def _ship_tokenizer(src: Path, dst: Path) -> None:
+    """The pretrain export ships only a sentencepiece model; SmolLM2's tokenizer files go beside the
+    healed weights so the folder loads on its own (python -m desmoe.evaluate)."""
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).is_file() and not (dst / name).is_file():
+            shutil.copy2(src / name, dst / name)
 
 
 def table(rows: dict, info: dict) -> str:
     names = list(rows)
     lines = ["| probe (metric) | chance | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
-    lines.append("| held-out prose perplexity (tokens) | 49,152 (uniform) | "
+    lines.append(f"| held-out general perplexity ({EVAL_TOKENS} tokens) | 49,152 (uniform) | "
                  + " | ".join(f"{rows[n]['heldout_ppl']:.2f}" for n in names) + " |")
     for task, meta in info.items():
         cells = [f"{rows[n]['probes'][task][meta['metric']]:.3f}" for n in names]
-        lines.append(f"| {task} ({meta['metric']}, n={meta['items']}) | {meta['chance']:g} ({meta['chance_is']}) | "
+        n = f"{meta['items']} documents" if task == "probe_prose" else meta["items"]
+        lines.append(f"| {task} ({meta['metric']}, n={n}) | {meta['chance']:g} ({meta['chance_is']}) | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
