@@ -49,7 +49,7 @@ def dense_base(cache: Path) -> Path:
 def prepared_data(dense: Path, cache: Path) -> Path:
     if not (DATA / "meta.json").is_file():
         from data_prep.build import build
-        build("demo", DATA, cache, [f"tokenizer.kind=hf", f"tokenizer.hf_path={dense}"], quiet=True)
+        build("demo", DATA, cache, ["tokenizer.kind=hf", f"tokenizer.hf_path={dense}"], quiet=True)
     return DATA
 
 
