@@ -116,6 +116,8 @@ CASES = [
          "key 'optimizer.params.betas': expected two numbers in [0, 1), got [0.9]"),
     Case("negative learning rate", "deepspeed", lambda t: ds(t, '{"optimizer": {"type": "AdamW", "params": {"lr": -1}}}'),
          "key 'optimizer.params.lr': expected a number > 0, got -1"),
+    Case("tokenizer folder without tokenizer files", "data", lambda t: _hf_tokenizer(t),
+         "no tokenizer files (expected tokenizer.json"),
     # what desmoe wrote, damaged afterwards (desmoe/integrity.py)
     Case("truncated data file", "integrity", lambda t: _damaged_data(t, truncate=True), "file is truncated"),
     Case("data file replaced by a longer one", "integrity", lambda t: _damaged_data(t, truncate=False),
@@ -160,6 +162,14 @@ def _latest_nowhere(tmp: Path):
     (tmp / "ckpt").mkdir()
     (tmp / "ckpt" / "latest").write_text("step00000007")
     return latest_tag(tmp / "ckpt")
+
+
+def _hf_tokenizer(tmp: Path):
+    from desmoe.data.tokenizer import HFTokenizer
+
+    (tmp / "model").mkdir()
+    (tmp / "model" / "config.json").write_text("{}")
+    return HFTokenizer(tmp / "model")
 
 
 def _sealed(tmp: Path) -> Path:

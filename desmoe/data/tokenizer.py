@@ -49,6 +49,11 @@ class HFTokenizer:
         self.path = Path(path)
         if not self.path.is_dir():
             raise UserError(f"{self.path}: HF tokenizer folder not found")
+        # transformers 5 builds an empty tokenizer from a folder without these instead of failing
+        if not any((self.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json",
+                                                        "vocab.txt", "tokenizer_config.json")):
+            raise UserError(f"{self.path}: no tokenizer files (expected tokenizer.json, tokenizer.model, "
+                            f"vocab.json or vocab.txt)")
         try:
             self.tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         except (OSError, ValueError) as err:
