@@ -19,6 +19,7 @@ Continued pretraining with ``top_k < E`` then turns the router into a real one.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -85,8 +86,6 @@ def upcycle_state(dense_state: dict[str, Tensor], num_layers: int, num_experts: 
 def upcycle(dense: str | Path, out_dir: str | Path, num_experts: int, top_k: int, mode: UpcycleMode = "copy",
             router_std: float = 0.02, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """Write the upcycled MoE of the dense HF checkpoint ``dense`` to ``out_dir`` (HF layout)."""
-    import shutil
-
     from transformers import AutoModelForCausalLM
 
     if mode not in ("copy", "segment"):
@@ -96,6 +95,19 @@ def upcycle(dense: str | Path, out_dir: str | Path, num_experts: int, top_k: int
     dense_model = AutoModelForCausalLM.from_pretrained(str(dense), dtype=dtype, local_files_only=True)
     state = upcycle_state(dense_model.state_dict(), cfg.num_hidden_layers, num_experts, mode, router_std, seed)
     del dense_model
+    return save_upcycled(cfg, state, dense, out_dir, dtype)
+
+
+# what a dense folder carries besides weights that the upcycled model keeps unchanged
+KEEP_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "generation_config.json", "chat_template.jinja")
+
+
+def save_upcycled(cfg, state: dict, dense: str | Path, out_dir: str | Path, dtype: torch.dtype) -> Path:
+    """Materialise ``state`` as the HF model of ``cfg`` and write it, with the dense folder's tokenizer
+    files, atomically (sealed) at ``out_dir``."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         moe = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     if cfg.tie_word_embeddings:
@@ -108,7 +120,7 @@ def upcycle(dense: str | Path, out_dir: str | Path, num_experts: int, top_k: int
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     moe.save_pretrained(str(staging))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+    for name in KEEP_FILES:
         if (Path(dense) / name).is_file():
             shutil.copy2(Path(dense) / name, staging / name)
     return replace_dir_atomic(staging, out_dir, seal=True)

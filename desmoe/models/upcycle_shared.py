@@ -170,13 +170,10 @@ def upcycle_shared(dense: str | Path, out_dir: str | Path, num_experts: int, top
                    dtype: torch.dtype = torch.float32) -> Path:
     """Write the DeepSeek-style (qwen2_moe) upcycled MoE of the dense checkpoint ``dense`` to ``out_dir``.
     ``calib_ids``: (batch, seq) token ids of general text for the neuron groups and the fitted router."""
-    import shutil
-
     from transformers import AutoModelForCausalLM
 
-    from desmoe.checkpoint import replace_dir_atomic
     from desmoe.models.hf_io import checkpoint_config
-    from desmoe.models.hf_moe import restore_buffers
+    from desmoe.models.upcycle import save_upcycled
 
     if router not in ("fit", "zero"):
         raise UserError(f"upcycling: router '{router}': expected fit or zero")
@@ -185,20 +182,4 @@ def upcycle_shared(dense: str | Path, out_dir: str | Path, num_experts: int, top
     calib = mlp_inputs(dense_model, calib_ids) if calib_ids is not None else None
     state = shared_upcycle_state(dense_model.state_dict(), cfg, router, calib)
     del dense_model, calib
-    with torch.device("meta"):
-        moe = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    moe.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
-    restore_buffers(moe)
-    if cfg.tie_word_embeddings:
-        moe.lm_head.weight = moe.model.embed_tokens.weight
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    moe.save_pretrained(str(staging))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "generation_config.json", "chat_template.jinja"):
-        if (Path(dense) / name).is_file():
-            shutil.copy2(Path(dense) / name, staging / name)
-    return replace_dir_atomic(staging, out_dir, seal=True)
+    return save_upcycled(cfg, state, dense, out_dir, dtype)
