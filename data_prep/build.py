@@ -30,8 +30,10 @@ from data_prep.config import BuildConfig, load_profile
 from data_prep.evalsets import mcq_items
 from data_prep.extract import EXTRACTORS, Context, Doc
 from data_prep.sources import SourceCache, load_manifest
+from data_prep.user_data import Record, encode_record
 from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece, write_indexed
 from desmoe.config import split_overrides
+from desmoe.data.tokenizer import HFTokenizer
 from desmoe.data.prepared import FORMAT, SPLITS
 from desmoe.errors import ConfigError, UserError, run_cli
 from desmoe.integrity import seal
@@ -92,6 +94,9 @@ class Builder:
     def _clean(self, docs: list[Doc]) -> list[Doc]:
         out = []
         for d in docs:
+            if isinstance(d, Record):  # instruction records stay whole and verbatim: chunks would cut the
+                out.append(d)          # prompt from its response, tidying would move the mask's boundaries
+                continue
             text = tidy(d.text)
             if len(text) < self.cfg.min_chars:
                 continue
@@ -127,7 +132,7 @@ class Builder:
         user = {}
         if cfg.user_data:
             from data_prep.user_data import user_docs
-            user = user_docs(cfg.user_data, list(cfg.domains), cfg.heldout)
+            user = user_docs(cfg.user_data, list(cfg.domains), cfg.heldout, *self._chat())
         # a generous character cap per domain before tokenization keeps large sources cheap;
         # the exact token budget is applied after tokenization
         cap = int(cfg.budget_tokens * 8 / (1 - cfg.val_fraction - cfg.test_fraction))
@@ -159,6 +164,17 @@ class Builder:
             raise UserError(f"held-out set '{cfg.heldout}': no documents (heldout_extractors: "
                             f"{', '.join(cfg.heldout_extractors) or 'none'})")
         return domains, heldout
+
+    def _chat(self):
+        """(renderer of ``messages`` with the HF tokenizer's chat template, or None and why not)."""
+        t = self.cfg.tokenizer
+        if t.kind != "hf":
+            return None, ("tokenizer.kind is 'sentencepiece', which has no chat template; use tokenizer.kind=hf "
+                          "with an HF tokenizer that has a chat_template")
+        tok = HFTokenizer(t.hf_path).tok
+        if not getattr(tok, "chat_template", None):
+            return None, f"the HF tokenizer '{t.hf_path}' (tokenizer.hf_path) has no chat_template"
+        return (lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)), ""
 
     def deduplicate(self, domains: dict[str, list[Doc]], heldout: list[Doc]) -> dict[str, list[Doc]]:
         heldout_keep, _ = dedupe([d.text for d in heldout], self.cfg.near_dup_threshold)
@@ -232,8 +248,15 @@ class Builder:
             lap("tokenizer")
             items = [(n, s, d) for n, p in parts.items() for s in SPLITS for d in p[s]] + \
                     [(cfg.heldout, "test", d) for d in heldout]
-            with self.bar(total=len(items), desc="tokenize", unit="doc") as bar:
-                ids, perf = encode_all(tok, [d.text for _, _, d in items], cfg.workers, bar)
+            plain = [i for i, (_, _, d) in enumerate(items) if not isinstance(d, Record)]
+            with self.bar(total=len(plain), desc="tokenize", unit="doc") as bar:
+                got, perf = encode_all(tok, [items[i][2].text for i in plain], cfg.workers, bar)
+            ids = [None] * len(items)
+            for i, t in zip(plain, got):
+                ids[i] = t
+            for i, (_, _, d) in enumerate(items):  # instruction records: piece by piece, with their masks
+                if isinstance(d, Record):
+                    ids[i] = encode_record(tok, d, cfg.max_record_tokens)
             self.stats["tokenize"] = perf
             lap("tokenize")
             by_key = defaultdict(list)
@@ -241,6 +264,9 @@ class Builder:
                 by_key[(n, s)].append((d, t))
             budget = self._budget(by_key)
             selected = self._select(by_key, budget)
+            # domains with instruction records get loss masks (all splits); others need none
+            self.masked = sorted({n for (n, _), rows in selected.items() if n != cfg.heldout
+                                  and any(isinstance(d, Record) for d, _ in rows)})
             self._write(tmp, selected, tok)
             lap("write")
             meta = self._meta(tmp, selected, parts, tok, budget)
@@ -274,6 +300,8 @@ class Builder:
                     break
                 if total + len(t) + 1 > limit and s == "train":  # the last document is cut to fit
                     t = t[: limit - total - 1]
+                    if isinstance(d, Record) and not any(d.mask[: len(t)]):
+                        break  # a record cut before its response would train on nothing
                 got.append((d, t))
                 total += len(t) + 1
             out[(n, s)] = got
@@ -291,6 +319,10 @@ class Builder:
             (root / "raw" / n).mkdir(parents=True, exist_ok=True)
             pq.write_table(table, root / "raw" / n / f"{s}.parquet")
             write_indexed(root / "indexed" / n / s, [t for _, t in rows], tok.eos_id, tok.vocab_size)
+            if n in self.masked:  # the closing eos counts: the model learns to stop after a response
+                write_indexed(root / "indexed" / n / f"{s}.mask",
+                              [d.mask[: len(t)] if isinstance(d, Record) else [1] * len(t) for d, t in rows],
+                              1, 2)
 
     def _eval(self, root: Path, selected, parts) -> dict:
         cfg, ev = self.cfg, {"mcq": {}, "notes": {}}
@@ -344,7 +376,7 @@ class Builder:
             "budget_tokens_per_domain": budget,
             "tokenizer": {"kind": tok.kind, "path": str(tok.path.relative_to(root)), "vocab_size": tok.vocab_size,
                           "sha256": tok.fingerprint(), "eos_id": tok.eos_id},
-            "counts": counts, "sources": sources,
+            "counts": counts, "sources": sources, "loss_masks": self.masked,
             "packages": {n: self._package(n) for n in self.used_sources},
             "dropped": self.stats["dropped"], "available_train_tokens": self.stats["available_train_tokens"],
             "eval": self._eval(root, selected, parts), "card": "DATA_CARD.md",
