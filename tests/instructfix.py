@@ -8,6 +8,8 @@ import json
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 MODULES = ("json/__init__", "textwrap", "string", "shutil", "argparse", "pathlib/__init__", "functools",
@@ -81,6 +83,17 @@ def user_folder(tmp: Path) -> Path:
     (folder / "prose" / "p.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in prose[:half]))
     (folder / "heldout" / "h.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in prose[half:]))
     return folder
+
+
+_BUILT: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def instruct_data(tmp_path_factory) -> Path:
+    """The folder, built once per session (a module-level cache: both test modules import this)."""
+    if "out" not in _BUILT:
+        _BUILT["out"] = build_instruct(tmp_path_factory.mktemp("instruct"))
+    return _BUILT["out"]
 
 
 def build_instruct(tmp: Path) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from instructfix import build_instruct, docstrings, hf_tokenizer, profile, records, user_folder
+from instructfix import docstrings, hf_tokenizer, instruct_data, profile, records, user_folder  # noqa: F401
 from desmoe.data import PreparedData
 from desmoe.data.packing import DomainSampler
 from desmoe.errors import UserError
@@ -74,11 +74,6 @@ def test_masked_mean_is_per_counted_token():
     assert empty.item() == 0.0 and empty.requires_grad  # a batch of prompts only: no gradient, still a graph
 
 
-@pytest.fixture(scope="module")
-def instruct(tmp_path_factory):
-    return build_instruct(tmp_path_factory.mktemp("instruct"))
-
-
 def _expected(data: PreparedData):
     """(source, doc_id) -> (full text, response text) from the user's files, by format."""
     tok = data.tokenizer.tok
@@ -98,8 +93,8 @@ def _expected(data: PreparedData):
     return out
 
 
-def test_formats_give_response_only_masks_document_by_document(instruct):
-    data = PreparedData(instruct)
+def test_formats_give_response_only_masks_document_by_document(instruct_data):
+    data = PreparedData(instruct_data)
     tok, want = data.tokenizer, _expected(data)
     assert data.masked == ["qa"] and data.meta["loss_masks"] == ["qa"]
     seen = set()
@@ -118,7 +113,7 @@ def test_formats_give_response_only_masks_document_by_document(instruct):
             assert tok.decode([t for t, k in zip(body, keep) if k]) == resp
             assert not keep[0] and keep.any()  # every format starts with prompt tokens
     assert seen == {"user:qa/pc.jsonl", "user:qa/alpaca.jsonl", "user:qa/chat.jsonl"}
-    assert not (instruct / "indexed" / "prose" / "train.mask.idx").exists()  # plain text: no mask files
+    assert not (instruct_data / "indexed" / "prose" / "train.mask.idx").exists()  # plain text: no mask files
 
 
 class Spy:
@@ -132,8 +127,8 @@ class Spy:
         return self.ds.get(i, offset, length)
 
 
-def test_packed_and_blended_mask_is_the_documents_masks_end_to_end(instruct):
-    data = PreparedData(instruct)
+def test_packed_and_blended_mask_is_the_documents_masks_end_to_end(instruct_data):
+    data = PreparedData(instruct_data)
     ids = {d: data.indexed(name, "train") for d, name in enumerate(data.domains)}
     masks = {0: data.indexed("qa", "train", mask=True)}
     for homogeneous in (True, False):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from instructfix import build_instruct
+from instructfix import instruct_data  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,8 +105,32 @@ def prompt_labels_case(root: str):
     return sum(not torch.equal(w_base[n], w_other[n]) for n in w_base), len(changed)
 
 
-def test_prompt_tokens_contribute_no_gradient_ep2_zero2(ranks, tmp_path):
-    root = build_instruct(tmp_path)
-    moved = ranks.run(prompt_labels_case, str(root))
+def test_prompt_tokens_contribute_no_gradient_ep2_zero2(ranks, instruct_data):
+    moved = ranks.run(prompt_labels_case, str(instruct_data))
     # one response label on one rank moves the weights on both ranks (data-parallel gradient averaging)
     assert all(m[0] > 0 and m[1] > 0 for m in moved), moved
+
+
+def trainer_case(root: str, run_dir: str):
+    from desmoe.config import load_config
+    from desmoe.recipes.des_moe.recipe import DESMoEExperiment, train_desmoe
+
+    cfg = load_config(DESMoEExperiment, None, [
+        "model.vocab_size=500", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+        "model.max_seq_len=32", "model.num_experts=4", "model.ffn_size=32", "model.ep_size=2",
+        f"data.source={root}", "data.domains=[qa, prose]", "evaluation.downstream=false",
+        "train.steps=4", "train.micro_batch=2", "train.seq_len=32", "train.log_every=1", "train.eval_every=4",
+        "train.eval_batches=1", "train.save_every=4", "train.lr=0.01", "desmoe.method=desmoe",
+        "desmoe.schedule.t1=0.5", f"run.dir={run_dir}", "run.name=sft"])
+    return train_desmoe(cfg, str(ROOT / "configs/zero2.json"))
+
+
+def test_trainer_runs_instruction_data_ep2(ranks, instruct_data, tmp_path):
+    """The real Trainer, DES-MoE recipe, on the instruction folder: trains and evaluates on responses."""
+    import json
+
+    ranks.run(trainer_case, str(instruct_data), str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/task_loss"] for r in rows if "train/task_loss" in r]
+    assert len(losses) == 4 and all(0 < v < 10 for v in losses)
+    assert any("val/loss/qa" in r for r in rows)

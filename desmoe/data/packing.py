@@ -46,6 +46,11 @@ class DomainBatch:
         if self.loss_mask is None:  # sources without masks (byte corpora, plain text): all ones
             self.loss_mask = torch.ones(self.input_ids.shape, dtype=torch.bool)
 
+    def mask_for_loss(self, device) -> Optional[torch.Tensor]:
+        """The mask for ``next_token_loss``, None when every label counts: text-only batches take the
+        unmasked path and stay bit-for-bit what they were (checked on the CPU copy: no device sync)."""
+        return None if bool(self.loss_mask[:, 1:].all()) else self.loss_mask.to(device)
+
     @property
     def inputs(self) -> torch.Tensor:
         return self.input_ids[:, :-1]
