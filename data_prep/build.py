@@ -33,7 +33,6 @@ from data_prep.sources import SourceCache, load_manifest
 from data_prep.user_data import Record, encode_record
 from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece, write_indexed
 from desmoe.config import split_overrides
-from desmoe.data.tokenizer import HFTokenizer
 from desmoe.data.prepared import FORMAT, SPLITS
 from desmoe.errors import ConfigError, UserError, run_cli
 from desmoe.integrity import seal
@@ -131,8 +130,8 @@ class Builder:
         cfg = self.cfg
         user = {}
         if cfg.user_data:
-            from data_prep.user_data import user_docs
-            user = user_docs(cfg.user_data, list(cfg.domains), cfg.heldout, *self._chat())
+            from data_prep.user_data import chat_renderer, user_docs
+            user = user_docs(cfg.user_data, list(cfg.domains), cfg.heldout, *chat_renderer(cfg.tokenizer))
         # a generous character cap per domain before tokenization keeps large sources cheap;
         # the exact token budget is applied after tokenization
         cap = int(cfg.budget_tokens * 8 / (1 - cfg.val_fraction - cfg.test_fraction))
@@ -164,17 +163,6 @@ class Builder:
             raise UserError(f"held-out set '{cfg.heldout}': no documents (heldout_extractors: "
                             f"{', '.join(cfg.heldout_extractors) or 'none'})")
         return domains, heldout
-
-    def _chat(self):
-        """(renderer of ``messages`` with the HF tokenizer's chat template, or None and why not)."""
-        t = self.cfg.tokenizer
-        if t.kind != "hf":
-            return None, ("tokenizer.kind is 'sentencepiece', which has no chat template; use tokenizer.kind=hf "
-                          "with an HF tokenizer that has a chat_template")
-        tok = HFTokenizer(t.hf_path).tok
-        if not getattr(tok, "chat_template", None):
-            return None, f"the HF tokenizer '{t.hf_path}' (tokenizer.hf_path) has no chat_template"
-        return (lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)), ""
 
     def deduplicate(self, domains: dict[str, list[Doc]], heldout: list[Doc]) -> dict[str, list[Doc]]:
         heldout_keep, _ = dedupe([d.text for d in heldout], self.cfg.near_dup_threshold)

@@ -71,6 +71,20 @@ def user_docs(folder: str | Path, domains: list[str], heldout: str, chat: Chat =
     return out
 
 
+def chat_renderer(t) -> tuple[Chat, str]:
+    """(renderer of ``messages`` with the build's HF tokenizer's chat template, or None and why not);
+    ``t``: the profile's ``tokenizer`` section."""
+    if t.kind != "hf":
+        return None, ("tokenizer.kind is 'sentencepiece', which has no chat template; use tokenizer.kind=hf "
+                      "with an HF tokenizer that has a chat_template")
+    from desmoe.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(t.hf_path).tok
+    if not getattr(tok, "chat_template", None):
+        return None, f"the HF tokenizer '{t.hf_path}' (tokenizer.hf_path) has no chat_template"
+    return (lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)), ""
+
+
 def record_format(row) -> Optional[str]:
     if not isinstance(row, dict):
         return None
