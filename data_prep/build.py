@@ -30,6 +30,7 @@ from data_prep.config import BuildConfig, load_profile
 from data_prep.evalsets import mcq_items
 from data_prep.extract import EXTRACTORS, Context, Doc
 from data_prep.sources import SourceCache, load_manifest
+from data_prep.user_data import Record, encode_record
 from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece, write_indexed
 from desmoe.config import split_overrides
 from desmoe.data.prepared import FORMAT, SPLITS
@@ -92,6 +93,9 @@ class Builder:
     def _clean(self, docs: list[Doc]) -> list[Doc]:
         out = []
         for d in docs:
+            if isinstance(d, Record):  # instruction records stay whole and verbatim: chunks would cut the
+                out.append(d)          # prompt from its response, tidying would move the mask's boundaries
+                continue
             text = tidy(d.text)
             if len(text) < self.cfg.min_chars:
                 continue
@@ -126,8 +130,8 @@ class Builder:
         cfg = self.cfg
         user = {}
         if cfg.user_data:
-            from data_prep.user_data import user_docs
-            user = user_docs(cfg.user_data, list(cfg.domains), cfg.heldout)
+            from data_prep.user_data import chat_renderer, user_docs
+            user = user_docs(cfg.user_data, list(cfg.domains), cfg.heldout, *chat_renderer(cfg.tokenizer))
         # a generous character cap per domain before tokenization keeps large sources cheap;
         # the exact token budget is applied after tokenization
         cap = int(cfg.budget_tokens * 8 / (1 - cfg.val_fraction - cfg.test_fraction))
@@ -232,8 +236,15 @@ class Builder:
             lap("tokenizer")
             items = [(n, s, d) for n, p in parts.items() for s in SPLITS for d in p[s]] + \
                     [(cfg.heldout, "test", d) for d in heldout]
-            with self.bar(total=len(items), desc="tokenize", unit="doc") as bar:
-                ids, perf = encode_all(tok, [d.text for _, _, d in items], cfg.workers, bar)
+            plain = [i for i, (_, _, d) in enumerate(items) if not isinstance(d, Record)]
+            with self.bar(total=len(plain), desc="tokenize", unit="doc") as bar:
+                got, perf = encode_all(tok, [items[i][2].text for i in plain], cfg.workers, bar)
+            ids = [None] * len(items)
+            for i, t in zip(plain, got):
+                ids[i] = t
+            for i, (_, _, d) in enumerate(items):  # instruction records: piece by piece, with their masks
+                if isinstance(d, Record):
+                    ids[i] = encode_record(tok, d, cfg.max_record_tokens)
             self.stats["tokenize"] = perf
             lap("tokenize")
             by_key = defaultdict(list)
@@ -241,6 +252,9 @@ class Builder:
                 by_key[(n, s)].append((d, t))
             budget = self._budget(by_key)
             selected = self._select(by_key, budget)
+            # domains with instruction records get loss masks (all splits); others need none
+            self.masked = sorted({n for (n, _), rows in selected.items() if n != cfg.heldout
+                                  and any(isinstance(d, Record) for d, _ in rows)})
             self._write(tmp, selected, tok)
             lap("write")
             meta = self._meta(tmp, selected, parts, tok, budget)
@@ -274,6 +288,8 @@ class Builder:
                     break
                 if total + len(t) + 1 > limit and s == "train":  # the last document is cut to fit
                     t = t[: limit - total - 1]
+                    if isinstance(d, Record) and not any(d.mask[: len(t)]):
+                        break  # a record cut before its response would train on nothing
                 got.append((d, t))
                 total += len(t) + 1
             out[(n, s)] = got
@@ -291,6 +307,10 @@ class Builder:
             (root / "raw" / n).mkdir(parents=True, exist_ok=True)
             pq.write_table(table, root / "raw" / n / f"{s}.parquet")
             write_indexed(root / "indexed" / n / s, [t for _, t in rows], tok.eos_id, tok.vocab_size)
+            if n in self.masked:  # the closing eos counts: the model learns to stop after a response
+                write_indexed(root / "indexed" / n / f"{s}.mask",
+                              [d.mask[: len(t)] if isinstance(d, Record) else [1] * len(t) for d, t in rows],
+                              1, 2)
 
     def _eval(self, root: Path, selected, parts) -> dict:
         cfg, ev = self.cfg, {"mcq": {}, "notes": {}}
@@ -344,7 +364,7 @@ class Builder:
             "budget_tokens_per_domain": budget,
             "tokenizer": {"kind": tok.kind, "path": str(tok.path.relative_to(root)), "vocab_size": tok.vocab_size,
                           "sha256": tok.fingerprint(), "eos_id": tok.eos_id},
-            "counts": counts, "sources": sources,
+            "counts": counts, "sources": sources, "loss_masks": self.masked,
             "packages": {n: self._package(n) for n in self.used_sources},
             "dropped": self.stats["dropped"], "available_train_tokens": self.stats["available_train_tokens"],
             "eval": self._eval(root, selected, parts), "card": "DATA_CARD.md",

@@ -58,6 +58,7 @@ class BuildConfig:
     test_fraction: float = 0.05
     min_chars: int = 40
     chunk_chars: int = 6000                         # long documents are cut at paragraphs (same split)
+    max_record_tokens: int = 2048                   # instruction records are cut to this (eos included)
     near_dup_threshold: float = 0.8                 # estimated Jaccard of word 5-gram shingles
     heldout_max_chars: int = 2_000_000
     user_data: Optional[str] = None                 # folder of <domain>/*.{jsonl,parquet,txt}
@@ -86,6 +87,8 @@ class BuildConfig:
             raise bad("budget_tokens", "at least 1000", self.budget_tokens)
         if not 0.3 <= self.near_dup_threshold <= 1.0:
             raise bad("near_dup_threshold", "a number in [0.3, 1]", self.near_dup_threshold)
+        if self.max_record_tokens < 2:
+            raise bad("max_record_tokens", "at least 2", self.max_record_tokens)
         if self.workers < 1:
             raise bad("workers", "at least 1", self.workers)
 

@@ -80,11 +80,12 @@ def encode_all(tok, texts: Sequence[str], workers: int, progress=None) -> tuple[
 
 
 def write_indexed(prefix: Path, docs: Sequence[Sequence[int]], eos_id: int, vocab_size: int) -> None:
-    """One megatron-core indexed dataset item (and document) per text, each ending in eos."""
+    """One megatron-core indexed dataset item (and document) per text, each ending in eos
+    (loss masks: ``vocab_size=2``, ``eos_id=1``: stored as uint8)."""
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    dtype = np.uint16 if vocab_size < 65500 else np.int32
+    dtype = np.uint8 if vocab_size <= 2 else np.uint16 if vocab_size < 65500 else np.int32
     prefix.parent.mkdir(parents=True, exist_ok=True)
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=dtype)
     for ids in docs:

@@ -1,23 +1,63 @@
-"""Users' own text: ``<folder>/<domain>/*.{jsonl,parquet,txt}`` enters the same pipeline.
+"""Users' own data: ``<folder>/<domain>/*.{jsonl,parquet,txt}`` enters the same pipeline.
 
-- ``.jsonl``: one JSON object per line with a ``text`` field (``source``/``licence`` optional);
-- ``.parquet``: a ``text`` column (``source``/``licence`` columns optional);
-- ``.txt``: the whole file is one document.
+- ``.jsonl``: one JSON object per line; ``.parquet``: one record per row (columns = keys);
+- ``.txt``: the whole file is one plain-text document.
+A record is one of (decided by its keys; one format per file; ``source``/``licence`` optional):
+
+- ``text``: plain text, every token trained on;
+- ``prompt`` + ``completion``: loss on the completion only (both used verbatim: put the separator
+  you want at the end of the prompt);
+- ``instruction`` (+ optional ``input``) + ``output``: the Alpaca layout; the prompt is
+  ``instruction``, then ``"\\n\\n" + input`` when non-empty, then ``"\\n\\n"``; loss on ``output``;
+- ``messages``: a chat, a list of ``{"role", "content"}``, rendered with the HF tokenizer's chat
+  template; loss on the assistant turns (their text and end-of-turn markup), not on the template's
+  assistant header nor on system/user turns.
+Instruction records become :class:`Record` s: the text cut into (segment, counts-in-the-loss)
+pieces, tokenized piece by piece so the mask is exact at the boundaries.
 A sub-folder whose name is not a configured domain (or the held-out set) is refused.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from data_prep.extract import Doc
 from desmoe.errors import ConfigError, UserError
 
 SUFFIXES = (".jsonl", ".parquet", ".txt")
+FORMATS = "a string field 'text', 'messages', 'prompt'+'completion' or 'instruction'+'output'"
+# chat(messages, add_generation_prompt) -> rendered text; None: no chat template available
+Chat = Optional[Callable[[list, bool], str]]
 
 
-def user_docs(folder: str | Path, domains: list[str], heldout: str) -> dict[str, list[Doc]]:
+@dataclass
+class Record(Doc):
+    """An instruction record: ``text`` is the concatenation of ``segments``."""
+    segments: list[tuple[str, bool]] = field(default_factory=list)  # (text, is_response)
+    origin: str = ""     # "<file>: line <n>", for one-line errors after tokenization
+    mask: list[int] = field(default_factory=list)  # per token of its ids, set by the build
+
+
+def encode_record(tok, rec: Record, max_tokens: int) -> list[int]:
+    """Token ids of a record, piece by piece, cut to ``max_tokens`` (the eos the build appends
+    included); sets ``rec.mask``.  A record with no response token left is refused."""
+    ids, mask = [], []
+    for piece, counts in zip(tok.encode([t for t, _ in rec.segments]), (c for _, c in rec.segments)):
+        ids += piece
+        mask += [int(counts)] * len(piece)
+    if sum(mask[: max_tokens - 1]) == 0:
+        raise UserError(f"{rec.origin}: the response is empty after truncation to max_record_tokens={max_tokens} "
+                        f"(prompt {mask.index(1) if 1 in mask else len(mask)} tokens); shorten the prompt or "
+                        f"raise max_record_tokens")
+    rec.mask = mask[: max_tokens - 1]
+    return ids[: max_tokens - 1]
+
+
+def user_docs(folder: str | Path, domains: list[str], heldout: str, chat: Chat = None,
+              chat_why: str = "") -> dict[str, list[Doc]]:
+    """``chat``: renders ``messages``; when None, a ``messages`` record is refused with ``chat_why``."""
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"key 'user_data': '{root}' is not a directory")
@@ -27,38 +67,78 @@ def user_docs(folder: str | Path, domains: list[str], heldout: str) -> dict[str,
             raise ConfigError(f"{sub}: unknown domain '{sub.name}' (configured: {', '.join(domains)}, "
                               f"held-out: {heldout})")
         files = sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
-        out[sub.name] = [d for f in files for d in _read(f, root)]
+        out[sub.name] = [d for f in files for d in _read(f, root, chat, chat_why)]
     return out
 
 
-def _read(path: Path, root: Path) -> Iterator[Doc]:
+def chat_renderer(t) -> tuple[Chat, str]:
+    """(renderer of ``messages`` with the build's HF tokenizer's chat template, or None and why not);
+    ``t``: the profile's ``tokenizer`` section."""
+    if t.kind != "hf":
+        return None, ("tokenizer.kind is 'sentencepiece', which has no chat template; use tokenizer.kind=hf "
+                      "with an HF tokenizer that has a chat_template")
+    from desmoe.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(t.hf_path).tok
+    if not getattr(tok, "chat_template", None):
+        return None, f"the HF tokenizer '{t.hf_path}' (tokenizer.hf_path) has no chat_template"
+    return (lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)), ""
+
+
+def record_format(row) -> Optional[str]:
+    if not isinstance(row, dict):
+        return None
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row and "completion" in row:
+        return "prompt/completion"
+    if "instruction" in row and "output" in row:
+        return "instruction/output"
+    return "text" if "text" in row else None
+
+
+def _rows(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) of a .jsonl or .parquet file."""
+    if path.suffix == ".jsonl":
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                try:
+                    yield f"{path}: line {i + 1}", json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}: line {i + 1} is not valid JSON") from None
+    else:
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}: row {i + 1}", row
+
+
+def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
     name = f"user:{path.relative_to(root)}"
     try:
         if path.suffix == ".txt":
             yield Doc(path.read_text(encoding="utf-8"), name, "user-supplied", "0")
-        elif path.suffix == ".jsonl":
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}: line {i + 1} is not valid JSON") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise UserError(f"{path}: line {i + 1}: expected an object with a string field 'text'")
-                yield Doc(row["text"], str(row.get("source", name)), str(row.get("licence", "user-supplied")),
-                          str(i))
-        else:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            if "text" not in table.column_names:
-                raise UserError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-            cols = {c: table.column(c).to_pylist() for c in ("text", "source", "licence") if c in table.column_names}
-            for i, text in enumerate(cols["text"]):
-                if isinstance(text, str):
-                    yield Doc(text, str(cols.get("source", [name] * (i + 1))[i]),
-                              str(cols.get("licence", ["user-supplied"] * (i + 1))[i]), str(i))
+            return
+        first = None
+        for i, (where, row) in enumerate(_rows(path)):
+            fmt = record_format(row)
+            if fmt is None:
+                keys = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+                raise UserError(f"{where}: expected an object with {FORMATS} (unknown record format; keys: {keys})")
+            if first is None:
+                first = (fmt, where)
+            elif fmt != first[0]:
+                raise UserError(f"{where}: a '{fmt}' record in a file of '{first[0]}' records ({first[1]}); "
+                                f"one format per file")
+            source, licence = str(row.get("source") or name), str(row.get("licence") or "user-supplied")
+            if fmt == "text":
+                if isinstance(row["text"], str):
+                    yield Doc(row["text"], source, licence, str(i))
+                elif path.suffix == ".jsonl":  # parquet: null cells are skipped, as before
+                    raise UserError(f"{where}: expected an object with a string field 'text'")
+                continue
+            segments = _segments(fmt, row, where, chat, chat_why)
+            yield Record("".join(t for t, _ in segments), source, licence, str(i), segments=segments, origin=where)
     except UnicodeDecodeError:
         raise UserError(f"{path}: unreadable user file (not UTF-8 text)") from None
     except OSError as err:
@@ -67,3 +147,47 @@ def _read(path: Path, root: Path) -> Iterator[Doc]:
         if isinstance(err, UserError):
             raise
         raise UserError(f"{path}: unreadable user file ({type(err).__name__})") from None
+
+
+def _string(row: dict, key: str, where: str, empty_ok: bool = False) -> str:
+    value = row.get(key)
+    if value is None and empty_ok:
+        return ""
+    if not isinstance(value, str) or (not value.strip() and not empty_ok):
+        raise UserError(f"{where}: key '{key}': expected a non-empty string, got {json.dumps(value)[:60]}")
+    return value
+
+
+def _segments(fmt: str, row: dict, where: str, chat: Chat, chat_why: str) -> list[tuple[str, bool]]:
+    if fmt == "prompt/completion":
+        return [(_string(row, "prompt", where, empty_ok=True), False), (_string(row, "completion", where), True)]
+    if fmt == "instruction/output":
+        extra = _string(row, "input", where, empty_ok=True)
+        prompt = _string(row, "instruction", where) + (f"\n\n{extra}" if extra.strip() else "") + "\n\n"
+        return [(prompt, False), (_string(row, "output", where), True)]
+    msgs = row["messages"]
+    if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs):
+        raise UserError(f"{where}: key 'messages': expected a non-empty list of {{'role': str, 'content': str}}")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        raise UserError(f"{where}: key 'messages': no non-empty 'assistant' turn (nothing to train on)")
+    if chat is None:
+        raise UserError(f"{where}: 'messages' needs a chat template: {chat_why}")
+    msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    # Render prefix by prefix: the prompt up to an assistant turn (with the template's generation
+    # header) is context, the rest of that turn (content + end-of-turn markup) is response.
+    segs, done = [], ""
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        head, full = chat(msgs[:k], True), chat(msgs[: k + 1], False)
+        if not head.startswith(done) or not full.startswith(head):
+            raise UserError(f"{where}: key 'messages': the chat template does not render the chat prefix by "
+                            f"prefix (turn {k + 1}); cannot tell prompt from response tokens")
+        segs += [(head[len(done):], False), (full[len(head):], True)]
+        done = full
+    rest = chat(msgs, False)
+    if not rest.startswith(done):
+        raise UserError(f"{where}: key 'messages': the chat template does not render the chat prefix by prefix")
+    return [s for s in segs + [(rest[len(done):], False)] if s[0]]

@@ -10,7 +10,9 @@
 Layout (all paths relative to the root): ``meta.json`` (the index), ``raw/<domain>/<split>.parquet``
 (fields text, domain, source, licence, doc_id), ``tokenizer/``, ``indexed/<domain>/<split>.{bin,idx}``
 (megatron-core indexed datasets, one document per item, each ending in ``eos``), ``eval/*.jsonl``,
-``DATA_CARD.md``.
+``DATA_CARD.md``.  Domains with instruction records (listed in ``meta["loss_masks"]``) also have
+``indexed/<domain>/<split>.mask.{bin,idx}``: a uint8 loss mask per token, item for item (1 = the label
+counts); other domains, and folders built before masks existed, count every label.
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class PreparedData:
         self.card = self.root / self.meta["card"]
         self._tokenizer = None
         self._indexed: dict[tuple[str, str], object] = {}
+        self.masked: list[str] = list(self.meta.get("loss_masks", []))  # absent in older folders: none
 
     @property
     def tokenizer(self):
@@ -94,17 +97,18 @@ class PreparedData:
             raise UserError(f"unknown domain '{name}' (this data has: {', '.join(self.domains)})")
         return self.domains.index(name)
 
-    def indexed(self, domain: str, split: str):
-        """The megatron-core ``IndexedDataset`` of one domain and split (the held-out set has only 'test')."""
+    def indexed(self, domain: str, split: str, mask: bool = False):
+        """The megatron-core ``IndexedDataset`` of one domain and split (the held-out set has only 'test');
+        ``mask=True``: its loss masks (only for domains in ``self.masked``)."""
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         if split not in SPLITS:
             raise UserError(f"unknown split '{split}' (expected one of {', '.join(SPLITS)})")
         if domain != self.heldout_name:
             self.domain_id(domain)
-        key = (domain, split)
+        key = (domain, split + (".mask" if mask else ""))
         if key not in self._indexed:
-            prefix = self.root / "indexed" / domain / split
+            prefix = self.root / "indexed" / domain / key[1]
             if not Path(str(prefix) + ".idx").is_file():
                 raise UserError(f"{prefix}.idx: no indexed data for domain '{domain}', split '{split}'")
             self._indexed[key] = IndexedDataset(str(prefix), multimodal=False, mmap=True)
@@ -142,7 +146,8 @@ class PreparedData:
                 raise UserError(f"weights: expected non-negative numbers with a positive sum, got {weights}")
         else:
             w = None
-        sampler = DomainSampler(ids, w, split_key=split)
+        masks = {self.domain_id(d): self.indexed(d, split, mask=True) for d in names if d in self.masked}
+        sampler = DomainSampler(ids, w, split_key=split, masks=masks)
         return sampler.iterate(micro_batch, seq_len, seed, rank, world, step, homogeneous)
 
     def eval_sets(self) -> EvalSets:

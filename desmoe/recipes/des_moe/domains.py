@@ -131,7 +131,7 @@ class PreparedDomains:
             names = list(domains or self.domains)
         for batch in self._iterate(split, micro_batch, seq_len, seed, rank, world, step, names, homogeneous):
             yield DomainBatch(batch.input_ids, self.remap[batch.domain.clamp_min(-1)],
-                              self.remap[batch.token_domain.clamp_min(-1)])
+                              self.remap[batch.token_domain.clamp_min(-1)], loss_mask=batch.loss_mask)
 
     def _iterate(self, split, micro_batch, seq_len, seed, rank, world, step, names, homogeneous):
         if names == [self.data.heldout_name]:

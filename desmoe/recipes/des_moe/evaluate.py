@@ -18,7 +18,8 @@ def evaluate(model, data, cfg, rank: int, world: int, device) -> dict[str, float
         pick = data.general if name == "general" else [name]
         stream = data.batches("val", cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed + 7, rank, world, 0,
                               domains=pick, homogeneous=False)
-        losses = [next_token_loss(model, next(stream).input_ids.to(device)) for _ in range(cfg.train.eval_batches)]
+        batches = [next(stream) for _ in range(cfg.train.eval_batches)]  # instruction data: responses only
+        losses = [next_token_loss(model, b.input_ids.to(device), b.mask_for_loss(device)) for b in batches]
         out[f"val/loss/{name}"] = mean_over_ranks(torch.stack(losses).mean())
     model.train()
     out["val/loss/domain_mean"] = sum(out[f"val/loss/{d}"] for d in data.domains) / len(data.domains)

@@ -86,8 +86,9 @@ class Method:
         """``domain``: the step's domain, or with mixed batches the domains present on any rank."""
         return {}
 
-    def loss(self, input_ids: Tensor, token_domain: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
-        task = task_loss(self.model, input_ids)
+    def loss(self, input_ids: Tensor, token_domain: Optional[Tensor] = None,
+             loss_mask: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        task = task_loss(self.model, input_ids, loss_mask)
         aux = total_aux_loss(self.model)
         return task + self.aux_coef * aux, {"task_loss": task.detach(), "aux_loss": aux.detach()}
 
@@ -144,7 +145,7 @@ class DESMoE(Method):
         self.phase = phase
         return {"phase": float(phase), "lambda": self.lam, "frozen_share": self.train.frozen_fraction()}
 
-    def loss(self, input_ids, token_domain=None):
+    def loss(self, input_ids, token_domain=None, loss_mask=None):
         blocks = moe_blocks(self.model)
         if getattr(self, "mask_routes", False):
             if token_domain is None:
@@ -155,7 +156,7 @@ class DESMoE(Method):
             for b, block in enumerate(blocks):  # each domain's tokens run on its own copies
                 block.route_slots = self.copies.route_slots(b, token_domain.to(input_ids.device))
         try:
-            task = task_loss(self.model, input_ids)
+            task = task_loss(self.model, input_ids, loss_mask)
         finally:
             for block in blocks:  # the mask lives on in the autograd graph until backward
                 block.weight_grad_mask = block.route_slots = None

@@ -82,7 +82,8 @@ class DESMoERecipe(Recipe):
         present = present_domains(self.token_domain, n) if self.streams.mixed else self.domain
         self.logs = self.method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
         self.method.sync_gradients()  # frozen parameters get no weight gradients computed
-        loss, self.parts_ = self.method.loss(batch.input_ids.to(engine.device), self.token_domain)
+        loss, self.parts_ = self.method.loss(batch.input_ids.to(engine.device), self.token_domain,
+                                             batch.mask_for_loss(engine.device))  # instruction data: responses
         return loss, self.parts_["task_loss"].item()
 
     def end_step(self, stage, step):

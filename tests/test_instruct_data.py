@@ -1,0 +1,185 @@
+"""Instruction data (issue #16, items 1 and 6): the three record formats through the real build,
+per-token loss masks stored beside the tokens and carried through packing and blending sample by
+sample, the masked next-token mean, text-only batches unchanged, one-line errors for bad input."""
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from instructfix import docstrings, hf_tokenizer, instruct_data, profile, records, user_folder  # noqa: F401
+from desmoe.data import PreparedData
+from desmoe.data.packing import DomainSampler
+from desmoe.errors import UserError
+
+
+class Mem:
+    """An in-memory stand-in with the indexed dataset's two reads (the sampler's only use of it)."""
+
+    def __init__(self, docs):
+        self.docs, self.sequence_lengths = docs, [len(d) for d in docs]
+
+    def get(self, i, offset=0, length=None):
+        return np.asarray(self.docs[i][offset:offset + length])
+
+
+def _mem():
+    rng = np.random.default_rng(7)
+    return {d: Mem([rng.integers(0, 1000, int(rng.integers(3, 60))) for _ in range(30)]) for d in (0, 2, 5)}
+
+
+def _digest(sampler):
+    h = hashlib.sha256()
+    for hom in (True, False):
+        for step in range(4):
+            for rank in range(2):
+                b = sampler.batch(3, 40, 11, step, rank, 2, hom)
+                for t in (b.input_ids, b.domain, b.token_domain):
+                    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+# the digest of these batches from the packer as it was before loss masks (commit 33f2961)
+BEFORE_MASKS = "5e8c9453c60f0cd4a71e64fc391d45bf3bb1128998c481248e3d8e017e762923"
+
+
+def test_text_only_batches_are_as_before_masks():
+    ds = _mem()
+    plain = DomainSampler(ds, {0: 1.0, 2: 2.0, 5: 0.5})
+    assert _digest(plain) == BEFORE_MASKS
+    assert plain.batch(3, 40, 11, 0, 0, 2, False).loss_mask.all()
+    # a masked domain changes nothing but the mask: reading masks draws no random numbers
+    masks = {2: Mem([np.arange(len(d)) % 2 for d in ds[2].docs])}
+    assert _digest(DomainSampler(ds, {0: 1.0, 2: 2.0, 5: 0.5}, masks=masks)) == BEFORE_MASKS
+
+
+def test_masked_mean_is_per_counted_token():
+    from desmoe.objective import next_token_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
+    ids = torch.randint(0, 50, (3, 9))
+    mask = torch.rand(3, 9) > 0.5
+    nll = torch.nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, 50), ids[:, 1:].reshape(-1),
+                                            reduction="none")
+    keep = mask[:, 1:].reshape(-1)
+    assert torch.equal(next_token_loss(model, ids, mask), nll[keep].sum() / keep.sum())
+    # all ones: the plain mean up to summation order (the recipes pass None for such batches)
+    assert torch.allclose(next_token_loss(model, ids, torch.ones_like(mask)), next_token_loss(model, ids),
+                          rtol=1e-6, atol=0)
+    empty = next_token_loss(model, ids, torch.zeros_like(mask))
+    assert empty.item() == 0.0 and empty.requires_grad  # a batch of prompts only: no gradient, still a graph
+
+
+def _expected(data: PreparedData):
+    """(source, doc_id) -> (full text, response text) from the user's files, by format."""
+    tok = data.tokenizer.tok
+    recs, _ = records()
+    out = {}
+    for name, rows in recs.items():
+        for i, r in enumerate(rows):
+            if "prompt" in r:
+                full, resp = r["prompt"] + r["completion"], r["completion"]
+            elif "instruction" in r:
+                p = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") + "\n\n"
+                full, resp = p + r["output"], r["output"]
+            else:
+                full = tok.apply_chat_template(r["messages"], tokenize=False)
+                resp = "".join(m["content"] + "<|end|>\n" for m in r["messages"] if m["role"] == "assistant")
+            out[(f"user:qa/{name}", str(i))] = (full, resp)
+    return out
+
+
+def test_formats_give_response_only_masks_document_by_document(instruct_data):
+    data = PreparedData(instruct_data)
+    tok, want = data.tokenizer, _expected(data)
+    assert data.masked == ["qa"] and data.meta["loss_masks"] == ["qa"]
+    seen = set()
+    for split in ("train", "val", "test"):
+        raw, ds, ms = data.raw(split, "qa"), data.indexed("qa", split), data.indexed("qa", split, mask=True)
+        assert len(raw) == len(ds) == len(ms) and ms[0].dtype == np.uint8
+        for j, row in enumerate(raw):
+            ids, mask = ds[j], ms[j]
+            full, resp = want[(row["source"], row["doc_id"])]
+            seen.add(row["source"])
+            assert len(ids) == len(mask) and ids[-1] == tok.eos_id and mask[-1] == 1  # the eos is trained on
+            body, keep = ids[:-1].tolist(), mask[:-1].astype(bool)
+            if split == "train" and j == len(raw) - 1:  # the last train record may be cut to the budget
+                full, resp = full[: len(tok.decode(body))], resp[: len(tok.decode([t for t, k in zip(body, keep) if k]))]
+            assert tok.decode(body) == full
+            assert tok.decode([t for t, k in zip(body, keep) if k]) == resp
+            assert not keep[0] and keep.any()  # every format starts with prompt tokens
+    assert seen == {"user:qa/pc.jsonl", "user:qa/alpaca.jsonl", "user:qa/chat.jsonl"}
+    assert not (instruct_data / "indexed" / "prose" / "train.mask.idx").exists()  # plain text: no mask files
+
+
+class Spy:
+    """Wraps an indexed dataset and records the (document, offset, length) reads of the packer."""
+
+    def __init__(self, ds, log, domain):
+        self.ds, self.log, self.domain, self.sequence_lengths = ds, log, domain, ds.sequence_lengths
+
+    def get(self, i, offset=0, length=None):
+        self.log.append((self.domain, i, offset, length))
+        return self.ds.get(i, offset, length)
+
+
+def test_packed_and_blended_mask_is_the_documents_masks_end_to_end(instruct_data):
+    data = PreparedData(instruct_data)
+    ids = {d: data.indexed(name, "train") for d, name in enumerate(data.domains)}
+    masks = {0: data.indexed("qa", "train", mask=True)}
+    for homogeneous in (True, False):
+        log = []
+        spied = {d: Spy(ds, log, d) for d, ds in ids.items()}
+        batch = DomainSampler(spied, None, "train", masks=masks).batch(4, 48, 3, 1, 0, 2, homogeneous)
+        via = next(data.batches("train", 4, 48, seed=3, rank=0, world=2, step=1, homogeneous=homogeneous))
+        assert torch.equal(batch.loss_mask, via.loss_mask) and torch.equal(batch.input_ids, via.input_ids)
+        # the reads, laid end to end row by row, give the batch's tokens, domains and masks exactly
+        flat = lambda parts: np.concatenate(parts).reshape(4, 49)  # noqa: E731
+        assert np.array_equal(flat([ids[d].get(i, o, n) for d, i, o, n in log]), batch.input_ids.numpy())
+        assert np.array_equal(flat([np.full(n, d) for d, i, o, n in log]), batch.token_domain.numpy())
+        want = flat([masks[0].get(i, o, n).astype(bool) if d == 0 else np.ones(n, bool) for d, i, o, n in log])
+        assert np.array_equal(want, batch.loss_mask.numpy())
+        assert batch.loss_mask.dtype == torch.bool and not batch.loss_mask.all()
+    assert set(batch.token_domain.unique().tolist()) == {0, 1}  # the blended batch mixed both
+
+
+def _fails(profile_path, out, *overrides):
+    from data_prep.build import build
+
+    with pytest.raises(UserError) as err:
+        build(str(profile_path), out, cache=out.parent / "cache", overrides=list(overrides), quiet=True)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_bad_instruction_input_is_one_line(tmp_path):
+    folder = user_folder(tmp_path)
+    texts = [a for _, a in docstrings()]
+    prof = profile(tmp_path, folder, hf_tokenizer(tmp_path / "hf", texts))
+    out = tmp_path / "out"
+    qa = folder / "qa"
+    (qa / "pc.jsonl").write_text((qa / "pc.jsonl").read_text() + json.dumps({"messages": []}) + "\n")
+    n = len((qa / "pc.jsonl").read_text().splitlines())
+    assert f"pc.jsonl: line {n}: a 'messages' record in a file of 'prompt/completion' records" in _fails(prof, out)
+    (qa / "pc.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    msg = _fails(prof, out)
+    assert "pc.jsonl: line 1: expected an object with a string field 'text', 'messages', 'prompt'+'completion' or " \
+           "'instruction'+'output' (unknown record format; keys: question, answer)" in msg
+    (qa / "pc.jsonl").write_text(json.dumps({"prompt": "q", "completion": ""}) + "\n")
+    assert "pc.jsonl: line 1: key 'completion': expected a non-empty string" in _fails(prof, out)
+    (qa / "pc.jsonl").unlink()
+    # messages: a sentencepiece build, and an HF tokenizer without a chat template, are refused
+    assert "chat.jsonl: line 1: 'messages' needs a chat template: tokenizer.kind is 'sentencepiece'" in \
+        _fails(prof, out, "tokenizer.kind=sentencepiece", "tokenizer.vocab_size=400")
+    bare = hf_tokenizer(tmp_path / "bare", texts, chat=False)
+    assert f"chat.jsonl: line 1: 'messages' needs a chat template: the HF tokenizer '{bare}' " \
+           f"(tokenizer.hf_path) has no chat_template" in _fails(prof, out, f"tokenizer.hf_path={bare}")
+    # a prompt longer than max_record_tokens leaves no response
+    msg = _fails(prof, out, "max_record_tokens=8")
+    assert re.search(r"mine/qa/(alpaca|chat)\.jsonl: line \d+: the response is empty after truncation to "
+                     r"max_record_tokens=8 \(prompt \d+ tokens\)", msg), msg
+    assert not out.exists()
