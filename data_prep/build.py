@@ -27,15 +27,15 @@ from tqdm import tqdm
 
 from data_prep.clean import chunk, dedupe, tidy
 from data_prep.config import BuildConfig, load_profile
-from data_prep.evalsets import mcq_items
+from data_prep.evalsets import write_eval_sets
 from data_prep.extract import EXTRACTORS, Context, Doc
-from data_prep.sources import SourceCache, load_manifest
+from data_prep.sources import SourceCache, load_manifest, package_record
 from data_prep.user_data import Record, encode_record
 from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece, write_indexed
+from desmoe.checkpoint import replace_dir_atomic
 from desmoe.config import split_overrides
 from desmoe.data.prepared import FORMAT, SPLITS
 from desmoe.errors import ConfigError, UserError, run_cli
-from desmoe.integrity import seal
 
 HERE = Path(__file__).resolve().parent
 
@@ -261,8 +261,8 @@ class Builder:
             lap("eval_card")
             # the only file that differs between identical builds: measured times
             (tmp / "timing.json").write_text(json.dumps({**perf, "stages_s": stages}, sort_keys=True) + "\n")
-            seal(tmp)  # sizes and sha256 of every file, checked when the folder is opened
-            _swap(tmp, out)
+            # sealed (sizes and sha256 of every file, checked when the folder is opened), then swapped in
+            replace_dir_atomic(tmp, out, seal=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -312,38 +312,8 @@ class Builder:
                               [d.mask[: len(t)] if isinstance(d, Record) else [1] * len(t) for d, t in rows],
                               1, 2)
 
-    def _eval(self, root: Path, selected, parts) -> dict:
-        cfg, ev = self.cfg, {"mcq": {}, "notes": {}}
-        (root / "eval").mkdir(parents=True, exist_ok=True)
-        for name in cfg.domains:
-            split_docs = [d for d, _ in selected[(name, "train")]] if cfg.eval.mcq_split == "train" \
-                else parts[name][cfg.eval.mcq_split]
-            pairs = [(k, p, a, d.source, d.parent or d.doc_id) for d in split_docs for k, p, a in d.pairs]
-            items = mcq_items(pairs, cfg.eval.mcq_per_domain, cfg.eval.choices, cfg.seed)
-            if items:
-                _jsonl(root / "eval" / f"mcq-{name}.jsonl", items)
-                ev["mcq"][name] = f"eval/mcq-{name}.jsonl"
-        math_rows, note = [], ""
-        if cfg.mathgen.enabled:
-            from data_prep.mathgen import generate
-            trained = {d.text for n in cfg.domains for d, _ in selected[(n, "train")]}
-            for r in generate(self.ctx, "interpolate", cfg.mathgen.per_module_eval, cfg.seed + 1):
-                if f"Question: {r['question']}\nAnswer: {r['answer']}" not in trained:
-                    math_rows.append(r)
-            note = "mathematics_dataset 1.0.1 (DeepMind generator), interpolation regime, seed+1; exact match"
-        else:
-            for d in parts.get("math", {}).get("test", []):
-                math_rows += [{"question": p, "answer": a, "module": "champ"} for k, p, a in d.pairs
-                              if k == "champ-answer"]
-            note = "CHAMP competition problems of the test split with their exact answers (generator disabled)"
-        _jsonl(root / "eval" / "math.jsonl", math_rows)
-        ev["math"], ev["notes"]["math"] = "eval/math.jsonl", note
-        ev["notes"]["mcq"] = (f"{cfg.eval.choices}-way multiple choice from structured records of "
-                              f"'{cfg.eval.mcq_split}' documents; distractors are other answers of the same kind")
-        return ev
-
     def _package(self, name: str) -> dict:
-        return _package_record(self.manifest[name], self.cache.resolution(self.manifest[name]))
+        return package_record(self.manifest[name], self.cache.resolution(self.manifest[name]))
 
     def _meta(self, root: Path, selected, parts, tok, budget: int) -> dict:
         from data_prep.card import write_card
@@ -367,7 +337,7 @@ class Builder:
             "counts": counts, "sources": sources, "loss_masks": self.masked,
             "packages": {n: self._package(n) for n in self.used_sources},
             "dropped": self.stats["dropped"], "available_train_tokens": self.stats["available_train_tokens"],
-            "eval": self._eval(root, selected, parts), "card": "DATA_CARD.md",
+            "eval": write_eval_sets(root, self.cfg, selected, parts, self.ctx), "card": "DATA_CARD.md",
             "config": _plain(cfg),
         }
         meta["eval"]["sizes"] = {"math_qa": sum(1 for _ in open(root / meta["eval"]["math"])),
@@ -377,34 +347,10 @@ class Builder:
         return meta
 
 
-def _package_record(src, res: dict) -> dict:
-    """meta.json's record of one source: what was pinned, what was used, and how its files compare."""
-    out = {"kind": src.kind, "package": src.package, "version": src.version, "sha256": src.sha256,
-           "licence": src.licence, "used_version": res["used"], "content": res["content"]}
-    if "drift" in res:
-        out["drift"] = res["drift"]
-    return out
-
-
 def _plain(cfg) -> dict:
     """The config as recorded in meta.json: without ``workers``, which cannot change the output."""
     import dataclasses
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}
-
-
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
-
-
-def _swap(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``tmp`` folder (a crash leaves the old or the new one)."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def build(profile: str, out: str | Path, cache: str | Path = "cache", overrides: list[str] = (),

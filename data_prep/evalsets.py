@@ -10,8 +10,10 @@ different seed, dropped when the question also appears in training.
 """
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
+from pathlib import Path
 
 
 def mcq_items(pairs: list[tuple[str, str, str, str, str]], n: int, choices: int, seed: int) -> list[dict]:
@@ -35,3 +37,39 @@ def mcq_items(pairs: list[tuple[str, str, str, str, str]], n: int, choices: int,
         if len(items) >= n:
             break
     return items
+
+
+def write_eval_sets(root: Path, cfg, selected, parts, ctx) -> dict:
+    """The evaluation files of a prepared folder (eval/mcq-<domain>.jsonl, eval/math.jsonl) and their index."""
+    ev: dict = {"mcq": {}, "notes": {}}
+    (root / "eval").mkdir(parents=True, exist_ok=True)
+    for name in cfg.domains:
+        split_docs = [d for d, _ in selected[(name, "train")]] if cfg.eval.mcq_split == "train" \
+            else parts[name][cfg.eval.mcq_split]
+        pairs = [(k, p, a, d.source, d.parent or d.doc_id) for d in split_docs for k, p, a in d.pairs]
+        items = mcq_items(pairs, cfg.eval.mcq_per_domain, cfg.eval.choices, cfg.seed)
+        if items:
+            _jsonl(root / "eval" / f"mcq-{name}.jsonl", items)
+            ev["mcq"][name] = f"eval/mcq-{name}.jsonl"
+    math_rows, note = [], ""
+    if cfg.mathgen.enabled:
+        from data_prep.mathgen import generate
+        trained = {d.text for n in cfg.domains for d, _ in selected[(n, "train")]}
+        for r in generate(ctx, "interpolate", cfg.mathgen.per_module_eval, cfg.seed + 1):
+            if f"Question: {r['question']}\nAnswer: {r['answer']}" not in trained:
+                math_rows.append(r)
+        note = "mathematics_dataset 1.0.1 (DeepMind generator), interpolation regime, seed+1; exact match"
+    else:
+        for d in parts.get("math", {}).get("test", []):
+            math_rows += [{"question": p, "answer": a, "module": "champ"} for k, p, a in d.pairs
+                          if k == "champ-answer"]
+        note = "CHAMP competition problems of the test split with their exact answers (generator disabled)"
+    _jsonl(root / "eval" / "math.jsonl", math_rows)
+    ev["math"], ev["notes"]["math"] = "eval/math.jsonl", note
+    ev["notes"]["mcq"] = (f"{cfg.eval.choices}-way multiple choice from structured records of "
+                          f"'{cfg.eval.mcq_split}' documents; distractors are other answers of the same kind")
+    return ev
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))

@@ -209,6 +209,15 @@ class SourceCache:
         return target
 
 
+def package_record(src, res: dict) -> dict:
+    """meta.json's record of one source: what was pinned, what was used, and how its files compare."""
+    out = {"kind": src.kind, "package": src.package, "version": src.version, "sha256": src.sha256,
+           "licence": src.licence, "used_version": res["used"], "content": res["content"]}
+    if "drift" in res:
+        out["drift"] = res["drift"]
+    return out
+
+
 def _check_content(src: Source, out: Path, used: str) -> dict:
     """Compare the unpacked files under ``src.paths`` with the recorded list; refuse silent differences."""
     drift = content.compare(content.recorded(src.name, src.content, src.content_list), content.scan(out, src.paths))
