@@ -100,5 +100,9 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
     dropped = sorted(states["module"])[0]
     del states["module"][dropped]
     torch.save(states, ckpts / "step00000009" / "mp_rank_00_model_states.pt")
+    errors = ranks.run(resume_error, str(tmp_path), "trge")  # the tag's manifest sees the rewritten file
+    assert errors[0] and "mp_rank_00_model_states.pt: checkpoint file is" in errors[0], errors
+    from desmoe.integrity import seal
+    seal(ckpts / "step00000009")  # as if written so: the load itself must refuse the missing key
     errors = ranks.run(resume_error, str(tmp_path), "trge")
     assert errors[0] and f"lacks trainable key '{dropped}'" in errors[0] and "\n" not in errors[0], errors
