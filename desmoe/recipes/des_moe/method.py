@@ -58,6 +58,8 @@ class GradientSkipper:
 
 class Method:
     name = "method"
+    trains = True  # False: the run evaluates the base only (no training stage)
+    warmup_per_domain = False  # True: the schedule's warm-up must visit every domain at least once
 
     def __init__(self, cfg: DESMoEConfig, total_steps: int, num_domains: int, aux_coef: float, seed: int = 0) -> None:
         self.cfg, self.total_steps, self.num_domains, self.aux_coef, self.seed = cfg, total_steps, num_domains, aux_coef, seed
@@ -109,6 +111,7 @@ class Method:
 
 class DESMoE(Method):
     name = "desmoe"
+    warmup_per_domain = True  # phase 1 (ALR warm-up) starts the domain-expert counts of every domain
 
     def prepare_model(self, model):
         if self.cfg.alr.enabled:
