@@ -86,8 +86,19 @@ class Method:
     The test-time part (evaluate.evaluate_task) is class-level: the evaluator needs no instance."""
 
     trains = True
+    layout = None  # a groups.layout the method needs (None: the configured one)
+    test_variants = True  # eval.variants are TRGE's other test-time paths over its groups
     identifies = True  # test time: samples are routed by the task identifier (its accuracy is reported)
     text_groups = True  # test time: class embeddings through the learned groups (else frozen only)
+
+    @staticmethod
+    def train_group(task: int) -> int:
+        """The group task ``task`` trains: its own."""
+        return task
+
+    def trainable_per_task(self, model, progress) -> int:
+        """Parameters one task trains (the summary's budget column)."""
+        return model.trainable_parameters() if self.trains else 0
 
     @staticmethod
     def groups_used(learned: int) -> int:
@@ -151,6 +162,7 @@ class Method:
 
 class ZeroShot(Method):
     trains = False
+    test_variants = False
     identifies = False
     text_groups = False
 
@@ -166,7 +178,12 @@ class ZeroShot(Method):
 class ContinualFT(Method):
     """One group (group 0) trained on every task in turn; see the module doc."""
 
+    test_variants = False
     identifies = False
+
+    @staticmethod
+    def train_group(task):
+        return 0
 
     @staticmethod
     def groups_used(learned):
@@ -188,6 +205,9 @@ class ContinualFT(Method):
 
 class SharedPool(Method):
     """MoE-Adapters: per-task routers over one pool, the most used experts frozen after each task."""
+
+    layout = "pool"
+    test_variants = False
 
     def __init__(self, cfg, model) -> None:
         from desmoe.moe.layer import moe_blocks
@@ -217,6 +237,19 @@ class SharedPool(Method):
 
     def frozen_state(self):
         return [sorted(f) for f in self.usage.frozen]
+
+    def trainable_per_task(self, model, progress):
+        """The pool's experts not frozen before the last task, and one task's gate, per block."""
+        from desmoe.moe.layer import moe_blocks
+
+        total = 0
+        for b, block in enumerate(moe_blocks(model)):
+            per_expert = sum(p.numel() for p in block.local_experts[0].parameters())
+            frozen_before_last = len(progress["pool_frozen"][b]) - self.cfg.groups.pool_freeze_per_task \
+                if progress["pool_frozen"] else 0
+            total += (block.num_experts - max(frozen_before_last, 0)) * per_expert
+            total += sum(p.numel() for p in block.router.gates[0].parameters())
+        return total
 
     @staticmethod
     def fixed_groups(learned):
