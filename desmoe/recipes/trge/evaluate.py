@@ -157,10 +157,6 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
             "group_weights": (stats[3:] / n).tolist()}
 
 
-def identifier_infos(identifier) -> list[TaskInfo]:
-    return getattr(identifier, "inner", identifier).tasks
-
-
 def evaluate_stage(r, t: int) -> None:
     """Task t is done: its prototype and identifier inputs from frozen features, then every test set
     (and each test-time variant) evaluated into the progress rows.  ``r``: the run's TRGERecipe."""
@@ -181,7 +177,7 @@ def evaluate_stage(r, t: int) -> None:
     if r.oracle is not None:
         r.oracle.fit_task(info)
     protos = F.normalize(torch.stack([F.normalize(i.feats.float().mean(0), dim=0)
-                                      for i in identifier_infos(r.identifier)]), dim=-1)
+                                      for i in r.identifier.infos]), dim=-1)
     lam = fusion_weight(cfg.fusion.schedule, t + 1, len(tasks), cfg.fusion.lam_max)
     row, id_row, gw_row, ctrl_row = [], [], [], []
     timing["prototype"] = time.perf_counter() - r.t0 - timing["train"]
