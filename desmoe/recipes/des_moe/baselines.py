@@ -14,7 +14,7 @@ from torch import nn
 from desmoe.errors import UserError
 from desmoe.recipes.des_moe import esft
 from desmoe.recipes.des_moe.config import Method as MethodName
-from desmoe.recipes.des_moe.method import Method
+from desmoe.recipes.des_moe.method import DESMoE, Method
 from desmoe.moe import moe_blocks
 
 
@@ -110,24 +110,33 @@ class Vanilla(Method):
     """The pretrained base, evaluated without training (the reference for forgetting)."""
 
     name = "vanilla"
+    trains = False  # the run is its evaluation only
 
     def attach(self, model, train, data, rank, world, micro_batch, seq_len):
         super().attach(model, train, data, rank, world, micro_batch, seq_len)
         train.set_everything(False)
 
 
-def build_method(cfg, total_steps: int, num_domains: int, aux_coef: float, seed: int = 0) -> Method:
-    from desmoe.recipes.des_moe.method import DESMoE
+class ESFTToken(ESFT):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__("token", *args, **kwargs)
 
-    args = (cfg, total_steps, num_domains, aux_coef, seed)
-    if cfg.method == "desmoe":
-        return DESMoE(*args)
-    if cfg.method == "fft":
-        return FFT(*args)
-    if cfg.method == "vanilla":
-        return Vanilla(*args)
-    if cfg.method in ("esft_token", "esft_gate"):
-        return ESFT(cfg.method.split("_")[1], *args)
-    if cfg.method == "lora":
-        return LoRA(*args)
-    raise UserError(f"desmoe.method '{cfg.method}': expected one of {', '.join(get_args(MethodName))}")
+
+class ESFTGate(ESFT):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__("gate", *args, **kwargs)
+
+
+# ``desmoe.method`` -> the class; the names are those of config.Method (the error below lists them).
+METHODS_BY_NAME: dict[str, type[Method]] = {"desmoe": DESMoE, "fft": FFT, "vanilla": Vanilla,
+                                            "esft_token": ESFTToken, "esft_gate": ESFTGate, "lora": LoRA}
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS_BY_NAME:
+        raise UserError(f"desmoe.method '{name}': expected one of {', '.join(get_args(MethodName))}")
+    return METHODS_BY_NAME[name]
+
+
+def build_method(cfg, total_steps: int, num_domains: int, aux_coef: float, seed: int = 0) -> Method:
+    return method_class(cfg.method)(cfg, total_steps, num_domains, aux_coef, seed)

@@ -154,8 +154,10 @@ class DESMoEExperiment:
     def check(self) -> None:
         if not self.base.hf and self.train.seq_len > self.model.max_seq_len:
             raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
+        from desmoe.recipes.des_moe.baselines import method_class  # late: the methods import this module
+
         warmup = round(self.desmoe.schedule.t1 * self.train.steps)
-        if self.desmoe.method == "desmoe" and warmup < max(1, len(self.data.domains)):
+        if method_class(self.desmoe.method).warmup_per_domain and warmup < max(1, len(self.data.domains)):
             raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(self.data.domains)}; "
                       f"t1 * train.steps = {warmup})", self.desmoe.schedule.t1)
         if self.base.hf and self.base.checkpoint:

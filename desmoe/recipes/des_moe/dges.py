@@ -18,6 +18,12 @@ experts of S_d trainable in the optimizer (``Trainability.set_experts``), so the
 others stay bit-identical under AdamW.  Mixed batches (Eq. 8): ``route_mask``
 gives the core's per-(token, expert) weight-gradient mask M[d_i, e], and the
 union of the present domains' S_d is trainable.
+
+``DGES`` (below) is the idea in one place for DES-MoE's method: the A/M map, when
+it refreshes, which experts a step may update (isolation), the token route masks,
+and duplication's bookkeeping -- when copies are made, which slots a domain trains
+and routes to.  Duplication's mechanics (spare slots, the copy tables) are
+``duplication.ExpertCopies``; method.py only composes ALR + DGES + the schedule.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from desmoe.recipes.des_moe.config import DGESConfig
+from desmoe.recipes.des_moe.duplication import ExpertCopies
 from desmoe.moe import moe_blocks
 
 
@@ -122,3 +129,79 @@ def specialization_mask(A: Tensor, phi: float) -> Tensor:
     """Eq. 6 on the last axis: A >= phi * row max; an all-zero row selects nothing."""
     row_max = A.amax(dim=-1, keepdim=True)
     return (A >= phi * row_max) & (row_max > 0)
+
+
+class DGES:
+    """DGES for one model: A/M (``map``), duplication's copies (``copies``, None when off) and the
+    per-step decisions built on them.  ``t1``: the step at which the first M is made (end of warm-up)."""
+
+    def __init__(self, blocks: list, num_domains: int, cfg: DGESConfig, t1: int) -> None:
+        self.cfg, self.t1, self.num_blocks = cfg, t1, len(blocks)
+        self.map = DomainExpertMap(len(blocks), num_domains, blocks[0].router.num_experts, cfg)
+        self.copies = ExpertCopies(blocks, num_domains, cfg.spare_experts) \
+            if cfg.enabled and cfg.duplicate_shared else None
+
+    def expert_sets(self, present: list[int]) -> list[list[int]]:
+        """Isolation (Eq. 7/8): per block, the expert slots a step of the ``present`` domains may update --
+        the union of their S_d (experts no present domain owns stay bit-identical under AdamW), each
+        logical expert mapped to the present domains' copies."""
+        if not self.map.ready:  # e.g. resumed from a pre-DGES checkpoint
+            self.map.refresh()
+        sets = [sorted({e for d in present for e in self.map.experts_for(b, d)}) for b in range(self.num_blocks)]
+        if self.copies is not None:
+            sets = [self.copies.slots_for(b, present, sets[b]) for b in range(self.num_blocks)]
+        return sets
+
+    def restrict_to_used(self, train) -> None:
+        """When every expert trains: never the unused spare slots."""
+        if self.copies is not None:
+            for b in range(self.num_blocks):
+                train.set_experts(b, self.copies.used_slots(b))
+
+    def install(self, blocks: list, token_domain: Optional[Tensor], mask_routes: bool) -> None:
+        """Before a forward: token route masks (Eq. 8: route (i, e) teaches e only if d_i owns e) and
+        each domain's tokens on its own copies.  The caller clears both after the forward."""
+        if mask_routes:
+            if token_domain is None:
+                raise ValueError("token-level masking (dges.batching=token) needs the batch's token domains")
+            for b, block in enumerate(blocks):
+                block.weight_grad_mask = self.map.route_mask(b, token_domain)
+        if self.copies is not None and self.copies.made and token_domain is not None:
+            for b, block in enumerate(blocks):
+                block.route_slots = self.copies.route_slots(b, token_domain)
+
+    def end_step(self, model: nn.Module, step: int, token_domain: Tensor, on_weights_changed=None) -> bool:
+        """Count the step's routing; refresh A/M at t1 and every ``update_every`` steps after, and at the
+        first M make the copies (``on_weights_changed`` gets the written slots).  True when refreshed."""
+        self.map.record_model(model, token_domain)
+        t, every = step + 1, self.cfg.update_every
+        if not (t == self.t1 or (t > self.t1 and every and (t - self.t1) % every == 0)):
+            return False
+        self.map.refresh()
+        if self.copies is not None and not self.copies.made:  # duplication at the first M
+            self.copies.create(self.map.A, self.map.M)
+            self.copies.apply_inference(self.cfg.duplicate_inference)
+            if on_weights_changed is not None:
+                on_weights_changed(self.copies.written)
+        return True
+
+    def report(self, domains) -> tuple[dict[str, float], dict[str, dict]]:
+        A, M, layers = self.map.A, self.map.M, self.map.A.shape[0]
+        images = {f"dges/A_layer{layer}": dict(matrix=A[layer].numpy(), xlabel="expert", ylabel="domain",
+                                               yticks=list(domains), vmin=0.0, vmax=1.0,
+                                               title=f"DGES affinity A (share of tokens routed), layer {layer}")
+                  for layer in range(layers)}
+        scalars = {"dges/expert_copies": float(self.copies.count)} if self.copies is not None else {}
+        scalars.update({"dges/experts_per_domain": M.float().sum(-1).mean().item(),
+                        "dges/shared_by_several": float(sum(len(self.map.claimed_by_several(l))
+                                                            for l in range(layers)))})
+        return scalars, images
+
+    def state_dict(self) -> dict:
+        return {"dges": self.map.state_dict(), **({"copies": self.copies.state_dict()} if self.copies else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.map.load_state_dict(state["dges"])
+        if self.copies is not None:
+            self.copies.load_state_dict(state.get("copies"))
+            self.copies.apply_inference(self.cfg.duplicate_inference)

@@ -18,6 +18,9 @@ reducing capacity for other domains".  The paper gives no mechanics; ours:
 
 Copies are made once: later refreshes of M keep the table (a domain that claims an
 expert later shares its original).  See docs/desmoe.md for the alternatives.
+
+This file is the mechanics (slots, tables, copying); when copies are made and which
+slots a step trains and routes to is DGES's bookkeeping, in ``dges.DGES``.
 """
 from __future__ import annotations
 

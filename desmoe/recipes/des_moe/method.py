@@ -15,8 +15,7 @@ from torch import Tensor, nn
 from desmoe.recipes.des_moe import schedule
 from desmoe.recipes.des_moe.alr import install_alr, is_router_param, lambda_at, model_kd_loss, set_lambda
 from desmoe.recipes.des_moe.config import DESMoEConfig
-from desmoe.recipes.des_moe.dges import DomainExpertMap
-from desmoe.recipes.des_moe.duplication import ExpertCopies
+from desmoe.recipes.des_moe.dges import DGES
 from desmoe.moe import moe_blocks, total_aux_loss
 from desmoe.moe.trainability import FROZEN_KEY, PART_KEY, Trainability
 from desmoe.objective import next_token_loss
@@ -58,6 +57,8 @@ class GradientSkipper:
 
 class Method:
     name = "method"
+    trains = True  # False: the run evaluates the base only (no training stage)
+    warmup_per_domain = False  # True: the schedule's warm-up must visit every domain at least once
 
     def __init__(self, cfg: DESMoEConfig, total_steps: int, num_domains: int, aux_coef: float, seed: int = 0) -> None:
         self.cfg, self.total_steps, self.num_domains, self.aux_coef, self.seed = cfg, total_steps, num_domains, aux_coef, seed
@@ -65,6 +66,7 @@ class Method:
         self.model: Optional[nn.Module] = None
         # set by the trainer: called with the (block, expert slot) pairs whose weights the method wrote
         self.on_weights_changed: Optional[Callable[[list], None]] = None
+        self.skipper: Optional[GradientSkipper] = None  # enable_gradient_skipping
 
     def prepare_model(self, model: nn.Module) -> Mapping[str, Callable[[str], bool]]:
         """Change the model before the engine is built; return the named dense parts to freeze separately."""
@@ -75,7 +77,7 @@ class Method:
         self.skipper = GradientSkipper(model, parts)
 
     def sync_gradients(self) -> None:
-        if getattr(self, "skipper", None) is not None:
+        if self.skipper is not None:
             self.skipper.sync(self.train)
 
     def attach(self, model: nn.Module, train: Trainability, data, rank: int, world: int, micro_batch: int,
@@ -108,37 +110,31 @@ class Method:
 
 
 class DESMoE(Method):
+    """ALR (alr.py) + DGES (dges.py) + the three-phase schedule (schedule.py), composed."""
+
     name = "desmoe"
+    warmup_per_domain = True  # phase 1 (ALR warm-up) starts the domain-expert counts of every domain
+    mask_routes = False  # this step: token-level route masks (dges.batching=token in a DGES phase)
+    lam = 0.0  # this step's ALR distillation weight
 
     def prepare_model(self, model):
         if self.cfg.alr.enabled:
             install_alr(model, self.cfg.alr, seed=self.seed)
-        blocks = moe_blocks(model)
-        self.dmap = DomainExpertMap(len(blocks), self.num_domains, blocks[0].router.num_experts, self.cfg.dges)
-        dges = self.cfg.dges
-        self.copies = ExpertCopies(blocks, self.num_domains, dges.spare_experts) \
-            if dges.enabled and dges.duplicate_shared else None
         self.t1, self.t2 = schedule.boundaries(self.total_steps, self.cfg.schedule)
+        self.dges = DGES(moe_blocks(model), self.num_domains, self.cfg.dges, self.t1)
+        self.dmap, self.copies = self.dges.map, self.dges.copies  # the same objects, by their short names
         return super().prepare_model(model)
 
     def begin_step(self, step, domain):
         phase = schedule.phase_at(step, self.total_steps, self.cfg.schedule)
         tset = schedule.trainable_set(phase, self.cfg.schedule, dges=self.cfg.dges.enabled)
-        blocks = moe_blocks(self.model)
-        if tset.experts == "domain" and not self.dmap.ready:  # e.g. resumed from a pre-DGES checkpoint
-            self.dmap.refresh()
-        # Mixed batches: the union of the present domains' sets trains (experts no present domain
-        # owns stay bit-identical under AdamW); the route mask in loss() keeps each token to its own.
+        n = len(moe_blocks(self.model))
         present = [domain] if isinstance(domain, int) else list(domain)
-        sets = [sorted({e for d in present for e in self.dmap.experts_for(b, d)}) for b in range(len(blocks))] \
-            if tset.experts == "domain" else None
+        sets = self.dges.expert_sets(present) if tset.experts == "domain" else None
         self.mask_routes = tset.experts == "domain" and self.cfg.dges.batching == "token"
-        if self.copies is not None and sets is not None:  # logical experts -> the present domains' slots
-            sets = [self.copies.slots_for(b, present, sets[b]) for b in range(len(blocks))]
-        schedule.apply(self.train, tset, len(blocks), sets)
-        if self.copies is not None and tset.experts == "all":  # never the unused spare slots
-            for b in range(len(blocks)):
-                self.train.set_experts(b, self.copies.used_slots(b))
+        schedule.apply(self.train, tset, n, sets)
+        if tset.experts == "all":
+            self.dges.restrict_to_used(self.train)
         alr_trains = self.cfg.alr.enabled and tset.router
         self.lam = lambda_at(step / self.total_steps, self.cfg.alr.lambda_end) if alr_trains else 0.0
         set_lambda(self.model, self.lam)
@@ -147,14 +143,8 @@ class DESMoE(Method):
 
     def loss(self, input_ids, token_domain=None, loss_mask=None):
         blocks = moe_blocks(self.model)
-        if getattr(self, "mask_routes", False):
-            if token_domain is None:
-                raise ValueError("token-level masking (dges.batching=token) needs the batch's token domains")
-            for b, block in enumerate(blocks):  # Eq. 8: route (i, e) teaches e only if d_i owns e
-                block.weight_grad_mask = self.dmap.route_mask(b, token_domain.to(input_ids.device))
-        if self.copies is not None and self.copies.made and token_domain is not None:
-            for b, block in enumerate(blocks):  # each domain's tokens run on its own copies
-                block.route_slots = self.copies.route_slots(b, token_domain.to(input_ids.device))
+        self.dges.install(blocks, None if token_domain is None else token_domain.to(input_ids.device),
+                          self.mask_routes)
         try:
             task = task_loss(self.model, input_ids, loss_mask)
         finally:
@@ -166,35 +156,13 @@ class DESMoE(Method):
         return total, {"task_loss": task.detach(), "aux_loss": aux.detach(), "kd_loss": kd.detach()}
 
     def end_step(self, step, token_domain):
-        self.dmap.record_model(self.model, token_domain)
-        t, every = step + 1, self.cfg.dges.update_every
-        if t == self.t1 or (t > self.t1 and every and (t - self.t1) % every == 0):
-            self.dmap.refresh()
-            if self.copies is not None and not self.copies.made:  # duplication at the first M
-                self.copies.create(self.dmap.A, self.dmap.M)
-                self.copies.apply_inference(self.cfg.dges.duplicate_inference)
-                if self.on_weights_changed is not None:
-                    self.on_weights_changed(self.copies.written)
-            return True
-        return False
+        return self.dges.end_step(self.model, step, token_domain, self.on_weights_changed)
 
     def refresh_report(self, domains):
-        A, M, layers = self.dmap.A, self.dmap.M, self.dmap.A.shape[0]
-        images = {f"dges/A_layer{layer}": dict(matrix=A[layer].numpy(), xlabel="expert", ylabel="domain",
-                                               yticks=list(domains), vmin=0.0, vmax=1.0,
-                                               title=f"DGES affinity A (share of tokens routed), layer {layer}")
-                  for layer in range(layers)}
-        scalars = {"dges/expert_copies": float(self.copies.count)} if self.copies is not None else {}
-        scalars.update({"dges/experts_per_domain": M.float().sum(-1).mean().item(),
-                        "dges/shared_by_several": float(sum(len(self.dmap.claimed_by_several(l))
-                                                            for l in range(layers)))})
-        return scalars, images
+        return self.dges.report(domains)
 
     def state_dict(self):
-        return {"dges": self.dmap.state_dict(), **({"copies": self.copies.state_dict()} if self.copies else {})}
+        return self.dges.state_dict()
 
     def load_state_dict(self, state):
-        self.dmap.load_state_dict(state["dges"])
-        if self.copies is not None:
-            self.copies.load_state_dict(state.get("copies"))
-            self.copies.apply_inference(self.cfg.dges.duplicate_inference)
+        self.dges.load_state_dict(state)

@@ -29,12 +29,12 @@ class DESMoERecipe(Recipe):
         return Cadence(t.log_every, t.eval_every, t.save_every)
 
     def setup(self, trainer: Trainer) -> Setup:
-        from desmoe.recipes.des_moe.baselines import build_method
+        from desmoe.recipes.des_moe.baselines import build_method, method_class
 
         cfg, t = self.cfg, self.cfg.train
         trainer.check_ep(cfg.model.ep_size)
         self.data = open_domains(cfg.data)
-        if cfg.desmoe.method == "desmoe" and round(cfg.desmoe.schedule.t1 * t.steps) < len(self.data.domains):
+        if method_class(cfg.desmoe.method).warmup_per_domain and round(cfg.desmoe.schedule.t1 * t.steps) < len(self.data.domains):
             raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(self.data.domains)} "
                       f"domains; t1 * train.steps = {round(cfg.desmoe.schedule.t1 * t.steps)})", cfg.desmoe.schedule.t1)
         model = build_model(cfg)
@@ -69,7 +69,7 @@ class DESMoERecipe(Recipe):
         self.streams = DomainStreams(self.data, self.cfg, trainer.rank, trainer.world, trainer.start)
 
     def stages(self):
-        return [] if self.method.name == "vanilla" else [self.cfg.train.steps]  # vanilla: evaluation only
+        return [self.cfg.train.steps] if self.method.trains else []  # vanilla: evaluation only
 
     def tokens_per_step(self):
         return self.cfg.train.micro_batch * self.cfg.train.seq_len * self.trainer.world
@@ -112,7 +112,7 @@ class DESMoERecipe(Recipe):
         return self.method.state_dict()
 
     def finish(self, trainer):
-        vanilla = self.method.name == "vanilla"
+        vanilla = not self.method.trains
         if vanilla:  # evaluation of the untrained base only
             trainer.monitor.scalars(0, self.evaluate(0))
         extra = downstream_eval(trainer.engine.module, self.data, self.cfg)

@@ -11,11 +11,15 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from desmoe.moe.router import Router, Routing
+from desmoe.recipes.trge.fusion import fuse_where
+from desmoe.recipes.trge.inter_group import UNSEEN, group_weights, one_hot_weights
 from desmoe.recipes.trge.intra_group import GroupContext, TaskGate
 
 METHODS = ("trge", "zero_shot", "continual_ft", "shared_pool")  # the registry's keys (METHODS_BY_NAME, below)
@@ -75,11 +79,56 @@ class PoolUsage:
 
 
 class Method:
-    """What one method (TRGE or a baseline) changes in the training of a task; picked by ``method``.
+    """What one method (TRGE or a baseline) changes in the training of a task and at test time;
+    picked by ``method``.
 
-    TRGE itself: one group per task, trained alone; its optimizer groups are whole task groups."""
+    TRGE itself: one group per task, trained alone; its optimizer groups are whole task groups.
+    The test-time part (evaluate.evaluate_task) is class-level: the evaluator needs no instance."""
 
     trains = True
+    layout = None  # a groups.layout the method needs (None: the configured one)
+    test_variants = True  # eval.variants are TRGE's other test-time paths over its groups
+    identifies = True  # test time: samples are routed by the task identifier (its accuracy is reported)
+    text_groups = True  # test time: class embeddings through the learned groups (else frozen only)
+
+    @staticmethod
+    def train_group(task: int) -> int:
+        """The group task ``task`` trains: its own."""
+        return task
+
+    def trainable_per_task(self, model, progress) -> int:
+        """Parameters one task trains (the summary's budget column)."""
+        return model.trainable_parameters() if self.trains else 0
+
+    @staticmethod
+    def groups_used(learned: int) -> int:
+        """How many groups' class embeddings the test sets use."""
+        return learned
+
+    @staticmethod
+    def fixed_groups(learned: int) -> int:
+        """Groups whose cached class embeddings stay valid: only TRGE's finished groups never change."""
+        return learned - 1
+
+    @staticmethod
+    def trained_names(per_task: list[set[str]]) -> list[set[str]]:
+        """The class names each group was trained on, from those of each learned task."""
+        return per_task
+
+    @staticmethod
+    def predict(b, ids: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """(predicted classes [B], group weights [B, T]) of one test batch ``b`` (evaluate.TestBatch);
+        ``ids``: the identified tasks (UNSEEN -1), None when the method does not identify.
+        TRGE: inter-group weights, the groups' mixed classifier, unseen samples fused with the frozen model."""
+        unseen = ids == UNSEEN
+        w = group_weights(b.inter, ids, b.f0, b.prototypes, b.T, b.usable)
+        none = w.sum(1) == 0  # no group knows these names: the adapted path is the frozen model
+        wr = torch.where(none[:, None], one_hot_weights(0, b.n, b.T), w)  # a placeholder route
+        fa = b.model.image_features(b.px, wr, cnn_features=b.cnn)
+        wmix = F.normalize(torch.einsum("bg,gcd->bcd", wr[:, :b.groups_used], b.Wg), dim=-1)
+        za = torch.where(none[:, None], b.z0, b.scale * torch.einsum("bd,bcd->bc", fa, wmix))
+        probs = fuse_where(unseen, za.softmax(-1), b.z0, za, b.lam)
+        return probs.argmax(1), w
 
     def __init__(self, cfg, model) -> None:
         self.cfg, self.model = cfg, model
@@ -113,14 +162,52 @@ class Method:
 
 class ZeroShot(Method):
     trains = False
+    test_variants = False
+    identifies = False
+    text_groups = False
+
+    @staticmethod
+    def fixed_groups(learned):
+        return 0
+
+    @staticmethod
+    def predict(b, ids):
+        return b.z0.argmax(1), torch.zeros(b.n, b.T)
 
 
 class ContinualFT(Method):
     """One group (group 0) trained on every task in turn; see the module doc."""
 
+    test_variants = False
+    identifies = False
+
+    @staticmethod
+    def train_group(task):
+        return 0
+
+    @staticmethod
+    def groups_used(learned):
+        return 1
+
+    @staticmethod
+    def fixed_groups(learned):
+        return 0  # group 0 keeps changing
+
+    @staticmethod
+    def trained_names(per_task):
+        return [set().union(*per_task)]  # one group trained on every learned class name
+
+    @staticmethod
+    def predict(b, ids):
+        w = one_hot_weights(0, b.n, b.T)
+        return (b.scale * b.model.image_features(b.px, w, cnn_features=b.cnn) @ b.Wg[0].t()).argmax(1), w
+
 
 class SharedPool(Method):
     """MoE-Adapters: per-task routers over one pool, the most used experts frozen after each task."""
+
+    layout = "pool"
+    test_variants = False
 
     def __init__(self, cfg, model) -> None:
         from desmoe.moe.layer import moe_blocks
@@ -150,6 +237,32 @@ class SharedPool(Method):
 
     def frozen_state(self):
         return [sorted(f) for f in self.usage.frozen]
+
+    def trainable_per_task(self, model, progress):
+        """The pool's experts not frozen before the last task, and one task's gate, per block."""
+        from desmoe.moe.layer import moe_blocks
+
+        total = 0
+        for b, block in enumerate(moe_blocks(model)):
+            per_expert = sum(p.numel() for p in block.local_experts[0].parameters())
+            frozen_before_last = len(progress["pool_frozen"][b]) - self.cfg.groups.pool_freeze_per_task \
+                if progress["pool_frozen"] else 0
+            total += (block.num_experts - max(frozen_before_last, 0)) * per_expert
+            total += sum(p.numel() for p in block.router.gates[0].parameters())
+        return total
+
+    @staticmethod
+    def fixed_groups(learned):
+        return 0  # the shared pool keeps changing
+
+    @staticmethod
+    def predict(b, ids):
+        """The identified task's router; unseen samples -> the frozen model."""
+        unseen = ids == UNSEEN
+        w = F.one_hot(ids.clamp_min(0), b.T).float()
+        za = b.scale * torch.einsum("bd,bcd->bc", b.model.image_features(b.px, w, cnn_features=b.cnn),
+                                    b.Wg[ids.clamp_min(0)])
+        return torch.where(unseen, b.z0.argmax(1), za.argmax(1)), w * (~unseen)[:, None]
 
     def load_state(self, progress, mid_task, task):
         if progress["pool_frozen"]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from desmoe.config import bad
 from desmoe.recipes.trge.backbones import BackboneConfig
-from desmoe.recipes.trge.baselines import METHODS
+from desmoe.recipes.trge.baselines import METHODS, METHODS_BY_NAME
 from desmoe.recipes.trge.data import DataConfig
 from desmoe.recipes.trge.groups import GroupSpec
 from desmoe.recipes.trge.inter_group import InterGroupConfig
@@ -106,7 +106,7 @@ class TRGEExperiment:
     def check(self) -> None:
         if self.method not in METHODS:
             raise bad("method", "one of " + ", ".join(METHODS), self.method)
-        if self.eval.variants and self.method != "trge":
+        if self.eval.variants and not METHODS_BY_NAME[self.method].test_variants:
             raise bad("eval.variants", "empty unless method is trge", self.eval.variants)
         from desmoe.recipes.trge.fusion import FUSION_SCHEDULES
 

@@ -11,6 +11,7 @@ over the ranks and counts all-reduced, so every rank ends with the same numbers.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from desmoe.recipes.trge.features import key as feature_key
-from desmoe.recipes.trge.fusion import fuse_where, fusion_weight
-from desmoe.recipes.trge.inter_group import UNSEEN, InterGroupConfig, group_weights, one_hot_weights, vocabulary_mask
+from desmoe.recipes.trge.fusion import fusion_weight
+from desmoe.recipes.trge.inter_group import UNSEEN, InterGroupConfig, one_hot_weights, vocabulary_mask
 from desmoe.recipes.trge.task_id import IdBatch, TaskIdentifier, TaskInfo
 
 
@@ -78,27 +79,47 @@ def _unseen_where(ids: Tensor, knows_names: Tensor) -> Tensor:
     return torch.where((ids >= 0) & ~knows_names[ids.clamp_min(0)], torch.full_like(ids, UNSEEN), ids)
 
 
+@dataclass
+class TestBatch:
+    """What a method's ``predict`` (baselines.py) sees of one test batch."""
+    model: object
+    px: Optional[Tensor]  # pixels, None when a CNN tower's cached features stand in
+    cnn: Optional[Tensor]
+    f0: Tensor  # frozen image features
+    z0: Tensor  # frozen logits
+    Wg: Optional[Tensor]  # [G, C, D] the groups' class embeddings
+    scale: float
+    n: int
+    T: int
+    groups_used: int
+    inter: InterGroupConfig
+    prototypes: Optional[Tensor]
+    usable: Optional[Tensor]
+    lam: float
+
+
 @torch.no_grad()
 def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: int, learned: int,
                   identifier: Optional[TaskIdentifier], prototypes: Optional[Tensor], inter: InterGroupConfig,
                   lam: float, batch_size: int, rank: int, world: int, need_images: bool = False,
                   trained_names: Optional[list[set[str]]] = None) -> dict:
     """Accuracy, identification accuracy and mean group weights on one test set (all ranks).
+    ``method``: a name of baselines.METHODS_BY_NAME, whose class holds the method's test-time behaviour.
     ``trained_names[g]``: the class names group g was trained on (text routing ``vocabulary``)."""
     from desmoe.collectives import all_reduce_
+    from desmoe.recipes.trge.baselines import METHODS_BY_NAME
 
+    m = METHODS_BY_NAME[method]
     T = bank.num_groups
     idx = torch.arange(rank, len(task.test_y), world)
     W0 = bank.get(task, -1, T)
-    groups_used = 1 if method == "continual_ft" else learned
-    # Only TRGE's finished groups are fixed; the other methods keep changing shared adapters.
-    fixed = learned - 1 if method == "trge" else 0
-    Wg = group_class_embeddings(bank, task, groups_used, fixed, inter.text_routing, trained_names) \
-        if method != "zero_shot" else None
+    groups_used = m.groups_used(learned)
+    Wg = group_class_embeddings(bank, task, groups_used, m.fixed_groups(learned), inter.text_routing,
+                                trained_names) if m.text_groups else None
     # Per test set, not per batch: which learned tasks know any of its class names, and from that the
     # groups that may take weight (inter.group_filter; None = routing unchanged)
     knows_names, usable = None, None
-    if method in ("trge", "shared_pool") and (inter.unknown_names == "unseen" or inter.group_filter != "none"):
+    if m.identifies and (inter.unknown_names == "unseen" or inter.group_filter != "none"):
         knows_names = vocabulary_mask(task.classnames, _names(trained_names, learned)).any(1)
         if inter.group_filter == "vocabulary" or (inter.group_filter == "novel_set" and not knows_names.any()):
             usable = knows_names
@@ -119,31 +140,14 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
         px = None if cnn is not None else pixels(images)  # a CNN tower needs only its cached features
         z0 = scale * f0 @ W0.t()
         truth = torch.full((len(sel),), true_task)
-        if method == "zero_shot":
-            pred, w = z0.argmax(1), torch.zeros(len(sel), T)
-        elif method == "continual_ft":
-            w = one_hot_weights(0, len(sel), T)
-            pred = (scale * model.image_features(px, w, cnn_features=cnn) @ Wg[0].t()).argmax(1)
-        else:
+        ids = None
+        if m.identifies:
             ids = identifier.identify(IdBatch(f0, images.numpy() if need_images else None, truth))
             if inter.unknown_names == "unseen":
                 ids = _unseen_where(ids, knows_names)
             stats[2] += (ids == truth).sum()  # the decision routing acts on
-            unseen = ids == UNSEEN
-            if method == "shared_pool":  # identified task's router; unseen -> frozen model
-                w = F.one_hot(ids.clamp_min(0), T).float()
-                za = scale * torch.einsum("bd,bcd->bc", model.image_features(px, w, cnn_features=cnn), Wg[ids.clamp_min(0)])
-                pred = torch.where(unseen, z0.argmax(1), za.argmax(1))
-                w = w * (~unseen)[:, None]
-            else:
-                w = group_weights(inter, ids, f0, prototypes, T, usable)
-                none = w.sum(1) == 0  # no group knows these names: the adapted path is the frozen model
-                wr = torch.where(none[:, None], one_hot_weights(0, len(sel), T), w)  # a placeholder route
-                fa = model.image_features(px, wr, cnn_features=cnn)
-                wmix = F.normalize(torch.einsum("bg,gcd->bcd", wr[:, :groups_used], Wg), dim=-1)
-                za = torch.where(none[:, None], z0, scale * torch.einsum("bd,bcd->bc", fa, wmix))
-                probs = fuse_where(unseen, za.softmax(-1), z0, za, lam)
-                pred = probs.argmax(1)
+        pred, w = m.predict(TestBatch(model, px, cnn, f0, z0, Wg, scale, len(sel), T, groups_used, inter,
+                                      prototypes, usable, lam), ids)
         stats[0] += (pred == y).sum()
         stats[1] += len(sel)
         stats[3:] += w.sum(0)
@@ -151,10 +155,6 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
     n = max(float(stats[1]), 1.0)
     return {"acc": 100.0 * float(stats[0]) / n, "id_acc": 100.0 * float(stats[2]) / n,
             "group_weights": (stats[3:] / n).tolist()}
-
-
-def identifier_infos(identifier) -> list[TaskInfo]:
-    return getattr(identifier, "inner", identifier).tasks
 
 
 def evaluate_stage(r, t: int) -> None:
@@ -177,13 +177,11 @@ def evaluate_stage(r, t: int) -> None:
     if r.oracle is not None:
         r.oracle.fit_task(info)
     protos = F.normalize(torch.stack([F.normalize(i.feats.float().mean(0), dim=0)
-                                      for i in identifier_infos(r.identifier)]), dim=-1)
+                                      for i in r.identifier.infos]), dim=-1)
     lam = fusion_weight(cfg.fusion.schedule, t + 1, len(tasks), cfg.fusion.lam_max)
     row, id_row, gw_row, ctrl_row = [], [], [], []
     timing["prototype"] = time.perf_counter() - r.t0 - timing["train"]
-    trained_names = [set(x.classnames) for x in tasks[:t + 1]]
-    if cfg.method == "continual_ft":  # one group trained on every learned class name
-        trained_names = [set().union(*trained_names)]
+    trained_names = type(r.baseline).trained_names([set(x.classnames) for x in tasks[:t + 1]])
     for j, other in enumerate(tasks + r.controls):
         res = evaluate_task(cfg.method, model, r.bank, r.backbone.pixels, other, j if j <= t else -1, t + 1,
                             r.identifier, protos, cfg.inter, lam, cfg.train.eval_batch, rank, world,

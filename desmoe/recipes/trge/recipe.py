@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from desmoe.config import bad
 from desmoe.recipes.trge.backbones import load_backbone
-from desmoe.recipes.trge.baselines import build_method
+from desmoe.recipes.trge.baselines import METHODS_BY_NAME, build_method
 from desmoe.recipes.trge.config import TrainConfig, TRGEExperiment  # noqa: F401  (TRGEExperiment: users)
 from desmoe.recipes.trge.data import load_sequence
 from desmoe.recipes.trge.evaluate import TextBank, evaluate_stage
@@ -72,8 +72,8 @@ class TRGERecipe(Recipe):
             cfg.groups.num_tasks = len(self.tasks)
         if cfg.groups.num_tasks < len(self.tasks):
             raise bad("groups.num_tasks", f">= the {len(self.tasks)} tasks of the sequence (or 0)", cfg.groups.num_tasks)
-        if cfg.method == "shared_pool":
-            cfg.groups.layout = "pool"
+        if METHODS_BY_NAME[cfg.method].layout:  # before the model is built
+            cfg.groups.layout = METHODS_BY_NAME[cfg.method].layout
         skipped = {t.name: t.meta.get("skipped", 0) for t in self.tasks + self.controls if t.meta.get("skipped", 0)}
         if skipped:
             print("desmoe: warning: images that failed to decode were skipped: "
@@ -118,7 +118,7 @@ class TRGERecipe(Recipe):
         return Cadence(self.cfg.train.log_every, 0, self.cfg.train.save_every)
 
     def stages(self):
-        return [0 if self.cfg.method == "zero_shot" else self.cfg.train.steps_per_task] * len(self.tasks)
+        return [self.cfg.train.steps_per_task if self.baseline.trains else 0] * len(self.tasks)
 
     def tokens_per_step(self):
         return self.cfg.train.micro_batch * self.trainer.world
@@ -126,7 +126,7 @@ class TRGERecipe(Recipe):
     def begin_stage(self, t, first_step):
         cfg, T, task = self.cfg, self.cfg.groups.num_tasks, self.tasks[t]
         self.t0, self.timing = time.perf_counter(), {}
-        group = 0 if cfg.method == "continual_ft" else t
+        group = self.baseline.train_group(t)
         self.model.train()
         if not self.stages()[t]:
             return
@@ -178,7 +178,7 @@ class TRGERecipe(Recipe):
     def summary(self, trainer):
         from desmoe.distributed import is_rank0
 
-        summary = summarize(self.cfg, self.tasks, self.controls, self.progress, self.model)
+        summary = summarize(self.cfg, self.tasks, self.controls, self.progress, self.model, self.baseline)
         if is_rank0():
             write_reports(trainer.run_dir, summary, self.tasks, self.controls, self.progress)
         return summary

@@ -9,13 +9,14 @@ import numpy as np
 
 from desmoe import checkpoint
 from desmoe.recipes.trge import metrics
+from desmoe.recipes.trge.baselines import METHODS_BY_NAME
 
 
 def log_stage(monitor, cfg, tasks, controls, progress, t, step) -> None:
     names = [x.name for x in tasks + controls]
     row = progress["rows"][-1] + progress["control_rows"][-1]
     monitor.scalars(step, {f"acc/{n}": a for n, a in zip(names, row)})
-    if cfg.method in ("trge", "shared_pool"):
+    if METHODS_BY_NAME[cfg.method].identifies:
         monitor.scalars(step, {f"id_acc/{n}": a for n, a in zip(names, progress["id_rows"][-1])})
     matrix = np.full((len(tasks), len(tasks)), np.nan)
     for i, r in enumerate(progress["rows"]):
@@ -30,29 +31,14 @@ def log_stage(monitor, cfg, tasks, controls, progress, t, step) -> None:
                     title="mean inter-group routing weight per test set")
 
 
-def trainable_per_task(cfg, model, progress) -> int:
-    from desmoe.moe.layer import moe_blocks
-
-    if cfg.method == "zero_shot":
-        return 0
-    if cfg.method != "shared_pool":
-        return model.trainable_parameters()
-    total = 0
-    for b, block in enumerate(moe_blocks(model)):
-        per_expert = sum(p.numel() for p in block.local_experts[0].parameters())
-        frozen_before_last = len(progress["pool_frozen"][b]) - cfg.groups.pool_freeze_per_task if progress["pool_frozen"] else 0
-        total += (block.num_experts - max(frozen_before_last, 0)) * per_expert
-        total += sum(p.numel() for p in block.router.gates[0].parameters())
-    return total
-
-
-def summarize(cfg, tasks, controls, progress, model) -> dict:
+def summarize(cfg, tasks, controls, progress, model, method) -> dict:
+    """``method``: the run's baselines.Method."""
     A = np.array(progress["rows"], dtype=np.float64)
     out = {"method": cfg.method, "tasks": [t.name for t in tasks], "controls": [c.name for c in controls],
            "accuracy_matrix": progress["rows"], "control_rows": progress["control_rows"],
            "id_rows": progress["id_rows"], "seconds_per_task": progress["seconds"],
            "timing": progress.get("timing", {}),
-           "trainable_params_per_task": trainable_per_task(cfg, model, progress),
+           "trainable_params_per_task": method.trainable_per_task(model, progress),
            "identifier": cfg.identifier.backend + ("+batch-vote" if cfg.identifier.per_batch else ""),
            "reading": cfg.inter.reading, "fusion": cfg.fusion.schedule,
            # images that failed to decode while loading (skipped, not fatal)

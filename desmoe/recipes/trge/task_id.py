@@ -91,6 +91,11 @@ class TaskIdentifier:
     def fit_task(self, info: TaskInfo) -> None:
         self.tasks.append(info)
 
+    @property
+    def infos(self) -> list[TaskInfo]:
+        """The learned tasks' inputs, in order (the evaluator builds the task prototypes from them)."""
+        return self.tasks
+
     def identify(self, batch: IdBatch) -> Tensor:
         raise NotImplementedError
 
@@ -207,6 +212,10 @@ class BatchVote(TaskIdentifier):
 
     def fit_task(self, info: TaskInfo) -> None:
         self.inner.fit_task(info)
+
+    @property
+    def infos(self) -> list[TaskInfo]:
+        return self.inner.tasks  # the inner identifier holds the learned tasks
 
     def identify(self, batch: IdBatch) -> Tensor:
         ids = self.inner.identify(batch)
