@@ -39,17 +39,22 @@ SHARED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "attention_dropout")
 
 
-def moe_config(dense_cfg, num_experts: int, top_k: int, mode: UpcycleMode):
-    from transformers import MixtralConfig
-
+def check_dense(dense_cfg, target: str) -> None:
+    """A dense model the MoE layout ``target`` reproduces exactly: Llama/Mistral, no biases, no window."""
     if dense_cfg.model_type not in DENSE_TYPES:
         raise UserError(f"cannot upcycle architecture '{dense_cfg.model_type}' (supported dense models: "
                         f"{', '.join(DENSE_TYPES)})")
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(dense_cfg, flag, False):
-            raise UserError(f"cannot upcycle a model with {flag}=true (Mixtral layers have no biases)")
+            raise UserError(f"cannot upcycle a model with {flag}=true ({target} layers have no biases)")
     if getattr(dense_cfg, "sliding_window", None):
         raise UserError("cannot upcycle a model with a sliding window")
+
+
+def moe_config(dense_cfg, num_experts: int, top_k: int, mode: UpcycleMode):
+    from transformers import MixtralConfig
+
+    check_dense(dense_cfg, "Mixtral")
     if not 1 <= top_k <= num_experts:
         raise UserError(f"upcycling: top_k {top_k} must be in 1..num_experts={num_experts}")
     ffn = dense_cfg.intermediate_size

@@ -53,14 +53,9 @@ ROUTER_SPREAD = 0.1  # std of the fitted router's logits: weights stay within ~1
 def shared_moe_config(dense_cfg, num_experts: int, top_k: int, shared_ffn: int):
     from transformers import Qwen2MoeConfig
 
-    if dense_cfg.model_type not in ("llama", "mistral"):
-        raise UserError(f"cannot upcycle architecture '{dense_cfg.model_type}' (supported dense models: llama, "
-                        f"mistral)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(dense_cfg, flag, False):
-            raise UserError(f"cannot upcycle a model with {flag}=true (qwen2_moe's MLPs have no biases)")
-    if getattr(dense_cfg, "sliding_window", None):
-        raise UserError("cannot upcycle a model with a sliding window")
+    from desmoe.models.upcycle import check_dense
+
+    check_dense(dense_cfg, "qwen2_moe")
     ffn = dense_cfg.intermediate_size
     if not 1 <= shared_ffn < ffn:
         raise UserError(f"upcycling: shared_ffn {shared_ffn} must be in 1..{ffn - 1} (the MLP width is {ffn})")
