@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 
@@ -59,6 +59,9 @@ def write_eval_sets(root: Path, cfg, selected, parts, ctx, render) -> dict:
         if items:
             _jsonl(root / "eval" / f"exact-{name}.jsonl", items)
             ev["exact"][name] = f"eval/exact-{name}.jsonl"
+            # chance: the best constant answer (the train records' most frequent one) scored on the items
+            common = Counter(d.fact[2] for d, _ in selected[(name, "train")] if hasattr(d, "fact")).most_common(1)
+            ev.setdefault("exact_chance", {})[name] = sum(it["answer"] == common[0][0] for it in items) / len(items)
     if ev["exact"]:
         ev["notes"]["exact"] = (f"closed-book recall of facts trained on (instruction records of the train split, "
                                 f"{render.name} template); greedy answer, exact match after normalisation")

@@ -54,33 +54,39 @@ _ARTICLE = re.compile(r"\AArticle (\w+)\. ")
 _RANGE = re.compile(r"\(([A-Z]\d[\dA-Z]-[A-Z]\d[\dA-Z])\)\s*$")
 
 
-def facts(doc: Doc) -> Iterator[tuple[str, str, str]]:
-    """(kind, question, answer) of one document, from its text and structured pairs."""
+def facts(doc: Doc) -> Iterator[tuple[str, str, str, str]]:
+    """(kind, question, answer, the question in a held-out wording) of one document, from its text and
+    structured pairs.  The held-out wording is never trained on; it measures whether recall survives
+    a rephrased question."""
     m = _MATH_QA.match(doc.text)
     if m and _short(m.group(2).strip()):
-        yield "math-qa", m.group(1).strip(), m.group(2).strip()
+        q = m.group(1).strip()
+        yield "math-qa", q, m.group(2).strip(), f"Give the answer only. {q}"
     for kind, prompt, answer in doc.pairs:
         if kind == "champ-answer" and _short(answer):
-            yield "math-problem", prompt, answer
+            yield "math-problem", prompt, answer, f"Give the final answer only. {prompt}"
         elif kind == "signature":
             name = prompt.split("(", 1)[0].strip()
             if _short(name) and " " not in name:
-                yield "callable", f"Which Python callable is described by: {answer}", name
+                yield ("callable", f"Which Python callable is described by: {answer}", name,
+                       f"Name the Python function or class that does this: {answer}")
         elif kind == "definition":
             term = prompt.rstrip(":").strip()
             if _short(term) and len(term.split()) <= 4:
-                yield "term", f"Which term is defined as: {answer}", term
+                yield "term", f"Which term is defined as: {answer}", term, f"What word means \"{answer}\"?"
         elif kind == "article-title":
             art = _ARTICLE.match(doc.text)
             if art and answer:
-                yield "article", f"Which article of the Constitution of India is titled \"{answer}\"?", art.group(1)
+                yield ("article", f"Which article of the Constitution of India is titled \"{answer}\"?", art.group(1),
+                       f"The Constitution of India: what is the number of the article \"{answer}\"?")
         elif kind == "licence-name" and _short(answer):
             opening = " ".join(prompt.split()[:40])
-            yield "licence", f"Which licence begins: {opening}", answer
+            yield "licence", f"Which licence begins: {opening}", answer, f"Name the licence whose text starts: {opening}"
         elif kind == "icd-block":
             block = _RANGE.search(answer)
             if block:
-                yield "icd-block", f"Which ICD-10-CM block holds the diagnosis \"{prompt}\"?", block.group(1)
+                yield ("icd-block", f"Which ICD-10-CM block holds the diagnosis \"{prompt}\"?", block.group(1),
+                       f"\"{prompt}\": in which block of ICD-10-CM is this diagnosis?")
 
 
 class Renderer:
@@ -116,20 +122,20 @@ def records_of(docs: list[Doc], render: Renderer, seed: int, domain: str, limit:
     by_kind: dict[str, list] = defaultdict(list)
     seen = set()
     for d in docs:
-        for kind, q, a in facts(d):
+        for kind, q, a, q2 in facts(d):
             if q not in seen:
                 seen.add(q)
-                by_kind[kind].append((d, q, a))
+                by_kind[kind].append((d, q, a, q2))
     queues = [sorted(rows, key=lambda r: _u(seed, "instruct", domain, r[1])) for _, rows in sorted(by_kind.items())]
     out: list[Record] = []
     for i in range(max(map(len, queues), default=0)):
         for kind, queue in zip(sorted(by_kind), queues):
             if i < len(queue) and (limit is None or len(out) < limit):
-                d, q, a = queue[i]
+                d, q, a, q2 = queue[i]
                 segs = render.segments(q, a)
                 rec = Record("".join(t for t, _ in segs), d.source, d.licence, f"{d.doc_id}~{kind}~{i}",
                              parent=d.parent or d.doc_id, segments=segs, origin=f"{domain}/{d.source}/{d.doc_id}")
-                rec.fact = (kind, q, a)
+                rec.fact = (kind, q, a, q2)
                 out.append(rec)
     return out
 
@@ -167,7 +173,7 @@ def exact_items(selected_train: list, render: Renderer, n: int, seed: int, domai
     for i in range(max(map(len, queues), default=0)):
         for queue in queues:
             if i < len(queue) and len(items) < n:
-                d, (kind, q, a) = queue[i]
+                d, (kind, q, a, q2) = queue[i]
                 items.append({"prompt": render.prompt(q), "question": q, "answer": a, "kind": kind,
-                              "source": d.source, "doc_id": d.doc_id})
+                              "heldout_prompt": render.prompt(q2), "source": d.source, "doc_id": d.doc_id})
     return items

@@ -115,12 +115,14 @@ def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12, exa
     names = []
     templates = [("desmoe_math", "math.yaml", data_root / ev["math"], max_gen_toks)]
     templates += [(f"desmoe_mcq_{d}", "mcq.yaml", data_root / p, 0) for d, p in ev["mcq"].items()]
-    templates += [(f"desmoe_exact_{d}", "exact.yaml", data_root / p, exact_gen_toks)
-                  for d, p in ev.get("exact", {}).items()]
+    for d, p in ev.get("exact", {}).items():  # the trained wording, and a held-out one
+        templates += [(f"desmoe_exact_{d}", "exact.yaml", data_root / p, exact_gen_toks),
+                      (f"desmoe_exact_{d}_rephrased", "exact.yaml", data_root / p, exact_gen_toks)]
     for name, template, data_file, gen_toks in templates:
         if not data_file.is_file():
             raise UserError(f"{data_file}: evaluation file of task {name} not found")
         text = (TASKS / template).read_text().replace("@TASK@", name).replace("@DATA_FILE@", str(data_file))
+        text = text.replace("@PROMPT_FIELD@", "heldout_prompt" if name.endswith("_rephrased") else "prompt")
         text = text.replace("@MAX_GEN_TOKS@", str(int(gen_toks)))
         (out / f"{name}.yaml").write_text(text)
         names.append(name)

@@ -45,6 +45,7 @@ class LMEvalConfig:
     ppl_seq_len: int = 256
     math_max_new_tokens: int = 12
     exact_max_new_tokens: int = 24   # answers of the exact-match tasks are <= 40 characters
+    exact_rephrased: bool = True     # also ask the exact-match facts in a wording never trained on
     # How choices of different lengths are compared. per_char follows the usual
     # "acc_norm" reading (log-likelihood per character of the choice), which does
     # not favour short choices the way a plain sum does.
@@ -190,12 +191,15 @@ def harness_scores(model: nn.Module, data, cfg: LMEvalConfig, mcq: list[str], ma
         harness.task_dir(data.root, tmp, max_gen_toks=cfg.math_max_new_tokens, exact_gen_toks=cfg.exact_max_new_tokens)
         names = [f"desmoe_mcq_{d}" for d in mcq] + (["desmoe_math"] if math_on else [])
         names += [f"desmoe_exact_{d}" for d in exact]
+        names += [f"desmoe_exact_{d}_rephrased" for d in exact] if cfg.exact_rephrased else []
         lm = harness.make_lm(model, data.tokenizer, batch_size=cfg.batch_size, max_len=cfg.max_len)
         res = harness.run(lm, names, tmp, limit=cfg.items_per_task)
     out = {f"mcq/{d}": float(res[f"desmoe_mcq_{d}"][HARNESS_METRIC[cfg.mcq_norm]]) for d in mcq}
     if math_on:
         out["math/exact"] = float(res["desmoe_math"]["exact_match"])
     out.update({f"exact/{d}": float(res[f"desmoe_exact_{d}"]["exact_match"]) for d in exact})
+    if cfg.exact_rephrased:
+        out.update({f"exact_rephrased/{d}": float(res[f"desmoe_exact_{d}_rephrased"]["exact_match"]) for d in exact})
     return out
 
 
