@@ -90,10 +90,10 @@ HEADLINE = (("general ppl ↓", "ppl/general", "{:.1f}"),
             ("domain loss (nats) ↓", "domain_mean", "{:.3f}"),
             ("train s ↓", "train_seconds", "{:.0f}"))
 LEGEND = ("↓ lower is better, ↑ higher is better.  general ppl: perplexity on the general domain's test\n"
-          "split (the base's own domain); vs base: its change against the untrained base; downstream: {}\n"
-          "(lm-evaluation-harness); domain loss: mean test loss, trained domains.")
-DOWNSTREAM = {"exact": "mean exact\nmatch (share, 0-1) of the trained domains' closed-book tasks",
-              "mcq": "mean\nmultiple-choice accuracy"}
+          "split (the base's own domain); vs base: its change against the untrained base;\n"
+          "downstream: {} (lm-evaluation-harness);\ndomain loss: mean test loss, trained domains.")
+DOWNSTREAM = {"exact": "mean exact match (0-1), closed-book tasks of trained domains",
+              "mcq": "mean multiple-choice accuracy"}
 
 
 def legend(rows: list[dict]) -> str:
