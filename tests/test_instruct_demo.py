@@ -23,7 +23,6 @@ def instr(tmp_path_factory):
 
 
 def test_records_masked_sample_by_sample(instr):
-    from data_prep.instruct import facts  # noqa: F401  (the module the records come from)
     from desmoe.data import PreparedData
 
     data = PreparedData(instr)
