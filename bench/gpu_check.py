@@ -249,7 +249,8 @@ def stage_block(c: Check, shape: str) -> None:
         r = json.loads(js.read_text())
         fig = (f"{r['speedup_vs_hf_fastest'] or float('nan'):.2f}x HF fastest ({r['hf_fastest']}), "
                f"{r['speedup_vs_deepspeed_moe'] or float('nan'):.2f}x DeepSpeed, "
-               f"{r['share_of_floor']['desmoe']:.0%} of floor ({r['floor']}), {r['min_ms']['desmoe']:.1f} ms")
+               f"{r['share_of_floor']['desmoe']:.0%} of floor ({r['floor']}), {r['median_ms']['desmoe']:.1f} ms "
+               f"(medians of {r['rounds']} rounds, {r['clock']})")
     c.record(f"block:{shape}", start, rc == 0, fig, rc)
 
 

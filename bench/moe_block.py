@@ -9,7 +9,10 @@ Variants, on identical expert weights and routing (the router's top-k over a sof
   * DeepSpeed's ``deepspeed.moe.layer.MoE`` (dropless: every expert padded to the largest count);
   * the floor: the experts' GEMMs alone (2 forward, 4 backward per expert, shared experts as
     experts over every token) on the exact per-expert token counts, as a loop of GEMMs and,
-    where torch has it, as grouped GEMMs; the faster one is the floor.
+    where torch has it, as grouped GEMMs; the faster one is the floor.  ``gemms_fwd_bwd``: the same
+    GEMMs in a layer's order (all forwards, then all backwards), what a layer could reach at best;
+  * the order of the variants in a round: desmoe_loop/desmoe_grouped_mm run right after desmoe on
+    the same weights (warm caches); the plain desmoe row is the comparable one.
 
 Shapes (``--shape``): toy (d 256, 8 x 512, top-2), dsv2-lite (d 2048, 64 x 1408 + 2 shared,
 top-6), qwen3-30b-a3b (d 2048, 128 x 768, top-8), mixtral (d 4096, 8 x 14336, top-2).  On a CPU
@@ -164,7 +167,10 @@ def step_fn(module, x, grad, forced=None):
 
 
 def floor_fns(counts, d, f, device, dtype):
-    """The experts' GEMMs only, per expert 2 forward and 4 backward: as a loop and grouped."""
+    """The experts' GEMMs only, per expert 2 forward and 4 backward: as a loop and grouped (the floor), and
+    ``gemms_fwd_bwd``: the same GEMMs in a layer's order, all forwards then all backwards.  The floor loop
+    runs an expert's six GEMMs back to back, so its weights are read from cache five times out of six; a
+    layer's backward comes after the rest of the model's forward, when the weights have left the cache."""
     n_all = sum(counts)
     x, h, gy = (torch.randn(n_all, c, device=device, dtype=dtype) for c in (d, f, d))
     gh = torch.randn(n_all, 2 * f, device=device, dtype=dtype)
@@ -179,6 +185,14 @@ def floor_fns(counts, d, f, device, dtype):
             r = slice(bounds[e], bounds[e + 1])
             x[r] @ w1[e].t(), h[r] @ w2[e].t(), gy[r] @ w2[e], gy[r].t() @ h[r], gh[r] @ w1[e], gh[r].t() @ x[r]
 
+    def fwd_then_bwd():  # the order a layer must keep: every expert's forward, later every expert's backward
+        for e in range(len(counts)):
+            r = slice(bounds[e], bounds[e + 1])
+            x[r] @ w1[e].t(), h[r] @ w2[e].t()
+        for e in range(len(counts)):
+            r = slice(bounds[e], bounds[e + 1])
+            gy[r] @ w2[e], gy[r].t() @ h[r], gh[r] @ w1[e], gh[r].t() @ x[r]
+
     offs = torch.tensor(bounds[1:], device=device, dtype=torch.int32)
 
     def grouped():
@@ -186,7 +200,7 @@ def floor_fns(counts, d, f, device, dtype):
         g(x, w1.transpose(1, 2), offs=offs), g(h, w2.transpose(1, 2), offs=offs), g(gy, w2, offs=offs)
         g(gy.t(), h, offs=offs), g(gh, w1, offs=offs), g(gh.t(), x, offs=offs)
     flops = sum(2 * n * d * 2 * f + 2 * n * f * d for n in counts) * 3
-    fns = {"floor_loop": loop}
+    fns = {"floor_loop": loop, "gemms_fwd_bwd": fwd_then_bwd}
     if hasattr(torch, "_grouped_mm") and (device.type == "cpu" or dtype == torch.bfloat16):
         fns["floor_grouped"] = grouped
     return fns, flops
@@ -306,7 +320,7 @@ def main(argv=None) -> dict:
             times[name].append(timed(run, sync, clock))
     med = {n: statistics.median(t) for n, t in times.items()}
     best = {n: min(t) for n, t in times.items()}
-    mem = {n: peak_memory(r, device) for n, r in runs.items() if not n.startswith("floor")}
+    mem = {n: peak_memory(r, device) for n, r in runs.items() if not n.startswith(("floor", "gemms"))}
     floor_name = min((n for n in med if n.startswith("floor")), key=med.get)
     hf = [n for n in med if n.startswith("hf_")]
     hf_fastest = min(hf, key=med.get) if hf else None
@@ -319,7 +333,7 @@ def main(argv=None) -> dict:
         return {"median": q2, "q1": q1, "q3": q3}
     ratios = {"vs_hf_fastest": paired(hf_fastest, "desmoe") if hf_fastest else None,
               "vs_deepspeed_moe": paired("deepspeed_moe", "desmoe"),
-              "share_of_floor": paired(floor_name, "desmoe")}
+              "share_of_floor": paired(floor_name, "desmoe"), "share_of_gemms_fwd_bwd": paired("gemms_fwd_bwd", "desmoe")}
     result = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu x{args.threads} threads",
         "dtype": str(dtype).replace("torch.", ""), "shape": args.shape, "resolved": s, "rounds": rounds,
@@ -339,7 +353,7 @@ def main(argv=None) -> dict:
     print(f"{'variant':<20}{'median ms':>11}{'min ms':>9}{'spread':>8}{'tokens/s':>12}{'of floor':>10}{'peak MB':>10}")
     for n, t in sorted(med.items(), key=lambda kv: kv[1]):
         q1, _, q3 = quartiles(times[n])
-        tps = "" if n.startswith("floor") else f"{s['tokens'] / t:,.0f}"
+        tps = "" if n.startswith(("floor", "gemms")) else f"{s['tokens'] / t:,.0f}"
         m = f"{mem[n]:.0f}" if n in mem else ""
         print(f"{n:<20}{1e3 * t:>11.2f}{1e3 * best[n]:>9.2f}{(q3 - q1) / t:>8.0%}{tps:>12}"
               f"{result['share_of_floor'][n]:>10.1%}{m:>10}")
@@ -348,7 +362,8 @@ def main(argv=None) -> dict:
     fmt = lambda r: f"{r['median']:.2f} [{r['q1']:.2f}-{r['q3']:.2f}]" if r else "n/a"  # noqa: E731
     print(f"floor = {floor_name} ({result['floor_tflops'] * 1e3:.1f} GFLOP/s).  desmoe, per-round ratios, median "
           f"[quartiles]: {fmt(ratios['vs_hf_fastest'])}x HF fastest ({hf_fastest}), "
-          f"{fmt(ratios['vs_deepspeed_moe'])}x DeepSpeed MoE, {fmt(ratios['share_of_floor'])} of the floor")
+          f"{fmt(ratios['vs_deepspeed_moe'])}x DeepSpeed MoE, {fmt(ratios['share_of_floor'])} of the floor, "
+          f"{fmt(ratios['share_of_gemms_fwd_bwd'])} of the same GEMMs in a layer's order (gemms_fwd_bwd)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         from desmoe.checkpoint import write_text_atomic
