@@ -11,8 +11,8 @@ Variants, on identical expert weights and routing (the router's top-k over a sof
     experts over every token) on the exact per-expert token counts, as a loop of GEMMs and,
     where torch has it, as grouped GEMMs; the faster one is the floor.  ``gemms_fwd_bwd``: the same
     GEMMs in a layer's order (all forwards, then all backwards), what a layer could reach at best;
-  * the order of the variants in a round: desmoe_loop/desmoe_grouped_mm run right after desmoe on
-    the same weights (warm caches); the plain desmoe row is the comparable one.
+  * on CPU every timed run starts after a write of ``--scrub-mb`` MiB, so that no variant inherits
+    the caches of the one before it (desmoe_loop after desmoe shares its weights).
 
 Shapes (``--shape``): toy (d 256, 8 x 512, top-2), dsv2-lite (d 2048, 64 x 1408 + 2 shared,
 top-6), qwen3-30b-a3b (d 2048, 128 x 768, top-8), mixtral (d 4096, 8 x 14336, top-2).  On a CPU
@@ -23,7 +23,8 @@ six variants' weights and gradients (about 5 GB each for Qwen3's 128 experts) ex
 Prints one table (median and fastest of the interleaved rounds, the spread = interquartile range / median,
 tokens/s, share of the floor, peak memory) and the ratios, each the median [quartiles] of the per-round
 ratios (a round runs every variant back to back, so drift cancels in the pair); ``--json PATH``
-also writes them.  With one CPU thread the clock is the thread's CPU time (``--clock``).  Peak memory: CUDA's peak allocation during the step, above what was allocated before
+also writes them.  With one CPU thread the clock is the thread's CPU time (``--clock``).
+Peak memory: CUDA's peak allocation during the step, above what was allocated before
 it; on CPU the bytes the forward keeps for backward (torch has no CPU allocator statistics).
 """
 from __future__ import annotations
@@ -62,6 +63,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                    help="cpu: this thread's CPU time (auto with 1 CPU thread: a loaded machine's preemption "
                         "does not count); wall: elapsed time (auto on CUDA and with several threads)")
+    p.add_argument("--scrub-mb", type=int, default=256,
+                   help="CPU: write this many MiB before each timed run, so no variant inherits the previous "
+                        "one's caches (warm weights made the same code 1.2x faster at 128 experts); 0: off")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--skip", default="", help="comma-separated variants to leave out")
     p.add_argument("--json", default=None)
@@ -315,8 +319,11 @@ def main(argv=None) -> dict:
             del runs[name]
     clock, clock_name = pick_clock(args.clock, cuda, args.threads)
     times = {name: [] for name in runs}
+    scrub = torch.empty(args.scrub_mb << 18) if args.scrub_mb and not cuda else None  # float32: MiB x 2^18
     for _ in range(rounds):  # interleaved, so drift hits every variant alike
         for name, run in runs.items():
+            if scrub is not None:  # every variant starts with cold caches, as a layer does in a model
+                scrub.fill_(1.0)
             times[name].append(timed(run, sync, clock))
     med = {n: statistics.median(t) for n, t in times.items()}
     best = {n: min(t) for n, t in times.items()}
@@ -333,7 +340,8 @@ def main(argv=None) -> dict:
         return {"median": q2, "q1": q1, "q3": q3}
     ratios = {"vs_hf_fastest": paired(hf_fastest, "desmoe") if hf_fastest else None,
               "vs_deepspeed_moe": paired("deepspeed_moe", "desmoe"),
-              "share_of_floor": paired(floor_name, "desmoe"), "share_of_gemms_fwd_bwd": paired("gemms_fwd_bwd", "desmoe")}
+              "share_of_floor": paired(floor_name, "desmoe"),
+              "share_of_gemms_fwd_bwd": paired("gemms_fwd_bwd", "desmoe")}
     result = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu x{args.threads} threads",
         "dtype": str(dtype).replace("torch.", ""), "shape": args.shape, "resolved": s, "rounds": rounds,

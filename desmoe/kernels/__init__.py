@@ -124,7 +124,6 @@ class SwiGLUKernels:
                   d_w.data_ptr() if d_w is not None else None, f)
         return d_h, d_w
 
-
     def fwd_rows(self, h: torch.Tensor, w: Optional[torch.Tensor], act: torch.Tensor):
         """``run(r0, r1)`` computing rows [r0, r1) of :meth:`fwd` from ``h`` into ``act`` (whole buffers,
         checked once here): a per-expert call is then one C call, no slicing or checks per row block."""
@@ -195,9 +194,9 @@ def keep_freed_heap() -> bool:
     step faults and zero-fills the same pages again: 37 % of the MoE block's CPU time went to the
     kernel's page faults at the Qwen3 shape (1-thread ``perf``, ``docs/performance.md``).  Here
     blocks up to 32 MiB (glibc's ceiling) come from the heap and the heap top is trimmed only
-    above 2 GiB free: the process keeps its peak heap, as a caching allocator would.  Skipped where the user chose an
-    allocator (``LD_PRELOAD``) or glibc settings (``MALLOC_*_`` variables), off with
-    ``DESMOE_KEEP_HEAP=0``; not glibc: nothing.  Returns whether the setting is in force."""
+    above 2 GiB free: the process keeps its peak heap, as a caching allocator would.  Skipped where
+    the user chose an allocator (``LD_PRELOAD``) or glibc settings (``MALLOC_*_`` variables), off
+    with ``DESMOE_KEEP_HEAP=0``; not glibc: nothing.  Returns whether the setting is in force."""
     global _heap_kept
     if _heap_kept is not None:
         return _heap_kept
