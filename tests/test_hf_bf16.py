@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from hf_options import FAMILIES, MUST, REFUSED, make_config, runs_in_transformers, sample
-from test_hf_options import _layer_of, _mutations, _randomise
+from test_hf_options import _chain_terms, _layer_of, _mutations, _randomise
 from tolerance import bound, grad_bound
 
 SEED, BATCH, SEQ = 1234, 2, 8
@@ -77,16 +77,20 @@ def _grads_as_hf(model, ep: int) -> dict:
     from desmoe.moe import moe_blocks
 
     expert_ids = {id(p) for b in moe_blocks(model) for p in b.local_experts.parameters()}
+    params = list(model.parameters())
+    grads = [p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32) for p in params]
+    summed = [i for i, p in enumerate(params) if id(p) not in expert_ids or ep == 1]  # data-parallel sum;
+    flat = torch.cat([grads[i].reshape(-1) for i in summed])  # EP=2 experts already saw both ranks
+    dist.all_reduce(flat)  # one collective for all of them
+    for i, part in zip(summed, flat.split([grads[i].numel() for i in summed])):
+        grads[i] = part.view_as(grads[i])
     weights = {}
-    for p in model.parameters():
-        g = p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-        if id(p) not in expert_ids or ep == 1:  # data-parallel sum; EP=2 experts already saw both ranks
-            dist.all_reduce(g)
+    for p, g in zip(params, grads):
         weights[p], p.data = p.data, g
-    grads = {k: v.clone() for k, v in hf_state_dict(model).items()}
+    out = {k: v.clone() for k, v in hf_state_dict(model).items()}
     for p, w in weights.items():
         p.data = w
-    return grads
+    return out
 
 
 def _grad_ratio(grads: dict, want: dict, layer_scale: dict, tol) -> tuple[float, float, str]:
@@ -182,12 +186,6 @@ def bf16_on_ranks(family: str, root: str) -> list:
                                                                     layer_scale, grad_tol)[0])
         rows.append(row)
     return rows
-
-
-def _chain_terms(cfg) -> int:
-    from test_hf_options import _chain_terms as fp32_terms
-
-    return fp32_terms(cfg)
 
 
 def _roundings(model) -> int:
