@@ -58,7 +58,8 @@ def read_checkpoint(ckpt_dir: str | Path, tag: Optional[str] = None) -> TrainedW
     main = _load(tag_dir / MAIN)
     if not isinstance(main, dict) or not isinstance(main.get("module"), dict):
         raise UserError(f"{tag_dir / MAIN}: has no 'module' state (not a DeepSpeed model-states file)")
-    stage = ((main.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)
+    ds = main.get("ds_config") if isinstance(main.get("ds_config"), dict) else {}
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if stage == 3:  # the module state then holds placeholders; the weights live in the optimizer shards
         raise UserError(f"{tag_dir}: written under ZeRO stage 3, whose model-states file holds no weights "
                         f"(export reads ZeRO-0/1/2 checkpoints)")
