@@ -96,13 +96,10 @@ def export_run(run_dir: str | Path, out: str | Path, tag: Optional[str] = None,
                extra_files: Optional[dict[str, str | Path]] = None) -> dict:
     """Write the HF folder of ``run_dir``'s checkpoint ``tag`` (default: newest) at ``out``; one process.
     ``extra_files`` {name in the folder: file to copy}.  Returns what was written (also in ``desmoe-export.json``)."""
-    import torch
-
     from desmoe.models import export_forms as forms
     from desmoe.models.export_reader import read_checkpoint
     from desmoe.models.hf_arch import arch_for
     from desmoe.models.hf_io import checkpoint_config
-    from desmoe.models.hf_moe import write_hf_folder
 
     run_dir, out = Path(run_dir), Path(out)
     rm = run_model(run_dir)
@@ -130,32 +127,51 @@ def export_run(run_dir: str | Path, out: str | Path, tag: Optional[str] = None,
     local, local_slots = num_experts // rm.ep_size, slots // rm.ep_size
     slot_of_expert = [(e // local) * local_slots + e % local for e in range(num_experts)]
     fanout = _fanout(weights.client, slot_of_expert, moe_layers) if rm.duplicate_inference == "average" else None
-    alr = [i for i in moe_layers if f"model.layers.{i}.mlp.router.mlp_in.weight" in dense]
     files = {name: rm.base / name for name in TOKENIZER_FILES if (rm.base / name).is_file()}
     files.update(extra_files or {})
-    info = {"run_dir": str(run_dir), "tag": weights.tag_dir.name, "method": rm.method,
-            "form": "desmoe_moe" if (alr or fanout) else hf_cfg.model_type, "base": str(rm.base)}
-    texts = {INFO: json.dumps(info, indent=1) + "\n"}
-    if not alr and not fanout:
-        state = forms.plain_state(arch, dense, weights.experts, {i: slot_of_expert for i in moe_layers})
+    info = {"run_dir": str(run_dir), "tag": weights.tag_dir.name, "method": rm.method, "base": str(rm.base)}
+    info["form"] = write_model(hf_cfg, dense, weights.experts, out, slot_of_expert, fanout, rm.alr_residual, files,
+                               {INFO: lambda form: json.dumps(dict(info, form=form), indent=1) + "\n"}, where)
+    return info
+
+
+def write_model(hf_cfg, dense: dict, experts: dict, out: Path, slot_of_expert: list[int],
+                fanout: Optional[dict[int, list]] = None, alr_residual: bool = True, files: Optional[dict] = None,
+                texts: Optional[dict] = None, where: str = "model") -> str:
+    """Write a trained model at ``out`` in the form it fits; returns the form (the family's model_type or
+    ``desmoe_moe``).  ``dense``: its state in training names without routed experts; ``experts``
+    {decoder layer: {expert parameter: [slots, ...]}}; ``texts`` {file: callable(form) -> text}."""
+    import torch
+
+    from desmoe.models import export_forms as forms
+    from desmoe.models.hf_arch import arch_for
+    from desmoe.models.hf_moe import write_hf_folder
+
+    arch = arch_for(hf_cfg, where)
+    moe_layers = sorted(experts)
+    alr = [i for i in moe_layers if f"model.layers.{i}.mlp.router.mlp_in.weight" in dense]
+    form = "desmoe_moe" if (alr or fanout) else hf_cfg.model_type
+    texts = {name: make(form) for name, make in (texts or {}).items()}
+    if form != "desmoe_moe":
+        state = forms.plain_state(arch, dense, experts, {i: slot_of_expert for i in moe_layers})
         _write(write_hf_folder, hf_cfg, state, out, files, None, texts)
-        return info
-    hidden = dense[f"model.layers.{alr[0]}.mlp.router.mlp_in.weight"].shape[0] if alr else 0
+        return form
     if alr and alr != moe_layers:
         raise UserError(f"{where}: an ALR on MoE layers {alr} only, not on all of {moe_layers}")
-    spec = dict(forms.router_spec(arch, hf_cfg, num_experts), expert=forms.expert_spec(arch, hf_cfg),
-                alr={"hidden": hidden, "residual": rm.alr_residual} if alr else None, num_slots=slots,
+    hidden = dense[f"model.layers.{alr[0]}.mlp.router.mlp_in.weight"].shape[0] if alr else 0
+    slots = next(iter(experts[moe_layers[0]].values())).shape[0]
+    spec = dict(forms.router_spec(arch, hf_cfg, len(slot_of_expert)), expert=forms.expert_spec(arch, hf_cfg),
+                alr={"hidden": hidden, "residual": alr_residual} if alr else None, num_slots=slots,
                 moe_layers=moe_layers, slot_of_expert={str(i): slot_of_expert for i in moe_layers},
                 fanout={str(i): rows for i, rows in fanout.items()} if fanout else None,
                 shared=arch.shared, shared_gate=arch.shared_gate, returns_tuple=arch.returns_tuple)
     source = forms.modeling_source(hf_cfg.model_type)
     module = forms.load_modeling(source)
-    state = forms.custom_state(arch, dense, weights.experts)
     texts[forms.MODELING_FILE] = source
     with torch.no_grad():
-        _write(write_hf_folder, forms.custom_config(module, hf_cfg, spec), state, out, files,
-               module.DesmoeMoEForCausalLM, texts)
-    return info
+        _write(write_hf_folder, forms.custom_config(module, hf_cfg, spec), forms.custom_state(arch, dense, experts),
+               out, files, module.DesmoeMoEForCausalLM, texts)
+    return form
 
 
 def _fanout(client: dict, slot_of_expert: list[int], moe_layers: list[int]) -> Optional[dict[int, list]]:
