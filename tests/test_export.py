@@ -22,7 +22,7 @@ from tolerance import bound, transformer_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # method -> extra overrides
-    "desmoe": ("train.steps=10", "desmoe.dges.phi=0.1", "desmoe.dges.duplicate_shared=true",
+    "desmoe": ("train.steps=5", "desmoe.schedule.t1=0.4", "desmoe.dges.phi=0.1", "desmoe.dges.duplicate_shared=true",
                "desmoe.dges.spare_experts=2", "desmoe.dges.duplicate_inference=average"),
     "fft": ("train.steps=3",),
     "esft_token": ("train.steps=3",),
@@ -149,13 +149,19 @@ def test_cli_exports_the_same_tensors_in_one_process(runs, tmp_path):
     assert "desmoe_moe" in proc.stdout
     want, got = (load_file(str(p / "model.safetensors")) for p in (root / "desmoe" / "export", tmp_path / "out"))
     assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
-    # a run without a checkpoint: one line from the command
+
+
+def test_a_run_without_checkpoint_is_one_line(runs, tmp_path, capsys, monkeypatch):
+    from desmoe.export import main
+
     (tmp_path / "empty").mkdir()
-    shutil.copy(root / "fft" / "config.yaml", tmp_path / "empty" / "config.yaml")
-    proc = subprocess.run([sys.executable, "-m", "desmoe.export", str(tmp_path / "empty"), str(tmp_path / "o2")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env(tmp_path))
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
-    assert "no checkpoint to export" in proc.stderr and not (tmp_path / "o2").exists()
+    shutil.copy(runs[0] / "fft" / "config.yaml", tmp_path / "empty" / "config.yaml")
+    monkeypatch.setattr(sys, "argv", ["desmoe.export", str(tmp_path / "empty"), str(tmp_path / "o2")])
+    with pytest.raises(SystemExit) as code:
+        main()
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "no checkpoint to export" in err and not (tmp_path / "o2").exists()
 
 
 def _damaged(root: Path, tmp: Path, method: str) -> tuple[Path, Path]:
