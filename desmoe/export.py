@@ -196,8 +196,8 @@ def _write(write, cfg, state, out, files, model_class, texts) -> None:
         write(cfg, state, out, extra_files=files, model_class=model_class, texts=texts)
     except RuntimeError as err:  # load_state_dict: a key the model does not have, or a shape
         first = (str(err).strip().splitlines() or [""])[0][:200]
-        lines = [x.strip() for x in str(err).splitlines()[1:3] if x.strip()]
-        raise UserError(f"{out}: the checkpoint does not fit the base's model ({first} {' '.join(lines)[:300]})") from None
+        detail = " ".join(x.strip() for x in str(err).splitlines()[1:3] if x.strip())[:300]
+        raise UserError(f"{out}: the checkpoint does not fit the base's model ({first} {detail})") from None
 
 
 @run_cli

@@ -48,8 +48,10 @@ class DesmoeRouter(nn.Module):
             self.register_buffer("selection_bias", torch.zeros(n))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        def f(layer: nn.Linear, h: torch.Tensor) -> torch.Tensor:  # fp32, as desmoe's routers compute
+            return F.linear(h, layer.weight.float(), None if layer.bias is None else layer.bias.float())
+
         x = x.float()
-        f = lambda layer, h: F.linear(h, layer.weight.float(), None if layer.bias is None else layer.bias.float())  # noqa: E731
         teacher = f(self.proj, x)
         alr = self.spec["alr"]
         if alr is None:

@@ -7,7 +7,9 @@ the same routing rule (see ``hf_arch``).  The skeleton is built on the meta
 device, so nothing is allocated twice, and each rank reads from disk only its
 own experts (by global id, DeepSpeed's layout).  ``export_hf(model, out_dir)``
 gathers the experts from all EP ranks and writes an ordinary HF checkpoint
-that ``AutoModelForCausalLM.from_pretrained`` loads.
+that ``AutoModelForCausalLM.from_pretrained`` loads.  ``hf_names`` (desmoe's
+names -> the family's) and ``write_hf_folder`` (staged, sealed, renamed) are
+shared with ``desmoe.export``, which writes the same folders from checkpoints.
 
 Call ``load_hf_moe`` after the process group exists (``init_distributed``)
 when ``ep_size > 1``; it creates DeepSpeed's expert-parallel groups itself.
