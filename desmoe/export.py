@@ -93,9 +93,11 @@ def run_model(run_dir: Path) -> RunModel:
 
 
 def export_run(run_dir: str | Path, out: str | Path, tag: Optional[str] = None,
-               extra_files: Optional[dict[str, str | Path]] = None) -> dict:
+               extra_files: Optional[dict[str, str | Path]] = None, verify_hashes: bool = True) -> dict:
     """Write the HF folder of ``run_dir``'s checkpoint ``tag`` (default: newest) at ``out``; one process.
-    ``extra_files`` {name in the folder: file to copy}.  Returns what was written (also in ``desmoe-export.json``)."""
+    ``extra_files`` {name in the folder: file to copy}; ``verify_hashes``: sha256 of every checkpoint file
+    (the end-of-run export skips it: the run sealed the tag moments ago, sizes are still checked).
+    Returns what was written (also in ``desmoe-export.json``)."""
     from desmoe.models import export_forms as forms
     from desmoe.models.export_reader import read_checkpoint
     from desmoe.models.hf_arch import arch_for
@@ -105,7 +107,9 @@ def export_run(run_dir: str | Path, out: str | Path, tag: Optional[str] = None,
     rm = run_model(run_dir)
     hf_cfg = checkpoint_config(rm.base)
     arch = arch_for(hf_cfg, str(rm.base / "config.json"))
-    weights = read_checkpoint(run_dir / "checkpoints", tag)
+    if rm.method == "vanilla":
+        raise UserError(f"{run_dir}: a vanilla run trains nothing; its model is the base {rm.base}")
+    weights = read_checkpoint(run_dir / "checkpoints", tag, hashes=verify_hashes)
     where = str(weights.tag_dir)
     num_experts = arch.num_experts(hf_cfg)
     moe_layers = [i for i in range(hf_cfg.num_hidden_layers) if arch.is_moe_layer(hf_cfg, i)]

@@ -42,8 +42,9 @@ def _load(path: Path) -> dict:
         raise UserError(f"{path}: not a readable checkpoint file ({type(err).__name__}: {first})") from None
 
 
-def read_checkpoint(ckpt_dir: str | Path, tag: Optional[str] = None) -> TrainedWeights:
-    """The newest (or ``tag``) checkpoint of ``ckpt_dir``: dense weights, every expert, client state."""
+def read_checkpoint(ckpt_dir: str | Path, tag: Optional[str] = None, hashes: bool = True) -> TrainedWeights:
+    """The newest (or ``tag``) checkpoint of ``ckpt_dir``: dense weights, every expert, client state.
+    ``hashes``: check every file's sha256 against the tag's manifest (sizes are always checked)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag or checkpoint.latest_tag(ckpt_dir)
     if tag is None:
@@ -52,7 +53,7 @@ def read_checkpoint(ckpt_dir: str | Path, tag: Optional[str] = None) -> TrainedW
     if not tag_dir.is_dir():
         found = ", ".join(t for _, t in checkpoint.tags(ckpt_dir)) or "none"
         raise UserError(f"{tag_dir}: no such checkpoint tag (tags: {found})")
-    integrity.verify(tag_dir, "checkpoint", hashes=True)  # a flipped byte must not become an exported weight
+    integrity.verify(tag_dir, "checkpoint", hashes=hashes)  # a flipped byte must not become an exported weight
     if not (tag_dir / MAIN).is_file():
         raise UserError(f"{tag_dir / MAIN}: missing (not a desmoe/DeepSpeed checkpoint tag)")
     main = _load(tag_dir / MAIN)

@@ -309,7 +309,7 @@ class Trainer:
         error = None
         if is_rank0():
             try:
-                export_run(self.run_dir, out_dir, extra_files=extra_files)
+                export_run(self.run_dir, out_dir, extra_files=extra_files, verify_hashes=False)
                 print(f"model exported: {out_dir}", flush=True)
             except Exception as err:  # noqa: BLE001 - re-raised below, after every rank knows
                 error = err
