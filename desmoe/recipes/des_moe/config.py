@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from desmoe.config import bad
+from desmoe.export import ExportConfig
 from desmoe.models.moe_lm import MoELMConfig
 from desmoe.recipes.des_moe.domains import DomainDataConfig
 from desmoe.recipes.lm.recipe import TrainConfig
@@ -153,6 +154,7 @@ class DESMoEExperiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     desmoe: DESMoEConfig = field(default_factory=DESMoEConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)  # the final model as an HF folder (desmoe.export)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="desmoe"))
 
     def check(self) -> None:

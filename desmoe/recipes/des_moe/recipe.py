@@ -23,7 +23,7 @@ from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, Setup, Trai
 class DESMoERecipe(Recipe):
     """DES-MoE or a baseline (``desmoe.method``): the method object decides what trains and the loss."""
 
-    resumable_keys = RESUMABLE_KEYS + ("evaluation.",)  # the end-of-run evaluation may change
+    resumable_keys = RESUMABLE_KEYS + ("evaluation.", "export.")  # what happens after the last step may change
 
     def cadence(self) -> Cadence:
         t = self.cfg.train
@@ -116,11 +116,28 @@ class DESMoERecipe(Recipe):
 
     def finish(self, trainer):
         vanilla = not self.method.trains
+        self.export(trainer)
         if vanilla:  # evaluation of the untrained base only
             trainer.monitor.scalars(0, self.evaluate(0))
         extra = downstream_eval(trainer.engine.module, self.data, self.cfg)
         if extra:
             trainer.monitor.scalars(0 if vanilla else self.cfg.train.steps, extra)
+
+    def export(self, trainer):
+        """The final checkpoint as an HF folder (``export.enabled``); vanilla and MoELM runs have nothing to add."""
+        from desmoe.distributed import is_rank0
+
+        ex = self.cfg.export
+        skip = None if ex.enabled else "export.enabled is false"
+        if skip is None and not self.method.trains:
+            skip = f"vanilla trains nothing: the model is the base {self.cfg.base.hf or self.cfg.base.checkpoint}"
+        elif skip is None and not self.cfg.base.hf:
+            skip = "desmoe's own MoELM (base.hf unset) has no Hugging Face form"
+        if skip is not None:
+            if is_rank0() and ex.enabled:
+                print(f"export: skipped ({skip})", flush=True)
+            return
+        trainer.export(ex.dir or trainer.run_dir / "export")
 
     def summary(self, trainer):
         from desmoe.distributed import is_rank0
