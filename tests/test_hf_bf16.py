@@ -174,8 +174,11 @@ def bf16_on_ranks(family: str, root: str) -> list:
         # gradients beyond the bounds.  Every rank applies the same switches (the gradients are
         # reduced over both).
         m, blocks = models[1], moe_blocks(models[1])
-        for name in dict.fromkeys(n for b in blocks for n, _ in _mutations(b)):
-            undo = [dict(_mutations(b))[name]() for b in blocks if name in dict(_mutations(b))]
+        switches = {n: [f for b in blocks for m, f in _mutations(b) if m == n]
+                    for n in dict.fromkeys(n for b in blocks for n, _ in _mutations(b))}
+        switches["router_gradient"] = [lambda b=b: _detach_weights(b.router) for b in blocks]  # gradient-only bug
+        for name, switch in switches.items():
+            undo = [f() for f in switch]
             m.zero_grad(set_to_none=True)
             moved = m(ids[rank]).logits.float()
             (moved * probe[rank] * mask[rank]).sum().backward()
@@ -186,6 +189,19 @@ def bf16_on_ranks(family: str, root: str) -> list:
                                                                     layer_scale, grad_tol)[0])
         rows.append(row)
     return rows
+
+
+def _detach_weights(router):
+    """A router whose combine weights pass no gradient (same forward): a bug only gradients show."""
+    forward = router.forward
+
+    def detached(x):
+        routing = forward(x)
+        routing.weights = routing.weights.detach()
+        return routing
+
+    router.forward = detached
+    return lambda: delattr(router, "forward")
 
 
 def _roundings(model) -> int:
