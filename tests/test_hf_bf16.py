@@ -174,7 +174,7 @@ def bf16_on_ranks(family: str, root: str) -> list:
         # gradients beyond the bounds.  Every rank applies the same switches (the gradients are
         # reduced over both).
         m, blocks = models[1], moe_blocks(models[1])
-        switches = {n: [f for b in blocks for m, f in _mutations(b) if m == n]
+        switches = {n: [f for b in blocks for name, f in _mutations(b) if name == n]
                     for n in dict.fromkeys(n for b in blocks for n, _ in _mutations(b))}
         switches["router_gradient"] = [lambda b=b: _detach_weights(b.router) for b in blocks]  # gradient-only bug
         for name, switch in switches.items():
