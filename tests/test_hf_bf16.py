@@ -14,7 +14,7 @@ causal attention keeps it out of the earlier positions.  Most positions must sur
 Logits are compared at those positions, gradients of every parameter mapped between the two models
 (hf_state_dict: attention, norms, routers, routed experts by global id, gathered over EP at EP=2,
 shared experts and gates, embeddings), each within the bf16 bounds of tests/tolerance.py
-(``bound`` for logits, ``grad_bound`` for gradients; the bf16 stores that differ between the
+(``stores_bound`` for logits, ``grad_bound`` for gradients; the bf16 stores that differ between the
 implementations are counted in ``_roundings``).  desmoe's dense gradients and its EP=1 expert
 gradients are summed over the ranks (data parallel); at EP=2 an expert's gradient already holds both
 ranks' tokens.  The test can fail: switching off top-k or renormalisation in desmoe's routers moves
@@ -27,7 +27,7 @@ import torch
 
 from hf_options import FAMILIES, MUST, REFUSED, make_config, runs_in_transformers, sample
 from test_hf_options import _chain_terms, _layer_of, _mutations, _randomise
-from tolerance import bound, grad_bound
+from tolerance import grad_bound, stores_bound
 
 SEED, BATCH, SEQ = 1234, 2, 8
 ASSERTED = ("top_k", "renormalisation")  # present in every family; must leave the bounds
@@ -151,8 +151,8 @@ def bf16_on_ranks(family: str, root: str) -> list:
             layer_scale[_layer_of(n)] = max(layer_scale.get(_layer_of(n), 0.0), top)
         rounds = _roundings(models[1])
         logit_scale = float(want.detach().abs().max())
-        logit_tol = bound(1, scale=logit_scale, roundings=rounds, stored=torch.bfloat16)
         terms = _chain_terms(cfg)
+        logit_tol = stores_bound(roundings=rounds, scale=logit_scale, stored=torch.bfloat16, terms=terms)
 
         def grad_tol(scale):
             return grad_bound(terms=terms, tokens=2 * BATCH * SEQ, scale=scale, forward_roundings=rounds,

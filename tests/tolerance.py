@@ -89,6 +89,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, terms: int,
         f"{msg} max |diff| {err:.3g} > bound {tol:.3g} ({err / tol:.2f}x; {acc}, {terms} terms, scale {scale:.3g})")
 
 
+def stores_bound(*, roundings: int, scale: float, stored: torch.dtype, terms: int = 1,
+                 dtype: torch.dtype = torch.float32) -> float:
+    """Worst-case |a - b| for two implementations of the same computation that store intermediate
+    values in ``stored`` (e.g. bf16) at ``roundings`` places where they differ (one rounds and the other
+    keeps fp32, or both round values that already differ), accumulating in ``dtype``.
+
+    Per differing store: |fl(x) - fl(y)| <= |x - y| + u|x| + u|y|, i.e. the upstream difference plus
+    at most 2u = one eps of ``stored`` times the magnitude; first order, relative errors add along the
+    chain (as in ``bound``), so R stores give R * eps * scale, plus the accumulation (2 gamma_terms).
+    ``bound(..., roundings=R, stored=...)`` charges one eps per store to *each* of the two evaluations
+    (2R eps); this is the per-store count a difference of two evaluations actually needs."""
+    u = eps(dtype) / 2
+    n = max(int(terms), 1)
+    gamma = n * u / (1 - n * u)
+    return (2 * gamma + roundings * eps(stored)) * scale / MARGIN
+
+
 def grad_bound(*, terms: int, tokens: int, scale: float, forward_roundings: int, stored: torch.dtype,
                backward_roundings: int | None = None, rank_sum: int = 1, dtype: torch.dtype = torch.float32) -> float:
     """Worst-case |a - b| for one weight-gradient entry computed by two implementations that store
