@@ -109,6 +109,10 @@ class DESMoEConfig:
     # Frozen parameters get requires_grad=False, so backward skips their weight gradients
     # (false: they are computed and discarded, as the MoE core does by default).
     skip_frozen_grads: bool = True
+    # Which tokens DGES's domain-expert statistics (A, M) and ESFT's expert scores count when batches
+    # carry loss masks (instruction data): "response" = the positions whose label is in the loss,
+    # "all" = prompt tokens too (the ESFT code's profiling).  Text-only data: the same either way.
+    routing_stats_tokens: Literal["response", "all"] = "response"
     alr: ALRConfig = field(default_factory=ALRConfig)
     dges: DGESConfig = field(default_factory=DGESConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -12,6 +12,7 @@ from desmoe.collectives import mean_over_ranks
 from desmoe.config import bad
 from desmoe.recipes.des_moe.base_model import build_model, load_base
 from desmoe.recipes.des_moe.config import DESMoEExperiment
+from desmoe.recipes.des_moe.dges import stats_token_domain
 from desmoe.recipes.des_moe.domains import open_domains
 from desmoe.recipes.des_moe.evaluate import downstream_eval, evaluate
 from desmoe.recipes.des_moe.results import write_results
@@ -79,6 +80,8 @@ class DESMoERecipe(Recipe):
         self.domain = -1 if self.streams.mixed else domain_of_step(step, n, self.cfg.train.seed)
         batch = self.streams.next(self.domain)
         self.token_domain = batch.token_domain[:, :-1].to(engine.device)  # domain of each input position
+        self.stats_domain = stats_token_domain(self.token_domain, batch.loss_mask,  # what A counts
+                                               self.cfg.desmoe.routing_stats_tokens)
         present = present_domains(self.token_domain, n) if self.streams.mixed else self.domain
         self.logs = self.method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
         self.method.sync_gradients()  # frozen parameters get no weight gradients computed
@@ -87,7 +90,7 @@ class DESMoERecipe(Recipe):
         return loss, self.parts_["task_loss"].item()
 
     def end_step(self, stage, step):
-        self.refreshed = self.method.end_step(step, self.token_domain)
+        self.refreshed = self.method.end_step(step, self.stats_domain)
 
     def log(self, done):
         values = {f"train/{k}": mean_over_ranks(v) for k, v in self.parts_.items()}
