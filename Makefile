@@ -38,7 +38,7 @@ test: setup
 DEMO_DATA ?= data/demo
 DEMO_PORT ?= 29500
 demo: setup
-	grep -qs '"exact-' $(DEMO_DATA)/meta.json || $(BIN)/python -m data_prep.build --profile demo --out $(DEMO_DATA)
+	grep -qs '"exact_chance"' $(DEMO_DATA)/meta.json || $(BIN)/python -m data_prep.build --profile demo --out $(DEMO_DATA)
 	$(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/pretrain.py --deepspeed configs/zero2.json \
 		--config configs/pretrain_base.yaml data.root=$(DEMO_DATA)
 	$(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/desmoe_study.py --deepspeed configs/zero2.json \
