@@ -81,7 +81,8 @@ def facts(doc: Doc) -> Iterator[tuple[str, str, str, str]]:
                        f"The Constitution of India: what is the number of the article \"{answer}\"?")
         elif kind == "licence-name" and _short(answer):
             opening = " ".join(prompt.split()[:40])
-            yield "licence", f"Which licence begins: {opening}", answer, f"Name the licence whose text starts: {opening}"
+            yield ("licence", f"Which licence begins: {opening}", answer,
+                   f"Name the licence whose text starts: {opening}")
         elif kind == "icd-block":
             block = _RANGE.search(answer)
             if block:

@@ -13,8 +13,8 @@ comparison and the base-model report need:
 - ``downstream/mean``: the mean exact match over the training domains that have exact-match tasks,
   else the mean MCQ accuracy.
 
-``mcq/<domain>``, ``math/exact`` and ``exact/<domain>`` are lm-evaluation-harness's numbers (``desmoe.evaluation.harness``,
-the data folder's task YAMLs); the scorers below compute the same numbers independently
+``mcq/<domain>``, ``math/exact`` and ``exact/<domain>`` are lm-evaluation-harness's numbers
+(``desmoe.evaluation.harness``, the data folder's task YAMLs); the scorers below compute the same numbers independently
 (``tests/test_harness.py``) and serve ``mcq_norm: per_token``, which has no harness metric.
 
 Expert parallelism makes every forward a collective, so every rank runs the
