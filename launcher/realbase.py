@@ -55,7 +55,8 @@ def prepared_data(dense: Path, cache: Path) -> Path:
 
 def general_ids(data: Path, split: str, tokens: int):
     """The first ``tokens`` tokens of the general domain's ``split`` (held-out: the held-out set)."""
-    from desmoe.training.pretrain import GeneralCorpus, PretrainData, _first_tokens
+    from desmoe.data.pretrain_corpus import GeneralCorpus, _first_tokens
+    from desmoe.recipes.lm.pretrain import PretrainData
 
     corpus = GeneralCorpus(PretrainData(root=str(data)))
     if split == "heldout":
@@ -82,7 +83,8 @@ def evaluate(model_dir: Path, data: Path, probes: Path) -> dict:
 
     from desmoe.data.tokenizer import HFTokenizer
     from desmoe.evaluation.harness import make_lm, run
-    from desmoe.training.pretrain import heldout_batches, lm_loss
+    from desmoe.data.pretrain_corpus import heldout_batches
+    from desmoe.objective import lm_loss
 
     t0 = time.perf_counter()
     model = load(model_dir)
