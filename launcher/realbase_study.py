@@ -63,20 +63,25 @@ def study_scores(model, cfg, scores, task_root: Path, device) -> dict:
     info = json.loads((probes / "probes.json").read_text())
     tok = PreparedData(cfg.data.source).tokenizer  # the base's own (data/realbase: SmolLM2's)
     lm = make_lm(model, tok, batch_size=16)
-    out = {}
+    out, t0 = {}, time.perf_counter()
     res = run(lm, sorted(info), probes, limit=scores.probe_limit or None)
     out.update({f"probe/{t}": float(res[t][info[t]["metric"]]) for t in info})
+    out["probe_seconds"] = time.perf_counter() - t0
     stream = GeneralCorpus(PretrainData(root=cfg.data.source)).heldout_stream(scores.heldout_tokens + 1)
     batch = max(1, min(8, scores.heldout_tokens // scores.heldout_seq))
     with torch.no_grad():  # the same windows on every rank (each forward is a collective)
         nll = torch.stack([next_token_loss(model, b.to(device)) for b in
                            heldout_batches(stream, scores.heldout_seq, batch, 0, 1)]).mean().item()
     out["heldout_ppl"] = math.exp(nll)
+    out["heldout_seconds"] = time.perf_counter() - t0 - out["probe_seconds"]
     tasks = task_root / f"rank{int(os.environ.get('RANK', '0'))}"  # each rank its own copy: no write race
     task_dir(cfg.data.source, tasks)
     names = {d: scores.downstream_task.format(domain=d) for d in cfg.data.domains}
     res = run(lm, list(names.values()), tasks, limit=scores.downstream_limit or None)
     out.update({f"downstream/{d}": float(res[t][scores.downstream_metric]) for d, t in names.items()})
+    out["downstream_seconds"] = time.perf_counter() - t0 - out["probe_seconds"] - out["heldout_seconds"]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("[study] scores: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()), flush=True)
     model.train(was_training)
     return out
 
@@ -98,7 +103,8 @@ def row_of(cell: Cell, exp, result: dict, base: dict, protocol: str, general_pro
             "val_loss_domains": result.get("domain_mean", float("nan")), "val_loss_general": result.get("general", float("nan")),
             "probes": json.dumps(probes, sort_keys=True), "downstream": json.dumps(down, sort_keys=True),
             "train_seconds": result.get("train_seconds", 0.0), "eval_seconds": result.get("eval_seconds", 0.0),
-            "protocol": protocol}
+            "protocol": protocol, "note": "eval s: probes %.0f, held-out %.0f, downstream %.0f" % tuple(
+                result.get(f"{k}_seconds", float("nan")) for k in ("probe", "heldout", "downstream"))}
 
 
 def stamp(row: dict) -> dict:

@@ -281,10 +281,14 @@ def targets(rows: list[dict], cfg: RealbaseStudy) -> list[dict]:
     t = {"target": f"general drop of DES-MoE <= {s.forgetting_share:g} x FFT's, downstream >= ESFT-Token's",
          "seeds": seeds, "desmoe_drop": mean_std(drop["desmoe"])[0], "fft_drop": mean_std(drop["fft"])[0],
          "desmoe_downstream": mean_std(down["desmoe"])[0], "esft_token_downstream": mean_std(down["esft_token"])[0]}
+    moved = [float(r["downstream_score"]) - float(r["downstream_score_base"])
+             for a in ("desmoe", "fft", "esft_token") for r in arm_rows(rows, cfg, a)]
     if seeds == 0:
         t["status"] = "pending"
     elif t["fft_drop"] <= 0:
         t["status"] = "undefined (FFT has no general drop)"
+    elif max(moved) <= 0:  # no method moved the downstream score: comparing them would say nothing
+        t["status"] = "undefined (no method raised the downstream score above the base's)"
     else:
         ok = t["desmoe_drop"] <= s.forgetting_share * t["fft_drop"] and t["desmoe_downstream"] >= t["esft_token_downstream"]
         t["status"] = "met" if ok else "missed"
