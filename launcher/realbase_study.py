@@ -64,8 +64,10 @@ def study_scores(model, cfg, scores, task_root: Path, device) -> dict:
     tok = PreparedData(cfg.data.source).tokenizer  # the base's own (data/realbase: SmolLM2's)
     lm = make_lm(model, tok, batch_size=16)
     out, t0 = {}, time.perf_counter()
-    res = run(lm, sorted(info), probes, limit=scores.probe_limit or None)
+    samples: dict = {}  # per task, its documents: the item counts of the standard errors
+    res = run(lm, sorted(info), probes, limit=scores.probe_limit or None, samples=samples)
     out.update({f"probe/{t}": float(res[t][info[t]["metric"]]) for t in info})
+    out.update({f"items/{t}": float(len(samples[t])) for t in info})
     out["probe_seconds"] = time.perf_counter() - t0
     stream = GeneralCorpus(PretrainData(root=cfg.data.source)).heldout_stream(scores.heldout_tokens + 1)
     batch = max(1, min(8, scores.heldout_tokens // scores.heldout_seq))
@@ -77,8 +79,9 @@ def study_scores(model, cfg, scores, task_root: Path, device) -> dict:
     tasks = task_root / f"rank{int(os.environ.get('RANK', '0'))}"  # each rank its own copy: no write race
     task_dir(cfg.data.source, tasks)
     names = {d: scores.downstream_task.format(domain=d) for d in cfg.data.domains}
-    res = run(lm, list(names.values()), tasks, limit=scores.downstream_limit or None)
+    res = run(lm, list(names.values()), tasks, limit=scores.downstream_limit or None, samples=samples)
     out.update({f"downstream/{d}": float(res[t][scores.downstream_metric]) for d, t in names.items()})
+    out.update({f"items/downstream/{d}": float(len(samples[t])) for d, t in names.items()})
     out["downstream_seconds"] = time.perf_counter() - t0 - out["probe_seconds"] - out["heldout_seconds"]
     if int(os.environ.get("RANK", "0")) == 0:
         print("[study] scores: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()), flush=True)
@@ -92,6 +95,10 @@ def row_of(cell: Cell, exp, result: dict, base: dict, protocol: str, general_pro
     down = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("downstream/")}
     base_down = json.loads(base["downstream"]) if base else down
     general = sum(probes[t] for t in general_probes) / len(general_probes)
+    items = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("items/")}
+    # binomial standard error of a mean of accuracies: sqrt(sum p(1-p)/n) / number of tasks
+    general_se = math.sqrt(sum(probes[t] * (1 - probes[t]) / items[t] for t in general_probes)) / len(general_probes)
+    down_se = math.sqrt(sum(down[d] * (1 - down[d]) / items[f"downstream/{d}"] for d in down)) / len(down)
     return {"run": cell.run, "phase": cell.phase, "arm": cell.arm, "method": exp.desmoe.method, "seed": cell.seed,
             "lr": cell.lr, "N": cell.n, "domains": "+".join(exp.data.domains), "steps": exp.train.steps,
             "status": "ok", "general_score": general,
@@ -103,6 +110,8 @@ def row_of(cell: Cell, exp, result: dict, base: dict, protocol: str, general_pro
             "val_loss_domains": result.get("domain_mean", float("nan")), "val_loss_general": result.get("general", float("nan")),
             "probes": json.dumps(probes, sort_keys=True), "downstream": json.dumps(down, sort_keys=True),
             "train_seconds": result.get("train_seconds", 0.0), "eval_seconds": result.get("eval_seconds", 0.0),
+            "general_score_se": general_se, "downstream_score_se": down_se,
+            "general_score_base_se": float(base["general_score_se"] or "nan") if base else general_se,
             "protocol": protocol, "note": "eval s: probes %.0f, held-out %.0f, downstream %.0f" % tuple(
                 result.get(f"{k}_seconds", float("nan")) for k in ("probe", "heldout", "downstream"))}
 

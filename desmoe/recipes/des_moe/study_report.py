@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from desmoe.recipes.des_moe.study import arm_rows, mean_std, phase1, read_rows, select_lr, targets
+from desmoe.recipes.des_moe.study import arm_rows, mean_se, mean_std, phase1, read_rows, select_lr, targets
 
 
 
@@ -25,8 +25,9 @@ def _as_heldout(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         if r["status"] == "ok":
+            # no item noise is counted for the perplexity (the same tokens for every run): only seeds' spread
             r = {**r, "general_score": -math.log(float(r["heldout_ppl"])),
-                 "general_score_base": -math.log(float(r["heldout_ppl_base"]))}
+                 "general_score_base": -math.log(float(r["heldout_ppl_base"])), "general_score_se": "0"}
         out.append(r)
     return out
 
@@ -41,6 +42,16 @@ def target_lines(rows: list[dict], cfg) -> list[str]:
     return lines
 
 
+def _f(r: dict, key: str, fmt: str) -> str:
+    v = r.get(key) or ""
+    return fmt.format(float(v)) if v else ""
+
+
+def _with_se(r: dict, key: str) -> str:
+    se = r.get(f"{key}_se") or ""
+    return f"{float(r[key]):.3f}" + (f" ± {float(se):.3f}" if se else "")
+
+
 def grid_table(rows: list[dict], cfg) -> str:
     lines = ["| arm | method | lr | status | val loss (trained domains) | general score | downstream | "
              "held-out ppl | train s | selected |", "|---" * 10 + "|"]
@@ -52,9 +63,10 @@ def grid_table(rows: list[dict], cfg) -> str:
             lines.append(f"| {cell.arm} | {cfg.study.arms[cell.arm].method} | {cell.lr:g} | not run | | | | | | |")
             continue
         ok = r["status"] == "ok"
-        cells = [f"{float(r[k]):.3f}" if ok else "" for k in ("val_loss_domains", "general_score", "downstream_score")]
-        ppl = f"{float(r['heldout_ppl']):.1f}" if ok else ""
-        secs = f"{float(r['train_seconds']):.0f}" if ok else ""
+        cells = [f"{float(r['val_loss_domains']):.3f}" if ok else ""] + \
+            [_with_se(r, k) if ok else "" for k in ("general_score", "downstream_score")]
+        ppl = _f(r, "heldout_ppl", "{:.1f}") if ok else ""
+        secs = _f(r, "train_seconds", "{:.0f}") if ok else ""
         lines.append(f"| {cell.arm} | {r['method']} | {cell.lr:g} | {r['status']} | {' | '.join(cells)} | {ppl} | "
                      f"{secs} | {'yes' if sel == cell.lr else ''} |")
     return "\n".join(lines)
@@ -62,7 +74,7 @@ def grid_table(rows: list[dict], cfg) -> str:
 
 def headline_table(rows: list[dict], cfg) -> str:
     base = next((r for r in rows if r["phase"] == "base" and r["status"] == "ok"), None)
-    lines = ["| arm | lr | seeds | general score (Δ vs base) | downstream | held-out ppl (Δ %) | "
+    lines = ["| arm | lr | seeds | general score ± s.e. (Δ vs base) | downstream ± s.e. | held-out ppl (Δ %) | "
              "val loss (trained) | train s |", "|---" * 8 + "|"]
     if base:
         lines.append(f"| base (vanilla) | – | – | {float(base['general_score']):.3f} | "
@@ -72,14 +84,14 @@ def headline_table(rows: list[dict], cfg) -> str:
         rs = arm_rows(rows, cfg, arm)
         if not rs:
             continue
-        gen = [float(r["general_score"]) for r in rs]
+        gen, down = mean_se(rs, "general_score"), mean_se(rs, "downstream_score")
         drop = [float(r["general_score"]) - float(r["general_score_base"]) for r in rs]
         ppl = [100 * (float(r["heldout_ppl"]) / float(r["heldout_ppl_base"]) - 1) for r in rs]
-        lines.append(f"| {arm} | {select_lr(rows, cfg, arm):g} | {len(rs)} | {_pm(gen)} ({_pm(drop, '{:+.3f}')}) | "
-                     f"{_pm([float(r['downstream_score']) for r in rs])} | "
+        lines.append(f"| {arm} | {select_lr(rows, cfg, arm):g} | {len(rs)} | {gen[0]:.3f} ± {gen[1]:.3f} "
+                     f"({_pm(drop, '{:+.3f}')}) | {down[0]:.3f} ± {down[1]:.3f} | "
                      f"{_pm([float(r['heldout_ppl']) for r in rs], '{:.1f}')} ({_pm(ppl, '{:+.1f}')}) | "
                      f"{_pm([float(r['val_loss_domains']) for r in rs])} | "
-                     f"{_pm([float(r['train_seconds']) for r in rs], '{:.0f}')} |")
+                     f"{_pm([float(r['train_seconds'] or 'nan') for r in rs], '{:.0f}')} |")
     return "\n".join(lines)
 
 
@@ -92,7 +104,7 @@ def scaling_table(rows: list[dict], cfg) -> str:
                 r = rs[0]
                 lines.append(f"| {n} | {r['domains']} | {arm} | {float(r['general_score']):.3f} | "
                              f"{float(r['heldout_ppl']):.1f} | {float(r['downstream_score']):.3f} | "
-                             f"{float(r['train_seconds']):.0f} |")
+                             f"{_f(r, 'train_seconds', '{:.0f}')} |")
     return "\n".join(lines)
 
 
@@ -140,12 +152,13 @@ def render(cfg, protocol: str) -> str:
     ok = sum(r["status"] == "ok" for r in rows)
     failed = sum(r["status"] == "failed" for r in rows)
     text = "\n".join([
-        f"Protocol `{protocol}` (`configs/realbase_study.yaml` as committed); CSV `{csv_path}` "
+        f"Study `{cfg.study.name}`, protocol digest `{protocol}` (the committed config); CSV `{csv_path}` "
         f"({len(every)} runs in the file, {ok} finished and {failed} failed under this protocol).",
         "", "**Targets (computed from the CSV by `launcher/realbase_study.py --report`):**", "",
         *target_lines(rows, cfg), "",
         "LR grid (one seed; selected: lowest validation loss of the trained domains):", "", grid_table(rows, cfg), "",
-        "All domains at the selected lr (mean ± std over seeds):", "", headline_table(rows, cfg), "",
+        "All domains at the selected lr (s.e.: std over seeds / sqrt(seeds), or one run's binomial standard "
+        "error; Δ: mean ± std over seeds):", "", headline_table(rows, cfg), "",
         "Domain scaling (selected lr, one seed):", "", scaling_table(rows, cfg), "",
         f"![forgetting vs fit]({Path('results') / png.name})" if has_plot else "(no finished run to plot yet)"])
     doc = Path(cfg.study.doc)
