@@ -26,13 +26,15 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# make demo: prepared demo data -> pretrained embedded MoE base -> the untrained base, DES-MoE and
-# mixed-domain FFT on the same budget -> comparison table (runs/desmoe-demo-compare/).  Every stage
-# reuses its finished output (data folder, base export, finished runs).
+# make demo: prepared demo data (specialist domains in instruction form) -> pretrained embedded MoE base ->
+# the untrained base, DES-MoE and mixed-domain FFT on the same budget, prompt tokens masked ->
+# comparison table (runs/desmoe-demo-compare/).  Every stage reuses its finished output (data folder,
+# base export, finished runs); a data folder without the exact-match tasks (built before the
+# instruction form) is rebuilt.
 DEMO_DATA ?= data/demo
 DEMO_PORT ?= 29500
 demo: setup
-	test -f $(DEMO_DATA)/meta.json || $(BIN)/python -m data_prep.build --profile demo --out $(DEMO_DATA)
+	grep -qs '"exact-' $(DEMO_DATA)/meta.json || $(BIN)/python -m data_prep.build --profile demo --out $(DEMO_DATA)
 	$(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/pretrain.py --deepspeed configs/zero2.json \
 		--config configs/pretrain_base.yaml data.root=$(DEMO_DATA)
 	$(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/desmoe_study.py --deepspeed configs/zero2.json \

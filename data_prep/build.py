@@ -29,6 +29,7 @@ from data_prep.clean import chunk, dedupe, tidy
 from data_prep.config import BuildConfig, load_profile
 from data_prep.evalsets import write_eval_sets
 from data_prep.extract import EXTRACTORS, Context, Doc
+from data_prep.instruct import instruction_parts
 from data_prep.sources import SourceCache, load_manifest, package_record
 from data_prep.user_data import Record, encode_record
 from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece, write_indexed
@@ -205,7 +206,7 @@ class Builder:
         sample = {}
         for name, p in parts.items():
             got, chars = [], 0
-            for d in p["train"]:
+            for d in p["train"]:  # the documents: generated instruction records only re-state them
                 if chars >= cfg.sample_chars_per_domain:
                     break
                 got.append(d.text[: cfg.sample_chars_per_domain - chars])
@@ -234,8 +235,14 @@ class Builder:
         try:
             tok = self.tokenizer(parts, tmp)
             lap("tokenizer")
-            items = [(n, s, d) for n, p in parts.items() for s in SPLITS for d in p[s]] + \
-                    [(cfg.heldout, "test", d) for d in heldout]
+            # instruct domains: their records (and, mixed, their documents); records-only domains'
+            # plain documents are still tokenized: the token equalisation counts them (see _budget)
+            self.render = self.renderer()
+            tparts = instruction_parts(parts, cfg, self.render) if cfg.instruct.domains else parts
+            self.records_only = {n for n, m in cfg.instruct.domains.items() if m == "records"}
+            items = [(n, s, d) for n, p in tparts.items() for s in SPLITS for d in p[s]] + \
+                    [(f"{n}\x00plain", s, d) for n in sorted(self.records_only) for s in ("train",)
+                     for d in parts[n][s]] + [(cfg.heldout, "test", d) for d in heldout]
             plain = [i for i, (_, _, d) in enumerate(items) if not isinstance(d, Record)]
             with self.bar(total=len(plain), desc="tokenize", unit="doc") as bar:
                 got, perf = encode_all(tok, [items[i][2].text for i in plain], cfg.workers, bar)
@@ -268,8 +275,19 @@ class Builder:
             raise
         return meta
 
+    def renderer(self):
+        """Instruction records' template: the HF tokenizer's chat template when it has one, else the
+        fixed question/answer template (data_prep/instruct.py)."""
+        from data_prep.instruct import Renderer
+        from data_prep.user_data import chat_renderer
+
+        return Renderer(chat_renderer(self.cfg.tokenizer)[0] if self.cfg.instruct.domains else None)
+
     def _budget(self, by_key) -> int:
-        avail = {n: sum(len(t) + 1 for _, t in by_key[(n, "train")]) for n in self.cfg.domains}
+        # a records-only domain counts with its plain text: the equalisation (and so every other
+        # domain's data) is the same whether or not a domain trains in instruction form
+        avail = {n: sum(len(t) + 1 for _, t in by_key[(f"{n}\x00plain" if n in self.records_only else n, "train")])
+                 for n in self.cfg.domains}
         self.stats["available_train_tokens"] = avail
         return min(self.cfg.budget_tokens, min(avail.values())) if self.cfg.equalize else self.cfg.budget_tokens
 
@@ -279,7 +297,9 @@ class Builder:
         share = {"train": 1.0, "val": cfg.val_fraction / (1 - cfg.val_fraction - cfg.test_fraction),
                  "test": cfg.test_fraction / (1 - cfg.val_fraction - cfg.test_fraction)}
         for (n, s), rows in by_key.items():
-            if n == cfg.heldout:
+            if n.endswith("\x00plain"):
+                continue
+            if n == cfg.heldout or n in self.records_only:  # records-only: all its (max_records) records
                 out[(n, s)] = rows
                 continue
             limit, got, total = max(1, int(budget * share[s])), [], 0
@@ -337,11 +357,14 @@ class Builder:
             "counts": counts, "sources": sources, "loss_masks": self.masked,
             "packages": {n: self._package(n) for n in self.used_sources},
             "dropped": self.stats["dropped"], "available_train_tokens": self.stats["available_train_tokens"],
-            "eval": write_eval_sets(root, self.cfg, selected, parts, self.ctx), "card": "DATA_CARD.md",
+            "eval": write_eval_sets(root, self.cfg, selected, parts, self.ctx, self.render),
+            "card": "DATA_CARD.md", "instruct": {"domains": cfg.instruct.domains, "template": self.render.name},
             "config": _plain(cfg),
         }
         meta["eval"]["sizes"] = {"math_qa": sum(1 for _ in open(root / meta["eval"]["math"])),
-                                 "mcq": {d: sum(1 for _ in open(root / p)) for d, p in meta["eval"]["mcq"].items()}}
+                                 "mcq": {d: sum(1 for _ in open(root / p)) for d, p in meta["eval"]["mcq"].items()},
+                                 "exact": {d: sum(1 for _ in open(root / p))
+                                           for d, p in meta["eval"].get("exact", {}).items()}}
         write_card(root / "DATA_CARD.md", meta)
         (root / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         return meta

@@ -42,6 +42,13 @@ def write_card(path: Path, meta: dict) -> None:
     for d in ev["mcq"]:
         lines.append(f"| {d} multiple choice | {ev['sizes']['mcq'][d]:,} | log-likelihood of each choice — "
                      f"{ev['notes']['mcq']} |")
+    for d in ev.get("exact", {}):
+        lines.append(f"| {d} exact match | {ev['sizes']['exact'][d]:,} | {ev['notes']['exact']}; best constant "
+                     f"answer {ev['exact_chance'][d]:.3f} |")
+    inst = meta.get("instruct", {})
+    if inst.get("domains"):
+        lines += ["", "Instruction form (prompt -> short answer, loss on the answer): "
+                  + ", ".join(f"{d} ({m})" for d, m in inst["domains"].items()) + f"; template {inst['template']}."]
     lines += ["", "Per-domain perplexity: the `test` split of every domain; forgetting: the held-out set.", "",
               "## Packages", "", "| source | kind | package | version | sha256 | licence |", "|---|---|---|---|---|---|"]
     for name, p in sorted(meta["packages"].items()):

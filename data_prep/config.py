@@ -45,6 +45,25 @@ class EvalConfig:
 
 
 @dataclass
+class InstructConfig:
+    """Domains trained in instruction form (data_prep/instruct.py): domain -> 'records' | 'mixed'."""
+    domains: dict[str, str] = field(default_factory=dict)
+    max_records: int = 400        # per instruct domain, train split (val/test: their share)
+    exact_per_domain: int = 40    # closed-book exact-match items per instruct domain (facts trained on)
+
+    def check(self) -> None:
+        from data_prep.instruct import MODES
+
+        for name, mode in self.domains.items():
+            if mode not in MODES:
+                raise bad(f"domains.{name}", " or ".join(f"'{m}'" for m in MODES), mode)
+        if self.max_records < 1:
+            raise bad("max_records", "at least 1", self.max_records)
+        if self.exact_per_domain < 1:
+            raise bad("exact_per_domain", "at least 1", self.exact_per_domain)
+
+
+@dataclass
 class BuildConfig:
     profile: str = "custom"
     seed: int = 1234
@@ -66,6 +85,7 @@ class BuildConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     mathgen: MathGenConfig = field(default_factory=MathGenConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    instruct: InstructConfig = field(default_factory=InstructConfig)
 
     def check(self) -> None:
         from data_prep.extract import EXTRACTORS
@@ -91,6 +111,9 @@ class BuildConfig:
             raise bad("max_record_tokens", "at least 2", self.max_record_tokens)
         if self.workers < 1:
             raise bad("workers", "at least 1", self.workers)
+        for name in self.instruct.domains:
+            if name not in self.domains:
+                raise bad(f"instruct.domains.{name}", "a configured domain (" + ", ".join(self.domains) + ")", name)
 
 
 def load_profile(profile: str, overrides: list[str] = ()) -> BuildConfig:

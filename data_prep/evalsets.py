@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 
@@ -39,9 +39,12 @@ def mcq_items(pairs: list[tuple[str, str, str, str, str]], n: int, choices: int,
     return items
 
 
-def write_eval_sets(root: Path, cfg, selected, parts, ctx) -> dict:
-    """The evaluation files of a prepared folder (eval/mcq-<domain>.jsonl, eval/math.jsonl) and their index."""
-    ev: dict = {"mcq": {}, "notes": {}}
+def write_eval_sets(root: Path, cfg, selected, parts, ctx, render) -> dict:
+    """The evaluation files of a prepared folder (eval/mcq-<domain>.jsonl, eval/math.jsonl,
+    eval/exact-<domain>.jsonl for instruct domains) and their index."""
+    from data_prep.instruct import exact_items
+
+    ev: dict = {"mcq": {}, "exact": {}, "notes": {}}
     (root / "eval").mkdir(parents=True, exist_ok=True)
     for name in cfg.domains:
         split_docs = [d for d, _ in selected[(name, "train")]] if cfg.eval.mcq_split == "train" \
@@ -51,12 +54,24 @@ def write_eval_sets(root: Path, cfg, selected, parts, ctx) -> dict:
         if items:
             _jsonl(root / "eval" / f"mcq-{name}.jsonl", items)
             ev["mcq"][name] = f"eval/mcq-{name}.jsonl"
+    for name in cfg.instruct.domains:
+        items = exact_items(selected[(name, "train")], render, cfg.instruct.exact_per_domain, cfg.seed, name)
+        if items:
+            _jsonl(root / "eval" / f"exact-{name}.jsonl", items)
+            ev["exact"][name] = f"eval/exact-{name}.jsonl"
+            # chance: the best constant answer (the train records' most frequent one) scored on the items
+            common = Counter(d.fact[2] for d, _ in selected[(name, "train")] if hasattr(d, "fact")).most_common(1)
+            ev.setdefault("exact_chance", {})[name] = sum(it["answer"] == common[0][0] for it in items) / len(items)
+    if ev["exact"]:
+        ev["notes"]["exact"] = (f"closed-book recall of facts trained on (instruction records of the train split, "
+                                f"{render.name} template); greedy answer, exact match after normalisation")
     math_rows, note = [], ""
     if cfg.mathgen.enabled:
         from data_prep.mathgen import generate
         trained = {d.text for n in cfg.domains for d, _ in selected[(n, "train")]}
+        asked = {d.fact[1] for n in cfg.domains for d, _ in selected[(n, "train")] if hasattr(d, "fact")}
         for r in generate(ctx, "interpolate", cfg.mathgen.per_module_eval, cfg.seed + 1):
-            if f"Question: {r['question']}\nAnswer: {r['answer']}" not in trained:
+            if f"Question: {r['question']}\nAnswer: {r['answer']}" not in trained and r["question"] not in asked:
                 math_rows.append(r)
         note = "mathematics_dataset 1.0.1 (DeepMind generator), interpolation regime, seed+1; exact match"
     else:

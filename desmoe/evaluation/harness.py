@@ -12,10 +12,12 @@ Scoring is the in-house evaluator's (``desmoe.models.generate``), request by req
 - ``loglikelihood_rolling``: the document's full log-likelihood in windows of ``max_len``.
 
 The task YAMLs shipped in ``desmoe/evaluation/tasks/`` describe the demo data's evaluation sets
-(``eval/mcq-<domain>.jsonl``, ``eval/math.jsonl`` of a prepared folder); ``task_dir`` copies them beside
+(``eval/mcq-<domain>.jsonl``, ``eval/math.jsonl``, ``eval/exact-<domain>.jsonl`` of a prepared folder);
+``task_dir`` copies them beside
 a folder's files with the paths filled in, for ``--include_path``.  On the same items the harness's
 ``acc_norm`` equals the in-house ``mcq/<domain>`` (per-character normalisation) and its ``exact_match``
-equals ``math/exact`` (``tests/test_harness.py``).
+equals ``math/exact`` (``tests/test_harness.py``); ``desmoe_exact_<domain>``'s ``exact_match`` equals
+``lm_tasks.exact_recall`` on the same items.
 """
 from __future__ import annotations
 
@@ -89,7 +91,10 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
                 prompts = [p[-self.max_len:] for p in self.tok.encode([r.args[0] for r in chunk])]
                 outs = greedy_generate(self.model, prompts, steps, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
                 for out, k in zip(outs, kwargs):
-                    text = self.tok.decode(out[:int(k.get("max_gen_toks", 32))])
+                    out = out[:int(k.get("max_gen_toks", 32))]
+                    if self.tok.eos_id in out:  # the answer ends at end-of-text (its text is no answer)
+                        out = out[:out.index(self.tok.eos_id)]
+                    text = self.tok.decode(out)
                     for stop in k.get("until", []) or []:
                         text = text.split(stop, 1)[0]
                     answers.append(text)
@@ -98,7 +103,7 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
     return DesmoeLM()
 
 
-def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12) -> list[str]:
+def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12, exact_gen_toks: int = 24) -> list[str]:
     """Write the demo tasks for the prepared folder ``data_root`` into ``out``; returns their names."""
     data_root, out = Path(data_root).resolve(), Path(out)
     meta_path = data_root / "meta.json"
@@ -108,13 +113,17 @@ def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12) -> 
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(TASKS / "utils.py", out / "utils.py")
     names = []
-    templates = [("desmoe_math", "math.yaml", data_root / ev["math"])]
-    templates += [(f"desmoe_mcq_{d}", "mcq.yaml", data_root / p) for d, p in ev["mcq"].items()]
-    for name, template, data_file in templates:
+    templates = [("desmoe_math", "math.yaml", data_root / ev["math"], max_gen_toks)]
+    templates += [(f"desmoe_mcq_{d}", "mcq.yaml", data_root / p, 0) for d, p in ev["mcq"].items()]
+    for d, p in ev.get("exact", {}).items():  # the trained wording, and a held-out one
+        templates += [(f"desmoe_exact_{d}", "exact.yaml", data_root / p, exact_gen_toks),
+                      (f"desmoe_exact_{d}_rephrased", "exact.yaml", data_root / p, exact_gen_toks)]
+    for name, template, data_file, gen_toks in templates:
         if not data_file.is_file():
             raise UserError(f"{data_file}: evaluation file of task {name} not found")
         text = (TASKS / template).read_text().replace("@TASK@", name).replace("@DATA_FILE@", str(data_file))
-        text = text.replace("@MAX_GEN_TOKS@", str(int(max_gen_toks)))
+        text = text.replace("@PROMPT_FIELD@", "heldout_prompt" if name.endswith("_rephrased") else "prompt")
+        text = text.replace("@MAX_GEN_TOKS@", str(int(gen_toks)))
         (out / f"{name}.yaml").write_text(text)
         names.append(name)
     return names

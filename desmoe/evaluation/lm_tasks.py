@@ -8,9 +8,12 @@ comparison and the base-model report need:
 - ``math/exact``: exact match of the greedy answer to a generated math question;
 - ``ppl/<domain>``: perplexity on the domain's test split, ``ppl/general_heldout``
   on the held-out general text that is never trained on (forgetting);
-- ``downstream/mean``: the mean MCQ accuracy over the training domains.
+- ``exact/<domain>``: closed-book exact match on the domain's instruction facts (data folders built
+  with an ``instruct`` section: ``eval/exact-<domain>.jsonl``, prompts already rendered);
+- ``downstream/mean``: the mean exact match over the training domains that have exact-match tasks,
+  else the mean MCQ accuracy.
 
-``mcq/<domain>`` and ``math/exact`` are lm-evaluation-harness's numbers (``desmoe.evaluation.harness``,
+``mcq/<domain>``, ``math/exact`` and ``exact/<domain>`` are lm-evaluation-harness's numbers (``desmoe.evaluation.harness``,
 the data folder's task YAMLs); the scorers below compute the same numbers independently
 (``tests/test_harness.py``) and serve ``mcq_norm: per_token``, which has no harness metric.
 
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -40,13 +44,16 @@ class LMEvalConfig:
     ppl_tokens: int = 20000          # per domain; perplexity on the first N test tokens
     ppl_seq_len: int = 256
     math_max_new_tokens: int = 12
+    exact_max_new_tokens: int = 24   # answers of the exact-match tasks are <= 40 characters
+    exact_rephrased: bool = True     # also ask the exact-match facts in a wording never trained on
     # How choices of different lengths are compared. per_char follows the usual
     # "acc_norm" reading (log-likelihood per character of the choice), which does
     # not favour short choices the way a plain sum does.
     mcq_norm: str = "per_char"
 
     def check(self) -> None:
-        for key in ("items_per_task", "batch_size", "max_len", "ppl_tokens", "ppl_seq_len", "math_max_new_tokens"):
+        for key in ("items_per_task", "batch_size", "max_len", "ppl_tokens", "ppl_seq_len", "math_max_new_tokens",
+                    "exact_max_new_tokens"):
             if getattr(self, key) < 1:
                 raise bad(f"eval.{key}", "a positive integer", getattr(self, key))
         if self.mcq_norm not in NORMS:
@@ -112,6 +119,45 @@ def first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
+def exact_items(data, domain: str) -> list[dict]:
+    """The exact-match items of ``domain`` (empty when the folder has none)."""
+    import json
+
+    path = data.meta["eval"].get("exact", {}).get(domain)
+    return [json.loads(line) for line in (data.root / path).read_text().splitlines() if line.strip()] if path else []
+
+
+def normalise(text: str) -> str:
+    """The exact-match normalisation: the one the task YAMLs' ``utils.py`` defines (a single copy)."""
+    import importlib.util
+
+    global _UTILS
+    if _UTILS is None:
+        spec = importlib.util.spec_from_file_location("desmoe_task_utils", Path(__file__).parent / "tasks" / "utils.py")
+        _UTILS = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_UTILS)
+    return _UTILS.normalise(text)
+
+
+_UTILS = None
+
+
+def exact_answers(model: nn.Module, tokenizer, items: list[dict], cfg: LMEvalConfig) -> list[str]:
+    """Greedy answers to the items' rendered prompts, cut at end-of-text."""
+    answers = []
+    for batch in _chunks(tokenizer.encode([it["prompt"] for it in items]), cfg.batch_size):
+        outs = greedy_generate(model, [p[-cfg.max_len:] for p in batch], cfg.exact_max_new_tokens,
+                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        answers += [tokenizer.decode(o[:o.index(tokenizer.eos_id)] if tokenizer.eos_id in o else o) for o in outs]
+    return answers
+
+
+def exact_recall(model: nn.Module, tokenizer, items: list[dict], cfg: LMEvalConfig) -> float:
+    """Share of items whose normalised greedy answer equals the normalised reference."""
+    answers = exact_answers(model, tokenizer, items, cfg)
+    return sum(normalise(a) == normalise(it["answer"]) for a, it in zip(answers, items)) / max(len(items), 1)
+
+
 def perplexity(model: nn.Module, tokenizer, docs: list[str], cfg: LMEvalConfig) -> float:
     """exp(mean next-token NLL) over the first ``ppl_tokens`` tokens of the documents,
     concatenated with end-of-text markers and cut into ``ppl_seq_len + 1`` windows."""
@@ -133,20 +179,27 @@ def perplexity(model: nn.Module, tokenizer, docs: list[str], cfg: LMEvalConfig) 
 HARNESS_METRIC = {"per_char": "acc_norm", "sum": "acc"}
 
 
-def harness_scores(model: nn.Module, data, cfg: LMEvalConfig, mcq: list[str], math_on: bool) -> dict[str, float]:
-    """``mcq/<domain>`` and ``math/exact`` through lm-evaluation-harness (every rank takes part)."""
+def harness_scores(model: nn.Module, data, cfg: LMEvalConfig, mcq: list[str], math_on: bool,
+                   exact: Sequence[str] = ()) -> dict[str, float]:
+    """``mcq/<domain>``, ``math/exact`` and ``exact/<domain>`` through lm-evaluation-harness (every rank
+    takes part)."""
     import tempfile
 
     from desmoe.evaluation import harness
 
     with tempfile.TemporaryDirectory(prefix="desmoe-tasks-") as tmp:
-        harness.task_dir(data.root, tmp, max_gen_toks=cfg.math_max_new_tokens)
+        harness.task_dir(data.root, tmp, max_gen_toks=cfg.math_max_new_tokens, exact_gen_toks=cfg.exact_max_new_tokens)
         names = [f"desmoe_mcq_{d}" for d in mcq] + (["desmoe_math"] if math_on else [])
+        names += [f"desmoe_exact_{d}" for d in exact]
+        names += [f"desmoe_exact_{d}_rephrased" for d in exact] if cfg.exact_rephrased else []
         lm = harness.make_lm(model, data.tokenizer, batch_size=cfg.batch_size, max_len=cfg.max_len)
         res = harness.run(lm, names, tmp, limit=cfg.items_per_task)
     out = {f"mcq/{d}": float(res[f"desmoe_mcq_{d}"][HARNESS_METRIC[cfg.mcq_norm]]) for d in mcq}
     if math_on:
         out["math/exact"] = float(res["desmoe_math"]["exact_match"])
+    out.update({f"exact/{d}": float(res[f"desmoe_exact_{d}"]["exact_match"]) for d in exact})
+    if cfg.exact_rephrased:
+        out.update({f"exact_rephrased/{d}": float(res[f"desmoe_exact_{d}_rephrased"]["exact_match"]) for d in exact})
     return out
 
 
@@ -160,12 +213,15 @@ def evaluate_lm(model: nn.Module, data, cfg: Optional[LMEvalConfig] = None,
     domains = list(domains or data.domains)
     mcq = [d for d in domains if sets.mcq.get(d)]
     math_on = bool(sets.math) and "math" in domains
+    exact = [d for d in domains if d in data.meta["eval"].get("exact", {})]
     if cfg.mcq_norm in HARNESS_METRIC:  # downstream scores are lm-evaluation-harness's own numbers
-        steps = [("harness", lambda: harness_scores(model, data, cfg, mcq, math_on))]
+        steps = [("harness", lambda: harness_scores(model, data, cfg, mcq, math_on, exact))]
     else:  # per_token has no harness metric: the in-house scorer
         steps = [(f"mcq/{d}", lambda d=d: mcq_accuracy(model, tok, sets.mcq[d][:cfg.items_per_task], cfg)) for d in mcq]
         if math_on:
             steps.append(("math/exact", lambda: math_exact(model, tok, sets.math[:cfg.items_per_task], cfg)))
+        steps += [(f"exact/{d}", lambda d=d: exact_recall(model, tok, exact_items(data, d)[:cfg.items_per_task], cfg))
+                  for d in exact]
     steps += [(f"ppl/{d}", lambda d=d: perplexity(model, tok, sets.heldout_text[d], cfg))
               for d in domains if sets.heldout_text.get(d)]
     steps.append(("ppl/general_heldout", lambda: perplexity(model, tok, sets.heldout_general, cfg)))
@@ -185,7 +241,15 @@ def evaluate_lm(model: nn.Module, data, cfg: Optional[LMEvalConfig] = None,
             bar.update()
     if bar is not None:
         bar.close()
-    mcq = [v for k, v in out.items() if k.startswith("mcq/")]
-    if mcq:
-        out["downstream/mean"] = sum(mcq) / len(mcq)
+    out.update(downstream_mean(out, domains))
     return out
+
+
+def downstream_mean(scores: dict[str, float], domains: Sequence[str]) -> dict[str, float]:
+    """``downstream/mean`` over ``domains``: their exact-match scores when the data has any, else their MCQ
+    accuracies (``{}`` when neither)."""
+    for prefix in ("exact/", "mcq/"):
+        got = [scores[f"{prefix}{d}"] for d in domains if f"{prefix}{d}" in scores]
+        if got:
+            return {"downstream/mean": sum(got) / len(got)}
+    return {}

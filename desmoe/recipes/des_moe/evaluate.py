@@ -32,11 +32,12 @@ def downstream_eval(model, data, cfg) -> dict[str, float]:
     The data's "general" domain (what the embedded base was pretrained on) is always evaluated, also
     when it is not a fine-tuning domain: its test perplexity and MCQ accuracy are the general-ability
     probe in-distribution for the base (``ppl/general``, ``mcq/general``), next to the never-trained
-    held-out text (``ppl/general_heldout``).  ``downstream/mean`` averages the fine-tuning domains only."""
+    held-out text (``ppl/general_heldout``).  ``downstream/mean`` averages the fine-tuning domains only:
+    their exact-match tasks when the data has them (instruction form), else their MCQ accuracies."""
     if not cfg.evaluation.downstream or not hasattr(data, "data"):
         return {}
     from desmoe.distributed import is_rank0
-    from desmoe.evaluation.lm_tasks import LMEvalConfig, evaluate_lm
+    from desmoe.evaluation.lm_tasks import LMEvalConfig, downstream_mean, evaluate_lm
 
     ev = LMEvalConfig(items_per_task=cfg.evaluation.items_per_task, ppl_tokens=cfg.evaluation.ppl_tokens)
     probe = [d for d in ("general",) if d in data.data.domains and d not in data.domains]
@@ -44,7 +45,6 @@ def downstream_eval(model, data, cfg) -> dict[str, float]:
     model.eval()
     out = evaluate_lm(model, data.data, ev, domains=[*data.domains, *probe], progress=is_rank0())
     model.train(was_training)
-    mcq = [out[f"mcq/{d}"] for d in data.domains if f"mcq/{d}" in out]
-    if mcq:
-        out["downstream/mean"] = sum(mcq) / len(mcq)
+    out.pop("downstream/mean", None)
+    out.update(downstream_mean(out, data.domains))  # the fine-tuning domains only
     return {f"eval/{k}": v for k, v in out.items()}

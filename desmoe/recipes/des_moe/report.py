@@ -86,12 +86,20 @@ def table(rows: list[dict]) -> tuple[str, str]:
 # What a person reads on screen: one row per method, units and direction in the header (<= 100 columns).
 HEADLINE = (("general ppl ↓", "ppl/general", "{:.1f}"),
             ("vs base % ↓", "forgetting_general_ppl_pct", "{:+.1f}"),
-            ("downstream acc ↑", "downstream/mean", "{:.3f}"),
+            ("downstream ↑", "downstream/mean", "{:.3f}"),
             ("domain loss (nats) ↓", "domain_mean", "{:.3f}"),
             ("train s ↓", "train_seconds", "{:.0f}"))
 LEGEND = ("↓ lower is better, ↑ higher is better.  general ppl: perplexity on the general domain's test\n"
-          "split (the base's own domain); vs base: its change against the untrained base; downstream: mean\n"
-          "multiple-choice accuracy (lm-evaluation-harness); domain loss: mean test loss, trained domains.")
+          "split (the base's own domain); vs base: its change against the untrained base; downstream: {}\n"
+          "(lm-evaluation-harness); domain loss: mean test loss, trained domains.")
+DOWNSTREAM = {"exact": "mean exact\nmatch (share, 0-1) of the trained domains' closed-book tasks",
+              "mcq": "mean\nmultiple-choice accuracy"}
+
+
+def legend(rows: list[dict]) -> str:
+    """The legend, naming what ``downstream/mean`` averages in these runs (exact-match tasks or MCQ)."""
+    exact = any(k.startswith("exact/") for r in rows for k in r)
+    return LEGEND.format(DOWNSTREAM["exact" if exact else "mcq"])
 
 
 def headline(rows: list[dict]) -> str:
@@ -231,7 +239,7 @@ def main() -> None:
         write_text_atomic(out / "scaling.csv", scsv)
     short = headline(rows)
     write_text_atomic(out / "headline.txt", short)
-    print(f"\n{short}\n{LEGEND}\n"
+    print(f"\n{short}\n{legend(rows)}\n"
           f"full table ({len(csv_text.splitlines()[0].split(','))} columns): {out / 'comparison.md'}"
           + (f"\n\n{smd}" if smd else ""), flush=True)
 
