@@ -83,5 +83,7 @@ gpu-check:
 STUDY_CONFIG ?= configs/realbase_study.yaml
 realbase-study: setup
 	test -f cache/realbase/probes/probes.json || $(BIN)/python launcher/realbase.py --port $(DEMO_PORT)
+	test -f data/realbase-instruct/meta.json || $(BIN)/python -m data_prep.build --profile demo \
+		--out data/realbase-instruct tokenizer.kind=hf tokenizer.hf_path=cache/base/smollm2-135m
 	nice -n 15 $(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/realbase_study.py \
 		--deepspeed configs/zero2.json --config $(STUDY_CONFIG) $(STUDY_ARGS)

@@ -148,6 +148,7 @@ def tiny_study(root: str, data: str, max_runs: int) -> list[str]:
         f"experiment.run.dir={root}/runs", f"study.arms={arms}", "study.seeds=[0, 1]", "study.scaling_sizes=[1, 2]",
         "study.steps_per_domain=5", f"study.scores.probes={root}/probes", "study.scores.probe_limit=2",
         "study.scores.heldout_tokens=256", "study.scores.heldout_seq=32", "study.scores.downstream_limit=2",
+        "study.scores.downstream_task=desmoe_mcq_{domain}", "study.scores.downstream_metric=acc",  # tiny: no exact tasks
         f"study.csv={root}/study.csv", f"study.doc={root}/doc.md", "study.name=tiny"])
     _driver().run_study(cfg, str(ROOT / "configs" / "zero2.json"), max_runs)
     return [r["run"] + ":" + r["status"] for r in csv.DictReader(open(f"{root}/study.csv"))]

@@ -126,8 +126,12 @@ def plot(rows: list[dict], path: Path) -> bool:
         rs = [r for r in pts if r["arm"] == arm]
         for ax, x, y in ((axes[0], "downstream_score", lambda r: float(r["general_score_base"]) - float(r["general_score"])),
                          (axes[1], "val_loss_domains", lambda r: 100 * (float(r["heldout_ppl"]) / float(r["heldout_ppl_base"]) - 1))):
-            ax.scatter([float(r[x]) for r in rs], [y(r) for r in rs], color=colours(i % 10), label=arm,
-                       marker="o", alpha=0.8)
+            err = {}
+            if x == "downstream_score":  # binomial standard errors where the rows carry them
+                se = lambda r, k: float(r.get(f"{k}_se") or "nan")  # noqa: E731
+                err = {"xerr": [se(r, "downstream_score") for r in rs], "yerr": [se(r, "general_score") for r in rs]}
+            ax.errorbar([float(r[x]) for r in rs], [y(r) for r in rs], color=colours(i % 10), label=arm,
+                        fmt="o", alpha=0.8, capsize=2, **err)
             for r in rs:
                 ax.annotate(f"lr {float(r['lr']):g} s{r['seed']}", (float(r[x]), y(r)), fontsize=6)
     axes[0].set(xlabel="downstream score (mean over trained domains, higher = better fit)",
