@@ -49,8 +49,8 @@ def missing(cpu: bool) -> list[str]:
         if not p.is_file()]
     if not WHEEL.is_file() and not (DENSE / "config.json").is_file():
         out.append(f"{WHEEL}: not found, nor {DENSE} (the wheel travels in two parts: docs/real-base.md)")
-    out += [f"python package '{m}' missing (carry its wheel: docs/real-base.md)" for m in ("deepspeed", "lm_eval", "gguf")
-            if importlib.util.find_spec(m) is None]
+    out += [f"python package '{m}' missing (carry its wheel: docs/real-base.md)"
+            for m in ("deepspeed", "lm_eval", "gguf") if importlib.util.find_spec(m) is None]
     if not cpu:
         import torch
 

@@ -124,8 +124,9 @@ def plot(rows: list[dict], path: Path) -> bool:
     colours = plt.get_cmap("tab10")
     for i, arm in enumerate(arms):
         rs = [r for r in pts if r["arm"] == arm]
-        for ax, x, y in ((axes[0], "downstream_score", lambda r: float(r["general_score_base"]) - float(r["general_score"])),
-                         (axes[1], "val_loss_domains", lambda r: 100 * (float(r["heldout_ppl"]) / float(r["heldout_ppl_base"]) - 1))):
+        drop = lambda r: float(r["general_score_base"]) - float(r["general_score"])  # noqa: E731
+        ppl = lambda r: 100 * (float(r["heldout_ppl"]) / float(r["heldout_ppl_base"]) - 1)  # noqa: E731
+        for ax, x, y in ((axes[0], "downstream_score", drop), (axes[1], "val_loss_domains", ppl)):
             err = {}
             if x == "downstream_score":  # binomial standard errors where the rows carry them
                 se = lambda r, k: float(r.get(f"{k}_se") or "nan")  # noqa: E731
