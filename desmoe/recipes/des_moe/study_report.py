@@ -37,7 +37,7 @@ def target_lines(rows: list[dict], cfg) -> list[str]:
     for label, rs in (("general score (probe mean)", rows), ("held-out log-perplexity", _as_heldout(rows))):
         for t in targets(rs, cfg):
             nums = ", ".join(f"{k} {v:.4g}" for k, v in t.items()
-                             if k not in ("target", "status", "seeds") and isinstance(v, float))
+                             if k not in ("target", "status", "seeds") and isinstance(v, float) and not math.isnan(v))
             lines.append(f"- [{label}] {t['target']}: **{t['status']}**" + (f" ({nums})" if nums else ""))
     return lines
 
