@@ -77,8 +77,8 @@ def headline_table(rows: list[dict], cfg) -> str:
     lines = ["| arm | lr | seeds | general score ± s.e. (Δ vs base) | downstream ± s.e. | held-out ppl (Δ %) | "
              "val loss (trained) | train s |", "|---" * 8 + "|"]
     if base:
-        lines.append(f"| base (vanilla) | – | – | {float(base['general_score']):.3f} | "
-                     f"{float(base['downstream_score']):.3f} | {float(base['heldout_ppl']):.1f} | "
+        lines.append(f"| base (vanilla) | – | – | {_with_se(base, 'general_score')} | "
+                     f"{_with_se(base, 'downstream_score')} | {float(base['heldout_ppl']):.1f} | "
                      f"{float(base['val_loss_domains']):.3f} | 0 |")
     for arm in cfg.study.arms:
         rs = arm_rows(rows, cfg, arm)
@@ -105,6 +105,24 @@ def scaling_table(rows: list[dict], cfg) -> str:
                 lines.append(f"| {n} | {r['domains']} | {arm} | {float(r['general_score']):.3f} | "
                              f"{float(r['heldout_ppl']):.1f} | {float(r['downstream_score']):.3f} | "
                              f"{_f(r, 'train_seconds', '{:.0f}')} |")
+    return "\n".join(lines)
+
+
+def detail_table(rows: list[dict]) -> str:
+    """Every finished run's probes and downstream tasks (what the two scores average)."""
+    import json
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return ""
+    probes = sorted({k for r in ok for k in json.loads(r["probes"])})
+    down = list(dict.fromkeys(k for r in ok for k in json.loads(r["downstream"])))
+    lines = ["| run | " + " | ".join(probes + [f"exact {d}" for d in down]) + " | eval s |",
+             "|---" * (len(probes) + len(down) + 2) + "|"]
+    for r in ok:
+        p, d = json.loads(r["probes"]), json.loads(r["downstream"])
+        cells = [f"{p[k]:.3g}" if k in p else "" for k in probes] + [f"{d[k]:.3g}" if k in d else "" for k in down]
+        lines.append(f"| {r['run']} | " + " | ".join(cells) + f" | {_f(r, 'eval_seconds', '{:.0f}')} |")
     return "\n".join(lines)
 
 
@@ -165,6 +183,8 @@ def render(cfg, protocol: str) -> str:
         "All domains at the selected lr (s.e.: std over seeds / sqrt(seeds), or one run's binomial standard "
         "error; Δ: mean ± std over seeds):", "", headline_table(rows, cfg), "",
         "Domain scaling (selected lr, one seed):", "", scaling_table(rows, cfg), "",
+        "Each run's probes (probe_prose: bits per byte, lower is better; the others: accuracy / exact match) "
+        "and downstream tasks:", "", detail_table(rows), "",
         f"![forgetting vs fit]({Path('results') / png.name})" if has_plot else "(no finished run to plot yet)"])
     doc = Path(cfg.study.doc)
     begin, end = f"<!-- {cfg.study.name}:begin -->", f"<!-- {cfg.study.name}:end -->"  # one section per study
