@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from desmoe.errors import UserError, run_cli  # noqa: E402
 from desmoe.recipes.des_moe.recipe import DESMoERecipe  # noqa: E402
 from desmoe.recipes.des_moe.study import (Cell, RealbaseStudy, append_row, cell_config, later_cells,  # noqa: E402
-                                          phase1, protocol_digest, read_rows)
+                                          phase1, protocol_ids, read_rows)
 
 
 
@@ -89,7 +89,7 @@ def study_scores(model, cfg, scores, task_root: Path, device) -> dict:
     return out
 
 
-def row_of(cell: Cell, exp, result: dict, base: dict, protocol: str, general_probes: list[str]) -> dict:
+def row_of(cell: Cell, exp, result: dict, base: dict, protocol: tuple, general_probes: list[str]) -> dict:
     """The CSV row of a finished run (``base``: the base's row, for the *_base columns)."""
     probes = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("probe/")}
     down = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("downstream/")}
@@ -113,7 +113,7 @@ def row_of(cell: Cell, exp, result: dict, base: dict, protocol: str, general_pro
             "train_seconds": result.get("train_seconds", 0.0), "eval_seconds": result.get("eval_seconds", 0.0),
             "general_score_se": general_se, "downstream_score_se": down_se,
             "general_score_base_se": float(base["general_score_se"] or "nan") if base else general_se,
-            "protocol": protocol, "note": "eval s: probes %.0f, held-out %.0f, downstream %.0f" % tuple(
+            "protocol": protocol[0], "note": "eval s: probes %.0f, held-out %.0f, downstream %.0f" % tuple(
                 result.get(f"{k}_seconds", float("nan")) for k in ("probe", "heldout", "downstream"))}
 
 
@@ -122,7 +122,7 @@ def stamp(row: dict) -> dict:
             "load_avg": "%.1f" % os.getloadavg()[0]}
 
 
-def run_cell(cfg: RealbaseStudy, cell: Cell, rows: list[dict], protocol: str, ds_config: str) -> None:
+def run_cell(cfg: RealbaseStudy, cell: Cell, rows: list[dict], protocol: tuple, ds_config: str) -> None:
     from desmoe.distributed import is_rank0
     from desmoe.training.trainer import Trainer
 
@@ -136,7 +136,7 @@ def run_cell(cfg: RealbaseStudy, cell: Cell, rows: list[dict], protocol: str, ds
     except Exception as err:  # noqa: BLE001 - recorded as a failed run (rank 0), the study goes on
         row = {"run": cell.run, "phase": cell.phase, "arm": cell.arm, "method": exp.desmoe.method,
                "seed": cell.seed, "lr": cell.lr, "N": cell.n, "domains": "+".join(exp.data.domains),
-               "steps": exp.train.steps, "status": "failed", "protocol": protocol,
+               "steps": exp.train.steps, "status": "failed", "protocol": protocol[0],
                "note": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
     if is_rank0():
         append_row(Path(cfg.study.csv), stamp(row))
@@ -162,7 +162,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def pending(cfg: RealbaseStudy, protocol: str, tried: set) -> tuple[list[Cell], list[str]]:
+def pending(cfg: RealbaseStudy, protocol: tuple, tried: set) -> tuple[list[Cell], list[str]]:
     rows = read_rows(Path(cfg.study.csv), protocol)
     done = {r["run"] for r in rows if r["status"] == "ok"}
     first = phase1(cfg)
@@ -181,7 +181,7 @@ def run_study(cfg: RealbaseStudy, ds_config: str, max_runs: int = 0, budget_s: f
     after that many seconds (rank 0's clock decides, so every rank stops at the same cell)."""
     from desmoe.distributed import is_rank0
 
-    protocol, tried, t0 = protocol_digest(cfg), set(), time.time()
+    protocol, tried, t0 = protocol_ids(cfg), set(), time.time()
     while not max_runs or len(tried) < max_runs:
         todo, waiting = pending(cfg, protocol, tried)
         if not todo or _broadcast(bool(budget_s) and time.time() - t0 > budget_s):
@@ -221,7 +221,7 @@ def main() -> None:
             return
     from desmoe.recipes.des_moe.study_report import render
 
-    print(render(cfg, protocol_digest(cfg)), flush=True)
+    print(render(cfg, protocol_ids(cfg)), flush=True)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,17 @@ def test_an_arm_the_targets_need_is_required(tmp_path):
         load_config(RealbaseStudy, tmp_path / "s.yaml")
 
 
+def test_protocol_digest_is_what_the_file_sets():
+    from desmoe.recipes.des_moe.study import protocol_digest, protocol_ids
+
+    same = protocol_digest(_load())
+    assert protocol_digest(_load(["experiment.desmoe.alr.tau=0.7"])) == same  # a default, spelled out
+    assert protocol_digest(_load(["study.protocol_aliases=[abc]"])) == same  # aliases are not the protocol
+    assert protocol_digest(_load(["experiment.desmoe.alr.tau=0.5"])) != same
+    assert protocol_digest(_load(["study.arms.fft.lr=[0.0001]"])) != same
+    assert protocol_ids(_load(["study.protocol_aliases=[abc]"])) == (same, "abc")
+
+
 def _row(run, phase, arm, lr, seed, n, general, down, val=3.0, ppl=50.0, status="ok"):
     return {"run": run, "phase": phase, "arm": arm, "method": arm, "seed": seed, "lr": lr, "N": n,
             "status": status, "general_score": general, "general_score_base": 0.5, "downstream_score": down,
@@ -84,6 +95,7 @@ def test_csv_selection_phases_and_targets(tmp_path):
     assert text.count(fft[0].run) == 2 and len(list(csv.DictReader(io.StringIO(text)))) == 4  # nothing rewritten
     rows = read_rows(path, "p1")
     assert select_lr(rows, cfg, "fft") == fft[1].lr and read_rows(path, "another") == []
+    assert read_rows(path, ("another", "p1")) == rows  # a protocol's earlier digests count
     later, waiting = later_cells(cfg, rows)
     assert {c.run for c in later} == {f"fft-lr{fft[1].lr:g}-s{s}-N5" for s in (1, 2)} | \
         {f"fft-lr{fft[1].lr:g}-s0-N{n}" for n in (2, 3, 4)}

@@ -27,7 +27,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Literal, Optional
 
-from desmoe.config import bad, dump_yaml
+from desmoe.config import bad
 from desmoe.errors import ConfigError, UserError
 from desmoe.recipes.des_moe.config import DESMoEExperiment, Method
 
@@ -97,6 +97,8 @@ class StudyConfig:
     scores: Scores = field(default_factory=Scores)
     csv: str = "docs/results/desmoe_real_base.csv"
     doc: str = "docs/results-desmoe.md"  # its real-base section is rendered from the CSV
+    # digests under which rows of this same protocol were written by an earlier digest function
+    protocol_aliases: list[str] = field(default_factory=list)
     forgetting_share: float = 0.5  # target: DES-MoE's general drop <= this x FFT's (downstream >= ESFT-Token's)
     scaling_share: float = 0.1  # target: DES-MoE's N-min -> N-max general drop <= this x FFT's
 
@@ -154,8 +156,28 @@ class Cell:
 
 
 def protocol_digest(cfg: RealbaseStudy) -> str:
-    """The protocol's identity: its whole validated content (what the CSV rows are keyed to)."""
-    return hashlib.sha256(dump_yaml(cfg).encode()).hexdigest()[:12]
+    """The protocol's identity (what the CSV rows are keyed to): every value that differs from its
+    dataclass default, i.e. what the protocol file says.  A field added to the code later with a default
+    leaves it unchanged (the code of each row is its own git history); ``study.protocol_aliases`` is
+    not part of it."""
+    import json
+
+    from desmoe.config import to_dict
+
+    def differing(value, default):
+        if isinstance(value, dict) and isinstance(default, dict):
+            return {k: differing(v, default.get(k)) for k, v in value.items() if v != default.get(k)}
+        return value
+
+    mine, defaults = to_dict(cfg), to_dict(RealbaseStudy())
+    mine["study"].pop("protocol_aliases", None)
+    text = json.dumps(differing(mine, defaults), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def protocol_ids(cfg: RealbaseStudy) -> tuple[str, ...]:
+    """This protocol's digest, then the digests its rows were written under before (the aliases)."""
+    return (protocol_digest(cfg), *cfg.study.protocol_aliases)
 
 
 def cell_config(cfg: RealbaseStudy, cell: Cell, run_dir: str) -> DESMoEExperiment:
@@ -178,6 +200,8 @@ def cell_config(cfg: RealbaseStudy, cell: Cell, run_dir: str) -> DESMoEExperimen
         path.unlink()
     exp.train.eval_every = exp.train.steps  # the validation loss of the last step (select_by)
     exp.train.save_every = exp.train.steps
+    if hasattr(exp, "export"):  # the study evaluates in process: no HF folder per run (540 MB each)
+        exp.export.enabled = False
     return exp
 
 
@@ -217,14 +241,16 @@ def later_cells(cfg: RealbaseStudy, rows: list[dict]) -> tuple[list[Cell], list[
 
 # ---- the CSV: one row per run, appended atomically ------------------------------------------------------
 
-def read_rows(path: Path, protocol: Optional[str] = None) -> list[dict]:
-    """Rows of the CSV (of one protocol when given); the last row of a run wins over its earlier tries."""
+def read_rows(path: Path, protocol=None) -> list[dict]:
+    """Rows of the CSV (of one protocol when given: a digest or a collection of them, protocol_ids); the
+    last row of a run wins over its earlier tries."""
     if not path.is_file():
         return []
     rows = [{k: ("" if v is None else v) for k, v in r.items() if k is not None}  # short old rows: ''
             for r in csv.DictReader(io.StringIO(path.read_text()))]
     if protocol is not None:
-        rows = [r for r in rows if r.get("protocol") == protocol]
+        ids = {protocol} if isinstance(protocol, str) else set(protocol)
+        rows = [r for r in rows if r.get("protocol") in ids]
     latest = {}
     for r in rows:
         latest[r["run"]] = r

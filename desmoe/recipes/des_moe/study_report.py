@@ -166,7 +166,8 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def render(cfg, protocol: str) -> str:
+def render(cfg, protocol) -> str:
+    """``protocol``: this protocol's digests (study.protocol_ids), the current one first."""
     csv_path = Path(cfg.study.csv)
     rows = read_rows(csv_path, protocol)
     every = read_rows(csv_path)
@@ -175,7 +176,9 @@ def render(cfg, protocol: str) -> str:
     ok = sum(r["status"] == "ok" for r in rows)
     failed = sum(r["status"] == "failed" for r in rows)
     text = "\n".join([
-        f"Study `{cfg.study.name}`, protocol digest `{protocol}` (the committed config); CSV `{csv_path}` "
+        f"Study `{cfg.study.name}`, protocol digest `{protocol[0]}` (the committed config"
+        + (f"; rows also under its earlier digests {', '.join(protocol[1:])}" if len(protocol) > 1 else "")
+        + f"); CSV `{csv_path}` "
         f"({len(every)} runs in the file, {ok} finished and {failed} failed under this protocol).",
         "", "**Targets (computed from the CSV by `launcher/realbase_study.py --report`):**", "",
         *target_lines(rows, cfg), "",
