@@ -7,7 +7,9 @@
 ``desmoe_mcq_<domain>``; YAMLs in ``desmoe/evaluation/tasks``).  ``--include_path``: the user's task
 YAMLs pointing at local files (``dataset_path: json`` + ``dataset_kwargs.data_files``; docs/evaluation.md
 shows GSM8K-, MMLU- and HumanEval-style ones).  The model is loaded with ``load_hf_moe`` (any family
-desmoe supports, EP=1, this process) and scored by ``desmoe.evaluation.harness.make_lm``.  The tokenizer
+desmoe supports, EP=1, this process), or, for a folder ``desmoe.export`` wrote with desmoe's MoE code
+(``auto_map``, docs/export.md), with ``from_pretrained(trust_remote_code=True)`` as its users load it; it is
+scored by ``desmoe.evaluation.harness.make_lm``.  The tokenizer
 is the model folder's own when it has one, else the data folder's.  Prints one JSON object; ``--out``
 also writes it (atomically).
 """
@@ -32,13 +34,30 @@ def load_tokenizer_for(model_dir: Path, data_root: Path | None):
     raise UserError(f"{model_dir}: no tokenizer in the model folder; give --data or --tokenizer")
 
 
+def load_model(model_dir: Path):
+    """The folder as its users load it: a folder with desmoe's shipped MoE code (``auto_map``, see
+    docs/export.md) through ``from_pretrained(trust_remote_code=True)``, any other HF MoE on desmoe's blocks."""
+    from desmoe import integrity
+    from desmoe.models.hf_moe import load_hf_moe
+
+    config = json.loads((model_dir / "config.json").read_text())
+    if "auto_map" not in config:
+        return load_hf_moe(model_dir)
+    if config.get("model_type") != "desmoe_moe":
+        raise UserError(f"{model_dir / 'config.json'}: auto_map names code desmoe did not write "
+                        f"(model_type {config.get('model_type')!r}); only desmoe_moe folders run their shipped code")
+    from transformers import AutoModelForCausalLM
+
+    integrity.verify(model_dir, "model folder")
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True, local_files_only=True)
+
+
 def evaluate(model_dir: str | Path, data: str | Path | None = None, include_path: str | Path | None = None,
              tasks: str = "all", limit: int | None = None, tokenizer: str | Path | None = None,
              batch_size: int = 16) -> dict:
     """{task: {metric: value}} from the harness for the model folder ``model_dir``."""
     from desmoe.data.tokenizer import HFTokenizer
     from desmoe.evaluation.harness import make_lm, run, task_dir
-    from desmoe.models.hf_moe import load_hf_moe
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -48,7 +67,7 @@ def evaluate(model_dir: str | Path, data: str | Path | None = None, include_path
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"{include_path}: --include_path is not a folder of task YAMLs")
     tok = HFTokenizer(tokenizer) if tokenizer else load_tokenizer_for(model_dir, Path(data) if data else None)
-    model = load_hf_moe(model_dir).eval()
+    model = load_model(model_dir).eval()
     with tempfile.TemporaryDirectory(prefix="desmoe-tasks-") as tmp:
         if data is not None:
             include, names = Path(tmp), task_dir(data, tmp)

@@ -138,8 +138,10 @@ def sample(family: str, seed: int, per_k: int = 2) -> list[dict]:
     for name in others:
         for value in grid[name]:
             if not any(p[name] == value for p in picked):
-                extra = next(dict(p, **{name: value}) for p in picked
-                             if runs_in_transformers(family, dict(p, **{name: value})))
+                grid_points = ({"num_experts_per_tok": k, **{n: grid[n][i] for n, i in zip(others, c)}}
+                               for c in combos for k in grid["num_experts_per_tok"])
+                extra = next(q for q in itertools.chain((dict(p, **{name: value}) for p in picked), grid_points)
+                             if q[name] == value and runs_in_transformers(family, q))
                 picked.append(extra)
     picked += [dict(picked[0], **must) for must in MUST.get(family, [])]
     base = picked[0]

@@ -59,8 +59,12 @@ def _mutations(block) -> list[tuple[str, callable]]:
         out.append(("shared_expert_gate", lambda: setter(block, "shared_gate", None)))
     expert = block.local_experts[0]
     if hasattr(expert, "limit"):
-        out.append(("swiglu_limit", lambda: [setter(e, "limit", float("inf")) for e in block.local_experts][-1]))
-        out.append(("swiglu_alpha", lambda: [setter(e, "alpha", 1.0 + e.alpha) for e in block.local_experts][-1]))
+        def every_expert(attr, value):  # undo restores every local expert, not only the last
+            undos = [setter(e, attr, value(e)) for e in block.local_experts]
+            return lambda: [u() for u in undos]
+
+        out.append(("swiglu_limit", lambda: every_expert("limit", lambda e: float("inf"))))
+        out.append(("swiglu_alpha", lambda: every_expert("alpha", lambda e: 1.0 + e.alpha)))
     return out
 
 

@@ -87,3 +87,52 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, terms: int,
     err = float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
     assert math.isfinite(err) and err <= tol, (
         f"{msg} max |diff| {err:.3g} > bound {tol:.3g} ({err / tol:.2f}x; {acc}, {terms} terms, scale {scale:.3g})")
+
+
+def stores_bound(*, roundings: int, scale: float, stored: torch.dtype, terms: int = 1,
+                 dtype: torch.dtype = torch.float32) -> float:
+    """Worst-case |a - b| for two implementations of the same computation that store intermediate
+    values in ``stored`` (e.g. bf16) at ``roundings`` places where they differ (one rounds and the other
+    keeps fp32, or both round values that already differ), accumulating in ``dtype``.
+
+    Per differing store: |fl(x) - fl(y)| <= |x - y| + u|x| + u|y|, i.e. the upstream difference plus
+    at most 2u = one eps of ``stored`` times the magnitude; first order, relative errors add along the
+    chain (as in ``bound``), so R stores give R * eps * scale, plus the accumulation (2 gamma_terms).
+    ``bound(..., roundings=R, stored=...)`` charges one eps per store to *each* of the two evaluations
+    (2R eps); this is the per-store count a difference of two evaluations actually needs."""
+    u = eps(dtype) / 2
+    n = max(int(terms), 1)
+    gamma = n * u / (1 - n * u)
+    return (2 * gamma + roundings * eps(stored)) * scale / MARGIN
+
+
+def grad_bound(*, terms: int, tokens: int, scale: float, forward_roundings: int, stored: torch.dtype,
+               backward_roundings: int | None = None, rank_sum: int = 1, dtype: torch.dtype = torch.float32) -> float:
+    """Worst-case |a - b| for one weight-gradient entry computed by two implementations that store
+    activations in ``stored`` (e.g. bf16) at different points and accumulate in ``dtype``.
+
+    A weight gradient is a sum over tokens of products, G = sum_t delta_t x_t: x_t the weight's input
+    (a forward activation), delta_t the gradient arriving at its output (the backward pass, which reads
+    the forward activations too).  First order, with relative errors adding along the chain as in
+    ``bound``:
+
+    * x_t carries the forward stores that differ between the implementations (``forward_roundings``,
+      each at most one eps of ``stored`` apart: u in each, u = eps/2);
+    * delta_t carries those again (the backward multiplies by the forward's activations, softmax and
+      gate values) plus the backward's own differing stores (``backward_roundings``: the gradient of
+      each differing forward store is stored in the same dtype, so by default as many);
+    * the fp32 accumulation: the forward and backward chains (2 * ``terms``) and the sum over
+      ``tokens``, as in ``bound`` (gamma_n);
+    * the stored gradient itself: each rank rounds its part to ``stored`` before the ``rank_sum``
+      ranks' parts are added, the reference rounds once: (rank_sum + 1) * u.
+
+    Each term is relative to sum_t |delta_t| |x_t|, which ``scale`` must bound; tests pass the
+    largest reference gradient of the parameter's layer (a router's own gradient can cancel to
+    rounding noise, see test_hf_options._layer_of).  A loose worst case, like ``bound``.
+    """
+    back = forward_roundings if backward_roundings is None else backward_roundings
+    u = eps(dtype) / 2
+    n = max(2 * int(terms) + int(tokens), 1)
+    gamma = n * u / (1 - n * u)
+    storage = (2 * forward_roundings + back) * eps(stored) + (rank_sum + 1) * eps(stored) / 2
+    return (2 * gamma + storage) * scale / MARGIN

@@ -7,7 +7,9 @@ the same routing rule (see ``hf_arch``).  The skeleton is built on the meta
 device, so nothing is allocated twice, and each rank reads from disk only its
 own experts (by global id, DeepSpeed's layout).  ``export_hf(model, out_dir)``
 gathers the experts from all EP ranks and writes an ordinary HF checkpoint
-that ``AutoModelForCausalLM.from_pretrained`` loads.
+that ``AutoModelForCausalLM.from_pretrained`` loads.  ``hf_names`` (desmoe's
+names -> the family's) and ``write_hf_folder`` (staged, sealed, renamed) are
+shared with ``desmoe.export``, which writes the same folders from checkpoints.
 
 Call ``load_hf_moe`` after the process group exists (``init_distributed``)
 when ``ep_size > 1``; it creates DeepSpeed's expert-parallel groups itself.
@@ -169,26 +171,37 @@ def _gather_experts(block: MoEBlock) -> dict[str, Tensor]:
 def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's weights under the HF (transformers-5, fused-expert) names; collective."""
     arch, _ = getattr(model, MOE_ATTR)
+    experts = {i: _gather_experts(model.model.layers[i].mlp) for i in moe_layer_ids(model)}
+    dense = {k: v for k, v in model.state_dict().items() if EXPERT_KEY not in k}
+    return hf_names(arch, dense, experts)
+
+
+EXPERT_KEY = ".deepspeed_moe.experts."  # the routed experts' parameters inside an MoE block
+
+
+def hf_names(arch: MoEArch, dense: dict[str, Tensor], experts: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """desmoe's names -> the family's: ``dense`` is the training model's state without the routed
+    experts, ``experts`` {layer: {expert parameter name: [E, ...]}} in desmoe's layout, logical order.
+    The one mapping behind every export (in-memory ``export_hf`` and ``desmoe.export`` from checkpoints)."""
     state: dict[str, Tensor] = {}
-    moe_prefixes = []
-    for i in moe_layer_ids(model):
-        block, prefix = model.model.layers[i].mlp, f"model.layers.{i}.mlp"
-        moe_prefixes.append(prefix + ".")
+    moe_prefixes = tuple(f"model.layers.{i}.mlp." for i in experts)
+    for i, stacked in experts.items():
+        prefix = f"model.layers.{i}.mlp"
         router = f"{prefix}.{arch.router_name}"
-        state[f"{router}.weight"] = block.router.proj.weight.detach()
+        state[f"{router}.weight"] = dense[f"{prefix}.router.proj.weight"]
         if arch.router_bias:
-            state[f"{router}.bias"] = block.router.proj.bias.detach()
+            state[f"{router}.bias"] = dense[f"{prefix}.router.proj.bias"]
         if arch.selection_bias:
-            state[f"{router}.{arch.selection_bias}"] = block.router.selection_bias.detach()
-        for name, t in experts_to_hf(arch, _gather_experts(block)).items():
+            state[f"{router}.{arch.selection_bias}"] = dense[f"{prefix}.router.selection_bias"]
+        for name, t in experts_to_hf(arch, stacked).items():
             state[f"{prefix}.experts.{name}"] = t
-        if block.shared is not None:
-            for name, t in block.shared.state_dict().items():
-                state[f"{prefix}.{arch.shared}.{name}"] = t
-        if block.shared_gate is not None:
-            state[f"{prefix}.{arch.shared_gate}.weight"] = block.shared_gate.weight.detach()
-    for name, t in model.state_dict().items():
-        if not name.startswith(tuple(moe_prefixes)):
+        for key, t in dense.items():
+            if arch.shared and key.startswith(f"{prefix}.shared."):
+                state[f"{prefix}.{arch.shared}." + key[len(f"{prefix}.shared."):]] = t
+        if arch.shared_gate and f"{prefix}.shared_gate.weight" in dense:
+            state[f"{prefix}.{arch.shared_gate}.weight"] = dense[f"{prefix}.shared_gate.weight"]
+    for name, t in dense.items():
+        if not name.startswith(moe_prefixes):
             state[name] = t
     return state
 
@@ -202,7 +215,6 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None,
     Collective: every rank must call it; global rank 0 writes.  Returns the path on rank 0.
     """
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
 
     if not hasattr(model, MOE_ATTR):
         raise UserError("export_hf: the model was not built by desmoe.models (load_hf_moe / upcycle)")
@@ -210,24 +222,36 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None,
     out_dir = Path(out_dir)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
-        _, cfg = getattr(model, MOE_ATTR)
-        with torch.device("meta"):
-            hf = AutoModelForCausalLM.from_config(cfg)
-        hf.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
-        restore_buffers(hf)
-        if cfg.tie_word_embeddings:
-            hf.tie_weights()
-        staging = out_dir.with_name(out_dir.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        hf.save_pretrained(str(staging))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
-        for name, src in (extra_files or {}).items():
-            shutil.copy2(src, staging / name)
-        replace_dir_atomic(staging, out_dir, seal=True)
+        write_hf_folder(getattr(model, MOE_ATTR)[1], state, out_dir, tokenizer=tokenizer, extra_files=extra_files)
     if dist.is_initialized():
         dist.barrier()
     return out_dir if rank0 else None
+
+
+def write_hf_folder(cfg, state: dict[str, Tensor], out_dir: str | Path, tokenizer=None,
+                    extra_files: Optional[dict[str, str | Path]] = None, model_class=None,
+                    texts: Optional[dict[str, str]] = None) -> Path:
+    """Save ``state`` as the model ``model_class`` (default: the family's own) of config ``cfg`` at ``out_dir``:
+    staged, sealed, renamed into place.  ``texts`` {file name: content} are written beside the weights."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    with torch.device("meta"):
+        hf = model_class(cfg) if model_class is not None else AutoModelForCausalLM.from_config(cfg)
+    hf.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
+    restore_buffers(hf)
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    hf.save_pretrained(str(staging))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(staging))
+    for name, src in (extra_files or {}).items():
+        shutil.copy2(src, staging / name)
+    for name, text in (texts or {}).items():
+        (staging / name).write_text(text)
+    return replace_dir_atomic(staging, out_dir, seal=True)
 
 
 def check_tokenizer(tokenizer, config, where: str = "tokenizer") -> None:

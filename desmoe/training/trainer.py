@@ -299,6 +299,23 @@ class Trainer:
         checkpoint.save(self.engine, self.ckpt_dir, done, state, trainable_only=self.recipe.trainable_only,
                         keep=self.recipe.cfg.run.keep_checkpoints)
 
+    def export(self, out_dir, extra_files: Optional[dict] = None) -> None:
+        """Collective: rank 0 writes the HF folder of the run's newest checkpoint (``desmoe.export``, the same
+        code as ``python -m desmoe.export``) while the others wait; a failure there stops every rank."""
+        from desmoe.collectives import any_rank
+        from desmoe.distributed import is_rank0
+        from desmoe.export import export_run
+
+        error = None
+        if is_rank0():
+            try:
+                export_run(self.run_dir, out_dir, extra_files=extra_files, verify_hashes=False)
+                print(f"model exported: {out_dir}", flush=True)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after every rank knows
+                error = err
+        if any_rank(error is not None):
+            raise error if error is not None else TrainingFailure(f"export of {self.run_dir} failed on rank 0")
+
     def exit_for_requeue(self, done: int, where: str) -> None:
         from desmoe.training.preemption import exit_for_requeue
 

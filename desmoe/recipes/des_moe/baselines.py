@@ -14,6 +14,7 @@ from torch import nn
 from desmoe.errors import UserError
 from desmoe.recipes.des_moe import esft
 from desmoe.recipes.des_moe.config import Method as MethodName
+from desmoe.recipes.des_moe.dges import counted_positions
 from desmoe.recipes.des_moe.method import DESMoE, Method
 from desmoe.moe import moe_blocks
 
@@ -48,8 +49,9 @@ class ESFT(Method):
         stream = data.batches("train", micro_batch, seq_len, self.seed + 5934875, rank, world, 0, domains=domains,
                               homogeneous=True)
         for _ in range(steps):
-            model(next(stream).input_ids[:, :-1].to(next(model.parameters()).device))
-            profile.record_model(model)
+            batch = next(stream)
+            model(batch.input_ids[:, :-1].to(next(model.parameters()).device))
+            profile.record_model(model, counted_positions(batch.loss_mask, self.cfg.routing_stats_tokens))
         model.train(was_training)
         profile.all_reduce()
         return profile

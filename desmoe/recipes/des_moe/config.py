@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from desmoe.config import bad
+from desmoe.export import ExportConfig
 from desmoe.models.moe_lm import MoELMConfig
 from desmoe.recipes.des_moe.domains import DomainDataConfig
 from desmoe.recipes.lm.recipe import TrainConfig
@@ -108,6 +109,10 @@ class DESMoEConfig:
     # Frozen parameters get requires_grad=False, so backward skips their weight gradients
     # (false: they are computed and discarded, as the MoE core does by default).
     skip_frozen_grads: bool = True
+    # Which tokens DGES's domain-expert statistics (A, M) and ESFT's expert scores count when batches
+    # carry loss masks (instruction data): "response" = the positions whose label is in the loss,
+    # "all" = prompt tokens too (the ESFT code's profiling).  Text-only data: the same either way.
+    routing_stats_tokens: Literal["response", "all"] = "response"
     alr: ALRConfig = field(default_factory=ALRConfig)
     dges: DGESConfig = field(default_factory=DGESConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -149,6 +154,7 @@ class DESMoEExperiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     desmoe: DESMoEConfig = field(default_factory=DESMoEConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)  # the final model as an HF folder (desmoe.export)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="desmoe"))
 
     def check(self) -> None:

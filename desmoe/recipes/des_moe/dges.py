@@ -12,6 +12,8 @@ layer), summed over all ranks at each refresh (one all-reduce for all layers), a
 turned into A.  The first refresh (end of warm-up) sets A; later ones, every
 ``update_every`` steps, blend the new window in with momentum (Eq. 9).  A domain
 row with no tokens at all gets an empty S_d (its batches then update no expert).
+Which tokens count is ``desmoe.routing_stats_tokens`` (``stats_token_domain``): with instruction
+data, by default only the positions whose label is in the loss (docs/desmoe.md).
 
 Updates of a domain's batch reach only S_d (Eq. 7): the trainer makes exactly the
 experts of S_d trainable in the optimizer (``Trainability.set_experts``), so the
@@ -123,6 +125,31 @@ class DomainExpertMap:
             self.window.zero_()
             self.window_tokens.zero_()
         self.A, self.M, self.refreshes = state["A"], state["M"], state["refreshes"]
+
+
+def counted_positions(loss_mask: Optional[Tensor], tokens: str) -> Optional[Tensor]:
+    """Which input positions the routing statistics count (``desmoe.routing_stats_tokens``).
+
+    ``loss_mask`` is a batch's [B, T+1] label mask (the label at t+1 counts iff ``loss_mask[:, t+1]``);
+    the inputs are positions 0..T-1.  "response": the positions whose next-token label is in the loss
+    (for instruction data: the last prompt token, which predicts the first response token, then the
+    response up to the token before its end); "all": every position.  None = every position (also when
+    every label counts, e.g. text-only data, so such batches take exactly the path they took before)."""
+    if tokens not in ("response", "all"):
+        raise ValueError(f"routing_stats_tokens '{tokens}': expected 'response' or 'all'")
+    if tokens == "all" or loss_mask is None:
+        return None
+    labels = loss_mask[:, 1:].bool()
+    return None if bool(labels.all()) else labels
+
+
+def stats_token_domain(token_domain: Tensor, loss_mask: Optional[Tensor], tokens: str) -> Tensor:
+    """``token_domain`` [B, T] of the input positions, with the positions the statistics do not count
+    set to -1 (counted in no row of A); the same tensor when every position counts."""
+    keep = counted_positions(loss_mask, tokens)
+    if keep is None:
+        return token_domain
+    return token_domain.masked_fill(~keep.to(token_domain.device), -1)
 
 
 def specialization_mask(A: Tensor, phi: float) -> Tensor:

@@ -1,7 +1,9 @@
 """ESFT baselines (Wang et al. 2024): score experts on a domain's routing log, train the top ones.
 
 Per MoE layer, over the profiled tokens of a domain (teacher-forced forwards of the
-base model, prompt tokens included, as in the ESFT code):
+base model; which positions count is ``desmoe.routing_stats_tokens``: by default, with
+instruction data, only those whose label is in the loss; "all" counts the prompt tokens
+too, as the ESFT code does; text-only data counts every token either way):
 
 * ESFT-Gate  : g_e = mean over tokens of the gate value of e (its softmax score if e
                is in the token's top-K, else 0; not renormalised);
@@ -12,6 +14,8 @@ sum reaches p (the expert that crosses p is included): p = 0.1 (Gate), 0.2 (Toke
 Only the selected routed experts train; router, backbone and shared experts stay frozen.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,19 +32,26 @@ class RoutingProfile:
         self.tokens = 0.0
         self.k = 1
 
-    def record(self, layer: int, routing) -> None:
-        """One layer's routing of a batch (a :class:`~desmoe.moe.router.Routing`)."""
+    def record(self, layer: int, routing, keep: Optional[Tensor] = None) -> None:
+        """One layer's routing of a batch (a :class:`~desmoe.moe.router.Routing`); ``keep`` [S] bool
+        selects the tokens counted (None: all)."""
         self.k = routing.expert_ids.shape[1]
-        ids = routing.expert_ids.reshape(-1).cpu()
-        gates = routing.scores.gather(1, routing.expert_ids).double().reshape(-1).cpu()  # not renormalised
+        expert_ids, scores = routing.expert_ids, routing.scores
+        if keep is not None:
+            keep = keep.reshape(-1).to(expert_ids.device)
+            expert_ids, scores = expert_ids[keep], scores[keep]
+        ids = expert_ids.reshape(-1).cpu()
+        gates = scores.gather(1, expert_ids).double().reshape(-1).cpu()  # not renormalised
         self.gate_sum[layer].index_add_(0, ids, gates)
         self.count[layer] += torch.bincount(ids, minlength=self.count.shape[1]).double()
         if layer == 0:
-            self.tokens += float(routing.expert_ids.shape[0])
+            self.tokens += float(expert_ids.shape[0])
 
-    def record_model(self, model: nn.Module) -> None:
+    def record_model(self, model: nn.Module, keep: Optional[Tensor] = None) -> None:
+        """The last forward of every MoE block; ``keep`` as in :meth:`record` (e.g. from
+        ``dges.counted_positions``)."""
         for layer, block in enumerate(moe_blocks(model)):
-            self.record(layer, block.last_routing)
+            self.record(layer, block.last_routing, keep)
 
     def all_reduce(self, group=None) -> None:
         from desmoe.collectives import all_reduce_, is_distributed

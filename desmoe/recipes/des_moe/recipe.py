@@ -12,6 +12,7 @@ from desmoe.collectives import mean_over_ranks
 from desmoe.config import bad
 from desmoe.recipes.des_moe.base_model import build_model, load_base
 from desmoe.recipes.des_moe.config import DESMoEExperiment
+from desmoe.recipes.des_moe.dges import stats_token_domain
 from desmoe.recipes.des_moe.domains import open_domains
 from desmoe.recipes.des_moe.evaluate import downstream_eval, evaluate
 from desmoe.recipes.des_moe.results import write_results
@@ -22,7 +23,7 @@ from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, Setup, Trai
 class DESMoERecipe(Recipe):
     """DES-MoE or a baseline (``desmoe.method``): the method object decides what trains and the loss."""
 
-    resumable_keys = RESUMABLE_KEYS + ("evaluation.",)  # the end-of-run evaluation may change
+    resumable_keys = RESUMABLE_KEYS + ("evaluation.", "export.")  # what happens after the last step may change
 
     def cadence(self) -> Cadence:
         t = self.cfg.train
@@ -79,6 +80,8 @@ class DESMoERecipe(Recipe):
         self.domain = -1 if self.streams.mixed else domain_of_step(step, n, self.cfg.train.seed)
         batch = self.streams.next(self.domain)
         self.token_domain = batch.token_domain[:, :-1].to(engine.device)  # domain of each input position
+        self.stats_domain = stats_token_domain(self.token_domain, batch.loss_mask,  # what A counts
+                                               self.cfg.desmoe.routing_stats_tokens)
         present = present_domains(self.token_domain, n) if self.streams.mixed else self.domain
         self.logs = self.method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
         self.method.sync_gradients()  # frozen parameters get no weight gradients computed
@@ -87,7 +90,7 @@ class DESMoERecipe(Recipe):
         return loss, self.parts_["task_loss"].item()
 
     def end_step(self, stage, step):
-        self.refreshed = self.method.end_step(step, self.token_domain)
+        self.refreshed = self.method.end_step(step, self.stats_domain)
 
     def log(self, done):
         values = {f"train/{k}": mean_over_ranks(v) for k, v in self.parts_.items()}
@@ -113,11 +116,28 @@ class DESMoERecipe(Recipe):
 
     def finish(self, trainer):
         vanilla = not self.method.trains
+        self.export(trainer)
         if vanilla:  # evaluation of the untrained base only
             trainer.monitor.scalars(0, self.evaluate(0))
         extra = downstream_eval(trainer.engine.module, self.data, self.cfg)
         if extra:
             trainer.monitor.scalars(0 if vanilla else self.cfg.train.steps, extra)
+
+    def export(self, trainer):
+        """The final checkpoint as an HF folder (``export.enabled``); vanilla and MoELM runs have nothing to add."""
+        from desmoe.distributed import is_rank0
+
+        ex = self.cfg.export
+        skip = None if ex.enabled else "export.enabled is false"
+        if skip is None and not self.method.trains:
+            skip = f"vanilla trains nothing: the model is the base {self.cfg.base.hf or self.cfg.base.checkpoint}"
+        elif skip is None and not self.cfg.base.hf:
+            skip = "desmoe's own MoELM (base.hf unset) has no Hugging Face form"
+        if skip is not None:
+            if is_rank0() and ex.enabled:
+                print(f"export: skipped ({skip})", flush=True)
+            return
+        trainer.export(ex.dir or trainer.run_dir / "export")
 
     def summary(self, trainer):
         from desmoe.distributed import is_rank0

@@ -168,7 +168,6 @@ class PretrainRecipe(LMRecipe):
         import deepspeed.comm as dist
 
         from desmoe.distributed import is_rank0
-        from desmoe.models.hf_moe import export_hf
 
         cfg, data, engine, world = self.cfg, self.data, trainer.engine, trainer.world
         heldout_nll = heldout_loss(engine.module, self.heldout, engine.device)
@@ -179,7 +178,7 @@ class PretrainRecipe(LMRecipe):
         test_nll, test_unigram = heldout_loss(engine.module, in_domain, engine.device), unigram_nll(counts, in_domain)
         tok_path = getattr(data.tokenizer, "path", None)
         ship = {"tokenizer.model": tok_path} if tok_path is not None and Path(tok_path).is_file() else None
-        export_hf(engine.module, cfg.output.dir, extra_files=ship)  # the sentencepiece model ships with the weights
+        trainer.export(cfg.output.dir, extra_files=ship)  # from the final checkpoint; the sentencepiece model ships too
         report = {"heldout_ppl": math.exp(heldout_nll), "unigram_ppl": math.exp(unigram), "heldout_nll": heldout_nll,
                   "unigram_nll": unigram, "test_ppl": math.exp(test_nll), "test_unigram_ppl": math.exp(test_unigram),
                   "heldout_tokens": sum(b[:, 1:].numel() for b in self.heldout) * world,
