@@ -153,6 +153,10 @@ def plot(rows: list[dict], path: Path) -> bool:
                         fmt="o", alpha=0.8, capsize=2, **err)
             for r in rs:
                 ax.annotate(f"lr {float(r['lr']):g} s{r['seed']}", (float(r[x]), y(r)), fontsize=6)
+    base = next((r for r in rows if r["phase"] == "base" and r["status"] == "ok"), None)
+    if base:  # the untrained base: no drop, its own fit
+        axes[0].scatter([float(base["downstream_score"])], [0.0], marker="*", s=120, color="black", label="base")
+        axes[1].scatter([float(base["val_loss_domains"])], [0.0], marker="*", s=120, color="black", label="base")
     axes[0].set(xlabel="downstream score (mean over trained domains, higher = better fit)",
                 ylabel="general-score drop vs base (higher = more forgetting)")
     axes[1].set(xlabel="validation loss of the trained domains (nats, lower = better fit)",
