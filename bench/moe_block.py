@@ -9,7 +9,10 @@ Variants, on identical expert weights and routing (the router's top-k over a sof
   * DeepSpeed's ``deepspeed.moe.layer.MoE`` (dropless: every expert padded to the largest count);
   * the floor: the experts' GEMMs alone (2 forward, 4 backward per expert, shared experts as
     experts over every token) on the exact per-expert token counts, as a loop of GEMMs and,
-    where torch has it, as grouped GEMMs; the faster one is the floor.
+    where torch has it, as grouped GEMMs; the faster one is the floor.  ``gemms_fwd_bwd``: the same
+    GEMMs in a layer's order (all forwards, then all backwards), what a layer could reach at best;
+  * on CPU every timed run starts after a write of ``--scrub-mb`` MiB, so that no variant inherits
+    the caches of the one before it (desmoe_loop after desmoe shares its weights).
 
 Shapes (``--shape``): toy (d 256, 8 x 512, top-2), dsv2-lite (d 2048, 64 x 1408 + 2 shared,
 top-6), qwen3-30b-a3b (d 2048, 128 x 768, top-8), mixtral (d 4096, 8 x 14336, top-2).  On a CPU
@@ -17,8 +20,11 @@ the real shapes run 256 tokens and a quarter of their width (printed in the head
 six variants' weights and gradients (about 5 GB each for Qwen3's 128 experts) exceed a dev box's memory.
 
     python bench/moe_block.py [--shape toy|dsv2-lite|qwen3-30b-a3b|mixtral] [--tokens N] [--rounds R]
-Prints one table (the fastest of the interleaved rounds -- the least disturbed on a shared machine --, tokens/s, share of the floor, peak memory) and the ratios; ``--json PATH``
-also writes them.  Peak memory: CUDA's peak allocation during the step, above what was allocated before
+Prints one table (median and fastest of the interleaved rounds, the spread = interquartile range / median,
+tokens/s, share of the floor, peak memory) and the ratios, each the median [quartiles] of the per-round
+ratios (a round runs every variant back to back, so drift cancels in the pair); ``--json PATH``
+also writes them.  With one CPU thread the clock is the thread's CPU time (``--clock``).
+Peak memory: CUDA's peak allocation during the step, above what was allocated before
 it; on CPU the bytes the forward keeps for backward (torch has no CPU allocator statistics).
 """
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,6 +60,12 @@ def parse(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=int, default=None, help="override the shape's value")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15 toy, 4 real shapes on CPU)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
+    p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                   help="cpu: this thread's CPU time (auto with 1 CPU thread: a loaded machine's preemption "
+                        "does not count); wall: elapsed time (auto on CUDA and with several threads)")
+    p.add_argument("--scrub-mb", type=int, default=256,
+                   help="CPU: write this many MiB before each timed run, so no variant inherits the previous "
+                        "one's caches (warm weights made the same code 1.2x faster at 128 experts); 0: off")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--skip", default="", help="comma-separated variants to leave out")
     p.add_argument("--json", default=None)
@@ -158,7 +171,10 @@ def step_fn(module, x, grad, forced=None):
 
 
 def floor_fns(counts, d, f, device, dtype):
-    """The experts' GEMMs only, per expert 2 forward and 4 backward: as a loop and grouped."""
+    """The experts' GEMMs only, per expert 2 forward and 4 backward: as a loop and grouped (the floor), and
+    ``gemms_fwd_bwd``: the same GEMMs in a layer's order, all forwards then all backwards.  The floor loop
+    runs an expert's six GEMMs back to back, so its weights are read from cache five times out of six; a
+    layer's backward comes after the rest of the model's forward, when the weights have left the cache."""
     n_all = sum(counts)
     x, h, gy = (torch.randn(n_all, c, device=device, dtype=dtype) for c in (d, f, d))
     gh = torch.randn(n_all, 2 * f, device=device, dtype=dtype)
@@ -173,6 +189,14 @@ def floor_fns(counts, d, f, device, dtype):
             r = slice(bounds[e], bounds[e + 1])
             x[r] @ w1[e].t(), h[r] @ w2[e].t(), gy[r] @ w2[e], gy[r].t() @ h[r], gh[r] @ w1[e], gh[r].t() @ x[r]
 
+    def fwd_then_bwd():  # the order a layer must keep: every expert's forward, later every expert's backward
+        for e in range(len(counts)):
+            r = slice(bounds[e], bounds[e + 1])
+            x[r] @ w1[e].t(), h[r] @ w2[e].t()
+        for e in range(len(counts)):
+            r = slice(bounds[e], bounds[e + 1])
+            gy[r] @ w2[e], gy[r].t() @ h[r], gh[r] @ w1[e], gh[r].t() @ x[r]
+
     offs = torch.tensor(bounds[1:], device=device, dtype=torch.int32)
 
     def grouped():
@@ -180,7 +204,7 @@ def floor_fns(counts, d, f, device, dtype):
         g(x, w1.transpose(1, 2), offs=offs), g(h, w2.transpose(1, 2), offs=offs), g(gy, w2, offs=offs)
         g(gy.t(), h, offs=offs), g(gh, w1, offs=offs), g(gh.t(), x, offs=offs)
     flops = sum(2 * n * d * 2 * f + 2 * n * f * d for n in counts) * 3
-    fns = {"floor_loop": loop}
+    fns = {"floor_loop": loop, "gemms_fwd_bwd": fwd_then_bwd}
     if hasattr(torch, "_grouped_mm") and (device.type == "cpu" or dtype == torch.bfloat16):
         fns["floor_grouped"] = grouped
     return fns, flops
@@ -206,12 +230,25 @@ def peak_memory(run, device) -> float:
     return sum(seen.values()) / 2 ** 20
 
 
-def timed(run, sync) -> float:
+def timed(run, sync, clock=time.perf_counter) -> float:
     sync()
-    t0 = time.perf_counter()
+    t0 = clock()
     run()
     sync()
-    return time.perf_counter() - t0
+    return clock() - t0
+
+
+def pick_clock(name: str, cuda: bool, threads: int):
+    """One CPU thread: its CPU time is the step's work, and a shared machine's preemption is left out
+    (wall-clock rounds of the same code differed by 1.4x at load 10); otherwise wall-clock."""
+    if name == "cpu" or (name == "auto" and not cuda and threads == 1):
+        return time.thread_time, "cpu time"
+    return time.perf_counter, "wall"
+
+
+def quartiles(values) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return q[0], q[1], q[2]
 
 
 def _available_ram() -> int:
@@ -280,41 +317,61 @@ def main(argv=None) -> dict:
         except Exception as err:  # noqa: BLE001
             errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
             del runs[name]
+    clock, clock_name = pick_clock(args.clock, cuda, args.threads)
     times = {name: [] for name in runs}
+    scrub = torch.empty(args.scrub_mb << 18) if args.scrub_mb and not cuda else None  # float32: MiB x 2^18
     for _ in range(rounds):  # interleaved, so drift hits every variant alike
         for name, run in runs.items():
-            times[name].append(timed(run, sync))
-    med = {n: min(t) for n, t in times.items()}  # min: the least disturbed round on a shared machine
-    mem = {n: peak_memory(r, device) for n, r in runs.items() if not n.startswith("floor")}
+            if scrub is not None:  # every variant starts with cold caches, as a layer does in a model
+                scrub.fill_(1.0)
+            times[name].append(timed(run, sync, clock))
+    med = {n: statistics.median(t) for n, t in times.items()}
+    best = {n: min(t) for n, t in times.items()}
+    mem = {n: peak_memory(r, device) for n, r in runs.items() if not n.startswith(("floor", "gemms"))}
     floor_name = min((n for n in med if n.startswith("floor")), key=med.get)
-    floor = med[floor_name]
     hf = [n for n in med if n.startswith("hf_")]
     hf_fastest = min(hf, key=med.get) if hf else None
+
+    def paired(num: str, den: str):
+        """Per-round ratio times[num] / times[den] (same round, adjacent in time): median and quartiles."""
+        if num not in times or den not in times:
+            return None
+        q1, q2, q3 = quartiles([a / b for a, b in zip(times[num], times[den])])
+        return {"median": q2, "q1": q1, "q3": q3}
+    ratios = {"vs_hf_fastest": paired(hf_fastest, "desmoe") if hf_fastest else None,
+              "vs_deepspeed_moe": paired("deepspeed_moe", "desmoe"),
+              "share_of_floor": paired(floor_name, "desmoe"),
+              "share_of_gemms_fwd_bwd": paired("gemms_fwd_bwd", "desmoe")}
     result = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu x{args.threads} threads",
         "dtype": str(dtype).replace("torch.", ""), "shape": args.shape, "resolved": s, "rounds": rounds,
-        "load": os.getloadavg(), "max_abs_diff_vs_desmoe": diff, "per_expert_tokens": counts,
-        "min_ms": {n: 1e3 * t for n, t in med.items()}, "peak_mb": mem, "floor": floor_name,
-        "floor_tflops": flops / floor / 1e12, "share_of_floor": {n: floor / t for n, t in med.items()},
-        "hf_fastest": hf_fastest, "skipped": skipped, "failed": errors,
-        "speedup_vs_hf_fastest": med[hf_fastest] / med["desmoe"] if hf_fastest and "desmoe" in med else None,
-        "speedup_vs_deepspeed_moe": med["deepspeed_moe"] / med["desmoe"] if "deepspeed_moe" in med else None,
+        "clock": clock_name, "load": os.getloadavg(), "max_abs_diff_vs_desmoe": diff, "per_expert_tokens": counts,
+        "median_ms": {n: 1e3 * t for n, t in med.items()}, "min_ms": {n: 1e3 * t for n, t in best.items()},
+        "rounds_ms": {n: [1e3 * t for t in ts] for n, ts in times.items()},
+        "peak_mb": mem, "floor": floor_name, "floor_tflops": flops / med[floor_name] / 1e12,
+        "hf_fastest": hf_fastest, "skipped": skipped, "failed": errors, "paired_ratios": ratios,
+        "speedup_vs_hf_fastest": ratios["vs_hf_fastest"]["median"] if ratios["vs_hf_fastest"] else None,
+        "speedup_vs_deepspeed_moe": ratios["vs_deepspeed_moe"]["median"] if ratios["vs_deepspeed_moe"] else None,
+        "share_of_floor": {n: statistics.median(f / t for f, t in zip(times[floor_name], times[n])) for n in times},
     }
     print(f"== {args.shape}: {result['device']}, {result['dtype']}, {s['tokens']} tokens, d={s['hidden']}, "
           f"{s['experts']} experts x {s['ffn']}" + (f" + shared {s['shared']}" if s["shared"] else "")
           + f", top-{s['topk']}" + (f" (width / {s['scaled_width']} on CPU)" if s["scaled_width"] > 1 else "")
-          + f"; load {result['load'][0]:.1f}; max |diff| vs desmoe {diff}")
-    print(f"{'variant':<20}{'ms (min)':>11}{'tokens/s':>12}{'of floor':>10}{'peak MB':>10}")
+          + f"; {rounds} rounds, {clock_name}; load {result['load'][0]:.1f}; max |diff| vs desmoe {diff}")
+    print(f"{'variant':<20}{'median ms':>11}{'min ms':>9}{'spread':>8}{'tokens/s':>12}{'of floor':>10}{'peak MB':>10}")
     for n, t in sorted(med.items(), key=lambda kv: kv[1]):
-        tps = "" if n.startswith("floor") else f"{s['tokens'] / t:,.0f}"
+        q1, _, q3 = quartiles(times[n])
+        tps = "" if n.startswith(("floor", "gemms")) else f"{s['tokens'] / t:,.0f}"
         m = f"{mem[n]:.0f}" if n in mem else ""
-        print(f"{n:<20}{1e3 * t:>11.2f}{tps:>12}{floor / t:>10.1%}{m:>10}")
+        print(f"{n:<20}{1e3 * t:>11.2f}{1e3 * best[n]:>9.2f}{(q3 - q1) / t:>8.0%}{tps:>12}"
+              f"{result['share_of_floor'][n]:>10.1%}{m:>10}")
     for n, why in {**skipped, **errors}.items():
         print(f"{n:<20} not run: {why}")
-    print(f"floor = {floor_name} ({result['floor_tflops'] * 1e3:.1f} GFLOP/s); desmoe: "
-          f"{result['speedup_vs_hf_fastest'] or float('nan'):.2f}x HF fastest ({hf_fastest}), "
-          f"{result['speedup_vs_deepspeed_moe'] or float('nan'):.2f}x DeepSpeed MoE, "
-          f"{result['share_of_floor'].get('desmoe', float('nan')):.1%} of the floor")
+    fmt = lambda r: f"{r['median']:.2f} [{r['q1']:.2f}-{r['q3']:.2f}]" if r else "n/a"  # noqa: E731
+    print(f"floor = {floor_name} ({result['floor_tflops'] * 1e3:.1f} GFLOP/s).  desmoe, per-round ratios, median "
+          f"[quartiles]: {fmt(ratios['vs_hf_fastest'])}x HF fastest ({hf_fastest}), "
+          f"{fmt(ratios['vs_deepspeed_moe'])}x DeepSpeed MoE, {fmt(ratios['share_of_floor'])} of the floor, "
+          f"{fmt(ratios['share_of_gemms_fwd_bwd'])} of the same GEMMs in a layer's order (gemms_fwd_bwd)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         from desmoe.checkpoint import write_text_atomic

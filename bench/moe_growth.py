@@ -3,7 +3,8 @@
     python bench/moe_growth.py [--hidden 256 --ffn 512] [--rounds 5]
 
 Each sweep varies one factor from the toy shape (1024 tokens, 8 experts, top-2) and times desmoe and
-the expert-GEMM floor on the same routing, interleaved in this process.  The routed work is
+the expert-GEMM floor on the same routing, interleaved in this process (medians; one CPU thread:
+its CPU time, as bench/moe_block.py).  The routed work is
 tokens x top-k rows through one expert each, so time should grow linearly in tokens and in top-k
 and stay flat in the number of experts (same rows, more and smaller GEMMs); "x first" divides by
 the sweep's first point and "linear" is what proportional growth would give.
@@ -26,7 +27,7 @@ import torch  # noqa: E402
 import moe_block  # noqa: E402
 
 
-def point(d, f, E, k, tokens, rounds, device, dtype, sync):
+def point(d, f, E, k, tokens, rounds, device, dtype, sync, clock=time.perf_counter):
     from desmoe.moe import LinearRouter, MoEBlock, SwiGLUExpert
 
     torch.manual_seed(0)
@@ -43,8 +44,8 @@ def point(d, f, E, k, tokens, rounds, device, dtype, sync):
     times = {n: [] for n in runs}
     for _ in range(rounds):
         for n, r in runs.items():
-            times[n].append(moe_block.timed(r, sync))
-    return {n: min(t) for n, t in times.items()}  # min: the least disturbed run on a shared machine
+            times[n].append(moe_block.timed(r, sync, clock))
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def main(argv=None):
@@ -63,6 +64,7 @@ def main(argv=None):
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock, clock_name = moe_block.pick_clock("auto", cuda, args.threads)
     base = {"tokens": 1024 * (8 if cuda else 1), "experts": 8, "topk": 2}
     sweeps = {"tokens": [base["tokens"] // 2, base["tokens"], base["tokens"] * 2],
               "experts": [8, 16, 32, 64], "topk": [1, 2, 4]}
@@ -72,7 +74,8 @@ def main(argv=None):
         first = None
         for v in values:
             cfg = dict(base, **{factor: v})
-            t = point(args.hidden, args.ffn, cfg["experts"], cfg["topk"], cfg["tokens"], args.rounds, device, dtype, sync)
+            t = point(args.hidden, args.ffn, cfg["experts"], cfg["topk"], cfg["tokens"], args.rounds, device, dtype,
+                      sync, clock)
             first = first or (t["desmoe"], v)
             linear = 1.0 if factor == "experts" else v / first[1]
             row = {"sweep": factor, "value": v, "desmoe_ms": 1e3 * t["desmoe"], "floor_ms": 1e3 * t["floor"],
@@ -81,6 +84,7 @@ def main(argv=None):
             print(f"{factor:<8}{v:>7}{row['desmoe_ms']:>11.2f}{row['x_first']:>9.2f}{linear:>8.2f}"
                   f"{row['floor_ms']:>10.2f}{row['share_of_floor']:>10.1%}")
     print(f"device {'cuda' if cuda else f'cpu x{args.threads}'}, {dtype}, d {args.hidden}, ffn {args.ffn}; "
+          f"medians of {args.rounds} rounds, {clock_name}; "
           f"load {os.getloadavg()[0]:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

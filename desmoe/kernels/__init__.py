@@ -30,8 +30,15 @@ _lib: Optional["SwiGLUKernels"] = None
 _tried = False
 
 
+def _cflags() -> list[str]:
+    # GCC's default for AVX-512 targets prefers 256-bit vectors; the 512-bit loop (and the 16-wide
+    # vector expf) made the activation 14-28 % faster on the AVX-512 box (docs/performance.md).
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    return ["-O3", "-march=native"] + (["-mprefer-vector-width=512"] if x86 else []) + ["-ffast-math"]
+
+
 def _cpu_key() -> str:
-    flags = platform.machine()
+    flags = platform.machine() + " ".join(_cflags())
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -60,7 +67,7 @@ def build() -> Path:
     os.close(fd)
     # -ffast-math at compile time only: linking with it would switch the whole process
     # to flush-to-zero.
-    subprocess.run([cc, "-O3", "-march=native", "-ffast-math", "-fPIC", "-c", str(SOURCE), "-o", tmp + ".o"],
+    subprocess.run([cc, *_cflags(), "-fPIC", "-c", str(SOURCE), "-o", tmp + ".o"],
                    check=True, capture_output=True)
     subprocess.run([cc, "-shared", tmp + ".o", "-o", tmp, "-lmvec", "-lm"], check=True, capture_output=True)
     os.unlink(tmp + ".o")
@@ -117,6 +124,39 @@ class SwiGLUKernels:
                   d_w.data_ptr() if d_w is not None else None, f)
         return d_h, d_w
 
+    def fwd_rows(self, h: torch.Tensor, w: Optional[torch.Tensor], act: torch.Tensor):
+        """``run(r0, r1)`` computing rows [r0, r1) of :meth:`fwd` from ``h`` into ``act`` (whole buffers,
+        checked once here): a per-expert call is then one C call, no slicing or checks per row block."""
+        n, f = h.shape[0], h.shape[1] // 2
+        h = _checked_out(h, (n, 2 * f), h.dtype)
+        _checked_out(act, (n, f), h.dtype)
+        w = w.contiguous().to(h.dtype) if w is not None else None
+        fn = getattr(self.lib, f"swiglu_fwd_{self._suffix(h)}")
+        hp, wp, ap = h.data_ptr(), (w.data_ptr() if w is not None else None), act.data_ptr()
+
+        def run(r0: int, r1: int, _keep=(h, w, act)) -> None:  # _keep: the buffers outlive the pointers
+            fn(hp, wp, ap, r0, r1, f)
+        return run
+
+    def bwd_rows(self, h: torch.Tensor, w: Optional[torch.Tensor], d_act: torch.Tensor, d_h: torch.Tensor,
+                 d_w: Optional[torch.Tensor]):
+        """``run(r0, r1)`` computing rows [r0, r1) of :meth:`bwd` into ``d_h`` (and ``d_w``, float32, when
+        ``w`` is given): whole buffers, checked once here."""
+        n, f = h.shape[0], h.shape[1] // 2
+        h = _checked_out(h, (n, 2 * f), h.dtype)
+        _checked_out(d_act, (n, f), h.dtype)
+        _checked_out(d_h, (n, 2 * f), h.dtype)
+        w = w.contiguous().to(h.dtype) if w is not None else None
+        if w is not None:
+            _checked_out(d_w, (n,), torch.float32)
+        fn = getattr(self.lib, f"swiglu_bwd_{self._suffix(h)}")
+        ptrs = (h.data_ptr(), w.data_ptr() if w is not None else None, d_act.data_ptr(), d_h.data_ptr(),
+                d_w.data_ptr() if w is not None else None)
+
+        def run(r0: int, r1: int, _keep=(h, w, d_act, d_h, d_w)) -> None:
+            fn(*ptrs, r0, r1, f)
+        return run
+
 
 def _checked_out(t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     # The C code writes through the raw pointer: a wrong shape or a strided view would corrupt memory.
@@ -139,3 +179,37 @@ def swiglu_cpu() -> Optional[SwiGLUKernels]:
         warnings.warn(f"desmoe: fused CPU SwiGLU kernel unavailable ({err}); using torch ops")
         _lib = None
     return _lib
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_heap_kept: Optional[bool] = None
+
+
+def keep_freed_heap() -> bool:
+    """Let glibc keep freed heap memory for reuse instead of returning it to the OS (once per process).
+
+    torch's CPU allocator is plain malloc.  A training step frees and re-allocates the same buffers
+    every step (weight gradients under ``zero_grad(set_to_none=True)``, activations); by default glibc
+    unmaps blocks above an adaptive mmap threshold and trims a free heap top above 2x that, so each
+    step faults and zero-fills the same pages again: 37 % of the MoE block's CPU time went to the
+    kernel's page faults at the Qwen3 shape (1-thread ``perf``, ``docs/performance.md``).  Here
+    blocks up to 32 MiB (glibc's ceiling) come from the heap and the heap top is trimmed only
+    above 2 GiB free: the process keeps its peak heap, as a caching allocator would.  Skipped where
+    the user chose an allocator (``LD_PRELOAD``) or glibc settings (``MALLOC_*_`` variables), off
+    with ``DESMOE_KEEP_HEAP=0``; not glibc: nothing.  Returns whether the setting is in force."""
+    global _heap_kept
+    if _heap_kept is not None:
+        return _heap_kept
+    _heap_kept = False
+    if os.environ.get("DESMOE_KEEP_HEAP", "1") == "0" or os.environ.get("LD_PRELOAD") \
+            or any(k in os.environ for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int  # C ints: 2 GiB at most
+        _heap_kept = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        pass
+    return _heap_kept

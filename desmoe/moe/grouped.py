@@ -72,24 +72,31 @@ def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor, d_h_out: Optional[Te
     return d_h, d_w
 
 
-# Optional CPU row tiles (GEMM -> activation -> GEMM per tile of about TILE_BYTES of pre-activation), so
-# the activation reads its GEMM's output from cache: in isolation the activation pass is memory-bound
-# (4x faster on cache-resident rows).  Off by default: in the block, same process, 1 thread, tiles of
-# 256 KiB / 1 MiB made the step 11 % / 6 % slower (more, smaller GEMM calls; docs/performance.md).
-TILE_BYTES = int(os.environ.get("DESMOE_TILE_BYTES", "0"))
+def _act_fwd_rows(h: Tensor, w: Optional[Tensor], act: Tensor):
+    """``run(r0, r1)``: rows [r0, r1) of the activation of the whole buffers, written into ``act``.  On CPU
+    one C call per row block, the buffers checked once (no per-expert slicing, checks or conversions)."""
+    kernel = swiglu_cpu() if h.device.type == "cpu" else None
+    if kernel is not None:
+        return kernel.fwd_rows(h, w, act)
+    return lambda r0, r1: _act_fwd(h[r0:r1], w[r0:r1] if w is not None else None, act[r0:r1])
 
 
-def _tiles(start: int, n: int, x: Tensor, two_f: int):
-    if x.device.type != "cpu" or TILE_BYTES <= 0:
-        yield slice(start, start + n)  # GPUs: one launch per GEMM, no tiling
-        return
-    rows = max(16, TILE_BYTES // (two_f * x.element_size()))
-    for t in range(start, start + n, rows):
-        yield slice(t, min(t + rows, start + n))
+def _act_bwd_rows(h: Tensor, w: Optional[Tensor], d_act: Tensor, d_h: Tensor, d_w: Optional[Tensor]):
+    kernel = swiglu_cpu() if h.device.type == "cpu" else None
+    if kernel is not None:
+        return kernel.bwd_rows(h, w, d_act, d_h, d_w)
+    return lambda r0, r1: _act_bwd(h[r0:r1], w[r0:r1] if w is not None else None, d_act[r0:r1], d_h[r0:r1],
+                                   d_w[r0:r1] if d_w is not None else None)
 
 
 class GroupedSwiGLU(torch.autograd.Function):
-    """The ``loop`` backend: per expert, per row tile, GEMM -> activation -> GEMM; counts on the host."""
+    """The ``loop`` backend: per expert GEMM -> activation -> GEMM on its row block; counts on the host.
+
+    The row blocks are views made by one ``split`` per buffer and the activation is one C call per
+    block on the whole buffers: at 128 experts the per-expert Python work (slicing, kernel-wrapper
+    checks) cost more than the small experts' activation itself.  (Row tiles within an expert, so the
+    activation reads its GEMM's output from cache, were measured slower twice: smaller GEMM calls.)
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor],  # type: ignore[override]
@@ -98,13 +105,14 @@ class GroupedSwiGLU(torch.autograd.Function):
         out = x.new_empty(x.shape)
         h_all = x.new_empty((x.shape[0], two_f))  # pre-activations, gate | up, all experts' rows
         act_all = x.new_empty((x.shape[0], two_f // 2))  # (weighted) activations
+        act = _act_fwd_rows(h_all, route_w, act_all)
+        xs, hs, acts, outs = x.split(counts), h_all.split(counts), act_all.split(counts), out.split(counts)
         start = 0
         for e, n in enumerate(counts):
-            w_gate_up, w_down = weights[2 * e], weights[2 * e + 1]
-            for r in _tiles(start, n, x, two_f):
-                torch.mm(x[r], w_gate_up.t(), out=h_all[r])
-                _act_fwd(h_all[r], route_w[r] if route_w is not None else None, act_all[r])
-                torch.mm(act_all[r], w_down.t(), out=out[r])
+            if n:  # an expert without rows has nothing to compute (its weight gradients are zeros)
+                torch.mm(xs[e], weights[2 * e].t(), out=hs[e])
+                act(start, start + n)
+                torch.mm(acts[e], weights[2 * e + 1].t(), out=outs[e])
             start += n
         ctx.counts = counts
         ctx.has_w = route_w is not None
@@ -117,28 +125,29 @@ class GroupedSwiGLU(torch.autograd.Function):
         counts = ctx.counts
         x, route_w, h_all, act_all, *weights = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        two_f = h_all.shape[1]
         grad_x = torch.empty_like(x)
         d_h_all = torch.empty_like(h_all)
+        d_act_all = torch.empty_like(act_all)
         grad_route = torch.empty(x.shape[0], dtype=torch.float32, device=x.device) if ctx.has_w else None
-        grad_w: list[Tensor] = []
+        act_bwd = _act_bwd_rows(h_all, route_w if ctx.has_w else None, d_act_all, d_h_all, grad_route)
+        split = lambda t: t.split(counts)  # noqa: E731
+        dys, d_acts, d_hs, gxs, xs, acts = map(split, (grad_out, d_act_all, d_h_all, grad_x, x, act_all))
+        need = ctx.needs_input_grad[4:]
+        grad_w: list[Optional[Tensor]] = []
         start = 0
         for e, n in enumerate(counts):
             w_gate_up, w_down = weights[2 * e], weights[2 * e + 1]
-            for r in _tiles(start, n, x, two_f):
-                d_act = torch.mm(grad_out[r], w_down)
-                _act_bwd(h_all[r], route_w[r] if ctx.has_w else None, d_act, d_h_all[r],
-                         grad_route[r] if grad_route is not None else None)
-                torch.mm(d_h_all[r], w_gate_up, out=grad_x[r])  # every row: the input gradient is never masked
+            if n:
+                torch.mm(dys[e], w_down, out=d_acts[e])
+                act_bwd(start, start + n)
+                torch.mm(d_hs[e], w_gate_up, out=gxs[e])  # every row: the input gradient is never masked
             # Frozen experts (requires_grad=False) need no weight GEMMs.
-            need_gu, need_down = ctx.needs_input_grad[4 + 2 * e], ctx.needs_input_grad[5 + 2 * e]
-            rows = slice(start, start + n)
-            d_h, dy, xr, act = d_h_all[rows], grad_out[rows], x[rows], act_all[rows]
-            if ctx.keep is not None:  # masked rows teach the expert nothing: weight GEMMs over kept rows only
-                kept = torch.nonzero(ctx.keep[rows]).flatten()
+            d_h, dy, xr, act = d_hs[e], dys[e], xs[e], acts[e]
+            if ctx.keep is not None and n:  # masked rows teach the expert nothing: weight GEMMs over kept rows only
+                kept = torch.nonzero(ctx.keep[start:start + n]).flatten()
                 d_h, dy, xr, act = d_h[kept], dy[kept], xr[kept], act[kept]
-            grad_w.extend((torch.mm(d_h.t(), xr) if need_gu else None,
-                           torch.mm(dy.t(), act) if need_down else None))
+            grad_w.extend((torch.mm(d_h.t(), xr) if need[2 * e] else None,
+                           torch.mm(dy.t(), act) if need[2 * e + 1] else None))
             start += n
         if grad_route is not None:
             grad_route = grad_route.to(route_w.dtype)

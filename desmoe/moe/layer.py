@@ -20,6 +20,7 @@ from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
+from desmoe.kernels import keep_freed_heap
 from desmoe.moe.dispatcher import DispatchStats, ExpertDispatcher
 from desmoe.moe.experts import InitMode, init_local_experts
 from desmoe.moe.layout import ExpertLayout
@@ -43,6 +44,9 @@ class MoEBlock(MoE):
         # DeepSpeed's MoE.__init__ would build its own TopKGate/MOELayer; we only need the
         # attributes its engine reads, so initialise as a plain module and set them here.
         nn.Module.__init__(self)
+        # Every step frees and re-allocates the experts' gradient and activation buffers: let malloc keep
+        # them instead of page-faulting them back in each step (desmoe.kernels.keep_freed_heap).
+        keep_freed_heap()
         self.layout = ExpertLayout(router.num_experts, ep_size)
         self.hidden_size = hidden_size
         self.num_experts = router.num_experts
