@@ -78,3 +78,16 @@ clean:
 GPU_PY ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
 gpu-check:
 	$(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# make realbase-study: the #18 study on the real base (issue #18 item 3): the fixed protocol
+# configs/realbase_study.yaml, every cell resumably (a finished one is skipped, a failed one recorded and
+# retried), one row per run in docs/results/desmoe_real_base.csv, tables + plot + targets in
+# docs/results-desmoe.md.  Builds the real base first if needed (make realbase).  STUDY_ARGS: e.g. --max-runs 3.
+.PHONY: realbase-study
+STUDY_CONFIG ?= configs/realbase_study.yaml
+realbase-study: setup
+	test -f cache/realbase/probes/probes.json || $(BIN)/python launcher/realbase.py --port $(DEMO_PORT)
+	test -f data/realbase-instruct/meta.json || $(BIN)/python -m data_prep.build --profile demo \
+		--out data/realbase-instruct tokenizer.kind=hf tokenizer.hf_path=cache/base/smollm2-135m
+	nice -n 15 $(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/realbase_study.py \
+		--deepspeed configs/zero2.json --config $(STUDY_CONFIG) $(STUDY_ARGS)

