@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from desmoe.errors import UserError, run_cli  # noqa: E402
 from desmoe.recipes.des_moe.recipe import DESMoERecipe  # noqa: E402
-from desmoe.recipes.des_moe.study import (Cell, RealbaseStudy, append_row, cell_config, later_cells,  # noqa: E402
-                                          phase1, protocol_ids, read_rows)
+from desmoe.recipes.des_moe.study import (Cell, RealbaseStudy, append_row, base_digest, cell_config,  # noqa: E402
+                                          later_cells, phase1, protocol_ids, read_rows)
 
 
 
@@ -89,8 +89,9 @@ def study_scores(model, cfg, scores, task_root: Path, device) -> dict:
     return out
 
 
-def row_of(cell: Cell, exp, result: dict, base: dict, protocol: tuple, general_probes: list[str]) -> dict:
-    """The CSV row of a finished run (``base``: the base's row, for the *_base columns)."""
+def row_of(cell: Cell, exp, result: dict, base: dict, key: tuple, general_probes: list[str]) -> dict:
+    """The CSV row of a finished run (``base``: the base's row, for the *_base columns; ``key``: the
+    protocol's digests and the base's)."""
     probes = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("probe/")}
     down = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("downstream/")}
     base_down = json.loads(base["downstream"]) if base else down
@@ -113,7 +114,7 @@ def row_of(cell: Cell, exp, result: dict, base: dict, protocol: tuple, general_p
             "train_seconds": result.get("train_seconds", 0.0), "eval_seconds": result.get("eval_seconds", 0.0),
             "general_score_se": general_se, "downstream_score_se": down_se,
             "general_score_base_se": float(base["general_score_se"] or "nan") if base else general_se,
-            "protocol": protocol[0], "note": "eval s: probes %.0f, held-out %.0f, downstream %.0f" % tuple(
+            "protocol": key[0][0], "base_sha256": key[1], "note": "eval s: probes %.0f, held-out %.0f, downstream %.0f" % tuple(
                 result.get(f"{k}_seconds", float("nan")) for k in ("probe", "heldout", "downstream"))}
 
 
@@ -122,7 +123,7 @@ def stamp(row: dict) -> dict:
             "load_avg": "%.1f" % os.getloadavg()[0]}
 
 
-def run_cell(cfg: RealbaseStudy, cell: Cell, rows: list[dict], protocol: tuple, ds_config: str) -> None:
+def run_cell(cfg: RealbaseStudy, cell: Cell, rows: list[dict], key: tuple, ds_config: str) -> None:
     from desmoe.distributed import is_rank0
     from desmoe.training.trainer import Trainer
 
@@ -132,11 +133,11 @@ def run_cell(cfg: RealbaseStudy, cell: Cell, rows: list[dict], protocol: tuple, 
     base = next((r for r in rows if r["phase"] == "base" and r["status"] == "ok"), None)
     try:
         result = Trainer(StudyRecipe(exp, cfg.study.scores, run_dir / "tasks"), ds_config).run()
-        row = row_of(cell, exp, result, base, protocol, cfg.study.scores.general) if is_rank0() else None
+        row = row_of(cell, exp, result, base, key, cfg.study.scores.general) if is_rank0() else None
     except Exception as err:  # noqa: BLE001 - recorded as a failed run (rank 0), the study goes on
         row = {"run": cell.run, "phase": cell.phase, "arm": cell.arm, "method": exp.desmoe.method,
                "seed": cell.seed, "lr": cell.lr, "N": cell.n, "domains": "+".join(exp.data.domains),
-               "steps": exp.train.steps, "status": "failed", "protocol": protocol[0],
+               "steps": exp.train.steps, "status": "failed", "protocol": key[0][0], "base_sha256": key[1],
                "note": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
     if is_rank0():
         append_row(Path(cfg.study.csv), stamp(row))
@@ -162,8 +163,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def pending(cfg: RealbaseStudy, protocol: tuple, tried: set) -> tuple[list[Cell], list[str]]:
-    rows = read_rows(Path(cfg.study.csv), protocol)
+def pending(cfg: RealbaseStudy, key: tuple, tried: set) -> tuple[list[Cell], list[str]]:
+    rows = read_rows(Path(cfg.study.csv), *key)
     done = {r["run"] for r in rows if r["status"] == "ok"}
     first = phase1(cfg)
     # the grid lr-major: every arm's first lr before any arm's second (a cut-short launch covers every arm)
@@ -181,9 +182,11 @@ def run_study(cfg: RealbaseStudy, ds_config: str, max_runs: int = 0, budget_s: f
     after that many seconds (rank 0's clock decides, so every rank stops at the same cell)."""
     from desmoe.distributed import is_rank0
 
-    protocol, tried, t0 = protocol_ids(cfg), set(), time.time()
+    # rows are keyed to the protocol and to the base's weights (rank 0 hashes them once)
+    key, tried, t0 = (protocol_ids(cfg), _broadcast(base_digest(cfg.experiment.base.hf) if is_rank0() else None)), \
+        set(), time.time()
     while not max_runs or len(tried) < max_runs:
-        todo, waiting = pending(cfg, protocol, tried)
+        todo, waiting = pending(cfg, key, tried)
         if not todo or _broadcast(bool(budget_s) and time.time() - t0 > budget_s):
             break
         cell = todo[0]
@@ -191,7 +194,7 @@ def run_study(cfg: RealbaseStudy, ds_config: str, max_runs: int = 0, budget_s: f
         if is_rank0():
             print(f"[study] run {len(tried)}: {cell.run} ({len(todo) - 1} more ready; waiting for the grid: "
                   f"{', '.join(waiting) or 'none'})", flush=True)
-        run_cell(cfg, cell, read_rows(Path(cfg.study.csv), protocol), protocol, ds_config)
+        run_cell(cfg, cell, read_rows(Path(cfg.study.csv), *key), key, ds_config)
     return len(tried)
 
 
@@ -221,7 +224,16 @@ def main() -> None:
             return
     from desmoe.recipes.des_moe.study_report import render
 
-    print(render(cfg, protocol_ids(cfg)), flush=True)
+    print(render(cfg, protocol_ids(cfg), report_base(cfg)), flush=True)
+
+
+def report_base(cfg: RealbaseStudy) -> str:
+    """The base the report is about: the built one, else (a checkout without the caches) the base of the
+    protocol's latest row."""
+    if (Path(cfg.experiment.base.hf or "") / "config.json").is_file():
+        return base_digest(cfg.experiment.base.hf)
+    rows = [r for r in read_rows(Path(cfg.study.csv), protocol_ids(cfg)) if r.get("base_sha256")]
+    return max(rows, key=lambda r: r["finished_utc"])["base_sha256"] if rows else ""
 
 
 if __name__ == "__main__":

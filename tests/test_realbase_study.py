@@ -187,5 +187,25 @@ def test_tiny_study_records_skips_and_keeps_failures(ranks, tiny_data, tmp_path)
             assert 0 <= float(r["general_score"]) <= 1 and float(r["heldout_ppl"]) > 1
             assert r["protocol"] == rows[0]["protocol"] and float(r["general_score_se"]) >= 0
     assert "no_such_layer" in rows[2]["note"]
+    # every row names the base it ran on; rows of another base count for nothing
+    from desmoe.recipes.des_moe.study import base_digest, read_rows
+
+    assert {r["base_sha256"] for r in rows} == {base_digest(tmp_path / "base")}
+    assert len(read_rows(tmp_path / "study.csv", rows[0]["protocol"], base_digest(tmp_path / "base"))) == 3
+    assert read_rows(tmp_path / "study.csv", rows[0]["protocol"], "0123456789ab") == []
     assert not (tmp_path / "runs" / "tiny" / "tiny-fft-lr0.001-s0-N2" / "checkpoints").exists()  # dropped
     assert int(rows[1]["steps"]) == 10 and rows[1]["domains"] == "law+code"
+
+
+def test_base_digest_names_the_weights(tmp_path):
+    from desmoe.errors import UserError
+    from desmoe.recipes.des_moe.study import base_digest
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="no config.json and"):
+        base_digest(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    first = base_digest(tmp_path)
+    assert len(first) == 12 and base_digest(tmp_path) == first
+    (tmp_path / "model.safetensors").write_bytes(bytes(range(256)) * 3 + bytes([1]) + bytes(range(1, 256)))
+    assert base_digest(tmp_path) != first  # one byte of the weights: another base

@@ -38,7 +38,9 @@ COLUMNS = ["run", "phase", "arm", "method", "seed", "lr", "N", "domains", "steps
            "heldout_ppl", "heldout_ppl_base", "val_loss_domains", "val_loss_general",
            "probes", "downstream", "train_seconds", "eval_seconds", "protocol", "finished_utc", "load_avg", "note",
            # binomial standard errors of the scores (added after the first rows: empty there)
-           "general_score_se", "general_score_base_se", "downstream_score_se"]
+           "general_score_se", "general_score_base_se", "downstream_score_se",
+           # the base's weights (base_digest; added after the first rows: empty there, which no base matches)
+           "base_sha256"]
 
 
 @dataclass
@@ -241,9 +243,26 @@ def later_cells(cfg: RealbaseStudy, rows: list[dict]) -> tuple[list[Cell], list[
 
 # ---- the CSV: one row per run, appended atomically ------------------------------------------------------
 
-def read_rows(path: Path, protocol=None) -> list[dict]:
-    """Rows of the CSV (of one protocol when given: a digest or a collection of them, protocol_ids); the
-    last row of a run wins over its earlier tries."""
+def base_digest(base_dir: str | Path) -> str:
+    """The base's identity: sha256 of its config and weights (first 12 hex digits).  Rows count only
+    against the base they were trained from: a base rebuilt by other code or on another machine (float
+    order in the upcycling or the healing) is another base, however close its scores."""
+    base = Path(base_dir)
+    weights = sorted(base.glob("*.safetensors"))
+    if not (base / "config.json").is_file() or not weights:
+        raise UserError(f"{base}: no config.json and *.safetensors; the study's base (experiment.base.hf) "
+                        "must be a built HF folder (make realbase)")
+    h = hashlib.sha256((base / "config.json").read_bytes())
+    for f in weights:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def read_rows(path: Path, protocol=None, base: Optional[str] = None) -> list[dict]:
+    """Rows of the CSV (of one protocol when given: a digest or a collection of them, protocol_ids; of one
+    base when given: base_digest); the last row of a run wins over its earlier tries."""
     if not path.is_file():
         return []
     rows = [{k: ("" if v is None else v) for k, v in r.items() if k is not None}  # short old rows: ''
@@ -251,6 +270,8 @@ def read_rows(path: Path, protocol=None) -> list[dict]:
     if protocol is not None:
         ids = {protocol} if isinstance(protocol, str) else set(protocol)
         rows = [r for r in rows if r.get("protocol") in ids]
+    if base is not None:
+        rows = [r for r in rows if r.get("base_sha256", "") == base]
     latest = {}
     for r in rows:
         latest[r["run"]] = r

@@ -170,10 +170,11 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def render(cfg, protocol) -> str:
-    """``protocol``: this protocol's digests (study.protocol_ids), the current one first."""
+def render(cfg, protocol, base: str) -> str:
+    """``protocol``: this protocol's digests (study.protocol_ids), the current one first; ``base``: the
+    base's digest (study.base_digest): only rows of both count."""
     csv_path = Path(cfg.study.csv)
-    rows = read_rows(csv_path, protocol)
+    rows = read_rows(csv_path, protocol, base)
     every = read_rows(csv_path)
     png = csv_path.with_suffix(".png")
     has_plot = plot(rows, png)
@@ -182,8 +183,9 @@ def render(cfg, protocol) -> str:
     text = "\n".join([
         f"Study `{cfg.study.name}`, protocol digest `{protocol[0]}` (the committed config"
         + (f"; rows also under its earlier digests {', '.join(protocol[1:])}" if len(protocol) > 1 else "")
-        + f"); CSV `{csv_path}` "
-        f"({len(every)} runs in the file, {ok} finished and {failed} failed under this protocol).",
+        + f"), base `{cfg.experiment.base.hf}` with weights digest `{base}`; CSV `{csv_path}` "
+        f"({len(every)} runs in the file, {ok} finished and {failed} failed under this protocol and base; "
+        "rows of other bases or protocols stay in the file and count for nothing here).",
         "", "**Targets (computed from the CSV by `launcher/realbase_study.py --report`):**", "",
         *target_lines(rows, cfg), "",
         "LR grid (one seed; selected: lowest validation loss of the trained domains):", "", grid_table(rows, cfg), "",
