@@ -172,7 +172,11 @@ def pending(cfg: RealbaseStudy, key: tuple, tried: set) -> tuple[list[Cell], lis
     first = first[:1] + [c for i in range(width) for c in first[1:]
                          if c.arm in cfg.study.arms and cfg.study.arms[c.arm].lr.index(c.lr) == i]
     later, waiting = later_cells(cfg, rows)
-    todo = [c for c in first + later if c.run not in done and c.run not in tried]
+    # the cells the targets read first (the headline and scaling arms' grids, then their seeds and N), the
+    # other arms' grids after: a launch cut short still decides the targets.  Order only: no cell changes.
+    need = {"vanilla", "desmoe", "fft", "esft_token", *cfg.study.headline, *cfg.study.scaling}
+    ordered = [c for c in first if c.arm in need] + later + [c for c in first if c.arm not in need]
+    todo = [c for c in ordered if c.run not in done and c.run not in tried]
     return todo, waiting
 
 

@@ -165,6 +165,8 @@ def tiny_study(root: str, data: str, max_runs: int) -> list[str]:
         "experiment.train.seq_len=32", "experiment.train.eval_batches=1",
         "experiment.desmoe.baseline.esft_profile_tokens=64",
         f"experiment.run.dir={root}/runs", f"study.arms={arms}", "study.seeds=[0, 1]", "study.scaling_sizes=[1, 2]",
+        # the cells the targets read run first (desmoe, fft, esft_token, headline, scaling): broken is one here
+        "study.headline=[fft, broken]",
         "study.steps_per_domain=5", f"study.scores.probes={root}/probes", "study.scores.probe_limit=2",
         f"study.scores.general=[{', '.join(GENERAL)}]",
         "study.scores.heldout_tokens=256", "study.scores.heldout_seq=32", "study.scores.downstream_limit=2",
@@ -209,3 +211,15 @@ def test_base_digest_names_the_weights(tmp_path):
     assert len(first) == 12 and base_digest(tmp_path) == first
     (tmp_path / "model.safetensors").write_bytes(bytes(range(256)) * 3 + bytes([1]) + bytes(range(1, 256)))
     assert base_digest(tmp_path) != first  # one byte of the weights: another base
+
+
+def test_cells_the_targets_read_run_first(tmp_path):
+    from desmoe.recipes.des_moe.study import protocol_ids
+
+    cfg = _load([f"study.csv={tmp_path / 'r.csv'}"])
+    todo, waiting = _driver().pending(cfg, (protocol_ids(cfg), "0123456789ab"), set())
+    arms = [c.arm for c in todo]
+    assert arms[0] == "vanilla" and set(arms[1:7]) == {"fft", "desmoe", "esft_token"}
+    assert [todo[i].lr < todo[i + 3].lr for i in (1, 2, 3)] == [True] * 3  # every arm's first lr, then its second
+    assert set(arms[7:]) == set(cfg.study.arms) - {"fft", "desmoe", "esft_token"}
+    assert len(todo) == 1 + sum(len(a.lr) for a in cfg.study.arms.values()) and waiting
