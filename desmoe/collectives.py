@@ -14,7 +14,7 @@ Single process (no process group, or a group of one): every function is the iden
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -95,6 +95,36 @@ def any_rank(flag: bool, group=None) -> bool:
 
 def all_ranks(flag: bool, group=None) -> bool:
     return reduce_number(1.0 if flag else 0.0, "min", group) > 0
+
+
+def on_rank0(fn: Callable[[], Any], poll_s: float = 20.0, group=None) -> tuple[Any, Optional[BaseException]]:
+    """Run ``fn`` on rank 0 while the other ranks wait, for as long as it takes.  A plain barrier would
+    fail the waiting ranks once ``fn`` outlasts the process group's timeout (an export of a large model);
+    here rank 0 runs ``fn`` in a thread and every ``poll_s`` all ranks agree on one "done" flag, each
+    exchange far inside the timeout.  ``fn`` must not use collectives itself.  Returns ``(result, error)`` on rank 0 and ``(None, None)`` elsewhere;
+    whether it failed is for the caller to agree on (``any_rank``)."""
+    import threading
+
+    box: dict = {}
+    if not is_distributed(group) or _dist().get_rank(group) == 0:
+        def work() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as err:  # noqa: BLE001 - handed back to the caller
+                box["error"] = err
+
+        if not is_distributed(group):
+            work()
+            return box.get("result"), box.get("error")
+        thread = threading.Thread(target=work, name="desmoe-on-rank0", daemon=True)
+        thread.start()
+        while True:
+            thread.join(poll_s)
+            if any_rank(not thread.is_alive(), group):
+                return box.get("result"), box.get("error")
+    while not any_rank(False, group):
+        pass
+    return None, None
 
 
 def all_gather_object(obj: Any, group=None) -> list[Any]:

@@ -87,3 +87,28 @@ def test_no_hand_written_reductions():
             if re.search(r"\bdist\.all_reduce\(", line):
                 found.append(f"{rel}:{n}")
     assert not found, f"use desmoe.collectives.all_reduce_ instead: {found}"
+
+
+def long_rank0_case(seconds: float):
+    """Rank 0 works for longer than the group's timeout; the other rank must still be waiting for it."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from desmoe.collectives import any_rank, on_rank0
+
+    short = dist.new_group(list(range(dist.get_world_size())), backend="gloo", timeout=timedelta(seconds=2))
+    t0 = time.perf_counter()
+    result, error = on_rank0(lambda: (time.sleep(seconds), "exported")[1], poll_s=0.25, group=short)
+    failed, _ = on_rank0(lambda: 1 / 0, poll_s=0.25, group=short)[1], None
+    return {"result": result, "error": error, "waited": time.perf_counter() - t0,
+            "failure_seen": any_rank(failed is not None, group=short), "failure": type(failed).__name__}
+
+
+def test_on_rank0_outlasts_the_process_group_timeout(ranks):
+    r0, r1 = ranks.run(long_rank0_case, 5.0)
+    assert r0["result"] == "exported" and r0["error"] is None and r1["result"] is None
+    assert r1["waited"] >= 5.0  # rank 1 waited 2.5 group timeouts without failing
+    assert r0["failure"] == "ZeroDivisionError" and r1["failure"] == "NoneType"
+    assert r0["failure_seen"] and r1["failure_seen"]  # rank 0's error reaches every rank as one decision

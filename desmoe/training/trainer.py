@@ -301,18 +301,15 @@ class Trainer:
 
     def export(self, out_dir, extra_files: Optional[dict] = None) -> None:
         """Collective: rank 0 writes the HF folder of the run's newest checkpoint (``desmoe.export``, the same
-        code as ``python -m desmoe.export``) while the others wait; a failure there stops every rank."""
-        from desmoe.collectives import any_rank
+        code as ``python -m desmoe.export``) while the others wait, however long it takes (``on_rank0``: no
+        process-group timeout); a failure there stops every rank."""
+        from desmoe.collectives import any_rank, on_rank0
         from desmoe.distributed import is_rank0
         from desmoe.export import export_run
 
-        error = None
-        if is_rank0():
-            try:
-                export_run(self.run_dir, out_dir, extra_files=extra_files, verify_hashes=False)
-                print(f"model exported: {out_dir}", flush=True)
-            except Exception as err:  # noqa: BLE001 - re-raised below, after every rank knows
-                error = err
+        _, error = on_rank0(lambda: export_run(self.run_dir, out_dir, extra_files=extra_files, verify_hashes=False))
+        if error is None and is_rank0():
+            print(f"model exported: {out_dir}", flush=True)
         if any_rank(error is not None):
             raise error if error is not None else TrainingFailure(f"export of {self.run_dir} failed on rank 0")
 
