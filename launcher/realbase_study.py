@@ -163,7 +163,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def pending(cfg: RealbaseStudy, key: tuple, tried: set) -> tuple[list[Cell], list[str]]:
+def pending(cfg: RealbaseStudy, key: tuple, tried: set, first_arms: tuple = ()) -> tuple[list[Cell], list[str]]:
     rows = read_rows(Path(cfg.study.csv), *key)
     done = {r["run"] for r in rows if r["status"] == "ok"}
     first = phase1(cfg)
@@ -175,12 +175,18 @@ def pending(cfg: RealbaseStudy, key: tuple, tried: set) -> tuple[list[Cell], lis
     # the cells the targets read first (the headline and scaling arms' grids, then their seeds and N), the
     # other arms' grids after: a launch cut short still decides the targets.  Order only: no cell changes.
     need = {"vanilla", "desmoe", "fft", "esft_token", *cfg.study.headline, *cfg.study.scaling}
-    ordered = [c for c in first if c.arm in need] + later + [c for c in first if c.arm not in need]
+    # ``first_arms`` (--first): those of the other arms go first at each grid lr (e.g. the ablations a
+    # diagnosis needs before the baselines)
+    rank = {a: i for i, a in enumerate(first_arms)}
+    rest = sorted((c for c in first if c.arm not in need),
+                  key=lambda c: (cfg.study.arms[c.arm].lr.index(c.lr), rank.get(c.arm, len(rank))))
+    ordered = [c for c in first if c.arm in need] + later + rest
     todo = [c for c in ordered if c.run not in done and c.run not in tried]
     return todo, waiting
 
 
-def run_study(cfg: RealbaseStudy, ds_config: str, max_runs: int = 0, budget_s: float = 0.0) -> int:
+def run_study(cfg: RealbaseStudy, ds_config: str, max_runs: int = 0, budget_s: float = 0.0,
+              first_arms: tuple = ()) -> int:
     """Every pending cell of the protocol in order (phase 1, then the cells it unlocks); returns the
     number of runs made.  Every rank calls it (each run is a collective).  ``budget_s`` > 0: no run starts
     after that many seconds (rank 0's clock decides, so every rank stops at the same cell)."""
@@ -190,7 +196,7 @@ def run_study(cfg: RealbaseStudy, ds_config: str, max_runs: int = 0, budget_s: f
     key, tried, t0 = (protocol_ids(cfg), _broadcast(base_digest(cfg.experiment.base.hf) if is_rank0() else None)), \
         set(), time.time()
     while not max_runs or len(tried) < max_runs:
-        todo, waiting = pending(cfg, key, tried)
+        todo, waiting = pending(cfg, key, tried, first_arms)
         if not todo or _broadcast(bool(budget_s) and time.time() - t0 > budget_s):
             break
         cell = todo[0]
@@ -210,6 +216,8 @@ def main() -> None:
     opts.add_argument("--report", action="store_true", help="render the doc section and targets from the CSV only")
     opts.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: all pending)")
     opts.add_argument("--budget-s", type=float, default=0.0, help="start no run after this many seconds (0: no limit)")
+    opts.add_argument("--first", default="", help="comma-separated arms whose grid cells run before the other "
+                      "arms' (after the cells the targets read); the order of runs only, never a cell")
     flags, rest = opts.parse_known_args()
     cfg, args = parse_launcher_args(RealbaseStudy, __doc__, argv=rest, default_config="configs/realbase_study.yaml")
     if flags.max_runs < 0:
@@ -223,7 +231,11 @@ def main() -> None:
         from desmoe.distributed import init_distributed, is_rank0
 
         init_distributed()
-        run_study(cfg, args.deepspeed, flags.max_runs, flags.budget_s)
+        first_arms = tuple(a for a in flags.first.split(",") if a)
+        unknown = [a for a in first_arms if a not in cfg.study.arms]
+        if unknown:
+            raise UserError(f"--first {unknown[0]}: not an arm of the protocol ({', '.join(cfg.study.arms)})")
+        run_study(cfg, args.deepspeed, flags.max_runs, flags.budget_s, first_arms)
         if not is_rank0():
             return
     from desmoe.recipes.des_moe.study_report import render

@@ -223,3 +223,7 @@ def test_cells_the_targets_read_run_first(tmp_path):
     assert [todo[i].lr < todo[i + 3].lr for i in (1, 2, 3)] == [True] * 3  # every arm's first lr, then its second
     assert set(arms[7:]) == set(cfg.study.arms) - {"fft", "desmoe", "esft_token"}
     assert len(todo) == 1 + sum(len(a.lr) for a in cfg.study.arms.values()) and waiting
+    # --first: the named arms' grid cells lead the other arms' at each lr (order only)
+    todo2, _ = _driver().pending(cfg, (protocol_ids(cfg), "0123456789ab"), set(), ("desmoe_fig1", "lora"))
+    assert [c.arm for c in todo2[7:9]] == ["desmoe_fig1", "lora"] and sorted(map(str, todo2)) == sorted(map(str, todo))
+    assert todo2[7].lr == cfg.study.arms["desmoe_fig1"].lr[0] and todo2[-1].lr == cfg.study.arms[todo2[-1].arm].lr[-1]
