@@ -82,12 +82,22 @@ gpu-check:
 # make realbase-study: the #18 study on the real base (issue #18 item 3): the fixed protocol
 # configs/realbase_study.yaml, every cell resumably (a finished one is skipped, a failed one recorded and
 # retried), one row per run in docs/results/desmoe_real_base.csv, tables + plot + targets in
-# docs/results-desmoe.md.  Builds the real base first if needed (make realbase).  STUDY_ARGS: e.g. --max-runs 3.
+# docs/results-desmoe.md.  Builds the real base first if needed (make realbase).  Runs go in launches of
+# STUDY_RUNS_PER_LAUNCH (fresh processes: one long process grew to 10 GB per rank after six runs, 3.6 GB
+# fresh), until a launch adds no row to STUDY_CSV (nothing pending) or STUDY_LAUNCHES launches.
+# STUDY_ARGS: e.g. --first desmoe_fig1 or --budget-s 3600 (per launch).
 .PHONY: realbase-study
 STUDY_CONFIG ?= configs/realbase_study.yaml
+STUDY_CSV ?= docs/results/desmoe_real_base.csv
+STUDY_RUNS_PER_LAUNCH ?= 3
+STUDY_LAUNCHES ?= 30
 realbase-study: setup
 	test -f cache/realbase/probes/probes.json || $(BIN)/python launcher/realbase.py --port $(DEMO_PORT)
 	test -f data/realbase-instruct/meta.json || $(BIN)/python -m data_prep.build --profile demo \
 		--out data/realbase-instruct tokenizer.kind=hf tokenizer.hf_path=cache/base/smollm2-135m
-	nice -n 15 $(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/realbase_study.py \
-		--deepspeed configs/zero2.json --config $(STUDY_CONFIG) $(STUDY_ARGS)
+	i=0; while [ $$i -lt $(STUDY_LAUNCHES) ]; do i=$$((i + 1)); \
+		before=$$(cat $(STUDY_CSV) 2>/dev/null | wc -l); \
+		nice -n 15 $(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/realbase_study.py \
+			--deepspeed configs/zero2.json --config $(STUDY_CONFIG) --max-runs $(STUDY_RUNS_PER_LAUNCH) \
+			$(STUDY_ARGS) || exit $$?; \
+		[ "$$(cat $(STUDY_CSV) 2>/dev/null | wc -l)" != "$$before" ] || break; done
