@@ -144,6 +144,13 @@ def run_cell(cfg: RealbaseStudy, cell: Cell, rows: list[dict], key: tuple, ds_co
         shutil.rmtree(Path(exp.run.dir) / exp.run.name / "checkpoints", ignore_errors=True)  # GBs per run
         print(f"[study] {cell.run}: {row['status']}", flush=True)
     _barrier()
+    # the run's engine, model and kept heap are garbage now: hand them back before the next run
+    import gc
+
+    from desmoe.kernels import release_freed_heap
+
+    gc.collect()
+    release_freed_heap()
 
 
 def _broadcast(obj):

@@ -3,6 +3,8 @@
 torch runs ``torch._grouped_mm`` on CPU too, so its math -- offsets, the stacked weights, the
 2-D x 2-D weight-gradient GEMMs, the weight-gradient row mask, frozen experts -- is checked here;
 only the kernel differs on a GPU (``make gpu-check`` compares the two backends there)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,3 +105,24 @@ def test_keep_freed_heap(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert kernels.keep_freed_heap() is glibc
+
+
+def test_release_freed_heap_hands_kept_memory_back():
+    """A process running runs one after another returns the heap one run kept (the study's launches)."""
+    import platform
+    import subprocess
+    import sys
+
+    if not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"):
+        pytest.skip("glibc only")
+    code = (  # a fresh process: the heap setting is once per process
+        "import torch\n"
+        "from desmoe.kernels import keep_freed_heap, release_freed_heap\n"
+        "def rss(): return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) >> 10\n"
+        "assert keep_freed_heap()\n"
+        "xs = [torch.ones(1 << 18) for _ in range(512)]\n"  # 512 MiB in 1 MiB blocks, under the 32 MiB mmap threshold
+        "before = rss(); del xs; kept = rss(); release_freed_heap(); print(before, kept, rss())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True)
+    before, kept, after = map(int, out.stdout.split())
+    assert kept > before - 64  # kept: freed blocks stay in the process
+    assert after < before - 400  # handed back: at least 400 of the 512 MiB

@@ -185,6 +185,20 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 _heap_kept: Optional[bool] = None
 
 
+def release_freed_heap() -> bool:
+    """Return the heap's free memory to the OS now (glibc's ``malloc_trim``).  For a process that runs
+    independent jobs one after another (the study's runs): what ``keep_freed_heap`` kept for one run's
+    steps is not the next run's working set.  Not glibc: nothing.  Returns whether memory was released."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        return bool(trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def keep_freed_heap() -> bool:
     """Let glibc keep freed heap memory for reuse instead of returning it to the OS (once per process).
 
