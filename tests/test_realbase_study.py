@@ -227,3 +227,14 @@ def test_cells_the_targets_read_run_first(tmp_path):
     todo2, _ = _driver().pending(cfg, (protocol_ids(cfg), "0123456789ab"), set(), ("desmoe_fig1", "lora"))
     assert [c.arm for c in todo2[7:9]] == ["desmoe_fig1", "lora"] and sorted(map(str, todo2)) == sorted(map(str, todo))
     assert todo2[7].lr == cfg.study.arms["desmoe_fig1"].lr[0] and todo2[-1].lr == cfg.study.arms[todo2[-1].arm].lr[-1]
+
+
+def test_diagnostic_protocol_shares_the_main_experiment():
+    """configs/realbase_diag.yaml reads the main protocol's rows as its own (protocol_aliases): legitimate
+    only while its experiment section is the main protocol's, value for value."""
+    from desmoe.config import load_config, to_dict
+    from desmoe.recipes.des_moe.study import RealbaseStudy, protocol_ids
+
+    main, diag = (load_config(RealbaseStudy, ROOT / "configs" / f"realbase_{n}.yaml", []) for n in ("study", "diag"))
+    assert to_dict(diag.experiment) == to_dict(main.experiment)
+    assert protocol_ids(main)[0] in protocol_ids(diag)[1:] and protocol_ids(diag)[0] != protocol_ids(main)[0]
