@@ -201,6 +201,9 @@ def render(cfg, protocol, base: str) -> str:
     block = f"{begin}\n{text}\n{end}"
     if begin in old and end in old:
         new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    elif ":end -->" in old:  # another study's section: this one follows it (a diagnostic after its main study)
+        at = old.index("\n", old.rindex(":end -->")) + 1
+        new = f"{old[:at]}\n### `{cfg.study.name}`\n\n{block}\n{old[at:]}"
     else:
         at = old.find("\n## ")
         head, tail = (old, "") if at < 0 else (old[:at + 1], old[at + 1:])
