@@ -235,6 +235,8 @@ def test_diagnostic_protocol_shares_the_main_experiment():
     from desmoe.config import load_config, to_dict
     from desmoe.recipes.des_moe.study import RealbaseStudy, protocol_ids
 
-    main, diag = (load_config(RealbaseStudy, ROOT / "configs" / f"realbase_{n}.yaml", []) for n in ("study", "diag"))
-    assert to_dict(diag.experiment) == to_dict(main.experiment)
-    assert protocol_ids(main)[0] in protocol_ids(diag)[1:] and protocol_ids(diag)[0] != protocol_ids(main)[0]
+    main = load_config(RealbaseStudy, ROOT / "configs" / "realbase_study.yaml", [])
+    for name in ("diag", "fig1_seeds"):
+        diag = load_config(RealbaseStudy, ROOT / "configs" / f"realbase_{name}.yaml", [])
+        assert to_dict(diag.experiment) == to_dict(main.experiment)
+        assert protocol_ids(main)[0] in protocol_ids(diag)[1:] and protocol_ids(diag)[0] != protocol_ids(main)[0]
