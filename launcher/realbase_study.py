@@ -223,6 +223,8 @@ def main() -> None:
     opts.add_argument("--report", action="store_true", help="render the doc section and targets from the CSV only")
     opts.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: all pending)")
     opts.add_argument("--budget-s", type=float, default=0.0, help="start no run after this many seconds (0: no limit)")
+    opts.add_argument("--desmoe-arm", default="", help="with --report: print the targets with this arm in "
+                      "DES-MoE's place (e.g. a warm-up reading), without rewriting the doc")
     opts.add_argument("--first", default="", help="comma-separated arms whose grid cells run before the other "
                       "arms' (after the cells the targets read); the order of runs only, never a cell")
     flags, rest = opts.parse_known_args()
@@ -247,7 +249,23 @@ def main() -> None:
             return
     from desmoe.recipes.des_moe.study_report import render
 
+    if flags.desmoe_arm:
+        print("\n".join(targets_as_desmoe(cfg, flags.desmoe_arm)), flush=True)
+        return
     print(render(cfg, protocol_ids(cfg), report_base(cfg)), flush=True)
+
+
+def targets_as_desmoe(cfg: RealbaseStudy, arm: str) -> list[str]:
+    """The targets with another arm in DES-MoE's place (a variant's reading; the doc is not rewritten)."""
+    from desmoe.recipes.des_moe.study_report import target_lines
+
+    if arm not in cfg.study.arms:
+        raise UserError(f"--desmoe-arm {arm}: not an arm of the protocol ({', '.join(cfg.study.arms)})")
+    rows = read_rows(Path(cfg.study.csv), protocol_ids(cfg), report_base(cfg))
+    swapped = [{**r, "arm": "desmoe", "run": "desmoe" + r["run"][len(arm):]} for r in rows if r["arm"] == arm]
+    rows = [r for r in rows if r["arm"] not in ("desmoe", arm)] + swapped
+    cfg.study.arms["desmoe"] = cfg.study.arms[arm]
+    return [f"(targets with `{arm}` as DES-MoE)"] + target_lines(rows, cfg)
 
 
 def report_base(cfg: RealbaseStudy) -> str:

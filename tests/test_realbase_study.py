@@ -240,3 +240,27 @@ def test_diagnostic_protocol_shares_the_main_experiment():
         diag = load_config(RealbaseStudy, ROOT / "configs" / f"realbase_{name}.yaml", [])
         assert to_dict(diag.experiment) == to_dict(main.experiment)
         assert protocol_ids(main)[0] in protocol_ids(diag)[1:] and protocol_ids(diag)[0] != protocol_ids(main)[0]
+
+
+def test_targets_with_a_variant_in_desmoes_place(tmp_path):
+    """--report --desmoe-arm: the variant's rows stand in for DES-MoE's; nothing else changes."""
+    from desmoe.recipes.des_moe.study import append_row, phase1, protocol_ids
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"w")
+    cfg = _load([f"study.csv={tmp_path / 'r.csv'}", f"experiment.base.hf={tmp_path / 'base'}"])
+    from desmoe.recipes.des_moe.study import base_digest
+
+    key = {"protocol": protocol_ids(cfg)[0], "base_sha256": base_digest(tmp_path / "base")}
+    append_row(tmp_path / "r.csv", {**_row("base", "base", "vanilla", 0.0, 0, 5, 0.5, 0.3), **key})
+    for c in phase1(cfg)[1:]:
+        general = {"fft": 0.3, "desmoe": 0.2, "desmoe_fig1": 0.49}.get(c.arm, 0.45)  # fig1 keeps it
+        append_row(tmp_path / "r.csv", {**_row(c.run, "grid", c.arm, c.lr, 0, 5, general, 0.4), **key})
+    plain = _driver().targets_as_desmoe(_load([f"study.csv={tmp_path / 'r.csv'}",
+                                               f"experiment.base.hf={tmp_path / 'base'}"]), "desmoe")
+    fig1 = _driver().targets_as_desmoe(cfg, "desmoe_fig1")
+    assert "**missed (1 of 3 seeds)**" in plain[1] and "desmoe_drop 0.3," in plain[1]
+    assert "desmoe_drop 0.01," in fig1[1] and "missed" not in fig1[1]
+    with pytest.raises(Exception, match="--desmoe-arm nope: not an arm"):
+        _driver().targets_as_desmoe(cfg, "nope")
