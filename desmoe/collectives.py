@@ -101,21 +101,22 @@ def on_rank0(fn: Callable[[], Any], poll_s: float = 20.0, group=None) -> tuple[A
     """Run ``fn`` on rank 0 while the other ranks wait, for as long as it takes.  A plain barrier would
     fail the waiting ranks once ``fn`` outlasts the process group's timeout (an export of a large model);
     here rank 0 runs ``fn`` in a thread and every ``poll_s`` all ranks agree on one "done" flag, each
-    exchange far inside the timeout.  ``fn`` must not use collectives itself.  Returns ``(result, error)`` on rank 0 and ``(None, None)`` elsewhere;
-    whether it failed is for the caller to agree on (``any_rank``)."""
+    exchange far inside the timeout.  ``fn`` must not use collectives itself.  Returns ``(result, error)``
+    on rank 0 and ``(None, None)`` elsewhere; whether it failed is for the caller to agree on (``any_rank``)."""
     import threading
 
     box: dict = {}
-    if not is_distributed(group) or _dist().get_rank(group) == 0:
-        def work() -> None:
-            try:
-                box["result"] = fn()
-            except BaseException as err:  # noqa: BLE001 - handed back to the caller
-                box["error"] = err
 
-        if not is_distributed(group):
-            work()
-            return box.get("result"), box.get("error")
+    def work() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed back to the caller
+            box["error"] = err
+
+    if not is_distributed(group):
+        work()
+        return box.get("result"), box.get("error")
+    if _dist().get_rank(group) == 0:
         thread = threading.Thread(target=work, name="desmoe-on-rank0", daemon=True)
         thread.start()
         while True:

@@ -13,6 +13,7 @@ one is recorded as failed and retried by the next launch), drops the run's check
 renders docs/results-desmoe.md's real-base section and prints the targets (computed from the CSV).
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -145,8 +146,6 @@ def run_cell(cfg: RealbaseStudy, cell: Cell, rows: list[dict], key: tuple, ds_co
         print(f"[study] {cell.run}: {row['status']}", flush=True)
     _barrier()
     # the run's engine, model and kept heap are garbage now: hand them back before the next run
-    import gc
-
     from desmoe.kernels import release_freed_heap
 
     gc.collect()
@@ -173,21 +172,17 @@ def _barrier() -> None:
 def pending(cfg: RealbaseStudy, key: tuple, tried: set, first_arms: tuple = ()) -> tuple[list[Cell], list[str]]:
     rows = read_rows(Path(cfg.study.csv), *key)
     done = {r["run"] for r in rows if r["status"] == "ok"}
-    first = phase1(cfg)
-    # the grid lr-major: every arm's first lr before any arm's second (a cut-short launch covers every arm)
-    width = max(len(a.lr) for a in cfg.study.arms.values())
-    first = first[:1] + [c for i in range(width) for c in first[1:]
-                         if c.arm in cfg.study.arms and cfg.study.arms[c.arm].lr.index(c.lr) == i]
+    base, *grid = phase1(cfg)
     later, waiting = later_cells(cfg, rows)
-    # the cells the targets read first (the headline and scaling arms' grids, then their seeds and N), the
-    # other arms' grids after: a launch cut short still decides the targets.  Order only: no cell changes.
-    need = {"vanilla", "desmoe", "fft", "esft_token", *cfg.study.headline, *cfg.study.scaling}
-    # ``first_arms`` (--first): those of the other arms go first at each grid lr (e.g. the ablations a
-    # diagnosis needs before the baselines)
+    # One order, no cell changed: the cells the targets read first (the base, then the grids of the arms
+    # they compare, lr-major, then those arms' seeds and N), the other arms' grids after, lr-major (a launch
+    # cut short covers every arm at its first lr), ``first_arms`` (--first) leading among those at each lr.
+    need = {"desmoe", "fft", "esft_token", *cfg.study.headline, *cfg.study.scaling}
     rank = {a: i for i, a in enumerate(first_arms)}
-    rest = sorted((c for c in first if c.arm not in need),
-                  key=lambda c: (cfg.study.arms[c.arm].lr.index(c.lr), rank.get(c.arm, len(rank))))
-    ordered = [c for c in first if c.arm in need] + later + rest
+    grid = sorted(grid, key=lambda c: (c.arm not in need, cfg.study.arms[c.arm].lr.index(c.lr),
+                                       rank.get(c.arm, len(rank))))
+    n_need = sum(c.arm in need for c in grid)
+    ordered = [base, *grid[:n_need], *later, *grid[n_need:]]
     todo = [c for c in ordered if c.run not in done and c.run not in tried]
     return todo, waiting
 
@@ -200,8 +195,8 @@ def run_study(cfg: RealbaseStudy, ds_config: str, max_runs: int = 0, budget_s: f
     from desmoe.distributed import is_rank0
 
     # rows are keyed to the protocol and to the base's weights (rank 0 hashes them once)
-    key, tried, t0 = (protocol_ids(cfg), _broadcast(base_digest(cfg.experiment.base.hf) if is_rank0() else None)), \
-        set(), time.time()
+    key = (protocol_ids(cfg), _broadcast(base_digest(cfg.experiment.base.hf) if is_rank0() else None))
+    tried, t0 = set(), time.time()
     while not max_runs or len(tried) < max_runs:
         todo, waiting = pending(cfg, key, tried, first_arms)
         if not todo or _broadcast(bool(budget_s) and time.time() - t0 > budget_s):
