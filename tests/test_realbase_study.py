@@ -236,7 +236,7 @@ def test_diagnostic_protocol_shares_the_main_experiment():
     from desmoe.recipes.des_moe.study import RealbaseStudy, protocol_ids
 
     main = load_config(RealbaseStudy, ROOT / "configs" / "realbase_study.yaml", [])
-    for name in ("diag", "fig1_seeds"):
+    for name in ("diag", "fig1_seeds", "fig1_lr"):
         diag = load_config(RealbaseStudy, ROOT / "configs" / f"realbase_{name}.yaml", [])
         assert to_dict(diag.experiment) == to_dict(main.experiment)
         assert protocol_ids(main)[0] in protocol_ids(diag)[1:] and protocol_ids(diag)[0] != protocol_ids(main)[0]
