@@ -100,6 +100,7 @@ def test_mixed_precision_combine(monkeypatch):
 
 
 def test_row_kernels_refuse_bad_indices():
+    """Wrong index tensors and rows out of range are refused before the unchecked C loops run."""
     from desmoe.kernels import rows_cpu
 
     rows = rows_cpu()
@@ -108,3 +109,10 @@ def test_row_kernels_refuse_bad_indices():
         rows.gather(torch.randn(4, 3), torch.tensor([0, 1], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"\[k, tokens\]"):
         rows.gather_sum(torch.randn(4, 3), torch.tensor([0, 1]))
+    with pytest.raises(IndexError, match="out of range for 4 rows"):
+        rows.gather(torch.randn(4, 3), torch.tensor([0, 4]))
+    with pytest.raises(IndexError, match="out of range for 4 rows"):
+        rows.gather(torch.randn(4, 3), torch.tensor([-1, 2]))
+    with pytest.raises(IndexError, match="out of range for 4 rows"):
+        rows.gather_sum(torch.randn(4, 3), torch.tensor([[0, 4], [-1, 1]]))
+    assert rows.gather_sum(torch.ones(4, 3), torch.tensor([[0, -1], [-1, -1]])).tolist() == [[1.0] * 3, [0.0] * 3]

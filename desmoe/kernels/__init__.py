@@ -189,6 +189,7 @@ class RowKernels:
         src, idx = src.contiguous(), idx.contiguous()
         if idx.dtype != torch.int64 or idx.dim() != 1:
             raise ValueError(f"row index must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+        _check_rows(idx, src.shape[0], allow_negative=False)
         out = src.new_empty((idx.shape[0], src.shape[1]))
         self.lib.rows_gather(src.data_ptr(), idx.data_ptr(), out.data_ptr(), idx.shape[0],
                              src.shape[1] * src.element_size())
@@ -200,11 +201,18 @@ class RowKernels:
         src, pos = src.contiguous(), pos.contiguous()
         if pos.dtype != torch.int64 or pos.dim() != 2:
             raise ValueError(f"route positions must be a [k, tokens] int64 tensor, got {pos.dtype} {tuple(pos.shape)}")
+        _check_rows(pos, src.shape[0], allow_negative=True)
         k, s = pos.shape
         out = src.new_empty((s, src.shape[1]))
         fn = self.lib.rows_gather_sum_f32 if src.dtype == torch.float32 else self.lib.rows_gather_sum_bf16
         fn(src.data_ptr(), pos.data_ptr(), out.data_ptr(), s, k, src.shape[1])
         return out
+
+
+def _check_rows(idx: torch.Tensor, num_rows: int, allow_negative: bool) -> None:
+    # The C loops read through the indices unchecked: an index past the end would read another buffer.
+    if idx.numel() and (int(idx.max()) >= num_rows or (not allow_negative and int(idx.min()) < 0)):
+        raise IndexError(f"row index out of range for {num_rows} rows (min {int(idx.min())}, max {int(idx.max())})")
 
 
 def _load() -> None:
