@@ -2,7 +2,8 @@
 
 Variants, on identical expert weights and routing (the router's top-k over a softmax):
   * desmoe (its default backend on the platform) and each grouped-experts backend forced:
-    ``loop`` (one GEMM per expert) and ``grouped_mm`` (one grouped kernel per GEMM);
+    ``loop`` (one GEMM per expert) and ``grouped_mm`` (one grouped kernel per GEMM); on CPU also
+    ``desmoe_torch_permute``: the dispatch's gather and combine on torch ops, not the row kernels;
   * transformers' Qwen2-MoE sparse block with each experts implementation it offers here
     (``eager``, ``batched_mm``, ``grouped_mm``; ``batched_mm`` gathers one weight matrix per
     route, so it is skipped where that would not fit in memory); the fastest is "HF fastest";
@@ -159,9 +160,24 @@ def backend(name):
         grouped.grouped_mm_supported = saved
 
 
+@contextlib.contextmanager
+def torch_permutation():
+    """The dispatch's gather and combine on torch ops (index_select, index_add_ into zeros) instead of the
+    CPU row kernels: the ``desmoe_torch_permute`` row, what ``desmoe.moe.permutation`` gains on CPU."""
+    import desmoe.moe.permutation as permutation
+
+    saved = permutation._kernels
+    permutation._kernels = lambda t: None
+    try:
+        yield
+    finally:
+        permutation._kernels = saved
+
+
 def step_fn(module, x, grad, forced=None):
     def run():
-        with backend(forced):
+        with backend(None if forced == "torch_permute" else forced), \
+                (torch_permutation() if forced == "torch_permute" else contextlib.nullcontext()):
             module.zero_grad(set_to_none=True)  # as a training step does
             xi = x.detach().requires_grad_(True)
             out = module(xi.unsqueeze(0))
@@ -300,7 +316,7 @@ def main(argv=None) -> dict:
         if name not in skipped:
             runs[name] = step_fn(module, x, grad)
             if name == "desmoe":
-                for forced in ("loop", "grouped_mm"):
+                for forced in ("loop", "grouped_mm") + (() if cuda else ("torch_permute",)):
                     if f"desmoe_{forced}" not in skipped and hasattr(torch, "_grouped_mm"):
                         runs[f"desmoe_{forced}"] = step_fn(module, x, grad, forced)
     floor_counts = counts + ([s["tokens"]] if s["shared"] else [])

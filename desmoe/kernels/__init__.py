@@ -1,12 +1,13 @@
 """Fused CPU kernels: plain C, compiled once per machine type, called through ctypes.
 
-The C file needs no torch headers, so it builds in about a second with the
+The C files (``swiglu.c``: the SwiGLU activation; ``rows.c``: the MoE dispatch's and combine's row
+permutations) need no torch headers, so they build in about a second into one library with the
 system's C compiler (at setup by ``python -m desmoe.prebuild``, else on first
 use) into ``$TORCH_EXTENSIONS_DIR/desmoe/``.  The build is keyed by the CPU's
 feature flags because it uses ``-march=native``.  Calls run on the calling
 thread (see the C file for the measurement; a Python thread pool was slower
 too, as torch's OpenMP workers keep spinning on the cores after each GEMM).
-``swiglu_cpu()`` returns None when the kernel
+``swiglu_cpu()`` and ``rows_cpu()`` return None when the kernels
 cannot be used (no compiler, ``DESMOE_FUSED_KERNELS=0``); callers then use
 torch ops with the same math.
 """
@@ -25,8 +26,9 @@ from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("swiglu.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("swiglu.c", "rows.c"))  # one library
 _lib: Optional["SwiGLUKernels"] = None
+_rows: Optional["RowKernels"] = None
 _tried = False
 
 
@@ -46,7 +48,7 @@ def _cpu_key() -> str:
                 break
     except OSError:
         pass
-    return hashlib.sha1(flags.encode() + SOURCE.read_bytes()).hexdigest()[:12]
+    return hashlib.sha1(flags.encode() + b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
 
 
 def _build_dir() -> Path:
@@ -56,7 +58,7 @@ def _build_dir() -> Path:
 
 def build() -> Path:
     """Compile the library if needed; atomic, so concurrent ranks never load a partial file."""
-    target = _build_dir() / f"libdesmoe_swiglu_{_cpu_key()}.so"
+    target = _build_dir() / f"libdesmoe_kernels_{_cpu_key()}.so"
     if target.exists():
         return target
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -67,10 +69,12 @@ def build() -> Path:
     os.close(fd)
     # -ffast-math at compile time only: linking with it would switch the whole process
     # to flush-to-zero.
-    subprocess.run([cc, *_cflags(), "-fPIC", "-c", str(SOURCE), "-o", tmp + ".o"],
-                   check=True, capture_output=True)
-    subprocess.run([cc, "-shared", tmp + ".o", "-o", tmp, "-lmvec", "-lm"], check=True, capture_output=True)
-    os.unlink(tmp + ".o")
+    objects = [f"{tmp}.{i}.o" for i in range(len(SOURCES))]
+    for source, obj in zip(SOURCES, objects):
+        subprocess.run([cc, *_cflags(), "-fPIC", "-c", str(source), "-o", obj], check=True, capture_output=True)
+    subprocess.run([cc, "-shared", *objects, "-o", tmp, "-lmvec", "-lm"], check=True, capture_output=True)
+    for obj in objects:
+        os.unlink(obj)
     os.replace(tmp, target)
     return target
 
@@ -166,19 +170,75 @@ def _checked_out(t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Ten
     return t
 
 
-def swiglu_cpu() -> Optional[SwiGLUKernels]:
-    global _lib, _tried
+class RowKernels:
+    """``rows.c``: the dispatch's and the combine's row permutations (``desmoe.moe.permutation``)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.rows_gather.argtypes = [p, p, p, i64, i64]
+        for name in ("rows_gather_sum_f32", "rows_gather_sum_bf16"):
+            getattr(lib, name).argtypes = [p, p, p, i64, i64, i64]
+        self.lib = lib
+
+    @staticmethod
+    def supports(t: torch.Tensor) -> bool:
+        return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.dim() == 2
+
+    def gather(self, src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``src[idx]`` for a contiguous [n, d] ``src`` and int64 ``idx`` of valid rows."""
+        src, idx = src.contiguous(), idx.contiguous()
+        if idx.dtype != torch.int64 or idx.dim() != 1:
+            raise ValueError(f"row index must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+        _check_rows(idx, src.shape[0], allow_negative=False)
+        out = src.new_empty((idx.shape[0], src.shape[1]))
+        self.lib.rows_gather(src.data_ptr(), idx.data_ptr(), out.data_ptr(), idx.shape[0],
+                             src.shape[1] * src.element_size())
+        return out
+
+    def gather_sum(self, src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``out[t] = sum_j src[pos[j, t]]`` over ``pos`` [k, s] (int64; < 0 adds nothing), accumulated
+        in fp32, in ``src``'s dtype."""
+        src, pos = src.contiguous(), pos.contiguous()
+        if pos.dtype != torch.int64 or pos.dim() != 2:
+            raise ValueError(f"route positions must be a [k, tokens] int64 tensor, got {pos.dtype} {tuple(pos.shape)}")
+        _check_rows(pos, src.shape[0], allow_negative=True)
+        k, s = pos.shape
+        out = src.new_empty((s, src.shape[1]))
+        fn = self.lib.rows_gather_sum_f32 if src.dtype == torch.float32 else self.lib.rows_gather_sum_bf16
+        fn(src.data_ptr(), pos.data_ptr(), out.data_ptr(), s, k, src.shape[1])
+        return out
+
+
+def _check_rows(idx: torch.Tensor, num_rows: int, allow_negative: bool) -> None:
+    # The C loops read through the indices unchecked: an index past the end would read another buffer.
+    if idx.numel() and (int(idx.max()) >= num_rows or (not allow_negative and int(idx.min()) < 0)):
+        raise IndexError(f"row index out of range for {num_rows} rows (min {int(idx.min())}, max {int(idx.max())})")
+
+
+def _load() -> None:
+    global _lib, _rows, _tried
     if _tried:
-        return _lib
+        return
     _tried = True
     if os.environ.get("DESMOE_FUSED_KERNELS", "1") == "0":
-        return None
+        return
     try:
-        _lib = SwiGLUKernels(build())
+        path = build()
+        _lib = SwiGLUKernels(path)
+        _rows = RowKernels(_lib.lib)
     except Exception as err:  # noqa: BLE001 - a missing compiler must not stop training
-        warnings.warn(f"desmoe: fused CPU SwiGLU kernel unavailable ({err}); using torch ops")
-        _lib = None
+        warnings.warn(f"desmoe: fused CPU kernels unavailable ({err}); using torch ops")
+        _lib = _rows = None
+
+
+def swiglu_cpu() -> Optional[SwiGLUKernels]:
+    _load()
     return _lib
+
+
+def rows_cpu() -> Optional[RowKernels]:
+    _load()
+    return _rows
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

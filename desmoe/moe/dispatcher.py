@@ -30,6 +30,7 @@ from torch.func import functional_call
 from desmoe.moe.experts import SwiGLUExpert
 from desmoe.moe.grouped import grouped_swiglu
 from desmoe.moe.layout import ExpertLayout
+from desmoe.moe.permutation import permute, route_positions, unpermute
 from desmoe.moe.router import Routing
 
 
@@ -107,7 +108,8 @@ class ExpertDispatcher(nn.Module):
         else:
             kept_counts = counts
         token_of_route = order % num_tokens
-        dispatched = x.index_select(0, token_of_route)  # [N, d] grouped by expert; backward = index_add
+        pos = route_positions(order, num_tokens, k)  # [k, S] each route's row, -1 if dropped
+        dispatched = permute(x, token_of_route, pos)  # [N, d] grouped by expert
         weights = route_weight[order]
         route_keep = None if keep is None else keep.t().reshape(-1)[order]
         if self.layout.ep_size == 1 and self._grouped():
@@ -117,9 +119,7 @@ class ExpertDispatcher(nn.Module):
                                       weights.to(dispatched.dtype), route_keep)
         else:
             weighted = self._run_experts(dispatched, kept_counts, route_keep).float() * weights.unsqueeze(1)
-        # fp32 accumulation; in place on the fresh buffer (out-of-place index_add would copy it first).
-        out = torch.zeros((num_tokens, x.shape[1]), dtype=torch.float32, device=x.device)
-        out = out.index_add_(0, token_of_route, weighted.float()).to(x.dtype)
+        out = unpermute(weighted, token_of_route, pos, x.dtype)  # each token's routes summed in fp32
         stats = DispatchStats(tokens_per_expert=counts.detach(), dropped=(counts - kept_counts).sum().detach())
         return out, stats
 

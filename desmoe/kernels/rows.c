@@ -1,0 +1,72 @@
+/* Row permutation between token order and expert order, for the MoE dispatch and combine.
+ *
+ * gather:      dst[i] = src[idx[i]]                      (any dtype: rows are copied as bytes)
+ * gather_sum:  dst[t] = sum_j src[pos[j * s + t]], j < k  (pos < 0: a dropped route, adds nothing)
+ *              accumulated in fp32 in choice order, stored once in dst's dtype
+ *
+ * The dispatch's gather and its backward (a sum over each token's k routes), and the combine and its
+ * backward (a gather), are all one of these two passes.  torch's path for the same math is a gather
+ * (index_select) and, for each sum, a zero-filled buffer plus a scatter (index_add_): an extra pass over
+ * the output and a read-modify-write per route.  Single-threaded, like swiglu.c (memory-bound).
+ */
+#include <stdint.h>
+#include <string.h>
+
+void rows_gather(const char *restrict src, const int64_t *restrict idx, char *restrict dst, int64_t n,
+                 int64_t row_bytes) {
+  for (int64_t i = 0; i < n; ++i) memcpy(dst + i * row_bytes, src + idx[i] * row_bytes, (size_t)row_bytes);
+}
+
+void rows_gather_sum_f32(const float *restrict src, const int64_t *restrict pos, float *restrict dst, int64_t s,
+                         int64_t k, int64_t d) {
+  for (int64_t t = 0; t < s; ++t) {
+    float *restrict out = dst + t * d;
+    int64_t first = 0;
+    while (first < k && pos[first * s + t] < 0) ++first;
+    if (first == k) {
+      memset(out, 0, (size_t)d * sizeof(float));
+      continue;
+    }
+    memcpy(out, src + pos[first * s + t] * d, (size_t)d * sizeof(float));
+    for (int64_t j = first + 1; j < k; ++j) {
+      const int64_t p = pos[j * s + t];
+      if (p < 0) continue;
+      const float *restrict row = src + p * d;
+      for (int64_t c = 0; c < d; ++c) out[c] += row[c];
+    }
+  }
+}
+
+static inline float bf16_to_f32_rows(uint16_t v) {
+  uint32_t bits = (uint32_t)v << 16;
+  float out;
+  memcpy(&out, &bits, 4);
+  return out;
+}
+
+static inline uint16_t f32_to_bf16_rows(float v) { /* round to nearest even, as torch's conversion */
+  uint32_t bits;
+  memcpy(&bits, &v, 4);
+  if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu)) return 0x7FC0u; /* NaN, as torch */
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return (uint16_t)(bits >> 16);
+}
+
+#define ROWS_CHUNK 512
+void rows_gather_sum_bf16(const uint16_t *restrict src, const int64_t *restrict pos, uint16_t *restrict dst,
+                          int64_t s, int64_t k, int64_t d) {
+  for (int64_t t = 0; t < s; ++t) {
+    for (int64_t c0 = 0; c0 < d; c0 += ROWS_CHUNK) {
+      const int64_t m = d - c0 < ROWS_CHUNK ? d - c0 : ROWS_CHUNK;
+      float acc[ROWS_CHUNK];
+      for (int64_t c = 0; c < m; ++c) acc[c] = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = pos[j * s + t];
+        if (p < 0) continue;
+        const uint16_t *restrict row = src + p * d + c0;
+        for (int64_t c = 0; c < m; ++c) acc[c] += bf16_to_f32_rows(row[c]);
+      }
+      for (int64_t c = 0; c < m; ++c) dst[t * d + c0 + c] = f32_to_bf16_rows(acc[c]);
+    }
+  }
+}
