@@ -9,9 +9,11 @@ each other's adjoint:
 * ``unpermute``: out[t]  = sum_j rows[pos[j, t]];     backward: grad_rows[i] = grad_out[token_of_route[i]]
 
 so forward and backward are each a gather or a gather-sum: one pass, no zero-filled buffer and no
-scatter.  On CPU they run as C loops (``desmoe.kernels.rows_cpu``); elsewhere, or without the kernels,
-as torch's ``index_select`` and an ``index_add_`` into zeros, the ops autograd would use.  Sums are
-accumulated in fp32 (a bf16 model's combine does not round per route).
+scatter.  On CPU they run as C loops (``desmoe.kernels.rows_cpu``), every sum accumulated in fp32.
+Elsewhere, or without the kernels, they are torch's ``index_select`` and an ``index_add_`` into zeros:
+the combine sums in fp32 (a bf16 model's combine does not round per route), the dispatch's backward in
+the gradient's dtype, as autograd's ``index_select`` backward does (an fp32 copy of a bf16 gradient
+would add k * tokens * d * 4 bytes at the step's peak on a GPU).
 """
 from __future__ import annotations
 
@@ -40,14 +42,16 @@ def _gather(src: Tensor, idx: Tensor) -> Tensor:
     return kernels.gather(src, idx) if kernels is not None else src.index_select(0, idx)
 
 
-def _gather_sum(src: Tensor, pos: Tensor, token_of_route: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _gather_sum(src: Tensor, pos: Tensor, token_of_route: Tensor, out_dtype: torch.dtype,
+                fp32: bool = True) -> Tensor:
+    """``fp32``: the torch ops accumulate in fp32 (else in ``src``'s dtype); the C loops always do."""
     kernels = _kernels(src)
     if kernels is not None:
         return kernels.gather_sum(src, pos).to(out_dtype)
-    num_tokens = pos.shape[1]
-    out = torch.zeros((num_tokens, src.shape[1]), dtype=torch.float32, device=src.device)
+    acc = torch.float32 if fp32 else src.dtype
+    out = torch.zeros((pos.shape[1], src.shape[1]), dtype=acc, device=src.device)
     # in place on the fresh buffer (out-of-place index_add would copy it first)
-    return out.index_add_(0, token_of_route, src.float()).to(out_dtype)
+    return out.index_add_(0, token_of_route, src.to(acc)).to(out_dtype)
 
 
 class _Permute(torch.autograd.Function):
@@ -60,7 +64,7 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         token_of_route, pos = ctx.saved_tensors
-        return _gather_sum(grad, pos, token_of_route, ctx.dtype), None, None
+        return _gather_sum(grad, pos, token_of_route, ctx.dtype, fp32=False), None, None
 
 
 class _Unpermute(torch.autograd.Function):
