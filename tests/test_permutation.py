@@ -3,7 +3,7 @@ the torch ops compute the same function and its gradient, with capacity drops, i
 import pytest
 import torch
 
-from desmoe.moe.permutation import permute, route_positions, unpermute
+from desmoe.moe.permutation import RoutePlan, permute, unpermute
 from tolerance import assert_close
 
 
@@ -32,7 +32,8 @@ def _routes(num_tokens: int, k: int, num_experts: int, capacity: int | None, see
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(order.numel()) - starts[route_expert[order]]
         order = order[slot < capacity]
-    return order % num_tokens, route_positions(order, num_tokens, k), order
+    plan = RoutePlan(order, num_tokens, k)
+    return plan, plan.token_of_route, plan.pos, order
 
 
 def _reference(x, rows, token_of_route, order, num_tokens):
@@ -48,7 +49,7 @@ def _reference(x, rows, token_of_route, order, num_tokens):
 def test_permute_unpermute_and_gradients(monkeypatch, fused, dtype, k, capacity):
     _kernels(monkeypatch, fused)
     num_tokens, d = 13, 37  # odd width: no vector-width multiple
-    token_of_route, pos, order = _routes(num_tokens, k, 6, capacity, seed=k)
+    plan, token_of_route, pos, order = _routes(num_tokens, k, 6, capacity, seed=k)
     if capacity is not None:
         assert (pos < 0).any(), "the capacity must drop routes for this case to test them"
     torch.manual_seed(0)
@@ -56,8 +57,8 @@ def test_permute_unpermute_and_gradients(monkeypatch, fused, dtype, k, capacity)
     rows_in = torch.randn(order.numel(), d).to(dtype).requires_grad_(True)
     g_rows, g_out = torch.randn(order.numel(), d).to(dtype), torch.randn(num_tokens, d).to(dtype)
 
-    rows = permute(x, token_of_route, pos)
-    out = unpermute(rows_in, token_of_route, pos)
+    rows = permute(x, plan)
+    out = unpermute(rows_in, plan)
     assert rows.dtype == dtype and out.dtype == dtype and out.shape == (num_tokens, d)
     (rows.float() * g_rows.float()).sum().backward()
     (out.float() * g_out.float()).sum().backward()
@@ -77,22 +78,22 @@ def test_permute_unpermute_and_gradients(monkeypatch, fused, dtype, k, capacity)
 def test_kernels_equal_torch_ops(monkeypatch, dtype):
     """Top-2 without drops: both paths add the same two values in fp32 and round once, so they agree
     bit for bit (x + y is exact in either order)."""
-    token_of_route, pos, order = _routes(64, 2, 8, None, seed=5)
+    plan, token_of_route, pos, order = _routes(64, 2, 8, None, seed=5)
     torch.manual_seed(1)
     rows_in = torch.randn(order.numel(), 300).to(dtype)
     results = []
     for fused in ("1", "0"):
         _kernels(monkeypatch, fused)
-        results.append(unpermute(rows_in, token_of_route, pos))
+        results.append(unpermute(rows_in, plan))
     assert torch.equal(results[0], results[1])
 
 
 def test_mixed_precision_combine(monkeypatch):
     """fp32 rows (the EP path weights them in fp32) into a bf16 model: summed in fp32, rounded once."""
     _kernels(monkeypatch, "1")
-    token_of_route, pos, order = _routes(20, 2, 4, None, seed=2)
+    plan, token_of_route, pos, order = _routes(20, 2, 4, None, seed=2)
     rows_in = torch.randn(order.numel(), 16, requires_grad=True)
-    out = unpermute(rows_in, token_of_route, pos, torch.bfloat16)
+    out = unpermute(rows_in, plan, torch.bfloat16)
     _, want = _reference(rows_in.detach(), rows_in.detach(), token_of_route, order, 20)
     assert out.dtype == torch.bfloat16 and torch.equal(out, want.float().bfloat16())
     out.float().sum().backward()
@@ -116,3 +117,14 @@ def test_row_kernels_refuse_bad_indices():
     with pytest.raises(IndexError, match="out of range for 4 rows"):
         rows.gather_sum(torch.randn(4, 3), torch.tensor([[0, 4], [-1, 1]]))
     assert rows.gather_sum(torch.ones(4, 3), torch.tensor([[0, -1], [-1, -1]])).tolist() == [[1.0] * 3, [0.0] * 3]
+
+
+def test_torch_ops_never_build_the_route_positions(monkeypatch):
+    """Only the CPU kernels read ``pos``; the torch ops (a GPU's path) run without building it."""
+    _kernels(monkeypatch, "0")
+    plan, token_of_route, _, order = _routes(16, 2, 4, None, seed=3)
+    fresh = RoutePlan(order, 16, 2)
+    x = torch.randn(16, 8, requires_grad=True)
+    unpermute(permute(x, fresh) * 2, fresh).sum().backward()
+    assert fresh._pos is None
+    assert torch.equal(x.grad, torch.full_like(x, 4.0))  # two routes per token, each times 2

@@ -30,7 +30,7 @@ from torch.func import functional_call
 from desmoe.moe.experts import SwiGLUExpert
 from desmoe.moe.grouped import grouped_swiglu
 from desmoe.moe.layout import ExpertLayout
-from desmoe.moe.permutation import permute, route_positions, unpermute
+from desmoe.moe.permutation import RoutePlan, permute, unpermute
 from desmoe.moe.router import Routing
 
 
@@ -107,9 +107,8 @@ class ExpertDispatcher(nn.Module):
             kept_counts = counts.clamp(max=capacity)
         else:
             kept_counts = counts
-        token_of_route = order % num_tokens
-        pos = route_positions(order, num_tokens, k)  # [k, S] each route's row, -1 if dropped
-        dispatched = permute(x, token_of_route, pos)  # [N, d] grouped by expert
+        plan = RoutePlan(order, num_tokens, k)
+        dispatched = permute(x, plan)  # [N, d] grouped by expert
         weights = route_weight[order]
         route_keep = None if keep is None else keep.t().reshape(-1)[order]
         if self.layout.ep_size == 1 and self._grouped():
@@ -119,7 +118,7 @@ class ExpertDispatcher(nn.Module):
                                       weights.to(dispatched.dtype), route_keep)
         else:
             weighted = self._run_experts(dispatched, kept_counts, route_keep).float() * weights.unsqueeze(1)
-        out = unpermute(weighted, token_of_route, pos, x.dtype)  # each token's routes summed in fp32
+        out = unpermute(weighted, plan, x.dtype)  # each token's routes summed in fp32
         stats = DispatchStats(tokens_per_expert=counts.detach(), dropped=(counts - kept_counts).sum().detach())
         return out, stats
 
