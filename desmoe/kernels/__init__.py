@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("swiglu.c", "rows.c"))  # one library
+HEADERS = (Path(__file__).with_name("bf16.h"),)
 _lib: Optional["SwiGLUKernels"] = None
 _rows: Optional["RowKernels"] = None
 _tried = False
@@ -48,7 +49,7 @@ def _cpu_key() -> str:
                 break
     except OSError:
         pass
-    return hashlib.sha1(flags.encode() + b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
+    return hashlib.sha1(flags.encode() + b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
 
 
 def _build_dir() -> Path:

@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 void rows_gather(const char *restrict src, const int64_t *restrict idx, char *restrict dst, int64_t n,
                  int64_t row_bytes) {
   for (int64_t i = 0; i < n; ++i) memcpy(dst + i * row_bytes, src + idx[i] * row_bytes, (size_t)row_bytes);
@@ -37,21 +39,6 @@ void rows_gather_sum_f32(const float *restrict src, const int64_t *restrict pos,
   }
 }
 
-static inline float bf16_to_f32_rows(uint16_t v) {
-  uint32_t bits = (uint32_t)v << 16;
-  float out;
-  memcpy(&out, &bits, 4);
-  return out;
-}
-
-static inline uint16_t f32_to_bf16_rows(float v) { /* round to nearest even, as torch's conversion */
-  uint32_t bits;
-  memcpy(&bits, &v, 4);
-  if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu)) return 0x7FC0u; /* NaN, as torch */
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return (uint16_t)(bits >> 16);
-}
-
 #define ROWS_CHUNK 512
 void rows_gather_sum_bf16(const uint16_t *restrict src, const int64_t *restrict pos, uint16_t *restrict dst,
                           int64_t s, int64_t k, int64_t d) {
@@ -64,9 +51,9 @@ void rows_gather_sum_bf16(const uint16_t *restrict src, const int64_t *restrict 
         const int64_t p = pos[j * s + t];
         if (p < 0) continue;
         const uint16_t *restrict row = src + p * d + c0;
-        for (int64_t c = 0; c < m; ++c) acc[c] += bf16_to_f32_rows(row[c]);
+        for (int64_t c = 0; c < m; ++c) acc[c] += bf16_to_f32(row[c]);
       }
-      for (int64_t c = 0; c < m; ++c) dst[t * d + c0 + c] = f32_to_bf16_rows(acc[c]);
+      for (int64_t c = 0; c < m; ++c) dst[t * d + c0 + c] = f32_to_bf16(acc[c]);
     }
   }
 }

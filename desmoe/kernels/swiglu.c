@@ -19,19 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t v) {
-  uint32_t bits = (uint32_t)v << 16;
-  float out;
-  memcpy(&out, &bits, 4);
-  return out;
-}
-
-static inline uint16_t f32_to_bf16(float v) { /* round to nearest even */
-  uint32_t bits;
-  memcpy(&bits, &v, 4);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return (uint16_t)(bits >> 16);
-}
+#include "bf16.h"
 
 void swiglu_fwd_f32(const float *restrict h, const float *restrict w, float *restrict act,
                     int64_t r0, int64_t r1, int64_t f) {
