@@ -174,10 +174,14 @@ def torch_permutation():
         permutation._kernels = saved
 
 
+# desmoe's forced variants (the plain "desmoe" row runs as trained): each a context around the step
+FORCED = {"loop": lambda: backend("loop"), "grouped_mm": lambda: backend("grouped_mm"),
+          "torch_permute": torch_permutation}
+
+
 def step_fn(module, x, grad, forced=None):
     def run():
-        with backend(None if forced == "torch_permute" else forced), \
-                (torch_permutation() if forced == "torch_permute" else contextlib.nullcontext()):
+        with FORCED[forced]() if forced else contextlib.nullcontext():
             module.zero_grad(set_to_none=True)  # as a training step does
             xi = x.detach().requires_grad_(True)
             out = module(xi.unsqueeze(0))

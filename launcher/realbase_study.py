@@ -235,10 +235,7 @@ def main() -> None:
         from desmoe.distributed import init_distributed, is_rank0
 
         init_distributed()
-        first_arms = tuple(a for a in flags.first.split(",") if a)
-        unknown = [a for a in first_arms if a not in cfg.study.arms]
-        if unknown:
-            raise UserError(f"--first {unknown[0]}: not an arm of the protocol ({', '.join(cfg.study.arms)})")
+        first_arms = tuple(_arm(cfg, "--first", a) for a in flags.first.split(",") if a)
         run_study(cfg, args.deepspeed, flags.max_runs, flags.budget_s, first_arms)
         if not is_rank0():
             return
@@ -254,13 +251,18 @@ def targets_as_desmoe(cfg: RealbaseStudy, arm: str) -> list[str]:
     """The targets with another arm in DES-MoE's place (a variant's reading; the doc is not rewritten)."""
     from desmoe.recipes.des_moe.study_report import target_lines
 
-    if arm not in cfg.study.arms:
-        raise UserError(f"--desmoe-arm {arm}: not an arm of the protocol ({', '.join(cfg.study.arms)})")
+    _arm(cfg, "--desmoe-arm", arm)
     rows = read_rows(Path(cfg.study.csv), protocol_ids(cfg), report_base(cfg))
     swapped = [{**r, "arm": "desmoe", "run": "desmoe" + r["run"][len(arm):]} for r in rows if r["arm"] == arm]
     rows = [r for r in rows if r["arm"] not in ("desmoe", arm)] + swapped
     cfg.study.arms["desmoe"] = cfg.study.arms[arm]
     return [f"(targets with `{arm}` as DES-MoE)"] + target_lines(rows, cfg)
+
+
+def _arm(cfg: RealbaseStudy, flag: str, arm: str) -> str:
+    if arm not in cfg.study.arms:
+        raise UserError(f"{flag} {arm}: not an arm of the protocol ({', '.join(cfg.study.arms)})")
+    return arm
 
 
 def report_base(cfg: RealbaseStudy) -> str:
