@@ -240,6 +240,11 @@ def test_diagnostic_protocol_shares_the_main_experiment():
         diag = load_config(RealbaseStudy, ROOT / "configs" / f"realbase_{name}.yaml", [])
         assert to_dict(diag.experiment) == to_dict(main.experiment)
         assert protocol_ids(main)[0] in protocol_ids(diag)[1:] and protocol_ids(diag)[0] != protocol_ids(main)[0]
+    # realbase_scaling20.yaml changes the per-domain budget: same experiment, its own rows only (its run names
+    # are the main protocol's, at another number of steps)
+    s20 = load_config(RealbaseStudy, ROOT / "configs" / "realbase_scaling20.yaml", [])
+    assert to_dict(s20.experiment) == to_dict(main.experiment) and protocol_ids(s20) == (protocol_ids(s20)[0],)
+    assert s20.study.steps_per_domain != main.study.steps_per_domain and protocol_ids(s20)[0] not in protocol_ids(main)
 
 
 def test_targets_with_a_variant_in_desmoes_place(tmp_path):
