@@ -77,7 +77,8 @@ def _row(run, phase, arm, lr, seed, n, general, down, val=3.0, ppl=50.0, status=
 
 
 def test_csv_selection_phases_and_targets(tmp_path):
-    from desmoe.recipes.des_moe.study import append_row, later_cells, phase1, read_rows, select_lr, targets
+    from desmoe.recipes.des_moe.study import append_row, later_cells, phase1, read_rows, select_lr
+    from desmoe.recipes.des_moe.study_targets import targets
 
     cfg = _load([f"study.csv={tmp_path / 'r.csv'}"])
     path = Path(cfg.study.csv)

@@ -1,5 +1,5 @@
 """A fixed study protocol for multi-domain fine-tuning (issue #18): the grid, its cells, the CSV of runs
-and the targets computed from it.
+(the targets computed from it: ``study_targets``).
 
 The protocol (``configs/realbase_study.yaml``) is a file committed before any run: the arms (a method
 plus overrides, e.g. DES-MoE w/o ALR), each arm's learning-rate grid, the seed of the grid, the seeds of
@@ -24,7 +24,6 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import mean, stdev
 from typing import Literal, Optional
 
 from desmoe.config import bad
@@ -302,111 +301,3 @@ def append_row(path: Path, row: dict) -> None:
 
 def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-# ---- targets, from the CSV only ---------------------------------------------------------------------------
-
-def _ok(rows: list[dict], **match) -> list[dict]:
-    return [r for r in rows if r["status"] == "ok" and all(str(r[k]) == str(v) for k, v in match.items())]
-
-
-def arm_rows(rows: list[dict], cfg: RealbaseStudy, arm: str, n: Optional[int] = None) -> list[dict]:
-    """Finished runs of an arm at its selected lr: every seed at all domains, or grid_seed at N = n."""
-    lr = select_lr(rows, cfg, arm)
-    if lr is None:
-        return []
-    if n is None:
-        n = len(cfg.experiment.data.domains)
-        return [r for r in _ok(rows, arm=arm, N=n) if float(r["lr"]) == lr and r["phase"] in ("grid", "seeds")]
-    return [r for r in _ok(rows, arm=arm, N=n, seed=cfg.study.grid_seed) if float(r["lr"]) == lr]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return (mean(values), stdev(values) if len(values) > 1 else float("nan")) if values else (float("nan"),) * 2
-
-
-def _num(r: dict, key: str) -> float:
-    v = r.get(key)
-    return float(v) if v not in (None, "") else float("nan")
-
-
-def mean_se(rs: list[dict], key: str) -> tuple[float, float]:
-    """Mean over runs (seeds) and its standard error: std over seeds / sqrt(k) for k >= 2 runs, else the
-    run's own binomial standard error (``<key>_se``; NaN where unknown)."""
-    if not rs:
-        return float("nan"), float("nan")
-    m, sd = mean_std([_num(r, key) for r in rs])
-    return m, (sd / math.sqrt(len(rs)) if len(rs) > 1 else _num(rs[0], f"{key}_se"))
-
-
-def verdict(diff: float, se: float, passes: bool) -> str:
-    """``passes``: the criterion holds at the means; decided only when |diff| >= 2 standard errors."""
-    if not math.isnan(se) and abs(diff) >= 2 * se:
-        return "met" if passes else "missed"
-    return "undecided"
-
-
-def combine(*verdicts: str) -> str:
-    if "missed" in verdicts:
-        return "missed"
-    return "met" if all(v == "met" for v in verdicts) else "undecided (within noise: < 2 standard errors)"
-
-
-def targets(rows: list[dict], cfg: RealbaseStudy) -> list[dict]:
-    """#18's two targets from the CSV: met / missed / undecided (within ~2 standard errors) / undefined
-    (no FFT drop to compare with, or no downstream signal) / pending (runs missing)."""
-    s, out = cfg.study, []
-    base = next((r for r in rows if r["phase"] == "base" and r["status"] == "ok"), None)
-    g = {a: mean_se(arm_rows(rows, cfg, a), "general_score") for a in ("desmoe", "fft", "esft_token")}
-    d = {a: mean_se(arm_rows(rows, cfg, a), "downstream_score") for a in ("desmoe", "fft", "esft_token")}
-    seeds = min(len(arm_rows(rows, cfg, a)) for a in g)
-    b, b_se = (_num(base, "general_score"), _num(base, "general_score_se")) if base else (math.nan, math.nan)
-    b_se = 0.0 if math.isnan(b_se) and base else b_se
-    k = s.forgetting_share
-    t = {"target": f"general drop of DES-MoE <= {k:g} x FFT's, downstream >= ESFT-Token's", "seeds": seeds,
-         "desmoe_drop": b - g["desmoe"][0], "fft_drop": b - g["fft"][0],
-         "desmoe_downstream": d["desmoe"][0], "esft_token_downstream": d["esft_token"][0]}
-    fft_se = math.sqrt(b_se ** 2 + g["fft"][1] ** 2)
-    moved = [_num(r, "downstream_score") - _num(r, "downstream_score_base")
-             for a in g for r in arm_rows(rows, cfg, a)]
-    if seeds == 0 or base is None:
-        t["status"] = "pending"
-    elif t["fft_drop"] <= 0:
-        t["status"] = "undefined (FFT has no general drop)"
-    elif not t["fft_drop"] >= 2 * fft_se:
-        t["status"] = "undecided (FFT's general drop is within 2 standard errors of 0)"
-    elif max(moved) <= 0:  # no method moved the downstream score: comparing them would say nothing
-        t["status"] = "undefined (no method raised the downstream score above the base's)"
-    else:
-        diff1 = t["desmoe_drop"] - k * t["fft_drop"]  # = (1-k) base - desmoe + k fft: the base counts (1-k) times
-        se1 = math.sqrt(((1 - k) * b_se) ** 2 + g["desmoe"][1] ** 2 + (k * g["fft"][1]) ** 2)
-        diff2 = d["desmoe"][0] - d["esft_token"][0]
-        se2 = math.sqrt(d["desmoe"][1] ** 2 + d["esft_token"][1] ** 2)
-        t.update(forgetting_margin=diff1, forgetting_se=se1, downstream_margin=diff2, downstream_se=se2)
-        t["status"] = combine(verdict(diff1, se1, diff1 <= 0), verdict(diff2, se2, diff2 >= 0))
-    if 0 < seeds < len(s.seeds) and t["status"] != "pending":
-        t["status"] += f" ({seeds} of {len(s.seeds)} seeds)"
-    out.append(t)
-    lo, hi = s.scaling_sizes[0], s.scaling_sizes[-1]
-    drop, se = {}, {}
-    for a in ("desmoe", "fft"):
-        a_lo = arm_rows(rows, cfg, a, lo)
-        a_hi = [r for r in arm_rows(rows, cfg, a, hi) if int(r["seed"]) == s.grid_seed]
-        if a_lo and a_hi:
-            drop[a] = _num(a_lo[0], "general_score") - _num(a_hi[0], "general_score")
-            se[a] = math.sqrt(sum(_num(r, "general_score_se") ** 2 for r in (a_lo[0], a_hi[0])))
-    k = s.scaling_share
-    t = {"target": f"N = {lo} -> {hi}: general drop of DES-MoE <= {k:g} x FFT's",
-         "desmoe_drop": drop.get("desmoe"), "fft_drop": drop.get("fft")}
-    if len(drop) < 2:
-        t["status"] = "pending"
-    elif drop["fft"] <= 0:
-        t["status"] = "undefined (FFT's general score does not drop from N = %d to %d)" % (lo, hi)
-    elif not drop["fft"] >= 2 * se["fft"]:
-        t["status"] = "undecided (FFT's N = %d -> %d drop is within 2 standard errors of 0)" % (lo, hi)
-    else:
-        diff = drop["desmoe"] - k * drop["fft"]
-        t.update(margin=diff, se=math.sqrt(se["desmoe"] ** 2 + (k * se["fft"]) ** 2))
-        t["status"] = combine(verdict(diff, t["se"], diff <= 0))
-    out.append(t)
-    return out

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from desmoe.recipes.des_moe.study import arm_rows, mean_se, mean_std, phase1, read_rows, select_lr, targets
+from desmoe.recipes.des_moe.study import phase1, read_rows, select_lr
+from desmoe.recipes.des_moe.study_targets import arm_rows, mean_se, mean_std, targets
 
 
 
