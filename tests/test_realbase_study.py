@@ -270,3 +270,25 @@ def test_targets_with_a_variant_in_desmoes_place(tmp_path):
     assert "desmoe_drop 0.01," in fig1[1] and "missed" not in fig1[1]
     with pytest.raises(Exception, match="--desmoe-arm nope: not an arm"):
         _driver().targets_as_desmoe(cfg, "nope")
+
+
+def test_studies_sharing_a_csv_keep_their_own_plot(tmp_path):
+    """Every study renders its own section and its own plot: studies sharing one CSV (a diagnostic beside
+    the main protocol) once overwrote one PNG, so every section showed the last study rendered."""
+    from desmoe.recipes.des_moe.study import append_row
+    from desmoe.recipes.des_moe.study_report import render
+
+    csv_path, doc = tmp_path / "results" / "r.csv", tmp_path / "doc.md"
+    cfgs = {p: _load([f"study.csv={csv_path}", f"study.doc={doc}", f"study.name=study-{p}"]) for p in ("p1", "p2")}
+    for p, general in (("p1", 0.45), ("p2", 0.30)):
+        append_row(csv_path, {**_row(f"fft-{p}", "grid", "fft", 1e-4, 0, 5, general, 0.4), "protocol": p,
+                              "probes": json.dumps({"probe_cloze": general}), "downstream": json.dumps({"law": 0.4})})
+    render(cfgs["p1"], ("p1",), "")
+    first = {f.name: f.read_bytes() for f in csv_path.parent.glob("*.png")}
+    render(cfgs["p2"], ("p2",), "")
+    pngs = {f.name: f.read_bytes() for f in csv_path.parent.glob("*.png")}
+    assert len(first) == 1 and len(pngs) == 2 and all(pngs[n] == b for n, b in first.items())
+    text = doc.read_text()
+    for p in ("p1", "p2"):
+        section = text[text.index(f"<!-- study-{p}:begin -->"):text.index(f"<!-- study-{p}:end -->")]
+        assert f"(results/r-study-{p}.png)" in section and (csv_path.parent / f"r-study-{p}.png").is_file()

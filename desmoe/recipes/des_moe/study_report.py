@@ -177,7 +177,8 @@ def render(cfg, protocol, base: str) -> str:
     csv_path = Path(cfg.study.csv)
     rows = read_rows(csv_path, protocol, base)
     every = read_rows(csv_path)
-    png = csv_path.with_suffix(".png")
+    # one plot per study: studies sharing the CSV (a diagnostic beside its main protocol) each link their own
+    png = csv_path.with_name(f"{csv_path.stem}-{cfg.study.name}.png")
     has_plot = plot(rows, png)
     ok = sum(r["status"] == "ok" for r in rows)
     failed = sum(r["status"] == "failed" for r in rows)
