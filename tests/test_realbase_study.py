@@ -292,3 +292,28 @@ def test_studies_sharing_a_csv_keep_their_own_plot(tmp_path):
     for p in ("p1", "p2"):
         section = text[text.index(f"<!-- study-{p}:begin -->"):text.index(f"<!-- study-{p}:end -->")]
         assert f"(results/r-study-{p}.png)" in section and (csv_path.parent / f"r-study-{p}.png").is_file()
+
+
+def test_one_seed_heldout_targets_are_undecided(tmp_path):
+    """The held-out perplexity has no per-run error (the same tokens for every run): its noise is the seeds'
+    spread, so a one-seed margin, however large, is not called met or missed; the probes' binomial errors
+    still decide."""
+    from desmoe.recipes.des_moe.study import read_rows
+    from desmoe.recipes.des_moe.study_report import target_lines
+
+    sets = [f"study.csv={tmp_path / 'r.csv'}"] + [f"study.arms.{a}.lr=[{lr}]" for a, lr in
+                                                 (("fft", 1e-4), ("desmoe", 3e-4), ("esft_token", 1e-3))]
+    cfg = _load(sets)
+    from desmoe.recipes.des_moe.study import append_row
+
+    append_row(Path(cfg.study.csv), _row("base", "base", "vanilla", 0.0, 0, 5, 0.5, 0.3))
+    for arm, lr, n, general, ppl in (("fft", 1e-4, 5, 0.2, 80.0), ("fft", 1e-4, 2, 0.4, 60.0),
+                                     ("desmoe", 3e-4, 5, 0.45, 52.0), ("desmoe", 3e-4, 2, 0.35, 52.0),
+                                     ("esft_token", 1e-3, 5, 0.48, 51.0)):
+        phase = "grid" if n == 5 else "scaling"
+        down = 0.5 if arm == "desmoe" else 0.4
+        append_row(Path(cfg.study.csv), _row(f"{arm}-lr{lr:g}-s0-N{n}", phase, arm, lr, 0, n, general, down, ppl=ppl))
+    lines = target_lines(read_rows(Path(cfg.study.csv), "p1"), cfg)
+    probe, heldout = [x for x in lines if "probe mean" in x], [x for x in lines if "held-out" in x]
+    assert "**met" in probe[0] and "**met" in probe[1]  # binomial errors 0.02: decided
+    assert all("**undecided (no standard error" in x for x in heldout), heldout

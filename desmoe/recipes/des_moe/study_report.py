@@ -26,9 +26,11 @@ def _as_heldout(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         if r["status"] == "ok":
-            # no item noise is counted for the perplexity (the same tokens for every run): only seeds' spread
+            # no item noise is counted for the perplexity (the same tokens for every run): its noise is the
+            # seeds' spread, which one run does not measure (unknown, not 0: a one-seed margin decides nothing)
             r = {**r, "general_score": -math.log(float(r["heldout_ppl"])),
-                 "general_score_base": -math.log(float(r["heldout_ppl_base"])), "general_score_se": "0"}
+                 "general_score_base": -math.log(float(r["heldout_ppl_base"])),
+                 "general_score_se": "0" if r["phase"] == "base" else ""}
         out.append(r)
     return out
 

@@ -79,6 +79,8 @@ def targets(rows: list[dict], cfg: RealbaseStudy) -> list[dict]:
         t["status"] = "pending"
     elif t["fft_drop"] <= 0:
         t["status"] = "undefined (FFT has no general drop)"
+    elif math.isnan(fft_se):
+        t["status"] = "undecided (no standard error: one seed, and the score has no per-run error)"
     elif not t["fft_drop"] >= 2 * fft_se:
         t["status"] = "undecided (FFT's general drop is within 2 standard errors of 0)"
     elif max(moved) <= 0:  # no method moved the downstream score: comparing them would say nothing
@@ -108,6 +110,8 @@ def targets(rows: list[dict], cfg: RealbaseStudy) -> list[dict]:
         t["status"] = "pending"
     elif drop["fft"] <= 0:
         t["status"] = "undefined (FFT's general score does not drop from N = %d to %d)" % (lo, hi)
+    elif math.isnan(se["fft"]) or math.isnan(se["desmoe"]):
+        t["status"] = "undecided (no standard error: one run per N, and the score has no per-run error)"
     elif not drop["fft"] >= 2 * se["fft"]:
         t["status"] = "undecided (FFT's N = %d -> %d drop is within 2 standard errors of 0)" % (lo, hi)
     else:
