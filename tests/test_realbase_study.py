@@ -246,6 +246,10 @@ def test_diagnostic_protocol_shares_the_main_experiment():
     s20 = load_config(RealbaseStudy, ROOT / "configs" / "realbase_scaling20.yaml", [])
     assert to_dict(s20.experiment) == to_dict(main.experiment) and protocol_ids(s20) == (protocol_ids(s20)[0],)
     assert s20.study.steps_per_domain != main.study.steps_per_domain and protocol_ids(s20)[0] not in protocol_ids(main)
+    f1 = load_config(RealbaseStudy, ROOT / "configs" / "realbase_scaling20_fig1.yaml", [])  # beside scaling20
+    assert to_dict(f1.experiment) == to_dict(main.experiment) and protocol_ids(f1)[1:] == (protocol_ids(s20)[0],)
+    assert f1.study.steps_per_domain == s20.study.steps_per_domain
+    assert {k: v for k, v in f1.study.arms.items() if k != "desmoe_fig1"} == s20.study.arms
 
 
 def test_targets_with_a_variant_in_desmoes_place(tmp_path):
