@@ -10,7 +10,8 @@ three phases, each needing only finished rows of the one before:
 2. ``seeds``: the headline arms at their selected lr (lowest ``select_by`` of the grid: the trained
    domains' validation loss), the other seeds;
 3. ``scaling``: the scaling arms at their selected lr, ``grid_seed``, the first N domains for every N in
-   ``scaling_sizes`` below all domains (N = all is the grid's run).
+   ``scaling_sizes`` below all domains (N = all is the grid's run); then every size again at each other
+   seed of ``scaling_seeds``.
 
 Every run is one CSV row, appended, never rewritten; a failed run is a row with status ``failed`` and is
 retried by the next launch (its row stays).  Rows carry the protocol's digest: only rows of the current
@@ -94,6 +95,9 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     scaling: list[str] = field(default_factory=lambda: ["desmoe", "fft"])
     scaling_sizes: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
+    # the seeds of the scaling cells (every size, N = all included), grid_seed first; [] = grid_seed only.
+    # Target 2 pairs them: an arm's N-min -> N-max drop per seed, then the mean over seeds.
+    scaling_seeds: list[int] = field(default_factory=list)
     steps_per_domain: int = 10
     scores: Scores = field(default_factory=Scores)
     csv: str = "docs/results/desmoe_real_base.csv"
@@ -120,6 +124,10 @@ class StudyConfig:
                 raise bad(key, f"names of arms ({', '.join(self.arms)})", missing[0])
         if len(set(self.seeds)) != len(self.seeds) or self.grid_seed not in self.seeds:
             raise bad("seeds", f"distinct seeds including grid_seed={self.grid_seed}", self.seeds)
+        if self.scaling_seeds and (len(set(self.scaling_seeds)) != len(self.scaling_seeds)
+                                   or self.scaling_seeds[0] != self.grid_seed):
+            raise bad("scaling_seeds", f"distinct seeds starting with grid_seed={self.grid_seed} ([]: it alone)",
+                      self.scaling_seeds)
         if sorted(set(self.scaling_sizes)) != self.scaling_sizes or not self.scaling_sizes or self.scaling_sizes[0] < 1:
             raise bad("scaling_sizes", "increasing numbers of domains >= 1", self.scaling_sizes)
         if self.steps_per_domain < 1:
@@ -127,6 +135,9 @@ class StudyConfig:
         for key in ("forgetting_share", "scaling_share"):
             if not 0 < getattr(self, key) <= 1:
                 raise bad(key, "a number in (0, 1]", getattr(self, key))
+
+    def scaling_seed_list(self) -> list[int]:
+        return self.scaling_seeds or [self.grid_seed]
 
 
 @dataclass
@@ -227,9 +238,9 @@ def select_lr(rows: list[dict], cfg: RealbaseStudy, arm: str) -> Optional[float]
 def later_cells(cfg: RealbaseStudy, rows: list[dict]) -> tuple[list[Cell], list[str]]:
     """Phases 2 and 3 for the arms whose lr is selected; and the arms still waiting for their grid."""
     s, n = cfg.study, len(cfg.experiment.data.domains)
-    cells, waiting = [], []
+    cells, waiting, lrs = [], [], {}
     for arm in dict.fromkeys([*s.headline, *s.scaling]):
-        lr = select_lr(rows, cfg, arm)
+        lr = lrs[arm] = select_lr(rows, cfg, arm)
         if lr is None:
             waiting.append(arm)
             continue
@@ -237,7 +248,13 @@ def later_cells(cfg: RealbaseStudy, rows: list[dict]) -> tuple[list[Cell], list[
             cells += [Cell("seeds", arm, lr, seed, n) for seed in s.seeds if seed != s.grid_seed]
         if arm in s.scaling:
             cells += [Cell("scaling", arm, lr, s.grid_seed, k) for k in s.scaling_sizes if k != n]
-    return cells, waiting
+    # the scaling arms' other seeds, seed-major (a launch cut short leaves whole seeds); at N = all such a
+    # cell is an arm's run at another seed, whatever made it: a "seeds" cell, run once
+    for seed in s.scaling_seed_list()[1:]:
+        cells += [Cell("seeds" if k == n else "scaling", arm, lrs[arm], seed, k)
+                  for arm in s.scaling if lrs[arm] is not None for k in s.scaling_sizes]
+    seen: set = set()
+    return [c for c in cells if not (c.run in seen or seen.add(c.run))], waiting
 
 
 # ---- the CSV: one row per run, appended atomically ------------------------------------------------------

@@ -99,15 +99,16 @@ def headline_table(rows: list[dict], cfg) -> str:
 
 
 def scaling_table(rows: list[dict], cfg) -> str:
-    lines = ["| N | domains | arm | general score | held-out ppl | downstream | train s |", "|---" * 7 + "|"]
+    """Every scaling size and arm: mean ± std over the scaling seeds that finished (the seeds listed)."""
+    lines = ["| N | domains | arm | seeds | general score | held-out ppl | downstream | train s |", "|---" * 8 + "|"]
     for n in cfg.study.scaling_sizes:
         for arm in cfg.study.scaling:
-            rs = [r for r in arm_rows(rows, cfg, arm, n) if int(r["seed"]) == cfg.study.grid_seed]
+            rs = arm_rows(rows, cfg, arm, n)
             if rs:
-                r = rs[0]
-                lines.append(f"| {n} | {r['domains']} | {arm} | {float(r['general_score']):.3f} | "
-                             f"{float(r['heldout_ppl']):.1f} | {float(r['downstream_score']):.3f} | "
-                             f"{_f(r, 'train_seconds', '{:.0f}')} |")
+                col = lambda key, fmt="{:.3f}": _pm([float(r[key] or "nan") for r in rs], fmt)  # noqa: E731
+                lines.append(f"| {n} | {rs[0]['domains']} | {arm} | {','.join(r['seed'] for r in rs)} | "
+                             f"{col('general_score')} | {col('heldout_ppl', '{:.1f}')} | {col('downstream_score')} | "
+                             f"{col('train_seconds', '{:.0f}')} |")
     return "\n".join(lines)
 
 
@@ -195,7 +196,7 @@ def render(cfg, protocol, base: str) -> str:
         "LR grid (one seed; selected: lowest validation loss of the trained domains):", "", grid_table(rows, cfg), "",
         "All domains at the selected lr (s.e.: std over seeds / sqrt(seeds), or one run's binomial standard "
         "error; Δ: mean ± std over seeds):", "", headline_table(rows, cfg), "",
-        "Domain scaling (selected lr, one seed):", "", scaling_table(rows, cfg), "",
+        "Domain scaling (selected lr; mean ± std over the scaling seeds listed):", "", scaling_table(rows, cfg), "",
         "Each run's probes (probe_prose: bits per byte, lower is better; the others: accuracy / exact match) "
         "and downstream tasks:", "", detail_table(rows), "",
         f"![forgetting vs fit]({Path('results') / png.name})" if has_plot else "(no finished run to plot yet)"])

@@ -17,14 +17,30 @@ def _ok(rows: list[dict], **match) -> list[dict]:
 
 
 def arm_rows(rows: list[dict], cfg: RealbaseStudy, arm: str, n: Optional[int] = None) -> list[dict]:
-    """Finished runs of an arm at its selected lr: every seed at all domains, or grid_seed at N = n."""
+    """Finished runs of an arm at its selected lr: every seed at all domains; or, given N = n, the scaling
+    seeds' runs at n (in seed order)."""
     lr = select_lr(rows, cfg, arm)
     if lr is None:
         return []
     if n is None:
         n = len(cfg.experiment.data.domains)
         return [r for r in _ok(rows, arm=arm, N=n) if float(r["lr"]) == lr and r["phase"] in ("grid", "seeds")]
-    return [r for r in _ok(rows, arm=arm, N=n, seed=cfg.study.grid_seed) if float(r["lr"]) == lr]
+    by_seed = {int(r["seed"]): r for r in _ok(rows, arm=arm, N=n) if float(r["lr"]) == lr}
+    return [by_seed[seed] for seed in cfg.study.scaling_seed_list() if seed in by_seed]
+
+
+def scaling_drop(rows: list[dict], cfg: RealbaseStudy, arm: str, lo: int, hi: int) -> tuple[float, float, int]:
+    """The arm's general-score drop from N = lo to hi, paired by seed (one init and data order per seed):
+    mean over the seeds with both runs, its standard error (std / sqrt(k) for k >= 2 seeds, else the two
+    runs' own errors), and k."""
+    at_lo = {int(r["seed"]): r for r in arm_rows(rows, cfg, arm, lo)}
+    pairs = [(at_lo[int(r["seed"])], r) for r in arm_rows(rows, cfg, arm, hi) if int(r["seed"]) in at_lo]
+    drops = [_num(a, "general_score") - _num(b, "general_score") for a, b in pairs]
+    if len(drops) > 1:
+        return mean(drops), stdev(drops) / math.sqrt(len(drops)), len(drops)
+    if drops:
+        return drops[0], math.sqrt(sum(_num(r, "general_score_se") ** 2 for r in pairs[0])), 1
+    return float("nan"), float("nan"), 0
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -96,27 +112,23 @@ def targets(rows: list[dict], cfg: RealbaseStudy) -> list[dict]:
         t["status"] += f" ({seeds} of {len(s.seeds)} seeds)"
     out.append(t)
     lo, hi = s.scaling_sizes[0], s.scaling_sizes[-1]
-    drop, se = {}, {}
-    for a in ("desmoe", "fft"):
-        a_lo = arm_rows(rows, cfg, a, lo)
-        a_hi = [r for r in arm_rows(rows, cfg, a, hi) if int(r["seed"]) == s.grid_seed]
-        if a_lo and a_hi:
-            drop[a] = _num(a_lo[0], "general_score") - _num(a_hi[0], "general_score")
-            se[a] = math.sqrt(sum(_num(r, "general_score_se") ** 2 for r in (a_lo[0], a_hi[0])))
+    (d_drop, d_se, d_k), (f_drop, f_se, f_k) = (scaling_drop(rows, cfg, a, lo, hi) for a in ("desmoe", "fft"))
     k = s.scaling_share
-    t = {"target": f"N = {lo} -> {hi}: general drop of DES-MoE <= {k:g} x FFT's",
-         "desmoe_drop": drop.get("desmoe"), "fft_drop": drop.get("fft")}
-    if len(drop) < 2:
+    t = {"target": f"N = {lo} -> {hi}: general drop of DES-MoE <= {k:g} x FFT's", "seeds": min(d_k, f_k),
+         "desmoe_drop": d_drop, "fft_drop": f_drop}
+    if not d_k or not f_k:
         t["status"] = "pending"
-    elif drop["fft"] <= 0:
+    elif f_drop <= 0:
         t["status"] = "undefined (FFT's general score does not drop from N = %d to %d)" % (lo, hi)
-    elif math.isnan(se["fft"]) or math.isnan(se["desmoe"]):
+    elif math.isnan(f_se) or math.isnan(d_se):
         t["status"] = "undecided (no standard error: one run per N, and the score has no per-run error)"
-    elif not drop["fft"] >= 2 * se["fft"]:
+    elif not f_drop >= 2 * f_se:
         t["status"] = "undecided (FFT's N = %d -> %d drop is within 2 standard errors of 0)" % (lo, hi)
     else:
-        diff = drop["desmoe"] - k * drop["fft"]
-        t.update(margin=diff, se=math.sqrt(se["desmoe"] ** 2 + (k * se["fft"]) ** 2))
+        diff = d_drop - k * f_drop
+        t.update(margin=diff, se=math.sqrt(d_se ** 2 + (k * f_se) ** 2))
         t["status"] = combine(verdict(diff, t["se"], diff <= 0))
+    if t["status"] != "pending" and t["seeds"] < len(s.scaling_seed_list()):
+        t["status"] += f" ({t['seeds']} of {len(s.scaling_seed_list())} seeds)"
     out.append(t)
     return out
