@@ -38,6 +38,8 @@ def _load(overrides=()):
     ("study.scores.downstream_task=desmoe_math",
      r"key 'study\.scores\.downstream_task': expected a task name containing"),
     ("study.steps_per_domain=0", r"key 'study\.steps_per_domain': expected a positive integer"),
+    ("study.scaling_seeds=[1, 0]", r"key 'study\.scaling_seeds': expected distinct seeds starting with grid_seed=0"),
+    ("study.scaling_seeds=[0, 1, 1]", r"key 'study\.scaling_seeds': expected distinct seeds"),
 ])
 def test_bad_study_config_is_one_line(override, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -250,6 +252,12 @@ def test_diagnostic_protocol_shares_the_main_experiment():
     assert to_dict(f1.experiment) == to_dict(main.experiment) and protocol_ids(f1)[1:] == (protocol_ids(s20)[0],)
     assert f1.study.steps_per_domain == s20.study.steps_per_domain
     assert {k: v for k, v in f1.study.arms.items() if k != "desmoe_fig1"} == s20.study.arms
+    # realbase_scaling20_seeds.yaml: seeds 1 and 2 of both at N = 2 and 5; the seed-0 rows of both count
+    sd = load_config(RealbaseStudy, ROOT / "configs" / "realbase_scaling20_seeds.yaml", [])
+    assert to_dict(sd.experiment) == to_dict(main.experiment) and sd.study.arms == f1.study.arms
+    assert set(protocol_ids(sd)[1:]) == {protocol_ids(s20)[0], protocol_ids(f1)[0]}
+    assert sd.study.steps_per_domain == s20.study.steps_per_domain and sd.study.scaling_seeds[0] == 0
+    assert {sd.study.scaling_sizes[0], sd.study.scaling_sizes[-1]} == {s20.study.scaling_sizes[0], 5}
 
 
 def test_targets_with_a_variant_in_desmoes_place(tmp_path):
@@ -321,3 +329,42 @@ def test_one_seed_heldout_targets_are_undecided(tmp_path):
     probe, heldout = [x for x in lines if "probe mean" in x], [x for x in lines if "held-out" in x]
     assert "**met" in probe[0] and "**met" in probe[1]  # binomial errors 0.02: decided
     assert all("**undecided (no standard error" in x for x in heldout), heldout
+
+
+def test_scaling_seeds_run_seed_major_and_pair_by_seed(tmp_path):
+    """study.scaling_seeds: every scaling size again at each other seed, seed-major, an arm's run at N = all
+    made once; target 2 pairs N-min and N-max by seed and takes the standard error from the seeds' spread."""
+    from desmoe.recipes.des_moe.study import append_row, later_cells, read_rows
+    from desmoe.recipes.des_moe.study_targets import scaling_drop, targets
+
+    sets = [f"study.csv={tmp_path / 'r.csv'}", "study.scaling_sizes=[2, 5]", "study.scaling_seeds=[0, 2, 1]",
+            "study.headline=[fft]"] + [f"study.arms.{a}.lr=[{lr}]" for a, lr in
+                                       (("fft", 1e-4), ("desmoe", 3e-4), ("esft_token", 1e-3))]
+    cfg = _load(sets)
+    path = Path(cfg.study.csv)
+    append_row(path, _row("base", "base", "vanilla", 0.0, 0, 5, 0.5, 0.3))
+    for arm, lr in (("fft", 1e-4), ("desmoe", 3e-4), ("esft_token", 1e-3)):
+        append_row(path, _row(f"{arm}-lr{lr:g}-s0-N5", "grid", arm, lr, 0, 5, 0.4, 0.4))
+    later, _ = later_cells(cfg, read_rows(path, "p1"))
+    runs = [c.run for c in later]
+    assert len(runs) == len(set(runs))  # fft's N = 5 at seeds 1 and 2 is its headline seed run, made once
+    extra = [c for c in later if c.seed != 0 and c.arm == "desmoe"]
+    assert [(c.seed, c.n, c.phase) for c in extra] == [(2, 2, "scaling"), (2, 5, "seeds"), (1, 2, "scaling"),
+                                                       (1, 5, "seeds")]
+    assert runs.index("desmoe-lr0.0003-s2-N5") < runs.index("fft-lr0.0001-s1-N2")  # seed-major
+    # FFT drops 0.10, 0.14, 0.12 from N = 2 to 5 (seeds 0, 2, 1); DES-MoE 0.000, 0.002, -0.002
+    for arm, lr, drops in (("fft", 1e-4, (0.10, 0.14, 0.12)), ("desmoe", 3e-4, (0.0, 0.002, -0.002))):
+        for seed, d in zip((0, 2, 1), drops):
+            phase = "grid" if seed == 0 else "seeds"
+            append_row(path, _row(f"{arm}-lr{lr:g}-s{seed}-N5", phase, arm, lr, seed, 5, 0.4, 0.4))
+            append_row(path, _row(f"{arm}-lr{lr:g}-s{seed}-N2", "scaling", arm, lr, seed, 2, 0.4 + d, 0.4))
+    rows = read_rows(path, "p1")
+    drop, se, k = scaling_drop(rows, cfg, "fft", 2, 5)
+    assert (drop, k) == (pytest.approx(0.12), 3) and se == pytest.approx(0.02 / 3 ** 0.5)
+    t2 = targets(rows, cfg)[1]
+    assert t2["status"] == "met" and t2["seeds"] == 3, t2
+    two = [r for r in rows if not (r["arm"] == "fft" and r["seed"] == "1" and r["N"] == "2")]  # a pair short
+    assert scaling_drop(two, cfg, "fft", 2, 5)[2] == 2 and targets(two, cfg)[1]["status"].endswith("(2 of 3 seeds)")
+    # a seed's N = 5 run alone pairs with nothing: one seed left, decided on its runs' binomial errors
+    one = [r for r in two if not (r["arm"] == "fft" and r["seed"] == "2" and r["N"] == "2")]
+    assert scaling_drop(one, cfg, "fft", 2, 5) == (pytest.approx(0.10), pytest.approx(0.02 * 2 ** 0.5), 1)
