@@ -59,6 +59,16 @@ def missing(cpu: bool) -> list[str]:
     return out
 
 
+def result_files(overrides: list[str]) -> list[Path]:
+    """What comes back from the device: the study's CSV, its plot and the rendered doc."""
+    from desmoe.config import load_config
+    from desmoe.recipes.des_moe.study import RealbaseStudy
+    from desmoe.recipes.des_moe.study_report import plot_path
+
+    cfg = load_config(RealbaseStudy, ROOT / "configs" / "realbase_study_gpu.yaml", overrides)
+    return [Path(cfg.study.csv), plot_path(cfg), Path(cfg.study.doc)]
+
+
 def stage(name: str, cmd: list[str], env: dict) -> float:
     t0 = time.perf_counter()
     print(f"[realbase-gpu] {name}: {' '.join(cmd)}", flush=True)
@@ -100,11 +110,7 @@ def main() -> None:
                     "--budget-s", f"{budget:.0f}", "--max-runs", str(max_runs), *overrides], env)
     out = os.environ.get("OUT")
     if out:
-        from desmoe.config import load_config
-        from desmoe.recipes.des_moe.study import RealbaseStudy
-
-        cfg = load_config(RealbaseStudy, "configs/realbase_study_gpu.yaml", overrides)
-        for f in (Path(cfg.study.csv), Path(cfg.study.csv).with_suffix(".png"), Path(cfg.study.doc)):
+        for f in result_files(overrides):
             if f.is_file():
                 shutil.copy2(f, Path(out) / f.name)
     print(f"[realbase-gpu] done in {time.perf_counter() - t0:.0f} s", flush=True)

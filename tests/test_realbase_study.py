@@ -306,6 +306,25 @@ def test_studies_sharing_a_csv_keep_their_own_plot(tmp_path):
         assert f"(results/r-study-{p}.png)" in section and (csv_path.parent / f"r-study-{p}.png").is_file()
 
 
+def test_the_gpu_script_returns_what_the_report_writes(tmp_path):
+    """launcher/realbase_gpu.py copies the CSV, the plot and the doc to $OUT: the files render writes (the
+    plot's name once changed in the report and not in the copy list, so the device would not return it)."""
+    from desmoe.config import load_config
+    from desmoe.recipes.des_moe.study import RealbaseStudy, append_row
+    from desmoe.recipes.des_moe.study_report import render
+
+    spec = importlib.util.spec_from_file_location("realbase_gpu", ROOT / "launcher" / "realbase_gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    sets = [f"study.csv={tmp_path / 'results' / 'gpu.csv'}", f"study.doc={tmp_path / 'doc.md'}"]
+    cfg = load_config(RealbaseStudy, ROOT / "configs" / "realbase_study_gpu.yaml", sets)
+    append_row(Path(cfg.study.csv), {**_row("fft-lr0.0001-s0-N5", "grid", "fft", 1e-4, 0, 5, 0.4, 0.4),
+                                     "probes": json.dumps({"probe_cloze": 0.4}), "downstream": json.dumps({"law": 0.4})})
+    render(cfg, ("p1",), "")
+    files = gpu.result_files(sets)
+    assert len(files) == 3 and all(f.is_file() for f in files), [str(f) for f in files if not f.is_file()]
+
+
 def test_one_seed_heldout_targets_are_undecided(tmp_path):
     """The held-out perplexity has no per-run error (the same tokens for every run): its noise is the seeds'
     spread, so a one-seed margin, however large, is not called met or missed; the probes' binomial errors

@@ -174,14 +174,19 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def plot_path(cfg) -> Path:
+    """One plot per study: studies sharing the CSV (a diagnostic beside its main protocol) each link their own."""
+    csv_path = Path(cfg.study.csv)
+    return csv_path.with_name(f"{csv_path.stem}-{cfg.study.name}.png")
+
+
 def render(cfg, protocol, base: str) -> str:
     """``protocol``: this protocol's digests (study.protocol_ids), the current one first; ``base``: the
     base's digest (study.base_digest): only rows of both count."""
     csv_path = Path(cfg.study.csv)
     rows = read_rows(csv_path, protocol, base)
     every = read_rows(csv_path)
-    # one plot per study: studies sharing the CSV (a diagnostic beside its main protocol) each link their own
-    png = csv_path.with_name(f"{csv_path.stem}-{cfg.study.name}.png")
+    png = plot_path(cfg)
     has_plot = plot(rows, png)
     ok = sum(r["status"] == "ok" for r in rows)
     failed = sum(r["status"] == "failed" for r in rows)
