@@ -387,3 +387,9 @@ def test_scaling_seeds_run_seed_major_and_pair_by_seed(tmp_path):
     # a seed's N = 5 run alone pairs with nothing: one seed left, decided on its runs' binomial errors
     one = [r for r in two if not (r["arm"] == "fft" and r["seed"] == "2" and r["N"] == "2")]
     assert scaling_drop(one, cfg, "fft", 2, 5) == (pytest.approx(0.10), pytest.approx(0.02 * 2 ** 0.5), 1)
+
+
+def test_mean_std_cells_sign_the_mean_only():
+    from desmoe.recipes.des_moe.study_report import _pm
+
+    assert _pm([0.1, 0.3], "{:+.3f}") == "+0.200 ± 0.141" and _pm([2.0]) == "2.000" and _pm([]) == "–"

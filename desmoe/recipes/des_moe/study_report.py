@@ -18,7 +18,7 @@ def _pm(values: list[float], fmt: str = "{:.3f}") -> str:
     m, s = mean_std(values)
     if math.isnan(m):
         return "–"
-    return fmt.format(m) + ("" if math.isnan(s) else " ± " + fmt.format(s))
+    return fmt.format(m) + ("" if math.isnan(s) else " ± " + fmt.replace("+", "").format(s))  # a std has no sign
 
 
 def _as_heldout(rows: list[dict]) -> list[dict]:
