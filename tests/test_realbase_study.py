@@ -258,6 +258,11 @@ def test_diagnostic_protocol_shares_the_main_experiment():
     assert set(protocol_ids(sd)[1:]) == {protocol_ids(s20)[0], protocol_ids(f1)[0]}
     assert sd.study.steps_per_domain == s20.study.steps_per_domain and sd.study.scaling_seeds[0] == 0
     assert {sd.study.scaling_sizes[0], sd.study.scaling_sizes[-1]} == {s20.study.scaling_sizes[0], 5}
+    # realbase_scaling20_esft.yaml: ESFT-Token's seeds 1 and 2 at N = 5; every earlier 20-step config's rows count
+    es = load_config(RealbaseStudy, ROOT / "configs" / "realbase_scaling20_esft.yaml", [])
+    assert to_dict(es.experiment) == to_dict(main.experiment) and es.study.arms == sd.study.arms
+    assert set(protocol_ids(es)[1:]) == {protocol_ids(sd)[0], *protocol_ids(sd)[1:]}
+    assert es.study.headline == ["esft_token"] and es.study.steps_per_domain == sd.study.steps_per_domain
 
 
 def test_targets_with_a_variant_in_desmoes_place(tmp_path):
