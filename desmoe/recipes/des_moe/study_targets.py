@@ -36,11 +36,10 @@ def scaling_drop(rows: list[dict], cfg: RealbaseStudy, arm: str, lo: int, hi: in
     at_lo = {int(r["seed"]): r for r in arm_rows(rows, cfg, arm, lo)}
     pairs = [(at_lo[int(r["seed"])], r) for r in arm_rows(rows, cfg, arm, hi) if int(r["seed"]) in at_lo]
     drops = [_num(a, "general_score") - _num(b, "general_score") for a, b in pairs]
-    if len(drops) > 1:
-        return mean(drops), stdev(drops) / math.sqrt(len(drops)), len(drops)
-    if drops:
-        return drops[0], math.sqrt(sum(_num(r, "general_score_se") ** 2 for r in pairs[0])), 1
-    return float("nan"), float("nan"), 0
+    m, sd = mean_std(drops)
+    if len(drops) == 1:
+        sd = math.sqrt(sum(_num(r, "general_score_se") ** 2 for r in pairs[0]))
+    return m, sd / math.sqrt(max(len(drops), 1)), len(drops)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
