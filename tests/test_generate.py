@@ -1,6 +1,8 @@
 """Batched greedy generation and log-likelihood scoring agree with one-at-a-time
 computation and with transformers' own generate."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -25,7 +27,9 @@ def test_greedy_matches_transformers_and_single(tiny):
     want = [hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0,
                         eos_token_id=None)[0, len(p):].tolist() for p in PROMPTS]
     ours = load_hf_moe(tiny)
-    cached = greedy_generate(ours, PROMPTS, max_new_tokens=6)
+    with warnings.catch_warnings():  # a deprecated argument is one that a later transformers ignores
+        warnings.simplefilter("error", FutureWarning)
+        cached = greedy_generate(ours, PROMPTS, max_new_tokens=6)
     recomputed = greedy_generate(ours, PROMPTS, max_new_tokens=6, use_cache=False)
     assert cached == want and recomputed == want
     assert len({tuple(w) for w in want}) > 1  # not a degenerate constant output

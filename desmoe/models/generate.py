@@ -14,6 +14,7 @@ number of batches.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -30,6 +31,14 @@ def _logits(model: nn.Module, ids: Tensor, **kwargs) -> Tensor:
 
 def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "prepare_inputs_for_generation")
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers 5.25 renamed ``past_key_values`` to ``cache`` and drops the old name in 5.40, after which
+    it would land in ``**kwargs`` and be ignored: every step would then see one token and no past.  Older
+    releases (the GPU machines' 5.17) know only the old name."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes it on
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def _device(model: nn.Module):
@@ -83,15 +92,15 @@ def _cached_steps(model, prompts, max_new, eos_id, pad_id) -> list[list[int]]:
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     new: list[list[int]] = [[] for _ in prompts]
-    past = None
+    past, kwarg = None, _cache_kwarg(model)
     step_ids = ids
     for _ in range(max_new):
         done = _finished(new, eos_id)
         if not any_rank(not all(done)):  # EP: every rank forwards until all ranks are done
             break
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]
-        out = model(step_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(step_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{kwarg: past})
+        past = getattr(out, kwarg)
         nxt = out.logits[:, -1].argmax(-1)
         for i, tok in enumerate(nxt.tolist()):
             if not done[i]:
