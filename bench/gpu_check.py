@@ -336,9 +336,8 @@ def main(argv=None) -> int:
                            "figure": f"{type(err).__name__}: {err}"[:200]})
     lacking = sorted({p for r in c.rows if r["status"] == "MISSING packages" for p in r["figure"].split(", ")})
     if lacking:  # one line that says how to get them onto a machine without network
-        print(f"\ngpu-check: {sys.executable} lacks {' '.join(lacking)}.  Where there is network: `pip wheel -w wheels "
-              f"{' '.join(lacking)}` with the device's Python version; carry wheels/; on the device: "
-              f"`python3 -m pip install --no-index --find-links wheels {' '.join(lacking)}` (docs/gpu.md)")
+        print(f"\ngpu-check: {sys.executable} lacks {' '.join(lacking)}.  On the dev box, `make device-pack`; "
+              f"carry .device/call1 and run `bash launcher/on_device.sh make gpu-check` (docs/gpu.md)")
     info = _device_info(args.cpu)
     total = time.monotonic() - c.t0
     print(f"\n## gpu-check {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {info}; {total:.0f} s in all "

@@ -11,8 +11,8 @@ Stages (each reuses what is cached; the study is resumable, so a second call con
 3. ``launcher/realbase_study.py --config configs/realbase_study_gpu.yaml --budget-s``: the same protocol
    as the CPU version at the GPU budget; cells that do not fit are left for the next call;
 4. the CSV, the plot and the rendered section copied to ``$OUT`` when it is set (the device's return folder).
-A device call cannot carry the 93 MB wheel at once (64 MiB a call): docs/real-base.md, "GPU version",
-has the two-call recipe (the wheel in two parts on a warm machine) and the wheels of the packages.
+A device call cannot carry the 93 MB wheel at once (64 MiB a call): ``make device-pack`` packs it in two
+parts with the packages the device lacks, and docs/gpu.md, "The device session", gives the two calls.
 """
 import argparse
 import importlib.util
@@ -48,8 +48,8 @@ def missing(cpu: bool) -> list[str]:
         (Path("cache/realbase/probes/probes.json"), "carry cache/realbase/probes, built by make realbase"))
         if not p.is_file()]
     if not WHEEL.is_file() and not (DENSE / "config.json").is_file():
-        out.append(f"{WHEEL}: not found, nor {DENSE} (the wheel travels in two parts: docs/real-base.md)")
-    out += [f"python package '{m}' missing (carry its wheel: docs/real-base.md)"
+        out.append(f"{WHEEL}: not found, nor {DENSE} (make device-pack; call 2 joins the parts: docs/gpu.md)")
+    out += [f"python package '{m}' missing (make device-pack; run under launcher/on_device.sh: docs/gpu.md)"
             for m in ("deepspeed", "lm_eval", "gguf") if importlib.util.find_spec(m) is None]
     if not cpu:
         import torch
