@@ -56,36 +56,49 @@ def canon(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def image_packages(path: Path) -> set[str]:
-    names = {canon(line.split("#")[0].strip()) for line in path.read_text().splitlines()}
-    names.discard("")
-    if not names:
+def image_packages(path: Path) -> dict[str, str | None]:
+    """{name: version or None}: one ``name`` or ``name==version`` per line (a version where it is known)."""
+    image = {}
+    for line in path.read_text().splitlines():
+        entry = line.split("#")[0].strip()
+        if entry:
+            name, _, version = entry.partition("==")
+            image[canon(name.strip())] = version.strip() or None
+    if not image:
         raise UserError(f"{path}: no package names (one per line expected)")
-    return names
+    return image
 
 
-def closure(roots, image: set[str]) -> dict[str, str]:
-    """{name: version installed here} of every distribution ``roots`` need that ``image`` lacks."""
+def closure(roots, image: dict[str, str | None]) -> dict[str, str]:
+    """{name: version installed here} of every distribution ``roots`` need that ``image`` lacks.
+
+    The image's packages are not walked (they came with their own dependencies there), but what a carried
+    package asks of them is checked against the image's version where it is known."""
     import importlib.metadata as md
 
     from packaging.requirements import Requirement
 
-    need, seen, stack = {}, set(), list(roots)
+    need, stack = {}, [(r, None) for r in roots]
     while stack:
-        name = canon(stack.pop())
-        if name in seen:
+        name, parent = stack.pop()
+        name = canon(name)
+        if name in image:
+            req = parent[1] if parent else None
+            if req is not None and image[name] and not req.specifier.contains(image[name], prereleases=True):
+                raise UserError(f"{parent[0]} needs {req}, but the device image has {name}=={image[name]} "
+                                f"(configs/device/image-packages.txt); carry another {parent[0]}")
             continue
-        seen.add(name)
+        if name in need:
+            continue
         try:
             dist = md.distribution(name)
         except md.PackageNotFoundError:
             raise UserError(f"package '{name}' is needed on the device but not installed here (run make setup)")
-        if name not in image:
-            need[name] = dist.version
+        need[name] = dist.version
         for spec in dist.requires or []:
             req = Requirement(spec)
             if req.marker is None or req.marker.evaluate(DEVICE_PY):
-                stack.append(req.name)
+                stack.append((req.name, (f"{name}=={dist.version}", req)))
     return need
 
 
@@ -145,7 +158,7 @@ def du(paths) -> int:
     return total
 
 
-def pack(tmp: Path, calls: dict, image: set[str]) -> dict:
+def pack(tmp: Path, calls: dict, image: dict[str, str | None]) -> dict:
     """Fill ``tmp/<call>`` for each of ``calls``; returns the manifest."""
     pool, need = tmp / "pool", {}
     pool.mkdir()

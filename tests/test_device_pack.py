@@ -19,33 +19,44 @@ import device_pack  # noqa: E402
 from desmoe.errors import UserError  # noqa: E402
 
 
-def installed() -> set[str]:
-    return {device_pack.canon(d.metadata["Name"]) for d in md.distributions()}
+def installed() -> dict:
+    return {device_pack.canon(d.metadata["Name"]): None for d in md.distributions()}
 
 
 def test_closure_is_what_the_image_lacks_at_the_installed_versions():
-    image = installed() - {"hjson", "pydantic-core"}
-    need = device_pack.closure(("deepspeed",), image)
-    assert need == {"hjson": md.version("hjson"), "pydantic-core": md.version("pydantic-core")}
-    assert device_pack.closure(("deepspeed",), installed()) == {}
-    # deepspeed -> pydantic -> pydantic-core: the walk goes through packages the image has
-    assert "pydantic-core" in device_pack.closure(("deepspeed",), image - {"pydantic"})
+    lacking = lambda *names: {k: v for k, v in installed().items() if k not in names}  # noqa: E731
+    need = device_pack.closure(("deepspeed",), lacking("deepspeed", "hjson", "pydantic", "pydantic-core"))
+    assert need == {n: md.version(n) for n in ("deepspeed", "hjson", "pydantic", "pydantic-core")}
+    assert device_pack.closure(("deepspeed",), installed()) == {}  # the image has it all
+    # a package the image has is not walked: its own dependencies came with it
+    need = device_pack.closure(("deepspeed",), lacking("deepspeed", "hjson", "pydantic-core"))
+    assert need == {n: md.version(n) for n in ("deepspeed", "hjson")}
+
+
+def test_closure_refuses_an_image_version_a_carried_package_cannot_use():
+    image = {k: v for k, v in installed().items() if k != "deepspeed"}
+    image["hjson"] = "0.0.1"  # deepspeed asks for any hjson: fine
+    assert device_pack.closure(("deepspeed",), image) == {"deepspeed": md.version("deepspeed")}
+    image["pydantic"] = "1.0"  # deepspeed 0.19 needs pydantic >= 2
+    with pytest.raises(UserError, match=r"deepspeed==[\d.]+ needs pydantic.*, but the device image has pydantic==1\.0"):
+        device_pack.closure(("deepspeed",), image)
 
 
 def test_closure_refuses_what_is_not_installed_here():
     with pytest.raises(UserError, match="'no-such-package-xyz' is needed on the device but not installed here"):
-        device_pack.closure(("no-such-package-xyz",), set())
+        device_pack.closure(("no-such-package-xyz",), {})
 
 
-def test_image_list_reads_names_and_refuses_an_empty_file(tmp_path):
+def test_image_list_reads_names_and_versions_and_refuses_an_empty_file(tmp_path):
     f = tmp_path / "image.txt"
-    f.write_text("# comment\nTorch\nsentence_transformers  # trailing\n\n")
-    assert device_pack.image_packages(f) == {"torch", "sentence-transformers"}
+    f.write_text("# comment\nTorch==2.11.0\nsentence_transformers  # trailing\n\n")
+    assert device_pack.image_packages(f) == {"torch": "2.11.0", "sentence-transformers": None}
     f.write_text("# nothing\n")
     with pytest.raises(UserError, match=f"{f}: no package names"):
         device_pack.image_packages(f)
     shipped = device_pack.image_packages(ROOT / "configs/device/image-packages.txt")
-    assert {"torch", "transformers", "accelerate"} <= shipped and "deepspeed" not in shipped
+    assert {"torch", "transformers", "accelerate"} <= set(shipped) and "deepspeed" not in shipped
+    assert shipped["transformers"] == "5.17.0"
 
 
 def test_wheel_tags_for_the_device():
@@ -76,7 +87,7 @@ def split_and_join(tmp_path, monkeypatch, payload: bytes, limit: int):
     monkeypatch.setattr(device_pack, "tree_bytes", lambda: 0)
     calls = {k: {**v, "roots": ()} for k, v in device_pack.CALLS.items()}
     (repo / ".device").mkdir()
-    device_pack.pack(repo / ".device", calls, set())
+    device_pack.pack(repo / ".device", calls, {})
     return repo
 
 
