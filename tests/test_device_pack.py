@@ -127,3 +127,15 @@ def test_the_two_parts_fill_call1_and_join_on_the_device(tmp_path, monkeypatch):
 def test_a_payload_that_two_calls_cannot_carry_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="does not fit beside what the two calls carry"):
         split_and_join(tmp_path, monkeypatch, os.urandom(5000), limit=2000)
+
+
+def test_call2_carries_what_the_gpu_study_reads():
+    """The GPU study once read data/realbase-instruct, which no call carried: every cell would have failed
+    on the device.  What it reads and what launcher/realbase.py heals on must travel in call 2."""
+    from desmoe.config import load_config
+    from desmoe.recipes.des_moe.study import RealbaseStudy
+
+    cfg = load_config(RealbaseStudy, ROOT / "configs" / "realbase_study_gpu.yaml")
+    carry = device_pack.CALLS["call2"]["carry"]
+    assert cfg.experiment.data.source in carry and "data/realbase" in carry
+    assert cfg.study.scores.probes in carry
