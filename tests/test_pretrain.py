@@ -79,3 +79,11 @@ def test_upcycle_then_continue_pretraining(ranks, tmp_path):
     cont = ranks.run(upcycle_on_ranks, str(ROOT), str(tmp_path), str(tmp_path / "pretrain_base-out"), "checkpoint",
                      "cont")
     assert cont[0]["steps"] == 2 and (tmp_path / "cont" / "config.yaml").is_file()
+    # what the run ran on, one line per start: the versions it imported, its world size
+    import json
+    import importlib.metadata as md
+
+    env = [json.loads(line) for line in (tmp_path / "cont" / "environment.jsonl").read_text().splitlines()]
+    assert len(env) == 1 and env[0]["start_step"] == 0 and env[0]["world_size"] == 2
+    assert env[0]["packages"]["torch"] == md.version("torch") and env[0]["packages"]["deepspeed"] == md.version(
+        "deepspeed") and env[0]["cpu"]["logical_cores"] >= 1

@@ -115,6 +115,9 @@ def test_preempted_run_resumes_bit_identical(ranks, tmp_path, kind, stop):
     assert logged_full.keys() == logged_resumed.keys()
     differ = [k for k in logged_full if not _same(logged_full[k], logged_resumed[k])]
     assert not differ, [(k, logged_full[k], logged_resumed[k]) for k in differ[:5]]
+    # the environment of each start, the resumed one appended, not written over
+    starts = [json.loads(line)["start_step"] for line in (tmp_path / "pre" / "environment.jsonl").open()]
+    assert starts == [0, stop], starts
     # TensorBoard, written by the trainer for every recipe: throughput and wall time, the run's config as
     # text, images; a categorical value (DES-MoE's step domain) as text, not a smoothed scalar line
     tags = _tensorboard(tmp_path / "full")

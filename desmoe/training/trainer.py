@@ -19,6 +19,7 @@ end has its own checkpoint tag).  A checkpoint's ``step`` is the resume cursor.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 
 from desmoe import checkpoint
 from desmoe.config import bad, dump_yaml
+from desmoe.environment import describe
 from desmoe.errors import TrainingFailure
 from desmoe.moe import update_selection_biases
 
@@ -204,6 +206,9 @@ class Trainer:
         if is_rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text_atomic(self.run_dir / "config.yaml", config)
+            env = json.dumps({"start_step": self.start, **describe(self.world)})  # one line per (re)start
+            log = self.run_dir / "environment.jsonl"
+            checkpoint.write_text_atomic(log, (log.read_text() if log.is_file() else "") + env + "\n")
             truncate_metrics(self.run_dir, after_step=self.start)  # rows logged after the checkpoint get redone
         spans = [max(n, 1) for n in r.stages()]
         self.preemption = Preemption()
