@@ -1,7 +1,7 @@
 # Two commands, each usable on a fresh clone:
 #   make demo   set up, then run the main job on the embedded default (2 local ranks)
 #   make test   set up, then run the test suite
-# Setup is idempotent; it re-runs only when pyproject.toml changes.
+# Setup is idempotent; it re-runs only when pyproject.toml or the lock (constraints.txt) changes.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -19,16 +19,27 @@ setup: $(STAMP)
 
 # A machine whose own python has a CUDA torch (a GPU box or container, often offline) keeps it: the
 # venv sees the system packages and torch is not reinstalled; everywhere else the pin is installed.
-$(STAMP): pyproject.toml
+# LOCK: the exact versions every other package had when the suite last passed on a fresh clone (make lock
+# rewrites it), so a fresh machine gets the stack the figures in docs/ came from, this year and next
+# (PyPI keeps every release); `make LOCK= setup` resolves the ranges in pyproject.toml afresh instead.
+LOCK ?= constraints.txt
+$(STAMP): pyproject.toml $(wildcard $(LOCK))
 	test -x $(BIN)/python || { if $(PYTHON) -c "$(CUDA_TORCH)" 2>/dev/null; \
 		then $(PYTHON) -m venv --system-site-packages $(VENV); else $(PYTHON) -m venv $(VENV); fi; }
 	$(BIN)/python -c "$(CUDA_TORCH)" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q $(if $(wildcard $(LOCK)),-c $(LOCK)) -e '.[test]'
 	$(BIN)/python -m desmoe.prebuild
 	touch $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# make lock: write the venv's versions (torch excluded: the Makefile installs it per machine) to $(LOCK)
+.PHONY: lock
+lock: setup
+	{ echo "# Written by make lock from a venv whose make test passed; torch is pinned in the Makefile."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -E '^(torch|nvidia-|triton)[=-]'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
 
 # make demo: prepared demo data (specialist domains in instruction form) -> pretrained embedded MoE base ->
 # the untrained base, DES-MoE and mixed-domain FFT on the same budget, prompt tokens masked ->
