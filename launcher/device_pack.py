@@ -1,7 +1,7 @@
 """Pack, on this box and before any device time is spent, what a lent GPU machine lacks.
 
     .venv/bin/python launcher/device_pack.py             # -> .device/call1, .device/call2 (git-ignored)
-    .venv/bin/python launcher/device_pack.py --only call1   # make gpu-check alone (no SmolLM2)
+    .venv/bin/python launcher/device_pack.py --only call1    # make gpu-check alone (no SmolLM2)
 
 A device machine has no network, starts bare on every loan, and one call carries at most 64 MiB (the
 working tree included).  Its image has CUDA torch, transformers, accelerate, peft ...
@@ -197,7 +197,7 @@ def pack(tmp: Path, calls: dict, image: dict[str, str | None]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", default="configs/device/image-packages.txt", help="the device image's packages")
-    p.add_argument("--only", choices=sorted(CALLS), help="pack one call (call1: make gpu-check, no SmolLM2)")
+    p.add_argument("--only", choices=["call1"], help="pack call 1 alone (make gpu-check; no SmolLM2)")
     args = p.parse_args()
     os.chdir(ROOT)
     calls = {k: v for k, v in CALLS.items() if args.only in (None, k)}
@@ -212,8 +212,10 @@ def main() -> None:
     tmp.rename(out)
     for call, spec in calls.items():
         paths = [f"{out}/{call}", *spec["carry"]]
-        size = (tree_bytes() + du(paths)) / 2**20
-        print(f"[device-pack] {call}: carry {json.dumps(paths)}: {size:.1f} MiB of {LIMIT / 2**20:.0f}")
+        size = tree_bytes() + du(paths)
+        print(f"[device-pack] {call}: carry {json.dumps(paths)}: {size / 2**20:.1f} MiB of {LIMIT / 2**20:.0f}")
+        if size > LIMIT:
+            raise UserError(f"{call} carries {size} B with the tree, over one call's {LIMIT} B")
 
 
 if __name__ == "__main__":
