@@ -7,6 +7,7 @@ folder.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,7 +20,10 @@ WORKER = Path(__file__).resolve().parent / "mathgen_worker.py"
 
 
 def _path(ctx, regime: str, per_module: int, seed: int) -> Path:
-    return ctx.workdir / f"mathgen-{regime}-{per_module}-{seed}.jsonl"
+    # keyed by the worker's code too: a fix to it (its shims decide which problems a seed gives) must not
+    # be hidden by problems an earlier worker cached
+    code = hashlib.sha256(WORKER.read_bytes()).hexdigest()[:12]
+    return ctx.workdir / f"mathgen-{regime}-{per_module}-{seed}-{code}.jsonl"
 
 
 def run_worker(package: Path, six: Path, regime: str, per_module: int, seed: int, out: Path,
