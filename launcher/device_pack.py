@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from packaging.utils import parse_wheel_filename  # noqa: E402
 
 from desmoe.errors import UserError, run_cli  # noqa: E402
+from desmoe.integrity import sha256_file  # noqa: E402
 
 ROOTS = ("deepspeed", "lm-eval", "gguf", "datasets")  # what bench/gpu_check.py and the realbase study import
 DEVICE_PY = {"python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
@@ -132,14 +133,6 @@ def fetch(name: str, version: str, dest: Path) -> Path:
     return new[0]
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tree_bytes() -> int:
     """What every call sends anyway: tracked and untracked-not-ignored files."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
@@ -192,7 +185,7 @@ def pack(tmp: Path, calls: dict, image: dict[str, str | None]) -> dict:
             (tmp / call / "smol" / f"part-{call}").write_bytes(part)
             (tmp / call / "smol" / "wheel.sha256").write_text(line)
     files = sorted(f for f in tmp.rglob("*") if f.is_file())
-    return {"packages": need, "files": {str(f.relative_to(tmp)): [f.stat().st_size, sha256(f)] for f in files}}
+    return {"packages": need, "files": {str(f.relative_to(tmp)): [f.stat().st_size, sha256_file(f)] for f in files}}
 
 
 @run_cli

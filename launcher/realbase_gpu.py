@@ -16,7 +16,6 @@ A device call cannot carry the 93 MB wheel at once (64 MiB a call): ``make devic
 parts with the packages the device lacks, and docs/gpu.md, "The device session", gives the two calls.
 """
 import argparse
-import csv
 import importlib.util
 import os
 import shutil
@@ -50,11 +49,10 @@ def missing(cpu: bool) -> list[str]:
     from desmoe.recipes.des_moe.study import RealbaseStudy
 
     study_data = Path(load_config(RealbaseStudy, CONFIG).experiment.data.source)  # what the study reads
-    out = [f"{p}: not found ({why})" for p, why in (
-        (Path("data/realbase/meta.json"), "carry data/realbase, built by make realbase"),
-        (study_data / "meta.json", f"the study's data ({CONFIG.name}); carry it"),
-        (Path("cache/realbase/probes/probes.json"), "carry cache/realbase/probes, built by make realbase"))
-        if not p.is_file()]
+    needed = {Path("data/realbase/meta.json"): "carry data/realbase, built by make realbase",  # healing data
+              Path("cache/realbase/probes/probes.json"): "carry cache/realbase/probes, built by make realbase"}
+    needed.setdefault(study_data / "meta.json", f"the study's data ({CONFIG.name}); carry it")
+    out = [f"{p}: not found ({why})" for p, why in needed.items() if not p.is_file()]
     if not WHEEL.is_file() and not (DENSE / "config.json").is_file():
         out.append(f"{WHEEL}: not found, nor {DENSE} (make device-pack; call 2 joins the parts: docs/gpu.md)")
     out += [f"python package '{m}' missing (make device-pack; run under launcher/on_device.sh: docs/gpu.md)"
@@ -78,11 +76,10 @@ def result_files(overrides: list[str]) -> list[Path]:
 
 
 def failed_since(csv_path: Path, started: str) -> list[dict]:
-    """The CSV's rows that failed at or after ``started`` (UTC, the rows' own format)."""
-    if not csv_path.is_file():
-        return []
-    with csv_path.open(newline="") as f:
-        return [r for r in csv.DictReader(f) if r.get("status") == "failed" and r.get("finished_utc", "") >= started]
+    """The runs whose last row in the CSV failed at or after ``started`` (UTC, the rows' own format)."""
+    from desmoe.recipes.des_moe.study import read_rows
+
+    return [r for r in read_rows(csv_path) if r["status"] == "failed" and r.get("finished_utc", "") >= started]
 
 
 def stage(name: str, cmd: list[str], env: dict) -> float:
@@ -117,22 +114,22 @@ def main() -> None:
     t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     healed = f"cache/realbase/healed-moe-16x8-s768-fit-{heal_steps}"
     overrides = [f"experiment.base.hf={healed}", *(DRY if args.cpu else [])]
+    files = [(f, f.name) for f in result_files(overrides)] + [(Path(healed) / "report.json", "heal-report.json")]
     try:
         stage("base", [py, "launcher/realbase.py", "--skip-eval", "--ranks", str(ranks), "--heal-steps",
                        str(heal_steps), *[f"--heal-override={o}" for o in (CPU_HEAL if args.cpu else GPU_HEAL)]], env)
         max_runs = args.max_runs or (3 if args.cpu else 0)
         budget = max(1.0, args.budget_s - (time.perf_counter() - t0))
         stage("study", [py, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", "29571",
-                        "launcher/realbase_study.py", "--config", "configs/realbase_study_gpu.yaml",
+                        "launcher/realbase_study.py", "--config", str(CONFIG),
                         "--budget-s", f"{budget:.0f}", "--max-runs", str(max_runs), *overrides], env)
     finally:  # device time is scarce: whatever rows were written come back, also after a failed stage
         out = os.environ.get("OUT")
         if out:
-            for f, name in [(f, f.name) for f in result_files(overrides)] + [(Path(healed) / "report.json",
-                                                                                 "heal-report.json")]:
+            for f, name in files:
                 if f.is_file():
                     shutil.copy2(f, Path(out) / name)
-    failed = failed_since(result_files(overrides)[0], started)
+    failed = failed_since(files[0][0], started)
     print(f"[realbase-gpu] done in {time.perf_counter() - t0:.0f} s; {len(failed)} run(s) failed in this call",
           flush=True)
     if failed:  # the study goes on past a failed cell; a device call must not look like a success
