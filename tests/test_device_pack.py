@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launcher"))
@@ -20,7 +21,7 @@ from desmoe.errors import UserError  # noqa: E402
 
 
 def installed() -> dict:
-    return {device_pack.canon(d.metadata["Name"]): None for d in md.distributions()}
+    return {canonicalize_name(d.metadata["Name"]): None for d in md.distributions()}
 
 
 def test_closure_is_what_the_image_lacks_at_the_installed_versions():
