@@ -263,6 +263,12 @@ def test_diagnostic_protocol_shares_the_main_experiment():
     assert to_dict(es.experiment) == to_dict(main.experiment) and es.study.arms == sd.study.arms
     assert set(protocol_ids(es)[1:]) == {protocol_ids(sd)[0], *protocol_ids(sd)[1:]}
     assert es.study.headline == ["esft_token"] and es.study.steps_per_domain == sd.study.steps_per_domain
+    # realbase_replicate.yaml: the headline arms at the main protocol's selected lrs on today's base; no
+    # aliases (rows of another base never count, and this protocol's rows are its own)
+    rp = load_config(RealbaseStudy, ROOT / "configs" / "realbase_replicate.yaml", [])
+    assert to_dict(rp.experiment) == to_dict(main.experiment) and protocol_ids(rp) == (protocol_ids(rp)[0],)
+    assert {a: v.lr for a, v in rp.study.arms.items()} == {a: v.lr for a, v in sd.study.arms.items()}
+    assert rp.study.steps_per_domain == main.study.steps_per_domain and rp.study.seeds == main.study.seeds
 
 
 def test_targets_with_a_variant_in_desmoes_place(tmp_path):
