@@ -63,3 +63,61 @@ def test_bf16_kernel_matches_fp32_math():
     # d_w: an fp32 sum over 300 products of rounded inputs; its terms may cancel, so the scale is sum |terms|
     terms_abs = (torch.nn.functional.silu(h[:, :300]) * h[:, 300:] * d_act).abs().sum(1).max().item()
     assert_close(d_w16, d_w32, terms=300, roundings=4, stored=torch.bfloat16, scale=terms_abs)
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_loop_backend_keeps_no_activation_and_refuses_a_second_backward(monkeypatch, fused):
+    """The loop backend saves the inputs and pre-activations only ([N, d + 2f] per layer, not [N, d + 3f]),
+    and its backward writes the pre-activations' gradient over them: a second backward through one forward
+    is refused in one line, not computed from overwritten values."""
+    import desmoe.kernels as kernels
+
+    monkeypatch.setenv("DESMOE_FUSED_KERNELS", fused)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    torch.manual_seed(0)
+    d, f, counts = 16, 24, [5, 0, 9]
+    experts = torch.nn.ModuleList(SwiGLUExpert(d, f) for _ in range(3))
+    x = torch.randn(sum(counts), d, requires_grad=True)
+    w = torch.rand(sum(counts), requires_grad=True)
+    params = {p.data_ptr() for p in experts.parameters()}
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = grouped_swiglu(x, counts, experts, w, backend="loop")
+    activations = sum(t.numel() for t in saved if t.data_ptr() not in params)
+    assert activations == sum(counts) * (d + 2 * f + 1)  # x, gate | up, the route weights
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward") as err:
+        y.sum().backward()
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_gate_far_below_zero_is_not_nan(dtype):
+    """expf(-g) overflows below g = -88; under -ffast-math 1 / (1 + inf) came out NaN (silu(-100) = NaN, torch:
+    -0).  Every kernel entry point on gates over [-1e4, 1e4]: finite, and torch's values within rounding."""
+    from desmoe.kernels import swiglu_cpu
+
+    kernel = swiglu_cpu()
+    assert kernel is not None, "the fused CPU kernel should build on this machine"
+    n, f = 3, 64
+    h = torch.randn(n, 2 * f, generator=torch.Generator().manual_seed(4))
+    h[:, :f] = torch.linspace(-1e4, 1e4, f) * torch.tensor([[1.0], [0.01], [0.001]])
+    h, w, d_act = h.to(dtype), torch.rand(n).to(dtype), torch.randn(n, f).to(dtype)
+    gate, up, d, wf = h[:, :f].float(), h[:, f:].float(), d_act.float(), w.float()[:, None]
+    act_ref = torch.nn.functional.silu(gate) * up * wf
+    sig = torch.sigmoid(gate)
+    d_h_ref = torch.cat([d * wf * up * sig * (1 + gate * (1 - sig)), d * wf * gate * sig], 1)
+    d_h, d_w = kernel.bwd(h, w, d_act)
+    buf, scratch, d_w2 = h.clone(), d_act.clone(), torch.empty(n)
+    kernel.bwd_inplace_rows(buf, w, scratch, d_w2)(0, n)
+    stored = dict(stored=torch.bfloat16, roundings=2) if dtype == torch.bfloat16 else {}
+    for got, want in ((kernel.fwd(h, w), act_ref), (scratch, act_ref), (d_h, d_h_ref), (buf, d_h_ref)):
+        assert torch.isfinite(got).all()
+        # the kernel's vector expf and reciprocal: a few ulps of the activation's magnitude, per row
+        assert_close(got.float(), want, terms=8, **stored)

@@ -87,6 +87,42 @@ def test_kernel_row_blocks_write_only_their_rows():
     assert torch.equal(act, act_ref) and torch.equal(d_h, d_h_ref) and torch.equal(d_w, d_w_ref)
     with pytest.raises(ValueError, match="contiguous"):  # the C code writes through raw pointers
         kernel.fwd_rows(h, w, torch.empty(f, n).t())
+    # into a scratch of one block's rows (the loop backend's forward): the same values, no row outside it
+    scratch = torch.full((7, f), float("nan"))
+    kernel.fwd_rows(h, w, scratch)(5, 12, 0)
+    assert torch.equal(scratch, act_ref[5:12])
+    with pytest.raises(IndexError, match="outside"):
+        kernel.fwd_rows(h, w, scratch)(5, 13, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_inplace_backward(dtype):
+    """The loop backend's backward kernel, in place: d_h over h's rows [r0, r1) (no other row touched) and
+    the forward's weighted activation over the block's d_act scratch; d_w at rows [r0, r1)."""
+    from desmoe.kernels import swiglu_cpu
+
+    kernel = swiglu_cpu()
+    assert kernel is not None, "the fused CPU kernel should build on this machine"
+    torch.manual_seed(3)
+    n, f = 23, 40
+    h, w, d_act = (torch.randn(n, 2 * f) * 3).to(dtype), torch.rand(n).to(dtype), torch.randn(n, f).to(dtype)
+    act_ref = kernel.fwd(h, w).float()
+    d_h_ref, d_w_ref = kernel.bwd(h, w, d_act)
+    buf, d_w = h.clone(), torch.full((n,), float("nan"))
+    scratch = torch.full((9, f), float("nan")).to(dtype)
+    scratch[:7] = d_act[5:12]
+    kernel.bwd_inplace_rows(buf, w, scratch, d_w)(5, 12)
+    assert torch.equal(buf[:5], h[:5]) and torch.equal(buf[12:], h[12:]) and scratch[7:].isnan().all()
+    assert d_w[:5].isnan().all() and d_w[12:].isnan().all()
+    # the same arithmetic as the separate-buffer kernel; the activation is the forward's expression, which
+    # the compiler may associate differently (one rounding of the activation, one of the storage dtype)
+    stored = dict(stored=torch.bfloat16, roundings=1) if dtype == torch.bfloat16 else {}
+    assert_close(buf[5:12].float(), d_h_ref[5:12].float(), terms=1, **stored)
+    assert_close(scratch[:7].float(), act_ref[5:12], terms=2, **stored)
+    terms_abs = (act_ref / w.float()[:, None] * d_act.float()).abs().sum(1).max().item()
+    assert_close(d_w[5:12], d_w_ref[5:12], terms=f, scale=terms_abs)
+    with pytest.raises(IndexError, match="outside"):
+        kernel.bwd_inplace_rows(buf, w, scratch, d_w)(0, 10)  # 10 rows, a 9-row gradient
 
 
 def test_keep_freed_heap(monkeypatch):

@@ -88,6 +88,8 @@ class SwiGLUKernels:
             getattr(lib, name).argtypes = [p, p, p, i64, i64, i64]
         for name in ("swiglu_bwd_f32", "swiglu_bwd_bf16"):
             getattr(lib, name).argtypes = [p, p, p, p, p, i64, i64, i64]
+        for name in ("swiglu_bwd_inplace_f32", "swiglu_bwd_inplace_bf16"):
+            getattr(lib, name).argtypes = [p, p, p, p, i64, i64, i64]
         self.lib = lib
 
     def _run(self, fn, n: int, *args) -> None:
@@ -130,17 +132,45 @@ class SwiGLUKernels:
         return d_h, d_w
 
     def fwd_rows(self, h: torch.Tensor, w: Optional[torch.Tensor], act: torch.Tensor):
-        """``run(r0, r1)`` computing rows [r0, r1) of :meth:`fwd` from ``h`` into ``act`` (whole buffers,
-        checked once here): a per-expert call is then one C call, no slicing or checks per row block."""
+        """``run(r0, r1, out_row=r0)`` computing rows [r0, r1) of :meth:`fwd` from ``h`` into ``act`` from
+        its row ``out_row`` on (whole buffers, checked once here; ``act`` may be a scratch of fewer rows than
+        ``h``): a per-expert call is then one C call, no slicing or checks per row block."""
         n, f = h.shape[0], h.shape[1] // 2
         h = _checked_out(h, (n, 2 * f), h.dtype)
-        _checked_out(act, (n, f), h.dtype)
+        _checked_out(act, (act.shape[0], f), h.dtype)
         w = w.contiguous().to(h.dtype) if w is not None else None
         fn = getattr(self.lib, f"swiglu_fwd_{self._suffix(h)}")
+        es, rows = h.element_size(), act.shape[0]
         hp, wp, ap = h.data_ptr(), (w.data_ptr() if w is not None else None), act.data_ptr()
 
-        def run(r0: int, r1: int, _keep=(h, w, act)) -> None:  # _keep: the buffers outlive the pointers
-            fn(hp, wp, ap, r0, r1, f)
+        def run(r0: int, r1: int, out_row: Optional[int] = None, _keep=(h, w, act)) -> None:
+            # _keep: the buffers outlive the pointers
+            out_row = r0 if out_row is None else out_row
+            if not (0 <= r0 <= r1 <= n and 0 <= out_row and out_row + r1 - r0 <= rows):
+                raise IndexError(f"swiglu rows [{r0}, {r1}) -> {out_row}: outside {n} input / {rows} output rows")
+            fn(hp + r0 * 2 * f * es, wp + r0 * es if wp else None, ap + out_row * f * es, 0, r1 - r0, f)
+        return run
+
+    def bwd_inplace_rows(self, h: torch.Tensor, w: Optional[torch.Tensor], d_act: torch.Tensor,
+                         d_w: Optional[torch.Tensor]):
+        """``run(r0, r1)``: rows [r0, r1) of :meth:`bwd`, in place: ``d_h`` over ``h``'s rows and the
+        (weighted) activation over ``d_act``, whose rows [0, r1 - r0) hold the block's incoming gradient
+        (a scratch of any number of rows); ``d_w`` (float32, when ``w`` is given) at rows [r0, r1)."""
+        n, f = h.shape[0], h.shape[1] // 2
+        h = _checked_out(h, (n, 2 * f), h.dtype)
+        _checked_out(d_act, (d_act.shape[0], f), h.dtype)
+        w = w.contiguous().to(h.dtype) if w is not None else None
+        if w is not None:
+            _checked_out(d_w, (n,), torch.float32)
+        fn = getattr(self.lib, f"swiglu_bwd_inplace_{self._suffix(h)}")
+        es, rows = h.element_size(), d_act.shape[0]
+        hp, wp, ap = h.data_ptr(), (w.data_ptr() if w is not None else None), d_act.data_ptr()
+        dwp = d_w.data_ptr() if w is not None else None
+
+        def run(r0: int, r1: int, _keep=(h, w, d_act, d_w)) -> None:
+            if not (0 <= r0 <= r1 <= n and r1 - r0 <= rows):
+                raise IndexError(f"swiglu rows [{r0}, {r1}): outside {n} rows or a {rows}-row gradient")
+            fn(hp + r0 * 2 * f * es, wp + r0 * es if wp else None, ap, dwp + r0 * 4 if dwp else None, 0, r1 - r0, f)
         return run
 
     def bwd_rows(self, h: torch.Tensor, w: Optional[torch.Tensor], d_act: torch.Tensor, d_h: torch.Tensor,

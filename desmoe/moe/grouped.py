@@ -73,20 +73,33 @@ def _act_bwd(h: Tensor, w: Optional[Tensor], d_act: Tensor, d_h_out: Optional[Te
 
 
 def _act_fwd_rows(h: Tensor, w: Optional[Tensor], act: Tensor):
-    """``run(r0, r1)``: rows [r0, r1) of the activation of the whole buffers, written into ``act``.  On CPU
-    one C call per row block, the buffers checked once (no per-expert slicing, checks or conversions)."""
+    """``run(r0, r1, out_row=r0)``: rows [r0, r1) of the activation of the whole buffers, written into ``act``
+    from row ``out_row`` on.  On CPU one C call per row block, the buffers checked once (no per-expert
+    slicing, checks or conversions)."""
     kernel = swiglu_cpu() if h.device.type == "cpu" else None
     if kernel is not None:
         return kernel.fwd_rows(h, w, act)
-    return lambda r0, r1: _act_fwd(h[r0:r1], w[r0:r1] if w is not None else None, act[r0:r1])
+
+    def run(r0: int, r1: int, out_row: Optional[int] = None) -> None:
+        o = r0 if out_row is None else out_row
+        _act_fwd(h[r0:r1], w[r0:r1] if w is not None else None, act[o:o + r1 - r0])
+    return run
 
 
-def _act_bwd_rows(h: Tensor, w: Optional[Tensor], d_act: Tensor, d_h: Tensor, d_w: Optional[Tensor]):
+def _act_bwd_inplace_rows(h: Tensor, w: Optional[Tensor], d_act: Tensor, d_w: Optional[Tensor]):
+    """``run(r0, r1)``: the backward of rows [r0, r1) in place: d_h over ``h``'s rows, the (weighted)
+    activation over ``d_act``'s rows [0, r1 - r0) (which hold the block's incoming gradient), ``d_w`` rows
+    [r0, r1) when ``w`` is given."""
     kernel = swiglu_cpu() if h.device.type == "cpu" else None
     if kernel is not None:
-        return kernel.bwd_rows(h, w, d_act, d_h, d_w)
-    return lambda r0, r1: _act_bwd(h[r0:r1], w[r0:r1] if w is not None else None, d_act[r0:r1], d_h[r0:r1],
-                                   d_w[r0:r1] if d_w is not None else None)
+        return kernel.bwd_inplace_rows(h, w, d_act, d_w)
+
+    def run(r0: int, r1: int) -> None:
+        hb, wb, da = h[r0:r1], (w[r0:r1] if w is not None else None), d_act[:r1 - r0]
+        act = _act_fwd(hb, wb)  # the forward's ops on the same values: its activation
+        _act_bwd(hb, wb, da, hb, d_w[r0:r1] if d_w is not None else None)  # d_h is built whole, then copied
+        da.copy_(act)
+    return run
 
 
 class GroupedSwiGLU(torch.autograd.Function):
@@ -96,6 +109,12 @@ class GroupedSwiGLU(torch.autograd.Function):
     block on the whole buffers: at 128 experts the per-expert Python work (slicing, kernel-wrapper
     checks) cost more than the small experts' activation itself.  (Row tiles within an expert, so the
     activation reads its GEMM's output from cache, were measured slower twice: smaller GEMM calls.)
+
+    Memory: the forward keeps the inputs and the pre-activations, not the activation (a third of
+    what the experts kept: [N, f] of [N, d + 3f]).  It goes through one expert-sized scratch, still in
+    cache for the down projection; the backward recomputes it where it is needed, in the pass that reads
+    the pre-activations anyway, and writes the pre-activations' gradient over them.  So a second backward
+    through one forward (``retain_graph=True``) is refused (docs/performance.md).
     """
 
     @staticmethod
@@ -104,45 +123,49 @@ class GroupedSwiGLU(torch.autograd.Function):
         two_f = weights[0].shape[0]
         out = x.new_empty(x.shape)
         h_all = x.new_empty((x.shape[0], two_f))  # pre-activations, gate | up, all experts' rows
-        act_all = x.new_empty((x.shape[0], two_f // 2))  # (weighted) activations
-        act = _act_fwd_rows(h_all, route_w, act_all)
-        xs, hs, acts, outs = x.split(counts), h_all.split(counts), act_all.split(counts), out.split(counts)
+        scratch = x.new_empty((max(counts, default=0), two_f // 2))  # one expert's (weighted) activation
+        act = _act_fwd_rows(h_all, route_w, scratch)
+        xs, hs, outs = x.split(counts), h_all.split(counts), out.split(counts)
         start = 0
         for e, n in enumerate(counts):
             if n:  # an expert without rows has nothing to compute (its weight gradients are zeros)
                 torch.mm(xs[e], weights[2 * e].t(), out=hs[e])
-                act(start, start + n)
-                torch.mm(acts[e], weights[2 * e + 1].t(), out=outs[e])
+                act(start, start + n, 0)
+                torch.mm(scratch[:n], weights[2 * e + 1].t(), out=outs[e])
             start += n
         ctx.counts = counts
         ctx.has_w = route_w is not None
         ctx.keep = keep  # bool, not differentiable
-        ctx.save_for_backward(x, route_w if route_w is not None else x.new_empty(0), h_all, act_all, *weights)
+        ctx.used = False
+        ctx.save_for_backward(x, route_w if route_w is not None else x.new_empty(0), h_all, *weights)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        if ctx.used:  # its first backward overwrote the pre-activations with their gradient
+            raise RuntimeError("desmoe MoE experts (loop backend): a second backward through one forward "
+                               "(retain_graph=True) is not supported; run the forward again")
+        ctx.used = True
         counts = ctx.counts
-        x, route_w, h_all, act_all, *weights = ctx.saved_tensors
+        x, route_w, h_all, *weights = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x)
-        d_h_all = torch.empty_like(h_all)
-        d_act_all = torch.empty_like(act_all)
+        scratch = x.new_empty((max(counts, default=0), h_all.shape[1] // 2))  # d_act, then the activation
         grad_route = torch.empty(x.shape[0], dtype=torch.float32, device=x.device) if ctx.has_w else None
-        act_bwd = _act_bwd_rows(h_all, route_w if ctx.has_w else None, d_act_all, d_h_all, grad_route)
-        split = lambda t: t.split(counts)  # noqa: E731
-        dys, d_acts, d_hs, gxs, xs, acts = map(split, (grad_out, d_act_all, d_h_all, grad_x, x, act_all))
+        act_bwd = _act_bwd_inplace_rows(h_all, route_w if ctx.has_w else None, scratch, grad_route)
+        dys, d_hs, gxs, xs = (t.split(counts) for t in (grad_out, h_all, grad_x, x))
         need = ctx.needs_input_grad[4:]
         grad_w: list[Optional[Tensor]] = []
         start = 0
         for e, n in enumerate(counts):
             w_gate_up, w_down = weights[2 * e], weights[2 * e + 1]
+            d_act = scratch[:n]
             if n:
-                torch.mm(dys[e], w_down, out=d_acts[e])
-                act_bwd(start, start + n)
+                torch.mm(dys[e], w_down, out=d_act)
+                act_bwd(start, start + n)  # d_hs[e] now holds d_h, d_act the activation
                 torch.mm(d_hs[e], w_gate_up, out=gxs[e])  # every row: the input gradient is never masked
             # Frozen experts (requires_grad=False) need no weight GEMMs.
-            d_h, dy, xr, act = d_hs[e], dys[e], xs[e], acts[e]
+            d_h, dy, xr, act = d_hs[e], dys[e], xs[e], d_act
             if ctx.keep is not None and n:  # masked rows teach the expert nothing: weight GEMMs over kept rows only
                 kept = torch.nonzero(ctx.keep[start:start + n]).flatten()
                 d_h, dy, xr, act = d_h[kept], dy[kept], xr[kept], act[kept]
