@@ -2,7 +2,9 @@
 
 Why: at the toy shape the MoE block spends ~8 % of its step in the activation (docs/performance.md),
 about twice what the same kernel costs when its rows are hot.  This prints, for the fused C kernel
-(``desmoe.kernels``) and the same math on torch ops (the baseline, in the same process and rounds):
+(``desmoe.kernels``; ``kernel_inplace``: the backward the MoE block runs, writing d_h over the
+pre-activations and the activation over d_act, on copies made before the clock starts) and the same math
+on torch ops (the baseline, in the same process and rounds):
 the time of one step's activation (``--experts`` blocks of ``--rows`` rows, width ``--ffn``), hot
 (the block was just touched, as the forward's rows are right after their GEMM) and cold (a
 ``--scrub-mb`` write in between, as the backward's pre-activations are, written a whole forward and
@@ -44,11 +46,18 @@ def main(argv=None) -> dict:
     hs = [torch.randn(n, 2 * f, generator=gen) for _ in range(args.experts)]
     w, d_act = torch.rand(n, generator=gen), torch.randn(n, f, generator=gen)
     act, d_h, d_w = torch.empty(n, f), torch.empty(n, 2 * f), torch.empty(n)
+    h_work, d_work = torch.empty(n, 2 * f), torch.empty(n, f)  # kernel_inplace overwrites both
     scrub = torch.empty(args.scrub_mb << 18)
 
     def fused(h, backward):
         if backward:
             kernel.bwd_rows(h, w, d_act, d_h, d_w)(0, n)
+        else:
+            kernel.fwd_rows(h, w, act)(0, n)
+
+    def fused_inplace(h, backward):
+        if backward:
+            kernel.bwd_inplace_rows(h_work, w, d_work, d_w)(0, n)
         else:
             kernel.fwd_rows(h, w, act)(0, n)
 
@@ -62,11 +71,14 @@ def main(argv=None) -> dict:
 
     times: dict[str, list[float]] = {}
     for r in range(args.rounds + 1):  # round 0 warms up
-        for impl_name, impl in (("kernel", fused), ("torch_ops", torch_ops)):
+        for impl_name, impl in (("kernel", fused), ("kernel_inplace", fused_inplace), ("torch_ops", torch_ops)):
             for state in ("hot", "cold"):
                 total = 0.0
                 for backward in (False, True):
                     for h in hs:
+                        if impl is fused_inplace and backward:  # fresh inputs, before the scrub or touch
+                            h_work.copy_(h), d_work.copy_(d_act)
+                            h = h_work
                         if state == "cold":
                             scrub.fill_(r)  # evict h (and the outputs) from the caches
                         else:
@@ -80,8 +92,9 @@ def main(argv=None) -> dict:
     elems = 2 * args.experts * n * f  # forward + backward
     print(f"activation fwd+bwd, {args.experts} x {n} rows x ffn {f}, 1 thread, CPU time, {args.rounds} rounds")
     for k, v in med.items():
-        print(f"  {k:<16}{v * 1e3:8.2f} ms {v / elems * 1e9:6.2f} ns/element")
+        print(f"  {k:<20}{v * 1e3:8.2f} ms {v / elems * 1e9:6.2f} ns/element")
     ratios = {"kernel_cold_over_hot": med["kernel_cold"] / med["kernel_hot"],
+              "kernel_over_inplace_cold": med["kernel_cold"] / med["kernel_inplace_cold"],
               "torch_ops_over_kernel_hot": med["torch_ops_hot"] / med["kernel_hot"],
               "torch_ops_over_kernel_cold": med["torch_ops_cold"] / med["kernel_cold"]}
     print("  " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
