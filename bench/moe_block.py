@@ -21,6 +21,8 @@ the real shapes run 256 tokens and a quarter of their width (printed in the head
 six variants' weights and gradients (about 5 GB each for Qwen3's 128 experts) exceed a dev box's memory.
 
     python bench/moe_block.py [--shape toy|dsv2-lite|qwen3-30b-a3b|mixtral] [--tokens N] [--rounds R]
+``--before REV`` adds ``desmoe_before``: the experts' autograd code as of a git revision, same weights and
+routing, so a change to it is measured as a per-round ratio in one process.
 Prints one table (median and fastest of the interleaved rounds, the spread = interquartile range / median,
 tokens/s, share of the floor, peak memory) and the ratios, each the median [quartiles] of the per-round
 ratios (a round runs every variant back to back, so drift cancels in the pair); ``--json PATH``
@@ -69,6 +71,9 @@ def parse(argv=None) -> argparse.Namespace:
                         "one's caches (warm weights made the same code 1.2x faster at 128 experts); 0: off")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--skip", default="", help="comma-separated variants to leave out")
+    p.add_argument("--before", default=None, metavar="REV",
+                   help="also run desmoe_before: the experts' autograd code (desmoe/moe/grouped.py) as of git "
+                        "revision REV, on the same weights and routing, for a before/after ratio in one process")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -172,6 +177,34 @@ def torch_permutation():
         yield
     finally:
         permutation._kernels = saved
+
+
+def grouped_at(rev: str):
+    """``desmoe/moe/grouped.py`` as of git revision ``rev``, loaded as a module beside the current one (it
+    imports today's ``desmoe.kernels``; a revision that needs another kernel API fails its warm-up and is
+    reported, not fatal)."""
+    import subprocess
+    import types
+
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:desmoe/moe/grouped.py"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    module = types.ModuleType(f"grouped_at_{rev}")
+    exec(compile(src, f"{rev}:desmoe/moe/grouped.py", "exec"), module.__dict__)
+    return module
+
+
+@contextlib.contextmanager
+def experts_from(module):
+    """The block's grouped experts run through ``module``'s autograd functions (``--before``)."""
+    import desmoe.moe.dispatcher as dispatcher
+
+    saved = dispatcher.grouped_swiglu
+    dispatcher.grouped_swiglu = module.grouped_swiglu
+    try:
+        yield
+    finally:
+        dispatcher.grouped_swiglu = saved
 
 
 # desmoe's forced variants (the plain "desmoe" row runs as trained): each a context around the step
@@ -323,6 +356,10 @@ def main(argv=None) -> dict:
                 for forced in ("loop", "grouped_mm") + (() if cuda else ("torch_permute",)):
                     if f"desmoe_{forced}" not in skipped and hasattr(torch, "_grouped_mm"):
                         runs[f"desmoe_{forced}"] = step_fn(module, x, grad, forced)
+                if args.before:
+                    before = grouped_at(args.before)
+                    FORCED["before"] = lambda: experts_from(before)
+                    runs["desmoe_before"] = step_fn(module, x, grad, "before")
     floor_counts = counts + ([s["tokens"]] if s["shared"] else [])
     floors, flops = floor_fns(counts, s["hidden"], s["ffn"], device, dtype)
     if s["shared"]:  # the shared experts are one more expert over every token (width = their sum)
@@ -361,7 +398,8 @@ def main(argv=None) -> dict:
     ratios = {"vs_hf_fastest": paired(hf_fastest, "desmoe") if hf_fastest else None,
               "vs_deepspeed_moe": paired("deepspeed_moe", "desmoe"),
               "share_of_floor": paired(floor_name, "desmoe"),
-              "share_of_gemms_fwd_bwd": paired("gemms_fwd_bwd", "desmoe")}
+              "share_of_gemms_fwd_bwd": paired("gemms_fwd_bwd", "desmoe"),
+              "vs_before": paired("desmoe_before", "desmoe")}
     result = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu x{args.threads} threads",
         "dtype": str(dtype).replace("torch.", ""), "shape": args.shape, "resolved": s, "rounds": rounds,
@@ -391,7 +429,8 @@ def main(argv=None) -> dict:
     print(f"floor = {floor_name} ({result['floor_tflops'] * 1e3:.1f} GFLOP/s).  desmoe, per-round ratios, median "
           f"[quartiles]: {fmt(ratios['vs_hf_fastest'])}x HF fastest ({hf_fastest}), "
           f"{fmt(ratios['vs_deepspeed_moe'])}x DeepSpeed MoE, {fmt(ratios['share_of_floor'])} of the floor, "
-          f"{fmt(ratios['share_of_gemms_fwd_bwd'])} of the same GEMMs in a layer's order (gemms_fwd_bwd)")
+          f"{fmt(ratios['share_of_gemms_fwd_bwd'])} of the same GEMMs in a layer's order (gemms_fwd_bwd)"
+          + (f", {fmt(ratios['vs_before'])}x desmoe as of {args.before} (desmoe_before)" if args.before else ""))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         from desmoe.checkpoint import write_text_atomic
