@@ -266,13 +266,14 @@ def _arm(cfg: RealbaseStudy, flag: str, arm: str) -> str:
 
 
 def report_base(cfg: RealbaseStudy) -> str:
-    """The base the report is about: the built one, else (a checkout without the caches) the base of the
-    protocol's latest row."""
-    if (Path(cfg.experiment.base.hf or "") / "config.json").is_file():
-        return base_digest(cfg.experiment.base.hf)
+    """The base the report is about: the built one while the protocol has rows on it (or none at all), else
+    the base of the protocol's latest row.  A machine whose build is another base (docs/real-base.md, "The
+    base's identity") then re-renders a finished study's section from its own rows instead of emptying it."""
     rows = [r for r in read_rows(Path(cfg.study.csv), protocol_ids(cfg)) if r.get("base_sha256")]
-    return max(rows, key=lambda r: r["finished_utc"])["base_sha256"] if rows else ""
-
+    built = base_digest(cfg.experiment.base.hf) if (Path(cfg.experiment.base.hf or "") / "config.json").is_file() else ""
+    if built and (not rows or any(r["base_sha256"] == built for r in rows)):
+        return built
+    return max(rows, key=lambda r: r["finished_utc"])["base_sha256"] if rows else built
 
 if __name__ == "__main__":
     main()

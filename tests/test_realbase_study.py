@@ -216,6 +216,27 @@ def test_base_digest_names_the_weights(tmp_path):
     assert base_digest(tmp_path) != first  # one byte of the weights: another base
 
 
+def test_report_is_about_the_base_the_rows_were_trained_from(tmp_path):
+    """The built base while the protocol has rows on it; a machine whose build is another base re-renders a
+    finished study from its rows' base (it used to render empty tables for the built one)."""
+    from desmoe.recipes.des_moe.study import append_row, base_digest, protocol_ids
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(bytes(range(256)))
+    cfg = _load([f"experiment.base.hf={base}", f"study.csv={tmp_path / 'runs.csv'}"])
+    built, report_base = base_digest(base), _driver().report_base
+    assert report_base(cfg) == built  # no rows yet
+    row = {"run": "base", "phase": "base", "status": "ok", "protocol": protocol_ids(cfg)[0]}
+    append_row(Path(cfg.study.csv), {**row, "base_sha256": "0123456789ab", "finished_utc": "2026-12-05T10:00:00Z"})
+    append_row(Path(cfg.study.csv), {**row, "run": "fft", "base_sha256": "ba9876543210",
+                                     "finished_utc": "2026-12-05T11:00:00Z"})
+    assert report_base(cfg) == "ba9876543210"  # rows on other bases only: the latest row's
+    append_row(Path(cfg.study.csv), {**row, "run": "esft", "base_sha256": built, "finished_utc": "2026-12-04T09:00:00Z"})
+    assert report_base(cfg) == built  # the built base has rows: it is the one
+
+
 def test_cells_the_targets_read_run_first(tmp_path):
     from desmoe.recipes.des_moe.study import protocol_ids
 
@@ -269,6 +290,8 @@ def test_diagnostic_protocol_shares_the_main_experiment():
     assert to_dict(rp.experiment) == to_dict(main.experiment) and protocol_ids(rp) == (protocol_ids(rp)[0],)
     assert {a: v.lr for a, v in rp.study.arms.items()} == {a: v.lr for a, v in sd.study.arms.items()}
     assert rp.study.steps_per_domain == main.study.steps_per_domain and rp.study.seeds == main.study.seeds
+    from desmoe.recipes.des_moe.study_targets import targets
+    assert targets([], rp)[1]["status"] == "not measured (this protocol runs N = 5 only)"  # one N: no scaling target
 
 
 def test_targets_with_a_variant_in_desmoes_place(tmp_path):

@@ -111,8 +111,12 @@ def targets(rows: list[dict], cfg: RealbaseStudy) -> list[dict]:
         t["status"] += f" ({seeds} of {len(s.seeds)} seeds)"
     out.append(t)
     lo, hi = s.scaling_sizes[0], s.scaling_sizes[-1]
-    (d_drop, d_se, d_k), (f_drop, f_se, f_k) = (scaling_drop(rows, cfg, a, lo, hi) for a in ("desmoe", "fft"))
     k = s.scaling_share
+    if lo == hi:  # a protocol without domain scaling (a confirmation at one N): nothing to compare
+        out.append({"target": f"N = 2 -> 5: general drop of DES-MoE <= {k:g} x FFT's", "seeds": 0,
+                    "status": f"not measured (this protocol runs N = {lo} only)"})
+        return out
+    (d_drop, d_se, d_k), (f_drop, f_se, f_k) = (scaling_drop(rows, cfg, a, lo, hi) for a in ("desmoe", "fft"))
     t = {"target": f"N = {lo} -> {hi}: general drop of DES-MoE <= {k:g} x FFT's", "seeds": min(d_k, f_k),
          "desmoe_drop": d_drop, "fft_drop": f_drop}
     if not d_k or not f_k:
