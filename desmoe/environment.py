@@ -8,6 +8,7 @@ likely differences.  Without this record a number cannot be traced to the stack 
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 import os
 import platform
@@ -31,7 +32,8 @@ def _version(name: str) -> str | None:
 
 
 def _git() -> dict:
-    """The commit and whether tracked files differ from it; empty outside a git checkout (an installed wheel)."""
+    """The commit, whether tracked files differ from it and, when they do, the sha256 of ``git diff HEAD``
+    (which edit); empty outside a git checkout (an installed wheel)."""
     if not (ROOT / ".git").exists():
         return {}
     try:
@@ -42,7 +44,28 @@ def _git() -> dict:
         return {}
     if head.returncode:
         return {}
-    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    out = {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    if out["dirty"]:
+        try:
+            diff = subprocess.run(["git", "diff", "HEAD", "--"], cwd=ROOT, capture_output=True, timeout=30)
+            out["diff_sha256"] = hashlib.sha256(diff.stdout).hexdigest()[:12]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return out
+
+
+_PROCESS_GIT: dict | None = None  # the tree at this process's first run start, just after its imports
+
+
+def _process_git() -> tuple[dict, dict | None]:
+    """(the tree this process loaded, the tree now if it changed since).  A launch that runs several runs
+    imports the code once: a later run's start must not report an edit made while the launch ran as the
+    code it ran (a study launch ran three runs on code imported before a commit its later runs named)."""
+    global _PROCESS_GIT
+    now = _git()
+    if _PROCESS_GIT is None:
+        _PROCESS_GIT = now
+    return _PROCESS_GIT, (now if now != _PROCESS_GIT else None)
 
 
 def _cpu_model() -> str:
@@ -57,9 +80,11 @@ def _cpu_model() -> str:
 
 def describe(world_size: int = 1) -> dict:
     cuda = torch.cuda.is_available()
+    loaded, now = _process_git()
     return {
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git": _git(),
+        "git": loaded,
+        **({"git_now": now} if now is not None else {}),
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
         "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},

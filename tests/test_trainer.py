@@ -126,3 +126,18 @@ def test_preempted_run_resumes_bit_identical(ranks, tmp_path, kind, stop):
     assert "run/config/text_summary" in tags["tensors"] and tags["images"]  # text summaries are tensors
     if kind == "desmoe":
         assert "train/domain/text_summary" in tags["tensors"] and "train/domain" not in tags["scalars"]
+
+
+def test_environment_names_the_code_the_process_loaded(monkeypatch):
+    """A launch imports the code once and may run several runs: a later run's start reports the tree the
+    process started from, and the edited tree beside it (``git_now``), not the edit as the code it ran."""
+    import desmoe.environment as environment
+
+    trees = iter([{"commit": "a" * 40, "dirty": False}, {"commit": "a" * 40, "dirty": False},
+                  {"commit": "b" * 40, "dirty": True, "diff_sha256": "0123456789ab"}])
+    monkeypatch.setattr(environment, "_git", lambda: next(trees))
+    monkeypatch.setattr(environment, "_PROCESS_GIT", None)
+    first, second, third = (environment.describe() for _ in range(3))
+    assert first["git"] == second["git"] == third["git"] == {"commit": "a" * 40, "dirty": False}
+    assert "git_now" not in first and "git_now" not in second
+    assert third["git_now"] == {"commit": "b" * 40, "dirty": True, "diff_sha256": "0123456789ab"}
