@@ -176,7 +176,8 @@ class SwiGLUKernels:
     def bwd_rows(self, h: torch.Tensor, w: Optional[torch.Tensor], d_act: torch.Tensor, d_h: torch.Tensor,
                  d_w: Optional[torch.Tensor]):
         """``run(r0, r1)`` computing rows [r0, r1) of :meth:`bwd` into ``d_h`` (and ``d_w``, float32, when
-        ``w`` is given): whole buffers, checked once here."""
+        ``w`` is given): whole buffers, checked once here.  The separate-buffer form: the MoE block runs
+        :meth:`bwd_inplace_rows`; ``bench/activation_cache.py`` times the two against each other."""
         n, f = h.shape[0], h.shape[1] // 2
         h = _checked_out(h, (n, 2 * f), h.dtype)
         _checked_out(d_act, (n, f), h.dtype)
