@@ -212,9 +212,10 @@ FORCED = {"loop": lambda: backend("loop"), "grouped_mm": lambda: backend("groupe
           "torch_permute": torch_permutation}
 
 
-def step_fn(module, x, grad, forced=None):
+def step_fn(module, x, grad, context=contextlib.nullcontext):
+    """One training step of ``module``, inside ``context()`` (a FORCED variant's, or none)."""
     def run():
-        with FORCED[forced]() if forced else contextlib.nullcontext():
+        with context():
             module.zero_grad(set_to_none=True)  # as a training step does
             xi = x.detach().requires_grad_(True)
             out = module(xi.unsqueeze(0))
@@ -355,11 +356,10 @@ def main(argv=None) -> dict:
             if name == "desmoe":
                 for forced in ("loop", "grouped_mm") + (() if cuda else ("torch_permute",)):
                     if f"desmoe_{forced}" not in skipped and hasattr(torch, "_grouped_mm"):
-                        runs[f"desmoe_{forced}"] = step_fn(module, x, grad, forced)
+                        runs[f"desmoe_{forced}"] = step_fn(module, x, grad, FORCED[forced])
                 if args.before:
                     before = grouped_at(args.before)
-                    FORCED["before"] = lambda: experts_from(before)
-                    runs["desmoe_before"] = step_fn(module, x, grad, "before")
+                    runs["desmoe_before"] = step_fn(module, x, grad, lambda: experts_from(before))
     floor_counts = counts + ([s["tokens"]] if s["shared"] else [])
     floors, flops = floor_fns(counts, s["hidden"], s["ffn"], device, dtype)
     if s["shared"]:  # the shared experts are one more expert over every token (width = their sum)
