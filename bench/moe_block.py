@@ -3,7 +3,8 @@
 Variants, on identical expert weights and routing (the router's top-k over a softmax):
   * desmoe (its default backend on the platform) and each grouped-experts backend forced:
     ``loop`` (one GEMM per expert) and ``grouped_mm`` (one grouped kernel per GEMM); on CPU also
-    ``desmoe_torch_permute``: the dispatch's gather and combine on torch ops, not the row kernels;
+    ``desmoe_unfused_rows``: the dispatch's gather and combine as whole-batch passes around the experts
+    (row kernels), not inside their loop; ``desmoe_torch_permute``: those passes on torch ops;
   * transformers' Qwen2-MoE sparse block with each experts implementation it offers here
     (``eager``, ``batched_mm``, ``grouped_mm``; ``batched_mm`` gathers one weight matrix per
     route, so it is skipped where that would not fit in memory); the fastest is "HF fastest";
@@ -168,13 +169,15 @@ def backend(name):
 @contextlib.contextmanager
 def torch_permutation():
     """The dispatch's gather and combine on torch ops (index_select, index_add_ into zeros) instead of the
-    CPU row kernels: the ``desmoe_torch_permute`` row, what ``desmoe.moe.permutation`` gains on CPU."""
+    CPU row kernels, as whole-batch passes: the ``desmoe_torch_permute`` row, what ``desmoe.moe.permutation``
+    gains on CPU (against ``desmoe_unfused_rows``)."""
     import desmoe.moe.permutation as permutation
 
     saved = permutation._kernels
     permutation._kernels = lambda t: None
     try:
-        yield
+        with unfused_rows():
+            yield
     finally:
         permutation._kernels = saved
 
@@ -196,20 +199,36 @@ def grouped_at(rev: str):
 
 @contextlib.contextmanager
 def experts_from(module):
-    """The block's grouped experts run through ``module``'s autograd functions (``--before``)."""
+    """The block's grouped experts run through ``module``'s autograd functions (``--before``), with the
+    dispatch's gather and combine fused into them if that revision can (``fuses_rows``)."""
     import desmoe.moe.dispatcher as dispatcher
 
-    saved = dispatcher.grouped_swiglu
+    saved = dispatcher.grouped_swiglu, dispatcher.fuses_rows
     dispatcher.grouped_swiglu = module.grouped_swiglu
+    dispatcher.fuses_rows = getattr(module, "fuses_rows", lambda x, experts: False)
     try:
         yield
     finally:
-        dispatcher.grouped_swiglu = saved
+        dispatcher.grouped_swiglu, dispatcher.fuses_rows = saved
+
+
+@contextlib.contextmanager
+def unfused_rows():
+    """The dispatch's gather and the combine as whole-batch passes around the experts (the
+    ``desmoe_unfused_rows`` row): what the loop backend gains by doing them one expert at a time."""
+    import desmoe.moe.dispatcher as dispatcher
+
+    saved = dispatcher.fuses_rows
+    dispatcher.fuses_rows = lambda x, experts: False
+    try:
+        yield
+    finally:
+        dispatcher.fuses_rows = saved
 
 
 # desmoe's forced variants (the plain "desmoe" row runs as trained): each a context around the step
 FORCED = {"loop": lambda: backend("loop"), "grouped_mm": lambda: backend("grouped_mm"),
-          "torch_permute": torch_permutation}
+          "torch_permute": torch_permutation, "unfused_rows": unfused_rows}
 
 
 def step_fn(module, x, grad, context=contextlib.nullcontext):
@@ -354,7 +373,7 @@ def main(argv=None) -> dict:
         if name not in skipped:
             runs[name] = step_fn(module, x, grad)
             if name == "desmoe":
-                for forced in ("loop", "grouped_mm") + (() if cuda else ("torch_permute",)):
+                for forced in ("loop", "grouped_mm") + (() if cuda else ("torch_permute", "unfused_rows")):
                     if f"desmoe_{forced}" not in skipped and hasattr(torch, "_grouped_mm"):
                         runs[f"desmoe_{forced}"] = step_fn(module, x, grad, FORCED[forced])
                 if args.before:
@@ -399,7 +418,8 @@ def main(argv=None) -> dict:
               "vs_deepspeed_moe": paired("deepspeed_moe", "desmoe"),
               "share_of_floor": paired(floor_name, "desmoe"),
               "share_of_gemms_fwd_bwd": paired("gemms_fwd_bwd", "desmoe"),
-              "vs_before": paired("desmoe_before", "desmoe")}
+              "vs_before": paired("desmoe_before", "desmoe"),
+              "vs_unfused_rows": paired("desmoe_unfused_rows", "desmoe")}
     result = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu x{args.threads} threads",
         "dtype": str(dtype).replace("torch.", ""), "shape": args.shape, "resolved": s, "rounds": rounds,
@@ -430,7 +450,8 @@ def main(argv=None) -> dict:
           f"[quartiles]: {fmt(ratios['vs_hf_fastest'])}x HF fastest ({hf_fastest}), "
           f"{fmt(ratios['vs_deepspeed_moe'])}x DeepSpeed MoE, {fmt(ratios['share_of_floor'])} of the floor, "
           f"{fmt(ratios['share_of_gemms_fwd_bwd'])} of the same GEMMs in a layer's order (gemms_fwd_bwd)"
-          + (f", {fmt(ratios['vs_before'])}x desmoe as of {args.before} (desmoe_before)" if args.before else ""))
+          + (f", {fmt(ratios['vs_before'])}x desmoe as of {args.before} (desmoe_before)" if args.before else "")
+          + (f", {fmt(ratios['vs_unfused_rows'])}x desmoe_unfused_rows" if ratios["vs_unfused_rows"] else ""))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         from desmoe.checkpoint import write_text_atomic

@@ -210,6 +210,9 @@ class RowKernels:
         lib.rows_gather.argtypes = [p, p, p, i64, i64]
         for name in ("rows_gather_sum_f32", "rows_gather_sum_bf16"):
             getattr(lib, name).argtypes = [p, p, p, i64, i64, i64]
+        for name in ("rows_scatter_add_f32", "rows_scatter_add_bf16"):
+            getattr(lib, name).argtypes = [p, p, p, p, i64, i64]
+        lib.rows_zero_unseen.argtypes = [p, p, i64, i64]
         self.lib = lib
 
     @staticmethod
@@ -239,6 +242,49 @@ class RowKernels:
         fn = self.lib.rows_gather_sum_f32 if src.dtype == torch.float32 else self.lib.rows_gather_sum_bf16
         fn(src.data_ptr(), pos.data_ptr(), out.data_ptr(), s, k, src.shape[1])
         return out
+
+    def gather_rows(self, src: torch.Tensor, idx: torch.Tensor, dst: torch.Tensor):
+        """``run(r0, r1)``: ``dst[:r1 - r0] = src[idx[r0:r1]]`` (whole buffers, checked once here; ``dst`` a
+        scratch of any number of rows): one C call per expert in the experts' token-order loop."""
+        src, idx = _checked_out(src, tuple(src.shape), src.dtype), _checked_index(idx, src.shape[0])
+        _checked_out(dst, (dst.shape[0], src.shape[1]), src.dtype)
+        rb, n, rows = src.shape[1] * src.element_size(), idx.shape[0], dst.shape[0]
+        sp, ip, dp = src.data_ptr(), idx.data_ptr(), dst.data_ptr()
+
+        def run(r0: int, r1: int, _keep=(src, idx, dst)) -> None:
+            if not (0 <= r0 <= r1 <= n and r1 - r0 <= rows):
+                raise IndexError(f"gather rows [{r0}, {r1}): outside {n} indices or a {rows}-row scratch")
+            self.lib.rows_gather(sp, ip + 8 * r0, dp, r1 - r0, rb)
+        return run
+
+    def scatter_add_rows(self, src: torch.Tensor, idx: torch.Tensor, acc: torch.Tensor):
+        """``(run, finish)``: ``run(r0, r1)`` adds ``src[i]`` into ``acc[idx[r0 + i]]`` for i < r1 - r0, in row
+        order; ``acc`` (float32) may start uninitialised: a token's first row is stored, and ``finish()``
+        zeroes the tokens no row reached.  ``src`` float32 or bfloat16, a scratch of any number of rows."""
+        s, d = acc.shape
+        _checked_out(acc, (s, d), torch.float32)
+        _checked_out(src, (src.shape[0], d), src.dtype)
+        idx = _checked_index(idx, s)
+        fn = self.lib.rows_scatter_add_f32 if src.dtype == torch.float32 else self.lib.rows_scatter_add_bf16
+        seen = torch.zeros(s, dtype=torch.uint8)
+        n, rows = idx.shape[0], src.shape[0]
+        sp, ip, zp, ap = src.data_ptr(), idx.data_ptr(), seen.data_ptr(), acc.data_ptr()
+
+        def run(r0: int, r1: int, _keep=(src, idx, seen, acc)) -> None:
+            if not (0 <= r0 <= r1 <= n and r1 - r0 <= rows):
+                raise IndexError(f"scatter rows [{r0}, {r1}): outside {n} indices or a {rows}-row source")
+            fn(sp, ip + 8 * r0, zp, ap, r1 - r0, d)
+
+        def finish(_keep=(seen, acc)) -> None:
+            self.lib.rows_zero_unseen(zp, ap, s, d * 4)
+        return run, finish
+
+
+def _checked_index(idx: torch.Tensor, num_rows: int) -> torch.Tensor:
+    if idx.dtype != torch.int64 or idx.dim() != 1 or not idx.is_contiguous() or idx.device.type != "cpu":
+        raise ValueError(f"row index must be a contiguous 1-D int64 CPU tensor, got {idx.dtype} {tuple(idx.shape)}")
+    _check_rows(idx, num_rows, allow_negative=False)
+    return idx
 
 
 def _check_rows(idx: torch.Tensor, num_rows: int, allow_negative: bool) -> None:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from desmoe.moe.experts import SwiGLUExpert
-from desmoe.moe.grouped import grouped_swiglu
+from desmoe.moe.grouped import fuses_rows, grouped_swiglu
 from desmoe.moe.layout import ExpertLayout
 from desmoe.moe.permutation import RoutePlan, permute, unpermute
 from desmoe.moe.router import Routing
@@ -108,17 +108,22 @@ class ExpertDispatcher(nn.Module):
         else:
             kept_counts = counts
         plan = RoutePlan(order, num_tokens, k)
-        dispatched = permute(x, plan)  # [N, d] grouped by expert
         weights = route_weight[order]
         route_keep = None if keep is None else keep.t().reshape(-1)[order]
-        if self.layout.ep_size == 1 and self._grouped():
-            # Local experts can apply the route weight inside their fused activation.
-            # Counts stay a tensor: the grouped_mm backend (CUDA) needs no host copy of them.
-            weighted = grouped_swiglu(dispatched, kept_counts, self.experts.deepspeed_experts,
-                                      weights.to(dispatched.dtype), route_keep)
+        experts = self.experts.deepspeed_experts
+        if self.layout.ep_size == 1 and self._grouped() and fuses_rows(x, experts):
+            # The loop backend gathers each expert's rows and sums its outputs into token order itself,
+            # one expert at a time while they are in cache (the route weight inside the activation).
+            out = grouped_swiglu(x, kept_counts, experts, weights.to(x.dtype), route_keep,
+                                 token_of_row=plan.token_of_route)
         else:
-            weighted = self._run_experts(dispatched, kept_counts, route_keep).float() * weights.unsqueeze(1)
-        out = unpermute(weighted, plan, x.dtype)  # each token's routes summed in fp32
+            dispatched = permute(x, plan)  # [N, d] grouped by expert
+            if self.layout.ep_size == 1 and self._grouped():
+                # Counts stay a tensor: the grouped_mm backend (CUDA) needs no host copy of them.
+                weighted = grouped_swiglu(dispatched, kept_counts, experts, weights.to(dispatched.dtype), route_keep)
+            else:
+                weighted = self._run_experts(dispatched, kept_counts, route_keep).float() * weights.unsqueeze(1)
+            out = unpermute(weighted, plan, x.dtype)  # each token's routes summed in fp32
         stats = DispatchStats(tokens_per_expert=counts.detach(), dropped=(counts - kept_counts).sum().detach())
         return out, stats
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from desmoe.kernels import swiglu_cpu
+from desmoe.kernels import RowKernels, rows_cpu, swiglu_cpu
 
 Counts = Union[Sequence[int], Tensor]
 
@@ -102,6 +102,37 @@ def _act_bwd_inplace_rows(h: Tensor, w: Optional[Tensor], d_act: Tensor, d_w: Op
     return run
 
 
+def _row_kernels(t: Tensor) -> Optional[RowKernels]:
+    rows = rows_cpu() if t.device.type == "cpu" else None
+    return rows if rows is not None and RowKernels.supports(t) else None
+
+
+def _gather_rows(src: Tensor, idx: Tensor, dst: Tensor):
+    """``run(r0, r1)``: ``dst[:r1 - r0] = src[idx[r0:r1]]`` (one C call on CPU)."""
+    kernels = _row_kernels(src)
+    if kernels is not None:
+        return kernels.gather_rows(src, idx, dst)
+    return lambda r0, r1: torch.index_select(src, 0, idx[r0:r1], out=dst[:r1 - r0])
+
+
+def _scatter_add_rows(src: Tensor, idx: Tensor, acc: Tensor):
+    """``(run, finish)``: ``run(r0, r1)`` adds ``src[:r1 - r0]`` into the float32 ``acc`` at rows
+    ``idx[r0:r1]``, ``acc`` uninitialised before the first call; ``finish()`` after the last (one C call
+    each on CPU: the first row of a token is stored, and finish zeroes the tokens no row reached)."""
+    kernels = _row_kernels(src)
+    if kernels is not None:
+        return kernels.scatter_add_rows(src, idx, acc)
+    acc.zero_()
+    return (lambda r0, r1: acc.index_add_(0, idx[r0:r1], src[:r1 - r0].to(acc.dtype))), (lambda: None)
+
+
+def fuses_rows(x: Tensor, experts) -> bool:
+    """Whether the dispatcher hands the loop backend token-order rows (``token_of_row``): where the loop
+    backend runs and the CPU row kernels exist.  Elsewhere (CUDA's grouped GEMMs, no compiler) the
+    dispatch's gather and the combine stay whole-batch passes (``desmoe.moe.permutation``)."""
+    return not grouped_mm_supported(x, experts) and _row_kernels(x) is not None
+
+
 class GroupedSwiGLU(torch.autograd.Function):
     """The ``loop`` backend: per expert GEMM -> activation -> GEMM on its row block; counts on the host.
 
@@ -115,30 +146,57 @@ class GroupedSwiGLU(torch.autograd.Function):
     cache for the down projection; the backward recomputes it where it is needed, in the pass that reads
     the pre-activations anyway, and writes the pre-activations' gradient over them.  So a second backward
     through one forward (``retain_graph=True``) is refused (docs/performance.md).
+
+    Token mode (``token_of_row`` given): ``x`` and the output are in token order, and each expert's rows
+    are gathered into a scratch just before its first GEMM and its last GEMM's rows added into the
+    token-order output (in fp32) just after; the backward does the same with the incoming gradient and the
+    input gradient.  The dispatch's and the combine's expert-order [N, d] buffers, written to memory and
+    read back cold, are gone, and the forward keeps x once (the router keeps it too) instead of its k
+    gathered copies.  A token's k routes then sum in expert order instead of choice order: the same
+    value for k = 2, within a rounding for more.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor],  # type: ignore[override]
-                counts: list[int], *weights: Tensor) -> Tensor:
-        two_f = weights[0].shape[0]
-        out = x.new_empty(x.shape)
-        h_all = x.new_empty((x.shape[0], two_f))  # pre-activations, gate | up, all experts' rows
-        scratch = x.new_empty((max(counts, default=0), two_f // 2))  # one expert's (weighted) activation
+                counts: list[int], token_of_row: Optional[Tensor], *weights: Tensor) -> Tensor:
+        two_f, d = weights[0].shape
+        m = max(counts, default=0)
+        tokens = token_of_row is not None
+        h_all = x.new_empty((sum(counts), two_f))  # pre-activations, gate | up, all experts' rows
+        scratch = x.new_empty((m, two_f // 2))  # one expert's (weighted) activation
         act = _act_fwd_rows(h_all, route_w, scratch)
-        xs, hs, outs = x.split(counts), h_all.split(counts), out.split(counts)
+        hs = h_all.split(counts)
+        if tokens:  # x and the output in token order: one expert's rows at a time through two scratches
+            x_rows, y_rows = x.new_empty((m, d)), x.new_empty((m, d))
+            acc = torch.empty((x.shape[0], d), dtype=torch.float32, device=x.device)  # the k-way sum, in fp32
+            gather = _gather_rows(x, token_of_row, x_rows)
+            combine, combined = _scatter_add_rows(y_rows, token_of_row, acc)
+        else:
+            out = x.new_empty(x.shape)
+            xs, outs = x.split(counts), out.split(counts)
         start = 0
         for e, n in enumerate(counts):
             if n:  # an expert without rows has nothing to compute (its weight gradients are zeros)
-                torch.mm(xs[e], weights[2 * e].t(), out=hs[e])
+                if tokens:
+                    gather(start, start + n)
+                xe, ye = (x_rows[:n], y_rows[:n]) if tokens else (xs[e], outs[e])
+                torch.mm(xe, weights[2 * e].t(), out=hs[e])
                 act(start, start + n, 0)
-                torch.mm(scratch[:n], weights[2 * e + 1].t(), out=outs[e])
+                torch.mm(scratch[:n], weights[2 * e + 1].t(), out=ye)
+                if tokens:
+                    combine(start, start + n)
             start += n
+        if tokens:
+            combined()
         ctx.counts = counts
         ctx.has_w = route_w is not None
         ctx.keep = keep  # bool, not differentiable
+        ctx.tokens = tokens
         ctx.used = False
-        ctx.save_for_backward(x, route_w if route_w is not None else x.new_empty(0), h_all, *weights)
-        return out
+        empty = x.new_empty(0)
+        ctx.save_for_backward(x, route_w if route_w is not None else empty, h_all,
+                              token_of_row if tokens else empty, *weights)
+        return acc.to(x.dtype) if tokens else out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
@@ -146,26 +204,40 @@ class GroupedSwiGLU(torch.autograd.Function):
             raise RuntimeError("desmoe MoE experts (loop backend): a second backward through one forward "
                                "(retain_graph=True) is not supported; run the forward again")
         ctx.used = True
-        counts = ctx.counts
-        x, route_w, h_all, *weights = ctx.saved_tensors
+        counts, tokens = ctx.counts, ctx.tokens
+        x, route_w, h_all, token_of_row, *weights = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_x = torch.empty_like(x)
-        scratch = x.new_empty((max(counts, default=0), h_all.shape[1] // 2))  # d_act, then the activation
-        grad_route = torch.empty(x.shape[0], dtype=torch.float32, device=x.device) if ctx.has_w else None
+        m, d = max(counts, default=0), x.shape[1]
+        scratch = x.new_empty((m, h_all.shape[1] // 2))  # d_act, then the activation
+        grad_route = torch.empty(h_all.shape[0], dtype=torch.float32, device=x.device) if ctx.has_w else None
         act_bwd = _act_bwd_inplace_rows(h_all, route_w if ctx.has_w else None, scratch, grad_route)
-        dys, d_hs, gxs, xs = (t.split(counts) for t in (grad_out, h_all, grad_x, x))
-        need = ctx.needs_input_grad[4:]
+        d_hs = h_all.split(counts)
+        if tokens:  # dy gathered per expert; the input gradient summed into token order, then x re-gathered
+            dy_rows, rows = x.new_empty((m, d)), x.new_empty((m, d))
+            grad_acc = torch.empty((x.shape[0], d), dtype=torch.float32, device=x.device)
+            gather_dy, gather_x = _gather_rows(grad_out, token_of_row, dy_rows), _gather_rows(x, token_of_row, rows)
+            scatter_gx, scattered = _scatter_add_rows(rows, token_of_row, grad_acc)
+        else:
+            grad_x = torch.empty_like(x)
+            dys, gxs, xs = (t.split(counts) for t in (grad_out, grad_x, x))
+        need = ctx.needs_input_grad[5:]
         grad_w: list[Optional[Tensor]] = []
         start = 0
         for e, n in enumerate(counts):
             w_gate_up, w_down = weights[2 * e], weights[2 * e + 1]
             d_act = scratch[:n]
+            dy, xr = (dy_rows[:n], rows[:n]) if tokens else (dys[e], xs[e])
             if n:
-                torch.mm(dys[e], w_down, out=d_act)
+                if tokens:
+                    gather_dy(start, start + n)
+                torch.mm(dy, w_down, out=d_act)
                 act_bwd(start, start + n)  # d_hs[e] now holds d_h, d_act the activation
-                torch.mm(d_hs[e], w_gate_up, out=gxs[e])  # every row: the input gradient is never masked
+                torch.mm(d_hs[e], w_gate_up, out=rows[:n] if tokens else gxs[e])  # never masked
+                if tokens:
+                    scatter_gx(start, start + n)
+                    gather_x(start, start + n)  # into the same scratch, now free
             # Frozen experts (requires_grad=False) need no weight GEMMs.
-            d_h, dy, xr, act = d_hs[e], dys[e], xs[e], d_act
+            d_h, act = d_hs[e], d_act
             if ctx.keep is not None and n:  # masked rows teach the expert nothing: weight GEMMs over kept rows only
                 kept = torch.nonzero(ctx.keep[start:start + n]).flatten()
                 d_h, dy, xr, act = d_h[kept], dy[kept], xr[kept], act[kept]
@@ -174,7 +246,10 @@ class GroupedSwiGLU(torch.autograd.Function):
             start += n
         if grad_route is not None:
             grad_route = grad_route.to(route_w.dtype)
-        return (grad_x, grad_route, None, None, *grad_w)
+        if tokens:
+            scattered()
+            grad_x = grad_acc.to(x.dtype)
+        return (grad_x, grad_route, None, None, None, *grad_w)
 
 
 def _gmm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
@@ -242,20 +317,29 @@ def grouped_mm_supported(x: Tensor, experts) -> bool:
 
 
 def grouped_swiglu(x: Tensor, counts: Counts, experts, route_w: Optional[Tensor] = None,
-                   keep: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                   keep: Optional[Tensor] = None, backend: str = "auto",
+                   token_of_row: Optional[Tensor] = None) -> Tensor:
     """Run SwiGLU experts on consecutive row blocks of ``x`` (``counts`` rows each: a list or
     an integer tensor), scaling each row's output by ``route_w`` when given; rows with
     ``keep`` False add nothing to the experts' weight gradients.
+
+    ``token_of_row`` [N] (int64, loop backend only): ``x`` is [S, d] in token order and row i of the
+    blocks is ``x[token_of_row[i]]``; the result is [S, d], each token the sum of its rows' outputs.
 
     ``backend``: ``auto`` (grouped_mm where :func:`grouped_mm_supported`, else loop),
     ``loop`` or ``grouped_mm`` (forced, e.g. to test its math on a CPU)."""
     if backend == "auto":
         backend = "grouped_mm" if grouped_mm_supported(x, experts) else "loop"
     weights = [w for e in experts for w in (e.gate_up.weight, e.down.weight)]
+    if token_of_row is not None and backend != "loop":
+        raise ValueError(f"grouped_swiglu: token-order rows (token_of_row) need the loop backend, not '{backend}'")
     if backend == "grouped_mm":
         counts_t = counts if isinstance(counts, Tensor) else torch.tensor(list(counts))
         return GroupedMMSwiGLU.apply(x, route_w, keep, counts_t.to(x.device), *weights)
     if backend != "loop":
         raise ValueError(f"unknown grouped_swiglu backend '{backend}' (auto, loop, grouped_mm)")
     counts_l = counts.tolist() if isinstance(counts, Tensor) else list(counts)  # the loop needs host ints
-    return GroupedSwiGLU.apply(x, route_w, keep, counts_l, *weights)
+    if token_of_row is not None and token_of_row.shape != (sum(counts_l),):
+        raise ValueError(f"grouped_swiglu: token_of_row must have one entry per row ({sum(counts_l)}), "
+                         f"got shape {tuple(token_of_row.shape)}")
+    return GroupedSwiGLU.apply(x, route_w, keep, counts_l, token_of_row, *weights)
