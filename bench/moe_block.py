@@ -34,7 +34,6 @@ it; on CPU the bytes the forward keeps for backward (torch has no CPU allocator 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -45,6 +44,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from block_variants import FORCED, experts_from, grouped_at, step_fn  # noqa: E402
 
 # name: (hidden, expert ffn, experts, top-k, shared ffn, renormalise top-k, GPU tokens, CPU tokens, CPU width divisor)
 SHAPES = {
@@ -150,97 +151,6 @@ def _build(s, device, dtype, DeepSpeedMoE, Qwen2MoeConfig, Qwen2MoeSparseMoeBloc
             ds.deepspeed_moe.experts.deepspeed_experts[e].load_state_dict(expert.state_dict())
     blocks["deepspeed_moe"] = _SharedWrap(ds, shared, ours.shared_gate)
     return {n: m.to(device=device, dtype=dtype) for n, m in blocks.items()}
-
-
-@contextlib.contextmanager
-def backend(name):
-    """Force desmoe's grouped-experts backend (what ``auto`` would pick is the plain "desmoe" row)."""
-    import desmoe.moe.grouped as grouped
-
-    saved = grouped.grouped_mm_supported
-    if name is not None:
-        grouped.grouped_mm_supported = lambda x, experts: name == "grouped_mm"
-    try:
-        yield
-    finally:
-        grouped.grouped_mm_supported = saved
-
-
-@contextlib.contextmanager
-def torch_permutation():
-    """The dispatch's gather and combine on torch ops (index_select, index_add_ into zeros) instead of the
-    CPU row kernels, as whole-batch passes: the ``desmoe_torch_permute`` row, what ``desmoe.moe.permutation``
-    gains on CPU (against ``desmoe_unfused_rows``)."""
-    import desmoe.moe.permutation as permutation
-
-    saved = permutation._kernels
-    permutation._kernels = lambda t: None
-    try:
-        with unfused_rows():
-            yield
-    finally:
-        permutation._kernels = saved
-
-
-def grouped_at(rev: str):
-    """``desmoe/moe/grouped.py`` as of git revision ``rev``, loaded as a module beside the current one (it
-    imports today's ``desmoe.kernels``; a revision that needs another kernel API fails its warm-up and is
-    reported, not fatal)."""
-    import subprocess
-    import types
-
-    root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "show", f"{rev}:desmoe/moe/grouped.py"], cwd=root, check=True,
-                         capture_output=True, text=True).stdout
-    module = types.ModuleType(f"grouped_at_{rev}")
-    exec(compile(src, f"{rev}:desmoe/moe/grouped.py", "exec"), module.__dict__)
-    return module
-
-
-@contextlib.contextmanager
-def experts_from(module):
-    """The block's grouped experts run through ``module``'s autograd functions (``--before``), with the
-    dispatch's gather and combine fused into them if that revision can (``fuses_rows``)."""
-    import desmoe.moe.dispatcher as dispatcher
-
-    saved = dispatcher.grouped_swiglu, dispatcher.fuses_rows
-    dispatcher.grouped_swiglu = module.grouped_swiglu
-    dispatcher.fuses_rows = getattr(module, "fuses_rows", lambda x, experts: False)
-    try:
-        yield
-    finally:
-        dispatcher.grouped_swiglu, dispatcher.fuses_rows = saved
-
-
-@contextlib.contextmanager
-def unfused_rows():
-    """The dispatch's gather and the combine as whole-batch passes around the experts (the
-    ``desmoe_unfused_rows`` row): what the loop backend gains by doing them one expert at a time."""
-    import desmoe.moe.dispatcher as dispatcher
-
-    saved = dispatcher.fuses_rows
-    dispatcher.fuses_rows = lambda x, experts: False
-    try:
-        yield
-    finally:
-        dispatcher.fuses_rows = saved
-
-
-# desmoe's forced variants (the plain "desmoe" row runs as trained): each a context around the step
-FORCED = {"loop": lambda: backend("loop"), "grouped_mm": lambda: backend("grouped_mm"),
-          "torch_permute": torch_permutation, "unfused_rows": unfused_rows}
-
-
-def step_fn(module, x, grad, context=contextlib.nullcontext):
-    """One training step of ``module``, inside ``context()`` (a FORCED variant's, or none)."""
-    def run():
-        with context():
-            module.zero_grad(set_to_none=True)  # as a training step does
-            xi = x.detach().requires_grad_(True)
-            out = module(xi.unsqueeze(0))
-            out = out[0] if isinstance(out, tuple) else out
-            out.backward(grad.unsqueeze(0))
-    return run
 
 
 def floor_fns(counts, d, f, device, dtype):

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import moe_block  # noqa: E402
+from block_variants import step_fn  # noqa: E402
 
 
 def point(d, f, E, k, tokens, rounds, device, dtype, sync, clock=time.perf_counter):
@@ -38,7 +39,7 @@ def point(d, f, E, k, tokens, rounds, device, dtype, sync, clock=time.perf_count
         block(x)
     counts = block.last_stats.tokens_per_expert.tolist()
     floors, _ = moe_block.floor_fns(counts, d, f, device, dtype)
-    runs = {"desmoe": moe_block.step_fn(block, x, g), "floor": floors["floor_loop"]}
+    runs = {"desmoe": step_fn(block, x, g), "floor": floors["floor_loop"]}
     for r in runs.values():
         r()
     times = {n: [] for n in runs}
