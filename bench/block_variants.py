@@ -68,8 +68,9 @@ def experts_from(module):
 
 @contextlib.contextmanager
 def unfused_rows():
-    """The dispatch's gather and the combine as whole-batch passes around the experts (the
-    ``desmoe_unfused_rows`` row): what the loop backend gains by doing them one expert at a time."""
+    """The dispatch's gather and the combine as passes around the experts, their gathered rows kept for
+    backward (the ``desmoe_unfused_rows`` row): what token mode changes (desmoe.moe.grouped; on CPU the loop
+    gathers and combines one expert at a time, on CUDA grouped_mm re-gathers in backward instead of keeping)."""
     import desmoe.moe.dispatcher as dispatcher
 
     saved = dispatcher.fuses_rows

@@ -283,7 +283,7 @@ def main(argv=None) -> dict:
         if name not in skipped:
             runs[name] = step_fn(module, x, grad)
             if name == "desmoe":
-                for forced in ("loop", "grouped_mm") + (() if cuda else ("torch_permute", "unfused_rows")):
+                for forced in ("loop", "grouped_mm", "unfused_rows") + (() if cuda else ("torch_permute",)):
                     if f"desmoe_{forced}" not in skipped and hasattr(torch, "_grouped_mm"):
                         runs[f"desmoe_{forced}"] = step_fn(module, x, grad, FORCED[forced])
                 if args.before:

@@ -12,13 +12,13 @@ from test_permutation import _kernels, _routes
 from tolerance import assert_close
 
 
-def _run(x, plan, counts, experts, w, keep, token_mode: bool, upstream):
+def _run(x, plan, counts, experts, w, keep, token_mode: bool, upstream, backend="loop"):
     x = x.detach().requires_grad_(True)
     w = w.detach().requires_grad_(True)
     if token_mode:
-        out = grouped_swiglu(x, counts, experts, w, keep, token_of_row=plan.token_of_route)
+        out = grouped_swiglu(x, counts, experts, w, keep, backend=backend, token_of_row=plan.token_of_route)
     else:
-        out = unpermute(grouped_swiglu(permute(x, plan), counts, experts, w, keep), plan, x.dtype)
+        out = unpermute(grouped_swiglu(permute(x, plan), counts, experts, w, keep, backend=backend), plan, x.dtype)
     (out.float() * upstream).sum().backward()
     grads = [x.grad, w.grad] + [p.grad.clone() for p in experts.parameters()]
     for p in experts.parameters():
@@ -26,13 +26,14 @@ def _run(x, plan, counts, experts, w, keep, token_mode: bool, upstream):
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("fused", ["1", "0"])
+@pytest.mark.parametrize("backend,fused", [("loop", "1"), ("loop", "0"), ("grouped_mm", "1")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k,capacity,masked", [(1, None, False), (2, None, False), (2, None, True), (3, None, False),
                                                (2, 3, True), (4, 2, False)])
-def test_token_mode_equals_the_whole_batch_passes(monkeypatch, fused, dtype, k, capacity, masked):
+def test_token_mode_equals_the_whole_batch_passes(monkeypatch, backend, fused, dtype, k, capacity, masked):
     _kernels(monkeypatch, fused)
-    num_tokens, d, f, num_experts = 13, 37, 24, 6  # odd widths: no vector-width multiple
+    # odd widths for the loop (no vector-width multiple); the grouped GEMM takes 16-byte aligned rows only
+    num_tokens, d, f, num_experts = 13, 37 if backend == "loop" else 40, 24, 6
     plan, token_of_route, pos, order = _routes(num_tokens, k, num_experts, capacity, seed=k)
     route_expert = _expert_ids(num_tokens, k, num_experts, seed=k).t().reshape(-1)
     counts = torch.bincount(route_expert[order], minlength=num_experts).tolist()
@@ -45,8 +46,8 @@ def test_token_mode_equals_the_whole_batch_passes(monkeypatch, fused, dtype, k, 
     keep = (torch.rand(order.numel()) > 0.4) if masked else None
     upstream = torch.randn(num_tokens, d)
 
-    out, grads = _run(x, plan, counts, experts, w, keep, True, upstream)
-    ref, ref_grads = _run(x, plan, counts, experts, w, keep, False, upstream)
+    out, grads = _run(x, plan, counts, experts, w, keep, True, upstream, backend)
+    ref, ref_grads = _run(x, plan, counts, experts, w, keep, False, upstream, backend)
     assert out.dtype == dtype and out.shape == (num_tokens, d)
     # Both accumulate in fp32 (GEMMs, activation, sums); a bf16 run stores h, the activation, each expert's
     # output and the result in bf16 (4 roundings), and its backward d_act, d_h, the row gradients and the
@@ -65,7 +66,8 @@ def _expert_ids(num_tokens, k, num_experts, seed):
     return torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(num_tokens)])
 
 
-def test_token_mode_keeps_x_once(monkeypatch):
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_token_mode_keeps_x_once(monkeypatch, backend):
     """The forward keeps the token-order input (which the router keeps anyway), not its k gathered copies."""
     _kernels(monkeypatch, "1")
     num_tokens, d, f, k = 16, 8, 12, 3
@@ -76,17 +78,17 @@ def test_token_mode_keeps_x_once(monkeypatch):
     params = {p.data_ptr() for p in experts.parameters()}
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        grouped_swiglu(x, counts, experts, token_of_row=plan.token_of_route)
+        grouped_swiglu(x, counts, experts, backend=backend, token_of_row=plan.token_of_route)
     floats = sum(t.numel() for t in saved if t.data_ptr() not in params and t.is_floating_point())
-    assert floats == num_tokens * d + num_tokens * k * 2 * f  # x once, gate | up per row
+    act = num_tokens * k * f if backend == "grouped_mm" else 0  # that backend keeps the activation too
+    assert floats == num_tokens * d + num_tokens * k * 2 * f + act  # x once, gate | up per row
 
 
-def test_token_mode_needs_the_loop_backend():
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_token_of_row_must_match_the_rows(backend):
     experts = torch.nn.ModuleList(SwiGLUExpert(8, 16) for _ in range(2))
-    with pytest.raises(ValueError, match="need the loop backend"):
-        grouped_swiglu(torch.randn(4, 8), [2, 2], experts, backend="grouped_mm", token_of_row=torch.arange(4))
-    with pytest.raises(ValueError, match="one entry per row"):
-        grouped_swiglu(torch.randn(4, 8), [2, 2], experts, token_of_row=torch.arange(3))
+    with pytest.raises(ValueError, match=r"one entry per row \(4\)"):
+        grouped_swiglu(torch.randn(4, 8), [2, 2], experts, backend=backend, token_of_row=torch.arange(3))
 
 
 def test_row_scatter_kernel_stores_first_adds_later_and_zeroes_the_rest():

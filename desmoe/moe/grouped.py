@@ -127,10 +127,13 @@ def _scatter_add_rows(src: Tensor, idx: Tensor, acc: Tensor):
 
 
 def fuses_rows(x: Tensor, experts) -> bool:
-    """Whether the dispatcher hands the loop backend token-order rows (``token_of_row``): where the loop
-    backend runs and the CPU row kernels exist.  Elsewhere (CUDA's grouped GEMMs, no compiler) the
-    dispatch's gather and the combine stay whole-batch passes (``desmoe.moe.permutation``)."""
-    return not grouped_mm_supported(x, experts) and _row_kernels(x) is not None
+    """Whether the dispatcher hands the experts token-order rows (``token_of_row``): always for the
+    grouped_mm backend (the gather and the combine are then whole-batch torch ops inside it, and the
+    gathered rows are not kept for backward); for the loop backend where the CPU row kernels exist (one
+    call per expert).  Elsewhere (the loop on a GPU or without a compiler, where a per-expert torch op
+    would cost more than the pass) the dispatcher gathers and combines around the experts
+    (``desmoe.moe.permutation``)."""
+    return grouped_mm_supported(x, experts) or _row_kernels(x) is not None
 
 
 class GroupedSwiGLU(torch.autograd.Function):
@@ -266,41 +269,54 @@ class GroupedMMSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor],  # type: ignore[override]
-                counts: Tensor, *weights: Tensor) -> Tensor:
+                counts: Tensor, token_of_row: Optional[Tensor], *weights: Tensor) -> Tensor:
         offs = torch.cumsum(counts, 0, dtype=torch.int32)  # group ends, on the device
         w_gate_up, w_down = torch.stack(weights[0::2]), torch.stack(weights[1::2])  # [E, 2f, d], [E, d, f]
-        h = _gmm(x, w_gate_up.transpose(1, 2), offs)  # [N, 2f]
+        # Token mode: the dispatch's gather here, and not kept for backward (it gathers again there).
+        rows = x if token_of_row is None else x.index_select(0, token_of_row)
+        h = _gmm(rows, w_gate_up.transpose(1, 2), offs)  # [N, 2f]
         act = _act_fwd(h, route_w)
         out = _gmm(act, w_down.transpose(1, 2), offs)  # [N, d]
+        if token_of_row is not None:  # the combine: each token's rows summed in fp32 (as desmoe.moe.permutation)
+            out = torch.zeros((x.shape[0], out.shape[1]), dtype=torch.float32, device=x.device).index_add_(
+                0, token_of_row, out.float()).to(x.dtype)
         ctx.has_w = route_w is not None
         ctx.num_experts = len(counts)
-        ctx.save_for_backward(x, route_w if route_w is not None else x.new_empty(0),
-                              keep if keep is not None else x.new_empty(0, dtype=torch.bool), offs, h, act, *weights)
+        ctx.tokens = token_of_row is not None
+        empty = x.new_empty(0)
+        ctx.save_for_backward(x, route_w if route_w is not None else empty,
+                              keep if keep is not None else x.new_empty(0, dtype=torch.bool), offs, h, act,
+                              token_of_row if token_of_row is not None else empty, *weights)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, route_w, keep, offs, h, act, *weights = ctx.saved_tensors
+        x, route_w, keep, offs, h, act, token_of_row, *weights = ctx.saved_tensors
         w = route_w if ctx.has_w else None
         dy = grad_out.contiguous()
+        if ctx.tokens:
+            dy = dy.index_select(0, token_of_row)
         w_gate_up, w_down = torch.stack(weights[0::2]), torch.stack(weights[1::2])
         d_h, d_w = _act_bwd(h, w, _gmm(dy, w_down, offs))
         grad_x = _gmm(d_h, w_gate_up, offs)  # every row: the input gradient is never masked
+        if ctx.tokens:  # each token's rows summed in the gradient's dtype (as the dispatch's backward on torch ops)
+            grad_x = torch.zeros_like(x, dtype=grad_x.dtype).index_add_(0, token_of_row, grad_x)
         grad_route = d_w.to(route_w.dtype) if ctx.has_w else None
-        need = ctx.needs_input_grad[4:]
+        need = ctx.needs_input_grad[5:]
         grad_w: list[Optional[Tensor]] = [None] * len(weights)
         if any(need):
             if keep.numel():  # masked rows add exact zeros to the weight sums: no host sync to select rows
                 d_h, dy = d_h * keep.unsqueeze(1), dy * keep.unsqueeze(1)
+            rows = x.index_select(0, token_of_row) if ctx.tokens and any(need[0::2]) else x
             # Frozen experts still share the kernel; their slices are dropped.
-            g_gate_up = _gmm(d_h.t(), x, offs) if any(need[0::2]) else None  # [E, 2f, d]
+            g_gate_up = _gmm(d_h.t(), rows, offs) if any(need[0::2]) else None  # [E, 2f, d]
             g_down = _gmm(dy.t(), act, offs) if any(need[1::2]) else None  # [E, d, f]
             for e in range(ctx.num_experts):
                 if need[2 * e]:
                     grad_w[2 * e] = g_gate_up[e]
                 if need[2 * e + 1]:
                     grad_w[2 * e + 1] = g_down[e]
-        return (grad_x, grad_route, None, None, *grad_w)
+        return (grad_x, grad_route, None, None, None, *grad_w)
 
 
 def grouped_mm_supported(x: Tensor, experts) -> bool:
@@ -323,23 +339,28 @@ def grouped_swiglu(x: Tensor, counts: Counts, experts, route_w: Optional[Tensor]
     an integer tensor), scaling each row's output by ``route_w`` when given; rows with
     ``keep`` False add nothing to the experts' weight gradients.
 
-    ``token_of_row`` [N] (int64, loop backend only): ``x`` is [S, d] in token order and row i of the
-    blocks is ``x[token_of_row[i]]``; the result is [S, d], each token the sum of its rows' outputs.
+    ``token_of_row`` [N] (int64): ``x`` is [S, d] in token order and row i of the blocks is
+    ``x[token_of_row[i]]``; the result is [S, d], each token the sum of its rows' outputs (summed in fp32),
+    and the gathered rows are not kept for backward.
 
     ``backend``: ``auto`` (grouped_mm where :func:`grouped_mm_supported`, else loop),
     ``loop`` or ``grouped_mm`` (forced, e.g. to test its math on a CPU)."""
     if backend == "auto":
         backend = "grouped_mm" if grouped_mm_supported(x, experts) else "loop"
     weights = [w for e in experts for w in (e.gate_up.weight, e.down.weight)]
-    if token_of_row is not None and backend != "loop":
-        raise ValueError(f"grouped_swiglu: token-order rows (token_of_row) need the loop backend, not '{backend}'")
+    if backend not in ("loop", "grouped_mm"):
+        raise ValueError(f"unknown grouped_swiglu backend '{backend}' (auto, loop, grouped_mm)")
     if backend == "grouped_mm":
         counts_t = counts if isinstance(counts, Tensor) else torch.tensor(list(counts))
-        return GroupedMMSwiGLU.apply(x, route_w, keep, counts_t.to(x.device), *weights)
-    if backend != "loop":
-        raise ValueError(f"unknown grouped_swiglu backend '{backend}' (auto, loop, grouped_mm)")
+        # (a device tensor's row count is not checked against token_of_row: reading it waits for the device)
+        _check_token_of_row(token_of_row, None if isinstance(counts, Tensor) else sum(counts))
+        return GroupedMMSwiGLU.apply(x, route_w, keep, counts_t.to(x.device), token_of_row, *weights)
     counts_l = counts.tolist() if isinstance(counts, Tensor) else list(counts)  # the loop needs host ints
-    if token_of_row is not None and token_of_row.shape != (sum(counts_l),):
-        raise ValueError(f"grouped_swiglu: token_of_row must have one entry per row ({sum(counts_l)}), "
-                         f"got shape {tuple(token_of_row.shape)}")
+    _check_token_of_row(token_of_row, sum(counts_l))
     return GroupedSwiGLU.apply(x, route_w, keep, counts_l, token_of_row, *weights)
+
+
+def _check_token_of_row(token_of_row: Optional[Tensor], rows: Optional[int]) -> None:
+    if token_of_row is not None and (token_of_row.dim() != 1 or (rows is not None and token_of_row.shape[0] != rows)):
+        raise ValueError(f"grouped_swiglu: token_of_row must have one entry per row ({rows}), "
+                         f"got shape {tuple(token_of_row.shape)}")
