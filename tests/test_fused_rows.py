@@ -119,3 +119,19 @@ def test_row_scatter_kernel_stores_first_adds_later_and_zeroes_the_rest():
         gather(0, 3)
     with pytest.raises(ValueError, match="int64"):
         rows.gather_rows(rows_in, torch.tensor([0], dtype=torch.int32), torch.empty(1, 3))
+
+
+def test_token_mode_takes_a_strided_input(monkeypatch):
+    """x whose rows are not contiguous in memory (a view) runs as its contiguous copy would."""
+    _kernels(monkeypatch, "1")
+    torch.manual_seed(3)
+    experts = torch.nn.ModuleList(SwiGLUExpert(8, 12) for _ in range(2))
+    base = torch.randn(8, 6)
+    x = base.t().detach().requires_grad_(True)  # [6, 8], column-major
+    token_of_row = torch.tensor([0, 3, 5, 1, 2, 4, 5, 0])
+    out = grouped_swiglu(x, [3, 5], experts, token_of_row=token_of_row)
+    out.sum().backward()
+    x2 = x.detach().contiguous().requires_grad_(True)
+    ref = grouped_swiglu(x2, [3, 5], experts, token_of_row=token_of_row)
+    ref.sum().backward()
+    assert torch.equal(out, ref) and torch.equal(x.grad, x2.grad)

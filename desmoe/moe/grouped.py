@@ -165,6 +165,8 @@ class GroupedSwiGLU(torch.autograd.Function):
         two_f, d = weights[0].shape
         m = max(counts, default=0)
         tokens = token_of_row is not None
+        if tokens:
+            x = x.contiguous()  # the row kernels read whole rows through the pointer (a no-op for the block's x)
         h_all = x.new_empty((sum(counts), two_f))  # pre-activations, gate | up, all experts' rows
         scratch = x.new_empty((m, two_f // 2))  # one expert's (weighted) activation
         act = _act_fwd_rows(h_all, route_w, scratch)
