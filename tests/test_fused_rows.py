@@ -68,7 +68,7 @@ def _expert_ids(num_tokens, k, num_experts, seed):
 
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
 def test_token_mode_keeps_x_once(monkeypatch, backend):
-    """The forward keeps the token-order input (which the router keeps anyway), not its k gathered copies."""
+    """The forward keeps the token-order input (which a linear router keeps too), not its k gathered copies."""
     _kernels(monkeypatch, "1")
     num_tokens, d, f, k = 16, 8, 12, 3
     plan, _, _, order = _routes(num_tokens, k, 4, None, seed=1)
