@@ -8,12 +8,12 @@
  * The dispatch's gather and its backward (a sum over each token's k routes), and the combine and its
  * backward (a gather), are all one of these two passes.  torch's path for the same math is a gather
  * (index_select) and, for each sum, a zero-filled buffer plus a scatter (index_add_): an extra pass over
- * the output and a read-modify-write per route.
+ * the output and a read-modify-write per route.  Single-threaded, like swiglu.c (memory-bound).
  *
  * gather and scatter_add also serve the experts' loop (desmoe/moe/grouped.py, token mode), which
  * gathers one expert's rows into a cache-sized scratch just before its first GEMM and adds its last
  * GEMM's rows into the token-order output just after: the expert-order [N, d] buffers of the
- * dispatch and the combine are then never written to memory and read back.  Single-threaded, like swiglu.c (memory-bound).
+ * dispatch and the combine are then never written to memory and read back.
  */
 #include <stdint.h>
 #include <string.h>

@@ -112,8 +112,9 @@ class ExpertDispatcher(nn.Module):
         route_keep = None if keep is None else keep.t().reshape(-1)[order]
         experts = self.experts.deepspeed_experts
         if self.layout.ep_size == 1 and self._grouped() and fuses_rows(x, experts):
-            # The loop backend gathers each expert's rows and sums its outputs into token order itself,
-            # one expert at a time while they are in cache (the route weight inside the activation).
+            # Token mode: the experts gather their rows from x and sum their outputs into token order
+            # themselves (the CPU loop one expert at a time, while the rows are in cache), and keep x once
+            # instead of its k gathered copies; the route weight goes inside the activation.
             out = grouped_swiglu(x, kept_counts, experts, weights.to(x.dtype), route_keep,
                                  token_of_row=plan.token_of_route)
         else:

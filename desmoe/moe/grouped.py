@@ -155,8 +155,8 @@ class GroupedSwiGLU(torch.autograd.Function):
     token-order output (in fp32) just after; the backward does the same with the incoming gradient and the
     input gradient.  The dispatch's and the combine's expert-order [N, d] buffers, written to memory and
     read back cold, are gone, and the forward keeps x once (a linear router keeps the same tensor)
-    instead of its k gathered copies.  A token's k routes then sum in expert order instead of choice order: the same
-    value for k = 2, within a rounding for more.
+    instead of its k gathered copies.  A token's k routes then sum in expert order instead of choice
+    order: the same value for k = 2, within a rounding for more.
     """
 
     @staticmethod
