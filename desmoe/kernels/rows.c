@@ -82,37 +82,27 @@ void rows_gather_sum_bf16(const uint16_t *restrict src, const int64_t *restrict 
  * so the first row for a token is stored and later ones added, a sum in row order equal to the one into
  * zeros (0 + a is a), without a pass of zeros over the whole buffer first; rows_zero_unseen then zeroes
  * the tokens no row reached (every route dropped by capacity). */
-void rows_scatter_add_f32(const float *restrict src, const int64_t *restrict idx, uint8_t *restrict seen,
-                          float *restrict acc, int64_t n, int64_t d) {
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = idx[i];
-    if (i + ROWS_AHEAD < n) prefetch_row((const char *)(acc + idx[i + ROWS_AHEAD] * d), d * 4, 1);
-    float *restrict out = acc + t * d;
-    const float *restrict row = src + i * d;
-    if (!seen[t]) {
-      memcpy(out, row, (size_t)d * sizeof(float));
-      seen[t] = 1;
-    } else {
-      for (int64_t c = 0; c < d; ++c) out[c] += row[c];
-    }
-  }
-}
+static inline float load_f32(float v) { return v; }
 
-void rows_scatter_add_bf16(const uint16_t *restrict src, const int64_t *restrict idx, uint8_t *restrict seen,
-                           float *restrict acc, int64_t n, int64_t d) {
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = idx[i];
-    if (i + ROWS_AHEAD < n) prefetch_row((const char *)(acc + idx[i + ROWS_AHEAD] * d), d * 4, 1);
-    float *restrict out = acc + t * d;
-    const uint16_t *restrict row = src + i * d;
-    if (!seen[t]) {
-      for (int64_t c = 0; c < d; ++c) out[c] = bf16_to_f32(row[c]);
-      seen[t] = 1;
-    } else {
-      for (int64_t c = 0; c < d; ++c) out[c] += bf16_to_f32(row[c]);
-    }
+#define ROWS_SCATTER_ADD(NAME, T, LOAD)                                                                        \
+  void NAME(const T *restrict src, const int64_t *restrict idx, uint8_t *restrict seen, float *restrict acc,  \
+            int64_t n, int64_t d) {                                                                            \
+    for (int64_t i = 0; i < n; ++i) {                                                                          \
+      const int64_t t = idx[i];                                                                                \
+      if (i + ROWS_AHEAD < n) prefetch_row((const char *)(acc + idx[i + ROWS_AHEAD] * d), d * 4, 1);         \
+      float *restrict out = acc + t * d;                                                                       \
+      const T *restrict row = src + i * d;                                                                     \
+      if (!seen[t]) {                                                                                          \
+        for (int64_t c = 0; c < d; ++c) out[c] = LOAD(row[c]);                                                 \
+        seen[t] = 1;                                                                                           \
+      } else {                                                                                                 \
+        for (int64_t c = 0; c < d; ++c) out[c] += LOAD(row[c]);                                                \
+      }                                                                                                        \
+    }                                                                                                          \
   }
-}
+
+ROWS_SCATTER_ADD(rows_scatter_add_f32, float, load_f32)
+ROWS_SCATTER_ADD(rows_scatter_add_bf16, uint16_t, bf16_to_f32)
 
 void rows_zero_unseen(const uint8_t *restrict seen, char *restrict acc, int64_t s, int64_t row_bytes) {
   for (int64_t t = 0; t < s; ++t)
