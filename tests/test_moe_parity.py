@@ -73,3 +73,31 @@ def test_ep2_equals_ep1(ranks, k, shared, capacity_factor):
         assert sum(dropped) > 0, "capacity case should actually drop routes"
     if capacity_factor is None:
         assert sum(dropped) == 0
+
+
+def saved_case():
+    """A bf16 EP=2 block keeps no fp32 copy of the experts' returned rows for backward: the route weights
+    travel with the rows into the experts' activation (as with local experts)."""
+    import deepspeed.comm as dist
+
+    d = 16
+    torch.manual_seed(0)
+    block = MoEBlock(d, SwiGLUExpert(d, 24), LinearRouter(d, 4, 2, normalize_topk=True), ep_size=2)
+    block.set_deepspeed_parallelism()
+    block.init_experts(seed=7)
+    block = block.to(torch.bfloat16)
+    x = torch.randn(2, 24, d, generator=torch.Generator().manual_seed(dist.get_rank())).bfloat16().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = block(x)
+    y.float().sum().backward()
+    # Every token's two routes as they come back; the router's fp32 copy of x ([tokens, d]) is its own.
+    rows = 2 * x.shape[0] * x.shape[1]
+    wide = [t for t in saved if t.dtype == torch.float32 and tuple(t.shape) == (rows, d)]
+    assert not wide, f"{len(wide)} fp32 [{rows}, {d}] tensors kept for backward"
+    assert all(p.grad is not None for p in block.router.parameters())  # the weights' gradient came back
+    return float(x.grad.float().abs().sum())
+
+
+def test_ep2_keeps_no_fp32_copy_of_the_rows(ranks):
+    assert all(g > 0 for g in ranks.run(saved_case))

@@ -122,17 +122,24 @@ class ExpertDispatcher(nn.Module):
             if self.layout.ep_size == 1 and self._grouped():
                 # Counts stay a tensor: the grouped_mm backend (CUDA) needs no host copy of them.
                 weighted = grouped_swiglu(dispatched, kept_counts, experts, weights.to(dispatched.dtype), route_keep)
+            elif self._grouped():
+                # EP: the route weights travel with their rows to the experts' fused activation, the same
+                # arithmetic as with local experts, and no fp32 copy of the returned rows kept for backward.
+                weighted = self._run_experts(dispatched, kept_counts, route_keep, weights.to(dispatched.dtype))
             else:
                 weighted = self._run_experts(dispatched, kept_counts, route_keep).float() * weights.unsqueeze(1)
             out = unpermute(weighted, plan, x.dtype)  # each token's routes summed in fp32
         stats = DispatchStats(tokens_per_expert=counts.detach(), dropped=(counts - kept_counts).sum().detach())
         return out, stats
 
-    def _run_experts(self, dispatched: Tensor, counts: Tensor, keep: Optional[Tensor] = None) -> Tensor:
-        """Run the local experts; with EP, ship each slice to the rank owning its expert."""
+    def _run_experts(self, dispatched: Tensor, counts: Tensor, keep: Optional[Tensor] = None,
+                     route_w: Optional[Tensor] = None) -> Tensor:
+        """Run the local experts; with EP, ship each slice to the rank owning its expert.  ``route_w`` (grouped
+        SwiGLU experts only): each row's route weight, applied in the experts' activation (it travels with its
+        row, and its gradient back)."""
         ep, nl = self.layout.ep_size, self.layout.num_local
         if ep == 1:
-            return self._local_experts(dispatched, counts.tolist(), keep)
+            return self._local_experts(dispatched, counts.tolist(), keep, route_w)
         # How many rows each rank sends to each of the receiver's local experts.
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.ep_group)
@@ -149,17 +156,23 @@ class ExpertDispatcher(nn.Module):
             dist.all_to_all_single(keep_recv, keep.to(torch.uint8).contiguous(), output_split_sizes=recv_splits,
                                    input_split_sizes=send_splits, group=self.ep_group)
             keep = keep_recv.bool().index_select(0, expert_major)
-        local_out = self._local_experts(received.index_select(0, expert_major), recv_matrix.sum(0).tolist(), keep)
+        if route_w is not None:
+            route_w = _AllToAllV.apply(route_w, send_splits, recv_splits, self.ep_group).index_select(0, expert_major)
+        local_out = self._local_experts(received.index_select(0, expert_major), recv_matrix.sum(0).tolist(), keep,
+                                        route_w)
         restored = local_out.index_select(0, torch.argsort(expert_major))
         return _AllToAllV.apply(restored, recv_splits, send_splits, self.ep_group)
 
     def _grouped(self) -> bool:
         return all(type(e) is SwiGLUExpert for e in self.experts.deepspeed_experts)
 
-    def _local_experts(self, rows: Tensor, counts: list[int], keep: Optional[Tensor] = None) -> Tensor:
+    def _local_experts(self, rows: Tensor, counts: list[int], keep: Optional[Tensor] = None,
+                       route_w: Optional[Tensor] = None) -> Tensor:
         experts = self.experts.deepspeed_experts
         if self._grouped():
-            return grouped_swiglu(rows, counts, experts, keep=keep)
+            return grouped_swiglu(rows, counts, experts, route_w, keep=keep)
+        if route_w is not None:
+            raise ValueError("route weights inside the experts need grouped SwiGLU experts")
         # split (not slicing): its backward is one concat, where slices would each
         # materialise a full-size zero gradient.  Empty slices still run so every
         # expert parameter gets a (zero) gradient.
