@@ -47,7 +47,8 @@ def main() -> None:
     from desmoe.moe import LinearRouter, MoEBlock, SwiGLUExpert
 
     env = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
-    d, f, tokens, experts, k, rounds = env("D", 256), env("F", 512), env("S", 2048), env("E", 8), env("K", 2), env("ROUNDS", 12)
+    d, f, tokens = env("D", 256), env("F", 512), env("S", 2048)
+    experts, k, rounds = env("E", 8), env("K", 2), env("ROUNDS", 12)
     torch.manual_seed(0)
     block = MoEBlock(d, SwiGLUExpert(d, f), LinearRouter(d, experts, k), ep_size=dist.get_world_size())
     block.set_deepspeed_parallelism()
@@ -71,9 +72,9 @@ def main() -> None:
             if r >= 2:
                 times[name].append(dt)
     q = statistics.quantiles([a / b for a, b in zip(times["earlier"], times["now"])], n=4, method="inclusive")
+    now, earlier = (statistics.median(times[n]) * 1e3 for n in ("now", "earlier"))
     print(f"rank {dist.get_rank()} of {dist.get_world_size()}: {tokens} tokens, d {d}, {experts} x {f}, top-{k}: "
-          f"now {statistics.median(times['now']) * 1e3:.1f} ms, earlier {statistics.median(times['earlier']) * 1e3:.1f} ms, "
-          f"earlier / now {q[1]:.3f} [{q[0]:.3f}-{q[2]:.3f}] (median [quartiles] of {rounds} rounds)", flush=True)
+          f"now {now:.1f} ms, earlier {earlier:.1f} ms, earlier / now {q[1]:.3f} [{q[0]:.3f}-{q[2]:.3f}] (median [quartiles] of {rounds} rounds)", flush=True)
 
 
 if __name__ == "__main__":
