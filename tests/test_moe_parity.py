@@ -101,3 +101,36 @@ def saved_case():
 
 def test_ep2_keeps_no_fp32_copy_of_the_rows(ranks):
     assert all(g > 0 for g in ranks.run(saved_case))
+
+
+def branches_case():
+    """EP = 1: token mode (the experts gather and combine) and the whole-batch branch (permute, the experts
+    via _run_experts, unpermute; taken without the CPU row kernels) compute the same block."""
+    import desmoe.moe.dispatcher as dispatcher
+
+    block, _ = _pair(3, True, 1.0)  # top-3 with capacity drops and a shared expert
+    gen = torch.Generator().manual_seed(5)
+    x, upstream = torch.randn(2, 24, 16, generator=gen), torch.randn(2, 24, 16, generator=gen)
+    results = []
+    for fused in (True, False):
+        dispatcher_fuses = dispatcher.fuses_rows
+        if not fused:
+            dispatcher.fuses_rows = lambda x, experts: False
+        try:
+            block.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            y = block(xi)
+            (y * upstream).sum().backward()
+        finally:
+            dispatcher.fuses_rows = dispatcher_fuses
+        results.append([y.detach(), xi.grad] + [p.grad.clone() for p in block.parameters() if p.grad is not None])
+    assert float(block.last_stats.dropped) > 0
+    (y1, *g1), (y2, *g2) = results
+    assert len(g1) == len(g2)
+    assert_close(y1, y2, terms=FWD, msg="output")
+    for a, b in zip(g1, g2):
+        assert_close(a, b, terms=BWD, msg="gradient")
+
+
+def test_token_mode_equals_the_whole_batch_branch(ranks):
+    ranks.run(branches_case)

@@ -24,7 +24,6 @@
  * cannot guess them: each pass asks for the row ROWS_AHEAD ahead while it copies this one. */
 #define ROWS_AHEAD 4
 static inline void prefetch_row(const char *row, int64_t row_bytes, int write) {
-  if (ROWS_AHEAD == 0) return;
   for (int64_t b = 0; b < row_bytes; b += 64) {
     if (write) __builtin_prefetch(row + b, 1);
     else __builtin_prefetch(row + b, 0);

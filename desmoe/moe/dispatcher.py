@@ -119,12 +119,10 @@ class ExpertDispatcher(nn.Module):
                                  token_of_row=plan.token_of_route)
         else:
             dispatched = permute(x, plan)  # [N, d] grouped by expert
-            if self.layout.ep_size == 1 and self._grouped():
-                # Counts stay a tensor: the grouped_mm backend (CUDA) needs no host copy of them.
-                weighted = grouped_swiglu(dispatched, kept_counts, experts, weights.to(dispatched.dtype), route_keep)
-            elif self._grouped():
-                # EP: the route weights travel with their rows to the experts' fused activation, the same
-                # arithmetic as with local experts, and no fp32 copy of the returned rows kept for backward.
+            if self._grouped():
+                # The route weights go with their rows (to other ranks with EP) into the experts' fused
+                # activation: no fp32 copy of the returned rows kept for backward.  (With EP = 1 this is the
+                # loop backend, which reads the counts on the host anyway: grouped_mm takes token mode.)
                 weighted = self._run_experts(dispatched, kept_counts, route_keep, weights.to(dispatched.dtype))
             else:
                 weighted = self._run_experts(dispatched, kept_counts, route_keep).float() * weights.unsqueeze(1)
