@@ -4,6 +4,7 @@ timed against the block itself in the same process and rounds."""
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import types
 from pathlib import Path
@@ -81,9 +82,24 @@ def unfused_rows():
         dispatcher.fuses_rows = saved
 
 
+@contextlib.contextmanager
+def python_loop():
+    """The loop backend's experts as the Python loop over ``torch.mm`` and the C kernels (the
+    ``desmoe_python_loop`` row), instead of ``desmoe.kernels.experts``' one C call each way with row tiles."""
+    saved = os.environ.get("DESMOE_EXPERT_LOOP")
+    os.environ["DESMOE_EXPERT_LOOP"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["DESMOE_EXPERT_LOOP"]
+        else:
+            os.environ["DESMOE_EXPERT_LOOP"] = saved
+
+
 # desmoe's forced variants (the plain "desmoe" row runs as trained): each a context around the step
 FORCED = {"loop": lambda: backend("loop"), "grouped_mm": lambda: backend("grouped_mm"),
-          "torch_permute": torch_permutation, "unfused_rows": unfused_rows}
+          "torch_permute": torch_permutation, "unfused_rows": unfused_rows, "python_loop": python_loop}
 
 
 def step_fn(module, x, grad, context=contextlib.nullcontext):

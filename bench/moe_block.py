@@ -5,6 +5,7 @@ Variants, on identical expert weights and routing (the router's top-k over a sof
     ``loop`` (one GEMM per expert) and ``grouped_mm`` (one grouped kernel per GEMM); on CPU also
     ``desmoe_unfused_rows``: the dispatch's gather and combine as whole-batch passes around the experts
     (row kernels), not inside their loop; ``desmoe_torch_permute``: those passes on torch ops;
+    ``desmoe_python_loop``: the experts' loop in Python over ``torch.mm`` instead of ``desmoe.kernels.experts``;
   * transformers' Qwen2-MoE sparse block with each experts implementation it offers here
     (``eager``, ``batched_mm``, ``grouped_mm``; ``batched_mm`` gathers one weight matrix per
     route, so it is skipped where that would not fit in memory); the fastest is "HF fastest";
@@ -283,7 +284,7 @@ def main(argv=None) -> dict:
         if name not in skipped:
             runs[name] = step_fn(module, x, grad)
             if name == "desmoe":
-                for forced in ("loop", "grouped_mm", "unfused_rows") + (() if cuda else ("torch_permute",)):
+                for forced in ("loop", "grouped_mm", "unfused_rows") + (() if cuda else ("torch_permute", "python_loop")):
                     if f"desmoe_{forced}" not in skipped and hasattr(torch, "_grouped_mm"):
                         runs[f"desmoe_{forced}"] = step_fn(module, x, grad, FORCED[forced])
                 if args.before:
@@ -329,7 +330,8 @@ def main(argv=None) -> dict:
               "share_of_floor": paired(floor_name, "desmoe"),
               "share_of_gemms_fwd_bwd": paired("gemms_fwd_bwd", "desmoe"),
               "vs_before": paired("desmoe_before", "desmoe"),
-              "vs_unfused_rows": paired("desmoe_unfused_rows", "desmoe")}
+              "vs_unfused_rows": paired("desmoe_unfused_rows", "desmoe"),
+              "vs_python_loop": paired("desmoe_python_loop", "desmoe")}
     result = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu x{args.threads} threads",
         "dtype": str(dtype).replace("torch.", ""), "shape": args.shape, "resolved": s, "rounds": rounds,
@@ -361,7 +363,8 @@ def main(argv=None) -> dict:
           f"{fmt(ratios['vs_deepspeed_moe'])}x DeepSpeed MoE, {fmt(ratios['share_of_floor'])} of the floor, "
           f"{fmt(ratios['share_of_gemms_fwd_bwd'])} of the same GEMMs in a layer's order (gemms_fwd_bwd)"
           + (f", {fmt(ratios['vs_before'])}x desmoe as of {args.before} (desmoe_before)" if args.before else "")
-          + (f", {fmt(ratios['vs_unfused_rows'])}x desmoe_unfused_rows" if ratios["vs_unfused_rows"] else ""))
+          + (f", {fmt(ratios['vs_unfused_rows'])}x desmoe_unfused_rows" if ratios["vs_unfused_rows"] else "")
+          + (f", {fmt(ratios['vs_python_loop'])}x desmoe_python_loop" if ratios["vs_python_loop"] else ""))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         from desmoe.checkpoint import write_text_atomic

@@ -1,7 +1,8 @@
 """The experts' loop in token mode (desmoe.moe.grouped, ``token_of_row``): each expert's rows gathered from
 token order and its outputs summed back into it inside the loop equal the dispatch's whole-batch gather,
 the experts on expert-ordered rows, and the combine (desmoe.moe.permutation) -- forward and every gradient,
-with capacity drops, weight-gradient masks, empty experts, fp32 and bf16, C kernels and torch ops."""
+with capacity drops, weight-gradient masks, empty experts, fp32 and bf16, the C expert loop, the Python loop on
+the C kernels, and torch ops."""
 import pytest
 import torch
 
@@ -26,11 +27,14 @@ def _run(x, plan, counts, experts, w, keep, token_mode: bool, upstream, backend=
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("backend,fused", [("loop", "1"), ("loop", "0"), ("grouped_mm", "1")])
+@pytest.mark.parametrize("backend,fused", [("loop", "1"), ("loop", "py"), ("loop", "0"), ("grouped_mm", "1")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k,capacity,masked", [(1, None, False), (2, None, False), (2, None, True), (3, None, False),
                                                (2, 3, True), (4, 2, False)])
 def test_token_mode_equals_the_whole_batch_passes(monkeypatch, backend, fused, dtype, k, capacity, masked):
+    if fused == "py":  # the C kernels in the Python loop (fp32 runs experts.c's loop otherwise)
+        monkeypatch.setenv("DESMOE_EXPERT_LOOP", "0")
+        fused = "1"
     _kernels(monkeypatch, fused)
     # odd widths for the loop (no vector-width multiple); the grouped GEMM takes 16-byte aligned rows only
     num_tokens, d, f, num_experts = 13, 37 if backend == "loop" else 40, 24, 6

@@ -7,14 +7,19 @@ from desmoe.moe.grouped import grouped_swiglu
 from tolerance import assert_close
 
 
-@pytest.mark.parametrize("fused", ["1", "0"])
+@pytest.mark.parametrize("fused", ["1", "py", "0"])  # py: the C kernels in the Python loop (not experts.c's)
 @pytest.mark.parametrize("with_weights", [True, False])
 def test_grouped_matches_modules(monkeypatch, fused, with_weights):
     import desmoe.kernels as kernels
 
+    if fused == "py":
+        monkeypatch.setenv("DESMOE_EXPERT_LOOP", "0")
+        fused = "1"
     monkeypatch.setenv("DESMOE_FUSED_KERNELS", fused)
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_loop", None)
+    monkeypatch.setattr(kernels, "_rows", None)
     if fused == "1":
         assert kernels.swiglu_cpu() is not None, "the fused CPU kernel should build on this machine"
     torch.manual_seed(0)
@@ -75,6 +80,8 @@ def test_loop_backend_keeps_no_activation_and_refuses_a_second_backward(monkeypa
     monkeypatch.setenv("DESMOE_FUSED_KERNELS", fused)
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_loop", None)
+    monkeypatch.setattr(kernels, "_rows", None)
     torch.manual_seed(0)
     d, f, counts = 16, 24, [5, 0, 9]
     experts = torch.nn.ModuleList(SwiGLUExpert(d, f) for _ in range(3))
@@ -97,14 +104,34 @@ def test_loop_backend_keeps_no_activation_and_refuses_a_second_backward(monkeypa
     assert "\n" not in str(err.value)
 
 
+def _avx512() -> bool:
+    try:
+        return any(line.startswith("flags") and " avx512f" in line for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["native", "no-avx512"])
+def swiglu_kernel(request, tmp_path_factory, monkeypatch):
+    """The machine's kernels, and on an AVX-512 machine also the plain C loops (built without AVX-512) that
+    other CPUs run."""
+    import desmoe.kernels as kernels
+
+    if request.param == "native":
+        kernel = kernels.swiglu_cpu()
+        assert kernel is not None, "the fused CPU kernel should build on this machine"
+        return kernel
+    if not _avx512():
+        pytest.skip("no AVX-512 here: the native build is already the plain C loops")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("kernels")))
+    return kernels.SwiGLUKernels(kernels.build(extra_flags=("-mno-avx512f",)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_gate_far_below_zero_is_not_nan(dtype):
+def test_kernel_gate_far_below_zero_is_not_nan(dtype, swiglu_kernel):
     """expf(-g) overflows below g = -88; under -ffast-math 1 / (1 + inf) came out NaN (silu(-100) = NaN, torch:
     -0).  Every kernel entry point on gates over [-1e4, 1e4]: finite, and torch's values within rounding."""
-    from desmoe.kernels import swiglu_cpu
-
-    kernel = swiglu_cpu()
-    assert kernel is not None, "the fused CPU kernel should build on this machine"
+    kernel = swiglu_kernel
     n, f = 3, 64
     h = torch.randn(n, 2 * f, generator=torch.Generator().manual_seed(4))
     h[:, :f] = torch.linspace(-1e4, 1e4, f) * torch.tensor([[1.0], [0.01], [0.001]])
@@ -121,3 +148,16 @@ def test_kernel_gate_far_below_zero_is_not_nan(dtype):
         assert torch.isfinite(got).all()
         # the kernel's vector expf and reciprocal: a few ulps of the activation's magnitude, per row
         assert_close(got.float(), want, terms=8, **stored)
+
+
+def test_kernel_activation_matches_torch_on_inf_and_nan(swiglu_kernel):
+    """silu(+inf) = inf and silu(nan) = nan, as torch: the vector exp's range reduction (x - n ln 2) must not
+    turn an infinite gate into inf - inf."""
+    kernel = swiglu_kernel
+    gate = torch.tensor([[float("inf"), float("nan"), 1e30, -1e30, 0.0, 3.0]])
+    h = torch.cat([gate, torch.ones_like(gate)], 1)
+    act = kernel.fwd(h, None)
+    want = torch.nn.functional.silu(gate)
+    finite = torch.isfinite(want)
+    assert torch.equal(act[~finite].isnan(), want[~finite].isnan()) and (act[want == float("inf")] == float("inf")).all()
+    assert_close(act[finite], want[finite], terms=8)

@@ -13,6 +13,7 @@ def _kernels(monkeypatch, fused: str):
     monkeypatch.setenv("DESMOE_FUSED_KERNELS", fused)
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_loop", None)
     monkeypatch.setattr(kernels, "_rows", None)
     if fused == "1":
         assert kernels.rows_cpu() is not None, "the CPU row kernels should build on this machine"

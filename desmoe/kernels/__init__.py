@@ -1,14 +1,14 @@
 """Fused CPU kernels: plain C, compiled once per machine type, called through ctypes.
 
 The C files (``swiglu.c``: the SwiGLU activation; ``rows.c``: the MoE dispatch's and combine's row
-permutations) need no torch headers, so they build in about a second into one library with the
-system's C compiler (at setup by ``python -m desmoe.prebuild``, else on first
-use) into ``$TORCH_EXTENSIONS_DIR/desmoe/``.  The build is keyed by the CPU's
-feature flags because it uses ``-march=native``.  Calls run on the calling
-thread (see the C file for the measurement; a Python thread pool was slower
-too, as torch's OpenMP workers keep spinning on the cores after each GEMM).
-``swiglu_cpu()`` and ``rows_cpu()`` return None when the kernels
-cannot be used (no compiler, ``DESMOE_FUSED_KERNELS=0``); callers then use
+permutations; ``experts.c``: the loop backend's expert loop, see ``experts.py``) need no torch headers,
+so they build in about a second into one library with the system's C compiler (at setup by
+``python -m desmoe.prebuild``, else on first use) into ``$TORCH_EXTENSIONS_DIR/desmoe/``.  The build is
+keyed by the CPU's feature flags because it uses ``-march=native``.  Calls run on the calling thread
+(see the C file for the measurement; a Python thread pool was slower too, as torch's OpenMP workers keep
+spinning on the cores after each GEMM).  ``swiglu_cpu()``, ``rows_cpu()`` and ``expert_loop_cpu()``
+return None when the kernels cannot be used (no compiler, ``DESMOE_FUSED_KERNELS=0``; the last also
+without torch's MKL, or with ``DESMOE_EXPERT_LOOP=0``); callers then use
 torch ops with the same math.
 """
 from __future__ import annotations
@@ -26,10 +26,11 @@ from typing import Optional
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("swiglu.c", "rows.c"))  # one library
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("swiglu.c", "rows.c", "experts.c"))  # one library
 HEADERS = (Path(__file__).with_name("bf16.h"),)
 _lib: Optional["SwiGLUKernels"] = None
 _rows: Optional["RowKernels"] = None
+_loop = None  # experts.ExpertLoop
 _tried = False
 
 
@@ -40,8 +41,8 @@ def _cflags() -> list[str]:
     return ["-O3", "-march=native"] + (["-mprefer-vector-width=512"] if x86 else []) + ["-ffast-math"]
 
 
-def _cpu_key() -> str:
-    flags = platform.machine() + " ".join(_cflags())
+def _cpu_key(extra_flags: tuple[str, ...] = ()) -> str:
+    flags = platform.machine() + " ".join(_cflags() + list(extra_flags))
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -57,9 +58,10 @@ def _build_dir() -> Path:
     return Path(root) / "desmoe"
 
 
-def build() -> Path:
-    """Compile the library if needed; atomic, so concurrent ranks never load a partial file."""
-    target = _build_dir() / f"libdesmoe_kernels_{_cpu_key()}.so"
+def build(extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the library if needed; atomic, so concurrent ranks never load a partial file.  ``extra_flags``
+    (a separate library): e.g. ``-mno-avx512f``, so the tests also check the loops other CPUs run."""
+    target = _build_dir() / f"libdesmoe_kernels_{_cpu_key(extra_flags)}.so"
     if target.exists():
         return target
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -72,7 +74,8 @@ def build() -> Path:
     # to flush-to-zero.
     objects = [f"{tmp}.{i}.o" for i in range(len(SOURCES))]
     for source, obj in zip(SOURCES, objects):
-        subprocess.run([cc, *_cflags(), "-fPIC", "-c", str(source), "-o", obj], check=True, capture_output=True)
+        subprocess.run([cc, *_cflags(), *extra_flags, "-fPIC", "-c", str(source), "-o", obj], check=True,
+                       capture_output=True)
     subprocess.run([cc, "-shared", *objects, "-o", tmp, "-lmvec", "-lm"], check=True, capture_output=True)
     for obj in objects:
         os.unlink(obj)
@@ -294,10 +297,11 @@ def _check_rows(idx: torch.Tensor, num_rows: int, allow_negative: bool) -> None:
 
 
 def _load() -> None:
-    global _lib, _rows, _tried
+    global _lib, _rows, _loop, _tried
     if _tried:
         return
     _tried = True
+    _lib = _rows = _loop = None
     if os.environ.get("DESMOE_FUSED_KERNELS", "1") == "0":
         return
     try:
@@ -307,6 +311,10 @@ def _load() -> None:
     except Exception as err:  # noqa: BLE001 - a missing compiler must not stop training
         warnings.warn(f"desmoe: fused CPU kernels unavailable ({err}); using torch ops")
         _lib = _rows = None
+        return
+    from desmoe.kernels.experts import ExpertLoop, torch_blas
+    blas = torch_blas()
+    _loop = ExpertLoop(_lib.lib, blas) if blas is not None else None
 
 
 def swiglu_cpu() -> Optional[SwiGLUKernels]:
@@ -317,6 +325,12 @@ def swiglu_cpu() -> Optional[SwiGLUKernels]:
 def rows_cpu() -> Optional[RowKernels]:
     _load()
     return _rows
+
+
+def expert_loop_cpu():
+    """``experts.ExpertLoop`` (the loop backend's expert loop in C, on torch's MKL), or None."""
+    _load()
+    return _loop if os.environ.get("DESMOE_EXPERT_LOOP", "1") != "0" else None
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from desmoe.kernels import RowKernels, rows_cpu, swiglu_cpu
+from desmoe.kernels import RowKernels, expert_loop_cpu, rows_cpu, swiglu_cpu
 
 Counts = Union[Sequence[int], Tensor]
 
@@ -126,6 +126,11 @@ def _scatter_add_rows(src: Tensor, idx: Tensor, acc: Tensor):
     return (lambda r0, r1: acc.index_add_(0, idx[r0:r1], src[:r1 - r0].to(acc.dtype))), (lambda: None)
 
 
+def _expert_loop(x: Tensor, weights):
+    loop = expert_loop_cpu() if x.device.type == "cpu" else None
+    return loop if loop is not None and loop.supports(x, weights) else None
+
+
 def fuses_rows(x: Tensor, experts) -> bool:
     """Whether the dispatcher hands the experts token-order rows (``token_of_row``): always for the
     grouped_mm backend (the gather and the combine are then whole-batch torch ops inside it, and the
@@ -162,9 +167,18 @@ class GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, route_w: Optional[Tensor], keep: Optional[Tensor],  # type: ignore[override]
                 counts: list[int], token_of_row: Optional[Tensor], *weights: Tensor) -> Tensor:
+        tokens = token_of_row is not None
+        ctx.counts, ctx.has_w, ctx.keep, ctx.tokens, ctx.used = counts, route_w is not None, keep, tokens, False
+        empty = x.new_empty(0)
+        loop = _expert_loop(x, weights)
+        if loop is not None:  # the same loop in one C call (desmoe.kernels.experts), on whole rows
+            x = x.contiguous()
+            out, h_all = loop.forward(x, counts, weights, route_w, token_of_row)
+            ctx.save_for_backward(x, route_w if route_w is not None else empty, h_all,
+                                  token_of_row if tokens else empty, *weights)
+            return out
         two_f, d = weights[0].shape
         m = max(counts, default=0)
-        tokens = token_of_row is not None
         if tokens:
             x = x.contiguous()  # the row kernels read whole rows through the pointer (a no-op for the block's x)
         h_all = x.new_empty((sum(counts), two_f))  # pre-activations, gate | up, all experts' rows
@@ -193,12 +207,6 @@ class GroupedSwiGLU(torch.autograd.Function):
             start += n
         if tokens:
             combined()
-        ctx.counts = counts
-        ctx.has_w = route_w is not None
-        ctx.keep = keep  # bool, not differentiable
-        ctx.tokens = tokens
-        ctx.used = False
-        empty = x.new_empty(0)
         ctx.save_for_backward(x, route_w if route_w is not None else empty, h_all,
                               token_of_row if tokens else empty, *weights)
         return acc.to(x.dtype) if tokens else out
@@ -211,6 +219,13 @@ class GroupedSwiGLU(torch.autograd.Function):
         ctx.used = True
         counts, tokens = ctx.counts, ctx.tokens
         x, route_w, h_all, token_of_row, *weights = ctx.saved_tensors
+        loop = _expert_loop(x, weights)
+        if loop is not None:
+            grad_x, grad_route, grad_w = loop.backward(x, counts, weights, route_w if ctx.has_w else None,
+                                                       token_of_row if tokens else None, h_all, grad_out,
+                                                       ctx.keep, ctx.needs_input_grad[5:])
+            return (grad_x, grad_route.to(route_w.dtype) if grad_route is not None else None, None, None, None,
+                    *grad_w)
         grad_out = grad_out.contiguous()
         m, d = max(counts, default=0), x.shape[1]
         scratch = x.new_empty((m, h_all.shape[1] // 2))  # d_act, then the activation
