@@ -10,8 +10,8 @@
  * - row tiles through the forward's chain: each expert's two weights are packed once (MKL's
  *   cblas_sgemm_pack: the copy its sgemm makes inside every call) and its rows go through gather -> GEMM ->
  *   activation -> GEMM -> combine a tile at a time, so the activation reads the pre-activations the GEMM has
- *   just written, from cache, instead of an expert-sized buffer from memory (forward 1.15x at the toy
- *   shape).  With torch.mm each tile was a whole sgemm call that packed the weight again: tiles were
+ *   just written, from cache, instead of an expert-sized buffer from memory (forward 1.06-1.15x at the
+ *   toy shape; where tiles pay, and where not, at expert_tile below).  With torch.mm each tile was a whole sgemm call that packed the weight again: tiles were
  *   slower there (docs/performance.md).  The backward stays whole-expert: tiled the same way it measured
  *   0.97-0.99x (its activation pass reads pre-activations saved long before, from memory, either way).
  *
@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef void (*sgemm_t)(const char *ta, const char *tb, const int *m, const int *n, const int *k, const float *alpha,
                         const float *a, const int *lda, const float *b, const int *ldb, const float *beta, float *c,
@@ -40,9 +41,26 @@ static pack_t pack_ptr;
 static compute_t compute_ptr;
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, PACKED = 151, B_MATRIX = 162 };  /* MKL's CBLAS values */
 /* Rows per tile: a tile's x, pre-activations, activation and output rows ((2 d + 3 f) floats a row) in about
- * 512 KiB, well inside a core's L2 (1-2 MiB on current x86 servers).  Measured at the toy shape (d 256, f
- * 512: 64 rows), forward: tiles of 32 / 64 / 128 / 256 rows 1.06 / 1.09 / 1.09 / 1.07x the untiled loop. */
+ * TILE_BYTES.  Measured at the toy shape (d 256, f 512, 512 rows an expert), forward: tiles of 32 / 64 / 128 /
+ * 256 rows 1.06 / 1.09 / 1.09 / 1.07x one tile per expert.  A tile only pays where the expert's rows, whole,
+ * spill out of L2 (else the activation reads them from cache anyway: a quarter of Qwen3-30B-A3B at 128 rows
+ * an expert, 1.00x) and its two packed weights fit in L2 (each tile reads them again: a quarter of
+ * DeepSeek-V2-Lite, 2.1 MB of weights, measured 0.92x with 63-row tiles), with at least MIN_TILE_ROWS rows
+ * (a quarter of Mixtral's width, 16-row tiles: 0.82x).  Elsewhere an expert runs as one tile. */
 #define TILE_BYTES (512 << 10)
+#define MIN_TILE_ROWS 64
+static int64_t l2_bytes(void) {
+  const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  return v > 0 ? (int64_t)v : (int64_t)1 << 20;  /* unknown (some VMs): 1 MiB, a common server L2 */
+}
+/* rows per tile for an expert of n rows; tile_bytes > 0 forces tiles of that many bytes (the tests') */
+static int64_t expert_tile(int64_t n, int64_t d, int64_t f, int64_t tile_bytes, int64_t l2) {
+  const int64_t row = (2 * d + 3 * f) * (int64_t)sizeof(float), weights = 3 * f * d * (int64_t)sizeof(float);
+  if (tile_bytes > 0) return tile_bytes / row > 16 ? tile_bytes / row : 16;
+  const int64_t t = TILE_BYTES / row;
+  if (n * row <= l2 || weights > l2 || t < MIN_TILE_ROWS) return n;
+  return t;
+}
 
 int experts_set_blas(void *sgemm, void *pack_size, void *pack, void *compute) {
   sgemm_ptr = (sgemm_t)sgemm;
@@ -58,10 +76,6 @@ void rows_zero_unseen(const uint8_t *seen, char *acc, int64_t s, int64_t row_byt
 void swiglu_fwd_f32(const float *h, const float *w, float *act, int64_t r0, int64_t r1, int64_t f);
 void swiglu_bwd_inplace_f32(float *h, const float *w, float *d_act, float *d_w, int64_t r0, int64_t r1, int64_t f);
 
-static int64_t tile_rows(int64_t d, int64_t f, int64_t tile_bytes) {
-  const int64_t t = (tile_bytes > 0 ? tile_bytes : TILE_BYTES) / ((2 * d + 3 * f) * (int64_t)sizeof(float));
-  return t < 16 ? 16 : t;
-}
 /* C[m, n] = A[k, m]^T B[k, n]; k = 0 writes zeros (an expert without rows has zero weight gradients) */
 static void mm_tn(const float *a, const float *b, float *c, int64_t m, int64_t n, int64_t k) {
   if (k == 0) {
@@ -112,16 +126,20 @@ int experts_fwd_f32(const float *x, const int64_t *tok, const int64_t *counts, i
                     const float *const *w13, const float *const *w2, const float *route_w, int64_t d, int64_t f,
                     float *h_all, float *out, int64_t s, int64_t tile_bytes) {
   if (!compute_ptr) return -1;
-  const int64_t tile = tile_rows(d, f, tile_bytes);  /* tile_bytes <= 0: TILE_BYTES */
+  int64_t m = 1;  /* the scratches hold one tile: at most the largest expert's rows */
+  for (int64_t e = 0; e < num_experts; ++e) m = counts[e] > m ? counts[e] : m;
+  const int64_t l2 = l2_bytes();
   scratch_t sc;
-  const size_t sizes[6] = {packed_floats(tile, 2 * f, d), packed_floats(tile, d, f), (size_t)(tile * f),
-                           (size_t)(tile * d), (size_t)(tile * d), 0};
+  const size_t sizes[6] = {packed_floats(m, 2 * f, d), packed_floats(m, d, f), (size_t)(m * f), (size_t)(m * d),
+                           (size_t)(m * d), 0};
   if (scratch_alloc(&sc, sizes, tok ? s : 0)) return -2;
   float *pk13 = sc.p[0], *pk2 = sc.p[1], *act = sc.p[2], *x_rows = sc.p[3], *y_rows = sc.p[4];
   int64_t start = 0;
   for (int64_t e = 0; e < num_experts; ++e) {
     const int64_t n = counts[e];
     if (n == 0) continue;  /* nothing to compute; its weight gradients are zeros */
+    int64_t tile = expert_tile(n, d, f, tile_bytes, l2);
+    tile = tile < n ? tile : n;
     pack_weight(w13[e], TRANS, tile, 2 * f, d, pk13);
     pack_weight(w2[e], TRANS, tile, d, f, pk2);
     for (int64_t r0 = start; r0 < start + n; r0 += tile) {
