@@ -11,9 +11,10 @@
  *   cblas_sgemm_pack: the copy its sgemm makes inside every call) and its rows go through gather -> GEMM ->
  *   activation -> GEMM -> combine a tile at a time, so the activation reads the pre-activations the GEMM has
  *   just written, from cache, instead of an expert-sized buffer from memory (forward 1.06-1.15x at the
- *   toy shape; where tiles pay, and where not, at expert_tile below).  With torch.mm each tile was a whole sgemm call that packed the weight again: tiles were
- *   slower there (docs/performance.md).  The backward stays whole-expert: tiled the same way it measured
- *   0.97-0.99x (its activation pass reads pre-activations saved long before, from memory, either way).
+ *   toy shape; where tiles pay, and where not, at expert_tile below).  With torch.mm each tile was a whole
+ *   sgemm call that packed the weight again: tiles were slower there (docs/performance.md).  The backward
+ *   stays whole-expert: tiled the same way it measured 0.97-0.99x (its activation pass reads
+ *   pre-activations saved long before, from memory, either way).
  *
  * The backward's GEMMs and the weight-gradient GEMMs (sums over all of an expert's rows) are sgemm_ calls.
  * Everything is looked up in torch's own library at run time (experts_set_blas).  Row-major helpers below;
