@@ -45,7 +45,7 @@ class ExpertLoop:
     @staticmethod
     def supports(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
         return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
-                and all(w.dtype == torch.float32 and w.device.type == "cpu" for w in weights))
+                and all(w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() for w in weights))
 
     @staticmethod
     def _shapes(x, counts, weights, token_of_row):

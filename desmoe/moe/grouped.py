@@ -162,6 +162,10 @@ class GroupedSwiGLU(torch.autograd.Function):
     read back cold, are gone, and the forward keeps x once (a linear router keeps the same tensor)
     instead of its k gathered copies.  A token's k routes then sum in expert order instead of choice
     order: the same value for k = 2, within a rounding for more.
+
+    In fp32 on a CPU whose torch links MKL, the same loop runs as one C call each way, the forward in row
+    tiles where that pays (``desmoe.kernels.experts``); this Python loop is the path for bf16, other BLAS
+    builds, and ``DESMOE_EXPERT_LOOP=0``.
     """
 
     @staticmethod
