@@ -85,9 +85,9 @@ def main() -> None:
                 times[name].append(time.thread_time() - t0)
     ratios = [b / a for a, b in zip(times["now"], times[args.before])]
     q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    print(f"{args.shape}, {args.rounds} rounds, load {os.getloadavg()[0]:.1f}: now {1e3 * statistics.median(times['now']):.2f} ms,"
-          f" {args.before} {1e3 * statistics.median(times[args.before]):.2f} ms; {args.before} / now per round "
-          f"{q2:.3f} [{q1:.3f}-{q3:.3f}]")
+    now, before = (1e3 * statistics.median(times[n]) for n in ("now", args.before))
+    print(f"{args.shape}, {args.rounds} rounds, load {os.getloadavg()[0]:.1f}: now {now:.2f} ms, {args.before} "
+          f"{before:.2f} ms; {args.before} / now per round {q2:.3f} [{q1:.3f}-{q3:.3f}]")
 
 
 if __name__ == "__main__":

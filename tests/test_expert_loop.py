@@ -127,3 +127,20 @@ def test_c_loop_refuses_mismatched_inputs_in_one_line():
         with pytest.raises((ValueError, IndexError), match=message) as err:
             call()
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("token_mode", [True, False])
+def test_c_loop_with_no_rows_at_all(token_mode):
+    """A rank that received no rows (EP), or tokens whose routes were all dropped: zeros out, zero gradients,
+    not stale memory."""
+    loop = _loop()
+    d, f, counts = 8, 12, [0, 0]
+    experts = torch.nn.ModuleList(SwiGLUExpert(d, f) for _ in counts)
+    weights = [p.detach() for e in experts for p in (e.gate_up.weight, e.down.weight)]
+    x = torch.randn(5 if token_mode else 0, d)
+    tok = torch.empty(0, dtype=torch.int64) if token_mode else None
+    out, h_all = loop.forward(x, counts, weights, torch.rand(0), tok)
+    gx, gw, grads = loop.backward(x, counts, weights, torch.rand(0), tok, h_all, torch.randn_like(x), None,
+                                  [True] * 4)
+    assert out.shape == x.shape and (out == 0).all() and (gx == 0).all() and gw.shape == (0,)
+    assert all((g == 0).all() for g in grads)

@@ -20,8 +20,9 @@
  * Everything is looked up in torch's own library at run time (experts_set_blas).  Row-major helpers below;
  * a row-major [m, n] buffer is the column-major [n, m] matrix.
  *
- * tok (int64 [N]) NULL: x / grad_out / out / grad_x are in expert order ([N, d], EP > 1);
- * else token order ([S, d]) and out / grad_x are fp32 sums over each token's rows (rows.c's scatter_add).
+ * token_order 0: x / grad_out / out / grad_x are in expert order ([N, d], EP > 1), tok unused; else token
+ * order ([S, d]), row i of the blocks is x[tok[i]], and out / grad_x are fp32 sums over each token's rows
+ * (rows.c's scatter_add; a flag, not tok != NULL: an empty tensor's data pointer may be NULL).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -130,7 +131,7 @@ static size_t packed_floats(int64_t tile, int64_t n, int64_t k) {
   return pack_size_ptr(B_MATRIX, (int)tile, (int)n, (int)k) / sizeof(float) + 16;
 }
 
-int experts_fwd_f32(const float *x, const int64_t *tok, const int64_t *counts, int64_t num_experts,
+int experts_fwd_f32(const float *x, const int64_t *tok, int64_t token_order, const int64_t *counts, int64_t num_experts,
                     const float *const *w13, const float *const *w2, const float *route_w, int64_t d, int64_t f,
                     float *h_all, float *out, int64_t s, int64_t tile_bytes) {
   if (!compute_ptr) return -1;
@@ -142,7 +143,7 @@ int experts_fwd_f32(const float *x, const int64_t *tok, const int64_t *counts, i
   scratch_t sc;
   const size_t sizes[6] = {any_tiled ? packed_floats(m, 2 * f, d) : 0, any_tiled ? packed_floats(m, d, f) : 0,
                            (size_t)(m * f), (size_t)(m * d), (size_t)(m * d), 0};
-  if (scratch_alloc(&sc, sizes, tok ? s : 0)) return -2;
+  if (scratch_alloc(&sc, sizes, token_order ? s : 0)) return -2;
   float *pk13 = sc.p[0], *pk2 = sc.p[1], *act = sc.p[2], *x_rows = sc.p[3], *y_rows = sc.p[4];
   int64_t start = 0;
   for (int64_t e = 0; e < num_experts; ++e) {
@@ -159,7 +160,7 @@ int experts_fwd_f32(const float *x, const int64_t *tok, const int64_t *counts, i
       const int64_t t = start + n - r0 < tile ? start + n - r0 : tile;
       const float *xt = x + r0 * d;
       float *yt = out + r0 * d, *h = h_all + r0 * 2 * f;
-      if (tok) {
+      if (token_order) {
         rows_gather((const char *)x, tok + r0, (char *)x_rows, t, d * (int64_t)sizeof(float));
         xt = x_rows;
         yt = y_rows;
@@ -169,11 +170,11 @@ int experts_fwd_f32(const float *x, const int64_t *tok, const int64_t *counts, i
       swiglu_fwd_f32(h, route_w ? route_w + r0 : NULL, act, 0, t, f);
       if (tiled) mm_packed(act, pk2, yt, t, d, f);
       else mm_nt(act, w2[e], yt, t, d, f);
-      if (tok) rows_scatter_add_f32(y_rows, tok + r0, sc.seen, out, t, d);
+      if (token_order) rows_scatter_add_f32(y_rows, tok + r0, sc.seen, out, t, d);
     }
     start += n;
   }
-  if (tok) rows_zero_unseen(sc.seen, (char *)out, s, d * (int64_t)sizeof(float));
+  if (token_order) rows_zero_unseen(sc.seen, (char *)out, s, d * (int64_t)sizeof(float));
   scratch_free(&sc);
   return 0;
 }
@@ -189,7 +190,7 @@ static int64_t compact_rows(const float *src, float *dst, const uint8_t *keep, i
   return j;
 }
 
-int experts_bwd_f32(const float *x, const int64_t *tok, const int64_t *counts, int64_t num_experts,
+int experts_bwd_f32(const float *x, const int64_t *tok, int64_t token_order, const int64_t *counts, int64_t num_experts,
                     const float *const *w13, const float *const *w2, const float *route_w, int64_t d, int64_t f,
                     float *h_all, const float *grad_out, float *grad_x, int64_t s, float *d_route,
                     const uint8_t *keep, float *const *g13, float *const *g2) {
@@ -200,26 +201,26 @@ int experts_bwd_f32(const float *x, const int64_t *tok, const int64_t *counts, i
   /* act: the expert's d_act, then its activation (the down projection's weight-gradient input); dy, xr: its
    * rows of the incoming gradient and of x (gathered, or compacted copies under keep; xr first holds dx) */
   const size_t sizes[6] = {(size_t)(m * f), (size_t)(m * d), (size_t)(m * d), 0, 0, 0};
-  if (scratch_alloc(&sc, sizes, tok ? s : 0)) return -2;
+  if (scratch_alloc(&sc, sizes, token_order ? s : 0)) return -2;
   float *act = sc.p[0], *dy_rows = sc.p[1], *x_rows = sc.p[2];
   int64_t start = 0;
   for (int64_t e = 0; e < num_experts; ++e) {
     const int64_t n = counts[e];
     float *d_h = h_all + start * 2 * f;
-    const float *dy = tok ? dy_rows : grad_out + start * d, *xr = tok ? x_rows : x + start * d;
+    const float *dy = token_order ? dy_rows : grad_out + start * d, *xr = token_order ? x_rows : x + start * d;
     if (n) {
-      if (tok) rows_gather((const char *)grad_out, tok + start, (char *)dy_rows, n, d * (int64_t)sizeof(float));
+      if (token_order) rows_gather((const char *)grad_out, tok + start, (char *)dy_rows, n, d * (int64_t)sizeof(float));
       mm_nn(dy, w2[e], act, n, f, d);  /* d_act */
       swiglu_bwd_inplace_f32(d_h, route_w ? route_w + start : NULL, act, d_route ? d_route + start : NULL,
                              0, n, f);  /* d_h over h, the activation over d_act */
-      if (tok) {
+      if (token_order) {
         mm_nn(d_h, w13[e], x_rows, n, d, 2 * f);
         rows_scatter_add_f32(x_rows, tok + start, sc.seen, grad_x, n, d);
       } else {
         mm_nn(d_h, w13[e], grad_x + start * d, n, d, 2 * f);
       }
     }
-    if (tok && n) rows_gather((const char *)x, tok + start, (char *)x_rows, n, d * (int64_t)sizeof(float));
+    if (token_order && n) rows_gather((const char *)x, tok + start, (char *)x_rows, n, d * (int64_t)sizeof(float));
     int64_t kept = n;
     if (keep && n) {  /* masked rows teach the expert nothing: the weight GEMMs over the kept rows only */
       const uint8_t *k = keep + start;
@@ -234,7 +235,7 @@ int experts_bwd_f32(const float *x, const int64_t *tok, const int64_t *counts, i
     if (g2[e]) mm_tn(dy, act, g2[e], d, f, kept);
     start += n;
   }
-  if (tok) rows_zero_unseen(sc.seen, (char *)grad_x, s, d * (int64_t)sizeof(float));
+  if (token_order) rows_zero_unseen(sc.seen, (char *)grad_x, s, d * (int64_t)sizeof(float));
   scratch_free(&sc);
   return 0;
 }

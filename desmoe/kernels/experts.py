@@ -35,8 +35,9 @@ class ExpertLoop:
 
     def __init__(self, lib: ctypes.CDLL, blas: tuple[int, ...]) -> None:
         lib.experts_set_blas.argtypes, lib.experts_set_blas.restype = [_P] * 4, ctypes.c_int
-        lib.experts_fwd_f32.argtypes = [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _I64]
-        lib.experts_bwd_f32.argtypes = [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _P]
+        lib.experts_fwd_f32.argtypes = [_P, _P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _I64]
+        lib.experts_bwd_f32.argtypes = [_P, _P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P,
+                                        _P]
         lib.experts_fwd_f32.restype = lib.experts_bwd_f32.restype = ctypes.c_int
         if not lib.experts_set_blas(*blas):
             raise RuntimeError("MKL's sgemm or packed-GEMM routines missing")
@@ -79,9 +80,9 @@ class ExpertLoop:
         w13, w2 = self._pointers(weights)
         h_all, out = x.new_empty((n, 2 * f)), x.new_empty(x.shape)
         route_w = _f32(route_w, n)
-        _check(self.lib.experts_fwd_f32(x.data_ptr(), _ptr(token_of_row), (_I64 * len(counts))(*counts), len(counts),
-                                        w13, w2, _ptr(route_w), d, f, h_all.data_ptr(), out.data_ptr(), x.shape[0],
-                                        tile_bytes))
+        _check(self.lib.experts_fwd_f32(
+            x.data_ptr(), _ptr(token_of_row), token_of_row is not None, (_I64 * len(counts))(*counts), len(counts),
+            w13, w2, _ptr(route_w), d, f, h_all.data_ptr(), out.data_ptr(), x.shape[0], tile_bytes))
         return out, h_all
 
     def backward(self, x, counts: list[int], weights, route_w, token_of_row, h_all, grad_out, keep,
@@ -102,9 +103,10 @@ class ExpertLoop:
         grad_x = torch.empty_like(x)
         route_w = _f32(route_w, n)
         grad_route = torch.empty(n, dtype=torch.float32) if route_w is not None else None
-        _check(self.lib.experts_bwd_f32(x.data_ptr(), _ptr(token_of_row), (_I64 * e)(*counts), e, w13, w2,
-                                        _ptr(route_w), d, f, h_all.data_ptr(), grad_out.data_ptr(), grad_x.data_ptr(),
-                                        x.shape[0], _ptr(grad_route), _ptr(keep), g13, g2))
+        _check(self.lib.experts_bwd_f32(
+            x.data_ptr(), _ptr(token_of_row), token_of_row is not None, (_I64 * e)(*counts), e, w13, w2,
+            _ptr(route_w), d, f, h_all.data_ptr(), grad_out.data_ptr(), grad_x.data_ptr(), x.shape[0],
+            _ptr(grad_route), _ptr(keep), g13, g2))
         return grad_x, grad_route, grads
 
 
