@@ -8,6 +8,10 @@ earlier / now, median [quartiles].  Revisions whose kernels have the same C entr
 (the SwiGLU fwd / in-place bwd and the row passes: 6a1d3fe, session 13's last code, is one).
 
     OMP_NUM_THREADS=1 python bench/expert_loop.py [--shape toy] [--rounds 30] [--before 6a1d3fe]
+    OMP_NUM_THREADS=1 python bench/expert_loop.py --model embedded [--seq 256 --batch 4]
+
+``--model``: a whole model's training step instead of one block (forward, backward and AdamW;
+``bench/model_mfu.py``'s models, e.g. ``embedded``, the demo's base shape, randomly initialised).
 """
 from __future__ import annotations
 
@@ -45,11 +49,30 @@ def kernels_at(rev: str, into: Path) -> kernels.SwiGLUKernels:
     return kernels.SwiGLUKernels(lib)
 
 
+def model_step(name: str, seq: int, batch: int, cache: Path):
+    """One training step of bench/model_mfu.py's model ``name`` (fp32, CPU): forward, backward, AdamW."""
+    import model_mfu
+
+    model, _, vocab = model_mfu.build(name, cache, torch.float32, torch.device("cpu"))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    ids = torch.randint(vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="toy")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--before", default="6a1d3fe", help="the earlier revision (its kernels, the Python loop)")
+    p.add_argument("--model", default=None, help="a bench/model_mfu.py model: time its training step instead")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
     args = p.parse_args()
     import moe_block
     from block_variants import step_fn
@@ -58,12 +81,16 @@ def main() -> None:
 
     init_distributed()
     torch.set_num_threads(1)
-    s = moe_block.resolve(moe_block.parse(["--shape", args.shape]), False)
-    block = moe_block.build(s, torch.device("cpu"), torch.float32)["desmoe"]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(s["tokens"], s["hidden"], generator=gen)
-    grad = torch.randn(s["tokens"], s["hidden"], generator=gen)
-    run = step_fn(block, x, grad)
+    if args.model:
+        run = model_step(args.model, args.seq, args.batch, Path(tempfile.gettempdir()) / "desmoe-mfu")
+        args.shape = f"{args.model}, batch {args.batch} x seq {args.seq}"
+    else:
+        s = moe_block.resolve(moe_block.parse(["--shape", args.shape]), False)
+        block = moe_block.build(s, torch.device("cpu"), torch.float32)["desmoe"]
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(s["tokens"], s["hidden"], generator=gen)
+        grad = torch.randn(s["tokens"], s["hidden"], generator=gen)
+        run = step_fn(block, x, grad)
     with tempfile.TemporaryDirectory() as tmp:
         before = kernels_at(args.before, Path(tmp))
         variants = {"now": (kernels.swiglu_cpu(), kernels.rows_cpu(), "1"),
