@@ -313,8 +313,11 @@ def _load() -> None:
         _lib = _rows = None
         return
     from desmoe.kernels.experts import ExpertLoop, torch_blas
-    blas = torch_blas()
-    _loop = ExpertLoop(_lib.lib, blas) if blas is not None else None
+    try:
+        blas = torch_blas()
+        _loop = ExpertLoop(_lib.lib, blas) if blas is not None else None
+    except Exception as err:  # noqa: BLE001 - the Python loop computes the same
+        warnings.warn(f"desmoe: the C expert loop is unavailable ({err}); using the Python loop")
 
 
 def swiglu_cpu() -> Optional[SwiGLUKernels]:
