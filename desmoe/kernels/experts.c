@@ -78,30 +78,25 @@ void rows_zero_unseen(const uint8_t *seen, char *acc, int64_t s, int64_t row_byt
 void swiglu_fwd_f32(const float *h, const float *w, float *act, int64_t r0, int64_t r1, int64_t f);
 void swiglu_bwd_inplace_f32(float *h, const float *w, float *d_act, float *d_w, int64_t r0, int64_t r1, int64_t f);
 
+/* Column-major sgemm_ with alpha 1, beta 0 */
+static void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b,
+                 int64_t ldb, float *c, int64_t ldc) {
+  const float one = 1.0f, zero = 0.0f;
+  const int m_ = (int)m, n_ = (int)n, k_ = (int)k, lda_ = (int)lda, ldb_ = (int)ldb, ldc_ = (int)ldc;
+  sgemm_ptr(&ta, &tb, &m_, &n_, &k_, &one, a, &lda_, b, &ldb_, &zero, c, &ldc_);
+}
 /* C[m, n] = A[k, m]^T B[k, n]; k = 0 writes zeros (an expert without rows has zero weight gradients) */
 static void mm_tn(const float *a, const float *b, float *c, int64_t m, int64_t n, int64_t k) {
-  if (k == 0) {
-    memset(c, 0, (size_t)(m * n) * sizeof(float));
-    return;
-  }
-  const float one = 1.0f, zero = 0.0f;
-  const char nt = 'N', tr = 'T';
-  const int m_ = (int)m, n_ = (int)n, k_ = (int)k;
-  sgemm_ptr(&nt, &tr, &n_, &m_, &k_, &one, b, &n_, a, &m_, &zero, c, &n_);
+  if (k == 0) memset(c, 0, (size_t)(m * n) * sizeof(float));
+  else gemm('N', 'T', n, m, k, b, n, a, m, c, n);
 }
 /* C[m, n] = A[m, k] B[n, k]^T */
 static void mm_nt(const float *a, const float *b, float *c, int64_t m, int64_t n, int64_t k) {
-  const float one = 1.0f, zero = 0.0f;
-  const char nt = 'N', tr = 'T';
-  const int m_ = (int)m, n_ = (int)n, k_ = (int)k;
-  sgemm_ptr(&tr, &nt, &n_, &m_, &k_, &one, b, &k_, a, &k_, &zero, c, &n_);
+  gemm('T', 'N', n, m, k, b, k, a, k, c, n);
 }
 /* C[m, n] = A[m, k] B[k, n] */
 static void mm_nn(const float *a, const float *b, float *c, int64_t m, int64_t n, int64_t k) {
-  const float one = 1.0f, zero = 0.0f;
-  const char nt = 'N';
-  const int m_ = (int)m, n_ = (int)n, k_ = (int)k;
-  sgemm_ptr(&nt, &nt, &n_, &m_, &k_, &one, b, &n_, a, &k_, &zero, c, &n_);
+  gemm('N', 'N', n, m, k, b, n, a, k, c, n);
 }
 /* Pack a row-major weight for C[t, n] = A[t, k] op(W): W [n, k] with trans, or [k, n] without. */
 static void pack_weight(const float *w, int trans, int64_t tile, int64_t n, int64_t k, float *dest) {

@@ -174,10 +174,11 @@ class GroupedSwiGLU(torch.autograd.Function):
         tokens = token_of_row is not None
         ctx.counts, ctx.has_w, ctx.keep, ctx.tokens, ctx.used = counts, route_w is not None, keep, tokens, False
         empty = x.new_empty(0)
-        loop = _expert_loop(x, weights)
+        loop, ctx.loop = _expert_loop(x, weights), None
         if loop is not None:  # the same loop in one C call (desmoe.kernels.experts), on whole rows
             x = x.contiguous()
-            out, h_all = loop.forward(x, counts, weights, route_w, token_of_row)
+            ctx.loop = loop, loop.bind(x, counts, weights, token_of_row)  # checked once for both directions
+            out, h_all = loop.forward(x, counts, weights, route_w, token_of_row, bound=ctx.loop[1])
             ctx.save_for_backward(x, route_w if route_w is not None else empty, h_all,
                                   token_of_row if tokens else empty, *weights)
             return out
@@ -223,11 +224,11 @@ class GroupedSwiGLU(torch.autograd.Function):
         ctx.used = True
         counts, tokens = ctx.counts, ctx.tokens
         x, route_w, h_all, token_of_row, *weights = ctx.saved_tensors
-        loop = _expert_loop(x, weights)
-        if loop is not None:
+        if ctx.loop is not None:  # the forward ran the C loop: so does its backward
+            loop, bound = ctx.loop
             grad_x, grad_route, grad_w = loop.backward(x, counts, weights, route_w if ctx.has_w else None,
                                                        token_of_row if tokens else None, h_all, grad_out,
-                                                       ctx.keep, ctx.needs_input_grad[5:])
+                                                       ctx.keep, ctx.needs_input_grad[5:], bound=bound)
             return (grad_x, grad_route.to(route_w.dtype) if grad_route is not None else None, None, None, None,
                     *grad_w)
         grad_out = grad_out.contiguous()
