@@ -42,9 +42,19 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     """Fill "auto" values and check the parts desmoe depends on."""
     cfg = copy.deepcopy(dict(cfg))
     source = cfg.pop("_source", "DeepSpeed config")
-    for key, value in (("train_micro_batch_size_per_gpu", micro_batch), ("gradient_accumulation_steps", grad_accum)):
+    # The trainer runs one micro-batch of the experiment's size per optimizer step: a different value
+    # here would change nothing the recipe feeds (micro batch) or make DeepSpeed skip optimizer steps
+    # the trainer counts as done (accumulation: train.steps would silently mean micro-steps).
+    for key, value, instead in (("train_micro_batch_size_per_gpu", micro_batch, "the experiment's train.micro_batch"),
+                                ("gradient_accumulation_steps", grad_accum, "desmoe steps the optimizer every "
+                                 "micro-batch; raise train.micro_batch instead")):
         if cfg.get(key, "auto") == "auto":
             cfg[key] = value
+        elif _is_int(cfg[key]) and cfg[key] != value:  # a non-integer is named by _check_values
+            raise ConfigError(f"{source}: key '{key}': expected \"auto\" or {value} ({instead}), got {cfg[key]!r}")
+    if "scheduler" in cfg:  # DeepSpeed would step it after every step, overriding train.lr and the recipe's schedule
+        raise ConfigError(f"{source}: key 'scheduler': not supported (the learning rate comes from train.lr and "
+                          f"the recipe's schedule); remove it")
     if cfg.get("train_batch_size") == "auto":
         cfg.pop("train_batch_size")  # DeepSpeed derives it from the two values above
     for precision in ("bf16", "fp16"):
@@ -60,6 +70,12 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     if stage not in (0, 1, 2):
         raise ConfigError(f"{source}: key 'zero_optimization.stage': expected 0, 1 or 2 "
                           f"(DeepSpeed MoE does not support ZeRO-3), got {stage!r}")
+    for key in ("offload_optimizer", "offload_param"):
+        block = cfg.get("zero_optimization", {}).get(key)
+        if block is not None and (not isinstance(block, dict) or block.get("device", "none") != "none"):
+            # ZeRO-Offload steps DeepSpeed's CPU Adam, not desmoe's optimizer that freezes experts exactly
+            raise ConfigError(f"{source}: key 'zero_optimization.{key}': not supported (desmoe builds its own "
+                              f"optimizer), got {block!r}")
     opt = cfg.get("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise ConfigError(f"{source}: key 'optimizer.type': expected AdamW, got {opt.get('type')!r}")
@@ -69,6 +85,9 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
                           f"(known: {', '.join(sorted(OPTIMIZER_KEYS))})")
     if lr is not None:
         opt.setdefault("params", {})["lr"] = lr
+    elif opt.get("params", {}).get("lr") == "auto":  # "auto" means train.lr, which is not set
+        raise ConfigError(f"{source}: key 'optimizer.params.lr': expected a number when train.lr is not set, "
+                          f"got 'auto'")
     cfg["optimizer"] = opt
     # Our optimizer is an AdamW subclass, which ZeRO does not list by type.
     cfg["zero_allow_untested_optimizer"] = True
@@ -114,7 +133,8 @@ def _check_values(cfg: Mapping[str, Any], source: str) -> None:
               "betas": ("two numbers in [0, 1)", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
                         and all(_is_num(b) and b < 1 for b in v))}
     for key, (expected, ok) in checks.items():
-        if key in params and params[key] != "auto" and not ok(params[key]):
+        # only lr has an "auto" (train.lr, filled above); any other "auto" would reach float() in build_engine
+        if key in params and not ok(params[key]):
             raise bad(f"optimizer.params.{key}", expected, params[key])
     import torch.distributed as dist
 

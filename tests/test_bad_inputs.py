@@ -104,6 +104,20 @@ CASES = [
          "key 'train_micro_batch_size_per_gpu': expected a positive integer, got 0"),
     Case("accumulation not an integer", "deepspeed", lambda t: ds(t, '{"gradient_accumulation_steps": 1.5}'),
          "key 'gradient_accumulation_steps': expected a positive integer, got 1.5"),
+    # options desmoe cannot honour exactly: refused instead of silently changing the training
+    Case("gradient accumulation", "deepspeed", lambda t: ds(t, '{"gradient_accumulation_steps": 2}'),
+         "key 'gradient_accumulation_steps': expected \"auto\" or 1 (desmoe steps the optimizer every micro-batch"),
+    Case("micro batch unlike the experiment's", "deepspeed", lambda t: ds(t, '{"train_micro_batch_size_per_gpu": 4}'),
+         "key 'train_micro_batch_size_per_gpu': expected \"auto\" or 1 (the experiment's train.micro_batch), got 4"),
+    Case("DeepSpeed LR scheduler", "deepspeed", lambda t: ds(t, '{"scheduler": {"type": "WarmupLR"}}'),
+         "key 'scheduler': not supported (the learning rate comes from train.lr"),
+    Case("ZeRO-Offload", "deepspeed", lambda t: ds(t, '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}'),
+         "key 'zero_optimization.offload_optimizer': not supported"),
+    Case("optimizer value \"auto\"", "deepspeed",
+         lambda t: ds(t, '{"optimizer": {"type": "AdamW", "params": {"weight_decay": "auto"}}}'),
+         "key 'optimizer.params.weight_decay': expected a number >= 0, got 'auto'"),
+    Case("lr \"auto\" without train.lr", "deepspeed", lambda t: ds(t, '{"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}'),
+         "key 'optimizer.params.lr': expected a number when train.lr is not set, got 'auto'"),
     Case("clipping as a string", "deepspeed", lambda t: ds(t, '{"gradient_clipping": "1.0"}'),
          "key 'gradient_clipping': expected a number >= 0, got '1.0'"),
     Case("section not an object", "deepspeed", lambda t: ds(t, '{"zero_optimization": 2}'),
@@ -134,6 +148,8 @@ CASES = [
     # checkpoints
     Case("latest points nowhere", "checkpoint", lambda t: _latest_nowhere(t), "points to 'step00000007', which does not exist"),
     Case("unknown fine-tuning method", "config", lambda t: _unknown_method(), "desmoe.method 'lroa': expected one of"),
+    Case("sequence longer than an HF base", "config", lambda t: _hf_base_too_short(t),
+         "key 'train.seq_len': expected at most the base's max_position_embeddings=64"),
     # launcher / Slurm environment
     Case("torchrun variables incomplete", "environment", lambda t: resolve_env({"RANK": "0", "WORLD_SIZE": "2"}),
          "incomplete launcher environment: RANK, WORLD_SIZE set but MASTER_ADDR, MASTER_PORT missing"),
@@ -154,6 +170,18 @@ def _unknown_method():
     cfg = DESMoEConfig()
     cfg.method = "lroa"  # bypasses the config's own check, as a launcher setting it by hand would
     return build_method(cfg, total_steps=1, num_domains=2, aux_coef=0.0)
+
+
+def _hf_base_too_short(tmp: Path):
+    """model.max_seq_len (checked in the config) does not apply to an HF base; its positions do."""
+    from hf_tiny import save_tiny
+
+    from desmoe.recipes.des_moe.base_model import build_model
+    from desmoe.recipes.des_moe.config import DESMoEExperiment
+
+    cfg = load_config(DESMoEExperiment, None, [f"base.hf={save_tiny('deepseek_v2', tmp / 'hf')}", "train.seq_len=128",
+                                               "model.ep_size=1"])
+    return build_model(cfg)
 
 
 def _latest_nowhere(tmp: Path):

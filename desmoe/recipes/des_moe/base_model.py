@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from desmoe import checkpoint
+from desmoe.config import bad
 from desmoe.errors import UserError
 from desmoe.models.moe_lm import MoELM
 
@@ -18,6 +19,12 @@ def build_model(cfg):
 
         model = load_hf_moe(cfg.base.hf, ep_size=cfg.model.ep_size, bias_update_rate=cfg.base.bias_update_rate)
         model.config.use_cache = False
+        # model.max_seq_len (checked in the config) does not describe an HF base: without this, a seq_len
+        # beyond the positions it was trained for runs on silently (and a huge one runs out of memory)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and cfg.train.seq_len > limit:
+            raise bad("train.seq_len", f"at most the base's max_position_embeddings={limit} ({cfg.base.hf})",
+                      cfg.train.seq_len)
         return model
     model = MoELM(cfg.model)
     model.setup_expert_parallel()
