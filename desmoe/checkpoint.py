@@ -266,13 +266,60 @@ def check_resume_config(run_dir: str | Path, ckpt_dir: str | Path, cfg: Any,
     except yaml.YAMLError:
         raise UserError(f"{saved_path}: not valid YAML; fix it or start over with run.resume=false") from None
     current = _flatten(to_dict(cfg))
-    changed = sorted(k for k in set(saved) | set(current)
-                     if saved.get(k) != current.get(k) and not k.startswith(resumable))
+    changed = _changed(saved, current, resumable)
     if changed:
-        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed[:4])
-        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        raise UserError(f"{run_dir}: resuming a run whose config differs in {shown}{more}; "
+        raise UserError(f"{run_dir}: resuming a run whose config differs in {changed}; "
                         f"use a new run.name or run.resume=false")
+
+
+# DeepSpeed settings a resumed run may change: the learning rate (train.lr) and what only affects speed
+# or logging.  Precision, ZeRO stage, clipping, Adam's other settings, batch sizes and the number of
+# ranks change the numbers or what a checkpoint holds (ZeRO shards by rank): they must match.
+DS_RECORD = "deepspeed.json"
+DS_RESUMABLE = ("optimizer.params.lr", "steps_per_print", "wall_clock_breakdown", "zero_optimization.overlap_comm",
+                "zero_optimization.contiguous_gradients", "zero_optimization.reduce_bucket_size",
+                "zero_optimization.allgather_bucket_size", "tensorboard.", "wandb.", "csv_monitor.", "comms_logger.",
+                "flops_profiler.")
+
+
+def ds_record(ds_config: dict, world_size: int) -> str:
+    """What ``DS_RECORD`` holds: the resolved DeepSpeed config the run trains with and its world size."""
+    import json
+
+    return json.dumps({"world_size": world_size, **ds_config}, indent=1, sort_keys=True, default=str) + "\n"
+
+
+def check_resume_deepspeed(run_dir: str | Path, ckpt_dir: str | Path, ds_config: dict, world_size: int) -> None:
+    """Refuse (one line) to resume with DeepSpeed settings or a world size other than the saved run's
+    ``DS_RECORD``.  Nothing to check for a fresh run or a run written before the record existed."""
+    import json
+
+    path = Path(run_dir) / DS_RECORD
+    if latest_tag(ckpt_dir) is None or not path.is_file():
+        return
+    try:
+        saved = _flatten(json.loads(path.read_text()))
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not valid JSON; fix it or start over with run.resume=false") from None
+    changed = _changed(saved, _flatten(json.loads(ds_record(ds_config, world_size))), DS_RESUMABLE)
+    if changed:
+        raise UserError(f"{run_dir}: resuming a run whose DeepSpeed settings differ in {changed}; use the "
+                        f"settings of its {DS_RECORD} and as many ranks, a new run.name or run.resume=false")
+
+
+def _changed(saved: dict, current: dict, resumable: tuple[str, ...]) -> str:
+    """The differing keys outside ``resumable``, shown as "key (old -> new)" (at most four), or ""."""
+    changed = sorted(k for k in set(saved) | set(current)
+                     if saved.get(k) != current.get(k) and not _resumable(k, resumable))
+    shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed[:4])
+    return shown + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+
+
+def _resumable(key: str, resumable: tuple[str, ...]) -> bool:
+    # An entry ending in "." or "_" names a family of keys, any other exactly one: as a bare prefix,
+    # "train.steps" would also pass TRGE's train.steps_per_task, whose change moves every stage boundary
+    # under the checkpoint's step cursor (the resumed run retrains a finished task, then crashes).
+    return any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in resumable)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -68,3 +68,66 @@ def test_keep_checkpoints_may_change_and_be_absent_in_older_runs(tmp_path):
     changed.train.micro_batch = 4  # still refused for a key that matters
     with pytest.raises(UserError, match="train.micro_batch"):
         checkpoint.check_resume_config(run_dir, ckpt, changed)
+
+
+def test_a_key_sharing_a_resumable_prefix_is_still_checked(tmp_path):
+    """"train.steps" may change; TRGE's train.steps_per_task may not (it moves every stage boundary
+    under the checkpoint's step cursor: the resumed run retrained a finished task, then crashed)."""
+    from desmoe.recipes.trge.recipe import TRGEExperiment, TRGERecipe
+
+    run_dir, ckpt = _run_with_checkpoint(tmp_path, TRGEExperiment())
+    changed = TRGEExperiment()
+    changed.train.steps_per_task += 2
+    with pytest.raises(UserError, match=r"train.steps_per_task \(100 -> 102\)"):
+        checkpoint.check_resume_config(run_dir, ckpt, changed, TRGERecipe.resumable_keys)
+    changed = TRGEExperiment()
+    changed.train.eval_batch += 1  # "train.eval_" names a family of evaluation keys
+    checkpoint.check_resume_config(run_dir, ckpt, changed, TRGERecipe.resumable_keys)
+
+
+DS = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+      "bf16": {"enabled": False}, "zero_optimization": {"stage": 2, "overlap_comm": False},
+      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}}}
+
+
+def _with_ds_record(tmp_path, ds=DS, world=2):
+    run_dir, ckpt = _run_with_checkpoint(tmp_path, Exp())
+    checkpoint.write_text_atomic(run_dir / checkpoint.DS_RECORD, checkpoint.ds_record(ds, world))
+    return run_dir, ckpt
+
+
+def changed_ds(**edits):
+    import copy
+
+    ds = copy.deepcopy(DS)
+    for dotted, value in edits.items():
+        *path, last = dotted.split("__")
+        node = ds
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return ds
+
+
+def test_deepspeed_settings_may_change_only_in_lr_and_speed(tmp_path):
+    run_dir, ckpt = _with_ds_record(tmp_path)
+    checkpoint.check_resume_deepspeed(run_dir, ckpt, DS, 2)
+    checkpoint.check_resume_deepspeed(run_dir, ckpt, changed_ds(optimizer__params__lr=1e-4,
+                                                                zero_optimization__overlap_comm=True), 2)
+    for edits, world, named in [({"gradient_clipping": 0.0}, 2, "gradient_clipping (1.0 -> 0.0)"),
+                                ({"bf16__enabled": True}, 2, "bf16.enabled (False -> True)"),
+                                ({"zero_optimization__stage": 0}, 2, "zero_optimization.stage (2 -> 0)"),
+                                ({"optimizer__params__weight_decay": 0.0}, 2, "optimizer.params.weight_decay"),
+                                ({}, 4, "world_size (2 -> 4)")]:
+        with pytest.raises(UserError) as err:
+            checkpoint.check_resume_deepspeed(run_dir, ckpt, changed_ds(**edits), world)
+        msg = str(err.value)
+        assert "\n" not in msg and named in msg and checkpoint.DS_RECORD in msg, msg
+
+
+def test_deepspeed_record_absent_or_damaged(tmp_path):
+    run_dir, ckpt = _run_with_checkpoint(tmp_path, Exp())  # a run written before the record existed
+    checkpoint.check_resume_deepspeed(run_dir, ckpt, changed_ds(gradient_clipping=0.0), 4)
+    (run_dir / checkpoint.DS_RECORD).write_text("{not json")
+    with pytest.raises(UserError, match="deepspeed.json: not valid JSON"):
+        checkpoint.check_resume_deepspeed(run_dir, ckpt, DS, 2)

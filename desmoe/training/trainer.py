@@ -193,11 +193,13 @@ class Trainer:
         r, cfg = self.recipe, self.recipe.cfg
         self.bootstrap()
         s = r.setup(self)
-        self.engine, self.trainability = build_engine(s.model, resolve_ds_config(self.ds_raw, s.micro_batch, lr=s.lr),
-                                                      parts=s.parts, expert_unit=s.expert_unit)
-        r.on_engine(self)
-        if cfg.run.resume:
+        ds_config = resolve_ds_config(self.ds_raw, s.micro_batch, lr=s.lr)
+        ds_record = checkpoint.ds_record(ds_config, self.world)  # before DeepSpeed sees (and may add to) it
+        if cfg.run.resume:  # before the engine: a changed world size would fail inside DeepSpeed's ZeRO load
             checkpoint.check_resume_config(self.run_dir, self.ckpt_dir, cfg, r.resumable_keys)
+            checkpoint.check_resume_deepspeed(self.run_dir, self.ckpt_dir, ds_config, self.world)
+        self.engine, self.trainability = build_engine(s.model, ds_config, parts=s.parts, expert_unit=s.expert_unit)
+        r.on_engine(self)
         state = checkpoint.load(self.engine, self.ckpt_dir, trainable_only=r.trainable_only) if cfg.run.resume else None
         self.start = state["step"] if state else 0
         self.train_seconds = self.seconds_at_start = float((state or {}).get("train_seconds", 0.0))
@@ -206,6 +208,7 @@ class Trainer:
         if is_rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text_atomic(self.run_dir / "config.yaml", config)
+            checkpoint.write_text_atomic(self.run_dir / checkpoint.DS_RECORD, ds_record)
             env = json.dumps({"start_step": self.start, **describe(self.world)})  # one line per (re)start
             log = self.run_dir / "environment.jsonl"
             checkpoint.write_text_atomic(log, (log.read_text() if log.is_file() else "") + env + "\n")
