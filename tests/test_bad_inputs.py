@@ -148,6 +148,10 @@ CASES = [
     # checkpoints
     Case("latest points nowhere", "checkpoint", lambda t: _latest_nowhere(t), "points to 'step00000007', which does not exist"),
     Case("unknown fine-tuning method", "config", lambda t: _unknown_method(), "desmoe.method 'lroa': expected one of"),
+    Case("model key with an HF base", "config", lambda t: _desmoe_config("base.hf=some/hf-model", "model.top_k=1"),
+         "key 'model.top_k': expected unset with base.hf (the model comes from some/hf-model; only model.ep_size"),
+    Case("evaluation size not positive", "config", lambda t: _desmoe_config("evaluation.items_per_task=-1"),
+         "key 'evaluation.items_per_task': expected a positive integer, got -1"),
     Case("sequence longer than an HF base", "config", lambda t: _hf_base_too_short(t),
          "key 'train.seq_len': expected at most the base's max_position_embeddings=64"),
     # launcher / Slurm environment
@@ -170,6 +174,13 @@ def _unknown_method():
     cfg = DESMoEConfig()
     cfg.method = "lroa"  # bypasses the config's own check, as a launcher setting it by hand would
     return build_method(cfg, total_steps=1, num_domains=2, aux_coef=0.0)
+
+
+def _desmoe_config(*overrides: str):
+    """An HF base brings its own architecture: a model.* key was ignored silently (top_k=1 ran as top-2)."""
+    from desmoe.recipes.des_moe.config import DESMoEExperiment
+
+    return load_config(DESMoEExperiment, None, list(overrides))
 
 
 def _hf_base_too_short(tmp: Path):

@@ -115,9 +115,11 @@ def trainer_case(run_dir: str, steps: int, method: str, extra: tuple = ()):
     from desmoe.recipes.des_moe.recipe import DESMoEExperiment, train_desmoe
 
     m = _tiny_model_cfg()
+    shape = ("hidden_size", "num_layers", "num_heads", "max_seq_len", "num_experts", "ffn_size")
+    if any(e.startswith("base.hf=") for e in extra):
+        shape = ()  # an HF base brings its own architecture (model.* keys other than ep_size are refused)
     cfg = load_config(DESMoEExperiment, None, [
-        f"model.{k}={v}" for k, v in vars(m).items() if k in ("hidden_size", "num_layers", "num_heads", "max_seq_len",
-                                                              "num_experts", "ffn_size", "ep_size")] + [
+        f"model.{k}={v}" for k, v in vars(m).items() if k in shape + ("ep_size",)] + [
         "data.domains=[email, xml]", "data.general=[json]", "data.max_bytes_per_domain=40000",
         f"train.steps={steps}", "train.micro_batch=4", "train.seq_len=32", "train.log_every=2", "train.eval_every=5",
         "train.eval_batches=1", "train.save_every=5", "train.lr=0.01", f"desmoe.method={method}",

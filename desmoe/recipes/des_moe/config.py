@@ -2,7 +2,7 @@
 (the choices and why are in docs/desmoe.md)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
 from desmoe.config import bad
@@ -145,6 +145,11 @@ class EvalConfig:
     items_per_task: int = 200
     ppl_tokens: int = 20000
 
+    def check(self) -> None:  # else refused only after the whole run, as eval.* (desmoe.evaluation.lm_tasks)
+        for key in ("items_per_task", "ppl_tokens"):
+            if getattr(self, key) < 1:
+                raise bad(key, "a positive integer", getattr(self, key))
+
 
 @dataclass
 class DESMoEExperiment:
@@ -166,6 +171,12 @@ class DESMoEExperiment:
         if method_class(self.desmoe.method).warmup_per_domain and warmup < max(1, len(self.data.domains)):
             raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(self.data.domains)}; "
                       f"t1 * train.steps = {warmup})", self.desmoe.schedule.t1)
+        if self.base.hf:  # the HF base brings its architecture: any other model.* key would be ignored silently
+            default = MoELMConfig()
+            for f in fields(MoELMConfig):
+                if f.name not in ("ep_size", "init_seed") and getattr(self.model, f.name) != getattr(default, f.name):
+                    raise bad(f"model.{f.name}", f"unset with base.hf (the model comes from {self.base.hf}; only "
+                              f"model.ep_size and model.init_seed apply)", getattr(self.model, f.name))
         if self.base.hf and self.base.checkpoint:
             raise bad("base.checkpoint", "null when base.hf is set (one source of pretrained weights)",
                       self.base.checkpoint)
