@@ -79,13 +79,15 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     opt = cfg.get("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise ConfigError(f"{source}: key 'optimizer.type': expected AdamW, got {opt.get('type')!r}")
+    if not isinstance(opt.get("params", {}), dict):  # else its items were named as unknown keys
+        raise ConfigError(f"{source}: key 'optimizer.params': expected an object, got {opt['params']!r}")
     unknown = set(opt.get("params", {})) - OPTIMIZER_KEYS
     if unknown:
         raise ConfigError(f"{source}: key 'optimizer.params.{sorted(unknown)[0]}': unknown "
                           f"(known: {', '.join(sorted(OPTIMIZER_KEYS))})")
     if lr is not None:
         opt.setdefault("params", {})["lr"] = lr
-    elif opt.get("params", {}).get("lr") == "auto":  # "auto" means train.lr, which is not set
+    elif isinstance(opt.get("params"), dict) and opt["params"].get("lr") == "auto":  # "auto" = train.lr, unset
         raise ConfigError(f"{source}: key 'optimizer.params.lr': expected a number when train.lr is not set, "
                           f"got 'auto'")
     cfg["optimizer"] = opt

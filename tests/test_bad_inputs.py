@@ -118,6 +118,8 @@ CASES = [
          "key 'optimizer.params.weight_decay': expected a number >= 0, got 'auto'"),
     Case("lr \"auto\" without train.lr", "deepspeed", lambda t: ds(t, '{"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}'),
          "key 'optimizer.params.lr': expected a number when train.lr is not set, got 'auto'"),
+    Case("optimizer parameters not an object", "deepspeed", lambda t: ds(t, '{"optimizer": {"type": "AdamW", "params": [0.1]}}'),
+         "key 'optimizer.params': expected an object, got [0.1]"),
     Case("clipping as a string", "deepspeed", lambda t: ds(t, '{"gradient_clipping": "1.0"}'),
          "key 'gradient_clipping': expected a number >= 0, got '1.0'"),
     Case("section not an object", "deepspeed", lambda t: ds(t, '{"zero_optimization": 2}'),
