@@ -152,6 +152,8 @@ CASES = [
     Case("unknown fine-tuning method", "config", lambda t: _unknown_method(), "desmoe.method 'lroa': expected one of"),
     Case("model key with an HF base", "config", lambda t: _desmoe_config("base.hf=some/hf-model", "model.top_k=1"),
          "key 'model.top_k': expected unset with base.hf (the model comes from some/hf-model; only model.ep_size"),
+    Case("negative pretraining aux coefficient", "config", lambda t: _pretrain_config("train.aux_loss_coef=-1"),
+         "key 'train.aux_loss_coef': expected a finite number >= 0, got -1.0"),
     Case("evaluation size not positive", "config", lambda t: _desmoe_config("evaluation.items_per_task=-1"),
          "key 'evaluation.items_per_task': expected a positive integer, got -1"),
     Case("sequence longer than an HF base", "config", lambda t: _hf_base_too_short(t),
@@ -183,6 +185,12 @@ def _desmoe_config(*overrides: str):
     from desmoe.recipes.des_moe.config import DESMoEExperiment
 
     return load_config(DESMoEExperiment, None, list(overrides))
+
+
+def _pretrain_config(*overrides: str):
+    from desmoe.recipes.lm.pretrain import PretrainExperiment
+
+    return load_config(PretrainExperiment, None, list(overrides))
 
 
 def _hf_base_too_short(tmp: Path):

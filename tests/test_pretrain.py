@@ -42,14 +42,15 @@ def test_pretrain_resume_export_reuse(ranks, tmp_path):
     assert again["train_s_this_run"] == second["train_s_this_run"]
 
 
-def upcycle_on_ranks(root: str, run_dir: str, dense: str, kind: str = "upcycle", name: str = "pretrain_base"):
+def upcycle_on_ranks(root: str, run_dir: str, dense: str, kind: str = "upcycle", name: str = "pretrain_base",
+                     seq_len: int = 16):
     from desmoe.config import load_config
     from desmoe.errors import UserError
     from desmoe.recipes.lm.pretrain import PretrainExperiment, pretrain
 
     cfg = load_config(PretrainExperiment, f"{root}/{ROOT_CFG}", [
         "data.source=stdlib_bytes", "train.steps=2", "train.eval_tokens=500", "train.warmup_steps=1",
-        "train.seq_len=16", "train.micro_batch=2", f"init.kind={kind}", f"init.path={dense}", "init.num_experts=4",
+        f"train.seq_len={seq_len}", "train.micro_batch=2", f"init.kind={kind}", f"init.path={dense}", "init.num_experts=4",
         f"run.dir={run_dir}", f"run.name={name}", f"output.dir={run_dir}/{name}-out"])
     try:
         return pretrain(cfg, f"{root}/configs/zero2.json")
@@ -79,6 +80,11 @@ def test_upcycle_then_continue_pretraining(ranks, tmp_path):
     cont = ranks.run(upcycle_on_ranks, str(ROOT), str(tmp_path), str(tmp_path / "pretrain_base-out"), "checkpoint",
                      "cont")
     assert cont[0]["steps"] == 2 and (tmp_path / "cont" / "config.yaml").is_file()
+    # the checkpoint's positions (64) bound seq_len, not model.max_seq_len (a scratch model's): refused everywhere
+    long = ranks.run(upcycle_on_ranks, str(ROOT), str(tmp_path), str(tmp_path / "pretrain_base-out"), "checkpoint",
+                     "long", 64)
+    assert all(isinstance(r, str) and "key 'train.seq_len': expected below the initial model's "
+               "max_position_embeddings=64" in r for r in long), long
     # what the run ran on, one line per start: the versions it imported, its world size
     import json
     import importlib.metadata as md

@@ -57,6 +57,11 @@ class PretrainTrain:
             raise bad("lr", "a number in (0, 1)", self.lr)
         if not 0 <= self.min_lr_ratio <= 1:
             raise bad("min_lr_ratio", "a number in [0, 1]", self.min_lr_ratio)
+        # unchecked, a negative aux coefficient trained towards imbalance and a negative warm-up ran as none
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", "an integer >= 0", self.warmup_steps)
+        if not 0 <= self.aux_loss_coef < float("inf"):
+            raise bad("aux_loss_coef", "a finite number >= 0", self.aux_loss_coef)
 
 
 @dataclass
@@ -146,6 +151,12 @@ class PretrainRecipe(LMRecipe):
                 write_initial_checkpoint(init_cfg, init_dir, cfg.model.seed)
         dist.barrier()
         model = load_hf_moe(init_dir, ep_size=cfg.model.ep_size)
+        # model.max_seq_len (checked in the config) describes only a scratch model: a checkpoint or an
+        # upcycled model brings its own positions, beyond which a seq_len ran on silently
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and cfg.train.seq_len + 1 > limit:
+            raise bad("train.seq_len", f"below the initial model's max_position_embeddings={limit} ({init_dir})",
+                      cfg.train.seq_len)
         if data.tokenizer is not None:
             check_tokenizer(data.tokenizer, model.config, f"{cfg.data.root} tokenizer")
         return Setup(model, cfg.train.micro_batch, lr=cfg.train.lr)
