@@ -64,3 +64,23 @@ def test_deepspeed_json_checks(tmp_path):
     sgd = write(tmp_path, '{"optimizer": {"type": "SGD", "params": {}}}', "sgd.json")
     with pytest.raises(ConfigError, match="optimizer.type': expected AdamW"):
         resolve_ds_config(read_ds_config(sgd), micro_batch=1)
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    # an HF base brings its own expert count (checked against ep_size when it loads): model.num_experts' default
+    # of 8 must not decide, e.g. ep_size 16 for DeepSeek-V2-Lite's 64 experts
+    (["base.hf=some/hf-model", "model.ep_size=16"], None),
+    (["base.hf=some/hf-model", "model.ep_size=0"], "key 'model.ep_size': expected a positive integer, got 0"),
+    # desmoe's own model: its architecture is checked whole, keys named under model.*
+    (["model.ep_size=16"], "key 'model.ep_size': expected a divisor of num_experts=8, got 16"),
+    (["model.num_experts=16", "model.ep_size=16"], None),
+    (["model.hidden_size=96", "model.num_heads=5"], "key 'model.num_heads': expected a divisor of hidden_size=96"),
+])
+def test_desmoe_model_keys_checked_against_the_base(overrides, refused):
+    from desmoe.recipes.des_moe.config import DESMoEExperiment
+
+    if refused is None:
+        assert load_config(DESMoEExperiment, None, overrides).model.ep_size == 16
+    else:
+        with pytest.raises(ConfigError, match=refused.replace("(", r"\(").replace(")", r"\)")):
+            load_config(DESMoEExperiment, None, overrides)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
-from desmoe.config import bad
+from desmoe.config import ConfigError, bad
 from desmoe.export import ExportConfig
 from desmoe.models.moe_lm import MoELMConfig
 from desmoe.recipes.des_moe.domains import DomainDataConfig
@@ -152,8 +152,20 @@ class EvalConfig:
 
 
 @dataclass
+class DESMoEModelConfig(MoELMConfig):
+    """``model.*``: desmoe's MoELM built from these keys, or with ``base.hf`` only ``ep_size`` (checked against
+    the HF base's own expert count when it loads) and ``init_seed``.  So the architecture's checks run in
+    :meth:`DESMoEExperiment.check`, which knows the base: here an HF base of 64 experts with ``ep_size=16`` was
+    refused as "a divisor of num_experts=8" (the default of a key the HF base does not use)."""
+
+    def check(self) -> None:
+        if self.ep_size < 1:
+            raise bad("ep_size", "a positive integer", self.ep_size)
+
+
+@dataclass
 class DESMoEExperiment:
-    model: MoELMConfig = field(default_factory=MoELMConfig)
+    model: DESMoEModelConfig = field(default_factory=DESMoEModelConfig)
     data: DomainDataConfig = field(default_factory=DomainDataConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -163,6 +175,11 @@ class DESMoEExperiment:
     run: RunConfig = field(default_factory=lambda: RunConfig(name="desmoe"))
 
     def check(self) -> None:
+        if not self.base.hf:  # desmoe's own model: its whole architecture is checked
+            try:
+                MoELMConfig.check(self.model)
+            except ConfigError as err:  # its keys are relative to model.*
+                raise ConfigError(str(err).replace("key '", "key 'model.", 1)) from None
         if not self.base.hf and self.train.seq_len > self.model.max_seq_len:
             raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
         from desmoe.recipes.des_moe.baselines import method_class  # late: the methods import this module
