@@ -100,7 +100,8 @@ def record_format(row) -> Optional[str]:
 def _rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) of a .jsonl or .parquet file."""
     if path.suffix == ".jsonl":
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of line 1's JSON
+        for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines()):
             if line.strip():
                 try:
                     yield f"{path}: line {i + 1}", json.loads(line)
@@ -117,7 +118,7 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
     name = f"user:{path.relative_to(root)}"
     try:
         if path.suffix == ".txt":
-            yield Doc(path.read_text(encoding="utf-8"), name, "user-supplied", "0")
+            yield Doc(path.read_text(encoding="utf-8-sig"), name, "user-supplied", "0")  # no BOM in the text
             return
         first = None
         for i, (where, row) in enumerate(_rows(path)):

@@ -156,3 +156,16 @@ def test_hf_tokenizer_from_a_local_folder(tiny_data, tmp_path):
     ds = data.indexed("beta", "val")
     assert [ds[i].tolist()[:-1] for i in range(len(ds))] == tok.encode(texts)
     assert data.meta["tokenizer"]["kind"] == "hf" and data.meta["tokenizer"]["vocab_size"] == 500
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    """Some Windows editors start UTF-8 files with a BOM: a JSONL's line 1 was refused as invalid JSON, and a
+    .txt kept U+FEFF as the first character of its text."""
+    from data_prep.user_data import user_docs
+
+    (tmp_path / "alpha").mkdir()
+    bom = "\ufeff".encode()
+    (tmp_path / "alpha" / "a.jsonl").write_bytes(bom + b'{"text": "first record"}\n{"text": "second"}\n')
+    (tmp_path / "alpha" / "b.txt").write_bytes(bom + "plain text".encode())
+    texts = sorted(d.text for d in user_docs(tmp_path, ["alpha"], "heldout")["alpha"])
+    assert texts == ["first record", "plain text", "second"]
