@@ -43,7 +43,7 @@ def test_pretrain_resume_export_reuse(ranks, tmp_path):
 
 
 def upcycle_on_ranks(root: str, run_dir: str, dense: str, kind: str = "upcycle", name: str = "pretrain_base",
-                     seq_len: int = 16):
+                     seq_len: int = 16, *extra: str):
     from desmoe.config import load_config
     from desmoe.errors import UserError
     from desmoe.recipes.lm.pretrain import PretrainExperiment, pretrain
@@ -51,7 +51,7 @@ def upcycle_on_ranks(root: str, run_dir: str, dense: str, kind: str = "upcycle",
     cfg = load_config(PretrainExperiment, f"{root}/{ROOT_CFG}", [
         "data.source=stdlib_bytes", "train.steps=2", "train.eval_tokens=500", "train.warmup_steps=1",
         f"train.seq_len={seq_len}", "train.micro_batch=2", f"init.kind={kind}", f"init.path={dense}", "init.num_experts=4",
-        f"run.dir={run_dir}", f"run.name={name}", f"output.dir={run_dir}/{name}-out"])
+        f"run.dir={run_dir}", f"run.name={name}", f"output.dir={run_dir}/{name}-out", *extra])
     try:
         return pretrain(cfg, f"{root}/configs/zero2.json")
     except UserError as err:  # every rank must raise it: none may wait at a barrier for rank 0
@@ -85,6 +85,12 @@ def test_upcycle_then_continue_pretraining(ranks, tmp_path):
                      "long", 64)
     assert all(isinstance(r, str) and "key 'train.seq_len': expected below the initial model's "
                "max_position_embeddings=64" in r for r in long), long
+    # too little evaluation text for every rank's batches: refused at the start, naming what to change (the
+    # in-domain test split was cut only when the final report needed it, after the whole run)
+    short = ranks.run(upcycle_on_ranks, str(ROOT), str(tmp_path), str(tmp_path / "pretrain_base-out"), "checkpoint",
+                      "short", 16, "train.eval_tokens=40")
+    assert all(isinstance(r, str) and "held-out split: raise train.eval_tokens" in r for r in short), short
+    assert not (tmp_path / "short" / "checkpoints").exists()
     # what the run ran on, one line per start: the versions it imported, its world size
     import json
     import importlib.metadata as md

@@ -91,14 +91,15 @@ def open_data(cfg):
     return StdlibBytes() if cfg.source == "stdlib_bytes" else GeneralCorpus(cfg)
 
 
-def heldout_batches(stream: torch.Tensor, seq_len: int, micro_batch: int, rank: int, world: int) -> list[torch.Tensor]:
+def heldout_batches(stream: torch.Tensor, seq_len: int, micro_batch: int, rank: int, world: int,
+                    hint: str = "") -> list[torch.Tensor]:
     """Non-overlapping windows of the held-out stream, the same number of batches on every
-    rank (each forward of an EP model is a collective)."""
+    rank (each forward of an EP model is a collective).  ``hint``: the keys to change, for the error."""
     width = seq_len + 1
     windows = [stream[i:i + width] for i in range(0, len(stream) - width + 1, seq_len)]
     per_rank = len(windows) // world // micro_batch * micro_batch
     if per_rank == 0:
         raise UserError(f"held-out text too short: {len(stream)} tokens give fewer than "
-                        f"{world * micro_batch} windows of {width} tokens")
+                        f"{world * micro_batch} windows of {width} tokens" + (f" ({hint})" if hint else ""))
     mine = windows[rank * per_rank:(rank + 1) * per_rank]
     return [torch.stack(mine[i:i + micro_batch]) for i in range(0, per_rank, micro_batch)]

@@ -134,8 +134,13 @@ class PretrainRecipe(LMRecipe):
         cfg, rank, world = self.cfg, trainer.rank, trainer.world
         trainer.check_ep(cfg.model.ep_size)
         self.data = data = open_data(cfg.data)
+        hint = "raise train.eval_tokens if the data has more, or lower train.seq_len or train.micro_batch"
         self.heldout = heldout_batches(data.heldout_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
-                                       cfg.train.micro_batch, rank, world)
+                                       cfg.train.micro_batch, rank, world, hint=f"held-out split: {hint}")
+        # the final report's in-domain test batches, built here so that too short a split stops the run before
+        # training, not after it
+        self.in_domain = heldout_batches(data.test_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
+                                         cfg.train.micro_batch, rank, world, hint=f"test split: {hint}")
         init_dir = trainer.run_dir / "init"
         if cfg.init.kind == "checkpoint":
             init_dir = Path(cfg.init.path)
@@ -184,8 +189,7 @@ class PretrainRecipe(LMRecipe):
         heldout_nll = heldout_loss(engine.module, self.heldout, engine.device)
         counts = data.train_counts()
         unigram = unigram_nll(counts, self.heldout)
-        in_domain = heldout_batches(data.test_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
-                                    cfg.train.micro_batch, trainer.rank, world)
+        in_domain = self.in_domain
         test_nll, test_unigram = heldout_loss(engine.module, in_domain, engine.device), unigram_nll(counts, in_domain)
         tok_path = getattr(data.tokenizer, "path", None)
         ship = {"tokenizer.model": tok_path} if tok_path is not None and Path(tok_path).is_file() else None
