@@ -131,6 +131,41 @@ def _expert_loop(x: Tensor, weights):
     return loop if loop is not None and loop.supports(x, weights) else None
 
 
+def _loop_forward(x: Tensor, route_w: Optional[Tensor], counts: list[int], token_of_row: Optional[Tensor],
+                  weights) -> tuple[Tensor, Tensor]:
+    """GroupedSwiGLU's forward as the Python loop over ``torch.mm``: (out, the pre-activations [N, 2f])."""
+    tokens = token_of_row is not None
+    two_f, d = weights[0].shape
+    m = max(counts, default=0)
+    h_all = x.new_empty((sum(counts), two_f))  # pre-activations, gate | up, all experts' rows
+    scratch = x.new_empty((m, two_f // 2))  # one expert's (weighted) activation
+    act = _act_fwd_rows(h_all, route_w, scratch)
+    hs = h_all.split(counts)
+    if tokens:  # x and the output in token order: one expert's rows at a time through two scratches
+        x_rows, y_rows = x.new_empty((m, d)), x.new_empty((m, d))
+        acc = torch.empty((x.shape[0], d), dtype=torch.float32, device=x.device)  # the k-way sum, in fp32
+        gather = _gather_rows(x, token_of_row, x_rows)
+        combine, combined = _scatter_add_rows(y_rows, token_of_row, acc)
+    else:
+        out = x.new_empty(x.shape)
+        xs, outs = x.split(counts), out.split(counts)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:  # an expert without rows has nothing to compute (its weight gradients are zeros)
+            if tokens:
+                gather(start, start + n)
+            xe, ye = (x_rows[:n], y_rows[:n]) if tokens else (xs[e], outs[e])
+            torch.mm(xe, weights[2 * e].t(), out=hs[e])
+            act(start, start + n, 0)
+            torch.mm(scratch[:n], weights[2 * e + 1].t(), out=ye)
+            if tokens:
+                combine(start, start + n)
+        start += n
+    if tokens:
+        combined()
+    return (acc.to(x.dtype) if tokens else out), h_all
+
+
 def fuses_rows(x: Tensor, experts) -> bool:
     """Whether the dispatcher hands the experts token-order rows (``token_of_row``): always for the
     grouped_mm backend (the gather and the combine are then whole-batch torch ops inside it, and the
@@ -173,48 +208,18 @@ class GroupedSwiGLU(torch.autograd.Function):
                 counts: list[int], token_of_row: Optional[Tensor], *weights: Tensor) -> Tensor:
         tokens = token_of_row is not None
         ctx.counts, ctx.has_w, ctx.keep, ctx.tokens, ctx.used = counts, route_w is not None, keep, tokens, False
-        empty = x.new_empty(0)
         loop, ctx.loop = _expert_loop(x, weights), None
+        if loop is not None or tokens:
+            x = x.contiguous()  # the C code reads whole rows through the pointer (a no-op for the block's x)
         if loop is not None:  # the same loop in one C call (desmoe.kernels.experts), on whole rows
-            x = x.contiguous()
             ctx.loop = loop, loop.bind(x, counts, weights, token_of_row)  # checked once for both directions
             out, h_all = loop.forward(x, counts, weights, route_w, token_of_row, bound=ctx.loop[1])
-            ctx.save_for_backward(x, route_w if route_w is not None else empty, h_all,
-                                  token_of_row if tokens else empty, *weights)
-            return out
-        two_f, d = weights[0].shape
-        m = max(counts, default=0)
-        if tokens:
-            x = x.contiguous()  # the row kernels read whole rows through the pointer (a no-op for the block's x)
-        h_all = x.new_empty((sum(counts), two_f))  # pre-activations, gate | up, all experts' rows
-        scratch = x.new_empty((m, two_f // 2))  # one expert's (weighted) activation
-        act = _act_fwd_rows(h_all, route_w, scratch)
-        hs = h_all.split(counts)
-        if tokens:  # x and the output in token order: one expert's rows at a time through two scratches
-            x_rows, y_rows = x.new_empty((m, d)), x.new_empty((m, d))
-            acc = torch.empty((x.shape[0], d), dtype=torch.float32, device=x.device)  # the k-way sum, in fp32
-            gather = _gather_rows(x, token_of_row, x_rows)
-            combine, combined = _scatter_add_rows(y_rows, token_of_row, acc)
         else:
-            out = x.new_empty(x.shape)
-            xs, outs = x.split(counts), out.split(counts)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:  # an expert without rows has nothing to compute (its weight gradients are zeros)
-                if tokens:
-                    gather(start, start + n)
-                xe, ye = (x_rows[:n], y_rows[:n]) if tokens else (xs[e], outs[e])
-                torch.mm(xe, weights[2 * e].t(), out=hs[e])
-                act(start, start + n, 0)
-                torch.mm(scratch[:n], weights[2 * e + 1].t(), out=ye)
-                if tokens:
-                    combine(start, start + n)
-            start += n
-        if tokens:
-            combined()
+            out, h_all = _loop_forward(x, route_w, counts, token_of_row, weights)
+        empty = x.new_empty(0)
         ctx.save_for_backward(x, route_w if route_w is not None else empty, h_all,
                               token_of_row if tokens else empty, *weights)
-        return acc.to(x.dtype) if tokens else out
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
