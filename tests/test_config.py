@@ -84,3 +84,73 @@ def test_desmoe_model_keys_checked_against_the_base(overrides, refused):
     else:
         with pytest.raises(ConfigError, match=refused.replace("(", r"\(").replace(")", r"\)")):
             load_config(DESMoEExperiment, None, overrides)
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    # a checkpoint brings its experts and positions: ep_size and seq_len are checked once it loads, not against
+    # model.num_experts' and model.max_seq_len's defaults (8, 512)
+    (["init.kind=checkpoint", "init.path=ckpt", "model.ep_size=16", "train.seq_len=2048"], None),
+    (["init.kind=upcycle", "init.path=dense", "model.ep_size=16"], None),
+    (["init.kind=checkpoint", "init.path=ckpt", "model.ep_size=0"], "key 'model.ep_size': expected a positive"),
+    # a scratch model's architecture is checked whole, keys named under model.*
+    (["model.ep_size=16"], "key 'model.ep_size': expected a divisor of num_experts=8, got 16"),
+    (["train.seq_len=2048"], "key 'train.seq_len': expected below model.max_seq_len=512"),
+    # Mixtral and OLMoE have no dense layers or shared expert: a width for them would be lost
+    (["model.arch=mixtral", "model.shared_ffn=512"], "key 'model.shared_ffn': expected unset with arch=mixtral"),
+    (["model.arch=olmoe", "model.first_dense_layers=0"], "key 'model.first_dense_layers': expected unset with"),
+])
+def test_pretrain_model_keys_checked_against_the_init(overrides, refused):
+    from desmoe.recipes.lm.pretrain import PretrainExperiment
+
+    if refused is None:
+        assert load_config(PretrainExperiment, None, overrides).model.ep_size == 16
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            load_config(PretrainExperiment, None, overrides)
+
+
+SPECS = {  # one spec per architecture, every field unlike its default where the architecture has it
+    "deepseek_v2": dict(hidden_size=64, num_layers=3, num_heads=2, num_kv_heads=2, num_experts=6, top_k=3,
+                        expert_ffn=32, shared_ffn=64, dense_ffn=96, first_dense_layers=2),
+    "qwen2_moe": dict(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, num_experts=6, top_k=3,
+                      expert_ffn=32, shared_ffn=48, dense_ffn=96, first_dense_layers=2),
+    "mixtral": dict(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, num_experts=6, top_k=3, expert_ffn=32),
+    "olmoe": dict(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, num_experts=6, top_k=3, expert_ffn=32),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(SPECS))
+def test_spec_of_inverts_hf_config(arch):
+    """What a checkpoint is compared with: every field hf_config writes reads back as it was."""
+    from dataclasses import asdict
+
+    from desmoe.models.hf_build import MoEModelSpec, hf_config, spec_of
+
+    spec = MoEModelSpec(arch=arch, max_seq_len=300, rope_theta=5e5, init_std=0.01, tie_embeddings=False,
+                        **SPECS[arch])
+    spec.check()
+    got = spec_of(hf_config(spec, vocab_size=100))
+    want = {k: v for k, v in asdict(spec).items() if k not in ("ep_size", "seed")}
+    if arch in ("mixtral", "olmoe"):  # they have none of these
+        want = {k: v for k, v in want.items() if k not in ("shared_ffn", "dense_ffn", "first_dense_layers")}
+    assert got == want
+
+
+@pytest.mark.parametrize("arch", sorted(SPECS))
+def test_model_keys_that_contradict_the_checkpoint_are_refused(arch):
+    """init.kind=checkpoint|upcycle trains the checkpoint's architecture: a model.* key set to something else
+    would be ignored without a word (model.top_k=1 trained top-2)."""
+    from desmoe.models.hf_build import MoEModelSpec, hf_config
+    from desmoe.recipes.lm.pretrain import PretrainModelSpec, check_against
+
+    config = hf_config(MoEModelSpec(arch=arch, **SPECS[arch]), vocab_size=100)
+    check_against(PretrainModelSpec(**SPECS[arch], arch=arch, ep_size=3, seed=5), config, "checkpoint", "ck")
+    check_against(PretrainModelSpec(top_k=2, ep_size=2), config, "checkpoint", "ck")  # the default: unset
+    with pytest.raises(ConfigError, match=r"key 'model.top_k': expected unset or 3, the value in the "
+                       rf"init.kind=checkpoint model \(ck, a {arch}; its architecture applies\), got 1"):
+        check_against(PretrainModelSpec(top_k=1), config, "checkpoint", "ck")
+    with pytest.raises(ConfigError, match="key 'model.arch'"):
+        check_against(PretrainModelSpec(arch="olmoe" if arch != "olmoe" else "mixtral"), config, "upcycle", "ck")
+    if arch in ("mixtral", "olmoe"):
+        with pytest.raises(ConfigError, match="key 'model.dense_ffn': expected unset: no counterpart"):
+            check_against(PretrainModelSpec(dense_ffn=128), config, "checkpoint", "ck")

@@ -51,6 +51,7 @@ def upcycle_on_ranks(root: str, run_dir: str, dense: str, kind: str = "upcycle",
     cfg = load_config(PretrainExperiment, f"{root}/{ROOT_CFG}", [
         "data.source=stdlib_bytes", "train.steps=2", "train.eval_tokens=500", "train.warmup_steps=1",
         f"train.seq_len={seq_len}", "train.micro_batch=2", f"init.kind={kind}", f"init.path={dense}", "init.num_experts=4",
+        "model.num_experts=4",  # the shipped config's 16 (for a scratch model) contradicts the upcycled model's 4
         f"run.dir={run_dir}", f"run.name={name}", f"output.dir={run_dir}/{name}-out", *extra])
     try:
         return pretrain(cfg, f"{root}/configs/zero2.json")
@@ -85,6 +86,12 @@ def test_upcycle_then_continue_pretraining(ranks, tmp_path):
                      "long", 64)
     assert all(isinstance(r, str) and "key 'train.seq_len': expected below the initial model's "
                "max_position_embeddings=64" in r for r in long), long
+    # a model.* key the checkpoint contradicts was ignored (top_k=1 trained top-2): refused everywhere, before training
+    top1 = ranks.run(upcycle_on_ranks, str(ROOT), str(tmp_path), str(tmp_path / "pretrain_base-out"), "checkpoint",
+                     "top1", 16, "model.top_k=1")
+    assert all(isinstance(r, str) and "key 'model.top_k': expected unset or 2, the value in the init.kind=checkpoint "
+               "model" in r for r in top1), top1
+    assert not (tmp_path / "top1" / "checkpoints").exists()
     # too little evaluation text for every rank's batches: refused at the start, naming what to change (the
     # in-domain test split was cut only when the final report needed it, after the whole run)
     short = ranks.run(upcycle_on_ranks, str(ROOT), str(tmp_path), str(tmp_path / "pretrain_base-out"), "checkpoint",

@@ -52,6 +52,12 @@ class MoEModelSpec:
             raise bad("ep_size", f"a divisor of num_experts={self.num_experts}", self.ep_size)
         if self.arch == "deepseek_v2" and self.shared_ffn % self.expert_ffn:
             raise bad("shared_ffn", f"a multiple of expert_ffn={self.expert_ffn} (deepseek_v2)", self.shared_ffn)
+        if self.arch in ("mixtral", "olmoe"):  # neither has dense layers or a shared expert: a setting would be lost
+            default = MoEModelSpec()
+            for key in ("shared_ffn", "dense_ffn", "first_dense_layers"):
+                if getattr(self, key) != getattr(default, key):
+                    raise bad(key, f"unset with arch={self.arch} (it has no dense layers or shared expert)",
+                              getattr(self, key))
 
 
 def hf_config(spec: MoEModelSpec, vocab_size: int, bos_id=None, eos_id=None, pad_id=None):
@@ -81,6 +87,34 @@ def hf_config(spec: MoEModelSpec, vocab_size: int, bos_id=None, eos_id=None, pad
                              num_experts_per_tok=spec.top_k)
     return OlmoeConfig(**common, intermediate_size=spec.expert_ffn, num_experts=spec.num_experts,
                        num_experts_per_tok=spec.top_k, norm_topk_prob=False)
+
+
+def spec_of(config) -> dict:
+    """The :class:`MoEModelSpec` fields an HF config determines, inverting :func:`hf_config` for its four
+    architectures; of another family only the fields with one meaning everywhere.  A field missing here
+    (e.g. ``shared_ffn`` of a Mixtral) has no counterpart in that checkpoint."""
+    get = lambda name, default=None: getattr(config, name, default)  # noqa: E731
+    rope = get("rope_parameters") or {}
+    out = {"arch": config.model_type, "hidden_size": get("hidden_size"), "num_layers": get("num_hidden_layers"),
+           "num_heads": get("num_attention_heads"), "num_kv_heads": get("num_key_value_heads"),
+           "top_k": get("num_experts_per_tok"), "max_seq_len": get("max_position_embeddings"),
+           "rope_theta": rope.get("rope_theta", get("rope_theta")), "init_std": get("initializer_range"),
+           "tie_embeddings": get("tie_word_embeddings"),
+           "num_experts": next((get(k) for k in ("n_routed_experts", "num_experts", "num_local_experts")
+                                if get(k) is not None), None)}
+    if config.model_type == "deepseek_v2":
+        out.update(expert_ffn=get("moe_intermediate_size"), dense_ffn=get("intermediate_size"),
+                   shared_ffn=(get("n_shared_experts") or 0) * get("moe_intermediate_size"),
+                   first_dense_layers=get("first_k_dense_replace"))
+    elif config.model_type == "qwen2_moe":
+        dense = list(get("mlp_only_layers") or [])
+        out.update(expert_ffn=get("moe_intermediate_size"), dense_ffn=get("intermediate_size"),
+                   shared_ffn=get("shared_expert_intermediate_size"))
+        if dense == list(range(len(dense))) and get("decoder_sparse_step", 1) == 1:  # the first layers dense
+            out["first_dense_layers"] = len(dense)
+    elif config.model_type in ("mixtral", "olmoe"):
+        out["expert_ffn"] = get("intermediate_size")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def write_initial_checkpoint(config, out_dir: str | Path, seed: int) -> Path:

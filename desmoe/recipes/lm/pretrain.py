@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
 from desmoe import checkpoint
 from desmoe.config import bad, to_dict
 from desmoe.data.pretrain_corpus import heldout_batches, open_data
+from desmoe.errors import ConfigError
 from desmoe.evaluation.pretrain_report import count_parameters, print_summary, unigram_nll
-from desmoe.models.hf_build import MoEModelSpec, hf_config, write_initial_checkpoint
+from desmoe.models.hf_build import MoEModelSpec, hf_config, spec_of, write_initial_checkpoint
 from desmoe.objective import heldout_loss
 from desmoe.recipes.lm.recipe import LMRecipe
 from desmoe.training.trainer import RunConfig, Setup, Trainer
@@ -88,8 +89,34 @@ class PretrainOutput:
 
 
 @dataclass
+class PretrainModelSpec(MoEModelSpec):
+    """``model.*``: the architecture of a scratch model; with ``init.kind=checkpoint|upcycle`` the architecture is
+    the initial checkpoint's, so only ``ep_size`` and ``seed`` apply and a key set to anything but its default must
+    agree with that checkpoint (:func:`check_against`).  So the architecture's checks run in
+    :meth:`PretrainExperiment.check`, which knows ``init.kind``: here ``ep_size=16`` for a checkpoint of 64
+    experts was refused as "a divisor of num_experts=8" (the default of a key the checkpoint does not use)."""
+
+    def check(self) -> None:
+        if self.ep_size < 1:
+            raise bad("ep_size", "a positive integer", self.ep_size)
+
+
+def check_against(spec: MoEModelSpec, config, kind: str, where) -> None:
+    """Refuse a ``model.*`` key set (unlike its default) that the initial checkpoint ``config`` contradicts: it
+    would be ignored without a word (``model.top_k=1`` trained the checkpoint's top-2)."""
+    have, default = spec_of(config), MoEModelSpec()
+    for f in fields(MoEModelSpec):
+        mine = getattr(spec, f.name)
+        if f.name in ("ep_size", "seed") or mine == getattr(default, f.name) or have.get(f.name) == mine:
+            continue
+        expected = (f"unset or {have[f.name]!r}, the value" if f.name in have else "unset: no counterpart") + \
+            f" in the init.kind={kind} model ({where}, a {config.model_type}; its architecture applies)"
+        raise bad(f"model.{f.name}", expected, mine)
+
+
+@dataclass
 class PretrainExperiment:
-    model: MoEModelSpec = field(default_factory=MoEModelSpec)  # used by init.kind=scratch; ep_size always
+    model: PretrainModelSpec = field(default_factory=PretrainModelSpec)  # the scratch architecture; ep_size always
     init: PretrainInit = field(default_factory=PretrainInit)
     data: PretrainData = field(default_factory=PretrainData)
     train: PretrainTrain = field(default_factory=PretrainTrain)
@@ -97,6 +124,12 @@ class PretrainExperiment:
     output: PretrainOutput = field(default_factory=PretrainOutput)
 
     def check(self) -> None:
+        if self.init.kind != "scratch":  # the checkpoint's positions bound seq_len once it loads
+            return
+        try:
+            MoEModelSpec.check(self.model)
+        except ConfigError as err:  # its keys are relative to model.*
+            raise ConfigError(str(err).replace("key '", "key 'model.", 1)) from None
         if self.train.seq_len + 1 > self.model.max_seq_len:
             raise bad("train.seq_len", f"below model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
 
@@ -126,10 +159,7 @@ class PretrainRecipe(LMRecipe):
     def setup(self, trainer: Trainer) -> Setup:
         import deepspeed.comm as dist
 
-        from desmoe.distributed import is_rank0
-        from desmoe.models.hf_io import checkpoint_config
         from desmoe.models.hf_moe import check_tokenizer, load_hf_moe
-        from desmoe.models.upcycle import moe_config, upcycle
 
         cfg, rank, world = self.cfg, trainer.rank, trainer.world
         trainer.check_ep(cfg.model.ep_size)
@@ -141,19 +171,7 @@ class PretrainRecipe(LMRecipe):
         # training, not after it
         self.in_domain = heldout_batches(data.test_stream(cfg.train.eval_tokens + 1), cfg.train.seq_len,
                                          cfg.train.micro_batch, rank, world, hint=f"test split: {hint}")
-        init_dir = trainer.run_dir / "init"
-        if cfg.init.kind == "checkpoint":
-            init_dir = Path(cfg.init.path)
-        elif not (init_dir / "config.json").is_file():
-            # validate on every rank: a bad input must fail everywhere, not on rank 0 while the rest wait at the barrier
-            if cfg.init.kind == "upcycle":
-                moe_config(checkpoint_config(cfg.init.path), cfg.init.num_experts, cfg.init.top_k, cfg.init.mode)
-            else:
-                init_cfg = hf_config(cfg.model, data.vocab_size, **data.special)
-            if is_rank0() and cfg.init.kind == "upcycle":
-                upcycle(cfg.init.path, init_dir, cfg.init.num_experts, cfg.init.top_k, cfg.init.mode, seed=cfg.model.seed)
-            elif is_rank0():
-                write_initial_checkpoint(init_cfg, init_dir, cfg.model.seed)
+        init_dir = self._initial_checkpoint(trainer.run_dir / "init")
         dist.barrier()
         model = load_hf_moe(init_dir, ep_size=cfg.model.ep_size)
         # model.max_seq_len (checked in the config) describes only a scratch model: a checkpoint or an
@@ -165,6 +183,33 @@ class PretrainRecipe(LMRecipe):
         if data.tokenizer is not None:
             check_tokenizer(data.tokenizer, model.config, f"{cfg.data.root} tokenizer")
         return Setup(model, cfg.train.micro_batch, lr=cfg.train.lr)
+
+    def _initial_checkpoint(self, init_dir: Path) -> Path:
+        """The HF checkpoint training starts from: the user's (checkpoint), or one rank 0 writes into the run
+        directory once (scratch, upcycle).  Every rank validates first: a bad input must fail everywhere, not on
+        rank 0 while the rest wait at the barrier."""
+        from desmoe.distributed import is_rank0
+        from desmoe.models.hf_io import checkpoint_config
+        from desmoe.models.upcycle import moe_config, upcycle
+
+        cfg, data = self.cfg, self.data
+        if cfg.init.kind == "checkpoint":
+            init_dir = Path(cfg.init.path)
+            check_against(cfg.model, checkpoint_config(init_dir), "checkpoint", init_dir)
+        elif cfg.init.kind == "upcycle" and (init_dir / "config.json").is_file():  # upcycled at the first start
+            check_against(cfg.model, checkpoint_config(init_dir), "upcycle", init_dir)
+        elif cfg.init.kind == "upcycle":
+            init_cfg = moe_config(checkpoint_config(cfg.init.path), cfg.init.num_experts, cfg.init.top_k,
+                                  cfg.init.mode)
+            check_against(cfg.model, init_cfg, "upcycle", f"{cfg.init.path} upcycled")
+        if cfg.init.kind != "checkpoint" and not (init_dir / "config.json").is_file():
+            if cfg.init.kind == "scratch":
+                init_cfg = hf_config(cfg.model, data.vocab_size, **data.special)
+            if is_rank0() and cfg.init.kind == "upcycle":
+                upcycle(cfg.init.path, init_dir, cfg.init.num_experts, cfg.init.top_k, cfg.init.mode, seed=cfg.model.seed)
+            elif is_rank0():
+                write_initial_checkpoint(init_cfg, init_dir, cfg.model.seed)
+        return init_dir
 
     def attach(self, trainer, state):
         t = self.cfg.train
