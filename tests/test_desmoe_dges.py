@@ -5,7 +5,9 @@ import torch
 from desmoe.recipes.des_moe import esft
 from desmoe.recipes.des_moe.config import DGESConfig, ScheduleConfig
 from desmoe.recipes.des_moe.dges import DomainExpertMap, specialization_mask
-from desmoe.recipes.des_moe.schedule import Phase, TrainableSet, boundaries, phase_at, trainable_set
+from desmoe.errors import ConfigError
+from desmoe.recipes.des_moe.schedule import (Phase, TrainableSet, boundaries, check_resumed_boundaries, phase_at,
+                                               trainable_set)
 
 
 def hand_log():
@@ -78,3 +80,24 @@ def test_phase_boundaries_and_trainable_sets():
     assert trainable_set(Phase.STABILIZE, cfg) == TrainableSet(True, False, "domain")
     assert trainable_set(Phase.CONSOLIDATE, cfg) == TrainableSet(False, False, "domain")
     assert trainable_set(Phase.CONSOLIDATE, cfg, dges=False) == TrainableSet(False, False, "all")
+
+
+@pytest.mark.parametrize("steps, start, refused", [
+    (100, 50, False),   # the same T: nothing moves
+    (100, 0, False),    # nothing reached yet
+    (300, 10, False),   # T1 20 -> 60, T2 70 -> 210: both still ahead of step 10
+    (300, 20, True),    # T1 = 20 was reached: warm-up would re-open
+    (120, 50, True),    # T1 20 -> 24, reached either way: DGES's refreshes count from it
+    (101, 50, False),   # T1 = round(20.2) = 20 holds; T2 70 -> 71 is ahead
+    (60, 30, True),     # T2 70 -> 42: step 30 stays in phase II, but the new T1 = 12 moved behind it
+    (98, 69, True),     # T1 holds, T2 70 -> 69: the new T2 would already have been reached
+    (98, 68, False),    # the same change one step earlier: T2 is still ahead either way
+])
+def test_resumed_phase_boundaries(steps, start, refused):
+    """train.steps may change on resume only where no boundary reached by the resumed step moves."""
+    if refused:
+        with pytest.raises(ConfigError, match=rf"key 'train.steps': expected a value that keeps the phase "
+                           rf"boundaries reached by the resumed step {start} \(T1=20, T2=70;"):
+            check_resumed_boundaries((20, 70), steps, ScheduleConfig(), start)
+    else:
+        check_resumed_boundaries((20, 70), steps, ScheduleConfig(), start)

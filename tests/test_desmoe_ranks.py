@@ -127,6 +127,15 @@ def trainer_case(run_dir: str, steps: int, method: str, extra: tuple = ()):
     return train_desmoe(cfg, str(ROOT / "configs/zero2.json"))
 
 
+def refused_case(*args):
+    from desmoe.errors import UserError
+
+    try:
+        trainer_case(*args)
+    except UserError as err:  # every rank must refuse: none may be left waiting at a collective
+        return str(err)
+
+
 def test_trainer_end_to_end_and_exact_resume_ep2(ranks, tmp_path):
     full = ranks.run(trainer_case, str(tmp_path), 10, "desmoe")[0]
     run = tmp_path / "desmoe"
@@ -143,3 +152,8 @@ def test_trainer_end_to_end_and_exact_resume_ep2(ranks, tmp_path):
     assert (run / "results.csv").is_file() and (run / "loss.png").stat().st_size > 0
     for key in ("email", "xml", "general"):  # data, routing statistics and optimizer resume exactly
         assert resumed[key] == full[key], (key, resumed[key], full[key])
+    # a longer train.steps moves T1 = 0.2 T from 2 to 4, behind the resumed step 5: the warm-up would re-open
+    (run / "checkpoints" / "latest").write_text("step00000005")
+    longer = ranks.run(refused_case, str(tmp_path), 20, "desmoe")
+    assert all(r and "key 'train.steps': expected a value that keeps the phase boundaries reached by the resumed "
+               "step 5 (T1=2, T2=7; this gives T1=4, T2=14)" in r for r in longer), longer

@@ -105,6 +105,9 @@ class Method:
     def state_dict(self) -> dict:
         return {}
 
+    def check_resume(self, state: dict, start: int) -> None:
+        """Before ``load_state_dict``: refuse (one line) a resume at step ``start`` this config cannot continue."""
+
     def load_state_dict(self, state: dict) -> None:
         pass
 
@@ -162,7 +165,11 @@ class DESMoE(Method):
         return self.dges.report(domains)
 
     def state_dict(self):
-        return self.dges.state_dict()
+        return {**self.dges.state_dict(), "boundaries": [self.t1, self.t2]}
+
+    def check_resume(self, state, start):
+        if "boundaries" in state:  # absent in checkpoints written before session 16
+            schedule.check_resumed_boundaries(state["boundaries"], self.total_steps, self.cfg.schedule, start)
 
     def load_state_dict(self, state):
         self.dges.load_state_dict(state)

@@ -59,6 +59,7 @@ class DESMoERecipe(Recipe):
 
         t = self.cfg.train
         if state:
+            self.method.check_resume(state, trainer.start)
             self.method.load_state_dict(state)
         elif self.cfg.base.checkpoint:
             load_base(trainer.engine, self.cfg.base.checkpoint)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Optional, Sequence
 
+from desmoe.config import bad
 from desmoe.recipes.des_moe.config import ScheduleConfig
 from desmoe.moe.trainability import Trainability
 
@@ -42,6 +43,17 @@ class TrainableSet:
 
 def boundaries(total_steps: int, cfg: ScheduleConfig) -> tuple[int, int]:
     return round(cfg.t1 * total_steps), round(cfg.t2 * total_steps)
+
+
+def check_resumed_boundaries(saved: Sequence[int], total_steps: int, cfg: ScheduleConfig, start: int) -> None:
+    """A resumed run may change ``train.steps`` and so T1 and T2, but not a boundary the run has reached
+    (or would have reached) by step ``start``: moving one re-opens a phase after the fact (routers train
+    again after consolidation) and moves DGES's refreshes, which count from T1."""
+    now = boundaries(total_steps, cfg)
+    if any(old != new and min(old, new) <= start for old, new in zip(saved, now)):
+        raise bad("train.steps", f"a value that keeps the phase boundaries reached by the resumed step {start} "
+                  f"(T1={saved[0]}, T2={saved[1]}; this gives T1={now[0]}, T2={now[1]}): keep it or use a new "
+                  f"run.name", total_steps)
 
 
 def phase_at(step: int, total_steps: int, cfg: ScheduleConfig) -> Phase:
