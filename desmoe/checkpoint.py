@@ -242,12 +242,12 @@ def _load_rng(tag_dir: Path) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# Keys a resumed run may change: how long it runs, how often it logs/saves/evaluates, and
-# the learning rate (the documented way out of a divergence).
-# Everything else (model, data, method, optimisation) must match the run being resumed,
-# otherwise its checkpoint and results would silently mix two experiments.
-RESUMABLE_KEYS = ("train.steps", "train.lr", "train.log_every", "train.eval_", "train.save_every",
-                  "run.resume", "run.keep_checkpoints", "evaluation.", "eval.")
+# Keys a resumed run may change: how long it runs, how often it logs/saves/evaluates, the learning rate
+# (the documented way out of a divergence), and where the run directory lies (a run moved to another disk
+# resumes; which run it is, is where it now lies).  Everything else (model, data, method, optimisation) must
+# match the run being resumed, or its checkpoint and results would mix two experiments; a recipe adds its own.
+RESUMABLE_KEYS = ("train.steps", "train.lr", "train.log_every", "train.eval_", "train.save_every", "run.resume",
+                  "run.keep_checkpoints", "run.dir")
 
 
 def check_resume_config(run_dir: str | Path, ckpt_dir: str | Path, cfg: Any,

@@ -131,3 +131,16 @@ def test_deepspeed_record_absent_or_damaged(tmp_path):
     (run_dir / checkpoint.DS_RECORD).write_text("{not json")
     with pytest.raises(UserError, match="deepspeed.json: not valid JSON"):
         checkpoint.check_resume_deepspeed(run_dir, ckpt, DS, 2)
+
+
+def test_a_moved_run_directory_resumes(tmp_path):
+    """run.dir may change: a run moved to another disk is resumed where it now lies (its name may not)."""
+    from desmoe.recipes.des_moe.recipe import DESMoEExperiment, DESMoERecipe
+
+    run_dir, ckpt = _run_with_checkpoint(tmp_path, DESMoEExperiment())
+    moved = DESMoEExperiment()
+    moved.run.dir = "/elsewhere/runs"
+    checkpoint.check_resume_config(run_dir, ckpt, moved, DESMoERecipe.resumable_keys)
+    moved.run.name = "renamed"
+    with pytest.raises(UserError, match=r"run.name \('desmoe' -> 'renamed'\)"):
+        checkpoint.check_resume_config(run_dir, ckpt, moved, DESMoERecipe.resumable_keys)

@@ -28,17 +28,13 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from desmoe import checkpoint
+from desmoe.checkpoint import RESUMABLE_KEYS
 from desmoe.config import bad, dump_yaml
 from desmoe.environment import describe
 from desmoe.errors import TrainingFailure
 from desmoe.moe import update_selection_biases
 
 
-# Config keys (prefixes) any resumed run may change: how long it runs, how often it logs, evaluates and
-# saves, and the learning rate (the documented way out of a divergence).  Everything else must match the
-# run being resumed, or its checkpoint and results would mix two experiments; a recipe adds its own keys.
-RESUMABLE_KEYS = ("train.steps", "train.lr", "train.log_every", "train.eval_", "train.save_every", "run.resume",
-                  "run.keep_checkpoints")
 
 
 @dataclass
