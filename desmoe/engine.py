@@ -42,12 +42,11 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     """Fill "auto" values and check the parts desmoe depends on."""
     cfg = copy.deepcopy(dict(cfg))
     source = cfg.pop("_source", "DeepSpeed config")
-    # The trainer runs one micro-batch of the experiment's size per optimizer step: a different value
-    # here would change nothing the recipe feeds (micro batch) or make DeepSpeed skip optimizer steps
-    # the trainer counts as done (accumulation: train.steps would silently mean micro-steps).
+    # The trainer feeds train.grad_accum micro-batches of train.micro_batch per optimizer step: a different
+    # value here would change nothing the recipe feeds (micro batch) or make DeepSpeed step the optimizer
+    # where the trainer does not count a step (accumulation: train.steps would silently mean micro-steps).
     for key, value, instead in (("train_micro_batch_size_per_gpu", micro_batch, "the experiment's train.micro_batch"),
-                                ("gradient_accumulation_steps", grad_accum, "desmoe steps the optimizer every "
-                                 "micro-batch; raise train.micro_batch instead")):
+                                ("gradient_accumulation_steps", grad_accum, "the experiment's train.grad_accum")):
         if cfg.get(key, "auto") == "auto":
             cfg[key] = value
         elif _is_int(cfg[key]) and cfg[key] != value:  # a non-integer is named by _check_values

@@ -105,8 +105,8 @@ CASES = [
     Case("accumulation not an integer", "deepspeed", lambda t: ds(t, '{"gradient_accumulation_steps": 1.5}'),
          "key 'gradient_accumulation_steps': expected a positive integer, got 1.5"),
     # options desmoe cannot honour exactly: refused instead of silently changing the training
-    Case("gradient accumulation", "deepspeed", lambda t: ds(t, '{"gradient_accumulation_steps": 2}'),
-         "key 'gradient_accumulation_steps': expected \"auto\" or 1 (desmoe steps the optimizer every micro-batch"),
+    Case("accumulation unlike the experiment's", "deepspeed", lambda t: ds(t, '{"gradient_accumulation_steps": 2}'),
+         "key 'gradient_accumulation_steps': expected \"auto\" or 1 (the experiment's train.grad_accum), got 2"),
     Case("micro batch unlike the experiment's", "deepspeed", lambda t: ds(t, '{"train_micro_batch_size_per_gpu": 4}'),
          "key 'train_micro_batch_size_per_gpu': expected \"auto\" or 1 (the experiment's train.micro_batch), got 4"),
     Case("DeepSpeed LR scheduler", "deepspeed", lambda t: ds(t, '{"scheduler": {"type": "WarmupLR"}}'),
@@ -158,6 +158,13 @@ CASES = [
          "key 'evaluation.items_per_task': expected a positive integer, got -1"),
     Case("sequence longer than an HF base", "config", lambda t: _hf_base_too_short(t),
          "key 'train.seq_len': expected at most the base's max_position_embeddings=64"),
+    Case("model key an initial checkpoint contradicts", "config", lambda t: _pretrain_checkpoint_top1(t),
+         "key 'model.top_k': expected unset or 2, the value in the init.kind=checkpoint model"),
+    Case("shared expert width for a Mixtral", "config", lambda t: _pretrain_config("model.arch=mixtral",
+                                                                                     "model.shared_ffn=512"),
+         "key 'model.shared_ffn': expected unset with arch=mixtral (it has no dense layers or shared expert), got 512"),
+    Case("accumulation of no micro-batch", "config", lambda t: _desmoe_config("train.grad_accum=0"),
+         "key 'train.grad_accum': expected a positive integer, got 0"),
     # launcher / Slurm environment
     Case("torchrun variables incomplete", "environment", lambda t: resolve_env({"RANK": "0", "WORLD_SIZE": "2"}),
          "incomplete launcher environment: RANK, WORLD_SIZE set but MASTER_ADDR, MASTER_PORT missing"),
@@ -191,6 +198,15 @@ def _pretrain_config(*overrides: str):
     from desmoe.recipes.lm.pretrain import PretrainExperiment
 
     return load_config(PretrainExperiment, None, list(overrides))
+
+
+def _pretrain_checkpoint_top1(tmp: Path):
+    """init.kind=checkpoint trains the checkpoint's architecture: model.top_k=1 trained its top-2 silently."""
+    from desmoe.models.hf_build import MoEModelSpec, hf_config
+    from desmoe.recipes.lm.pretrain import check_against
+
+    cfg = _pretrain_config("init.kind=checkpoint", f"init.path={tmp}", "model.top_k=1")
+    check_against(cfg.model, hf_config(MoEModelSpec(), vocab_size=64), "checkpoint", tmp)
 
 
 def _hf_base_too_short(tmp: Path):

@@ -70,6 +70,7 @@ class Setup:
     lr: Optional[float] = None  # None: the DeepSpeed config's optimizer lr
     parts: Optional[Mapping[str, Callable[[str], bool]]] = None  # dense parts frozen separately
     expert_unit: Any = None
+    grad_accum: int = 1  # micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)
 
 
 class Recipe:
@@ -115,8 +116,10 @@ class Recipe:
         """The learning rate of ``step`` of ``stage``, or None to leave the optimizer's."""
         return None
 
-    def step(self, stage: int, step: int) -> tuple[torch.Tensor, float]:
-        """Batch, forward, loss: (the loss to minimise, the number the progress bar shows)."""
+    def step(self, stage: int, step: int, micro: int) -> tuple[torch.Tensor, float]:
+        """Micro-batch ``micro`` of ``step`` (0 .. grad_accum - 1), forward, loss: (the loss to minimise, the
+        number the progress bar shows).  Whatever decides what trains belongs at ``micro == 0``: every
+        micro-batch's gradient must reach the same parameters."""
         raise NotImplementedError
 
     def end_step(self, stage: int, step: int) -> None:
@@ -189,7 +192,8 @@ class Trainer:
         r, cfg = self.recipe, self.recipe.cfg
         self.bootstrap()
         s = r.setup(self)
-        ds_config = resolve_ds_config(self.ds_raw, s.micro_batch, lr=s.lr)
+        ds_config = resolve_ds_config(self.ds_raw, s.micro_batch, s.grad_accum, lr=s.lr)
+        self.grad_accum = s.grad_accum
         ds_record = checkpoint.ds_record(ds_config, self.world)  # before DeepSpeed sees (and may add to) it
         if cfg.run.resume:  # before the engine: a changed world size would fail inside DeepSpeed's ZeRO load
             checkpoint.check_resume_config(self.run_dir, self.ckpt_dir, cfg, r.resumable_keys)
@@ -240,10 +244,7 @@ class Trainer:
             if lr is not None:
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
-            loss, shown = r.step(stage, i)
-            self.check_finite(loss, offset + i + 1)
-            engine.backward(loss)
-            engine.step()
+            shown = self._optimizer_step(stage, i, offset + i + 1)
             update_selection_biases(engine.module)  # no-op unless a router balances by its selection bias
             r.end_step(stage, i)
             self.train_seconds += time.perf_counter() - t0
@@ -267,6 +268,22 @@ class Trainer:
         self.save(done)
         if stage + 1 < stages and self.preemption.requested():
             self.exit_for_requeue(done, f"after stage {stage + 1}")
+
+    def _optimizer_step(self, stage: int, i: int, step: int) -> float:
+        """``grad_accum`` micro-batches, each forward and backward; DeepSpeed divides each loss by grad_accum,
+        sums the gradients and steps the optimizer after the last.  Returns the mean of the shown numbers."""
+        engine, accum, shown = self.engine, self.grad_accum, 0.0
+        before = engine.global_steps
+        for m in range(accum):
+            loss, value = self.recipe.step(stage, i, m)
+            self.check_finite(loss, step)
+            engine.backward(loss)
+            engine.step()
+            shown += value / accum
+        if engine.global_steps != before + 1:  # DeepSpeed's own micro-step count decides where it steps
+            raise TrainingFailure(f"step {step}: DeepSpeed stepped the optimizer {engine.global_steps - before} "
+                                  f"times over {accum} micro-batches (expected once)")
+        return shown
 
     def _log(self, done: int, tokens_per_s: float) -> None:
         values = self.recipe.log(done)

@@ -197,10 +197,14 @@ class DGES:
             for b, block in enumerate(blocks):
                 block.route_slots = self.copies.route_slots(b, token_domain)
 
-    def end_step(self, model: nn.Module, step: int, token_domain: Tensor, on_weights_changed=None) -> bool:
-        """Count the step's routing; refresh A/M at t1 and every ``update_every`` steps after, and at the
-        first M make the copies (``on_weights_changed`` gets the written slots).  True when refreshed."""
+    def record(self, model: nn.Module, token_domain: Tensor) -> None:
+        """Count the routing of the model's last forward (a micro-batch of a step that accumulates)."""
         self.map.record_model(model, token_domain)
+
+    def end_step(self, model: nn.Module, step: int, token_domain: Tensor, on_weights_changed=None) -> bool:
+        """Count the step's (last) routing; refresh A/M at t1 and every ``update_every`` steps after, and at the
+        first M make the copies (``on_weights_changed`` gets the written slots).  True when refreshed."""
+        self.record(model, token_domain)
         t, every = step + 1, self.cfg.update_every
         if not (t == self.t1 or (t > self.t1 and every and (t - self.t1) % every == 0)):
             return False

@@ -57,6 +57,9 @@ class GradientSkipper:
 
 class Method:
     name = "method"
+    # this micro-batch's share of the step's counted labels x grad_accum (set by the recipe): the task loss of
+    # a step that accumulates is the mean over all its counted labels, as one micro-batch of them all would be
+    task_scale = 1.0
     trains = True  # False: the run evaluates the base only (no training stage)
     warmup_per_domain = False  # True: the schedule's warm-up must visit every domain at least once
 
@@ -92,7 +95,11 @@ class Method:
              loss_mask: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         task = task_loss(self.model, input_ids, loss_mask)
         aux = total_aux_loss(self.model)
-        return task + self.aux_coef * aux, {"task_loss": task.detach(), "aux_loss": aux.detach()}
+        return self.task_scale * task + self.aux_coef * aux, {"task_loss": task.detach(), "aux_loss": aux.detach()}
+
+    def observe(self, token_domain: Tensor) -> None:
+        """After the forward of a micro-batch other than the step's last (gradient accumulation): count what
+        ``end_step`` counts of the last."""
 
     def end_step(self, step: int, token_domain: Tensor) -> bool:
         """Returns True when expert-domain statistics were refreshed (for logging)."""
@@ -155,8 +162,11 @@ class DESMoE(Method):
                 block.weight_grad_mask = block.route_slots = None
         aux = total_aux_loss(self.model)
         kd = model_kd_loss(self.model, self.cfg.alr) if self.lam > 0 else torch.zeros((), device=task.device)
-        total = task + self.aux_coef * aux + self.lam * kd  # the ALR mixes (1 - lambda) into its task gradient
+        total = self.task_scale * task + self.aux_coef * aux + self.lam * kd  # the ALR mixes (1 - lambda) in
         return total, {"task_loss": task.detach(), "aux_loss": aux.detach(), "kd_loss": kd.detach()}
+
+    def observe(self, token_domain):
+        self.dges.record(self.model, token_domain)
 
     def end_step(self, step, token_domain):
         return self.dges.end_step(self.model, step, token_domain, self.on_weights_changed)

@@ -1,12 +1,15 @@
 """Multi-domain fine-tuning of an MoE LM: DES-MoE and its baselines as one recipe of the trainer.
 
-A step: pick the step's domain (every rank, equal shares) -> the method sets what
-may train (phase, domain's experts, lambda) -> forward, task + lambda*KD + aux loss
--> (trainer: backward/step) -> the method consumes the routing (domain-expert
-counts, A/M refresh).  The trainer logs, evaluates, checkpoints (method state rides
+A step: pick the step's domain (every rank, equal shares) and its ``train.grad_accum``
+micro-batches -> the method sets what may train (phase, domain's experts, lambda) ->
+per micro-batch: forward, task + lambda*KD + aux loss -> (trainer: backward; step after
+the last) -> the method consumes the routing (domain-expert counts of every micro-batch,
+A/M refresh).  The trainer logs, evaluates, checkpoints (method state rides
 in the checkpoint) and resumes.
 """
 from __future__ import annotations
+
+import torch
 
 from desmoe.collectives import mean_over_ranks
 from desmoe.config import bad
@@ -44,7 +47,7 @@ class DESMoERecipe(Recipe):
         self.name = self.method.name
         self.labels = {"train/domain": {-1: "mixed (token-level masks)", **dict(enumerate(self.data.domains))}}
         self.parts = self.method.prepare_model(model)
-        return Setup(model, t.micro_batch, lr=t.lr, parts=self.parts)
+        return Setup(model, t.micro_batch, lr=t.lr, parts=self.parts, grad_accum=t.grad_accum)
 
     def on_engine(self, trainer):
         from desmoe.engine import refresh_master_weights
@@ -74,21 +77,34 @@ class DESMoERecipe(Recipe):
         return [self.cfg.train.steps] if self.method.trains else []  # vanilla: evaluation only
 
     def tokens_per_step(self):
-        return self.cfg.train.micro_batch * self.cfg.train.seq_len * self.trainer.world
+        t = self.cfg.train
+        return t.micro_batch * t.grad_accum * t.seq_len * self.trainer.world
 
-    def step(self, stage, step):
-        engine, n = self.trainer.engine, len(self.data.domains)
-        self.domain = -1 if self.streams.mixed else domain_of_step(step, n, self.cfg.train.seed)
-        batch = self.streams.next(self.domain)
-        self.token_domain = batch.token_domain[:, :-1].to(engine.device)  # domain of each input position
-        self.stats_domain = stats_token_domain(self.token_domain, batch.loss_mask,  # what A counts
+    def step(self, stage, step, micro):
+        engine, n, accum = self.trainer.engine, len(self.data.domains), self.cfg.train.grad_accum
+        if micro == 0:  # the step's batches first: what may train must cover every micro-batch's domains
+            self.domain = -1 if self.streams.mixed else domain_of_step(step, n, self.cfg.train.seed)
+            self.batches = [self.streams.next(self.domain) for _ in range(accum)]
+            domains = [b.token_domain[:, :-1].to(engine.device) for b in self.batches]  # of each input position
+            present = present_domains(torch.cat(domains), n) if self.streams.mixed else self.domain
+            self.logs = self.method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
+            self.method.sync_gradients()  # frozen parameters get no weight gradients computed
+            counted = [int(b.loss_mask[:, 1:].sum()) for b in self.batches]  # instruction data: responses only
+            self.scales = [accum * c / sum(counted) if sum(counted) else 1.0 for c in counted]
+            self.parts_ = {}
+        else:
+            self.method.observe(self.stats_domain)  # the previous micro-batch's routing, still in the blocks
+        batch = self.batches[micro]
+        token_domain = batch.token_domain[:, :-1].to(engine.device)
+        self.stats_domain = stats_token_domain(token_domain, batch.loss_mask,  # what A counts
                                                self.cfg.desmoe.routing_stats_tokens)
-        present = present_domains(self.token_domain, n) if self.streams.mixed else self.domain
-        self.logs = self.method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
-        self.method.sync_gradients()  # frozen parameters get no weight gradients computed
-        loss, self.parts_ = self.method.loss(batch.input_ids.to(engine.device), self.token_domain,
-                                             batch.mask_for_loss(engine.device))  # instruction data: responses
-        return loss, self.parts_["task_loss"].item()
+        self.method.task_scale = self.scales[micro]  # 1.0 unless micro-batches count unequal numbers of labels
+        loss, parts = self.method.loss(batch.input_ids.to(engine.device), token_domain,
+                                       batch.mask_for_loss(engine.device))  # instruction data: responses
+        for key, value in parts.items():  # the step's means
+            share = self.scales[micro] if key == "task_loss" else 1.0
+            self.parts_[key] = self.parts_.get(key, 0.0) + value * share / accum
+        return loss, parts["task_loss"].item()
 
     def end_step(self, stage, step):
         self.refreshed = self.method.end_step(step, self.stats_domain)

@@ -21,13 +21,13 @@ class DomainStreams:
     def __init__(self, data, cfg, rank: int, world: int, start: int) -> None:
         n, t = len(data.domains), cfg.train
         self.mixed = cfg.desmoe.dges.batching == "token"
-        if self.mixed:
-            self.streams = [data.batches("train", t.micro_batch, t.seq_len, t.seed, rank, world, start,
-                                         domains=data.domains, homogeneous=False)]
+        if self.mixed:  # streams count micro-batches: grad_accum a step
+            self.streams = [data.batches("train", t.micro_batch, t.seq_len, t.seed, rank, world,
+                                         start * t.grad_accum, domains=data.domains, homogeneous=False)]
             return
         done = [0] * n
         for s in range(start):
-            done[domain_of_step(s, n, t.seed)] += 1
+            done[domain_of_step(s, n, t.seed)] += t.grad_accum
         self.streams = [data.batches("train", t.micro_batch, t.seq_len, t.seed, rank, world, done[d],
                                      domains=[name], homogeneous=True) for d, name in enumerate(data.domains)]
 

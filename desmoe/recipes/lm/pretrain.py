@@ -39,6 +39,7 @@ class PretrainData:
 class PretrainTrain:
     steps: int = 1000
     micro_batch: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step: a step sees micro_batch * grad_accum samples a rank
     seq_len: int = 128
     lr: float = 2e-3
     warmup_steps: int = 50
@@ -51,7 +52,8 @@ class PretrainTrain:
     seed: int = 0
 
     def check(self) -> None:
-        for key in ("steps", "micro_batch", "seq_len", "log_every", "eval_every", "eval_tokens", "save_every"):
+        for key in ("steps", "micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_tokens",
+                    "save_every"):
             if getattr(self, key) < 1:
                 raise bad(key, "a positive integer", getattr(self, key))
         if not 0 < self.lr < 1:
@@ -182,7 +184,7 @@ class PretrainRecipe(LMRecipe):
                       cfg.train.seq_len)
         if data.tokenizer is not None:
             check_tokenizer(data.tokenizer, model.config, f"{cfg.data.root} tokenizer")
-        return Setup(model, cfg.train.micro_batch, lr=cfg.train.lr)
+        return self.setup_for(model)
 
     def _initial_checkpoint(self, init_dir: Path) -> Path:
         """The HF checkpoint training starts from: the user's (checkpoint), or one rank 0 writes into the run
@@ -214,12 +216,12 @@ class PretrainRecipe(LMRecipe):
     def attach(self, trainer, state):
         t = self.cfg.train
         self.batches = self.data.train_batches(t.micro_batch, t.seq_len, t.seed, trainer.rank, trainer.world,
-                                               trainer.start)
+                                               trainer.start * t.grad_accum)  # counted in micro-batches
 
     def lr(self, stage, step):
         return lr_at(step, self.cfg.train)
 
-    def batch(self, step):
+    def batch(self, index):  # the stream was positioned at the start; it yields index after index
         return next(self.batches)
 
     def evaluate(self, done):
@@ -244,7 +246,7 @@ class PretrainRecipe(LMRecipe):
                   "heldout_tokens": sum(b[:, 1:].numel() for b in self.heldout) * world,
                   "steps": cfg.train.steps, "vocab_size": data.vocab_size,
                   "parameters": count_parameters(engine.module),
-                  "train_tokens": cfg.train.steps * cfg.train.micro_batch * cfg.train.seq_len * world,
+                  "train_tokens": cfg.train.steps * self.tokens_per_step(),
                   "train_s_this_run": trainer.train_seconds - trainer.seconds_at_start, "world_size": world, "run_dir": str(trainer.run_dir),
                   "config": {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}
         if is_rank0():

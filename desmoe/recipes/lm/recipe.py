@@ -28,6 +28,7 @@ from desmoe.training.trainer import Cadence, Recipe, RunConfig, Setup, Trainer
 class TrainConfig:
     steps: int = 200
     micro_batch: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step: a step sees micro_batch * grad_accum samples a rank
     seq_len: int = 128
     lr: Optional[float] = None  # None = the DeepSpeed config's optimizer lr
     aux_loss_coef: float = 0.01
@@ -38,7 +39,8 @@ class TrainConfig:
     seed: int = 0
 
     def check(self) -> None:
-        for key in ("steps", "micro_batch", "seq_len", "log_every", "eval_every", "eval_batches", "save_every"):
+        for key in ("steps", "micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches",
+                    "save_every"):
             if getattr(self, key) < 1:
                 raise bad(key, "a positive integer", getattr(self, key))
         if self.lr is not None and not 0 < self.lr < 1:
@@ -70,20 +72,31 @@ class LMRecipe(Recipe):
         return [self.cfg.train.steps]
 
     def tokens_per_step(self) -> int:
-        return self.cfg.train.micro_batch * self.cfg.train.seq_len * self.trainer.world
+        t = self.cfg.train
+        return t.micro_batch * t.grad_accum * t.seq_len * self.trainer.world
 
-    def batch(self, step: int) -> torch.Tensor:
+    def batch(self, index: int) -> torch.Tensor:
+        """The ``index``-th micro-batch of the run on this rank (step * grad_accum + micro)."""
         raise NotImplementedError
 
-    def step(self, stage, step):
-        engine = self.trainer.engine
-        self.loss, self.lm = lm_loss(engine.module, self.batch(step).to(engine.device), self.cfg.train.aux_loss_coef)
-        return self.loss, self.lm.item()
+    def step(self, stage, step, micro):
+        engine, t = self.trainer.engine, self.cfg.train
+        batch = self.batch(step * t.grad_accum + micro).to(engine.device)
+        loss, lm = lm_loss(engine.module, batch, t.aux_loss_coef)
+        if micro == 0:
+            self.loss = self.lm = 0.0
+        self.loss = self.loss + loss.detach() / t.grad_accum  # the step's means, logged
+        self.lm = self.lm + lm.detach() / t.grad_accum
+        return loss, lm.item()
+
+    def setup_for(self, model) -> Setup:
+        t = self.cfg.train
+        return Setup(model, t.micro_batch, lr=t.lr, grad_accum=t.grad_accum)
 
     def log(self, done):
         aux = self.cfg.train.aux_loss_coef
         return {"train/loss": mean_over_ranks(self.lm),
-                "train/aux_loss": (self.loss.detach() - self.lm).item() / max(aux, 1e-12),
+                "train/aux_loss": (self.loss - self.lm).item() / max(aux, 1e-12),
                 "train/lr": self.trainer.engine.get_lr()[0]}
 
 
@@ -95,11 +108,11 @@ class SmokeRecipe(LMRecipe):
         self.train_data, self.val_data = load_byte_corpus(self.cfg.data)
         model = MoELM(self.cfg.model)
         model.setup_expert_parallel()
-        return Setup(model, self.cfg.train.micro_batch, lr=self.cfg.train.lr)
+        return self.setup_for(model)
 
-    def batch(self, step):
+    def batch(self, index):
         t = self.cfg.train
-        return sample_windows(self.train_data, t.micro_batch, t.seq_len + 1, t.seed, step, self.trainer.rank)
+        return sample_windows(self.train_data, t.micro_batch, t.seq_len + 1, t.seed, index, self.trainer.rank)
 
     def evaluate(self, done):
         t, tr = self.cfg.train, self.trainer

@@ -140,7 +140,7 @@ class TRGERecipe(Recipe):
     def lr(self, t, step):
         return _lr(self.cfg.train, step)
 
-    def step(self, t, step):
+    def step(self, t, step, micro):  # one micro-batch a step: TRGE's DeepSpeed config accumulates nothing
         from desmoe.vision.transforms import random_resized_crop
 
         cfg, task, engine = self.cfg, self.tasks[t], self.trainer.engine
