@@ -266,6 +266,11 @@ def check_resume_config(run_dir: str | Path, ckpt_dir: str | Path, cfg: Any,
     except yaml.YAMLError:
         raise UserError(f"{saved_path}: not valid YAML; fix it or start over with run.resume=false") from None
     current = _flatten(to_dict(cfg))
+    try:  # a key added to the config since the run was saved had its default then
+        defaults = _flatten(to_dict(type(cfg)()))
+    except TypeError:  # a config class with required fields: no defaults to fill in
+        defaults = {}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved and k in current}, **saved}
     changed = _changed(saved, current, resumable)
     if changed:
         raise UserError(f"{run_dir}: resuming a run whose config differs in {changed}; "

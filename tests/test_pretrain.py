@@ -106,3 +106,21 @@ def test_upcycle_then_continue_pretraining(ranks, tmp_path):
     assert len(env) == 1 and env[0]["start_step"] == 0 and env[0]["world_size"] == 2
     assert env[0]["packages"]["torch"] == md.version("torch") and env[0]["packages"]["deepspeed"] == md.version(
         "deepspeed") and env[0]["cpu"]["logical_cores"] >= 1
+
+
+def test_an_export_made_before_a_key_existed_is_reused(tmp_path):
+    """report.json of an export made before train.grad_accum existed: reused while the key keeps its default."""
+    from jobs import ROOT
+
+    from desmoe.config import load_config, to_dict
+    from desmoe.recipes.lm.pretrain import PretrainExperiment, _cached
+
+    cfg = load_config(PretrainExperiment, ROOT / ROOT_CFG, [f"output.dir={tmp_path}"])
+    then = {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}
+    del then["train"]["grad_accum"]
+    (tmp_path / "report.json").write_text(json.dumps({"heldout_ppl": 80.9, "config": then}))
+    assert _cached(cfg)["heldout_ppl"] == 80.9
+    cfg.train.grad_accum = 2
+    assert _cached(cfg) is None
+    cfg.train.grad_accum, cfg.train.steps = 1, cfg.train.steps + 1
+    assert _cached(cfg) is None

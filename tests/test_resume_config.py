@@ -144,3 +144,20 @@ def test_a_moved_run_directory_resumes(tmp_path):
     moved.run.name = "renamed"
     with pytest.raises(UserError, match=r"run.name \('desmoe' -> 'renamed'\)"):
         checkpoint.check_resume_config(run_dir, ckpt, moved, DESMoERecipe.resumable_keys)
+
+
+def test_a_key_added_since_the_run_counts_as_its_default(tmp_path):
+    """train.grad_accum came after some runs were saved: they resume while it keeps its default (1)."""
+    import yaml
+
+    from desmoe.recipes.des_moe.recipe import DESMoEExperiment, DESMoERecipe
+
+    run_dir, ckpt = _run_with_checkpoint(tmp_path, DESMoEExperiment())
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["train"]["grad_accum"]
+    checkpoint.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(saved))
+    checkpoint.check_resume_config(run_dir, ckpt, DESMoEExperiment(), DESMoERecipe.resumable_keys)
+    changed = DESMoEExperiment()
+    changed.train.grad_accum = 2
+    with pytest.raises(UserError, match=r"train.grad_accum \(1 -> 2\)"):
+        checkpoint.check_resume_config(run_dir, ckpt, changed, DESMoERecipe.resumable_keys)

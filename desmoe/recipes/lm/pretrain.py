@@ -148,7 +148,12 @@ def _cached(cfg: PretrainExperiment) -> Optional[dict]:
     if not (cfg.output.reuse and report.is_file()):
         return None
     saved = json.loads(report.read_text())
-    same = saved.get("config") == {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}
+    sections, defaults = ("model", "init", "data", "train"), to_dict(PretrainExperiment())
+    then = saved.get("config")
+    if not isinstance(then, dict) or set(then) != set(sections):
+        return None
+    # a key added since the export was made (e.g. train.grad_accum) had its default then
+    same = all({**defaults[k], **then[k]} == to_dict(cfg)[k] for k in sections)
     return saved if same else None
 
 
