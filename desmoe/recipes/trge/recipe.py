@@ -104,6 +104,10 @@ class TRGERecipe(Recipe):
             if self.oracle is not None:
                 self.oracle.fit_task(stored)
         for v in cfg.eval.variants:  # a resumed run may ask for a variant the checkpoint did not track
+            if v not in progress["variants"] and progress["rows"] and trainer.rank == 0:
+                print(f"desmoe: warning: eval.variants '{v}' is new to this resumed run: evaluated after task "
+                      f"{len(progress['rows']) + 1} on only, so results.json has its rows but no Transfer/Avg/Last",
+                      flush=True)
             progress["variants"].setdefault(v, [])
         self.progress, self.mid = progress, None
         self.baseline.load_state(progress, (state or {}).get("mid_task"), len(progress["rows"]))
