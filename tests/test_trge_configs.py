@@ -162,3 +162,33 @@ def test_one_task_sequence_reports_avg_and_last(ranks, tmp_path):
     from desmoe.recipes.trge.report import rows
 
     assert [r["run"] for r in rows(tmp_path)] == ["one", "one [oracle]"]  # the table lists it
+
+
+def test_feature_cache_written_beside_another_run_of_the_same_key(tmp_path, monkeypatch):
+    """Two runs (a method and its baseline, say) finishing the same frozen-feature table together.  The
+    other run's whole write is played inside this one's (real files); with one shared temporary name it
+    renamed this run's file away, whose rename then failed with FileNotFoundError."""
+    from desmoe.recipes.trge import features
+    from desmoe.recipes.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.recipes.trge.data import digit_sequence
+    from desmoe.recipes.trge.groups import GroupSpec
+    from desmoe.recipes.trge.model import Placement, TRGEModel
+
+    bb = load_backbone(BackboneConfig(kind="tiny_dual", hidden_size=16, image_size=32))
+    model = TRGEModel(bb.model, GroupSpec(num_tasks=2, bottleneck=4), Placement(cnn_blocks=1))
+    tasks = digit_sequence(n_train=16, n_test=8)[0][:1]
+    cache = tmp_path / "features"
+    real_save, other = torch.save, []
+
+    def save_while_another_run_writes(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        if not other:
+            other.append("writing")  # the other run's own save below is a plain one
+            other.append(features.frozen_cnn_table(model, bb, tasks, 8, str(cache)))
+
+    monkeypatch.setattr(torch, "save", save_while_another_run_writes)
+    table = features.frozen_cnn_table(model, bb, tasks, 8, str(cache))
+    monkeypatch.undo()
+    (stored,) = cache.iterdir()  # one table, no temporary file left behind
+    assert torch.equal(torch.load(stored, weights_only=True)[features.key(tasks[0].name, "test")],
+                       table[features.key(tasks[0].name, "test")])
