@@ -49,6 +49,13 @@ def _load(*overrides, path=DIGITS):
     (["data.sequence=offline", "data.n_train=300", "data.n_test=50"],
      "key 'data.n_test': expected unset with data.sequence=offline (it applies to digits only), got 50"),
     (["eval.variants=[oracle,no_fusion,oracle]"], "key 'eval.variants': expected each variant once"),  # dropped
+    (["data.sequence=offline", "data.n_train=300", "data.n_test=200", "data.profile=dmeo"],
+     "key 'data.profile': expected one of tiny, demo, got 'dmeo'"),  # was named as data_prep's --profile
+    # the checkpoint's own resolution was used without a word
+    (["backbone.kind=hf_clip", "backbone.path=/m", "backbone.image_size=336"],
+     "key 'backbone.image_size': expected unset with backbone.kind=hf_clip (it applies to towers, tiny_clip, "
+     "tiny_dual only), got 336"),
+    (["backbone.kind=towers", "backbone.layers=4"], "key 'backbone.layers': expected unset with backbone.kind=towers"),
 ])
 def test_invalid_values_refused_in_one_line(overrides, expect):
     with pytest.raises(ConfigError) as err:
@@ -62,6 +69,7 @@ def test_invalid_values_refused_in_one_line(overrides, expect):
     ["groups.max_groups=3", "inter.max_groups=3"], ["inter.max_groups=1"], ["fusion.lam_max=0"],
     ["fusion.lam_max=1", "fusion.schedule=constant"], ["identifier.shrinkage=0"], ["train.warmup=0"],
     ["train.steps_per_task=1"], ["groups.num_tasks=1"], ["placement.layers=[0,-1]"], ["groups.ep_size=1"],
+    ["backbone.kind=towers", "backbone.image_size=64"], ["backbone.kind=embedded", "backbone.path=/m"],
     ["data.sequence=mtil", "data.root=/x", "data.n_train=300", "data.n_test=200", "data.max_train_per_class=5",
      "data.order=II", "data.image_size=32"],
 ])

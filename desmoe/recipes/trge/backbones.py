@@ -30,6 +30,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 KINDS = ("hf_clip", "embedded", "towers", "tiny_clip", "tiny_dual")
 
 
+# the keys each backbone.kind reads (every other key must keep its default)
+USES = {"hf_clip": ("path",), "embedded": ("path",), "towers": ("image_size", "seed"),
+        "tiny_clip": ("image_size", "hidden_size", "layers", "seed"), "tiny_dual": ("image_size", "hidden_size", "seed")}
+
+
 @dataclass
 class BackboneConfig:
     kind: str = "tiny_clip"  # hf_clip | tiny_clip | embedded
@@ -44,6 +49,15 @@ class BackboneConfig:
 
         if self.kind not in KINDS:
             raise bad("kind", "one of " + ", ".join(KINDS), self.kind)
+        # a key this kind does not read is refused, not ignored (e.g. image_size with hf_clip: the
+        # checkpoint's own resolution is used)
+        import dataclasses
+
+        for f in dataclasses.fields(self):
+            if f.name not in ("kind", *USES[self.kind]) and getattr(self, f.name) != f.default:
+                users = [k for k, keys in USES.items() if f.name in keys]
+                raise bad(f.name, f"unset with backbone.kind={self.kind} (it applies to {', '.join(users)} only)",
+                          getattr(self, f.name))
         if self.kind == "hf_clip" and not self.path:
             raise bad("path", "the folder of a local HF CLIPModel", self.path)
 

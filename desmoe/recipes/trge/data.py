@@ -53,6 +53,10 @@ class DataConfig:
         for key in ("max_train_per_class", "max_test_per_class"):
             if getattr(self, key) < 0:
                 raise bad(key, "an integer >= 0 (0 = all)", getattr(self, key))
+        from data_prep.images import PROFILES
+
+        if self.profile not in PROFILES:  # else named as data_prep's --profile when the build starts
+            raise bad("profile", "one of " + ", ".join(PROFILES), self.profile)
         if self.order not in ("I", "II"):
             raise bad("order", "'I' or 'II' (the MTIL orders)", self.order)
         # a key another sequence reads is refused, not ignored: a cap meant to shorten an offline run
