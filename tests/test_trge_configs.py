@@ -200,3 +200,25 @@ def test_feature_cache_written_beside_another_run_of_the_same_key(tmp_path, monk
     (stored,) = cache.iterdir()  # one table, no temporary file left behind
     assert torch.equal(torch.load(stored, weights_only=True)[features.key(tasks[0].name, "test")],
                        table[features.key(tasks[0].name, "test")])
+
+
+def test_resume_with_another_eval_batch_only_without_the_batch_vote(tmp_path):
+    """train.eval_batch only splits the evaluation, unless identifier.per_batch votes per batch: then a resumed
+    run with another eval_batch would fill the later rows of the matrix by another protocol (was accepted)."""
+    from desmoe import checkpoint
+    from desmoe.config import dump_yaml
+    from desmoe.recipes.trge.recipe import TRGERecipe
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step00000003").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step00000003")
+    for vote in ("false", "true"):
+        (run / "config.yaml").write_text(dump_yaml(_load(f"identifier.per_batch={vote}")))
+        cfg = _load(f"identifier.per_batch={vote}", "train.eval_batch=10", "eval.variants=[oracle]")
+        resume = lambda: checkpoint.check_resume_config(run, run / "checkpoints", cfg,  # noqa: E731
+                                                        TRGERecipe(cfg).resumable_keys)
+        if vote == "false":
+            resume()
+        else:
+            with pytest.raises(UserError, match=r"differs in train.eval_batch \(100 -> 10\)"):
+                resume()

@@ -53,7 +53,15 @@ class TRGERecipe(Recipe):
     """One stage per task: train the task's group, then prototype, identifier and the evaluation of
     every test set (a row of the accuracy matrix) at the stage end."""
 
-    resumable_keys = RESUMABLE_KEYS + ("eval.",)  # test-time variants may be added on resume
+    @property
+    def resumable_keys(self) -> tuple[str, ...]:
+        """Test-time variants may be added on resume, and train.eval_batch changed, except under
+        identifier.per_batch: the vote is taken per evaluation batch, so the later rows would differ."""
+        keys = RESUMABLE_KEYS + ("eval.",)
+        if self.cfg.identifier.per_batch:  # train.eval_batch is TRGE's only train.eval_* key
+            keys = tuple(k for k in keys if k != "train.eval_")
+        return keys
+
     trainable_only = True  # the frozen backbone is rebuilt by every run
     logs_expert_load = False
     throughput = "samples"
