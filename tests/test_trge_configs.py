@@ -222,3 +222,24 @@ def test_resume_with_another_eval_batch_only_without_the_batch_vote(tmp_path):
         else:
             with pytest.raises(UserError, match=r"differs in train.eval_batch \(100 -> 10\)"):
                 resume()
+
+
+@pytest.mark.parametrize("per_task,experts_last_task", [(2, 2), (0, 6), (1, 4), (4, 0), (6, 0)])
+def test_shared_pool_budget_when_the_pool_runs_out(per_task, experts_last_task):
+    """3 tasks, a pool of 6 experts per block: the last task trains what the first two left unfrozen
+    (with 6 per task: nothing, where the summary used to claim the whole pool)."""
+    from desmoe.moe.layer import moe_blocks
+    from desmoe.recipes.trge.backbones import load_backbone
+    from desmoe.recipes.trge.baselines import SharedPool
+    from desmoe.recipes.trge.model import TRGEModel
+
+    cfg = _load("method=shared_pool", "groups.num_tasks=3", "groups.layout=pool", "groups.bottleneck=4",
+                f"groups.pool_freeze_per_task={per_task}", "backbone.hidden_size=16")
+    model = TRGEModel(load_backbone(cfg.backbone).model, cfg.groups, cfg.placement)
+    pool = SharedPool(cfg, model)
+    blocks = moe_blocks(model)
+    frozen = [sorted(range(min(6, 3 * per_task)))] * len(blocks)  # what three tasks froze
+    expert = sum(p.numel() for p in blocks[0].local_experts[0].parameters())
+    gate = sum(p.numel() for p in blocks[0].router.gates[0].parameters())
+    got = pool.trainable_per_task(model, {"pool_frozen": frozen, "rows": [[0.0] * 3] * 3})
+    assert got == len(blocks) * (experts_last_task * expert + gate)
