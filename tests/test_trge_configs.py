@@ -243,3 +243,15 @@ def test_shared_pool_budget_when_the_pool_runs_out(per_task, experts_last_task):
     gate = sum(p.numel() for p in blocks[0].router.gates[0].parameters())
     got = pool.trainable_per_task(model, {"pool_frozen": frozen, "rows": [[0.0] * 3] * 3})
     assert got == len(blocks) * (experts_last_task * expert + gate)
+
+
+def test_wrong_model_path_named_before_the_data_is_decoded(tmp_path):
+    """MTIL takes long to decode: a backbone.path typo used to surface only after all of it (here the data
+    folder is wrong too, and it was the data that was named)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "launcher/trge.py"), "--deepspeed", "configs/zero2.json",
+                           "--config", "configs/trge_mtil.yaml", f"data.root={tmp_path}",
+                           f"backbone.path={tmp_path / 'clip'}", f"run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, env=clean_env(), cwd=ROOT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("desmoe: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert f"backbone.path '{tmp_path / 'clip'}': not a folder with a config.json" in errors[0], errors

@@ -121,6 +121,17 @@ def _hf_tokenize(tok, max_len: int) -> Callable[[list[str]], tuple[Tensor, Tenso
     return tokenize
 
 
+def check_path(cfg: BackboneConfig) -> Path | None:
+    """The hf_clip folder, or one line when it is not one.  Cheap: the recipe calls it before the image data
+    is decoded (all of MTIL takes long), so a wrong path is not found only after that."""
+    if cfg.kind != "hf_clip":
+        return None
+    p = Path(cfg.path)
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise UserError(f"backbone.path '{cfg.path}': not a folder with a config.json (expected a local HF CLIPModel)")
+    return p
+
+
 def load_backbone(cfg: BackboneConfig) -> Backbone:
     if cfg.kind == "tiny_clip":
         return Backbone(tiny_clip(cfg), ByteTokenizer(), cfg.image_size)
@@ -130,10 +141,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         model, tok = de.tiny_dual_encoder(seed=cfg.seed, embed_dim=cfg.hidden_size, image_size=cfg.image_size)
         max_len = 32
     elif cfg.kind == "hf_clip":
-        p = Path(cfg.path)
-        if not p.is_dir() or not (p / "config.json").is_file():
-            raise UserError(f"backbone.path '{cfg.path}': not a folder with a config.json "
-                            f"(expected a local HF CLIPModel)")
+        p = check_path(cfg)
         model, tok = _load_or_one_line(de.load_clip, p, f"backbone.path '{cfg.path}': not a usable CLIPModel")
         max_len = min(77, model.config.text_config.max_position_embeddings)
     elif cfg.kind == "towers":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from desmoe.recipes.trge.groups import gate_parts, setup_groups
 from desmoe.recipes.trge.inter_group import one_hot_weights
 from desmoe.recipes.trge.model import TRGEModel
 from desmoe.recipes.trge.results import log_stage, summarize, write_reports
-from desmoe.recipes.trge.task_id import OracleIdentifier, TaskInfo, build_identifier
+from desmoe.recipes.trge.task_id import OracleIdentifier, TaskInfo, build_identifier, load_mllm
 from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, Setup, Trainer
 
 
@@ -73,7 +74,12 @@ class TRGERecipe(Recipe):
     def setup(self, trainer: Trainer) -> Setup:
         from desmoe.distributed import prepare_in_turn
 
+        from desmoe.recipes.trge.backbones import check_path
+
         cfg = self.cfg
+        check_path(cfg.backbone)  # a wrong model path is named before the data is decoded, not after
+        if cfg.identifier.backend == "mllm" and not (Path(cfg.identifier.mllm_path) / "config.json").is_file():
+            load_mllm(cfg.identifier.mllm_path)  # its one line for a folder that is not a model
         # the first use builds the image data and fetches the towers: one rank at a time, never racing
         self.tasks, self.controls = prepare_in_turn(lambda: load_sequence(cfg.data))
         if cfg.groups.num_tasks == 0:
