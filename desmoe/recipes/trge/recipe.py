@@ -54,15 +54,7 @@ class TRGERecipe(Recipe):
     """One stage per task: train the task's group, then prototype, identifier and the evaluation of
     every test set (a row of the accuracy matrix) at the stage end."""
 
-    @property
-    def resumable_keys(self) -> tuple[str, ...]:
-        """Test-time variants may be added on resume, and train.eval_batch changed, except under
-        identifier.per_batch: the vote is taken per evaluation batch, so the later rows would differ."""
-        keys = RESUMABLE_KEYS + ("eval.",)
-        if self.cfg.identifier.per_batch:  # train.eval_batch is TRGE's only train.eval_* key
-            keys = tuple(k for k in keys if k != "train.eval_")
-        return keys
-
+    resumable_keys = RESUMABLE_KEYS + ("eval.",)  # test-time variants may be added on resume
     trainable_only = True  # the frozen backbone is rebuilt by every run
     logs_expert_load = False
     throughput = "samples"
@@ -70,6 +62,8 @@ class TRGERecipe(Recipe):
     def __init__(self, cfg: TRGEExperiment) -> None:
         super().__init__(cfg)
         self.name = cfg.method
+        if cfg.identifier.per_batch:  # the vote is per evaluation batch: another train.eval_batch changes the rows
+            self.resumable_keys = tuple(k for k in self.resumable_keys if k != "train.eval_")
 
     def setup(self, trainer: Trainer) -> Setup:
         from desmoe.distributed import prepare_in_turn
