@@ -75,6 +75,9 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
         f.write(json.dumps({"step": 10**6, "train/loss": 1.0}) + "\n")
     again = ranks.run(run_case, str(tmp_path), "trge", ("train.save_every=2", "eval.variants=[oracle,no_fusion]"))
     assert again[0]["accuracy_matrix"] == s["accuracy_matrix"]
+    # the variant new to the resumed run covers the last task only: reported as such (it vanished before)
+    assert again[0]["variants"]["no_fusion"]["after_tasks"] == [3] and "avg" not in again[0]["variants"]["no_fusion"]
+    assert len(again[0]["variants"]["no_fusion"]["accuracy_matrix"]) == 1
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 9 and all(r["step"] != 10**6 for r in rows)
     # the redone last step computed the very same loss: it continued from step 2, not from the task's start

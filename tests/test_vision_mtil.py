@@ -113,3 +113,36 @@ def test_bad_folders_one_line(tmp_path):
         (tmp_path / "cifar" / "cifar-100-python" / f).write_bytes(b"not a pickle")
     with pytest.raises(UserError, match=r"dataset 'cifar100' could not be read \(expected the official python pickles"):
         load_mtil_task("cifar100", tmp_path / "cifar")
+
+
+def test_odd_class_folders_and_image_modes(tmp_path):
+    """train/ + test/ class folders as users make them: nested folders, an empty class, a stray text file,
+    upper-case extensions, a unicode class name, grayscale / RGBA / 16-bit PNGs, a symlinked class folder,
+    a class only in train and one only in test (no class names for it: left out)."""
+    import os
+
+    root = tmp_path / "dtd"
+
+    def save(rel, array, mode=None):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array, mode).save(root / rel)
+
+    for split in ("train", "test"):
+        save(f"{split}/bumpy/a.jpg", np.full((10, 10, 3), 10, np.uint8))
+        save(f"{split}/bumpy/deeper/b.JPG", np.full((10, 10, 3), 10, np.uint8))
+        save(f"{split}/café_crème/a.PNG", np.full((10, 10, 4), 50, np.uint8), "RGBA")
+        save(f"{split}/striped/gray.png", np.full((10, 10), 150, np.uint8), "L")
+        # a 16-bit PNG of the same grey: PIL's convert("RGB") clipped it to white (255)
+        save(f"{split}/striped/gray16.png", np.full((10, 10), 150 * 257, np.uint16))
+        (root / split / "striped" / "notes.txt").write_text("not an image")
+        (root / split / "empty").mkdir()
+    save("train/trainonly/x.jpg", np.full((10, 10, 3), 200, np.uint8))
+    save("test/testonly/x.jpg", np.full((10, 10, 3), 220, np.uint8))
+    os.symlink(root / "train" / "bumpy", root / "train" / "linked")
+    task = load_mtil_task("dtd", root, size=8)
+    assert task.classnames == ["bumpy", "café crème", "linked", "striped", "trainonly"]
+    assert task.train_y.tolist() == [0, 0, 1, 2, 2, 3, 3, 4] and task.test_y.tolist() == [0, 0, 1, 3, 3]
+    assert task.meta["skipped"] == 0
+    grey = {3: 150, 0: 10, 1: 50, 2: 10, 4: 200}
+    for x, y in ((task.train_x, task.train_y), (task.test_x, task.test_y)):
+        assert [int(v) for v in x[:, 4, 4, 0]] == [grey[int(c)] for c in y]  # 16-bit grey is 150, not 255

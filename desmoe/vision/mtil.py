@@ -289,12 +289,24 @@ def detect_layout(name: str, root: Path):
                     "a split_zhou_*.json, train/ and test/ class folders, or one class folder per class)")
 
 
+def _rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB.  PIL's convert("RGB") clips 16-bit grayscale (a 16-bit PNG, mode I;16) at 255, which
+    turns almost every pixel white; such images are scaled to 8 bits first (mode I: only when its values
+    go beyond 8 bits)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or a.max() > 255:
+            a = a / 257.0  # 65535 -> 255
+        img = Image.fromarray(a.round().clip(0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def _decode(items: Items, size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     xs, ys, skipped = [], [], 0
     for path, label in tqdm(items, desc=desc, leave=False):
         try:
             with Image.open(path) as img:
-                xs.append(np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8))
+                xs.append(np.asarray(_rgb(img).resize((size, size), Image.BICUBIC), dtype=np.uint8))
             ys.append(label)
         except Exception:  # noqa: BLE001 - missing or undecodable file: skip it, count it
             skipped += 1

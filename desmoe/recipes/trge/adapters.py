@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from desmoe.errors import UserError
 from desmoe.recipes.trge.groups import GroupSpec, build_group_block
 from desmoe.recipes.trge.intra_group import GroupContext
 
@@ -80,10 +81,24 @@ class FeatureAdapters(nn.Module):
         return h.squeeze(1)
 
 
+def _chosen(encoder_layers: nn.ModuleList, layers: list[int] | None) -> range | list[int]:
+    """The layer indices to adapt (all when ``layers`` is empty); one line for an index the tower lacks."""
+    n = len(encoder_layers)
+    if not layers:
+        return range(n)
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise UserError(f"key 'placement.layers': expected layer indices in 0..{n - 1} (this tower has {n} "
+                        f"layers), got {bad[0]}")
+    if len({i % n for i in layers}) < len(layers):  # e.g. 0 and -n: the same layer twice
+        raise UserError(f"key 'placement.layers': expected distinct layers (this tower has {n}), got {layers}")
+    return layers
+
+
 def adapt_clip_encoder(encoder_layers: nn.ModuleList, hidden_size: int, spec: GroupSpec,
                        context: GroupContext, layers: list[int] | None = None) -> int:
     """Put a group block beside the MLP of HF CLIP encoder layers; returns how many."""
-    chosen = range(len(encoder_layers)) if not layers else layers
+    chosen = _chosen(encoder_layers, layers)
     for i in chosen:
         layer = encoder_layers[i]
         tap = _InputTap(layer.layer_norm2)
@@ -94,7 +109,7 @@ def adapt_clip_encoder(encoder_layers: nn.ModuleList, hidden_size: int, spec: Gr
 
 def adapt_bert_encoder(bert_layers: nn.ModuleList, hidden_size: int, spec: GroupSpec,
                        context: GroupContext, layers: list[int] | None = None) -> int:
-    chosen = range(len(bert_layers)) if not layers else layers
+    chosen = _chosen(bert_layers, layers)
     for i in chosen:
         layer = bert_layers[i]
         layer.output = AdaptedBertOutput(layer.output, build_group_block(hidden_size, spec, context), context)

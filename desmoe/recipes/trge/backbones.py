@@ -30,6 +30,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 KINDS = ("hf_clip", "embedded", "towers", "tiny_clip", "tiny_dual")
 
 
+# the keys each backbone.kind reads (every other key must keep its default)
+USES = {"hf_clip": ("path",), "embedded": ("path",), "towers": ("image_size", "seed"),
+        "tiny_clip": ("image_size", "hidden_size", "layers", "seed"), "tiny_dual": ("image_size", "hidden_size", "seed")}
+
+
 @dataclass
 class BackboneConfig:
     kind: str = "tiny_clip"  # hf_clip | tiny_clip | embedded
@@ -44,6 +49,15 @@ class BackboneConfig:
 
         if self.kind not in KINDS:
             raise bad("kind", "one of " + ", ".join(KINDS), self.kind)
+        # a key this kind does not read is refused, not ignored (e.g. image_size with hf_clip: the
+        # checkpoint's own resolution is used)
+        import dataclasses
+
+        for f in dataclasses.fields(self):
+            if f.name not in ("kind", *USES[self.kind]) and getattr(self, f.name) != f.default:
+                users = [k for k, keys in USES.items() if f.name in keys]
+                raise bad(f.name, f"unset with backbone.kind={self.kind} (it applies to {', '.join(users)} only)",
+                          getattr(self, f.name))
         if self.kind == "hf_clip" and not self.path:
             raise bad("path", "the folder of a local HF CLIPModel", self.path)
 
@@ -107,6 +121,17 @@ def _hf_tokenize(tok, max_len: int) -> Callable[[list[str]], tuple[Tensor, Tenso
     return tokenize
 
 
+def check_path(cfg: BackboneConfig) -> Path | None:
+    """The hf_clip folder, or one line when it is not one.  Cheap: the recipe calls it before the image data
+    is decoded (all of MTIL takes long), so a wrong path is not found only after that."""
+    if cfg.kind != "hf_clip":
+        return None
+    p = Path(cfg.path)
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise UserError(f"backbone.path '{cfg.path}': not a folder with a config.json (expected a local HF CLIPModel)")
+    return p
+
+
 def load_backbone(cfg: BackboneConfig) -> Backbone:
     if cfg.kind == "tiny_clip":
         return Backbone(tiny_clip(cfg), ByteTokenizer(), cfg.image_size)
@@ -116,10 +141,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         model, tok = de.tiny_dual_encoder(seed=cfg.seed, embed_dim=cfg.hidden_size, image_size=cfg.image_size)
         max_len = 32
     elif cfg.kind == "hf_clip":
-        p = Path(cfg.path)
-        if not p.is_dir() or not (p / "config.json").is_file():
-            raise UserError(f"backbone.path '{cfg.path}': not a folder with a config.json "
-                            f"(expected a local HF CLIPModel)")
+        p = check_path(cfg)
         model, tok = _load_or_one_line(de.load_clip, p, f"backbone.path '{cfg.path}': not a usable CLIPModel")
         max_len = min(77, model.config.text_config.max_position_embeddings)
     elif cfg.kind == "towers":

@@ -245,9 +245,12 @@ class SharedPool(Method):
         total = 0
         for b, block in enumerate(moe_blocks(model)):
             per_expert = sum(p.numel() for p in block.local_experts[0].parameters())
-            frozen_before_last = len(progress["pool_frozen"][b]) - self.cfg.groups.pool_freeze_per_task \
-                if progress["pool_frozen"] else 0
-            total += (block.num_experts - max(frozen_before_last, 0)) * per_expert
+            # each finished task froze pool_freeze_per_task more experts, or the rest (freeze_most_used): the
+            # count before the last task, not "all frozen now minus one task's share", which is wrong
+            # once the pool ran out (e.g. 6 per task of 6 experts: nothing trained after the first task)
+            frozen_before_last = min(block.num_experts,
+                                     self.cfg.groups.pool_freeze_per_task * max(len(progress["rows"]) - 1, 0))
+            total += (block.num_experts - frozen_before_last) * per_expert
             total += sum(p.numel() for p in block.router.gates[0].parameters())
         return total
 

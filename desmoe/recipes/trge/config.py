@@ -40,12 +40,24 @@ class TrainConfig:
                 raise bad(key, "an integer >= 1", getattr(self, key))
         if self.save_every < 0:
             raise bad("save_every", "an integer >= 0", self.save_every)
+        if self.warmup < 0:
+            raise bad("warmup", "an integer >= 0", self.warmup)
+        # here, not in the DeepSpeed config check, which would name configs/zero2.json for it
+        if not 0 < self.lr < 1:
+            raise bad("lr", "a number in (0, 1)", self.lr)
+        if not 0 <= self.label_smoothing < 1:  # else cross_entropy fails at the first step
+            raise bad("label_smoothing", "a number in [0, 1)", self.label_smoothing)
 
 
 @dataclass
 class FusionConfig:
     schedule: str = "progress"  # progress (lambda = t/T) | constant | frozen (no fusion) | adapted
     lam_max: float = 1.0
+
+    def check(self) -> None:
+        # lambda mixes two probability vectors: outside [0, 1] the "probabilities" go negative
+        if not 0 <= self.lam_max <= 1:
+            raise bad("lam_max", "a number in [0, 1]", self.lam_max)
 
 
 # Test-time variants, evaluated on the same trained groups; "+" combines them (e.g. oracle+no_fusion).
@@ -79,6 +91,10 @@ class EvalConfig:
         for v in self.variants:
             if not v or any(atom not in VARIANTS for atom in v.split("+")):
                 raise bad("variants", "a list of " + ", ".join(VARIANTS) + " or '+'-joined atoms", self.variants)
+        # a repeated variant would be evaluated twice per task, and its rows (2 per task) then dropped
+        repeated = sorted({v for v in self.variants if self.variants.count(v) > 1})
+        if repeated:
+            raise bad("variants", "each variant once", repeated[0] + " twice")
 
 
 @dataclass
@@ -112,3 +128,8 @@ class TRGEExperiment:
 
         if self.fusion.schedule not in FUSION_SCHEDULES:
             raise bad("fusion.schedule", "one of " + ", ".join(FUSION_SCHEDULES), self.fusion.schedule)
+        # the image tower's router keeps at most groups.max_groups groups: more inter-group weights would
+        # be cut there (not renormalised) while the text side still mixed them all
+        if self.inter.max_groups > self.groups.max_groups:
+            raise bad("inter.max_groups", f"at most groups.max_groups={self.groups.max_groups} (the groups a "
+                                          f"sample's route may take)", self.inter.max_groups)

@@ -41,12 +41,38 @@ class DataConfig:
     n_test: int = 200
 
     def check(self) -> None:
+        import dataclasses
+
         from desmoe.config import bad
 
-        if self.sequence not in ("digits", "offline", "mtil"):
+        if self.sequence not in USES:
             raise bad("sequence", "one of digits, offline, mtil", self.sequence)
+        for key in ("n_train", "n_test", "image_size"):
+            if getattr(self, key) < 1:
+                raise bad(key, "an integer >= 1", getattr(self, key))
+        for key in ("max_train_per_class", "max_test_per_class"):
+            if getattr(self, key) < 0:
+                raise bad(key, "an integer >= 0 (0 = all)", getattr(self, key))
+        from data_prep.images import PROFILES
+
+        if self.profile not in PROFILES:  # else named as data_prep's --profile when the build starts
+            raise bad("profile", "one of " + ", ".join(PROFILES), self.profile)
+        if self.order not in ("I", "II"):
+            raise bad("order", "'I' or 'II' (the MTIL orders)", self.order)
+        # a key another sequence reads is refused, not ignored: a cap meant to shorten an offline run
+        # would otherwise change nothing without a word
+        for f in dataclasses.fields(self):
+            if f.name not in USES[self.sequence] and f.name != "sequence" and getattr(self, f.name) != f.default:
+                users = [s for s, keys in USES.items() if f.name in keys]
+                raise bad(f.name, f"unset with data.sequence={self.sequence} (it applies to {' and '.join(users)} "
+                                  f"only)", getattr(self, f.name))
         if self.sequence == "mtil" and not self.root:
             raise bad("root", "the folder holding the MTIL datasets", self.root)
+
+
+# the keys each data.sequence reads (every other key must keep its default)
+USES = {"digits": ("n_train", "n_test"), "offline": ("root", "profile"),
+        "mtil": ("root", "order", "image_size", "max_train_per_class", "max_test_per_class")}
 
 
 def cache_root() -> Path:
@@ -55,6 +81,13 @@ def cache_root() -> Path:
 
 def load_sequence(cfg: DataConfig) -> tuple[list[ImageTask], list[ImageTask]]:
     """(tasks to learn in order, never-trained control tasks)."""
+    tasks, controls = _load(cfg)
+    for task in tasks + controls:
+        _check_task(task, cfg, trained=task in tasks)
+    return tasks, controls
+
+
+def _load(cfg: DataConfig) -> tuple[list[ImageTask], list[ImageTask]]:
     if cfg.sequence == "digits":
         tasks, control = digit_sequence(cfg.n_train, cfg.n_test)
         return tasks, [control]
@@ -69,12 +102,31 @@ def load_sequence(cfg: DataConfig) -> tuple[list[ImageTask], list[ImageTask]]:
     from desmoe.vision.tasks import INDEX, load_task_sequence
 
     root = Path(cfg.root or f"data/images-{cfg.profile}")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data.root '{root}': is a file, expected an image task sequence folder")
     if not (root / INDEX).is_file() and not (root.exists() and any(root.iterdir())):
         from data_prep.images import build  # first use: build the sequence from the pinned sources
 
         build(cfg.profile, root, cache_root())
     seq = load_task_sequence(root)
     return [t for t in seq if not t.zero_shot_only], [t for t in seq if t.zero_shot_only]
+
+
+def _check_task(task: ImageTask, cfg: DataConfig, trained: bool) -> None:
+    """One line for a split the run cannot use: an empty test set would score 0 % without a word, an empty
+    training set (or a label beyond the class names) fails deep inside the first step."""
+    skipped = task.meta.get("skipped", 0)
+    why = (f"{skipped} images failed to decode" if skipped else
+           f"data.n_train={cfg.n_train} + data.n_test={cfg.n_test} exceed the images available to it"
+           if cfg.sequence == "digits" else "check the dataset folder")
+    for split in ("train", "test") if trained else ("test",):
+        y = getattr(task, f"{split}_y")
+        if y.numel() == 0:
+            raise UserError(f"task '{task.name}': no {split} images ({why})")
+        outside = y[(y < 0) | (y >= task.num_classes)]
+        if outside.numel():
+            raise UserError(f"task '{task.name}': {split} label {int(outside[0])} outside 0..{task.num_classes - 1} "
+                            f"(its {task.num_classes} class names)")
 
 
 def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:

@@ -73,11 +73,25 @@ def frozen_cnn_table(model, backbone, tasks, batch_size: int, cache_dir: str, ra
         all_reduce_(out)  # every row was written by exactly one rank
     table = {key(name, s): out[o:o + len(x)].clone() for (name, s, x), o in zip(parts, offsets)}
     if path is not None and rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(table, tmp)
-        tmp.replace(path)
+        _write(path, table)
     return table
+
+
+def _write(path: Path, table: dict[str, Tensor]) -> None:
+    """Atomic, and safe beside another run writing the same key (the cache is shared by every method and
+    ablation): each writer has its own temporary file, so neither renames or truncates the other's."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def key(task_name: str, split: str) -> str:

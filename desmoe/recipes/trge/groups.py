@@ -52,6 +52,12 @@ class GroupSpec:
             raise bad("top_k", f"an integer in [1, experts_per_group={self.experts_per_group}]", self.top_k)
         if self.max_groups < 1:
             raise bad("max_groups", "an integer >= 1", self.max_groups)
+        if self.ep_size < 1:  # checked before it divides anything below and in the recipe's set-up
+            raise bad("ep_size", "an integer >= 1", self.ep_size)
+        if self.bottleneck < 1:
+            raise bad("bottleneck", "an integer >= 1", self.bottleneck)
+        if self.pool_freeze_per_task < 0:  # a negative count would slice off all but a few experts
+            raise bad("pool_freeze_per_task", "an integer >= 0", self.pool_freeze_per_task)
         if self.num_tasks and (self.num_tasks * self.experts_per_group) % self.ep_size:
             raise bad("ep_size", f"a divisor of num_tasks * experts_per_group = "
                                  f"{self.num_tasks * self.experts_per_group}", self.ep_size)

@@ -86,6 +86,8 @@ class InterGroupConfig:
             raise bad("group_filter", "one of " + ", ".join(GROUP_FILTERS), self.group_filter)
         if self.temperature <= 0:
             raise bad("temperature", "a number > 0", self.temperature)
+        if self.max_groups < 1:  # 0 would zero every row: the frozen model, without a word
+            raise bad("max_groups", "an integer >= 1", self.max_groups)
         if not 0 <= self.beta < 1:
             raise bad("beta", "a number in [0, 1) so the identified group dominates", self.beta)
 

@@ -39,6 +39,11 @@ def last(acc) -> float:
     return float(_check(acc)[-1].mean())
 
 
-def mtil_metrics(acc, decimals: int = 1) -> dict[str, float]:
+def mtil_metrics(acc, decimals: int = 1) -> dict[str, float | None]:
+    """Transfer / Avg / Last; a one-task sequence (1 x 1) has Avg = Last = its one entry and no Transfer
+    (no task is ever seen before it is learned)."""
+    a = np.asarray(acc, dtype=np.float64)
+    if a.shape == (1, 1):
+        return {"transfer": None, "avg": round(float(a[0, 0]), decimals), "last": round(float(a[0, 0]), decimals)}
     return {"transfer": round(transfer(acc), decimals), "avg": round(avg(acc), decimals),
             "last": round(last(acc), decimals)}

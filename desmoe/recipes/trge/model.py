@@ -28,9 +28,10 @@ class Placement:
     def check(self) -> None:
         from desmoe.config import bad
 
-        for t in self.towers:
-            if t not in ("image", "text"):
-                raise bad("towers", "a list of 'image' and/or 'text'", self.towers)
+        if not self.towers or any(t not in ("image", "text") for t in self.towers):  # none: nothing to train
+            raise bad("towers", "a non-empty list of 'image' and/or 'text'", self.towers)
+        if len(set(self.layers)) < len(self.layers):  # a repeated layer would get two adapter sites
+            raise bad("layers", "distinct layer indices", self.layers)
         if self.cnn_blocks < 1:
             raise bad("cnn_blocks", "an integer >= 1", self.cnn_blocks)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from desmoe.recipes.trge.groups import gate_parts, setup_groups
 from desmoe.recipes.trge.inter_group import one_hot_weights
 from desmoe.recipes.trge.model import TRGEModel
 from desmoe.recipes.trge.results import log_stage, summarize, write_reports
-from desmoe.recipes.trge.task_id import OracleIdentifier, TaskInfo, build_identifier
+from desmoe.recipes.trge.task_id import OracleIdentifier, TaskInfo, build_identifier, load_mllm
 from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, Setup, Trainer
 
 
@@ -61,11 +62,18 @@ class TRGERecipe(Recipe):
     def __init__(self, cfg: TRGEExperiment) -> None:
         super().__init__(cfg)
         self.name = cfg.method
+        if cfg.identifier.per_batch:  # the vote is per evaluation batch: another train.eval_batch changes the rows
+            self.resumable_keys = tuple(k for k in self.resumable_keys if k != "train.eval_")
 
     def setup(self, trainer: Trainer) -> Setup:
         from desmoe.distributed import prepare_in_turn
 
+        from desmoe.recipes.trge.backbones import check_path
+
         cfg = self.cfg
+        check_path(cfg.backbone)  # a wrong model path is named before the data is decoded, not after
+        if cfg.identifier.backend == "mllm" and not (Path(cfg.identifier.mllm_path) / "config.json").is_file():
+            load_mllm(cfg.identifier.mllm_path)  # its one line for a folder that is not a model
         # the first use builds the image data and fetches the towers: one rank at a time, never racing
         self.tasks, self.controls = prepare_in_turn(lambda: load_sequence(cfg.data))
         if cfg.groups.num_tasks == 0:
@@ -104,6 +112,10 @@ class TRGERecipe(Recipe):
             if self.oracle is not None:
                 self.oracle.fit_task(stored)
         for v in cfg.eval.variants:  # a resumed run may ask for a variant the checkpoint did not track
+            if v not in progress["variants"] and progress["rows"] and trainer.rank == 0:
+                print(f"desmoe: warning: eval.variants '{v}' is new to this resumed run: evaluated after task "
+                      f"{len(progress['rows']) + 1} on only, so results.json has its rows but no Transfer/Avg/Last",
+                      flush=True)
             progress["variants"].setdefault(v, [])
         self.progress, self.mid = progress, None
         self.baseline.load_state(progress, (state or {}).get("mid_task"), len(progress["rows"]))

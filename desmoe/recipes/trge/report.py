@@ -29,6 +29,8 @@ def rows(root: Path) -> list[dict]:
                     "id_acc_last": round(sum(last_id) / len(last_id), 1) if last_id else None,
                     "control_last": round(r["control_rows"][-1][0], 1) if r["control_rows"][-1] else None})
         for v, m in r.get("variants", {}).items():
+            if "avg" not in m:  # added on resume: rows for the later tasks only, no metrics
+                continue
             out.append({**base, "run": f"{path.parent.name} [{v}]",
                         "identifier": "oracle" if v == "oracle" else ident,
                         "reading": "own" if v == "no_inter" else r["reading"],

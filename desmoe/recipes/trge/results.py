@@ -43,10 +43,15 @@ def summarize(cfg, tasks, controls, progress, model, method) -> dict:
            "reading": cfg.inter.reading, "fusion": cfg.fusion.schedule,
            # images that failed to decode while loading (skipped, not fatal)
            "skipped_images": {t.name: int(t.meta.get("skipped", 0)) for t in tasks + controls}}
-    if A.shape[0] == A.shape[1] and A.shape[0] >= 2:
+    if A.ndim == 2 and A.shape[0] == A.shape[1] >= 1:
         out.update(metrics.mtil_metrics(A))
+        # a variant first asked for by a resumed run has rows for the later tasks only: reported as such,
+        # without metrics (they need every row), instead of vanishing from the results
         out["variants"] = {v: {"accuracy_matrix": rows, **metrics.mtil_metrics(np.array(rows))}
-                           for v, rows in progress.get("variants", {}).items() if len(rows) == A.shape[0]}
+                           if len(rows) == A.shape[0] else
+                           {"accuracy_matrix": rows, "after_tasks": list(range(A.shape[0] - len(rows) + 1,
+                                                                               A.shape[0] + 1))}
+                           for v, rows in progress.get("variants", {}).items()}
     return out
 
 

@@ -78,6 +78,10 @@ class IdentifierConfig:
             raise bad("threshold_quantile", "a number in [0, 1)", self.threshold_quantile)
         if not 0 <= self.calibration_split < 1:
             raise bad("calibration_split", "a number in [0, 1)", self.calibration_split)
+        if not 0 <= self.shrinkage <= 1:  # a convex mix of the covariance and its diagonal target
+            raise bad("shrinkage", "a number in [0, 1]", self.shrinkage)
+        if self.mllm_images < 1:
+            raise bad("mllm_images", "an integer >= 1", self.mllm_images)
         if self.backend == "mllm" and not self.mllm_path:
             raise bad("mllm_path", "the folder of a local HF image-text-to-text model", self.mllm_path)
 
