@@ -22,6 +22,7 @@ equals ``math/exact`` (``tests/test_harness.py``); ``desmoe_exact_<domain>``'s `
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +33,7 @@ from desmoe.errors import UserError
 from desmoe.models.generate import greedy_generate, score_continuations
 
 TASKS = Path(__file__).resolve().parent / "tasks"
+MAX_GEN_TOKS = 256  # a task without generation_kwargs.max_gen_toks: the harness's own models' default
 
 
 def _lm_base():
@@ -69,7 +71,9 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             return out
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            contexts = self.tok.encode([r.args[0] for r in requests])
+            # an empty context (the harness's unconditional requests, e.g. acc_mutual_info) is end-of-text, as in
+            # loglikelihood_rolling: without it the continuation's first token would be left out of the sum
+            contexts = [ids or [self.tok.eos_id] for ids in self.tok.encode([r.args[0] for r in requests])]
             conts = self.tok.encode([r.args[1] for r in requests])
             return [(float(lp), bool(greedy)) for lp, _, greedy in self._score(list(zip(contexts, conts)))]
 
@@ -87,20 +91,32 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             for i in range(0, len(requests), self.batch):
                 chunk = requests[i:i + self.batch]
                 kwargs = [r.args[1] for r in chunk]
-                steps = max(int(k.get("max_gen_toks", 32)) for k in kwargs)
+                steps = max(int(k.get("max_gen_toks", MAX_GEN_TOKS)) for k in kwargs)
                 prompts = [p[-self.max_len:] for p in self.tok.encode([r.args[0] for r in chunk])]
                 outs = greedy_generate(self.model, prompts, steps, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
                 for out, k in zip(outs, kwargs):
-                    out = out[:int(k.get("max_gen_toks", 32))]
+                    out = out[:int(k.get("max_gen_toks", MAX_GEN_TOKS))]
                     if self.tok.eos_id in out:  # the answer ends at end-of-text (its text is no answer)
                         out = out[:out.index(self.tok.eos_id)]
                     text = self.tok.decode(out)
-                    for stop in k.get("until", []) or []:
+                    for stop in _stops(k.get("until")):
                         text = text.split(stop, 1)[0]
                     answers.append(text)
             return answers
 
     return DesmoeLM()
+
+
+def _stops(until) -> list[str]:
+    """A task's ``until``: one string (a YAML ``until: "\\n\\n"``, which the harness passes on as it is) or a
+    list of them; iterating the string would cut the answer at any one of its characters."""
+    if until is None:
+        return []
+    if isinstance(until, str):
+        return [until] if until else []
+    if isinstance(until, (list, tuple)) and all(isinstance(u, str) for u in until):
+        return [u for u in until if u]
+    raise UserError(f"generation_kwargs.until: expected a string or a list of strings, got {until!r}")
 
 
 def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12, exact_gen_toks: int = 24) -> list[str]:
@@ -129,11 +145,23 @@ def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12, exa
     return names
 
 
+def task_names(include_path: str | Path) -> list[str]:
+    """The tasks the harness finds in ``include_path``: each YAML's ``task:`` name, which need not be its
+    file name, in sub-folders too (the harness reads ``**/*.yaml``); groups and tags are not listed."""
+    from lm_eval.tasks import TaskManager
+
+    check_task_files(include_path)
+    return sorted(TaskManager(include_path=str(include_path), include_defaults=False).all_subtasks)
+
+
 def check_task_files(include_path: str | Path) -> None:
-    """Every ``data_files`` a task YAML names exists (the harness would fail deep inside ``datasets``)."""
+    """Every ``data_files`` a task YAML names exists (the harness would fail deep inside ``datasets``); a
+    glob pattern (``datasets`` accepts them) must match a file."""
+    import glob
+
     import yaml
 
-    for path in sorted(Path(include_path).glob("*.yaml")):
+    for path in sorted(Path(include_path).glob("**/*.yaml")):  # the harness's own pattern
         try:
             cfg = yaml.load(path.read_text(), Loader=_FunctionLoader) or {}
         except yaml.YAMLError:
@@ -141,7 +169,7 @@ def check_task_files(include_path: str | Path) -> None:
         files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
         for split, name in (files.items() if isinstance(files, dict) else [("", files)]):
             for f in [name] if isinstance(name, str) else name:
-                if not Path(f).is_file():
+                if not (Path(f).is_file() or (glob.has_magic(str(f)) and any(map(os.path.isfile, glob.glob(str(f)))))):
                     raise UserError(f"{path}: key 'dataset_kwargs.data_files{'.' + split if split else ''}': "
                                     f"file {f} not found")
 
@@ -162,8 +190,6 @@ def run(lm, tasks: list[str], include_path: str | Path, limit: Optional[int] = N
     """Run the harness offline on ``tasks``; returns {task: {metric: value}} (the harness's own numbers).
     Tasks run one at a time, so each one's requests are batched as the in-house evaluator batches them.
     ``samples``: filled with {task: [per-document record]} when given."""
-    import os
-
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_task_files(include_path)
