@@ -170,7 +170,8 @@ class Builder:
         heldout[:] = [d for d, k in zip(heldout, heldout_keep) if k]
         order = [(name, d) for name, docs in domains.items() for d in docs]
         keep, stats = dedupe([d.text for _, d in order], self.cfg.near_dup_threshold,
-                             protected=[d.text for d in heldout])
+                             protected=[d.text for d in heldout],
+                             responses=[d.response if isinstance(d, Record) else None for _, d in order])
         self.stats["dropped"] = stats
         out: dict[str, list[Doc]] = {name: [] for name in domains}
         for (name, d), k in zip(order, keep):

@@ -40,6 +40,11 @@ class Record(Doc):
     origin: str = ""     # "<file>: line <n>", for one-line errors after tokenization
     mask: list[int] = field(default_factory=list)  # per token of its ids, set by the build
 
+    @property
+    def response(self) -> str:
+        """What it trains on (near-duplicate records must match there too, data_prep.clean.dedupe)."""
+        return "".join(t for t, counts in self.segments if counts)
+
 
 def encode_record(tok, rec: Record, max_tokens: int) -> list[int]:
     """Token ids of a record, piece by piece, cut to ``max_tokens`` (the eos the build appends

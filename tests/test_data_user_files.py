@@ -135,3 +135,35 @@ def test_an_empty_assistant_turn_is_context_not_response(tmp_path, tokenizers):
     trained = tok.decode([t for t, m in zip(ids, rec.mask) if m])
     # only the answer that says something (and its end-of-turn markup) is trained on
     assert trained == "It serialises an object to a JSON string.<|end|>\n"
+
+
+def test_chats_sharing_a_long_system_prompt_are_not_near_duplicates(tmp_path):
+    """Whole-text MinHash saw 40 chats behind one 400-word system prompt (a tool specification, a persona)
+    as near duplicates and kept 1 or 2 of them, silently.  Now a record is a near duplicate of a record
+    only if its response is one too; a true near copy (one word of the question changed, same answer)
+    is still dropped."""
+    from data_prep.build import build
+    from desmoe.data import PreparedData
+
+    docs = docstrings()
+    system = " ".join(a for _, a in docs[-12:])
+    assert len(system.split()) > 300
+    chat = lambda q, a: {"messages": [{"role": "system", "content": system},  # noqa: E731
+                                      {"role": "user", "content": f"What does {q} do?"},
+                                      {"role": "assistant", "content": a}]}
+    rows = [chat(q, a) for q, a in docs[:40]]
+    copies = [chat(q + "()", a) for q, a in docs[:2]]  # the same question and answer, one token apart
+    folder = user_folder(tmp_path)
+    for f in (folder / "qa").iterdir():
+        f.unlink()
+    (folder / "qa" / "chat.jsonl").write_text(_jsonl(rows + copies))
+    texts = [a for _, a in docs] + [system]
+    prof = profile(tmp_path, folder, hf_tokenizer(tmp_path / "hf", texts), budget_tokens=10 ** 6, equalize=False,
+                   max_record_tokens=4096)
+    meta = build(str(prof), tmp_path / "out", cache=tmp_path / "cache", quiet=True)
+    data = PreparedData(tmp_path / "out")
+    kept = sorted(r["doc_id"] for s in ("train", "val", "test") for r in data.raw(s, "qa"))
+    # of each near copy and its original, the one first in the build's seeded order stays
+    assert len(kept) == 40 and {str(i) for i in range(2, 40)} <= set(kept), kept
+    assert all((str(i) in kept) != (str(40 + i) in kept) for i in range(2)), kept
+    assert meta["dropped"]["near"] == 2
