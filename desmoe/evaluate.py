@@ -74,10 +74,14 @@ def evaluate(model_dir: str | Path, data: str | Path | None = None, include_path
             include = Path(include_path)
             names = task_names(include)  # the YAMLs' task: names (a file gsm8k.yaml may hold task: gsm8k_local)
         chosen = names if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+        where = data or include_path
+        if not chosen:
+            raise UserError(f"{where}: no evaluation tasks to run (" + (
+                "a data folder of user domains has no MCQ or math items; give your own task YAMLs with "
+                "--include_path)" if data else "no *.yaml file with a task: key)"))
         unknown = [t for t in chosen if t not in names]
         if unknown:
-            raise UserError(f"--tasks: '{unknown[0]}' is not a task of {data or include_path} "
-                            f"(tasks: {', '.join(names) or 'none; the harness reads *.yaml files with a task: key'})")
+            raise UserError(f"--tasks: '{unknown[0]}' is not a task of {where} (tasks: {', '.join(names) or 'none'})")
         model = load_model(model_dir).eval()  # after the cheap checks: a large model loads for minutes
         check_vocab(tok, model, model_dir)
         return run(make_lm(model, tok, batch_size=batch_size), chosen, include, limit=limit)

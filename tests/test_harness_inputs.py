@@ -131,6 +131,22 @@ def test_a_task_named_otherwise_than_its_file_runs(tiny, tmp_path):
         f"desmoe: error: --tasks: 'mmlu' is not a task of {tasks} (tasks: mmlu_glob, mmlu_local)"), proc.stderr
 
 
+def test_a_data_folder_of_user_domains_has_no_tasks_in_one_line(tiny, tmp_path):
+    """A folder built from users' own domains has no MCQ and an empty math file: the harness's json loader
+    raised StopIteration from deep inside datasets."""
+    from instructfix import build_instruct
+
+    data = build_instruct(tmp_path / "data")
+    assert not (data / "eval" / "math.jsonl").read_text().strip()
+    cmd = [sys.executable, "-m", "desmoe.evaluate", str(tiny[1]), "--data", str(data)]
+    for extra, message in [([], f"{data}: no evaluation tasks to run (a data folder of user domains has no MCQ or "
+                                f"math items; give your own task YAMLs with --include_path)"),
+                           (["--tasks", "desmoe_math"], f"--tasks: 'desmoe_math' is not a task of {data} (tasks: none)")]:
+        proc = subprocess.run(cmd + extra, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env(tmp_path))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == "desmoe: error: " + message
+
+
 def test_a_glob_matching_nothing_is_one_line(tmp_path):
     from desmoe.evaluation.harness import check_task_files
 
@@ -148,6 +164,10 @@ def test_a_tokenizer_the_model_cannot_embed_is_one_line(tiny, tmp_path):
 
     small = write_initial_checkpoint(tiny_config("olmoe"), tmp_path / "small", seed=3)  # 96 embedding rows
     (tmp_path / "t").mkdir()
+    (tmp_path / "d.jsonl").write_text(json.dumps({"q": "Why?", "a": "Because."}) + "\n")
+    (tmp_path / "t" / "t.yaml").write_text(f"task: t\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: "
+                                           f"'{tmp_path / 'd.jsonl'}'}}}}\ntest_split: test\noutput_type: "
+                                           f"generate_until\ndoc_to_text: q\ndoc_to_target: a\n")
     with pytest.raises(UserError) as err:
         evaluate(small, include_path=tmp_path / "t", tasks="all", tokenizer=tiny[0])
     assert str(err.value) == (f"tokenizer {tiny[0]}: 500 tokens, but the model {small} embeds only 96 (not its "

@@ -120,7 +120,8 @@ def _stops(until) -> list[str]:
 
 
 def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12, exact_gen_toks: int = 24) -> list[str]:
-    """Write the demo tasks for the prepared folder ``data_root`` into ``out``; returns their names."""
+    """Write the demo tasks for the prepared folder ``data_root`` into ``out``; returns their names (tasks
+    without items are left out)."""
     data_root, out = Path(data_root).resolve(), Path(out)
     meta_path = data_root / "meta.json"
     if not meta_path.is_file():
@@ -137,6 +138,8 @@ def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12, exa
     for name, template, data_file, gen_toks in templates:
         if not data_file.is_file():
             raise UserError(f"{data_file}: evaluation file of task {name} not found")
+        if not data_file.read_text().strip():  # a folder of user domains: no math items (datasets would fail)
+            continue
         text = (TASKS / template).read_text().replace("@TASK@", name).replace("@DATA_FILE@", str(data_file))
         text = text.replace("@PROMPT_FIELD@", "heldout_prompt" if name.endswith("_rephrased") else "prompt")
         text = text.replace("@MAX_GEN_TOKS@", str(int(gen_toks)))
