@@ -39,6 +39,7 @@ class Record(Doc):
     segments: list[tuple[str, bool]] = field(default_factory=list)  # (text, is_response)
     origin: str = ""     # "<file>: line <n>", for one-line errors after tokenization
     mask: list[int] = field(default_factory=list)  # per token of its ids, set by the build
+    complete: bool = True  # False when cut to max_record_tokens (set by the build)
 
     @property
     def response(self) -> str:
@@ -57,8 +58,15 @@ def encode_record(tok, rec: Record, max_tokens: int) -> list[int]:
         raise UserError(f"{rec.origin}: the response is empty after truncation to max_record_tokens={max_tokens} "
                         f"(prompt {mask.index(1) if 1 in mask else len(mask)} tokens); shorten the prompt or "
                         f"raise max_record_tokens")
-    rec.mask = mask[: max_tokens - 1]
+    rec.mask, rec.complete = mask[: max_tokens - 1], len(ids) <= max_tokens - 1
     return ids[: max_tokens - 1]
+
+
+def closing_eos_counts(rec: Record, kept: int) -> int:
+    """The loss mask of the eos the build appends to a record's first ``kept`` tokens: 1 (learn to stop)
+    only after a whole record that ends in its response; after a cut (``max_record_tokens``, the budget)
+    or a trailing prompt turn there is nothing to stop, and training it would teach stopping mid-answer."""
+    return int(rec.complete and kept == len(rec.mask) and kept > 0 and rec.mask[kept - 1] == 1)
 
 
 def user_docs(folder: str | Path, domains: list[str], heldout: str, chat: Chat = None,
@@ -246,7 +254,7 @@ def _segments(fmt: str, row: dict, where: str, chat: Chat, chat_why: str) -> lis
 def _render(chat, msgs: list, gen: bool, where: str, turns: int) -> str:
     try:
         return chat(msgs, gen)
-    except Exception as err:  # noqa: BLE001 - a template's raise_exception (jinja2's TemplateError), transformers' ValueError
+    except Exception as err:  # noqa: BLE001 - raise_exception in a template (jinja2's TemplateError), ValueError
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise UserError(f"{where}: key 'messages': the chat template cannot render messages[:{turns}] "
                         f"({type(err).__name__}: {first})") from None

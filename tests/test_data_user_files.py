@@ -72,8 +72,8 @@ def test_line_separators_inside_strings_and_crlf_are_read(tmp_path):
 
 def test_duplicate_keys_are_refused(tmp_path):
     (tmp_path / "alpha").mkdir()
-    (tmp_path / "alpha" / "a.jsonl").write_text('{"prompt": "Q: 1+1?\\nA:", "completion": " 2"}\n{"prompt": "Q: 2+2?\\nA:", "completion": " 5", '
-                                                '"completion": " 4"}\n')
+    (tmp_path / "alpha" / "a.jsonl").write_text('{"prompt": "Q: 1+1?\\nA:", "completion": " 2"}\n'
+                                                '{"prompt": "Q: 2+2?\\nA:", "completion": " 5", "completion": " 4"}\n')
     assert _refused(tmp_path) == f"{tmp_path / 'alpha' / 'a.jsonl'}: line 2: key 'completion' appears twice in one object"
 
 
@@ -84,7 +84,8 @@ def test_a_lone_surrogate_is_one_line_not_a_traceback(tmp_path):
     folder = user_folder(tmp_path)
     prof = profile(tmp_path, folder, hf_tokenizer(tmp_path / "hf", texts))
     # an emoji cut in half by a scraper: its high surrogate's escape without the low one
-    (folder / "prose" / "cut.jsonl").write_text(json.dumps({"text": texts[0]}) + '\n{"text": "a tweet \\ud83d cut in half by the scraper that collected it"}\n')
+    cut = '{"text": "a tweet \\ud83d cut in half by the scraper that collected it"}\n'
+    (folder / "prose" / "cut.jsonl").write_text(json.dumps({"text": texts[0]}) + "\n" + cut)
     with pytest.raises(UserError) as err:
         build(str(prof), tmp_path / "out", cache=tmp_path / "cache", quiet=True)
     assert str(err.value) == (f"{folder / 'prose' / 'cut.jsonl'}: line 2: a lone UTF-16 surrogate '\\ud83d' at "
