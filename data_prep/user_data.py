@@ -176,7 +176,9 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
             elif fmt != first[0]:
                 raise UserError(f"{where}: a '{fmt}' record in a file of '{first[0]}' records ({first[1]}); "
                                 f"one format per file")
-            source, licence = str(row.get("source") or name), str(row.get("licence") or "user-supplied")
+            # 'license' (US spelling, most HF datasets' column) was ignored: the card said "user-supplied"
+            licence = row.get("licence") or row.get("license") or "user-supplied"
+            source, licence = str(row.get("source") or name), str(licence)
             if fmt == "text":
                 if isinstance(row["text"], str):
                     yield Doc(_unicode(row["text"], where), source, licence, str(i))

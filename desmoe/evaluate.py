@@ -111,6 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: expected a positive integer")
+    if args.batch_size < 1:  # range(0, n, 0) deep in the adapter
+        raise UserError(f"--batch_size {args.batch_size}: expected a positive integer")
     result = evaluate(args.model_dir, args.data, args.include_path, args.tasks, args.limit, args.tokenizer,
                       args.batch_size)
     text = json.dumps(result, indent=1, sort_keys=True, default=float)

@@ -168,3 +168,16 @@ def test_chats_sharing_a_long_system_prompt_are_not_near_duplicates(tmp_path):
     assert len(kept) == 40 and {str(i) for i in range(2, 40)} <= set(kept), kept
     assert all((str(i) in kept) != (str(40 + i) in kept) for i in range(2)), kept
     assert meta["dropped"]["near"] == 2
+
+
+def test_license_in_us_spelling_is_the_licence(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "alpha").mkdir()
+    (tmp_path / "alpha" / "a.jsonl").write_text(_jsonl([{"text": "one", "license": "CC-BY-4.0"},
+                                                        {"text": "two", "licence": "MIT"}, {"text": "three"}]))
+    pq.write_table(pa.table({"text": ["four"], "license": ["Apache-2.0"]}), tmp_path / "alpha" / "b.parquet")
+    docs = user_docs(tmp_path, ["alpha"], "heldout")["alpha"]
+    assert {d.text: d.licence for d in docs} == {"one": "CC-BY-4.0", "two": "MIT", "three": "user-supplied",
+                                                 "four": "Apache-2.0"}

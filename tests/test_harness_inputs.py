@@ -172,3 +172,11 @@ def test_a_tokenizer_the_model_cannot_embed_is_one_line(tiny, tmp_path):
         evaluate(small, include_path=tmp_path / "t", tasks="all", tokenizer=tiny[0])
     assert str(err.value) == (f"tokenizer {tiny[0]}: 500 tokens, but the model {small} embeds only 96 (not its "
                               f"tokenizer; give the model's own with --tokenizer)")
+
+
+def test_a_batch_size_of_zero_is_one_line(tiny, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "desmoe.evaluate", str(tiny[1]), "--tokenizer", str(tiny[0]),
+                           "--include_path", str(tmp_path), "--batch_size", "0"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=_env(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "desmoe: error: --batch_size 0: expected a positive integer"), proc.stderr[-2000:]
