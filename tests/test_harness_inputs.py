@@ -180,3 +180,27 @@ def test_a_batch_size_of_zero_is_one_line(tiny, tmp_path):
                           text=True, timeout=600, env=_env(tmp_path))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         "desmoe: error: --batch_size 0: expected a positive integer"), proc.stderr[-2000:]
+
+
+def test_a_tasks_own_num_fewshot_is_kept(tiny, tmp_path):
+    """run() passed num_fewshot=0 to the harness, which overrides every task's own value: a YAML's
+    num_fewshot: 2 ran zero-shot without a word."""
+    from desmoe.data.tokenizer import HFTokenizer
+    from desmoe.evaluation.harness import make_lm, run
+
+    rows = [{"q": f"What is {q}?", "a": q} for q, _ in docstrings()[:6]]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = (f"dataset_path: json\ndataset_kwargs: {{data_files: {{test: '{tmp_path / 'd.jsonl'}'}}}}\n"
+            "test_split: test\nfewshot_split: test\noutput_type: generate_until\ndoc_to_text: '{{q}}'\n"
+            "doc_to_target: a\ngeneration_kwargs: {until: ['Question'], max_gen_toks: 4}\n")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "shots.yaml").write_text("task: shots\nnum_fewshot: 2\n" + base)
+    (tmp_path / "t" / "zero.yaml").write_text("task: zero\n" + base)
+    tok = HFTokenizer(tiny[0])
+    samples: dict = {}
+    run(make_lm(Successor(tok.vocab_size), tok), ["shots", "zero"], tmp_path / "t", limit=3, samples=samples)
+    for task, shots in (("shots", 2), ("zero", 0)):
+        for s in samples[task]:
+            context = s["arguments"][0][0]
+            others = [r["q"] for r in rows if r["q"] != s["doc"]["q"] and r["q"] in context]
+            assert context.endswith(s["doc"]["q"]) and len(others) == shots, (task, context)

@@ -208,7 +208,8 @@ def run(lm, tasks: list[str], include_path: str | Path, limit: Optional[int] = N
     # rank is a whole evaluator of its own (rank 0 of 1), so each one must get the results.
     local_rank = os.environ.pop("LOCAL_RANK", None)
     try:
-        results = [simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=0,
+        # num_fewshot=None: a task's own num_fewshot holds (0 when it sets none; 0 here overrode a YAML's 5)
+        results = [simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=None,
                                    log_samples=samples is not None, bootstrap_iters=0, verbosity="ERROR")
                    for task in tasks]
     finally:
