@@ -31,7 +31,7 @@ from data_prep.evalsets import write_eval_sets
 from data_prep.extract import EXTRACTORS, Context, Doc
 from data_prep.instruct import instruction_parts
 from data_prep.sources import SourceCache, load_manifest, package_record
-from data_prep.user_data import Record, encode_record
+from data_prep.user_data import Record, closing_eos_counts, encode_record
 from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece, write_indexed
 from desmoe.checkpoint import replace_dir_atomic
 from desmoe.config import split_overrides
@@ -170,7 +170,8 @@ class Builder:
         heldout[:] = [d for d, k in zip(heldout, heldout_keep) if k]
         order = [(name, d) for name, docs in domains.items() for d in docs]
         keep, stats = dedupe([d.text for _, d in order], self.cfg.near_dup_threshold,
-                             protected=[d.text for d in heldout])
+                             protected=[d.text for d in heldout],
+                             responses=[d.response if isinstance(d, Record) else None for _, d in order])
         self.stats["dropped"] = stats
         out: dict[str, list[Doc]] = {name: [] for name in domains}
         for (name, d), k in zip(order, keep):
@@ -327,10 +328,10 @@ class Builder:
             (root / "raw" / n).mkdir(parents=True, exist_ok=True)
             pq.write_table(table, root / "raw" / n / f"{s}.parquet")
             write_indexed(root / "indexed" / n / s, [t for _, t in rows], tok.eos_id, tok.vocab_size)
-            if n in self.masked:  # the closing eos counts: the model learns to stop after a response
+            if n in self.masked:  # a record's closing eos counts after its whole response: the model learns to stop
                 write_indexed(root / "indexed" / n / f"{s}.mask",
                               [d.mask[: len(t)] if isinstance(d, Record) else [1] * len(t) for d, t in rows],
-                              1, 2)
+                              1, 2, ends=[closing_eos_counts(d, len(t)) if isinstance(d, Record) else 1 for d, t in rows])
 
     def _package(self, name: str) -> dict:
         return package_record(self.manifest[name], self.cache.resolution(self.manifest[name]))

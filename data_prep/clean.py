@@ -13,7 +13,7 @@ import html
 import re
 import unicodedata
 import zlib
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -102,14 +102,15 @@ class NearDupIndex:
         self.buckets: dict[tuple[int, bytes], list[int]] = {}
         self.signatures: list[np.ndarray] = []
 
-    def query(self, sig: np.ndarray) -> int | None:
+    def query(self, sig: np.ndarray, accept=None) -> int | None:
+        """The first kept document ``sig`` nearly duplicates (and ``accept(j)`` confirms, when given)."""
         rows = NUM_PERM // BANDS
         seen = set()
         for band in range(BANDS):
             for j in self.buckets.get((band, sig[band * rows:(band + 1) * rows].tobytes()), ()):
                 if j not in seen:
                     seen.add(j)
-                    if jaccard_estimate(sig, self.signatures[j]) >= self.threshold:
+                    if jaccard_estimate(sig, self.signatures[j]) >= self.threshold and (accept is None or accept(j)):
                         return j
         return None
 
@@ -122,29 +123,39 @@ class NearDupIndex:
         return j
 
 
-def dedupe(texts: Sequence[str], threshold: float, protected: Iterable[str] = ()) -> tuple[list[bool], dict]:
+def dedupe(texts: Sequence[str], threshold: float, protected: Iterable[str] = (),
+           responses: Optional[Sequence[Optional[str]]] = None) -> tuple[list[bool], dict]:
     """Keep-mask over ``texts``: drops exact and near duplicates of earlier texts and of any
-    ``protected`` text (the held-out set, which must not leak into training)."""
+    ``protected`` text (the held-out set, which must not leak into training).  ``responses``: per text,
+    an instruction record's response (what it trains on), else None.  A record is a near duplicate of
+    another record only if their responses are near duplicates too: chats that share a long system
+    prompt (a tool specification, a persona) are near duplicates as whole texts, yet each one teaches
+    its own answer."""
     index, exact = NearDupIndex(threshold), set()
     for t in protected:
         exact.add(exact_key(t))
         index.add(minhash(t))
     n_protected = len(index.signatures)
+    kept_resp: list[Optional[np.ndarray]] = [None] * n_protected  # per index entry: its response's signature
     keep, stats = [], {"exact": 0, "near": 0, "heldout": 0}
-    for t in texts:
+    for i, t in enumerate(texts):
         key = exact_key(t)
         if key in exact:
             keep.append(False)
             stats["exact"] += 1
             continue
         sig = minhash(t)
-        hit = index.query(sig)
+        resp = minhash(responses[i]) if responses is not None and responses[i] is not None else None
+        accept = None if resp is None else (  # a record: its response must match a record's response too
+            lambda j: kept_resp[j] is None or jaccard_estimate(resp, kept_resp[j]) >= threshold)
+        hit = index.query(sig, accept)
         if hit is not None:
             keep.append(False)
             stats["heldout" if hit < n_protected else "near"] += 1
             continue
         exact.add(key)
         index.add(sig)
+        kept_resp.append(resp)
         keep.append(True)
     return keep, stats
 

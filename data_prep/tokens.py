@@ -79,17 +79,18 @@ def encode_all(tok, texts: Sequence[str], workers: int, progress=None) -> tuple[
                  "tokens_per_s": round(tokens / max(seconds, 1e-9))}
 
 
-def write_indexed(prefix: Path, docs: Sequence[Sequence[int]], eos_id: int, vocab_size: int) -> None:
+def write_indexed(prefix: Path, docs: Sequence[Sequence[int]], eos_id: int, vocab_size: int,
+                  ends: Sequence[int] | None = None) -> None:
     """One megatron-core indexed dataset item (and document) per text, each ending in eos
-    (loss masks: ``vocab_size=2``, ``eos_id=1``: stored as uint8)."""
+    (loss masks: ``vocab_size=2``, ``eos_id=1``: stored as uint8; ``ends``: per item instead of ``eos_id``)."""
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     dtype = np.uint8 if vocab_size <= 2 else np.uint16 if vocab_size < 65500 else np.int32
     prefix.parent.mkdir(parents=True, exist_ok=True)
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=dtype)
-    for ids in docs:
-        builder.add_item(torch.tensor([*ids, eos_id], dtype=torch.int64))
+    for i, ids in enumerate(docs):
+        builder.add_item(torch.tensor([*ids, eos_id if ends is None else ends[i]], dtype=torch.int64))
         builder.end_document()
     builder.finalize(str(prefix) + ".idx")
 

@@ -18,6 +18,7 @@ A sub-folder whose name is not a configured domain (or the held-out set) is refu
 """
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Callable, Iterator, Optional
 from data_prep.extract import Doc
 from desmoe.errors import ConfigError, UserError
 
-SUFFIXES = (".jsonl", ".parquet", ".txt")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")
 FORMATS = "a string field 'text', 'messages', 'prompt'+'completion' or 'instruction'+'output'"
 # chat(messages, add_generation_prompt) -> rendered text; None: no chat template available
 Chat = Optional[Callable[[list, bool], str]]
@@ -38,6 +39,12 @@ class Record(Doc):
     segments: list[tuple[str, bool]] = field(default_factory=list)  # (text, is_response)
     origin: str = ""     # "<file>: line <n>", for one-line errors after tokenization
     mask: list[int] = field(default_factory=list)  # per token of its ids, set by the build
+    complete: bool = True  # False when cut to max_record_tokens (set by the build)
+
+    @property
+    def response(self) -> str:
+        """What it trains on (near-duplicate records must match there too, data_prep.clean.dedupe)."""
+        return "".join(t for t, counts in self.segments if counts)
 
 
 def encode_record(tok, rec: Record, max_tokens: int) -> list[int]:
@@ -51,8 +58,15 @@ def encode_record(tok, rec: Record, max_tokens: int) -> list[int]:
         raise UserError(f"{rec.origin}: the response is empty after truncation to max_record_tokens={max_tokens} "
                         f"(prompt {mask.index(1) if 1 in mask else len(mask)} tokens); shorten the prompt or "
                         f"raise max_record_tokens")
-    rec.mask = mask[: max_tokens - 1]
+    rec.mask, rec.complete = mask[: max_tokens - 1], len(ids) <= max_tokens - 1
     return ids[: max_tokens - 1]
+
+
+def closing_eos_counts(rec: Record, kept: int) -> int:
+    """The loss mask of the eos the build appends to a record's first ``kept`` tokens: 1 (learn to stop)
+    only after a whole record that ends in its response; after a cut (``max_record_tokens``, the budget)
+    or a trailing prompt turn there is nothing to stop, and training it would teach stopping mid-answer."""
+    return int(rec.complete and kept == len(rec.mask) and kept > 0 and rec.mask[kept - 1] == 1)
 
 
 def user_docs(folder: str | Path, domains: list[str], heldout: str, chat: Chat = None,
@@ -62,11 +76,21 @@ def user_docs(folder: str | Path, domains: list[str], heldout: str, chat: Chat =
     if not root.is_dir():
         raise ConfigError(f"key 'user_data': '{root}' is not a directory")
     out: dict[str, list[Doc]] = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+    # hidden entries (.git, .DS_Store, .ipynb_checkpoints) are not data; any other file is read or refused:
+    # a file skipped without a word (train.jsonl.gz, data.json, a file beside the domain folders) is lost data
+    for p in sorted(root.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            raise UserError(f"{p}: a file directly in user_data; put it in a domain folder "
+                            f"({root}/<domain>/{p.name}; domains: {', '.join(domains)})")
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if sub.name not in domains and sub.name != heldout:
             raise ConfigError(f"{sub}: unknown domain '{sub.name}' (configured: {', '.join(domains)}, "
                               f"held-out: {heldout})")
-        files = sorted(p for p in sub.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        files = sorted(p for p in sub.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(sub).parts))
+        for f in files:
+            if not f.name.endswith(SUFFIXES):
+                raise UserError(f"{f}: not a user data file (expected {', '.join('*' + x for x in SUFFIXES)})")
         out[sub.name] = [d for f in files for d in _read(f, root, chat, chat_why)]
     return out
 
@@ -97,14 +121,35 @@ def record_format(row) -> Optional[str]:
     return "text" if "text" in row else None
 
 
+def _text(path: Path) -> str:
+    # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the data
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8-sig") as f:
+            return f.read()
+    return path.read_text(encoding="utf-8-sig")
+
+
+def _unique_keys(where: str):
+    def hook(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:  # json keeps the last one without a word: which one did the user mean?
+                raise UserError(f"{where}: key '{key}' appears twice in one object")
+            seen.add(key)
+        return dict(pairs)
+    return hook
+
+
 def _rows(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, record) of a .jsonl or .parquet file."""
-    if path.suffix == ".jsonl":
-        # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of line 1's JSON
-        for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines()):
+    """(where, record) of a .jsonl(.gz) or .parquet file."""
+    if path.suffix != ".parquet":
+        # lines end at "\n" only (a "\r" before it is JSON whitespace): str.splitlines() would also cut at
+        # U+2028, U+0085, ..., which JSON allows unescaped inside strings (json.dumps(..., ensure_ascii=False))
+        for i, line in enumerate(_text(path).split("\n")):
             if line.strip():
+                where = f"{path}: line {i + 1}"
                 try:
-                    yield f"{path}: line {i + 1}", json.loads(line)
+                    yield where, json.loads(line, object_pairs_hook=_unique_keys(where))
                 except json.JSONDecodeError:
                     raise UserError(f"{path}: line {i + 1} is not valid JSON") from None
     else:
@@ -131,23 +176,37 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
             elif fmt != first[0]:
                 raise UserError(f"{where}: a '{fmt}' record in a file of '{first[0]}' records ({first[1]}); "
                                 f"one format per file")
-            source, licence = str(row.get("source") or name), str(row.get("licence") or "user-supplied")
+            # 'license' (US spelling, most HF datasets' column) was ignored: the card said "user-supplied"
+            licence = row.get("licence") or row.get("license") or "user-supplied"
+            source, licence = str(row.get("source") or name), str(licence)
             if fmt == "text":
                 if isinstance(row["text"], str):
-                    yield Doc(row["text"], source, licence, str(i))
-                elif path.suffix == ".jsonl":  # parquet: null cells are skipped, as before
+                    yield Doc(_unicode(row["text"], where), source, licence, str(i))
+                elif path.suffix != ".parquet":  # parquet: null cells are skipped, as before
                     raise UserError(f"{where}: expected an object with a string field 'text'")
                 continue
             segments = _segments(fmt, row, where, chat, chat_why)
+            _unicode("".join(t for t, _ in segments), where)
             yield Record("".join(t for t, _ in segments), source, licence, str(i), segments=segments, origin=where)
     except UnicodeDecodeError:
         raise UserError(f"{path}: unreadable user file (not UTF-8 text)") from None
-    except OSError as err:
+    except (OSError, EOFError) as err:  # gzip: BadGzipFile is an OSError, a cut-off file an EOFError
         raise UserError(f"{path}: unreadable user file ({err.strerror or type(err).__name__})") from None
     except Exception as err:  # pyarrow's errors for a corrupt parquet file
         if isinstance(err, UserError):
             raise
         raise UserError(f"{path}: unreadable user file ({type(err).__name__})") from None
+
+
+def _unicode(text: str, where: str) -> str:
+    """JSON's escapes can spell a lone UTF-16 surrogate ("\\ud83d" of an emoji cut in half), which no UTF-8
+    writer takes: refused here, naming the line, rather than as a traceback from the de-duplication."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError(f"{where}: a lone UTF-16 surrogate {text[err.start]!r} at character {err.start} "
+                        f"(not valid Unicode text; a \\ud800-\\udfff escape without its pair)") from None
+    return text
 
 
 def _string(row: dict, key: str, where: str, empty_ok: bool = False) -> str:
@@ -180,15 +239,24 @@ def _segments(fmt: str, row: dict, where: str, chat: Chat, chat_why: str) -> lis
     # header) is context, the rest of that turn (content + end-of-turn markup) is response.
     segs, done = [], ""
     for k, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        head, full = chat(msgs[:k], True), chat(msgs[: k + 1], False)
+        if m["role"] != "assistant" or not m["content"].strip():
+            continue  # an empty assistant turn stays context: training on it would teach answering nothing
+        head, full = _render(chat, msgs[:k], True, where, k), _render(chat, msgs[: k + 1], False, where, k + 1)
         if not head.startswith(done) or not full.startswith(head):
             raise UserError(f"{where}: key 'messages': the chat template does not render the chat prefix by "
                             f"prefix (turn {k + 1}); cannot tell prompt from response tokens")
         segs += [(head[len(done):], False), (full[len(head):], True)]
         done = full
-    rest = chat(msgs, False)
+    rest = _render(chat, msgs, False, where, len(msgs))
     if not rest.startswith(done):
         raise UserError(f"{where}: key 'messages': the chat template does not render the chat prefix by prefix")
     return [s for s in segs + [(rest[len(done):], False)] if s[0]]
+
+
+def _render(chat, msgs: list, gen: bool, where: str, turns: int) -> str:
+    try:
+        return chat(msgs, gen)
+    except Exception as err:  # noqa: BLE001 - raise_exception in a template (jinja2's TemplateError), ValueError
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"{where}: key 'messages': the chat template cannot render messages[:{turns}] "
+                        f"({type(err).__name__}: {first})") from None

@@ -57,7 +57,7 @@ def evaluate(model_dir: str | Path, data: str | Path | None = None, include_path
              batch_size: int = 16) -> dict:
     """{task: {metric: value}} from the harness for the model folder ``model_dir``."""
     from desmoe.data.tokenizer import HFTokenizer
-    from desmoe.evaluation.harness import make_lm, run, task_dir
+    from desmoe.evaluation.harness import make_lm, run, task_dir, task_names
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -67,19 +67,34 @@ def evaluate(model_dir: str | Path, data: str | Path | None = None, include_path
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"{include_path}: --include_path is not a folder of task YAMLs")
     tok = HFTokenizer(tokenizer) if tokenizer else load_tokenizer_for(model_dir, Path(data) if data else None)
-    model = load_model(model_dir).eval()
     with tempfile.TemporaryDirectory(prefix="desmoe-tasks-") as tmp:
         if data is not None:
             include, names = Path(tmp), task_dir(data, tmp)
         else:
             include = Path(include_path)
-            names = sorted(p.stem for p in include.glob("*.yaml"))
+            names = task_names(include)  # the YAMLs' task: names (a file gsm8k.yaml may hold task: gsm8k_local)
         chosen = names if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+        where = data or include_path
+        if not chosen:
+            raise UserError(f"{where}: no evaluation tasks to run (" + (
+                "a data folder of user domains has no MCQ or math items; give your own task YAMLs with "
+                "--include_path)" if data else "no *.yaml file with a task: key)"))
         unknown = [t for t in chosen if t not in names]
         if unknown:
-            raise UserError(f"--tasks: '{unknown[0]}' is not a task of {data or include_path} "
-                            f"(tasks: {', '.join(names)})")
+            raise UserError(f"--tasks: '{unknown[0]}' is not a task of {where} (tasks: {', '.join(names) or 'none'})")
+        model = load_model(model_dir).eval()  # after the cheap checks: a large model loads for minutes
+        check_vocab(tok, model, model_dir)
         return run(make_lm(model, tok, batch_size=batch_size), chosen, include, limit=limit)
+
+
+def check_vocab(tok, model, model_dir: Path) -> None:
+    """A token id the model has no embedding row for would stop the harness with an IndexError deep in torch
+    (e.g. the data folder's tokenizer standing in for a model folder without one, or --tokenizer of another
+    model)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tok.vocab_size > rows:
+        raise UserError(f"tokenizer {tok.path}: {tok.vocab_size} tokens, but the model {model_dir} embeds only {rows} "
+                        f"(not its tokenizer; give the model's own with --tokenizer)")
 
 
 @run_cli
@@ -96,6 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: expected a positive integer")
+    if args.batch_size < 1:  # range(0, n, 0) deep in the adapter
+        raise UserError(f"--batch_size {args.batch_size}: expected a positive integer")
     result = evaluate(args.model_dir, args.data, args.include_path, args.tasks, args.limit, args.tokenizer,
                       args.batch_size)
     text = json.dumps(result, indent=1, sort_keys=True, default=float)

@@ -104,6 +104,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: Optional[str] = None,
     from desmoe.models.hf_io import checkpoint_config
 
     run_dir, out = Path(run_dir), Path(out)
+    check_destination(run_dir, out)
     rm = run_model(run_dir)
     hf_cfg = checkpoint_config(rm.base)
     arch = arch_for(hf_cfg, str(rm.base / "config.json"))
@@ -137,6 +138,24 @@ def export_run(run_dir: str | Path, out: str | Path, tag: Optional[str] = None,
     info["form"] = write_model(hf_cfg, dense, weights.experts, out, slot_of_expert, fanout, rm.alr_residual, files,
                                {INFO: lambda form: json.dumps(dict(info, form=form), indent=1) + "\n"}, where)
     return info
+
+
+def check_destination(run_dir: Path, out: Path) -> None:
+    """``out`` is replaced whole once the new folder is complete: refuse a folder whose loss is not an old
+    export's (the run itself or a folder holding it, the current folder, someone's own model or files)."""
+    from desmoe.integrity import MANIFEST
+
+    where = out.resolve()
+    if where == run_dir.resolve() or where in run_dir.resolve().parents:
+        raise UserError(f"{out}: is the run directory {run_dir} or holds it; the export replaces its folder whole, "
+                        f"which would delete the run; choose a new folder")
+    if where == Path.cwd().resolve():
+        raise UserError(f"{out}: is the current folder, which the export would replace whole; name a new folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file, expected the model folder to write")
+    if out.is_dir() and any(out.iterdir()) and not ((out / INFO).is_file() or (out / MANIFEST).is_file()):
+        raise UserError(f"{out}: exists and is not a folder desmoe wrote (no {INFO} or {MANIFEST}); the export "
+                        f"would replace it whole: choose a new folder or remove it first")
 
 
 def write_model(hf_cfg, dense: dict, experts: dict, out: Path, slot_of_expert: list[int],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from desmoe import checkpoint, integrity
@@ -30,22 +31,24 @@ def describe(run_dir: Path, verify: bool = True) -> dict:
         raise UserError(f"{run_dir}: no such run directory")
     ckpt_dir = run_dir / "checkpoints"
     tag = checkpoint.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
-    tags = sorted(p.name for p in ckpt_dir.glob("step*")) if ckpt_dir.is_dir() else []
-    rows = read_metrics(run_dir)
+    tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir()) if ckpt_dir.is_dir() else []
+    # a metrics row that is not an object, or has no step (a hand-edited or foreign file), is not shown
+    rows = [r for r in read_metrics(run_dir) if isinstance(r, dict) and isinstance(r.get("step"), int)]
     latest: dict[str, float] = {}
     for row in rows:
-        latest.update({k: v for k, v in row.items() if k != "step"})
+        latest.update({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+    step = re.search(r"step(\d+)$", tag or "")  # 'latest' may name a tag desmoe did not write (global_step10)
     phase = next((latest[k] for k in ("train/phase", "train/task") if k in latest), None)
     return {
         "run": str(run_dir),
         "latest_checkpoint": tag,
-        "checkpoint_step": int(tag[4:]) if tag else None,
+        "checkpoint_step": int(step.group(1)) if step else None,
         "checkpoints": tags,
         "last_logged_step": rows[-1]["step"] if rows else None,
         "phase_or_task": phase,
         "latest_metrics": latest,
         "interrupted_save": any(p.is_dir() for p in (ckpt_dir / checkpoint.STAGING).glob("step*")),
-        "integrity": {t: verify_tag(ckpt_dir / t) for t in tags} if verify else {},
+        "integrity": {t: verify_tag(ckpt_dir / t) for t in sorted(set(tags) | {tag} - {None, ""})} if verify else {},
     }
 
 

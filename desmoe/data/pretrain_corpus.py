@@ -20,6 +20,11 @@ class GeneralCorpus:
         self.domains = list(cfg.domains) if cfg.domains else ["general"]
         for d in self.domains:
             self.data.domain_id(d)  # one line naming the known domains if wrong
+        masked = [d for d in self.domains if d in self.data.masked]
+        if masked:  # train_batches yields tokens only: the records' loss masks would be dropped without a word
+            raise UserError(f"key 'data.domains': '{masked[0]}' of {cfg.root} holds instruction records, whose "
+                            f"loss counts their responses only; pretraining counts every token and would train on "
+                            f"the prompts (fine-tune on it with launcher/desmoe.py, e.g. desmoe.method=fft)")
         self.tokenizer = self.data.tokenizer
         self.vocab_size = self.tokenizer.vocab_size
         self.special = {"bos_id": self.tokenizer.bos_id, "eos_id": self.tokenizer.eos_id,

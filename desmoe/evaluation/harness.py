@@ -22,6 +22,7 @@ equals ``math/exact`` (``tests/test_harness.py``); ``desmoe_exact_<domain>``'s `
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +33,7 @@ from desmoe.errors import UserError
 from desmoe.models.generate import greedy_generate, score_continuations
 
 TASKS = Path(__file__).resolve().parent / "tasks"
+MAX_GEN_TOKS = 256  # a task without generation_kwargs.max_gen_toks: the harness's own models' default
 
 
 def _lm_base():
@@ -69,7 +71,9 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             return out
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            contexts = self.tok.encode([r.args[0] for r in requests])
+            # an empty context (the harness's unconditional requests, e.g. acc_mutual_info) is end-of-text, as in
+            # loglikelihood_rolling: without it the continuation's first token would be left out of the sum
+            contexts = [ids or [self.tok.eos_id] for ids in self.tok.encode([r.args[0] for r in requests])]
             conts = self.tok.encode([r.args[1] for r in requests])
             return [(float(lp), bool(greedy)) for lp, _, greedy in self._score(list(zip(contexts, conts)))]
 
@@ -87,15 +91,15 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             for i in range(0, len(requests), self.batch):
                 chunk = requests[i:i + self.batch]
                 kwargs = [r.args[1] for r in chunk]
-                steps = max(int(k.get("max_gen_toks", 32)) for k in kwargs)
+                steps = max(int(k.get("max_gen_toks", MAX_GEN_TOKS)) for k in kwargs)
                 prompts = [p[-self.max_len:] for p in self.tok.encode([r.args[0] for r in chunk])]
                 outs = greedy_generate(self.model, prompts, steps, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
                 for out, k in zip(outs, kwargs):
-                    out = out[:int(k.get("max_gen_toks", 32))]
+                    out = out[:int(k.get("max_gen_toks", MAX_GEN_TOKS))]
                     if self.tok.eos_id in out:  # the answer ends at end-of-text (its text is no answer)
                         out = out[:out.index(self.tok.eos_id)]
                     text = self.tok.decode(out)
-                    for stop in k.get("until", []) or []:
+                    for stop in _stops(k.get("until")):
                         text = text.split(stop, 1)[0]
                     answers.append(text)
             return answers
@@ -103,8 +107,21 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
     return DesmoeLM()
 
 
+def _stops(until) -> list[str]:
+    """A task's ``until``: one string (a YAML ``until: "\\n\\n"``, which the harness passes on as it is) or a
+    list of them; iterating the string would cut the answer at any one of its characters."""
+    if until is None:
+        return []
+    if isinstance(until, str):
+        return [until] if until else []
+    if isinstance(until, (list, tuple)) and all(isinstance(u, str) for u in until):
+        return [u for u in until if u]
+    raise UserError(f"generation_kwargs.until: expected a string or a list of strings, got {until!r}")
+
+
 def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12, exact_gen_toks: int = 24) -> list[str]:
-    """Write the demo tasks for the prepared folder ``data_root`` into ``out``; returns their names."""
+    """Write the demo tasks for the prepared folder ``data_root`` into ``out``; returns their names (tasks
+    without items are left out)."""
     data_root, out = Path(data_root).resolve(), Path(out)
     meta_path = data_root / "meta.json"
     if not meta_path.is_file():
@@ -121,6 +138,8 @@ def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12, exa
     for name, template, data_file, gen_toks in templates:
         if not data_file.is_file():
             raise UserError(f"{data_file}: evaluation file of task {name} not found")
+        if not data_file.read_text().strip():  # a folder of user domains: no math items (datasets would fail)
+            continue
         text = (TASKS / template).read_text().replace("@TASK@", name).replace("@DATA_FILE@", str(data_file))
         text = text.replace("@PROMPT_FIELD@", "heldout_prompt" if name.endswith("_rephrased") else "prompt")
         text = text.replace("@MAX_GEN_TOKS@", str(int(gen_toks)))
@@ -129,11 +148,23 @@ def task_dir(data_root: str | Path, out: str | Path, max_gen_toks: int = 12, exa
     return names
 
 
+def task_names(include_path: str | Path) -> list[str]:
+    """The tasks the harness finds in ``include_path``: each YAML's ``task:`` name, which need not be its
+    file name, in sub-folders too (the harness reads ``**/*.yaml``); groups and tags are not listed."""
+    from lm_eval.tasks import TaskManager
+
+    check_task_files(include_path)
+    return sorted(TaskManager(include_path=str(include_path), include_defaults=False).all_subtasks)
+
+
 def check_task_files(include_path: str | Path) -> None:
-    """Every ``data_files`` a task YAML names exists (the harness would fail deep inside ``datasets``)."""
+    """Every ``data_files`` a task YAML names exists (the harness would fail deep inside ``datasets``); a
+    glob pattern (``datasets`` accepts them) must match a file."""
+    import glob
+
     import yaml
 
-    for path in sorted(Path(include_path).glob("*.yaml")):
+    for path in sorted(Path(include_path).glob("**/*.yaml")):  # the harness's own pattern
         try:
             cfg = yaml.load(path.read_text(), Loader=_FunctionLoader) or {}
         except yaml.YAMLError:
@@ -141,7 +172,7 @@ def check_task_files(include_path: str | Path) -> None:
         files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
         for split, name in (files.items() if isinstance(files, dict) else [("", files)]):
             for f in [name] if isinstance(name, str) else name:
-                if not Path(f).is_file():
+                if not (Path(f).is_file() or (glob.has_magic(str(f)) and any(map(os.path.isfile, glob.glob(str(f)))))):
                     raise UserError(f"{path}: key 'dataset_kwargs.data_files{'.' + split if split else ''}': "
                                     f"file {f} not found")
 
@@ -162,8 +193,6 @@ def run(lm, tasks: list[str], include_path: str | Path, limit: Optional[int] = N
     """Run the harness offline on ``tasks``; returns {task: {metric: value}} (the harness's own numbers).
     Tasks run one at a time, so each one's requests are batched as the in-house evaluator batches them.
     ``samples``: filled with {task: [per-document record]} when given."""
-    import os
-
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_task_files(include_path)
@@ -179,7 +208,8 @@ def run(lm, tasks: list[str], include_path: str | Path, limit: Optional[int] = N
     # rank is a whole evaluator of its own (rank 0 of 1), so each one must get the results.
     local_rank = os.environ.pop("LOCAL_RANK", None)
     try:
-        results = [simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=0,
+        # num_fewshot=None: a task's own num_fewshot holds (0 when it sets none; 0 here overrode a YAML's 5)
+        results = [simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=None,
                                    log_samples=samples is not None, bootstrap_iters=0, verbosity="ERROR")
                    for task in tasks]
     finally:
