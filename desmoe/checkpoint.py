@@ -155,6 +155,8 @@ def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
     if not pointer.is_file():
         return None
     tag = pointer.read_text().strip()
+    if not tag:  # "" would name the checkpoint folder itself
+        raise UserError(f"{pointer}: is empty; write the tag of a checkpoint in {ckpt_dir} into it, or remove it")
     if not (Path(ckpt_dir) / tag).is_dir():
         raise UserError(f"{pointer}: points to '{tag}', which does not exist in {ckpt_dir}")
     return tag

@@ -114,11 +114,17 @@ def _parse_rows(path: Path) -> list[tuple[str, dict]]:
     return rows
 
 
+def _logged(row) -> bool:
+    return isinstance(row, dict) and isinstance(row.get("step"), int)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The logged rows: objects with an integer step.  A line added by hand (a note, a list) is not one; the
+    curves, the summary and the inspection skip it instead of failing on it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [row for _, row in _parse_rows(path)]
+    return [row for _, row in _parse_rows(path) if _logged(row)]
 
 
 def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
@@ -126,7 +132,7 @@ def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    rows = [line for line, row in _parse_rows(path) if row["step"] <= after_step]
+    rows = [line for line, row in _parse_rows(path) if not _logged(row) or row["step"] <= after_step]  # notes stay
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in rows))
     tmp.replace(path)

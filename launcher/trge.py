@@ -25,7 +25,8 @@ def main() -> None:
     cfg, args = parse_launcher_args(TRGEExperiment, __doc__, default_config=DEFAULT_CONFIG)
     summary = run_trge(cfg, args.deepspeed)
     if is_rank0() and "avg" in summary:
-        print(f"{summary['method']}: Transfer {summary['transfer']}  Avg {summary['avg']}  Last {summary['last']}  "
+        transfer = "n/a (one task)" if summary["transfer"] is None else summary["transfer"]  # nothing unseen after
+        print(f"{summary['method']}: Transfer {transfer}  Avg {summary['avg']}  Last {summary['last']}  "
               f"(trainable/task {summary['trainable_params_per_task']:,})", flush=True)
 
 

@@ -149,6 +149,7 @@ CASES = [
          "too little text"),
     # checkpoints
     Case("latest points nowhere", "checkpoint", lambda t: _latest_nowhere(t), "points to 'step00000007', which does not exist"),
+    Case("latest is empty", "checkpoint", lambda t: _latest_nowhere(t, ""), "latest: is empty; write the tag of a checkpoint"),
     Case("unknown fine-tuning method", "config", lambda t: _unknown_method(), "desmoe.method 'lroa': expected one of"),
     Case("model key with an HF base", "config", lambda t: _desmoe_config("base.hf=some/hf-model", "model.top_k=1"),
          "key 'model.top_k': expected unset with base.hf (the model comes from some/hf-model; only model.ep_size"),
@@ -221,11 +222,11 @@ def _hf_base_too_short(tmp: Path):
     return build_model(cfg)
 
 
-def _latest_nowhere(tmp: Path):
+def _latest_nowhere(tmp: Path, tag: str = "step00000007"):
     from desmoe.checkpoint import latest_tag
 
     (tmp / "ckpt").mkdir()
-    (tmp / "ckpt" / "latest").write_text("step00000007")
+    (tmp / "ckpt" / "latest").write_text(tag)
     return latest_tag(tmp / "ckpt")
 
 

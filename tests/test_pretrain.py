@@ -92,6 +92,12 @@ def test_upcycle_then_continue_pretraining(ranks, tmp_path):
     assert all(isinstance(r, str) and "key 'model.top_k': expected unset or 2, the value in the init.kind=checkpoint "
                "model" in r for r in top1), top1
     assert not (tmp_path / "top1" / "checkpoints").exists()
+    # an output folder whose replacement would delete the run (here: the folder holding it) is refused at the
+    # start, on every rank; it was refused only by the export after the whole run
+    held = ranks.run(upcycle_on_ranks, str(ROOT), str(tmp_path), str(tmp_path / "pretrain_base-out"), "checkpoint",
+                     "held", 16, f"output.dir={tmp_path}")
+    assert all(isinstance(r, str) and "is the run directory" in r for r in held), held
+    assert not (tmp_path / "held" / "checkpoints").exists()
     # too little evaluation text for every rank's batches: refused at the start, naming what to change (the
     # in-domain test split was cut only when the final report needed it, after the whole run)
     short = ranks.run(upcycle_on_ranks, str(ROOT), str(tmp_path), str(tmp_path / "pretrain_base-out"), "checkpoint",

@@ -142,6 +142,10 @@ class Recipe:
         """Client state saved with every checkpoint (collective: every rank calls it)."""
         return {}
 
+    def export_dir(self) -> Optional[Path]:
+        """Where ``finish`` will write an HF export (None: nowhere); checked before training, not after it."""
+        return None
+
     def finish(self, trainer: "Trainer") -> None:
         """After the last stage, the monitor still open (collective: every rank calls it)."""
 
@@ -192,6 +196,10 @@ class Trainer:
         r, cfg = self.recipe, self.recipe.cfg
         self.bootstrap()
         s = r.setup(self)
+        if r.export_dir() is not None:  # a folder the export may not replace, refused before the run, not after
+            from desmoe.export import check_destination
+
+            check_destination(self.run_dir, Path(r.export_dir()))
         ds_config = resolve_ds_config(self.ds_raw, s.micro_batch, s.grad_accum, lr=s.lr)
         self.grad_accum = s.grad_accum
         ds_record = checkpoint.ds_record(ds_config, self.world)  # before DeepSpeed sees (and may add to) it

@@ -9,6 +9,8 @@ in the checkpoint) and resumes.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from desmoe.collectives import mean_over_ranks
@@ -154,7 +156,13 @@ class DESMoERecipe(Recipe):
             if is_rank0() and ex.enabled:
                 print(f"export: skipped ({skip})", flush=True)
             return
-        trainer.export(ex.dir or trainer.run_dir / "export")
+        trainer.export(self.export_dir())
+
+    def export_dir(self):
+        ex = self.cfg.export
+        if ex.enabled and self.method.trains and self.cfg.base.hf:
+            return Path(ex.dir) if ex.dir else self.trainer.run_dir / "export"
+        return None
 
     def summary(self, trainer):
         from desmoe.distributed import is_rank0

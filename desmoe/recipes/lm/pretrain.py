@@ -218,6 +218,9 @@ class PretrainRecipe(LMRecipe):
                 write_initial_checkpoint(init_cfg, init_dir, cfg.model.seed)
         return init_dir
 
+    def export_dir(self):
+        return Path(self.cfg.output.dir)
+
     def attach(self, trainer, state):
         t = self.cfg.train
         self.batches = self.data.train_batches(t.micro_batch, t.seq_len, t.seed, trainer.rank, trainer.world,
