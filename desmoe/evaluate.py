@@ -54,7 +54,7 @@ def load_model(model_dir: Path):
 
 def evaluate(model_dir: str | Path, data: str | Path | None = None, include_path: str | Path | None = None,
              tasks: str = "all", limit: int | None = None, tokenizer: str | Path | None = None,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16, max_len: int = 512) -> dict:
     """{task: {metric: value}} from the harness for the model folder ``model_dir``."""
     from desmoe.data.tokenizer import HFTokenizer
     from desmoe.evaluation.harness import make_lm, run, task_dir, task_names
@@ -84,7 +84,7 @@ def evaluate(model_dir: str | Path, data: str | Path | None = None, include_path
             raise UserError(f"--tasks: '{unknown[0]}' is not a task of {where} (tasks: {', '.join(names) or 'none'})")
         model = load_model(model_dir).eval()  # after the cheap checks: a large model loads for minutes
         check_vocab(tok, model, model_dir)
-        return run(make_lm(model, tok, batch_size=batch_size), chosen, include, limit=limit)
+        return run(make_lm(model, tok, batch_size=batch_size, max_len=max_len), chosen, include, limit=limit)
 
 
 def check_vocab(tok, model, model_dir: Path) -> None:
@@ -107,14 +107,18 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="first N documents of each task")
     parser.add_argument("--tokenizer", help="an HF tokenizer folder (default: the model's, else the data's)")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_len", type=int, default=512,
+                        help="tokens the model sees per request; longer contexts are cut from the left (said)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: expected a positive integer")
     if args.batch_size < 1:  # range(0, n, 0) deep in the adapter
         raise UserError(f"--batch_size {args.batch_size}: expected a positive integer")
+    if args.max_len < 1:
+        raise UserError(f"--max_len {args.max_len}: expected a positive integer")
     result = evaluate(args.model_dir, args.data, args.include_path, args.tasks, args.limit, args.tokenizer,
-                      args.batch_size)
+                      args.batch_size, args.max_len)
     text = json.dumps(result, indent=1, sort_keys=True, default=float)
     print(text)
     if args.out:

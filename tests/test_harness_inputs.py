@@ -204,3 +204,24 @@ def test_a_tasks_own_num_fewshot_is_kept(tiny, tmp_path):
             context = s["arguments"][0][0]
             others = [r["q"] for r in rows if r["q"] != s["doc"]["q"] and r["q"] in context]
             assert context.endswith(s["doc"]["q"]) and len(others) == shots, (task, context)
+
+
+def test_requests_longer_than_max_len_are_said_not_cut_silently(tiny, capsys):
+    """Contexts beyond max_len lose their beginning, as in the harness's own models: now the count is printed;
+    a continuation longer than max_len (only its tail would be summed) is refused."""
+    from desmoe.data.tokenizer import HFTokenizer
+    from desmoe.evaluation.harness import make_lm
+
+    tok = HFTokenizer(tiny[0])
+    lm = make_lm(Successor(tok.vocab_size), tok, max_len=8)
+    long, short = "one two three four five six seven eight nine ten", "one"
+    assert len(tok.encode([long])[0]) > 9
+    lm.loglikelihood([_req(short, " two"), _req(long, " two")])
+    lm.generate_until([_req(long, {"until": [], "max_gen_toks": 2})])
+    err = capsys.readouterr().err
+    assert "harness: 1 of 2 loglikelihood requests are longer than max_len=8 tokens" in err
+    assert "harness: 1 of 1 generate_until requests are longer than max_len=8 tokens" in err
+    lm.loglikelihood([_req(short, " two")])
+    assert "harness:" not in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"harness: a continuation of \d+ tokens is longer than max_len=8"):
+        lm.loglikelihood([_req(short, " " + long)])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,11 +71,25 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
                                            max_len=self.max_len, pad_id=self.tok.pad_id)
             return out
 
+        def _report_cut(self, kind: str, lengths: list[int], limit: int) -> None:
+            """Say how many requests were longer than the model sees: their contexts lose their beginning."""
+            from desmoe.distributed import is_rank0
+
+            cut = sum(n > limit for n in lengths)
+            if cut and is_rank0():  # on stderr: `python -m desmoe.evaluate` prints its JSON on stdout
+                print(f"harness: {cut} of {len(lengths)} {kind} requests are longer than max_len={self.max_len} "
+                      f"tokens; their contexts were cut from the left (raise max_len)", file=sys.stderr, flush=True)
+
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
             # an empty context (the harness's unconditional requests, e.g. acc_mutual_info) is end-of-text, as in
             # loglikelihood_rolling: without it the continuation's first token would be left out of the sum
             contexts = [ids or [self.tok.eos_id] for ids in self.tok.encode([r.args[0] for r in requests])]
             conts = self.tok.encode([r.args[1] for r in requests])
+            for cont in conts:  # the scorer would sum only the continuation's last max_len tokens
+                if len(cont) > self.max_len:
+                    raise UserError(f"harness: a continuation of {len(cont)} tokens is longer than max_len="
+                                    f"{self.max_len}; raise max_len")
+            self._report_cut("loglikelihood", [len(c) + len(t) for c, t in zip(contexts, conts)], self.max_len + 1)
             return [(float(lp), bool(greedy)) for lp, _, greedy in self._score(list(zip(contexts, conts)))]
 
         def loglikelihood_rolling(self, requests) -> list[float]:
@@ -92,7 +107,9 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
                 chunk = requests[i:i + self.batch]
                 kwargs = [r.args[1] for r in chunk]
                 steps = max(int(k.get("max_gen_toks", MAX_GEN_TOKS)) for k in kwargs)
-                prompts = [p[-self.max_len:] for p in self.tok.encode([r.args[0] for r in chunk])]
+                prompts = self.tok.encode([r.args[0] for r in chunk])
+                self._report_cut("generate_until", [len(p) for p in prompts], self.max_len)
+                prompts = [p[-self.max_len:] for p in prompts]
                 outs = greedy_generate(self.model, prompts, steps, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
                 for out, k in zip(outs, kwargs):
                     out = out[:int(k.get("max_gen_toks", MAX_GEN_TOKS))]
