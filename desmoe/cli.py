@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional, TypeVar
 
 from desmoe.config import load_config, split_overrides
 from desmoe.errors import UserError
+from desmoe.training.preemption import arm_early
 
 C = TypeVar("C")
 
@@ -31,6 +32,7 @@ def parse_launcher_args(cls: type[C], doc: Optional[str] = None, argv=None,
                         default_config: Optional[str] = None) -> tuple[C, argparse.Namespace]:
     """``default_config``: the experiment YAML used when ``--config`` is not given (the
     launcher's embedded default, relative to the repository); without one the dataclass defaults apply."""
+    arm_early()  # the launchers arm it before their imports already; the studies' runs rely on this one
     if default_config is not None and not Path(default_config).is_absolute():
         default_config = str(REPO / default_config)
     parser = argparse.ArgumentParser(
