@@ -95,6 +95,12 @@ def resolve_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
         if missing:
             raise LaunchError(f"incomplete Slurm environment: {', '.join(missing)} missing (run the job with srun)")
         job = _int(env, "SLURM_JOB_ID")
+        if env.get("ENVIRONMENT") == "BATCH" and "SLURM_STEP_ID" not in env and _int(env, "SLURM_NTASKS") > 1:
+            # The batch script itself carries SLURM_PROCID=0 and the job's task count but no step id (srun's
+            # tasks have one): one process would wait at the rendezvous for tasks nobody started.
+            raise LaunchError(f"SLURM_NTASKS={env['SLURM_NTASKS']} but this process is job {job}'s batch script, "
+                              f"not a task of an srun step: start one process per task with srun "
+                              f"(slurm/launch.sh does), or ask for --ntasks=1")
         addr = env.get("MASTER_ADDR") or expand_hostlist(env["SLURM_JOB_NODELIST"])[0]
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else PORT_BASE + job % PORT_SPAN
         return _checked(DistEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID"),
@@ -174,8 +180,14 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     # DeepSpeed hands the string to torch.distributed.init_process_group; its expert-parallel groups
     # (dist.new_group without a backend) inherit the default group's device->backend map.
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(seconds=timeout_s))
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=timeout_s))
+    except torch.distributed.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err) and "address already in use" not in str(err):
+            raise
+        raise LaunchError(f"MASTER_PORT={d.master_port}: in use on {socket.gethostname()}, rank {d.rank} cannot "
+                          f"listen on it; set MASTER_PORT to a free port") from None
     # A process that exits with its process group alive can abort in teardown ("terminate called
     # without an active exception", seen on a 4-rank Slurm job after all ranks had finished), and
     # the scheduler then marks a finished job FAILED.

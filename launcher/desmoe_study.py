@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from desmoe.training.preemption import arm_early  # noqa: E402  (before the slow imports: a SIGUSR1 saves, never kills)
+
+arm_early()
 
 from desmoe.cli import parse_launcher_args  # noqa: E402
 from desmoe.config import dump_yaml  # noqa: E402

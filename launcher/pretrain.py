@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from desmoe.training.preemption import arm_early  # noqa: E402  (before the slow imports: a SIGUSR1 saves, never kills)
+
+arm_early()
 
 from desmoe.cli import parse_launcher_args  # noqa: E402
 from desmoe.errors import run_cli  # noqa: E402

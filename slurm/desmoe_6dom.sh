@@ -21,6 +21,10 @@
 set -uo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-.}"   # submit from the repository root
+if [ ! -f slurm/launch.sh ]; then  # relative paths (configs, .venv, runs) would all be wrong
+    echo "desmoe: error: submitted from $PWD, which is not the repository root (no slurm/launch.sh): cd to the repository, then sbatch slurm/desmoe_6dom.sh"
+    exit 2
+fi
 source slurm/launch.sh
 if [ "${DESMOE_CPU:-0}" = "1" ]; then
     CONFIG="${DESMOE_CONFIG:-configs/desmoe_cpu.yaml}"

@@ -25,9 +25,17 @@ desmoe_launch() {
     if [ "${DESMOE_CPU:-0}" = "1" ]; then
         export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     fi
+    # run.dir as the overrides give it (key=value or --key value); else the config's (runs in the shipped ones)
+    local run_dir="" prev=""
+    for arg in "$@"; do
+        case "$arg" in run.dir=*|--run.dir=*) run_dir="${arg#*=}" ;; esac
+        [ "$prev" = "--run.dir" ] && run_dir="$arg"
+        prev="$arg"
+    done
+    local where="${run_dir:-<run.dir of ${config}>}/${run_name}"
     echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} ranks," \
-         "master ${MASTER_ADDR}:${MASTER_PORT}, config ${config}, run runs/${run_name}" \
-         "(tensorboard --logdir runs/${run_name}/tensorboard)"
+         "master ${MASTER_ADDR}:${MASTER_PORT}, config ${config}, run ${where}" \
+         "(tensorboard --logdir ${where}/tensorboard)"
     # --kill-on-bad-exit: one dead rank ends the step; --wait: the others get 60 s at most.
     # Per-rank logs go next to the job log.
     srun --kill-on-bad-exit=1 --wait=60 --output="${LOG_DIR}/%x-%j-rank%t.out" --open-mode=append \
@@ -38,6 +46,19 @@ desmoe_launch() {
         rm -f "$DESMOE_REQUEUE_MARKER"
         scontrol requeue "$SLURM_JOB_ID"
         return 0
+    fi
+    if [ "$rc" -ne 0 ]; then
+        # The ranks' own one-line reason is in their logs; the job log says which rank and why.
+        local f line rank
+        for f in "${LOG_DIR}"/*-"${SLURM_JOB_ID}"-rank*.out; do
+            [ -f "$f" ] || continue
+            line=$(grep -a -E '^desmoe: (error|failed):' "$f" | tail -n 1)
+            if [ -n "$line" ]; then
+                rank="${f##*-}"
+                echo "job ${SLURM_JOB_ID}: ${rank%.out}: ${line}"
+                break
+            fi
+        done
     fi
     echo "job ${SLURM_JOB_ID}: finished with exit code ${rc}"
     return "$rc"

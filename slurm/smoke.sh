@@ -19,6 +19,10 @@
 set -uo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-.}"   # submit from the repository root
+if [ ! -f slurm/launch.sh ]; then  # relative paths (configs, .venv, runs) would all be wrong
+    echo "desmoe: error: submitted from $PWD, which is not the repository root (no slurm/launch.sh): cd to the repository, then sbatch slurm/smoke.sh"
+    exit 2
+fi
 source slurm/launch.sh
 desmoe_launch launcher/smoke.py "${DESMOE_CONFIG:-configs/smoke.yaml}" "${DESMOE_RUN_NAME:-smoke-${SLURM_JOB_ID}}" "$@"
 exit $?

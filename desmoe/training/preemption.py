@@ -58,16 +58,35 @@ def exit_for_requeue(monitor, preemption: "Preemption", step: int, where: str) -
     raise Preempted(step)
 
 
+# Process-wide, not per trainer: a signal that arrives while no training loop runs (setup, a save, the final
+# export, between the runs of a study) must still stop the next loop at its first step.
+_received = {"signal": ""}
+
+
+def _handle(signum, _frame) -> None:
+    _received["signal"] = signal.Signals(signum).name
+
+
+def arm_early() -> None:
+    """Called first thing by the launchers: from then on SIGUSR1 (Slurm's warning before the time limit,
+    whose default action kills the process) only sets the flag, so one that comes during imports, data
+    loading or engine set-up ends in a checkpoint and a requeue instead of a failed job.  SIGTERM keeps its
+    default until the loop starts: launchers and srun use it to end the peers of a rank that failed."""
+    signal.signal(signal.SIGUSR1, _handle)
+
+
 class Preemption:
     def __init__(self) -> None:
-        self.flag = False
-        self.signal_name = ""
         for sig in SIGNALS:
-            signal.signal(sig, self._handle)
+            signal.signal(sig, _handle)
 
-    def _handle(self, signum, _frame) -> None:
-        self.flag = True
-        self.signal_name = signal.Signals(signum).name
+    @property
+    def flag(self) -> bool:
+        return bool(_received["signal"])
+
+    @property
+    def signal_name(self) -> str:
+        return _received["signal"]
 
     def requested(self) -> bool:
         from desmoe.collectives import any_rank
