@@ -6,7 +6,8 @@ Supported launchers, in order of precedence:
   MASTER_ADDR, MASTER_PORT are already set;
 * Slurm ``srun`` with one task per device: SLURM_PROCID, SLURM_NTASKS,
   SLURM_LOCALID and SLURM_JOB_NODELIST are mapped onto them; the master is the
-  first host of the node list and the port is derived from SLURM_JOB_ID so jobs
+  first host of the step's node list (SLURM_STEP_NODELIST, else the job's) and the port
+  is derived from SLURM_JOB_ID and SLURM_STEP_ID so jobs
   sharing a node do not collide (MASTER_ADDR / MASTER_PORT still win if set);
 * nothing at all: a single process on this machine.
 
@@ -101,8 +102,12 @@ def resolve_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
             raise LaunchError(f"SLURM_NTASKS={env['SLURM_NTASKS']} but this process is job {job}'s batch script, "
                               f"not a task of an srun step: start one process per task with srun "
                               f"(slurm/launch.sh does), or ask for --ntasks=1")
-        addr = env.get("MASTER_ADDR") or expand_hostlist(env["SLURM_JOB_NODELIST"])[0]
-        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else PORT_BASE + job % PORT_SPAN
+        # the step's nodes, not the job's: `srun -w n2 -n2` inside a 2-node job runs no task on n1
+        addr = env.get("MASTER_ADDR") or expand_hostlist(env.get("SLURM_STEP_NODELIST")
+                                                         or env["SLURM_JOB_NODELIST"])[0]
+        # two steps of one job running at once (a study's srun calls in parallel) must not share a port
+        step = _int(env, "SLURM_STEP_ID") if env.get("SLURM_STEP_ID", "").isdigit() else 0
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else PORT_BASE + (job + 7919 * step) % PORT_SPAN
         return _checked(DistEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID"),
                                 addr, port, "slurm"))
     if present:

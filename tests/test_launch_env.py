@@ -37,3 +37,13 @@ def test_master_port_in_use_is_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("desmoe: error:")]
     assert len(lines) == 1 and f"MASTER_PORT={port}: in use" in lines[0] and "free port" in lines[0], proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_an_srun_step_on_some_of_the_jobs_nodes_meets_on_its_own_first_node():
+    """`srun -w n2 -n2` inside a job on n[1-2]: rank 0 runs on n2, so the master is n2, not the job's first
+    node; a second step of the job gets its own port (two steps at once would meet on one)."""
+    step = {**BATCH, "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "n2"}
+    first = resolve_env(step)
+    assert first.master_addr == "n2"
+    assert resolve_env({k: v for k, v in step.items() if k != "SLURM_STEP_NODELIST"}).master_addr == "n1"
+    assert resolve_env({**step, "SLURM_STEP_ID": "1"}).master_port != first.master_port
