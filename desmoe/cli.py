@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 from desmoe.config import load_config, split_overrides
 from desmoe.errors import UserError
@@ -29,14 +29,16 @@ OUTPUT_SUFFIXES = ("dir", "cache")
 
 
 def parse_launcher_args(cls: type[C], doc: Optional[str] = None, argv=None,
-                        default_config: Optional[str] = None) -> tuple[C, argparse.Namespace]:
+                        default_config: Optional[str] = None,
+                        parents: Sequence[argparse.ArgumentParser] = ()) -> tuple[C, argparse.Namespace]:
     """``default_config``: the experiment YAML used when ``--config`` is not given (the
-    launcher's embedded default, relative to the repository); without one the dataclass defaults apply."""
+    launcher's embedded default, relative to the repository); without one the dataclass defaults apply.
+    ``parents``: a launcher's own options (``add_help=False`` parsers), listed by ``--help`` too."""
     arm_early()  # the launchers arm it before their imports already; the studies' runs rely on this one
     if default_config is not None and not Path(default_config).is_absolute():
         default_config = str(REPO / default_config)
     parser = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents),
         usage="%(prog)s [--deepspeed JSON] [--config YAML] [key.path=value | --key.path value ...]",
         epilog="overrides: dotted keys of the experiment YAML, as key.path=value or --key.path value "
                "(e.g. train.steps=50 or --train.steps 50); relative paths resolve against the current directory")

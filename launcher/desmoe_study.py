@@ -38,12 +38,11 @@ def scaling_order(domains: list[str]) -> list[str]:
 @run_cli
 def main() -> None:
     study = argparse.ArgumentParser(add_help=False)
-    study.add_argument("--methods", default="desmoe,fft")
+    study.add_argument("--methods", default="desmoe,fft", help="comma-separated desmoe.method values to run")
     study.add_argument("--scaling", default="", help="comma-separated numbers of domains, e.g. 2,3,4,5,6")
     study.add_argument("--steps-per-domain", type=int, default=0,
                        help="train.steps = this x the run's number of domains (0: train.steps as configured)")
-    opts, rest = study.parse_known_args()
-    cfg, args = parse_launcher_args(DESMoEExperiment, __doc__, argv=rest)
+    cfg, opts = parse_launcher_args(DESMoEExperiment, __doc__, parents=[study])  # its --help lists them too
     try:
         sizes = [int(n) for n in opts.scaling.split(",") if n] or [None]
     except ValueError:
@@ -78,7 +77,7 @@ def main() -> None:
                 if is_rank0():
                     print(f"{run_dir}: finished with this config, reused", flush=True)
             else:
-                train_desmoe(run, args.deepspeed)
+                train_desmoe(run, opts.deepspeed)
             runs.append(str(run_dir))
             gc.collect()
     if is_rank0():
