@@ -31,6 +31,18 @@ def build_model(cfg):
     return model
 
 
+def check_vocab(model, data, cfg) -> None:
+    """The data's token ids must have embedding rows: without this check a base with a smaller vocabulary
+    than the data's tokenizer (stdlib's 256 bytes, a prepared folder's sentencepiece) stops in the first
+    forward with a traceback ("index out of range")."""
+    n = getattr(getattr(data, "tokenizer", None), "vocab_size", None) or getattr(data, "vocab_size", None)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed
+    if n is not None and n > embed.num_embeddings:
+        what = f"base.hf={cfg.base.hf}: key 'vocab_size'" if cfg.base.hf else "key 'model.vocab_size'"
+        raise UserError(f"{what}: expected at least the {n} token ids of the data (data.source={cfg.data.source}), "
+                        f"got {embed.num_embeddings} (a base built for another tokenizer?)")
+
+
 def load_base(engine, path: str) -> None:
     """Pretrained weights only (optimizer starts fresh); parameters the base lacks (the ALR) keep their init."""
     from desmoe.recipes.des_moe.alr import alr_routers

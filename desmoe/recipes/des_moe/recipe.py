@@ -15,7 +15,7 @@ import torch
 
 from desmoe.collectives import mean_over_ranks
 from desmoe.config import bad
-from desmoe.recipes.des_moe.base_model import build_model, load_base
+from desmoe.recipes.des_moe.base_model import build_model, check_vocab, load_base
 from desmoe.recipes.des_moe.config import DESMoEExperiment
 from desmoe.recipes.des_moe.dges import stats_token_domain
 from desmoe.recipes.des_moe.domains import open_domains
@@ -44,6 +44,7 @@ class DESMoERecipe(Recipe):
             raise bad("desmoe.schedule.t1", f"a warm-up of at least one step per domain ({len(self.data.domains)} "
                       f"domains; t1 * train.steps = {round(cfg.desmoe.schedule.t1 * t.steps)})", cfg.desmoe.schedule.t1)
         model = build_model(cfg)
+        check_vocab(model, self.data, cfg)
         self.method = build_method(cfg.desmoe, t.steps, len(self.data.domains), t.aux_loss_coef,
                                    seed=cfg.model.init_seed)
         self.name = self.method.name
