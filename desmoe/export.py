@@ -122,9 +122,9 @@ def export_run(run_dir: str | Path, out: str | Path, tag: Optional[str] = None,
         n = next(iter(stacked.values())).shape[0]
         if n != slots:
             raise UserError(f"{where}: layer {i} has {n} expert files, the run's model has {slots} expert slots")
-    dense = weights.dense
+    dense, experts, widened = weights.dense, weights.experts, False
     if rm.lora_scaling is not None:
-        dense = forms.merge_lora(dense, rm.lora_scaling, where)
+        dense, experts, widened = forms.merge_lora_exactly(dense, experts, rm.lora_scaling, where)
     elif any("lora_" in k for k in dense):
         raise UserError(f"{where}: LoRA weights in a '{rm.method}' run (checkpoint of another method?)")
     # slots follow DeepSpeed's numbering (ep_rank * local + j) with the spares at the end of each rank's
@@ -135,7 +135,9 @@ def export_run(run_dir: str | Path, out: str | Path, tag: Optional[str] = None,
     files = {name: rm.base / name for name in TOKENIZER_FILES if (rm.base / name).is_file()}
     files.update(extra_files or {})
     info = {"run_dir": str(run_dir), "tag": weights.tag_dir.name, "method": rm.method, "base": str(rm.base)}
-    info["form"] = write_model(hf_cfg, dense, weights.experts, out, slot_of_expert, fanout, rm.alr_residual, files,
+    if widened:
+        info["dtype"] = "float32 (LoRA merged into 16-bit weights would round its updates away)"
+    info["form"] = write_model(hf_cfg, dense, experts, out, slot_of_expert, fanout, rm.alr_residual, files,
                                {INFO: lambda form: json.dumps(dict(info, form=form), indent=1) + "\n"}, where)
     return info
 

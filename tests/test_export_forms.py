@@ -62,3 +62,24 @@ def test_loading_the_shipped_form_without_remote_code_fails_loudly(tmp_path):
     write_model(hf_cfg, dense, experts, tmp_path / "m", list(range(4)))
     with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), local_files_only=True, trust_remote_code=False)
+
+
+def test_lora_merged_into_bf16_weights_keeps_its_update_in_fp32():
+    """W + s BA rounded to bf16 loses every update below half a step of W: a LoRA run exported from bf16
+    weights was the base.  It is merged in fp32 and the whole model written in fp32 (one dtype to load)."""
+    from desmoe.models.export_forms import merge_lora, merge_lora_exactly
+
+    g = torch.Generator().manual_seed(0)
+    w = (1 + torch.rand(8, 16, generator=g)).to(torch.bfloat16)  # |W| in [1, 2): a bf16 step of 2^-7
+    a = (torch.randn(2, 16, generator=g) * 0.01).to(torch.bfloat16)
+    b = (torch.randn(8, 2, generator=g) * 0.01).to(torch.bfloat16)  # |s BA| ~ 1e-3, below half a step
+    dense = {"m.base_layer.weight": w, "m.lora_A.default.weight": a, "m.lora_B.default.weight": b,
+             "norm.weight": torch.ones(16, dtype=torch.bfloat16)}
+    experts = {1: {"gate_up": torch.ones(2, 4, 16, dtype=torch.bfloat16)}}
+    want = w.float() + 2.0 * (b.float() @ a.float())
+    assert torch.equal(merge_lora(dense, 2.0, "t")["m.weight"].float(), w.float())  # rounded to the base
+    merged, wide_experts, widened = merge_lora_exactly(dense, experts, 2.0, "t")
+    assert widened and torch.equal(merged["m.weight"], want)
+    assert {t.dtype for t in merged.values()} == {torch.float32} == {wide_experts[1]["gate_up"].dtype}
+    fp32 = {k: v.float() for k, v in dense.items()}  # fp32 weights are merged as they are
+    assert merge_lora_exactly(fp32, experts, 2.0, "t")[2] is False

@@ -46,6 +46,19 @@ def merge_lora(dense: dict[str, Tensor], scaling: float, where: str) -> dict[str
     return out
 
 
+def merge_lora_exactly(dense: dict[str, Tensor], experts: dict[int, dict[str, Tensor]], scaling: float,
+                       where: str) -> tuple[dict[str, Tensor], dict[int, dict[str, Tensor]], bool]:
+    """:func:`merge_lora`, in fp32 when the weights are 16-bit: bf16 holds W + s BA only to half a step of W,
+    so every update smaller than that (most of a LoRA run's, whose B starts at zero) was rounded away and the
+    export was the base.  In fp32 the merged weight is what trained; the whole model goes to fp32 so that
+    it loads as one dtype.  Returns (dense, experts, whether it was widened)."""
+    wide = lambda d: {k: v.float() if v.is_floating_point() else v for k, v in d.items()}  # noqa: E731
+    widen = any(t.is_floating_point() and t.element_size() < 4 for t in dense.values())
+    if widen:
+        dense, experts = wide(dense), {i: wide(s) for i, s in experts.items()}
+    return merge_lora(dense, scaling, where), experts, widen
+
+
 def logical_experts(stacked: dict[str, Tensor], slot_of_expert: list[int]) -> dict[str, Tensor]:
     """Physical slots -> the E logical experts (each one's original slot)."""
     idx = torch.tensor(slot_of_expert)
