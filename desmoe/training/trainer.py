@@ -35,8 +35,6 @@ from desmoe.errors import TrainingFailure
 from desmoe.moe import update_selection_biases
 
 
-
-
 @dataclass
 class RunConfig:
     """Where a run lives and whether it continues: the same section for every recipe."""
