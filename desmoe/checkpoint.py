@@ -258,22 +258,17 @@ def check_resume_config(run_dir: str | Path, ckpt_dir: str | Path, cfg: Any,
     in any key outside ``resumable``. Nothing to check for a fresh run."""
     import yaml
 
-    from desmoe.config import to_dict
+    from desmoe.config import to_dict, with_defaults
 
     saved_path = Path(run_dir) / "config.yaml"
     if latest_tag(ckpt_dir) is None or not saved_path.is_file():
         return
     try:
-        saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+        saved = yaml.safe_load(saved_path.read_text()) or {}
     except yaml.YAMLError:
         raise UserError(f"{saved_path}: not valid YAML; fix it or start over with run.resume=false") from None
-    current = _flatten(to_dict(cfg))
-    try:  # a key added to the config since the run was saved had its default then
-        defaults = _flatten(to_dict(type(cfg)()))
-    except TypeError:  # a config class with required fields: no defaults to fill in
-        defaults = {}
-    saved = {**{k: v for k, v in defaults.items() if k not in saved and k in current}, **saved}
-    changed = _changed(saved, current, resumable)
+    saved = _flatten(with_defaults(saved, type(cfg)))  # a key added since the run was saved had its default
+    changed = _changed(saved, _flatten(to_dict(cfg)), resumable)
     if changed:
         raise UserError(f"{run_dir}: resuming a run whose config differs in {changed}; "
                         f"use a new run.name or run.resume=false")

@@ -44,6 +44,27 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
     return cfg
 
 
+def check_as(section: Any, check, prefix: str) -> None:
+    """Run ``check`` (a section class's ``check``) on ``section`` from a parent's check, naming its keys
+    under ``prefix`` as the tree walk does (e.g. the architecture of ``model.*``, checked only where the
+    experiment uses it)."""
+    try:
+        check(section)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("key '", f"key '{prefix}.", 1)) from None
+
+
+def with_defaults(saved: Any, cls: type) -> Any:
+    """``saved`` (a config written earlier, as nested dicts) with each key it lacks at ``cls``'s default: a key
+    added to the config since then had its default then.  Keys only ``saved`` has stay."""
+    def merge(old: Any, default: Any) -> Any:
+        if not (isinstance(old, dict) and isinstance(default, dict)):
+            return old
+        return {**default, **{k: merge(v, default.get(k)) for k, v in old.items()}}
+
+    return merge(saved, to_dict(cls()))
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

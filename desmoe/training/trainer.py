@@ -194,10 +194,11 @@ class Trainer:
         r, cfg = self.recipe, self.recipe.cfg
         self.bootstrap()
         s = r.setup(self)
-        if r.export_dir() is not None:  # a folder the export may not replace, refused before the run, not after
+        out = r.export_dir()
+        if out is not None:  # a folder the export may not replace, refused before the run, not after
             from desmoe.export import check_destination
 
-            check_destination(self.run_dir, Path(r.export_dir()))
+            check_destination(self.run_dir, Path(out))
         ds_config = resolve_ds_config(self.ds_raw, s.micro_batch, s.grad_accum, lr=s.lr)
         self.grad_accum = s.grad_accum
         ds_record = checkpoint.ds_record(ds_config, self.world)  # before DeepSpeed sees (and may add to) it

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
-from desmoe.config import ConfigError, bad
+from desmoe.config import bad, check_as
 from desmoe.export import ExportConfig
 from desmoe.models.moe_lm import MoELMConfig
 from desmoe.recipes.des_moe.domains import DomainDataConfig
@@ -176,10 +176,7 @@ class DESMoEExperiment:
 
     def check(self) -> None:
         if not self.base.hf:  # desmoe's own model: its whole architecture is checked
-            try:
-                MoELMConfig.check(self.model)
-            except ConfigError as err:  # its keys are relative to model.*
-                raise ConfigError(str(err).replace("key '", "key 'model.", 1)) from None
+            check_as(self.model, MoELMConfig.check, "model")
         if not self.base.hf and self.train.seq_len > self.model.max_seq_len:
             raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
         from desmoe.recipes.des_moe.baselines import method_class  # late: the methods import this module

@@ -88,8 +88,9 @@ class DESMoERecipe(Recipe):
         if micro == 0:  # the step's batches first: what may train must cover every micro-batch's domains
             self.domain = -1 if self.streams.mixed else domain_of_step(step, n, self.cfg.train.seed)
             self.batches = [self.streams.next(self.domain) for _ in range(accum)]
-            domains = [b.token_domain[:, :-1].to(engine.device) for b in self.batches]  # of each input position
-            present = present_domains(torch.cat(domains), n) if self.streams.mixed else self.domain
+            # the domain of each input position, per micro-batch
+            self.token_domains = [b.token_domain[:, :-1].to(engine.device) for b in self.batches]
+            present = present_domains(torch.cat(self.token_domains), n) if self.streams.mixed else self.domain
             self.logs = self.method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
             self.method.sync_gradients()  # frozen parameters get no weight gradients computed
             counted = [int(b.loss_mask[:, 1:].sum()) for b in self.batches]  # instruction data: responses only
@@ -97,8 +98,7 @@ class DESMoERecipe(Recipe):
             self.parts_ = {}
         else:
             self.method.observe(self.stats_domain)  # the previous micro-batch's routing, still in the blocks
-        batch = self.batches[micro]
-        token_domain = batch.token_domain[:, :-1].to(engine.device)
+        batch, token_domain = self.batches[micro], self.token_domains[micro]
         self.stats_domain = stats_token_domain(token_domain, batch.loss_mask,  # what A counts
                                                self.cfg.desmoe.routing_stats_tokens)
         self.method.task_scale = self.scales[micro]  # 1.0 unless micro-batches count unequal numbers of labels

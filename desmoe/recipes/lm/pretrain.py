@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from desmoe import checkpoint
-from desmoe.config import bad, to_dict
+from desmoe.config import bad, check_as, to_dict, with_defaults
 from desmoe.data.pretrain_corpus import heldout_batches, open_data
-from desmoe.errors import ConfigError
 from desmoe.evaluation.pretrain_report import count_parameters, print_summary, unigram_nll
 from desmoe.models.hf_build import MoEModelSpec, hf_config, spec_of, write_initial_checkpoint
 from desmoe.objective import heldout_loss
@@ -128,10 +127,7 @@ class PretrainExperiment:
     def check(self) -> None:
         if self.init.kind != "scratch":  # the checkpoint's positions bound seq_len once it loads
             return
-        try:
-            MoEModelSpec.check(self.model)
-        except ConfigError as err:  # its keys are relative to model.*
-            raise ConfigError(str(err).replace("key '", "key 'model.", 1)) from None
+        check_as(self.model, MoEModelSpec.check, "model")
         if self.train.seq_len + 1 > self.model.max_seq_len:
             raise bad("train.seq_len", f"below model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
 
@@ -148,12 +144,13 @@ def _cached(cfg: PretrainExperiment) -> Optional[dict]:
     if not (cfg.output.reuse and report.is_file()):
         return None
     saved = json.loads(report.read_text())
-    sections, defaults = ("model", "init", "data", "train"), to_dict(PretrainExperiment())
+    sections = ("model", "init", "data", "train")
     then = saved.get("config")
     if not isinstance(then, dict) or set(then) != set(sections):
         return None
     # a key added since the export was made (e.g. train.grad_accum) had its default then
-    same = all({**defaults[k], **then[k]} == to_dict(cfg)[k] for k in sections)
+    filled = with_defaults(then, PretrainExperiment)
+    same = all(filled[k] == to_dict(cfg)[k] for k in sections)
     return saved if same else None
 
 
