@@ -35,7 +35,7 @@ from data_prep.user_data import Record, closing_eos_counts, encode_record
 from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece, write_indexed
 from desmoe.checkpoint import replace_dir_atomic
 from desmoe.config import split_overrides
-from desmoe.data.prepared import FORMAT, SPLITS
+from desmoe.data.prepared import FORMAT, RECORD_ENCODING, SPLITS
 from desmoe.errors import ConfigError, UserError, run_cli
 
 HERE = Path(__file__).resolve().parent
@@ -362,6 +362,8 @@ class Builder:
             "card": "DATA_CARD.md", "instruct": {"domains": cfg.instruct.domains, "template": self.render.name},
             "config": _plain(cfg),
         }
+        if self.masked:  # only folders with records: the others stay byte-identical to earlier builds
+            meta["record_encoding"] = RECORD_ENCODING
         meta["eval"]["sizes"] = {"math_qa": sum(1 for _ in open(root / meta["eval"]["math"])),
                                  "mcq": {d: sum(1 for _ in open(root / p)) for d, p in meta["eval"]["mcq"].items()},
                                  "exact": {d: sum(1 for _ in open(root / p))

@@ -28,6 +28,11 @@ from desmoe.errors import UserError
 
 FORMAT = 1
 SPLITS = ("train", "val", "test")
+# meta.json's ``record_encoding`` in a folder with loss masks: its records are the encoding of their whole
+# text (data_prep.user_data.encode_record).  Folders built before it tokenized prompt and response apart
+# (the demo's sentencepiece: a lone "\u2581" before every answer); only they lack the key, so they are
+# refused rather than trained on; folders without records are unchanged.
+RECORD_ENCODING = "whole-text"
 
 
 @dataclass
@@ -69,6 +74,10 @@ class PreparedData:
             raise UserError(f"{meta_path}: not valid JSON") from None
         if self.meta.get("format") != FORMAT:
             raise UserError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT}; rebuild it")
+        if self.meta.get("loss_masks") and self.meta.get("record_encoding") != RECORD_ENCODING:
+            raise UserError(f"{meta_path}: key 'record_encoding': {self.meta.get('record_encoding')!r}, expected "
+                            f"'{RECORD_ENCODING}' (instruction records tokenized piece by piece); rebuild it with "
+                            f"python -m data_prep.build")
         self.domains: list[str] = list(self.meta["domains"])
         self.heldout_name: str = self.meta["heldout"]
         self.card = self.root / self.meta["card"]
