@@ -182,3 +182,35 @@ def test_bad_instruction_input_is_one_line(tmp_path):
     assert re.search(r"mine/qa/(alpaca|chat)\.jsonl: line \d+: the response is empty after truncation to "
                      r"max_record_tokens=8 \(prompt \d+ tokens\)", msg), msg
     assert not out.exists()
+
+
+def test_a_folder_of_piece_by_piece_records_is_refused_and_fingerprints_follow_the_data(instruct_data, tmp_path):
+    """A folder with loss masks built before record_encoding (its records tokenized piece by piece) is refused,
+    not trained on; a finished run is reused only while the folder's fingerprint (launcher/desmoe_study.py's
+    data.sha256) is unchanged: a rebuild that only re-times keeps it, changed tokens or masks do not."""
+    import shutil
+
+    from desmoe import integrity
+    from desmoe.data.prepared import fingerprint
+
+    old = tmp_path / "old"
+    shutil.copytree(instruct_data, old)
+    assert fingerprint(old) == fingerprint(instruct_data)
+    (old / "timing.json").write_text('{"seconds": 1}\n')  # the one file identical builds differ in
+    integrity.seal(old)
+    assert fingerprint(old) == fingerprint(instruct_data)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["record_encoding"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    integrity.seal(old)
+    with pytest.raises(UserError, match=r"^\S+meta.json: key 'record_encoding': None, expected 'whole-text' "
+                                        r"\(instruction records tokenized piece by piece\); rebuild it"):
+        PreparedData(old)
+    assert fingerprint(old) != fingerprint(instruct_data)
+    shutil.copy(instruct_data / "meta.json", old / "meta.json")
+    mask = old / "indexed" / "qa" / "train.mask.bin"
+    body = bytearray(mask.read_bytes())
+    body[0] ^= 1
+    mask.write_bytes(bytes(body))
+    integrity.seal(old)
+    assert PreparedData(old).masked == ["qa"] and fingerprint(old) != fingerprint(instruct_data)

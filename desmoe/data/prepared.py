@@ -16,6 +16,7 @@ counts); other domains, and folders built before masks existed, count every labe
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,20 @@ SPLITS = ("train", "val", "test")
 # (the demo's sentencepiece: a lone "\u2581" before every answer); only they lack the key, so they are
 # refused rather than trained on; folders without records are unchanged.
 RECORD_ENCODING = "whole-text"
+
+
+def fingerprint(root: str | Path) -> str:
+    """sha256 of a prepared folder's data: its sealed manifest (every file's size and sha256) without
+    ``timing.json``, the one file identical builds differ in; of ``meta.json`` in an unsealed folder.
+    Equal for a byte-identical rebuild, different when any data file changed (e.g. records re-encoded),
+    so what was computed from a folder (a finished run) can tell whether it still holds."""
+    root = Path(root)
+    manifest = root / integrity.MANIFEST
+    if manifest.is_file():
+        files = json.loads(manifest.read_text())["files"]
+        files.pop("timing.json", None)
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256((root / "meta.json").read_bytes()).hexdigest()
 
 
 @dataclass
