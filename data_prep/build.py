@@ -29,7 +29,7 @@ from data_prep.clean import chunk, dedupe, tidy
 from data_prep.config import BuildConfig, load_profile
 from data_prep.evalsets import write_eval_sets
 from data_prep.extract import EXTRACTORS, Context, Doc
-from data_prep.instruct import instruction_parts
+from data_prep.instruct import check_prompt_tokens, instruction_parts
 from data_prep.sources import SourceCache, load_manifest, package_record
 from data_prep.user_data import Record, closing_eos_counts, encode_record
 from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece, write_indexed
@@ -253,6 +253,7 @@ class Builder:
             for i, (_, _, d) in enumerate(items):  # instruction records: piece by piece, with their masks
                 if isinstance(d, Record):
                     ids[i] = encode_record(tok, d, cfg.max_record_tokens)
+                    check_prompt_tokens(tok, d, ids[i])  # instruct records: the exact-match tasks' prompts
             self.stats["tokenize"] = perf
             lap("tokenize")
             by_key = defaultdict(list)

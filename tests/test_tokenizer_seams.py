@@ -144,3 +144,36 @@ def test_harness_scores_the_whole_texts_tokens(toks):
     ctx, cont = tok.encode([PAIRS[0][0]])[0], tok.encode([PAIRS[0][1]])[0]
     assert tok.sp.id_to_piece(cont[0]) == "\u2581" and tok.encode([PAIRS[0][0] + PAIRS[0][1]])[0] != ctx + cont
     assert json.dumps(got)  # plain floats and bools for the harness
+
+
+def test_exact_match_prompts_are_the_records_first_tokens(toks, tmp_path):
+    """The exact-match tasks ask with the prompt encoded alone: the build refuses a tokenizer whose
+    prompt tokens differ inside the record (a BPE without a split regex merges ":" with the answer's " ")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data_prep.instruct import check_prompt_tokens
+
+    def record(tok, render):
+        segs = render.segments("Which function copies a list?", "copy")
+        rec = Record("".join(t for t, _ in segs), "s", "l", "0", segments=segs, origin="law/src/7")
+        rec.fact = ("term", "Which function copies a list?", "copy", "")
+        return rec, encode_record(tok, rec, 4096)
+
+    for kind, tok in toks.items():
+        if kind != "gpt2-prefix":
+            chat = isinstance(tok, HFTokenizer) and kind not in MARK_AFTER_SPECIALS
+            render = Renderer((lambda m, g: tok.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g))
+                              if chat else None)
+            check_prompt_tokens(tok, *record(tok, render))  # passes: the prompt ends on a token boundary
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), decoders.ByteLevel()
+    tk.train_from_iterator([f"Question: {i}?\nAnswer: {i} copy" for i in range(300)],
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>").save_pretrained(tmp_path / "noregex")
+    tok = HFTokenizer(tmp_path / "noregex")
+    rec, ids = record(tok, Renderer())
+    with pytest.raises(UserError, match=r"^law/src/7: tokenizer \S+noregex encodes the prompt alone \(\d+ tokens\) "
+                                        r"other than within the record \(a token straddles the prompt/answer seam\)"):
+        check_prompt_tokens(tok, rec, ids)
