@@ -38,13 +38,10 @@ class SentencePieceTokenizer:
         self.vocab_size = int(self.sp.get_piece_size())
         self.bos_id, self.eos_id = int(self.sp.bos_id()), int(self.sp.eos_id())
         self.pad_id = int(self.sp.pad_id()) if self.sp.pad_id() >= 0 else self.eos_id
-        from sentencepiece import sentencepiece_model_pb2
-
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(self.path.read_bytes())
-        # data_prep trains with the default add_dummy_prefix=True: every encoded text starts a word
-        self.dummy_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
-        self.escape = bool(proto.normalizer_spec.escape_whitespaces)
+        # data_prep trains with the defaults add_dummy_prefix and escape_whitespaces: every encoded text starts
+        # a word ("\u2581"), spaces become "\u2581".  Read off the model's own output (its proto needs protobuf)
+        probe = "".join(self.sp.encode("a a", out_type=str))
+        self.dummy_prefix, self.escape = probe.startswith("\u2581"), "a\u2581a" in probe
 
     def spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """The ids of ``text`` and the [start, end) characters of ``text`` each one covers.  sentencepiece's
