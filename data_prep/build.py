@@ -250,7 +250,7 @@ class Builder:
             ids = [None] * len(items)
             for i, t in zip(plain, got):
                 ids[i] = t
-            for i, (_, _, d) in enumerate(items):  # instruction records: piece by piece, with their masks
+            for i, (_, _, d) in enumerate(items):  # instruction records: the whole text, masks per character
                 if isinstance(d, Record):
                     ids[i] = encode_record(tok, d, cfg.max_record_tokens)
                     check_prompt_tokens(tok, d, ids[i])  # instruct records: the exact-match tasks' prompts
