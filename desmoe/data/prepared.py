@@ -50,6 +50,22 @@ def fingerprint(root: str | Path) -> str:
     return hashlib.sha256((root / "meta.json").read_bytes()).hexdigest()
 
 
+def shipped_tokenizer_differs(folder: str | Path, root: str | Path) -> Optional[str]:
+    """Why ``folder`` (a model export) was built with another tokenizer than the prepared folder ``root``:
+    an export of the embedded base ships the data's sentencepiece model (``tokenizer.model``), and a data
+    folder rebuilt with a retrained tokenizer keeps the vocabulary size, so nothing else would notice that
+    the base learnt other token ids.  None when they agree or either side has nothing to compare."""
+    shipped, meta = Path(folder) / "tokenizer.model", Path(root) / "meta.json"
+    if not (shipped.is_file() and meta.is_file()):
+        return None
+    want = json.loads(meta.read_text()).get("tokenizer") or {}
+    got = integrity.sha256_file(shipped)
+    if want.get("kind") != "sentencepiece" or got == want.get("sha256"):
+        return None
+    return (f"{shipped} (sha256 {got[:12]}) is not the tokenizer of {root} (sha256 {str(want.get('sha256'))[:12]}): "
+            f"the model was trained on other token ids")
+
+
 @dataclass
 class MCQItem:
     prompt: str

@@ -151,6 +151,13 @@ def _cached(cfg: PretrainExperiment) -> Optional[dict]:
     # a key added since the export was made (e.g. train.grad_accum) had its default then
     filled = with_defaults(then, PretrainExperiment)
     same = all(filled[k] == to_dict(cfg)[k] for k in sections)
+    if same and cfg.data.source == "prepared":  # same config, but the folder may have been rebuilt since
+        from desmoe.data.prepared import shipped_tokenizer_differs
+
+        why = shipped_tokenizer_differs(cfg.output.dir, cfg.data.root)
+        if why:
+            print(f"embedded base not reused: {why}; retraining", flush=True)
+            return None
     return saved if same else None
 
 
