@@ -167,6 +167,11 @@ def test_an_export_of_another_tokenizer_is_not_reused_nor_fine_tuned(tmp_path):
     prepared = SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=8), data=SimpleNamespace(root=data))
     check_vocab(model, prepared, run)
     meta(b"a sentencepiece model retrained on rebuilt data")
+    with pytest.raises(UserError, match=rf"^output.dir={out}: {out}/tokenizer.model \(sha256 \w{{12}}\) is not the "
+                                        rf"tokenizer of {data} .*; expected a base pretrained on this data: retrain it "
+                                        r"from scratch with output.reuse=false run.resume=false$"):
+        _cached(cfg)  # not silently retrained either: runs/<name> would resume the old model's checkpoints
+    cfg.output.reuse = False
     assert _cached(cfg) is None
     with pytest.raises(UserError, match=rf"^base.hf={out}: {out}/tokenizer.model \(sha256 \w{{12}}\) is not the "
                                         rf"tokenizer of {data} \(sha256 \w{{12}}\): the model was trained on other "

@@ -20,6 +20,7 @@ from typing import Literal, Optional
 from desmoe import checkpoint
 from desmoe.config import bad, check_as, to_dict, with_defaults
 from desmoe.data.pretrain_corpus import heldout_batches, open_data
+from desmoe.errors import UserError
 from desmoe.evaluation.pretrain_report import count_parameters, print_summary, unigram_nll
 from desmoe.models.hf_build import MoEModelSpec, hf_config, spec_of, write_initial_checkpoint
 from desmoe.objective import heldout_loss
@@ -155,9 +156,9 @@ def _cached(cfg: PretrainExperiment) -> Optional[dict]:
         from desmoe.data.prepared import shipped_tokenizer_differs
 
         why = shipped_tokenizer_differs(cfg.output.dir, cfg.data.root)
-        if why:
-            print(f"embedded base not reused: {why}; retraining", flush=True)
-            return None
+        if why:  # refused, not retrained here: the run directory would resume the old model's checkpoints
+            raise UserError(f"output.dir={cfg.output.dir}: {why}; expected a base pretrained on this data: retrain "
+                            f"it from scratch with output.reuse=false run.resume=false")
     return saved if same else None
 
 
