@@ -29,13 +29,13 @@ from data_prep.clean import chunk, dedupe, tidy
 from data_prep.config import BuildConfig, load_profile
 from data_prep.evalsets import write_eval_sets
 from data_prep.extract import EXTRACTORS, Context, Doc
-from data_prep.instruct import instruction_parts
+from data_prep.instruct import check_prompt_tokens, instruction_parts
 from data_prep.sources import SourceCache, load_manifest, package_record
 from data_prep.user_data import Record, closing_eos_counts, encode_record
 from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece, write_indexed
 from desmoe.checkpoint import replace_dir_atomic
 from desmoe.config import split_overrides
-from desmoe.data.prepared import FORMAT, SPLITS
+from desmoe.data.prepared import FORMAT, RECORD_ENCODING, SPLITS
 from desmoe.errors import ConfigError, UserError, run_cli
 
 HERE = Path(__file__).resolve().parent
@@ -250,9 +250,10 @@ class Builder:
             ids = [None] * len(items)
             for i, t in zip(plain, got):
                 ids[i] = t
-            for i, (_, _, d) in enumerate(items):  # instruction records: piece by piece, with their masks
+            for i, (_, _, d) in enumerate(items):  # instruction records: the whole text, masks per character
                 if isinstance(d, Record):
                     ids[i] = encode_record(tok, d, cfg.max_record_tokens)
+                    check_prompt_tokens(tok, d, ids[i])  # instruct records: the exact-match tasks' prompts
             self.stats["tokenize"] = perf
             lap("tokenize")
             by_key = defaultdict(list)
@@ -362,6 +363,8 @@ class Builder:
             "card": "DATA_CARD.md", "instruct": {"domains": cfg.instruct.domains, "template": self.render.name},
             "config": _plain(cfg),
         }
+        if self.masked:  # only folders with records: the others stay byte-identical to earlier builds
+            meta["record_encoding"] = RECORD_ENCODING
         meta["eval"]["sizes"] = {"math_qa": sum(1 for _ in open(root / meta["eval"]["math"])),
                                  "mcq": {d: sum(1 for _ in open(root / p)) for d, p in meta["eval"]["mcq"].items()},
                                  "exact": {d: sum(1 for _ in open(root / p))

@@ -117,6 +117,20 @@ class Renderer:
         return [(head, False), (full[len(head):], True)]
 
 
+def check_prompt_tokens(tok, rec: Record, ids: list[int]) -> None:
+    """The exact-match tasks ask with the prompt encoded alone (as lm-eval's generate_until does): its tokens
+    must be the record's first tokens, else the model would be asked with tokens it never trained on (a
+    token straddling the prompt/answer seam, e.g. a BPE merge of ":" and " ")."""
+    if getattr(rec, "fact", None) is None:
+        return
+    alone = tok.encode([rec.segments[0][0]])[0]
+    if ids[: len(alone)] != alone:
+        from desmoe.errors import UserError
+        raise UserError(f"{rec.origin}: tokenizer {tok.path} encodes the prompt alone ({len(alone)} tokens) other "
+                        f"than within the record (a token straddles the prompt/answer seam); the exact-match "
+                        f"evaluation would ask with tokens never trained on; expected a tokenizer that splits there")
+
+
 def records_of(docs: list[Doc], render: Renderer, seed: int, domain: str, limit: Optional[int]) -> list[Record]:
     """The instruction records of ``docs`` (one split of one domain), unique by question, in a seeded
     order that takes the fact kinds in turn; at most ``limit``."""

@@ -13,7 +13,8 @@ A record is one of (decided by its keys; one format per file; ``source``/``licen
   template; loss on the assistant turns (their text and end-of-turn markup), not on the template's
   assistant header nor on system/user turns.
 Instruction records become :class:`Record` s: the text cut into (segment, counts-in-the-loss)
-pieces, tokenized piece by piece so the mask is exact at the boundaries.
+pieces; the whole text is tokenized at once (what the model sees at inference) and each token's mask
+follows the characters it covers (``encode_record``).
 A sub-folder whose name is not a configured domain (or the held-out set) is refused.
 """
 from __future__ import annotations
@@ -48,12 +49,26 @@ class Record(Doc):
 
 
 def encode_record(tok, rec: Record, max_tokens: int) -> list[int]:
-    """Token ids of a record, piece by piece, cut to ``max_tokens`` (the eos the build appends
-    included); sets ``rec.mask``.  A record with no response token left is refused."""
-    ids, mask = [], []
-    for piece, counts in zip(tok.encode([t for t, _ in rec.segments]), (c for _, c in rec.segments)):
-        ids += piece
-        mask += [int(counts)] * len(piece)
+    """Token ids of a record, cut to ``max_tokens`` (the eos the build appends included); sets ``rec.mask``.
+    The ids are the encoding of the whole text, as the model sees it at inference: segments encoded apart
+    got a word-start mark (sentencepiece's dummy prefix, a Metaspace "\u2581") at every prompt/response
+    seam, and BPE merges across a seam were lost.  A token counts in the loss iff it covers a character of
+    a response: one straddling a seam ("Answer: " + "Paris" -> " Paris") is trained on, since predicting
+    it is what produces the response's first characters; a token that covers no character (a lone dummy
+    prefix) goes with the character it stands before.  A record the tokenizer does not give back
+    (decode(ids) != text) is refused; so is one with no response token left."""
+    text = "".join(t for t, _ in rec.segments)
+    ids, spans = tok.spans(text)
+    flags = [c for t, c in rec.segments for _ in t]  # per character: part of a response?
+    mask = [int(any(flags[a:b]) if b > a else flags[min(a, len(text) - 1)]) for a, b in spans]
+    back = tok.decode(ids)
+    if back != text:
+        at = next((i for i, (x, y) in enumerate(zip(back, text)) if x != y), min(len(back), len(text)))
+        raise UserError(f"{rec.origin}: tokenizer {tok.path} does not give the record's text back (decode(encode("
+                        f"text)) differs at character {at}: {text[at:at + 12]!r} became {back[at:at + 12]!r}); the "
+                        f"model would train on other text; expected a tokenizer without a normaliser that changes "
+                        f"text, add_prefix_space, or a word-start mark after special tokens (prepend_scheme "
+                        f"'always', a legacy Prepend)")
     if sum(mask[: max_tokens - 1]) == 0:
         raise UserError(f"{rec.origin}: the response is empty after truncation to max_record_tokens={max_tokens} "
                         f"(prompt {mask.index(1) if 1 in mask else len(mask)} tokens); shorten the prompt or "

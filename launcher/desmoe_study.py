@@ -4,7 +4,9 @@
     deepspeed --num_gpus 2 launcher/desmoe_study.py --config configs/desmoe_demo.yaml --methods desmoe,fft \
         --scaling 2,3,4,5 --steps-per-domain 30
 
-A run whose directory already holds results.json for the same config is reused.
+A run whose directory already holds results.json for the same config and the same data is reused (the data:
+``data.sha256`` in the run directory, the prepared folder's fingerprint when the run finished; a folder rebuilt
+with other data, e.g. its instruction records re-encoded, runs again).
 Runs are named <run.name>-<method> (or <run.name>-N<k>-<method> in the domain-scaling study, whose
 domains are math and code first, then the others in the order of data.domains).  With
 --steps-per-domain K every run trains K x (its number of domains) steps, so each domain gets the same
@@ -28,6 +30,13 @@ from desmoe.config import dump_yaml  # noqa: E402
 from desmoe.errors import UserError, run_cli  # noqa: E402
 from desmoe.recipes.des_moe.config import Method  # noqa: E402
 from desmoe.recipes.des_moe.recipe import DESMoEExperiment, train_desmoe  # noqa: E402
+
+
+def data_stamp(source: str) -> str:
+    """What a finished run trained on: the prepared folder's fingerprint, or the built-in source's name."""
+    from desmoe.data.prepared import fingerprint
+
+    return source if source == "stdlib" else fingerprint(source)
 
 
 def scaling_order(domains: list[str]) -> list[str]:
@@ -71,13 +80,18 @@ def main() -> None:
                 run.train.steps = opts.steps_per_domain * len(run.data.domains or domains)
             run.check()
             run_dir = Path(run.run.dir) / run.run.name
-            done = run_dir / "results.json"
+            done, stamp, data = run_dir / "results.json", run_dir / "data.sha256", data_stamp(run.data.source)
             if done.is_file() and (run_dir / "config.yaml").is_file() and \
-                    (run_dir / "config.yaml").read_text() == dump_yaml(run):
+                    (run_dir / "config.yaml").read_text() == dump_yaml(run) and \
+                    stamp.is_file() and stamp.read_text().strip() == data:
                 if is_rank0():
-                    print(f"{run_dir}: finished with this config, reused", flush=True)
+                    print(f"{run_dir}: finished with this config and data, reused", flush=True)
             else:
                 train_desmoe(run, opts.deepspeed)
+                if is_rank0():
+                    from desmoe.checkpoint import write_text_atomic
+
+                    write_text_atomic(stamp, data + "\n")
             runs.append(str(run_dir))
             gc.collect()
     if is_rank0():

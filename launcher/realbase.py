@@ -47,7 +47,8 @@ def dense_base(cache: Path) -> Path:
 
 
 def prepared_data(dense: Path, cache: Path) -> Path:
-    if not (DATA / "meta.json").is_file():
+    meta = DATA / "meta.json"  # without record_encoding: records tokenized piece by piece (desmoe/data/prepared.py)
+    if not meta.is_file() or '"record_encoding"' not in meta.read_text():
         from data_prep.build import build
         build("demo", DATA, cache, ["tokenizer.kind=hf", f"tokenizer.hf_path={dense}"], quiet=True)
     return DATA

@@ -75,44 +75,42 @@ def test_masked_mean_is_per_counted_token():
 
 
 def _expected(data: PreparedData):
-    """(source, doc_id) -> (full text, response text) from the user's files, by format."""
+    """(source, doc_id) -> the record's (text, counts-in-the-loss) segments, from the user's files, by format."""
+    from data_prep.user_data import _segments, record_format
+
     tok = data.tokenizer.tok
+    chat = lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g)  # noqa: E731
     recs, _ = records()
-    out = {}
-    for name, rows in recs.items():
-        for i, r in enumerate(rows):
-            if "prompt" in r:
-                full, resp = r["prompt"] + r["completion"], r["completion"]
-            elif "instruction" in r:
-                p = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") + "\n\n"
-                full, resp = p + r["output"], r["output"]
-            else:
-                full = tok.apply_chat_template(r["messages"], tokenize=False)
-                resp = "".join(m["content"] + "<|end|>\n" for m in r["messages"] if m["role"] == "assistant")
-            out[(f"user:qa/{name}", str(i))] = (full, resp)
-    return out
+    return {(f"user:qa/{name}", str(i)): _segments(record_format(r), r, "w", chat, "")
+            for name, rows in recs.items() for i, r in enumerate(rows)}
 
 
 def test_formats_give_response_only_masks_document_by_document(instruct_data):
+    from tokfix import oracle_mask
+
     data = PreparedData(instruct_data)
     tok, want = data.tokenizer, _expected(data)
     assert data.masked == ["qa"] and data.meta["loss_masks"] == ["qa"]
+    assert data.meta["record_encoding"] == "whole-text"
     seen = set()
     for split in ("train", "val", "test"):
         raw, ds, ms = data.raw(split, "qa"), data.indexed("qa", split), data.indexed("qa", split, mask=True)
         assert len(raw) == len(ds) == len(ms) and ms[0].dtype == np.uint8
         for j, row in enumerate(raw):
             ids, mask = ds[j], ms[j]
-            full, resp = want[(row["source"], row["doc_id"])]
+            segs = want[(row["source"], row["doc_id"])]
+            full = "".join(t for t, _ in segs)
             seen.add(row["source"])
-            body, keep = ids[:-1].tolist(), mask[:-1].astype(bool)
+            body, keep = ids[:-1].tolist(), mask[:-1].astype(int).tolist()
             # the eos is trained on after a whole response (not after one cut to the budget: tests/test_instruct_eos.py)
             assert len(ids) == len(mask) and ids[-1] == tok.eos_id and mask[-1] == (tok.decode(body) == full)
-            if split == "train" and j == len(raw) - 1:  # the last train record may be cut to the budget
-                full, resp = full[: len(tok.decode(body))], resp[: len(tok.decode([t for t, k in zip(body, keep) if k]))]
-            assert tok.decode(body) == full
-            assert tok.decode([t for t, k in zip(body, keep) if k]) == resp
-            assert not keep[0] and keep.any()  # every format starts with prompt tokens
+            # the whole text's encoding (the last train record may be cut to the budget), and a token counts iff
+            # it covers a response character (pc.jsonl's prompts end in a space: " word" straddles and counts)
+            whole = tok.encode([full])[0]
+            assert body == whole[: len(body)] and keep == oracle_mask(tok, whole, segs)[: len(body)]
+            assert len(body) == len(whole) or (split == "train" and j == len(raw) - 1)
+            assert row["text"] == (full if len(body) == len(whole) else tok.decode(body))
+            assert not keep[0] and any(keep)  # every format starts with prompt tokens
     assert seen == {"user:qa/pc.jsonl", "user:qa/alpaca.jsonl", "user:qa/chat.jsonl"}
     assert not (instruct_data / "indexed" / "prose" / "train.mask.idx").exists()  # plain text: no mask files
 
@@ -184,3 +182,35 @@ def test_bad_instruction_input_is_one_line(tmp_path):
     assert re.search(r"mine/qa/(alpaca|chat)\.jsonl: line \d+: the response is empty after truncation to "
                      r"max_record_tokens=8 \(prompt \d+ tokens\)", msg), msg
     assert not out.exists()
+
+
+def test_a_folder_of_piece_by_piece_records_is_refused_and_fingerprints_follow_the_data(instruct_data, tmp_path):
+    """A folder with loss masks built before record_encoding (its records tokenized piece by piece) is refused,
+    not trained on; a finished run is reused only while the folder's fingerprint (launcher/desmoe_study.py's
+    data.sha256) is unchanged: a rebuild that only re-times keeps it, changed tokens or masks do not."""
+    import shutil
+
+    from desmoe import integrity
+    from desmoe.data.prepared import fingerprint
+
+    old = tmp_path / "old"
+    shutil.copytree(instruct_data, old)
+    assert fingerprint(old) == fingerprint(instruct_data)
+    (old / "timing.json").write_text('{"seconds": 1}\n')  # the one file identical builds differ in
+    integrity.seal(old)
+    assert fingerprint(old) == fingerprint(instruct_data)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["record_encoding"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    integrity.seal(old)
+    with pytest.raises(UserError, match=r"^\S+meta.json: key 'record_encoding': None, expected 'whole-text' "
+                                        r"\(instruction records tokenized piece by piece\); rebuild it"):
+        PreparedData(old)
+    assert fingerprint(old) != fingerprint(instruct_data)
+    shutil.copy(instruct_data / "meta.json", old / "meta.json")
+    mask = old / "indexed" / "qa" / "train.mask.bin"
+    body = bytearray(mask.read_bytes())
+    body[0] ^= 1
+    mask.write_bytes(bytes(body))
+    integrity.seal(old)
+    assert PreparedData(old).masked == ["qa"] and fingerprint(old) != fingerprint(instruct_data)

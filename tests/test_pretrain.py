@@ -3,6 +3,7 @@ where it stopped, exports an HF checkpoint with a perplexity report, then is reu
 import json
 import math
 
+import pytest
 import torch
 
 ROOT_CFG = "configs/pretrain_base.yaml"
@@ -130,3 +131,49 @@ def test_an_export_made_before_a_key_existed_is_reused(tmp_path):
     assert _cached(cfg) is None
     cfg.train.grad_accum, cfg.train.steps = 1, cfg.train.steps + 1
     assert _cached(cfg) is None
+
+
+def test_an_export_of_another_tokenizer_is_not_reused_nor_fine_tuned(tmp_path):
+    """A data folder rebuilt with a retrained sentencepiece model keeps its vocabulary size: the embedded base
+    exported with the old model (same config) was reused, and DES-MoE fine-tuned it on other token ids."""
+    import hashlib
+    from types import SimpleNamespace
+
+    import torch
+
+    from jobs import ROOT
+
+    from desmoe.config import load_config, to_dict
+    from desmoe.errors import UserError
+    from desmoe.recipes.des_moe.base_model import check_vocab
+    from desmoe.recipes.lm.pretrain import PretrainExperiment, _cached
+
+    data, out = tmp_path / "data", tmp_path / "base"
+    data.mkdir()
+    out.mkdir()
+    cfg = load_config(PretrainExperiment, ROOT / ROOT_CFG, [f"output.dir={out}", f"data.root={data}"])
+    (out / "report.json").write_text(json.dumps({"heldout_ppl": 80.9, "config": {
+        k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}))
+    (out / "tokenizer.model").write_bytes(b"the sentencepiece model the base was trained with")
+
+    def meta(model: bytes):
+        (data / "meta.json").write_text(json.dumps({"tokenizer": {"kind": "sentencepiece",
+                                                                  "sha256": hashlib.sha256(model).hexdigest()}}))
+
+    meta(b"the sentencepiece model the base was trained with")
+    assert _cached(cfg)["heldout_ppl"] == 80.9
+    model = SimpleNamespace(get_input_embeddings=lambda: torch.nn.Embedding(8, 2))
+    run = SimpleNamespace(base=SimpleNamespace(hf=str(out)), data=SimpleNamespace(source=str(data)))
+    prepared = SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=8), data=SimpleNamespace(root=data))
+    check_vocab(model, prepared, run)
+    meta(b"a sentencepiece model retrained on rebuilt data")
+    with pytest.raises(UserError, match=rf"^output.dir={out}: {out}/tokenizer.model \(sha256 \w{{12}}\) is not the "
+                                        rf"tokenizer of {data} .*; expected a base pretrained on this data: retrain it "
+                                        r"from scratch with output.reuse=false run.resume=false$"):
+        _cached(cfg)  # not silently retrained either: runs/<name> would resume the old model's checkpoints
+    cfg.output.reuse = False
+    assert _cached(cfg) is None
+    with pytest.raises(UserError, match=rf"^base.hf={out}: {out}/tokenizer.model \(sha256 \w{{12}}\) is not the "
+                                        rf"tokenizer of {data} \(sha256 \w{{12}}\): the model was trained on other "
+                                        r"token ids; expected the data the base was pretrained on"):
+        check_vocab(model, prepared, run)

@@ -16,6 +16,7 @@ counts); other domains, and folders built before masks existed, count every labe
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,41 @@ from desmoe.errors import UserError
 
 FORMAT = 1
 SPLITS = ("train", "val", "test")
+# meta.json's ``record_encoding`` in a folder with loss masks: its records are the encoding of their whole
+# text (data_prep.user_data.encode_record).  Folders built before it tokenized prompt and response apart
+# (the demo's sentencepiece: a lone "\u2581" before every answer); only they lack the key, so they are
+# refused rather than trained on; folders without records are unchanged.
+RECORD_ENCODING = "whole-text"
+
+
+def fingerprint(root: str | Path) -> str:
+    """sha256 of a prepared folder's data: its sealed manifest (every file's size and sha256) without
+    ``timing.json``, the one file identical builds differ in; of ``meta.json`` in an unsealed folder.
+    Equal for a byte-identical rebuild, different when any data file changed (e.g. records re-encoded),
+    so what was computed from a folder (a finished run) can tell whether it still holds."""
+    root = Path(root)
+    manifest = root / integrity.MANIFEST
+    if manifest.is_file():
+        files = json.loads(manifest.read_text())["files"]
+        files.pop("timing.json", None)
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256((root / "meta.json").read_bytes()).hexdigest()
+
+
+def shipped_tokenizer_differs(folder: str | Path, root: str | Path) -> Optional[str]:
+    """Why ``folder`` (a model export) was built with another tokenizer than the prepared folder ``root``:
+    an export of the embedded base ships the data's sentencepiece model (``tokenizer.model``), and a data
+    folder rebuilt with a retrained tokenizer keeps the vocabulary size, so nothing else would notice that
+    the base learnt other token ids.  None when they agree or either side has nothing to compare."""
+    shipped, meta = Path(folder) / "tokenizer.model", Path(root) / "meta.json"
+    if not (shipped.is_file() and meta.is_file()):
+        return None
+    want = json.loads(meta.read_text()).get("tokenizer") or {}
+    got = integrity.sha256_file(shipped)
+    if want.get("kind") != "sentencepiece" or got == want.get("sha256"):
+        return None
+    return (f"{shipped} (sha256 {got[:12]}) is not the tokenizer of {root} (sha256 {str(want.get('sha256'))[:12]}): "
+            f"the model was trained on other token ids")
 
 
 @dataclass
@@ -69,6 +105,10 @@ class PreparedData:
             raise UserError(f"{meta_path}: not valid JSON") from None
         if self.meta.get("format") != FORMAT:
             raise UserError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT}; rebuild it")
+        if self.meta.get("loss_masks") and self.meta.get("record_encoding") != RECORD_ENCODING:
+            raise UserError(f"{meta_path}: key 'record_encoding': {self.meta.get('record_encoding')!r}, expected "
+                            f"'{RECORD_ENCODING}' (instruction records tokenized piece by piece); rebuild it with "
+                            f"python -m data_prep.build")
         self.domains: list[str] = list(self.meta["domains"])
         self.heldout_name: str = self.meta["heldout"]
         self.card = self.root / self.meta["card"]

@@ -6,6 +6,15 @@ indentation included).  ``HFTokenizer`` wraps a ``transformers`` tokenizer from
 a local folder, for fine-tuning an HF model with its own vocabulary.  Both give
 ``encode(list[str]) -> list[list[int]]``, ``decode``, ``vocab_size`` and the
 ``bos_id`` / ``eos_id`` / ``pad_id`` the packer and models need.
+
+Pieces of one text (prompt and response, context and continuation) are never encoded apart: most
+tokenizers mark a word start at the beginning of every encoded text (sentencepiece's dummy prefix, an
+HF Metaspace pre-tokenizer, Llama's legacy ``Prepend("▁")``, ByteLevel's ``add_prefix_space``), and
+BPE merges across a seam (``"\\n\\n"``, ``" word"``), so the concatenation of two encodings is not the
+encoding the model sees for the text (the demo's sentencepiece put a lone ``"▁"`` before every
+answer).  ``spans`` gives the ids of a whole text with the characters each token covers, from which
+``data_prep.user_data.encode_record`` cuts loss masks; ``encode_pairs`` splits a whole encoding into
+context and continuation as lm-evaluation-harness's HF model does.
 """
 from __future__ import annotations
 
@@ -29,6 +38,36 @@ class SentencePieceTokenizer:
         self.vocab_size = int(self.sp.get_piece_size())
         self.bos_id, self.eos_id = int(self.sp.bos_id()), int(self.sp.eos_id())
         self.pad_id = int(self.sp.pad_id()) if self.sp.pad_id() >= 0 else self.eos_id
+        # data_prep trains with the defaults add_dummy_prefix and escape_whitespaces: every encoded text starts
+        # a word ("\u2581"), spaces become "\u2581".  Read off the model's own output (its proto needs protobuf)
+        probe = "".join(self.sp.encode("a a", out_type=str))
+        self.dummy_prefix, self.escape = probe.startswith("\u2581"), "a\u2581a" in probe
+
+    def spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of ``text`` and the [start, end) characters of ``text`` each one covers.  sentencepiece's
+        own offsets are coarse (a whitespace run's pieces share one span), so the pieces are walked over
+        the normalised text (identity normalisation: the dummy prefix, spaces as "▁"); a byte-fallback
+        piece covers its character.  A dummy-prefix piece alone covers nothing: (0, 0)."""
+        ids = self.encode([text])[0]
+        lead = "▁" if self.dummy_prefix and text else ""
+        norm = lead + (text.replace(" ", "▁") if self.escape else text)
+        pos, pend, out = 0, 0, []
+        for i in ids:
+            if self.sp.is_byte(i) and pos < len(norm):  # one UTF-8 byte of the character at pos
+                out.append((pos, pos + 1))
+                pend += 1
+                if pend == len(norm[pos].encode()):
+                    pos, pend = pos + 1, 0
+                continue
+            piece = self.sp.id_to_piece(i)
+            if pend or norm[pos:pos + len(piece)] != piece:
+                raise UserError(f"{self.path}: its pieces do not spell the text at character {pos - len(lead)} "
+                                f"(piece {piece!r}; expected identity normalisation, as data_prep trains)")
+            out.append((pos, pos + len(piece)))
+            pos += len(piece)
+        if pos != len(norm):
+            raise UserError(f"{self.path}: its pieces cover {pos - len(lead)} of {len(text)} characters")
+        return ids, [(max(a - len(lead), 0), max(b - len(lead), 0)) for a, b in out]
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(texts))
@@ -69,6 +108,15 @@ class HFTokenizer:
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(x) for x in self.tok(list(texts), add_special_tokens=False)["input_ids"]]
 
+    def spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of ``text`` (as ``encode``) and the [start, end) characters each covers (the fast
+        tokenizer's offsets, into the text as given)."""
+        if not self.tok.is_fast:
+            raise UserError(f"{self.path}: instruction records need a fast HF tokenizer (tokenizer.json) for "
+                            f"character offsets; got {type(self.tok).__name__}")
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids])
 
@@ -85,3 +133,27 @@ def load_tokenizer(spec: dict[str, Any], root: str | Path) -> SentencePieceToken
     path = Path(spec["path"])
     path = path if path.is_absolute() else Path(root) / path
     return SentencePieceTokenizer(path) if spec["kind"] == "sentencepiece" else HFTokenizer(path)
+
+
+def encode_pairs(tok, contexts: Sequence[str], continuations: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) whose concatenation is the encoding of the whole text, the way
+    lm-evaluation-harness's HF model encodes a pair: a context's trailing whitespace moves to the
+    continuation, context + continuation is encoded whole, and the continuation is what follows the
+    context's own encoding.  Where a token straddles the seam (the context's encoding is not a prefix of
+    the whole one, e.g. "cat" + "s" -> " cats"), the context is cut to the tokens both agree on, so the
+    straddling token is scored as continuation rather than dropped (the harness would score nothing then).
+    An empty context is end-of-text, so the continuation's first token is scored too."""
+    ctx, cont = [], []
+    for c, x in zip(contexts, continuations):
+        n = len(c) - len(c.rstrip())
+        ctx.append(c[:len(c) - n])
+        cont.append(c[len(c) - n:] + x)
+    out = []
+    for whole, alone, x in zip(tok.encode([c + x for c, x in zip(ctx, cont)]), tok.encode(ctx), cont):
+        k = 0
+        while k < min(len(alone), len(whole)) and alone[k] == whole[k]:
+            k += 1
+        if k == len(whole) and x and k:  # a continuation absorbed into the context's last token: score that token
+            k -= 1
+        out.append((list(whole[:k]) or [tok.eos_id], list(whole[k:])))
+    return out

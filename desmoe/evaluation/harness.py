@@ -6,8 +6,9 @@ a collective, so **every rank answers every request** in the same batches: the a
 it is rank 0 of 1 on each process, and results are identical on all ranks.
 
 Scoring is the in-house evaluator's (``desmoe.models.generate``), request by request:
-- ``loglikelihood(context, continuation)``: context and continuation tokenised separately and joined,
-  the sum of the continuation's log-probabilities, and whether it is the greedy continuation;
+- ``loglikelihood(context, continuation)``: context + continuation tokenised whole and split where the
+  context's own tokens end (``desmoe.data.tokenizer.encode_pairs``, lm-eval's HF model's way), the sum of
+  the continuation's log-probabilities, and whether it is the greedy continuation;
 - ``generate_until``: greedy decoding up to ``max_gen_toks``, cut at the first ``until`` string;
 - ``loglikelihood_rolling``: the document's full log-likelihood in windows of ``max_len``.
 
@@ -30,6 +31,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from desmoe.data.tokenizer import encode_pairs
 from desmoe.errors import UserError
 from desmoe.models.generate import greedy_generate, score_continuations
 
@@ -83,8 +85,11 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
             # an empty context (the harness's unconditional requests, e.g. acc_mutual_info) is end-of-text, as in
             # loglikelihood_rolling: without it the continuation's first token would be left out of the sum
-            contexts = [ids or [self.tok.eos_id] for ids in self.tok.encode([r.args[0] for r in requests])]
-            conts = self.tok.encode([r.args[1] for r in requests])
+            # Encoded whole, then split (lm-eval's HF model does the same): encoded apart, a continuation got
+            # a word-start mark the text does not have (sentencepiece's dummy prefix: a lone "\u2581" scored
+            # before every choice) and lost its merges with the context.  An empty context is end-of-text.
+            pairs = encode_pairs(self.tok, [r.args[0] for r in requests], [r.args[1] for r in requests])
+            contexts, conts = [c for c, _ in pairs], [t for _, t in pairs]
             for cont in conts:  # the scorer would sum only the continuation's last max_len tokens
                 if len(cont) > self.max_len:
                     raise UserError(f"harness: a continuation of {len(cont)} tokens is longer than max_len="

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from desmoe.config import bad
+from desmoe.data.tokenizer import encode_pairs
 from desmoe.models.generate import greedy_generate, mean_nll, score_continuations
 
 NORMS = ("per_char", "per_token", "sum")
@@ -67,14 +68,12 @@ def _chunks(seq, size):
 
 def mcq_accuracy(model: nn.Module, tokenizer, items, cfg: LMEvalConfig) -> float:
     """Share of items whose highest-scoring choice is the answer."""
-    contexts, conts, owners, lengths = [], [], [], []
-    ctx_ids = tokenizer.encode([it.prompt for it in items])
-    for i, it in enumerate(items):
-        for ids in tokenizer.encode([" " + c for c in it.choices]):
-            contexts.append(ctx_ids[i])
-            conts.append(ids)
-            owners.append(i)
-        lengths.extend(len(c) + 1 for c in it.choices)
+    # prompt + " " + choice encoded whole and split as the harness adapter does (encode_pairs), so both
+    # scorers score the same tokens, those the model sees for the text
+    pairs = encode_pairs(tokenizer, [it.prompt for it in items for _ in it.choices],
+                         [" " + c for it in items for c in it.choices])
+    contexts, conts = [c for c, _ in pairs], [t for _, t in pairs]
+    lengths = [len(c) + 1 for it in items for c in it.choices]
     scores = []
     for batch in _chunks(list(range(len(conts))), cfg.batch_size):
         res = score_continuations(model, [contexts[j] for j in batch], [conts[j] for j in batch],

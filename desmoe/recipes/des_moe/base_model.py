@@ -41,6 +41,14 @@ def check_vocab(model, data, cfg) -> None:
         what = f"base.hf={cfg.base.hf}: key 'vocab_size'" if cfg.base.hf else "key 'model.vocab_size'"
         raise UserError(f"{what}: expected at least the {n} token ids of the data (data.source={cfg.data.source}), "
                         f"got {embed.num_embeddings} (a base built for another tokenizer?)")
+    root = getattr(getattr(data, "data", None), "root", None)  # a prepared folder (not stdlib)
+    if cfg.base.hf and root is not None:  # same vocabulary size, other ids: a data folder rebuilt since
+        from desmoe.data.prepared import shipped_tokenizer_differs
+
+        why = shipped_tokenizer_differs(cfg.base.hf, root)
+        if why:
+            raise UserError(f"base.hf={cfg.base.hf}: {why}; expected the data the base was pretrained on, or a "
+                            f"base re-pretrained on this data (launcher/pretrain.py)")
 
 
 def load_base(engine, path: str) -> None:

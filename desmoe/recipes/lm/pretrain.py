@@ -20,6 +20,7 @@ from typing import Literal, Optional
 from desmoe import checkpoint
 from desmoe.config import bad, check_as, to_dict, with_defaults
 from desmoe.data.pretrain_corpus import heldout_batches, open_data
+from desmoe.errors import UserError
 from desmoe.evaluation.pretrain_report import count_parameters, print_summary, unigram_nll
 from desmoe.models.hf_build import MoEModelSpec, hf_config, spec_of, write_initial_checkpoint
 from desmoe.objective import heldout_loss
@@ -151,6 +152,13 @@ def _cached(cfg: PretrainExperiment) -> Optional[dict]:
     # a key added since the export was made (e.g. train.grad_accum) had its default then
     filled = with_defaults(then, PretrainExperiment)
     same = all(filled[k] == to_dict(cfg)[k] for k in sections)
+    if same and cfg.data.source == "prepared":  # same config, but the folder may have been rebuilt since
+        from desmoe.data.prepared import shipped_tokenizer_differs
+
+        why = shipped_tokenizer_differs(cfg.output.dir, cfg.data.root)
+        if why:  # refused, not retrained here: the run directory would resume the old model's checkpoints
+            raise UserError(f"output.dir={cfg.output.dir}: {why}; expected a base pretrained on this data: retrain "
+                            f"it from scratch with output.reuse=false run.resume=false")
     return saved if same else None
 
 
