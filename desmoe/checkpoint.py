@@ -144,8 +144,12 @@ def _agree(error: Optional[BaseException], root: Path, tag: str) -> None:
         last = latest_tag(root)
     except UserError:
         last = None
-    raise TrainingFailure(f"cannot save checkpoint {tag} (rank {rank}: {why}); the last complete checkpoint is "
-                          f"{root / last if last else 'none'}; free space or make the folder writable, then resume")
+    try:  # torch reports a full disk as "unexpected pos N vs M": the free space says what it was
+        free = f", {shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    raise TrainingFailure(f"cannot save checkpoint {tag} (rank {rank}: {why}{free}); the last complete checkpoint "
+                          f"is {root / last if last else 'none'}; free space or make the folder writable, then resume")
 
 
 def _check_nothing_trained_is_dropped(engine) -> None:
