@@ -131,3 +131,35 @@ def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank(ranks, tmp_path
     assert not (ckpt / "step00000004").exists() and not (ckpt / ".staging/step00000004").exists()
     assert ranks.run(run_case, str(tmp_path), 6) == ["ok", "ok"]  # the resume after the disk is fixed
     assert (ckpt / "latest").read_text() == "step00000006"
+
+
+def test_a_jit_lock_left_by_a_killed_process_does_not_hang_the_next_start(tmp_path):
+    """torch guards every JIT extension load (DeepSpeed's CPU comm op, loaded by every init_distributed) with
+    a lock file it waits on without limit; a process SIGKILLed inside the load leaves it behind.  The next
+    load must go on, not sleep forever (it did: every launch on the shared box hung in init_distributed)."""
+    import threading
+
+    from torch.utils.file_baton import FileBaton
+
+    from desmoe.distributed import without_stale_baton
+
+    killed = subprocess.run([sys.executable, "-c", "import os, signal, sys; from torch.utils.file_baton import "
+                             "FileBaton; assert FileBaton(sys.argv[1]).try_acquire(); os.kill(os.getpid(), "
+                             "signal.SIGKILL)", str(tmp_path / "lock")], timeout=120)
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / "lock").exists()
+
+    def jit_load() -> str:  # what torch.utils.cpp_extension._jit_compile does around a build
+        baton = FileBaton(str(tmp_path / "lock"))
+        if baton.try_acquire():
+            try:
+                return "loaded"
+            finally:
+                baton.release()
+        baton.wait()
+        return "waited"
+
+    result: dict = {}
+    loader = threading.Thread(target=lambda: result.update(r=without_stale_baton(tmp_path, jit_load)), daemon=True)
+    loader.start()
+    loader.join(60)
+    assert result == {"r": "loaded"} and not (tmp_path / "lock").exists()
