@@ -163,3 +163,31 @@ def test_a_jit_lock_left_by_a_killed_process_does_not_hang_the_next_start(tmp_pa
     loader.start()
     loader.join(60)
     assert result == {"r": "loaded"} and not (tmp_path / "lock").exists()
+
+
+WRITE_UNDER_LIMIT = """
+import resource, sys
+from transformers import AutoModelForCausalLM
+from hf_tiny import tiny_config
+from desmoe.errors import TrainingFailure
+from desmoe.models.hf_moe import write_hf_folder
+cfg = tiny_config("mixtral")
+state = AutoModelForCausalLM.from_config(cfg).state_dict()
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))  # what a full disk does to a write
+try:
+    write_hf_folder(cfg, state, sys.argv[1])
+except TrainingFailure as err:
+    print(err)
+"""
+
+
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
+    """A model folder (export, upcycle, the embedded base) whose weights do not fit on the disk: safetensors
+    raised its own SafetensorError (a traceback) and the staging folder stayed."""
+    out = tmp_path / "model"
+    proc = subprocess.run([sys.executable, "-c", WRITE_UNDER_LIMIT, str(out)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 1 and lines[0].startswith(f"{out}: cannot write the model folder (")\
+        and "nothing was replaced" in lines[0], (proc.stdout, proc.stderr[-2000:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a half-written folder was left"
