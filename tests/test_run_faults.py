@@ -191,3 +191,31 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_pat
     assert proc.returncode == 0 and len(lines) == 1 and lines[0].startswith(f"{out}: cannot write the model folder (")\
         and "nothing was replaced" in lines[0], (proc.stdout, proc.stderr[-2000:])
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "a half-written folder was left"
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
+    """A real SIGINT (Ctrl-C) mid-run: one line, exit 130 (was a traceback per rank); the checkpoints stay
+    complete and the next launch resumes."""
+    import time
+
+    from jobs import clean_env, smoke_command
+
+    args = ["--config", str(ROOT / "configs/smoke.yaml"), "model.hidden_size=32", "model.ffn_size=32",
+            "model.ep_size=1", "train.seq_len=32", "data.max_bytes=100000", "train.eval_every=1000",
+            "train.eval_batches=1", "train.save_every=2", f"run.dir={tmp_path}", "run.name=c"]
+    proc = subprocess.Popen(smoke_command(*args, "train.steps=100000"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT)
+    latest = tmp_path / "c/checkpoints/latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("desmoe:")]
+    assert proc.returncode == 130 and lines == [lines[0]] and "interrupted (Ctrl-C)" in lines[0] and \
+        "Traceback" not in err, err[-3000:]
+    done = int(latest.read_text()[4:])
+    again = subprocess.run(smoke_command(*args, f"train.steps={done + 1}"), capture_output=True, text=True,
+                           timeout=300, env=clean_env(), cwd=ROOT)
+    assert again.returncode == 0 and latest.read_text() == f"step{done + 1:08d}", again.stderr[-3000:]
