@@ -76,21 +76,32 @@ def _is_rank0() -> bool:
 def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[str, Any]] = None,
          trainable_only: bool = False, keep: int = 0) -> Path:
     """Write tag ``step`` atomically.  ``trainable_only``: leave out frozen (requires_grad=False)
-    parameters.  ``keep`` > 0: afterwards delete all but the newest ``keep`` tags up to this step."""
+    parameters.  ``keep`` > 0: afterwards delete all but the newest ``keep`` tags up to this step.
+    Collective.  A write that fails on any rank (disk full, file size limit, read-only folder) stops every
+    rank with one ``TrainingFailure`` line, the half-written staging tag removed and ``latest`` untouched."""
     root = Path(ckpt_dir)
     if trainable_only:
         _check_nothing_trained_is_dropped(engine)
     staging, tag = root / STAGING, tag_for(step)
-    if _is_rank0():
+
+    def prepare() -> None:
         shutil.rmtree(staging / tag, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    engine.save_checkpoint(str(staging), tag=tag, client_state=dict(client_state or {}, step=step), save_latest=False,
-                           exclude_frozen_parameters=trainable_only)
-    _save_rng(staging / tag)
-    _barrier()
-    if _is_rank0():
-        integrity.seal(staging / tag)  # every rank's files are complete (barrier above)
+
+    _agree(_attempt(prepare) if _is_rank0() else None, root, tag)
+    error = None
+    try:
+        engine.save_checkpoint(str(staging), tag=tag, client_state=dict(client_state or {}, step=step),
+                               save_latest=False, exclude_frozen_parameters=trainable_only)
+    except Exception as err:  # noqa: BLE001 - torch.save reports a failed write as RuntimeError, not OSError
+        error = err
+        # the peers wait in the barrier DeepSpeed's save ends with (its writes lie between its collectives):
+        # meet them there, so every rank reaches the agreement below instead of hanging until the timeout
+        _barrier()
+    _agree(error or _attempt(lambda: _save_rng(staging / tag)), root, tag)
+
+    def commit() -> None:
+        integrity.seal(staging / tag)  # every rank's files are complete (agreed above)
         final = root / tag
         if final.exists():  # re-saving a step: move the old copy aside first, then drop it
             old = root / STAGING / f"{tag}.old"
@@ -103,8 +114,42 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[st
         write_text_atomic(root / LATEST, tag)
         if keep > 0:
             prune(root, step, keep)
-    _barrier()
+
+    _agree(_attempt(commit) if _is_rank0() else None, root, tag)
     return root / tag
+
+
+def _attempt(fn) -> Optional[BaseException]:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - reported by _agree on every rank
+        return err
+    return None
+
+
+def _agree(error: Optional[BaseException], root: Path, tag: str) -> None:
+    """Collective (also the barrier between the phases of a save): raise the first failing rank's error on
+    every rank, in one line, after removing the staging copy of ``tag``."""
+    from desmoe.collectives import all_gather_object, any_rank
+    from desmoe.errors import TrainingFailure
+
+    if not any_rank(error is not None):
+        return
+    seen = all_gather_object(None if error is None else
+                             f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}")
+    rank, why = next((r, e) for r, e in enumerate(seen) if e)
+    if _is_rank0():  # a half-written tag is never read, but it holds the space a full disk needs back
+        shutil.rmtree(root / STAGING / tag, ignore_errors=True)
+    try:
+        last = latest_tag(root)
+    except UserError:
+        last = None
+    try:  # torch reports a full disk as "unexpected pos N vs M": the free space says what it was
+        free = f", {shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    raise TrainingFailure(f"cannot save checkpoint {tag} (rank {rank}: {why}{free}); the last complete checkpoint "
+                          f"is {root / last if last else 'none'}; free space or make the folder writable, then resume")
 
 
 def _check_nothing_trained_is_dropped(engine) -> None:

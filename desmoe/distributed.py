@@ -183,6 +183,7 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
     if use_cuda():
         torch.cuda.set_device(d.local_rank % torch.cuda.device_count())
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    _load_shm_op()
     # DeepSpeed hands the string to torch.distributed.init_process_group; its expert-parallel groups
     # (dist.new_group without a backend) inherit the default group's device->backend map.
     try:
@@ -198,6 +199,46 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
     # the scheduler then marks a finished job FAILED.
     atexit.register(_destroy_process_group)
     return d
+
+
+def _load_shm_op() -> None:
+    """Load DeepSpeed's shared-memory comm op before ``deepspeed.init_distributed`` does (DeepSpeed then
+    reuses this process's module) with :func:`without_stale_baton` around torch's JIT load."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        without_stale_baton(_get_build_directory(builder.name, verbose=False), build_shm_op)
+
+
+def without_stale_baton(build_dir: str | os.PathLike, load: Callable[[], T]) -> T:
+    """``load()`` (a torch JIT extension load) under an exclusive ``flock`` on ``build_dir``, after removing
+    a stale ``build_dir/lock``.
+
+    torch guards every JIT load, even one that only finds the build up to date, with a lock *file*
+    (``FileBaton``) and waits for it to vanish, without limit.  A process killed inside the load (torchrun
+    or srun ending the peers of a rank that failed at start-up, a job cancelled, a test timing out) leaves
+    it behind, and from then on every launch that uses the environment hangs silently in
+    ``init_distributed`` (measured on the shared 2-core box: every engineer's runs and tests, for good).  A
+    ``flock`` dies with its holder; every desmoe process loads under it, so whoever holds it knows that no
+    desmoe process is inside a load, and a lock file still there is one a dead process left."""
+    import fcntl
+    from pathlib import Path
+
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "desmoe.flock", "a") as guard:
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # a live load by another process (a build takes minutes) is waited for
+        except OSError:  # a filesystem without locks: torch's own lock file is all there is
+            return load()
+        stale = build_dir / "lock"
+        if stale.exists():
+            warnings.warn(f"{stale}: left by a process killed while loading a JIT extension; removed")
+            stale.unlink(missing_ok=True)
+        return load()
 
 
 def dist_backend() -> str:

@@ -46,5 +46,9 @@ def run_cli(main: Callable[[], T]) -> Callable[[], T]:
         except TrainingFailure as err:
             print(f"desmoe: failed: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal's job: a line each, not a traceback
+            print("desmoe: interrupted (Ctrl-C); the work since the last checkpoint is lost, a new launch resumes "
+                  "from it", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None  # 128 + SIGINT, what a shell reports for a job ended by Ctrl-C
 
     return wrapper

@@ -29,7 +29,9 @@ class Monitor:
         from tqdm.auto import tqdm
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        # purge_step: TensorBoard drops what earlier event files hold from this step on (a killed run's steps
+        # after its checkpoint, a run started over), or a resumed run's curves show both runs' points per step
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=initial_step + 1)
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
 

@@ -11,11 +11,10 @@ def main() -> None:
     prepare_process()
     if use_cuda():
         return
-    from deepspeed.comm.torch import build_shm_op
-
+    from desmoe.distributed import _load_shm_op
     from desmoe.kernels import swiglu_cpu
 
-    build_shm_op()
+    _load_shm_op()
     if swiglu_cpu() is None:
         print("desmoe: fused CPU kernels could not be built; training falls back to torch ops")
 

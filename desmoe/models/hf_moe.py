@@ -244,14 +244,24 @@ def write_hf_folder(cfg, state: dict[str, Tensor], out_dir: str | Path, tokenize
         hf.tie_weights()
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    hf.save_pretrained(str(staging))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(staging))
-    for name, src in (extra_files or {}).items():
-        shutil.copy2(src, staging / name)
-    for name, text in (texts or {}).items():
-        (staging / name).write_text(text)
-    return replace_dir_atomic(staging, out_dir, seal=True)
+    try:
+        hf.save_pretrained(str(staging))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        for name, src in (extra_files or {}).items():
+            shutil.copy2(src, staging / name)
+        for name, text in (texts or {}).items():
+            (staging / name).write_text(text)
+        integrity.seal(staging)
+    except Exception as err:  # noqa: BLE001 - safetensors reports a full disk as its own SafetensorError
+        from desmoe.errors import TrainingFailure
+
+        shutil.rmtree(staging, ignore_errors=True)  # the space a full disk needs back; out_dir is untouched
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise TrainingFailure(f"{out_dir}: cannot write the model folder ({type(err).__name__}: {first}; "
+                              f"{shutil.disk_usage(staging.parent).free / 2**20:.0f} MiB free there); "
+                              f"nothing was replaced") from None
+    return replace_dir_atomic(staging, out_dir)
 
 
 def check_tokenizer(tokenizer, config, where: str = "tokenizer") -> None:

@@ -186,13 +186,19 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     def run(self) -> dict:
+        from desmoe.training.runlock import RunLock
+
+        self.bootstrap()
+        with RunLock(self.run_dir):  # one job per run directory, taken before anything of the run is read
+            return self._run()
+
+    def _run(self) -> dict:
         from desmoe.distributed import is_rank0
         from desmoe.engine import build_engine, resolve_ds_config
         from desmoe.monitor import Monitor, truncate_metrics
         from desmoe.training.preemption import Preemption
 
         r, cfg = self.recipe, self.recipe.cfg
-        self.bootstrap()
         s = r.setup(self)
         out = r.export_dir()
         if out is not None:  # a folder the export may not replace, refused before the run, not after
@@ -280,13 +286,20 @@ class Trainer:
         """``grad_accum`` micro-batches, each forward and backward; DeepSpeed divides each loss by grad_accum,
         sums the gradients and steps the optimizer after the last.  Returns the mean of the shown numbers."""
         engine, accum, shown = self.engine, self.grad_accum, 0.0
-        before = engine.global_steps
+        before, skipped = engine.global_steps, engine.skipped_steps
+        bad: list[float] = []  # this rank's non-finite losses (checked after the step, see check_finite)
+        unchecked = not hasattr(engine.optimizer, "overflow")  # ZeRO and bf16 optimizers check their gradients
+        grads_ok = True
         for m in range(accum):
             loss, value = self.recipe.step(stage, i, m)
-            self.check_finite(loss, step)
+            if not torch.isfinite(loss):
+                bad.append(loss.item())
             engine.backward(loss)
+            if unchecked and m == accum - 1:  # nothing else would notice before the update
+                grads_ok = _grads_finite(engine.module)
             engine.step()
             shown += value / accum
+        self.check_finite(step, bad, engine.skipped_steps != skipped or not grads_ok)
         if engine.global_steps != before + 1:  # DeepSpeed's own micro-step count decides where it steps
             raise TrainingFailure(f"step {step}: DeepSpeed stepped the optimizer {engine.global_steps - before} "
                                   f"times over {accum} micro-batches (expected once)")
@@ -316,11 +329,23 @@ class Trainer:
         counts = global_tokens_per_expert(self.engine.module).float()
         return counts / counts.sum(dim=1, keepdim=True)
 
-    def check_finite(self, loss: torch.Tensor, step: int) -> None:
-        """Stop in one line on a NaN/inf loss: continuing would only write a poisoned checkpoint."""
-        if not torch.isfinite(loss):
-            raise TrainingFailure(f"non-finite loss ({loss.item()}) at step {step} on rank {self.rank}; "
-                                  f"resume from {self.ckpt_dir} with a lower train.lr")
+    def check_finite(self, step: int, losses: list[float], skipped: bool) -> None:
+        """Stop every rank in one line after a step with a non-finite loss on any rank, or whose non-finite
+        gradients made DeepSpeed's ZeRO/bf16 optimizer skip the update (with no fp16 loss scaler to lower,
+        it would skip every later step too, silently).  Agreed after the step, not before the backward: a rank
+        that stopped alone would leave its peers waiting in the backward's collectives.  Nothing is saved
+        after such a step, so the last checkpoint is the last good one."""
+        from desmoe.collectives import all_gather_object, any_rank
+
+        if not any_rank(bool(losses) or skipped):
+            return
+        ranks = [(r, seen[0]) for r, seen in enumerate(all_gather_object(losses)) if seen]
+        if ranks:
+            (rank, value), more = ranks[0], len(ranks) - 1
+            what = f"loss ({value}) at step {step} on rank {rank}" + (f" and {more} other rank(s)" if more else "")
+        else:
+            what = f"gradients at step {step} (the update was skipped or is lost)"
+        raise TrainingFailure(f"non-finite {what}; resume from {self.ckpt_dir} with a lower train.lr")
 
     def save(self, done: int) -> None:
         state = {**self.recipe.state_dict(), "train_seconds": self.train_seconds}
@@ -345,3 +370,8 @@ class Trainer:
         from desmoe.training.preemption import exit_for_requeue
 
         exit_for_requeue(self.monitor, self.preemption, done, where)
+
+
+def _grads_finite(module: torch.nn.Module) -> bool:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
