@@ -4,8 +4,14 @@ legacy ``Prepend("\u2581")`` normaliser), GPT-2 byte-level (``add_prefix_space``
 (NFC, its split regex, byte-level), and the project's own sentencepiece as data_prep trains it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
+
+# the tokenizers are trained on one thread: the module's few-second build once took 16 minutes on the shared
+# 2-core box at load 26 (cause not established; rayon's spinning workers are the likely one); the same
+# tokenizers either way
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from instructfix import TEMPLATE, docstrings
 
