@@ -28,6 +28,7 @@ import socket
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 from typing import Callable, Mapping, MutableMapping, Optional, TypeVar
 
@@ -194,11 +195,35 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
             raise
         raise LaunchError(f"MASTER_PORT={d.master_port}: in use on {socket.gethostname()}, rank {d.rank} cannot "
                           f"listen on it; set MASTER_PORT to a free port") from None
+    _unlink_shm_segment(d)
     # A process that exits with its process group alive can abort in teardown ("terminate called
     # without an active exception", seen on a 4-rank Slurm job after all ranks had finished), and
     # the scheduler then marks a finished job FAILED.
     atexit.register(_destroy_process_group)
     return d
+
+
+SHM_SEGMENT = "deepspeed_allreduce_buffer"  # DeepSpeed's name prefix (ops/csrc/cpu/comm/shm.cpp)
+
+
+def _unlink_shm_segment(d: DistEnv) -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory segment once every rank has mapped it.
+
+    DeepSpeed's CPU comm op gives each rank of a one-node job a 66 MiB ``/dev/shm`` segment named after
+    the master address and port; every rank maps every peer's segment inside ``init_distributed`` and
+    nothing ever unlinks the names, so each run left 66 MiB of RAM per rank behind in ``/dev/shm``
+    (killed runs too: 17 GiB had piled up on a CI box after a day of tests, and it swapped).  The
+    segments are only opened by name during init: after a barrier every mapping exists, and unlinking
+    keeps them while the kernel frees the memory when the job's last process exits, however it exits."""
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed's own condition (shm_interface.cpp): the CPU op, and every rank on this node
+    if get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(d.world_size):
+        return
+    dist.barrier()
+    name = f"{SHM_SEGMENT}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
+    Path("/dev/shm", f"{name}_{d.rank}").unlink(missing_ok=True)
 
 
 def _load_shm_op() -> None:
