@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from desmoe import checkpoint
+from desmoe import checkpoint, reshard
 from desmoe.checkpoint import RESUMABLE_KEYS
 from desmoe.config import bad, dump_yaml
 from desmoe.environment import describe
@@ -80,6 +80,7 @@ class Recipe:
     logs_expert_load = True  # the trainer logs MoE load shares (a collective over the EP groups)
     labels: dict = {}  # categorical log keys -> {value: name}: TensorBoard text, not a smoothed line
     throughput = "tokens"  # what tokens_per_step counts: perf/<throughput>_per_s
+    elastic = False  # resumes at another world size (desmoe/reshard.py): its state and streams allow it
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -208,12 +209,19 @@ class Trainer:
         ds_config = resolve_ds_config(self.ds_raw, s.micro_batch, s.grad_accum, lr=s.lr)
         self.grad_accum = s.grad_accum
         ds_record = checkpoint.ds_record(ds_config, self.world)  # before DeepSpeed sees (and may add to) it
+        elastic = None  # the saved DeepSpeed record when resuming at another world size (desmoe/reshard.py)
         if cfg.run.resume:  # before the engine: a changed world size would fail inside DeepSpeed's ZeRO load
-            checkpoint.check_resume_config(self.run_dir, self.ckpt_dir, cfg, r.resumable_keys)
-            checkpoint.check_resume_deepspeed(self.run_dir, self.ckpt_dir, ds_config, self.world)
+            elastic = reshard.plan(self.run_dir, self.ckpt_dir, ds_config, self.world, r)
+            checkpoint.check_resume_config(self.run_dir, self.ckpt_dir, cfg,
+                                           r.resumable_keys + (reshard.ELASTIC_KEYS if elastic else ()))
+            checkpoint.check_resume_deepspeed(self.run_dir, self.ckpt_dir, *reshard.as_saved(ds_config, self.world, elastic))
         self.engine, self.trainability = build_engine(s.model, ds_config, parts=s.parts, expert_unit=s.expert_unit)
         r.on_engine(self)
-        state = checkpoint.load(self.engine, self.ckpt_dir, trainable_only=r.trainable_only) if cfg.run.resume else None
+        if elastic:
+            state = reshard.load(self.engine, self.ckpt_dir, elastic["world_size"], trainable_only=r.trainable_only)
+        else:
+            state = checkpoint.load(self.engine, self.ckpt_dir, trainable_only=r.trainable_only) if cfg.run.resume else None
+        self.data_layout = reshard.data_layout(state, self.world, self.grad_accum)  # whose stream keys batches use
         self.start = state["step"] if state else 0
         self.train_seconds = self.seconds_at_start = float((state or {}).get("train_seconds", 0.0))
         r.attach(self, state)
@@ -348,7 +356,8 @@ class Trainer:
         raise TrainingFailure(f"non-finite {what}; resume from {self.ckpt_dir} with a lower train.lr")
 
     def save(self, done: int) -> None:
-        state = {**self.recipe.state_dict(), "train_seconds": self.train_seconds}
+        state = {**self.recipe.state_dict(), "train_seconds": self.train_seconds,
+                 reshard.LAYOUT_KEY: [self.data_layout.world, self.data_layout.accum]}
         checkpoint.save(self.engine, self.ckpt_dir, done, state, trainable_only=self.recipe.trainable_only,
                         keep=self.recipe.cfg.run.keep_checkpoints)
 

@@ -1,0 +1,166 @@
+"""Elastic resume (desmoe/reshard.py): a run saved on 2 ranks (EP=2) resumes on 1 rank with twice the
+accumulation (the same global batch), and one saved on 1 rank resumes on 2 (EP=2).  Right after the load,
+every parameter's fp32 master weight and Adam moments, collected through DeepSpeed's own accessors, equal
+the saved run's bit for bit; the logged losses then follow an uninterrupted run of the saved world size
+(a step's gradient is summed in another order: 100 fp32 epsilons, relative, as in test_grad_accum.py) and
+DES-MoE's domain-expert matrices end equal."""
+import json
+import math
+import re
+
+import pytest
+
+from test_grad_accum import RTOL
+from test_trainer import DS, RECIPES, _config
+
+FIRST, MORE = 3, 2  # steps before the resume, and after it
+
+
+def full_state(engine) -> dict:
+    """Every optimizer parameter's (fp32 master, exp_avg, exp_avg_sq), whole, keyed by name with its global
+    expert id instead of the local index: cut from each rank's flat partitions where DeepSpeed's own
+    fragment map (``_hp_mapping``) says and summed over the parameter's data-parallel group (collective)."""
+    import deepspeed.comm as dist
+    import torch
+
+    from desmoe.moe.trainability import EXPERT_KEY
+
+    zero, out = engine.optimizer, {}
+    for i, group in enumerate(zero.bit16_groups):
+        flat = zero.single_partition_of_fp32_groups[i]
+        state = zero.optimizer.state.get(flat, {})
+        tags = zero.optimizer.param_groups[i].get(EXPERT_KEY)
+        for p in group:
+            name = engine.param_names[p]
+            if tags:
+                name = re.sub(r"deepspeed_experts\.\d+\.", f"expert{tags[0][1]}.", name)
+            whole = []
+            for source in (flat, state.get("exp_avg"), state.get("exp_avg_sq")):
+                buf = torch.zeros(p.numel(), dtype=torch.float32)
+                if source is not None and p._hp_mapping is not None:
+                    lp, hp = p._hp_mapping.lp_fragment_address, p._hp_mapping.get_hp_fragment_address()
+                    buf.narrow(0, lp.start, lp.numel).copy_(source.detach().narrow(0, hp.start, hp.numel))
+                dist.all_reduce(buf, group=p._dp_group)
+                whole.append(buf)
+            out[name] = whole
+    return out
+
+
+def run(kind: str, run_dir: str, name: str, accum: int, ep: int):
+    """A run of FIRST + MORE steps saving after FIRST (or its resume); returns what the engine holds after step
+    FIRST and right after a load."""
+    import importlib
+
+    from desmoe.training.trainer import Trainer
+
+    module, cls = RECIPES[kind].split(":")
+    cfg = _config(kind, run_dir, name)
+    cfg.train.steps, cfg.train.grad_accum, cfg.model.ep_size = FIRST + MORE, accum, ep
+    cfg.train.save_every, cfg.train.eval_every = FIRST, 100
+    cfg.train.micro_batch = 4  # a global batch of 8 samples on 2 ranks x 1 and on 1 rank x 2
+    if kind == "desmoe":
+        cfg.desmoe.schedule.t1 = 0.4  # T1 = 2 (one step a domain), T2 = 3: the resume falls in the last phase
+    seen = {}
+
+    class Watched(getattr(importlib.import_module(module), cls)):
+        def attach(self, trainer, state):
+            super().attach(trainer, state)
+            seen["loaded"] = full_state(trainer.engine) if state else None
+            seen["loaded_steps"] = trainer.engine.global_steps
+
+        def end_step(self, stage, step):
+            super().end_step(stage, step)
+            if step + 1 == FIRST:  # what the checkpoint of step FIRST holds
+                seen["saved"] = full_state(self.trainer.engine)
+
+        def finish(self, trainer):
+            super().finish(trainer)
+            if kind == "desmoe":
+                seen["M"], seen["A"] = self.method.dmap.M.tolist(), self.method.dmap.A.tolist()
+
+    Trainer(Watched(cfg), DS).run()
+    return seen
+
+
+def _merged(per_rank: list[dict], key: str) -> dict:
+    out = {}
+    for seen in per_rank:
+        out.update(seen[key])
+    return out
+
+
+def _losses(run_dir, key):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    from rankpool import RankPool
+
+    pool = RankPool(1)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("kind,key,saved_world", [("lm", "train/loss", 2), ("lm", "train/loss", 1)])
+def test_resume_at_another_world_size_continues_the_run(ranks, one_rank, tmp_path, kind, key, saved_world):
+    pools = {2: (ranks, 1, 2), 1: (one_rank, 2, 1)}  # world -> (pool, grad_accum, ep_size)
+    (saved, accum, ep), (other, accum2, ep2) = pools[saved_world], pools[3 - saved_world]
+    full = saved.run(run, kind, str(tmp_path), "run", accum, ep)  # uninterrupted, saving after step FIRST
+    uninterrupted = _losses(tmp_path / "run", key)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text(f"step{FIRST:08d}")  # as if it had stopped there
+    after = other.run(run, kind, str(tmp_path), "run", accum2, ep2)
+    want, got = _merged(full, "saved"), _merged(after, "loaded")
+    assert want.keys() == got.keys()
+    differ = [k for k in want if not all(a.equal(b) for a, b in zip(want[k], got[k]))]
+    assert not differ, differ[:5]  # master weights and both moments, bit for bit
+    assert all(s["loaded_steps"] == FIRST for s in after)
+    resumed = _losses(tmp_path / "run", key)
+    assert sorted(uninterrupted) == sorted(resumed) == list(range(1, FIRST + MORE + 1))
+    gaps = {step: abs(uninterrupted[step] - resumed[step]) / abs(uninterrupted[step]) for step in resumed}
+    print(f"{kind} {saved_world} -> {3 - saved_world} ranks: relative loss gaps {gaps}")
+    assert all(gaps[step] == 0 for step in range(1, FIRST + 1))  # rows before the resume are kept as they were
+    assert all(gap <= RTOL for gap in gaps.values()), (gaps, uninterrupted, resumed)
+    if kind == "desmoe":
+        assert full[0]["M"] == after[0]["M"] and full[0]["A"] == after[0]["A"]
+
+
+def test_stream_keys_follow_the_saved_layout():
+    """Each micro-batch of a step is a slot of the global batch: 2 ranks x 1 and 1 rank x 2 draw the same."""
+    from desmoe.reshard import DataLayout
+
+    two = DataLayout(2, 1)
+    assert [two.key(s * 2 + m, 0, 1, 2) for s in range(2) for m in range(2)] == [(0, 0, 2), (0, 1, 2), (1, 0, 2),
+                                                                                  (1, 1, 2)]
+    one = DataLayout(1, 2)
+    assert [one.key(s, r, 2, 1) for s in range(2) for r in range(2)] == [(0, 0, 1), (1, 0, 1), (2, 0, 1), (3, 0, 1)]
+    assert two.key(7, 1, 2, 1) == (7, 1, 2)  # the run's own layout: unchanged keys
+
+
+def test_another_global_batch_is_refused_in_one_line(tmp_path):
+    from desmoe import reshard
+    from desmoe.errors import UserError
+    from desmoe.recipes.lm.recipe import SmokeRecipe
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step00000003").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step00000003")
+    (run_dir / "deepspeed.json").write_text(json.dumps({"world_size": 2, "train_micro_batch_size_per_gpu": 4,
+                                                        "gradient_accumulation_steps": 1,
+                                                        "zero_optimization": {"stage": 2}}))
+    recipe = SmokeRecipe(None)
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}
+    with pytest.raises(UserError, match=r"resuming with 1 ranks would change the global batch from 8 to 4 samples "
+                                        r"\(train.micro_batch x train.grad_accum x ranks\); train.grad_accum=2 keeps it$"):
+        reshard.plan(run_dir, run_dir / "checkpoints", ds, 1, recipe)
+    assert reshard.plan(run_dir, run_dir / "checkpoints", dict(ds, gradient_accumulation_steps=2), 1,
+                        recipe)["world_size"] == 2
+    assert reshard.plan(run_dir, run_dir / "checkpoints", ds, 2, recipe) is None  # same world: the usual resume
+    recipe.elastic = False  # e.g. TRGE: check_resume_deepspeed refuses the other world size as before
+    assert reshard.plan(run_dir, run_dir / "checkpoints", dict(ds, gradient_accumulation_steps=2), 1, recipe) is None
+    (run_dir / "deepspeed.json").write_text(json.dumps({"world_size": 2, "train_micro_batch_size_per_gpu": 4,
+                                                        "gradient_accumulation_steps": 1}))
+    recipe.elastic = True
+    with pytest.raises(UserError, match=r"only ZeRO-1/2 checkpoints convert .*stage=0"):
+        reshard.plan(run_dir, run_dir / "checkpoints", dict(ds, gradient_accumulation_steps=2), 1, recipe)
