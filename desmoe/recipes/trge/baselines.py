@@ -42,7 +42,7 @@ class PoolRouter(Router):
         noisy = logits
         if self.training and self.noisy:
             wn = torch.stack([g.w_noise for g in self.gates]).float()[task]
-            noisy = logits + torch.randn_like(logits) * (F.softplus(torch.einsum("sd,sde->se", x.float(), wn)) + 1e-2)
+            noisy = logits + self.context.noise(self, logits) * (F.softplus(torch.einsum("sd,sde->se", x.float(), wn)) + 1e-2)
         top, ids = torch.topk(noisy, self.k, dim=-1)
         gate = top.softmax(-1)
         scores = torch.zeros_like(logits).scatter(1, ids, gate)
@@ -52,17 +52,20 @@ class PoolRouter(Router):
 class PoolUsage:
     """Counts routes per (block, expert) while a task trains; freezes the most used."""
 
-    def __init__(self, blocks: list, per_task: int) -> None:
+    def __init__(self, blocks: list, per_task: int, text: Optional[list[bool]] = None) -> None:
         self.blocks, self.per_task = blocks, per_task
+        self.text = text or [False] * len(blocks)  # blocks of the text tower
         self.frozen: list[set[int]] = [set() for _ in blocks]
         self.reset()
 
     def reset(self) -> None:
         self.counts = [torch.zeros(b.num_experts) for b in self.blocks]
 
-    def record(self) -> None:
-        for c, b in zip(self.counts, self.blocks):
-            if b.last_stats is not None:
+    def record(self, micro: int = 0) -> None:
+        """After micro-batch ``micro``'s forward.  Every micro-batch of a step routes the same class prompts
+        as the first (accumulate.py): the text tower's routes count once a step, as in one big batch."""
+        for c, b, text in zip(self.counts, self.blocks, self.text):
+            if b.last_stats is not None and not (text and micro):
                 c += b.last_stats.tokens_per_expert.float().cpu()
 
     def freeze_most_used(self, reduce=None) -> None:
@@ -144,8 +147,8 @@ class Method:
 
         train_only_group(trainability, self.model, group)
 
-    def record(self) -> None:
-        """After each step (routing statistics)."""
+    def record(self, micro: int) -> None:
+        """After each micro-batch's forward (routing statistics)."""
 
     def end_task(self) -> None:
         """After the last step of a task."""
@@ -213,7 +216,9 @@ class SharedPool(Method):
         from desmoe.moe.layer import moe_blocks
 
         super().__init__(cfg, model)
-        self.usage = PoolUsage(moe_blocks(model), cfg.groups.pool_freeze_per_task)
+        blocks = moe_blocks(model)
+        self.usage = PoolUsage(blocks, cfg.groups.pool_freeze_per_task,
+                               text=[b.router.context is model.contexts["text"] for b in blocks])
 
     def expert_unit(self, model):
         return None  # single experts freeze: one optimizer group each
@@ -224,8 +229,8 @@ class SharedPool(Method):
             if part.startswith("gate"):
                 trainability.set_part(part, part == f"gate{group}")
 
-    def record(self):
-        self.usage.record()
+    def record(self, micro):
+        self.usage.record(micro)
 
     def end_task(self):
         from desmoe.collectives import all_reduce_

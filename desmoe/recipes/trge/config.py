@@ -19,6 +19,9 @@ from desmoe.training.trainer import RunConfig
 class TrainConfig:
     steps_per_task: int = 100
     micro_batch: int = 32
+    # micro-batches per optimizer step: a step trains on micro_batch * grad_accum samples a rank, exactly as
+    # one batch of them would (accumulate.py); lr, log, save and task ends count optimizer steps
+    grad_accum: int = 1
     lr: float = 1e-3
     warmup: int = 10
     label_smoothing: float = 0.2
@@ -35,7 +38,7 @@ class TrainConfig:
     feature_cache: str = "cache/trge_features"
 
     def check(self) -> None:
-        for key in ("steps_per_task", "micro_batch", "eval_batch", "proto_samples", "log_every"):
+        for key in ("steps_per_task", "micro_batch", "grad_accum", "eval_batch", "proto_samples", "log_every"):
             if getattr(self, key) < 1:
                 raise bad(key, "an integer >= 1", getattr(self, key))
         if self.save_every < 0:

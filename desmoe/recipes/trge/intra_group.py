@@ -15,7 +15,7 @@ Gates are zero-initialised (as MoE-Adapters): a new group starts uniform.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +29,17 @@ class GroupContext:
 
     def __init__(self) -> None:
         self.group_weights: Optional[Tensor] = None  # [B, T]; None = adapters off (frozen model)
+        # set while an accumulated step's micro-batch runs (accumulate.StepDraws.image_noise): the gates'
+        # noise rows come from the whole step's draw; None = a fresh draw of the forward's own shape
+        self.draw_noise: Optional[Callable[[nn.Module, Tensor], Tensor]] = None
 
     @property
     def active(self) -> bool:
         return self.group_weights is not None
+
+    def noise(self, owner: nn.Module, like: Tensor) -> Tensor:
+        """Standard-normal gate noise of ``like``'s shape for the router ``owner``."""
+        return torch.randn_like(like) if self.draw_noise is None else self.draw_noise(owner, like)
 
 
 class TaskGate(nn.Module):
@@ -64,7 +71,7 @@ class GroupRouter(Router):
             return clean, clean
         wn = torch.stack([g.w_noise for g in self.gates]).float()
         std = F.softplus(torch.einsum("sd,smdn->smn", xf, wn[groups])) + 1e-2
-        return clean, clean + torch.randn_like(clean) * std
+        return clean, clean + self.context.noise(self, clean) * std
 
     def forward(self, x: Tensor) -> Routing:  # x: [S, d], one row per sample
         weights = self.context.group_weights

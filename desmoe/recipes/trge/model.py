@@ -7,7 +7,7 @@ features f0 (prototypes, identification, zero-shot logits) and the adapted ones.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -46,6 +46,7 @@ class TRGEModel(nn.Module):
                 p.data = p.data.reshape(1)
         self.spec = spec
         self.contexts = {"image": GroupContext(), "text": GroupContext()}
+        self.draws = None  # accumulate.StepDraws while a micro-batch of an accumulated step runs
         self.cnn = hasattr(base, "vision_backbone_features")  # the embedded EfficientNet/MiniLM encoder
         self.feature_adapters: Optional[FeatureAdapters] = None
         if "image" in placement.towers:
@@ -76,6 +77,16 @@ class TRGEModel(nn.Module):
         finally:
             ctx.group_weights = None
 
+    @contextmanager
+    def drawing(self, draws):
+        """One micro-batch of an accumulated training step draws its random numbers from ``draws``
+        (accumulate.StepDraws: the image gates' noise rows of the whole step, the text tower replayed)."""
+        self.draws, self.contexts["image"].draw_noise = draws, draws.image_noise
+        try:
+            yield
+        finally:
+            self.draws, self.contexts["image"].draw_noise = None, None
+
     def image_features(self, pixel_values: Optional[Tensor], weights: Optional[Tensor] = None,
                        cnn_features: Optional[Tensor] = None) -> Tensor:
         """L2-normalised image embeddings; ``weights`` [B, T] inter-group weights or None (frozen).
@@ -97,7 +108,7 @@ class TRGEModel(nn.Module):
         return self.base.vision_backbone_features(pixel_values) if self.cnn else None
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        with self.routed("text", weights):
+        with self.routed("text", weights), (nullcontext() if self.draws is None else self.draws.text()):
             emb = self.base.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         emb = emb.pooler_output if hasattr(emb, "pooler_output") else emb
         return F.normalize(emb.float(), dim=-1)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from desmoe.config import bad
+from desmoe.recipes.trge.accumulate import StepDraws, check_image_tower
 from desmoe.recipes.trge.backbones import load_backbone
 from desmoe.recipes.trge.baselines import METHODS_BY_NAME, build_method
 from desmoe.recipes.trge.config import TrainConfig, TRGEExperiment  # noqa: F401  (TRGEExperiment: users)
@@ -42,12 +44,15 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 
 
 def _cached_features(cfg: TRGEExperiment, table, task, steps: int, gen: torch.Generator):
-    """(per-step sample indices, frozen pooled CNN features of the task's training images), or None
-    when ``train.cache_image_features`` is off or the image tower is not a CNN (``table`` None)."""
+    """(sample indices per micro-batch of the task, frozen pooled CNN features of the task's training
+    images), or None when ``train.cache_image_features`` is off or the image tower is not a CNN (``table``
+    None).  Row ``step * grad_accum + micro``: a step's micro-batches cut the step's draw of
+    ``micro_batch * grad_accum`` samples, so a step draws what one batch of that size draws."""
     if not cfg.train.cache_image_features or table is None:
         return None
-    sels = torch.randint(len(task.train_y), (steps, cfg.train.micro_batch), generator=gen)
-    return sels, table[feature_key(task.name, "train")]
+    t = cfg.train
+    sels = torch.randint(len(task.train_y), (steps, t.micro_batch * t.grad_accum), generator=gen)
+    return sels.reshape(steps * t.grad_accum, t.micro_batch), table[feature_key(task.name, "train")]
 
 
 class TRGERecipe(Recipe):
@@ -98,8 +103,9 @@ class TRGERecipe(Recipe):
             *self.backbone.tokenize(texts)))
         self.oracle = OracleIdentifier() if any("oracle" in v.split("+") for v in cfg.eval.variants) else None
         self.baseline = build_method(cfg, model)
+        check_image_tower(model, cfg.train.grad_accum)
         return Setup(model, cfg.train.micro_batch, lr=cfg.train.lr, parts=gate_parts(T),
-                     expert_unit=self.baseline.expert_unit(model))
+                     expert_unit=self.baseline.expert_unit(model), grad_accum=cfg.train.grad_accum)
 
     def attach(self, trainer, state):
         cfg, progress = self.cfg, state["progress"] if state else {
@@ -133,7 +139,7 @@ class TRGERecipe(Recipe):
         return [self.cfg.train.steps_per_task if self.baseline.trains else 0] * len(self.tasks)
 
     def tokens_per_step(self):
-        return self.cfg.train.micro_batch * self.trainer.world
+        return self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.trainer.world
 
     def begin_stage(self, t, first_step):
         cfg, T, task = self.cfg, self.cfg.groups.num_tasks, self.tasks[t]
@@ -148,32 +154,51 @@ class TRGERecipe(Recipe):
         self.w_txt = one_hot_weights(group, len(self.ids), T)
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 * t + self.trainer.rank)
         self.cached = _cached_features(cfg, self.table, task, self.stages()[t], gen)
+        accum = cfg.train.grad_accum
+        self.draws = StepDraws(accum, self.trainer.engine.device) if accum > 1 else None
 
     def lr(self, t, step):
         return _lr(self.cfg.train, step)
 
-    def step(self, t, step, micro):  # one micro-batch a step: TRGE's DeepSpeed config accumulates nothing
+    def step(self, t, step, micro):
+        """Micro-batch ``micro`` of ``step``: rows ``micro * b ..`` of the step's ``b * grad_accum`` samples, a
+        pure function of (seed, task, step, rank); the loss is their mean cross-entropy, which DeepSpeed
+        divides by grad_accum (accumulate.py: why that and the step's random draws make it one big batch)."""
+        cfg, task, engine, accum = self.cfg, self.tasks[t], self.trainer.engine, self.cfg.train.grad_accum
+        if micro == 0:
+            self.step_loss = 0.0
+            if self.cached is None:  # the step's images, cropped at once as one batch of them is
+                self.images = self._step_images(t, step)
+        if self.cached is not None:  # frozen CNN features of this micro-batch's images, computed once
+            sel = self.cached[0][step * accum + micro]
+            px, y, cnn = None, task.train_y[sel], self.cached[1][sel]
+        else:
+            rows = slice(micro * cfg.train.micro_batch, (micro + 1) * cfg.train.micro_batch)
+            px, y, cnn = self.images[0][rows], self.images[1][rows], None
+        if self.draws is not None:
+            self.draws.start(micro)
+        with self.model.drawing(self.draws) if self.draws is not None else nullcontext():
+            logits = engine(px, self.ids, self.mask, self.w_img, self.w_txt, cnn_features=cnn)
+        self.baseline.record(micro)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
+        self.step_loss += loss.item() / accum  # the step's mean, logged
+        self.at = (t, step)
+        return loss, loss.item()
+
+    def _step_images(self, t, step):
+        """(pixels, labels) of the step's ``micro_batch * grad_accum`` training images, randomly cropped."""
         from desmoe.vision.transforms import random_resized_crop
 
-        cfg, task, engine = self.cfg, self.tasks[t], self.trainer.engine
-        if self.cached is not None:  # frozen CNN features of this step's images, computed once
-            sel = self.cached[0][step]
-            logits = engine(None, self.ids, self.mask, self.w_img, self.w_txt, cnn_features=self.cached[1][sel])
-        else:
-            g = torch.Generator().manual_seed(cfg.train.seed * 10**6 + 1009 * t + 17 * step + self.trainer.rank)
-            sel = torch.randint(len(task.train_y), (cfg.train.micro_batch,), generator=g)
-            px = self.backbone.pixels(random_resized_crop(task.train_x[sel], g))
-            logits = engine(px, self.ids, self.mask, self.w_img, self.w_txt)
-        self.loss = F.cross_entropy(logits, task.train_y[sel], label_smoothing=cfg.train.label_smoothing)
-        self.at = (t, step)
-        return self.loss, self.loss.item()
+        cfg, task = self.cfg, self.tasks[t]
+        g = torch.Generator().manual_seed(cfg.train.seed * 10**6 + 1009 * t + 17 * step + self.trainer.rank)
+        sel = torch.randint(len(task.train_y), (cfg.train.micro_batch * cfg.train.grad_accum,), generator=g)
+        return self.backbone.pixels(random_resized_crop(task.train_x[sel], g)), task.train_y[sel]
 
     def end_step(self, t, step):
-        self.baseline.record()
         self.mid = {"task": t, "step": step + 1, "pool_counts": self.baseline.counts_state()}
 
     def log(self, done):
-        return {"train/loss": self.loss.item(), "train/lr": _lr(self.cfg.train, self.at[1])}
+        return {"train/loss": self.step_loss, "train/lr": _lr(self.cfg.train, self.at[1])}
 
     def state_dict(self):
         return {"progress": self.progress, **({"mid_task": self.mid} if self.mid else {})}
