@@ -1,7 +1,8 @@
 """TRGE's gradient accumulation (``train.grad_accum``) on 2 real ranks (EP=2, ZeRO-2), on the small real digit
 sequence: every step of 2 micro-batches of 4 samples trains as one micro-batch of the same 8 samples does --
 the same logged losses and gradient norms step by step, the same final groups and gates, the same
-task-identifier inputs -- and an accumulating TRGE run stopped inside a task continues exactly.  Two paths: the tiny CLIP (random crops
+task-identifier inputs -- and an accumulating run stopped inside a task continues exactly (the shared pool's too: its route counts so far are
+summed over ranks in the checkpoint, which keeps rank 0's client state only).  Two paths: the tiny CLIP (random crops
 cut into rows, adapters inside the transformer towers, TRGE's group routers) and the tiny dual encoder
 (cached CNN features, BERT text tower with dropout in training, the shared pool's router and its route
 counts, which decide what freezes after each task)."""
@@ -86,8 +87,6 @@ def test_accumulated_trge_step_equals_one_big_batch_and_resumes(ranks, tmp_path,
     if case == "dual":  # the shared pool froze one expert per block after each task, the same in both
         assert r1["pool_frozen"] and all(len(f) == 3 for f in r1["pool_frozen"])
 
-    if case == "dual":
-        return  # shared_pool's resume inside a task: not exact yet (docs/trge.md, known limits)
     # stopped inside task 2 (its checkpoint after step 2 of 3 the latest, as after a preemption there): the
     # resumed accumulating run redoes the rest and ends exactly where the uninterrupted one ended
     run = tmp_path / f"{case}2"

@@ -238,7 +238,12 @@ class SharedPool(Method):
         self.usage.freeze_most_used(reduce=all_reduce_)
 
     def counts_state(self):
-        return [c.tolist() for c in self.usage.counts]
+        """This task's route counts so far, summed over ranks (collective).  A checkpoint keeps rank 0's client
+        state only: per-rank counts gave every rank rank 0's on resume, so the experts frozen after the task
+        differed from the uninterrupted run's (its losses parted one step into the next task)."""
+        from desmoe.collectives import all_reduce_
+
+        return [all_reduce_(c.clone()).tolist() for c in self.usage.counts]
 
     def frozen_state(self):
         return [sorted(f) for f in self.usage.frozen]
@@ -276,7 +281,10 @@ class SharedPool(Method):
         if progress["pool_frozen"]:
             self.usage.frozen = [set(f) for f in progress["pool_frozen"]]
         if mid_task and mid_task["task"] == task:
-            self.usage.counts = [torch.tensor(c) for c in mid_task["pool_counts"]]
+            from desmoe.distributed import is_rank0
+
+            # the ranks' sum, once: freeze_most_used sums the ranks' counts again at the task's end
+            self.usage.counts = [torch.tensor(c) if is_rank0() else torch.zeros(len(c)) for c in mid_task["pool_counts"]]
 
 
 METHODS_BY_NAME = {"trge": Method, "zero_shot": ZeroShot, "continual_ft": ContinualFT, "shared_pool": SharedPool}

@@ -195,13 +195,15 @@ class TRGERecipe(Recipe):
         return self.backbone.pixels(random_resized_crop(task.train_x[sel], g)), task.train_y[sel]
 
     def end_step(self, t, step):
-        self.mid = {"task": t, "step": step + 1, "pool_counts": self.baseline.counts_state()}
+        self.mid = {"task": t, "step": step + 1}
 
     def log(self, done):
         return {"train/loss": self.step_loss, "train/lr": _lr(self.cfg.train, self.at[1])}
 
     def state_dict(self):
-        return {"progress": self.progress, **({"mid_task": self.mid} if self.mid else {})}
+        # collective (every rank saves): the pool's route counts are summed over ranks when a checkpoint is taken
+        mid = {**self.mid, "pool_counts": self.baseline.counts_state()} if self.mid else None
+        return {"progress": self.progress, **({"mid_task": mid} if mid else {})}
 
     def end_stage(self, t, done):
         if self.stages()[t]:
