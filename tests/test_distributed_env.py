@@ -66,15 +66,20 @@ def test_slurm_variables_start_real_ranks():
     port = _free_port()
     job_id = port - 20000 if 20000 <= port < 40000 else None
     extra = {"SLURM_JOB_ID": str(job_id)} if job_id is not None else {"SLURM_JOB_ID": "7", "MASTER_PORT": str(port)}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=clean_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
-                                             SLURM_JOB_NODELIST="localhost", **extra))
+    lines = _two_ranks(WORKER, lambda r: dict(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
+                                              SLURM_JOB_NODELIST="localhost", **extra))
+    assert lines == ["OK slurm rank=0 world=2 sum=3", "OK slurm rank=1 world=2 sum=3"]
+
+
+def _two_ranks(script: str, env_of) -> list[str]:
+    """Run ``script`` as 2 real processes (``env_of(rank)``: their variables); their sorted "OK" lines."""
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=clean_env(**env_of(r)))
              for r in range(2)]
     outs = [p.communicate(timeout=180) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
-    lines = sorted(line for out, _ in outs for line in out.splitlines() if line.startswith("OK"))
-    assert lines == ["OK slurm rank=0 world=2 sum=3", "OK slurm rank=1 world=2 sum=3"]
+    return sorted(line for out, _ in outs for line in out.splitlines() if line.startswith("OK"))
 
 
 def test_incomplete_slurm_env_is_one_clear_line():
@@ -107,13 +112,7 @@ def test_deepspeed_shm_segments_leave_nothing_in_dev_shm():
     if not Path("/dev/shm").is_dir():
         pytest.skip("no /dev/shm")
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", SHM_WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=clean_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_SIZE="2",
-                                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for r in range(2)]
-    outs = [p.communicate(timeout=180) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
-    lines = sorted(line for out, _ in outs for line in out.splitlines() if line.startswith("OK"))
+    lines = _two_ranks(SHM_WORKER, lambda r: dict(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_SIZE="2",
+                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
     assert lines == ["OK rank=0 seen=[] sum=3/3", "OK rank=1 seen=[] sum=3/3"]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
