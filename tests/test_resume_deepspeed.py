@@ -8,6 +8,8 @@ except in the learning rate and speed-only keys.
 import json
 import re
 
+import pytest
+
 from jobs import ROOT, run_smoke
 
 ARGS = ["--config", str(ROOT / "configs/smoke.yaml"), "model.hidden_size=32", "model.ffn_size=32", "model.ep_size=1",
@@ -36,8 +38,17 @@ def test_resume_refuses_other_deepspeed_settings_and_world(tmp_path):
     base = json.loads((ROOT / "configs/zero2.json").read_text())
     assert launch(tmp_path, base, 2, 2).returncode == 0
     assert json.loads((tmp_path / "r" / "deepspeed.json").read_text())["world_size"] == 2
-    # one rank fewer: ZeRO's optimizer shards were cut for two
-    refused(launch(tmp_path, base, 4, 1), "DeepSpeed settings differ in world_size (2 -> 1)")
+    # one rank fewer: the smoke job converts ZeRO's shards only when the global batch stays (tests/test_elastic.py;
+    # the other recipes' "DeepSpeed settings differ in world_size (2 -> 1)" is checked there too)
+    refused(launch(tmp_path, base, 4, 1), "resuming with 1 ranks would change the global batch from 16 to 8 samples")
+    # a recipe that does not convert (all but the smoke job) is refused by the saved record, before DeepSpeed loads
+    from desmoe.checkpoint import check_resume_deepspeed
+    from desmoe.errors import UserError
+
+    saved = json.loads((tmp_path / "r" / "deepspeed.json").read_text())
+    with pytest.raises(UserError, match=re.escape("DeepSpeed settings differ in world_size (2 -> 1)")):
+        check_resume_deepspeed(tmp_path / "r", tmp_path / "r" / "checkpoints", {k: v for k, v in saved.items()
+                                                                                if k != "world_size"}, 1)
     refused(launch(tmp_path, {**base, "gradient_clipping": 0.5}, 4, 2), "gradient_clipping (1.0 -> 0.5)")
     # accumulation would make DeepSpeed skip optimizer steps the trainer counts: refused even for a fresh run
     refused(launch(tmp_path, {**base, "gradient_accumulation_steps": 2}, 4, 2, "run.resume=false"),
