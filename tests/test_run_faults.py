@@ -203,8 +203,11 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
     args = ["--config", str(ROOT / "configs/smoke.yaml"), "model.hidden_size=32", "model.ffn_size=32",
             "model.ep_size=1", "train.seq_len=32", "data.max_bytes=100000", "train.eval_every=1000",
             "train.eval_batches=1", "train.save_every=2", f"run.dir={tmp_path}", "run.name=c"]
+    # SIGINT as a terminal delivers it: an ignored SIGINT is inherited (Python then keeps it ignored), and an
+    # earlier test of the suite leaves this process ignoring it, so the job ran on and this test timed out
     proc = subprocess.Popen(smoke_command(*args, "train.steps=100000"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     latest = tmp_path / "c/checkpoints/latest"
     deadline = time.monotonic() + 300
     while not latest.exists():
