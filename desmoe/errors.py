@@ -10,7 +10,6 @@ their traceback.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from typing import Callable, TypeVar
 
@@ -50,11 +49,6 @@ def run_cli(main: Callable[[], T]) -> Callable[[], T]:
         except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal's job: a line each, not a traceback
             print("desmoe: interrupted (Ctrl-C); the work since the last checkpoint is lost, a new launch resumes "
                   "from it", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            # 128 + SIGINT, what a shell reports for a job ended by Ctrl-C.  os._exit, not SystemExit: the
-            # interpreter's teardown after an interrupt landed mid-step (threads and writers left half-way,
-            # the process group's atexit) hung once in a full test run; nothing needs it -- the run lock and
-            # the shm segments die with the process, checkpoints and metrics rows are complete or absent
-            os._exit(130)
+            raise SystemExit(130) from None  # 128 + SIGINT, what a shell reports for a job ended by Ctrl-C
 
     return wrapper
