@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from desmoe.checkpoint import write_text_atomic  # noqa: E402
 from desmoe.errors import UserError, run_cli  # noqa: E402
 
 DENSE = Path("cache/base/smollm2-135m")
@@ -106,18 +107,36 @@ def _headline(results: dict, probes: Path) -> dict:
     return {t: round(results[t][info[t]["metric"]], 4) for t in results}
 
 
+# the modules that turn probe texts into scores (tokenisation, the harness adapter, the scorer)
+SCORING_CODE = ("desmoe/data/tokenizer.py", "desmoe/evaluation/harness.py", "desmoe/models/generate.py")
+
+
+def _scoring_digest() -> str:
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for rel in SCORING_CODE:
+        digest.update(rel.encode() + (root / rel).read_bytes())
+    return digest.hexdigest()
+
+
 def cached_eval(path: Path, model_dir: Path, data: Path, probes: Path) -> dict:
-    """The evaluation of ``model_dir``, reused while the model and the probe set are the same."""
+    """The evaluation of ``model_dir``, reused while the model, the probe set and the code that scores them
+    are the same.  The code is in the key because a change of how texts become tokens changes the numbers
+    under an unchanged model (session 17's whole-text pairs; a BOS): cached numbers of older code were
+    reported next to fresh ones."""
     import hashlib
 
     key = {"model": str(model_dir), "probes_sha256": hashlib.sha256((probes / "probes.json").read_bytes()
-                                                                    + str(EVAL_TOKENS).encode()).hexdigest()}
+                                                                    + str(EVAL_TOKENS).encode()).hexdigest(),
+           "scoring_sha256": _scoring_digest()}
     if path.is_file():
         saved = json.loads(path.read_text())
         if all(saved.get(k) == v for k, v in key.items()):
             return saved
     result = {**key, **evaluate(model_dir, data, probes)}
-    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    write_text_atomic(path, json.dumps(result, indent=1, default=float) + "\n")
     return result
 
 
@@ -226,9 +245,9 @@ def main() -> None:
                                        tuple(args.heal_override))
         rows[f"healed, {args.heal_steps} steps"] = cached_eval(out / f"eval-{healed.name}.json", healed, data, probes)
     report = {"config": vars(args), "times_s": times, "rows": rows, "probes": info}
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=float) + "\n")
     text = table(rows, info)
-    (out / "report.md").write_text(text)
+    write_text_atomic(out / "report.md", text)
     print(text, flush=True)
 
 

@@ -1,0 +1,30 @@
+"""The real-base report's cached evaluations (launcher/realbase.py ``cached_eval``): reused only while the
+model, the probe set and the code that scores them are the same.  Before, a change of how texts become
+tokens (session 17's whole-text pairs) left the older numbers in the report next to fresh ones."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launcher"))
+
+import realbase  # noqa: E402
+
+
+def test_cached_eval_is_redone_when_the_scoring_code_changes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(realbase, "evaluate", lambda model, data, probes: calls.append(model) or {"heldout_ppl": 7.0})
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "probes.json").write_text(json.dumps({"probe_copy": {"metric": "acc"}}))
+    path, model = tmp_path / "eval.json", tmp_path / "model"
+
+    assert realbase.cached_eval(path, model, tmp_path, probes)["heldout_ppl"] == 7.0
+    realbase.cached_eval(path, model, tmp_path, probes)
+    assert len(calls) == 1  # same model, probes and code: reused
+
+    digest = realbase._scoring_digest()
+    monkeypatch.setattr(realbase, "_scoring_digest", lambda: "0" * 64)  # as after an edit of the scorer
+    realbase.cached_eval(path, model, tmp_path, probes)
+    assert len(calls) == 2 and json.loads(path.read_text())["scoring_sha256"] == "0" * 64
+    assert len(digest) == 64 and digest != "0" * 64
