@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml $(wildcard $(LOCK))
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # make lock: write the venv's versions (torch excluded: the Makefile installs it per machine) to $(LOCK)
 .PHONY: lock
