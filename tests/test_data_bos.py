@@ -47,16 +47,23 @@ def test_every_document_and_record_starts_with_bos_and_never_learns_it(bos_data)
                 assert "<s>" not in texts[i] and texts[i] == tok.decode(ids[1:-1])  # BOS is no text
                 if domain in data.masked:
                     assert data.indexed(domain, split, mask=True)[i][0] == 0
-    # packed samples: a document's BOS follows the previous one's eos and is never a label
-    seen = 0
-    for b, batch in zip(range(6), data.batches("train", 4, 64, seed=1, rank=0, world=1, homogeneous=False)):
-        ids, mask = batch.input_ids.numpy(), batch.loss_mask.numpy()
-        at = np.argwhere(ids[:, 1:] == bos) + [0, 1]
-        for r, t in at:
-            assert ids[r, t - 1] == eos and not mask[r, t], (b, r, t)
-        seen += len(at)
-        assert mask[:, 1:].any()
-    assert seen > 10
+    # packed samples: a document's BOS follows the previous one's eos and is never a label, in the data's
+    # batches and in DES-MoE's streams (its fine-tuning domains, and the held-out general text it evaluates)
+    from desmoe.recipes.des_moe.domains import DomainDataConfig, PreparedDomains
+
+    streams = PreparedDomains(DomainDataConfig(source=str(bos_data), domains=[]))
+    for name, it in [("data", data.batches("train", 4, 64, seed=1, rank=0, world=1, homogeneous=False)),
+                     ("desmoe", streams.batches("train", 4, 64, 1, 0, 1, 0, homogeneous=False)),
+                     ("general", streams.batches("test", 4, 64, 1, 0, 1, 0, domains=streams.general))]:
+        seen = 0
+        for b, batch in zip(range(6), it):
+            ids, mask = batch.input_ids.numpy(), batch.loss_mask.numpy()
+            at = np.argwhere(ids[:, 1:] == bos) + [0, 1]
+            for r, t in at:
+                assert ids[r, t - 1] == eos and not mask[r, t], (name, b, r, t)
+            seen += len(at)
+            assert mask[:, 1:].any()
+        assert seen > 5, name
 
 
 def test_a_folder_built_without_the_prefix_is_refused_in_one_line(bos_data, tmp_path):

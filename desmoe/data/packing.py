@@ -21,7 +21,8 @@ prefix (a Llama-style BOS, ``prefix_len``), every document starts with it and
 its label never counts: the BOS after the previous document's eos is markup
 the model is always given, never text to predict (HF-style pretraining packing
 trains it; its loss is near zero after a few steps and says nothing about the
-text); the first token after it is predicted from BOS, as at inference.  Packed documents attend to the documents
+text; SFT recipes mask it with the prompt); the first token after it is
+predicted from BOS, as at inference.  Packed documents attend to the documents
 before them in the sample (plain causal attention, positions run on): cheap,
 and what pretraining did; see docs/data.md.
 
@@ -103,6 +104,7 @@ class DomainSampler:
             masks.append(np.asarray(self.masks[d].get(doc, offset, take), dtype=bool) if d in self.masks
                          else np.ones(take, dtype=bool))
             if offset < self.prefix_len:  # the document's own start: its prefix is never a label
+                masks[-1] = masks[-1].copy()  # never write through to a stored (memory-mapped) mask
                 masks[-1][: self.prefix_len - offset] = False
             have += take
             first = False

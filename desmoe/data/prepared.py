@@ -141,6 +141,14 @@ class PreparedData:
                             f"rebuild it with python -m data_prep.build --profile {self.meta.get('profile')} "
                             f"--out {self.root}{extra}")
 
+    @property
+    def prefix_len(self) -> int:
+        """How many tokens every document starts with (the tokenizer's BOS; 0 without one), whose labels
+        never count (``DomainSampler(prefix_len=...)``); refuses data built without the tokenizer's prefix."""
+        if self.meta["tokenizer"]["kind"] != "sentencepiece":  # desmoe's own sentencepiece never has one
+            self.tokenizer  # noqa: B018 - loading it runs check_prefix
+        return len(self.meta["tokenizer"].get("prefix", []))
+
     def check_tokenizer(self, tok) -> None:
         """Refuse a tokenizer other than the one the indexed data was built with."""
         want = self.meta["tokenizer"]
@@ -204,10 +212,7 @@ class PreparedData:
         else:
             w = None
         masks = {self.domain_id(d): self.indexed(d, split, mask=True) for d in names if d in self.masked}
-        if self.meta["tokenizer"]["kind"] != "sentencepiece":
-            self.tokenizer  # noqa: B018 - loads it, which refuses data built without the tokenizer's prefix
-        prefix = len(self.meta["tokenizer"].get("prefix", []))
-        sampler = DomainSampler(ids, w, split_key=split, masks=masks, prefix_len=prefix)
+        sampler = DomainSampler(ids, w, split_key=split, masks=masks, prefix_len=self.prefix_len)
         return sampler.iterate(micro_batch, seq_len, seed, rank, world, step, homogeneous)
 
     def eval_sets(self) -> EvalSets:
