@@ -106,7 +106,8 @@ def test_a_tokenizer_that_appends_to_every_text_is_refused_in_one_line(tmp_path)
     from desmoe.data.tokenizer import HFTokenizer
 
     tk = Tokenizer.from_file(str(hf_folder("gpt2", tmp_path / "gpt2") / "tokenizer.json"))
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tk.token_to_id("</s>"))])
+    eos = ("</s>", tk.token_to_id("</s>"))
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[eos])
     PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path / "eos")
     with pytest.raises(UserError) as err:
         HFTokenizer(tmp_path / "eos")
