@@ -8,7 +8,9 @@ lm-eval's prefix token for empty contexts and rolling windows is ``<s>``, not eo
 the family's own class.  Both answer the same loglikelihood (an empty context included), rolling and
 generate_until requests, and per request must feed the same tokens (read off HFLM's own encoding calls and
 desmoe's scorer), give the same log-likelihoods within the fp32 rounding of two implementations of the same
-forward, and the same greedy texts.  Offline, CPU, fp32."""
+forward, and the same greedy texts.  The one request where a token straddles the context/continuation seam
+is checked to be desmoe's documented departure (encode_pairs) instead.  The previous code (no BOS, eos before
+empty contexts and rolling windows, prompts cut to max_len) failed all nine.  Offline, CPU, fp32, ~5 s."""
 from __future__ import annotations
 
 import pytest
