@@ -36,6 +36,7 @@ from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece,
 from desmoe.checkpoint import replace_dir_atomic
 from desmoe.config import split_overrides
 from desmoe.data.prepared import FORMAT, RECORD_ENCODING, SPLITS
+from desmoe.data.tokenizer import lead
 from desmoe.errors import ConfigError, UserError, run_cli
 
 HERE = Path(__file__).resolve().parent
@@ -248,8 +249,8 @@ class Builder:
             with self.bar(total=len(plain), desc="tokenize", unit="doc") as bar:
                 got, perf = encode_all(tok, [items[i][2].text for i in plain], cfg.workers, bar)
             ids = [None] * len(items)
-            for i, t in zip(plain, got):
-                ids[i] = t
+            for i, t in zip(plain, got):  # every document starts with the tokenizer's prefix (none: unchanged)
+                ids[i] = lead(tok, items[i][2].text) + t if tok.prefix else t
             for i, (_, _, d) in enumerate(items):  # instruction records: the whole text, masks per character
                 if isinstance(d, Record):
                     ids[i] = encode_record(tok, d, cfg.max_record_tokens)
@@ -322,8 +323,9 @@ class Builder:
         import pyarrow.parquet as pq
 
         for (n, s), rows in self.bar(iterable=sorted(selected.items()), desc="write", unit="set"):
-            # a document cut to the budget keeps the text of its kept tokens
-            table = pa.table({"text": [d.text if len(t) == d.n_tokens else tok.decode(t) for d, t in rows],
+            # a document cut to the budget keeps the text of its kept tokens (its prefix, BOS, is no text)
+            table = pa.table({"text": [d.text if len(t) == d.n_tokens else tok.decode(t[len(lead(tok, d.text)):])
+                                       for d, t in rows],
                               "domain": [n] * len(rows), "source": [d.source for d, _ in rows],
                               "licence": [d.licence for d, _ in rows], "doc_id": [d.doc_id for d, _ in rows]})
             (root / "raw" / n).mkdir(parents=True, exist_ok=True)
@@ -331,7 +333,8 @@ class Builder:
             write_indexed(root / "indexed" / n / s, [t for _, t in rows], tok.eos_id, tok.vocab_size)
             if n in self.masked:  # a record's closing eos counts after its whole response: the model learns to stop
                 write_indexed(root / "indexed" / n / f"{s}.mask",
-                              [d.mask[: len(t)] if isinstance(d, Record) else [1] * len(t) for d, t in rows],
+                              [d.mask[: len(t)] if isinstance(d, Record) else _plain_mask(tok, d, len(t))
+                               for d, t in rows],
                               1, 2, ends=[closing_eos_counts(d, len(t)) if isinstance(d, Record) else 1 for d, t in rows])
 
     def _package(self, name: str) -> dict:
@@ -365,6 +368,8 @@ class Builder:
         }
         if self.masked:  # only folders with records: the others stay byte-identical to earlier builds
             meta["record_encoding"] = RECORD_ENCODING
+        if tok.prefix:  # only tokenizers with one (desmoe.data.prepared refuses a folder built without it)
+            meta["tokenizer"]["prefix"] = list(tok.prefix)
         meta["eval"]["sizes"] = {"math_qa": sum(1 for _ in open(root / meta["eval"]["math"])),
                                  "mcq": {d: sum(1 for _ in open(root / p)) for d, p in meta["eval"]["mcq"].items()},
                                  "exact": {d: sum(1 for _ in open(root / p))
@@ -372,6 +377,14 @@ class Builder:
         write_card(root / "DATA_CARD.md", meta)
         (root / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         return meta
+
+
+def _plain_mask(tok, doc, n: int) -> list[int]:
+    """A plain document's loss mask in a domain with records: every label but the prefix (BOS): after the
+    previous document's eos, the next document's BOS is markup, not text to learn (the sampler masks it in
+    domains without masks too, desmoe.data.packing)."""
+    k = min(len(lead(tok, doc.text)), n)
+    return [0] * k + [1] * (n - k)
 
 
 def _plain(cfg) -> dict:

@@ -123,7 +123,9 @@ def check_prompt_tokens(tok, rec: Record, ids: list[int]) -> None:
     token straddling the prompt/answer seam, e.g. a BPE merge of ":" and " ")."""
     if getattr(rec, "fact", None) is None:
         return
-    alone = tok.encode([rec.segments[0][0]])[0]
+    from desmoe.data.tokenizer import prefixed
+
+    alone = prefixed(tok, [rec.segments[0][0]])[0]  # with the tokenizer's prefix, as the record and the harness
     if ids[: len(alone)] != alone:
         from desmoe.errors import UserError
         raise UserError(f"{rec.origin}: tokenizer {tok.path} encodes the prompt alone ({len(alone)} tokens) other "

@@ -55,8 +55,12 @@ def encode_record(tok, rec: Record, max_tokens: int) -> list[int]:
     seam, and BPE merges across a seam were lost.  A token counts in the loss iff it covers a character of
     a response: one straddling a seam ("Answer: " + "Paris" -> " Paris") is trained on, since predicting
     it is what produces the response's first characters; a token that covers no character (a lone dummy
-    prefix) goes with the character it stands before.  A record the tokenizer does not give back
+    prefix) goes with the character it stands before.  The record starts with the tokenizer's prefix (the BOS
+    a Llama-style base saw at position 0 of every pretraining sequence, and lm-eval's HF model feeds before
+    every prompt), masked: it is markup, not a response.  A record the tokenizer does not give back
     (decode(ids) != text) is refused; so is one with no response token left."""
+    from desmoe.data.tokenizer import lead
+
     text = "".join(t for t, _ in rec.segments)
     ids, spans = tok.spans(text)
     flags = [c for t, c in rec.segments for _ in t]  # per character: part of a response?
@@ -69,6 +73,8 @@ def encode_record(tok, rec: Record, max_tokens: int) -> list[int]:
                         f"model would train on other text; expected a tokenizer without a normaliser that changes "
                         f"text, add_prefix_space, or a word-start mark after special tokens (prepend_scheme "
                         f"'always', a legacy Prepend)")
+    first = lead(tok, text)
+    ids, mask = first + list(ids), [0] * len(first) + mask
     if sum(mask[: max_tokens - 1]) == 0:
         raise UserError(f"{rec.origin}: the response is empty after truncation to max_record_tokens={max_tokens} "
                         f"(prompt {mask.index(1) if 1 in mask else len(mask)} tokens); shorten the prompt or "

@@ -13,7 +13,7 @@ import torch
 from tokfix import HF_KINDS, hf_folder, oracle_mask, sentencepiece, token_spans
 from data_prep.instruct import Renderer
 from data_prep.user_data import Record, _segments, encode_record
-from desmoe.data.tokenizer import HFTokenizer, encode_pairs
+from desmoe.data.tokenizer import HFTokenizer, encode_pairs, prefixed
 from desmoe.errors import UserError
 
 # a "\u2581" after every special token: the text a chat template renders is not what they encode
@@ -65,13 +65,17 @@ def test_records_are_their_whole_text_and_masks_follow_its_characters(toks):
                     encode_record(tok, rec, 4096)
                 continue
             ids = encode_record(tok, rec, 4096)
-            assert ids == tok.encode([text])[0], (kind, name)  # what the model sees for the text at inference
-            assert tok.decode(ids) == text, (kind, name)
+            assert ids == prefixed(tok, [text])[0], (kind, name)  # what the model sees for the text at inference
+            # the tokenizer's prefix (llama-bos: <s>) first, never trained on; then the text's own tokens
+            k = len(tok.prefix)
+            assert ids[:k] == tok.prefix and rec.mask[:k] == [0] * k and (k == 0) == (kind != "llama-bos")
+            bare = ids[k:]
+            assert tok.decode(bare) == text, (kind, name)
             # a token counts iff it covers a response character (a seam-straddling one does)
-            assert rec.mask == oracle_mask(tok, ids, segs), (kind, name)
-            spans = [s for s in token_spans(tok, ids, text) if s]
+            assert rec.mask[k:] == oracle_mask(tok, bare, segs), (kind, name)
+            spans = [s for s in token_spans(tok, bare, text) if s]
             assert rec.mask[0] == 0 and any(rec.mask) and spans[-1][1] == len(text)
-            apart_differs.append([i for p in tok.encode([t for t, _ in segs]) for i in p] != ids)
+            apart_differs.append([i for p in tok.encode([t for t, _ in segs]) for i in p] != bare)
         # the cases reach the defect with every tokenizer: the old piece-by-piece ids were others
         assert any(apart_differs), kind
     spm = toks["sentencepiece"]  # the demo's template and tokenizer: the answer began with a lone dummy prefix
@@ -84,7 +88,7 @@ def test_truncation_keeps_whole_text_tokens(toks):
     tok = toks["metaspace-first"]
     segs = _cases(tok)["chat"]
     text = "".join(t for t, _ in segs)
-    full = tok.encode([text])[0]
+    full = prefixed(tok, [text])[0]
     rec = Record(text, "s", "l", "0", segments=segs, origin="o")
     cut = len(full) // 2
     assert encode_record(tok, rec, cut + 1) == full[:cut] and not rec.complete and len(rec.mask) == cut
@@ -113,11 +117,12 @@ def test_pairs_are_split_whole_encodings(toks):
         got = encode_pairs(tok, [c for c, _ in PAIRS], [x for _, x in PAIRS])
         old = list(zip(tok.encode([c for c, _ in PAIRS]), tok.encode([x for _, x in PAIRS])))
         for (c, x), (ctx, cont), (c_old, x_old) in zip(PAIRS, got, old):
-            whole = tok.encode([c + x])[0]
-            assert (ctx + cont == whole) if c.strip() else (ctx == [tok.eos_id] and cont == whole), (kind, c, x)
+            whole, bare = prefixed(tok, [c + x])[0], tok.encode([c + x])[0]
+            # lm-eval's: the whole text with the tokenizer's prefix; an empty context is its prefix token
+            assert (ctx + cont == whole) if c.strip() else (ctx == [tok.prefix_id] and cont == bare), (kind, c, x)
             # the continuation is every token not wholly inside the context (its trailing space moved out)
-            inside = sum(1 for s in token_spans(tok, whole, c + x) if s and s[1] <= len(c.rstrip()))
-            assert len(ctx) == inside or (not c.strip() and inside == 0), (kind, c, x)
+            inside = sum(1 for s in token_spans(tok, bare, c + x) if s and s[1] <= len(c.rstrip()))
+            assert len(ctx) == len(tok.prefix) + inside or (not c.strip() and inside == 0), (kind, c, x)
         assert any(x_old != cont for (_, cont), (_, x_old) in zip(got, old)), kind
 
 

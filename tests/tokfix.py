@@ -1,7 +1,9 @@
 """Tokenizers users bring, built offline in a second each with the ``tokenizers`` library on stdlib
 docstrings: Llama/Mistral style (BPE, byte fallback, Metaspace ``prepend_scheme`` first / always, or the
-legacy ``Prepend("\u2581")`` normaliser), GPT-2 byte-level (``add_prefix_space`` off / on), Qwen style
-(NFC, its split regex, byte-level), and the project's own sentencepiece as data_prep trains it."""
+legacy ``Prepend("\u2581")`` normaliser; ``llama-bos``: a ``TemplateProcessing`` post-processor that puts
+``<s>`` before every encoding, as Llama/Mistral/Mixtral's tokenizer.json does), GPT-2 byte-level
+(``add_prefix_space`` off / on), Qwen style (NFC, its split regex, byte-level), and the project's own
+sentencepiece as data_prep trains it."""
 from __future__ import annotations
 
 import os
@@ -18,7 +20,7 @@ from instructfix import TEMPLATE, docstrings
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
               r"\s+(?!\S)|\s+")
-HF_KINDS = ("metaspace-first", "metaspace-always", "llama-legacy", "gpt2", "qwen")
+HF_KINDS = ("metaspace-first", "metaspace-always", "llama-legacy", "llama-bos", "gpt2", "qwen")
 
 
 def texts() -> list[str]:
@@ -32,12 +34,13 @@ def hf_folder(kind: str, out: Path, vocab: int = 800) -> Path:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
 
-    if kind in ("metaspace-first", "metaspace-always", "llama-legacy"):
+    if kind in ("metaspace-first", "metaspace-always", "llama-legacy", "llama-bos"):
         tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
         if kind == "llama-legacy":  # Llama 2's tokenizer.json: no pre-tokenizer, a "\u2581" before every text
             tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
         else:
-            tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=kind.split("-")[1])
+            scheme = "first" if kind == "llama-bos" else kind.split("-")[1]
+            tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)
         tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                         decoders.Strip(" ", 1, 0)])
         # transformers 5 rebuilds a LlamaTokenizer's pre-tokenizer (Metaspace, prepend_scheme first): the other
@@ -58,6 +61,11 @@ def hf_folder(kind: str, out: Path, vocab: int = 800) -> Path:
         specials, cls, alphabet = SPECIAL, PreTrainedTokenizerFast, pre_tokenizers.ByteLevel.alphabet()
     tk.train_from_iterator(texts(), trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
                                                         initial_alphabet=alphabet, show_progress=False))
+    if kind == "llama-bos":
+        from tokenizers import processors
+
+        bos = ("<s>", tk.token_to_id("<s>"))
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[bos])
     tok = cls(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     tok.chat_template = TEMPLATE
     tok.save_pretrained(out)

@@ -16,7 +16,13 @@ counts iff ``loss_mask[:, t+1]``.  Instruction records carry a stored mask
 (1 on response tokens and the closing eos, 0 on the prompt); plain text is all
 ones.  The mask is cut and laid end to end exactly like ``token_domain``, and
 reading it draws nothing from the generator, so text-only data gives the same
-batches as before masks existed.  Packed documents attend to the documents
+batches as before masks existed.  With a tokenizer whose encodings start with a
+prefix (a Llama-style BOS, ``prefix_len``), every document starts with it and
+its label never counts: the BOS after the previous document's eos is markup
+the model is always given, never text to predict (HF-style pretraining packing
+trains it; its loss is near zero after a few steps and says nothing about the
+text; SFT recipes mask it with the prompt); the first token after it is
+predicted from BOS, as at inference.  Packed documents attend to the documents
 before them in the sample (plain causal attention, positions run on): cheap,
 and what pretraining did; see docs/data.md.
 
@@ -64,9 +70,11 @@ class DomainSampler:
     """Draws packed samples from per-domain indexed datasets (one document per item)."""
 
     def __init__(self, datasets: dict[int, object], weights: Optional[dict[int, float]] = None,
-                 split_key: str = "train", masks: Optional[dict[int, object]] = None) -> None:
+                 split_key: str = "train", masks: Optional[dict[int, object]] = None, prefix_len: int = 0) -> None:
         """``masks``: domain -> indexed dataset of uint8 loss masks aligned with its documents
-        (domains without one count every label)."""
+        (domains without one count every label); ``prefix_len``: the tokens every document starts with
+        (the tokenizer's BOS), whose labels never count."""
+        self.prefix_len = int(prefix_len)
         self.datasets = {d: ds for d, ds in sorted(datasets.items())}
         self.masks = dict(masks or {})
         self.ids = np.array(list(self.datasets), dtype=np.int64)
@@ -95,6 +103,9 @@ class DomainSampler:
             # the same (doc, offset, take) as the tokens, and no draw from rng: the stream is unchanged
             masks.append(np.asarray(self.masks[d].get(doc, offset, take), dtype=bool) if d in self.masks
                          else np.ones(take, dtype=bool))
+            if offset < self.prefix_len:  # the document's own start: its prefix is never a label
+                masks[-1] = masks[-1].copy()  # never write through to a stored (memory-mapped) mask
+                masks[-1][: self.prefix_len - offset] = False
             have += take
             first = False
         return np.concatenate(tokens), np.concatenate(owners), np.concatenate(masks)

@@ -12,7 +12,9 @@ Layout (all paths relative to the root): ``meta.json`` (the index), ``raw/<domai
 (megatron-core indexed datasets, one document per item, each ending in ``eos``), ``eval/*.jsonl``,
 ``DATA_CARD.md``.  Domains with instruction records (listed in ``meta["loss_masks"]``) also have
 ``indexed/<domain>/<split>.mask.{bin,idx}``: a uint8 loss mask per token, item for item (1 = the label
-counts); other domains, and folders built before masks existed, count every label.
+counts); other domains, and folders built before masks existed, count every label.  A tokenizer whose
+default encoding starts with BOS (``meta["tokenizer"]["prefix"]``) starts every document with it, and
+its label never counts (docs/data.md, "BOS").
 """
 from __future__ import annotations
 
@@ -121,8 +123,31 @@ class PreparedData:
         if self._tokenizer is None:
             tok = load_tokenizer(self.meta["tokenizer"], self.root)
             self.check_tokenizer(tok)
+            self.check_prefix(tok)
             self._tokenizer = tok
         return self._tokenizer
+
+    def check_prefix(self, tok) -> None:
+        """Refuse data whose documents do not start with what the tokenizer puts before every text (its BOS):
+        a folder built before desmoe added it would fine-tune a Llama-style base on sequences without the BOS
+        it was pretrained with, and evaluate it on others (``meta["tokenizer"]["prefix"]``, absent: none)."""
+        want = [int(i) for i in self.meta["tokenizer"].get("prefix", [])]
+        if list(tok.prefix) != want:
+            cfg = self.meta.get("config") or {}
+            hf = (cfg.get("tokenizer") or {}).get("hf_path")
+            extra = f" tokenizer.kind=hf tokenizer.hf_path={hf}" if hf else ""
+            raise UserError(f"{self.root / 'meta.json'}: key 'tokenizer.prefix': {want if want else 'absent'}, "
+                            f"expected {list(tok.prefix)} (tokenizer {tok.path} starts every text with it: its BOS); "
+                            f"rebuild it with python -m data_prep.build --profile {self.meta.get('profile')} "
+                            f"--out {self.root}{extra}")
+
+    @property
+    def prefix_len(self) -> int:
+        """How many tokens every document starts with (the tokenizer's BOS; 0 without one), whose labels
+        never count (``DomainSampler(prefix_len=...)``); refuses data built without the tokenizer's prefix."""
+        if self.meta["tokenizer"]["kind"] != "sentencepiece":  # desmoe's own sentencepiece never has one
+            self.tokenizer  # noqa: B018 - loading it runs check_prefix
+        return len(self.meta["tokenizer"].get("prefix", []))
 
     def check_tokenizer(self, tok) -> None:
         """Refuse a tokenizer other than the one the indexed data was built with."""
@@ -187,7 +212,7 @@ class PreparedData:
         else:
             w = None
         masks = {self.domain_id(d): self.indexed(d, split, mask=True) for d in names if d in self.masked}
-        sampler = DomainSampler(ids, w, split_key=split, masks=masks)
+        sampler = DomainSampler(ids, w, split_key=split, masks=masks, prefix_len=self.prefix_len)
         return sampler.iterate(micro_batch, seq_len, seed, rank, world, step, homogeneous)
 
     def eval_sets(self) -> EvalSets:

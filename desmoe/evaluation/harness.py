@@ -5,12 +5,17 @@ training, or an exported HF folder loaded with ``load_hf_moe``).  Expert paralle
 a collective, so **every rank answers every request** in the same batches: the adapter tells the harness
 it is rank 0 of 1 on each process, and results are identical on all ranks.
 
-Scoring is the in-house evaluator's (``desmoe.models.generate``), request by request:
-- ``loglikelihood(context, continuation)``: context + continuation tokenised whole and split where the
-  context's own tokens end (``desmoe.data.tokenizer.encode_pairs``, lm-eval's HF model's way), the sum of
-  the continuation's log-probabilities, and whether it is the greedy continuation;
-- ``generate_until``: greedy decoding up to ``max_gen_toks``, cut at the first ``until`` string;
-- ``loglikelihood_rolling``: the document's full log-likelihood in windows of ``max_len``.
+Scoring is the in-house evaluator's (``desmoe.models.generate``) on the tokens lm-eval's own HF model
+(``HFLM``, ``lm_eval --model hf`` on the exported folder) feeds for the same tokenizer, request by request
+(``tests/test_harness_parity.py`` compares the two):
+- ``loglikelihood(context, continuation)``: context + continuation tokenised whole, with the tokenizer's
+  prefix (BOS of a Llama-style tokenizer), and split where the context's own tokens end
+  (``desmoe.data.tokenizer.encode_pairs``), the sum of the continuation's log-probabilities, and whether it
+  is the greedy continuation; an empty context is the prefix token (bos if defined, else eos);
+- ``generate_until``: the prompt with the tokenizer's prefix, cut from the left to ``max_len - max_gen_toks``,
+  greedy decoding up to ``max_gen_toks``, decoded without special tokens, cut at the first ``until`` string;
+- ``loglikelihood_rolling``: the prefix token, then the document's default encoding (with its BOS, as HFLM
+  encodes it), scored in disjoint windows of ``max_len``.
 
 The task YAMLs shipped in ``desmoe/evaluation/tasks/`` describe the demo data's evaluation sets
 (``eval/mcq-<domain>.jsonl``, ``eval/math.jsonl``, ``eval/exact-<domain>.jsonl`` of a prepared folder);
@@ -31,7 +36,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from desmoe.data.tokenizer import encode_pairs
+from desmoe.data.tokenizer import encode_pairs, prefixed
 from desmoe.errors import UserError
 from desmoe.models.generate import greedy_generate, score_continuations
 
@@ -83,11 +88,11 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
                       f"tokens; their contexts were cut from the left (raise max_len)", file=sys.stderr, flush=True)
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            # an empty context (the harness's unconditional requests, e.g. acc_mutual_info) is end-of-text, as in
-            # loglikelihood_rolling: without it the continuation's first token would be left out of the sum
             # Encoded whole, then split (lm-eval's HF model does the same): encoded apart, a continuation got
             # a word-start mark the text does not have (sentencepiece's dummy prefix: a lone "\u2581" scored
-            # before every choice) and lost its merges with the context.  An empty context is end-of-text.
+            # before every choice) and lost its merges with the context.  An empty context (the harness's
+            # unconditional requests, e.g. acc_mutual_info) is the prefix token, as in loglikelihood_rolling:
+            # without it the continuation's first token would be left out of the sum.
             pairs = encode_pairs(self.tok, [r.args[0] for r in requests], [r.args[1] for r in requests])
             contexts, conts = [c for c, _ in pairs], [t for _, t in pairs]
             for cont in conts:  # the scorer would sum only the continuation's last max_len tokens
@@ -99,8 +104,11 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
 
         def loglikelihood_rolling(self, requests) -> list[float]:
             out = []
-            for ids in self.tok.encode([r.args[0] for r in requests]):
-                ids = [self.tok.eos_id] + list(ids)  # the first token is predicted from end-of-text
+            for ids in prefixed(self.tok, [r.args[0] for r in requests]):
+                # lm-eval's HFLM: the prefix token (bos if defined, else eos), then the document as its default
+                # encoding gives it, BOS included: a BOS tokenizer's first window scores log p(<s> | <s>) too;
+                # reproduced so that the number is the one `lm_eval --model hf` gives for the exported folder
+                ids = [self.tok.prefix_id] + ids
                 windows = [(ids[max(0, s - self.max_len):s], ids[s:s + self.max_len])
                            for s in range(1, len(ids), self.max_len)]
                 out.append(float(sum(lp for lp, _, _ in self._score(windows))))
@@ -111,16 +119,21 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             for i in range(0, len(requests), self.batch):
                 chunk = requests[i:i + self.batch]
                 kwargs = [r.args[1] for r in chunk]
-                steps = max(int(k.get("max_gen_toks", MAX_GEN_TOKS)) for k in kwargs)
-                prompts = self.tok.encode([r.args[0] for r in chunk])
-                self._report_cut("generate_until", [len(p) for p in prompts], self.max_len)
-                prompts = [p[-self.max_len:] for p in prompts]
-                outs = greedy_generate(self.model, prompts, steps, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
-                for out, k in zip(outs, kwargs):
-                    out = out[:int(k.get("max_gen_toks", MAX_GEN_TOKS))]
+                gen = [int(k.get("max_gen_toks", MAX_GEN_TOKS)) for k in kwargs]
+                if max(gen) >= self.max_len:
+                    raise UserError(f"generation_kwargs.max_gen_toks: {max(gen)}, expected fewer than max_len="
+                                    f"{self.max_len} (the prompt gets max_len - max_gen_toks tokens); raise max_len")
+                # with the tokenizer's prefix, cut from the left to leave room for the answer: HFLM's
+                # tok_batch_encode(left_truncate_len=max_length - max_gen_toks) (a cut prompt loses its BOS there too)
+                prompts = prefixed(self.tok, [r.args[0] for r in chunk])
+                self._report_cut("generate_until", [len(p) + g for p, g in zip(prompts, gen)], self.max_len)
+                prompts = [p[-(self.max_len - g):] for p, g in zip(prompts, gen)]
+                outs = greedy_generate(self.model, prompts, max(gen), eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
+                for out, g, k in zip(outs, gen, kwargs):
+                    out = out[:g]
                     if self.tok.eos_id in out:  # the answer ends at end-of-text (its text is no answer)
                         out = out[:out.index(self.tok.eos_id)]
-                    text = self.tok.decode(out)
+                    text = self.tok.decode(out, skip_special=True)  # HFLM's tok_decode skips special tokens
                     for stop in _stops(k.get("until")):
                         text = text.split(stop, 1)[0]
                     answers.append(text)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from desmoe.config import bad
-from desmoe.data.tokenizer import encode_pairs
+from desmoe.data.tokenizer import encode_pairs, prefixed
 from desmoe.models.generate import greedy_generate, mean_nll, score_continuations
 
 NORMS = ("per_char", "per_token", "sum")
@@ -95,13 +95,19 @@ def mcq_accuracy(model: nn.Module, tokenizer, items, cfg: LMEvalConfig) -> float
 
 def math_answers(model: nn.Module, tokenizer, items, cfg: LMEvalConfig) -> list[str]:
     """The model's greedy answer to each question: the first line of its continuation."""
-    prompts = tokenizer.encode([math_prompt(it.question) for it in items])
     answers = []
-    for batch in _chunks(prompts, cfg.batch_size):
-        outs = greedy_generate(model, [p[-cfg.max_len:] for p in batch], cfg.math_max_new_tokens,
-                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-        answers.extend(first_line(tokenizer.decode(out)) for out in outs)
+    for batch in _chunks(_prompts(tokenizer, [math_prompt(it.question) for it in items], cfg.max_len,
+                                  cfg.math_max_new_tokens), cfg.batch_size):
+        outs = greedy_generate(model, batch, cfg.math_max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        answers.extend(first_line(tokenizer.decode(out, skip_special=True)) for out in outs)
     return answers
+
+
+def _prompts(tokenizer, texts: list[str], max_len: int, new_tokens: int) -> list[list[int]]:
+    """Prompts as the harness adapter (and lm-eval's HF model) gives them: with the tokenizer's prefix (BOS),
+    cut from the left to leave ``new_tokens`` of room in ``max_len``."""
+    keep = max(max_len - new_tokens, 1)
+    return [p[-keep:] for p in prefixed(tokenizer, texts)]
 
 
 def math_exact(model: nn.Module, tokenizer, items, cfg: LMEvalConfig) -> float:
@@ -144,10 +150,11 @@ _UTILS = None
 def exact_answers(model: nn.Module, tokenizer, items: list[dict], cfg: LMEvalConfig) -> list[str]:
     """Greedy answers to the items' rendered prompts, cut at end-of-text."""
     answers = []
-    for batch in _chunks(tokenizer.encode([it["prompt"] for it in items]), cfg.batch_size):
-        outs = greedy_generate(model, [p[-cfg.max_len:] for p in batch], cfg.exact_max_new_tokens,
-                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-        answers += [tokenizer.decode(o[:o.index(tokenizer.eos_id)] if tokenizer.eos_id in o else o) for o in outs]
+    for batch in _chunks(_prompts(tokenizer, [it["prompt"] for it in items], cfg.max_len, cfg.exact_max_new_tokens),
+                         cfg.batch_size):
+        outs = greedy_generate(model, batch, cfg.exact_max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        answers += [tokenizer.decode(o[:o.index(tokenizer.eos_id)] if tokenizer.eos_id in o else o, skip_special=True)
+                    for o in outs]
     return answers
 
 
@@ -158,10 +165,11 @@ def exact_recall(model: nn.Module, tokenizer, items: list[dict], cfg: LMEvalConf
 
 
 def perplexity(model: nn.Module, tokenizer, docs: list[str], cfg: LMEvalConfig) -> float:
-    """exp(mean next-token NLL) over the first ``ppl_tokens`` tokens of the documents,
-    concatenated with end-of-text markers and cut into ``ppl_seq_len + 1`` windows."""
+    """exp(mean next-token NLL) over the first ``ppl_tokens`` tokens of the documents, laid out as the
+    training data lays them (the tokenizer's prefix, the text, end-of-text) and cut into ``ppl_seq_len + 1``
+    windows."""
     stream: list[int] = []
-    for ids in tokenizer.encode(docs):
+    for ids in prefixed(tokenizer, docs):
         stream.extend(list(ids) + [tokenizer.eos_id])
         if len(stream) >= cfg.ppl_tokens + 1:
             break

@@ -107,7 +107,8 @@ def _heldout_texts(data_root: Path, max_chars: int) -> list[str]:
     texts, n = [], 0
     for i in range(len(ds)):
         ids = [int(t) for t in ds[i] if int(t) != data.tokenizer.eos_id]
-        texts.append(data.tokenizer.decode(ids))
+        pre = data.tokenizer.prefix  # a document of a BOS tokenizer starts with it: no character of the prose
+        texts.append(data.tokenizer.decode(ids[len(pre):] if ids[:len(pre)] == pre else ids))
         n += len(texts[-1])
         if n >= max_chars:
             break

@@ -138,7 +138,7 @@ class PreparedDomains:
             from desmoe.data.packing import DomainSampler
 
             sampler = DomainSampler({len(self.data.domains): self.data.indexed(names[0], "test")}, None,
-                                    split_key="test")
+                                    split_key="test", prefix_len=self.data.prefix_len)  # a BOS is no label
             return sampler.iterate(micro_batch, seq_len, seed, rank, world, step, homogeneous)
         return self.data.batches(split, micro_batch, seq_len, seed, rank, world, step, domains=names,
                                  homogeneous=homogeneous)
