@@ -7,11 +7,11 @@ Why bit for bit holds on CPU: the recompute runs the same ops on the same inputs
 (torch restores it), the backward graph is the forward's own (non-reentrant checkpoint only re-creates the
 tensors it saved), and CPU kernels at one thread per rank are deterministic; recompute changes when a
 layer's forward runs, not its arithmetic.  What the recompute records (desmoe/recompute.py) is dropped;
-with that guard broken (``_Replay`` a no-op) all three fail: the LM and FFT runs on the selection-bias
-loads (doubled), DES-MoE already inside torch's recompute check (the expert-copy slots, cleared after the
-forward, were gone when the layer ran again).  Checked by hand; test_recompute_unit.py keeps a broken-guard
-case.  On GPUs scatter/index_add atomics can make even two plain runs differ in the last bits: there a
-tolerance would be needed, here none is.
+with that guard broken (``_Replay`` a no-op) all four cases fail: LM, pretraining and FFT on the
+selection-bias loads (doubled), DES-MoE already inside torch's recompute check (the expert-copy slots,
+cleared after the forward, were gone when the layer ran again).  Checked by hand; test_recompute_unit.py
+keeps a broken-guard case.  On GPUs scatter/index_add atomics can make even two plain runs differ in the
+last bits: there a tolerance would be needed, here none is."""
 from pathlib import Path
 
 import torch
@@ -43,6 +43,9 @@ def _probe(recipe_cls):
                 return inner(model, group)
 
             trainer_mod.update_selection_biases = update
+            # the noise draws from the global RNG, which the pool's ranks carry from run to run (an HF model's
+            # set-up, unlike MoELM's, seeds nothing): the same start for both modes
+            torch.manual_seed(1000 + trainer.rank)
             self._restore = lambda: setattr(trainer_mod, "update_selection_biases", inner)
             return setup
 
@@ -91,6 +94,24 @@ def lm_case(run_dir: str, mode: str) -> dict:
     return probe.seen
 
 
+def pretrain_case(run_dir: str, mode: str) -> dict:
+    """Pretraining: an HF family (DeepSeek-V2 layout: a dense first layer, shared expert) on the core."""
+    from desmoe.config import load_config
+    from desmoe.recipes.lm.pretrain import PretrainExperiment, PretrainRecipe
+    from desmoe.training.trainer import Trainer
+
+    cfg = load_config(PretrainExperiment, ROOT / "configs/pretrain_base.yaml", [
+        "data.source=stdlib_bytes", "train.steps=3", "train.save_every=100", "train.eval_every=100",
+        "train.log_every=1", "train.eval_tokens=500", "train.warmup_steps=1", "train.grad_accum=2",
+        "train.lr=0.005", "train.seq_len=32", "train.micro_batch=4", "model.hidden_size=32", "model.num_layers=3",
+        "model.num_experts=4", "model.expert_ffn=32", "model.shared_ffn=32", "model.dense_ffn=64",
+        f"train.activation_checkpointing={mode}", f"run.dir={run_dir}", f"run.name=pretrain-{mode}",
+        "run.resume=false", f"output.dir={run_dir}/base-{mode}"])
+    probe = _probe(PretrainRecipe)
+    Trainer(probe(cfg), str(ROOT / "configs/zero2.json")).run()
+    return probe.seen
+
+
 def desmoe_case(run_dir: str, mode: str, method: str) -> dict:
     from desmoe.config import load_config
     from desmoe.recipes.des_moe.recipe import DESMoEExperiment, DESMoERecipe
@@ -131,11 +152,11 @@ def _same(a, b, where: str) -> None:
         assert a == b or (a != a and b != b), (where, a, b)
 
 
-def _compare(ranks, case, tmp_path, *args) -> None:
+def _compare(ranks, case, tmp_path, *args, layers: int = 2) -> None:
     off = ranks.run(case, str(tmp_path), "none", *args)
     on = ranks.run(case, str(tmp_path), "layers", *args)
     for rank, (a, b) in enumerate(zip(off, on)):
-        assert (a.pop("wrapped"), b.pop("wrapped")) == (0, 2)  # the trainer applied the option, to both layers
+        assert (a.pop("wrapped"), b.pop("wrapped")) == (0, layers)  # the trainer applied it, to every layer
         assert len(a["loss"]) == len(a["grad_norm"]) == len(a["load"]) == a["steps"]
         assert bool(a["dmap"]) == (args == ("desmoe",))  # DES-MoE's counts, A and M compared where they exist
         assert not a["dmap"] or a["dmap"][-1][2] is not None  # M refreshed within the run
@@ -145,6 +166,10 @@ def _compare(ranks, case, tmp_path, *args) -> None:
 
 def test_lm_recompute_exact_ep2(ranks, tmp_path):
     _compare(ranks, lm_case, tmp_path)
+
+
+def test_pretrain_hf_recompute_exact_ep2(ranks, tmp_path):
+    _compare(ranks, pretrain_case, tmp_path, layers=3)
 
 
 def test_desmoe_recompute_exact_ep2(ranks, tmp_path):
