@@ -18,6 +18,9 @@ the LM layers today; a BatchNorm's running statistics would be) are copied back 
 to a layer would be appended to twice: training runs without one (``use_cache`` off), and a layer handed
 one while recomputing refuses in one line.
 
+Not covered, so keep forward records as assignments: a plain tensor attribute (not a buffer) changed in
+place by a forward would not be undone (none in desmoe's forward paths), and forward hooks on modules
+*inside* a layer run again in the recompute (hooks on the layer itself do not; training registers none).
 The model code knows nothing of this: no flag is read in ``desmoe.moe`` or the models.
 """
 from __future__ import annotations

@@ -109,6 +109,13 @@ def test_hf_family_equal(tmp_path):
     assert model.config.use_cache is False  # a KV cache would be appended to by the recompute again
 
 
+def test_a_run_may_resume_with_the_other_mode():
+    from desmoe.checkpoint import RESUMABLE_KEYS, _changed
+
+    assert _changed({"train.activation_checkpointing": "none"}, {"train.activation_checkpointing": "layers"},
+                    RESUMABLE_KEYS) == ""
+
+
 def test_bad_values_refused_in_one_line():
     from desmoe.config import load_config
     from desmoe.errors import ConfigError
