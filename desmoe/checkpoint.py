@@ -294,7 +294,8 @@ def _load_rng(tag_dir: Path) -> None:
 # resumes; which run it is, is where it now lies).  Everything else (model, data, method, optimisation) must
 # match the run being resumed, or its checkpoint and results would mix two experiments; a recipe adds its own.
 RESUMABLE_KEYS = ("train.steps", "train.lr", "train.log_every", "train.eval_", "train.save_every", "run.resume",
-                  "run.keep_checkpoints", "run.dir")
+                  "run.keep_checkpoints", "run.dir",
+                  "train.activation_checkpointing")  # recompute changes memory and time, not one number
 
 
 def check_resume_config(run_dir: str | Path, ckpt_dir: str | Path, cfg: Any,

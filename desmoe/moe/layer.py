@@ -184,8 +184,8 @@ def update_selection_biases(model: nn.Module, group=None) -> int:
     """One auxiliary-loss-free balancing step for every router with ``bias_update_rate``: the loads
     gathered since the last call are summed over ``group`` (all ranks; one collective for all
     layers) so every rank applies the same step.  Call it on every rank after each optimizer step.
-    A recomputed forward (activation checkpointing) counts its routes twice, which leaves the
-    sign of (mean - load), and so the step, unchanged.  Returns the number of routers updated."""
+    Under activation checkpointing the loads are the forward's alone (desmoe/recompute.py drops what
+    the backward's recompute records).  Returns the number of routers updated."""
     from desmoe.collectives import all_reduce_
 
     blocks = [b for b in moe_blocks(model) if getattr(b.router, "bias_update_rate", 0.0)]

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from desmoe import checkpoint, reshard
+from desmoe import checkpoint, recompute, reshard
 from desmoe.checkpoint import RESUMABLE_KEYS
 from desmoe.config import bad, dump_yaml
 from desmoe.environment import describe
@@ -215,6 +215,8 @@ class Trainer:
             checkpoint.check_resume_config(self.run_dir, self.ckpt_dir, cfg,
                                            r.resumable_keys + (reshard.ELASTIC_KEYS if elastic else ()))
             checkpoint.check_resume_deepspeed(self.run_dir, self.ckpt_dir, *reshard.as_saved(ds_config, self.world, elastic))
+        # train.activation_checkpointing (desmoe/recompute.py), for every recipe whose train section has it
+        recompute.apply(s.model, getattr(getattr(cfg, "train", None), "activation_checkpointing", "none"))
         self.engine, self.trainability = build_engine(s.model, ds_config, parts=s.parts, expert_unit=s.expert_unit)
         r.on_engine(self)
         if elastic:

@@ -25,6 +25,7 @@ from desmoe.evaluation.pretrain_report import count_parameters, print_summary, u
 from desmoe.models.hf_build import MoEModelSpec, hf_config, spec_of, write_initial_checkpoint
 from desmoe.objective import heldout_loss
 from desmoe.recipes.lm.recipe import LMRecipe
+from desmoe.recompute import check_mode
 from desmoe.training.trainer import RunConfig, Setup, Trainer
 
 
@@ -50,12 +51,14 @@ class PretrainTrain:
     eval_tokens: int = 20000  # held-out general tokens for perplexity (all ranks together)
     save_every: int = 100
     seed: int = 0
+    activation_checkpointing: str = "none"  # none | layers: recompute each decoder layer in backward (desmoe.recompute)
 
     def check(self) -> None:
         for key in ("steps", "micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_tokens",
                     "save_every"):
             if getattr(self, key) < 1:
                 raise bad(key, "a positive integer", getattr(self, key))
+        check_mode(self.activation_checkpointing)
         if not 0 < self.lr < 1:
             raise bad("lr", "a number in (0, 1)", self.lr)
         if not 0 <= self.min_lr_ratio <= 1:

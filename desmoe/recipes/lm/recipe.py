@@ -22,6 +22,7 @@ from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus, sample_w
 from desmoe.models.moe_lm import MoELM, MoELMConfig
 from desmoe.monitor import loss_curves
 from desmoe.objective import heldout_loss, lm_loss
+from desmoe.recompute import check_mode
 from desmoe.training.trainer import Cadence, Recipe, RunConfig, Setup, Trainer
 
 
@@ -38,12 +39,14 @@ class TrainConfig:
     eval_batches: int = 4
     save_every: int = 100
     seed: int = 0
+    activation_checkpointing: str = "none"  # none | layers: recompute each decoder layer in backward (desmoe.recompute)
 
     def check(self) -> None:
         for key in ("steps", "micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches",
                     "save_every"):
             if getattr(self, key) < 1:
                 raise bad(key, "a positive integer", getattr(self, key))
+        check_mode(self.activation_checkpointing)
         if self.lr is not None and not 0 < self.lr < 1:
             raise bad("lr", "a number in (0, 1)", self.lr)
         if not 0 <= self.aux_loss_coef < float("inf"):
