@@ -1,6 +1,7 @@
 """Elastic resume (desmoe/reshard.py): a run saved on 2 ranks (EP=2) resumes on 1 rank with twice the
 accumulation (the same global batch), and one saved on 1 rank resumes on 2 (EP=2), for the smoke job,
-pretraining and DES-MoE.  Right after the load, every parameter's fp32 master weight and Adam moments,
+pretraining and DES-MoE (also with labels counted unequally between micro-batches, as instruction data
+counts its responses).  Right after the load, every parameter's fp32 master weight and Adam moments,
 collected through DeepSpeed's own accessors, equal the saved run's bit for bit; the logged losses then
 follow an uninterrupted run of the saved world size (a step's gradient is summed in another order: 100 fp32
 epsilons, relative, as in test_grad_accum.py) and DES-MoE's domain-expert matrices end equal."""
@@ -53,6 +54,7 @@ def run(kind: str, run_dir: str, name: str, accum: int, ep: int):
 
     from desmoe.training.trainer import Trainer
 
+    kind, masked = kind.split("+")[0], kind.endswith("+masked")
     module, cls = RECIPES[kind].split(":")
     cfg = _config(kind, run_dir, name)
     cfg.train.steps, cfg.train.grad_accum, cfg.model.ep_size = FIRST + MORE, accum, ep
@@ -65,6 +67,15 @@ def run(kind: str, run_dir: str, name: str, accum: int, ep: int):
     class Watched(getattr(importlib.import_module(module), cls)):
         def attach(self, trainer, state):
             super().attach(trainer, state)
+            if masked:  # like instruction data: a micro-batch counts the labels of its even tokens, a number
+                plain = self.streams.next  # that differs between micro-batches (reshard.label_scales)
+
+                def next_masked(domain):
+                    batch = plain(domain)
+                    batch.loss_mask = batch.input_ids % 2 == 0
+                    return batch
+
+                self.streams.next = next_masked
             seen["loaded"] = full_state(trainer.engine) if state else None
             seen["loaded_steps"] = trainer.engine.global_steps
 
@@ -103,8 +114,8 @@ def one_rank():
     pool.close()
 
 
-@pytest.mark.parametrize("kind,key,saved_world", [(kind, "train/loss", world) for kind in ("lm", "pretrain", "desmoe")
-                                                   for world in (2, 1)])
+@pytest.mark.parametrize("kind,key,saved_world", [(kind, "train/loss", world) for kind in
+                                                   ("lm", "pretrain", "desmoe", "desmoe+masked") for world in (2, 1)])
 def test_resume_at_another_world_size_continues_the_run(ranks, one_rank, tmp_path, kind, key, saved_world):
     pools = {2: (ranks, 1, 2), 1: (one_rank, 2, 1)}  # world -> (pool, grad_accum, ep_size)
     (saved, accum, ep), (other, accum2, ep2) = pools[saved_world], pools[3 - saved_world]
