@@ -20,7 +20,11 @@ The data streams continue at the same global sample: a step's ``ranks x grad_acc
 are slots of one global batch, and the run keeps the stream keys of the layout it started with
 (``DataLayout``, saved in the client state), so 2 ranks x 1 and 1 rank x 2 draw the same samples.
 The global batch (``train.micro_batch x train.grad_accum x ranks``) must stay what it was: the
-recipes' schedules and stream positions count steps of that batch.
+recipes' schedules and stream positions count steps of that batch.  A loss that averages over counted
+labels (DES-MoE's instruction data) keeps the saved layout's weights too (``label_scales``).
+
+A recipe opts in with ``Recipe.elastic`` (smoke, pretraining, DES-MoE and its baselines); one with a
+known obstacle names it in ``Recipe.inelastic`` and ``plan`` refuses with it in one line.
 """
 from __future__ import annotations
 
@@ -89,6 +93,30 @@ def stream(trainer, open_at: Callable[[int, int, int], Iterator], first: int) ->
         index += 1
 
 
+def label_scales(trainer, counted: list[int]) -> list[float]:
+    """Scales of this rank's micro-batch losses (each the mean over its counted labels, e.g. responses) that
+    weigh a step's labels as the run's own layout does: a rank's loss is the mean over all its micro-batches'
+    labels (scale ``accum x`` its share of them, 1.0 where the rank counted none) and DeepSpeed averages the
+    ranks.  After a change of world size the groups are the saved ranks' slots, whose counts may lie on other
+    ranks now: then collective (every rank's counts), else local.  ``layout.accum x share`` / (new ranks x
+    new accum) = share / saved ranks: the saved run's weight of every label, at any world size."""
+    layout, accum, rank = trainer.data_layout, trainer.grad_accum, trainer.rank
+    if layout == DataLayout(trainer.world, accum):
+        total = sum(counted)
+        return [accum * c / total if total else 1.0 for c in counted]
+    from desmoe.collectives import all_gather_object
+
+    def owner(r: int, m: int) -> int:  # the saved rank whose slot micro-batch m of rank r fills
+        return (r * accum + m) // layout.accum
+
+    totals: dict[int, int] = {}
+    for r, per_micro in enumerate(all_gather_object(list(counted))):
+        for m, c in enumerate(per_micro):
+            totals[owner(r, m)] = totals.get(owner(r, m), 0) + c
+    return [layout.accum * c / totals[owner(rank, m)] if totals[owner(rank, m)] else 1.0
+            for m, c in enumerate(counted)]
+
+
 def saved_record(run_dir: Path, ckpt_dir: Path) -> Optional[dict]:
     """The DeepSpeed record of the run being resumed, or None (fresh run, or no record kept)."""
     from desmoe.checkpoint import DS_RECORD, latest_tag
@@ -110,6 +138,10 @@ def plan(run_dir: Path, ckpt_dir: Path, ds_config: dict, world: int, recipe) -> 
         return None
     was = saved.get("world_size")
     if not getattr(recipe, "elastic", False):
+        why = getattr(recipe, "inelastic", "")
+        if why:
+            raise UserError(f"{run_dir}: saved with {was} ranks, resumed with {world}: {recipe.name} does not convert "
+                            f"between world sizes ({why}); resume with {was} ranks")
         return None  # check_resume_deepspeed refuses the other world size as before
     stage = (saved.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (1, 2):

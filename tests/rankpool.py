@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -49,6 +50,9 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
             outbox.put((rank, True, fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001
             outbox.put((rank, False, traceback.format_exc()))
+        # A Trainer run leaves SIGTERM setting its preemption flag only; an idle rank must still die of it, or a
+        # caller that exits without close() hangs for good in multiprocessing's exit (terminate, then join)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class RankPool:

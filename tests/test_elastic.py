@@ -1,9 +1,10 @@
 """Elastic resume (desmoe/reshard.py): a run saved on 2 ranks (EP=2) resumes on 1 rank with twice the
-accumulation (the same global batch), and one saved on 1 rank resumes on 2 (EP=2).  Right after the load,
-every parameter's fp32 master weight and Adam moments, collected through DeepSpeed's own accessors, equal
-the saved run's bit for bit; the logged losses then follow an uninterrupted run of the saved world size
-(a step's gradient is summed in another order: 100 fp32 epsilons, relative, as in test_grad_accum.py) and
-DES-MoE's domain-expert matrices end equal."""
+accumulation (the same global batch), and one saved on 1 rank resumes on 2 (EP=2), for the smoke job,
+pretraining and DES-MoE (also with labels counted unequally between micro-batches, as instruction data
+counts its responses).  Right after the load, every parameter's fp32 master weight and Adam moments,
+collected through DeepSpeed's own accessors, equal the saved run's bit for bit; the logged losses then
+follow an uninterrupted run of the saved world size (a step's gradient is summed in another order: 100 fp32
+epsilons, relative, as in test_grad_accum.py) and DES-MoE's domain-expert matrices end equal."""
 import json
 import math
 import re
@@ -53,6 +54,7 @@ def run(kind: str, run_dir: str, name: str, accum: int, ep: int):
 
     from desmoe.training.trainer import Trainer
 
+    kind, masked = kind.split("+")[0], kind.endswith("+masked")
     module, cls = RECIPES[kind].split(":")
     cfg = _config(kind, run_dir, name)
     cfg.train.steps, cfg.train.grad_accum, cfg.model.ep_size = FIRST + MORE, accum, ep
@@ -65,6 +67,15 @@ def run(kind: str, run_dir: str, name: str, accum: int, ep: int):
     class Watched(getattr(importlib.import_module(module), cls)):
         def attach(self, trainer, state):
             super().attach(trainer, state)
+            if masked:  # like instruction data: a micro-batch counts the labels of its even tokens, a number
+                plain = self.streams.next  # that differs between micro-batches (reshard.label_scales)
+
+                def next_masked(domain):
+                    batch = plain(domain)
+                    batch.loss_mask = batch.input_ids % 2 == 0
+                    return batch
+
+                self.streams.next = next_masked
             seen["loaded"] = full_state(trainer.engine) if state else None
             seen["loaded_steps"] = trainer.engine.global_steps
 
@@ -75,7 +86,7 @@ def run(kind: str, run_dir: str, name: str, accum: int, ep: int):
 
         def finish(self, trainer):
             super().finish(trainer)
-            if kind == "desmoe":
+            if kind == "desmoe" and hasattr(self.method, "dmap"):  # DES-MoE itself (the baselines keep no A/M)
                 seen["M"], seen["A"] = self.method.dmap.M.tolist(), self.method.dmap.A.tolist()
 
     Trainer(Watched(cfg), DS).run()
@@ -103,7 +114,8 @@ def one_rank():
     pool.close()
 
 
-@pytest.mark.parametrize("kind,key,saved_world", [("lm", "train/loss", 2), ("lm", "train/loss", 1)])
+@pytest.mark.parametrize("kind,key,saved_world", [(kind, "train/loss", world) for kind in
+                                                   ("lm", "pretrain", "desmoe", "desmoe+masked") for world in (2, 1)])
 def test_resume_at_another_world_size_continues_the_run(ranks, one_rank, tmp_path, kind, key, saved_world):
     pools = {2: (ranks, 1, 2), 1: (one_rank, 2, 1)}  # world -> (pool, grad_accum, ep_size)
     (saved, accum, ep), (other, accum2, ep2) = pools[saved_world], pools[3 - saved_world]
@@ -122,7 +134,7 @@ def test_resume_at_another_world_size_continues_the_run(ranks, one_rank, tmp_pat
     print(f"{kind} {saved_world} -> {3 - saved_world} ranks: relative loss gaps {gaps}")
     assert all(gaps[step] == 0 for step in range(1, FIRST + 1))  # rows before the resume are kept as they were
     assert all(gap <= RTOL for gap in gaps.values()), (gaps, uninterrupted, resumed)
-    if kind == "desmoe":
+    if "M" in full[0]:
         assert full[0]["M"] == after[0]["M"] and full[0]["A"] == after[0]["A"]
 
 
@@ -164,3 +176,53 @@ def test_another_global_batch_is_refused_in_one_line(tmp_path):
     recipe.elastic = True
     with pytest.raises(UserError, match=r"only ZeRO-1/2 checkpoints convert .*stage=0"):
         reshard.plan(run_dir, run_dir / "checkpoints", dict(ds, gradient_accumulation_steps=2), 1, recipe)
+
+
+def _saved_two_ranks(tmp_path):
+    """A run directory whose latest checkpoint was saved by 2 ranks x 1 micro-batch of 4 (ZeRO-2)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step00000003").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step00000003")
+    (run_dir / "deepspeed.json").write_text(json.dumps({"world_size": 2, "train_micro_batch_size_per_gpu": 4,
+                                                        "gradient_accumulation_steps": 1,
+                                                        "zero_optimization": {"stage": 2}}))
+    return run_dir
+
+
+def test_recipes_that_cannot_convert_say_why_in_one_line(tmp_path):
+    """TRGE's per-rank generators and DES-MoE's expert copies (spare slots numbered per EP rank) are refused
+    by name before any engine exists; DES-MoE without copies converts."""
+    from desmoe import reshard
+    from desmoe.errors import UserError
+    from desmoe.recipes.des_moe.recipe import DESMoERecipe
+    from desmoe.recipes.trge.recipe import TRGERecipe
+
+    run_dir = _saved_two_ranks(tmp_path)
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}
+    trge = TRGERecipe(_config("trge", str(tmp_path), "run"))
+    with pytest.raises(UserError, match=r"saved with 2 ranks, resumed with 1: trge does not convert between world "
+                                        r"sizes \(each rank draws its samples, crops and gates' training noise from "
+                                        r"generators seeded by its rank, .*\); resume with 2 ranks$"):
+        reshard.plan(run_dir, run_dir / "checkpoints", ds, 1, trge)
+    cfg = _config("desmoe", str(tmp_path), "run")
+    assert reshard.plan(run_dir, run_dir / "checkpoints", ds, 1, DESMoERecipe(cfg))["world_size"] == 2
+    cfg.desmoe.dges.duplicate_shared, cfg.desmoe.dges.spare_experts = True, 2
+    with pytest.raises(UserError, match=r"resumed with 1: .* \(desmoe.dges.duplicate_shared: the expert copies live "
+                                        r"in spare slots whose ids, .* depend on model.ep_size\); resume with 2 ranks$"):
+        reshard.plan(run_dir, run_dir / "checkpoints", ds, 1, DESMoERecipe(cfg))
+
+
+def test_label_scales_weigh_labels_as_the_saved_layout():
+    """Instruction data counts only response labels: saved on 2 ranks x 1, each rank's loss was its own mean and
+    the ranks averaged; resumed on 1 rank x 2 the two micro-batches must keep weight 1/2 each, not their share
+    of the labels (which the run's own 1 x 2 layout gives them)."""
+    from types import SimpleNamespace
+
+    from desmoe.reshard import DataLayout, label_scales
+
+    one = SimpleNamespace(rank=0, world=1, grad_accum=2, data_layout=DataLayout(1, 2))
+    assert label_scales(one, [30, 10]) == [1.5, 0.5]  # its own layout: the mean over all 40 labels
+    assert label_scales(SimpleNamespace(**{**vars(one), "data_layout": DataLayout(2, 1)}), [30, 10]) == [1.0, 1.0]
+    assert label_scales(SimpleNamespace(**{**vars(one), "data_layout": DataLayout(2, 1)}), [0, 10]) == [1.0, 1.0]
+    four = SimpleNamespace(rank=0, world=1, grad_accum=4, data_layout=DataLayout(2, 2))
+    assert label_scales(four, [30, 10, 5, 15]) == [1.5, 0.5, 0.5, 1.5]  # each saved rank's pair, its own mean

@@ -81,6 +81,7 @@ class Recipe:
     labels: dict = {}  # categorical log keys -> {value: name}: TensorBoard text, not a smoothed line
     throughput = "tokens"  # what tokens_per_step counts: perf/<throughput>_per_s
     elastic = False  # resumes at another world size (desmoe/reshard.py): its state and streams allow it
+    inelastic = ""  # when not elastic: why (one clause), for reshard.plan's refusal; "" = the generic world-size one
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from desmoe import reshard
 from desmoe.collectives import mean_over_ranks
 from desmoe.config import bad
 from desmoe.recipes.des_moe.base_model import build_model, check_vocab, load_base
@@ -29,6 +30,20 @@ class DESMoERecipe(Recipe):
     """DES-MoE or a baseline (``desmoe.method``): the method object decides what trains and the loss."""
 
     resumable_keys = RESUMABLE_KEYS + ("evaluation.", "export.")  # what happens after the last step may change
+
+    # Resumes at another world size (desmoe/reshard.py; tests/test_elastic.py): A/M and the method's state are
+    # global (rank 0 saves the ranks' summed route counts), the streams keep the saved layout, and each label
+    # weighs as in that layout (reshard.label_scales).  Not with expert copies: see ``inelastic``.
+    @property
+    def elastic(self) -> bool:
+        return not self.inelastic
+
+    @property
+    def inelastic(self) -> str:
+        if self.cfg.desmoe.dges.duplicate_shared:  # slot = ep_rank * (experts + spares) / ep_size + local
+            return ("desmoe.dges.duplicate_shared: the expert copies live in spare slots whose ids, those of the "
+                    "checkpoint's expert files and copy tables, depend on model.ep_size")
+        return ""
 
     def cadence(self) -> Cadence:
         t = self.cfg.train
@@ -74,7 +89,7 @@ class DESMoERecipe(Recipe):
         if is_rank0() and trainer.start == 0:  # a fresh run: results of an earlier run under this name are stale
             for stale in trainer.run_dir.glob("results.*"):
                 stale.unlink()
-        self.streams = DomainStreams(self.data, self.cfg, trainer.rank, trainer.world, trainer.start)
+        self.streams = DomainStreams(self.data, self.cfg, trainer.rank, trainer.world, trainer.start, trainer)
 
     def stages(self):
         return [self.cfg.train.steps] if self.method.trains else []  # vanilla: evaluation only
@@ -94,7 +109,7 @@ class DESMoERecipe(Recipe):
             self.logs = self.method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
             self.method.sync_gradients()  # frozen parameters get no weight gradients computed
             counted = [int(b.loss_mask[:, 1:].sum()) for b in self.batches]  # instruction data: responses only
-            self.scales = [accum * c / sum(counted) if sum(counted) else 1.0 for c in counted]
+            self.scales = reshard.label_scales(self.trainer, counted)  # each label weighs as in the saved layout
             self.parts_ = {}
         else:
             self.method.observe(self.stats_domain)  # the previous micro-batch's routing, still in the blocks

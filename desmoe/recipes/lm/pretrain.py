@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
-from desmoe import checkpoint
+from desmoe import checkpoint, reshard
 from desmoe.config import bad, check_as, to_dict, with_defaults
 from desmoe.data.pretrain_corpus import heldout_batches, open_data
 from desmoe.errors import UserError
@@ -170,6 +170,9 @@ class PretrainRecipe(LMRecipe):
     warm-up + cosine LR; at the end an HF export and a report against a unigram model."""
 
     name = "pretrain"
+    # resumes at another world size (desmoe/reshard.py): the LR is a function of the step, so no state but the
+    # trainer's; batches keep the saved stream layout (attach).  Tested 2 <-> 1 ranks (tests/test_elastic.py).
+    elastic = True
 
     def setup(self, trainer: Trainer) -> Setup:
         import deepspeed.comm as dist
@@ -231,8 +234,12 @@ class PretrainRecipe(LMRecipe):
 
     def attach(self, trainer, state):
         t = self.cfg.train
-        self.batches = self.data.train_batches(t.micro_batch, t.seq_len, t.seed, trainer.rank, trainer.world,
-                                               trainer.start * t.grad_accum)  # counted in micro-batches
+
+        def open_at(index, rank, world):  # a rank's stream positioned at a micro-batch
+            return self.data.train_batches(t.micro_batch, t.seq_len, t.seed, rank, world, index)
+
+        # counted in micro-batches; after a change of world size each comes from its slot in the saved layout
+        self.batches = reshard.stream(trainer, open_at, trainer.start * t.grad_accum)
 
     def lr(self, stage, step):
         return lr_at(step, self.cfg.train)

@@ -63,6 +63,10 @@ class TRGERecipe(Recipe):
     trainable_only = True  # the frozen backbone is rebuilt by every run
     logs_expert_load = False
     throughput = "samples"
+    # why another world size is refused (desmoe/reshard.py): a step's samples, crops and gate noise come from
+    # generators seeded per rank (setup, begin_stage, _step_images), which fewer or more ranks cannot replay
+    inelastic = ("each rank draws its samples, crops and gates' training noise from generators seeded by its rank, "
+                 "which another number of ranks cannot replay")
 
     def __init__(self, cfg: TRGEExperiment) -> None:
         super().__init__(cfg)
