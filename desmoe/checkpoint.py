@@ -135,20 +135,23 @@ def _agree(error: Optional[BaseException], root: Path, tag: str) -> None:
 
     if not any_rank(error is not None):
         return
-    seen = all_gather_object(None if error is None else
-                             f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}")
-    rank, why = next((r, e) for r, e in enumerate(seen) if e)
+    why = None
+    if error is not None:
+        why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+        try:  # torch reports a full disk as "unexpected pos N vs M": the free space says what it was.  Measured
+            # here, by the failing rank, at the failure: every rank must print the same line, and a figure each
+            # rank took for itself differed by the other writes in between (a full suite: 55119 vs 55120 MiB)
+            why += f", {shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+        except OSError:
+            pass
+    rank, why = next((r, e) for r, e in enumerate(all_gather_object(why)) if e)
     if _is_rank0():  # a half-written tag is never read, but it holds the space a full disk needs back
         shutil.rmtree(root / STAGING / tag, ignore_errors=True)
     try:
         last = latest_tag(root)
     except UserError:
         last = None
-    try:  # torch reports a full disk as "unexpected pos N vs M": the free space says what it was
-        free = f", {shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
-    except OSError:
-        free = ""
-    raise TrainingFailure(f"cannot save checkpoint {tag} (rank {rank}: {why}{free}); the last complete checkpoint "
+    raise TrainingFailure(f"cannot save checkpoint {tag} (rank {rank}: {why}); the last complete checkpoint "
                           f"is {root / last if last else 'none'}; free space or make the folder writable, then resume")
 
 
