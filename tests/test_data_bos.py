@@ -114,3 +114,22 @@ def test_a_tokenizer_that_appends_to_every_text_is_refused_in_one_line(tmp_path)
     assert str(err.value) == (f"{tmp_path / 'eos'}: its default encoding appends ['</s>'] to every text, so a causal "
                               f"LM's context would end in it; expected nothing after the text (e.g. \"add_eos_token\": "
                               f"false in tokenizer_config.json)")
+
+
+def test_a_document_cut_to_its_prefix_alone_is_left_out():
+    """The budget cuts the last training document of a domain to the tokens that still fit; cut to its BOS
+    alone it became the sample "BOS, eos", whose one counted label teaches that a text ends right after BOS."""
+    from types import SimpleNamespace
+
+    from data_prep.build import Builder
+
+    builder = Builder.__new__(Builder)
+    builder.cfg = SimpleNamespace(val_fraction=0.1, test_fraction=0.1, heldout="heldout")
+    builder.records_only, builder.prefix_len = set(), 1
+    first, second = SimpleNamespace(text="a b c"), SimpleNamespace(text="d e")
+    rows = [(first, [1, 5, 6, 7]), (second, [1, 8, 9])]  # 5 + 4 tokens with their eos
+    assert builder._select({("prose", "train"): rows}, 8)[("prose", "train")] == [(first, [1, 5, 6, 7]),
+                                                                                    (second, [1, 8])]
+    assert builder._select({("prose", "train"): rows}, 7)[("prose", "train")] == [(first, [1, 5, 6, 7])]
+    builder.prefix_len = 0  # a tokenizer without a prefix: cut as before
+    assert builder._select({("prose", "train"): rows}, 7)[("prose", "train")] == [(first, [1, 5, 6, 7]), (second, [1])]
