@@ -56,6 +56,7 @@ class Builder:
         self.cache = SourceCache(cache)
         self.work = Path(cache) / "work"
         self.stats: dict = {"dropped": {}, "tokenize": {}}
+        self.prefix_len = 0  # the tokenizer's prefix (BOS) every document starts with; set by build
 
     def bar(self, **kw):
         return tqdm(disable=self.quiet, dynamic_ncols=True, **kw)
@@ -236,6 +237,7 @@ class Builder:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             tok = self.tokenizer(parts, tmp)
+            self.prefix_len = len(tok.prefix)
             lap("tokenizer")
             # instruct domains: their records (and, mixed, their documents); records-only domains'
             # plain documents are still tokenized: the token equalisation counts them (see _budget)
@@ -313,6 +315,8 @@ class Builder:
                     t = t[: limit - total - 1]
                     if isinstance(d, Record) and not any(d.mask[: len(t)]):
                         break  # a record cut before its response would train on nothing
+                    if self.prefix_len and len(t) <= self.prefix_len:
+                        break  # its BOS alone, then eos: it would teach that a text ends right after BOS
                 got.append((d, t))
                 total += len(t) + 1
             out[(n, s)] = got

@@ -122,15 +122,19 @@ def _scoring_digest() -> str:
 
 
 def cached_eval(path: Path, model_dir: Path, data: Path, probes: Path) -> dict:
-    """The evaluation of ``model_dir``, reused while the model, the probe set and the code that scores them
-    are the same.  The code is in the key because a change of how texts become tokens changes the numbers
-    under an unchanged model (session 17's whole-text pairs; a BOS): cached numbers of older code were
-    reported next to fresh ones."""
+    """The evaluation of ``model_dir``, reused while the model, the probe set (items, task files) and the code
+    that scores them are the same.  The code is in the key because a change of how texts become tokens changes
+    the numbers under an unchanged model (session 17's whole-text pairs; a BOS): cached numbers of older code
+    were reported next to fresh ones."""
     import hashlib
 
+    # probes.json digests the items; how they are asked and scored is in the task YAMLs and utils.py beside it
+    tasks = hashlib.sha256()
+    for f in sorted([*probes.glob("*.yaml"), *probes.glob("*.py")]):
+        tasks.update(f.name.encode() + b"\0" + f.read_bytes())
     key = {"model": str(model_dir), "probes_sha256": hashlib.sha256((probes / "probes.json").read_bytes()
                                                                     + str(EVAL_TOKENS).encode()).hexdigest(),
-           "scoring_sha256": _scoring_digest()}
+           "tasks_sha256": tasks.hexdigest(), "scoring_sha256": _scoring_digest()}
     if path.is_file():
         saved = json.loads(path.read_text())
         if all(saved.get(k) == v for k, v in key.items()):

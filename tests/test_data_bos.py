@@ -76,10 +76,10 @@ def test_a_folder_built_without_the_prefix_is_refused_in_one_line(bos_data, tmp_
     del meta["tokenizer"]["prefix"]
     (old / "meta.json").write_text(json.dumps(meta))
     integrity.seal(old)
-    hf_path = meta["config"]["tokenizer"]["hf_path"]
+    # built from a profile file: no command reproduces it (`--profile instruct` is no profile of data_prep's)
     want = (f"{old}/meta.json: key 'tokenizer.prefix': absent, expected [1] (tokenizer {old}/tokenizer starts every "
-            f"text with it: its BOS); rebuild it with python -m data_prep.build --profile instruct --out {old} "
-            f"tokenizer.kind=hf tokenizer.hf_path={hf_path}")
+            f"text with it: its BOS); rebuild it with python -m data_prep.build --out {old} and the profile and "
+            f"overrides it was built with (its meta.json 'config' records them: profile 'instruct')")
     for use in (lambda d: d.tokenizer, lambda d: next(d.batches("train", 2, 16, seed=0, rank=0, world=1))):
         with pytest.raises(UserError) as err:
             use(PreparedData(old))
@@ -114,3 +114,54 @@ def test_a_tokenizer_that_appends_to_every_text_is_refused_in_one_line(tmp_path)
     assert str(err.value) == (f"{tmp_path / 'eos'}: its default encoding appends ['</s>'] to every text, so a causal "
                               f"LM's context would end in it; expected nothing after the text (e.g. \"add_eos_token\": "
                               f"false in tokenizer_config.json)")
+
+
+def test_a_document_cut_to_its_prefix_alone_is_left_out():
+    """The budget cuts the last training document of a domain to the tokens that still fit; cut to its BOS
+    alone it became the sample "BOS, eos", whose one counted label teaches that a text ends right after BOS."""
+    from types import SimpleNamespace
+
+    from data_prep.build import Builder
+
+    builder = Builder.__new__(Builder)
+    builder.cfg = SimpleNamespace(val_fraction=0.1, test_fraction=0.1, heldout="heldout")
+    builder.records_only, builder.prefix_len = set(), 1
+    first, second = SimpleNamespace(text="a b c"), SimpleNamespace(text="d e")
+    rows = [(first, [1, 5, 6, 7]), (second, [1, 8, 9])]  # 5 + 4 tokens with their eos
+    assert builder._select({("prose", "train"): rows}, 8)[("prose", "train")] == [(first, [1, 5, 6, 7]),
+                                                                                    (second, [1, 8])]
+    assert builder._select({("prose", "train"): rows}, 7)[("prose", "train")] == [(first, [1, 5, 6, 7])]
+    builder.prefix_len = 0  # a tokenizer without a prefix: cut as before
+    assert builder._select({("prose", "train"): rows}, 7)[("prose", "train")] == [(first, [1, 5, 6, 7]), (second, [1])]
+
+
+def test_the_rebuild_command_reproduces_the_folder_or_is_not_offered(tmp_path):
+    """The refusal named `--profile <meta's profile> --out <folder>` plus the tokenizer: for a folder built from
+    a profile file (profile 'instruct', 'custom', ...) that command stops with "no such profile", and for a
+    built-in profile with other overrides (user_data, budget_tokens, domains) it builds another data set into
+    the user's folder.  The command is offered only where it reproduces the recorded config."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from data_prep.config import load_profile
+    from desmoe.data.prepared import PreparedData
+
+    tok_args = ["tokenizer.kind=hf", f"tokenizer.hf_path={tmp_path / 'hf'}"]
+
+    def refusal(overrides):
+        config = dataclasses.asdict(load_profile("tiny", tok_args + overrides))
+        del config["workers"]
+        data = PreparedData.__new__(PreparedData)
+        data.root = tmp_path / "data"
+        data.meta = {"tokenizer": {"kind": "hf"}, "profile": "tiny", "config": json.loads(json.dumps(config))}
+        with pytest.raises(UserError) as err:
+            data.check_prefix(SimpleNamespace(prefix=[1], path=tmp_path / "data" / "tokenizer"))
+        return str(err.value)
+
+    head = (f"{tmp_path}/data/meta.json: key 'tokenizer.prefix': absent, expected [1] (tokenizer {tmp_path}/data/"
+            f"tokenizer starts every text with it: its BOS); rebuild it with ")
+    assert refusal([]) == head + (f"python -m data_prep.build --profile tiny --out {tmp_path}/data "
+                                  f"tokenizer.kind=hf tokenizer.hf_path={tmp_path / 'hf'}")
+    assert refusal(["budget_tokens=1234"]) == head + (f"python -m data_prep.build --out {tmp_path}/data and the "
+                                                      f"profile and overrides it was built with (its meta.json "
+                                                      f"'config' records them: profile 'tiny')")

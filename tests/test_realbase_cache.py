@@ -28,3 +28,30 @@ def test_cached_eval_is_redone_when_the_scoring_code_changes(tmp_path, monkeypat
     realbase.cached_eval(path, model, tmp_path, probes)
     assert len(calls) == 2 and json.loads(path.read_text())["scoring_sha256"] == "0" * 64
     assert len(digest) == 64 and digest != "0" * 64
+
+
+def test_cached_eval_is_redone_when_a_probe_task_file_changes(tmp_path, monkeypatch):
+    """probes.json keys the items (their sha256) but not how they are asked and scored: each task's YAML
+    (generation kwargs, stop strings, metrics; written from probes.py's templates) and the metric code copied
+    beside them (utils.py).  A probe set rebuilt with another template has the same probes.json, so its
+    cached numbers were reported as if they were the new scoring's."""
+    calls = []
+    monkeypatch.setattr(realbase, "evaluate", lambda model, data, probes: calls.append(model) or {"heldout_ppl": 7.0})
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "probes.json").write_text(json.dumps({"probe_arith": {"metric": "exact_match"}}))
+    (probes / "probe_arith.yaml").write_text("task: probe_arith\ngeneration_kwargs:\n  max_gen_toks: 3\n")
+    (probes / "utils.py").write_text("def process_results(doc, results):\n    return {}\n")
+    path, model = tmp_path / "eval.json", tmp_path / "model"
+
+    realbase.cached_eval(path, model, tmp_path, probes)
+    realbase.cached_eval(path, model, tmp_path, probes)
+    assert len(calls) == 1
+    (probes / "probe_arith.yaml").write_text("task: probe_arith\ngeneration_kwargs:\n  max_gen_toks: 5\n")
+    realbase.cached_eval(path, model, tmp_path, probes)
+    assert len(calls) == 2  # another template: redone
+    (probes / "utils.py").write_text("def process_results(doc, results):\n    return {'exact_match': 1.0}\n")
+    realbase.cached_eval(path, model, tmp_path, probes)
+    assert len(calls) == 3  # other metric code: redone
+    realbase.cached_eval(path, model, tmp_path, probes)
+    assert len(calls) == 3

@@ -133,13 +133,27 @@ class PreparedData:
         it was pretrained with, and evaluate it on others (``meta["tokenizer"]["prefix"]``, absent: none)."""
         want = [int(i) for i in self.meta["tokenizer"].get("prefix", [])]
         if list(tok.prefix) != want:
-            cfg = self.meta.get("config") or {}
-            hf = (cfg.get("tokenizer") or {}).get("hf_path")
-            extra = f" tokenizer.kind=hf tokenizer.hf_path={hf}" if hf else ""
             raise UserError(f"{self.root / 'meta.json'}: key 'tokenizer.prefix': {want if want else 'absent'}, "
                             f"expected {list(tok.prefix)} (tokenizer {tok.path} starts every text with it: its BOS); "
-                            f"rebuild it with python -m data_prep.build --profile {self.meta.get('profile')} "
-                            f"--out {self.root}{extra}")
+                            f"rebuild it with {self._rebuild_command()}")
+
+    def _rebuild_command(self) -> str:
+        """The build command that reproduces the recorded config (a built-in profile and the tokenizer's keys),
+        else how to find what it was built with: a profile file or other overrides are not recorded as such."""
+        import dataclasses
+
+        from data_prep.config import PROFILES, load_profile
+
+        cfg, profile = self.meta.get("config") or {}, str(self.meta.get("profile"))
+        hf = (cfg.get("tokenizer") or {}).get("hf_path")
+        extra = ["tokenizer.kind=hf", f"tokenizer.hf_path={hf}"] if hf else []
+        if (PROFILES / f"{profile}.yaml").is_file():  # one of data_prep/profiles
+            built_in = dataclasses.asdict(load_profile(profile, extra))
+            built_in.pop("workers", None)  # not recorded: it cannot change the output
+            if json.loads(json.dumps(built_in, default=str)) == cfg:
+                return " ".join(["python -m data_prep.build --profile", profile, "--out", str(self.root), *extra])
+        return (f"python -m data_prep.build --out {self.root} and the profile and overrides it was built with "
+                f"(its meta.json 'config' records them: profile '{profile}')")
 
     @property
     def prefix_len(self) -> int:
