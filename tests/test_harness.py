@@ -93,3 +93,14 @@ def test_harness_in_process_on_two_ep_ranks(ranks, model_and_data):
     assert a == b, "every rank must get the same numbers"
     assert {"mcq/law", "mcq/math", "math/exact", "ppl/law", "ppl/general_heldout"} <= set(a)
     assert a["mcq/law"] == a["in_house/law"]
+
+
+def test_generation_room_not_below_max_len_is_one_line():
+    """A prompt keeps max_len - new tokens: new tokens >= max_len would have cut every prompt to one token."""
+    from desmoe.errors import ConfigError
+    from desmoe.evaluation.lm_tasks import LMEvalConfig
+
+    LMEvalConfig(max_len=32, exact_max_new_tokens=24).check()
+    with pytest.raises(ConfigError, match=r"^key 'eval.exact_max_new_tokens': expected fewer tokens than "
+                                          r"eval.max_len=16 .*got 24$"):
+        LMEvalConfig(max_len=16, math_max_new_tokens=12, exact_max_new_tokens=24).check()

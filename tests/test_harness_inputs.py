@@ -227,3 +227,27 @@ def test_requests_longer_than_max_len_are_said_not_cut_silently(tiny, capsys):
     assert "harness:" not in capsys.readouterr().err
     with pytest.raises(UserError, match=r"harness: a continuation of \d+ tokens is longer than max_len=8"):
         lm.loglikelihood([_req(short, " " + long)])
+
+
+def test_requests_of_different_max_gen_toks_never_run_past_max_len(tiny):
+    """A batch decodes its largest budget: a prompt cut for a smaller one, batched with it, ran past max_len
+    (a model whose positions end there would fail).  Budgets are batched apart, answers in request order,
+    each the same as alone."""
+    from desmoe.data.tokenizer import HFTokenizer
+    from desmoe.evaluation.harness import make_lm
+
+    class Recording(Successor):
+        longest = 0
+
+        def forward(self, ids):
+            Recording.longest = max(Recording.longest, ids.shape[1])
+            return super().forward(ids)
+
+    tok = HFTokenizer(tiny[0])
+    lm = make_lm(Recording(tok.vocab_size), tok, batch_size=4, max_len=16)
+    long = "one two three four five six seven eight nine ten eleven twelve"
+    reqs = [_req(long, {"until": [], "max_gen_toks": 2}), _req("one", {"until": [], "max_gen_toks": 10}),
+            _req(long, {"until": [], "max_gen_toks": 3})]
+    answers = lm.generate_until(reqs)
+    assert Recording.longest <= 16
+    assert answers == [lm.generate_until([r])[0] for r in reqs]

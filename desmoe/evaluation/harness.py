@@ -115,28 +115,38 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             return out
 
         def generate_until(self, requests) -> list[str]:
+            gen = [int(r.args[1].get("max_gen_toks", MAX_GEN_TOKS)) for r in requests]
+            if gen and max(gen) >= self.max_len:
+                raise UserError(f"generation_kwargs.max_gen_toks: {max(gen)}, expected fewer than max_len="
+                                f"{self.max_len} (the prompt gets max_len - max_gen_toks tokens); raise max_len")
+            # Batches of one max_gen_toks each (HFLM groups by generation kwargs too): a batch decodes its
+            # largest budget, so a prompt cut for a smaller one would run past max_len.  In request order
+            # within a group, so a task whose requests share one budget is batched as before.
+            answers: list[str] = [""] * len(requests)
+            for budget in sorted(set(gen)):
+                group = [i for i, g in enumerate(gen) if g == budget]
+                for b in range(0, len(group), self.batch):
+                    idx = group[b:b + self.batch]
+                    for i, text in zip(idx, self._generate([requests[i] for i in idx], budget)):
+                        answers[i] = text
+            return answers
+
+        def _generate(self, chunk, budget: int) -> list[str]:
+            # with the tokenizer's prefix, cut from the left to leave room for the answer: HFLM's
+            # tok_batch_encode(left_truncate_len=max_length - max_gen_toks) (a cut prompt loses its BOS there too)
+            prompts = prefixed(self.tok, [r.args[0] for r in chunk])
+            self._report_cut("generate_until", [len(p) + budget for p in prompts], self.max_len)
+            prompts = [p[-(self.max_len - budget):] for p in prompts]
             answers = []
-            for i in range(0, len(requests), self.batch):
-                chunk = requests[i:i + self.batch]
-                kwargs = [r.args[1] for r in chunk]
-                gen = [int(k.get("max_gen_toks", MAX_GEN_TOKS)) for k in kwargs]
-                if max(gen) >= self.max_len:
-                    raise UserError(f"generation_kwargs.max_gen_toks: {max(gen)}, expected fewer than max_len="
-                                    f"{self.max_len} (the prompt gets max_len - max_gen_toks tokens); raise max_len")
-                # with the tokenizer's prefix, cut from the left to leave room for the answer: HFLM's
-                # tok_batch_encode(left_truncate_len=max_length - max_gen_toks) (a cut prompt loses its BOS there too)
-                prompts = prefixed(self.tok, [r.args[0] for r in chunk])
-                self._report_cut("generate_until", [len(p) + g for p, g in zip(prompts, gen)], self.max_len)
-                prompts = [p[-(self.max_len - g):] for p, g in zip(prompts, gen)]
-                outs = greedy_generate(self.model, prompts, max(gen), eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
-                for out, g, k in zip(outs, gen, kwargs):
-                    out = out[:g]
-                    if self.tok.eos_id in out:  # the answer ends at end-of-text (its text is no answer)
-                        out = out[:out.index(self.tok.eos_id)]
-                    text = self.tok.decode(out, skip_special=True)  # HFLM's tok_decode skips special tokens
-                    for stop in _stops(k.get("until")):
-                        text = text.split(stop, 1)[0]
-                    answers.append(text)
+            for out, r in zip(greedy_generate(self.model, prompts, budget, eos_id=self.tok.eos_id,
+                                              pad_id=self.tok.pad_id), chunk):
+                out = out[:budget]
+                if self.tok.eos_id in out:  # the answer ends at end-of-text (its text is no answer)
+                    out = out[:out.index(self.tok.eos_id)]
+                text = self.tok.decode(out, skip_special=True)  # HFLM's tok_decode skips special tokens
+                for stop in _stops(r.args[1].get("until")):
+                    text = text.split(stop, 1)[0]
+                answers.append(text)
             return answers
 
     return DesmoeLM()

@@ -59,6 +59,10 @@ class LMEvalConfig:
                 raise bad(f"eval.{key}", "a positive integer", getattr(self, key))
         if self.mcq_norm not in NORMS:
             raise bad("eval.mcq_norm", " or ".join(NORMS), self.mcq_norm)
+        for key in ("math_max_new_tokens", "exact_max_new_tokens"):  # else a prompt would be cut to one token
+            if getattr(self, key) >= self.max_len:
+                raise bad(f"eval.{key}", f"fewer tokens than eval.max_len={self.max_len} (a prompt keeps "
+                                         f"max_len - new tokens)", getattr(self, key))
 
 
 def _chunks(seq, size):
