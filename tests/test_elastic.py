@@ -150,17 +150,23 @@ def test_stream_keys_follow_the_saved_layout():
     assert two.key(7, 1, 2, 1) == (7, 1, 2)  # the run's own layout: unchanged keys
 
 
-def test_another_global_batch_is_refused_in_one_line(tmp_path):
-    from desmoe import reshard
-    from desmoe.errors import UserError
-    from desmoe.recipes.lm.recipe import SmokeRecipe
-
+def _saved_two_ranks(tmp_path):
+    """A run directory whose latest checkpoint was saved by 2 ranks x 1 micro-batch of 4 (ZeRO-2)."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "step00000003").mkdir(parents=True)
     (run_dir / "checkpoints" / "latest").write_text("step00000003")
     (run_dir / "deepspeed.json").write_text(json.dumps({"world_size": 2, "train_micro_batch_size_per_gpu": 4,
                                                         "gradient_accumulation_steps": 1,
                                                         "zero_optimization": {"stage": 2}}))
+    return run_dir
+
+
+def test_another_global_batch_is_refused_in_one_line(tmp_path):
+    from desmoe import reshard
+    from desmoe.errors import UserError
+    from desmoe.recipes.lm.recipe import SmokeRecipe
+
+    run_dir = _saved_two_ranks(tmp_path)
     recipe = SmokeRecipe(None)
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}
     with pytest.raises(UserError, match=r"resuming with 1 ranks would change the global batch from 8 to 4 samples "
@@ -176,17 +182,6 @@ def test_another_global_batch_is_refused_in_one_line(tmp_path):
     recipe.elastic = True
     with pytest.raises(UserError, match=r"only ZeRO-1/2 checkpoints convert .*stage=0"):
         reshard.plan(run_dir, run_dir / "checkpoints", dict(ds, gradient_accumulation_steps=2), 1, recipe)
-
-
-def _saved_two_ranks(tmp_path):
-    """A run directory whose latest checkpoint was saved by 2 ranks x 1 micro-batch of 4 (ZeRO-2)."""
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints" / "step00000003").mkdir(parents=True)
-    (run_dir / "checkpoints" / "latest").write_text("step00000003")
-    (run_dir / "deepspeed.json").write_text(json.dumps({"world_size": 2, "train_micro_batch_size_per_gpu": 4,
-                                                        "gradient_accumulation_steps": 1,
-                                                        "zero_optimization": {"stage": 2}}))
-    return run_dir
 
 
 def test_recipes_that_cannot_convert_say_why_in_one_line(tmp_path):
