@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def _setup(mode: str, args):
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    cache = Path(os.environ.get("DESMOE_MFU_CACHE", "/tmp/desmoe-mfu"))
+    cache = Path(os.environ.get("DESMOE_MFU_CACHE", str(Path(tempfile.gettempdir()) / "desmoe-mfu")))  # as model_mfu.py
     model, _, vocab = build("embedded", cache, torch.bfloat16 if cuda else torch.float32, device)
     apply(model.train(), mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
