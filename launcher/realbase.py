@@ -144,12 +144,22 @@ def cached_eval(path: Path, model_dir: Path, data: Path, probes: Path) -> dict:
     return result
 
 
+HEAL_RECORD = "heal-overrides.json"
+
+
 def heal(moe: Path, data: Path, out: Path, steps: int, port: int, ranks: int = 2,
          extra: tuple = ()) -> tuple[Path, float]:
     """Continued pretraining of the upcycled MoE on general text: launcher/pretrain.py, ``ranks`` ranks
     (EP = ranks; 2 CPU ranks here, one GPU on a device), ``extra`` overrides (e.g. a GPU's batch)."""
     healed = out / f"healed-{moe.name}-{steps}"
+    record = healed / HEAL_RECORD  # the overrides it was healed with: a finished folder is reused only for the same
     if (healed / "report.json").is_file():
+        if record.is_file() and json.loads(record.read_text()) != list(extra):
+            raise UserError(f"{healed}: healed with --heal-override {json.loads(record.read_text()) or 'none'}, "
+                            f"asked for {list(extra) or 'none'}; remove the folder to heal again, or give the same "
+                            f"overrides")
+        if not record.is_file():  # healed before the record existed: what it was healed with is not known
+            log(f"reusing {healed} (healed before its overrides were recorded)")
         _ship_tokenizer(moe, healed)
         return healed, json.loads((healed / "report.json").read_text()).get("train_s_this_run", float("nan"))
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
@@ -162,6 +172,7 @@ def heal(moe: Path, data: Path, out: Path, steps: int, port: int, ranks: int = 2
     proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode:
         raise UserError(f"healing run failed (exit {proc.returncode}); see runs/realbase-heal-{moe.name}-{steps}")
+    write_text_atomic(record, json.dumps(list(extra)) + "\n")
     _ship_tokenizer(moe, healed)
     return healed, time.perf_counter() - t0
 

@@ -55,3 +55,24 @@ def test_cached_eval_is_redone_when_a_probe_task_file_changes(tmp_path, monkeypa
     assert len(calls) == 3  # other metric code: redone
     realbase.cached_eval(path, model, tmp_path, probes)
     assert len(calls) == 3
+
+
+def test_a_healed_folder_is_reused_only_for_the_overrides_it_was_healed_with(tmp_path):
+    """`--heal-override` heals another model: a finished healed-<moe>-<steps> folder of other overrides was
+    reused silently and reported as this one.  Now the overrides are recorded; a folder healed before the
+    record existed is reused with one line saying so."""
+    import pytest
+
+    from desmoe.errors import UserError
+
+    moe = tmp_path / "moe-16x8"
+    moe.mkdir()
+    healed = tmp_path / "healed-moe-16x8-24"
+    healed.mkdir()
+    (healed / "report.json").write_text(json.dumps({"train_s_this_run": 5.0}))
+    assert realbase.heal(moe, tmp_path, tmp_path, 24, 0)[1] == 5.0  # no record: reused
+    (healed / realbase.HEAL_RECORD).write_text(json.dumps(["train.lr=1e-3"]))
+    assert realbase.heal(moe, tmp_path, tmp_path, 24, 0, extra=("train.lr=1e-3",))[0] == healed
+    with pytest.raises(UserError, match=r"healed-moe-16x8-24: healed with --heal-override \['train.lr=1e-3'\], "
+                                        r"asked for none; remove the folder"):
+        realbase.heal(moe, tmp_path, tmp_path, 24, 0)
