@@ -23,8 +23,8 @@ The global batch (``train.micro_batch x train.grad_accum x ranks``) must stay wh
 recipes' schedules and stream positions count steps of that batch.  A loss that averages over counted
 labels (DES-MoE's instruction data) keeps the saved layout's weights too (``label_scales``).
 
-A recipe opts in with ``Recipe.elastic`` (smoke, pretraining, DES-MoE and its baselines); one with a
-known obstacle names it in ``Recipe.inelastic`` and ``plan`` refuses with it in one line.
+A recipe opts in with an empty ``Recipe.inelastic`` (smoke, pretraining, DES-MoE and its baselines);
+every other one names its obstacle there, and ``plan`` refuses with it in one line.
 """
 from __future__ import annotations
 
@@ -137,12 +137,9 @@ def plan(run_dir: Path, ckpt_dir: Path, ds_config: dict, world: int, recipe) -> 
     if saved is None or saved.get("world_size") == world:
         return None
     was = saved.get("world_size")
-    if not getattr(recipe, "elastic", False):
-        why = getattr(recipe, "inelastic", "")
-        if why:
-            raise UserError(f"{run_dir}: saved with {was} ranks, resumed with {world}: {recipe.name} does not convert "
-                            f"between world sizes ({why}); resume with {was} ranks")
-        return None  # check_resume_deepspeed refuses the other world size as before
+    if recipe.inelastic:
+        raise UserError(f"{run_dir}: saved with {was} ranks, resumed with {world}: {recipe.name} does not convert "
+                        f"between world sizes ({recipe.inelastic}); resume with {was} ranks")
     stage = (saved.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (1, 2):
         raise UserError(f"{run_dir}: saved with {was} ranks, resumed with {world}: only ZeRO-1/2 checkpoints convert "

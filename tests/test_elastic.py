@@ -165,6 +165,7 @@ def test_another_global_batch_is_refused_in_one_line(tmp_path):
     from desmoe import reshard
     from desmoe.errors import UserError
     from desmoe.recipes.lm.recipe import SmokeRecipe
+    from desmoe.training.trainer import Recipe
 
     run_dir = _saved_two_ranks(tmp_path)
     recipe = SmokeRecipe(None)
@@ -175,11 +176,13 @@ def test_another_global_batch_is_refused_in_one_line(tmp_path):
     assert reshard.plan(run_dir, run_dir / "checkpoints", dict(ds, gradient_accumulation_steps=2), 1,
                         recipe)["world_size"] == 2
     assert reshard.plan(run_dir, run_dir / "checkpoints", ds, 2, recipe) is None  # same world: the usual resume
-    recipe.elastic = False  # e.g. TRGE: check_resume_deepspeed refuses the other world size as before
-    assert reshard.plan(run_dir, run_dir / "checkpoints", dict(ds, gradient_accumulation_steps=2), 1, recipe) is None
+    recipe.inelastic = Recipe.inelastic  # a recipe that does not say it converts is refused with the base reason
+    with pytest.raises(UserError, match=r"resumed with 1: train does not convert between world sizes \(its state and "
+                                        r"data streams were not shown to convert exactly\); resume with 2 ranks$"):
+        reshard.plan(run_dir, run_dir / "checkpoints", dict(ds, gradient_accumulation_steps=2), 1, recipe)
     (run_dir / "deepspeed.json").write_text(json.dumps({"world_size": 2, "train_micro_batch_size_per_gpu": 4,
                                                         "gradient_accumulation_steps": 1}))
-    recipe.elastic = True
+    recipe.inelastic = ""
     with pytest.raises(UserError, match=r"only ZeRO-1/2 checkpoints convert .*stage=0"):
         reshard.plan(run_dir, run_dir / "checkpoints", dict(ds, gradient_accumulation_steps=2), 1, recipe)
 

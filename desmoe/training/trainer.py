@@ -80,8 +80,9 @@ class Recipe:
     logs_expert_load = True  # the trainer logs MoE load shares (a collective over the EP groups)
     labels: dict = {}  # categorical log keys -> {value: name}: TensorBoard text, not a smoothed line
     throughput = "tokens"  # what tokens_per_step counts: perf/<throughput>_per_s
-    elastic = False  # resumes at another world size (desmoe/reshard.py): its state and streams allow it
-    inelastic = ""  # when not elastic: why (one clause), for reshard.plan's refusal; "" = the generic world-size one
+    # Why a resume at another world size is refused (one clause, for reshard.plan's one-line refusal); "" = the
+    # recipe's state and streams convert exactly (desmoe/reshard.py), which a recipe must show before it says so.
+    inelastic = "its state and data streams were not shown to convert exactly"
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg

@@ -35,10 +35,6 @@ class DESMoERecipe(Recipe):
     # global (rank 0 saves the ranks' summed route counts), the streams keep the saved layout, and each label
     # weighs as in that layout (reshard.label_scales).  Not with expert copies: see ``inelastic``.
     @property
-    def elastic(self) -> bool:
-        return not self.inelastic
-
-    @property
     def inelastic(self) -> str:
         if self.cfg.desmoe.dges.duplicate_shared:  # slot = ep_rank * (experts + spares) / ep_size + local
             return ("desmoe.dges.duplicate_shared: the expert copies live in spare slots whose ids, those of the "

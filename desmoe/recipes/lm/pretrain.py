@@ -172,7 +172,7 @@ class PretrainRecipe(LMRecipe):
     name = "pretrain"
     # resumes at another world size (desmoe/reshard.py): the LR is a function of the step, so no state but the
     # trainer's; batches keep the saved stream layout (attach).  Tested 2 <-> 1 ranks (tests/test_elastic.py).
-    elastic = True
+    inelastic = ""
 
     def setup(self, trainer: Trainer) -> Setup:
         import deepspeed.comm as dist

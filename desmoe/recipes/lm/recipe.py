@@ -107,7 +107,7 @@ class LMRecipe(Recipe):
 class SmokeRecipe(LMRecipe):
     # resumes at another world size (desmoe/reshard.py): no state but the trainer's, batches keyed by the run's
     # stream layout; tested 2 <-> 1 ranks (tests/test_elastic.py), as are pretraining and DES-MoE.
-    elastic = True
+    inelastic = ""
     name = "train"
 
     def setup(self, trainer: Trainer) -> Setup:
