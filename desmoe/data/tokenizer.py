@@ -190,6 +190,17 @@ def prefixed(tok, texts: Sequence[str]) -> list[list[int]]:
     return [lead(tok, t) + list(ids) for t, ids in zip(texts, tok.encode(texts))]
 
 
+def generation_prompts(tok, texts: Sequence[str], max_len: int, budget: int) -> tuple[list[list[int]], int]:
+    """The prompts a model sees before generating ``budget`` tokens within ``max_len``, and how many were cut:
+    ``prefixed``, then cut from the left to leave the answer its room, as lm-eval's HF model does
+    (``tok_batch_encode(left_truncate_len=max_length - max_gen_toks)``; a cut prompt loses its BOS there too).
+    Callers refuse ``budget >= max_len`` in their own terms first: no prompt would be left."""
+    if not 0 <= budget < max_len:
+        raise ValueError(f"a generation budget of {budget} tokens leaves no prompt in max_len={max_len}")
+    keep, full = max_len - budget, prefixed(tok, texts)
+    return [p[-keep:] for p in full], sum(len(p) > keep for p in full)
+
+
 def encode_pairs(tok, contexts: Sequence[str], continuations: Sequence[str]) -> list[tuple[list[int], list[int]]]:
     """(context ids, continuation ids) whose concatenation is the encoding of the whole text, the way
     lm-evaluation-harness's HF model encodes a pair: a context's trailing whitespace moves to the

@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from desmoe.data.tokenizer import encode_pairs, prefixed
+from desmoe.data.tokenizer import encode_pairs, generation_prompts, prefixed
 from desmoe.errors import UserError
 from desmoe.models.generate import greedy_generate, score_continuations
 
@@ -78,13 +78,12 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
                                            max_len=self.max_len, pad_id=self.tok.pad_id)
             return out
 
-        def _report_cut(self, kind: str, lengths: list[int], limit: int) -> None:
+        def _report_cut(self, kind: str, cut: int, total: int) -> None:
             """Say how many requests were longer than the model sees: their contexts lose their beginning."""
             from desmoe.distributed import is_rank0
 
-            cut = sum(n > limit for n in lengths)
             if cut and is_rank0():  # on stderr: `python -m desmoe.evaluate` prints its JSON on stdout
-                print(f"harness: {cut} of {len(lengths)} {kind} requests are longer than max_len={self.max_len} "
+                print(f"harness: {cut} of {total} {kind} requests are longer than max_len={self.max_len} "
                       f"tokens; their contexts were cut from the left (raise max_len)", file=sys.stderr, flush=True)
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -99,7 +98,8 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
                 if len(cont) > self.max_len:
                     raise UserError(f"harness: a continuation of {len(cont)} tokens is longer than max_len="
                                     f"{self.max_len}; raise max_len")
-            self._report_cut("loglikelihood", [len(c) + len(t) for c, t in zip(contexts, conts)], self.max_len + 1)
+            self._report_cut("loglikelihood", sum(len(c) + len(t) > self.max_len + 1 for c, t in zip(contexts, conts)),
+                             len(conts))
             return [(float(lp), bool(greedy)) for lp, _, greedy in self._score(list(zip(contexts, conts)))]
 
         def loglikelihood_rolling(self, requests) -> list[float]:
@@ -132,11 +132,8 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             return answers
 
         def _generate(self, chunk, budget: int) -> list[str]:
-            # with the tokenizer's prefix, cut from the left to leave room for the answer: HFLM's
-            # tok_batch_encode(left_truncate_len=max_length - max_gen_toks) (a cut prompt loses its BOS there too)
-            prompts = prefixed(self.tok, [r.args[0] for r in chunk])
-            self._report_cut("generate_until", [len(p) + budget for p in prompts], self.max_len)
-            prompts = [p[-(self.max_len - budget):] for p in prompts]
+            prompts, cut = generation_prompts(self.tok, [r.args[0] for r in chunk], self.max_len, budget)
+            self._report_cut("generate_until", cut, len(chunk))
             answers = []
             for out, r in zip(greedy_generate(self.model, prompts, budget, eos_id=self.tok.eos_id,
                                               pad_id=self.tok.pad_id), chunk):

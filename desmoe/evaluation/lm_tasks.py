@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from desmoe.config import bad
-from desmoe.data.tokenizer import encode_pairs, prefixed
+from desmoe.data.tokenizer import encode_pairs, generation_prompts, prefixed
 from desmoe.models.generate import greedy_generate, mean_nll, score_continuations
 
 NORMS = ("per_char", "per_token", "sum")
@@ -100,18 +100,11 @@ def mcq_accuracy(model: nn.Module, tokenizer, items, cfg: LMEvalConfig) -> float
 def math_answers(model: nn.Module, tokenizer, items, cfg: LMEvalConfig) -> list[str]:
     """The model's greedy answer to each question: the first line of its continuation."""
     answers = []
-    for batch in _chunks(_prompts(tokenizer, [math_prompt(it.question) for it in items], cfg.max_len,
-                                  cfg.math_max_new_tokens), cfg.batch_size):
+    for batch in _chunks(generation_prompts(tokenizer, [math_prompt(it.question) for it in items], cfg.max_len,
+                                             cfg.math_max_new_tokens)[0], cfg.batch_size):
         outs = greedy_generate(model, batch, cfg.math_max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         answers.extend(first_line(tokenizer.decode(out, skip_special=True)) for out in outs)
     return answers
-
-
-def _prompts(tokenizer, texts: list[str], max_len: int, new_tokens: int) -> list[list[int]]:
-    """Prompts as the harness adapter (and lm-eval's HF model) gives them: with the tokenizer's prefix (BOS),
-    cut from the left to leave ``new_tokens`` of room in ``max_len``."""
-    keep = max(max_len - new_tokens, 1)
-    return [p[-keep:] for p in prefixed(tokenizer, texts)]
 
 
 def math_exact(model: nn.Module, tokenizer, items, cfg: LMEvalConfig) -> float:
@@ -154,8 +147,8 @@ _UTILS = None
 def exact_answers(model: nn.Module, tokenizer, items: list[dict], cfg: LMEvalConfig) -> list[str]:
     """Greedy answers to the items' rendered prompts, cut at end-of-text."""
     answers = []
-    for batch in _chunks(_prompts(tokenizer, [it["prompt"] for it in items], cfg.max_len, cfg.exact_max_new_tokens),
-                         cfg.batch_size):
+    for batch in _chunks(generation_prompts(tokenizer, [it["prompt"] for it in items], cfg.max_len,
+                                            cfg.exact_max_new_tokens)[0], cfg.batch_size):
         outs = greedy_generate(model, batch, cfg.exact_max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         answers += [tokenizer.decode(o[:o.index(tokenizer.eos_id)] if tokenizer.eos_id in o else o, skip_special=True)
                     for o in outs]
