@@ -25,9 +25,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_prep.card import write_meta
 from data_prep.clean import chunk, dedupe, tidy
 from data_prep.config import BuildConfig, load_profile
-from data_prep.evalsets import write_eval_sets
 from data_prep.extract import EXTRACTORS, Context, Doc
 from data_prep.instruct import check_prompt_tokens, instruction_parts
 from data_prep.sources import SourceCache, load_manifest, package_record
@@ -35,7 +35,7 @@ from data_prep.user_data import Record, closing_eos_counts, encode_record
 from data_prep.tokens import copy_hf_tokenizer, encode_all, train_sentencepiece, write_indexed
 from desmoe.checkpoint import replace_dir_atomic
 from desmoe.config import split_overrides
-from desmoe.data.prepared import FORMAT, RECORD_ENCODING, SPLITS
+from desmoe.data.prepared import SPLITS
 from desmoe.data.tokenizer import lead
 from desmoe.errors import ConfigError, UserError, run_cli
 
@@ -269,7 +269,7 @@ class Builder:
                                   and any(isinstance(d, Record) for d, _ in rows)})
             self._write(tmp, selected, tok)
             lap("write")
-            meta = self._meta(tmp, selected, parts, tok, budget)
+            meta = write_meta(self, tmp, selected, parts, tok, budget)
             lap("eval_card")
             # the only file that differs between identical builds: measured times
             (tmp / "timing.json").write_text(json.dumps({**perf, "stages_s": stages}, sort_keys=True) + "\n")
@@ -341,47 +341,9 @@ class Builder:
                                for d, t in rows],
                               1, 2, ends=[closing_eos_counts(d, len(t)) if isinstance(d, Record) else 1 for d, t in rows])
 
-    def _package(self, name: str) -> dict:
+    def package(self, name: str) -> dict:
+        """The provenance meta.json records for source ``name``."""
         return package_record(self.manifest[name], self.cache.resolution(self.manifest[name]))
-
-    def _meta(self, root: Path, selected, parts, tok, budget: int) -> dict:
-        from data_prep.card import write_card
-
-        cfg = self.cfg
-        counts = {n: {s: {"documents": len(selected[(n, s)]),
-                          "tokens": sum(len(t) + 1 for _, t in selected[(n, s)])} for s in SPLITS}
-                  for n in cfg.domains}
-        counts[cfg.heldout] = {"test": {"documents": len(selected[(cfg.heldout, "test")]),
-                                        "tokens": sum(len(t) + 1 for _, t in selected[(cfg.heldout, "test")])}}
-        sources = {}
-        for (n, s), rows in selected.items():
-            for d, _ in rows:
-                sources.setdefault(n, {}).setdefault(d.source, d.licence)
-        meta = {
-            "format": FORMAT, "profile": cfg.profile, "seed": cfg.seed,
-            "domains": list(cfg.domains), "heldout": cfg.heldout, "splits": list(SPLITS),
-            "budget_tokens_per_domain": budget,
-            "tokenizer": {"kind": tok.kind, "path": str(tok.path.relative_to(root)), "vocab_size": tok.vocab_size,
-                          "sha256": tok.fingerprint(), "eos_id": tok.eos_id},
-            "counts": counts, "sources": sources, "loss_masks": self.masked,
-            "packages": {n: self._package(n) for n in self.used_sources},
-            "dropped": self.stats["dropped"], "available_train_tokens": self.stats["available_train_tokens"],
-            "eval": write_eval_sets(root, self.cfg, selected, parts, self.ctx, self.render),
-            "card": "DATA_CARD.md", "instruct": {"domains": cfg.instruct.domains, "template": self.render.name},
-            "config": _plain(cfg),
-        }
-        if self.masked:  # only folders with records: the others stay byte-identical to earlier builds
-            meta["record_encoding"] = RECORD_ENCODING
-        if tok.prefix:  # only tokenizers with one (desmoe.data.prepared refuses a folder built without it)
-            meta["tokenizer"]["prefix"] = list(tok.prefix)
-        meta["eval"]["sizes"] = {"math_qa": sum(1 for _ in open(root / meta["eval"]["math"])),
-                                 "mcq": {d: sum(1 for _ in open(root / p)) for d, p in meta["eval"]["mcq"].items()},
-                                 "exact": {d: sum(1 for _ in open(root / p))
-                                           for d, p in meta["eval"].get("exact", {}).items()}}
-        write_card(root / "DATA_CARD.md", meta)
-        (root / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        return meta
-
 
 def _plain_mask(tok, doc, n: int) -> list[int]:
     """A plain document's loss mask in a domain with records: every label but the prefix (BOS): after the
@@ -389,12 +351,6 @@ def _plain_mask(tok, doc, n: int) -> list[int]:
     domains without masks too, desmoe.data.packing)."""
     k = min(len(lead(tok, doc.text)), n)
     return [0] * k + [1] * (n - k)
-
-
-def _plain(cfg) -> dict:
-    """The config as recorded in meta.json: without ``workers``, which cannot change the output."""
-    import dataclasses
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}
 
 
 def build(profile: str, out: str | Path, cache: str | Path = "cache", overrides: list[str] = (),

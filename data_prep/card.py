@@ -1,7 +1,12 @@
-"""The data card: a markdown summary written next to the data."""
+"""What a prepared folder says about itself: ``meta.json`` and the data card (a markdown summary)."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
+
+from data_prep.evalsets import write_eval_sets
+from desmoe.data.prepared import FORMAT, RECORD_ENCODING, SPLITS
 
 
 def write_card(path: Path, meta: dict) -> None:
@@ -65,3 +70,47 @@ def write_card(path: Path, meta: dict) -> None:
             files = ", ".join(d["changed"] + d["added"] + d["removed"])
             lines.append(f"- **{n}**: {d['summary']}, accepted because: {d['accepted_because']}. Files: {files}")
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_meta(builder, root: Path, selected, parts, tok, budget: int) -> dict:
+    """``meta.json`` (what the folder holds and how it was made; what ``desmoe.data.prepared`` reads) and the
+    data card, for the folder ``root`` that ``builder`` (data_prep.build.Builder) has just written."""
+    cfg = builder.cfg
+    counts = {n: {s: {"documents": len(selected[(n, s)]),
+                      "tokens": sum(len(t) + 1 for _, t in selected[(n, s)])} for s in SPLITS}
+              for n in cfg.domains}
+    counts[cfg.heldout] = {"test": {"documents": len(selected[(cfg.heldout, "test")]),
+                                    "tokens": sum(len(t) + 1 for _, t in selected[(cfg.heldout, "test")])}}
+    sources = {}
+    for (n, s), rows in selected.items():
+        for d, _ in rows:
+            sources.setdefault(n, {}).setdefault(d.source, d.licence)
+    meta = {
+        "format": FORMAT, "profile": cfg.profile, "seed": cfg.seed,
+        "domains": list(cfg.domains), "heldout": cfg.heldout, "splits": list(SPLITS),
+        "budget_tokens_per_domain": budget,
+        "tokenizer": {"kind": tok.kind, "path": str(tok.path.relative_to(root)), "vocab_size": tok.vocab_size,
+                      "sha256": tok.fingerprint(), "eos_id": tok.eos_id},
+        "counts": counts, "sources": sources, "loss_masks": builder.masked,
+        "packages": {n: builder.package(n) for n in builder.used_sources},
+        "dropped": builder.stats["dropped"], "available_train_tokens": builder.stats["available_train_tokens"],
+        "eval": write_eval_sets(root, cfg, selected, parts, builder.ctx, builder.render),
+        "card": "DATA_CARD.md", "instruct": {"domains": cfg.instruct.domains, "template": builder.render.name},
+        "config": _recorded(cfg),
+    }
+    if builder.masked:  # only folders with records: the others stay byte-identical to earlier builds
+        meta["record_encoding"] = RECORD_ENCODING
+    if tok.prefix:  # only tokenizers with one (desmoe.data.prepared refuses a folder built without it)
+        meta["tokenizer"]["prefix"] = list(tok.prefix)
+    meta["eval"]["sizes"] = {"math_qa": sum(1 for _ in open(root / meta["eval"]["math"])),
+                             "mcq": {d: sum(1 for _ in open(root / p)) for d, p in meta["eval"]["mcq"].items()},
+                             "exact": {d: sum(1 for _ in open(root / p))
+                                       for d, p in meta["eval"].get("exact", {}).items()}}
+    write_card(root / "DATA_CARD.md", meta)
+    (root / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return meta
+
+
+def _recorded(cfg) -> dict:
+    """The config as recorded in meta.json: without ``workers``, which cannot change the output."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workers"}
