@@ -13,6 +13,8 @@ is checked to be desmoe's documented departure (encode_pairs) instead.  The prev
 empty contexts and rolling windows, prompts cut to max_len) failed all nine.  Offline, CPU, fp32, ~5 s."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -172,3 +174,44 @@ def test_generate_until_is_lm_evals_own(pair, monkeypatch):
         assert o == theirs[prompt], (kind, prompt, o, theirs[prompt])
     assert any(len(p) == MAX_LEN - 8 for p in ours), kind  # one prompt is cut from the left (and loses its BOS)
     assert got == want, kind
+
+
+def test_in_house_perplexity_leaves_the_prefix_out(pair):
+    """``ppl/*`` (lm_tasks.perplexity) lays documents out as training does (default encoding, then eos) and,
+    as training's sampler and lm-eval's rolling windows, never counts a document's prefix (BOS) as a label:
+    after an eos it is certain.  The reference here encodes with the HF tokenizer itself and scores each
+    window with one plain forward."""
+    from desmoe.evaluation.lm_tasks import LMEvalConfig, perplexity
+
+    kind, hf, lm, model = pair
+    tok, seq_len = hf.tokenizer, 16
+    docs = [ROLLING[0], ROLLING[1][:70], ROLLING[0], ROLLING[1][:40]] * 2  # several start inside the windows
+    stream, counts = [], []
+    for d in docs:
+        ids, bare = tok(d)["input_ids"], tok(d, add_special_tokens=False)["input_ids"]
+        added = len(ids) - len(bare)  # the default encoding's own prefix (llama-bos: <s>; gpt2, qwen: none)
+        stream += ids + [tok.eos_token_id]
+        counts += [False] * added + [True] * (len(bare) + 1)
+    cfg = LMEvalConfig(batch_size=3, ppl_seq_len=seq_len, ppl_tokens=5 * seq_len)
+    stream, counts = stream[:cfg.ppl_tokens + 1], counts[:cfg.ppl_tokens + 1]
+    total = {True: 0.0, False: 0.0}  # NLL summed over the counted labels, and over all of them
+    n = {True: 0, False: 0}
+    tol = 0.0
+    for s in range(0, cfg.ppl_tokens, seq_len):
+        window = stream[s:s + seq_len + 1]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([window[:-1]])).logits[0].float(), -1)
+        for j, t in enumerate(window[1:]):
+            for masked in (True, False):
+                if counts[s + 1 + j] or not masked:
+                    total[masked] -= logp[j, t].item()
+                    n[masked] += 1
+        tol += seq_len * _per_token(model, window)
+    want = total[True] / n[True]
+    tol = (tol + bound(n[False], scale=total[False])) / n[True]
+    got = math.log(perplexity(model, lm.tok, docs, cfg))
+    assert abs(got - want) <= tol, (kind, got, want, tol)
+    if kind == "llama-bos":  # counting the BOS labels would give another number
+        assert n[False] - n[True] >= 3 and abs(total[False] / n[False] - want) > tol, (kind, n, tol)
+    else:
+        assert n[True] == n[False]

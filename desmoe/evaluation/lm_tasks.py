@@ -164,19 +164,25 @@ def exact_recall(model: nn.Module, tokenizer, items: list[dict], cfg: LMEvalConf
 def perplexity(model: nn.Module, tokenizer, docs: list[str], cfg: LMEvalConfig) -> float:
     """exp(mean next-token NLL) over the first ``ppl_tokens`` tokens of the documents, laid out as the
     training data lays them (the tokenizer's prefix, the text, end-of-text) and cut into ``ppl_seq_len + 1``
-    windows."""
+    windows.  A prefix (BOS) is no label, as in training (``DomainSampler(prefix_len=)``) and in lm-eval's
+    rolling windows: after an end-of-text it is certain, and counting it would lower the perplexity."""
     stream: list[int] = []
+    label: list[bool] = []
     for ids in prefixed(tokenizer, docs):
+        k = min(len(tokenizer.prefix), len(ids))  # as the sampler: a document's first prefix_len tokens
         stream.extend(list(ids) + [tokenizer.eos_id])
+        label.extend([False] * k + [True] * (len(ids) - k + 1))
         if len(stream) >= cfg.ppl_tokens + 1:
             break
-    stream = stream[:cfg.ppl_tokens + 1]
+    stream, label = stream[:cfg.ppl_tokens + 1], label[:cfg.ppl_tokens + 1]
     width = cfg.ppl_seq_len + 1
-    windows = [stream[i:i + width] for i in range(0, len(stream) - 1, cfg.ppl_seq_len)]
-    windows = [w for w in windows if len(w) == width] or [stream]
-    tensors = [torch.tensor(w, dtype=torch.long)[None] for w in windows]
-    batches = [torch.cat(chunk) for chunk in _chunks(tensors, cfg.batch_size)]
-    return math.exp(mean_nll(model, batches))
+    cut = [slice(i, i + width) for i in range(0, len(stream) - 1, cfg.ppl_seq_len) if i + width <= len(stream)]
+    cut = cut or [slice(0, len(stream))]  # shorter than one window: the whole stream
+    batches = [torch.tensor([stream[c] for c in chunk], dtype=torch.long) for chunk in _chunks(cut, cfg.batch_size)]
+    if all(label):  # no prefix: every label counts (and the sum is taken as before)
+        return math.exp(mean_nll(model, batches))
+    counted = [torch.tensor([label[c] for c in chunk]) for chunk in _chunks(cut, cfg.batch_size)]
+    return math.exp(mean_nll(model, batches, counted))
 
 
 # mcq_norm -> the harness metric that scores the same way (tests/test_harness.py)

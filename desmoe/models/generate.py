@@ -144,16 +144,23 @@ def score_continuations(model: nn.Module, contexts: Sequence[Sequence[int]], con
 
 
 @torch.no_grad()
-def mean_nll(model: nn.Module, batches) -> float:
-    """Mean next-token negative log-likelihood (nats) over ``[B, T]`` token batches;
-    exp() of it is the perplexity."""
+def mean_nll(model: nn.Module, batches, counted=None) -> float:
+    """Mean next-token negative log-likelihood (nats) over ``[B, T]`` token batches; exp() of it is the
+    perplexity.  ``counted``: per batch a ``[B, T]`` bool tensor, whose positions 1.. say which labels count
+    (None: all of them)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for ids in batches:
+    for i, ids in enumerate(batches):
         ids = ids.to(_device(model))
         logits = _logits(model, ids[:, :-1]).float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-        count += ids[:, 1:].numel()
+        flat, labels = logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        if counted is None:
+            total += F.cross_entropy(flat, labels, reduction="sum").item()
+            count += labels.numel()
+        else:
+            keep = counted[i][:, 1:].reshape(-1).to(labels.device)
+            total += F.cross_entropy(flat[keep], labels[keep], reduction="sum").item()
+            count += int(keep.sum())
     model.train(was_training)
     return total / max(count, 1)
