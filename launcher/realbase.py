@@ -107,18 +107,32 @@ def _headline(results: dict, probes: Path) -> dict:
     return {t: round(results[t][info[t]["metric"]], 4) for t in results}
 
 
-# the modules that turn probe texts into scores (tokenisation, the harness adapter, the scorer)
-SCORING_CODE = ("desmoe/data/tokenizer.py", "desmoe/evaluation/harness.py", "desmoe/models/generate.py")
+# the code that turns a model folder and probe texts into the numbers: tokenisation, the harness adapter and
+# scorer, the held-out windows and loss, and the forward itself (the models, the MoE core and its kernels: a
+# fixed forward moves the numbers as much as a fixed scorer); folders are taken whole (*.py, *.c, *.h)
+SCORING_CODE = ("desmoe/data/tokenizer.py", "desmoe/data/pretrain_corpus.py", "desmoe/objective.py",
+                "desmoe/evaluation/harness.py", "desmoe/models", "desmoe/moe", "desmoe/kernels")
 
 
-def _scoring_digest() -> str:
+def _scoring_digest(root: Path = Path(__file__).resolve().parent.parent) -> str:
+    """sha256 of SCORING_CODE, this file's evaluate/load/general_ids, and the library versions they run on."""
     import hashlib
+    import inspect
 
-    root = Path(__file__).resolve().parent.parent
+    import lm_eval
+    import torch
+    import transformers
+
     digest = hashlib.sha256()
     for rel in SCORING_CODE:
-        digest.update(rel.encode() + (root / rel).read_bytes())
-    return digest.hexdigest()
+        files = sorted(f for f in (root / rel).rglob("*") if f.suffix in (".py", ".c", ".h")) \
+            if (root / rel).is_dir() else [root / rel]
+        for f in files:
+            digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    for fn in (evaluate, load, general_ids):
+        digest.update(inspect.getsource(fn).encode())
+    versions = {m.__name__: getattr(m, "__version__", "") for m in (torch, transformers, lm_eval)}
+    return hashlib.sha256(digest.hexdigest().encode() + json.dumps(versions, sort_keys=True).encode()).hexdigest()
 
 
 def cached_eval(path: Path, model_dir: Path, data: Path, probes: Path) -> dict:

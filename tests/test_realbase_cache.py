@@ -76,3 +76,23 @@ def test_a_healed_folder_is_reused_only_for_the_overrides_it_was_healed_with(tmp
     with pytest.raises(UserError, match=r"healed-moe-16x8-24: healed with --heal-override \['train.lr=1e-3'\], "
                                         r"asked for none; remove the folder"):
         realbase.heal(moe, tmp_path, tmp_path, 24, 0)
+
+
+def test_the_scoring_key_covers_the_forward_and_the_perplexity_path(tmp_path):
+    """The key covers the code that makes the numbers, not only the scorer: a fixed MoE forward or kernel, or a
+    changed held-out loss, gives other numbers under an unchanged model.  Code that only trains does not
+    enter it (a re-score costs minutes)."""
+    import shutil
+
+    for rel in [*realbase.SCORING_CODE, "desmoe/training/trainer.py"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (ROOT / rel).is_dir() else shutil.copy)(ROOT / rel, tmp_path / rel)
+    before = realbase._scoring_digest(tmp_path)
+    assert realbase._scoring_digest(tmp_path) == before
+    for rel in ("desmoe/moe/layer.py", "desmoe/kernels/experts.c", "desmoe/objective.py", "desmoe/models/hf_moe.py",
+                "desmoe/training/trainer.py"):
+        original = (tmp_path / rel).read_bytes()
+        (tmp_path / rel).write_bytes(original + b"\n")
+        assert (realbase._scoring_digest(tmp_path) != before) == (rel != "desmoe/training/trainer.py"), rel
+        (tmp_path / rel).write_bytes(original)
+    assert realbase._scoring_digest(tmp_path) == before
