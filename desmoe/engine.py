@@ -165,7 +165,34 @@ def build_engine(model: nn.Module, ds_config: Mapping[str, Any],
     optimizer = FreezableAdamW(groups, lr=float(params.get("lr", 1e-3)), betas=tuple(params.get("betas", (0.9, 0.999))),
                                eps=float(params.get("eps", 1e-8)), weight_decay=wd, foreach=False)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    _norm_of_trainable_groups(engine.optimizer)
     return engine, Trainability(optimizer)
+
+
+def _norm_of_trainable_groups(zero) -> None:
+    """Make a ZeRO-1/2 optimizer's gradient norm (what ``gradient_clipping`` divides by) that of the groups
+    that train.  ZeRO sums every group's reduced gradient, and a frozen group holds zeros where backward
+    skipped it (``requires_grad`` off: DES-MoE's ``skip_frozen_grads``) but its real gradient where it was
+    computed anyway (the experts of expert-parallel blocks; skipping off).  So the clip, and with it every
+    update, depended on ``model.ep_size``: a DES-MoE warm-up step (experts frozen) clipped by 2.70 at EP=2
+    and by 2.68 at EP=1, and a run resumed at the other EP size drifted by 1e-5 (docs/reliability.md).
+    ``FreezableAdamW`` never reads a frozen group's gradient, so zeroing it first changes nothing else."""
+    from desmoe.moe.trainability import FROZEN_KEY
+
+    # stage 0: DeepSpeed clips the module's gradients itself (frozen ones included where computed); ZeRO-Offload
+    # (another norm path) is refused by resolve_ds_config
+    if not hasattr(zero, "scaled_global_norm") or not hasattr(zero, "averaged_gradients"):
+        return
+    norm = zero.scaled_global_norm
+
+    def trainable_norm(*args, **kwargs):
+        for i, group in enumerate(zero.optimizer.param_groups):
+            grads = zero.averaged_gradients.get(i) if group.get(FROZEN_KEY, False) else None
+            for g in grads or ():
+                g.zero_()
+        return norm(*args, **kwargs)
+
+    zero.scaled_global_norm = trainable_norm
 
 
 def _check_group_count(n: int) -> None:
