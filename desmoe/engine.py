@@ -164,35 +164,50 @@ def build_engine(model: nn.Module, ds_config: Mapping[str, Any],
     _check_group_count(len(groups))
     optimizer = FreezableAdamW(groups, lr=float(params.get("lr", 1e-3)), betas=tuple(params.get("betas", (0.9, 0.999))),
                                eps=float(params.get("eps", 1e-8)), weight_decay=wd, foreach=False)
+    _check_stage0_clipping(model, cfg)
+    _frozen_groups_give_no_gradient(optimizer)  # before initialize: ZeRO then swaps the groups' params for its own
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
-    _norm_of_trainable_groups(engine.optimizer)
     return engine, Trainability(optimizer)
 
 
-def _norm_of_trainable_groups(zero) -> None:
-    """Make a ZeRO-1/2 optimizer's gradient norm (what ``gradient_clipping`` divides by) that of the groups
-    that train.  ZeRO sums every group's reduced gradient, and a frozen group holds zeros where backward
-    skipped it (``requires_grad`` off: DES-MoE's ``skip_frozen_grads``) but its real gradient where it was
-    computed anyway (the experts of expert-parallel blocks; skipping off).  So the clip, and with it every
-    update, depended on ``model.ep_size``: a DES-MoE warm-up step (experts frozen) clipped by 2.70 at EP=2
-    and by 2.68 at EP=1, and a run resumed at the other EP size drifted by 1e-5 (docs/reliability.md).
-    ``FreezableAdamW`` never reads a frozen group's gradient, so zeroing it first changes nothing else."""
+def _frozen_groups_give_no_gradient(optimizer: FreezableAdamW) -> None:
+    """A parameter of a frozen group contributes a zero gradient, whatever computed it, so the norm that
+    ``gradient_clipping`` divides by (ZeRO-1/2's, stage 0's, bf16's) is that of the groups that train.
+    Frozen parameters are still differentiated where skipping them is not possible or not asked for: the
+    experts of expert-parallel blocks (every rank must run the backward's all-to-all: DES-MoE's
+    GradientSkipper) and every frozen group with ``skip_frozen_grads: false``; elsewhere they hold no
+    gradient.  Counted, they made the clip, and every update, depend on ``model.ep_size``: a DES-MoE warm-up
+    step (experts frozen) clipped by 2.70 at EP=2 and by 2.68 at EP=1, and a run resumed at the other EP
+    size drifted by 1e-5 (docs/reliability.md).  ``FreezableAdamW`` never reads a frozen group's gradient,
+    so nothing else changes.  A tensor hook runs before the gradient is accumulated and before any of
+    DeepSpeed's reduction hooks.  It reads the flag at each backward, as freezing moves, and by index from
+    the optimizer's current groups: loading a checkpoint replaces the group dicts (the flags with them)."""
+    from functools import partial
+
     from desmoe.moe.trainability import FROZEN_KEY
 
-    # stage 0: DeepSpeed clips the module's gradients itself (frozen ones included where computed); ZeRO-Offload
-    # (another norm path) is refused by resolve_ds_config
-    if not hasattr(zero, "scaled_global_norm") or not hasattr(zero, "averaged_gradients"):
-        return
-    norm = zero.scaled_global_norm
+    def unless_frozen(i: int, grad: torch.Tensor) -> Optional[torch.Tensor]:
+        frozen = optimizer.param_groups[i].get(FROZEN_KEY, False)
+        return torch.zeros_like(grad) if frozen else None  # None: the gradient as it is
 
-    def trainable_norm(*args, **kwargs):
-        for i, group in enumerate(zero.optimizer.param_groups):
-            grads = zero.averaged_gradients.get(i) if group.get(FROZEN_KEY, False) else None
-            for g in grads or ():
-                g.zero_()
-        return norm(*args, **kwargs)
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if p.requires_grad:
+                p.register_hook(partial(unless_frozen, i))
 
-    zero.scaled_global_norm = trainable_norm
+
+def _check_stage0_clipping(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+    """Without ZeRO, DeepSpeed clips by the mean over ranks of each rank's own gradient norm; with experts
+    spread over ranks those norms differ, so the clip (and, in bf16, each rank's copy of the dense weights)
+    would depend on model.ep_size.  ZeRO-1/2 take the norm over all ranks' groups."""
+    from desmoe.moe.layer import moe_blocks
+
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    ep = max((blk.ep_size for blk in moe_blocks(model)), default=1)
+    if stage == 0 and float(cfg.get("gradient_clipping", 0.0) or 0.0) > 0 and ep > 1:
+        raise ConfigError(f"key 'zero_optimization.stage': 0 with gradient_clipping={cfg['gradient_clipping']} and "
+                          f"model.ep_size={ep} clips by a per-rank norm (DeepSpeed's stage 0); use stage 1 or 2, "
+                          f"gradient_clipping 0, or model.ep_size 1")
 
 
 def _check_group_count(n: int) -> None:

@@ -43,8 +43,8 @@ def _snapshot(model):
     return out
 
 
-def _desmoe_engine(skip_grads: bool, ep_size: int):
-    """(DES-MoE of STEPS steps attached to a ZeRO-2 engine, its data, this rank's stream of each domain)."""
+def _desmoe_engine(skip_grads: bool, ep_size: int, stage: int = 2):
+    """(DES-MoE of STEPS steps attached to a ZeRO-``stage`` engine, its data, this rank's stream of each domain)."""
     import deepspeed.comm as dist
 
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
@@ -60,6 +60,7 @@ def _desmoe_engine(skip_grads: bool, ep_size: int):
     method = DESMoE(cfg, STEPS, 2, aux_coef=0.01)
     parts = method.prepare_model(model)
     ds = resolve_ds_config(read_ds_config(ROOT / "configs/zero2.json"), micro_batch=4, lr=1e-2)
+    ds["zero_optimization"] = dict(ds["zero_optimization"], stage=stage)
     engine, train = build_engine(model, ds, parts=parts)
     if skip_grads:
         method.enable_gradient_skipping(engine.module, parts)
@@ -117,13 +118,20 @@ def test_phases_train_exactly_their_sets(ranks, skip_grads, ep_size):
     assert lambdas[0] == 1.0 and lambdas[-1] == 0.0 and lambdas[2] == 0.8
 
 
-def warmup_norm_case(skip_grads: bool, ep_size: int) -> float:
-    """The gradient norm ZeRO clips DES-MoE's first step by (the warm-up: router and backbone train)."""
-    method, engine, streams = _desmoe_engine(skip_grads, ep_size)
+def warmup_norm_case(skip_grads: bool, ep_size: int, stage: int = 2):
+    """The gradient norm ZeRO-1/2 clip DES-MoE's first step by (the warm-up: router and backbone train); at
+    stage 0 (which records no norm) the frozen parameters' gradients after that step's backward instead."""
+    from desmoe.moe.trainability import FROZEN_KEY
+
+    method, engine, streams = _desmoe_engine(skip_grads, ep_size, stage)
     method.begin_step(0, 0)
     method.sync_gradients()
     loss, _ = method.loss(next(streams[0]).input_ids)
     engine.backward(loss)
+    if stage == 0:
+        frozen = [p for g in method.train.optimizer.param_groups if g.get(FROZEN_KEY) for p in g["params"]]
+        computed = [p.grad for p in frozen if p.grad is not None]
+        return len(frozen), len(computed), max(float(g.abs().max()) for g in computed)
     engine.step()
     return float(engine.get_global_grad_norm())
 
@@ -132,12 +140,33 @@ def test_the_clipping_norm_is_that_of_the_trainable_groups(ranks):
     """The warm-up's frozen experts get gradients where they are computed anyway (EP=2; skipping off) and zeros
     where skipped (EP=1): the norm that gradient_clipping divides by must leave them out, or the update depends
     on model.ep_size (before: 1.416 at EP=2 vs 1.410 at EP=1, and elastic resumes in the warm-up drifted by 1e-5:
-    test_elastic.py).  The same step's trainable gradients, summed in other orders: 100 fp32 epsilons."""
+    test_elastic.py).  The same step's trainable gradients, summed in other orders: 100 fp32 epsilons.  ZeRO-1
+    too; stage 0 clips module gradients: there a frozen group's computed gradients must be zeros."""
     from test_grad_accum import RTOL
 
-    norms = {case: ranks.run(warmup_norm_case, *case)[0] for case in [(True, 2), (False, 2), (True, 1)]}
-    ref = norms[(True, 1)]
+    norms = {case: ranks.run(warmup_norm_case, *case)[0] for case in [(True, 2, 2), (False, 2, 2), (True, 1, 2),
+                                                                       (True, 2, 1), (False, 1, 1)]}
+    ref = norms[(True, 1, 2)]
     assert all(abs(n - ref) <= RTOL * ref for n in norms.values()), norms
+    n_frozen, n_computed, largest = ranks.run(warmup_norm_case, False, 1, 0)[0]
+    assert n_frozen > 0 and n_computed == n_frozen and largest == 0.0, (n_frozen, n_computed, largest)
+
+
+def test_stage0_clipping_with_experts_over_ranks_is_refused_in_one_line():
+    """DeepSpeed's stage 0 clips by the mean of per-rank norms: with experts spread over ranks that is not the
+    model's norm, and the clip would depend on model.ep_size."""
+    from desmoe.engine import _check_stage0_clipping
+    from desmoe.errors import ConfigError
+    from desmoe.models.moe_lm import MoELM
+
+    model = MoELM(_tiny_model_cfg(2))
+    with pytest.raises(ConfigError, match=r"^key 'zero_optimization.stage': 0 with gradient_clipping=1.0 and "
+                                          r"model.ep_size=2 clips by a per-rank norm .*model.ep_size 1$"):
+        _check_stage0_clipping(model, {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0})
+    for cfg in ({"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0}, {"zero_optimization": {"stage": 2},
+                                                                               "gradient_clipping": 1.0}):
+        _check_stage0_clipping(model, cfg)
+    _check_stage0_clipping(MoELM(_tiny_model_cfg(1)), {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0})
 
 
 def trainer_case(run_dir: str, steps: int, method: str, extra: tuple = ()):
