@@ -9,21 +9,23 @@ on, so gate noise and dropout draw the same numbers).  Of a stack, the layers be
 trainable parameter are left plain (:func:`trained_layers`): a frozen layer fed by frozen ones keeps
 nothing for backward, so recomputing it would only cost time.
 
-Exactness: the recomputed forward must neither record anything a second time nor see other state than
-the forward did.  Forward paths here record by *assigning* attributes (``MoEBlock.last_routing``,
-``last_stats``, ``aux_loss``, ``pending_load``; an ALR router's ``kd_teacher``/``kd_student``) and read
-attributes callers set for one forward and clear right after it (``weight_grad_mask``, ``route_slots``,
-``slot_fanout``, ``allowed_experts``, an ALR's ``lam``; TRGE's ``GroupContext``, a parameterless module
-inside every adapted block, for its group weights and accumulation noise).  So the wrapper snapshots the plain attributes of
-every module of the layer when the forward starts; the recompute runs with exactly that snapshot in
-place, and afterwards every attribute is put back as it was before the recompute: whatever the recompute
-recorded is dropped, the forward's record stands.  Buffers changed in place by the recompute (none in
-the LM layers today; a BatchNorm's running statistics would be) are copied back too.  A KV cache passed
-to a layer would be appended to twice: training runs without one (``use_cache`` off), and a layer handed
-one while recomputing refuses in one line.
+Exactness: the recomputed forward must neither record anything a second time nor see other state than the
+forward did. Forward paths here record by *assigning* attributes (``MoEBlock.last_routing``, ``last_stats``,
+``aux_loss``, ``pending_load``; an ALR router's ``kd_teacher``/``kd_student``) and read attributes callers
+set for one forward and clear right after it (``weight_grad_mask``, ``route_slots``, ``slot_fanout``,
+``allowed_experts``, an ALR's ``lam``; TRGE's ``GroupContext``, a parameterless module inside every adapted
+block, for its group weights and accumulation noise). So the wrapper snapshots the plain attributes of every
+module of the layer when the forward starts; the recompute runs with exactly that snapshot in place, and
+afterwards every attribute is put back as it was before the recompute: whatever the recompute recorded is
+dropped, the forward's record stands. Buffers changed in place by the recompute (none in the LM layers
+today; a BatchNorm's running statistics would be) are copied back too. A KV cache passed to a layer would be
+appended to twice: training runs without one (``use_cache`` off), and a layer handed one while recomputing
+refuses in one line.
 
-Not covered, so keep forward records as assignments: a plain tensor attribute (not a buffer) changed in
-place by a forward would not be undone (none in desmoe's forward paths), and forward hooks on modules
+Not covered, so keep forward records as assignments on modules: a plain tensor attribute (not a buffer)
+changed in place by a forward would not be undone (none in desmoe's forward paths), nor would the
+attributes of a plain object a module refers to (why TRGE's ``GroupContext`` is a module; its
+accumulation noise table is re-filled by the recompute with the same draw), and forward hooks on modules
 *inside* a layer run again in the recompute (hooks on the layer itself do not; training registers none).
 The model code knows nothing of this: no flag is read in ``desmoe.moe`` or the models.
 """
