@@ -3,6 +3,12 @@
 desmoe trains, DeepSeek-V2 layout, d 256, 4 layers, 16 experts top-2 + shared), one process, no ZeRO.
 
     python bench/recompute.py [--seq 1024 --batch 2 --rounds 6]
+    python bench/recompute.py --model trge [--batch 8 --prompts 10 --rounds 6]
+
+``--model trge``: TRGE's expert groups (11 tasks x 2 adapter experts, bottleneck 64, as MTIL) in every
+block of both towers of a CLIP ViT-B/16-shaped model (random weights, frozen; 224 px images, 12-token
+class prompts); the step is TRGE's: logits of ``--batch`` images against ``--prompts`` prompts, one
+group trained (AdamW over the groups' parameters only).
 
 Step = forward + backward + AdamW, fp32 on CPU (bf16 on CUDA).
 * memory: each mode in a fresh child process, after two warm-up steps (Adam's moments exist), one step,
@@ -32,6 +38,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("embedded", "trge"), default="embedded")
+    p.add_argument("--prompts", type=int, default=10, help="trge: class prompts a step embeds")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rounds", type=int, default=6, help="timed steps of each mode")
@@ -51,6 +59,8 @@ def _setup(mode: str, args):
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if args.model == "trge":
+        return _trge_step(mode, args, device), cuda
     cache = Path(os.environ.get("DESMOE_MFU_CACHE", str(Path(tempfile.gettempdir()) / "desmoe-mfu")))  # as model_mfu.py
     model, _, vocab = build("embedded", cache, torch.bfloat16 if cuda else torch.float32, device)
     apply(model.train(), mode)
@@ -67,6 +77,50 @@ def _setup(mode: str, args):
         if cuda:
             torch.cuda.synchronize()
     return step, cuda
+
+
+def _trge_step(mode: str, args, device):
+    """TRGE's training step on a CLIP ViT-B/16-shaped model with expert groups (module doc)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import CLIPConfig, CLIPModel
+
+    from desmoe.recipes.trge.groups import GroupSpec, setup_groups
+    from desmoe.recipes.trge.inter_group import one_hot_weights
+    from desmoe.recipes.trge.model import Placement, TRGEModel
+    from desmoe.recompute import apply
+
+    vocab = 49408  # CLIP's BPE; the last two ids are its BOS and EOS
+    config = CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=8, max_position_embeddings=77, bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=16), projection_dim=512)
+    torch.manual_seed(0)
+    spec = GroupSpec(num_tasks=11, experts_per_group=2, top_k=2, bottleneck=64)
+    model = TRGEModel(CLIPModel(config), spec, Placement())
+    setup_groups(model, seed=0)
+    apply(model.to(device).train(), mode)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    px = torch.randn(args.batch, 3, 224, 224, generator=g).to(device)
+    ids = torch.randint(vocab - 2, (args.prompts, 12), generator=g)
+    ids[:, 0], ids[:, -1] = vocab - 2, vocab - 1
+    ids, mask = ids.to(device), torch.ones_like(ids).to(device)
+    y = torch.randint(args.prompts, (args.batch,), generator=g).to(device)
+    w_img, w_txt = one_hot_weights(3, args.batch, 11), one_hot_weights(3, args.prompts, 11)
+
+    def step(probe=None):
+        loss = F.cross_entropy(model(px, ids, mask, w_img, w_txt), y)
+        if probe is not None:
+            probe()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return step
 
 
 class _MallInfo2(__import__("ctypes").Structure):
@@ -132,7 +186,8 @@ def child_time(args) -> dict:
 
 def run_child(kind: str, args, mode: str = "none") -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, __file__, "--child", kind, "--mode", mode, "--seq", str(args.seq),
+    cmd = [sys.executable, __file__, "--child", kind, "--mode", mode, "--model", args.model,
+           "--prompts", str(args.prompts), "--seq", str(args.seq),
            "--batch", str(args.batch), "--rounds", str(args.rounds), "--threads", str(args.threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -150,7 +205,9 @@ def main(argv=None) -> None:
     med = {m: statistics.median(t) for m, t in times.items()}
     ratios = sorted(b / a for a, b in zip(times["none"], times["layers"]))
     mib = lambda b: b / 2**20  # noqa: E731
-    print(f"embedded base shape, batch {args.batch} x seq {args.seq}, forward + backward + AdamW, "
+    shape = (f"TRGE on CLIP ViT-B/16 shape, {args.batch} images x {args.prompts} prompts" if args.model == "trge"
+             else f"embedded base shape, batch {args.batch} x seq {args.seq}")
+    print(f"{shape}, forward + backward + AdamW, "
           f"{args.rounds} alternating rounds, {args.threads} thread(s)")
     for m in ("none", "layers"):
         print(f"  {m:6s}  held for backward {mib(mem[m]['held_bytes']):8.1f} MiB   step peak above rest "

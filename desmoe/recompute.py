@@ -2,24 +2,30 @@
 place: the trainer calls :func:`apply` on the recipe's model before the engine is built.
 
 ``layers``: every decoder layer (the entries of the outermost ``ModuleList`` that holds MoE blocks: the
-embedded ``MoELM.layers``, an HF family's ``model.layers``) keeps only its input for backward and runs its
-forward again there, under torch's non-reentrant ``torch.utils.checkpoint`` (which restores the CPU RNG
-and the RNG of the device the layer's input lives on, so gate noise and dropout draw the same numbers).
+embedded ``MoELM.layers``, an HF family's ``model.layers``, the blocks of a CLIP/BERT tower holding expert
+groups) keeps only its input for backward and runs its forward again there, under torch's non-reentrant
+``torch.utils.checkpoint`` (which restores the CPU RNG and the RNG of the device the layer's input lives
+on, so gate noise and dropout draw the same numbers).  Of a stack, the layers before the first one with a
+trainable parameter are left plain (:func:`trained_layers`): a frozen layer fed by frozen ones keeps
+nothing for backward, so recomputing it would only cost time.
 
-Exactness: the recomputed forward must neither record anything a second time nor see other state than
-the forward did.  Forward paths here record by *assigning* attributes (``MoEBlock.last_routing``,
-``last_stats``, ``aux_loss``, ``pending_load``; an ALR router's ``kd_teacher``/``kd_student``) and read
-attributes callers set for one forward and clear right after it (``weight_grad_mask``, ``route_slots``,
-``slot_fanout``, ``allowed_experts``, an ALR's ``lam``).  So the wrapper snapshots the plain attributes of
-every module of the layer when the forward starts; the recompute runs with exactly that snapshot in
-place, and afterwards every attribute is put back as it was before the recompute: whatever the recompute
-recorded is dropped, the forward's record stands.  Buffers changed in place by the recompute (none in
-the LM layers today; a BatchNorm's running statistics would be) are copied back too.  A KV cache passed
-to a layer would be appended to twice: training runs without one (``use_cache`` off), and a layer handed
-one while recomputing refuses in one line.
+Exactness: the recomputed forward must neither record anything a second time nor see other state than the
+forward did. Forward paths here record by *assigning* attributes (``MoEBlock.last_routing``, ``last_stats``,
+``aux_loss``, ``pending_load``; an ALR router's ``kd_teacher``/``kd_student``) and read attributes callers
+set for one forward and clear right after it (``weight_grad_mask``, ``route_slots``, ``slot_fanout``,
+``allowed_experts``, an ALR's ``lam``; TRGE's ``GroupContext``, a parameterless module inside every adapted
+block, for its group weights and accumulation noise). So the wrapper snapshots the plain attributes of every
+module of the layer when the forward starts; the recompute runs with exactly that snapshot in place, and
+afterwards every attribute is put back as it was before the recompute: whatever the recompute recorded is
+dropped, the forward's record stands. Buffers changed in place by the recompute (none in the LM layers
+today; a BatchNorm's running statistics would be) are copied back too. A KV cache passed to a layer would be
+appended to twice: training runs without one (``use_cache`` off), and a layer handed one while recomputing
+refuses in one line.
 
-Not covered, so keep forward records as assignments: a plain tensor attribute (not a buffer) changed in
-place by a forward would not be undone (none in desmoe's forward paths), and forward hooks on modules
+Not covered, so keep forward records as assignments on modules: a plain tensor attribute (not a buffer)
+changed in place by a forward would not be undone (none in desmoe's forward paths), nor would the
+attributes of a plain object a module refers to (why TRGE's ``GroupContext`` is a module; its
+accumulation noise table is re-filled by the recompute with the same draw), and forward hooks on modules
 *inside* a layer run again in the recompute (hooks on the layer itself do not; training registers none).
 The model code knows nothing of this: no flag is read in ``desmoe.moe`` or the models.
 """
@@ -40,22 +46,40 @@ _MODULE_KEYS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping (para
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The entries of every outermost ModuleList holding an MoE block (dense layers of such a stack too)."""
+def stacks(model: nn.Module) -> list[nn.ModuleList]:
+    """Every outermost ModuleList holding an MoE block: an LM's decoder layers, each adapted tower's blocks."""
     from desmoe.moe import MoEBlock
 
-    found: list[nn.Module] = []
+    found: list[nn.ModuleList] = []
 
     def walk(module: nn.Module) -> None:
         for child in module.children():
             if isinstance(child, MoEBlock):
                 continue  # its experts' ModuleList is not a stack of layers
             if isinstance(child, nn.ModuleList) and any(isinstance(m, MoEBlock) for m in child.modules()):
-                found.extend(child)
+                found.append(child)
             else:
                 walk(child)
 
     walk(model)
+    return found
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The entries of every stack (dense layers of such a stack too)."""
+    return [layer for stack in stacks(model) for layer in stack]
+
+
+def trained_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers ``layers`` wraps: of each stack, those from the first one holding a trainable parameter on.
+    The ones before it (a frozen CLIP tower's blocks below its first adapted block, a whole tower without
+    groups) see no input and no parameter that needs a gradient, so autograd keeps nothing of them anyway;
+    every later one keeps its activations, frozen or not, to carry the gradient down to the trainable one."""
+    found = []
+    for stack in stacks(model):
+        trained = [any(p.requires_grad for p in layer.parameters()) for layer in stack]
+        if any(trained):
+            found.extend(list(stack)[trained.index(True):])
     return found
 
 
@@ -64,10 +88,10 @@ def _none(model: nn.Module) -> int:
 
 
 def _layers(model: nn.Module) -> int:
-    layers = decoder_layers(model)
+    layers = trained_layers(model)
     if not layers:
-        raise ConfigError(f"key '{KEY}': 'layers' needs decoder layers holding MoE blocks; "
-                          f"{type(model).__name__} has none (use 'none')")
+        raise ConfigError(f"key '{KEY}': 'layers' needs decoder layers holding MoE blocks and trainable "
+                          f"parameters; {type(model).__name__} has none (use 'none')")
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", False):
         config.use_cache = False  # a cache would be appended to by the forward and again by the recompute

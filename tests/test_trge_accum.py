@@ -53,7 +53,12 @@ def accum_case(run_dir, case, micro_batch, accum, extra=()):
     return {"global_steps": trainer.engine.global_steps, "initial": recipe.initial, "norms": recipe.norms,
             "params": [[p.detach().clone() for p in b.parameters()] for b in blocks],
             "identifier": [i.feats.tolist() for i in recipe.identifier.infos],
-            "pool_frozen": recipe.baseline.frozen_state(), "matrix": recipe.progress["rows"]}
+            "pool_frozen": recipe.baseline.frozen_state(), "matrix": recipe.progress["rows"],
+            # the whole module and the recipe's record, for test_trge_recompute.py
+            "state": {n: t.detach().clone() for n, t in [*recipe.model.named_parameters(),
+                                                         *recipe.model.named_buffers()]},
+            "progress": {k: v for k, v in recipe.progress.items() if k not in ("seconds", "timing")},
+            "wrapped": sum(getattr(m, "_desmoe_recompute", False) for m in recipe.model.modules())}
 
 
 def _rows(run_dir):

@@ -58,7 +58,10 @@ class StepDraws:
     def image_noise(self, owner: nn.Module, like: Tensor) -> Tensor:
         """This micro-batch's rows of the standard-normal noise ``owner`` draws for the whole step."""
         rows = like.shape[0]
-        if self.micro == 0:  # the whole step's draw, where the big batch's forward makes it
+        # the whole step's draw, where the big batch's forward makes it; under train.activation_checkpointing
+        # micro-batch 0's recompute (before micro-batch 1's forward) draws it again from the RNG state torch
+        # restored, so the entry is replaced by the same numbers and the layer's later draws stay in step
+        if self.micro == 0:
             self.noise[owner] = torch.randn((rows * self.accum, *like.shape[1:]), dtype=like.dtype,
                                             device=like.device)
         full = self.noise.get(owner)

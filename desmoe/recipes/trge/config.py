@@ -12,6 +12,7 @@ from desmoe.recipes.trge.groups import GroupSpec
 from desmoe.recipes.trge.inter_group import InterGroupConfig
 from desmoe.recipes.trge.model import Placement
 from desmoe.recipes.trge.task_id import IdentifierConfig
+from desmoe.recompute import check_mode
 from desmoe.training.trainer import RunConfig
 
 
@@ -36,6 +37,9 @@ class TrainConfig:
     # Where the frozen CNN features of all images are kept between runs (content-keyed; "" = recompute
     # every run).  A CNN tower's features never change, so every method and ablation shares them.
     feature_cache: str = "cache/trge_features"
+    # none | layers: recompute each adapted tower block in backward (desmoe.recompute; the blocks below a
+    # tower's first adapted one and a tower without groups keep nothing for backward and stay plain)
+    activation_checkpointing: str = "none"
 
     def check(self) -> None:
         for key in ("steps_per_task", "micro_batch", "grad_accum", "eval_batch", "proto_samples", "log_every"):
@@ -50,6 +54,7 @@ class TrainConfig:
             raise bad("lr", "a number in (0, 1)", self.lr)
         if not 0 <= self.label_smoothing < 1:  # else cross_entropy fails at the first step
             raise bad("label_smoothing", "a number in [0, 1)", self.label_smoothing)
+        check_mode(self.activation_checkpointing)
 
 
 @dataclass

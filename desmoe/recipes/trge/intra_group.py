@@ -24,10 +24,16 @@ from torch import Tensor, nn
 from desmoe.moe.router import Router, Routing
 
 
-class GroupContext:
-    """Per-forward routing state shared by all adapted blocks of one tower."""
+class GroupContext(nn.Module):
+    """Per-forward routing state shared by all adapted blocks of one tower.
+
+    A module without parameters or buffers (no state_dict entries) so that it is part of every block that
+    reads it: the model sets the weights for one forward and clears them right after, and
+    ``train.activation_checkpointing`` (desmoe/recompute.py) replays the attributes of a layer's modules in
+    the backward's recompute -- as a plain object it would see None there and skip the adapters."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.group_weights: Optional[Tensor] = None  # [B, T]; None = adapters off (frozen model)
         # set while an accumulated step's micro-batch runs (accumulate.StepDraws.image_noise): the gates'
         # noise rows come from the whole step's draw; None = a fresh draw of the forward's own shape
