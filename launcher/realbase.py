@@ -146,9 +146,16 @@ def cached_eval(path: Path, model_dir: Path, data: Path, probes: Path) -> dict:
     tasks = hashlib.sha256()
     for f in sorted([*probes.glob("*.yaml"), *probes.glob("*.py")]):
         tasks.update(f.name.encode() + b"\0" + f.read_bytes())
+    # the held-out perplexity's tokens, windows and batches (a mean of batch means) and the data they come from
+    # (its meta.json: profile, seed, counts, tokenizer; a rebuild of the same profile is byte-identical)
+    meta = data / "meta.json"
+    heldout = json.dumps({"tokens": EVAL_TOKENS, "seq_len": EVAL_SEQ, "batch": EVAL_BATCH,
+                          "data_meta_sha256": hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else ""},
+                         sort_keys=True)
     key = {"model": str(model_dir), "probes_sha256": hashlib.sha256((probes / "probes.json").read_bytes()
                                                                     + str(EVAL_TOKENS).encode()).hexdigest(),
-           "tasks_sha256": tasks.hexdigest(), "scoring_sha256": _scoring_digest()}
+           "tasks_sha256": tasks.hexdigest(), "scoring_sha256": _scoring_digest(),
+           "heldout_sha256": hashlib.sha256(heldout.encode()).hexdigest()}
     if path.is_file():
         saved = json.loads(path.read_text())
         if all(saved.get(k) == v for k, v in key.items()):

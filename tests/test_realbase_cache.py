@@ -96,3 +96,33 @@ def test_the_scoring_key_covers_the_forward_and_the_perplexity_path(tmp_path):
         assert (realbase._scoring_digest(tmp_path) != before) == (rel != "desmoe/training/trainer.py"), rel
         (tmp_path / rel).write_bytes(original)
     assert realbase._scoring_digest(tmp_path) == before
+
+
+def test_cached_eval_is_redone_for_other_heldout_windows_or_data(tmp_path, monkeypatch):
+    """The held-out perplexity is taken over EVAL_TOKENS tokens of ``data``'s general held-out split, in
+    windows of EVAL_SEQ and batches of EVAL_BATCH (a mean of batch means): the key held EVAL_TOKENS only, so
+    other windows, batches or another data folder reused the old number."""
+    calls = []
+    monkeypatch.setattr(realbase, "evaluate", lambda model, data, probes: calls.append(model) or {"heldout_ppl": 7.0})
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "probes.json").write_text(json.dumps({"probe_copy": {"metric": "acc"}}))
+    data, other = tmp_path / "data", tmp_path / "other"
+    for d, profile in ((data, "small"), (other, "tiny")):
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps({"profile": profile}))
+    path, model = tmp_path / "eval.json", tmp_path / "model"
+
+    realbase.cached_eval(path, model, data, probes)
+    realbase.cached_eval(path, model, data, probes)
+    assert len(calls) == 1
+    monkeypatch.setattr(realbase, "EVAL_SEQ", realbase.EVAL_SEQ * 2)
+    realbase.cached_eval(path, model, data, probes)
+    assert len(calls) == 2  # other windows: redone
+    monkeypatch.setattr(realbase, "EVAL_BATCH", realbase.EVAL_BATCH + 1)
+    realbase.cached_eval(path, model, data, probes)
+    assert len(calls) == 3  # other batches: redone
+    realbase.cached_eval(path, model, other, probes)
+    assert len(calls) == 4  # another data folder: redone
+    realbase.cached_eval(path, model, other, probes)
+    assert len(calls) == 4
