@@ -110,8 +110,8 @@ def _headline(results: dict, probes: Path) -> dict:
 # the code that turns a model folder and probe texts into the numbers: tokenisation, the harness adapter and
 # scorer, the held-out windows and loss, and the forward itself (the models, the MoE core and its kernels: a
 # fixed forward moves the numbers as much as a fixed scorer); folders are taken whole (*.py, *.c, *.h)
-SCORING_CODE = ("desmoe/data/tokenizer.py", "desmoe/data/pretrain_corpus.py", "desmoe/objective.py",
-                "desmoe/evaluation/harness.py", "desmoe/models", "desmoe/moe", "desmoe/kernels")
+SCORING_CODE = ("desmoe/data/tokenizer.py", "desmoe/data/prepared.py", "desmoe/data/pretrain_corpus.py",
+                "desmoe/objective.py", "desmoe/evaluation/harness.py", "desmoe/models", "desmoe/moe", "desmoe/kernels")
 
 
 def _scoring_digest(root: Path = Path(__file__).resolve().parent.parent) -> str:
