@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Optional
 
@@ -170,6 +171,9 @@ def build_engine(model: nn.Module, ds_config: Mapping[str, Any],
     return engine, Trainability(optimizer)
 
 
+_FROZEN_HOOKS: dict[int, tuple] = {}  # id(parameter) -> (weak reference to it, its hook's handle)
+
+
 def _frozen_groups_give_no_gradient(optimizer: FreezableAdamW) -> None:
     """A parameter of a frozen group contributes a zero gradient, whatever computed it, so the norm that
     ``gradient_clipping`` divides by (ZeRO-1/2's, stage 0's, bf16's) is that of the groups that train.
@@ -193,7 +197,14 @@ def _frozen_groups_give_no_gradient(optimizer: FreezableAdamW) -> None:
     for i, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
             if p.requires_grad:
-                p.register_hook(partial(unless_frozen, i))
+                # one hook a parameter: an engine built again on the same model answers to its own optimizer's
+                # flags only.  Kept here, not on the parameter: a handle there would make torch.save(model) fail
+                ref, handle = _FROZEN_HOOKS.get(id(p), (None, None))
+                if ref is not None and ref() is p:
+                    handle.remove()
+                _FROZEN_HOOKS[id(p)] = (weakref.ref(p), p.register_hook(partial(unless_frozen, i)))
+    for key in [k for k, (ref, _) in _FROZEN_HOOKS.items() if ref() is None]:  # parameters gone since
+        del _FROZEN_HOOKS[key]
 
 
 def _check_stage0_clipping(model: nn.Module, cfg: Mapping[str, Any]) -> None:

@@ -152,6 +152,35 @@ def test_the_clipping_norm_is_that_of_the_trainable_groups(ranks):
     assert n_frozen > 0 and n_computed == n_frozen and largest == 0.0, (n_frozen, n_computed, largest)
 
 
+def test_frozen_gradient_hooks_follow_the_last_optimizer_and_survive_a_checkpoint_load(tmp_path):
+    """The hook reads the flag of the optimizer built last on the model (an engine built twice on one model
+    must not also answer to the first one's flags), by group index (a state_dict load replaces the group
+    dicts), and leaves the model picklable."""
+    from desmoe.engine import _frozen_groups_give_no_gradient
+    from desmoe.moe.trainability import FROZEN_KEY, FreezableAdamW
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    groups = lambda: [{"params": list(m.parameters())} for m in model]  # noqa: E731
+    first, second = FreezableAdamW(groups(), lr=0.1), FreezableAdamW(groups(), lr=0.1)
+    _frozen_groups_give_no_gradient(first)
+    _frozen_groups_give_no_gradient(second)
+
+    def grads():
+        model.zero_grad()
+        model(torch.ones(2, 3)).sum().backward()
+        return [bool(p.grad.abs().sum() > 0) for p in model[0].parameters()]
+
+    first.param_groups[0][FROZEN_KEY] = True
+    assert grads() == [True, True]  # the first optimizer no longer counts
+    second.param_groups[0][FROZEN_KEY] = True
+    assert grads() == [False, False]
+    second.load_state_dict(second.state_dict())  # new group dicts, flags loaded with them
+    assert second.param_groups[0].get(FROZEN_KEY) and grads() == [False, False]
+    second.param_groups[0][FROZEN_KEY] = False
+    assert grads() == [True, True]
+    torch.save(model, tmp_path / "model.pt")
+
+
 def test_stage0_clipping_with_experts_over_ranks_is_refused_in_one_line():
     """DeepSpeed's stage 0 clips by the mean of per-rank norms: with experts spread over ranks that is not the
     model's norm, and the clip would depend on model.ep_size."""
