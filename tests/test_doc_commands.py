@@ -2,7 +2,7 @@
 `--flags` each script's argparse accepts, and dotted `key=value` overrides that the config they target accepts.
 
 Keys, flags and files were renamed over many sessions while README.md, docs/*.md, the Makefile, the Slurm
-headers and the scripts' own docstrings kept the old spellings; a copied command then stopped on its first
+headers, the configs' comments and the scripts' own docstrings kept the old spellings; a copied command then stopped on its first
 argument.  Nothing runs here: configs are loaded with the overrides through desmoe's own loader (every key and
 value check), flags are read from the scripts' source (their add_argument calls), in a few seconds."""
 import ast
@@ -77,6 +77,9 @@ def documented_commands() -> list[Command]:
     out += _makefile((ROOT / "Makefile").read_text())
     for path in sorted((ROOT / "slurm").glob("*.sh")):
         out += [Command(path.name, line.lstrip("# ")) for line in path.read_text().splitlines() if line.startswith("#")]
+    for path in sorted((ROOT / "configs").glob("*.yaml")):  # comment lines and trailing comments
+        out += [Command(path.name, line.split("#", 1)[1].strip()) for line in path.read_text().splitlines()
+                if "#" in line]
     for folder in ("launcher", "bench", "data_prep", "desmoe"):
         for path in sorted((ROOT / folder).glob("*.py")):
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
