@@ -45,8 +45,11 @@ def _fenced_and_inline(where: str, text: str):
     for line in text.splitlines():
         if line.strip().startswith("```"):
             fenced = not fenced
-        elif fenced or line.startswith("    "):
+        elif fenced:
             block.append(line.strip())
+        elif line.startswith("    "):  # an indented code block, or a nested list item's prose
+            block.append(line.strip())
+            prose.append(line)
         else:
             prose.append(line)
             block.append("")  # ends a continued command
