@@ -84,9 +84,9 @@ def documented_commands() -> list[Command]:
         out += [Command(path.name, line.split("#", 1)[1].strip()) for line in path.read_text().splitlines()
                 if "#" in line]
     for folder in ("launcher", "bench", "data_prep", "desmoe"):
-        for path in sorted((ROOT / folder).glob("*.py")):
+        for path in sorted((ROOT / folder).rglob("*.py")):
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-            out += [Command(f"{folder}/{path.name}", line.strip())
+            out += [Command(str(path.relative_to(ROOT)), line.strip())
                     for line in doc.splitlines() if line.startswith("  ")]  # the indented usage lines
     return out
 
