@@ -45,13 +45,16 @@ lock: setup
 # the untrained base, DES-MoE and mixed-domain FFT on the same budget, prompt tokens masked ->
 # comparison table (runs/desmoe-demo-compare/).  Every stage reuses its finished output (data folder,
 # base export, finished runs); a data folder without record_encoding (built before the instruction form,
-# or with its records tokenized piece by piece) is rebuilt.
+# or with its records tokenized piece by piece) is rebuilt.  A rebuild may retrain the tokenizer: pretraining
+# then refuses the cached base in one line; DEMO_PRETRAIN_ARGS passes what it asks for, i.e.
+# make demo DEMO_PRETRAIN_ARGS="output.reuse=false run.resume=false"
 DEMO_DATA ?= data/demo
 DEMO_PORT ?= 29500
+DEMO_PRETRAIN_ARGS ?=
 demo: setup
 	grep -qs '"record_encoding"' $(DEMO_DATA)/meta.json || $(BIN)/python -m data_prep.build --profile demo --out $(DEMO_DATA)
 	$(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/pretrain.py --deepspeed configs/zero2.json \
-		--config configs/pretrain_base.yaml data.root=$(DEMO_DATA)
+		--config configs/pretrain_base.yaml data.root=$(DEMO_DATA) $(DEMO_PRETRAIN_ARGS)
 	$(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/desmoe_study.py --deepspeed configs/zero2.json \
 		--config configs/desmoe_demo.yaml --methods vanilla,desmoe,fft data.source=$(DEMO_DATA)
 

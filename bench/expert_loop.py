@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     args = p.parse_args()
+    if args.rounds < 2:  # the quartiles of the per-round ratios need two (a traceback in statistics otherwise)
+        p.error(f"--rounds {args.rounds}: expected at least 2")
     import moe_block
     from block_variants import step_fn
 

@@ -162,6 +162,8 @@ def main() -> None:
     args = p.parse_args()
     if args.block:
         return profile_block(args.shape)
+    if args.rounds < 2:  # the quartiles of the per-round ratios need two (a traceback in statistics otherwise)
+        p.error(f"--rounds {args.rounds}: expected at least 2")
     torch.set_num_threads(1)
     kernels.keep_freed_heap()  # as training does (desmoe.training): no page faults in the allocator
     fns, header = variants(args.shape)

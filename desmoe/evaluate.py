@@ -24,13 +24,17 @@ from desmoe.errors import UserError, run_cli
 
 
 def load_tokenizer_for(model_dir: Path, data_root: Path | None):
-    from desmoe.data.tokenizer import HFTokenizer
+    from desmoe.data.tokenizer import HFTokenizer, SentencePieceTokenizer
 
     if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
         return HFTokenizer(model_dir)
     if data_root is not None:
         from desmoe.data.prepared import PreparedData
         return PreparedData(data_root).tokenizer
+    if (model_dir / "tokenizer.model").is_file() and (model_dir / "desmoe-export.json").is_file():
+        # desmoe's exports of the embedded base ship the data's sentencepiece model alone: with --include_path
+        # (no --data) it is the tokenizer the model was trained with, read as training read it
+        return SentencePieceTokenizer(model_dir / "tokenizer.model")
     raise UserError(f"{model_dir}: no tokenizer in the model folder; give --data or --tokenizer")
 
 

@@ -1,7 +1,7 @@
 """TRGE: continual learning of a CLIP-style dual encoder with one expert group per task.
 
     deepspeed --num_gpus 2 launcher/trge.py --deepspeed configs/zero2.json [--config configs/trge_offline.yaml] [key=value ...]
-    python launcher/trge.py --config configs/trge_digits.yaml method=continual_ft run.name=cft   # one process
+    python launcher/trge.py --config configs/trge_digits.yaml groups.ep_size=1 method=continual_ft run.name=cft   # one process
 
 Writes runs/<run.name>/: accuracy_matrix.{csv,png}, results.json, metrics.jsonl, tensorboard/, checkpoints/.
 """

@@ -251,3 +251,25 @@ def test_requests_of_different_max_gen_toks_never_run_past_max_len(tiny):
     answers = lm.generate_until(reqs)
     assert Recording.longest <= 16
     assert answers == [lm.generate_until([r])[0] for r in reqs]
+
+
+def test_a_desmoe_export_shipping_only_its_sentencepiece_model_is_evaluated_on_own_tasks(tmp_path):
+    """An export of the embedded base ships the data's sentencepiece model alone (tokenizer.model). On your
+    own task YAMLs (--include_path, which excludes --data) it stopped with "no tokenizer ... give --data";
+    now it is read as training read it.  A folder desmoe did not export still needs --data or --tokenizer."""
+    import shutil
+
+    from tokfix import sentencepiece
+
+    from desmoe.evaluate import load_tokenizer_for
+
+    trained = sentencepiece(tmp_path / "spm")
+    model = tmp_path / "export"
+    model.mkdir()
+    shutil.copy(trained.path, model / "tokenizer.model")
+    with pytest.raises(UserError, match="no tokenizer in the model folder; give --data or --tokenizer"):
+        load_tokenizer_for(model, None)
+    (model / "desmoe-export.json").write_text('{"form": "desmoe_moe"}')
+    tok = load_tokenizer_for(model, None)
+    text = "def f(x):\n    return x + 1"
+    assert (tok.kind, tok.prefix, tok.sp.encode(text)) == ("sentencepiece", [], trained.sp.encode(text))

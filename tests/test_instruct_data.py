@@ -204,7 +204,8 @@ def test_a_folder_of_piece_by_piece_records_is_refused_and_fingerprints_follow_t
     (old / "meta.json").write_text(json.dumps(meta))
     integrity.seal(old)
     with pytest.raises(UserError, match=r"^\S+meta.json: key 'record_encoding': None, expected 'whole-text' "
-                                        r"\(instruction records tokenized piece by piece\); rebuild it"):
+                                        r"\(instruction records tokenized piece by piece\); rebuild it with "
+                                        r"python -m data_prep\.build --(profile|out) "):  # a command to run
         PreparedData(old)
     assert fingerprint(old) != fingerprint(instruct_data)
     shutil.copy(instruct_data / "meta.json", old / "meta.json")

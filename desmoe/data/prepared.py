@@ -110,7 +110,7 @@ class PreparedData:
         if self.meta.get("loss_masks") and self.meta.get("record_encoding") != RECORD_ENCODING:
             raise UserError(f"{meta_path}: key 'record_encoding': {self.meta.get('record_encoding')!r}, expected "
                             f"'{RECORD_ENCODING}' (instruction records tokenized piece by piece); rebuild it with "
-                            f"python -m data_prep.build")
+                            f"{self._rebuild_command()}")
         self.domains: list[str] = list(self.meta["domains"])
         self.heldout_name: str = self.meta["heldout"]
         self.card = self.root / self.meta["card"]
