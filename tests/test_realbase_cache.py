@@ -8,15 +8,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launcher"))
 
+import pytest  # noqa: E402
 import realbase  # noqa: E402
 
 
-def test_cached_eval_is_redone_when_the_scoring_code_changes(tmp_path, monkeypatch):
+@pytest.fixture
+def counted(tmp_path, monkeypatch):
+    """(the models evaluated so far, a probe folder): ``realbase.evaluate`` replaced by a counter."""
     calls = []
     monkeypatch.setattr(realbase, "evaluate", lambda model, data, probes: calls.append(model) or {"heldout_ppl": 7.0})
     probes = tmp_path / "probes"
     probes.mkdir()
     (probes / "probes.json").write_text(json.dumps({"probe_copy": {"metric": "acc"}}))
+    return calls, probes
+
+
+def test_cached_eval_is_redone_when_the_scoring_code_changes(tmp_path, monkeypatch, counted):
+    calls, probes = counted
     path, model = tmp_path / "eval.json", tmp_path / "model"
 
     assert realbase.cached_eval(path, model, tmp_path, probes)["heldout_ppl"] == 7.0
@@ -98,15 +106,11 @@ def test_the_scoring_key_covers_the_forward_and_the_perplexity_path(tmp_path):
     assert realbase._scoring_digest(tmp_path) == before
 
 
-def test_cached_eval_is_redone_for_other_heldout_windows_or_data(tmp_path, monkeypatch):
+def test_cached_eval_is_redone_for_other_heldout_windows_or_data(tmp_path, monkeypatch, counted):
     """The held-out perplexity is taken over EVAL_TOKENS tokens of ``data``'s general held-out split, in
     windows of EVAL_SEQ and batches of EVAL_BATCH (a mean of batch means): the key held EVAL_TOKENS only, so
     other windows, batches or another data folder reused the old number."""
-    calls = []
-    monkeypatch.setattr(realbase, "evaluate", lambda model, data, probes: calls.append(model) or {"heldout_ppl": 7.0})
-    probes = tmp_path / "probes"
-    probes.mkdir()
-    (probes / "probes.json").write_text(json.dumps({"probe_copy": {"metric": "acc"}}))
+    calls, probes = counted
     data, other = tmp_path / "data", tmp_path / "other"
     for d, profile in ((data, "small"), (other, "tiny")):
         d.mkdir()
