@@ -38,6 +38,10 @@ def weighted_after():
 
 
 def main() -> None:
+    import argparse
+
+    # sizes come from the environment (D, F, S, E, K, ROUNDS: every rank sees them); --help prints the usage
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     from desmoe.distributed import init_distributed
 
     init_distributed()

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from desmoe.checkpoint import write_text_atomic
@@ -46,9 +45,14 @@ COLUMNS = ["run", "method", "identifier", "reading", "fusion", "transfer", "avg"
 
 @run_cli
 def main() -> None:
-    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
-        raise UserError("usage: python -m desmoe.recipes.trge.report RUNS_FOLDER (a folder holding run folders)")
-    root = Path(sys.argv[1])
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m desmoe.recipes.trge.report",
+                                     description="TRGE runs' table (table.md, table.csv) in RUNS_FOLDER")
+    parser.add_argument("runs_folder", metavar="RUNS_FOLDER", help="a folder holding run folders")
+    root = Path(parser.parse_args().runs_folder)
+    if not root.is_dir():
+        raise UserError(f"{root}: not a folder (expected a folder holding run folders)")
     table = rows(root)
     if not table:
         raise UserError(f"{root}: no finished runs (no */results.json with metrics)")
