@@ -208,9 +208,10 @@ def _frozen_groups_give_no_gradient(optimizer: FreezableAdamW) -> None:
 
 
 def _check_stage0_clipping(model: nn.Module, cfg: Mapping[str, Any]) -> None:
-    """Without ZeRO, DeepSpeed clips by the mean over ranks of each rank's own gradient norm; with experts
-    spread over ranks those norms differ, so the clip (and, in bf16, each rank's copy of the dense weights)
-    would depend on model.ep_size.  ZeRO-1/2 take the norm over all ranks' groups."""
+    """Without ZeRO, DeepSpeed's fp32 path clips by the mean over ranks of each rank's own gradient norm
+    (``deepspeed.runtime.utils.clip_grad_norm_``); with experts spread over ranks those norms differ, and
+    their mean is not the model's norm, so the clip would depend on model.ep_size.  ZeRO-1/2 take the norm
+    over all ranks' groups."""
     from desmoe.moe.layer import moe_blocks
 
     stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
