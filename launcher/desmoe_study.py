@@ -4,9 +4,10 @@
     deepspeed --num_gpus 2 launcher/desmoe_study.py --config configs/desmoe_demo.yaml --methods desmoe,fft \
         --scaling 2,3,4,5 --steps-per-domain 30
 
-A run whose directory already holds results.json for the same config and the same data is reused (the data:
-``data.sha256`` in the run directory, the prepared folder's fingerprint when the run finished; a folder rebuilt
-with other data, e.g. its instruction records re-encoded, runs again).
+A run whose directory already holds results.json for the same config, the same data and the same base is
+reused (``inputs.sha256`` in the run directory: the prepared folder's fingerprint and the base's files'
+digest when the run finished; a folder rebuilt with other data, e.g. its instruction records re-encoded, or
+a base retrained into the same path, runs again).
 Runs are named <run.name>-<method> (or <run.name>-N<k>-<method> in the domain-scaling study, whose
 domains are math and code first, then the others in the order of data.domains).  With
 --steps-per-domain K every run trains K x (its number of domains) steps, so each domain gets the same
@@ -37,6 +38,37 @@ def data_stamp(source: str) -> str:
     from desmoe.data.prepared import fingerprint
 
     return source if source == "stdlib" else fingerprint(source)
+
+
+def tree_digest(root: str | Path) -> str:
+    """sha256 of every file under ``root`` (relative path and bytes): a base folder's identity."""
+    import hashlib
+
+    root, h = Path(root), hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def inputs_stamp(run: DESMoEExperiment) -> str:
+    """What a run starts from: its data and its base (an HF folder or a desmoe checkpoint).  The base is in it
+    because the config names the base by path: a base retrained into the same path (launcher/pretrain.py with
+    other overrides) left every finished run of the old base to be reused as if it were the new one's."""
+    lines = [f"data {data_stamp(run.data.source)}"]
+    for key, path in (("base.hf", run.base.hf), ("base.checkpoint", run.base.checkpoint)):
+        if path:
+            lines.append(f"{key} {tree_digest(path) if Path(path).is_dir() else 'missing'}")
+    return "\n".join(lines) + "\n"
+
+
+def reusable(run: DESMoEExperiment, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run of this config, data and base."""
+    stamp, config = run_dir / "inputs.sha256", run_dir / "config.yaml"
+    return (run_dir / "results.json").is_file() and config.is_file() and config.read_text() == dump_yaml(run) \
+        and stamp.is_file() and stamp.read_text() == inputs_stamp(run)
 
 
 def scaling_order(domains: list[str]) -> list[str]:
@@ -80,18 +112,16 @@ def main() -> None:
                 run.train.steps = opts.steps_per_domain * len(run.data.domains or domains)
             run.check()
             run_dir = Path(run.run.dir) / run.run.name
-            done, stamp, data = run_dir / "results.json", run_dir / "data.sha256", data_stamp(run.data.source)
-            if done.is_file() and (run_dir / "config.yaml").is_file() and \
-                    (run_dir / "config.yaml").read_text() == dump_yaml(run) and \
-                    stamp.is_file() and stamp.read_text().strip() == data:
+            if reusable(run, run_dir):
                 if is_rank0():
-                    print(f"{run_dir}: finished with this config and data, reused", flush=True)
+                    print(f"{run_dir}: finished with this config, data and base, reused", flush=True)
             else:
+                inputs = inputs_stamp(run)  # before training: what it starts from
                 train_desmoe(run, opts.deepspeed)
                 if is_rank0():
                     from desmoe.checkpoint import write_text_atomic
 
-                    write_text_atomic(stamp, data + "\n")
+                    write_text_atomic(run_dir / "inputs.sha256", inputs)
             runs.append(str(run_dir))
             gc.collect()
     if is_rank0():

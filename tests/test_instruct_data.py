@@ -186,8 +186,8 @@ def test_bad_instruction_input_is_one_line(tmp_path):
 
 def test_a_folder_of_piece_by_piece_records_is_refused_and_fingerprints_follow_the_data(instruct_data, tmp_path):
     """A folder with loss masks built before record_encoding (its records tokenized piece by piece) is refused,
-    not trained on; a finished run is reused only while the folder's fingerprint (launcher/desmoe_study.py's
-    data.sha256) is unchanged: a rebuild that only re-times keeps it, changed tokens or masks do not."""
+    not trained on; a finished run is reused only while the folder's fingerprint (in launcher/desmoe_study.py's
+    inputs.sha256) is unchanged: a rebuild that only re-times keeps it, changed tokens or masks do not."""
     import shutil
 
     from desmoe import integrity
