@@ -177,3 +177,31 @@ def test_an_export_of_another_tokenizer_is_not_reused_nor_fine_tuned(tmp_path):
                                         rf"tokenizer of {data} \(sha256 \w{{12}}\): the model was trained on other "
                                         r"token ids; expected the data the base was pretrained on"):
         check_vocab(model, prepared, run)
+
+
+def test_an_export_of_another_build_of_the_data_is_not_reused(tmp_path):
+    """Same config and tokenizer, other documents (a folder rebuilt from superseded sources, or with other
+    overrides into the same path): the export was reused, and its report's perplexities, taken on the old
+    data, printed as this data's.  An export made before the report carried the fingerprint is reused."""
+    from jobs import ROOT
+
+    from desmoe.config import load_config, to_dict
+    from desmoe.data.prepared import fingerprint
+    from desmoe.errors import UserError
+    from desmoe.recipes.lm.pretrain import PretrainExperiment, _cached
+
+    data, out = tmp_path / "data", tmp_path / "base"
+    data.mkdir()
+    out.mkdir()
+    cfg = load_config(PretrainExperiment, ROOT / ROOT_CFG, [f"output.dir={out}", f"data.root={data}"])
+    (data / "meta.json").write_text(json.dumps({"tokenizer": {"kind": "hf"}, "counts": {"general": 1}}))
+    report = {"heldout_ppl": 80.9, "config": {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}
+    (out / "report.json").write_text(json.dumps(report))
+    assert _cached(cfg)["heldout_ppl"] == 80.9  # made before the fingerprint was recorded: as before
+    (out / "report.json").write_text(json.dumps(dict(report, data_fingerprint=fingerprint(data))))
+    assert _cached(cfg)["heldout_ppl"] == 80.9
+    (data / "meta.json").write_text(json.dumps({"tokenizer": {"kind": "hf"}, "counts": {"general": 2}}))
+    with pytest.raises(UserError, match=rf"^output.dir={out}: it was pretrained on another build of {data} \(data "
+                                        r"fingerprint \w{12}, now \w{12}\), .*: retrain it from scratch with "
+                                        r"output.reuse=false run.resume=false$"):
+        _cached(cfg)

@@ -156,9 +156,13 @@ def _cached(cfg: PretrainExperiment) -> Optional[dict]:
     filled = with_defaults(then, PretrainExperiment)
     same = all(filled[k] == to_dict(cfg)[k] for k in sections)
     if same and cfg.data.source == "prepared":  # same config, but the folder may have been rebuilt since
-        from desmoe.data.prepared import shipped_tokenizer_differs
+        from desmoe.data.prepared import fingerprint, shipped_tokenizer_differs
 
         why = shipped_tokenizer_differs(cfg.output.dir, cfg.data.root)
+        then_data, now_data = saved.get("data_fingerprint"), fingerprint(cfg.data.root)
+        if not why and then_data is not None and then_data != now_data:  # an export made before the key: as before
+            why = (f"it was pretrained on another build of {cfg.data.root} (data fingerprint {then_data[:12]}, now "
+                   f"{now_data[:12]}), and its report's figures are that data's")
         if why:  # refused, not retrained here: the run directory would resume the old model's checkpoints
             raise UserError(f"output.dir={cfg.output.dir}: {why}; expected a base pretrained on this data: retrain "
                             f"it from scratch with output.reuse=false run.resume=false")
@@ -272,6 +276,10 @@ class PretrainRecipe(LMRecipe):
                   "train_tokens": cfg.train.steps * self.tokens_per_step(),
                   "train_s_this_run": trainer.train_seconds - trainer.seconds_at_start, "world_size": world, "run_dir": str(trainer.run_dir),
                   "config": {k: to_dict(cfg)[k] for k in ("model", "init", "data", "train")}}
+        if cfg.data.source == "prepared":  # what _cached compares a later run's folder with
+            from desmoe.data.prepared import fingerprint
+
+            report["data_fingerprint"] = fingerprint(cfg.data.root)
         if is_rank0():
             text = json.dumps(report, indent=2)
             checkpoint.write_text_atomic(trainer.run_dir / "report.json", text)
