@@ -159,8 +159,9 @@ def _cached(cfg: PretrainExperiment) -> Optional[dict]:
         from desmoe.data.prepared import fingerprint, shipped_tokenizer_differs
 
         why = shipped_tokenizer_differs(cfg.output.dir, cfg.data.root)
-        then_data, now_data = saved.get("data_fingerprint"), fingerprint(cfg.data.root)
-        if not why and then_data is not None and then_data != now_data:  # an export made before the key: as before
+        then_data = saved.get("data_fingerprint")  # None: an export made before the key, reused as before
+        now_data = fingerprint(cfg.data.root) if then_data and (Path(cfg.data.root) / "meta.json").is_file() else None
+        if not why and now_data is not None and then_data != now_data:
             why = (f"it was pretrained on another build of {cfg.data.root} (data fingerprint {then_data[:12]}, now "
                    f"{now_data[:12]}), and its report's figures are that data's")
         if why:  # refused, not retrained here: the run directory would resume the old model's checkpoints
