@@ -40,23 +40,12 @@ def data_stamp(source: str) -> str:
     return source if source == "stdlib" else fingerprint(source)
 
 
-def tree_digest(root: str | Path) -> str:
-    """sha256 of every file under ``root`` (relative path and bytes): a base folder's identity."""
-    import hashlib
-
-    root, h = Path(root), hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def inputs_stamp(run: DESMoEExperiment) -> str:
     """What a run starts from: its data and its base (an HF folder or a desmoe checkpoint).  The base is in it
     because the config names the base by path: a base retrained into the same path (launcher/pretrain.py with
     other overrides) left every finished run of the old base to be reused as if it were the new one's."""
+    from desmoe.integrity import tree_digest
+
     lines = [f"data {data_stamp(run.data.source)}"]
     for key, path in (("base.hf", run.base.hf), ("base.checkpoint", run.base.checkpoint)):
         if path:
@@ -64,11 +53,11 @@ def inputs_stamp(run: DESMoEExperiment) -> str:
     return "\n".join(lines) + "\n"
 
 
-def reusable(run: DESMoEExperiment, run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a finished run of this config, data and base."""
+def reusable(run: DESMoEExperiment, run_dir: Path, inputs: str) -> bool:
+    """Whether ``run_dir`` holds a finished run of this config and these inputs (``inputs_stamp``)."""
     stamp, config = run_dir / "inputs.sha256", run_dir / "config.yaml"
     return (run_dir / "results.json").is_file() and config.is_file() and config.read_text() == dump_yaml(run) \
-        and stamp.is_file() and stamp.read_text() == inputs_stamp(run)
+        and stamp.is_file() and stamp.read_text() == inputs
 
 
 def scaling_order(domains: list[str]) -> list[str]:
@@ -112,11 +101,11 @@ def main() -> None:
                 run.train.steps = opts.steps_per_domain * len(run.data.domains or domains)
             run.check()
             run_dir = Path(run.run.dir) / run.run.name
-            if reusable(run, run_dir):
+            inputs = inputs_stamp(run)  # before training: what it starts from (the base hashed once)
+            if reusable(run, run_dir, inputs):
                 if is_rank0():
                     print(f"{run_dir}: finished with this config, data and base, reused", flush=True)
             else:
-                inputs = inputs_stamp(run)  # before training: what it starts from
                 train_desmoe(run, opts.deepspeed)
                 if is_rank0():
                     from desmoe.checkpoint import write_text_atomic

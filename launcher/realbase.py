@@ -123,12 +123,11 @@ def _scoring_digest(root: Path = Path(__file__).resolve().parent.parent) -> str:
     import torch
     import transformers
 
+    from desmoe.integrity import tree_digest
+
     digest = hashlib.sha256()
     for rel in SCORING_CODE:
-        files = sorted(f for f in (root / rel).rglob("*") if f.suffix in (".py", ".c", ".h")) \
-            if (root / rel).is_dir() else [root / rel]
-        for f in files:
-            digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+        digest.update(f"{rel} {tree_digest(root / rel, ('.py', '.c', '.h'))}\n".encode())
     for fn in (evaluate, load, general_ids):
         digest.update(inspect.getsource(fn).encode())
     versions = {m.__name__: getattr(m, "__version__", "") for m in (torch, transformers, lm_eval)}

@@ -27,13 +27,17 @@ def test_a_finished_run_is_reused_only_from_the_same_base(tmp_path):
     run_dir.mkdir()
     (run_dir / "results.json").write_text("{}")
     (run_dir / "config.yaml").write_text(dump_yaml(run))
-    assert not desmoe_study.reusable(run, run_dir)  # a run of the older launcher: no record of its inputs
+
+    def reused() -> bool:  # what the study decides for this run directory, its inputs taken now
+        return desmoe_study.reusable(run, run_dir, desmoe_study.inputs_stamp(run))
+
+    assert not reused()  # a run of the older launcher: no record of its inputs
     (run_dir / "inputs.sha256").write_text(desmoe_study.inputs_stamp(run))
-    assert desmoe_study.reusable(run, run_dir)
+    assert reused()
 
     (base / "model.safetensors").write_bytes(b"weights of a base retrained into the same path")
-    assert not desmoe_study.reusable(run, run_dir)
+    assert not reused()
     (base / "model.safetensors").write_bytes(b"weights of the first base")
-    assert desmoe_study.reusable(run, run_dir)
+    assert reused()
     (base / "tokenizer.model").write_bytes(b"another tokenizer beside the same weights")
-    assert not desmoe_study.reusable(run, run_dir)
+    assert not reused()

@@ -179,10 +179,8 @@ def perplexity(model: nn.Module, tokenizer, docs: list[str], cfg: LMEvalConfig) 
     cut = [slice(i, i + width) for i in range(0, len(stream) - 1, cfg.ppl_seq_len) if i + width <= len(stream)]
     cut = cut or [slice(0, len(stream))]  # shorter than one window: the whole stream
     batches = [torch.tensor([stream[c] for c in chunk], dtype=torch.long) for chunk in _chunks(cut, cfg.batch_size)]
-    if all(label):  # no prefix: every label counts (and the sum is taken as before)
-        return math.exp(mean_nll(model, batches))
-    counted = [torch.tensor([label[c] for c in chunk]) for chunk in _chunks(cut, cfg.batch_size)]
-    return math.exp(mean_nll(model, batches, counted))
+    counted = None if all(label) else [torch.tensor([label[c] for c in chunk]) for chunk in _chunks(cut, cfg.batch_size)]
+    return math.exp(mean_nll(model, batches, counted))  # None: no prefix, every label counts
 
 
 # mcq_norm -> the harness metric that scores the same way (tests/test_harness.py)

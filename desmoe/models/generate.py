@@ -155,12 +155,8 @@ def mean_nll(model: nn.Module, batches, counted=None) -> float:
         ids = ids.to(_device(model))
         logits = _logits(model, ids[:, :-1]).float()
         flat, labels = logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
-        if counted is None:
-            total += F.cross_entropy(flat, labels, reduction="sum").item()
-            count += labels.numel()
-        else:
-            keep = counted[i][:, 1:].reshape(-1).to(labels.device)
-            total += F.cross_entropy(flat[keep], labels[keep], reduction="sum").item()
-            count += int(keep.sum())
+        keep = slice(None) if counted is None else counted[i][:, 1:].reshape(-1).to(labels.device)
+        total += F.cross_entropy(flat[keep], labels[keep], reduction="sum").item()
+        count += labels[keep].numel()
     model.train(was_training)
     return total / max(count, 1)
