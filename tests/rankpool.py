@@ -95,6 +95,8 @@ class RankPool:
         return [results[r] for r in range(self.world_size)]
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        if not self.healthy:  # a failed call can leave a peer's answer queued: the next call would read it as its own
+            raise RuntimeError("RankPool: an earlier call failed or hung; start a new pool (the ranks fixture does)")
         for box in self.inboxes:
             box.put((fn, args, kwargs))
         return self._collect(getattr(fn, "__name__", "call"))

@@ -43,8 +43,10 @@ def _snapshot(model):
     return out
 
 
-def _desmoe_engine(skip_grads: bool, ep_size: int, stage: int = 2):
-    """(DES-MoE of STEPS steps attached to a ZeRO-``stage`` engine, its data, this rank's stream of each domain)."""
+def _desmoe_engine(skip_grads: bool, ep_size: int, stage: int = 2, bf16: bool = False, clip: float = 1.0):
+    """(DES-MoE of STEPS steps attached to a ZeRO-``stage`` engine, its data, this rank's stream of each domain).
+    ``bf16``: DeepSpeed's bf16 engine (bf16 weights, fp32 master copies in the optimizer), as on a GPU; the CPU
+    accelerator runs the same optimizer code."""
     import deepspeed.comm as dist
 
     from desmoe.engine import build_engine, read_ds_config, resolve_ds_config
@@ -61,6 +63,8 @@ def _desmoe_engine(skip_grads: bool, ep_size: int, stage: int = 2):
     parts = method.prepare_model(model)
     ds = resolve_ds_config(read_ds_config(ROOT / "configs/zero2.json"), micro_batch=4, lr=1e-2)
     ds["zero_optimization"] = dict(ds["zero_optimization"], stage=stage)
+    ds["bf16"] = {"enabled": bf16}
+    ds["gradient_clipping"] = clip
     engine, train = build_engine(model, ds, parts=parts)
     if skip_grads:
         method.enable_gradient_skipping(engine.module, parts)
@@ -69,11 +73,11 @@ def _desmoe_engine(skip_grads: bool, ep_size: int, stage: int = 2):
     return method, engine, [data.batches("train", 4, 32, 0, rank, world, 0, domains=[d]) for d in data.domains]
 
 
-def phases_case(skip_grads: bool, ep_size: int):
+def phases_case(skip_grads: bool, ep_size: int, stage: int = 2, bf16: bool = False):
     from desmoe.recipes.des_moe import schedule
     from desmoe.recipes.des_moe.recipe import domain_of_step
 
-    method, engine, streams = _desmoe_engine(skip_grads, ep_size)
+    method, engine, streams = _desmoe_engine(skip_grads, ep_size, stage, bf16)
     cfg = method.cfg
     moved_when_trainable: dict[str, bool] = {}
     log = []
@@ -107,10 +111,14 @@ def phases_case(skip_grads: bool, ep_size: int):
             "frozen_experts_seen": sum(1 for _, _, s, _, _ in log if s and any(len(x) < 4 for x in s))}
 
 
-@pytest.mark.parametrize("skip_grads,ep_size", [(True, 2), (False, 2), (True, 1)],
-                         ids=["ep2-frozen-grads-skipped", "ep2-frozen-grads-computed", "ep1-dp2-frozen-grads-skipped"])
-def test_phases_train_exactly_their_sets(ranks, skip_grads, ep_size):
-    r0, r1 = ranks.run(phases_case, skip_grads, ep_size)
+@pytest.mark.parametrize("skip_grads,ep_size,stage,bf16", [
+    (True, 2, 2, False), (False, 2, 2, False), (True, 1, 2, False), (True, 2, 2, True), (False, 2, 1, True),
+    (True, 1, 0, True)], ids=["ep2-frozen-grads-skipped", "ep2-frozen-grads-computed", "ep1-dp2-frozen-grads-skipped",
+                              "ep2-zero2-bf16", "ep2-zero1-bf16-frozen-grads-computed", "ep1-zero0-bf16"])
+def test_phases_train_exactly_their_sets(ranks, skip_grads, ep_size, stage, bf16):
+    """bf16 (DeepSpeed's bf16 engine, fp32 master copies, the GPU's path): a frozen parameter's bf16 weight must
+    stay bit-identical too, which it does only if its master copy does not move."""
+    r0, r1 = ranks.run(phases_case, skip_grads, ep_size, stage, bf16)
     assert r0["M"] == r1["M"] and r0["A"] == r1["A"], "A and M must be all-reduced to the same value on every rank"
     assert [p for p, *_ in r0["log"]] == ["WARMUP"] * 2 + ["STABILIZE"] * 5 + ["CONSOLIDATE"] * 3
     assert r0["frozen_experts_seen"] > 0, "the domain sets never excluded an expert: isolation was not exercised"
@@ -118,20 +126,24 @@ def test_phases_train_exactly_their_sets(ranks, skip_grads, ep_size):
     assert lambdas[0] == 1.0 and lambdas[-1] == 0.0 and lambdas[2] == 0.8
 
 
-def warmup_norm_case(skip_grads: bool, ep_size: int, stage: int = 2):
+def warmup_norm_case(skip_grads: bool, ep_size: int, stage: int = 2, bf16: bool = False):
     """The gradient norm ZeRO-1/2 clip DES-MoE's first step by (the warm-up: router and backbone train); at
     stage 0 (which records no norm) the frozen parameters' gradients after that step's backward instead."""
+    from desmoe.moe import moe_blocks
     from desmoe.moe.trainability import FROZEN_KEY
 
-    method, engine, streams = _desmoe_engine(skip_grads, ep_size, stage)
+    # stage 0 with experts over ranks clips by a per-rank norm (refused): there the gradients only, unclipped
+    method, engine, streams = _desmoe_engine(skip_grads, ep_size, stage, bf16, 0.0 if stage == 0 else 1.0)
     method.begin_step(0, 0)
     method.sync_gradients()
     loss, _ = method.loss(next(streams[0]).input_ids)
     engine.backward(loss)
     if stage == 0:
+        # the module's own parameters (under bf16 the optimizer's groups hold fp32 copies, graded at step())
         frozen = [p for g in method.train.optimizer.param_groups if g.get(FROZEN_KEY) for p in g["params"]]
-        computed = [p.grad for p in frozen if p.grad is not None]
-        return len(frozen), len(computed), max(float(g.abs().max()) for g in computed)
+        experts = [p for b in moe_blocks(engine.module) for e in b.local_experts for p in e.parameters()]
+        computed = [p.grad for p in experts if p.grad is not None]
+        return len(frozen), len(experts), len(computed), max(float(g.abs().max()) for g in computed)
     engine.step()
     return float(engine.get_global_grad_norm())
 
@@ -148,8 +160,29 @@ def test_the_clipping_norm_is_that_of_the_trainable_groups(ranks):
                                                                        (True, 2, 1), (False, 1, 1)]}
     ref = norms[(True, 1, 2)]
     assert all(abs(n - ref) <= RTOL * ref for n in norms.values()), norms
-    n_frozen, n_computed, largest = ranks.run(warmup_norm_case, False, 1, 0)[0]
-    assert n_frozen > 0 and n_computed == n_frozen and largest == 0.0, (n_frozen, n_computed, largest)
+    n_frozen, n_experts, n_computed, largest = ranks.run(warmup_norm_case, False, 1, 0)[0]
+    assert n_frozen == n_experts > 0 and n_computed == n_frozen and largest == 0.0, (n_frozen, n_computed, largest)
+
+
+def test_the_clipping_norm_is_that_of_the_trainable_groups_in_bf16(ranks):
+    """The same under DeepSpeed's bf16 engine (bf16 weights and gradients, fp32 master copies: the GPU's
+    path; the CPU accelerator runs the same optimizer code), ZeRO-2 and ZeRO-1.  Within one EP size the
+    trainable gradients are the same bf16 values in every case (same kernels on the same rows; a sum over
+    2 ranks does not depend on order), so the fp32 norms differ only by its own summation order: 100 fp32
+    epsilons.  Without the hook, EP=1 with skipping off counted the frozen experts: 1.4176 against 1.4122
+    (0.4 %, below bf16's own epsilon, so across EP sizes, where bf16 rounds other GEMM results, the
+    comparison could not see it; the fp32 test above covers that).  EP=2 counts them with or without
+    skipping, so there the check is stage 0 (bf16: DeepSpeed's unfused optimizer): the frozen experts'
+    gradients the backward computed must be zeros."""
+    from test_grad_accum import RTOL
+
+    for ep, cases in ((1, [(True, 2), (False, 2), (True, 1), (False, 1)]), (2, [(True, 2), (False, 2), (True, 1)])):
+        norms = {case: ranks.run(warmup_norm_case, case[0], ep, case[1], True)[0] for case in cases}
+        ref = norms[(True, 2)]
+        assert all(abs(n - ref) <= RTOL * ref for n in norms.values()), (ep, norms)
+    for ep in (1, 2):
+        n_frozen, n_experts, n_computed, largest = ranks.run(warmup_norm_case, False, ep, 0, True)[0]
+        assert n_experts > 0 and n_computed == n_experts and largest == 0.0, (ep, n_experts, n_computed, largest)
 
 
 def test_frozen_gradient_hooks_follow_the_last_optimizer_and_survive_a_checkpoint_load(tmp_path):
@@ -198,7 +231,7 @@ def test_stage0_clipping_with_experts_over_ranks_is_refused_in_one_line():
     _check_stage0_clipping(MoELM(_tiny_model_cfg(1)), {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0})
 
 
-def trainer_case(run_dir: str, steps: int, method: str, extra: tuple = ()):
+def trainer_case(run_dir: str, steps: int, method: str, extra: tuple = (), ds_config: str = "configs/zero2.json"):
     from desmoe.config import load_config
     from desmoe.recipes.des_moe.recipe import DESMoEExperiment, train_desmoe
 
@@ -212,7 +245,7 @@ def trainer_case(run_dir: str, steps: int, method: str, extra: tuple = ()):
         f"train.steps={steps}", "train.micro_batch=4", "train.seq_len=32", "train.log_every=2", "train.eval_every=5",
         "train.eval_batches=1", "train.save_every=5", "train.lr=0.01", f"desmoe.method={method}",
         "desmoe.dges.update_every=3", f"run.dir={run_dir}", f"run.name={method}", *extra])
-    return train_desmoe(cfg, str(ROOT / "configs/zero2.json"))
+    return train_desmoe(cfg, str(ROOT / ds_config))
 
 
 def refused_case(*args):
@@ -245,3 +278,21 @@ def test_trainer_end_to_end_and_exact_resume_ep2(ranks, tmp_path):
     longer = ranks.run(refused_case, str(tmp_path), 20, "desmoe")
     assert all(r and "key 'train.steps': expected a value that keeps the phase boundaries reached by the resumed "
                "step 5 (T1=2, T2=7; this gives T1=4, T2=14)" in r for r in longer), longer
+
+
+def test_trainer_resumes_exactly_in_bf16(ranks, tmp_path):
+    """DeepSpeed's bf16 engine (the GPU's path; the CPU accelerator runs the same optimizer and checkpoint
+    code): a run resumed from its step-5 checkpoint ends where the uninterrupted run ends, bit for bit, in its
+    validation losses and routing statistics (the fp32 master copies and AdamW's moments are restored, not
+    re-derived from the bf16 weights, which would lose the low bits every step has added)."""
+    cfg = json.loads((ROOT / "configs/zero2.json").read_text())
+    cfg["bf16"] = {"enabled": True}
+    (tmp_path / "zero2_bf16.json").write_text(json.dumps(cfg))
+    ds = str(tmp_path / "zero2_bf16.json")
+    full = ranks.run(trainer_case, str(tmp_path), 10, "desmoe", (), ds)[0]
+    run = tmp_path / "desmoe"
+    assert json.loads((run / "deepspeed.json").read_text())["bf16"]["enabled"] is True
+    (run / "checkpoints" / "latest").write_text("step00000005")
+    resumed = ranks.run(trainer_case, str(tmp_path), 10, "desmoe", (), ds)[0]
+    for key in ("email", "xml", "general"):
+        assert resumed[key] == full[key], (key, resumed[key], full[key])
