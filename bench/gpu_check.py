@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py [--out runs/gpu-check] [--budget 480]     # on a CUDA machine: <= 8 minutes
     python bench/gpu_check.py --cpu                                     # dry run of the same stages on CPU
+    python bench/gpu_check.py --cpu --bf16                              # ... in bf16, as the GPU runs them
 
 Stages, each a fresh process (as a user runs them), bf16 wherever CUDA supports it
 (``configs/zero2.json`` says ``"bf16": {"enabled": "auto"}``; the benches default to bf16 on CUDA):
@@ -47,6 +48,9 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="dry run on CPU ranks (gloo, DS_ACCELERATOR=cpu), small sizes")
+    p.add_argument("--bf16", action="store_true",
+                   help="with --cpu: bf16 as on a GPU (DeepSpeed's bf16 engine, bf16 kernels and benches), so the "
+                        "GPU's precision path is tried before device time is spent on it")
     p.add_argument("--out", default="runs/gpu-check")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages (default 8 minutes)")
     p.add_argument("--only", default="", help="comma-separated stages to run (default: all)")
@@ -77,8 +81,15 @@ RUNS = ("smoke", "pretrain", "base", "desmoe", "fft", "trge")  # the run (and ex
 class Check:
     def __init__(self, args):
         self.args, self.cpu = args, args.cpu
+        self.bf16 = args.bf16 or not args.cpu  # on CUDA the configs' "auto" and the benches pick bf16 themselves
         self.out = (ROOT / args.out).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
+        self.ds_config = ROOT / "configs/zero2.json"
+        if self.cpu and self.bf16:  # "auto" is fp32 on a CPU: the same config with bf16 on
+            cfg = json.loads(self.ds_config.read_text())
+            cfg["bf16"] = {"enabled": True}
+            self.ds_config = self.out / "zero2_bf16.json"
+            self.ds_config.write_text(json.dumps(cfg, indent=1))
         for run in RUNS:  # every stage starts fresh: an earlier check's run would be resumed (or refused)
             shutil.rmtree(self.out / run, ignore_errors=True)
         self.t0 = time.monotonic()
@@ -109,7 +120,7 @@ class Check:
 
     def launch(self, stage: str, script: str, overrides: list[str], timeout: float) -> tuple[int, str]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.ranks),
-               "--master_port", str(free_port()), str(ROOT / script), "--deepspeed", str(ROOT / "configs/zero2.json"),
+               "--master_port", str(free_port()), str(ROOT / script), "--deepspeed", str(self.ds_config),
                *overrides]
         return self.run(stage, cmd, timeout)
 
@@ -152,7 +163,7 @@ def stage_grouped(c: Check) -> None:
 
     start = time.monotonic()
     device = torch.device("cpu" if c.cpu else "cuda")
-    dtype = torch.float32 if c.cpu else torch.bfloat16
+    dtype = torch.bfloat16 if c.bf16 else torch.float32
     d, f, E, n = (64, 96, 8, 512) if c.cpu else (2048, 768, 128, 16384)
     torch.manual_seed(0)
     experts = torch.nn.ModuleList(SwiGLUExpert(d, f) for _ in range(E)).to(device, dtype)
@@ -286,7 +297,7 @@ def mnist_cached() -> bool:
 def stage_block(c: Check, shape: str) -> None:
     start = time.monotonic()
     js = c.out / f"block_{shape}.json"
-    extra = ["--tokens", "256", "--rounds", "2"] if c.cpu else []
+    extra = ["--tokens", "256", "--rounds", "2"] + (["--dtype", "bf16"] if c.bf16 else []) if c.cpu else []
     if c.cpu and shape != "toy":  # the structure of the real shape, CPU-sized; HF eager loops ~10 s a step there
         extra += ["--hidden", "256", "--ffn", "128", "--skip", "hf_eager"]
     rc, text = c.run(f"block_{shape}", [sys.executable, str(ROOT / "bench/moe_block.py"), "--shape", shape,
@@ -335,6 +346,9 @@ def main(argv=None) -> int:
         load_mnist_5k()
         print("cached: cache/sources (carry it to the GPU machine)")
         return 0
+    if args.bf16 and not args.cpu:
+        print("gpu-check: --bf16 is for the CPU dry run (on a GPU the check runs bf16 already)", file=sys.stderr)
+        return 2
     if not args.cpu:
         import torch
 
@@ -362,7 +376,7 @@ def main(argv=None) -> int:
     if lacking:  # one line that says how to get them onto a machine without network
         print(f"\ngpu-check: {sys.executable} lacks {' '.join(lacking)}.  On the dev box, `make device-pack`; "
               f"carry .device/call1 and run `bash launcher/on_device.sh make gpu-check` (docs/gpu.md)")
-    info = _device_info(args.cpu)
+    info = _device_info(args.cpu, args.bf16)
     total = time.monotonic() - c.t0
     print(f"\n## gpu-check {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {info}; {total:.0f} s in all "
           f"(budget {args.budget:.0f} s); load {os.getloadavg()[0]:.1f}\n")
@@ -373,11 +387,11 @@ def main(argv=None) -> int:
     return 0 if all(r["status"] == "ok" for r in c.rows) else 1
 
 
-def _device_info(cpu: bool) -> str:
+def _device_info(cpu: bool, bf16: bool = False) -> str:
     import torch
 
     if cpu:
-        return f"CPU dry run (gloo, {os.cpu_count()} cores), torch {torch.__version__}"
+        return f"CPU dry run (gloo, {os.cpu_count()} cores{', bf16' if bf16 else ''}), torch {torch.__version__}"
     return f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}"
 
 
