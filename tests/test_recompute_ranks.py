@@ -10,8 +10,10 @@ layer's forward runs, not its arithmetic.  What the recompute records (desmoe/re
 with that guard broken (``_Replay`` a no-op) all four cases fail: LM, pretraining and FFT on the
 selection-bias loads (doubled), DES-MoE already inside torch's recompute check (the expert-copy slots,
 cleared after the forward, were gone when the layer ran again).  Checked by hand; test_recompute_unit.py
-keeps a broken-guard case.  On GPUs scatter/index_add atomics can make even two plain runs differ in the
+keeps a broken-guard case.  The same holds in bf16 (DeepSpeed's bf16 engine, the GPU's optimizer path):
+DES-MoE and pretraining run once more that way, and both fail with the guard broken.  On GPUs scatter/index_add atomics can make even two plain runs differ in the
 last bits: there a tolerance would be needed, here none is."""
+import json
 from pathlib import Path
 
 import torch
@@ -94,7 +96,7 @@ def lm_case(run_dir: str, mode: str) -> dict:
     return probe.seen
 
 
-def pretrain_case(run_dir: str, mode: str) -> dict:
+def pretrain_case(run_dir: str, mode: str, ds: str = "configs/zero2.json") -> dict:
     """Pretraining: an HF family (DeepSeek-V2 layout: a dense first layer, shared expert) on the core."""
     from desmoe.config import load_config
     from desmoe.recipes.lm.pretrain import PretrainExperiment, PretrainRecipe
@@ -108,11 +110,11 @@ def pretrain_case(run_dir: str, mode: str) -> dict:
         f"train.activation_checkpointing={mode}", f"run.dir={run_dir}", f"run.name=pretrain-{mode}",
         "run.resume=false", f"output.dir={run_dir}/base-{mode}"])
     probe = _probe(PretrainRecipe)
-    Trainer(probe(cfg), str(ROOT / "configs/zero2.json")).run()
+    Trainer(probe(cfg), str(ROOT / ds)).run()
     return probe.seen
 
 
-def desmoe_case(run_dir: str, mode: str, method: str) -> dict:
+def desmoe_case(run_dir: str, mode: str, method: str, ds: str = "configs/zero2.json") -> dict:
     from desmoe.config import load_config
     from desmoe.recipes.des_moe.recipe import DESMoEExperiment, DESMoERecipe
     from desmoe.training.trainer import Trainer
@@ -132,7 +134,7 @@ def desmoe_case(run_dir: str, mode: str, method: str) -> dict:
         f"train.activation_checkpointing={mode}", f"run.dir={run_dir}", f"run.name={method}-{mode}",
         "run.resume=false", "evaluation.downstream=false", *extra])
     probe = _probe(DESMoERecipe)
-    Trainer(probe(cfg), str(ROOT / "configs/zero2.json")).run()
+    Trainer(probe(cfg), str(ROOT / ds)).run()
     return probe.seen
 
 
@@ -158,7 +160,7 @@ def _compare(ranks, case, tmp_path, *args, layers: int = 2) -> None:
     for rank, (a, b) in enumerate(zip(off, on)):
         assert (a.pop("wrapped"), b.pop("wrapped")) == (0, layers)  # the trainer applied it, to every layer
         assert len(a["loss"]) == len(a["grad_norm"]) == len(a["load"]) == a["steps"]
-        assert bool(a["dmap"]) == (args == ("desmoe",))  # DES-MoE's counts, A and M compared where they exist
+        assert bool(a["dmap"]) == (args[:1] == ("desmoe",))  # DES-MoE's counts, A and M compared where they exist
         assert not a["dmap"] or a["dmap"][-1][2] is not None  # M refreshed within the run
         assert all(g > 0 for g in a["grad_norm"])
         _same(a, b, f"rank {rank}")
@@ -178,3 +180,23 @@ def test_desmoe_recompute_exact_ep2(ranks, tmp_path):
 
 def test_fft_recompute_exact_ep2(ranks, tmp_path):
     _compare(ranks, desmoe_case, tmp_path, "fft")
+
+
+def _bf16_config(tmp_path) -> str:
+    """configs/zero2.json with bf16 on: DeepSpeed's bf16 engine, the GPU's path (on a CPU "auto" is fp32)."""
+    cfg = json.loads((ROOT / "configs/zero2.json").read_text())
+    cfg["bf16"] = {"enabled": True}
+    path = tmp_path / "zero2_bf16.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_desmoe_recompute_exact_ep2_bf16(ranks, tmp_path):
+    """In bf16 the recompute must run the same ops on the same bf16 inputs: bit for bit again."""
+    _compare(ranks, desmoe_case, tmp_path, "desmoe", _bf16_config(tmp_path))
+    assert json.loads((tmp_path / "desmoe-layers" / "deepspeed.json").read_text())["bf16"]["enabled"] is True
+
+
+def test_pretrain_hf_recompute_exact_ep2_bf16(ranks, tmp_path):
+    _compare(ranks, pretrain_case, tmp_path, _bf16_config(tmp_path), layers=3)
+    assert json.loads((tmp_path / "pretrain-layers" / "deepspeed.json").read_text())["bf16"]["enabled"] is True
