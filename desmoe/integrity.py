@@ -28,12 +28,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tree_digest(root: str | Path, suffixes: tuple[str, ...] = ()) -> str:
-    """sha256 over the files under ``root`` (those ending in ``suffixes``, or all), each its relative path and
-    content digest, in path order: a folder's identity (a model base, a source tree); a file stands for itself."""
+def tree_digest(root: str | Path, suffixes: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> str:
+    """sha256 over the files under ``root`` (those ending in ``suffixes``, or all; none named in ``exclude``),
+    each its relative path and content digest, in path order: a folder's identity (a model base, a source
+    tree); a file stands for itself."""
     root, digest = Path(root), hashlib.sha256()
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
-                                                 and (not suffixes or p.suffix in suffixes))
+                                                 and (not suffixes or p.suffix in suffixes) and p.name not in exclude)
     for f in files:
         digest.update(f"{f.relative_to(root.parent).as_posix()}\0{sha256_file(f)}\n".encode())
     return digest.hexdigest()

@@ -40,6 +40,9 @@ def data_stamp(source: str) -> str:
     return source if source == "stdlib" else fingerprint(source)
 
 
+BASE_DESCRIPTIONS = ("report.json", "desmoe-manifest.json")
+
+
 def inputs_stamp(run: DESMoEExperiment) -> str:
     """What a run starts from: its data and its base (an HF folder or a desmoe checkpoint).  The base is in it
     because the config names the base by path: a base retrained into the same path (launcher/pretrain.py with
@@ -48,8 +51,8 @@ def inputs_stamp(run: DESMoEExperiment) -> str:
 
     lines = [f"data {data_stamp(run.data.source)}"]
     for key, path in (("base.hf", run.base.hf), ("base.checkpoint", run.base.checkpoint)):
-        if path:
-            lines.append(f"{key} {tree_digest(path) if Path(path).is_dir() else 'missing'}")
+        if path:  # an export's report (its timings) and the manifest that hashes it are not the base
+            lines.append(f"{key} {tree_digest(path, exclude=BASE_DESCRIPTIONS) if Path(path).is_dir() else 'missing'}")
     return "\n".join(lines) + "\n"
 
 

@@ -41,3 +41,8 @@ def test_a_finished_run_is_reused_only_from_the_same_base(tmp_path):
     assert reused()
     (base / "tokenizer.model").write_bytes(b"another tokenizer beside the same weights")
     assert not reused()
+    # the same base rebuilt: its report (training seconds) and the manifest hashing it differ, the base not
+    (run_dir / "inputs.sha256").write_text(desmoe_study.inputs_stamp(run))
+    (base / "report.json").write_text(json.dumps({"train_s_this_run": 512.3}))
+    (base / "desmoe-manifest.json").write_text(json.dumps({"files": {"report.json": [1, "ab"]}}))
+    assert reused()
