@@ -23,10 +23,10 @@ def case_config(run_dir, method, extra=()):
     return load_config(TRGEExperiment, "configs/trge_digits.yaml", overrides)
 
 
-def run_case(run_dir, method, extra=()):
+def run_case(run_dir, method, extra=(), ds="configs/zero2.json"):
     from desmoe.recipes.trge.recipe import run_trge
 
-    return run_trge(case_config(run_dir, method, extra), "configs/zero2.json")
+    return run_trge(case_config(run_dir, method, extra), ds)
 
 
 def resume_error(run_dir, method):
@@ -109,3 +109,45 @@ def test_trge_run_two_ranks_and_resume(ranks, tmp_path):
     seal(ckpts / "step00000009")  # as if written so: the load itself must refuse the missing key
     errors = ranks.run(resume_error, str(tmp_path), "trge")
     assert errors[0] and f"lacks trainable key '{dropped}'" in errors[0] and "\n" not in errors[0], errors
+
+
+def test_trge_resumes_exactly_in_bf16(ranks, tmp_path):
+    """DeepSpeed's bf16 engine (the GPU's path; on a CPU the config's "auto" is fp32): the frozen CLIP in bf16,
+    the adapters' fp32 master copies in ZeRO-2.  A resume at step 8 of 9 redoes the last step with the same
+    loss and ends with the same accuracy matrix as the uninterrupted run."""
+    from pathlib import Path
+
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "configs/zero2.json").read_text())
+    cfg["bf16"] = {"enabled": True}
+    ds = tmp_path / "zero2_bf16.json"
+    ds.write_text(json.dumps(cfg))
+    first = ranks.run(run_case, str(tmp_path), "trge", ("train.save_every=2",), str(ds))[0]
+    run = tmp_path / "trge"
+    assert json.loads((run / "deepspeed.json").read_text())["bf16"]["enabled"] is True
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    last_loss = [r["train/loss"] for r in rows if r["step"] == 9 and "train/loss" in r]
+    import shutil
+
+    import torch
+
+    def weights(tag):  # every trained tensor of a checkpoint: the dense gates and each expert's file
+        out = {}
+        for f in sorted(tag.glob("*model_states.pt")):
+            state = torch.load(f, weights_only=False)
+            for k, v in state.get("module", state).items():  # an expert's file is its state dict itself
+                if isinstance(v, torch.Tensor):
+                    out[f"{f.name}:{k}"] = v
+        return out
+
+    shutil.copytree(run / "checkpoints" / "step00000009", tmp_path / "uninterrupted")
+    (run / "checkpoints" / "latest").write_text("step00000008")
+    again = ranks.run(run_case, str(tmp_path), "trge", ("train.save_every=2",), str(ds))[0]
+    assert again["accuracy_matrix"] == first["accuracy_matrix"]
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/loss"] for r in rows if r["step"] == 9 and "train/loss" in r] == last_loss and last_loss
+    # the redone step's update needs AdamW's moments and the fp32 master copies as they were at step 8
+    want, got = weights(tmp_path / "uninterrupted"), weights(run / "checkpoints" / "step00000009")
+    assert want.keys() == got.keys() and len(want) > 0
+    assert all(got[k].dtype == torch.bfloat16 for k in got), {k: v.dtype for k, v in got.items()}
+    differ = [k for k in want if not torch.equal(want[k], got[k])]
+    assert not differ, differ[:3]
