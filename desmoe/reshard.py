@@ -171,11 +171,14 @@ def load(engine, ckpt_dir: str | Path, saved_world: int, trainable_only: bool = 
     tag = checkpoint.latest_tag(ckpt_dir)
     where = Path(ckpt_dir) / tag
     integrity.verify(where, "checkpoint")  # never read a short file
-    files = [where / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(saved_world)]
+    # DeepSpeed names a bf16 engine's files bf16_zero_pp_rank_*; the precision is the saved run's (a change of
+    # bf16.enabled at resume is refused by checkpoint.check_resume_deepspeed)
+    prefix = "bf16_" if engine.bfloat16_enabled() else ""
+    files = [where / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(saved_world)]
     missing = [f for f in files if not f.is_file()]
-    if missing or (where / f"zero_pp_rank_{saved_world}_mp_rank_00_optim_states.pt").exists():
+    if missing or (where / f"{prefix}zero_pp_rank_{saved_world}_mp_rank_00_optim_states.pt").exists():
         raise UserError(f"{where}: expected the optimizer files of {saved_world} ranks (deepspeed.json's world_size), "
-                        f"found {len(list(where.glob('zero_pp_rank_*_optim_states.pt')))}")
+                        f"found {len(list(where.glob(f'{prefix}zero_pp_rank_*_optim_states.pt')))}")
     custom = checkpoint._load_allowing_frozen(where) if trainable_only else None
     try:
         path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False,

@@ -10,6 +10,7 @@ end equal."""
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -102,7 +103,8 @@ def run(kind: str, run_dir: str, name: str, accum: int, ep: int):
             if kind == "desmoe" and hasattr(self.method, "dmap"):  # DES-MoE itself (the baselines keep no A/M)
                 seen["M"], seen["A"] = self.method.dmap.M.tolist(), self.method.dmap.A.tolist()
 
-    Trainer(Watched(cfg), DS).run()
+    # bf16: DeepSpeed's bf16 engine, the GPU's path (on a CPU the config's "auto" is fp32); the test wrote it
+    Trainer(Watched(cfg), str(Path(run_dir) / "zero2_bf16.json") if variant == "bf16" else DS).run()
     return seen
 
 
@@ -118,19 +120,39 @@ def _losses(run_dir, key):
     return {r["step"]: r[key] for r in rows if key in r}
 
 
-@pytest.fixture(scope="module")
+_one: list = []  # the module's 1-rank pool, restarted after a test broke it (as conftest's ranks fixture does)
+
+
+@pytest.fixture
 def one_rank():
     from rankpool import RankPool
 
-    pool = RankPool(1)
-    yield pool
-    pool.close()
+    if _one and not _one[0].healthy:
+        _one.pop().close()
+    if not _one:
+        _one.append(RankPool(1))
+    yield _one[0]
+
+
+def teardown_module():
+    while _one:
+        _one.pop().close()
 
 
 @pytest.mark.parametrize("kind,key,saved_world", [(kind, "train/loss", world) for kind in
-                                                   ("lm", "pretrain", "desmoe", "desmoe+masked", "desmoe+warmup")
+                                                   ("lm", "pretrain", "desmoe", "desmoe+masked", "desmoe+warmup",
+                                                    "desmoe+bf16")
                                                    for world in (2, 1)])
 def test_resume_at_another_world_size_continues_the_run(ranks, one_rank, tmp_path, kind, key, saved_world):
+    """+bf16 (the GPU's engine; it found the bf16 files' other name, bf16_zero_pp_rank_*, which every elastic
+    resume of a bf16 run failed on): the saved fp32 master weights and moments are loaded bit for bit as in fp32;
+    the losses after the
+    resume are compared only in fp32 (in bf16 a step's gradient sum over 2 micro-batches is rounded to bf16 on
+    one rank and not across 2, so the runs part by bf16 roundings, which no fp32 bound describes)."""
+    if kind.endswith("+bf16"):
+        cfg = json.loads(Path(DS).read_text())
+        cfg["bf16"] = {"enabled": True}
+        (tmp_path / "zero2_bf16.json").write_text(json.dumps(cfg))
     pools = {2: (ranks, 1, 2), 1: (one_rank, 2, 1)}  # world -> (pool, grad_accum, ep_size)
     (saved, accum, ep), (other, accum2, ep2) = pools[saved_world], pools[3 - saved_world]
     first = first_steps(kind)
@@ -148,6 +170,9 @@ def test_resume_at_another_world_size_continues_the_run(ranks, one_rank, tmp_pat
     gaps = {step: abs(uninterrupted[step] - resumed[step]) / abs(uninterrupted[step]) for step in resumed}
     print(f"{kind} {saved_world} -> {3 - saved_world} ranks: relative loss gaps {gaps}")
     assert all(gaps[step] == 0 for step in range(1, first + 1))  # rows before the resume are kept as they were
+    if kind.endswith("+bf16"):
+        assert json.loads((tmp_path / "run" / "deepspeed.json").read_text())["bf16"]["enabled"] is True
+        return
     assert all(gap <= RTOL for gap in gaps.values()), (gaps, uninterrupted, resumed)
     if "M" in full[0]:
         assert full[0]["M"] == after[0]["M"] and full[0]["A"] == after[0]["A"]
