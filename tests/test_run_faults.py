@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 DS = str(ROOT / "configs/zero2.json")
 
 
-def run_case(run_dir: str, steps: int = 6, fault: str = "", at: int = 0):
+def run_case(run_dir: str, steps: int = 6, fault: str = "", at: int = 0, ds: str = DS):
     """The smoke LM for ``steps`` steps (checkpoint every 2), with ``fault`` at global step ``at``:
     "crash" (an error after step ``at`` is logged), "inf_loss" (rank 1's loss is inf), "nan_grads" (a finite
     loss whose gradient is NaN), "fsize" (rank 1 may write no file over 4 KiB from then on).  Returns
@@ -56,7 +58,7 @@ def run_case(run_dir: str, steps: int = 6, fault: str = "", at: int = 0):
                 raise RuntimeError("crash")
 
     try:
-        Trainer(Faulty(cfg), DS).run()
+        Trainer(Faulty(cfg), ds).run()
     except (UserError, TrainingFailure) as err:
         return str(err)
     except RuntimeError as err:
@@ -118,6 +120,23 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(ranks, tmp_path):
 def test_non_finite_gradients_under_a_finite_loss_stop_the_run(ranks, tmp_path):
     """DeepSpeed's ZeRO optimizer skips such an update silently (no fp16 loss scaler to lower here)."""
     out = ranks.run(run_case, str(tmp_path), 6, "nan_grads", 3)
+    assert out[0] == out[1] and out[0].startswith("non-finite gradients at step 3"), out
+    assert (tmp_path / "r/checkpoints/latest").read_text() == "step00000002"
+
+
+@pytest.mark.parametrize("stage", [2, 0])
+def test_non_finite_gradients_stop_a_bf16_run_too(ranks, tmp_path, stage):
+    """DeepSpeed's bf16 engine (the GPU's path): ZeRO-2 keeps its fp32 masters in DeepSpeed's ZeRO optimizer (as
+    ZeRO-1 does), stage 0 in its unfused bf16 optimizer (gradient clipping off: with experts over ranks stage 0 refuses it);
+    each must stop the run at the step whose gradients are NaN, not skip it silently."""
+    cfg = json.loads(Path(DS).read_text())
+    cfg["bf16"] = {"enabled": True}
+    cfg["zero_optimization"]["stage"] = stage
+    if stage == 0:
+        cfg["gradient_clipping"] = 0.0
+    ds = tmp_path / "ds_bf16.json"
+    ds.write_text(json.dumps(cfg))
+    out = ranks.run(run_case, str(tmp_path), 6, "nan_grads", 3, str(ds))
     assert out[0] == out[1] and out[0].startswith("non-finite gradients at step 3"), out
     assert (tmp_path / "r/checkpoints/latest").read_text() == "step00000002"
 
