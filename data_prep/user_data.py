@@ -212,7 +212,9 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
     except UnicodeDecodeError:
         raise UserError(f"{path}: unreadable user file (not UTF-8 text)") from None
     except (OSError, EOFError) as err:  # gzip: BadGzipFile is an OSError, a cut-off file an EOFError
-        raise UserError(f"{path}: unreadable user file ({err.strerror or type(err).__name__})") from None
+        # an EOFError has no strerror (reading it was an AttributeError traceback); gzip's own text says why
+        why = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise UserError(f"{path}: unreadable user file ({why})") from None
     except Exception as err:  # pyarrow's errors for a corrupt parquet file
         if isinstance(err, UserError):
             raise

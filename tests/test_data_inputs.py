@@ -169,3 +169,21 @@ def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
     (tmp_path / "alpha" / "b.txt").write_bytes(bom + "plain text".encode())
     texts = sorted(d.text for d in user_docs(tmp_path, ["alpha"], "heldout")["alpha"])
     assert texts == ["first record", "plain text", "second"]
+
+
+def test_a_gzip_file_cut_off_mid_stream_is_one_line(tmp_path):
+    """A .jsonl.gz whose copy or download stopped part way: gzip raises EOFError, which has no strerror; the
+    reader's message read it and died with an AttributeError traceback instead of naming the file."""
+    import gzip
+
+    from data_prep.user_data import user_docs
+
+    (tmp_path / "alpha").mkdir()
+    whole = gzip.compress("".join(json.dumps({"text": f"record number {i}"}) + "\n" for i in range(3000)).encode())
+    (tmp_path / "alpha" / "a.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match=r"alpha/a\.jsonl\.gz: unreadable user file \(Compressed file ended before "
+                                        r"the end-of-stream marker was reached\)$"):
+        user_docs(tmp_path, ["alpha"], "heldout")
+    (tmp_path / "alpha" / "a.jsonl.gz").write_bytes(b'{"text": "plain, not gzip"}\n')
+    with pytest.raises(UserError, match=r"a\.jsonl\.gz: unreadable user file \(Not a gzipped file"):
+        user_docs(tmp_path, ["alpha"], "heldout")
