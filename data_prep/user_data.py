@@ -203,8 +203,11 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
             if fmt == "text":
                 if isinstance(row["text"], str):
                     yield Doc(_unicode(row["text"], where), source, licence, str(i))
-                elif path.suffix != ".parquet":  # parquet: null cells are skipped, as before
-                    raise UserError(f"{where}: expected an object with a string field 'text'")
+                # parquet: null cells are skipped, as before; any other type (an integer or binary column) is
+                # refused: it was skipped too, so a whole file of them vanished from the data without a word
+                elif path.suffix != ".parquet" or row["text"] is not None:
+                    got = f", got {type(row['text']).__name__}" if path.suffix == ".parquet" else ""
+                    raise UserError(f"{where}: expected an object with a string field 'text'{got}")
                 continue
             segments = _segments(fmt, row, where, chat, chat_why)
             _unicode("".join(t for t, _ in segments), where)

@@ -187,3 +187,18 @@ def test_a_gzip_file_cut_off_mid_stream_is_one_line(tmp_path):
     (tmp_path / "alpha" / "a.jsonl.gz").write_bytes(b'{"text": "plain, not gzip"}\n')
     with pytest.raises(UserError, match=r"a\.jsonl\.gz: unreadable user file \(Not a gzipped file"):
         user_docs(tmp_path, ["alpha"], "heldout")
+
+
+def test_a_parquet_text_column_that_is_not_text_is_refused(tmp_path):
+    """A parquet file whose 'text' column holds integers or bytes (a binary column): its rows were skipped like
+    null cells, so the whole file left the data without a word.  Null cells are still skipped."""
+    from data_prep.user_data import user_docs
+
+    (tmp_path / "alpha").mkdir()
+    pq.write_table(pa.table({"text": ["kept", None, "kept too"]}), tmp_path / "alpha" / "a.parquet")
+    assert sorted(d.text for d in user_docs(tmp_path, ["alpha"], "heldout")["alpha"]) == ["kept", "kept too"]
+    for values, kind in (([7, 8], "int"), ([b"raw bytes", b"more"], "bytes")):
+        pq.write_table(pa.table({"text": values}), tmp_path / "alpha" / "b.parquet")
+        with pytest.raises(UserError, match=rf"alpha/b\.parquet: row 1: expected an object with a string field "
+                                            rf"'text', got {kind}$"):
+            user_docs(tmp_path, ["alpha"], "heldout")
