@@ -182,6 +182,11 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
 
 def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
     name = f"user:{path.relative_to(root)}"
+    try:  # the default source: a name in another encoding (a Windows zip's) holds surrogates that no hash takes
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{path}: the file's name is not UTF-8 (it is the records' default 'source'); "
+                        f"rename it") from None
     try:
         if path.suffix == ".txt":
             yield Doc(path.read_text(encoding="utf-8-sig"), name, "user-supplied", "0")  # no BOM in the text
@@ -199,7 +204,12 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
                                 f"one format per file")
             # 'license' (US spelling, most HF datasets' column) was ignored: the card said "user-supplied"
             licence = row.get("licence") or row.get("license") or "user-supplied"
-            source, licence = str(row.get("source") or name), str(licence)
+            # a missing source is the file's name; 0 is a source like 12 ("or" made it the file's name)
+            source = name if row.get("source") in (None, "") else str(row.get("source"))
+            # they key the split and order hashes and are written to parquet: a lone surrogate there was a
+            # UnicodeEncodeError traceback from the build, not a line naming the record
+            source = _unicode(source, f"{where}: key 'source'")
+            licence = _unicode(str(licence), f"{where}: key 'licence'")
             if fmt == "text":
                 if isinstance(row["text"], str):
                     yield Doc(_unicode(row["text"], where), source, licence, str(i))

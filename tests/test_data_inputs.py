@@ -1,5 +1,6 @@
 """Users' own data through the same pipeline, and one-line errors for bad input."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,23 @@ def test_a_parquet_text_column_that_is_not_text_is_refused(tmp_path):
         with pytest.raises(UserError, match=rf"alpha/b\.parquet: row 1: expected an object with a string field "
                                             rf"'text', got {kind}$"):
             user_docs(tmp_path, ["alpha"], "heldout")
+
+
+def test_source_and_licence_fields_as_users_write_them(tmp_path):
+    """A lone surrogate in 'source' or 'licence' passed the reader and ended the build in a UnicodeEncodeError
+    traceback (from the split hash); a numeric source 0 became the file's name while 12 became "12"."""
+    from data_prep.user_data import user_docs
+
+    (tmp_path / "alpha").mkdir()
+    f = tmp_path / "alpha" / "a.jsonl"
+    f.write_text('{"text": "one", "source": 0}\n{"text": "two", "source": 12}\n{"text": "three", "source": null}\n')
+    assert [d.source for d in user_docs(tmp_path, ["alpha"], "heldout")["alpha"]] == ["0", "12", "user:alpha/a.jsonl"]
+    for key in ("source", "licence", "license"):
+        f.write_text('{"text": "fine"}\n{"text": "hello", "%s": "x\\ud800"}\n' % key)
+        with pytest.raises(UserError, match=r"alpha/a\.jsonl: line 2: key '(source|licence)': a lone UTF-16 surrogate"):
+            user_docs(tmp_path, ["alpha"], "heldout")
+    # a file name in another encoding (unzipped from a Windows archive) is the records' default source
+    f.unlink()
+    (tmp_path / "alpha" / os.fsdecode(b"caf\xe9.txt")).write_text("some text")
+    with pytest.raises(UserError, match=r"caf.\.txt: the file's name is not UTF-8"):
+        user_docs(tmp_path, ["alpha"], "heldout")
