@@ -266,6 +266,21 @@ def _segments(fmt: str, row: dict, where: str, chat: Chat, chat_why: str) -> lis
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in msgs):
         raise UserError(f"{where}: key 'messages': expected a non-empty list of {{'role': str, 'content': str}}")
+    # A chat is rendered from each message's role and content: any other key (an assistant's tool_calls, a tool
+    # message's name) and the record's tools/documents (which apply_chat_template renders into the prompt) were
+    # dropped without a word, so the model trained on another text than the template gives for the chat (a tool
+    # answer with no call before it).  Refused; empty values are absent (HF datasets' exports write a null for
+    # every key any message of the column has).
+    absent = (None, "", [], {})
+    for k, m in enumerate(msgs):
+        extra = sorted(key for key, value in m.items() if key not in ("role", "content") and value not in absent)
+        if extra:
+            raise UserError(f"{where}: key 'messages[{k}].{extra[0]}': not rendered (a message is rendered from its "
+                            f"'role' and 'content' only); expected no other key, or null")
+    for key in ("tools", "documents"):
+        if row.get(key) not in absent:
+            raise UserError(f"{where}: key '{key}': not rendered (a chat is rendered from its 'messages' only); "
+                            f"expected no '{key}', or null")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
         raise UserError(f"{where}: key 'messages': no non-empty 'assistant' turn (nothing to train on)")
     if chat is None:

@@ -215,3 +215,32 @@ def test_a_folder_of_piece_by_piece_records_is_refused_and_fingerprints_follow_t
     mask.write_bytes(bytes(body))
     integrity.seal(old)
     assert PreparedData(old).masked == ["qa"] and fingerprint(old) != fingerprint(instruct_data)
+
+
+def test_chat_keys_the_template_would_not_see_are_refused(tmp_path):
+    """An assistant turn's tool_calls, a tool message's name and a record's tools were dropped before rendering,
+    so the model trained on another text than the chat template gives (a tool's answer with no call before it).
+    Null keys are absent: HF datasets' to_json writes every key of the column into every message."""
+    from datasets import Dataset
+    from jinja2 import Template
+
+    from data_prep.user_data import user_docs
+
+    tmpl = Template("{% for m in messages %}<|{{ m.role }}|>{% if m.tool_calls %}CALL {{ m.tool_calls[0].name }}"
+                    "{% endif %}{{ m.content }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    chat = lambda msgs, gen: tmpl.render(messages=msgs, add_generation_prompt=gen)  # noqa: E731
+    plain = {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4"}]}
+    tool = {"messages": [{"role": "user", "content": "Weather?"},
+                         {"role": "assistant", "content": "", "tool_calls": [{"name": "weather"}]},
+                         {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}
+    (tmp_path / "qa").mkdir()
+    f = tmp_path / "qa" / "chat.jsonl"
+    Dataset.from_list([plain, plain]).to_json(f)
+    assert [d.text for d in user_docs(tmp_path, ["qa"], "h", chat)["qa"]] == [chat(plain["messages"], False)] * 2
+    Dataset.from_list([plain, tool]).to_json(f)  # every message now has a tool_calls key, null but in one
+    with pytest.raises(UserError, match=r"qa/chat\.jsonl: line 2: key 'messages\[1\]\.tool_calls': not rendered"):
+        user_docs(tmp_path, ["qa"], "h", chat)
+    f.write_text(json.dumps({**plain, "tools": [{"name": "weather"}]}) + "\n")
+    with pytest.raises(UserError, match=r"qa/chat\.jsonl: line 1: key 'tools': not rendered"):
+        user_docs(tmp_path, ["qa"], "h", chat)
