@@ -244,3 +244,28 @@ def test_chat_keys_the_template_would_not_see_are_refused(tmp_path):
     f.write_text(json.dumps({**plain, "tools": [{"name": "weather"}]}) + "\n")
     with pytest.raises(UserError, match=r"qa/chat\.jsonl: line 1: key 'tools': not rendered"):
         user_docs(tmp_path, ["qa"], "h", chat)
+
+
+def test_user_data_in_a_records_only_instruct_domain_is_refused(tmp_path):
+    """instruct.domains.<d>=records trains on the records generated from the sources only: a user's files for that
+    domain (the demo's math/code/law/medicine/finance) were read, then dropped without a word."""
+    from data_prep.build import build
+
+    folder = tmp_path / "mine"
+    for d in ("qa", "prose", "heldout"):
+        (folder / d).mkdir(parents=True)
+    (folder / "qa" / "pc.jsonl").write_text("".join(json.dumps({"prompt": f"What is {q}?\n", "completion": a}) + "\n"
+                                                    for q, a in docstrings()[:15]))
+    # plain "Question: ...\nAnswer: ..." text the build makes its own records of (without the check, the build
+    # succeeds and trains on those alone); prose and held-out text
+    (folder / "qa" / "qa.jsonl").write_text("".join(json.dumps({"text": f"Question: What is {q}?\nAnswer: {q}"}) + "\n"
+                                                    for q, _ in docstrings()[15:45]))
+    (folder / "prose" / "p.jsonl").write_text("".join(json.dumps({"text": a}) + "\n" for _, a in docstrings()[45:70]))
+    (folder / "heldout" / "h.jsonl").write_text("".join(json.dumps({"text": a}) + "\n" for _, a in docstrings()[70:]))
+    prof = profile(tmp_path, folder, tmp_path / "unused", tokenizer={"vocab_size": 400},
+                   instruct={"domains": {"qa": "records"}, "max_records": 40, "exact_per_domain": 5})
+    with pytest.raises(UserError, match=r"mine/qa: 45 user documents for domain 'qa', which instruct\.domains\.qa="
+                                        r"'records' trains on the records generated from its sources only; set "
+                                        r"instruct\.domains\.qa=mixed .* or leave 'qa' out of instruct\.domains$"):
+        build(str(prof), tmp_path / "out", cache=tmp_path / "cache", quiet=True)
+    assert not (tmp_path / "out").exists()
