@@ -143,11 +143,22 @@ def record_format(row) -> Optional[str]:
 
 
 def _text(path: Path) -> str:
-    # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the data
+    # a UTF-8 byte-order mark (some Windows editors write one) is not part of the data
     if path.name.endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8-sig") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8-sig")
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    else:
+        raw = path.read_bytes()
+    # CRLF and a lone CR end lines, as text mode read them (a CR byte is never part of a UTF-8 sequence, and JSON
+    # strings hold no raw CR: nothing else changes)
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # not utf-8-sig: its error offsets skip the mark
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:  # name the line (one bad byte in a million-line export is hard to find)
+        line = raw[:err.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: unreadable user file (not UTF-8 text: byte "
+                        f"{raw[err.start]:#04x})") from None
 
 
 def _unique_keys(where: str):

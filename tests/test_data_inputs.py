@@ -223,3 +223,22 @@ def test_source_and_licence_fields_as_users_write_them(tmp_path):
     (tmp_path / "alpha" / os.fsdecode(b"caf\xe9.txt")).write_text("some text")
     with pytest.raises(UserError, match=r"caf.\.txt: the file's name is not UTF-8"):
         user_docs(tmp_path, ["alpha"], "heldout")
+
+
+def test_a_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    """One Latin-1 byte in a JSONL export (plain or gzipped) named only the file; it names the line now.  Line
+    ends and the byte-order mark as before: CRLF and a lone CR end a line, a BOM is read past."""
+    import gzip
+
+    from data_prep.user_data import user_docs
+
+    (tmp_path / "alpha").mkdir()
+    body = b'\xef\xbb\xbf{"text": "fine"}\r\n{"text": "also fine"}\r{"text": "caf\xe9"}\n'
+    for name, data in (("a.jsonl", body), ("a.jsonl.gz", gzip.compress(body))):
+        (tmp_path / "alpha" / name).write_bytes(data)
+        with pytest.raises(UserError, match=rf"alpha/{name}: line 3: unreadable user file \(not UTF-8 text: byte 0xe9\)$"):
+            user_docs(tmp_path, ["alpha"], "heldout")
+        (tmp_path / "alpha" / name).write_bytes(data.replace(b"\xe9", "\u00e9".encode()) if name == "a.jsonl"
+                                                else gzip.compress(body.replace(b"\xe9", "\u00e9".encode())))
+        assert [d.text for d in user_docs(tmp_path, ["alpha"], "heldout")["alpha"]] == ["fine", "also fine", "caf\u00e9"]
+        (tmp_path / "alpha" / name).unlink()
