@@ -269,3 +269,17 @@ def test_user_data_in_a_records_only_instruct_domain_is_refused(tmp_path):
                                         r"instruct\.domains\.qa=mixed .* or leave 'qa' out of instruct\.domains$"):
         build(str(prof), tmp_path / "out", cache=tmp_path / "cache", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_instruction_records_in_the_held_out_set_are_refused(tmp_path):
+    """The held-out set is scored by perplexity over every token and has no loss mask: chats put there were built
+    without a word, their prompts and template markup measured, each cut at max_record_tokens mid-text."""
+    from data_prep.build import build
+
+    folder = user_folder(tmp_path)
+    recs, prose = records()
+    (folder / "qa" / "chat.jsonl").rename(folder / "heldout" / "chat.jsonl")
+    tok = hf_tokenizer(tmp_path / "hf", [json.dumps(r) for rows in recs.values() for r in rows] + prose)
+    with pytest.raises(UserError, match=r"mine/heldout/chat\.jsonl: line 1: an instruction record in the held-out set "
+                                        r"'heldout' \(perplexity over every token, no loss mask\); expected plain text"):
+        build(str(profile(tmp_path, folder, tok)), tmp_path / "out", cache=tmp_path / "cache", quiet=True)
