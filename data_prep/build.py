@@ -135,6 +135,20 @@ class Builder:
         if cfg.user_data:
             from data_prep.user_data import chat_renderer, user_docs
             user = user_docs(cfg.user_data, list(cfg.domains), cfg.heldout, *chat_renderer(cfg.tokenizer))
+            # held-out text is scored by perplexity over every token: a record there was measured on its prompt and
+            # template markup too, and cut at max_record_tokens mid-text, without a word
+            rec = next((d for d in user.get(cfg.heldout, []) if isinstance(d, Record)), None)
+            if rec is not None:
+                raise UserError(f"{rec.origin}: an instruction record in the held-out set '{cfg.heldout}' (perplexity "
+                                f"over every token, no loss mask); expected plain text ('text' records, .txt files)")
+            # a 'records' domain trains on the records generated from its sources' structure only: a user's
+            # documents and records there were dropped without a word (the demo's five specialist domains)
+            for name, docs in user.items():
+                if docs and cfg.instruct.domains.get(name) == "records":
+                    raise UserError(f"{Path(cfg.user_data) / name}: {len(docs)} user documents for domain '{name}', "
+                                    f"which instruct.domains.{name}='records' trains on the records generated from "
+                                    f"its sources only; set instruct.domains.{name}=mixed (records, then documents "
+                                    f"up to the budget) or leave '{name}' out of instruct.domains")
         # a generous character cap per domain before tokenization keeps large sources cheap;
         # the exact token budget is applied after tokenization
         cap = int(cfg.budget_tokens * 8 / (1 - cfg.val_fraction - cfg.test_fraction))

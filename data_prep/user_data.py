@@ -143,11 +143,22 @@ def record_format(row) -> Optional[str]:
 
 
 def _text(path: Path) -> str:
-    # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the data
+    # a UTF-8 byte-order mark (some Windows editors write one) is not part of the data
     if path.name.endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8-sig") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8-sig")
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    else:
+        raw = path.read_bytes()
+    # CRLF and a lone CR end lines, as text mode read them (a CR byte is never part of a UTF-8 sequence, and JSON
+    # strings hold no raw CR: nothing else changes)
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # not utf-8-sig: its error offsets skip the mark
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:  # name the line (one bad byte in a million-line export is hard to find)
+        line = raw[:err.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: unreadable user file (not UTF-8 text: byte "
+                        f"{raw[err.start]:#04x})") from None
 
 
 def _unique_keys(where: str):
@@ -182,6 +193,11 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
 
 def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
     name = f"user:{path.relative_to(root)}"
+    try:  # the default source: a name in another encoding (a Windows zip's) holds surrogates that no hash takes
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{path}: the file's name is not UTF-8 (it is the records' default 'source'); "
+                        f"rename it") from None
     try:
         if path.suffix == ".txt":
             yield Doc(path.read_text(encoding="utf-8-sig"), name, "user-supplied", "0")  # no BOM in the text
@@ -199,12 +215,20 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
                                 f"one format per file")
             # 'license' (US spelling, most HF datasets' column) was ignored: the card said "user-supplied"
             licence = row.get("licence") or row.get("license") or "user-supplied"
-            source, licence = str(row.get("source") or name), str(licence)
+            # a missing source is the file's name; 0 is a source like 12 ("or" made it the file's name)
+            source = name if row.get("source") in (None, "") else str(row.get("source"))
+            # they key the split and order hashes and are written to parquet: a lone surrogate there was a
+            # UnicodeEncodeError traceback from the build, not a line naming the record
+            source = _unicode(source, f"{where}: key 'source'")
+            licence = _unicode(str(licence), f"{where}: key 'licence'")
             if fmt == "text":
                 if isinstance(row["text"], str):
                     yield Doc(_unicode(row["text"], where), source, licence, str(i))
-                elif path.suffix != ".parquet":  # parquet: null cells are skipped, as before
-                    raise UserError(f"{where}: expected an object with a string field 'text'")
+                # parquet: null cells are skipped, as before; any other type (an integer or binary column) is
+                # refused: it was skipped too, so a whole file of them vanished from the data without a word
+                elif path.suffix != ".parquet" or row["text"] is not None:
+                    got = f", got {type(row['text']).__name__}" if path.suffix == ".parquet" else ""
+                    raise UserError(f"{where}: expected an object with a string field 'text'{got}")
                 continue
             segments = _segments(fmt, row, where, chat, chat_why)
             _unicode("".join(t for t, _ in segments), where)
@@ -212,7 +236,9 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
     except UnicodeDecodeError:
         raise UserError(f"{path}: unreadable user file (not UTF-8 text)") from None
     except (OSError, EOFError) as err:  # gzip: BadGzipFile is an OSError, a cut-off file an EOFError
-        raise UserError(f"{path}: unreadable user file ({err.strerror or type(err).__name__})") from None
+        # an EOFError has no strerror (reading it was an AttributeError traceback); gzip's own text says why
+        why = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise UserError(f"{path}: unreadable user file ({why})") from None
     except Exception as err:  # pyarrow's errors for a corrupt parquet file
         if isinstance(err, UserError):
             raise
@@ -251,6 +277,21 @@ def _segments(fmt: str, row: dict, where: str, chat: Chat, chat_why: str) -> lis
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in msgs):
         raise UserError(f"{where}: key 'messages': expected a non-empty list of {{'role': str, 'content': str}}")
+    # A chat is rendered from each message's role and content: any other key (an assistant's tool_calls, a tool
+    # message's name) and the record's tools/documents (which apply_chat_template renders into the prompt) were
+    # dropped without a word, so the model trained on another text than the template gives for the chat (a tool
+    # answer with no call before it).  Refused; empty values are absent (HF datasets' exports write a null for
+    # every key any message of the column has).
+    absent = (None, "", [], {})
+    for k, m in enumerate(msgs):
+        extra = sorted(key for key, value in m.items() if key not in ("role", "content") and value not in absent)
+        if extra:
+            raise UserError(f"{where}: key 'messages[{k}].{extra[0]}': not rendered (a message is rendered from its "
+                            f"'role' and 'content' only); expected no other key, or null")
+    for key in ("tools", "documents"):
+        if row.get(key) not in absent:
+            raise UserError(f"{where}: key '{key}': not rendered (a chat is rendered from its 'messages' only); "
+                            f"expected no '{key}', or null")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
         raise UserError(f"{where}: key 'messages': no non-empty 'assistant' turn (nothing to train on)")
     if chat is None:

@@ -1,5 +1,6 @@
 """Users' own data through the same pipeline, and one-line errors for bad input."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,75 @@ def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
     (tmp_path / "alpha" / "b.txt").write_bytes(bom + "plain text".encode())
     texts = sorted(d.text for d in user_docs(tmp_path, ["alpha"], "heldout")["alpha"])
     assert texts == ["first record", "plain text", "second"]
+
+
+def test_a_gzip_file_cut_off_mid_stream_is_one_line(tmp_path):
+    """A .jsonl.gz whose copy or download stopped part way: gzip raises EOFError, which has no strerror; the
+    reader's message read it and died with an AttributeError traceback instead of naming the file."""
+    import gzip
+
+    from data_prep.user_data import user_docs
+
+    (tmp_path / "alpha").mkdir()
+    whole = gzip.compress("".join(json.dumps({"text": f"record number {i}"}) + "\n" for i in range(3000)).encode())
+    (tmp_path / "alpha" / "a.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match=r"alpha/a\.jsonl\.gz: unreadable user file \(Compressed file ended before "
+                                        r"the end-of-stream marker was reached\)$"):
+        user_docs(tmp_path, ["alpha"], "heldout")
+    (tmp_path / "alpha" / "a.jsonl.gz").write_bytes(b'{"text": "plain, not gzip"}\n')
+    with pytest.raises(UserError, match=r"a\.jsonl\.gz: unreadable user file \(Not a gzipped file"):
+        user_docs(tmp_path, ["alpha"], "heldout")
+
+
+def test_a_parquet_text_column_that_is_not_text_is_refused(tmp_path):
+    """A parquet file whose 'text' column holds integers or bytes (a binary column): its rows were skipped like
+    null cells, so the whole file left the data without a word.  Null cells are still skipped."""
+    from data_prep.user_data import user_docs
+
+    (tmp_path / "alpha").mkdir()
+    pq.write_table(pa.table({"text": ["kept", None, "kept too"]}), tmp_path / "alpha" / "a.parquet")
+    assert sorted(d.text for d in user_docs(tmp_path, ["alpha"], "heldout")["alpha"]) == ["kept", "kept too"]
+    for values, kind in (([7, 8], "int"), ([b"raw bytes", b"more"], "bytes")):
+        pq.write_table(pa.table({"text": values}), tmp_path / "alpha" / "b.parquet")
+        with pytest.raises(UserError, match=rf"alpha/b\.parquet: row 1: expected an object with a string field "
+                                            rf"'text', got {kind}$"):
+            user_docs(tmp_path, ["alpha"], "heldout")
+
+
+def test_source_and_licence_fields_as_users_write_them(tmp_path):
+    """A lone surrogate in 'source' or 'licence' passed the reader and ended the build in a UnicodeEncodeError
+    traceback (from the split hash); a numeric source 0 became the file's name while 12 became "12"."""
+    from data_prep.user_data import user_docs
+
+    (tmp_path / "alpha").mkdir()
+    f = tmp_path / "alpha" / "a.jsonl"
+    f.write_text('{"text": "one", "source": 0}\n{"text": "two", "source": 12}\n{"text": "three", "source": null}\n')
+    assert [d.source for d in user_docs(tmp_path, ["alpha"], "heldout")["alpha"]] == ["0", "12", "user:alpha/a.jsonl"]
+    for key in ("source", "licence", "license"):
+        f.write_text('{"text": "fine"}\n{"text": "hello", "%s": "x\\ud800"}\n' % key)
+        with pytest.raises(UserError, match=r"alpha/a\.jsonl: line 2: key '(source|licence)': a lone UTF-16 surrogate"):
+            user_docs(tmp_path, ["alpha"], "heldout")
+    # a file name in another encoding (unzipped from a Windows archive) is the records' default source
+    f.unlink()
+    (tmp_path / "alpha" / os.fsdecode(b"caf\xe9.txt")).write_text("some text")
+    with pytest.raises(UserError, match=r"caf.\.txt: the file's name is not UTF-8"):
+        user_docs(tmp_path, ["alpha"], "heldout")
+
+
+def test_a_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    """One Latin-1 byte in a JSONL export (plain or gzipped) named only the file; it names the line now.  Line
+    ends and the byte-order mark as before: CRLF and a lone CR end a line, a BOM is read past."""
+    import gzip
+
+    from data_prep.user_data import user_docs
+
+    (tmp_path / "alpha").mkdir()
+    body = b'\xef\xbb\xbf{"text": "fine"}\r\n{"text": "also fine"}\r{"text": "caf\xe9"}\n'
+    for name, data in (("a.jsonl", body), ("a.jsonl.gz", gzip.compress(body))):
+        (tmp_path / "alpha" / name).write_bytes(data)
+        with pytest.raises(UserError, match=rf"alpha/{name}: line 3: unreadable user file \(not UTF-8 text: byte 0xe9\)$"):
+            user_docs(tmp_path, ["alpha"], "heldout")
+        (tmp_path / "alpha" / name).write_bytes(data.replace(b"\xe9", "\u00e9".encode()) if name == "a.jsonl"
+                                                else gzip.compress(body.replace(b"\xe9", "\u00e9".encode())))
+        assert [d.text for d in user_docs(tmp_path, ["alpha"], "heldout")["alpha"]] == ["fine", "also fine", "caf\u00e9"]
+        (tmp_path / "alpha" / name).unlink()

@@ -215,3 +215,71 @@ def test_a_folder_of_piece_by_piece_records_is_refused_and_fingerprints_follow_t
     mask.write_bytes(bytes(body))
     integrity.seal(old)
     assert PreparedData(old).masked == ["qa"] and fingerprint(old) != fingerprint(instruct_data)
+
+
+def test_chat_keys_the_template_would_not_see_are_refused(tmp_path):
+    """An assistant turn's tool_calls, a tool message's name and a record's tools were dropped before rendering,
+    so the model trained on another text than the chat template gives (a tool's answer with no call before it).
+    Null keys are absent: HF datasets' to_json writes every key of the column into every message."""
+    from datasets import Dataset
+    from jinja2 import Template
+
+    from data_prep.user_data import user_docs
+
+    tmpl = Template("{% for m in messages %}<|{{ m.role }}|>{% if m.tool_calls %}CALL {{ m.tool_calls[0].name }}"
+                    "{% endif %}{{ m.content }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    chat = lambda msgs, gen: tmpl.render(messages=msgs, add_generation_prompt=gen)  # noqa: E731
+    plain = {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4"}]}
+    tool = {"messages": [{"role": "user", "content": "Weather?"},
+                         {"role": "assistant", "content": "", "tool_calls": [{"name": "weather"}]},
+                         {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}
+    (tmp_path / "qa").mkdir()
+    f = tmp_path / "qa" / "chat.jsonl"
+    Dataset.from_list([plain, plain]).to_json(f)
+    assert [d.text for d in user_docs(tmp_path, ["qa"], "h", chat)["qa"]] == [chat(plain["messages"], False)] * 2
+    Dataset.from_list([plain, tool]).to_json(f)  # every message now has a tool_calls key, null but in one
+    with pytest.raises(UserError, match=r"qa/chat\.jsonl: line 2: key 'messages\[1\]\.tool_calls': not rendered"):
+        user_docs(tmp_path, ["qa"], "h", chat)
+    f.write_text(json.dumps({**plain, "tools": [{"name": "weather"}]}) + "\n")
+    with pytest.raises(UserError, match=r"qa/chat\.jsonl: line 1: key 'tools': not rendered"):
+        user_docs(tmp_path, ["qa"], "h", chat)
+
+
+def test_user_data_in_a_records_only_instruct_domain_is_refused(tmp_path):
+    """instruct.domains.<d>=records trains on the records generated from the sources only: a user's files for that
+    domain (the demo's math/code/law/medicine/finance) were read, then dropped without a word."""
+    from data_prep.build import build
+
+    folder = tmp_path / "mine"
+    for d in ("qa", "prose", "heldout"):
+        (folder / d).mkdir(parents=True)
+    (folder / "qa" / "pc.jsonl").write_text("".join(json.dumps({"prompt": f"What is {q}?\n", "completion": a}) + "\n"
+                                                    for q, a in docstrings()[:15]))
+    # plain "Question: ...\nAnswer: ..." text the build makes its own records of (without the check, the build
+    # succeeds and trains on those alone); prose and held-out text
+    (folder / "qa" / "qa.jsonl").write_text("".join(json.dumps({"text": f"Question: What is {q}?\nAnswer: {q}"}) + "\n"
+                                                    for q, _ in docstrings()[15:45]))
+    (folder / "prose" / "p.jsonl").write_text("".join(json.dumps({"text": a}) + "\n" for _, a in docstrings()[45:70]))
+    (folder / "heldout" / "h.jsonl").write_text("".join(json.dumps({"text": a}) + "\n" for _, a in docstrings()[70:]))
+    prof = profile(tmp_path, folder, tmp_path / "unused", tokenizer={"vocab_size": 400},
+                   instruct={"domains": {"qa": "records"}, "max_records": 40, "exact_per_domain": 5})
+    with pytest.raises(UserError, match=r"mine/qa: 45 user documents for domain 'qa', which instruct\.domains\.qa="
+                                        r"'records' trains on the records generated from its sources only; set "
+                                        r"instruct\.domains\.qa=mixed .* or leave 'qa' out of instruct\.domains$"):
+        build(str(prof), tmp_path / "out", cache=tmp_path / "cache", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_instruction_records_in_the_held_out_set_are_refused(tmp_path):
+    """The held-out set is scored by perplexity over every token and has no loss mask: chats put there were built
+    without a word, their prompts and template markup measured, each cut at max_record_tokens mid-text."""
+    from data_prep.build import build
+
+    folder = user_folder(tmp_path)
+    recs, prose = records()
+    (folder / "qa" / "chat.jsonl").rename(folder / "heldout" / "chat.jsonl")
+    tok = hf_tokenizer(tmp_path / "hf", [json.dumps(r) for rows in recs.values() for r in rows] + prose)
+    with pytest.raises(UserError, match=r"mine/heldout/chat\.jsonl: line 1: an instruction record in the held-out set "
+                                        r"'heldout' \(perplexity over every token, no loss mask\); expected plain text"):
+        build(str(profile(tmp_path, folder, tok)), tmp_path / "out", cache=tmp_path / "cache", quiet=True)
