@@ -140,9 +140,6 @@ def _deepseek_v3_router(cfg) -> dict:
 
 def _gpt_oss_check(cfg, where: str) -> None:
     _check_topk(cfg, where, cfg.num_local_experts)
-    if getattr(cfg, "quantization_config", None):
-        raise _refuse(where, "quantization_config", "none (dequantise the MXFP4 experts to bf16/fp32 first)",
-                      "set")
 
 
 def _gpt_oss_router(cfg) -> dict:
@@ -204,6 +201,13 @@ def arch_for(config, source: str = "checkpoint") -> MoEArch:
         raise UserError(f"{source}: unsupported architecture '{model_type}' "
                         f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     arch = ARCHITECTURES[model_type]
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        # Every family: quantised weights (FP8 with weight_scale_inv, MXFP4 blocks/scales, GPTQ, AWQ,
+        # bitsandbytes) are read as plain tensors here, their scales ignored: silently wrong numbers.
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        raise _refuse(source, "quantization_config", "none (dequantise the weights to bf16/fp32 first, e.g. "
+                      "from_pretrained then save_pretrained without it)", f"quant_method {method}")
     arch.check(config, source)
     return arch
 

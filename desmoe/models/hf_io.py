@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -34,19 +34,51 @@ def checkpoint_config(path: str | Path):
         raise UserError(f"{path / 'config.json'}: not a loadable Hugging Face config ({first})") from None
 
 
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def weight_files(path: Path) -> dict[Path, Optional[set[str]]]:
+    """The safetensors files transformers' ``from_pretrained`` reads from ``path``, each with the keys the
+    index assigns it (None: all of its keys).  Its order: ``model.safetensors`` alone if present, else the
+    files of ``model.safetensors.index.json``.  Other ``*.safetensors`` in the folder (a stale shard, an
+    older copy, Mistral's ``consolidated.safetensors``) are not the model: reading them too put their
+    values in place of the model's (a glob over ``*.safetensors`` did)."""
+    if (path / SINGLE).is_file():
+        return {path / SINGLE: None}
+    index = path / INDEX
+    if not index.is_file():
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        raise UserError(f"{path}: no {SINGLE} or {INDEX} (found: {', '.join(others) or 'no weight files'}; "
+                        f"desmoe reads safetensors: save with save_pretrained)")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert isinstance(weight_map, dict) and weight_map
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{index}: key 'weight_map': expected a non-empty {{tensor: file}} map") from None
+    files: dict[Path, set[str]] = {}
+    for key, name in weight_map.items():
+        files.setdefault(path / str(name), set()).add(key)
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{index}: key 'weight_map': file '{f.name}' listed there is missing")
+    return files
+
+
 class CheckpointTensors:
     def __init__(self, path: str | Path, renames: Iterable[tuple[str, str]] = ()) -> None:
         from safetensors import safe_open
 
         self.path = Path(path)
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise UserError(f"{self.path}: no *.safetensors weight files (save the model with "
-                            f"save_pretrained(..., safe_serialization=True))")
+        files = weight_files(self.path)
         self._handles = {f: safe_open(str(f), framework="pt") for f in files}
         self._where: dict[str, tuple[Path, str]] = {}  # normalised key -> (file, key on disk)
         for f, handle in self._handles.items():
-            for key in handle.keys():
+            listed = files[f]
+            on_disk = set(handle.keys())
+            if listed is not None and not listed <= on_disk:
+                raise UserError(f"{self.path / INDEX}: key 'weight_map': tensor '{sorted(listed - on_disk)[0]}' "
+                                f"is not in {f.name}")
+            for key in on_disk if listed is None else listed:
                 name = key
                 for old, new in renames:
                     name = name.replace(old, new)

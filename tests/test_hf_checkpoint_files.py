@@ -1,0 +1,155 @@
+"""Checkpoint folders as users bring them: which files are the model, quantised weights, tied embeddings
+with their own head, tensors whose shapes contradict config.json.  Each either loads and reproduces
+``from_pretrained`` on the same folder, or is refused in one line naming the file and the key."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_options import make_config
+from hf_tiny import ARCHS, save_tiny
+from tolerance import assert_close
+
+SEQ = 11
+
+
+def _terms(cfg) -> int:  # the fp32 reduction chain, as tests/test_hf_options.py counts it
+    widths = [getattr(cfg, n, 0) or 0 for n in ("intermediate_size", "moe_intermediate_size")]
+    return cfg.num_hidden_layers * (6 * cfg.hidden_size + SEQ + max(widths)) + cfg.hidden_size
+
+
+def _same_as_transformers(path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from desmoe.models.hf_moe import load_hf_moe
+
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+    ids = torch.randint(0, ref.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(load_hf_moe(path).eval()(ids).logits, ref(ids).logits, terms=_terms(ref.config))
+
+
+def _refused(path, *fragments) -> str:
+    from desmoe.errors import UserError
+    from desmoe.models.hf_moe import load_hf_moe
+
+    with pytest.raises(UserError) as err:
+        load_hf_moe(path)
+    msg = str(err.value)
+    assert "\n" not in msg and all(f in msg for f in fragments), msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return save_tiny("qwen3_moe", tmp_path_factory.mktemp("hf") / "qwen3_moe", seed=5)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_only_the_files_transformers_reads_are_the_model(qwen3, tmp_path):
+    """A stray ``*.safetensors`` beside the model (an older copy, a stale shard) holding the same keys
+    with other values: transformers reads ``model.safetensors`` (or the index's files) only.  Before the
+    fix desmoe globbed every file and the stray one's values won (74 at logits of magnitude 6)."""
+    state = load_file(qwen3 / "model.safetensors")
+    stray = {k: v + 1 for k, v in state.items()}
+    single = _copy(qwen3, tmp_path / "single")
+    save_file(stray, str(single / "model_old.safetensors"))
+    _same_as_transformers(single)
+
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(str(qwen3), dtype=torch.float32).save_pretrained(
+        str(sharded), max_shard_size="20KB")
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    _same_as_transformers(sharded)
+    save_file(stray, str(sharded / "model-99999-of-99999.safetensors"))  # not in the index
+    _same_as_transformers(sharded)
+
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[0]
+    (sharded / gone).unlink()
+    _refused(sharded, "model.safetensors.index.json", "'weight_map'", gone)
+
+    pickled = _copy(qwen3, tmp_path / "pickled")  # .bin (pickle) weights only
+    torch.save(state, pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    _refused(pickled, str(pickled), "pytorch_model.bin", "model.safetensors")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("quant", [{"quant_method": "fp8", "weight_block_size": [128, 128]},
+                                   {"quant_method": "mxfp4"}, {"quant_method": "gptq", "bits": 4}])
+def test_quantised_checkpoints_are_refused(tmp_path, arch, quant):
+    """Quantised weights would be read as plain tensors with their scales ignored (FP8's
+    ``weight_scale_inv``: silently wrong logits; before the fix only gpt_oss refused, and only MXFP4)."""
+    cfg = make_config(arch, {})
+    cfg.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "quantization_config": quant}))
+    _refused(tmp_path, "config.json", "'quantization_config'", quant["quant_method"])
+
+
+def test_fp8_weights_with_scales_would_differ(qwen3, tmp_path):
+    """The reason for the refusal, measured: transformers dequantises FP8 weights with their scales
+    (on CPU to bf16), so the scale matters; desmoe refuses rather than load the unscaled values."""
+    from transformers import AutoModelForCausalLM
+
+    path = _copy(qwen3, tmp_path / "fp8")
+    state = load_file(path / "model.safetensors")
+    out = {}
+    for k, v in state.items():
+        if k.startswith("model.layers.") and k.endswith("_proj.weight") and ".experts." not in k:
+            out[k] = (v / 2).to(torch.float8_e4m3fn)
+            out[k[:-len("weight")] + "weight_scale_inv"] = torch.full((1, 1), 2.0)
+        else:
+            out[k] = v
+    save_file(out, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                  "activation_scheme": "dynamic"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    _refused(path, "'quantization_config'", "fp8")
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    w = ref.model.layers[0].self_attn.q_proj.weight.float()
+    stored = (state["model.layers.0.self_attn.q_proj.weight"] / 2).to(torch.float8_e4m3fn).float()
+    assert torch.equal(w, stored * 2) and not torch.equal(w, stored)  # x2 is exact in fp8 -> bf16 -> fp32
+
+
+def test_tied_config_with_its_own_lm_head(qwen3, tmp_path):
+    """config.json ties the embeddings but the file holds an lm_head: transformers 5 keeps the
+    checkpoint's head when it differs (and ties when equal).  Before the fix desmoe tied regardless:
+    logits off by 9 at magnitude 6."""
+    tied = _copy(qwen3, tmp_path / "tied")
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    _refused(tied, "config.json", "'tie_word_embeddings'", "lm_head.weight")
+    state = load_file(tied / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tied / "model.safetensors"))
+    _same_as_transformers(tied)  # equal head: tied, as transformers does
+
+
+def test_tensor_shapes_must_match_config(qwen3, tmp_path):
+    """A tensor of another shape than config.json implies: transformers refuses (size mismatch).  Before
+    the fix desmoe broadcast a [1] norm weight silently and failed on other shapes without a key."""
+    small = _copy(qwen3, tmp_path / "norm")
+    state = load_file(small / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"][:1].contiguous()
+    save_file(state, str(small / "model.safetensors"))
+    _refused(small, "'model.norm.weight'", "expected shape [32]", "got [1]")
+    wide = _copy(qwen3, tmp_path / "width")
+    cfg = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**cfg, "moe_intermediate_size": 8}))
+    _refused(wide, "'model.layers.0.mlp.experts.0", "expected shape [16, 32]", "got [32, 32]")
+    router = _copy(qwen3, tmp_path / "router")
+    state = load_file(router / "model.safetensors")
+    state["model.layers.1.mlp.gate.weight"] = state["model.layers.1.mlp.gate.weight"][:, :1].contiguous()
+    save_file(state, str(router / "model.safetensors"))
+    _refused(router, "'model.layers.1.mlp.gate.weight'", "expected shape [8, 32]")
