@@ -153,3 +153,23 @@ def test_tensor_shapes_must_match_config(qwen3, tmp_path):
     state["model.layers.1.mlp.gate.weight"] = state["model.layers.1.mlp.gate.weight"][:, :1].contiguous()
     save_file(state, str(router / "model.safetensors"))
     _refused(router, "'model.layers.1.mlp.gate.weight'", "expected shape [8, 32]")
+
+
+@pytest.mark.parametrize("edit,fragments", [
+    (dict(num_experts_per_tok=None), ("'num_experts_per_tok'", "expected int", "None")),
+    (dict(decoder_sparse_step="2"), ("'decoder_sparse_step'", "expected int", "'2'")),
+    (dict(model_type="my_moe", auto_map={"AutoConfig": "configuration_my.MyConfig"}), ("custom code",)),
+])
+def test_unloadable_configs_are_one_line_without_a_prompt(qwen3, tmp_path, monkeypatch, edit, fragments):
+    """transformers 5 validates config field types with an error that is not a ValueError and spans
+    lines (it escaped as a traceback before); an ``auto_map`` of an unknown architecture made
+    transformers ask on stdin whether to run the folder's code (every rank, in a training job)."""
+    import builtins
+
+    prompts = []
+    monkeypatch.setattr(builtins, "input", lambda *a: prompts.append(a) or "n")
+    path = _copy(qwen3, tmp_path / "cfg")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **edit}))
+    _refused(path, "config.json", "not a loadable Hugging Face config", *fragments)
+    assert not prompts

@@ -27,11 +27,17 @@ def checkpoint_config(path: str | Path):
         raise UserError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face checkpoint (no config.json)")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path / 'config.json'}: not a loadable Hugging Face config ({first})") from None
+        # trust_remote_code=False: an ``auto_map`` of an architecture transformers lacks is refused here;
+        # left unset, transformers asks "Do you wish to run the custom code? [y/N]" on stdin (every rank).
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError, TypeError, StrictDataclassError) as err:
+        # transformers 5 validates field types (StrictDataclassError, not a ValueError): its message spans
+        # lines ("Validation error for field 'x':\n TypeError: ..."), the key is on the first, the value after.
+        text = " ".join(str(err).split())[:300] or type(err).__name__
+        raise UserError(f"{path / 'config.json'}: not a loadable Hugging Face config ({text})") from None
 
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
