@@ -15,20 +15,20 @@ from tolerance import assert_close
 SEQ = 11
 
 
-def _terms(cfg) -> int:  # the fp32 reduction chain, as tests/test_hf_options.py counts it
+def _terms(cfg, seq: int) -> int:  # the fp32 reduction chain, as tests/test_hf_options.py counts it
     widths = [getattr(cfg, n, 0) or 0 for n in ("intermediate_size", "moe_intermediate_size")]
-    return cfg.num_hidden_layers * (6 * cfg.hidden_size + SEQ + max(widths)) + cfg.hidden_size
+    return cfg.num_hidden_layers * (6 * cfg.hidden_size + seq + max(widths)) + cfg.hidden_size
 
 
-def _same_as_transformers(path) -> None:
+def _same_as_transformers(path, seq: int = SEQ) -> None:
     from transformers import AutoModelForCausalLM
 
     from desmoe.models.hf_moe import load_hf_moe
 
     ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
-    ids = torch.randint(0, ref.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, ref.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert_close(load_hf_moe(path).eval()(ids).logits, ref(ids).logits, terms=_terms(ref.config))
+        assert_close(load_hf_moe(path).eval()(ids).logits, ref(ids).logits, terms=_terms(ref.config, seq))
 
 
 def _refused(path, *fragments) -> str:
@@ -173,3 +173,57 @@ def test_unloadable_configs_are_one_line_without_a_prompt(qwen3, tmp_path, monke
     (path / "config.json").write_text(json.dumps({**cfg, **edit}))
     _refused(path, "config.json", "not a loadable Hugging Face config", *fragments)
     assert not prompts
+
+
+def _rope_variants(half: int) -> dict[str, dict]:
+    """Every rope type transformers implements (``ROPE_INIT_FUNCTIONS``), with parameters that take
+    effect at the tested length (original length 16 < 40 tokens; dynamic beyond max_position 64)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    orig = dict(original_max_position_embeddings=16)
+    variants = {"default": {}, "linear": dict(factor=2.0), "dynamic": dict(factor=2.0),
+                "yarn": dict(orig, factor=4.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.5),
+                "llama3": dict(orig, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0),
+                "longrope": dict(orig, short_factor=[1.0 + i / half for i in range(half)],
+                                 long_factor=[2.0 + i / half for i in range(half)]),
+                "proportional": dict(partial_rotary_factor=0.5)}
+    assert set(ROPE_INIT_FUNCTIONS) <= set(variants), f"a new rope type to enumerate: {set(ROPE_INIT_FUNCTIONS)}"
+    return {name: {"rope_type": name, "rope_theta": 10000.0, **kw} for name, kw in variants.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_rope_type_reproduces_transformers(tmp_path, arch):
+    """The rotary module is the model's own, but its non-persistent buffers (inv_freq, original_inv_freq)
+    are rebuilt by desmoe after the meta build (``restore_buffers``): each rope type, at lengths where its
+    scaling acts (dynamic: 80 tokens > max_position_embeddings 64), against from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_tiny import tiny_config
+
+    def config():
+        cfg = tiny_config(arch)
+        cfg.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads  # Mixtral: None
+        return cfg
+
+    with torch.device("meta"):
+        half = AutoModelForCausalLM.from_config(config()).model.rotary_emb.inv_freq.numel()
+    # longrope's factor lists: one per rotary frequency, which GLM's partial rotary counts over the whole head
+    variants = list(_rope_variants(half).items()) + [("longrope", _rope_variants(config().head_dim // 2)["longrope"])]
+    tried = []
+    for name, rope in variants:
+        if name in tried:
+            continue
+        cfg = config()
+        cfg.rope_parameters = rope
+        torch.manual_seed(0)
+        try:  # transformers itself builds and reloads it (GLM's partial rotary breaks its longrope)
+            AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(str(tmp_path / name))
+            AutoModelForCausalLM.from_pretrained(str(tmp_path / name), local_files_only=True)
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            print(arch, name, "not run by transformers:", " ".join(str(err).split())[:120])
+            continue
+        for seq in (40, 80):
+            _same_as_transformers(tmp_path / name, seq)
+        tried.append(name)
+    needed = {"default", "linear", "dynamic", "yarn", "llama3", "longrope"} - ({"longrope"} if arch == "glm4_moe" else set())
+    assert needed <= set(tried), tried
