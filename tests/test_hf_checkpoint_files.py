@@ -227,3 +227,16 @@ def test_every_rope_type_reproduces_transformers(tmp_path, arch):
         tried.append(name)
     needed = {"default", "linear", "dynamic", "yarn", "llama3", "longrope"} - ({"longrope"} if arch == "glm4_moe" else set())
     assert needed <= set(tried), tried
+
+
+@pytest.mark.parametrize("act,refused", [("swish", False), ("gelu", True), ("relu", True)])
+def test_expert_activation(qwen3, tmp_path, act, refused):
+    """``hidden_act: swish`` is transformers' SiLU (ACT2FN maps it to torch's SiLU): it loads and
+    reproduces transformers (it was refused); any other activation is refused in one line."""
+    path = _copy(qwen3, tmp_path / act)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "hidden_act": act}))
+    if refused:
+        _refused(path, "config.json", "'hidden_act'", act)
+    else:
+        _same_as_transformers(path)

@@ -72,7 +72,8 @@ def _check_groups(cfg, where: str, num_experts: int, min_group: int) -> None:
 
 
 def _check_silu(cfg, where: str) -> None:
-    if getattr(cfg, "hidden_act", "silu") != "silu":
+    # transformers' ACT2FN["swish"] is torch's SiLU: the same function, bit for bit
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         raise _refuse(where, "hidden_act", "'silu' (SwiGLU experts)", cfg.hidden_act)
 
 
