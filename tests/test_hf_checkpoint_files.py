@@ -240,3 +240,13 @@ def test_expert_activation(qwen3, tmp_path, act, refused):
         _refused(path, "config.json", "'hidden_act'", act)
     else:
         _same_as_transformers(path)
+
+
+def test_a_config_transformers_cannot_build_is_one_line(qwen3, tmp_path):
+    """An unknown ``rope_type`` passes transformers' config loading and fails building the model with a
+    bare KeyError (a traceback before); from_pretrained fails the same way."""
+    path = _copy(qwen3, tmp_path / "rope")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "nonexistent",
+                                                                              "rope_theta": 1e4}}))
+    _refused(path, "config.json", "cannot build", "nonexistent")

@@ -85,8 +85,13 @@ def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.f
     source = CheckpointTensors(path, arch.renames)
     original = copy.deepcopy(cfg)
     cfg.output_router_logits = False  # the HF router modules are gone; desmoe keeps routing on the blocks
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    except (KeyError, ValueError, TypeError) as err:  # e.g. an unknown rope_type: transformers' KeyError
+        text = " ".join(str(err).split())[:200]
+        raise UserError(f"{path / 'config.json'}: transformers cannot build this model from it "
+                        f"({type(err).__name__}: {text})") from None
     for i, layer in enumerate(model.model.layers):
         if arch.is_moe_layer(cfg, i):
             with torch.device("meta"):
