@@ -250,3 +250,19 @@ def test_a_config_transformers_cannot_build_is_one_line(qwen3, tmp_path):
     (path / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "nonexistent",
                                                                               "rope_theta": 1e4}}))
     _refused(path, "config.json", "cannot build", "nonexistent")
+
+
+def test_fp16_is_refused_at_load(tmp_path):
+    """An fp16 checkpoint loads in fp32 (exact) or bf16; asking for fp16 is refused at load in one line
+    (the model loaded and every forward failed inside the SwiGLU kernel)."""
+    path = save_tiny("qwen3_moe", tmp_path / "half", seed=1)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float16).save_pretrained(str(path))
+    assert json.loads((path / "config.json").read_text())["dtype"] == "float16"
+    _same_as_transformers(path)  # both upcast the fp16 weights exactly
+    from desmoe.errors import UserError
+    from desmoe.models.hf_moe import load_hf_moe
+
+    with pytest.raises(UserError, match="dtype torch.float16: expected torch.float32 or torch.bfloat16"):
+        load_hf_moe(path, dtype=torch.float16)

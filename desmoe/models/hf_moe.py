@@ -75,6 +75,9 @@ def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.f
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if dtype not in (torch.float32, torch.bfloat16):  # the fused SwiGLU kernels (desmoe.kernels) take these two
+        raise UserError(f"load_hf_moe: dtype {dtype}: expected torch.float32 or torch.bfloat16 (fp16 training "
+                        f"is not supported; load in fp32 and let DeepSpeed's bf16 engine cast)")
     integrity.verify(path, "model folder")  # a folder desmoe exported: every file complete
     cfg = checkpoint_config(path)
     arch = arch_for(cfg, str(path / "config.json"))
