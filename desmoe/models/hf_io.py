@@ -58,9 +58,10 @@ def weight_files(path: Path) -> dict[Path, Optional[set[str]]]:
                         f"desmoe reads safetensors: save with save_pretrained)")
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        assert isinstance(weight_map, dict) and weight_map
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"{index}: key 'weight_map': expected a non-empty {{tensor: file}} map") from None
+    except (ValueError, KeyError, TypeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index}: key 'weight_map': expected a non-empty {{tensor: file}} map")
     files: dict[Path, set[str]] = {}
     for key, name in weight_map.items():
         files.setdefault(path / str(name), set()).add(key)
