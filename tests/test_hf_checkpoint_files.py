@@ -266,3 +266,17 @@ def test_fp16_is_refused_at_load(tmp_path):
 
     with pytest.raises(UserError, match="dtype torch.float16: expected torch.float32 or torch.bfloat16"):
         load_hf_moe(path, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("damage", ["lfs_pointer", "truncated"])
+def test_unreadable_weight_files_are_named(qwen3, tmp_path, damage):
+    """A clone made without git-lfs (pointer files under the weights' names) or an interrupted copy:
+    safetensors' bare SafetensorError named no file (a traceback); now one line naming it."""
+    path = _copy(qwen3, tmp_path / damage)
+    weights = path / "model.safetensors"
+    if damage == "lfs_pointer":
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 123456\n")
+        _refused(path, str(weights), "git lfs pull")
+    else:
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+        _refused(path, str(weights), "not a readable safetensors file")

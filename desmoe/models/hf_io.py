@@ -71,13 +71,28 @@ def weight_files(path: Path) -> dict[Path, Optional[set[str]]]:
     return files
 
 
+LFS_POINTER = b"version https://git-lfs"
+
+
+def _open(safe_open, f: Path):
+    """safe_open, or one line naming the file: a clone without git-lfs leaves pointer files under the
+    weights' names, an interrupted copy a truncated one (safetensors' bare SafetensorError named neither)."""
+    try:
+        return safe_open(str(f), framework="pt")
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        with open(f, "rb") as fh:
+            lfs = fh.read(len(LFS_POINTER)) == LFS_POINTER
+        why = "a Git LFS pointer, not the weights: run 'git lfs pull'" if lfs else " ".join(str(err).split())[:200]
+        raise UserError(f"{f}: not a readable safetensors file ({why})") from None
+
+
 class CheckpointTensors:
     def __init__(self, path: str | Path, renames: Iterable[tuple[str, str]] = ()) -> None:
         from safetensors import safe_open
 
         self.path = Path(path)
         files = weight_files(self.path)
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
+        self._handles = {f: _open(safe_open, f) for f in files}
         self._where: dict[str, tuple[Path, str]] = {}  # normalised key -> (file, key on disk)
         for f, handle in self._handles.items():
             listed = files[f]
