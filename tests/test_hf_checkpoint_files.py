@@ -280,3 +280,29 @@ def test_unreadable_weight_files_are_named(qwen3, tmp_path, damage):
     else:
         weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
         _refused(path, str(weights), "not a readable safetensors file")
+
+
+@pytest.mark.parametrize("arch,dense", [("qwen3_moe", dict(mlp_only_layers=[0, 1])),
+                                        ("qwen2_moe", dict(decoder_sparse_step=3)),
+                                        ("deepseek_v3", dict(first_k_dense_replace=3))])
+def test_a_base_without_sparse_layers_is_refused(tmp_path, arch, dense):
+    """A config whose options leave every layer dense loads (it is transformers' dense model), but the
+    DES-MoE recipe's base must have experts: before, DGES stopped on ``blocks[0]`` with an IndexError."""
+    import types
+
+    from hf_tiny import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from desmoe.errors import UserError
+    from desmoe.recipes.des_moe.base_model import build_model
+
+    cfg = tiny_config(arch)
+    for key, value in dense.items():
+        setattr(cfg, key, value)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / arch))
+    _same_as_transformers(tmp_path / arch)
+    run = types.SimpleNamespace(base=types.SimpleNamespace(hf=str(tmp_path / arch), bias_update_rate=0.0),
+                                model=types.SimpleNamespace(ep_size=1), train=types.SimpleNamespace(seq_len=8))
+    with pytest.raises(UserError) as err:
+        build_model(run)
+    assert "\n" not in str(err.value) and "no sparse MoE layer" in str(err.value)
