@@ -68,3 +68,36 @@ def test_upcycle_bad_inputs(tmp_path):
         upcycle(moe, tmp_path / "x", num_experts=4, top_k=2)
     with pytest.raises(UserError, match="not a Hugging Face checkpoint"):
         upcycle(tmp_path, tmp_path / "x", num_experts=4, top_k=2)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_tied_config_with_its_own_dense_head_is_refused(dense, tmp_path, shared):
+    """config.json ties but the file holds a different lm_head: transformers 5 keeps that head untied, so
+    the dense model uses it; the upcycled MoE tied it to the embedding (measured on a tiny Llama: logits off by 8,
+    no error) before the refusal.  An equal stored head is tied and upcycles as before."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from desmoe.errors import UserError
+    from desmoe.models.upcycle import upcycle
+    from desmoe.models.upcycle_shared import upcycle_shared
+
+    def run(src, out):
+        if shared:
+            return upcycle_shared(src, out, num_experts=4, top_k=2, shared_ffn=16, router="zero")
+        return upcycle(src, out, num_experts=4, top_k=2)
+
+    src = shutil.copytree(dense, tmp_path / "dense")
+    state = load_file(src / "model.safetensors")
+    assert json.loads((src / "config.json").read_text())["tie_word_embeddings"] and "lm_head.weight" not in state
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] + 0.5
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(UserError) as err:
+        run(src, tmp_path / "moe")
+    msg = str(err.value)
+    assert "\n" not in msg and "config.json" in msg and "'tie_word_embeddings'" in msg, msg
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(src / "model.safetensors"))
+    assert run(src, tmp_path / "moe").is_dir()

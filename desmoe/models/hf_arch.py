@@ -72,7 +72,8 @@ def _check_groups(cfg, where: str, num_experts: int, min_group: int) -> None:
 
 
 def _check_silu(cfg, where: str) -> None:
-    if getattr(cfg, "hidden_act", "silu") != "silu":
+    # transformers' ACT2FN["swish"] is torch's SiLU: the same function, bit for bit
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         raise _refuse(where, "hidden_act", "'silu' (SwiGLU experts)", cfg.hidden_act)
 
 
@@ -140,9 +141,6 @@ def _deepseek_v3_router(cfg) -> dict:
 
 def _gpt_oss_check(cfg, where: str) -> None:
     _check_topk(cfg, where, cfg.num_local_experts)
-    if getattr(cfg, "quantization_config", None):
-        raise _refuse(where, "quantization_config", "none (dequantise the MXFP4 experts to bf16/fp32 first)",
-                      "set")
 
 
 def _gpt_oss_router(cfg) -> dict:
@@ -204,6 +202,13 @@ def arch_for(config, source: str = "checkpoint") -> MoEArch:
         raise UserError(f"{source}: unsupported architecture '{model_type}' "
                         f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     arch = ARCHITECTURES[model_type]
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        # Every family: quantised weights (FP8 with weight_scale_inv, MXFP4 blocks/scales, GPTQ, AWQ,
+        # bitsandbytes) are read as plain tensors here, their scales ignored: silently wrong numbers.
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        raise _refuse(source, "quantization_config", "none (dequantise the weights to bf16/fp32 first, e.g. "
+                      "from_pretrained then save_pretrained without it)", f"quant_method {method}")
     arch.check(config, source)
     return arch
 

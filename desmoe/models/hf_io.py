@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -27,11 +27,63 @@ def checkpoint_config(path: str | Path):
         raise UserError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face checkpoint (no config.json)")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path / 'config.json'}: not a loadable Hugging Face config ({first})") from None
+        # trust_remote_code=False: an ``auto_map`` of an architecture transformers lacks is refused here;
+        # left unset, transformers asks "Do you wish to run the custom code? [y/N]" on stdin (every rank).
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError, TypeError, StrictDataclassError) as err:
+        # transformers 5 validates field types (StrictDataclassError, not a ValueError): its message spans
+        # lines ("Validation error for field 'x':\n TypeError: ..."), the key is on the first, the value after.
+        text = " ".join(str(err).split())[:300] or type(err).__name__
+        raise UserError(f"{path / 'config.json'}: not a loadable Hugging Face config ({text})") from None
+
+
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def weight_files(path: Path) -> dict[Path, Optional[set[str]]]:
+    """The safetensors files transformers' ``from_pretrained`` reads from ``path``, each with the keys the
+    index assigns it (None: all of its keys).  Its order: ``model.safetensors`` alone if present, else the
+    files of ``model.safetensors.index.json``.  Other ``*.safetensors`` in the folder (a stale shard, an
+    older copy, Mistral's ``consolidated.safetensors``) are not the model: reading them too put their
+    values in place of the model's (a glob over ``*.safetensors`` did)."""
+    if (path / SINGLE).is_file():
+        return {path / SINGLE: None}
+    index = path / INDEX
+    if not index.is_file():
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        raise UserError(f"{path}: no {SINGLE} or {INDEX} (found: {', '.join(others) or 'no weight files'}; "
+                        f"desmoe reads safetensors: save with save_pretrained)")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index}: key 'weight_map': expected a non-empty {{tensor: file}} map")
+    files: dict[Path, set[str]] = {}
+    for key, name in weight_map.items():
+        files.setdefault(path / str(name), set()).add(key)
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{index}: key 'weight_map': file '{f.name}' listed there is missing")
+    return files
+
+
+LFS_POINTER = b"version https://git-lfs"
+
+
+def _open(safe_open, f: Path):
+    """safe_open, or one line naming the file: a clone without git-lfs leaves pointer files under the
+    weights' names, an interrupted copy a truncated one (safetensors' bare SafetensorError named neither)."""
+    try:
+        return safe_open(str(f), framework="pt")
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        with open(f, "rb") as fh:
+            lfs = fh.read(len(LFS_POINTER)) == LFS_POINTER
+        why = "a Git LFS pointer, not the weights: run 'git lfs pull'" if lfs else " ".join(str(err).split())[:200]
+        raise UserError(f"{f}: not a readable safetensors file ({why})") from None
 
 
 class CheckpointTensors:
@@ -39,14 +91,16 @@ class CheckpointTensors:
         from safetensors import safe_open
 
         self.path = Path(path)
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise UserError(f"{self.path}: no *.safetensors weight files (save the model with "
-                            f"save_pretrained(..., safe_serialization=True))")
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
+        files = weight_files(self.path)
+        self._handles = {f: _open(safe_open, f) for f in files}
         self._where: dict[str, tuple[Path, str]] = {}  # normalised key -> (file, key on disk)
         for f, handle in self._handles.items():
-            for key in handle.keys():
+            listed = files[f]
+            on_disk = set(handle.keys())
+            if listed is not None and not listed <= on_disk:
+                raise UserError(f"{self.path / INDEX}: key 'weight_map': tensor '{sorted(listed - on_disk)[0]}' "
+                                f"is not in {f.name}")
+            for key in on_disk if listed is None else listed:
                 name = key
                 for old, new in renames:
                     name = name.replace(old, new)

@@ -75,6 +75,9 @@ def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.f
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if dtype not in (torch.float32, torch.bfloat16):  # the fused SwiGLU kernels (desmoe.kernels) take these two
+        raise UserError(f"load_hf_moe: dtype {dtype}: expected torch.float32 or torch.bfloat16 (fp16 training "
+                        f"is not supported; load in fp32 and let DeepSpeed's bf16 engine cast)")
     integrity.verify(path, "model folder")  # a folder desmoe exported: every file complete
     cfg = checkpoint_config(path)
     arch = arch_for(cfg, str(path / "config.json"))
@@ -85,8 +88,13 @@ def load_hf_moe(path: str | Path, ep_size: int = 1, dtype: torch.dtype = torch.f
     source = CheckpointTensors(path, arch.renames)
     original = copy.deepcopy(cfg)
     cfg.output_router_logits = False  # the HF router modules are gone; desmoe keeps routing on the blocks
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    except (KeyError, ValueError, TypeError) as err:  # e.g. an unknown rope_type: transformers' KeyError
+        text = " ".join(str(err).split())[:200]
+        raise UserError(f"{path / 'config.json'}: transformers cannot build this model from it "
+                        f"({type(err).__name__}: {text})") from None
     for i, layer in enumerate(model.model.layers):
         if arch.is_moe_layer(cfg, i):
             with torch.device("meta"):
@@ -124,30 +132,56 @@ def restore_buffers(model: nn.Module) -> None:
         model._init_weights(module)
 
 
+def _fill(dst: Tensor, src: Tensor, key: str, source: CheckpointTensors) -> None:
+    """Copy a checkpoint tensor into the parameter config.json sized; ``copy_`` alone would broadcast a
+    smaller one (e.g. a norm weight of shape [1]) silently, or fail with a bare size message."""
+    if tuple(src.shape) != tuple(dst.shape):
+        raise UserError(f"{source.path}: tensor '{key}': expected shape {list(dst.shape)} (from config.json), "
+                        f"got {list(src.shape)}")
+    dst.copy_(src)
+
+
 def _load_dense(model: nn.Module, source: CheckpointTensors, skip: tuple[str, ...], tied: bool) -> None:
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.startswith(skip) or (tied and name == "lm_head.weight"):
             continue
-        tensor.data.copy_(source.get(name))
+        _fill(tensor.data, source.get(name), name, source)
+    if tied and "lm_head.weight" in source:
+        # transformers 5 unties when the checkpoint's lm_head differs from the embedding (and warns);
+        # tying here would replace the head the checkpoint holds: refuse instead.
+        embed = source.get(EMBED_KEY)
+        if not torch.equal(source.get("lm_head.weight").to(embed.dtype), embed):
+            raise UserError(f"{source.path / 'config.json'}: key 'tie_word_embeddings': expected false (the "
+                            f"checkpoint's lm_head.weight differs from {EMBED_KEY}), got True")
+
+
+EMBED_KEY = "model.embed_tokens.weight"
 
 
 def _load_block(block: MoEBlock, source: CheckpointTensors, arch: MoEArch, prefix: str) -> None:
     router = f"{prefix}.{arch.router_name}"
-    block.router.proj.weight.copy_(source.get(f"{router}.weight"))
+    _fill(block.router.proj.weight, source.get(f"{router}.weight"), f"{router}.weight", source)
     if arch.router_bias:
-        block.router.proj.bias.copy_(source.get(f"{router}.bias"))
+        _fill(block.router.proj.bias, source.get(f"{router}.bias"), f"{router}.bias", source)
     if arch.selection_bias:
-        block.router.selection_bias.copy_(source.get(f"{router}.{arch.selection_bias}"))
-    tensors = experts_from_hf(arch, source, prefix, block.local_global_ids())
+        key = f"{router}.{arch.selection_bias}"
+        _fill(block.router.selection_bias, source.get(key), key, source)
+    ids = block.local_global_ids()
+    tensors = experts_from_hf(arch, source, prefix, ids)
     for local_id, expert in enumerate(block.local_experts):
         params = dict(expert.named_parameters())
         for name, stacked in tensors.items():
-            params[name].copy_(stacked[local_id])
+            if len(stacked) != len(ids):  # a fused tensor with fewer experts than config.json says
+                raise UserError(f"{source.path}: tensor '{prefix}.experts' ({name}): expected "
+                                f"{block.num_experts} experts (config.json), found {ids.start + len(stacked)}")
+            _fill(params[name], stacked[local_id], f"{prefix}.experts.{ids[local_id]} ({name})", source)
     if block.shared is not None:
         for name, tensor in block.shared.state_dict(keep_vars=True).items():
-            tensor.data.copy_(source.get(f"{prefix}.{arch.shared}.{name}"))
+            key = f"{prefix}.{arch.shared}.{name}"
+            _fill(tensor.data, source.get(key), key, source)
     if block.shared_gate is not None:
-        block.shared_gate.weight.copy_(source.get(f"{prefix}.{arch.shared_gate}.weight"))
+        key = f"{prefix}.{arch.shared_gate}.weight"
+        _fill(block.shared_gate.weight, source.get(key), key, source)
 
 
 def _gather_experts(block: MoEBlock) -> dict[str, Tensor]:

@@ -116,7 +116,12 @@ def save_upcycled(cfg, state: dict, dense: str | Path, out_dir: str | Path, dtyp
     with torch.device("meta"):
         moe = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        head = state.pop("lm_head.weight", None)
+        # transformers 5 leaves a dense checkpoint's own lm_head untied when it differs from the embedding
+        # though config.json says tie: tying the MoE would swap the dense model's head for the embedding.
+        if head is not None and not torch.equal(head, state["model.embed_tokens.weight"]):
+            raise UserError(f"{Path(dense) / 'config.json'}: key 'tie_word_embeddings': expected false (the "
+                            f"checkpoint's lm_head.weight differs from model.embed_tokens.weight), got True")
     moe.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     restore_buffers(moe)
     if cfg.tie_word_embeddings:

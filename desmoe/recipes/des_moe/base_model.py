@@ -18,6 +18,11 @@ def build_model(cfg):
         from desmoe.models.hf_moe import load_hf_moe
 
         model = load_hf_moe(cfg.base.hf, ep_size=cfg.model.ep_size, bias_update_rate=cfg.base.bias_update_rate)
+        from desmoe.moe import moe_blocks
+
+        if not moe_blocks(model):  # the methods adapt experts and routers: DGES stopped on blocks[0] (IndexError)
+            raise UserError(f"base.hf={cfg.base.hf}: no sparse MoE layer (config.json's first_k_dense_replace / "
+                            f"mlp_only_layers / decoder_sparse_step leave all {len(model.model.layers)} layers dense)")
         model.config.use_cache = False
         # model.max_seq_len (checked in the config) does not describe an HF base: without this, a seq_len
         # beyond the positions it was trained for runs on silently (and a huge one runs out of memory)
