@@ -39,17 +39,18 @@ def load_tokenizer_for(model_dir: Path, data_root: Path | None):
 
 
 def load_model(model_dir: Path):
-    """The folder as its users load it: a folder with desmoe's shipped MoE code (``auto_map``, see
-    docs/export.md) through ``from_pretrained(trust_remote_code=True)``, any other HF MoE on desmoe's blocks."""
+    """The folder as its users load it: a folder with desmoe's shipped MoE code (``model_type`` desmoe_moe and
+    its ``auto_map``, see docs/export.md) through ``from_pretrained(trust_remote_code=True)``, any other HF MoE
+    on desmoe's blocks (an ``auto_map`` there is not run)."""
     from desmoe import integrity
     from desmoe.models.hf_moe import load_hf_moe
 
     config = json.loads((model_dir / "config.json").read_text())
-    if "auto_map" not in config:
-        return load_hf_moe(model_dir)
     if config.get("model_type") != "desmoe_moe":
-        raise UserError(f"{model_dir / 'config.json'}: auto_map names code desmoe did not write "
-                        f"(model_type {config.get('model_type')!r}); only desmoe_moe folders run their shipped code")
+        # Any other folder runs on desmoe's blocks, as base.hf does, never on code the folder ships: a local
+        # copy of a hub DeepSeek-V2/V3 folder carries an auto_map of its own modeling file, and was refused
+        # here although training loads it; load_hf_moe refuses an architecture it does not know in one line
+        return load_hf_moe(model_dir)
     from transformers import AutoModelForCausalLM
 
     integrity.verify(model_dir, "model folder")

@@ -306,3 +306,34 @@ def test_a_base_without_sparse_layers_is_refused(tmp_path, arch, dense):
     with pytest.raises(UserError) as err:
         build_model(run)
     assert "\n" not in str(err.value) and "no sparse MoE layer" in str(err.value)
+
+
+@pytest.mark.parametrize("model_type,refused", [("qwen3_moe", False), ("my_moe", True)])
+def test_evaluate_loads_a_known_family_that_ships_its_own_code(qwen3, tmp_path, model_type, refused):
+    """A local copy of a hub DeepSeek-V2/V3 folder carries ``auto_map`` and its modeling file: ``desmoe.evaluate``
+    refused it ("auto_map names code desmoe did not write") although ``base.hf`` loads it.  A known family now
+    runs on desmoe's blocks as in training (the shipped code is never run); an unknown one is one line."""
+    from desmoe.evaluate import load_model
+
+    path = _copy(qwen3, tmp_path / "shipped")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(model_type=model_type, auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                "AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "modeling_x.py").write_text("raise SystemExit('the shipped code ran')\n")
+    if refused:
+        from desmoe.errors import UserError
+
+        with pytest.raises(UserError) as err:
+            load_model(path)
+        assert "\n" not in str(err.value) and "config.json" in str(err.value), err.value
+        return
+    cfg.pop("auto_map")  # the reference: the same folder as transformers' built-in class reads it
+    ref_dir = _copy(qwen3, tmp_path / "plain")
+    (ref_dir / "config.json").write_text(json.dumps(cfg))
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(ref_dir), dtype=torch.float32, local_files_only=True).eval()
+    ids = torch.randint(0, ref.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(load_model(path).eval()(ids).logits, ref(ids).logits, terms=_terms(ref.config, SEQ))
