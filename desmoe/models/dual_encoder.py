@@ -217,7 +217,15 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu"):
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a local CLIP checkpoint folder (config.json missing)")
     integrity.verify(path, "model folder")
-    model = CLIPModel.from_pretrained(path, local_files_only=True)
+    # float32: transformers loads a bf16/fp16 folder in its stored dtype, and the fp32 adapters then meet bf16
+    # activations (a dtype error deep in the first step); the upcast is exact, and the run's precision is the
+    # DeepSpeed config's, as for every other backbone
+    model, info = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                            output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers fills them with random values and only prints a table: silent wrong numbers
+        raise UserError(f"{path}: {len(missing)} CLIPModel weight(s) missing from the checkpoint "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); expected a complete CLIPModel")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.to(device).eval(), tokenizer
 

@@ -1,0 +1,70 @@
+"""TRGE with the models and image tasks users bring: a local HF CLIP folder in bf16, with a weight missing or
+with its own pixel normalisation, and task sequences whose class names cannot make a classifier.  Each is
+either read exactly or refused in one line."""
+import json
+
+import pytest
+import torch
+
+from desmoe.errors import UserError
+
+
+def _save_clip(folder, dtype=torch.float32, processor=None):
+    from desmoe.models.dual_encoder import tiny_clip
+
+    model, tok = tiny_clip()
+    model.to(dtype).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    if processor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return model
+
+
+def _backbone(folder):
+    from desmoe.recipes.trge.backbones import BackboneConfig, load_backbone
+
+    return load_backbone(BackboneConfig(kind="hf_clip", path=str(folder)))
+
+
+def test_bf16_clip_folder_is_read_exactly_in_fp32(tmp_path):
+    """transformers keeps a bf16 folder in bf16; the fp32 adapters then met bf16 activations (RuntimeError
+    'mat1 and mat2 must have the same dtype' in the first step).  The upcast is exact."""
+    saved = _save_clip(tmp_path / "clip", torch.bfloat16)
+    bb = _backbone(tmp_path / "clip")
+    params = dict(bb.model.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.float32}
+    for name, p in saved.named_parameters():
+        assert torch.equal(params[name], p.float()), name
+
+
+def test_clip_folder_missing_a_weight_is_refused(tmp_path):
+    """transformers fills a missing weight with random values and only prints a table: silent wrong numbers."""
+    from safetensors.torch import load_file, save_file
+
+    _save_clip(tmp_path / "clip")
+    path = tmp_path / "clip" / "model.safetensors"
+    weights = load_file(path)
+    del weights["visual_projection.weight"]
+    save_file(weights, path, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"clip: 1 CLIPModel weight\(s\) missing from the checkpoint "
+                                        r"\(visual_projection.weight\); expected a complete CLIPModel$"):
+        _backbone(tmp_path / "clip")
+
+
+def test_clip_folder_normalisation_comes_from_its_preprocessor_config(tmp_path):
+    """OpenAI's mean/std were used whatever the folder's preprocessor_config.json said."""
+    _save_clip(tmp_path / "a", processor={"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 0.5]})
+    bb = _backbone(tmp_path / "a")
+    assert bb.mean == (0.5, 0.5, 0.5) and bb.std == (0.25, 0.5, 0.5)
+    px = bb.pixels(torch.full((1, 32, 32, 3), 255, dtype=torch.uint8))
+    assert torch.equal(px[0, :, 0, 0], torch.tensor([2.0, 1.0, 1.0]))  # (1 - 0.5) / std, exact in fp32
+    _save_clip(tmp_path / "b", processor={"image_mean": [0.5, 0.5, 0.5], "do_normalize": False})
+    assert _backbone(tmp_path / "b").std == (1.0, 1.0, 1.0)
+    _save_clip(tmp_path / "c")  # no preprocessor_config.json: OpenAI CLIP's statistics, as before
+    from desmoe.recipes.trge.backbones import CLIP_MEAN
+
+    assert _backbone(tmp_path / "c").mean == CLIP_MEAN
+    _save_clip(tmp_path / "d", processor={"image_std": [0.5, 0.5]})
+    with pytest.raises(UserError, match=r"preprocessor_config.json: 'image_std' is \[0.5, 0.5\], expected three "
+                                        r"numbers \(one per RGB channel, each > 0\)$"):
+        _backbone(tmp_path / "d")
