@@ -68,3 +68,41 @@ def test_clip_folder_normalisation_comes_from_its_preprocessor_config(tmp_path):
     with pytest.raises(UserError, match=r"preprocessor_config.json: 'image_std' is \[0.5, 0.5\], expected three "
                                         r"numbers \(one per RGB channel, each > 0\)$"):
         _backbone(tmp_path / "d")
+
+
+def _offline(folder, classes_per_task):
+    from desmoe.vision.tasks import ImageTask, save_index, save_task, task_entry
+
+    tasks = []
+    for i, classes in enumerate(classes_per_task):
+        y = torch.arange(8) % len(classes)
+        x = torch.zeros(8, 16, 16, 3, dtype=torch.uint8)
+        tasks.append(ImageTask(f"t{i}", classes, ["a photo of a {}."], x, y, x.clone(), y.clone()))
+        save_task(folder, tasks[-1])
+    save_index(folder, [task_entry(t) for t in tasks])
+
+
+@pytest.mark.parametrize("classes,expect", [
+    # one class: 100 % at every stage, cross-entropy 0, the group never trains
+    (["only"], r"task 't1': 1 class name\(s\) \['only'\]; expected at least 2 \(a one-class test set scores "
+               r"100 % and trains nothing\)$"),
+    # class folders "striped_dark" and "striped dark": one prompt, argmax always the first label
+    (["striped dark", "dotted", "Striped  Dark"],
+     r"task 't1': labels 0 and 2 have the same class name 'striped dark' / 'Striped  Dark' \(up to case and "
+     r"spaces\); expected distinct class names \(their prompts would be identical\)$"),
+])
+def test_class_names_that_cannot_make_a_classifier_are_refused(tmp_path, classes, expect):
+    from desmoe.recipes.trge.data import DataConfig, load_sequence
+
+    _offline(tmp_path, [["cat", "dog"], classes])
+    with pytest.raises(UserError, match=expect):
+        load_sequence(DataConfig(sequence="offline", root=str(tmp_path)))
+
+
+def test_odd_but_usable_class_names_load(tmp_path):
+    """unicode names, a class present in two tasks: read as they are."""
+    from desmoe.recipes.trge.data import DataConfig, load_sequence
+
+    _offline(tmp_path, [["café ☕", "dog"], ["dog", "straße"]])
+    tasks, _ = load_sequence(DataConfig(sequence="offline", root=str(tmp_path)))
+    assert [t.classnames for t in tasks] == [["café ☕", "dog"], ["dog", "straße"]]

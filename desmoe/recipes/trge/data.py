@@ -127,6 +127,20 @@ def _check_task(task: ImageTask, cfg: DataConfig, trained: bool) -> None:
         if outside.numel():
             raise UserError(f"task '{task.name}': {split} label {int(outside[0])} outside 0..{task.num_classes - 1} "
                             f"(its {task.num_classes} class names)")
+    # a classifier over one class name scores 100 % and its cross-entropy is 0 (nothing trains); two labels
+    # with one name (e.g. class folders "striped_dark" and "striped dark") get one text embedding, so argmax
+    # always picks the first and the second scores 0 %: both are silent wrong numbers
+    if task.num_classes < 2:
+        raise UserError(f"task '{task.name}': {task.num_classes} class name(s) {task.classnames}; expected at "
+                        f"least 2 (a one-class test set scores 100 % and trains nothing)")
+    seen: dict[str, int] = {}
+    for i, c in enumerate(task.classnames):
+        norm = " ".join(str(c).casefold().split())  # CLIP's tokenizer lower-cases and splits on whitespace
+        if norm in seen:
+            raise UserError(f"task '{task.name}': labels {seen[norm]} and {i} have the same class name "
+                            f"{task.classnames[seen[norm]]!r} / {c!r} (up to case and spaces); expected distinct "
+                            f"class names (their prompts would be identical)")
+        seen[norm] = i
 
 
 def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
