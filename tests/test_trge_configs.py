@@ -56,6 +56,23 @@ def _load(*overrides, path=DIGITS):
      "key 'backbone.image_size': expected unset with backbone.kind=hf_clip (it applies to towers, tiny_clip, "
      "tiny_dual only), got 336"),
     (["backbone.kind=towers", "backbone.layers=4"], "key 'backbone.layers': expected unset with backbone.kind=towers"),
+    # keys the chosen identifier backend / inter reading / fusion schedule never reads changed nothing
+    (["identifier.backend=description", "identifier.threshold_quantile=0.05"],
+     "key 'identifier.threshold_quantile': expected unset with identifier.backend=description (it applies to "
+     "prototype, gaussian only), got 0.05"),
+    (["identifier.shrinkage=0"], "key 'identifier.shrinkage': expected unset with identifier.backend=prototype "
+                                 "(it applies to gaussian only), got 0.0"),
+    (["identifier.mllm_path=/m"], "key 'identifier.mllm_path': expected unset with identifier.backend=prototype"),
+    (["identifier.threshold=0.3", "identifier.threshold_quantile=0.05"],
+     "key 'identifier.threshold': expected 0 (unset) when threshold_quantile > 0 sets each task's threshold"),
+    (["identifier.calibration_split=0.25"],  # held out from the prototype's fit, then used by nothing
+     "key 'identifier.calibration_split': expected 0 unless threshold_quantile > 0"),
+    (["inter.reading=task_anchored", "inter.beta=0.2"],
+     "key 'inter.beta': expected unset with inter.reading=task_anchored (it applies to sample_anchored only)"),
+    (["inter.tau=0.3"], "key 'inter.tau': expected unset with inter.reading=sample_anchored (it applies to "
+                        "task_anchored only), got 0.3"),
+    (["fusion.schedule=adapted", "fusion.lam_max=0.5"],  # λ was 1 whatever lam_max said
+     "key 'fusion.lam_max': expected unset with fusion.schedule=adapted (it applies to progress and constant only)"),
 ])
 def test_invalid_values_refused_in_one_line(overrides, expect):
     with pytest.raises(ConfigError) as err:
@@ -67,7 +84,11 @@ def test_invalid_values_refused_in_one_line(overrides, expect):
 @pytest.mark.parametrize("overrides", [
     ["groups.experts_per_group=1", "groups.top_k=1"], ["groups.experts_per_group=3", "groups.top_k=3"],
     ["groups.max_groups=3", "inter.max_groups=3"], ["inter.max_groups=1"], ["fusion.lam_max=0"],
-    ["fusion.lam_max=1", "fusion.schedule=constant"], ["identifier.shrinkage=0"], ["train.warmup=0"],
+    ["fusion.lam_max=1", "fusion.schedule=constant"], ["train.warmup=0"],
+    ["identifier.backend=gaussian", "identifier.shrinkage=0", "identifier.threshold_quantile=0.1",
+     "identifier.calibration_split=0.2", "identifier.per_batch=true"], ["inter.reading=task_anchored", "inter.tau=0.3"],
+    ["identifier.backend=description", "identifier.threshold=0.2"], ["fusion.schedule=frozen"],
+    ["identifier.backend=oracle", "identifier.threshold_quantile=0.05", "identifier.calibration_split=0.25"],
     ["train.steps_per_task=1"], ["groups.num_tasks=1"], ["placement.layers=[0,-1]"], ["groups.ep_size=1"],
     ["backbone.kind=towers", "backbone.image_size=64"], ["backbone.kind=embedded", "backbone.path=/m"],
     ["data.sequence=mtil", "data.root=/x", "data.n_train=300", "data.n_test=200", "data.max_train_per_class=5",

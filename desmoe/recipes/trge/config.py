@@ -66,6 +66,9 @@ class FusionConfig:
         # lambda mixes two probability vectors: outside [0, 1] the "probabilities" go negative
         if not 0 <= self.lam_max <= 1:
             raise bad("lam_max", "a number in [0, 1]", self.lam_max)
+        if self.schedule in ("frozen", "adapted") and self.lam_max != 1.0:  # λ is 0 / 1 there, lam_max unread
+            raise bad("lam_max", f"unset with fusion.schedule={self.schedule} (it applies to progress and "
+                                 f"constant only)", self.lam_max)
 
 
 # Test-time variants, evaluated on the same trained groups; "+" combines them (e.g. oracle+no_fusion).

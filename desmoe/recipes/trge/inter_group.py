@@ -90,6 +90,11 @@ class InterGroupConfig:
             raise bad("max_groups", "an integer >= 1", self.max_groups)
         if not 0 <= self.beta < 1:
             raise bad("beta", "a number in [0, 1) so the identified group dominates", self.beta)
+        # a key only another reading reads is refused, not ignored (beta with task_anchored changed nothing)
+        for key, reading in (("tau", "task_anchored"), ("beta", "sample_anchored")):
+            if self.reading != reading and getattr(self, key) != getattr(InterGroupConfig, key):
+                raise bad(key, f"unset with inter.reading={self.reading} (it applies to {reading} only)",
+                          getattr(self, key))
 
 
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:

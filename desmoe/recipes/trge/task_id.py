@@ -84,6 +84,30 @@ class IdentifierConfig:
             raise bad("mllm_images", "an integer >= 1", self.mllm_images)
         if self.backend == "mllm" and not self.mllm_path:
             raise bad("mllm_path", "the folder of a local HF image-text-to-text model", self.mllm_path)
+        # a key the backend does not read is refused, not ignored (as backbone.* and data.*): e.g.
+        # threshold_quantile with description, or shrinkage with prototype, changed nothing without a word.
+        # Not for oracle: the documented ablation override (backend=oracle on any config) decides nothing
+        if self.backend == "oracle":
+            return
+        import dataclasses
+
+        for f in dataclasses.fields(self):
+            if f.name not in ("backend", "per_batch", *ID_USES[self.backend]) and getattr(self, f.name) != f.default:
+                users = [b for b, keys in ID_USES.items() if f.name in keys]
+                raise bad(f.name, f"unset with identifier.backend={self.backend} (it applies to {', '.join(users)} "
+                                  f"only)", getattr(self, f.name))
+        if self.threshold_quantile > 0 and self.threshold != 0:  # the per-task quantile replaces it
+            raise bad("threshold", "0 (unset) when threshold_quantile > 0 sets each task's threshold", self.threshold)
+        if self.calibration_split > 0 and self.threshold_quantile == 0:  # held-out rows were fitted on by nobody
+            raise bad("calibration_split", "0 unless threshold_quantile > 0 (it only calibrates that quantile; "
+                                           "it removed fitting samples for nothing)", self.calibration_split)
+
+
+# the keys each identifier.backend reads (every other key must keep its default)
+ID_USES = {"prototype": ("threshold", "threshold_quantile", "calibration_split"),
+           "gaussian": ("threshold", "threshold_quantile", "calibration_split", "shrinkage"),
+           "description": ("threshold",),
+           "mllm": ("mllm_path", "mllm_images", "mllm_max_new_tokens")}
 
 
 class TaskIdentifier:
