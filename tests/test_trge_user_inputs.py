@@ -106,3 +106,36 @@ def test_odd_but_usable_class_names_load(tmp_path):
     _offline(tmp_path, [["café ☕", "dog"], ["dog", "straße"]])
     tasks, _ = load_sequence(DataConfig(sequence="offline", root=str(tmp_path)))
     assert [t.classnames for t in tasks] == [["café ☕", "dog"], ["dog", "straße"]]
+
+
+def test_task_arrays_that_are_not_uint8_rgb_per_label_are_refused(tmp_path):
+    """A user-built <task>.npz with float pixels in [0, 1] was divided by 255 again (black images, a silent
+    accuracy); more images than labels paired them wrongly."""
+    import numpy as np
+
+    from desmoe.recipes.trge.data import DataConfig, load_sequence
+
+    _offline(tmp_path, [["cat", "dog"], ["red", "blue"]])
+    with np.load(tmp_path / "t1.npz") as z:
+        arrays = dict(z)
+    for change, expect in (({"test_x": arrays["test_x"].astype(np.float32) / 255}, r"test_x is torch.float32 "
+                            r"\[8, 16, 16, 3\] for 8 labels; expected uint8 RGB \[N, H, W, 3\] with N = the number "
+                            r"of labels$"),
+                           ({"train_x": arrays["train_x"][:6]}, r"train_x is torch.uint8 \[6, 16, 16, 3\] for 8 "
+                                                                r"labels")):
+        np.savez(tmp_path / "t1.npz", **{**arrays, **change})
+        with pytest.raises(UserError, match=r"^task 't1': " + expect):
+            load_sequence(DataConfig(sequence="offline", root=str(tmp_path)))
+
+
+def test_task_listed_twice_is_refused(tmp_path):
+    """tasks.json naming one task twice read (and trained) the same <name>.npz twice without a word."""
+    from desmoe.recipes.trge.data import DataConfig, load_sequence
+
+    _offline(tmp_path, [["cat", "dog"], ["red", "blue"]])
+    index = json.loads((tmp_path / "tasks.json").read_text())
+    index["tasks"].append(dict(index["tasks"][0]))
+    (tmp_path / "tasks.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"tasks.json: task 't0' is listed twice; expected distinct task names "
+                                        r"\(one <name>.npz each\)$"):
+        load_sequence(DataConfig(sequence="offline", root=str(tmp_path)))

@@ -61,6 +61,10 @@ def load_task_sequence(folder: str | Path, names: Optional[list[str]] = None,
     try:
         index = json.loads(index_path.read_text())
         entries = {t["name"]: t for t in index["tasks"]}
+        listed = [t["name"] for t in index["tasks"]]
+        if len(entries) != len(listed):  # one npz per name: the task would be read (and trained) twice
+            raise UserError(f"{index_path}: task '{next(n for n in listed if listed.count(n) > 1)}' is listed "
+                            f"twice; expected distinct task names (one <name>.npz each)")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"{index_path}: not a valid task index (expected JSON with a 'tasks' list of "
                         f"{{'name': ...}} entries; {type(err).__name__}: {err}); rebuild the folder") from None

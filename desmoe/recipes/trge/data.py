@@ -120,7 +120,12 @@ def _check_task(task: ImageTask, cfg: DataConfig, trained: bool) -> None:
            f"data.n_train={cfg.n_train} + data.n_test={cfg.n_test} exceed the images available to it"
            if cfg.sequence == "digits" else "check the dataset folder")
     for split in ("train", "test") if trained else ("test",):
-        y = getattr(task, f"{split}_y")
+        x, y = getattr(task, f"{split}_x"), getattr(task, f"{split}_y")
+        # pixels are read as uint8 RGB: float images in [0, 1] were divided by 255 again (black), and more
+        # images than labels (or fewer) paired them wrongly or failed deep inside a step
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3 or x.shape[0] != y.numel():
+            raise UserError(f"task '{task.name}': {split}_x is {x.dtype} {list(x.shape)} for {y.numel()} labels; "
+                            f"expected uint8 RGB [N, H, W, 3] with N = the number of labels")
         if y.numel() == 0:
             raise UserError(f"task '{task.name}': no {split} images ({why})")
         outside = y[(y < 0) | (y >= task.num_classes)]
