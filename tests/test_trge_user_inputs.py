@@ -139,3 +139,27 @@ def test_task_listed_twice_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"tasks.json: task 't0' is listed twice; expected distinct task names "
                                         r"\(one <name>.npz each\)$"):
         load_sequence(DataConfig(sequence="offline", root=str(tmp_path)))
+
+
+def test_non_square_photos_are_resized_and_centre_cropped_as_clip_does(tmp_path):
+    """MTIL images were resized straight to a square (squashed); CLIP's test transform, which ZSCL's numbers
+    use, resizes the shorter side and takes the centre crop."""
+    import numpy as np
+    from PIL import Image
+
+    from desmoe.vision.mtil import load_mtil_task
+
+    rng = np.random.default_rng(0)
+    photos = {}
+    for split in ("train", "test"):
+        for cls, shape in (("a", (20, 40)), ("b", (45, 30))):  # wide and tall, H x W
+            folder = tmp_path / "dtd" / split / cls
+            folder.mkdir(parents=True)
+            photos[split, cls] = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+            photos[split, cls].save(folder / "x.png")
+    task = load_mtil_task("dtd", tmp_path / "dtd", size=16)
+    # by hand: wide 40x20 -> 32x16, columns 8..24; tall 30x45 -> 16x24, rows round(4.0) = 4..20
+    wide = photos["train", "a"].resize((32, 16), Image.BICUBIC).crop((8, 0, 24, 16))
+    tall = photos["test", "b"].resize((16, 24), Image.BICUBIC).crop((0, 4, 16, 20))
+    assert torch.equal(task.train_x[0], torch.from_numpy(np.asarray(wide)))
+    assert torch.equal(task.test_x[1], torch.from_numpy(np.asarray(tall)))

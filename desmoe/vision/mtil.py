@@ -301,12 +301,28 @@ def _rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """CLIP's (and so ZSCL's) test transform: the shorter side bicubically to ``size``, then the centre
+    ``size`` x ``size`` crop, with torchvision's rounding (Resize: long side int(size * long / short);
+    CenterCrop: offset round((L - size) / 2)).  Resizing straight to a square squashed every non-square
+    photo (Aircraft, Cars, Food, Pets, SUN397, ...), so no number matched the protocol's."""
+    w, h = img.size
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
 def _decode(items: Items, size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     xs, ys, skipped = [], [], 0
     for path, label in tqdm(items, desc=desc, leave=False):
         try:
             with Image.open(path) as img:
-                xs.append(np.asarray(_rgb(img).resize((size, size), Image.BICUBIC), dtype=np.uint8))
+                xs.append(np.asarray(resize_center_crop(_rgb(img), size), dtype=np.uint8))
             ys.append(label)
         except Exception:  # noqa: BLE001 - missing or undecodable file: skip it, count it
             skipped += 1
