@@ -51,6 +51,23 @@ def test_clip_folder_missing_a_weight_is_refused(tmp_path):
         _backbone(tmp_path / "clip")
 
 
+@pytest.mark.parametrize("edit,expect", [
+    (lambda c: c.update(projection_dim=8), r"weight text_projection.weight is \[16, 32\] in the checkpoint but "
+                                           r"config.json makes it \[8, 32\] \(2 weight\(s\) disagree"),
+    (lambda c: c["vision_config"].update(image_size=64), r"weight vision_model.embeddings.position_embedding.weight "
+                                                         r"is \[17, 32\] in the checkpoint but config.json makes it "
+                                                         r"\[65, 32\] \(1 weight\(s\) disagree"),
+])
+def test_clip_folder_whose_config_disagrees_with_its_weights_names_the_weight(tmp_path, edit, expect):
+    """transformers' error said only 'look at the above report' (a table on stdout)."""
+    _save_clip(tmp_path / "clip")
+    config = json.loads((tmp_path / "clip" / "config.json").read_text())
+    edit(config)
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=expect):
+        _backbone(tmp_path / "clip")
+
+
 def test_clip_folder_normalisation_comes_from_its_preprocessor_config(tmp_path):
     """OpenAI's mean/std were used whatever the folder's preprocessor_config.json said."""
     _save_clip(tmp_path / "a", processor={"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 0.5]})

@@ -220,8 +220,16 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu"):
     # float32: transformers loads a bf16/fp16 folder in its stored dtype, and the fp32 adapters then meet bf16
     # activations (a dtype error deep in the first step); the upcast is exact, and the run's precision is the
     # DeepSpeed config's, as for every other backbone
+    # mismatched shapes are collected (not raised: transformers' error only points at a table printed above)
+    # and refused below in one line naming a weight and both shapes
     model, info = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32,
-                                            output_loading_info=True)
+                                            output_loading_info=True, ignore_mismatched_sizes=True)
+    bad = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+    if bad:
+        key, stored, expected = bad[0]
+        raise UserError(f"{path}: weight {key} is {list(stored)} in the checkpoint but config.json makes it "
+                        f"{list(expected)} ({len(bad)} weight(s) disagree, e.g. projection_dim or image_size); "
+                        f"expected the config.json saved with these weights")
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers fills them with random values and only prints a table: silent wrong numbers
         raise UserError(f"{path}: {len(missing)} CLIPModel weight(s) missing from the checkpoint "
