@@ -68,6 +68,19 @@ def test_clip_folder_whose_config_disagrees_with_its_weights_names_the_weight(tm
         _backbone(tmp_path / "clip")
 
 
+def test_clip_tokenizer_without_pad_token_is_refused(tmp_path):
+    """class prompts are padded to the longest: a tokenizer without pad_token stopped with a ValueError
+    traceback at the first prompts."""
+    _save_clip(tmp_path / "clip")
+    path = tmp_path / "clip" / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.pop("pad_token")
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"clip': its tokenizer has no pad_token \(tokenizer_config.json\); "
+                                        r"expected one, as CLIP's tokenizers have$"):
+        _backbone(tmp_path / "clip").tokenize(["a cat", "a big dog"])
+
+
 def test_clip_folder_normalisation_comes_from_its_preprocessor_config(tmp_path):
     """OpenAI's mean/std were used whatever the folder's preprocessor_config.json said."""
     _save_clip(tmp_path / "a", processor={"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 0.5]})

@@ -143,6 +143,9 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     elif cfg.kind == "hf_clip":
         p = check_path(cfg)
         model, tok = _load_or_one_line(de.load_clip, p, f"backbone.path '{cfg.path}': not a usable CLIPModel")
+        if tok.pad_token is None:  # class prompts are padded to the longest: a ValueError traceback at the first
+            raise UserError(f"backbone.path '{cfg.path}': its tokenizer has no pad_token (tokenizer_config.json); "
+                            f"expected one, as CLIP's tokenizers have")
         max_len = min(77, model.config.text_config.max_position_embeddings)
     elif cfg.kind == "towers":
         model, tok = de.from_pretrained_towers(*_tower_files(), image_size=cfg.image_size, seed=cfg.seed)
