@@ -193,3 +193,50 @@ def test_non_square_photos_are_resized_and_centre_cropped_as_clip_does(tmp_path)
     tall = photos["test", "b"].resize((16, 24), Image.BICUBIC).crop((0, 4, 16, 20))
     assert torch.equal(task.train_x[0], torch.from_numpy(np.asarray(wide)))
     assert torch.equal(task.test_x[1], torch.from_numpy(np.asarray(tall)))
+
+
+def _tiny_mllm(folder):
+    """A random image-text-to-text model (LLaVA layout at toy width) with its processor: a local MLLM folder."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from desmoe.models.dual_encoder import tiny_tokenizer
+
+    tok = tiny_tokenizer(max_length=512)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.chat_template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+                         "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                         "{% if add_generation_prompt %}:{% endif %}")
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=16)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                              image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                              vision_feature_select_strategy="default")).save_pretrained(folder)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tok, patch_size=16, vision_feature_select_strategy="default", chat_template=tok.chat_template,
+                   image_token="<image>", num_additional_image_tokens=1).save_pretrained(folder)
+
+
+def _mllm_run(run_dir, mllm):
+    from desmoe.config import load_config
+    from desmoe.recipes.trge.recipe import TRGEExperiment, run_trge
+
+    cfg = load_config(TRGEExperiment, "configs/trge_digits.yaml", [
+        f"run.dir={run_dir}", "run.name=mllm", "backbone.hidden_size=16", "groups.bottleneck=4",
+        "train.steps_per_task=1", "train.micro_batch=4", "train.eval_batch=16", "train.proto_samples=8",
+        "data.n_train=16", "data.n_test=8", "identifier.backend=mllm", f"identifier.mllm_path={mllm}",
+        "identifier.mllm_images=2", "identifier.mllm_max_new_tokens=2", "eval.variants=[no_inter,oracle]"])
+    return run_trge(cfg, "configs/zero2.json")
+
+
+def test_mllm_identifier_with_test_time_variants(ranks, tmp_path):
+    """identifier.backend=mllm with eval.variants: the variants' evaluation gave the MLLM no images
+    (ValueError 'the MLLM identifier needs the images' after task 1).  A random local MLLM, 2 ranks."""
+    _tiny_mllm(tmp_path / "mllm")
+    s = ranks.run(_mllm_run, str(tmp_path), str(tmp_path / "mllm"))[0]
+    assert len(s["accuracy_matrix"]) == 3 and set(s["variants"]) == {"no_inter", "oracle"}
+    assert all(len(s["variants"][v]["accuracy_matrix"]) == 3 for v in s["variants"])

@@ -196,7 +196,9 @@ def evaluate_stage(r, t: int) -> None:
         progress["variants"][v].append([
             evaluate_task("trge", model, r.bank, r.backbone.pixels, other, j if j <= t else -1, t + 1, ident,
                           protos, variant_inter(v, cfg.inter), 0.0 if "no_fusion" in atoms else lam,
-                          cfg.train.eval_batch, rank, world, trained_names=trained_names)["acc"]
+                          cfg.train.eval_batch, rank, world, trained_names=trained_names,
+                          # the MLLM identifier reads the images in variants too (a ValueError after task 1)
+                          need_images=ident is not r.oracle and cfg.identifier.backend == "mllm")["acc"]
             for j, other in enumerate(tasks)])
     progress["rows"].append(row)
     progress["control_rows"].append(ctrl_row)
