@@ -240,3 +240,15 @@ def test_mllm_identifier_with_test_time_variants(ranks, tmp_path):
     s = ranks.run(_mllm_run, str(tmp_path), str(tmp_path / "mllm"))[0]
     assert len(s["accuracy_matrix"]) == 3 and set(s["variants"]) == {"no_inter", "oracle"}
     assert all(len(s["variants"][v]["accuracy_matrix"]) == 3 for v in s["variants"])
+
+
+def test_gaussian_identifier_without_shrinkage_on_fewer_samples_than_dims_is_refused():
+    """shrinkage 0 with N <= D samples: the covariance is singular and inv() returned huge values, so the
+    identifier picked tasks at random without a word (a small task of a user's sequence)."""
+    from desmoe.recipes.trge.task_id import GaussianIdentifier, TaskInfo
+
+    feats = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    GaussianIdentifier(0.0, shrinkage=0.5).fit_task(TaskInfo("small", ["a", "b"], feats))  # shrunk: invertible
+    with pytest.raises(UserError, match=r"^identifier.shrinkage=0: task 'small' has 8 fitting samples for 16 "
+                                        r"feature dims, so its covariance is singular; expected shrinkage > 0"):
+        GaussianIdentifier(0.0, shrinkage=0.0).fit_task(TaskInfo("small", ["a", "b"], feats))

@@ -210,6 +210,10 @@ class GaussianIdentifier(TaskIdentifier):
     def fit_task(self, info: TaskInfo) -> None:
         super().fit_task(info)
         x, held = split_for_calibration(info.feats.double(), self.calibration_split)
+        if self.shrinkage == 0 and x.shape[0] <= x.shape[1]:  # rank <= N-1 < D: inv() returned garbage silently
+            raise UserError(f"identifier.shrinkage=0: task '{info.name}' has {x.shape[0]} fitting samples for "
+                            f"{x.shape[1]} feature dims, so its covariance is singular; expected shrinkage > 0 or "
+                            f"more than {x.shape[1]} samples (train.proto_samples, the task's training images)")
         mu = x.mean(0)
         cov = torch.cov((x - mu).t()) if x.shape[0] > 1 else torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype)
         target = torch.eye(x.shape[1], dtype=x.dtype) * max(float(cov.diagonal().mean()), 1e-6)
