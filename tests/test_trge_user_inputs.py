@@ -90,6 +90,15 @@ def test_clip_folder_normalisation_comes_from_its_preprocessor_config(tmp_path):
     assert torch.equal(px[0, :, 0, 0], torch.tensor([2.0, 1.0, 1.0]))  # (1 - 0.5) / std, exact in fp32
     _save_clip(tmp_path / "b", processor={"image_mean": [0.5, 0.5, 0.5], "do_normalize": False})
     assert _backbone(tmp_path / "b").std == (1.0, 1.0, 1.0)
+    _save_clip(tmp_path / "v5")  # transformers 5 saves a CLIPProcessor as processor_config.json
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    from desmoe.models.dual_encoder import tiny_tokenizer
+
+    CLIPProcessor(image_processor=CLIPImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]),
+                  tokenizer=tiny_tokenizer()).save_pretrained(tmp_path / "v5")
+    assert not (tmp_path / "v5" / "preprocessor_config.json").exists()
+    assert _backbone(tmp_path / "v5").std == (0.5, 0.5, 0.5)
     _save_clip(tmp_path / "c")  # no preprocessor_config.json: OpenAI CLIP's statistics, as before
     from desmoe.recipes.trge.backbones import CLIP_MEAN
 

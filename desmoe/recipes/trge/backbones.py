@@ -163,18 +163,25 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
 
 
 def _preprocessor_stats(folder: Path, mean, std) -> tuple:
-    """The checkpoint's own normalisation (``preprocessor_config.json``: ``image_mean``/``image_std``), else
+    """The checkpoint's own normalisation (``image_mean``/``image_std`` of ``preprocessor_config.json``, or of
+    the ``image_processor`` in ``processor_config.json``), else
     OpenAI CLIP's.  A CLIP trained with other statistics (e.g. 0.5/0.5) was fed OpenAI's: every feature shifted
     without a word.  A file that does not give three numbers for each is refused in one line."""
-    path = folder / "preprocessor_config.json"
-    if not path.is_file():
-        return mean, std
     import json
 
+    # transformers 5 saves a CLIPProcessor as processor_config.json with the image processor nested inside
+    path = next((folder / n for n in ("preprocessor_config.json", "processor_config.json") if (folder / n).is_file()),
+                None)
+    if path is None:
+        return mean, std
     try:
         spec = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: not valid JSON ({type(err).__name__}: {err})") from None
+    if path.name == "processor_config.json":
+        spec = spec.get("image_processor") if isinstance(spec, dict) else None
+        if spec is None:  # a processor without images: nothing to read
+            return mean, std
     if not isinstance(spec, dict):
         raise UserError(f"{path}: expected a JSON object (an HF image processor config)")
     out = []
