@@ -154,3 +154,48 @@ def test_model_keys_that_contradict_the_checkpoint_are_refused(arch):
     if arch in ("mixtral", "olmoe"):
         with pytest.raises(ConfigError, match="key 'model.dense_ffn': expected unset: no counterpart"):
             check_against(PretrainModelSpec(dense_ffn=128), config, "checkpoint", "ck")
+
+
+@pytest.mark.parametrize("text,message", [
+    # a second block appended to a config replaced the first whole: steps/batch fell back to the defaults
+    ("train:\n  steps: 10\n  micro_batch: 2\nmodel:\n  top_k: 1\ntrain:\n  lr: 3.0e-4\n",
+     "key 'train' given twice (lines 1 and 6)"),
+    ("train:\n  steps: 10\n  steps: 20\n", "key 'steps' given twice (lines 2 and 3)"),
+    ("train: {steps: 10, steps: 20}\n", "key 'steps' given twice (lines 1 and 1)"),
+])
+def test_duplicate_yaml_key_is_refused(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(LMExperiment, path)
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+
+
+def test_merge_key_may_override_what_it_brings(tmp_path):
+    """``<<: *anchor`` then a key of its own is YAML's way to override, not a duplicate."""
+    path = write(tmp_path, "model: &m {num_experts: 4, ep_size: 2}\ntrain: {steps: 10}\n")
+    assert load_config(LMExperiment, path).model.num_experts == 4
+    from desmoe.config import _UniqueKeyLoader
+    import yaml
+
+    assert yaml.load("a: &x {p: 1, q: 2}\nb: {<<: *x, q: 3}\n", Loader=_UniqueKeyLoader)["b"] == {"p": 1, "q": 3}
+
+
+def test_mapping_override_sets_only_its_keys():
+    """desmoe.schedule={t1: 0.3, t2: 0.8} replaced the section: the shipped config's warmup: fig1 became the
+    default eq11 without a word.  A mapping given to a section now sets those keys, as t1=/t2= would."""
+    from desmoe.recipes.des_moe.config import DESMoEExperiment
+
+    cfg = load_config(DESMoEExperiment, "configs/desmoe_6dom.yaml", ["desmoe.schedule={t1: 0.3, t2: 0.8}",
+                                                                     "desmoe={dges: {phi: 0.5}}"])
+    assert (cfg.desmoe.schedule.t1, cfg.desmoe.schedule.t2, cfg.desmoe.schedule.warmup) == (0.3, 0.8, "fig1")
+    assert (cfg.desmoe.dges.phi, cfg.desmoe.dges.update_every, cfg.desmoe.alr.tau) == (0.5, 100, 0.7)
+    assert cfg.train.steps == 3000
+    with pytest.raises(ConfigError, match="override 'train={lr: 1e-3, lr: 2e-3}': key 'lr' given twice"):
+        load_config(LMExperiment, None, ["train={lr: 1e-3, lr: 2e-3}"])
+
+
+def test_config_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, expected a YAML config file"):
+        load_config(LMExperiment, tmp_path)
+    with pytest.raises(ConfigError, match="is a directory, expected a DeepSpeed JSON file"):
+        read_ds_config(tmp_path)
