@@ -148,8 +148,17 @@ def _apply_override(data: dict[str, Any], item: str, cls: Any = None) -> None:
         raise ConfigError(f"override '{item}': {err.args[0].split(' (lines')[0]}") from None
     except yaml.YAMLError:
         value = raw
-    node = data
+    if raw.count("#") > str(value).count("#"):
+        # YAML reads ' #...' as a comment: `run.dir='/data/exp #3'` (quoted for the shell) became /data/exp
+        raise ConfigError(f"override '{item}': YAML reads what follows '#' as a comment, dropping it; quote the "
+                          f"value for YAML inside the shell's quotes (\"{key}='{raw}'\")")
     parts = key.split(".")
+    parent = _section_type(cls, parts[:-1])
+    if value is None and parent is not None and dataclasses.is_dataclass(typing.get_type_hints(parent).get(parts[-1])):
+        # null for a section that cannot be null read as {}: the config's keys fell back to the defaults
+        # (`desmoe.dges=null` meant as "no DGES" ran DGES with the default settings)
+        raise ConfigError(f"override '{item}': '{key}' is a section, not a value; set its keys ({key}.KEY=VALUE)")
+    node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):

@@ -90,6 +90,10 @@ CASES = [
     Case("override without a value", "cli", lambda t: split_overrides(["train.steps"]), "expected the form key.path=value"),
     Case("flag without a value", "cli", lambda t: split_overrides(["--train.steps"]), "override '--train.steps': expected a value"),
     Case("override into a value", "cli", lambda t: exp(t, overrides=["train=3", "train.steps=4"]), "'train' is not a section"),
+    Case("override cut by a YAML comment", "cli", lambda t: exp(t, overrides=["run.dir=/data/exp #3"]),
+         "override 'run.dir=/data/exp #3': YAML reads what follows '#' as a comment"),
+    Case("null for a section", "cli", lambda t: exp(t, overrides=["train=null"]),
+         "override 'train=null': 'train' is a section, not a value; set its keys (train.KEY=VALUE)"),
     # DeepSpeed JSON
     Case("DeepSpeed config missing", "deepspeed", lambda t: read_ds_config(t / "none.json"), "DeepSpeed config not found"),
     Case("DeepSpeed JSON syntax", "deepspeed", lambda t: ds(t, '{"a": 1,}'), "not valid JSON (line 1"),

@@ -199,3 +199,16 @@ def test_config_path_that_is_a_directory(tmp_path):
         load_config(LMExperiment, tmp_path)
     with pytest.raises(ConfigError, match="is a directory, expected a DeepSpeed JSON file"):
         read_ds_config(tmp_path)
+
+
+def test_override_that_yaml_would_cut_or_null_is_refused():
+    """`run.dir='/data/exp #3'` (quoted for the shell) ran in /data/exp: YAML took ' #3' for a comment.
+    `desmoe.dges=null` (meant as "no DGES") ran DGES at the default settings, the file's dropped."""
+    from desmoe.recipes.des_moe.config import DESMoEExperiment
+
+    with pytest.raises(ConfigError, match=r"override 'run.dir=/data/exp #3': YAML reads what follows '#' as a comment"):
+        load_config(LMExperiment, None, ["run.dir=/data/exp #3"])
+    assert load_config(LMExperiment, None, ["run.dir=/data/exp#3", "run.name='a #1'"]).run.name == "a #1"
+    with pytest.raises(ConfigError, match=r"override 'desmoe.dges=null': 'desmoe.dges' is a section, not a value"):
+        load_config(DESMoEExperiment, "configs/desmoe_6dom.yaml", ["desmoe.dges=null"])
+    assert load_config(LMExperiment, None, ["model.capacity_factor=null"]).model.capacity_factor is None
