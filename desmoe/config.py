@@ -10,6 +10,7 @@ the dotted key through :func:`bad`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -116,6 +117,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 class _DuplicateKey(Exception):
     pass
+
+
+# YAML 1.1 reads a leading 0 as octal and a:b as base 60: `train.steps=010` ran 8 steps, `1:30` ran 90.  Those
+# spellings now stay strings, which an integer key refuses in one line; every other integer reads as before.
+_UniqueKeyLoader.yaml_implicit_resolvers = {  # the class's own tables (SafeLoader's stay as they are)
+    first: [(tag, rx) for tag, rx in entries if tag != "tag:yaml.org,2002:int"]
+    for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -212,3 +212,13 @@ def test_override_that_yaml_would_cut_or_null_is_refused():
     with pytest.raises(ConfigError, match=r"override 'desmoe.dges=null': 'desmoe.dges' is a section, not a value"):
         load_config(DESMoEExperiment, "configs/desmoe_6dom.yaml", ["desmoe.dges=null"])
     assert load_config(LMExperiment, None, ["model.capacity_factor=null"]).model.capacity_factor is None
+
+
+@pytest.mark.parametrize("value", ["010", "1:30"])
+def test_integer_spellings_yaml_1_1_reads_otherwise_are_refused(tmp_path, value):
+    """YAML 1.1 reads 010 as octal 8 and 1:30 as base-60 90: train.steps=010 ran 8 steps without a word."""
+    with pytest.raises(ConfigError, match=f"key 'train.steps': expected an integer, got '{value}'"):
+        load_config(LMExperiment, None, [f"train.steps={value}"])
+    with pytest.raises(ConfigError, match=f"key 'train.steps': expected an integer, got '{value}'"):
+        load_config(LMExperiment, write(tmp_path, f"train:\n  steps: {value}\n"))
+    assert load_config(LMExperiment, None, ["train.steps=1_000", "train.seed=0"]).train.steps == 1000
