@@ -99,7 +99,7 @@ def check_relative_paths(cfg: Any, cwd: Optional[Path] = None) -> None:
             # `run.dir=~/runs` is neither; YAML does not either: the run went to a folder named '~' here
             raise ConfigError(f"{key}='{value}': nothing expands '~' here (not the shell in key=value, nor YAML), "
                             f"so it would name a folder '~' in {cwd or Path.cwd()}: give the path in full "
-                            f"({os.path.expanduser(value)}) or as --{key} {value}")
+                            f"({'$HOME' + value[1:] if value.startswith('~/') else os.path.expanduser(value)}) or as --{key} {value}")
         if "/" in value and "://" not in value and not key.lower().endswith(OUTPUT_SUFFIXES):
             _check_here(key, value, cwd)
 

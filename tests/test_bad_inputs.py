@@ -94,6 +94,10 @@ CASES = [
          "override 'run.dir=/data/exp #3': YAML reads what follows '#' as a comment"),
     Case("null for a section", "cli", lambda t: exp(t, overrides=["train=null"]),
          "override 'train=null': 'train' is a section, not a value; set its keys (train.KEY=VALUE)"),
+    Case("integer YAML 1.1 reads as octal", "cli", lambda t: exp(t, overrides=["train.steps=010"]),
+         "key 'train.steps': expected an integer, got '010'"),
+    Case("'~' the shell left alone", "cli", lambda t: _tilde(t),
+         "run.dir='~/runs': nothing expands '~' here (not the shell in key=value, nor YAML)"),
     # DeepSpeed JSON
     Case("DeepSpeed config missing", "deepspeed", lambda t: read_ds_config(t / "none.json"), "DeepSpeed config not found"),
     Case("DeepSpeed JSON syntax", "deepspeed", lambda t: ds(t, '{"a": 1,}'), "not valid JSON (line 1"),
@@ -190,6 +194,13 @@ CASES = [
          "incomplete Slurm environment: SLURM_LOCALID missing (run the job with srun)"),
     Case("unreadable Slurm node list", "environment", lambda t: expand_hostlist("gpu[1-x]"), "cannot read the range '1-x'"),
 ]
+
+
+def _tilde(tmp: Path):
+    """`run.dir=~/runs` reaches the launcher as it is (bash expands ~ in assignments, not in key.path=value)."""
+    from desmoe.cli import check_relative_paths
+
+    return check_relative_paths(exp(tmp, overrides=["run.dir=~/runs"]), cwd=tmp)
 
 
 def _unknown_method():
