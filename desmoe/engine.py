@@ -76,6 +76,10 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
                           f"the recipe's schedule); remove it")
     if cfg.get("train_batch_size") == "auto":
         cfg.pop("train_batch_size")  # DeepSpeed derives it from the two values above
+    if "bfloat16" in cfg:  # DeepSpeed's older name of the bf16 block, still read when "bf16" is absent
+        if "bf16" in cfg:  # DeepSpeed would then ignore it without a word
+            raise ConfigError(f"{source}: key 'bfloat16': expected only one of 'bf16' and its older name 'bfloat16'")
+        cfg["bf16"] = cfg.pop("bfloat16")  # so that "auto" is resolved and the values checked as for bf16
     for precision in ("bf16", "fp16"):
         block = cfg.get(precision)
         if isinstance(block, dict) and block.get("enabled") == "auto":

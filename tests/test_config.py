@@ -222,3 +222,10 @@ def test_integer_spellings_yaml_1_1_reads_otherwise_are_refused(tmp_path, value)
     with pytest.raises(ConfigError, match=f"key 'train.steps': expected an integer, got '{value}'"):
         load_config(LMExperiment, write(tmp_path, f"train:\n  steps: {value}\n"))
     assert load_config(LMExperiment, None, ["train.steps=1_000", "train.seed=0"]).train.steps == 1000
+
+
+def test_bfloat16_block_older_name_is_resolved_as_bf16(tmp_path):
+    """DeepSpeed still reads "bfloat16" when "bf16" is absent; its "auto" reached DeepSpeed unresolved."""
+    path = write(tmp_path, '{"bfloat16": {"enabled": "auto"}}', "ds.json")
+    cfg = resolve_ds_config(read_ds_config(path), micro_batch=1, lr=1e-3)
+    assert "bfloat16" not in cfg and cfg["bf16"]["enabled"] in (True, False)
