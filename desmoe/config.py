@@ -80,6 +80,9 @@ def split_overrides(argv: Sequence[str]) -> list[str]:
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg == "--":  # the end-of-options marker (argparse passes it on): not a key named ''
+            i += 1
+            continue
         if arg.startswith("--"):
             arg = arg[2:]
             if "=" not in arg:

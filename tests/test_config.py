@@ -229,3 +229,8 @@ def test_bfloat16_block_older_name_is_resolved_as_bf16(tmp_path):
     path = write(tmp_path, '{"bfloat16": {"enabled": "auto"}}', "ds.json")
     cfg = resolve_ds_config(read_ds_config(path), micro_batch=1, lr=1e-3)
     assert "bfloat16" not in cfg and cfg["bf16"]["enabled"] in (True, False)
+
+
+def test_end_of_options_marker_is_not_an_override():
+    """`launcher/x.py --config c.yaml -- train.steps=3` read '--' as a key named '' and joined the next argument."""
+    assert split_overrides(["--", "train.steps=3", "--train.lr", "0.1"]) == ["train.steps=3", "train.lr=0.1"]
