@@ -234,3 +234,10 @@ def test_bfloat16_block_older_name_is_resolved_as_bf16(tmp_path):
 def test_end_of_options_marker_is_not_an_override():
     """`launcher/x.py --config c.yaml -- train.steps=3` read '--' as a key named '' and joined the next argument."""
     assert split_overrides(["--", "train.steps=3", "--train.lr", "0.1"]) == ["train.steps=3", "train.lr=0.1"]
+
+
+@pytest.mark.parametrize("name", ["", "/scratch/x", "../other"])
+def test_run_name_stays_inside_run_dir(name):
+    with pytest.raises(ConfigError, match=r"key 'run.name': expected a non-empty folder name inside run.dir"):
+        load_config(LMExperiment, None, [f"run.name={name}"])
+    assert load_config(LMExperiment, None, ["run.name=group/a b"]).run.name == "group/a b"

@@ -47,6 +47,11 @@ class RunConfig:
     def check(self) -> None:
         if self.keep_checkpoints < 0:
             raise bad("keep_checkpoints", "an integer >= 0 (0 = keep all)", self.keep_checkpoints)
+        # the run is run.dir/run.name: an empty name made run.dir itself the run (checkpoints among the other
+        # runs' folders), an absolute one or '..' put it outside run.dir without a word
+        name = Path(self.name)
+        if not self.name.strip() or name.is_absolute() or ".." in name.parts:
+            raise bad("name", "a non-empty folder name inside run.dir (no leading '/', no '..')", self.name)
 
 
 @dataclass
