@@ -38,6 +38,7 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: key '{err}' given twice in one object; remove one") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
+    _removed_by_deepspeed(cfg, str(path))
     cfg["_source"] = str(path)
     return cfg
 
@@ -55,6 +56,19 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _DuplicateKey(key)
         out[key] = value
     return out
+
+
+def _removed_by_deepspeed(cfg: Mapping[str, Any], source: str) -> None:
+    """Blocks this DeepSpeed has removed (amp, elasticity, curriculum_learning, ...): it refuses them in
+    deepspeed.initialize, after the model is built, with a traceback; read here, before the process groups."""
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfigError, _reject_removed_config_keys
+    except ImportError:  # a DeepSpeed without the list: it still reads those blocks itself
+        return
+    try:
+        _reject_removed_config_keys(cfg)
+    except DeepSpeedConfigError as err:
+        raise ConfigError(f"{source}: {' '.join(str(err).split())}") from None
 
 
 def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int = 1,

@@ -132,6 +132,8 @@ CASES = [
          "key 'bfloat16': expected only one of 'bf16' and its older name 'bfloat16'"),
     Case("bf16 flag not boolean, older block name", "deepspeed", lambda t: ds(t, '{"bfloat16": {"enabled": "yes"}}'),
          "key 'bf16.enabled': expected true, false or \"auto\", got 'yes'"),
+    Case("block DeepSpeed has removed", "deepspeed", lambda t: ds(t, '{"elasticity": {"enabled": false}}'),
+         "ds.json: Elastic training has been removed; the 'elasticity' configuration block is no longer supported"),
     Case("ZeRO-Offload", "deepspeed", lambda t: ds(t, '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}'),
          "key 'zero_optimization.offload_optimizer': not supported"),
     Case("optimizer value \"auto\"", "deepspeed",

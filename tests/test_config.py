@@ -241,3 +241,12 @@ def test_run_name_stays_inside_run_dir(name):
     with pytest.raises(ConfigError, match=r"key 'run.name': expected a non-empty folder name inside run.dir"):
         load_config(LMExperiment, None, [f"run.name={name}"])
     assert load_config(LMExperiment, None, ["run.name=group/a b"]).run.name == "group/a b"
+
+
+@pytest.mark.parametrize("block", ["curriculum_learning", "amp", "sparse_attention"])
+def test_deepspeed_blocks_deepspeed_removed_are_one_line_before_the_run(tmp_path, block):
+    """DeepSpeed 0.19 refuses them only inside deepspeed.initialize, after the model is built, as a traceback."""
+    path = write(tmp_path, f'{{"{block}": {{"enabled": false}}}}', "ds.json")
+    with pytest.raises(ConfigError, match="ds.json: .*has been removed") as err:
+        read_ds_config(path)
+    assert "\n" not in str(err.value)
