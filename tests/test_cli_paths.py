@@ -76,3 +76,12 @@ def test_tilde_the_shell_left_alone_is_refused(argv):
         parse_launcher_args(LMExperiment, argv=argv)
     cfg, _ = parse_launcher_args(LMExperiment, argv=["--run.dir", "/tmp/x/runs"])  # what the shell gives for ~ there
     assert cfg.run.dir == "/tmp/x/runs"
+
+
+def test_printed_tensorboard_commands_survive_a_space_in_run_dir(tmp_path):
+    """`run.dir=my runs`: the printed `tensorboard --logdir my runs/...` lines, pasted into a shell, gave
+    TensorBoard two arguments."""
+    proc = smoke_from(tmp_path, "--config", str(ROOT / "configs/smoke.yaml"), *TINY, "run.dir=my runs", "run.name=a")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(tensorboard --logdir 'my runs/a/tensorboard')" in proc.stdout, proc.stdout[-2000:]
+    assert "compare runs: tensorboard --logdir 'my runs' --samples_per_plugin images=0" in proc.stdout
