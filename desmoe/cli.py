@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 from desmoe.config import load_config, split_overrides
-from desmoe.errors import UserError
+from desmoe.errors import ConfigError, UserError
 from desmoe.training.preemption import arm_early
 
 C = TypeVar("C")
@@ -93,6 +94,12 @@ def check_relative_paths(cfg: Any, cwd: Optional[Path] = None) -> None:
     if not dataclasses.is_dataclass(cfg):
         return
     for key, value in _string_leaves(dataclasses.asdict(cfg)):
+        if re.match(r"~[\w.-]*/", value):
+            # bash expands ~ only at the start of a word or after the = of a variable assignment, and
+            # `run.dir=~/runs` is neither; YAML does not either: the run went to a folder named '~' here
+            raise ConfigError(f"{key}='{value}': nothing expands '~' here (not the shell in key=value, nor YAML), "
+                            f"so it would name a folder '~' in {cwd or Path.cwd()}: give the path in full "
+                            f"({'$HOME' + value[1:] if value.startswith('~/') else os.path.expanduser(value)}) or as --{key} {value}")
         if "/" in value and "://" not in value and not key.lower().endswith(OUTPUT_SUFFIXES):
             _check_here(key, value, cwd)
 

@@ -10,6 +10,7 @@ the dotted key through :func:`bad`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -35,7 +36,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         source = str(path)
         data = _read_yaml(Path(path))
     for item in overrides:
-        _apply_override(data, item)
+        _apply_override(data, item, cls)
     try:
         cfg = _build(cls, data, prefix="")
         _check_tree(cfg, prefix="")
@@ -79,6 +80,9 @@ def split_overrides(argv: Sequence[str]) -> list[str]:
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg == "--":  # the end-of-options marker (argparse passes it on): not a key named ''
+            i += 1
+            continue
         if arg.startswith("--"):
             arg = arg[2:]
             if "=" not in arg:
@@ -93,11 +97,51 @@ def split_overrides(argv: Sequence[str]) -> list[str]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys: a second ``train:`` block appended to a config replaced the
+    first whole, and its steps, batch and schedule silently fell back to the defaults.  Keys of one mapping
+    must differ; those a merge key (``<<: *anchor``) brings in may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}  # key -> its line
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(f"key '{key}' given twice (lines {seen[key]} and {line})")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+# YAML 1.1 reads a leading 0 as octal and a:b as base 60: `train.steps=010` ran 8 steps, `1:30` ran 90.  Those
+# spellings now stay strings, which an integer key refuses in one line; every other integer reads as before.
+_UniqueKeyLoader.yaml_implicit_resolvers = {  # the class's own tables (SafeLoader's stay as they are)
+    first: [(tag, rx) for tag, rx in entries if tag != "tag:yaml.org,2002:int"]
+    for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a YAML config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}; remove one (the second would replace the first)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -109,22 +153,73 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _apply_override(data: dict[str, Any], item: str) -> None:
+def _apply_override(data: dict[str, Any], item: str, cls: Any = None) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{item}': expected the form key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
+    except _DuplicateKey as err:
+        raise ConfigError(f"override '{item}': {err.args[0].split(' (lines')[0]}") from None
     except yaml.YAMLError:
         value = raw
-    node = data
+    if raw.count("#") > str(value).count("#"):
+        # YAML reads ' #...' as a comment: `run.dir='/data/exp #3'` (quoted for the shell) became /data/exp
+        raise ConfigError(f"override '{item}': YAML reads what follows '#' as a comment, dropping it; quote the "
+                          f"value for YAML inside the shell's quotes (\"{key}='{raw}'\")")
     parts = key.split(".")
+    parent = _section_type(cls, parts[:-1])
+    if value is None and parent is not None and dataclasses.is_dataclass(typing.get_type_hints(parent).get(parts[-1])):
+        # null for a section that cannot be null read as {}: the config's keys fell back to the defaults
+        # (`desmoe.dges=null` meant as "no DGES" ran DGES with the default settings)
+        raise ConfigError(f"override '{item}': '{key}' is a section, not a value; set its keys ({key}.KEY=VALUE)")
+    node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
-    node[parts[-1]] = value
+    old = node.get(parts[-1])
+    tp = _section_type(cls, parts)
+    if isinstance(value, dict) and isinstance(old, dict) and tp is not None:
+        # a mapping given to a section sets those keys, as key.path=value each would: replacing the section
+        # dropped the file's other keys to their defaults (desmoe.schedule={t1: 0.3, t2: 0.8} turned the
+        # config's warmup: fig1 into eq11, silently)
+        node[parts[-1]] = _merge(old, value, tp)
+    else:
+        node[parts[-1]] = value
+
+
+def _section_type(cls: Any, parts: Sequence[str]) -> Any:
+    """The dataclass at the dotted path ``parts`` below ``cls``, or None (a plain value, a dict-typed field
+    whose keys are the user's, or an unknown key: refused later)."""
+    tp = cls
+    for part in parts:
+        tp = _unwrap_optional(tp)
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+        elif get_origin(tp) is dict and len(get_args(tp)) == 2:
+            tp = get_args(tp)[1]
+        else:
+            return None
+    tp = _unwrap_optional(tp)
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
+    return tp
+
+
+def _merge(old: dict[str, Any], new: dict[str, Any], tp: Any) -> dict[str, Any]:
+    out = dict(old)
+    for k, v in new.items():
+        sub = _section_type(tp, [str(k)])
+        out[k] = _merge(old[k], v, sub) if sub is not None and isinstance(v, dict) and isinstance(old.get(k), dict) else v
+    return out
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

@@ -52,22 +52,38 @@ class DistEnv:
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
-    """Expand a Slurm host list such as ``gpu[01-03,07],login1`` into host names."""
-    hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", hostlist):
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
-        if not m:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for item in ranges.split(","):
-            lo, _, hi = item.partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise LaunchError(f"SLURM_JOB_NODELIST='{hostlist}': cannot read the range '{item}'")
-            for n in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{str(n).zfill(len(lo))}{suffix}")
+    """Expand a Slurm host list such as ``gpu[01-03,07],login1`` or ``rack[1-2]-n[1-2]`` into host names."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(hostlist):  # commas inside brackets separate ranges, not hosts
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            raise LaunchError(f"SLURM_JOB_NODELIST='{hostlist}': unbalanced brackets")
+        if ch == "," and depth == 0:
+            parts.append(hostlist[start:i])
+            start = i + 1
+    if depth:
+        raise LaunchError(f"SLURM_JOB_NODELIST='{hostlist}': unbalanced brackets")
+    parts.append(hostlist[start:])
+    hosts = [h for part in parts if part for h in _expand_one(part, hostlist)]
     if not hosts:
         raise LaunchError(f"SLURM_JOB_NODELIST='{hostlist}': no host names in it")
+    return hosts
+
+
+def _expand_one(part: str, hostlist: str) -> list[str]:
+    """One host expression; every bracket group multiplies (Slurm: ``a[1-2]b[3-4]`` is a1b3 a1b4 a2b3 a2b4)."""
+    m = re.fullmatch(r"([^\[\]]*)\[([^\]]*)\](.*)", part)
+    if not m:
+        return [part]
+    prefix, ranges, rest = m.groups()
+    tails = _expand_one(rest, hostlist)
+    hosts = []
+    for item in ranges.split(","):
+        lo, _, hi = item.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) < int(lo):
+            raise LaunchError(f"SLURM_JOB_NODELIST='{hostlist}': cannot read the range '{item}'")
+        for n in range(int(lo), int(hi or lo) + 1):
+            hosts.extend(f"{prefix}{str(n).zfill(len(lo))}{tail}" for tail in tails)
     return hosts
 
 

@@ -26,16 +26,49 @@ OPTIMIZER_KEYS = {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mo
 
 def read_ds_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a DeepSpeed JSON file")
     if not path.is_file():
         raise ConfigError(f"{path}: DeepSpeed config not found")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: key '{err}' given twice in one object; remove one") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
+    _removed_by_deepspeed(cfg, str(path))
     cfg["_source"] = str(path)
     return cfg
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """DeepSpeed refuses a key given twice when it reads a JSON file itself; json.loads keeps the last, and
+    the dict handed to DeepSpeed would carry it silently."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _removed_by_deepspeed(cfg: Mapping[str, Any], source: str) -> None:
+    """Blocks this DeepSpeed has removed (amp, elasticity, curriculum_learning, ...): it refuses them in
+    deepspeed.initialize, after the model is built, with a traceback; read here, before the process groups."""
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfigError, _reject_removed_config_keys
+    except ImportError:  # a DeepSpeed without the list: it still reads those blocks itself
+        return
+    try:
+        _reject_removed_config_keys(cfg)
+    except DeepSpeedConfigError as err:
+        raise ConfigError(f"{source}: {' '.join(str(err).split())}") from None
 
 
 def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int = 1,
@@ -57,6 +90,10 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
                           f"the recipe's schedule); remove it")
     if cfg.get("train_batch_size") == "auto":
         cfg.pop("train_batch_size")  # DeepSpeed derives it from the two values above
+    if "bfloat16" in cfg:  # DeepSpeed's older name of the bf16 block, still read when "bf16" is absent
+        if "bf16" in cfg:  # DeepSpeed would then ignore it without a word
+            raise ConfigError(f"{source}: key 'bfloat16': expected only one of 'bf16' and its older name 'bfloat16'")
+        cfg["bf16"] = cfg.pop("bfloat16")  # so that "auto" is resolved and the values checked as for bf16
     for precision in ("bf16", "fp16"):
         block = cfg.get(precision)
         if isinstance(block, dict) and block.get("enabled") == "auto":
@@ -76,11 +113,23 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
             # ZeRO-Offload steps DeepSpeed's CPU Adam, not desmoe's optimizer that freezes experts exactly
             raise ConfigError(f"{source}: key 'zero_optimization.{key}': not supported (desmoe builds its own "
                               f"optimizer), got {block!r}")
+    for key in ("cpu_offload", "cpu_offload_param"):  # DeepSpeed's older spelling of the two blocks above,
+        value = cfg.get("zero_optimization", {}).get(key)  # still honoured (ZeRO-Offload tutorials use it)
+        if value not in (None, False):
+            raise ConfigError(f"{source}: key 'zero_optimization.{key}': not supported (desmoe builds its own "
+                              f"optimizer), got {value!r}")
     opt = cfg.get("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise ConfigError(f"{source}: key 'optimizer.type': expected AdamW, got {opt.get('type')!r}")
     if not isinstance(opt.get("params", {}), dict):  # else its items were named as unknown keys
         raise ConfigError(f"{source}: key 'optimizer.params': expected an object, got {opt['params']!r}")
+    wd = opt.get("params", {}).get("weight_decay", 0)
+    if (str(opt.get("type", "")).lower() == "adam" and opt.get("params", {}).get("adam_w_mode") is False
+            and wd != 0):
+        # DeepSpeed then builds Adam with L2 weight decay (folded into the gradient); desmoe's optimizer
+        # decays decoupled (AdamW) only, which would train differently without a word
+        raise ConfigError(f"{source}: key 'optimizer.params.adam_w_mode': expected true or unset (desmoe's "
+                          f"optimizer is AdamW, decoupled weight decay), got false with weight_decay={wd!r}")
     unknown = set(opt.get("params", {})) - OPTIMIZER_KEYS
     if unknown:
         raise ConfigError(f"{source}: key 'optimizer.params.{sorted(unknown)[0]}': unknown "

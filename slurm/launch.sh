@@ -6,13 +6,21 @@
 # Environment: DESMOE_LOG_DIR (logs), DESMOE_PYTHON (.venv/bin/python),
 # DESMOE_DS_CONFIG (configs/zero2.json), DESMOE_CPU=1 (gloo + DeepSpeed's CPU accelerator).
 
+# Started with bash instead of sbatch (no allocation): say so, rather than bash's
+# "SLURM_JOB_ID: unbound variable" from the run name, or an srun that asks for one.
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "desmoe: error: SLURM_JOB_ID is not set: $0 is a Slurm batch script; submit it with sbatch $0" \
+         "(or run it inside an salloc allocation); without Slurm, start the launcher with torchrun or deepspeed" >&2
+    exit 2
+fi
+
 LOG_DIR="${DESMOE_LOG_DIR:-logs}"
 mkdir -p "$LOG_DIR"
 PYTHON="${DESMOE_PYTHON:-.venv/bin/python}"
 DS_CONFIG="${DESMOE_DS_CONFIG:-configs/zero2.json}"
 
 desmoe_launch() {
-    local launcher="$1" config="$2" run_name="$3"
+    local launcher="$1" config="$2" run_name="$3" default_name="$3"
     shift 3
     # The trainer writes this file after saving on a preemption signal (all ranks then exit 0).
     export DESMOE_REQUEUE_MARKER="${LOG_DIR}/.requeue-${SLURM_JOB_ID}"
@@ -25,11 +33,16 @@ desmoe_launch() {
     if [ "${DESMOE_CPU:-0}" = "1" ]; then
         export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     fi
-    # run.dir as the overrides give it (key=value or --key value); else the config's (runs in the shipped ones)
+    # run.dir as the overrides give it (key=value or --key value); else the config's (runs in the shipped ones).
+    # run.name too: the user's overrides come after run.name=${run_name} below, and the last one wins.
     local run_dir="" prev=""
     for arg in "$@"; do
-        case "$arg" in run.dir=*|--run.dir=*) run_dir="${arg#*=}" ;; esac
+        case "$arg" in
+            run.dir=*|--run.dir=*) run_dir="${arg#*=}" ;;
+            run.name=*|--run.name=*) run_name="${arg#*=}" ;;
+        esac
         [ "$prev" = "--run.dir" ] && run_dir="$arg"
+        [ "$prev" = "--run.name" ] && run_name="$arg"
         prev="$arg"
     done
     local where="${run_dir:-<run.dir of ${config}>}/${run_name}"
@@ -39,7 +52,7 @@ desmoe_launch() {
     # --kill-on-bad-exit: one dead rank ends the step; --wait: the others get 60 s at most.
     # Per-rank logs go next to the job log.
     srun --kill-on-bad-exit=1 --wait=60 --output="${LOG_DIR}/%x-%j-rank%t.out" --open-mode=append \
-        "$PYTHON" "$launcher" --deepspeed "$DS_CONFIG" --config "$config" "run.name=${run_name}" "$@"
+        "$PYTHON" "$launcher" --deepspeed "$DS_CONFIG" --config "$config" "run.name=${default_name}" "$@"
     local rc=$?
     if [ -f "$DESMOE_REQUEUE_MARKER" ]; then
         echo "job ${SLURM_JOB_ID}: checkpoint saved on preemption at step $(cat "$DESMOE_REQUEUE_MARKER"); requeueing"

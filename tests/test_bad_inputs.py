@@ -70,6 +70,8 @@ CASES = [
     Case("YAML syntax", "config", lambda t: exp(t, "model:\n  top_k: 2\n   x: 1\n"), "not valid YAML (line 3)"),
     Case("top level not a mapping", "config", lambda t: exp(t, "- 1\n"), "expected a mapping at the top level"),
     Case("unknown key", "config", lambda t: exp(t, "model:\n  num_expert: 4\n"), "unknown key 'model.num_expert'"),
+    Case("key given twice in the YAML", "config", lambda t: exp(t, "train:\n  steps: 10\ntrain:\n  lr: 0.001\n"),
+         "key 'train' given twice (lines 1 and 3)"),
     Case("section is not a mapping", "config", lambda t: exp(t, "train: 5\n"), "key 'train': expected a mapping"),
     Case("wrong type", "config", lambda t: exp(t, "train:\n  steps: ten\n"), "key 'train.steps': expected an integer"),
     Case("not one of the choices", "config", lambda t: exp(t, overrides=["model.expert_type=relu"]),
@@ -88,6 +90,14 @@ CASES = [
     Case("override without a value", "cli", lambda t: split_overrides(["train.steps"]), "expected the form key.path=value"),
     Case("flag without a value", "cli", lambda t: split_overrides(["--train.steps"]), "override '--train.steps': expected a value"),
     Case("override into a value", "cli", lambda t: exp(t, overrides=["train=3", "train.steps=4"]), "'train' is not a section"),
+    Case("override cut by a YAML comment", "cli", lambda t: exp(t, overrides=["run.dir=/data/exp #3"]),
+         "override 'run.dir=/data/exp #3': YAML reads what follows '#' as a comment"),
+    Case("null for a section", "cli", lambda t: exp(t, overrides=["train=null"]),
+         "override 'train=null': 'train' is a section, not a value; set its keys (train.KEY=VALUE)"),
+    Case("integer YAML 1.1 reads as octal", "cli", lambda t: exp(t, overrides=["train.steps=010"]),
+         "key 'train.steps': expected an integer, got '010'"),
+    Case("'~' the shell left alone", "cli", lambda t: _tilde(t),
+         "run.dir='~/runs': nothing expands '~' here (not the shell in key=value, nor YAML)"),
     # DeepSpeed JSON
     Case("DeepSpeed config missing", "deepspeed", lambda t: read_ds_config(t / "none.json"), "DeepSpeed config not found"),
     Case("DeepSpeed JSON syntax", "deepspeed", lambda t: ds(t, '{"a": 1,}'), "not valid JSON (line 1"),
@@ -111,6 +121,19 @@ CASES = [
          "key 'train_micro_batch_size_per_gpu': expected \"auto\" or 1 (the experiment's train.micro_batch), got 4"),
     Case("DeepSpeed LR scheduler", "deepspeed", lambda t: ds(t, '{"scheduler": {"type": "WarmupLR"}}'),
          "key 'scheduler': not supported (the learning rate comes from train.lr"),
+    Case("key given twice in the JSON", "deepspeed", lambda t: ds(t, '{"train_micro_batch_size_per_gpu": 1, "train_micro_batch_size_per_gpu": 4}'),
+         "key 'train_micro_batch_size_per_gpu' given twice in one object"),
+    Case("Adam with L2 weight decay", "deepspeed",
+         lambda t: ds(t, '{"optimizer": {"type": "Adam", "params": {"adam_w_mode": false, "weight_decay": 0.01}}}'),
+         "key 'optimizer.params.adam_w_mode': expected true or unset (desmoe's optimizer is AdamW"),
+    Case("ZeRO-Offload, older spelling", "deepspeed", lambda t: ds(t, '{"zero_optimization": {"stage": 2, "cpu_offload": true}}'),
+         "key 'zero_optimization.cpu_offload': not supported"),
+    Case("bf16 under both its names", "deepspeed", lambda t: ds(t, '{"bf16": {"enabled": true}, "bfloat16": {"enabled": false}}'),
+         "key 'bfloat16': expected only one of 'bf16' and its older name 'bfloat16'"),
+    Case("bf16 flag not boolean, older block name", "deepspeed", lambda t: ds(t, '{"bfloat16": {"enabled": "yes"}}'),
+         "key 'bf16.enabled': expected true, false or \"auto\", got 'yes'"),
+    Case("block DeepSpeed has removed", "deepspeed", lambda t: ds(t, '{"elasticity": {"enabled": false}}'),
+         "ds.json: Elastic training has been removed; the 'elasticity' configuration block is no longer supported"),
     Case("ZeRO-Offload", "deepspeed", lambda t: ds(t, '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}'),
          "key 'zero_optimization.offload_optimizer': not supported"),
     Case("optimizer value \"auto\"", "deepspeed",
@@ -177,6 +200,13 @@ CASES = [
          "incomplete Slurm environment: SLURM_LOCALID missing (run the job with srun)"),
     Case("unreadable Slurm node list", "environment", lambda t: expand_hostlist("gpu[1-x]"), "cannot read the range '1-x'"),
 ]
+
+
+def _tilde(tmp: Path):
+    """`run.dir=~/runs` reaches the launcher as it is (bash expands ~ in assignments, not in key.path=value)."""
+    from desmoe.cli import check_relative_paths
+
+    return check_relative_paths(exp(tmp, overrides=["run.dir=~/runs"]), cwd=tmp)
 
 
 def _unknown_method():

@@ -66,3 +66,22 @@ def test_input_path_only_in_the_repository_is_refused_before_anything_is_built(t
     assert len(errors(proc)) == 1 and "data.root='desmoe/moe'" in errors(proc)[0], proc.stderr[-3000:]
     assert str(ROOT / "desmoe/moe") in errors(proc)[0]
     assert not (tmp_path / "desmoe").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("argv", [["run.dir=~/runs"], ["--run.dir=~/runs"], ["data.path=~/corpus/py"]])
+def test_tilde_the_shell_left_alone_is_refused(argv):
+    """bash leaves `run.dir=~/runs` as it is (not a variable assignment): the run went to ./~/runs."""
+    key = argv[0].lstrip("-").split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}='~/\w+(/py)?': nothing expands '~' here .* or as --{key} ~/"):
+        parse_launcher_args(LMExperiment, argv=argv)
+    cfg, _ = parse_launcher_args(LMExperiment, argv=["--run.dir", "/tmp/x/runs"])  # what the shell gives for ~ there
+    assert cfg.run.dir == "/tmp/x/runs"
+
+
+def test_printed_tensorboard_commands_survive_a_space_in_run_dir(tmp_path):
+    """`run.dir=my runs`: the printed `tensorboard --logdir my runs/...` lines, pasted into a shell, gave
+    TensorBoard two arguments."""
+    proc = smoke_from(tmp_path, "--config", str(ROOT / "configs/smoke.yaml"), *TINY, "run.dir=my runs", "run.name=a")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(tensorboard --logdir 'my runs/a/tensorboard')" in proc.stdout, proc.stdout[-2000:]
+    assert "compare runs: tensorboard --logdir 'my runs' --samples_per_plugin images=0" in proc.stdout

@@ -154,3 +154,99 @@ def test_model_keys_that_contradict_the_checkpoint_are_refused(arch):
     if arch in ("mixtral", "olmoe"):
         with pytest.raises(ConfigError, match="key 'model.dense_ffn': expected unset: no counterpart"):
             check_against(PretrainModelSpec(dense_ffn=128), config, "checkpoint", "ck")
+
+
+@pytest.mark.parametrize("text,message", [
+    # a second block appended to a config replaced the first whole: steps/batch fell back to the defaults
+    ("train:\n  steps: 10\n  micro_batch: 2\nmodel:\n  top_k: 1\ntrain:\n  lr: 3.0e-4\n",
+     "key 'train' given twice (lines 1 and 6)"),
+    ("train:\n  steps: 10\n  steps: 20\n", "key 'steps' given twice (lines 2 and 3)"),
+    ("train: {steps: 10, steps: 20}\n", "key 'steps' given twice (lines 1 and 1)"),
+])
+def test_duplicate_yaml_key_is_refused(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(LMExperiment, path)
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+
+
+def test_merge_key_may_override_what_it_brings(tmp_path):
+    """``<<: *anchor`` then a key of its own is YAML's way to override, not a duplicate."""
+    path = write(tmp_path, "model: &m {num_experts: 4, ep_size: 2}\ntrain: {steps: 10}\n")
+    assert load_config(LMExperiment, path).model.num_experts == 4
+    from desmoe.config import _UniqueKeyLoader
+    import yaml
+
+    assert yaml.load("a: &x {p: 1, q: 2}\nb: {<<: *x, q: 3}\n", Loader=_UniqueKeyLoader)["b"] == {"p": 1, "q": 3}
+
+
+def test_mapping_override_sets_only_its_keys():
+    """desmoe.schedule={t1: 0.3, t2: 0.8} replaced the section: the shipped config's warmup: fig1 became the
+    default eq11 without a word.  A mapping given to a section now sets those keys, as t1=/t2= would."""
+    from desmoe.recipes.des_moe.config import DESMoEExperiment
+
+    cfg = load_config(DESMoEExperiment, "configs/desmoe_6dom.yaml", ["desmoe.schedule={t1: 0.3, t2: 0.8}",
+                                                                     "desmoe={dges: {phi: 0.5}}"])
+    assert (cfg.desmoe.schedule.t1, cfg.desmoe.schedule.t2, cfg.desmoe.schedule.warmup) == (0.3, 0.8, "fig1")
+    assert (cfg.desmoe.dges.phi, cfg.desmoe.dges.update_every, cfg.desmoe.alr.tau) == (0.5, 100, 0.7)
+    assert cfg.train.steps == 3000
+    with pytest.raises(ConfigError, match="override 'train={lr: 1e-3, lr: 2e-3}': key 'lr' given twice"):
+        load_config(LMExperiment, None, ["train={lr: 1e-3, lr: 2e-3}"])
+
+
+def test_config_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, expected a YAML config file"):
+        load_config(LMExperiment, tmp_path)
+    with pytest.raises(ConfigError, match="is a directory, expected a DeepSpeed JSON file"):
+        read_ds_config(tmp_path)
+
+
+def test_override_that_yaml_would_cut_or_null_is_refused():
+    """`run.dir='/data/exp #3'` (quoted for the shell) ran in /data/exp: YAML took ' #3' for a comment.
+    `desmoe.dges=null` (meant as "no DGES") ran DGES at the default settings, the file's dropped."""
+    from desmoe.recipes.des_moe.config import DESMoEExperiment
+
+    with pytest.raises(ConfigError, match=r"override 'run.dir=/data/exp #3': YAML reads what follows '#' as a comment"):
+        load_config(LMExperiment, None, ["run.dir=/data/exp #3"])
+    assert load_config(LMExperiment, None, ["run.dir=/data/exp#3", "run.name='a #1'"]).run.name == "a #1"
+    with pytest.raises(ConfigError, match=r"override 'desmoe.dges=null': 'desmoe.dges' is a section, not a value"):
+        load_config(DESMoEExperiment, "configs/desmoe_6dom.yaml", ["desmoe.dges=null"])
+    assert load_config(LMExperiment, None, ["model.capacity_factor=null"]).model.capacity_factor is None
+
+
+@pytest.mark.parametrize("value", ["010", "1:30"])
+def test_integer_spellings_yaml_1_1_reads_otherwise_are_refused(tmp_path, value):
+    """YAML 1.1 reads 010 as octal 8 and 1:30 as base-60 90: train.steps=010 ran 8 steps without a word."""
+    with pytest.raises(ConfigError, match=f"key 'train.steps': expected an integer, got '{value}'"):
+        load_config(LMExperiment, None, [f"train.steps={value}"])
+    with pytest.raises(ConfigError, match=f"key 'train.steps': expected an integer, got '{value}'"):
+        load_config(LMExperiment, write(tmp_path, f"train:\n  steps: {value}\n"))
+    assert load_config(LMExperiment, None, ["train.steps=1_000", "train.seed=0"]).train.steps == 1000
+
+
+def test_bfloat16_block_older_name_is_resolved_as_bf16(tmp_path):
+    """DeepSpeed still reads "bfloat16" when "bf16" is absent; its "auto" reached DeepSpeed unresolved."""
+    path = write(tmp_path, '{"bfloat16": {"enabled": "auto"}}', "ds.json")
+    cfg = resolve_ds_config(read_ds_config(path), micro_batch=1, lr=1e-3)
+    assert "bfloat16" not in cfg and cfg["bf16"]["enabled"] in (True, False)
+
+
+def test_end_of_options_marker_is_not_an_override():
+    """`launcher/x.py --config c.yaml -- train.steps=3` read '--' as a key named '' and joined the next argument."""
+    assert split_overrides(["--", "train.steps=3", "--train.lr", "0.1"]) == ["train.steps=3", "train.lr=0.1"]
+
+
+@pytest.mark.parametrize("name", ["", "/scratch/x", "../other"])
+def test_run_name_stays_inside_run_dir(name):
+    with pytest.raises(ConfigError, match=r"key 'run.name': expected a non-empty folder name inside run.dir"):
+        load_config(LMExperiment, None, [f"run.name={name}"])
+    assert load_config(LMExperiment, None, ["run.name=group/a b"]).run.name == "group/a b"
+
+
+@pytest.mark.parametrize("block", ["curriculum_learning", "amp", "sparse_attention"])
+def test_deepspeed_blocks_deepspeed_removed_are_one_line_before_the_run(tmp_path, block):
+    """DeepSpeed 0.19 refuses them only inside deepspeed.initialize, after the model is built, as a traceback."""
+    path = write(tmp_path, f'{{"{block}": {{"enabled": false}}}}', "ds.json")
+    with pytest.raises(ConfigError, match="ds.json: .*has been removed") as err:
+        read_ds_config(path)
+    assert "\n" not in str(err.value)

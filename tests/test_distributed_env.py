@@ -1,4 +1,5 @@
 """Process discovery from torchrun/deepspeed or Slurm variables, in real processes."""
+import re
 import socket
 import subprocess
 import sys
@@ -17,6 +18,12 @@ def test_hostlist_expansion():
     assert expand_hostlist("node7") == ["node7"]
     assert expand_hostlist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
     assert expand_hostlist("a[8-10]-ib") == ["a8-ib", "a9-ib", "a10-ib"]
+    # several bracket groups multiply, as `scontrol show hostnames` does; the first host was 'rack1-n[1-2]'
+    assert expand_hostlist("rack[1-2]-n[1-2],a[1,2]b[3,4],m5") == [
+        "rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2", "a1b3", "a1b4", "a2b3", "a2b4", "m5"]
+    for bad in ("n[1-2", "n[3-1]"):
+        with pytest.raises(LaunchError, match=re.escape(f"SLURM_JOB_NODELIST='{bad}'")):
+            expand_hostlist(bad)
     with pytest.raises(LaunchError, match="cannot read the range"):
         expand_hostlist("n[1-x]")
 

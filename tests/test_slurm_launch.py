@@ -56,3 +56,30 @@ def test_script_submitted_from_another_directory_says_so(slurm, tmp_path):
     assert result.output.strip().splitlines() == [
         f"desmoe: error: submitted from {tmp_path}, which is not the repository root (no slurm/launch.sh): "
         f"cd to the repository, then sbatch slurm/desmoe_6dom.sh"], result.output
+
+
+def test_script_run_with_bash_instead_of_sbatch_says_so(tmp_path):
+    """`bash slurm/desmoe_6dom.sh` outside any allocation stopped on bash's 'SLURM_JOB_ID: unbound variable'."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["DESMOE_LOG_DIR"] = str(tmp_path / "logs")
+    for script in ("slurm/desmoe_6dom.sh", "slurm/smoke.sh"):
+        proc = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert (proc.stdout + proc.stderr).strip().splitlines() == [
+            f"desmoe: error: SLURM_JOB_ID is not set: {script} is a Slurm batch script; submit it with sbatch "
+            f"{script} (or run it inside an salloc allocation); without Slurm, start the launcher with torchrun "
+            f"or deepspeed"]
+    assert not (tmp_path / "logs").exists()
+
+
+def test_job_log_names_the_run_an_override_chose(slurm, tmp_path):
+    """`sbatch slurm/smoke.sh run.name=mine`: the run went to <run.dir>/mine (the user's override comes last)
+    but the job log pointed TensorBoard at <run.dir>/smoke-<job id>."""
+    job = slurm.submit(ROOT / "slurm/smoke.sh", "train.stepz=3", f"run.dir={tmp_path}", "--run.name", "mine",
+                       sbatch_args=("--nodes=1", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out") + CPU_JOB,
+                       env=job_env(tmp_path), cwd=ROOT)
+    result = slurm.wait(job, timeout=300)
+    assert f"run {tmp_path}/mine (tensorboard --logdir {tmp_path}/mine/tensorboard)" in result.output, result.output

@@ -2,6 +2,8 @@
 (experts of every EP rank counted) and the console summary."""
 from __future__ import annotations
 
+import shlex
+
 from pathlib import Path
 
 import torch
@@ -35,4 +37,4 @@ def print_summary(run_dir: Path, report: dict, out_dir: str) -> None:
     print(f"held-out general perplexity {report['heldout_ppl']:.2f} vs unigram {report['unigram_ppl']:.2f} "
           f"({report['parameters'] / 1e6:.1f}M parameters, {report['train_tokens'] / 1e6:.2f}M training tokens, "
           f"{report['train_s_this_run']:.0f} s of training)", flush=True)
-    print(f"base model: {out_dir}  (tensorboard --logdir {run_dir / 'tensorboard'})", flush=True)
+    print(f"base model: {out_dir}  (tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))})", flush=True)

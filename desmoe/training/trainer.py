@@ -20,6 +20,7 @@ end has its own checkpoint tag).  A checkpoint's ``step`` is the resume cursor.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,11 @@ class RunConfig:
     def check(self) -> None:
         if self.keep_checkpoints < 0:
             raise bad("keep_checkpoints", "an integer >= 0 (0 = keep all)", self.keep_checkpoints)
+        # the run is run.dir/run.name: an empty name made run.dir itself the run (checkpoints among the other
+        # runs' folders), an absolute one or '..' put it outside run.dir without a word
+        name = Path(self.name)
+        if not self.name.strip() or name.is_absolute() or ".." in name.parts:
+            raise bad("name", "a non-empty folder name inside run.dir (no leading '/', no '..')", self.name)
 
 
 @dataclass
@@ -255,8 +261,10 @@ class Trainer:
             self.monitor.close()  # ends the progress bar and flushes TensorBoard, also on failure
         summary = r.summary(self)
         if is_rank0():
-            # every run under run.dir side by side; images=0 makes TensorBoard keep every image step (default 10)
-            print(f"compare runs: tensorboard --logdir {cfg.run.dir} --samples_per_plugin images=0", flush=True)
+            # every run under run.dir side by side; images=0 makes TensorBoard keep every image step (default 10);
+            # quoted for the shell: a run.dir with a space is copied from here into a terminal
+            print(f"compare runs: tensorboard --logdir {shlex.quote(cfg.run.dir)} --samples_per_plugin images=0",
+                  flush=True)
         return summary
 
     def _train_stage(self, stage: int, steps: int, offset: int, first: int, stages: int) -> None:

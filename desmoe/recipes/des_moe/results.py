@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shlex
 from pathlib import Path
 
 from desmoe import checkpoint
@@ -34,7 +35,7 @@ def write_results(run_dir: Path, method: str, domains: list[str], seconds: float
         plot_curves(run_dir / "loss.png", {"train (task)": train, **val}, ylabel="next-byte NLL (nats)")
         print(ascii_curve(train, label=f"{method} task loss"), flush=True)
     print(results_table([result]), flush=True)
-    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tensorboard'})", flush=True)
+    print(f"run directory: {run_dir}  (tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))})", flush=True)
     return result
 
 

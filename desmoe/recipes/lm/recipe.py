@@ -9,6 +9,7 @@ schedule and the export.
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -143,5 +144,5 @@ def summarize(run_dir: Path) -> dict:
     if val:
         print(f"validation loss {val[0][1]:.3f} -> {val[-1][1]:.3f} nats/byte "
               f"({val[-1][1] / math.log(2):.3f} bits/byte; uniform bytes = 8.000)", flush=True)
-    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tensorboard'})", flush=True)
+    print(f"run directory: {run_dir}  (tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))})", flush=True)
     return {"train": train, "val": val}
