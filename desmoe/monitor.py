@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -15,6 +16,11 @@ import numpy as np
 
 from desmoe.distributed import is_rank0
 from desmoe.errors import UserError
+
+
+def tensorboard_command(logdir: str | Path, *extra: str) -> str:
+    """The command a user pastes to watch ``logdir``, quoted for the shell (a run.dir may hold a space)."""
+    return " ".join(["tensorboard", "--logdir", shlex.quote(str(logdir)), *extra])
 
 
 class Monitor:

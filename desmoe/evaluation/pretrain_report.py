@@ -2,14 +2,12 @@
 (experts of every EP rank counted) and the console summary."""
 from __future__ import annotations
 
-import shlex
-
 from pathlib import Path
 
 import torch
 
 from desmoe.collectives import mean_over_ranks
-from desmoe.monitor import loss_curves
+from desmoe.monitor import loss_curves, tensorboard_command
 
 
 def unigram_nll(counts: torch.Tensor, batches: list[torch.Tensor]) -> float:
@@ -37,4 +35,4 @@ def print_summary(run_dir: Path, report: dict, out_dir: str) -> None:
     print(f"held-out general perplexity {report['heldout_ppl']:.2f} vs unigram {report['unigram_ppl']:.2f} "
           f"({report['parameters'] / 1e6:.1f}M parameters, {report['train_tokens'] / 1e6:.2f}M training tokens, "
           f"{report['train_s_this_run']:.0f} s of training)", flush=True)
-    print(f"base model: {out_dir}  (tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))})", flush=True)
+    print(f"base model: {out_dir}  ({tensorboard_command(run_dir / 'tensorboard')})", flush=True)

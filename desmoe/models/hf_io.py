@@ -40,6 +40,14 @@ def checkpoint_config(path: str | Path):
         raise UserError(f"{path / 'config.json'}: not a loadable Hugging Face config ({text})") from None
 
 
+def refuse_untied_head(head: Tensor, embed: Tensor, config_json: Path) -> None:
+    """``tie_word_embeddings: true`` with an ``lm_head.weight`` that differs from the embedding: transformers 5
+    keeps that head untied (and warns); tying here would replace the head the checkpoint holds."""
+    if not torch.equal(head.to(embed.dtype), embed):
+        raise UserError(f"{config_json}: key 'tie_word_embeddings': expected false (the checkpoint's lm_head.weight "
+                        f"differs from model.embed_tokens.weight), got True")
+
+
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 

@@ -28,7 +28,7 @@ from desmoe import integrity
 from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError
 from desmoe.models.hf_arch import MoEArch, arch_for, experts_from_hf, experts_to_hf
-from desmoe.models.hf_io import CheckpointTensors, checkpoint_config
+from desmoe.models.hf_io import CheckpointTensors, checkpoint_config, refuse_untied_head
 from desmoe.moe import LinearRouter, MoEBlock
 
 MOE_ATTR = "desmoe_hf"  # the model attribute holding (arch, original config)
@@ -147,15 +147,8 @@ def _load_dense(model: nn.Module, source: CheckpointTensors, skip: tuple[str, ..
             continue
         _fill(tensor.data, source.get(name), name, source)
     if tied and "lm_head.weight" in source:
-        # transformers 5 unties when the checkpoint's lm_head differs from the embedding (and warns);
-        # tying here would replace the head the checkpoint holds: refuse instead.
-        embed = source.get(EMBED_KEY)
-        if not torch.equal(source.get("lm_head.weight").to(embed.dtype), embed):
-            raise UserError(f"{source.path / 'config.json'}: key 'tie_word_embeddings': expected false (the "
-                            f"checkpoint's lm_head.weight differs from {EMBED_KEY}), got True")
-
-
-EMBED_KEY = "model.embed_tokens.weight"
+        refuse_untied_head(source.get("lm_head.weight"), source.get("model.embed_tokens.weight"),
+                           source.path / "config.json")
 
 
 def _load_block(block: MoEBlock, source: CheckpointTensors, arch: MoEArch, prefix: str) -> None:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError
-from desmoe.models.hf_io import checkpoint_config
+from desmoe.models.hf_io import checkpoint_config, refuse_untied_head
 from desmoe.models.hf_moe import restore_buffers
 
 UpcycleMode = Literal["copy", "segment"]
@@ -117,11 +117,8 @@ def save_upcycled(cfg, state: dict, dense: str | Path, out_dir: str | Path, dtyp
         moe = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     if cfg.tie_word_embeddings:
         head = state.pop("lm_head.weight", None)
-        # transformers 5 leaves a dense checkpoint's own lm_head untied when it differs from the embedding
-        # though config.json says tie: tying the MoE would swap the dense model's head for the embedding.
-        if head is not None and not torch.equal(head, state["model.embed_tokens.weight"]):
-            raise UserError(f"{Path(dense) / 'config.json'}: key 'tie_word_embeddings': expected false (the "
-                            f"checkpoint's lm_head.weight differs from model.embed_tokens.weight), got True")
+        if head is not None:  # the dense model's own head, untied by transformers: the MoE must not tie it away
+            refuse_untied_head(head, state["model.embed_tokens.weight"], Path(dense) / "config.json")
     moe.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     restore_buffers(moe)
     if cfg.tie_word_embeddings:

@@ -20,7 +20,6 @@ end has its own checkpoint tag).  A checkpoint's ``step`` is the resume cursor.
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,10 +260,10 @@ class Trainer:
             self.monitor.close()  # ends the progress bar and flushes TensorBoard, also on failure
         summary = r.summary(self)
         if is_rank0():
-            # every run under run.dir side by side; images=0 makes TensorBoard keep every image step (default 10);
-            # quoted for the shell: a run.dir with a space is copied from here into a terminal
-            print(f"compare runs: tensorboard --logdir {shlex.quote(cfg.run.dir)} --samples_per_plugin images=0",
-                  flush=True)
+            from desmoe.monitor import tensorboard_command
+
+            # every run under run.dir side by side; images=0 makes TensorBoard keep every image step (default 10)
+            print(f"compare runs: {tensorboard_command(cfg.run.dir, '--samples_per_plugin', 'images=0')}", flush=True)
         return summary
 
     def _train_stage(self, stage: int, steps: int, offset: int, first: int, stages: int) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shlex
 from pathlib import Path
 
 from desmoe import checkpoint
-from desmoe.monitor import ascii_curve, plot_curves, read_metrics
+from desmoe.monitor import ascii_curve, plot_curves, read_metrics, tensorboard_command
 
 VAL = "val/loss/"  # held-out next-token loss per domain (nats): val/loss/<domain>
 
@@ -35,7 +34,7 @@ def write_results(run_dir: Path, method: str, domains: list[str], seconds: float
         plot_curves(run_dir / "loss.png", {"train (task)": train, **val}, ylabel="next-byte NLL (nats)")
         print(ascii_curve(train, label=f"{method} task loss"), flush=True)
     print(results_table([result]), flush=True)
-    print(f"run directory: {run_dir}  (tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))})", flush=True)
+    print(f"run directory: {run_dir}  ({tensorboard_command(run_dir / 'tensorboard')})", flush=True)
     return result
 
 

@@ -9,7 +9,6 @@ schedule and the export.
 from __future__ import annotations
 
 import math
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,7 +20,7 @@ from desmoe.collectives import mean_over_ranks
 from desmoe.config import bad
 from desmoe.data.text_corpus import TextCorpusConfig, load_byte_corpus, sample_windows
 from desmoe.models.moe_lm import MoELM, MoELMConfig
-from desmoe.monitor import loss_curves
+from desmoe.monitor import loss_curves, tensorboard_command
 from desmoe.objective import heldout_loss, lm_loss
 from desmoe.recompute import check_mode
 from desmoe.training.trainer import Cadence, Recipe, RunConfig, Setup, Trainer
@@ -144,5 +143,5 @@ def summarize(run_dir: Path) -> dict:
     if val:
         print(f"validation loss {val[0][1]:.3f} -> {val[-1][1]:.3f} nats/byte "
               f"({val[-1][1] / math.log(2):.3f} bits/byte; uniform bytes = 8.000)", flush=True)
-    print(f"run directory: {run_dir}  (tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))})", flush=True)
+    print(f"run directory: {run_dir}  ({tensorboard_command(run_dir / 'tensorboard')})", flush=True)
     return {"train": train, "val": val}
