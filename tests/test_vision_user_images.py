@@ -1,0 +1,39 @@
+"""The images and CLIP folders users bring, outside the TRGE recipe: zero-shot scoring of a local CLIP folder with
+its own pixel statistics, and user photos decoded as a viewer shows them (EXIF orientation, odd modes)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from desmoe.errors import UserError
+
+
+def _clip_folder(folder, processor=None):
+    from desmoe.models.dual_encoder import load_clip, tiny_clip
+
+    model, tok = tiny_clip()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    if processor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return load_clip(folder)
+
+
+def test_zero_shot_features_use_the_clip_folders_own_normalisation(tmp_path):
+    """zeroshot.image_features normalised with OpenAI CLIP's mean/std whatever the folder's preprocessor said."""
+    from desmoe.vision.transforms import to_pixel_values
+    from desmoe.vision.zeroshot import as_features, image_features
+
+    model, _ = _clip_folder(tmp_path / "c", {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    with torch.no_grad():
+        want = as_features(model.get_image_features(
+            pixel_values=to_pixel_values(images, 32, (0.5,) * 3, (0.5,) * 3)))
+    # the same model, the same pixels and the same batch: only the normalisation can differ
+    assert torch.equal(image_features(model, images), torch.nn.functional.normalize(want.float(), dim=-1))
+    # a folder that is gone leaves the statistics unknown: one line, not OpenAI's numbers
+    model.config._name_or_path = str(tmp_path / "moved")
+    with pytest.raises(UserError, match=r"moved: the folder this CLIPModel was read from is not there; expected it"):
+        image_features(model, images)
