@@ -1,5 +1,5 @@
-"""The images and CLIP folders users bring, outside the TRGE recipe: zero-shot scoring of a local CLIP folder with
-its own pixel statistics, and user photos decoded as a viewer shows them (EXIF orientation, odd modes)."""
+"""The CLIP folders users bring, outside the TRGE recipe: zero-shot scoring of a local CLIP folder with its own
+pixel statistics."""
 import json
 
 import numpy as np
@@ -37,3 +37,4 @@ def test_zero_shot_features_use_the_clip_folders_own_normalisation(tmp_path):
     model.config._name_or_path = str(tmp_path / "moved")
     with pytest.raises(UserError, match=r"moved: the folder this CLIPModel was read from is not there; expected it"):
         image_features(model, images)
+
