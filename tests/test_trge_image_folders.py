@@ -96,6 +96,8 @@ def _tree(root, classes=("x", "y"), n=2):
      r"t/x/notes.txt: not an image file; expected only images"),
     (lambda r: (r / "t" / "x" / "broken.jpg").write_bytes(b"not a jpeg"), {"test_fraction": 0.5},
      r"t/x/broken.jpg: not a readable image \("),
+    (lambda r: Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(r / "t" / "x" / "float.tif"),
+     {"test_fraction": 0.5}, r"t/x/float.tif: not a readable image \(ValueError: 32-bit float pixels \(mode F\)"),
     (lambda r: (r / "t" / "README.md").write_text("hi"), {"test_fraction": 0.5},
      r"t/README.md: a file beside the class folders; expected only class folders"),
     (lambda r: None, {}, r"t: no train/ and test/ folders and no test_fraction; expected one of them"),
