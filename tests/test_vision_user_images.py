@@ -38,3 +38,20 @@ def test_zero_shot_features_use_the_clip_folders_own_normalisation(tmp_path):
     with pytest.raises(UserError, match=r"moved: the folder this CLIPModel was read from is not there; expected it"):
         image_features(model, images)
 
+
+
+@pytest.mark.parametrize("processor", [{"do_rescale": False}, {"rescale_factor": 1 / 127.5}, {"rescale_factor": "x"}])
+def test_clip_folder_with_another_pixel_scale_is_refused(tmp_path, processor):
+    """Pixels are always uint8 / 255: a processor that rescales otherwise was ignored, features off by the factor."""
+    from desmoe.recipes.trge.backbones import BackboneConfig, load_backbone
+    from desmoe.vision.zeroshot import pixel_spec
+
+    model, _ = _clip_folder(tmp_path / "c", {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, **processor})
+    expect = r"preprocessor_config.json: do_rescale=.*; expected pixels scaled by 1/255"
+    with pytest.raises(UserError, match=expect):
+        pixel_spec(model)
+    with pytest.raises(UserError, match=expect):
+        load_backbone(BackboneConfig(kind="hf_clip", path=str(tmp_path / "c")))
+    # the factor transformers writes (1/255 as a float) is the one this reader applies
+    (tmp_path / "c" / "preprocessor_config.json").write_text(json.dumps({"rescale_factor": 0.00392156862745098}))
+    assert pixel_spec(model)[1] == (0.48145466, 0.4578275, 0.40821073)

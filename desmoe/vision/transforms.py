@@ -72,6 +72,12 @@ def preprocessor_stats(folder: Path, mean, std) -> tuple:
             raise UserError(f"{path}: '{key}' is {v!r}, expected three numbers (one per RGB channel"
                             f"{', each > 0' if key == 'image_std' else ''})")
         out.append(tuple(float(x) for x in v))
+    # pixels are always scaled to [0, 1] (uint8 / 255): a checkpoint trained on 0..255 (do_rescale false) or on
+    # another scale would be fed pixels off by that factor without a word
+    factor = spec.get("rescale_factor", 1 / 255)
+    if spec.get("do_rescale") is False or not (isinstance(factor, (int, float)) and abs(factor * 255 - 1) < 1e-6):
+        raise UserError(f"{path}: do_rescale={spec.get('do_rescale', True)!r}, rescale_factor={factor!r}; expected "
+                        f"pixels scaled by 1/255 (the only scaling this reader applies)")
     if spec.get("do_normalize") is False:  # the model reads the [0, 1] pixels as they are
         return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return out[0], out[1]
