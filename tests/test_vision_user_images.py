@@ -1,5 +1,5 @@
-"""The CLIP folders users bring, outside the TRGE recipe: zero-shot scoring of a local CLIP folder with its own
-pixel statistics."""
+"""The CLIP folders and image datasets users bring, outside the TRGE recipe: zero-shot scoring of a local CLIP
+folder with its own pixel statistics and scale, and MTIL class folders holding hidden files."""
 import json
 
 import numpy as np
@@ -55,3 +55,21 @@ def test_clip_folder_with_another_pixel_scale_is_refused(tmp_path, processor):
     # the factor transformers writes (1/255 as a float) is the one this reader applies
     (tmp_path / "c" / "preprocessor_config.json").write_text(json.dumps({"rescale_factor": 0.00392156862745098}))
     assert pixel_spec(model)[1] == (0.48145466, 0.4578275, 0.40821073)
+
+
+def test_hidden_files_in_mtil_class_folders_are_not_images_of_the_dataset(tmp_path):
+    """macOS's ._x.png forks were counted as failed decodes, and a viewer's .thumbnails/ were trained on."""
+    from desmoe.vision.mtil import load_mtil_task
+
+    rng = np.random.default_rng(2)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            folder = tmp_path / "dtd" / split / cls
+            (folder / ".thumbnails").mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "x.png")
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / ".thumbnails" / "x.png")
+            (folder / "._x.png").write_bytes(b"\0\5\26\7\0\2\0\0Mac OS X")  # an AppleDouble header, not a PNG
+    task = load_mtil_task("dtd", tmp_path / "dtd", size=16)
+    assert task.meta["skipped"] == 0 and task.train_y.tolist() == [0, 1] and task.test_y.tolist() == [0, 1]
+    with Image.open(tmp_path / "dtd" / "train" / "b" / "x.png") as img:
+        assert torch.equal(task.train_x[1], torch.from_numpy(np.array(img)))

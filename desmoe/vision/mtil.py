@@ -84,7 +84,10 @@ def _need(path: Path, dataset: str, what: str) -> Path:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXT and p.is_file())
+    # hidden entries are not the dataset's: macOS's ._x.jpg resource forks (undecodable: counted as skipped) and
+    # viewers' .thumbnails/ (decodable: silently added as duplicate images, and shifting the seeded 80/20 split)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXT and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _class_folders(root: Path) -> list[Path]:
