@@ -141,3 +141,28 @@ def test_train_and_test_with_different_classes_and_config_keys_are_refused(tmp_p
         DataConfig(sequence="mtil", root="x", tasks=["t"]).check()
     with pytest.raises(Exception, match=r"key 'root': expected the folder holding one image folder per task"):
         DataConfig(sequence="folders").check()
+
+
+def _folders_run(run_dir, root):
+    from desmoe.config import load_config
+    from desmoe.recipes.trge.recipe import TRGEExperiment, run_trge
+
+    cfg = load_config(TRGEExperiment, "configs/trge_digits.yaml", [
+        f"run.dir={run_dir}", "run.name=mine", "data.sequence=folders", f"data.root={root}", "data.test_fraction=0.25",
+        "data.n_train=300", "data.n_test=200", "data.image_size=32", "backbone.hidden_size=16",
+        "groups.bottleneck=4", "train.steps_per_task=2", "train.micro_batch=4", "train.proto_samples=8"])
+    return run_trge(cfg, "configs/zero2.json")
+
+
+def test_trge_learns_a_folder_sequence_on_two_ranks(ranks, tmp_path):
+    """The whole recipe (2 gloo ranks, EP over both) on two user folders: every task is evaluated after each."""
+    for task in ("shapes", "tones"):
+        for cls in ("dark", "light"):
+            for i in range(8):
+                path = tmp_path / "mine" / task / cls / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                level = 30 + 10 * i if cls == "dark" else 150 + 10 * i
+                Image.fromarray(np.full((20, 24, 3), level, np.uint8)).save(path)
+    s = ranks.run(_folders_run, str(tmp_path / "runs"), str(tmp_path / "mine"))[0]
+    A = np.array(s["accuracy_matrix"])
+    assert A.shape == (2, 2) and np.isfinite(A).all()
