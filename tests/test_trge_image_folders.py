@@ -72,6 +72,15 @@ def test_one_class_tree_is_split_per_class_deterministically(tmp_path):
     assert other.test_y.numel() == 12 and not torch.equal(other.test_x[:3], t.test_x[:3])
 
 
+def test_a_symlink_back_up_a_class_folder_is_walked_once(tmp_path):
+    for cls in ("x", "y"):
+        for split in ("train", "test"):
+            _png(tmp_path / "t" / split / cls / "0.png")
+    (tmp_path / "t" / "train" / "x" / "loop").symlink_to(tmp_path / "t" / "train" / "x", target_is_directory=True)
+    t = load_sequence(_cfg(tmp_path))[0][0]
+    assert t.train_y.tolist() == [0, 1]
+
+
 def test_task_order_comes_from_data_tasks(tmp_path):
     for task in ("a_task", "b_task"):
         for cls in ("x", "y"):

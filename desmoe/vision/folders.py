@@ -50,11 +50,13 @@ def _class_folders(folder: Path) -> list[Path]:
 
 
 def _images(cls: Path) -> list[Path]:
-    out, todo = [], [cls]
+    out, todo, seen = [], [cls], {cls.resolve()}
     while todo:  # nested folders belong to the class; hidden ones (.thumbnails/) and dotfiles are skipped
         for p in _visible(todo.pop()):
             if p.is_dir():
-                todo.append(p)
+                if p.resolve() not in seen:  # a symlink back up the tree would be walked forever
+                    seen.add(p.resolve())
+                    todo.append(p)
             elif p.suffix.lower() in IMAGE_EXT:
                 out.append(p)
             else:  # a caption, a .txt or a .heic would be dropped without a word
