@@ -45,7 +45,7 @@ def _load(*overrides, path=DIGITS):
      "key 'data.order': expected 'I' or 'II' (the MTIL orders), got 'III'"),
     # a key only another sequence reads was ignored
     (["data.max_train_per_class=50"], "key 'data.max_train_per_class': expected unset with data.sequence=digits "
-                                      "(it applies to mtil only), got 50"),
+                                      "(it applies to mtil and folders only), got 50"),
     (["data.sequence=offline", "data.n_train=300", "data.n_test=50"],
      "key 'data.n_test': expected unset with data.sequence=offline (it applies to digits only), got 50"),
     (["eval.variants=[oracle,no_fusion,oracle]"], "key 'eval.variants': expected each variant once"),  # dropped

@@ -261,3 +261,26 @@ def test_gaussian_identifier_without_shrinkage_on_fewer_samples_than_dims_is_ref
     with pytest.raises(UserError, match=r"^identifier.shrinkage=0: task 'small' has 8 fitting samples for 16 "
                                         r"feature dims, so its covariance is singular; expected shrinkage > 0"):
         GaussianIdentifier(0.0, shrinkage=0.0).fit_task(TaskInfo("small", ["a", "b"], feats))
+
+
+def test_task_files_with_other_label_types_or_missing_arrays(tmp_path):
+    """int32 labels (what many tools write) stopped inside the first step (cross_entropy takes int64); float
+    labels, a missing array and a file that is not an npz were tracebacks."""
+    import numpy as np
+
+    from desmoe.recipes.trge.data import DataConfig, load_sequence
+
+    _offline(tmp_path, [["cat", "dog"], ["red", "blue"]])
+    with np.load(tmp_path / "t1.npz") as z:
+        arrays = dict(z)
+    np.savez(tmp_path / "t1.npz", **{**arrays, "train_y": arrays["train_y"].astype(np.int32)})
+    tasks, _ = load_sequence(DataConfig(sequence="offline", root=str(tmp_path)))
+    assert tasks[1].train_y.dtype == torch.int64 and tasks[1].train_y.tolist() == arrays["train_y"].tolist()
+    for write, expect in ((lambda p: np.savez(p, **{**arrays, "test_y": arrays["test_y"].astype(np.float32)}),
+                           r"t1.npz: 'test_y' is torch.float32; expected integer class labels$"),
+                          (lambda p: np.savez(p, **{k: v for k, v in arrays.items() if k != "test_x"}),
+                           r"t1.npz: no 'test_x' array \(has: .*\); expected train_x, train_y, test_x, test_y$"),
+                          (lambda p: p.write_bytes(b"not a zip"), r"t1.npz: not a readable task file \(")):
+        write(tmp_path / "t1.npz")
+        with pytest.raises(UserError, match=expect):
+            load_sequence(DataConfig(sequence="offline", root=str(tmp_path)))

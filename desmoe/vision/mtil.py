@@ -84,7 +84,10 @@ def _need(path: Path, dataset: str, what: str) -> Path:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXT and p.is_file())
+    # hidden entries are not the dataset's: macOS's ._x.jpg resource forks (undecodable: counted as skipped) and
+    # viewers' .thumbnails/ (decodable: silently added as duplicate images, and shifting the seeded 80/20 split)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXT and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -292,7 +295,11 @@ def detect_layout(name: str, root: Path):
 def _rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB.  PIL's convert("RGB") clips 16-bit grayscale (a 16-bit PNG, mode I;16) at 255, which
     turns almost every pixel white; such images are scaled to 8 bits first (mode I: only when its values
-    go beyond 8 bits)."""
+    go beyond 8 bits).  A 32-bit float image (mode F, e.g. a TIFF in [0, 1]) has no one 8-bit reading, and
+    convert("RGB") turned [0, 1] into black: it is refused (ValueError: skipped and counted by the MTIL loader,
+    named in one line by the image-folder reader)."""
+    if img.mode == "F":
+        raise ValueError("32-bit float pixels (mode F); expected 8- or 16-bit integer images")
     if img.mode.startswith("I;16") or img.mode == "I":
         a = np.asarray(img, dtype=np.float64)
         if img.mode != "I" or a.max() > 255:

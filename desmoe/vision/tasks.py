@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -79,13 +80,37 @@ def load_task_sequence(folder: str | Path, names: Optional[list[str]] = None,
         path = folder / f"{name}.npz"
         if not path.is_file():
             raise UserError(f"{path}: task file missing (listed in {INDEX})")
-        with np.load(path) as z:
-            arrays = {k: torch.from_numpy(z[k].copy()) for k in ("train_x", "train_y", "test_x", "test_y")}
+        arrays = _read_arrays(path)
         tasks.append(ImageTask(name=name, classnames=list(entry["classnames"]), templates=list(entry["templates"]),
                                zero_shot_only=bool(entry.get("zero_shot_only", False)),
                                source=entry.get("source", ""), licence=entry.get("licence", ""),
                                meta=entry.get("meta", {}), **arrays))
     return tasks
+
+
+def _read_arrays(path: Path) -> dict[str, torch.Tensor]:
+    """The four arrays of a (possibly user-built) ``<task>.npz``; anything else is one line naming the file.
+    A missing array or a broken file was a KeyError / BadZipFile traceback, and int32 labels (what many tools
+    write) stopped inside the first training step (cross_entropy takes int64); integer labels are exact as int64."""
+    keys = ("train_x", "train_y", "test_x", "test_y")
+    try:
+        with np.load(path) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise UserError(f"{path}: no '{missing[0]}' array (has: {', '.join(z.files) or 'none'}); expected "
+                                f"{', '.join(keys)}")
+            arrays = {k: torch.from_numpy(z[k].copy()) for k in keys}
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, TypeError) as err:  # not an npz, object arrays
+        raise UserError(f"{path}: not a readable task file ({type(err).__name__}: {' '.join(str(err).split())[:120]}); "
+                        f"expected an .npz of uint8 images and integer labels") from None
+    for k in ("train_y", "test_y"):
+        y = arrays[k]
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise UserError(f"{path}: '{k}' is {y.dtype}; expected integer class labels")
+        arrays[k] = y.long()
+    return arrays
 
 
 def save_task(folder: str | Path, task: ImageTask) -> Path:

@@ -1,10 +1,13 @@
 """uint8 images -> the normalised pixel tensor a model expects (and cheap train-time augmentation)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from desmoe.errors import UserError
 
 
 def to_pixel_values(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
@@ -36,3 +39,45 @@ def random_resized_crop(images: torch.Tensor, generator: torch.Generator, scale:
         out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0) \
             .round().clamp(0, 255).to(images.dtype)
     return out
+
+
+def preprocessor_stats(folder: Path, mean, std) -> tuple:
+    """The checkpoint's own normalisation (``image_mean``/``image_std`` of ``preprocessor_config.json``, or of
+    the ``image_processor`` in ``processor_config.json``), else
+    OpenAI CLIP's.  A CLIP trained with other statistics (e.g. 0.5/0.5) was fed OpenAI's: every feature shifted
+    without a word.  A file that does not give three numbers for each is refused in one line."""
+    import json
+
+    # transformers 5 saves a CLIPProcessor as processor_config.json with the image processor nested inside
+    path = next((folder / n for n in ("preprocessor_config.json", "processor_config.json") if (folder / n).is_file()),
+                None)
+    if path is None:
+        return mean, std
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({type(err).__name__}: {err})") from None
+    if path.name == "processor_config.json":
+        spec = spec.get("image_processor") if isinstance(spec, dict) else None
+        if spec is None:  # a processor without images: nothing to read
+            return mean, std
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a JSON object (an HF image processor config)")
+    out = []
+    for key, default in (("image_mean", mean), ("image_std", std)):
+        v = spec.get(key, default)
+        ok = (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+              and (key == "image_mean" or all(x > 0 for x in v)))
+        if not ok:
+            raise UserError(f"{path}: '{key}' is {v!r}, expected three numbers (one per RGB channel"
+                            f"{', each > 0' if key == 'image_std' else ''})")
+        out.append(tuple(float(x) for x in v))
+    # pixels are always scaled to [0, 1] (uint8 / 255): a checkpoint trained on 0..255 (do_rescale false) or on
+    # another scale would be fed pixels off by that factor without a word
+    factor = spec.get("rescale_factor", 1 / 255)
+    if spec.get("do_rescale") is False or not (isinstance(factor, (int, float)) and abs(factor * 255 - 1) < 1e-6):
+        raise UserError(f"{path}: do_rescale={spec.get('do_rescale', True)!r}, rescale_factor={factor!r}; expected "
+                        f"pixels scaled by 1/255 (the only scaling this reader applies)")
+    if spec.get("do_normalize") is False:  # the model reads the [0, 1] pixels as they are
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return out[0], out[1]

@@ -6,15 +6,17 @@ mean of its normalised template features (CLIP's prompt ensemble).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from desmoe.models.dual_encoder import image_spec
+from desmoe.errors import UserError
+from desmoe.models.dual_encoder import DualEncoder, image_spec
 from desmoe.vision.tasks import ImageTask
-from desmoe.vision.transforms import to_pixel_values
+from desmoe.vision.transforms import preprocessor_stats, to_pixel_values
 
 
 def as_features(out: Any) -> torch.Tensor:
@@ -30,6 +32,20 @@ def as_features(out: Any) -> torch.Tensor:
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def pixel_spec(model) -> tuple[int, Sequence[float], Sequence[float]]:
+    """(size, mean, std) the model was trained with.  An HF CLIPModel read from a folder normalises with that
+    folder's preprocessor config (as TRGE's backbones do); OpenAI CLIP's fixed statistics, used before, shifted
+    every feature of a CLIP trained with others (e.g. 0.5/0.5) without a word."""
+    size, mean, std = image_spec(model)
+    folder = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not isinstance(model, DualEncoder) and folder:
+        if not Path(folder).is_dir():  # moved, or relative to another directory: its statistics are unknown
+            raise UserError(f"{folder}: the folder this {type(model).__name__} was read from is not there; "
+                            f"expected it, for its preprocessor_config.json (pixel mean and std)")
+        mean, std = preprocessor_stats(Path(folder), mean, std)
+    return size, mean, std
 
 
 @torch.no_grad()
@@ -54,7 +70,7 @@ def image_features(model, images: torch.Tensor, batch_size: int = 128, progress:
                    ) -> torch.Tensor:
     """[N, D] normalised image embeddings of uint8 [N, H, W, 3] images."""
     device = model_device(model)
-    size, mean, std = image_spec(model)
+    size, mean, std = pixel_spec(model)
     feats = []
     starts = range(0, images.shape[0], batch_size)
     for i in tqdm(starts, desc=progress, disable=progress is None, leave=False):

@@ -158,44 +158,10 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         max_len = model.config.max_text_length
     size, mean, std = de.image_spec(model)
     if cfg.kind == "hf_clip":
-        mean, std = _preprocessor_stats(Path(cfg.path), mean, std)
+        from desmoe.vision.transforms import preprocessor_stats
+
+        mean, std = preprocessor_stats(Path(cfg.path), mean, std)
     return Backbone(model, _hf_tokenize(tok, max_len), size, tuple(mean), tuple(std))
-
-
-def _preprocessor_stats(folder: Path, mean, std) -> tuple:
-    """The checkpoint's own normalisation (``image_mean``/``image_std`` of ``preprocessor_config.json``, or of
-    the ``image_processor`` in ``processor_config.json``), else
-    OpenAI CLIP's.  A CLIP trained with other statistics (e.g. 0.5/0.5) was fed OpenAI's: every feature shifted
-    without a word.  A file that does not give three numbers for each is refused in one line."""
-    import json
-
-    # transformers 5 saves a CLIPProcessor as processor_config.json with the image processor nested inside
-    path = next((folder / n for n in ("preprocessor_config.json", "processor_config.json") if (folder / n).is_file()),
-                None)
-    if path is None:
-        return mean, std
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({type(err).__name__}: {err})") from None
-    if path.name == "processor_config.json":
-        spec = spec.get("image_processor") if isinstance(spec, dict) else None
-        if spec is None:  # a processor without images: nothing to read
-            return mean, std
-    if not isinstance(spec, dict):
-        raise UserError(f"{path}: expected a JSON object (an HF image processor config)")
-    out = []
-    for key, default in (("image_mean", mean), ("image_std", std)):
-        v = spec.get(key, default)
-        ok = (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
-              and (key == "image_mean" or all(x > 0 for x in v)))
-        if not ok:
-            raise UserError(f"{path}: '{key}' is {v!r}, expected three numbers (one per RGB channel"
-                            f"{', each > 0' if key == 'image_std' else ''})")
-        out.append(tuple(float(x) for x in v))
-    if spec.get("do_normalize") is False:  # the model reads the [0, 1] pixels as they are
-        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    return out[0], out[1]
 
 
 def _load_or_one_line(load: Callable, path, what: str):

