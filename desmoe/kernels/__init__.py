@@ -73,14 +73,29 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
     # -ffast-math at compile time only: linking with it would switch the whole process
     # to flush-to-zero.
     objects = [f"{tmp}.{i}.o" for i in range(len(SOURCES))]
-    for source, obj in zip(SOURCES, objects):
-        subprocess.run([cc, *_cflags(), *extra_flags, "-fPIC", "-c", str(source), "-o", obj], check=True,
-                       capture_output=True)
-    subprocess.run([cc, "-shared", *objects, "-o", tmp, "-lmvec", "-lm"], check=True, capture_output=True)
-    for obj in objects:
-        os.unlink(obj)
-    os.replace(tmp, target)
+    try:
+        for source, obj in zip(SOURCES, objects):
+            _compile([cc, *_cflags(), *extra_flags, "-fPIC", "-c", str(source), "-o", obj], source.name)
+        _compile([cc, "-shared", *objects, "-o", tmp, "-lmvec", "-lm"], "the link")
+        os.replace(tmp, target)
+    finally:  # a failed build (every rank, every process retries it) must not leave its files behind
+        for leftover in (*objects, tmp):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return target
+
+
+def _compile(argv: list[str], what: str) -> None:
+    """Run one compiler step; a failure says, on one line, which compiler, which step and its first error
+    (the exception's default text is the whole command line and no reason)."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True)
+    except OSError as err:
+        raise RuntimeError(f"C compiler '{argv[0]}' could not run ({err.strerror})") from None
+    if proc.returncode:
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "no output")
+        raise RuntimeError(f"C compiler '{argv[0]}' failed on {what} (exit {proc.returncode}): {first}")
 
 
 class SwiGLUKernels:

@@ -1,0 +1,42 @@
+"""Building the fused CPU kernels where that cannot work: the failure is one line that says why, the
+build leaves no files behind, and training falls back to torch ops (a fresh machine without a working
+C compiler, or one that refuses a flag, must still run)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import desmoe.kernels as kernels
+
+
+@pytest.fixture
+def fresh_kernels(tmp_path, monkeypatch):
+    """An empty build directory and a module that has not tried to load its library yet."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("DESMOE_FUSED_KERNELS", raising=False)
+    for name, value in (("_tried", False), ("_lib", None), ("_rows", None), ("_loop", None)):
+        monkeypatch.setattr(kernels, name, value)
+    return tmp_path / "desmoe"
+
+
+def test_a_refused_flag_fails_in_one_line_and_leaves_no_files(fresh_kernels):
+    if not (shutil.which("gcc") or shutil.which("cc")):
+        pytest.skip("no C compiler on this machine")
+    with pytest.raises(RuntimeError) as err:
+        kernels.build(extra_flags=("-fno-such-option-desmoe",))
+    msg = str(err.value)
+    assert "\n" not in msg and "swiglu.c" in msg and "-fno-such-option-desmoe" in msg, msg
+    assert list(fresh_kernels.iterdir()) == []  # no temporary .so or .o left by the failed build
+
+
+def test_no_working_compiler_falls_back_to_torch_ops(fresh_kernels, monkeypatch):
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no 'false' program to stand in for a broken compiler")
+    monkeypatch.setenv("CC", false)
+    with pytest.warns(UserWarning, match="fused CPU kernels unavailable") as record:
+        assert kernels.swiglu_cpu() is None and kernels.rows_cpu() is None and kernels.expert_loop_cpu() is None
+    msg = str(record[0].message)
+    assert "\n" not in msg and f"'{false}' failed on swiglu.c" in msg, msg
+    assert list(fresh_kernels.iterdir()) == []
