@@ -15,6 +15,7 @@ def fresh_kernels(tmp_path, monkeypatch):
     """An empty build directory and a module that has not tried to load its library yet."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.delenv("DESMOE_FUSED_KERNELS", raising=False)
+    monkeypatch.delenv("CC", raising=False)  # the machine's own compiler unless a test sets one
     for name, value in (("_tried", False), ("_lib", None), ("_rows", None), ("_loop", None)):
         monkeypatch.setattr(kernels, name, value)
     return tmp_path / "desmoe"
@@ -40,3 +41,22 @@ def test_no_working_compiler_falls_back_to_torch_ops(fresh_kernels, monkeypatch)
     msg = str(record[0].message)
     assert "\n" not in msg and f"'{false}' failed on swiglu.c" in msg, msg
     assert list(fresh_kernels.iterdir()) == []
+
+
+def test_kernel_tests_skip_only_where_nothing_can_be_built(fresh_kernels, monkeypatch):
+    """tests/kernelcheck.need: a machine without a working C compiler skips the kernels' tests (make test must
+    pass there: training runs the torch ops); where the compiler works, a kernel that did not load fails."""
+    from kernelcheck import need
+
+    if kernels.compiler_problem() is None:
+        with pytest.raises(pytest.fail.Exception, match="did not load"):
+            need(None)
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no 'false' program to stand in for a broken compiler")
+    monkeypatch.setenv("CC", false)
+    assert f"'{false}' failed" in kernels.compiler_problem()
+    with pytest.warns(UserWarning, match="unavailable"):
+        kernel = kernels.swiglu_cpu()
+    with pytest.raises(pytest.skip.Exception, match="cannot be built here"):
+        need(kernel)

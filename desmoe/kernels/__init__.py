@@ -64,9 +64,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
     target = _build_dir() / f"libdesmoe_kernels_{_cpu_key(extra_flags)}.so"
     if target.exists():
         return target
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise RuntimeError("no C compiler found")
+    cc = _compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -83,6 +81,28 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
             if os.path.exists(leftover):
                 os.unlink(leftover)
     return target
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (gcc or cc on PATH, or CC)")
+    return cc
+
+
+def compiler_problem() -> Optional[str]:
+    """Why no library can be built on this machine at all, or None: no compiler, or one that refuses the
+    kernels' flags on an empty source (e.g. a compiler without ``-march=native`` for this CPU).  The tests
+    skip the kernels' own checks for this reason only; any other build failure is a defect."""
+    try:
+        cc = _compiler()
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp, "probe.c")
+            src.write_text("int desmoe_probe(void) { return 0; }\n")
+            _compile([cc, *_cflags(), "-fPIC", "-c", str(src), "-o", str(src.with_suffix(".o"))], "an empty source")
+    except RuntimeError as err:
+        return str(err)
+    return None
 
 
 def _compile(argv: list[str], what: str) -> None:
