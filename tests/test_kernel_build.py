@@ -60,3 +60,13 @@ def test_kernel_tests_skip_only_where_nothing_can_be_built(fresh_kernels, monkey
         kernel = kernels.swiglu_cpu()
     with pytest.raises(pytest.skip.Exception, match="cannot be built here"):
         need(kernel)
+
+
+def test_cc_may_be_a_command_with_arguments(fresh_kernels, monkeypatch):
+    """CC is a command line for make and sysconfig ('ccache gcc', 'gcc -m64'): the kernels build with it."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("CC", f"{cc} -Wno-unknown-pragmas")
+    assert kernels.compiler_problem() is None
+    assert kernels.build().exists()

@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -73,8 +74,8 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
     objects = [f"{tmp}.{i}.o" for i in range(len(SOURCES))]
     try:
         for source, obj in zip(SOURCES, objects):
-            _compile([cc, *_cflags(), *extra_flags, "-fPIC", "-c", str(source), "-o", obj], source.name)
-        _compile([cc, "-shared", *objects, "-o", tmp, "-lmvec", "-lm"], "the link")
+            _compile([*cc, *_cflags(), *extra_flags, "-fPIC", "-c", str(source), "-o", obj], source.name)
+        _compile([*cc, "-shared", *objects, "-o", tmp, "-lmvec", "-lm"], "the link")
         os.replace(tmp, target)
     finally:  # a failed build (every rank, every process retries it) must not leave its files behind
         for leftover in (*objects, tmp):
@@ -83,9 +84,10 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
     return target
 
 
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
+def _compiler() -> list[str]:
+    # CC is a command, as make and Python's sysconfig read it: 'ccache gcc' or 'gcc -m64' are common values
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("gcc") or shutil.which("cc") or ""]
+    if not cc[0]:
         raise RuntimeError("no C compiler found (gcc or cc on PATH, or CC)")
     return cc
 
@@ -99,7 +101,7 @@ def compiler_problem() -> Optional[str]:
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp, "probe.c")
             src.write_text("int desmoe_probe(void) { return 0; }\n")
-            _compile([cc, *_cflags(), "-fPIC", "-c", str(src), "-o", str(src.with_suffix(".o"))], "an empty source")
+            _compile([*cc, *_cflags(), "-fPIC", "-c", str(src), "-o", str(src.with_suffix(".o"))], "an empty source")
     except RuntimeError as err:
         return str(err)
     return None
