@@ -75,7 +75,10 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
     try:
         for source, obj in zip(SOURCES, objects):
             _compile([*cc, *_cflags(), *extra_flags, "-fPIC", "-c", str(source), "-o", obj], source.name)
-        _compile([*cc, "-shared", *objects, "-o", tmp, "-lmvec", "-lm"], "the link")
+        # glibc's vector math library only where the compiler called it (GCC's vectorised expf on x86): a libc
+        # without one (glibc before 2.38 on aarch64, musl) has no -lmvec to link, and the objects need none
+        mvec = ["-lmvec"] if any(b"_ZGV" in Path(obj).read_bytes() for obj in objects) else []
+        _compile([*cc, "-shared", *objects, "-o", tmp, *mvec, "-lm"], "the link")
         os.replace(tmp, target)
     finally:  # a failed build (every rank, every process retries it) must not leave its files behind
         for leftover in (*objects, tmp):
