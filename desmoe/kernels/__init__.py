@@ -39,7 +39,11 @@ def _cflags() -> list[str]:
     # GCC's default for AVX-512 targets prefers 256-bit vectors; the 512-bit loop (and the 16-wide
     # vector expf) made the activation 14-28 % faster on the AVX-512 box (docs/performance.md).
     x86 = platform.machine() in ("x86_64", "AMD64")
-    return ["-O3", "-march=native"] + (["-mprefer-vector-width=512"] if x86 else []) + ["-ffast-math"]
+    # On Arm and POWER the host CPU is -mcpu=native: clang before 15 refuses -march=native on aarch64 (Ubuntu
+    # 22.04's clang 14) and GCC has no -march on POWER; GCC on aarch64 takes either.
+    arm = platform.machine() in ("aarch64", "arm64") or platform.machine().startswith("ppc64")
+    return ["-O3", "-mcpu=native" if arm else "-march=native"] + (["-mprefer-vector-width=512"] if x86 else []) \
+        + ["-ffast-math"]
 
 
 def _cpu_key(extra_flags: tuple[str, ...] = ()) -> str:
