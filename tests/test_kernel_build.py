@@ -3,13 +3,19 @@ build leaves no files behind, and training falls back to torch ops (a fresh mach
 C compiler, or one that refuses a flag, must still run)."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import desmoe.kernels as kernels
+from kernelcheck import need_compiler
 from tolerance import assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -102,3 +108,18 @@ def test_arm_and_power_name_the_host_cpu_with_mcpu(monkeypatch, machine):
     monkeypatch.setattr(platform, "machine", lambda: machine)
     flags = kernels._cflags()
     assert "-mcpu=native" in flags and "-march=native" not in flags and "-mprefer-vector-width=512" not in flags
+
+
+def test_loading_the_library_keeps_denormals(fresh_kernels):
+    """The library is compiled with -ffast-math but linked without it: linked with it, GCC and clang add
+    crtfastmath.o, whose constructor sets flush-to-zero for the whole process when the library loads, and
+    every torch op after it would flush denormal floats to 0 (checked in a fresh process: the mode is
+    per thread and sticky)."""
+    need_compiler()
+    code = ("import torch, desmoe.kernels as k; x = torch.tensor([1e-38]); assert k.swiglu_cpu() is not None; "
+            "y = torch.tensor([1e-39, 1.0]).view(1, 2); print(float((x * 1e-3)[0]), float(k.swiglu_cpu().fwd(y, None)))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch_op, kernel = map(float, proc.stdout.split())
+    assert torch_op > 0 and kernel > 0, proc.stdout  # 1e-41 and silu(1e-39) ~ 5e-40: denormals, not 0
