@@ -98,7 +98,7 @@ def _compile(argv: list[str], what: str) -> None:
     """Run one compiler step; a failure says, on one line, which compiler, which step and its first error
     (the exception's default text is the whole command line and no reason)."""
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True)
+        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace")  # any locale's messages
     except OSError as err:
         raise RuntimeError(f"C compiler '{argv[0]}' could not run ({err.strerror})") from None
     if proc.returncode:
