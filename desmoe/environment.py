@@ -78,6 +78,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _usable_cores() -> int | None:
+    """The CPUs this process may run on (a Slurm or container cpuset, taskset): os.cpu_count() is the
+    machine's, 64 on a node where the job got 4, which says nothing of the speed a run could have."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return None
+
+
 def describe(world_size: int = 1) -> dict:
     cuda = torch.cuda.is_available()
     loaded, now = _process_git()
@@ -87,7 +96,8 @@ def describe(world_size: int = 1) -> dict:
         **({"git_now": now} if now is not None else {}),
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
-        "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": _usable_cores(),
+                "torch_threads": torch.get_num_threads()},
         "accelerator": ({"device": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
                          "cuda": torch.version.cuda} if cuda else None),
         "world_size": world_size,

@@ -10,6 +10,7 @@ from desmoe.moe import SwiGLUExpert
 from desmoe.moe.grouped import grouped_swiglu
 from desmoe.moe.permutation import permute, unpermute
 from test_permutation import _kernels, _routes
+from kernelcheck import need
 from tolerance import assert_close
 
 
@@ -98,8 +99,7 @@ def test_token_of_row_must_match_the_rows(backend):
 def test_row_scatter_kernel_stores_first_adds_later_and_zeroes_the_rest():
     from desmoe.kernels import rows_cpu
 
-    rows = rows_cpu()
-    assert rows is not None
+    rows = need(rows_cpu(), "the CPU row kernels")
     rows_in = torch.arange(12.0).view(4, 3)
     src = torch.empty(2, 3)  # a two-row scratch: run(r0, r1) reads its first r1 - r0 rows
     acc = torch.full((3, 3), float("nan"))  # uninitialised memory: nothing may read it

@@ -4,6 +4,7 @@ import torch
 
 from desmoe.moe import SwiGLUExpert
 from desmoe.moe.grouped import grouped_swiglu
+from kernelcheck import need, need_compiler
 from tolerance import assert_close
 
 
@@ -21,7 +22,7 @@ def test_grouped_matches_modules(monkeypatch, fused, with_weights):
     monkeypatch.setattr(kernels, "_loop", None)
     monkeypatch.setattr(kernels, "_rows", None)
     if fused == "1":
-        assert kernels.swiglu_cpu() is not None, "the fused CPU kernel should build on this machine"
+        need(kernels.swiglu_cpu())
     torch.manual_seed(0)
     experts = torch.nn.ModuleList(SwiGLUExpert(16, 24) for _ in range(3))
     counts = [5, 0, 9]  # an expert with no rows must still work
@@ -50,8 +51,7 @@ def test_grouped_matches_modules(monkeypatch, fused, with_weights):
 def test_bf16_kernel_matches_fp32_math():
     from desmoe.kernels import swiglu_cpu
 
-    kernel = swiglu_cpu()
-    assert kernel is not None
+    kernel = need(swiglu_cpu())
     torch.manual_seed(1)
     h = torch.randn(37, 2 * 300)  # odd sizes: not a multiple of any vector width or chunk
     w = torch.rand(37)
@@ -118,11 +118,10 @@ def swiglu_kernel(request, tmp_path_factory, monkeypatch):
     import desmoe.kernels as kernels
 
     if request.param == "native":
-        kernel = kernels.swiglu_cpu()
-        assert kernel is not None, "the fused CPU kernel should build on this machine"
-        return kernel
+        return need(kernels.swiglu_cpu())
     if not _avx512():
         pytest.skip("no AVX-512 here: the native build is already the plain C loops")
+    need_compiler()
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("kernels")))
     return kernels.SwiGLUKernels(kernels.build(extra_flags=("-mno-avx512f",)))
 

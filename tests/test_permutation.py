@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from desmoe.moe.permutation import RoutePlan, permute, unpermute
+from kernelcheck import need
 from tolerance import assert_close
 
 
@@ -16,7 +17,7 @@ def _kernels(monkeypatch, fused: str):
     monkeypatch.setattr(kernels, "_loop", None)
     monkeypatch.setattr(kernels, "_rows", None)
     if fused == "1":
-        assert kernels.rows_cpu() is not None, "the CPU row kernels should build on this machine"
+        need(kernels.rows_cpu(), "the CPU row kernels")
     else:
         assert kernels.rows_cpu() is None
 
@@ -105,8 +106,7 @@ def test_row_kernels_refuse_bad_indices():
     """Wrong index tensors and rows out of range are refused before the unchecked C loops run."""
     from desmoe.kernels import rows_cpu
 
-    rows = rows_cpu()
-    assert rows is not None
+    rows = need(rows_cpu(), "the CPU row kernels")
     with pytest.raises(ValueError, match="int64"):
         rows.gather(torch.randn(4, 3), torch.tensor([0, 1], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"\[k, tokens\]"):

@@ -2,7 +2,7 @@
 
 The C files (``swiglu.c``: the SwiGLU activation; ``rows.c``: the MoE dispatch's and combine's row
 permutations; ``experts.c``: the loop backend's expert loop, see ``experts.py``) need no torch headers,
-so they build in about a second into one library with the system's C compiler (at setup by
+so they build in about a second into one library with the system's C compiler (``library.py``; at setup by
 ``python -m desmoe.prebuild``, else on first use) into ``$TORCH_EXTENSIONS_DIR/desmoe/``.  The build is
 keyed by the CPU's feature flags because it uses ``-march=native``.  Calls run on the calling thread
 (see the C file for the measurement; a Python thread pool was slower too, as torch's OpenMP workers keep
@@ -14,73 +14,20 @@ torch ops with the same math.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("swiglu.c", "rows.c", "experts.c"))  # one library
-HEADERS = (Path(__file__).with_name("bf16.h"),)
+from desmoe.kernels.library import HEADERS, SOURCES, _cflags, _cpu_key, build, compiler_problem  # noqa: F401
+
 _lib: Optional["SwiGLUKernels"] = None
 _rows: Optional["RowKernels"] = None
 _loop = None  # experts.ExpertLoop
 _tried = False
-
-
-def _cflags() -> list[str]:
-    # GCC's default for AVX-512 targets prefers 256-bit vectors; the 512-bit loop (and the 16-wide
-    # vector expf) made the activation 14-28 % faster on the AVX-512 box (docs/performance.md).
-    x86 = platform.machine() in ("x86_64", "AMD64")
-    return ["-O3", "-march=native"] + (["-mprefer-vector-width=512"] if x86 else []) + ["-ffast-math"]
-
-
-def _cpu_key(extra_flags: tuple[str, ...] = ()) -> str:
-    flags = platform.machine() + " ".join(_cflags() + list(extra_flags))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags += line
-                break
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode() + b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
-
-
-def _build_dir() -> Path:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(Path.home(), ".cache", "torch_extensions")
-    return Path(root) / "desmoe"
-
-
-def build(extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compile the library if needed; atomic, so concurrent ranks never load a partial file.  ``extra_flags``
-    (a separate library): e.g. ``-mno-avx512f``, so the tests also check the loops other CPUs run."""
-    target = _build_dir() / f"libdesmoe_kernels_{_cpu_key(extra_flags)}.so"
-    if target.exists():
-        return target
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise RuntimeError("no C compiler found")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    # -ffast-math at compile time only: linking with it would switch the whole process
-    # to flush-to-zero.
-    objects = [f"{tmp}.{i}.o" for i in range(len(SOURCES))]
-    for source, obj in zip(SOURCES, objects):
-        subprocess.run([cc, *_cflags(), *extra_flags, "-fPIC", "-c", str(source), "-o", obj], check=True,
-                       capture_output=True)
-    subprocess.run([cc, "-shared", *objects, "-o", tmp, "-lmvec", "-lm"], check=True, capture_output=True)
-    for obj in objects:
-        os.unlink(obj)
-    os.replace(tmp, target)
-    return target
 
 
 class SwiGLUKernels:
