@@ -214,7 +214,7 @@ def run_study(cfg: RealbaseStudy, ds_config: str, max_runs: int = 0, budget_s: f
 def main() -> None:
     from desmoe.cli import parse_launcher_args
 
-    opts = argparse.ArgumentParser(add_help=False)
+    opts = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     opts.add_argument("--report", action="store_true", help="render the doc section and targets from the CSV only")
     opts.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: all pending)")
     opts.add_argument("--budget-s", type=float, default=0.0, help="start no run after this many seconds (0: no limit)")
