@@ -267,7 +267,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: C901 - a flat type s
         if not isinstance(value, dict):
             raise bad(key, "a mapping", value)
         val_t = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(val_t, v, f"{key}.{k}") for k, v in value.items()}
+        for k in value:  # str(k) turned a key `on:` into 'True' and `1.50:` into '1.5', silently
+            if not isinstance(k, str):
+                raise _not_text(f"{key}.{k}", k, "a text key")
+        return {k: _coerce(val_t, v, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -289,9 +292,22 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: C901 - a flat type s
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise bad(key, "a string", value)
+            raise _not_text(key, value)
         return value
     raise TypeError(f"config type {tp!r} of '{key}' is not supported")  # programming error
+
+
+def _not_text(key: str, value: Any, what: str = "a string") -> ConfigError:
+    """YAML reads unquoted yes/no/on/off, numbers, dates and an empty value as other types: refused with
+    what YAML made of the text (the text itself is gone) and the way out, quoting it."""
+    import datetime
+
+    kinds = ((bool, "an unquoted yes/no/on/off/true/false as a boolean"), (int, "an unquoted number as a number"),
+             (float, "an unquoted number as a number"), (datetime.date, "an unquoted date as a date"),
+             (type(None), "an empty value, null or ~ as null"))
+    why = next((f" (YAML reads {text}); quote it" for t, text in kinds if isinstance(value, t)), "")
+    shown = value.isoformat() if isinstance(value, datetime.date) else repr(value)
+    return ConfigError(f"key '{key}': expected {what}, got {shown}{why}")
 
 
 def _check_tree(cfg: Any, prefix: str) -> None:
