@@ -10,6 +10,7 @@ the dotted key through :func:`bad`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -284,12 +285,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: C901 - a flat type s
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad(key, "a number", value) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad(key, "a number", value)
-        return float(value)
+        else:
+            number = float(value)
+        if not math.isfinite(number):
+            # .inf/.nan (and the text nan, inf that float() reads) passed checks written as `x > 0`: tau: .inf
+            # made the ALR distillation target uniform, lora_alpha: .nan a NaN loss steps later
+            raise bad(key, "a finite number", value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise _not_text(key, value)

@@ -1,0 +1,34 @@
+"""Number keys as users write them: YAML 1.1 reads 3e-4 (no dot) as text, taken as the number it spells;
+an infinite or NaN value (.inf, .nan, or the text inf, nan) is refused for every number key."""
+import pytest
+
+from desmoe.config import load_config
+from desmoe.errors import ConfigError
+from desmoe.recipes.des_moe.config import DESMoEExperiment
+
+
+def write(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("written", [".inf", ".nan", "-.inf", "inf", "nan", "Infinity", "'inf'"])
+def test_non_finite_number_is_refused(tmp_path, written):
+    path = write(tmp_path, f"desmoe:\n  alr:\n    tau: {written}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: key 'desmoe\.alr\.tau': expected a finite number, got "):
+        load_config(DESMoEExperiment, path)
+
+
+@pytest.mark.parametrize("item", ["desmoe.baseline.lora_alpha=.nan", "desmoe.alr.tau=inf", "train.lr=.nan"])
+def test_non_finite_override_is_refused(item):
+    key = item.split("=")[0].replace(".", r"\.")
+    with pytest.raises(ConfigError, match=rf"^defaults: key '{key}': expected a finite number, got "):
+        load_config(DESMoEExperiment, overrides=[item])
+
+
+@pytest.mark.parametrize("written,value", [("3e-4", 3e-4), ("3.0e-4", 3e-4), ("2", 2.0), ("'0.5'", 0.5),
+                                           ("1_000", 1000.0)])
+def test_finite_numbers_are_read_as_written(tmp_path, written, value):
+    cfg = load_config(DESMoEExperiment, write(tmp_path, f"desmoe:\n  alr:\n    tau: {written}\n"))
+    assert cfg.desmoe.alr.tau == value and type(cfg.desmoe.alr.tau) is float
