@@ -32,3 +32,10 @@ def test_non_finite_override_is_refused(item):
 def test_finite_numbers_are_read_as_written(tmp_path, written, value):
     cfg = load_config(DESMoEExperiment, write(tmp_path, f"desmoe:\n  alr:\n    tau: {written}\n"))
     assert cfg.desmoe.alr.tau == value and type(cfg.desmoe.alr.tau) is float
+
+
+@pytest.mark.parametrize("alpha", ["0", "-16"])
+def test_lora_alpha_that_cannot_train_is_refused(alpha):
+    with pytest.raises(ConfigError, match=rf"^defaults: key 'desmoe\.baseline\.lora_alpha': expected a number > 0, "
+                                          rf"got {float(alpha)}$"):
+        load_config(DESMoEExperiment, overrides=[f"desmoe.baseline.lora_alpha={alpha}"])
