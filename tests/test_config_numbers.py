@@ -39,3 +39,10 @@ def test_lora_alpha_that_cannot_train_is_refused(alpha):
     with pytest.raises(ConfigError, match=rf"^defaults: key 'desmoe\.baseline\.lora_alpha': expected a number > 0, "
                                           rf"got {float(alpha)}$"):
         load_config(DESMoEExperiment, overrides=[f"desmoe.baseline.lora_alpha={alpha}"])
+
+
+@pytest.mark.parametrize("tokens", ["0", "-4096"])
+def test_esft_profile_of_no_tokens_is_refused(tokens):
+    with pytest.raises(ConfigError, match=rf"^defaults: key 'desmoe\.baseline\.esft_profile_tokens': expected a "
+                                          rf"positive integer, got {tokens}$"):
+        load_config(DESMoEExperiment, overrides=[f"desmoe.baseline.esft_profile_tokens={tokens}"])

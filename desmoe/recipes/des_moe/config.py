@@ -101,6 +101,8 @@ class BaselineConfig:
                 raise bad(key, "a number in (0, 1]", getattr(self, key))
         if self.lora_rank < 1:
             raise bad("lora_rank", "a positive integer", self.lora_rank)
+        if self.esft_profile_tokens < 1:  # 0 or less profiled one batch anyway (baselines.py rounds up to one)
+            raise bad("esft_profile_tokens", "a positive integer", self.esft_profile_tokens)
         if not self.lora_alpha > 0:  # 0 scales the adapters' output and gradients to zero: the LoRA arm never trains
             raise bad("lora_alpha", "a number > 0", self.lora_alpha)
 
