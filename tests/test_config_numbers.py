@@ -46,3 +46,14 @@ def test_esft_profile_of_no_tokens_is_refused(tokens):
     with pytest.raises(ConfigError, match=rf"^defaults: key 'desmoe\.baseline\.esft_profile_tokens': expected a "
                                           rf"positive integer, got {tokens}$"):
         load_config(DESMoEExperiment, overrides=[f"desmoe.baseline.esft_profile_tokens={tokens}"])
+
+
+@pytest.mark.parametrize("item,expected", [
+    ("base.bias_update_rate=2", "a number in [0, 1), got 2.0"),
+    ("base.bias_update_rate=0.1", "0 unless base.hf names a model with selection biases, got 0.1"),
+])
+def test_section_check_names_its_key_once(item, expected):
+    """A section's check names keys relative to it (the tree walk adds 'base.'): it was base.base.…"""
+    with pytest.raises(ConfigError) as err:
+        load_config(DESMoEExperiment, overrides=[item])
+    assert str(err.value) == f"defaults: key 'base.bias_update_rate': expected {expected}"

@@ -137,9 +137,9 @@ class BaseConfig:
 
     def check(self) -> None:
         if not (isinstance(self.bias_update_rate, (int, float)) and 0 <= self.bias_update_rate < 1):
-            raise bad("base.bias_update_rate", "a number in [0, 1)", self.bias_update_rate)
+            raise bad("bias_update_rate", "a number in [0, 1)", self.bias_update_rate)
         if self.bias_update_rate and not self.hf:
-            raise bad("base.bias_update_rate", "0 unless base.hf names a model with selection biases",
+            raise bad("bias_update_rate", "0 unless base.hf names a model with selection biases",
                       self.bias_update_rate)
 
 
