@@ -176,7 +176,9 @@ def _apply_override(data: dict[str, Any], item: str, cls: Any = None) -> None:
         raise ConfigError(f"override '{item}': '{key}' is a section, not a value; set its keys ({key}.KEY=VALUE)")
     node = data
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # a section left empty in the file (its keys commented out) reads as null,
+            node[part] = {}         # and as the defaults: a key set into it is set, not refused as no section
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
