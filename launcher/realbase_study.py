@@ -226,6 +226,8 @@ def main() -> None:
     cfg, args = parse_launcher_args(RealbaseStudy, __doc__, argv=rest, default_config="configs/realbase_study.yaml")
     if flags.max_runs < 0:
         raise UserError(f"--max-runs {flags.max_runs}: expected an integer >= 0")
+    if not flags.budget_s >= 0:  # a negative budget started no run, nan never stopped (elapsed > nan is false)
+        raise UserError(f"--budget-s {flags.budget_s}: expected a number of seconds >= 0 (0: no limit)")
     if not flags.report:
         probes = Path(cfg.study.scores.probes) / "probes.json"
         for need, what in ((probes, "the probes (make realbase)"), (Path(cfg.experiment.base.hf or "") / "config.json",

@@ -1,6 +1,6 @@
-"""A shortened or mistyped flag is refused, never matched to another option: argparse's default
-prefix matching turned `--steps 4` into desmoe_study's `--steps-per-domain 4` and `--conf x` into
-`--config x`, silently."""
+"""Launcher flags as users type them.  A shortened or mistyped flag is refused, never matched to another
+option: argparse's default prefix matching turned `--steps 4` into desmoe_study's `--steps-per-domain 4`
+and `--conf x` into `--config x`, silently.  A flag value the launcher cannot honour is refused in one line."""
 import argparse
 import ast
 import subprocess
@@ -64,3 +64,13 @@ def test_study_flag_parsed_by_its_own_parser_is_not_abbreviated(tmp_path):
                           capture_output=True, text=True, timeout=300, env=clean_env(DS_ACCELERATOR="cpu"), cwd=ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "unknown key 'max'" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("value", ["-60", "nan"])
+def test_study_budget_that_cannot_be_honoured_is_refused(value):
+    """--budget-s -60 started no run (every elapsed time exceeds it), nan never stopped one."""
+    proc = subprocess.run([sys.executable, str(ROOT / "launcher/realbase_study.py"), "--budget-s", value],
+                          capture_output=True, text=True, timeout=300, env=clean_env(DS_ACCELERATOR="cpu"), cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == (f"desmoe: error: --budget-s {float(value)}: expected a number of "
+                                            f"seconds >= 0 (0: no limit)")
