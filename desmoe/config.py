@@ -230,10 +230,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise bad(prefix.rstrip(".") or "<top>", "a mapping", data)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be other types: `yes:` is True
     if unknown:
-        key = f"{prefix}{unknown[0]}"
-        raise ConfigError(f"unknown key '{key}' (known here: {', '.join(sorted(fields))})")
+        key, reading = f"{prefix}{unknown[0]}", _yaml_reading(unknown[0])
+        raise ConfigError(f"unknown key '{key}' ({reading + '; ' if reading else ''}known here: "
+                          f"{', '.join(sorted(fields))})")
     kwargs = {name: _coerce(hints[name], data[name], f"{prefix}{name}") for name in fields if name in data}
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -306,15 +307,23 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: C901 - a flat type s
     raise TypeError(f"config type {tp!r} of '{key}' is not supported")  # programming error
 
 
-def _not_text(key: str, value: Any, what: str = "a string") -> ConfigError:
-    """YAML reads unquoted yes/no/on/off, numbers, dates and an empty value as other types: refused with
-    what YAML made of the text (the text itself is gone) and the way out, quoting it."""
+def _yaml_reading(value: Any) -> str:
+    """Why YAML gave ``value`` for what the user wrote as text ('' for a string)."""
     import datetime
 
     kinds = ((bool, "an unquoted yes/no/on/off/true/false as a boolean"), (int, "an unquoted number as a number"),
              (float, "an unquoted number as a number"), (datetime.date, "an unquoted date as a date"),
              (type(None), "an empty value, null or ~ as null"))
-    why = next((f" (YAML reads {text}); quote it" for t, text in kinds if isinstance(value, t)), "")
+    return next((f"YAML reads {text}" for t, text in kinds if isinstance(value, t)), "")
+
+
+def _not_text(key: str, value: Any, what: str = "a string") -> ConfigError:
+    """YAML reads unquoted yes/no/on/off, numbers, dates and an empty value as other types: refused with
+    what YAML made of the text (the text itself is gone) and the way out, quoting it."""
+    import datetime
+
+    reading = _yaml_reading(value)
+    why = f" ({reading}); quote it" if reading else ""
     shown = value.isoformat() if isinstance(value, datetime.date) else repr(value)
     return ConfigError(f"key '{key}': expected {what}, got {shown}{why}")
 

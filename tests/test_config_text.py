@@ -51,3 +51,17 @@ def test_mapping_key_yaml_reads_as_another_type_is_refused(tmp_path, written, sh
         load_config(Named, path)
     path.write_text(f"weights:\n  '{written}': 1.0\n  b: 2\n")
     assert load_config(Named, path).weights == {written: 1.0, "b": 2.0}
+
+
+@pytest.mark.parametrize("text,key,reading", [
+    ("train:\n  yes: 1\n  foo: 2\n", "train.True", "an unquoted yes/no/on/off/true/false as a boolean"),
+    ("train:\n  1: 2\n  x: 3\n", "train.1", "an unquoted number as a number"),
+    ("on: 1\n", "True", "an unquoted yes/no/on/off/true/false as a boolean"),
+])
+def test_unknown_key_yaml_reads_as_another_type_is_one_line(tmp_path, text, key, reading):
+    """Beside a string key, such a key ended in a TypeError (sorting True with 'foo')."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(LMExperiment, path)
+    assert str(err.value).startswith(f"{path}: unknown key '{key}' (YAML reads {reading}; known here: ")
