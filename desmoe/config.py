@@ -294,7 +294,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: C901 - a flat type s
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad(key, "a number", value)
         else:
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float's range: a traceback before
+                number = math.inf
         if not math.isfinite(number):
             # .inf/.nan (and the text nan, inf that float() reads) passed checks written as `x > 0`: tau: .inf
             # made the ALR distillation target uniform, lora_alpha: .nan a NaN loss steps later

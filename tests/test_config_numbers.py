@@ -57,3 +57,9 @@ def test_section_check_names_its_key_once(item, expected):
     with pytest.raises(ConfigError) as err:
         load_config(DESMoEExperiment, overrides=[item])
     assert str(err.value) == f"defaults: key 'base.bias_update_rate': expected {expected}"
+
+
+def test_integer_beyond_float_range_is_one_line():
+    """An integer too large for a float raised OverflowError (a traceback) in the conversion."""
+    with pytest.raises(ConfigError, match=r"^defaults: key 'desmoe\.alr\.tau': expected a finite number, got 1000"):
+        load_config(DESMoEExperiment, overrides=["desmoe.alr.tau=1" + "0" * 400])
