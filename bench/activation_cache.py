@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=512, help="rows per expert (toy: 2048 tokens x top-2 / 8)")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--ffn", type=int, default=512)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in (("hidden", 256), ("ffn", 512), ("experts", 8), ("topk", 2), ("layers", 2), ("heads", 4),
                           ("seq", 128), ("batch", 8), ("rounds", 12), ("alr_mult", 4)):
         p.add_argument(f"--{name}", type=int, default=default)

@@ -41,7 +41,7 @@ def main() -> None:
     import argparse
 
     # sizes come from the environment (D, F, S, E, K, ROUNDS: every rank sees them); --help prints the usage
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     from desmoe.distributed import init_distributed
 
     init_distributed()

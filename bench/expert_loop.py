@@ -66,7 +66,7 @@ def model_step(name: str, seq: int, batch: int, cache: Path):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="toy")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--before", default="6a1d3fe", help="the earlier revision (its kernels, the Python loop)")

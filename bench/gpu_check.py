@@ -46,7 +46,7 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="dry run on CPU ranks (gloo, DS_ACCELERATOR=cpu), small sizes")
     p.add_argument("--bf16", action="store_true",
                    help="with --cpu: bf16 as on a GPU (DeepSpeed's bf16 engine, bf16 kernels and benches), so the "

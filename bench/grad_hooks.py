@@ -21,7 +21,7 @@ from desmoe.moe.trainability import FreezableAdamW  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()

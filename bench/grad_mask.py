@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in (("tokens", 2048), ("hidden", 256), ("ffn", 512), ("experts", 8), ("topk", 2),
                           ("rounds", 15), ("threads", 1)):
         p.add_argument(f"--{name}", type=int, default=default)

@@ -155,7 +155,7 @@ def profile_block(shape: str, steps: int = 20) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="toy")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--block", action="store_true", help="profile the whole block's step instead")

@@ -42,7 +42,7 @@ PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e1
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=None, help="comma-separated (default: all on CUDA, embedded + 135m on CPU)")
     p.add_argument("--seq", type=int, default=None, help="default 1024 on CUDA, 256 on CPU")
     p.add_argument("--batch", type=int, default=None, help="default 8 on CUDA, 2 on CPU")

@@ -59,7 +59,7 @@ HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="toy")
     p.add_argument("--tokens", type=int, default=None, help="default: per shape and platform")
     for name in ("hidden", "ffn", "experts", "topk"):

@@ -50,7 +50,7 @@ def point(d, f, E, k, tokens, rounds, device, dtype, sync, clock=time.perf_count
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=512)
     p.add_argument("--rounds", type=int, default=5)

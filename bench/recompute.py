@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("embedded", "trge"), default="embedded")
     p.add_argument("--prompts", type=int, default=10, help="trge: class prompts a step embeds")
     p.add_argument("--seq", type=int, default=1024)

@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--tasks", type=int, default=10)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per block")
     ap.add_argument("--blocks", type=int, default=3, help="interleaved blocks per task")

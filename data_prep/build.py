@@ -377,7 +377,7 @@ def build(profile: str, out: str | Path, cache: str | Path = "cache", overrides:
 
 @run_cli
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data_prep.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="demo", help="tiny | demo | full | path/to/profile.yaml")
     parser.add_argument("--out", help="output folder (default: data/<profile>)")
     parser.add_argument("--cache", default="cache", help="download cache (default: ./cache)")

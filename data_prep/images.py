@@ -275,7 +275,7 @@ def build(profile_name: str, out: Path, cache_root: Path, size: int = 64, seed: 
 
 @run_cli
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="tiny", help=f"one of {', '.join(PROFILES)}")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--cache", type=Path, default=Path("cache/sources"), help="registry archive cache")

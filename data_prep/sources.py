@@ -325,7 +325,7 @@ def main() -> None:
 
     @run_cli
     def _main() -> None:
-        parser = argparse.ArgumentParser(prog="python -m data_prep.sources", description=__doc__.split("\n\n")[0])
+        parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data_prep.sources", description=__doc__.split("\n\n")[0])
         parser.add_argument("--check", action="store_true", help="try every pinned source against the registries")
         parser.add_argument("--profile", help="only this profile's sources: tiny|demo|full|images-tiny|images-demo|models")
         parser.add_argument("--download", action="store_true", help="--check: also download and verify every archive")

@@ -39,7 +39,7 @@ def parse_launcher_args(cls: type[C], doc: Optional[str] = None, argv=None,
     if default_config is not None and not Path(default_config).is_absolute():
         default_config = str(REPO / default_config)
     parser = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents),
+        allow_abbrev=False, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents),
         usage="%(prog)s [--deepspeed JSON] [--config YAML] [key.path=value | --key.path value ...]",
         epilog="overrides: dotted keys of the experiment YAML, as key.path=value or --key.path value "
                "(e.g. train.steps=50 or --train.steps 50); relative paths resolve against the current directory")

@@ -10,6 +10,7 @@ the dotted key through :func:`bad`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -175,7 +176,9 @@ def _apply_override(data: dict[str, Any], item: str, cls: Any = None) -> None:
         raise ConfigError(f"override '{item}': '{key}' is a section, not a value; set its keys ({key}.KEY=VALUE)")
     node = data
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # a section left empty in the file (its keys commented out) reads as null,
+            node[part] = {}         # and as the defaults: a key set into it is set, not refused as no section
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
@@ -227,10 +230,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise bad(prefix.rstrip(".") or "<top>", "a mapping", data)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be other types: `yes:` is True
     if unknown:
-        key = f"{prefix}{unknown[0]}"
-        raise ConfigError(f"unknown key '{key}' (known here: {', '.join(sorted(fields))})")
+        key, reading = f"{prefix}{unknown[0]}", _yaml_reading(unknown[0])
+        raise ConfigError(f"unknown key '{key}' ({reading + '; ' if reading else ''}known here: "
+                          f"{', '.join(sorted(fields))})")
     kwargs = {name: _coerce(hints[name], data[name], f"{prefix}{name}") for name in fields if name in data}
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -267,7 +271,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: C901 - a flat type s
         if not isinstance(value, dict):
             raise bad(key, "a mapping", value)
         val_t = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(val_t, v, f"{key}.{k}") for k, v in value.items()}
+        for k in value:  # str(k) turned a key `on:` into 'True' and `1.50:` into '1.5', silently
+            if not isinstance(k, str):
+                raise _not_text(f"{key}.{k}", k, "a text key")
+        return {k: _coerce(val_t, v, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -281,17 +288,47 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:  # noqa: C901 - a flat type s
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad(key, "a number", value) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad(key, "a number", value)
-        return float(value)
+        else:
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float's range: a traceback before
+                number = math.inf
+        if not math.isfinite(number):
+            # .inf/.nan (and the text nan, inf that float() reads) passed checks written as `x > 0`: tau: .inf
+            # made the ALR distillation target uniform, lora_alpha: .nan a NaN loss steps later
+            raise bad(key, "a finite number", value)
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise bad(key, "a string", value)
+            raise _not_text(key, value)
         return value
     raise TypeError(f"config type {tp!r} of '{key}' is not supported")  # programming error
+
+
+def _yaml_reading(value: Any) -> str:
+    """Why YAML gave ``value`` for what the user wrote as text ('' for a string)."""
+    import datetime
+
+    kinds = ((bool, "an unquoted yes/no/on/off/true/false as a boolean"), (int, "an unquoted number as a number"),
+             (float, "an unquoted number as a number"), (datetime.date, "an unquoted date as a date"),
+             (type(None), "an empty value, null or ~ as null"))
+    return next((f"YAML reads {text}" for t, text in kinds if isinstance(value, t)), "")
+
+
+def _not_text(key: str, value: Any, what: str = "a string") -> ConfigError:
+    """YAML reads unquoted yes/no/on/off, numbers, dates and an empty value as other types: refused with
+    what YAML made of the text (the text itself is gone) and the way out, quoting it."""
+    import datetime
+
+    reading = _yaml_reading(value)
+    why = f" ({reading}); quote it" if reading else ""
+    shown = value.isoformat() if isinstance(value, datetime.date) else repr(value)
+    return ConfigError(f"key '{key}': expected {what}, got {shown}{why}")
 
 
 def _check_tree(cfg: Any, prefix: str) -> None:

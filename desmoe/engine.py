@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from desmoe.distributed import use_cuda
-from desmoe.errors import ConfigError
+from desmoe.errors import ConfigError, UserError
 from desmoe.moe.trainability import FreezableAdamW, Trainability, build_param_groups
 
 OPTIMIZER_KEYS = {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode"}
@@ -61,14 +61,27 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _removed_by_deepspeed(cfg: Mapping[str, Any], source: str) -> None:
     """Blocks this DeepSpeed has removed (amp, elasticity, curriculum_learning, ...): it refuses them in
     deepspeed.initialize, after the model is built, with a traceback; read here, before the process groups."""
+    from deepspeed.runtime import config as ds_config
+
     try:
-        from deepspeed.runtime.config import DeepSpeedConfigError, _reject_removed_config_keys
-    except ImportError:  # a DeepSpeed without the list: it still reads those blocks itself
-        return
-    try:
-        _reject_removed_config_keys(cfg)
-    except DeepSpeedConfigError as err:
+        _removed_keys_check(ds_config)(cfg)
+    except ds_config.DeepSpeedConfigError as err:
         raise ConfigError(f"{source}: {' '.join(str(err).split())}") from None
+
+
+def _removed_keys_check(module: Any) -> Callable[[Mapping[str, Any]], None]:
+    """DeepSpeed's own check of the blocks it removed, private (no public function reads a config without
+    the process groups).  Missing, it must stop the run, not pass: before 0.19.7 DeepSpeed still honoured
+    those blocks (``elasticity`` rewrote the batch sizes desmoe counts with), and a later rename would let
+    them reach deepspeed.initialize."""
+    check = getattr(module, "_reject_removed_config_keys", None)
+    if not callable(check):
+        import deepspeed
+
+        raise UserError(f"deepspeed {deepspeed.__version__}: {module.__name__}._reject_removed_config_keys not "
+                        f"found, which desmoe refuses DeepSpeed's removed config blocks with; install the "
+                        f"DeepSpeed of constraints.txt (deepspeed>=0.19.7,<0.20)")
+    return check
 
 
 def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int = 1,

@@ -104,7 +104,7 @@ def check_vocab(tok, model, model_dir: Path) -> None:
 
 @run_cli
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m desmoe.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m desmoe.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", help="an HF model folder (exported by desmoe or your own)")
     parser.add_argument("--data", help="a prepared data folder: evaluate on its own evaluation sets")
     parser.add_argument("--include_path", help="a folder of lm-eval task YAMLs over local files")

@@ -227,7 +227,7 @@ def _write(write, cfg, state, out, files, model_class, texts) -> None:
 
 @run_cli
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m desmoe.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m desmoe.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a desmoe run directory (config.yaml + checkpoints/)")
     parser.add_argument("out", help="the model folder to write (replaced atomically)")
     parser.add_argument("--tag", help="checkpoint tag, e.g. step00000150 (default: the newest)")

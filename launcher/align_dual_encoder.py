@@ -52,7 +52,7 @@ def twemoji_dataset(root: Path, size: int):
 
 @run_cli
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("cache/dual_encoder"),
                     help="model folder (what load_dual_encoder and the TRGE embedded backbone read)")
     ap.add_argument("--cache", type=Path, default=Path("cache/sources"))

@@ -70,7 +70,7 @@ def scaling_order(domains: list[str]) -> list[str]:
 
 @run_cli
 def main() -> None:
-    study = argparse.ArgumentParser(add_help=False)
+    study = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     study.add_argument("--methods", default="desmoe,fft", help="comma-separated desmoe.method values to run")
     study.add_argument("--scaling", default="", help="comma-separated numbers of domains, e.g. 2,3,4,5,6")
     study.add_argument("--steps-per-domain", type=int, default=0,

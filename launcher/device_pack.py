@@ -187,7 +187,7 @@ def pack(tmp: Path, calls: dict, image: dict[str, str | None]) -> dict:
 
 @run_cli
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", default="configs/device/image-packages.txt", help="the device image's packages")
     p.add_argument("--only", choices=["call1"], help="pack call 1 alone (make gpu-check; no SmolLM2)")
     args = p.parse_args()

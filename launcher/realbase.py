@@ -227,7 +227,7 @@ def main() -> None:
     from desmoe.evaluation.probes import build_probes
     from desmoe.models.upcycle_shared import upcycle_shared
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--shared-ffn", type=int, default=768)

@@ -94,7 +94,7 @@ def stage(name: str, cmd: list[str], env: dict) -> float:
 
 @run_cli
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="dry run on 2 CPU ranks at tiny size")
     p.add_argument("--heal-steps", type=int, default=None, help="default: 400 on the GPU, 2 in the dry run")
     p.add_argument("--budget-s", type=float, default=420.0, help="the study starts no run after this (seconds)")

@@ -214,7 +214,7 @@ def run_study(cfg: RealbaseStudy, ds_config: str, max_runs: int = 0, budget_s: f
 def main() -> None:
     from desmoe.cli import parse_launcher_args
 
-    opts = argparse.ArgumentParser(add_help=False)
+    opts = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     opts.add_argument("--report", action="store_true", help="render the doc section and targets from the CSV only")
     opts.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: all pending)")
     opts.add_argument("--budget-s", type=float, default=0.0, help="start no run after this many seconds (0: no limit)")
@@ -226,6 +226,8 @@ def main() -> None:
     cfg, args = parse_launcher_args(RealbaseStudy, __doc__, argv=rest, default_config="configs/realbase_study.yaml")
     if flags.max_runs < 0:
         raise UserError(f"--max-runs {flags.max_runs}: expected an integer >= 0")
+    if not flags.budget_s >= 0:  # a negative budget started no run, nan never stopped (elapsed > nan is false)
+        raise UserError(f"--budget-s {flags.budget_s}: expected a number of seconds >= 0 (0: no limit)")
     if not flags.report:
         probes = Path(cfg.study.scores.probes) / "probes.json"
         for need, what in ((probes, "the probes (make realbase)"), (Path(cfg.experiment.base.hf or "") / "config.json",

@@ -26,7 +26,7 @@ def main() -> None:
     from desmoe.models.hf_moe import load_hf_moe
     from desmoe.models.upcycle import upcycle
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dense")
     parser.add_argument("out")
     parser.add_argument("--experts", type=int, default=4)

@@ -101,6 +101,10 @@ class BaselineConfig:
                 raise bad(key, "a number in (0, 1]", getattr(self, key))
         if self.lora_rank < 1:
             raise bad("lora_rank", "a positive integer", self.lora_rank)
+        if self.esft_profile_tokens < 1:  # 0 or less profiled one batch anyway (baselines.py rounds up to one)
+            raise bad("esft_profile_tokens", "a positive integer", self.esft_profile_tokens)
+        if not self.lora_alpha > 0:  # 0 scales the adapters' output and gradients to zero: the LoRA arm never trains
+            raise bad("lora_alpha", "a number > 0", self.lora_alpha)
 
 
 @dataclass
@@ -133,9 +137,9 @@ class BaseConfig:
 
     def check(self) -> None:
         if not (isinstance(self.bias_update_rate, (int, float)) and 0 <= self.bias_update_rate < 1):
-            raise bad("base.bias_update_rate", "a number in [0, 1)", self.bias_update_rate)
+            raise bad("bias_update_rate", "a number in [0, 1)", self.bias_update_rate)
         if self.bias_update_rate and not self.hf:
-            raise bad("base.bias_update_rate", "0 unless base.hf names a model with selection biases",
+            raise bad("bias_update_rate", "0 unless base.hf names a model with selection biases",
                       self.bias_update_rate)
 
 

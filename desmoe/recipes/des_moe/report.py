@@ -219,7 +219,7 @@ def scaling_table(rows: list[dict]) -> tuple[str, str]:
 
 @run_cli
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args()

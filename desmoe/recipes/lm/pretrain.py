@@ -35,6 +35,14 @@ class PretrainData:
     root: str = "data/demo"  # prepared data folder (python -m data_prep.build --profile demo)
     domains: Optional[list[str]] = None  # training domains; None = ["general"]
 
+    def check(self) -> None:
+        # [] silently trained on ["general"] (an empty list read as unset); a name given twice trained as one
+        # domain but was read twice into the in-domain test stream
+        if self.domains is not None and not self.domains:
+            raise bad("domains", "at least one domain, or null for ['general']", self.domains)
+        if self.domains is not None and len(set(self.domains)) != len(self.domains):
+            raise bad("domains", "distinct names", self.domains)
+
 
 @dataclass
 class PretrainTrain:
@@ -59,6 +67,8 @@ class PretrainTrain:
             if getattr(self, key) < 1:
                 raise bad(key, "a positive integer", getattr(self, key))
         check_mode(self.activation_checkpointing)
+        if self.seed < 0:  # the data streams seed numpy's SeedSequence, which raised on it mid-run
+            raise bad("seed", "an integer >= 0", self.seed)
         if not 0 < self.lr < 1:
             raise bad("lr", "a number in (0, 1)", self.lr)
         if not 0 <= self.min_lr_ratio <= 1:

@@ -47,6 +47,8 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise bad(key, "a positive integer", getattr(self, key))
         check_mode(self.activation_checkpointing)
+        if self.seed < 0:  # the data streams seed numpy's SeedSequence, which raised on it mid-run
+            raise bad("seed", "an integer >= 0", self.seed)
         if self.lr is not None and not 0 < self.lr < 1:
             raise bad("lr", "a number in (0, 1)", self.lr)
         if not 0 <= self.aux_loss_coef < float("inf"):

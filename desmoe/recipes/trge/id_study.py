@@ -74,7 +74,7 @@ def main() -> None:
 
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/trge_offline.yaml")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()

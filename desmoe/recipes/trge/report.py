@@ -47,7 +47,7 @@ COLUMNS = ["run", "method", "identifier", "reading", "fusion", "transfer", "avg"
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m desmoe.recipes.trge.report",
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m desmoe.recipes.trge.report",
                                      description="TRGE runs' table (table.md, table.csv) in RUNS_FOLDER")
     parser.add_argument("runs_folder", metavar="RUNS_FOLDER", help="a folder holding run folders")
     root = Path(parser.parse_args().runs_folder)
