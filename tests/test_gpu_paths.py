@@ -1,0 +1,52 @@
+"""The CUDA path's properties that a CPU run can still check: what a routed forward asks the device for."""
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from desmoe.moe import LinearRouter, MoEBlock, SwiGLUExpert, load_balancing_loss
+
+# aten ops whose CUDA kernels read a device value back to the host (the stream waits for the GPU):
+# bincount reads the largest id to size its output, nonzero / masked_select / unique their output
+# length, repeat_interleave without output_size its total, _local_scalar_dense is .item().
+CUDA_SYNCING = {"aten.bincount", "aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_dim",
+                "aten.unique_consecutive", "aten.repeat_interleave", "aten._local_scalar_dense"}
+
+
+class _SyncingOps(TorchDispatchMode):
+    """Records syncing ops, except those of desmoe.kernels (CPU-only C loops, never on a CUDA path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in CUDA_SYNCING and not _inside_cpu_kernels():
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _inside_cpu_kernels() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if "desmoe/kernels" in frame.f_code.co_filename.replace("\\", "/"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_routing_aux_loss_and_load_count_without_host_sync():
+    """The router, its auxiliary loss and the bias-update load count run in every MoE layer's forward: on
+    CUDA a bincount there (it sizes its output from the largest id) stalled every layer on the host."""
+    torch.manual_seed(0)
+    block = MoEBlock(8, SwiGLUExpert(8, 16), LinearRouter(8, 4, 2, selection_bias=True, bias_update_rate=0.01))
+    block.train()
+    x = torch.randn(3, 5, 8)
+    with _SyncingOps() as ops:
+        block(x)
+        load_balancing_loss(block.last_routing.scores, block.last_routing.expert_ids, 4)
+    assert ops.seen == [], f"ops that wait for the device in the routed forward: {ops.seen}"
+    # the counts themselves are unchanged: the routes per expert
+    ids = block.last_routing.expert_ids.reshape(-1)
+    assert torch.equal(block.pending_load, torch.bincount(ids, minlength=4).float())
