@@ -8,7 +8,8 @@ from desmoe.moe import LinearRouter, MoEBlock, SwiGLUExpert, load_balancing_loss
 
 # aten ops whose CUDA kernels read a device value back to the host (the stream waits for the GPU):
 # bincount reads the largest id to size its output, nonzero / masked_select / unique their output
-# length, repeat_interleave without output_size its total, _local_scalar_dense is .item().
+# length, repeat_interleave without output_size its total, _local_scalar_dense is .item().  (A .tolist()
+# reads back too but is no aten op on a CPU tensor: the split sizes an all-to-all needs are read that way.)
 CUDA_SYNCING = {"aten.bincount", "aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_dim",
                 "aten.unique_consecutive", "aten.repeat_interleave", "aten._local_scalar_dense"}
 
@@ -22,7 +23,8 @@ class _SyncingOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
-        if name in CUDA_SYNCING and not _inside_cpu_kernels():
+        sized = name == "aten.repeat_interleave" and (kwargs or {}).get("output_size") is not None
+        if name in CUDA_SYNCING and not sized and not _inside_cpu_kernels():
             self.seen.append(name)
         return func(*args, **(kwargs or {}))
 
@@ -50,3 +52,20 @@ def test_routing_aux_loss_and_load_count_without_host_sync():
     # the counts themselves are unchanged: the routes per expert
     ids = block.last_routing.expert_ids.reshape(-1)
     assert torch.equal(block.pending_load, torch.bincount(ids, minlength=4).float())
+
+
+def ep_case():
+    torch.manual_seed(0)
+    block = MoEBlock(16, SwiGLUExpert(16, 24), LinearRouter(16, 4, 2), ep_size=2)
+    block.set_deepspeed_parallelism()
+    block.init_experts(seed=7)
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    with _SyncingOps() as ops:
+        block(x).square().sum().backward()
+    return ops.seen
+
+
+def test_expert_parallel_dispatch_reads_back_only_split_sizes(ranks):
+    """EP = 2: the all-to-all's split sizes are read on the host once; the rest of the dispatch (the
+    received rows' regrouping, forward and backward) asks the device for nothing."""
+    assert ranks.run(ep_case) == [[], []]
