@@ -69,3 +69,28 @@ def test_expert_parallel_dispatch_reads_back_only_split_sizes(ranks):
     """EP = 2: the all-to-all's split sizes are read on the host once; the rest of the dispatch (the
     received rows' regrouping, forward and backward) asks the device for nothing."""
     assert ranks.run(ep_case) == [[], []]
+
+
+def test_dges_counts_every_step_without_host_sync():
+    """DES-MoE counts every layer's routing by domain after every training step: counted on the device,
+    with no size read back per layer (a boolean selection and two bincounts each, before)."""
+    from desmoe.recipes.des_moe.dges import DomainExpertMap
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList(MoEBlock(8, SwiGLUExpert(8, 16), LinearRouter(8, 4, 2)) for _ in range(2))
+    x = torch.randn(12, 8)
+    for block in model:
+        block(x)
+    token_domain = torch.tensor([0, 1, 2, -1] * 3)  # -1: a token no domain counts (padding, prompt)
+    dmap = DomainExpertMap(2, 3, 4)
+    with _SyncingOps() as ops:
+        dmap.record_model(model, token_domain)
+    again = DomainExpertMap(2, 3, 4)
+    again.record_model(model, token_domain.int())  # an int32 domain tensor counts the same
+    assert torch.equal(again.window, dmap.window) and torch.equal(again.window_tokens, dmap.window_tokens)
+    assert ops.seen == [], f"ops that wait for the device in DGES's per-step count: {ops.seen}"
+    for layer, block in enumerate(model):  # the counts themselves: (domain, expert) routes, tokens per domain
+        ids, valid = block.last_routing.expert_ids, token_domain >= 0
+        pairs = (token_domain[valid].unsqueeze(1) * 4 + ids[valid]).reshape(-1)
+        assert torch.equal(dmap.window[layer], torch.bincount(pairs, minlength=12).view(3, 4).double())
+        assert torch.equal(dmap.window_tokens[layer], torch.bincount(token_domain[valid], minlength=3).double())
