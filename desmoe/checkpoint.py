@@ -268,8 +268,14 @@ def _save_rng(tag_dir: Path) -> None:
     import numpy as np
     import torch
 
+    from desmoe.distributed import use_cuda
+
+    # This rank's device only (init_distributed made it current): a list of every visible device's state,
+    # indexed by this process's device numbers, could not be set where a resume sees fewer devices (an
+    # elastic resume onto another node layout: "invalid device ordinal") and gave a rank whose local rank
+    # changed another device's stream.
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+             "cuda": torch.cuda.get_rng_state() if use_cuda() else None}
     torch.save(state, tag_dir / f"rng_state_rank{_rank():05d}.pt")
 
 
@@ -288,8 +294,17 @@ def _load_rng(tag_dir: Path) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    from desmoe.distributed import use_cuda
+
+    cuda = state["cuda"]
+    if cuda is not None and use_cuda():
+        if not isinstance(cuda, (list, tuple)):
+            torch.cuda.set_rng_state(cuda)  # this rank's device
+        elif len(cuda) == torch.cuda.device_count():  # an older checkpoint: every device, the same layout
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(f"{path}: CUDA generator states of {len(cuda)} devices, {torch.cuda.device_count()} "
+                          f"visible now: this rank's CUDA generator starts fresh")
 
 
 # Keys a resumed run may change: how long it runs, how often it logs/saves/evaluates, the learning rate

@@ -141,13 +141,17 @@ class ExpertDispatcher(nn.Module):
         # How many rows each rank sends to each of the receiver's local experts.
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.ep_group)
-        send_matrix = counts.view(ep, nl)
         recv_matrix = recv_counts.view(ep, nl)  # [source rank, local expert]
-        send_splits = send_matrix.sum(1).tolist()
-        recv_splits = recv_matrix.sum(1).tolist()
+        # The split sizes must be on the host (all_to_all_single takes lists): one read-back for all of them;
+        # every other size below is derived from it, so the device is waited for once here.
+        host = torch.cat([counts.view(ep, nl).sum(1), recv_counts]).tolist()
+        send_splits, recv_host = host[:ep], [host[ep + r * nl: ep + (r + 1) * nl] for r in range(ep)]
+        recv_splits = [sum(row) for row in recv_host]
         received = _AllToAllV.apply(dispatched, send_splits, recv_splits, self.ep_group)
-        # Received rows are source-major; the experts want expert-major slices.
-        segment = torch.repeat_interleave(torch.arange(ep * nl, device=counts.device), recv_matrix.reshape(-1))
+        # Received rows are source-major; the experts want expert-major slices.  (output_size: without it
+        # CUDA's repeat_interleave reads the total back from the device.)
+        segment = torch.repeat_interleave(torch.arange(ep * nl, device=counts.device), recv_matrix.reshape(-1),
+                                          output_size=sum(recv_splits))
         expert_major = torch.argsort((segment % nl) * ep + segment // nl, stable=True)
         if keep is not None:  # the mask travels with its rows (same splits, no gradient)
             keep_recv = keep.new_empty(sum(recv_splits), dtype=torch.uint8)
@@ -156,8 +160,8 @@ class ExpertDispatcher(nn.Module):
             keep = keep_recv.bool().index_select(0, expert_major)
         if route_w is not None:
             route_w = _AllToAllV.apply(route_w, send_splits, recv_splits, self.ep_group).index_select(0, expert_major)
-        local_out = self._local_experts(received.index_select(0, expert_major), recv_matrix.sum(0).tolist(), keep,
-                                        route_w)
+        local_out = self._local_experts(received.index_select(0, expert_major), [sum(c) for c in zip(*recv_host)],
+                                        keep, route_w)
         restored = local_out.index_select(0, torch.argsort(expert_major))
         return _AllToAllV.apply(restored, recv_splits, send_splits, self.ep_group)
 

@@ -338,6 +338,13 @@ class GroupedMMSwiGLU(torch.autograd.Function):
             # Frozen experts still share the kernel; their slices are dropped.
             g_gate_up = _gmm(d_h.t(), rows, offs) if any(need[0::2]) else None  # [E, 2f, d]
             g_down = _gmm(dy.t(), act, offs) if any(need[1::2]) else None  # [E, d, f]
+            # An expert without rows has a zero weight gradient, but a 2-D x 2-D grouped GEMM need not write
+            # an empty group's slice (on Blackwell it was seen holding garbage: pytorch/pytorch#172439):
+            # zeroed here from the offsets on the device, no host sync.
+            empty = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0).view(-1, 1, 1)
+            for g in (g_gate_up, g_down):
+                if g is not None:
+                    g.masked_fill_(empty, 0)
             for e in range(ctx.num_experts):
                 if need[2 * e]:
                     grad_w[2 * e] = g_gate_up[e]

@@ -24,7 +24,7 @@ from desmoe.kernels import keep_freed_heap
 from desmoe.moe.dispatcher import DispatchStats, ExpertDispatcher
 from desmoe.moe.experts import InitMode, init_local_experts
 from desmoe.moe.layout import ExpertLayout
-from desmoe.moe.router import Router, Routing, load_balancing_loss
+from desmoe.moe.router import Router, Routing, load_balancing_loss, route_counts
 
 
 class MoEBlock(MoE):
@@ -122,7 +122,7 @@ class MoEBlock(MoE):
         self.last_routing, self.last_stats = routing, stats
         if self.training and getattr(self.router, "bias_update_rate", 0.0):
             with torch.no_grad():
-                load = torch.bincount(routing.expert_ids.reshape(-1), minlength=self.router.num_experts).float()
+                load = route_counts(routing.expert_ids, self.router.num_experts).float()  # no host sync
                 self.pending_load = load if self.pending_load is None else self.pending_load + load
         self.aux_loss = load_balancing_loss(routing.scores, routing.expert_ids, self.router.num_experts)
         return out.reshape(shape)

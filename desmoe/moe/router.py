@@ -171,7 +171,14 @@ def load_balancing_loss(scores: Tensor, expert_ids: Tensor, num_experts: int) ->
     routing gives 1.0.  Gradients flow through ``scores`` only.
     """
     num_tokens, k = expert_ids.shape
-    counts = torch.bincount(expert_ids.reshape(-1), minlength=num_experts).to(scores.dtype)
+    counts = route_counts(expert_ids, num_experts).to(scores.dtype)
     fraction = counts / (num_tokens * k)
     mean_score = scores.mean(dim=0)
     return num_experts * torch.sum(mean_score * fraction)
+
+
+def route_counts(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """[E] int64 routes per expert.  A scatter_add, not ``bincount``: CUDA's bincount reads the largest id
+    back to the host (a synchronisation in every MoE layer's forward)."""
+    ids = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))

@@ -55,18 +55,34 @@ class DomainExpertMap:
 
     def record(self, layer: int, expert_ids: Tensor, token_domain: Tensor) -> None:
         """Count one layer's routing: expert_ids [S, k], token_domain [S] (negative = not counted)."""
-        num_domains, num_experts = self.shape[1:]
-        dom = token_domain.reshape(-1).to(expert_ids.device)
-        valid = dom >= 0
-        idx = (dom[valid].unsqueeze(1) * num_experts + expert_ids[valid]).reshape(-1)
-        counts = torch.bincount(idx, minlength=num_domains * num_experts).view(num_domains, num_experts)
-        self.window[layer] += counts.cpu().double()
-        self.window_tokens[layer] += torch.bincount(dom[valid], minlength=num_domains).cpu().double()
+        self._add([layer], self._counts(expert_ids, token_domain).unsqueeze(0))
 
     def record_model(self, model: nn.Module, token_domain: Tensor) -> None:
         """Count the last forward of every MoE block; token_domain matches the flattened tokens."""
-        for layer, block in enumerate(moe_blocks(model)):
-            self.record(layer, block.last_routing.expert_ids, token_domain)
+        blocks = moe_blocks(model)
+        if blocks:  # every layer counted on the device, then one read-back for all of them
+            self._add(range(len(blocks)), torch.stack([self._counts(b.last_routing.expert_ids, token_domain)
+                                                       for b in blocks]))
+
+    def _counts(self, expert_ids: Tensor, token_domain: Tensor) -> Tensor:
+        """[D * E + D] float64 on the routing's device: (domain, expert) routes, then tokens per domain.
+        Weighted scatter_adds, not a boolean selection and bincount: on CUDA those read sizes back to the
+        host, which every layer of every training step waited for."""
+        num_domains, num_experts = self.shape[1:]
+        dom = token_domain.reshape(-1).to(expert_ids.device, torch.long)  # scatter indices are int64
+        valid = (dom >= 0).double()
+        dom = dom.clamp_min(0)
+        out = torch.zeros(num_domains * (num_experts + 1), dtype=torch.float64, device=expert_ids.device)
+        out.scatter_add_(0, (dom.unsqueeze(1) * num_experts + expert_ids).reshape(-1),
+                         valid.unsqueeze(1).expand(expert_ids.shape).reshape(-1))
+        return out.scatter_add_(0, num_domains * num_experts + dom, valid)
+
+    def _add(self, layers, counts: Tensor) -> None:
+        num_domains, num_experts = self.shape[1:]
+        counts = counts.cpu()
+        for i, layer in enumerate(layers):
+            self.window[layer] += counts[i, :num_domains * num_experts].view(num_domains, num_experts)
+            self.window_tokens[layer] += counts[i, num_domains * num_experts:]
 
     def refresh(self, group=None) -> None:
         """Sum the window over ranks, update A (Eq. 5 / Eq. 9) and M (Eq. 6), start a new window."""
