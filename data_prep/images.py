@@ -236,18 +236,30 @@ def write_card(folder: Path, task: ImageTask, sources: list[Source]) -> None:
     write_text_atomic(folder / "cards" / f"{task.name}.md", "\n".join(lines) + "\n")
 
 
+def render_code() -> str:
+    """Digest of the code that turns the pinned sources into pixels and labels (this file and the source
+    readers): a folder built by other code is rebuilt, not reused with pixels today's code would not draw."""
+    import hashlib
+
+    files = (Path(__file__), Path(S.__file__))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
 def build(profile_name: str, out: Path, cache_root: Path, size: int = 64, seed: int = 0,
           force: bool = False) -> Path:
     if profile_name not in PROFILES:
         raise UserError(f"--profile {profile_name!r}: expected one of {', '.join(PROFILES)}")
     profile = PROFILES[profile_name]
-    stamp = {"profile": profile_name, "size": size, "seed": seed}
+    stamp = {"profile": profile_name, "size": size, "seed": seed, "code": render_code()}
     index = out / "tasks.json"
     if index.is_file() and not force:
         old = json.loads(index.read_text())
         if {k: old.get(k) for k in stamp} == stamp and all((out / f"{t['name']}.npz").is_file() for t in old["tasks"]):
             print(f"{out}: up to date ({len(old['tasks'])} tasks)")
             return out
+        changed = [k for k in stamp if old.get(k) != stamp[k]]
+        if changed:
+            print(f"{out}: rebuilding (built with another {', '.join(changed)})")
     manifest = load_manifest(MANIFEST)
     plan = [*profile.tasks, profile.control]
     names = sorted({s for t, _ in plan for s in TASK_SOURCES[t]})

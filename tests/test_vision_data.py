@@ -60,6 +60,13 @@ def test_build_is_deterministic_and_cached(tiny):
     stamp = (tiny / "mnist.npz").stat().st_mtime_ns
     build("tiny", tiny, CACHE)  # up to date: nothing rewritten
     assert (tiny / "mnist.npz").stat().st_mtime_ns == stamp
+    # a folder built by other rendering code (stamped with its digest) is rebuilt, not reused
+    index = json.loads((tiny / "tasks.json").read_text())
+    (tiny / "tasks.json").write_text(json.dumps({**index, "code": "0" * 16}))
+    build("tiny", tiny, CACHE)
+    assert (tiny / "mnist.npz").stat().st_mtime_ns != stamp
+    assert json.loads((tiny / "tasks.json").read_text())["code"] == index["code"]
+    assert torch.equal(load_task_sequence(tiny)[0].train_x, stored["mnist"].train_x)
 
 
 def test_bad_inputs_one_line(tmp_path, tiny, monkeypatch, capsys):
@@ -77,3 +84,44 @@ def test_bad_inputs_one_line(tmp_path, tiny, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "desmoe: error: --profile 'huge': expected one of tiny, demo"
     index = json.loads((tiny / "tasks.json").read_text())
     assert index["profile"] == "tiny" and index["size"] == 64
+
+
+def test_a_named_folder_built_by_other_code_is_read_with_a_warning(tiny, tmp_path, capsys):
+    """data.root naming a folder data_prep.images built with other code: read as it is, and said so."""
+    import shutil
+
+    from desmoe.integrity import seal
+    from desmoe.recipes.trge.data import DataConfig, load_sequence
+
+    seq = tmp_path / "seq"
+    shutil.copytree(tiny, seq)
+    load_sequence(DataConfig(sequence="offline", root=str(seq), profile="tiny"))
+    assert "built by other" not in capsys.readouterr().out
+    index = json.loads((seq / "tasks.json").read_text())
+    (seq / "tasks.json").write_text(json.dumps({**index, "code": "0" * 16}))
+    seal(seq)  # as that code sealed it
+    tasks, controls = load_sequence(DataConfig(sequence="offline", root=str(seq), profile="tiny"))
+    assert [t.name for t in tasks + controls] == ["mnist", "animals", "letters"]
+    assert f"{seq} was built by other data_prep.images code" in capsys.readouterr().out
+
+
+def test_the_project_folder_built_by_other_code_is_rebuilt(tiny, tmp_path, monkeypatch, capsys):
+    """data/images-<profile> (the project's own folder, named or not) is rebuilt when other code built it."""
+    import shutil
+
+    from desmoe.integrity import seal
+    from desmoe.recipes.trge.data import DataConfig, load_sequence
+
+    monkeypatch.setenv("DESMOE_CACHE", str(CACHE.parent))
+    monkeypatch.chdir(tmp_path)
+    own = tmp_path / "data" / "images-tiny"
+    shutil.copytree(tiny, own)
+    index = json.loads((own / "tasks.json").read_text())
+    (own / "tasks.json").write_text(json.dumps({**index, "code": "0" * 16}))
+    seal(own)
+    for root in ("", "data/images-tiny"):
+        load_sequence(DataConfig(sequence="offline", root=root, profile="tiny"))
+        assert json.loads((own / "tasks.json").read_text())["code"] == index["code"]
+        (own / "tasks.json").write_text(json.dumps({**index, "code": "0" * 16}))
+        seal(own)
+    assert capsys.readouterr().out.count("rebuilding (built with another code)") == 2

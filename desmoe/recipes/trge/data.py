@@ -124,12 +124,31 @@ def _load(cfg: DataConfig) -> tuple[list[ImageTask], list[ImageTask]]:
     root = Path(cfg.root or f"data/images-{cfg.profile}")
     if root.exists() and not root.is_dir():
         raise UserError(f"data.root '{root}': is a file, expected an image task sequence folder")
-    if not (root / INDEX).is_file() and not (root.exists() and any(root.iterdir())):
+    # the project's own folder (data/images-<profile>) is rebuilt when it was built by other code or is missing
+    # (build() returns at once when it is up to date); another folder is read as it is, with a word when
+    # data_prep.images built it with other code
+    own = root.resolve() == Path(f"data/images-{cfg.profile}").resolve()
+    if own or not (root / INDEX).is_file() and not (root.exists() and any(root.iterdir())):
         from data_prep.images import build  # first use: build the sequence from the pinned sources
 
         build(cfg.profile, root, cache_root())
+    elif (root / INDEX).is_file():
+        _warn_if_built_by_other_code(root)
     seq = load_task_sequence(root)
     return [t for t in seq if not t.zero_shot_only], [t for t in seq if t.zero_shot_only]
+
+
+def _warn_if_built_by_other_code(root: Path) -> None:
+    import json
+
+    from data_prep.images import render_code
+    from desmoe.vision.tasks import INDEX
+
+    index = json.loads((root / INDEX).read_text())
+    if "profile" in index and index.get("code") != render_code():
+        print(f"desmoe: warning: {root} was built by other data_prep.images code than this checkout's; its pixels "
+              f"may differ from today's (rebuild: python -m data_prep.images --profile {index['profile']} "
+              f"--out {root} --force)", flush=True)
 
 
 def _check_task(task: ImageTask, cfg: DataConfig, trained: bool) -> None:
