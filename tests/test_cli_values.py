@@ -1,0 +1,42 @@
+"""Numeric flags of the entry points that a run cannot honour: refused in one line before any source is
+read or anything is built (a traceback minutes later, after a download, before)."""
+import subprocess
+import sys
+
+import pytest
+
+from desmoe.errors import UserError
+from jobs import ROOT, clean_env
+
+
+def refusal(script, *argv, cwd=ROOT):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True,
+                          timeout=300, env=clean_env(DS_ACCELERATOR="cpu"), cwd=cwd)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv,line", [
+    # 0 and 1 wrote an empty probe (IndexError in write_tasks), -1 a ValueError in random.sample
+    (["--probe-items", "0"], "--probe-items 0: expected 2 or more (the copy probe takes half)"),
+    (["--probe-items", "1"], "--probe-items 1: expected 2 or more (the copy probe takes half)"),
+    (["--probe-items", "-1"], "--probe-items -1: expected 2 or more (the copy probe takes half)"),
+    (["--experts", "0"], "--experts 0: expected 1 or more"),
+    (["--experts", "4", "--top-k", "8"], "--top-k 8: expected 1 to --experts 4"),
+    (["--shared-ffn", "0"], "--shared-ffn 0: expected 1 or more"),
+    (["--port", "70000"], "--port 70000: expected a TCP port in 1..65535"),
+])
+def test_realbase_flag_is_refused_before_any_source_is_read(tmp_path, argv, line):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert refusal("launcher/realbase.py", *argv, "--out", str(out), "--cache", str(cache),
+                   cwd=tmp_path) == f"desmoe: error: {line}"
+    assert not out.exists() and not cache.exists()  # nothing fetched, nothing written
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_probes_with_fewer_than_two_items_are_refused(tmp_path, n):
+    from desmoe.evaluation.probes import build_probes
+
+    with pytest.raises(UserError, match=f"probes: n={n} items: expected 2 or more"):
+        build_probes(tmp_path / "no-data", tmp_path / "probes", n=n)
+    assert not (tmp_path / "probes").exists()
