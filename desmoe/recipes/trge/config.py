@@ -49,6 +49,11 @@ class TrainConfig:
             raise bad("save_every", "an integer >= 0", self.save_every)
         if self.warmup < 0:
             raise bad("warmup", "an integer >= 0", self.warmup)
+        # the generators are seeded with seed * 10**6 + ... and the experts with (seed * 1000 + block) *
+        # 1_000_003 + expert: a seed past ~1.8e10 overflowed torch's 64-bit seed (a traceback at set-up);
+        # negative ones refused as the LM recipes refuse them
+        if not 0 <= self.seed < 2**32:
+            raise bad("seed", "an integer in [0, 2**32)", self.seed)
         # here, not in the DeepSpeed config check, which would name configs/zero2.json for it
         if not 0 < self.lr < 1:
             raise bad("lr", "a number in (0, 1)", self.lr)
