@@ -34,3 +34,37 @@ def test_largest_seed_still_seeds_every_generator():
     torch.Generator().manual_seed(seed * 10**6 + 1009 * 99 + 17 * 10**4 + 99)
     with pytest.raises((RuntimeError, ValueError)):  # why 2**40 is refused: past torch's 64-bit seed
         torch.Generator().manual_seed(2**40 * 1000 * 1_000_003)
+
+
+@pytest.mark.parametrize("override,line", [
+    ("groups.scale=0", "key 'groups.scale': expected a nonzero number (0: the adapters add nothing and never "
+                       "learn), got 0.0"),
+    # task_anchored admits groups with prototype distance <= tau: below 0 only the own group, silently
+    ("inter.tau=-0.5", "key 'inter.tau': expected a number >= 0 (a cosine distance between prototypes), got -0.5"),
+])
+def test_value_that_silently_changes_nothing_is_refused(override, line):
+    extra = ["inter.reading=task_anchored"] if override.startswith("inter.tau") else []
+    assert _refused(*extra, override) == f"{DIGITS}: {line}"
+
+
+def test_zero_adapter_scale_leaves_the_model_and_its_gradients_at_zero():
+    """Why groups.scale=0 is refused: the adapter's output and every gradient through it are exactly 0."""
+    from desmoe.moe.experts import AdapterExpert
+
+    expert = AdapterExpert(8, 4, 0.0)
+    x = torch.randn(3, 8)  # random values: a shape test of the scaling, no data meaning
+    out = expert(x)
+    out.sum().backward()
+    assert torch.count_nonzero(out) == 0
+    assert all(torch.count_nonzero(p.grad) == 0 for p in expert.parameters())
+
+
+@pytest.mark.parametrize("tokens", [0, -3])
+def test_mllm_description_length_below_one_is_refused(tokens):
+    """HF's generate() refused it (ValueError) only after the MLLM had loaded and the first task trained."""
+    from transformers import GenerationConfig
+
+    assert _refused("identifier.backend=mllm", "identifier.mllm_path=m", f"identifier.mllm_max_new_tokens={tokens}") \
+        == f"{DIGITS}: key 'identifier.mllm_max_new_tokens': expected an integer >= 1, got {tokens}"
+    with pytest.raises(ValueError):
+        GenerationConfig(max_new_tokens=tokens).validate()

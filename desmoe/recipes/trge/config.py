@@ -140,6 +140,14 @@ class TRGEExperiment:
             raise bad("method", "one of " + ", ".join(METHODS), self.method)
         if self.eval.variants and not METHODS_BY_NAME[self.method].test_variants:
             raise bad("eval.variants", "empty unless method is trge", self.eval.variants)
+        # ranges the sections' own checks (groups.py, inter_group.py, task_id.py) leave open
+        if self.groups.scale == 0:  # every adapter's output is scaled to 0: nothing added, no gradient
+            raise bad("groups.scale", "a nonzero number (0: the adapters add nothing and never learn)",
+                      self.groups.scale)
+        if self.inter.tau < 0:  # a cosine distance: below 0 no other group ever collaborates (reading own)
+            raise bad("inter.tau", "a number >= 0 (a cosine distance between prototypes)", self.inter.tau)
+        if self.identifier.mllm_max_new_tokens < 1:  # generate() refused it after the MLLM had loaded
+            raise bad("identifier.mllm_max_new_tokens", "an integer >= 1", self.identifier.mllm_max_new_tokens)
         from desmoe.recipes.trge.fusion import FUSION_SCHEDULES
 
         if self.fusion.schedule not in FUSION_SCHEDULES:
