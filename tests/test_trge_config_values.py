@@ -68,3 +68,30 @@ def test_mllm_description_length_below_one_is_refused(tokens):
         == f"{DIGITS}: key 'identifier.mllm_max_new_tokens': expected an integer >= 1, got {tokens}"
     with pytest.raises(ValueError):
         GenerationConfig(max_new_tokens=tokens).validate()
+
+
+CNN_ONLY = "(it applies to the CNN image towers of embedded, towers and tiny_dual only)"
+
+
+@pytest.mark.parametrize("override,shown", [
+    ("train.cache_image_features=true", "True"),  # the transformer tower kept its crops: no speed-up, no word
+    ("train.feature_cache=", "''"),
+    ("placement.cnn_blocks=3", "3"),
+])
+def test_cnn_tower_key_with_a_transformer_image_tower_is_refused(override, shown):
+    key = override.split("=")[0]
+    assert _refused(override) == f"{DIGITS}: key '{key}': expected unset with backbone.kind=tiny_clip {CNN_ONLY}, " \
+                                 f"got {shown}"
+
+
+def test_cnn_tower_keys_still_load_with_a_cnn_tower():
+    cfg = _load("backbone.kind=tiny_dual", "train.cache_image_features=true", "train.feature_cache=",
+                "placement.cnn_blocks=3")
+    assert cfg.train.cache_image_features and cfg.placement.cnn_blocks == 3
+
+
+def test_pool_freezing_with_another_method_is_refused():
+    assert _refused("groups.pool_freeze_per_task=1") == (
+        f"{DIGITS}: key 'groups.pool_freeze_per_task': expected unset with method=trge (it applies to shared_pool "
+        f"only), got 1")
+    assert _load("method=shared_pool", "groups.pool_freeze_per_task=1").groups.pool_freeze_per_task == 1

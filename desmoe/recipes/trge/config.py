@@ -148,6 +148,19 @@ class TRGEExperiment:
             raise bad("inter.tau", "a number >= 0 (a cosine distance between prototypes)", self.inter.tau)
         if self.identifier.mllm_max_new_tokens < 1:  # generate() refused it after the MLLM had loaded
             raise bad("identifier.mllm_max_new_tokens", "an integer >= 1", self.identifier.mllm_max_new_tokens)
+        # keys only a CNN image tower (embedded, towers, tiny_dual) or the shared_pool method reads are refused
+        # elsewhere, not ignored: cache_image_features: true on a transformer tower kept its augmentation and
+        # speed without a word (frozen_cnn_table returns None there)
+        if self.backbone.kind in ("hf_clip", "tiny_clip"):
+            for key in ("train.cache_image_features", "train.feature_cache", "placement.cnn_blocks"):
+                section, name = key.split(".")
+                value = getattr(getattr(self, section), name)
+                if value != getattr(type(getattr(self, section))(), name):
+                    raise bad(key, f"unset with backbone.kind={self.backbone.kind} (it applies to the CNN image "
+                                   f"towers of embedded, towers and tiny_dual only)", value)
+        if self.method != "shared_pool" and self.groups.pool_freeze_per_task != GroupSpec.pool_freeze_per_task:
+            raise bad("groups.pool_freeze_per_task", f"unset with method={self.method} (it applies to shared_pool "
+                                                     f"only)", self.groups.pool_freeze_per_task)
         from desmoe.recipes.trge.fusion import FUSION_SCHEDULES
 
         if self.fusion.schedule not in FUSION_SCHEDULES:
