@@ -60,3 +60,15 @@ def test_precedence_the_readme_states(tmp_path):
     assert cfg.train.lr == 0.004  # the smoke YAML says 0.002; the later of two overrides wins
     resolved = resolve_ds_config(json.loads(ds.read_text()), cfg.train.micro_batch, lr=cfg.train.lr)
     assert resolved["optimizer"]["params"] == {"lr": 0.004, "weight_decay": 0.1}
+
+
+@pytest.mark.parametrize("argv,line", [
+    # the study got max(1, budget - the base stage's time): nan or a negative budget became 1 s silently
+    (["--budget-s", "nan"], "--budget-s nan: expected a number of seconds > 0"),
+    (["--budget-s", "-60"], "--budget-s -60.0: expected a number of seconds > 0"),
+    (["--max-runs", "-1"], "--max-runs -1: expected an integer >= 0 (0: all that fit)"),  # after the healing
+    (["--heal-steps", "-2"], "--heal-steps -2: expected an integer >= 0"),
+])
+def test_realbase_gpu_flag_is_refused_before_any_stage(tmp_path, argv, line):
+    assert refusal("launcher/realbase_gpu.py", "--cpu", *argv, cwd=tmp_path) == f"desmoe: error: {line}"
+
