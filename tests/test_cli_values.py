@@ -72,3 +72,13 @@ def test_precedence_the_readme_states(tmp_path):
 def test_realbase_gpu_flag_is_refused_before_any_stage(tmp_path, argv, line):
     assert refusal("launcher/realbase_gpu.py", "--cpu", *argv, cwd=tmp_path) == f"desmoe: error: {line}"
 
+
+@pytest.mark.parametrize("argv,line", [
+    (["--experts", "0"], "--experts 0: expected 1 or more"),
+    (["--experts", "2", "--top-k", "3"], "--top-k 3: expected 1 to --experts 2"),
+])
+def test_upcycle_flag_is_refused_before_the_source_is_read(tmp_path, argv, line):
+    src = tmp_path / "model.gguf"  # not read: the check comes first (a real one is dequantised for minutes)
+    assert refusal("launcher/upcycle.py", str(src), str(tmp_path / "out"), *argv) == f"desmoe: error: {line}"
+    assert not (tmp_path / "out.dense").exists()
+
