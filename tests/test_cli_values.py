@@ -82,3 +82,9 @@ def test_upcycle_flag_is_refused_before_the_source_is_read(tmp_path, argv, line)
     assert refusal("launcher/upcycle.py", str(src), str(tmp_path / "out"), *argv) == f"desmoe: error: {line}"
     assert not (tmp_path / "out.dense").exists()
 
+
+@pytest.mark.parametrize("threads", ["0", "-1"])  # 0 was torch's default without a word, -1 a traceback
+def test_align_thread_count_below_one_is_refused(tmp_path, threads):
+    assert refusal("launcher/align_dual_encoder.py", "--threads", threads, "--cache", str(tmp_path / "c"),
+                   "--out", str(tmp_path / "o")) == f"desmoe: error: --threads {threads}: expected a positive integer"
+    assert not (tmp_path / "c").exists()
