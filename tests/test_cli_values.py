@@ -88,3 +88,11 @@ def test_align_thread_count_below_one_is_refused(tmp_path, threads):
     assert refusal("launcher/align_dual_encoder.py", "--threads", threads, "--cache", str(tmp_path / "c"),
                    "--out", str(tmp_path / "o")) == f"desmoe: error: --threads {threads}: expected a positive integer"
     assert not (tmp_path / "c").exists()
+
+
+def test_device_pack_image_list_is_the_callers_path_and_must_exist(tmp_path):
+    """--image was read after a chdir to the repository: a missing file ended in a FileNotFoundError traceback
+    once the packing had begun, and a relative one named the repository's file, not the caller's."""
+    line = refusal("launcher/device_pack.py", "--image", "packages.txt", cwd=tmp_path)
+    assert line == ("desmoe: error: --image packages.txt: no such file (the device image's package list, one per "
+                    "line)")
