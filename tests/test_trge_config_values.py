@@ -95,3 +95,42 @@ def test_pool_freezing_with_another_method_is_refused():
         f"{DIGITS}: key 'groups.pool_freeze_per_task': expected unset with method=trge (it applies to shared_pool "
         f"only), got 1")
     assert _load("method=shared_pool", "groups.pool_freeze_per_task=1").groups.pool_freeze_per_task == 1
+
+
+@pytest.mark.parametrize("overrides,line", [
+    # a minimum cosine above 1 called every sample unseen; the Gaussian read a negative limit as 0 (never)
+    (["identifier.threshold=1.5"], "key 'identifier.threshold': expected a cosine in [-1, 1] with "
+                                   "identifier.backend=prototype, got 1.5"),
+    (["identifier.backend=description", "identifier.threshold=-2"],
+     "key 'identifier.threshold': expected a cosine in [-1, 1] with identifier.backend=description, got -2.0"),
+    (["identifier.backend=gaussian", "identifier.threshold=-1"],
+     "key 'identifier.threshold': expected a distance per dimension >= 0 with identifier.backend=gaussian "
+     "(0: never unseen), got -1.0"),
+    # round(0.001 * 200) = 0 rows held out: split_for_calibration calibrated on the fitting rows, silently
+    (["identifier.threshold_quantile=0.05", "identifier.calibration_split=0.001"],
+     "key 'identifier.calibration_split': expected a share holding out at least 1 of train.proto_samples=200 and "
+     "leaving 2 to fit, got 0.001"),
+    (["train.proto_samples=3", "identifier.threshold_quantile=0.05", "identifier.calibration_split=0.5"],
+     "key 'identifier.calibration_split': expected a share holding out at least 1 of train.proto_samples=3 and "
+     "leaving 2 to fit, got 0.5"),
+])
+def test_identifier_value_it_would_read_another_way_is_refused(overrides, line):
+    assert _refused(*overrides) == f"{DIGITS}: {line}"
+
+
+def test_calibration_split_too_small_is_dropped_by_the_identifier():
+    """Why: with no row to hold out, the identifier fits and calibrates on the same rows."""
+    from desmoe.recipes.trge.task_id import split_for_calibration
+
+    feats = torch.arange(200.0).reshape(200, 1)
+    fit, held = split_for_calibration(feats, 0.001)
+    assert fit is feats and held is feats
+    fit, held = split_for_calibration(feats, 0.005)  # round(1.0) = 1 row held out: still accepted
+    assert len(held) == 1 and len(fit) == 199
+    assert _load("identifier.threshold_quantile=0.05", "identifier.calibration_split=0.005").identifier.calibration_split
+
+
+def test_thresholds_at_their_bounds_still_load():
+    assert _load("identifier.threshold=-1").identifier.threshold == -1
+    assert _load("identifier.threshold=1").identifier.threshold == 1
+    assert _load("identifier.backend=gaussian", "identifier.threshold=0").identifier.threshold == 0

@@ -146,6 +146,20 @@ class TRGEExperiment:
                       self.groups.scale)
         if self.inter.tau < 0:  # a cosine distance: below 0 no other group ever collaborates (reading own)
             raise bad("inter.tau", "a number >= 0 (a cosine distance between prototypes)", self.inter.tau)
+        ident = self.identifier
+        if ident.backend in ("prototype", "description") and not -1 <= ident.threshold <= 1:
+            # a minimum cosine: above 1 every sample was unseen, below -1 none, without a word
+            raise bad("identifier.threshold", f"a cosine in [-1, 1] with identifier.backend={ident.backend}",
+                      ident.threshold)
+        if ident.backend == "gaussian" and ident.threshold < 0:  # read as 0 (never unseen), silently
+            raise bad("identifier.threshold", "a distance per dimension >= 0 with identifier.backend=gaussian "
+                                              "(0: never unseen)", ident.threshold)
+        held = round(ident.calibration_split * self.train.proto_samples)
+        if ident.calibration_split > 0 and (held < 1 or self.train.proto_samples - held < 2):
+            # split_for_calibration then calibrates on the fitting rows themselves: the split is dropped
+            raise bad("identifier.calibration_split", f"a share holding out at least 1 of train.proto_samples="
+                                                      f"{self.train.proto_samples} and leaving 2 to fit",
+                      ident.calibration_split)
         if self.identifier.mllm_max_new_tokens < 1:  # generate() refused it after the MLLM had loaded
             raise bad("identifier.mllm_max_new_tokens", "an integer >= 1", self.identifier.mllm_max_new_tokens)
         # keys only a CNN image tower (embedded, towers, tiny_dual) or the shared_pool method reads are refused
