@@ -134,3 +134,14 @@ def test_thresholds_at_their_bounds_still_load():
     assert _load("identifier.threshold=-1").identifier.threshold == -1
     assert _load("identifier.threshold=1").identifier.threshold == 1
     assert _load("identifier.backend=gaussian", "identifier.threshold=0").identifier.threshold == 0
+
+
+@pytest.mark.parametrize("method", ["zero_shot", "continual_ft", "shared_pool"])
+def test_fusion_setting_with_a_baseline_is_refused(method):
+    """Only TRGE's predict reads lambda: fusion.* changed no baseline's accuracy, without a word."""
+    assert _refused(f"method={method}", "fusion.schedule=constant") == (
+        f"{DIGITS}: key 'fusion.schedule': expected unset with method={method} (it applies to trge only), "
+        f"got 'constant'")
+    assert _refused(f"method={method}", "fusion.lam_max=0.5") == (
+        f"{DIGITS}: key 'fusion.lam_max': expected unset with method={method} (it applies to trge only), got 0.5")
+    assert _load(f"method={method}").fusion.schedule == "progress"  # the shipped configs' value still loads

@@ -172,6 +172,12 @@ class TRGEExperiment:
                 if value != getattr(type(getattr(self, section))(), name):
                     raise bad(key, f"unset with backbone.kind={self.backbone.kind} (it applies to the CNN image "
                                    f"towers of embedded, towers and tiny_dual only)", value)
+        # only TRGE's predict fuses with the frozen model (the baselines' ignore lambda: shared_pool sends an
+        # unseen sample to the frozen model whole), so a fusion setting changed no baseline's number
+        for key in ("schedule", "lam_max"):
+            if self.method != "trge" and getattr(self.fusion, key) != getattr(FusionConfig, key):
+                raise bad(f"fusion.{key}", f"unset with method={self.method} (it applies to trge only)",
+                          getattr(self.fusion, key))
         if self.method != "shared_pool" and self.groups.pool_freeze_per_task != GroupSpec.pool_freeze_per_task:
             raise bad("groups.pool_freeze_per_task", f"unset with method={self.method} (it applies to shared_pool "
                                                      f"only)", self.groups.pool_freeze_per_task)
