@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads is not None and args.threads < 1:  # 0 was torch's choice without a word, -1 a traceback
+        raise UserError(f"--threads {args.threads}: expected a positive integer")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tasks is not None:

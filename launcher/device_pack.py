@@ -191,6 +191,12 @@ def main() -> None:
     p.add_argument("--image", default="configs/device/image-packages.txt", help="the device image's packages")
     p.add_argument("--only", choices=["call1"], help="pack call 1 alone (make gpu-check; no SmolLM2)")
     args = p.parse_args()
+    # a relative --image is the caller's (as every path flag): read after the chdir below it named the
+    # repository's file or none (a FileNotFoundError traceback once the packing had begun)
+    image = Path(args.image) if args.image != p.get_default("image") else ROOT / args.image
+    if not image.is_file():
+        raise UserError(f"--image {args.image}: no such file (the device image's package list, one per line)")
+    image = image.resolve()
     os.chdir(ROOT)
     calls = {k: v for k, v in CALLS.items() if args.only in (None, k)}
     for spec in calls.values():
@@ -198,7 +204,7 @@ def main() -> None:
     out, tmp = Path(".device"), Path(".device.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    manifest = pack(tmp, calls, image_packages(Path(args.image)))
+    manifest = pack(tmp, calls, image_packages(image))
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -245,6 +245,18 @@ def main() -> None:
         raise UserError(f"--ranks {args.ranks}: expected 1 or more")
     if args.heal_steps < 0:
         raise UserError(f"--heal-steps {args.heal_steps}: expected 0 or more")
+    # checked before the base and the data are fetched (minutes), not where they are first used: 0 or 1
+    # item wrote an empty probe (the copy probe takes half) and failed with a traceback in write_tasks
+    if args.probe_items < 2:
+        raise UserError(f"--probe-items {args.probe_items}: expected 2 or more (the copy probe takes half)")
+    if args.experts < 1:
+        raise UserError(f"--experts {args.experts}: expected 1 or more")
+    if not 1 <= args.top_k <= args.experts:
+        raise UserError(f"--top-k {args.top_k}: expected 1 to --experts {args.experts}")
+    if args.shared_ffn < 1:
+        raise UserError(f"--shared-ffn {args.shared_ffn}: expected 1 or more")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: expected a TCP port in 1..65535")
     # one thread unless told: on a shared 2-core box, two spinning OpenMP threads per process ran the
     # evaluation several times slower than one
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

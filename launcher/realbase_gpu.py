@@ -100,6 +100,14 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=420.0, help="the study starts no run after this (seconds)")
     p.add_argument("--max-runs", type=int, default=0, help="study runs in this call (0: all that fit; dry run: 3)")
     args = p.parse_args()
+    # before any stage: the study gets max(1, budget - the base stage's time), so a negative or nan budget
+    # became a 1 s one without a word, and --max-runs -1 was refused by the study only after the healing
+    if args.heal_steps is not None and args.heal_steps < 0:
+        raise UserError(f"--heal-steps {args.heal_steps}: expected an integer >= 0")
+    if not 0 < args.budget_s < float("inf"):
+        raise UserError(f"--budget-s {args.budget_s}: expected a number of seconds > 0")
+    if args.max_runs < 0:
+        raise UserError(f"--max-runs {args.max_runs}: expected an integer >= 0 (0: all that fit)")
     os.chdir(ROOT)
     lacking = missing(args.cpu)
     if lacking:

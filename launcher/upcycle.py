@@ -34,6 +34,11 @@ def main() -> None:
     parser.add_argument("--mode", choices=("copy", "segment"), default="copy")
     parser.add_argument("--check", metavar="TEXT_FILE")
     args = parser.parse_args()
+    # before a GGUF source is dequantised (the model's own check comes only after that)
+    if args.experts < 1:
+        raise UserError(f"--experts {args.experts}: expected 1 or more")
+    if not 1 <= args.top_k <= args.experts:
+        raise UserError(f"--top-k {args.top_k}: expected 1 to --experts {args.experts}")
     if args.check and not Path(args.check).is_file():
         raise UserError(f"--check {args.check}: no such text file")
     dense = Path(args.dense)

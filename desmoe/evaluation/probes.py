@@ -182,6 +182,8 @@ def copy_items(words: list[str], n: int, rng: random.Random) -> list[dict]:
 def build_probes(data_root: str | Path, out: str | Path, n: int = 50, prose_chars: int = 8000,
                  seed: int = 0) -> dict:
     """Write the probe tasks of the prepared folder ``data_root`` into ``out``; returns probes.json's content."""
+    if n < 2:  # each probe needs an item; the copy probe takes n // 2 (an empty one failed in write_tasks)
+        raise UserError(f"probes: n={n} items: expected 2 or more")
     data_root, out = Path(data_root).resolve(), Path(out)
     meta_path = data_root / "meta.json"
     if not meta_path.is_file():

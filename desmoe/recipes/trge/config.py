@@ -49,6 +49,11 @@ class TrainConfig:
             raise bad("save_every", "an integer >= 0", self.save_every)
         if self.warmup < 0:
             raise bad("warmup", "an integer >= 0", self.warmup)
+        # the generators are seeded with seed * 10**6 + ... and the experts with (seed * 1000 + block) *
+        # 1_000_003 + expert: a seed past ~1.8e10 overflowed torch's 64-bit seed (a traceback at set-up);
+        # negative ones refused as the LM recipes refuse them
+        if not 0 <= self.seed < 2**32:
+            raise bad("seed", "an integer in [0, 2**32)", self.seed)
         # here, not in the DeepSpeed config check, which would name configs/zero2.json for it
         if not 0 < self.lr < 1:
             raise bad("lr", "a number in (0, 1)", self.lr)
@@ -135,6 +140,47 @@ class TRGEExperiment:
             raise bad("method", "one of " + ", ".join(METHODS), self.method)
         if self.eval.variants and not METHODS_BY_NAME[self.method].test_variants:
             raise bad("eval.variants", "empty unless method is trge", self.eval.variants)
+        # ranges the sections' own checks (groups.py, inter_group.py, task_id.py) leave open
+        if self.groups.scale == 0:  # every adapter's output is scaled to 0: nothing added, no gradient
+            raise bad("groups.scale", "a nonzero number (0: the adapters add nothing and never learn)",
+                      self.groups.scale)
+        if self.inter.tau < 0:  # a cosine distance: below 0 no other group ever collaborates (reading own)
+            raise bad("inter.tau", "a number >= 0 (a cosine distance between prototypes)", self.inter.tau)
+        ident = self.identifier
+        if ident.backend in ("prototype", "description") and not -1 <= ident.threshold <= 1:
+            # a minimum cosine: above 1 every sample was unseen, below -1 none, without a word
+            raise bad("identifier.threshold", f"a cosine in [-1, 1] with identifier.backend={ident.backend}",
+                      ident.threshold)
+        if ident.backend == "gaussian" and ident.threshold < 0:  # read as 0 (never unseen), silently
+            raise bad("identifier.threshold", "a distance per dimension >= 0 with identifier.backend=gaussian "
+                                              "(0: never unseen)", ident.threshold)
+        held = round(ident.calibration_split * self.train.proto_samples)
+        if ident.calibration_split > 0 and (held < 1 or self.train.proto_samples - held < 2):
+            # split_for_calibration then calibrates on the fitting rows themselves: the split is dropped
+            raise bad("identifier.calibration_split", f"a share holding out at least 1 of train.proto_samples="
+                                                      f"{self.train.proto_samples} and leaving 2 to fit",
+                      ident.calibration_split)
+        if self.identifier.mllm_max_new_tokens < 1:  # generate() refused it after the MLLM had loaded
+            raise bad("identifier.mllm_max_new_tokens", "an integer >= 1", self.identifier.mllm_max_new_tokens)
+        # keys only a CNN image tower (embedded, towers, tiny_dual) or the shared_pool method reads are refused
+        # elsewhere, not ignored: cache_image_features: true on a transformer tower kept its augmentation and
+        # speed without a word (frozen_cnn_table returns None there)
+        if self.backbone.kind in ("hf_clip", "tiny_clip"):
+            for key in ("train.cache_image_features", "train.feature_cache", "placement.cnn_blocks"):
+                section, name = key.split(".")
+                value = getattr(getattr(self, section), name)
+                if value != getattr(type(getattr(self, section))(), name):
+                    raise bad(key, f"unset with backbone.kind={self.backbone.kind} (it applies to the CNN image "
+                                   f"towers of embedded, towers and tiny_dual only)", value)
+        # only TRGE's predict fuses with the frozen model (the baselines' ignore lambda: shared_pool sends an
+        # unseen sample to the frozen model whole), so a fusion setting changed no baseline's number
+        for key in ("schedule", "lam_max"):
+            if self.method != "trge" and getattr(self.fusion, key) != getattr(FusionConfig, key):
+                raise bad(f"fusion.{key}", f"unset with method={self.method} (it applies to trge only)",
+                          getattr(self.fusion, key))
+        if self.method != "shared_pool" and self.groups.pool_freeze_per_task != GroupSpec.pool_freeze_per_task:
+            raise bad("groups.pool_freeze_per_task", f"unset with method={self.method} (it applies to shared_pool "
+                                                     f"only)", self.groups.pool_freeze_per_task)
         from desmoe.recipes.trge.fusion import FUSION_SCHEDULES
 
         if self.fusion.schedule not in FUSION_SCHEDULES:
