@@ -1,0 +1,21 @@
+"""Per-step costs of the CUDA path that a CPU run can still check (see also tests/test_gpu_paths.py)."""
+from types import SimpleNamespace
+
+import torch
+
+import desmoe.engine as engine
+
+
+def test_bf16_auto_refuses_emulated_bf16(monkeypatch):
+    """"bf16": {"enabled": "auto"} on a pre-Ampere GPU (compute capability 7.x): torch's default
+    is_bf16_supported() says True there because a bf16 tensor can be created (emulated, slow); "auto"
+    must pick bf16 only where the GPU runs it natively.  The device is described to torch's own check."""
+    monkeypatch.setattr(engine, "use_cuda", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    for major, native in ((7, False), (8, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, m=major: SimpleNamespace(major=m))
+        cfg = engine.resolve_ds_config({"bf16": {"enabled": "auto"}}, micro_batch=1)
+        assert cfg["bf16"]["enabled"] is native, (major, cfg["bf16"])
