@@ -19,3 +19,26 @@ def test_bf16_auto_refuses_emulated_bf16(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, m=major: SimpleNamespace(major=m))
         cfg = engine.resolve_ds_config({"bf16": {"enabled": "auto"}}, micro_batch=1)
         assert cfg["bf16"]["enabled"] is native, (major, cfg["bf16"])
+
+
+def rank0_thread_device_case():
+    """What device fn runs on, with CUDA's per-thread current device described to torch.cuda: a new
+    host thread starts on device 0 whatever device the thread that started it had set."""
+    import threading
+
+    from desmoe.collectives import on_rank0
+
+    per_thread = threading.local()
+    saved = torch.cuda.is_initialized, torch.cuda.current_device, torch.cuda.set_device
+    torch.cuda.is_initialized = lambda: True
+    torch.cuda.current_device = lambda: getattr(per_thread, "device", 0)
+    torch.cuda.set_device = lambda d: setattr(per_thread, "device", d)
+    try:
+        torch.cuda.set_device(1)  # this rank's device (local rank 1 of its node)
+        return on_rank0(torch.cuda.current_device, poll_s=0.05)
+    finally:
+        torch.cuda.is_initialized, torch.cuda.current_device, torch.cuda.set_device = saved
+
+
+def test_on_rank0_runs_fn_on_the_callers_device(ranks):
+    assert ranks.run(rank0_thread_device_case) == [(1, None), (None, None)]
