@@ -42,3 +42,20 @@ def rank0_thread_device_case():
 
 def test_on_rank0_runs_fn_on_the_callers_device(ranks):
     assert ranks.run(rank0_thread_device_case) == [(1, None), (None, None)]
+
+
+def test_loop_backend_weight_mask_selects_no_rows_off_the_cpu():
+    """The loop backend off the CPU (fp32 or unaligned widths on a GPU) with a weight-gradient mask:
+    torch.nonzero per expert made the backward wait for the GPU once per expert and layer.  Run on the
+    meta device (no CPU kernels, and a nonzero there cannot be sized); the math of zeroed rows is the
+    grouped_mm backend's, checked against the loop in tests/test_grouped_mm.py."""
+    from desmoe.moe import SwiGLUExpert
+    from desmoe.moe.grouped import grouped_swiglu
+
+    experts = [SwiGLUExpert(8, 16).to("meta") for _ in range(3)]
+    x = torch.empty(10, 8, device="meta", requires_grad=True)
+    w = torch.empty(10, device="meta", requires_grad=True)
+    keep = torch.empty(10, dtype=torch.bool, device="meta")
+    grouped_swiglu(x, [3, 0, 7], experts, route_w=w, keep=keep, backend="loop").sum().backward()
+    assert [tuple(e.gate_up.weight.grad.shape) for e in experts] == [(32, 8)] * 3
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
