@@ -44,6 +44,68 @@ def test_on_rank0_runs_fn_on_the_callers_device(ranks):
     assert ranks.run(rank0_thread_device_case) == [(1, None), (None, None)]
 
 
+class _HostCopies(torch.overrides.TorchFunctionMode):
+    """Records each ``.to`` / ``.cuda`` / ``copy_`` of one of ``tables`` (host tensors that live across
+    forwards): on CUDA each is a blocking copy of pageable memory, i.e. a wait for the GPU."""
+
+    def __init__(self, tables) -> None:
+        super().__init__()
+        self.tables, self.seen = [t for t in tables if t is not None], 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        moved = args[1:2] if func is torch.Tensor.copy_ else args[:1]
+        if getattr(func, "__name__", "") in ("to", "cuda", "copy_") and any(m is t for m in moved for t in self.tables):
+            self.seen += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _slotted_block():
+    from desmoe.moe import LinearRouter, MoEBlock, SwiGLUExpert
+    from desmoe.moe.slots import add_spare_slots
+
+    torch.manual_seed(0)
+    block = MoEBlock(8, SwiGLUExpert(8, 16), LinearRouter(8, 4, 2))
+    add_spare_slots(block, 2)  # slot_of_expert: logical expert -> slot
+    return block
+
+
+def test_slot_tables_are_not_copied_to_the_device_every_forward():
+    block, x = _slotted_block(), torch.randn(6, 8)
+    keys = set(block.state_dict())
+    plain = block(x)
+    for fanout in (None, torch.tensor([[0, 4], [1, -1], [2, 5], [3, -1]])):
+        block.slot_fanout = fanout
+        first = block(x)
+        with _HostCopies([block.slot_of_expert, block.slot_fanout]) as ops:
+            again = block(x)
+        assert ops.seen == 0, "a slot table was copied again in a later forward"
+        assert torch.equal(again, first)
+    block.slot_fanout = None
+    assert torch.equal(block(x), plain) and set(block.state_dict()) == keys
+    block.slot_of_expert.fill_(4)  # changed in place (every expert on spare slot 4): the next forward uses it
+    assert not torch.equal(block(x), plain)
+
+
+def test_dges_tables_are_not_copied_to_the_device_every_forward():
+    from desmoe.recipes.des_moe.dges import DomainExpertMap
+    from desmoe.recipes.des_moe.duplication import ExpertCopies
+
+    dom = torch.tensor([0, 1, -1, 1])
+    dmap = DomainExpertMap(1, 2, 4)
+    dmap.M = torch.tensor([[[True, False, True, False], [False, True, True, True]]])
+    copies = ExpertCopies([_slotted_block()], 2, 2)
+    copies.tables[0][1, 2] = 5  # domain 1's tokens routed to expert 2 run on spare slot 5
+    first = dmap.route_mask(0, dom), copies.route_slots(0, dom)
+    with _HostCopies([dmap.M, *copies.tables, *copies.originals]) as ops:
+        again = dmap.route_mask(0, dom), copies.route_slots(0, dom)
+    assert ops.seen == 0, "a DGES table was copied again in a later forward"
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(first[0], dmap.M[0][dom.clamp_min(0)] & (dom >= 0).unsqueeze(1))
+    assert first[1][1].tolist() == [0, 1, 5, 3] and first[1][2].tolist() == copies.originals[0].tolist()
+    copies.tables[0][1, 2] = 4  # a table changed in place is seen by the next forward
+    assert copies.route_slots(0, dom)[1].tolist() == [0, 1, 4, 3]
+
+
 def test_loop_backend_weight_mask_selects_no_rows_off_the_cpu():
     """The loop backend off the CPU (fp32 or unaligned widths on a GPU) with a weight-gradient mask:
     torch.nonzero per expert made the backward wait for the GPU once per expert and layer.  Run on the

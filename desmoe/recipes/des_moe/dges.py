@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from desmoe.recipes.des_moe.config import DGESConfig
 from desmoe.recipes.des_moe.duplication import ExpertCopies
 from desmoe.moe import moe_blocks
+from desmoe.moe.device_copies import DeviceCopies
 
 
 class DomainExpertMap:
@@ -48,6 +49,7 @@ class DomainExpertMap:
         self.A: Optional[Tensor] = None  # [L, D, E] smoothed affinity (None until the first refresh)
         self.M: Optional[Tensor] = None  # [L, D, E] bool
         self.refreshes = 0
+        self._device_copies = DeviceCopies()  # of M, read by every forward's route masks
 
     @property
     def ready(self) -> bool:
@@ -110,7 +112,7 @@ class DomainExpertMap:
         """[S, E] bool: M[d_i, e] for every token i (Eq. 8); unlabelled tokens (d < 0) own no expert,
         as they count in no row of A."""
         dom = token_domain.reshape(-1)
-        rows = self.M[layer].to(dom.device)[dom.clamp_min(0)]
+        rows = self._device_copies.get("M", self.M, dom.device)[layer][dom.clamp_min(0)]
         return rows & (dom >= 0).unsqueeze(1)
 
     def claimed_by_several(self, layer: int) -> list[int]:
