@@ -118,7 +118,7 @@ class DESMoERecipe(Recipe):
         for key, value in parts.items():  # the step's means
             share = self.scales[micro] if key == "task_loss" else 1.0
             self.parts_[key] = self.parts_.get(key, 0.0) + value * share / accum
-        return loss, parts["task_loss"].item()
+        return loss, parts["task_loss"]  # read back by the trainer with the step's losses, once per step
 
     def end_step(self, stage, step):
         self.refreshed = self.method.end_step(step, self.stats_domain)
