@@ -121,3 +121,41 @@ def test_loop_backend_weight_mask_selects_no_rows_off_the_cpu():
     grouped_swiglu(x, [3, 0, 7], experts, route_w=w, keep=keep, backend="loop").sum().backward()
     assert [tuple(e.gate_up.weight.grad.shape) for e in experts] == [(32, 8)] * 3
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
+class _Reads(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("cpu", "item", "tolist", "numpy", "__bool__", "__float__"):
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_dges_keeps_each_steps_counts_on_the_device_until_read():
+    """DGES counted every micro-batch's routing on the device, then read the counts back (``.cpu()``) at once:
+    a wait for the GPU every micro-step.  The counts now stay on the device until the window is read."""
+    from desmoe.moe import LinearRouter, MoEBlock, SwiGLUExpert
+    from desmoe.recipes.des_moe.dges import DomainExpertMap
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList(MoEBlock(8, SwiGLUExpert(8, 16), LinearRouter(8, 4, 2)) for _ in range(2))
+    dmap, expected, tokens = DomainExpertMap(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(2, 3)
+    for step in range(3):
+        x, dom = torch.randn(12, 8), torch.tensor([0, 1, 2, -1] * 3).roll(step)
+        for block in model:
+            block(x)
+        with _Reads() as reads:
+            dmap.record_model(model, dom)
+        assert reads.seen == [], reads.seen
+        for layer, block in enumerate(model):
+            ids, valid = block.last_routing.expert_ids, dom >= 0
+            pairs = (dom[valid].unsqueeze(1) * 4 + ids[valid]).reshape(-1)
+            expected[layer] += torch.bincount(pairs, minlength=12).view(3, 4).double()
+            tokens[layer] += torch.bincount(dom[valid], minlength=3).double()
+    assert torch.equal(dmap.window, expected) and torch.equal(dmap.window_tokens, tokens.double())
+    dmap.refresh()  # reads the window, starts a new one
+    assert dmap.window.sum() == 0 and dmap.window_tokens.sum() == 0
+    assert torch.equal(dmap.A, expected / tokens.double().clamp_min(1).unsqueeze(-1))
