@@ -112,7 +112,8 @@ class MoEBlock(MoE):
             routing = self.router(x)
         keep = self._route_keep(routing)  # None unless a caller set weight_grad_mask
         if self.slot_fanout is not None and self.route_slots is None:
-            wide, wide_keep, slots = _fan_out(routing, keep, self._device_copies.get("fanout", self.slot_fanout, x.device))
+            fanout = self._device_copies.get("fanout", self.slot_fanout, x.device)
+            wide, wide_keep, slots = _fan_out(routing, keep, fanout)
             out, stats = self.deepspeed_moe(x, wide, wide_keep, slots)
         else:
             out, stats = self.deepspeed_moe(x, routing, keep, self._slots(routing))
