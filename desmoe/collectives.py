@@ -117,7 +117,16 @@ def on_rank0(fn: Callable[[], Any], poll_s: float = 20.0, group=None) -> tuple[A
         work()
         return box.get("result"), box.get("error")
     if _dist().get_rank(group) == 0:
-        thread = threading.Thread(target=work, name="desmoe-on-rank0", daemon=True)
+        # A new thread starts on cuda:0, not on this rank's device: fn would allocate on (and sync with)
+        # another rank's GPU wherever this rank's local rank is not 0.  Hand it the caller's device.
+        caller_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+        def on_callers_device() -> None:
+            if caller_device is not None:
+                torch.cuda.set_device(caller_device)
+            work()
+
+        thread = threading.Thread(target=on_callers_device, name="desmoe-on-rank0", daemon=True)
         thread.start()
         while True:
             thread.join(poll_s)

@@ -110,7 +110,9 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     for precision in ("bf16", "fp16"):
         block = cfg.get(precision)
         if isinstance(block, dict) and block.get("enabled") == "auto":
-            block["enabled"] = precision == "bf16" and use_cuda() and torch.cuda.is_bf16_supported()
+            # Native bf16 only: torch's default also answers True on pre-Ampere GPUs, which emulate it (slowly).
+            block["enabled"] = precision == "bf16" and use_cuda() and torch.cuda.is_bf16_supported(
+                including_emulation=False)
     for key in ("fp16", "bf16", "zero_optimization", "optimizer"):
         if key in cfg and not isinstance(cfg[key], dict):
             raise ConfigError(f"{source}: key '{key}': expected an object, got {cfg[key]!r}")

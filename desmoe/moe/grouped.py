@@ -268,9 +268,12 @@ class GroupedSwiGLU(torch.autograd.Function):
                     gather_x(start, start + n)  # into the same scratch, now free
             # Frozen experts (requires_grad=False) need no weight GEMMs.
             d_h, act = d_hs[e], d_act
-            if ctx.keep is not None and n:  # masked rows teach the expert nothing: weight GEMMs over kept rows only
-                kept = torch.nonzero(ctx.keep[start:start + n]).flatten()
+            if ctx.keep is not None and n and x.device.type == "cpu":  # masked rows teach the expert nothing:
+                kept = torch.nonzero(ctx.keep[start:start + n]).flatten()  # weight GEMMs over kept rows only
                 d_h, dy, xr, act = d_h[kept], dy[kept], xr[kept], act[kept]
+            elif ctx.keep is not None and n:  # on a GPU nonzero would wait for it once per expert: masked rows
+                kept = ctx.keep[start:start + n].unsqueeze(1)  # add exact zeros instead (as in grouped_mm)
+                d_h, dy = d_h * kept, dy * kept
             grad_w.extend((torch.mm(d_h.t(), xr) if need[2 * e] else None,
                            torch.mm(dy.t(), act) if need[2 * e + 1] else None))
             start += n

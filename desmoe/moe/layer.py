@@ -21,6 +21,7 @@ from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from desmoe.kernels import keep_freed_heap
+from desmoe.moe.device_copies import DeviceCopies
 from desmoe.moe.dispatcher import DispatchStats, ExpertDispatcher
 from desmoe.moe.experts import InitMode, init_local_experts
 from desmoe.moe.layout import ExpertLayout
@@ -75,6 +76,7 @@ class MoEBlock(MoE):
         self.slot_of_expert: Optional[Tensor] = None
         self.route_slots: Optional[Tensor] = None
         self.slot_fanout: Optional[Tensor] = None
+        self._device_copies = DeviceCopies()  # of slot_of_expert / slot_fanout, set on the host
         # Filled by every forward, for losses and monitoring.
         self.last_routing: Optional[Routing] = None
         self.last_stats: Optional[DispatchStats] = None
@@ -110,7 +112,8 @@ class MoEBlock(MoE):
             routing = self.router(x)
         keep = self._route_keep(routing)  # None unless a caller set weight_grad_mask
         if self.slot_fanout is not None and self.route_slots is None:
-            wide, wide_keep, slots = _fan_out(routing, keep, self.slot_fanout.to(x.device))
+            fanout = self._device_copies.get("fanout", self.slot_fanout, x.device)
+            wide, wide_keep, slots = _fan_out(routing, keep, fanout)
             out, stats = self.deepspeed_moe(x, wide, wide_keep, slots)
         else:
             out, stats = self.deepspeed_moe(x, routing, keep, self._slots(routing))
@@ -144,7 +147,8 @@ class MoEBlock(MoE):
                                  f"got {tuple(self.route_slots.shape)}")
             return self.route_slots.to(routing.expert_ids.device).gather(1, routing.expert_ids)
         if self.slot_of_expert is not None:
-            return self.slot_of_expert.to(routing.expert_ids.device)[routing.expert_ids]
+            slot_of = self._device_copies.get("slot_of_expert", self.slot_of_expert, routing.expert_ids.device)
+            return slot_of[routing.expert_ids]
         return None
 
 

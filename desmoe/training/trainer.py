@@ -20,6 +20,7 @@ end has its own checkpoint tag).  A checkpoint's ``step`` is the resume cursor.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,8 @@ class Recipe:
 
     def step(self, stage: int, step: int, micro: int) -> tuple[torch.Tensor, float]:
         """Micro-batch ``micro`` of ``step`` (0 .. grad_accum - 1), forward, loss: (the loss to minimise, the
-        number the progress bar shows).  Whatever decides what trains belongs at ``micro == 0``: every
+        number the progress bar shows: a float or, better on a GPU, a one-element tensor the trainer reads back
+        with the step's losses, once per step).  Whatever decides what trains belongs at ``micro == 0``: every
         micro-batch's gradient must reach the same parameters."""
         raise NotImplementedError
 
@@ -304,21 +306,23 @@ class Trainer:
     def _optimizer_step(self, stage: int, i: int, step: int) -> float:
         """``grad_accum`` micro-batches, each forward and backward; DeepSpeed divides each loss by grad_accum,
         sums the gradients and steps the optimizer after the last.  Returns the mean of the shown numbers."""
-        engine, accum, shown = self.engine, self.grad_accum, 0.0
+        engine, accum = self.engine, self.grad_accum
         before, skipped = engine.global_steps, engine.skipped_steps
-        bad: list[float] = []  # this rank's non-finite losses (checked after the step, see check_finite)
+        losses, values = [], []  # read back once after the step (a read per micro-batch made each wait for the GPU)
         unchecked = not hasattr(engine.optimizer, "overflow")  # ZeRO and bf16 optimizers check their gradients
-        grads_ok = True
+        grads_ok = None
         for m in range(accum):
             loss, value = self.recipe.step(stage, i, m)
-            if not torch.isfinite(loss):
-                bad.append(loss.item())
+            losses.append(loss.detach())
             engine.backward(loss)
             if unchecked and m == accum - 1:  # nothing else would notice before the update
                 grads_ok = _grads_finite(engine.module)
             engine.step()
-            shown += value / accum
+            values.append(value)
+        losses, values, grads_ok = _read_step(losses, values, grads_ok)
+        bad = [v for v in losses if not math.isfinite(v)]  # this rank's non-finite losses (see check_finite)
         self.check_finite(step, bad, engine.skipped_steps != skipped or not grads_ok)
+        shown = sum(value / accum for value in values)  # the mean, summed in micro-batch order as before
         if engine.global_steps != before + 1:  # DeepSpeed's own micro-step count decides where it steps
             raise TrainingFailure(f"step {step}: DeepSpeed stepped the optimizer {engine.global_steps - before} "
                                   f"times over {accum} micro-batches (expected once)")
@@ -392,6 +396,17 @@ class Trainer:
         exit_for_requeue(self.monitor, self.preemption, done, where)
 
 
-def _grads_finite(module: torch.nn.Module) -> bool:
+def _grads_finite(module: torch.nn.Module) -> Optional[torch.Tensor]:
+    """A device bool (None: no gradients), read back with the step's losses."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else None
+
+
+def _read_step(losses: list, values: list, grads_ok: Optional[torch.Tensor]) -> tuple[list, list, bool]:
+    """The step's losses, shown numbers (floats or tensors) and gradient check on the host in ONE read-back (on a
+    GPU the floor for a non-finite check that stops the run at its step); float64 holds float32/bf16 exactly."""
+    shown = [j for j, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    parts = losses + [values[j] for j in shown] + ([] if grads_ok is None else [grads_ok])
+    host = torch.stack([t.detach().reshape(()).to(parts[0].device, torch.float64) for t in parts]).tolist()
+    values = [host[len(losses) + shown.index(j)] if j in shown else v for j, v in enumerate(values)]
+    return host[:len(losses)], values, grads_ok is None or host[-1] > 0

@@ -37,17 +37,20 @@ from torch import Tensor, nn
 from desmoe.recipes.des_moe.config import DGESConfig
 from desmoe.recipes.des_moe.duplication import ExpertCopies
 from desmoe.moe import moe_blocks
+from desmoe.moe.device_copies import DeviceCopies
 
 
 class DomainExpertMap:
     def __init__(self, num_layers: int, num_domains: int, num_experts: int, cfg: Optional[DGESConfig] = None) -> None:
         self.cfg = cfg or DGESConfig()
         self.shape = (num_layers, num_domains, num_experts)
+        self._pending: Optional[Tensor] = None  # record_model's counts not yet added to the window (device)
         self.window = torch.zeros(self.shape, dtype=torch.float64)  # top-K counts since the last refresh
         self.window_tokens = torch.zeros(num_layers, num_domains, dtype=torch.float64)
         self.A: Optional[Tensor] = None  # [L, D, E] smoothed affinity (None until the first refresh)
         self.M: Optional[Tensor] = None  # [L, D, E] bool
         self.refreshes = 0
+        self._device_copies = DeviceCopies()  # of M, read by every forward's route masks
 
     @property
     def ready(self) -> bool:
@@ -60,9 +63,33 @@ class DomainExpertMap:
     def record_model(self, model: nn.Module, token_domain: Tensor) -> None:
         """Count the last forward of every MoE block; token_domain matches the flattened tokens."""
         blocks = moe_blocks(model)
-        if blocks:  # every layer counted on the device, then one read-back for all of them
-            self._add(range(len(blocks)), torch.stack([self._counts(b.last_routing.expert_ids, token_domain)
-                                                       for b in blocks]))
+        if blocks:  # every layer counted on the device and kept there: read back when the window is read
+            counts = torch.stack([self._counts(b.last_routing.expert_ids, token_domain) for b in blocks])
+            self._pending = counts if self._pending is None else self._pending + counts  # integers: exact
+
+    # The window is read at a refresh or a checkpoint; a read-back of every step's counts waited for the GPU.
+    @property
+    def window(self) -> Tensor:
+        self._fold()
+        return self._window
+
+    @window.setter
+    def window(self, value: Tensor) -> None:
+        self._window, self._pending = value, None
+
+    @property
+    def window_tokens(self) -> Tensor:
+        self._fold()
+        return self._window_tokens
+
+    @window_tokens.setter
+    def window_tokens(self, value: Tensor) -> None:
+        self._window_tokens, self._pending = value, None
+
+    def _fold(self) -> None:
+        if self._pending is not None:
+            counts, self._pending = self._pending, None
+            self._add(range(counts.shape[0]), counts)
 
     def _counts(self, expert_ids: Tensor, token_domain: Tensor) -> Tensor:
         """[D * E + D] float64 on the routing's device: (domain, expert) routes, then tokens per domain.
@@ -81,8 +108,8 @@ class DomainExpertMap:
         num_domains, num_experts = self.shape[1:]
         counts = counts.cpu()
         for i, layer in enumerate(layers):
-            self.window[layer] += counts[i, :num_domains * num_experts].view(num_domains, num_experts)
-            self.window_tokens[layer] += counts[i, num_domains * num_experts:]
+            self._window[layer] += counts[i, :num_domains * num_experts].view(num_domains, num_experts)
+            self._window_tokens[layer] += counts[i, num_domains * num_experts:]
 
     def refresh(self, group=None) -> None:
         """Sum the window over ranks, update A (Eq. 5 / Eq. 9) and M (Eq. 6), start a new window."""
@@ -110,7 +137,7 @@ class DomainExpertMap:
         """[S, E] bool: M[d_i, e] for every token i (Eq. 8); unlabelled tokens (d < 0) own no expert,
         as they count in no row of A."""
         dom = token_domain.reshape(-1)
-        rows = self.M[layer].to(dom.device)[dom.clamp_min(0)]
+        rows = self._device_copies.get("M", self.M, dom.device)[layer][dom.clamp_min(0)]
         return rows & (dom >= 0).unsqueeze(1)
 
     def claimed_by_several(self, layer: int) -> list[int]:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from desmoe.moe import MoEBlock
+from desmoe.moe.device_copies import DeviceCopies
 from desmoe.moe.slots import add_spare_slots, copy_slots
 
 
@@ -41,6 +42,7 @@ class ExpertCopies:
         self.originals = [b.slot_of_expert.clone() for b in blocks]
         self.tables = [o.repeat(num_domains, 1) for o in self.originals]
         self.made = False
+        self._device_copies = DeviceCopies()  # of the tables, read by every labelled forward
 
     def create(self, A: Tensor, M: Tensor) -> int:
         """Make the copies from the first M ([L, D, E]); returns how many were made."""
@@ -97,7 +99,8 @@ class ExpertCopies:
     def route_slots(self, layer: int, token_domain: Tensor) -> Tensor:
         """[S, E] slot per (token, logical expert); unlabelled tokens use the originals."""
         dom = token_domain.reshape(-1)
-        table, original = self.tables[layer].to(dom.device), self.originals[layer].to(dom.device)
+        table = self._device_copies.get(("table", layer), self.tables[layer], dom.device)
+        original = self._device_copies.get(("original", layer), self.originals[layer], dom.device)
         return torch.where((dom >= 0).unsqueeze(1), table[dom.clamp_min(0)], original.unsqueeze(0))
 
     def state_dict(self) -> dict:

@@ -101,7 +101,9 @@ class DESMoERecipe(Recipe):
             self.batches = [self.streams.next(self.domain) for _ in range(accum)]
             # the domain of each input position, per micro-batch
             self.token_domains = [b.token_domain[:, :-1].to(engine.device) for b in self.batches]
-            present = present_domains(torch.cat(self.token_domains), n) if self.streams.mixed else self.domain
+            # counted on the batches' host copies: on the device its bincount, selection and nonzero each waited
+            present = (present_domains(torch.cat([b.token_domain[:, :-1] for b in self.batches]), n)
+                       if self.streams.mixed else self.domain)
             self.logs = self.method.begin_step(step, present)  # phase, domain experts, lambda -> what may train
             self.method.sync_gradients()  # frozen parameters get no weight gradients computed
             counted = [int(b.loss_mask[:, 1:].sum()) for b in self.batches]  # instruction data: responses only
@@ -118,7 +120,7 @@ class DESMoERecipe(Recipe):
         for key, value in parts.items():  # the step's means
             share = self.scales[micro] if key == "task_loss" else 1.0
             self.parts_[key] = self.parts_.get(key, 0.0) + value * share / accum
-        return loss, parts["task_loss"].item()
+        return loss, parts["task_loss"]  # read back by the trainer with the step's losses, once per step
 
     def end_step(self, stage, step):
         self.refreshed = self.method.end_step(step, self.stats_domain)

@@ -93,7 +93,7 @@ class LMRecipe(Recipe):
             self.loss = self.lm = 0.0
         self.loss = self.loss + loss.detach() / t.grad_accum  # the step's means, logged
         self.lm = self.lm + lm.detach() / t.grad_accum
-        return loss, lm.item()
+        return loss, lm.detach()  # read back by the trainer with the step's losses, once per step
 
     def setup_for(self, model) -> Setup:
         t = self.cfg.train
