@@ -57,4 +57,4 @@ def test_one_read_per_step_not_per_micro_batch(ranks, tmp_path):
     for reads in ranks.run(step_reads_case, str(tmp_path)):
         assert len(reads) == 3
         for seen in reads:
-            assert seen == ["training/trainer.py:_read_step", "collectives.py:reduce_number"], seen
+            assert seen == ["training/step_reads.py:read_step", "collectives.py:reduce_number"], seen

@@ -34,6 +34,7 @@ from desmoe.config import bad, dump_yaml
 from desmoe.environment import describe
 from desmoe.errors import TrainingFailure
 from desmoe.moe import update_selection_biases
+from desmoe.training.step_reads import grads_finite, read_step
 
 
 @dataclass
@@ -316,10 +317,10 @@ class Trainer:
             losses.append(loss.detach())
             engine.backward(loss)
             if unchecked and m == accum - 1:  # nothing else would notice before the update
-                grads_ok = _grads_finite(engine.module)
+                grads_ok = grads_finite(engine.module)
             engine.step()
             values.append(value)
-        losses, values, grads_ok = _read_step(losses, values, grads_ok)
+        losses, values, grads_ok = read_step(losses, values, grads_ok)
         bad = [v for v in losses if not math.isfinite(v)]  # this rank's non-finite losses (see check_finite)
         self.check_finite(step, bad, engine.skipped_steps != skipped or not grads_ok)
         shown = sum(value / accum for value in values)  # the mean, summed in micro-batch order as before
@@ -395,18 +396,3 @@ class Trainer:
 
         exit_for_requeue(self.monitor, self.preemption, done, where)
 
-
-def _grads_finite(module: torch.nn.Module) -> Optional[torch.Tensor]:
-    """A device bool (None: no gradients), read back with the step's losses."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else None
-
-
-def _read_step(losses: list, values: list, grads_ok: Optional[torch.Tensor]) -> tuple[list, list, bool]:
-    """The step's losses, shown numbers (floats or tensors) and gradient check on the host in ONE read-back (on a
-    GPU the floor for a non-finite check that stops the run at its step); float64 holds float32/bf16 exactly."""
-    shown = [j for j, v in enumerate(values) if isinstance(v, torch.Tensor)]
-    parts = losses + [values[j] for j in shown] + ([] if grads_ok is None else [grads_ok])
-    host = torch.stack([t.detach().reshape(()).to(parts[0].device, torch.float64) for t in parts]).tolist()
-    values = [host[len(losses) + shown.index(j)] if j in shown else v for j, v in enumerate(values)]
-    return host[:len(losses)], values, grads_ok is None or host[-1] > 0
