@@ -153,9 +153,11 @@ class TRGERecipe(Recipe):
         if not self.stages()[t]:
             return
         self.baseline.set_trainable(self.trainer.trainability, group)
-        self.ids, self.mask = self.backbone.tokenize(task.prompts())
-        self.w_img = one_hot_weights(group, cfg.train.micro_batch, T)
-        self.w_txt = one_hot_weights(group, len(self.ids), T)
+        # the stage's fixed inputs on the engine's device once (DeepSpeed does not move a forward's inputs)
+        dev = self.trainer.engine.device
+        self.ids, self.mask = (x.to(dev) for x in self.backbone.tokenize(task.prompts()))
+        self.w_img = one_hot_weights(group, cfg.train.micro_batch, T).to(dev)
+        self.w_txt = one_hot_weights(group, len(self.ids), T).to(dev)
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 * t + self.trainer.rank)
         self.cached = _cached_features(cfg, self.table, task, self.stages()[t], gen)
         accum = cfg.train.grad_accum
@@ -179,6 +181,7 @@ class TRGERecipe(Recipe):
         else:
             rows = slice(micro * cfg.train.micro_batch, (micro + 1) * cfg.train.micro_batch)
             px, y, cnn = self.images[0][rows], self.images[1][rows], None
+        px, y, cnn = (None if x is None else x.to(engine.device) for x in (px, y, cnn))  # host-side data
         if self.draws is not None:
             self.draws.start(micro)
         with self.model.drawing(self.draws) if self.draws is not None else nullcontext():
