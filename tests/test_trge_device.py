@@ -144,3 +144,4 @@ def test_trge_keeps_every_tensor_where_a_cuda_run_needs_it(ranks, tmp_path, case
 def check(per_rank):
     for found in per_rank:
         assert found["train"] == [], "\n".join(found["train"])  # the training step's inputs and loss
+        assert found["eval"] == [], "\n".join(found["eval"])  # prototypes, identifier, routing, evaluation

@@ -126,7 +126,7 @@ class Method:
         unseen = ids == UNSEEN
         w = group_weights(b.inter, ids, b.f0, b.prototypes, b.T, b.usable)
         none = w.sum(1) == 0  # no group knows these names: the adapted path is the frozen model
-        wr = torch.where(none[:, None], one_hot_weights(0, b.n, b.T), w)  # a placeholder route
+        wr = torch.where(none[:, None], one_hot_weights(0, b.n, b.T, device=w.device), w)  # a placeholder route
         fa = b.model.image_features(b.px, wr, cnn_features=b.cnn)
         wmix = F.normalize(torch.einsum("bg,gcd->bcd", wr[:, :b.groups_used], b.Wg), dim=-1)
         za = torch.where(none[:, None], b.z0, b.scale * torch.einsum("bd,bcd->bc", fa, wmix))
@@ -175,7 +175,7 @@ class ZeroShot(Method):
 
     @staticmethod
     def predict(b, ids):
-        return b.z0.argmax(1), torch.zeros(b.n, b.T)
+        return b.z0.argmax(1), torch.zeros(b.n, b.T, device=b.z0.device)
 
 
 class ContinualFT(Method):
@@ -202,7 +202,7 @@ class ContinualFT(Method):
 
     @staticmethod
     def predict(b, ids):
-        w = one_hot_weights(0, b.n, b.T)
+        w = one_hot_weights(0, b.n, b.T, device=b.f0.device)
         return (b.scale * b.model.image_features(b.px, w, cnn_features=b.cnn) @ b.Wg[0].t()).argmax(1), w
 
 

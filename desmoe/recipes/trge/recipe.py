@@ -116,7 +116,8 @@ class TRGERecipe(Recipe):
             "rows": [], "control_rows": [], "id_rows": [], "gw_rows": [], "infos": [], "pool_frozen": [],
             "seconds": [], "variants": {v: [] for v in self.cfg.eval.variants}}
         for info in progress["infos"]:  # identifier and prototypes from the stored frozen features
-            stored = TaskInfo(info["name"], info["classnames"], torch.tensor(info["feats"]),
+            # on the model's device, where an uninterrupted run fitted them (evaluate_stage)
+            stored = TaskInfo(info["name"], info["classnames"], torch.tensor(info["feats"]).to(self.model.device),
                               description=info.get("description"))
             self.identifier.fit_task(stored)
             if self.oracle is not None:
