@@ -189,9 +189,10 @@ class TRGERecipe(Recipe):
             logits = engine(px, self.ids, self.mask, self.w_img, self.w_txt, cnn_features=cnn)
         self.baseline.record(micro)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
-        self.step_loss += loss.item() / accum  # the step's mean, logged
+        value = loss.item()  # one read-back per micro-batch (each waits for the device)
+        self.step_loss += value / accum  # the step's mean, logged
         self.at = (t, step)
-        return loss, loss.item()
+        return loss, value
 
     def _step_images(self, t, step):
         """(pixels, labels) of the step's ``micro_batch * grad_accum`` training images, randomly cropped."""
