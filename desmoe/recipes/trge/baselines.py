@@ -64,15 +64,19 @@ class PoolUsage:
     def record(self, micro: int = 0) -> None:
         """After micro-batch ``micro``'s forward.  Every micro-batch of a step routes the same class prompts
         as the first (accumulate.py): the text tower's routes count once a step, as in one big batch."""
-        for c, b, text in zip(self.counts, self.blocks, self.text):
+        for i, (b, text) in enumerate(zip(self.blocks, self.text)):
             if b.last_stats is not None and not (text and micro):
-                c += b.last_stats.tokens_per_expert.float().cpu()
+                routed = b.last_stats.tokens_per_expert
+                # counted where the routes are (a no-op once there): no read-back per step
+                self.counts[i] = self.counts[i].to(routed.device)
+                self.counts[i] += routed.float()
 
     def freeze_most_used(self, reduce=None) -> None:
         for b, c in enumerate(self.counts):
             if reduce is not None:
                 reduce(c)  # the same choice on every rank
-            order = [int(e) for e in torch.argsort(c, descending=True, stable=True) if int(e) not in self.frozen[b]]
+            ranked = torch.argsort(c, descending=True, stable=True).tolist()  # one read-back per block
+            order = [e for e in ranked if e not in self.frozen[b]]
             self.frozen[b].update(order[: self.per_task])
         self.reset()
 
