@@ -75,7 +75,7 @@ def env(cpu: bool) -> dict:
     return e
 
 
-RUNS = ("smoke", "pretrain", "base", "desmoe", "fft", "trge")  # the run (and export) folders the stages write
+RUNS = ("smoke", "pretrain", "base", "desmoe", "fft", "trge", "pool")  # the run (and export) folders the stages write
 
 
 class Check:
@@ -278,16 +278,31 @@ def stage_trge(c: Check) -> None:
         load_mnist_5k()
     except Exception as err:  # noqa: BLE001 - the dry run downloads; a failure is reported, not fatal
         return c.record("trge", start, False, f"digit data unavailable: {type(err).__name__}: {err}"[:200], 2)
-    rc, text = c.launch("trge", "launcher/trge.py", [
-        "--config", str(ROOT / "configs/trge_digits.yaml"), f"groups.ep_size={c.ep}", "train.steps_per_task=6",
-        "train.micro_batch=16", "data.n_train=96", "data.n_test=48", "train.eval_batch=64", "train.proto_samples=48",
-        "eval.variants=[oracle]", f"run.dir={c.out}", "run.name=trge"], 180)
-    summary = sorted((c.out / "trge").glob("**/results.json"))
-    fig = tail(text)
-    if rc == 0 and summary:
-        s = json.loads(summary[-1].read_text())
-        fig = "Transfer/Avg/Last " + "/".join(f"{s[k]:.1f}" for k in ("transfer", "avg", "last") if k in s)
-    c.record("trge", start, rc == 0, fig, rc)
+    common = ["--config", str(ROOT / "configs/trge_digits.yaml"), f"groups.ep_size={c.ep}", "train.steps_per_task=6",
+              "train.micro_batch=16", "data.n_train=96", "data.n_test=48", "train.eval_batch=64",
+              "train.proto_samples=48", "train.save_every=6", "run.keep_checkpoints=0", f"run.dir={c.out}"]
+    # every device-sensitive TRGE part: training step, prototypes, identifier, inter-group routing over the
+    # learned groups, fusion, evaluation and its variants; then a resume from task 1's checkpoint (the
+    # identifier refitted from stored features); then the shared pool on the CNN tower (cached feature
+    # table, route counts, Gaussian identifier)
+    runs = [("trge", ["eval.variants=[oracle,no_fusion]", "run.name=trge"]),
+            ("trge resumed after task 1", ["eval.variants=[oracle,no_fusion]", "run.name=trge"]),
+            ("shared_pool", ["method=shared_pool", "backbone.kind=tiny_dual", "backbone.hidden_size=16", "groups.bottleneck=8",
+                             "train.feature_cache=", "train.cache_image_features=true", "groups.pool_freeze_per_task=1",
+                             "identifier.backend=gaussian", "identifier.threshold_quantile=0.05", "run.name=pool"])]
+    figs, ok, rc_all = [], True, 0
+    for label, extra in runs:
+        if label.startswith("trge resumed"):
+            (c.out / "trge" / "checkpoints" / "latest").write_text("step00000006")
+        rc, text = c.launch("trge", "launcher/trge.py", common + extra, 180)
+        summary = sorted((c.out / extra[-1].split("=")[1]).glob("**/results.json"))
+        fig = tail(text, 100)
+        if rc == 0 and summary:
+            s = json.loads(summary[-1].read_text())
+            fig = "Transfer/Avg/Last " + "/".join(f"{s[k]:.1f}" for k in ("transfer", "avg", "last") if k in s)
+        figs.append(f"{label}: {fig}")
+        ok, rc_all = ok and rc == 0, rc_all or rc
+    c.record("trge", start, ok, "; ".join(figs), rc_all)
 
 
 def mnist_cached() -> bool:

@@ -64,15 +64,19 @@ class PoolUsage:
     def record(self, micro: int = 0) -> None:
         """After micro-batch ``micro``'s forward.  Every micro-batch of a step routes the same class prompts
         as the first (accumulate.py): the text tower's routes count once a step, as in one big batch."""
-        for c, b, text in zip(self.counts, self.blocks, self.text):
+        for i, (b, text) in enumerate(zip(self.blocks, self.text)):
             if b.last_stats is not None and not (text and micro):
-                c += b.last_stats.tokens_per_expert.float().cpu()
+                routed = b.last_stats.tokens_per_expert
+                # counted where the routes are (a no-op once there): no read-back per step
+                self.counts[i] = self.counts[i].to(routed.device)
+                self.counts[i] += routed.float()
 
     def freeze_most_used(self, reduce=None) -> None:
         for b, c in enumerate(self.counts):
             if reduce is not None:
                 reduce(c)  # the same choice on every rank
-            order = [int(e) for e in torch.argsort(c, descending=True, stable=True) if int(e) not in self.frozen[b]]
+            ranked = torch.argsort(c, descending=True, stable=True).tolist()  # one read-back per block
+            order = [e for e in ranked if e not in self.frozen[b]]
             self.frozen[b].update(order[: self.per_task])
         self.reset()
 
@@ -126,7 +130,7 @@ class Method:
         unseen = ids == UNSEEN
         w = group_weights(b.inter, ids, b.f0, b.prototypes, b.T, b.usable)
         none = w.sum(1) == 0  # no group knows these names: the adapted path is the frozen model
-        wr = torch.where(none[:, None], one_hot_weights(0, b.n, b.T), w)  # a placeholder route
+        wr = torch.where(none[:, None], one_hot_weights(0, b.n, b.T, device=w.device), w)  # a placeholder route
         fa = b.model.image_features(b.px, wr, cnn_features=b.cnn)
         wmix = F.normalize(torch.einsum("bg,gcd->bcd", wr[:, :b.groups_used], b.Wg), dim=-1)
         za = torch.where(none[:, None], b.z0, b.scale * torch.einsum("bd,bcd->bc", fa, wmix))
@@ -175,7 +179,7 @@ class ZeroShot(Method):
 
     @staticmethod
     def predict(b, ids):
-        return b.z0.argmax(1), torch.zeros(b.n, b.T)
+        return b.z0.argmax(1), torch.zeros(b.n, b.T, device=b.z0.device)
 
 
 class ContinualFT(Method):
@@ -202,7 +206,7 @@ class ContinualFT(Method):
 
     @staticmethod
     def predict(b, ids):
-        w = one_hot_weights(0, b.n, b.T)
+        w = one_hot_weights(0, b.n, b.T, device=b.f0.device)
         return (b.scale * b.model.image_features(b.px, w, cnn_features=b.cnn) @ b.Wg[0].t()).argmax(1), w
 
 

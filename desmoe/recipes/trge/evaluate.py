@@ -44,7 +44,7 @@ class TextBank:
         feats = []
         for template in task.templates:
             ids, mask = self.tokenize(task.prompts(template))
-            w = None if group < 0 else one_hot_weights(group, len(ids), self.num_groups)
+            w = None if group < 0 else one_hot_weights(group, len(ids), self.num_groups, device=self.model.device)
             feats.append(self.model.text_features(ids, mask, w))
         out = F.normalize(torch.stack(feats).mean(0), dim=-1)
         self.cache[key] = out
@@ -58,7 +58,7 @@ def group_class_embeddings(bank: TextBank, task, groups: int, fixed: int, text_r
     Wg = torch.stack([bank.get(task, g, fixed) for g in range(groups)])
     if text_routing == "vocabulary":
         known = vocabulary_mask(task.classnames, _names(trained_names, groups))
-        Wg = torch.where(known[..., None], Wg, bank.get(task, -1, bank.num_groups)[None])
+        Wg = torch.where(known.to(Wg.device)[..., None], Wg, bank.get(task, -1, bank.num_groups)[None])
     return Wg
 
 
@@ -76,6 +76,7 @@ def unseen_if_names_unknown(ids: Tensor, class_names: list[str], trained_names: 
 
 def _unseen_where(ids: Tensor, knows_names: Tensor) -> Tensor:
     """``knows_names`` [learned tasks] bool: ids of tasks that know none of the names -> UNSEEN."""
+    knows_names = knows_names.to(ids.device)  # a host-side mask indexed by device ids would fail
     return torch.where((ids >= 0) & ~knows_names[ids.clamp_min(0)], torch.full_like(ids, UNSEEN), ids)
 
 
@@ -118,31 +119,31 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
                                 trained_names) if m.text_groups else None
     # Per test set, not per batch: which learned tasks know any of its class names, and from that the
     # groups that may take weight (inter.group_filter; None = routing unchanged)
-    knows_names, usable = None, None
+    knows_names, usable, dev = None, None, model.device  # every batch's tensors on the model's device
     if m.identifies and (inter.unknown_names == "unseen" or inter.group_filter != "none"):
-        knows_names = vocabulary_mask(task.classnames, _names(trained_names, learned)).any(1)
+        knows_names = vocabulary_mask(task.classnames, _names(trained_names, learned)).any(1).to(dev)
         if inter.group_filter == "vocabulary" or (inter.group_filter == "novel_set" and not knows_names.any()):
             usable = knows_names
     scale = model.scale
-    stats = torch.zeros(3 + T)  # correct, count, id-correct, summed group weights
+    stats = torch.zeros(3 + T, device=dev)  # correct, count, id-correct, summed group weights
     for start in range(0, len(idx), batch_size):
         sel = idx[start:start + batch_size]
-        images, y = task.test_x[sel], task.test_y[sel]
+        images, y = task.test_x[sel], task.test_y[sel].to(dev)
         key = (task.name, start)
         if key not in bank.images:
             if bank.cnn_table is not None:
-                px, cnn = None, bank.cnn_table[feature_key(task.name, "test")][sel]
+                px, cnn = None, bank.cnn_table[feature_key(task.name, "test")][sel].to(dev)
             else:
-                px = pixels(images)
+                px = pixels(images).to(dev)
                 cnn = model.cnn_features(px)
             bank.images[key] = (model.image_features(px, cnn_features=cnn), cnn)
         f0, cnn = bank.images[key]
-        px = None if cnn is not None else pixels(images)  # a CNN tower needs only its cached features
+        px = None if cnn is not None else pixels(images).to(dev)  # a CNN tower needs only its cached features
         z0 = scale * f0 @ W0.t()
-        truth = torch.full((len(sel),), true_task)
+        truth = torch.full((len(sel),), true_task, device=dev)
         ids = None
         if m.identifies:
-            ids = identifier.identify(IdBatch(f0, images.numpy() if need_images else None, truth))
+            ids = identifier.identify(IdBatch(f0, images.numpy() if need_images else None, truth)).to(dev)
             if inter.unknown_names == "unseen":
                 ids = _unseen_where(ids, knows_names)
             stats[2] += (ids == truth).sum()  # the decision routing acts on
@@ -151,7 +152,7 @@ def evaluate_task(method: str, model, bank: TextBank, pixels, task, true_task: i
         stats[0] += (pred == y).sum()
         stats[1] += len(sel)
         stats[3:] += w.sum(0)
-    all_reduce_(stats)  # CPU statistics: the helper serves them on NCCL runs too
+    stats = all_reduce_(stats).cpu()  # reduced where they are, read on the host in one transfer
     n = max(float(stats[1]), 1.0)
     return {"acc": 100.0 * float(stats[0]) / n, "id_acc": 100.0 * float(stats[2]) / n,
             "group_weights": (stats[3:] / n).tolist()}
@@ -176,7 +177,7 @@ def evaluate_stage(r, t: int) -> None:
     r.identifier.fit_task(info)
     if r.oracle is not None:
         r.oracle.fit_task(info)
-    protos = F.normalize(torch.stack([F.normalize(i.feats.float().mean(0), dim=0)
+    protos = F.normalize(torch.stack([F.normalize(i.feats.float().to(model.device).mean(0), dim=0)
                                       for i in r.identifier.infos]), dim=-1)
     lam = fusion_weight(cfg.fusion.schedule, t + 1, len(tasks), cfg.fusion.lam_max)
     row, id_row, gw_row, ctrl_row = [], [], [], []

@@ -136,20 +136,20 @@ def group_weights(cfg: InterGroupConfig, task_ids: Tensor, f0: Tensor, prototype
         else:
             others = cfg.beta * torch.softmax(
                 (-d_sample / cfg.temperature).scatter(1, k[:, None], float("-inf")), dim=1) if learned > 1 \
-                else torch.zeros(B, 1)
+                else torch.zeros(B, 1, device=f0.device)
             seen_w = others.nan_to_num(0.0).scatter(1, k[:, None], 1.0)
     w = torch.where(seen[:, None], seen_w, unseen_w)
     if usable is not None:
-        w = w * usable[:learned].float()
+        w = w * usable[:learned].to(w.device).float()
     w = _top_m(w, cfg.max_groups)
-    out = torch.zeros(B, num_groups)
+    out = torch.zeros(B, num_groups, device=w.device)  # the device the features and prototypes are on
     out[:, :learned] = w
     return out
 
 
-def one_hot_weights(task: int, batch: int, num_groups: int) -> Tensor:
+def one_hot_weights(task: int, batch: int, num_groups: int, device=None) -> Tensor:
     """Training task ``task`` (and text prompts of a known task) use their own group only."""
-    w = torch.zeros(batch, num_groups)
+    w = torch.zeros(batch, num_groups, device=device)
     w[:, task] = 1.0
     return w
 

@@ -11,6 +11,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -92,6 +93,7 @@ class TRGEModel(nn.Module):
         """L2-normalised image embeddings; ``weights`` [B, T] inter-group weights or None (frozen).
         With the CNN tower the adapters sit after the backbone, so its pooled features
         (``cnn_features``, from :meth:`cnn_features`) can be computed once and reused."""
+        pixel_values, weights, cnn_features = self._here(pixel_values, weights, cnn_features)
         with self.routed("image", weights):
             if self.cnn:
                 f = cnn_features if cnn_features is not None else self.base.vision_backbone_features(pixel_values)
@@ -105,13 +107,24 @@ class TRGEModel(nn.Module):
 
     def cnn_features(self, pixel_values: Tensor) -> Optional[Tensor]:
         """The frozen CNN's pooled features (None for a transformer image tower)."""
-        return self.base.vision_backbone_features(pixel_values) if self.cnn else None
+        return self.base.vision_backbone_features(self._here(pixel_values)[0]) if self.cnn else None
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        input_ids, attention_mask, weights = self._here(input_ids, attention_mask, weights)
         with self.routed("text", weights), (nullcontext() if self.draws is None else self.draws.text()):
             emb = self.base.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         emb = emb.pooler_output if hasattr(emb, "pooler_output") else emb
         return F.normalize(emb.float(), dim=-1)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the (frozen and adapted) weights live: the engine's device once DeepSpeed placed the model."""
+        return self.base.logit_scale.device
+
+    def _here(self, *tensors: Optional[Tensor]) -> tuple:
+        """The inputs on the model's device (host-side pixels, token ids, weights, cached CNN features: the
+        engine does not move them; a no-op when they are already there, so CPU runs are unchanged)."""
+        return tuple(None if t is None else t.to(self.device) for t in tensors)
 
     @property
     def scale(self) -> Tensor:

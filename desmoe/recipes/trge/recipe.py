@@ -116,7 +116,8 @@ class TRGERecipe(Recipe):
             "rows": [], "control_rows": [], "id_rows": [], "gw_rows": [], "infos": [], "pool_frozen": [],
             "seconds": [], "variants": {v: [] for v in self.cfg.eval.variants}}
         for info in progress["infos"]:  # identifier and prototypes from the stored frozen features
-            stored = TaskInfo(info["name"], info["classnames"], torch.tensor(info["feats"]),
+            # on the model's device, where an uninterrupted run fitted them (evaluate_stage)
+            stored = TaskInfo(info["name"], info["classnames"], torch.tensor(info["feats"]).to(self.model.device),
                               description=info.get("description"))
             self.identifier.fit_task(stored)
             if self.oracle is not None:
@@ -153,9 +154,11 @@ class TRGERecipe(Recipe):
         if not self.stages()[t]:
             return
         self.baseline.set_trainable(self.trainer.trainability, group)
-        self.ids, self.mask = self.backbone.tokenize(task.prompts())
-        self.w_img = one_hot_weights(group, cfg.train.micro_batch, T)
-        self.w_txt = one_hot_weights(group, len(self.ids), T)
+        # the stage's fixed inputs on the engine's device once (DeepSpeed does not move a forward's inputs)
+        dev = self.trainer.engine.device
+        self.ids, self.mask = (x.to(dev) for x in self.backbone.tokenize(task.prompts()))
+        self.w_img = one_hot_weights(group, cfg.train.micro_batch, T).to(dev)
+        self.w_txt = one_hot_weights(group, len(self.ids), T).to(dev)
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 * t + self.trainer.rank)
         self.cached = _cached_features(cfg, self.table, task, self.stages()[t], gen)
         accum = cfg.train.grad_accum
@@ -179,15 +182,17 @@ class TRGERecipe(Recipe):
         else:
             rows = slice(micro * cfg.train.micro_batch, (micro + 1) * cfg.train.micro_batch)
             px, y, cnn = self.images[0][rows], self.images[1][rows], None
+        px, y, cnn = (None if x is None else x.to(engine.device) for x in (px, y, cnn))  # host-side data
         if self.draws is not None:
             self.draws.start(micro)
         with self.model.drawing(self.draws) if self.draws is not None else nullcontext():
             logits = engine(px, self.ids, self.mask, self.w_img, self.w_txt, cnn_features=cnn)
         self.baseline.record(micro)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
-        self.step_loss += loss.item() / accum  # the step's mean, logged
+        value = loss.item()  # one read-back per micro-batch (each waits for the device)
+        self.step_loss += value / accum  # the step's mean, logged
         self.at = (t, step)
-        return loss, loss.item()
+        return loss, value
 
     def _step_images(self, t, step):
         """(pixels, labels) of the step's ``micro_batch * grad_accum`` training images, randomly cropped."""

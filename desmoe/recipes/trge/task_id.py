@@ -144,7 +144,7 @@ def split_for_calibration(feats: Tensor, share: float) -> tuple[Tensor, Tensor]:
     n_cal = int(round(share * len(feats)))
     if n_cal < 1 or len(feats) - n_cal < 2:
         return feats, feats
-    held = torch.zeros(len(feats), dtype=torch.bool)
+    held = torch.zeros(len(feats), dtype=torch.bool, device=feats.device)
     held[torch.linspace(0, len(feats) - 1, n_cal).round().long()] = True
     return feats[~held], feats[held]
 
@@ -167,9 +167,10 @@ class PrototypeIdentifier(TaskIdentifier):
         self.task_thresholds.append(float(torch.quantile(own, self.quantile)) if self.quantile > 0 else self.threshold)
 
     def identify(self, batch: IdBatch) -> Tensor:
-        sim = F.normalize(batch.feats.float(), dim=-1) @ torch.stack(self.protos).t()
+        # fitted where the task's features were (a resumed run: the host); the batch's device decides
+        sim = F.normalize(batch.feats.float(), dim=-1) @ torch.stack(self.protos).to(batch.feats.device).t()
         best, idx = sim.max(1)
-        need = torch.tensor(self.task_thresholds)[idx] if self.task_thresholds else torch.full_like(best, self.threshold)
+        need = torch.tensor(self.task_thresholds, device=idx.device)[idx] if self.task_thresholds else torch.full_like(best, self.threshold)
         return torch.where(best >= need, idx, torch.full_like(idx, UNSEEN))
 
 
@@ -215,8 +216,9 @@ class GaussianIdentifier(TaskIdentifier):
                             f"{x.shape[1]} feature dims, so its covariance is singular; expected shrinkage > 0 or "
                             f"more than {x.shape[1]} samples (train.proto_samples, the task's training images)")
         mu = x.mean(0)
-        cov = torch.cov((x - mu).t()) if x.shape[0] > 1 else torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype)
-        target = torch.eye(x.shape[1], dtype=x.dtype) * max(float(cov.diagonal().mean()), 1e-6)
+        cov = torch.cov((x - mu).t()) if x.shape[0] > 1 else torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype,
+                                                                           device=x.device)
+        target = torch.eye(x.shape[1], dtype=x.dtype, device=x.device) * max(float(cov.diagonal().mean()), 1e-6)
         cov = (1 - self.shrinkage) * cov + self.shrinkage * target
         self.means.append(mu)
         self.precisions.append(torch.linalg.inv(cov))
@@ -227,10 +229,11 @@ class GaussianIdentifier(TaskIdentifier):
 
     def identify(self, batch: IdBatch) -> Tensor:
         x = batch.feats.double()
-        maha = torch.stack([((x - m) @ p * (x - m)).sum(1) for m, p in zip(self.means, self.precisions)], 1)
-        logp = -0.5 * (maha + torch.stack(self.logdets)[None])
+        maha = torch.stack([((x - m.to(x.device)) @ p.to(x.device) * (x - m.to(x.device))).sum(1)
+                            for m, p in zip(self.means, self.precisions)], 1)
+        logp = -0.5 * (maha + torch.stack(self.logdets).to(x.device)[None])
         idx = logp.argmax(1)
-        limit = torch.tensor(self.task_thresholds, dtype=x.dtype)[idx]
+        limit = torch.tensor(self.task_thresholds, dtype=x.dtype, device=x.device)[idx]
         per_dim = maha.gather(1, idx[:, None]).squeeze(1) / x.shape[1]
         return torch.where((limit <= 0) | (per_dim <= limit), idx, torch.full_like(idx, UNSEEN))
 
@@ -298,7 +301,7 @@ class MLLMIdentifier(TaskIdentifier):
             raise ValueError("the MLLM identifier needs the images")
         options = "\n".join(f"{i + 1}. {t.description or t.name}" for i, t in enumerate(self.tasks))
         answers = [self._generate([im], SELECT_PROMPT.format(options=options)) for im in batch.images]
-        return torch.tensor([parse_choice(a, len(self.tasks)) for a in answers])
+        return torch.tensor([parse_choice(a, len(self.tasks)) for a in answers], device=batch.feats.device)
 
 
 def load_mllm(path: str):

@@ -1,0 +1,149 @@
+"""TRGE's tensors on a CUDA device, checked on the CPU: which tensors would live on the accelerator.
+
+A CPU run cannot mix devices, so a TRGE path that fed host-side data (the task's images and labels,
+tokenizer output, weights built without ``device=``) to the engine, or set device results against host
+tensors, passed every CPU test and failed at the first step on a GPU.  ``DeviceLedger`` replays CUDA's
+placement rules during the recipe's own calls on 2 real ranks: the model's parameters and buffers, the
+result of every ``.to(device)`` / ``.cuda()`` and of every factory given ``device=``, and everything computed
+from those are "device" tensors; anything else is host-side.  An op that would fail on CUDA is recorded:
+a device tensor with a host tensor of one or more dimensions (a host 0-dim tensor is a scalar CUDA accepts),
+an in-place op writing device values into a host tensor, a host tensor indexed by device indices, and
+``.numpy()`` of a device tensor.  (``.to("cpu")`` counts as a move here: the CPU is the engine's device.)
+"""
+import traceback
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from test_trge_run import case_config, digits_cached  # noqa: F401  (the digit data, once per module)
+
+_MOVES = {torch.Tensor.to, torch.Tensor.cuda}
+_COPIES = {torch.Tensor.copy_, torch.Tensor.__setitem__}  # copy across devices: allowed (a transfer)
+_READS = {torch.Tensor.numpy}
+
+
+class DeviceLedger(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.device = WeakIdKeyDictionary()  # tensors that would be on the accelerator
+        self.found: list[str] = []
+        self.reads = WeakIdKeyDictionary()  # .item() calls per tensor
+
+    def mark(self, module) -> None:
+        for t in [*module.parameters(), *module.buffers()]:
+            self.device[t] = True
+
+    def _on(self, t) -> bool:
+        return t in self.device
+
+    def _flag(self, func, why: str) -> None:
+        here = [f for f in traceback.extract_stack()[:-2] if "desmoe" in f.filename and "/tests/" not in f.filename]
+        where = f"{here[-1].filename.rsplit('desmoe', 1)[-1]}:{here[-1].lineno}" if here else "?"
+        self.found.append(f"{getattr(func, '__name__', func)} at desmoe{where}: {why}")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.cpu and out is args[0]:  # on the CPU a no-op; on CUDA a host copy
+            out = out.clone()
+        if func is torch.Tensor.item:
+            self.reads[args[0]] = self.reads.get(args[0], 0) + 1
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        on = [self._on(t) for t in tensors]
+        if func in _MOVES:
+            moved = func is torch.Tensor.cuda or "device" in kwargs or any(
+                isinstance(a, (torch.device, str, torch.Tensor)) for a in args[1:])
+            to_device = moved or (tensors and on[0])
+        elif func is torch.Tensor.cpu:
+            to_device = False
+        elif func in _READS:
+            if on and on[0]:
+                self._flag(func, "a device tensor read as a numpy array")
+            to_device = False
+        elif func in _COPIES:
+            self_on = bool(on) and on[0]
+            index = tree_flatten(args[1])[0] if func is torch.Tensor.__setitem__ and len(args) > 1 else []
+            if not self_on and any(isinstance(i, torch.Tensor) and self._on(i) for i in index):
+                self._flag(func, "a host tensor indexed by device indices")
+            to_device = False  # in place: the target keeps its device
+        else:
+            if any(on):
+                host = [t for t, o in zip(tensors, on) if not o and t.dim() > 0]
+                inplace = getattr(func, "__name__", "").endswith("_") and not getattr(func, "__name__", "").endswith("__") \
+                    or getattr(func, "__name__", "") in ("__iadd__", "__isub__", "__imul__", "__itruediv__")
+                if func is torch.Tensor.__getitem__ and not on[0]:
+                    self._flag(func, "a host tensor indexed by device indices")
+                elif func is torch.Tensor.__getitem__:
+                    pass  # a device tensor indexed by host indices: allowed
+                elif inplace and not on[0]:
+                    self._flag(func, "device values written into a host tensor")
+                elif host:
+                    self._flag(func, f"device and host tensors mixed (host shapes {[tuple(h.shape) for h in host]})")
+            to_device = any(on) or ("device" in kwargs and kwargs["device"] is not None)
+            if func is torch.Tensor.__getitem__:
+                to_device = bool(on) and on[0]
+        if to_device:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.device[t] = True
+        return out
+
+
+def ledger_case(run_dir, method, extra):
+    """A short run (or its resume) with every recipe call that touches data under the ledger; returns what
+    the ledger found in training (begin_stage, step) and in evaluation (attach, end_stage), and how often
+    each micro-batch's loss was read back (on each rank)."""
+    from desmoe.recipes.trge.recipe import TRGERecipe
+    from desmoe.training.trainer import Trainer
+
+    ledgers = {"train": DeviceLedger(), "eval": DeviceLedger()}
+    ledgers["eval"].device = ledgers["train"].device  # one record of where tensors are, two lists of findings
+    loss_reads = []
+
+    def watched(name, phase):
+        def call(self, *args, **kwargs):
+            ledger = ledgers[phase]
+            ledger.mark(self.model)
+            with ledger:
+                out = getattr(TRGERecipe, name)(self, *args, **kwargs)
+            if name == "step":
+                loss_reads.append(ledger.reads.get(out[0], 0))
+            return out
+        return call
+
+    phases = {"attach": "eval", "begin_stage": "train", "step": "train", "end_stage": "eval"}
+    Recipe = type("Recipe", (TRGERecipe,), {n: watched(n, p) for n, p in phases.items()})
+    cfg = case_config(run_dir, method, ["train.save_every=1", "run.keep_checkpoints=0", *extra])
+    Trainer(Recipe(cfg), "configs/zero2.json").run()
+    return {"train": ledgers["train"].found[:20], "eval": ledgers["eval"].found[:20], "loss_reads": loss_reads}
+
+
+CASES = {  # TRGE with its routing readings, the identifiers' fitting and the CNN feature table; the pool
+    "trge": ("trge", ["identifier.backend=gaussian", "identifier.threshold_quantile=0.05",
+                      "eval.variants=[oracle,no_fusion]", "train.steps_per_task=2"]),
+    "pool": ("shared_pool", ["backbone.kind=tiny_dual", "backbone.hidden_size=16", "train.feature_cache=",
+                             "train.cache_image_features=true", "groups.pool_freeze_per_task=1", "eval.variants=[]",
+                             "train.steps_per_task=2"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_trge_keeps_every_tensor_where_a_cuda_run_needs_it(ranks, tmp_path, case):
+    method, extra = CASES[case]
+    check(ranks.run(ledger_case, str(tmp_path), method, extra))
+    # resumed after task 1 (its end-of-task checkpoint): the identifier and prototypes refitted from the
+    # stored features must land where the uninterrupted run fitted them
+    run = tmp_path / method
+    (run / "checkpoints" / "latest").write_text("step00000002")
+    check(ranks.run(ledger_case, str(tmp_path), method, extra))
+
+
+def check(per_rank):
+    for found in per_rank:
+        assert found["train"] == [], "\n".join(found["train"])  # the training step's inputs and loss
+        assert found["eval"] == [], "\n".join(found["eval"])  # prototypes, identifier, routing, evaluation
+        # one read-back of the loss per micro-batch (each waits for the device): the logged value
+        assert found["loss_reads"] and set(found["loss_reads"]) == {1}, found["loss_reads"]
