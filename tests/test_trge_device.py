@@ -145,5 +145,6 @@ def check(per_rank):
     for found in per_rank:
         assert found["train"] == [], "\n".join(found["train"])  # the training step's inputs and loss
         assert found["eval"] == [], "\n".join(found["eval"])  # prototypes, identifier, routing, evaluation
-        # one read-back of the loss per micro-batch (each waits for the device): the logged value
-        assert found["loss_reads"] and set(found["loss_reads"]) == {1}, found["loss_reads"]
+        # no read-back of the loss inside a micro-batch (each waits for the device): the trainer reads the
+        # step's values once, the logged mean at the log cadence
+        assert found["loss_reads"] and set(found["loss_reads"]) == {0}, found["loss_reads"]

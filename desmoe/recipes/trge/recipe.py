@@ -189,8 +189,10 @@ class TRGERecipe(Recipe):
             logits = engine(px, self.ids, self.mask, self.w_img, self.w_txt, cnn_features=cnn)
         self.baseline.record(micro)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
-        value = loss.item()  # one read-back per micro-batch (each waits for the device)
-        self.step_loss += value / accum  # the step's mean, logged
+        # no read-back here (each waits for the device): the trainer reads the step's values once, and the
+        # logged mean is read at the log cadence; float64 adds them as the host floats were added
+        value = loss.detach()
+        self.step_loss = self.step_loss + value.double() / accum
         self.at = (t, step)
         return loss, value
 
@@ -207,7 +209,7 @@ class TRGERecipe(Recipe):
         self.mid = {"task": t, "step": step + 1}
 
     def log(self, done):
-        return {"train/loss": self.step_loss, "train/lr": _lr(self.cfg.train, self.at[1])}
+        return {"train/loss": float(self.step_loss), "train/lr": _lr(self.cfg.train, self.at[1])}
 
     def state_dict(self):
         # collective (every rank saves): the pool's route counts are summed over ranks when a checkpoint is taken
