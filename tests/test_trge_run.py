@@ -151,3 +151,25 @@ def test_trge_resumes_exactly_in_bf16(ranks, tmp_path):
     assert all(got[k].dtype == torch.bfloat16 for k in got), {k: v.dtype for k, v in got.items()}
     differ = [k for k in want if not torch.equal(want[k], got[k])]
     assert not differ, differ[:3]
+
+
+def test_trge_dual_encoder_in_bf16_with_a_feature_cache(ranks, tmp_path):
+    """The CNN tower (EfficientNet-Lite with BatchNorm) under DeepSpeed's bf16 engine, its frozen features cached
+    on disk: fp32 pixels against bf16 weights, then BatchNorm's bf16 weights against its fp32 statistics, stopped
+    the first bf16 run, and numpy could not hash a bf16 tower to name the cache.  A bf16 and an fp32 run of the
+    same tower never share a table (their features differ by bf16 roundings)."""
+    from pathlib import Path
+
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "configs/zero2.json").read_text())
+    cfg["bf16"] = {"enabled": True}
+    ds = tmp_path / "zero2_bf16.json"
+    ds.write_text(json.dumps(cfg))
+    cache = tmp_path / "features"
+    extra = ("backbone.kind=tiny_dual", "backbone.hidden_size=16", "train.cache_image_features=true",
+             f"train.feature_cache={cache}", "eval.variants=[]")
+    s = ranks.run(run_case, str(tmp_path / "bf16"), "trge", extra, str(ds))[0]
+    A = np.array(s["accuracy_matrix"])
+    assert A.shape == (3, 3) and ((A >= 0) & (A <= 100)).all()
+    assert len(list(cache.glob("*.pt"))) == 1
+    ranks.run(run_case, str(tmp_path / "fp32"), "trge", extra)
+    assert len(list(cache.glob("*.pt"))) == 2

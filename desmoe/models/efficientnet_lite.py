@@ -40,6 +40,18 @@ class SameConv2d(nn.Conv2d):
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """Frozen statistics under a bf16 engine: DeepSpeed casts a module's parameters to bf16 but keeps its
+    buffers (the running statistics) in fp32, and torch's batch norm refuses that mix.  In eval mode it
+    normalises in fp32 and returns the input's dtype; in fp32 it is exactly nn.BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or (x.dtype == self.running_mean.dtype and self.weight.dtype == x.dtype):
+            return super().forward(x)
+        return F.batch_norm(x.float(), self.running_mean.float(), self.running_var.float(), self.weight.float(),
+                            self.bias.float(), False, 0.0, self.eps).to(x.dtype)
+
+
 class MBConv(nn.Module):
     """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 project (+ skip when shapes match)."""
 
@@ -48,11 +60,11 @@ class MBConv(nn.Module):
         mid = cin * expand
         if expand != 1:
             self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(mid, eps=eps, momentum=0.01)
+            self._bn0 = BatchNorm2d(mid, eps=eps, momentum=0.01)
         self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
-        self._bn1 = nn.BatchNorm2d(mid, eps=eps, momentum=0.01)
+        self._bn1 = BatchNorm2d(mid, eps=eps, momentum=0.01)
         self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(cout, eps=eps, momentum=0.01)
+        self._bn2 = BatchNorm2d(cout, eps=eps, momentum=0.01)
         self.skip = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +82,7 @@ class EfficientNetLite(nn.Module):
         self.config = cfg
         eps = cfg.bn_eps
         self._conv_stem = SameConv2d(3, cfg.stem_channels, 3, stride=2, bias=False)
-        self._bn0 = nn.BatchNorm2d(cfg.stem_channels, eps=eps, momentum=0.01)
+        self._bn0 = BatchNorm2d(cfg.stem_channels, eps=eps, momentum=0.01)
         blocks = []
         for expand, kernel, stride, cin, cout, repeats in cfg.stages:
             for r in range(repeats):  # only the first block of a stage strides and changes width
@@ -78,7 +90,7 @@ class EfficientNetLite(nn.Module):
         self._blocks = nn.ModuleList(blocks)
         last = cfg.stages[-1][4]
         self._conv_head = nn.Conv2d(last, cfg.head_channels, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(cfg.head_channels, eps=eps, momentum=0.01)
+        self._bn1 = BatchNorm2d(cfg.head_channels, eps=eps, momentum=0.01)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] normalised pixels -> [B, head_channels] average-pooled features."""

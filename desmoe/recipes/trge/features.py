@@ -30,7 +30,9 @@ def _fingerprint(model, backbone, tasks) -> str:
     for name, t in sorted(model.base.state_dict().items()):
         if not name.startswith(("text_model", "text_projection", "visual_projection", "logit_scale")):
             h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            # as bytes, whatever the dtype (numpy has no bf16): a bf16 tower hashes otherwise than an fp32 one,
+            # so the two never share a table; an fp32 tower's bytes (and old fingerprints) are unchanged
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     for task in tasks:
         h.update(task.name.encode())
         for split in SPLITS:

@@ -94,6 +94,7 @@ class TRGEModel(nn.Module):
         With the CNN tower the adapters sit after the backbone, so its pooled features
         (``cnn_features``, from :meth:`cnn_features`) can be computed once and reused."""
         pixel_values, weights, cnn_features = self._here(pixel_values, weights, cnn_features)
+        pixel_values, cnn_features = self._towers_dtype(pixel_values, cnn_features)
         with self.routed("image", weights):
             if self.cnn:
                 f = cnn_features if cnn_features is not None else self.base.vision_backbone_features(pixel_values)
@@ -107,7 +108,7 @@ class TRGEModel(nn.Module):
 
     def cnn_features(self, pixel_values: Tensor) -> Optional[Tensor]:
         """The frozen CNN's pooled features (None for a transformer image tower)."""
-        return self.base.vision_backbone_features(self._here(pixel_values)[0]) if self.cnn else None
+        return self.base.vision_backbone_features(*self._towers_dtype(*self._here(pixel_values))) if self.cnn else None
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         input_ids, attention_mask, weights = self._here(input_ids, attention_mask, weights)
@@ -125,6 +126,13 @@ class TRGEModel(nn.Module):
         """The inputs on the model's device (host-side pixels, token ids, weights, cached CNN features: the
         engine does not move them; a no-op when they are already there, so CPU runs are unchanged)."""
         return tuple(None if t is None else t.to(self.device) for t in tensors)
+
+    def _towers_dtype(self, *images: Optional[Tensor]) -> tuple:
+        """Pixels and cached CNN features in the towers' dtype: DeepSpeed's bf16 engine casts the weights, not
+        a forward's inputs, and the CNN tower (unlike HF CLIP) does not cast its own (fp32 pixels against bf16
+        weights stopped the first bf16 step); a no-op in fp32."""
+        dtype = self.base.logit_scale.dtype
+        return tuple(None if t is None else t.to(dtype) for t in images)
 
     @property
     def scale(self) -> Tensor:
