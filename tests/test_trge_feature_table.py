@@ -40,7 +40,7 @@ def _setup():
 
     bb = load_backbone(BackboneConfig(kind="tiny_dual", hidden_size=16, image_size=32))
     model = TRGEModel(bb.model, GroupSpec(num_tasks=2, bottleneck=4), Placement(cnn_blocks=1))
-    return model, bb, digit_sequence(n_train=20, n_test=12)[0][:2]  # 8 batches of <= 8 images, last ones short
+    return model, bb, digit_sequence(n_train=20, n_test=12)[0][:2]  # batches of 8, the last of each split short
 
 
 def table_case(cache_dir):
