@@ -66,13 +66,14 @@ def frozen_cnn_table(model, backbone, tasks, batch_size: int, cache_dir: str, ra
     for p, i in tqdm(todo[rank::world], desc="frozen image features", disable=rank != 0):
         x = parts[p][2][i:i + batch_size]
         f = model.cnn_features(backbone.pixels(x).contiguous(memory_format=torch.channels_last)).float()
-        if out is None:
-            out = torch.zeros(total, f.shape[1])
+        if out is None:  # on the device the features come from: no copy back per batch
+            out = torch.zeros(total, f.shape[1], device=f.device)
         out[offsets[p] + i: offsets[p] + i + len(x)] = f
     if world > 1:
         dim = int(reduce_number(0 if out is None else out.shape[1], "max"))
-        out = torch.zeros(total, dim) if out is None else out
-        all_reduce_(out)  # every row was written by exactly one rank
+        out = torch.zeros(total, dim, device=model.device) if out is None else out
+        all_reduce_(out)  # every row was written by exactly one rank; reduced where it lives
+    out = out.cpu()  # one transfer: the table is kept on the host (the disk cache, per-batch slices)
     table = {key(name, s): out[o:o + len(x)].clone() for (name, s, x), o in zip(parts, offsets)}
     if path is not None and rank == 0:
         _write(path, table)

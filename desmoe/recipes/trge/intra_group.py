@@ -38,10 +38,29 @@ class GroupContext(nn.Module):
         # set while an accumulated step's micro-batch runs (accumulate.StepDraws.image_noise): the gates'
         # noise rows come from the whole step's draw; None = a fresh draw of the forward's own shape
         self.draw_noise: Optional[Callable[[nn.Module, Tensor], Tensor]] = None
+        # (weights, their version, most groups with weight > 0 in one row): the count sizes every router's
+        # top-k, and reading it waits for the device; a tower's layers (and every step of a training stage,
+        # which reuses one weight tensor) share one read.  Replaced, never changed in place, so a recompute's
+        # snapshot of this module's attributes stays consistent.
+        self._active_groups: Optional[tuple[Tensor, int, int]] = None
 
     @property
     def active(self) -> bool:
         return self.group_weights is not None
+
+    def most_active_groups(self) -> int:
+        """The most groups with weight > 0 in one row of ``group_weights``; read from the device once per
+        weight tensor and version (an in-place change of the weights is a new version: read again)."""
+        source = self.group_weights
+        memo = self._active_groups
+        # an inference tensor has no version counter: read it every time
+        version = None if source.is_inference() else source._version
+        if memo is not None and version is not None and memo[0] is source and memo[1] == version:
+            return memo[2]
+        count = int((source.float() > 0).sum(1).max().item())  # as the router casts them
+        if version is not None:
+            self._active_groups = (source, version, count)
+        return count
 
     def noise(self, owner: nn.Module, like: Tensor) -> Tensor:
         """Standard-normal gate noise of ``like``'s shape for the router ``owner``."""
@@ -85,8 +104,7 @@ class GroupRouter(Router):
             got = None if weights is None else tuple(weights.shape)
             raise ValueError(f"group weights must be [{x.shape[0]}, {self.num_groups}], got {got}")
         weights = weights.to(x.device, torch.float32)
-        m = int(min(self.max_groups, (weights > 0).sum(1).max().item()))
-        m = max(m, 1)
+        m = max(min(self.max_groups, self.context.most_active_groups()), 1)
         group_w, groups = torch.topk(weights, m, dim=1)  # [S, m]
         clean, noisy = self.gate_logits(x, groups)
         top_logit, top_idx = torch.topk(noisy, self.k_intra, dim=-1)  # [S, m, k]

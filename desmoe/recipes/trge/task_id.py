@@ -280,6 +280,11 @@ class MLLMIdentifier(TaskIdentifier):
         super().__init__()
         self.n_images, self.max_new_tokens = n_images, max_new_tokens
         self.processor, self.model = load_mllm(path)
+        from desmoe.distributed import device
+
+        # frozen: moved once to the job's device (a GPU job ran the MLLM on the CPU); a no-op on a CPU job
+        self.device = device()
+        self.model.to(self.device)
 
     def _generate(self, images: Sequence[np.ndarray], text: str) -> str:
         from PIL import Image
@@ -287,9 +292,10 @@ class MLLMIdentifier(TaskIdentifier):
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         inputs = self.processor(images=[Image.fromarray(im) for im in images], text=prompt, return_tensors="pt")
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return self.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return self.processor.decode(out[0, inputs["input_ids"].shape[1]:].cpu(), skip_special_tokens=True).strip()
 
     def fit_task(self, info: TaskInfo) -> None:
         if info.description is None and info.images is not None:
