@@ -89,8 +89,8 @@ class TRGERecipe(Recipe):
             cfg.groups.num_tasks = len(self.tasks)
         if cfg.groups.num_tasks < len(self.tasks):
             raise bad("groups.num_tasks", f">= the {len(self.tasks)} tasks of the sequence (or 0)", cfg.groups.num_tasks)
-        if METHODS_BY_NAME[cfg.method].layout:  # before the model is built
-            cfg.groups.layout = METHODS_BY_NAME[cfg.method].layout
+        if not cfg.groups.layout:  # unset: the method's own, before the model is built (a conflict: config.py)
+            cfg.groups.layout = METHODS_BY_NAME[cfg.method].layout or "groups"
         skipped = {t.name: t.meta.get("skipped", 0) for t in self.tasks + self.controls if t.meta.get("skipped", 0)}
         if skipped:
             print("desmoe: warning: images that failed to decode were skipped: "

@@ -1,0 +1,42 @@
+"""TRGE settings a method does not honour: refused in one line naming the key when the config loads, instead of
+being overwritten or ignored without a word."""
+import pytest
+
+from desmoe.config import load_config
+from desmoe.errors import ConfigError
+
+DIGITS = "configs/trge_digits.yaml"
+
+
+def _load(*overrides):
+    from desmoe.recipes.trge.recipe import TRGEExperiment
+
+    return load_config(TRGEExperiment, DIGITS, list(overrides))
+
+
+def _refused(*overrides):
+    with pytest.raises(ConfigError) as err:
+        _load(*overrides)
+    return str(err.value)
+
+
+def test_shared_pool_refuses_a_conflicting_layout():
+    """shared_pool runs on the pool: groups.layout=groups was overwritten by the recipe's set-up, silently."""
+    assert _refused("method=shared_pool", "groups.layout=groups") == (
+        f"{DIGITS}: key 'groups.layout': expected pool or unset with method=shared_pool (the layout it runs on), "
+        f"got 'groups'")
+
+
+@pytest.mark.parametrize("method", ["trge", "continual_ft", "zero_shot"])
+def test_the_pool_is_refused_with_a_method_that_does_not_run_on_it(method):
+    """trge and continual_ft train task groups the pool does not define (a KeyError at the first task)."""
+    assert _refused(f"method={method}", "groups.layout=pool") == (
+        f"{DIGITS}: key 'groups.layout': expected groups or unset with method={method} (the layout it runs on), "
+        f"got 'pool'")
+
+
+@pytest.mark.parametrize("method,layout", [("shared_pool", ""), ("shared_pool", "pool"), ("trge", ""),
+                                           ("trge", "groups")])
+def test_the_methods_own_or_unset_layout_loads(method, layout):
+    assert _load(f"method={method}", f"groups.layout={layout}").groups.layout == layout
+
