@@ -40,3 +40,11 @@ def test_the_pool_is_refused_with_a_method_that_does_not_run_on_it(method):
 def test_the_methods_own_or_unset_layout_loads(method, layout):
     assert _load(f"method={method}", f"groups.layout={layout}").groups.layout == layout
 
+
+@pytest.mark.parametrize("layout", ["", "pool"])
+def test_max_groups_is_refused_where_the_pool_ignores_it(layout):
+    """The pool's routers take no max_groups (baselines.PoolRouter): with the pool layout it changed nothing."""
+    assert _refused("method=shared_pool", f"groups.layout={layout}", "groups.max_groups=3") == (
+        f"{DIGITS}: key 'groups.max_groups': expected unset with groups.layout=pool (the pool's routers do not read "
+        f"it; it applies to the groups layout only), got 3")
+    assert _load("method=trge", "groups.max_groups=3").groups.max_groups == 3  # the groups layout reads it
