@@ -48,3 +48,27 @@ def test_max_groups_is_refused_where_the_pool_ignores_it(layout):
         f"{DIGITS}: key 'groups.max_groups': expected unset with groups.layout=pool (the pool's routers do not read "
         f"it; it applies to the groups layout only), got 3")
     assert _load("method=trge", "groups.max_groups=3").groups.max_groups == 3  # the groups layout reads it
+
+
+def test_a_baseline_run_records_the_sections_it_did_not_use(tmp_path):
+    """zero_shot identifies no task and routes no group: the shipped config's identifier.* and inter.* (kept for
+    method=<baseline> on the same config) are recorded as not used, and the table shows no reading for it."""
+    import json
+
+    from desmoe.recipes.trge.baselines import METHODS_BY_NAME, ZeroShot
+    from desmoe.recipes.trge.report import rows
+    from desmoe.recipes.trge.results import NOT_READ, summarize
+
+    assert set(NOT_READ) == set(METHODS_BY_NAME)  # every method says what it leaves unread
+    cfg = _load("method=zero_shot")
+    progress = {"rows": [[10.0]], "control_rows": [[]], "id_rows": [[0.0]], "seconds": [1.0]}
+    summary = summarize(cfg, [], [], progress, None, ZeroShot(cfg, None))
+    assert summary["config_not_used"] == ["identifier.*", "inter.*"]
+    assert summarize(_load(), [], [], progress, None, ZeroShot(cfg, None))["config_not_used"] == []  # trge
+    for name, method in (("base", "zero_shot"), ("ours", "trge")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {**summary, "method": method, "tasks": ["a"], "transfer": None, "avg": 10.0, "last": 10.0,
+             "trainable_params_per_task": 0}))
+    assert [(r["run"], r["identifier"], r["reading"]) for r in rows(tmp_path)] == [
+        ("base", "-", "-"), ("ours", "prototype", "sample_anchored")]
