@@ -9,8 +9,8 @@ Stages, each reused once done (delete its folder to redo it):
    data/demo, tokens SmolLM2's);
 3. the upcycled MoE (OUT/moe-<experts>x<top_k>-s<shared>: qwen2_moe, shared expert + fine-grained
    routed experts, router fitted on general training text; desmoe.models.upcycle_shared);
-4. the probes (OUT/probes, desmoe.evaluation.probes) and the held-out general perplexity of the dense
-   and the upcycled model (step 0);
+4. the probes (OUT/probes, desmoe.evaluation.probes; reused only for the --probe-items and data that built
+   them, else refused) and the held-out general perplexity of the dense and the upcycled model (step 0);
 5. healing: continued pretraining on the general domain with launcher/pretrain.py (2 ranks, EP=2),
    exported to OUT/healed-...; then the same evaluation;
 6. OUT/report.json and OUT/report.md (the table; docs/real-base.md quotes it).
@@ -164,6 +164,25 @@ def cached_eval(path: Path, model_dir: Path, data: Path, probes: Path) -> dict:
     return result
 
 
+def probe_set(data: Path, probes: Path, n: int) -> Path:
+    """The probe folder of ``data`` with ``n`` items a probe, built once and reused only for the same settings
+    (desmoe.evaluation.probes.BUILD_RECORD): a run asked for 200 items silently scored the 50 built before."""
+    from desmoe.evaluation.probes import BUILD_RECORD, build_probes, build_settings
+
+    want = build_settings(data, n)
+    if not (probes / "probes.json").is_file():
+        build_probes(data, probes, n=n)
+        return probes
+    record = probes / BUILD_RECORD
+    have = json.loads(record.read_text()) if record.is_file() else None
+    if have != want:
+        what = ("built before its settings were recorded" if have is None else "built with " + ", ".join(
+            f"{k}={have.get(k)!r} (asked for {v!r})" for k, v in want.items() if have.get(k) != v))
+        raise UserError(f"{probes}: {what} (n: --probe-items; data_meta_sha256: {data / 'meta.json'}); remove the "
+                        f"folder to build the probes again")
+    return probes
+
+
 HEAL_RECORD = "heal-overrides.json"
 
 
@@ -224,7 +243,6 @@ def table(rows: dict, info: dict) -> str:
 def main() -> None:
     import torch
 
-    from desmoe.evaluation.probes import build_probes
     from desmoe.models.upcycle_shared import upcycle_shared
 
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,9 +294,7 @@ def main() -> None:
         upcycle_shared(dense, moe, args.experts, args.top_k, args.shared_ffn, args.router, calib_ids=calib)
         log(f"upcycled: {moe} ({time.perf_counter() - t:.0f} s)")
     times["upcycle_s"] = time.perf_counter() - t
-    probes = out / "probes"
-    if not (probes / "probes.json").is_file():
-        build_probes(data, probes, n=args.probe_items)
+    probes = probe_set(data, out / "probes", args.probe_items)
     info = json.loads((probes / "probes.json").read_text())
     if args.skip_eval:
         if args.heal_steps:

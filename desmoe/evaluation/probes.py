@@ -97,6 +97,9 @@ metadata:
   version: 1.0
 """
 WORD = re.compile(r"[A-Za-z]{4,}")
+# what built a probe folder (build_settings): probes.json digests the items but not the settings, so a folder
+# built with 50 items was reused by a run asked for 200 (launcher/realbase.py refuses that on this record)
+BUILD_RECORD = "build.json"
 
 
 def _heldout_texts(data_root: Path, max_chars: int) -> list[str]:
@@ -179,6 +182,14 @@ def copy_items(words: list[str], n: int, rng: random.Random) -> list[dict]:
     return [{"prompt": f"{shots}Word: {w}\nRepeat:", "answer": w} for w in rng.sample(words, min(n, len(words)))]
 
 
+def build_settings(data_root: str | Path, n: int = 50, prose_chars: int = 8000, seed: int = 0) -> dict:
+    """The settings build_probes writes into BUILD_RECORD: its arguments and the data folder's meta.json
+    (profile, seed, counts, tokenizer: a rebuilt folder with other data has another digest)."""
+    meta = Path(data_root) / "meta.json"
+    return {"n": n, "prose_chars": prose_chars, "seed": seed,
+            "data_meta_sha256": hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else ""}
+
+
 def build_probes(data_root: str | Path, out: str | Path, n: int = 50, prose_chars: int = 8000,
                  seed: int = 0) -> dict:
     """Write the probe tasks of the prepared folder ``data_root`` into ``out``; returns probes.json's content."""
@@ -200,7 +211,9 @@ def build_probes(data_root: str | Path, out: str | Path, n: int = 50, prose_char
     sets = {"probe_prose": [{"text": t} for t in texts], "probe_cloze": cloze,
             "probe_define": define_items(dictionary, n, rng), "probe_arith": arith_items(n, rng),
             "probe_copy": copy_items(words, n // 2, rng)}
-    return write_tasks(sets, out)
+    info = write_tasks(sets, out)
+    (out / BUILD_RECORD).write_text(json.dumps(build_settings(data_root, n, prose_chars, seed), indent=1) + "\n")
+    return info
 
 
 def write_tasks(sets: dict[str, list[dict]], out: Path) -> dict:

@@ -138,6 +138,17 @@ class TRGEExperiment:
     def check(self) -> None:
         if self.method not in METHODS:
             raise bad("method", "one of " + ", ".join(METHODS), self.method)
+        # the layout a method needs was set over a conflicting groups.layout without a word (shared_pool ran the
+        # pool whatever the config said), and the pool under a method that trains task groups (trge, continual_ft)
+        # stopped at its first task with a KeyError (the pool defines no group)
+        need = METHODS_BY_NAME[self.method].layout or "groups"
+        if self.groups.layout not in ("", need):
+            raise bad("groups.layout", f"{need} or unset with method={self.method} (the layout it runs on)",
+                      self.groups.layout)
+        # the pool's routers (baselines.PoolRouter) take no max_groups: a value set there was ignored
+        if (self.groups.layout or need) == "pool" and self.groups.max_groups != GroupSpec.max_groups:
+            raise bad("groups.max_groups", f"unset with groups.layout=pool (the pool's routers do not read it; it "
+                                           f"applies to the groups layout only)", self.groups.max_groups)
         if self.eval.variants and not METHODS_BY_NAME[self.method].test_variants:
             raise bad("eval.variants", "empty unless method is trge", self.eval.variants)
         # ranges the sections' own checks (groups.py, inter_group.py, task_id.py) leave open

@@ -36,7 +36,8 @@ class GroupSpec:
     max_groups: int = 2  # groups one sample may use at once (bounds the routed work)
     noisy: bool = True  # noisy top-k gate in training
     ep_size: int = 1
-    layout: str = "groups"  # groups (TRGE) | pool (the MoE-Adapters-style baseline)
+    # groups (TRGE) | pool (the MoE-Adapters-style baseline) | "" (unset: the method's own, set by the recipe)
+    layout: str = ""
     pool_freeze_per_task: int = 2  # pool: most-used experts frozen per block after each task
 
     def check(self) -> None:
@@ -44,8 +45,8 @@ class GroupSpec:
 
         if self.num_tasks < 0:
             raise bad("num_tasks", "an integer >= 1 (0 = one group per task of the sequence)", self.num_tasks)
-        if self.layout not in ("groups", "pool"):
-            raise bad("layout", "groups or pool", self.layout)
+        if self.layout not in ("", "groups", "pool"):
+            raise bad("layout", "groups or pool (or unset: the method's own)", self.layout)
         if self.experts_per_group < 1:
             raise bad("experts_per_group", "an integer >= 1", self.experts_per_group)
         if not 1 <= self.top_k <= self.experts_per_group:

@@ -31,7 +31,8 @@ from desmoe.recipes.trge.groups import gate_parts, setup_groups
 from desmoe.recipes.trge.inter_group import one_hot_weights
 from desmoe.recipes.trge.model import TRGEModel
 from desmoe.recipes.trge.results import log_stage, summarize, write_reports
-from desmoe.recipes.trge.task_id import OracleIdentifier, TaskInfo, build_identifier, load_mllm
+from desmoe.recipes.trge.task_id import (OracleIdentifier, TaskInfo, build_identifier, check_calibration,
+                                         load_mllm)
 from desmoe.training.trainer import RESUMABLE_KEYS, Cadence, Recipe, Setup, Trainer
 
 
@@ -89,8 +90,12 @@ class TRGERecipe(Recipe):
             cfg.groups.num_tasks = len(self.tasks)
         if cfg.groups.num_tasks < len(self.tasks):
             raise bad("groups.num_tasks", f">= the {len(self.tasks)} tasks of the sequence (or 0)", cfg.groups.num_tasks)
-        if METHODS_BY_NAME[cfg.method].layout:  # before the model is built
-            cfg.groups.layout = METHODS_BY_NAME[cfg.method].layout
+        if not cfg.groups.layout:  # unset: the method's own, before the model is built (a conflict: config.py)
+            cfg.groups.layout = METHODS_BY_NAME[cfg.method].layout or "groups"
+        if cfg.identifier.backend in ("prototype", "gaussian"):  # before training, not at the first task's end
+            for t in self.tasks:  # the identifier's samples: proto_samples of the task's images, or all of them
+                check_calibration(t.name, min(len(t.train_y), cfg.train.proto_samples),
+                                  cfg.identifier.calibration_split, cfg.train.proto_samples)
         skipped = {t.name: t.meta.get("skipped", 0) for t in self.tasks + self.controls if t.meta.get("skipped", 0)}
         if skipped:
             print("desmoe: warning: images that failed to decode were skipped: "

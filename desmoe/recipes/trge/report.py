@@ -21,7 +21,8 @@ def rows(root: Path) -> list[dict]:
         if not isinstance(r, dict) or "avg" not in r:
             continue
         ident = r["identifier"] if r["method"] in ("trge", "shared_pool") else "-"
-        base = {"run": path.parent.name, "method": r["method"], "identifier": ident, "reading": r["reading"],
+        reading = r["reading"] if r["method"] == "trge" else "-"  # only trge's predict reads inter.reading
+        base = {"run": path.parent.name, "method": r["method"], "identifier": ident, "reading": reading,
                 "fusion": r["fusion"], "trainable_per_task": r["trainable_params_per_task"]}
         last_id = r["id_rows"][-1][: len(r["tasks"])] if r["method"] in ("trge", "shared_pool") else []
         out.append({**base, "transfer": r["transfer"], "avg": r["avg"], "last": r["last"],

@@ -31,6 +31,14 @@ def log_stage(monitor, cfg, tasks, controls, progress, t, step) -> None:
                     title="mean inter-group routing weight per test set")
 
 
+# the identifier.* and inter.* keys each method's evaluation does not read (evaluate.evaluate_task and
+# baselines.*.predict): the shipped configs set them for trge and the baselines run on the same config
+# (method=<baseline>), so a results.json naming an identifier and a reading it never used misled its reader
+NOT_READ = {"trge": [], "zero_shot": ["identifier.*", "inter.*"],
+            "continual_ft": ["identifier.*", "inter.* but inter.text_routing"],
+            "shared_pool": ["inter.* but inter.text_routing and inter.unknown_names"]}
+
+
 def summarize(cfg, tasks, controls, progress, model, method) -> dict:
     """``method``: the run's baselines.Method."""
     A = np.array(progress["rows"], dtype=np.float64)
@@ -41,6 +49,7 @@ def summarize(cfg, tasks, controls, progress, model, method) -> dict:
            "trainable_params_per_task": method.trainable_per_task(model, progress),
            "identifier": cfg.identifier.backend + ("+batch-vote" if cfg.identifier.per_batch else ""),
            "reading": cfg.inter.reading, "fusion": cfg.fusion.schedule,
+           "config_not_used": NOT_READ[cfg.method],
            # images that failed to decode while loading (skipped, not fatal)
            "skipped_images": {t.name: int(t.meta.get("skipped", 0)) for t in tasks + controls}}
     if A.ndim == 2 and A.shape[0] == A.shape[1] >= 1:

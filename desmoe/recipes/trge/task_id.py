@@ -138,11 +138,26 @@ class OracleIdentifier(TaskIdentifier):
         return torch.where(t < len(self.tasks), t, torch.full_like(t, UNSEEN))
 
 
-def split_for_calibration(feats: Tensor, share: float) -> tuple[Tensor, Tensor]:
+def check_calibration(task: str, n: int, share: float, proto_samples: Optional[int] = None) -> int:
+    """The rows of ``n`` identifier samples that ``identifier.calibration_split`` = ``share`` holds out.  A task
+    with fewer training images than train.proto_samples has fewer samples than the config check assumed: a split
+    that then holds out none or leaves fewer than 2 to fit was dropped without a word (the threshold calibrated
+    on the fitting rows themselves); refused in one line instead (the recipe's set-up calls this per task)."""
+    held = int(round(share * n))
+    if share > 0 and (held < 1 or n - held < 2):
+        cap = f"train.proto_samples={proto_samples} capped by its training images" if proto_samples else \
+            "train.proto_samples capped by its training images"
+        raise UserError(f"task '{task}': identifier.calibration_split={share} of its {n} identifier samples ({cap}) "
+                        f"holds out {held} and leaves {n - held} to fit; expected at least 1 held out and 2 to fit "
+                        f"(another calibration_split, or more training images)")
+    return held
+
+
+def split_for_calibration(feats: Tensor, share: float, task: str = "") -> tuple[Tensor, Tensor]:
     """(fitting rows, held-out rows): every k-th sample is held out (the samples are already a random
     draw); share 0 = calibrate on the fitting rows themselves."""
-    n_cal = int(round(share * len(feats)))
-    if n_cal < 1 or len(feats) - n_cal < 2:
+    n_cal = check_calibration(task, len(feats), share)
+    if n_cal == 0:
         return feats, feats
     held = torch.zeros(len(feats), dtype=torch.bool, device=feats.device)
     held[torch.linspace(0, len(feats) - 1, n_cal).round().long()] = True
@@ -160,7 +175,7 @@ class PrototypeIdentifier(TaskIdentifier):
 
     def fit_task(self, info: TaskInfo) -> None:
         super().fit_task(info)
-        fit, held = split_for_calibration(info.feats.float(), self.calibration_split)
+        fit, held = split_for_calibration(info.feats.float(), self.calibration_split, info.name)
         proto = F.normalize(fit.mean(0), dim=0)
         self.protos.append(proto)
         own = F.normalize(held, dim=-1) @ proto  # similarities a task's own new samples reach
@@ -210,7 +225,7 @@ class GaussianIdentifier(TaskIdentifier):
 
     def fit_task(self, info: TaskInfo) -> None:
         super().fit_task(info)
-        x, held = split_for_calibration(info.feats.double(), self.calibration_split)
+        x, held = split_for_calibration(info.feats.double(), self.calibration_split, info.name)
         if self.shrinkage == 0 and x.shape[0] <= x.shape[1]:  # rank <= N-1 < D: inv() returned garbage silently
             raise UserError(f"identifier.shrinkage=0: task '{info.name}' has {x.shape[0]} fitting samples for "
                             f"{x.shape[1]} feature dims, so its covariance is singular; expected shrinkage > 0 or "
