@@ -118,13 +118,14 @@ def test_identifier_value_it_would_read_another_way_is_refused(overrides, line):
     assert _refused(*overrides) == f"{DIGITS}: {line}"
 
 
-def test_calibration_split_too_small_is_dropped_by_the_identifier():
-    """Why: with no row to hold out, the identifier fits and calibrates on the same rows."""
+def test_calibration_split_too_small_is_refused_by_the_identifier():
+    """Why: with no row to hold out, the identifier would fit and calibrate on the same rows (it did, silently)."""
+    from desmoe.errors import UserError
     from desmoe.recipes.trge.task_id import split_for_calibration
 
     feats = torch.arange(200.0).reshape(200, 1)
-    fit, held = split_for_calibration(feats, 0.001)
-    assert fit is feats and held is feats
+    with pytest.raises(UserError, match="holds out 0 and leaves 200 to fit"):
+        split_for_calibration(feats, 0.001)
     fit, held = split_for_calibration(feats, 0.005)  # round(1.0) = 1 row held out: still accepted
     assert len(held) == 1 and len(fit) == 199
     assert _load("identifier.threshold_quantile=0.05", "identifier.calibration_split=0.005").identifier.calibration_split
