@@ -2,22 +2,7 @@
 being overwritten or ignored without a word."""
 import pytest
 
-from desmoe.config import load_config
-from desmoe.errors import ConfigError
-
-DIGITS = "configs/trge_digits.yaml"
-
-
-def _load(*overrides):
-    from desmoe.recipes.trge.recipe import TRGEExperiment
-
-    return load_config(TRGEExperiment, DIGITS, list(overrides))
-
-
-def _refused(*overrides):
-    with pytest.raises(ConfigError) as err:
-        _load(*overrides)
-    return str(err.value)
+from test_trge_config_values import DIGITS, _load, _refused  # noqa: F401  (the same loader and refusal reader)
 
 
 def test_shared_pool_refuses_a_conflicting_layout():
