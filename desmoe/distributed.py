@@ -157,16 +157,28 @@ def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
+def extensions_dir(prefix: str) -> str:
+    """Where this environment's JIT-built ops go, keyed by the path the environment is reached through.
+
+    DeepSpeed JIT-builds a shared-memory comm op for the CPU accelerator and caches it by op name only: a
+    per-venv folder stops two environments evicting each other.  The build command names the op's sources
+    through that path, so one venv reached through two spellings (a symlink, an NFS export mounted at
+    another path on another node) saw a changed command in each process and rebuilt the op every launch,
+    each waiting minutes for the others' builds (measured: a 15 s launch took 120-160 s beside three
+    clones sharing a venv by symlink).  One folder per spelling builds once per spelling."""
+    import hashlib
+
+    return os.path.join(prefix, "torch_extensions", hashlib.sha256(prefix.encode()).hexdigest()[:12])
+
+
 def prepare_process() -> None:
     """Process-level defaults that must be in place before DeepSpeed is imported."""
     # DeepSpeed's ZeRO calls a torch API that warns on every step; it is not ours to fix.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated")
     if not use_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # DeepSpeed JIT-builds a shared-memory comm op for the CPU accelerator and caches it
-    # by op name only; a per-venv cache stops two environments evicting each other.
     if sys.prefix != sys.base_prefix:
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir(sys.prefix))
     # On CPU, one intra-op thread per rank beats oversubscription by 3-5x (measured).
     if not use_cuda() and "OMP_NUM_THREADS" not in os.environ:
         world = _local_world_size()

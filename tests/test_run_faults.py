@@ -184,6 +184,23 @@ def test_a_jit_lock_left_by_a_killed_process_does_not_hang_the_next_start(tmp_pa
     assert result == {"r": "loaded"} and not (tmp_path / "lock").exists()
 
 
+def test_one_venv_reached_through_two_paths_builds_its_ops_in_two_folders(tmp_path):
+    """DeepSpeed's CPU comm op is JIT-built with its sources named through the venv's path: a venv reached
+    through a symlink (or an NFS export mounted elsewhere on another node) shared one build folder with the
+    direct spelling, saw a changed build command in every process and rebuilt the op at every launch."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("not inside a virtual environment")
+    link = tmp_path / "venv-link"
+    link.symlink_to(Path(sys.prefix).resolve(), target_is_directory=True)
+    code = "import os; from desmoe.distributed import prepare_process; prepare_process(); " \
+           "print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"} | {"PYTHONPATH": str(ROOT)}
+    dirs = [subprocess.run([str(Path(prefix) / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                           env=env, timeout=300, check=True).stdout.strip() for prefix in (sys.prefix, link, sys.prefix)]
+    real = [os.path.realpath(d) for d in dirs]  # the two spellings name one venv: the folders must still differ
+    assert real[0] == real[2] and real[0] != real[1] and real[0].startswith(os.path.realpath(sys.prefix)), dirs
+
+
 WRITE_UNDER_LIMIT = """
 import resource, sys
 from transformers import AutoModelForCausalLM
