@@ -56,8 +56,8 @@ _GIVEN = "_desmoe_given_keys"
 def given_keys(cfg: Any) -> dict[str, str] | None:
     """The dotted keys the YAML and the overrides of ``load_config`` set, each with where it was set (a
     value equal to the default counts too: the user wrote it); None for a config not built by load_config.
-    Where a value the user chose must win over another source (train.lr over the DeepSpeed JSON's lr),
-    the value alone cannot tell a default from a choice."""
+    A default gives way to another source where a choice must not (train.lr to the DeepSpeed JSON's
+    number: engine.fold_lr), and the value alone cannot tell the two apart."""
     return getattr(cfg, _GIVEN, None)
 
 
