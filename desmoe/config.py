@@ -33,17 +33,38 @@ def bad(key: str, expected: str, got: Any = dataclasses.MISSING) -> ConfigError:
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
     data: dict[str, Any] = {}
     source = "defaults"
+    given: dict[str, str] = {}  # dotted key -> where its value came from (the last to set it)
     if path is not None:
         source = str(path)
         data = _read_yaml(Path(path))
+        given.update((key, source) for key in _leaf_keys(data))
     for item in overrides:
-        _apply_override(data, item, cls)
+        key, value = _apply_override(data, item, cls)
+        given.update((k, f"override '{item}'") for k in _leaf_keys({key: value}))
     try:
         cfg = _build(cls, data, prefix="")
         _check_tree(cfg, prefix="")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    object.__setattr__(cfg, _GIVEN, given)  # not a field: the dumps (asdict) leave it out; deepcopy keeps it
     return cfg
+
+
+_GIVEN = "_desmoe_given_keys"
+
+
+def given_keys(cfg: Any) -> dict[str, str] | None:
+    """The dotted keys the YAML and the overrides of ``load_config`` set, each with where it was set (a
+    value equal to the default counts too: the user wrote it); None for a config not built by load_config.
+    A default gives way to another source where a choice must not (train.lr to the DeepSpeed JSON's
+    number: engine.fold_lr), and the value alone cannot tell the two apart."""
+    return getattr(cfg, _GIVEN, None)
+
+
+def _leaf_keys(data: Any, prefix: str = "") -> list[str]:
+    if not isinstance(data, dict) or not data:
+        return [prefix.rstrip(".")] if prefix else []
+    return [k for key, value in data.items() for k in _leaf_keys(value, f"{prefix}{key}.")]
 
 
 def check_as(section: Any, check, prefix: str) -> None:
@@ -154,7 +175,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _apply_override(data: dict[str, Any], item: str, cls: Any = None) -> None:
+def _apply_override(data: dict[str, Any], item: str, cls: Any = None) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{item}': expected the form key.path=value")
@@ -191,6 +212,7 @@ def _apply_override(data: dict[str, Any], item: str, cls: Any = None) -> None:
         node[parts[-1]] = _merge(old, value, tp)
     else:
         node[parts[-1]] = value
+    return key, value
 
 
 def _section_type(cls: Any, parts: Sequence[str]) -> Any:

@@ -9,6 +9,7 @@ freezing is exact and no fused-Adam JIT build happens on CPU.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import weakref
 from pathlib import Path
@@ -84,6 +85,40 @@ def _removed_keys_check(module: Any) -> Callable[[Mapping[str, Any]], None]:
     return check
 
 
+def fold_lr(exp: Any, ds_raw: Mapping[str, Any]) -> None:
+    """One learning rate for the run, before anything reads ``exp.train.lr``: a number in the JSON's
+    ``optimizer.params.lr`` becomes train.lr (the config dump, the logs, the recipes' schedules read it)
+    unless the user set train.lr (YAML or override) to another value, which is refused; "auto" or no lr in
+    the JSON leaves train.lr (the user's, else the recipe's default) to fill it.  Replacing the JSON's
+    number with train.lr, as before, trained at a rate the user never chose without a word."""
+    from desmoe.config import given_keys
+
+    train = getattr(exp, "train", None)
+    opt = ds_raw.get("optimizer")
+    params = opt.get("params") if isinstance(opt, dict) else None
+    json_lr = params.get("lr", "auto") if isinstance(params, dict) else "auto"
+    if train is None or not hasattr(train, "lr") or json_lr == "auto" or not _is_num(json_lr, 0, open_low=True):
+        return  # a value that is no learning rate is named by resolve_ds_config
+    source = ds_raw.get("_source", "DeepSpeed config")
+    given = given_keys(exp)
+    if given is None:  # built in code, not by load_config: a value other than the default was chosen there
+        default = next(f for f in dataclasses.fields(train) if f.name == "lr").default
+        where = None if train.lr == default else "the experiment built in code"
+    else:
+        where = given.get("train.lr")
+    # an explicit null is "the JSON's" (train.lr's documented None)
+    if where is not None and train.lr is not None and train.lr != json_lr:
+        raise ConfigError(f"{source}: key 'optimizer.params.lr': {json_lr!r}, but train.lr={train.lr!r} from "
+                          f"{where}; give one of them (\"auto\" takes train.lr) or the same value in both")
+    train.lr = float(json_lr)
+    check = getattr(train, "check", None)
+    if callable(check):  # the range train.lr is held to (e.g. below 1), as if it had been written there
+        try:
+            check()
+        except ConfigError as err:
+            raise ConfigError(f"{source}: key 'optimizer.params.lr' (the run's train.lr): {err}") from None
+
+
 def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int = 1,
                       lr: Optional[float] = None) -> dict[str, Any]:
     """Fill "auto" values and check the parts desmoe depends on."""
@@ -149,11 +184,16 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     if unknown:
         raise ConfigError(f"{source}: key 'optimizer.params.{sorted(unknown)[0]}': unknown "
                           f"(known: {', '.join(sorted(OPTIMIZER_KEYS))})")
-    if lr is not None:
+    json_lr = opt.get("params", {}).get("lr", "auto")  # absent is "auto": train.lr
+    if json_lr == "auto" and lr is not None:
         opt.setdefault("params", {})["lr"] = lr
-    elif isinstance(opt.get("params"), dict) and opt["params"].get("lr") == "auto":  # "auto" = train.lr, unset
+    elif json_lr == "auto" and "lr" in opt.get("params", {}):  # absent and no train.lr: build_engine refuses
         raise ConfigError(f"{source}: key 'optimizer.params.lr': expected a number when train.lr is not set, "
                           f"got 'auto'")
+    elif json_lr != "auto" and lr is not None and _is_num(json_lr, 0, open_low=True) and json_lr != lr:
+        # fold_lr made them one value for a run; a caller that skipped it must not train at either silently
+        raise ConfigError(f"{source}: key 'optimizer.params.lr': {json_lr!r} differs from train.lr={lr!r}; "
+                          f"give one of them (\"auto\" takes train.lr) or the same value in both")
     cfg["optimizer"] = opt
     # Our optimizer is an AdamW subclass, which ZeRO does not list by type.
     cfg["zero_allow_untested_optimizer"] = True
@@ -222,12 +262,14 @@ def build_engine(model: nn.Module, ds_config: Mapping[str, Any],
 
     cfg = dict(ds_config)
     params = dict(cfg.pop("optimizer")["params"])
+    if "lr" not in params:  # resolve_ds_config fills it from train.lr; a default here would be nobody's choice
+        raise ConfigError("key 'optimizer.params.lr': expected a number when train.lr is not set, got nothing")
     params.pop("torch_adam", None)
     params.pop("adam_w_mode", None)
     wd = float(params.pop("weight_decay", 0.0))
     groups = build_param_groups(model, parts, weight_decay=wd, expert_unit=expert_unit)
     _check_group_count(len(groups))
-    optimizer = FreezableAdamW(groups, lr=float(params.get("lr", 1e-3)), betas=tuple(params.get("betas", (0.9, 0.999))),
+    optimizer = FreezableAdamW(groups, lr=float(params["lr"]), betas=tuple(params.get("betas", (0.9, 0.999))),
                                eps=float(params.get("eps", 1e-8)), weight_decay=wd, foreach=False)
     _check_stage0_clipping(model, cfg)
     _frozen_groups_give_no_gradient(optimizer)  # before initialize: ZeRO then swaps the groups' params for its own

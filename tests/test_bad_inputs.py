@@ -199,7 +199,16 @@ CASES = [
          lambda t: resolve_env({k: v for k, v in SLURM_ENV.items() if k != "SLURM_LOCALID"}),
          "incomplete Slurm environment: SLURM_LOCALID missing (run the job with srun)"),
     Case("unreadable Slurm node list", "environment", lambda t: expand_hostlist("gpu[1-x]"), "cannot read the range '1-x'"),
+    Case("JSON lr and another train.lr", "deepspeed", lambda t: _two_lrs(t),
+         "key 'optimizer.params.lr': 0.0005, but train.lr=0.002 from "),
 ]
+
+
+def _two_lrs(tmp: Path):
+    from desmoe.engine import fold_lr
+
+    cfg = exp(tmp, "train:\n  lr: 0.002\n")
+    return fold_lr(cfg, read_ds_config(json_file(tmp, '{"optimizer": {"type": "AdamW", "params": {"lr": 5e-4}}}')))
 
 
 def _tilde(tmp: Path):

@@ -44,22 +44,27 @@ def test_probes_with_fewer_than_two_items_are_refused(tmp_path, n):
 
 def test_precedence_the_readme_states(tmp_path):
     """README 'Which value wins': the last --config/--deepspeed, overrides after the YAML in order, and train.lr
-    over the DeepSpeed JSON's optimizer lr."""
+    for the DeepSpeed JSON's optimizer lr "auto" (a number there and another train.lr: refused)."""
     import json
 
     from desmoe.cli import parse_launcher_args
-    from desmoe.engine import resolve_ds_config
+    from desmoe.engine import fold_lr, read_ds_config, resolve_ds_config
+    from desmoe.errors import ConfigError
     from desmoe.recipes.lm.recipe import LMExperiment
 
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 0.5, "weight_decay": 0.1}}}))
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.1}}}))
     cfg, args = parse_launcher_args(LMExperiment, argv=[
         "--config", str(ROOT / "configs/desmoe_cpu.yaml"), "--deepspeed", str(ROOT / "configs/zero2.json"),
         "train.lr=0.003", "--config", str(ROOT / "configs/smoke.yaml"), "--deepspeed", str(ds), "--train.lr", "0.004"])
     assert args.config == str(ROOT / "configs/smoke.yaml") and args.deepspeed == str(ds)
     assert cfg.train.lr == 0.004  # the smoke YAML says 0.002; the later of two overrides wins
-    resolved = resolve_ds_config(json.loads(ds.read_text()), cfg.train.micro_batch, lr=cfg.train.lr)
+    fold_lr(cfg, read_ds_config(ds))
+    resolved = resolve_ds_config(read_ds_config(ds), cfg.train.micro_batch, lr=cfg.train.lr)
     assert resolved["optimizer"]["params"] == {"lr": 0.004, "weight_decay": 0.1}
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 0.5, "weight_decay": 0.1}}}))
+    with pytest.raises(ConfigError, match=r"0.5, but train.lr=0.004 from override 'train.lr=0.004'"):
+        fold_lr(cfg, read_ds_config(ds))
 
 
 @pytest.mark.parametrize("argv,line", [

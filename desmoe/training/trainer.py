@@ -72,7 +72,7 @@ class Setup:
 
     model: torch.nn.Module
     micro_batch: int
-    lr: Optional[float] = None  # None: the DeepSpeed config's optimizer lr
+    lr: Optional[float] = None  # None: the DeepSpeed JSON's number (engine.fold_lr made it train.lr)
     parts: Optional[Mapping[str, Callable[[str], bool]]] = None  # dense parts frozen separately
     expert_unit: Any = None
     grad_accum: int = 1  # micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)
@@ -187,9 +187,10 @@ class Trainer:
         import deepspeed.comm as dist
 
         from desmoe.distributed import init_distributed
-        from desmoe.engine import read_ds_config
+        from desmoe.engine import fold_lr, read_ds_config
 
         self.ds_raw = read_ds_config(self.ds_config_path)
+        fold_lr(self.recipe.cfg, self.ds_raw)  # before setup, the schedules or the config dump read train.lr
         for path, key in ((Path(self.recipe.cfg.run.dir), "run.dir"), (self.run_dir, "run.name")):
             if path.exists() and not path.is_dir():  # else mkdir fails later with a traceback
                 raise bad(key, "a directory or a path that does not exist yet", f"{path} (a file)")

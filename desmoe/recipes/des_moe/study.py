@@ -202,8 +202,9 @@ def cell_config(cfg: RealbaseStudy, cell: Cell, run_dir: str) -> DESMoEExperimen
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg.experiment), sort_keys=False))
     domains = cfg.experiment.data.domains[:cell.n]
-    lr = cell.lr if cell.phase != "base" else "null"  # the base does not train
-    sets = [f"desmoe.method={arm.method}", f"train.lr={lr}", f"train.seed={cell.seed}",
+    # the base does not train: no train.lr (null would refuse the JSON's "auto"; its default is never used)
+    lr = [f"train.lr={cell.lr}"] if cell.phase != "base" else []
+    sets = [f"desmoe.method={arm.method}", *lr, f"train.seed={cell.seed}",
             f"model.init_seed={cell.seed}", f"train.steps={cfg.study.steps_per_domain * cell.n}",
             f"data.domains=[{', '.join(domains)}]", f"run.dir={run_dir}", f"run.name={cfg.study.name}-{cell.run}"]
     try:

@@ -32,7 +32,8 @@ class TrainConfig:
     micro_batch: int = 8
     grad_accum: int = 1  # micro-batches per optimizer step: a step sees micro_batch * grad_accum samples a rank
     seq_len: int = 128
-    lr: Optional[float] = None  # None = the DeepSpeed config's optimizer lr
+    # 3e-4: what configs/zero2.json held before its lr became "auto"; None: the DeepSpeed JSON's number
+    lr: Optional[float] = 3e-4
     aux_loss_coef: float = 0.01
     log_every: int = 10
     eval_every: int = 50
