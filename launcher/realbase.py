@@ -10,7 +10,8 @@ Stages, each reused once done (delete its folder to redo it):
 3. the upcycled MoE (OUT/moe-<experts>x<top_k>-s<shared>: qwen2_moe, shared expert + fine-grained
    routed experts, router fitted on general training text; desmoe.models.upcycle_shared);
 4. the probes (OUT/probes, desmoe.evaluation.probes; reused only for the --probe-items and data that built
-   them, else refused) and the held-out general perplexity of the dense and the upcycled model (step 0);
+   them, else refused; rebuilt when only the probe code that wrote them differs) and the held-out general
+   perplexity of the dense and the upcycled model (step 0);
 5. healing: continued pretraining on the general domain with launcher/pretrain.py (2 ranks, EP=2),
    exported to OUT/healed-...; then the same evaluation;
 6. OUT/report.json and OUT/report.md (the table; docs/real-base.md quotes it).
