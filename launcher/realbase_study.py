@@ -234,6 +234,9 @@ def main() -> None:
                                                                     "the base (study.experiment.base.hf)")):
             if not need.is_file():
                 raise UserError(f"{need}: not found; {what} must exist before the study")
+        from desmoe.evaluation.probes import check_probe_code
+
+        check_probe_code(probes.parent)  # a folder of other probe code holds other items than the rows compare
         from desmoe.distributed import init_distributed, is_rank0
 
         init_distributed()

@@ -25,8 +25,10 @@ import json
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
+from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError
 
 TASKS = Path(__file__).resolve().parent / "tasks"
@@ -100,6 +102,27 @@ WORD = re.compile(r"[A-Za-z]{4,}")
 # what built a probe folder (build_settings): probes.json digests the items but not the settings, so a folder
 # built with 50 items was reused by a run asked for 200 (launcher/realbase.py refuses that on this record)
 BUILD_RECORD = "build.json"
+# the code that turns a prepared folder into probe items: this file, the harness helpers copied beside the
+# tasks, and the reader and tokenizer that decode the held-out prose (a changed decode is other prose)
+PROBE_CODE = (Path(__file__), TASKS / "utils.py", Path(__file__).resolve().parents[1] / "data" / "prepared.py",
+              Path(__file__).resolve().parents[1] / "data" / "tokenizer.py")
+
+
+def probe_code() -> str:
+    """Digest of PROBE_CODE, recorded in BUILD_RECORD: a folder built by other code holds other items."""
+    return hashlib.sha256(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in PROBE_CODE)).hexdigest()[:16]
+
+
+def check_probe_code(probes: str | Path) -> None:
+    """Refuse, in one line, a probe folder named by the user whose BUILD_RECORD is missing or names other
+    probe code (a generated folder is rebuilt instead: launcher/realbase.py ``probe_set``)."""
+    record = Path(probes) / BUILD_RECORD
+    have = json.loads(record.read_text()).get("code") if record.is_file() else None
+    if have != probe_code():
+        what = "has no build record" if not record.is_file() else f"was built by other probe code (code={have!r}, " \
+                                                                  f"this code {probe_code()!r})"
+        raise UserError(f"{record}: the probe folder {what}; build it again (make realbase, or remove the folder "
+                        f"and run launcher/realbase.py)")
 
 
 def _heldout_texts(data_root: Path, max_chars: int) -> list[str]:
@@ -187,7 +210,8 @@ def build_settings(data_root: str | Path, n: int = 50, prose_chars: int = 8000, 
     (profile, seed, counts, tokenizer: a rebuilt folder with other data has another digest)."""
     meta = Path(data_root) / "meta.json"
     return {"n": n, "prose_chars": prose_chars, "seed": seed,
-            "data_meta_sha256": hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else ""}
+            "data_meta_sha256": hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else "",
+            "code": probe_code()}
 
 
 def build_probes(data_root: str | Path, out: str | Path, n: int = 50, prose_chars: int = 8000,
@@ -211,18 +235,28 @@ def build_probes(data_root: str | Path, out: str | Path, n: int = 50, prose_char
     sets = {"probe_prose": [{"text": t} for t in texts], "probe_cloze": cloze,
             "probe_define": define_items(dictionary, n, rng), "probe_arith": arith_items(n, rng),
             "probe_copy": copy_items(words, n // 2, rng)}
-    info = write_tasks(sets, out)
-    (out / BUILD_RECORD).write_text(json.dumps(build_settings(data_root, n, prose_chars, seed), indent=1) + "\n")
+    # written beside ``out`` and renamed into place: a rebuild that stops half way leaves the old folder whole,
+    # not new items under the old build record
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        info = write_tasks(sets, tmp, dest=out)
+        (tmp / BUILD_RECORD).write_text(json.dumps(build_settings(data_root, n, prose_chars, seed), indent=1) + "\n")
+        replace_dir_atomic(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return info
 
 
-def write_tasks(sets: dict[str, list[dict]], out: Path) -> dict:
-    """The JSONL file and task YAML of each probe in ``sets`` (task -> rows), and probes.json."""
+def write_tasks(sets: dict[str, list[dict]], out: Path, dest: Path | None = None) -> dict:
+    """The JSONL file and task YAML of each probe in ``sets`` (task -> rows), and probes.json; the YAMLs name
+    the JSONL files in ``dest`` (default ``out``): the folder they will be read from."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(TASKS / "utils.py", out / "utils.py")
     for task, rows in sets.items():
-        data_file = (out / f"{task}.jsonl").resolve()
-        data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        data_file = (Path(dest or out) / f"{task}.jsonl").resolve()
+        (out / f"{task}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         template = ROLLING if task == "probe_prose" else CHOICE if "choices" in rows[0] else EXACT
         tokens = "3" if task == "probe_arith" else "5"
         (out / f"{task}.yaml").write_text(template.replace("@TASK@", task).replace("@DATA@", str(data_file))
