@@ -37,7 +37,9 @@ def test_max_groups_is_refused_where_the_pool_ignores_it(layout):
 
 def test_a_baseline_run_records_the_sections_it_did_not_use(tmp_path):
     """zero_shot identifies no task and routes no group: the shipped config's identifier.* and inter.* (kept for
-    method=<baseline> on the same config) are recorded as not used, and the table shows no reading for it."""
+    method=<baseline> on the same config) are recorded as not used, and the table shows no reading for it, nor a
+    fusion schedule (only trge fuses; a baseline's results.json carries the default one).  A combined variant's
+    row shows what each of its atoms changes (oracle+no_fusion: before, neither, as it was not "oracle")."""
     import json
 
     from desmoe.recipes.trge.baselines import METHODS_BY_NAME, ZeroShot
@@ -50,10 +52,15 @@ def test_a_baseline_run_records_the_sections_it_did_not_use(tmp_path):
     summary = summarize(cfg, [], [], progress, None, ZeroShot(cfg, None))
     assert summary["config_not_used"] == ["identifier.*", "inter.*"]
     assert summarize(_load(), [], [], progress, None, ZeroShot(cfg, None))["config_not_used"] == []  # trge
+    metrics = {"transfer": None, "avg": 10.0, "last": 10.0}
+    variants = {"ours": {v: metrics for v in ("oracle+no_fusion", "no_inter")}, "base": {}}
     for name, method in (("base", "zero_shot"), ("ours", "trge")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(
-            {**summary, "method": method, "tasks": ["a"], "transfer": None, "avg": 10.0, "last": 10.0,
-             "trainable_params_per_task": 0}))
-    assert [(r["run"], r["identifier"], r["reading"]) for r in rows(tmp_path)] == [
-        ("base", "-", "-"), ("ours", "prototype", "sample_anchored")]
+            {**summary, **metrics, "method": method, "tasks": ["a"], "trainable_params_per_task": 0,
+             "variants": variants[name]}))
+    assert summary["fusion"] == "progress"  # what the baseline's results.json says, and the table must not
+    assert [(r["run"], r["identifier"], r["reading"], r["fusion"]) for r in rows(tmp_path)] == [
+        ("base", "-", "-", "-"), ("ours", "prototype", "sample_anchored", "progress"),
+        ("ours [oracle+no_fusion]", "oracle", "sample_anchored", "frozen"),
+        ("ours [no_inter]", "prototype", "own", "progress")]

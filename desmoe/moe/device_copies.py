@@ -2,7 +2,7 @@
 
 Why: ``t.to(cuda)`` of a pageable host tensor is a blocking copy, so a table kept on the host
 and moved in each forward made every MoE layer wait for the GPU.  A copy is made once per
-(table, device) and reused until the table is replaced or changed in place (its version counter).
+(table, device) and reused until the table is replaced or changed in place (``TensorMemo``).
 Kept outside ``state_dict``: the keys and the saved tensors stay the host tables.
 """
 from __future__ import annotations
@@ -12,17 +12,20 @@ from typing import Hashable
 import torch
 from torch import Tensor
 
+from desmoe.moe.tensor_memo import TensorMemo
+
 
 class DeviceCopies:
     def __init__(self) -> None:
-        self._copies: dict[Hashable, tuple[Tensor, int, Tensor]] = {}
+        self._copies: dict[Hashable, TensorMemo] = {}
 
     def get(self, key: Hashable, t: Tensor, device: torch.device) -> Tensor:
         """``t.to(device)``, copied only when ``t`` is new, changed or wanted on another device."""
         hit = self._copies.get(key)
-        # holding ``t`` in the entry keeps its id from being reused by a new table
-        if hit is not None and hit[0] is t and hit[1] == t._version and hit[2].device == device:
-            return hit[2]
+        if hit is not None and hit.fresh(t) and hit.value.device == device:
+            return hit.value
         copy = t.to(device)
-        self._copies[key] = (t, t._version, copy)
+        entry = TensorMemo.of(t, copy)
+        if entry is not None:  # an inference tensor (no version counter) is copied every time
+            self._copies[key] = entry
         return copy

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from desmoe.kernels import RowKernels, expert_loop_cpu, rows_cpu, swiglu_cpu
+from desmoe.kernels import expert_loop_cpu, swiglu_cpu
+from desmoe.moe.token_rows import gather_rows, row_kernels, scatter_add_rows
 
 Counts = Union[Sequence[int], Tensor]
 
@@ -102,30 +103,6 @@ def _act_bwd_inplace_rows(h: Tensor, w: Optional[Tensor], d_act: Tensor, d_w: Op
     return run
 
 
-def _row_kernels(t: Tensor) -> Optional[RowKernels]:
-    rows = rows_cpu() if t.device.type == "cpu" else None
-    return rows if rows is not None and RowKernels.supports(t) else None
-
-
-def _gather_rows(src: Tensor, idx: Tensor, dst: Tensor):
-    """``run(r0, r1)``: ``dst[:r1 - r0] = src[idx[r0:r1]]`` (one C call on CPU)."""
-    kernels = _row_kernels(src)
-    if kernels is not None:
-        return kernels.gather_rows(src, idx, dst)
-    return lambda r0, r1: torch.index_select(src, 0, idx[r0:r1], out=dst[:r1 - r0])
-
-
-def _scatter_add_rows(src: Tensor, idx: Tensor, acc: Tensor):
-    """``(run, finish)``: ``run(r0, r1)`` adds ``src[:r1 - r0]`` into the float32 ``acc`` at rows
-    ``idx[r0:r1]``, ``acc`` uninitialised before the first call; ``finish()`` after the last (one C call
-    each on CPU: the first row of a token is stored, and finish zeroes the tokens no row reached)."""
-    kernels = _row_kernels(src)
-    if kernels is not None:
-        return kernels.scatter_add_rows(src, idx, acc)
-    acc.zero_()
-    return (lambda r0, r1: acc.index_add_(0, idx[r0:r1], src[:r1 - r0].to(acc.dtype))), (lambda: None)
-
-
 def _expert_loop(x: Tensor, weights):
     loop = expert_loop_cpu() if x.device.type == "cpu" else None
     return loop if loop is not None and loop.supports(x, weights) else None
@@ -144,8 +121,8 @@ def _loop_forward(x: Tensor, route_w: Optional[Tensor], counts: list[int], token
     if tokens:  # x and the output in token order: one expert's rows at a time through two scratches
         x_rows, y_rows = x.new_empty((m, d)), x.new_empty((m, d))
         acc = torch.empty((x.shape[0], d), dtype=torch.float32, device=x.device)  # the k-way sum, in fp32
-        gather = _gather_rows(x, token_of_row, x_rows)
-        combine, combined = _scatter_add_rows(y_rows, token_of_row, acc)
+        gather = gather_rows(x, token_of_row, x_rows)
+        combine, combined = scatter_add_rows(y_rows, token_of_row, acc)
     else:
         out = x.new_empty(x.shape)
         xs, outs = x.split(counts), out.split(counts)
@@ -173,7 +150,7 @@ def fuses_rows(x: Tensor, experts) -> bool:
     call per expert).  Elsewhere (the loop on a GPU or without a compiler, where a per-expert torch op
     would cost more than the pass) the dispatcher gathers and combines around the experts
     (``desmoe.moe.permutation``)."""
-    return grouped_mm_supported(x, experts) or _row_kernels(x) is not None
+    return grouped_mm_supported(x, experts) or row_kernels(x) is not None
 
 
 class GroupedSwiGLU(torch.autograd.Function):
@@ -245,8 +222,8 @@ class GroupedSwiGLU(torch.autograd.Function):
         if tokens:  # dy gathered per expert; the input gradient summed into token order, then x re-gathered
             dy_rows, rows = x.new_empty((m, d)), x.new_empty((m, d))
             grad_acc = torch.empty((x.shape[0], d), dtype=torch.float32, device=x.device)
-            gather_dy, gather_x = _gather_rows(grad_out, token_of_row, dy_rows), _gather_rows(x, token_of_row, rows)
-            scatter_gx, scattered = _scatter_add_rows(rows, token_of_row, grad_acc)
+            gather_dy, gather_x = gather_rows(grad_out, token_of_row, dy_rows), gather_rows(x, token_of_row, rows)
+            scatter_gx, scattered = scatter_add_rows(rows, token_of_row, grad_acc)
         else:
             grad_x = torch.empty_like(x)
             dys, gxs, xs = (t.split(counts) for t in (grad_out, grad_x, x))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from desmoe.moe.router import Router, Routing
+from desmoe.moe.tensor_memo import TensorMemo
 
 
 class GroupContext(nn.Module):
@@ -38,11 +39,11 @@ class GroupContext(nn.Module):
         # set while an accumulated step's micro-batch runs (accumulate.StepDraws.image_noise): the gates'
         # noise rows come from the whole step's draw; None = a fresh draw of the forward's own shape
         self.draw_noise: Optional[Callable[[nn.Module, Tensor], Tensor]] = None
-        # (weights, their version, most groups with weight > 0 in one row): the count sizes every router's
+        # the most groups with weight > 0 in one row, memoised on the weights: the count sizes every router's
         # top-k, and reading it waits for the device; a tower's layers (and every step of a training stage,
         # which reuses one weight tensor) share one read.  Replaced, never changed in place, so a recompute's
         # snapshot of this module's attributes stays consistent.
-        self._active_groups: Optional[tuple[Tensor, int, int]] = None
+        self._active_groups: Optional[TensorMemo] = None
 
     @property
     def active(self) -> bool:
@@ -51,15 +52,13 @@ class GroupContext(nn.Module):
     def most_active_groups(self) -> int:
         """The most groups with weight > 0 in one row of ``group_weights``; read from the device once per
         weight tensor and version (an in-place change of the weights is a new version: read again)."""
-        source = self.group_weights
-        memo = self._active_groups
-        # an inference tensor has no version counter: read it every time
-        version = None if source.is_inference() else source._version
-        if memo is not None and version is not None and memo[0] is source and memo[1] == version:
-            return memo[2]
+        source, memo = self.group_weights, self._active_groups
+        if memo is not None and memo.fresh(source):
+            return memo.value
         count = int((source.float() > 0).sum(1).max().item())  # as the router casts them
-        if version is not None:
-            self._active_groups = (source, version, count)
+        entry = TensorMemo.of(source, count)
+        if entry is not None:  # an inference tensor (no version counter) is read every time
+            self._active_groups = entry
         return count
 
     def noise(self, owner: nn.Module, like: Tensor) -> Tensor:

@@ -22,8 +22,11 @@ def rows(root: Path) -> list[dict]:
             continue
         ident = r["identifier"] if r["method"] in ("trge", "shared_pool") else "-"
         reading = r["reading"] if r["method"] == "trge" else "-"  # only trge's predict reads inter.reading
+        # only trge fuses with the frozen model (the config refuses fusion.* for the baselines, whose
+        # results.json still carries the default schedule)
+        fusion = r["fusion"] if r["method"] == "trge" else "-"
         base = {"run": path.parent.name, "method": r["method"], "identifier": ident, "reading": reading,
-                "fusion": r["fusion"], "trainable_per_task": r["trainable_params_per_task"]}
+                "fusion": fusion, "trainable_per_task": r["trainable_params_per_task"]}
         last_id = r["id_rows"][-1][: len(r["tasks"])] if r["method"] in ("trge", "shared_pool") else []
         out.append({**base, "transfer": r["transfer"], "avg": r["avg"], "last": r["last"],
                     "id_acc_last": round(sum(last_id) / len(last_id), 1) if last_id else None,
@@ -31,10 +34,11 @@ def rows(root: Path) -> list[dict]:
         for v, m in r.get("variants", {}).items():
             if "avg" not in m:  # added on resume: rows for the later tasks only, no metrics
                 continue
+            atoms = v.split("+")  # a combined variant (oracle+no_fusion) changes each column its atoms name
             out.append({**base, "run": f"{path.parent.name} [{v}]",
-                        "identifier": "oracle" if v == "oracle" else ident,
-                        "reading": "own" if v == "no_inter" else r["reading"],
-                        "fusion": "frozen" if v == "no_fusion" else r["fusion"],
+                        "identifier": "oracle" if "oracle" in atoms else ident,
+                        "reading": "own" if "no_inter" in atoms else reading,
+                        "fusion": "frozen" if "no_fusion" in atoms else fusion,
                         "transfer": m["transfer"], "avg": m["avg"], "last": m["last"], "id_acc_last": None,
                         "control_last": None})
     return out
