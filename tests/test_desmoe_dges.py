@@ -101,3 +101,16 @@ def test_resumed_phase_boundaries(steps, start, refused):
             check_resumed_boundaries((20, 70), steps, ScheduleConfig(), start)
     else:
         check_resumed_boundaries((20, 70), steps, ScheduleConfig(), start)
+
+
+def test_replacing_one_window_tensor_keeps_the_others_pending_counts():
+    """record_model's counts wait on the device for both window tensors; a setter of one of them dropped the
+    other's unread counts (nothing assigns one alone today: a trap for the next caller that does)."""
+    m = DomainExpertMap(1, 2, 4)
+    ids, dom = torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1])
+    m._pending = m._counts(ids, dom).unsqueeze(0)  # what record_model leaves for one layer
+    m.window_tokens = torch.full((1, 2), 5.0, dtype=torch.float64)
+    assert m.window[0].tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+    m._pending = m._counts(ids, dom).unsqueeze(0)
+    m.window = torch.zeros(1, 2, 4, dtype=torch.float64)
+    assert m.window_tokens.tolist() == [[6.0, 6.0]] and m.window.sum() == 0

@@ -73,9 +73,12 @@ class DomainExpertMap:
         self._fold()
         return self._window
 
+    # A setter folds the pending counts first: they hold both tensors' counts, and replacing one of them
+    # used to drop the other's unread counts with it.
     @window.setter
     def window(self, value: Tensor) -> None:
-        self._window, self._pending = value, None
+        self._fold()
+        self._window = value
 
     @property
     def window_tokens(self) -> Tensor:
@@ -84,7 +87,8 @@ class DomainExpertMap:
 
     @window_tokens.setter
     def window_tokens(self, value: Tensor) -> None:
-        self._window_tokens, self._pending = value, None
+        self._fold()
+        self._window_tokens = value
 
     def _fold(self) -> None:
         if self._pending is not None:
