@@ -68,6 +68,8 @@ def env(cpu: bool) -> dict:
     e = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("OMP_NUM_THREADS", "1")
+    # a rank that dies of a signal (an abort in teardown) prints every Python thread's stack to its log
+    e.setdefault("PYTHONFAULTHANDLER", "1")
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):  # no hub: fail at once, never wait
         e.setdefault(k, "1")
     if cpu:

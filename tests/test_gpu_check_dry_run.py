@@ -19,7 +19,9 @@ def test_gpu_check_dry_run_passes_every_stage(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--cpu", "--bf16", "--only",
                            "smoke,pretrain,desmoe", "--out", str(tmp_path / "gpu-check")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = "".join(f"\n--- {log.name} (tail) ---\n{log.read_text()[-2500:]}"
+                   for log in sorted((tmp_path / "gpu-check").glob("*.log")))  # a failed stage's own words
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
     rows = json.loads((tmp_path / "gpu-check" / "gpu_check.json").read_text())["rows"]
     assert [r["stage"] for r in rows] == list(STAGES)
     for r in rows:
