@@ -17,6 +17,7 @@ from desmoe.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ROOT / "configs" / "realbase_study.yaml"
 GENERAL = ["probe_cloze", "probe_arith"]
+SCORED = {"probes_sha256": "a1" * 6, "data_sha256": "b2" * 6, "scoring_sha256": "c3" * 6}  # a row's scoring
 
 
 def _load(overrides=()):
@@ -189,7 +190,7 @@ def test_targets_with_a_variant_in_desmoes_place(tmp_path):
     cfg = _load([f"study.csv={tmp_path / 'r.csv'}", f"experiment.base.hf={tmp_path / 'base'}"])
     from desmoe.recipes.des_moe.study import base_digest
 
-    key = {"protocol": protocol_ids(cfg)[0], "base_sha256": base_digest(tmp_path / "base")}
+    key = {"protocol": protocol_ids(cfg)[0], "base_sha256": base_digest(tmp_path / "base"), **SCORED}
     append_row(tmp_path / "r.csv", {**_row("base", "base", "vanilla", 0.0, 0, 5, 0.5, 0.3), **key})
     for c in phase1(cfg)[1:]:
         general = {"fft": 0.3, "desmoe": 0.2, "desmoe_fig1": 0.49}.get(c.arm, 0.45)  # fig1 keeps it
@@ -212,11 +213,11 @@ def test_studies_sharing_a_csv_keep_their_own_plot(tmp_path):
     csv_path, doc = tmp_path / "results" / "r.csv", tmp_path / "doc.md"
     cfgs = {p: _load([f"study.csv={csv_path}", f"study.doc={doc}", f"study.name=study-{p}"]) for p in ("p1", "p2")}
     for p, general in (("p1", 0.45), ("p2", 0.30)):
-        append_row(csv_path, {**_row(f"fft-{p}", "grid", "fft", 1e-4, 0, 5, general, 0.4), "protocol": p,
+        append_row(csv_path, {**_row(f"fft-{p}", "grid", "fft", 1e-4, 0, 5, general, 0.4), "protocol": p, **SCORED,
                               "probes": json.dumps({"probe_cloze": general}), "downstream": json.dumps({"law": 0.4})})
-    render(cfgs["p1"], ("p1",), "")
+    render(cfgs["p1"], ("p1",), "", SCORED)
     first = {f.name: f.read_bytes() for f in csv_path.parent.glob("*.png")}
-    render(cfgs["p2"], ("p2",), "")
+    render(cfgs["p2"], ("p2",), "", SCORED)
     pngs = {f.name: f.read_bytes() for f in csv_path.parent.glob("*.png")}
     assert len(first) == 1 and len(pngs) == 2 and all(pngs[n] == b for n, b in first.items())
     text = doc.read_text()
@@ -237,9 +238,9 @@ def test_the_gpu_script_returns_what_the_report_writes(tmp_path):
     spec.loader.exec_module(gpu)
     sets = [f"study.csv={tmp_path / 'results' / 'gpu.csv'}", f"study.doc={tmp_path / 'doc.md'}"]
     cfg = load_config(RealbaseStudy, ROOT / "configs" / "realbase_study_gpu.yaml", sets)
-    append_row(Path(cfg.study.csv), {**_row("fft-lr0.0001-s0-N5", "grid", "fft", 1e-4, 0, 5, 0.4, 0.4),
+    append_row(Path(cfg.study.csv), {**_row("fft-lr0.0001-s0-N5", "grid", "fft", 1e-4, 0, 5, 0.4, 0.4), **SCORED,
                                      "probes": json.dumps({"probe_cloze": 0.4}), "downstream": json.dumps({"law": 0.4})})
-    render(cfg, ("p1",), "")
+    render(cfg, ("p1",), "", SCORED)
     files = gpu.result_files(sets)
     assert len(files) == 3 and all(f.is_file() for f in files), [str(f) for f in files if not f.is_file()]
 
