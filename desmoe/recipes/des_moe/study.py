@@ -326,7 +326,7 @@ def stale_notice(path: Path, protocol, base: str, scored: dict) -> str:
     return (f"[study] {path}: {other + unrecorded} runs of this protocol and base count for nothing here "
             f"({other} scored on another probe set, data or scoring code, {unrecorded} before that was recorded); "
             f"they stay in the file, are not reported, and their cells run again "
-            f"(this scoring: {', '.join(f'{k} {scored[k]}' for k in SCORED_BY)})")
+            "(this scoring: " + ", ".join(f"{k} {scored[k] or 'none'}" for k in SCORED_BY) + ")")
 
 
 def read_rows(path: Path, protocol=None, base: Optional[str] = None, scored: Optional[dict] = None) -> list[dict]:
