@@ -11,6 +11,8 @@ in process on the expert-parallel model, through lm-evaluation-harness: the gene
 Rank 0 appends the row to ``study.csv`` (a finished cell of this protocol is skipped next time; a failed
 one is recorded as failed and retried by the next launch), drops the run's checkpoints, and at the end
 renders docs/results-desmoe.md's real-base section and prints the targets (computed from the CSV).
+A row counts (is skipped next time, is reported) only under this protocol, this base and this scoring: the
+probe set, the data and the scoring code (``scored_key``); rows of others stay in the file.
 """
 import argparse
 import gc
@@ -26,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from desmoe.errors import UserError, run_cli  # noqa: E402
 from desmoe.recipes.des_moe.recipe import DESMoERecipe  # noqa: E402
-from desmoe.recipes.des_moe.study import (Cell, RealbaseStudy, append_row, base_digest, cell_config,  # noqa: E402
-                                          later_cells, phase1, protocol_ids, read_rows)
+from desmoe.recipes.des_moe.study import (SCORED_BY, Cell, RealbaseStudy, append_row, base_digest,  # noqa: E402
+                                          cell_config, data_digest, later_cells, phase1, probe_set_digest,
+                                          protocol_ids, read_rows, stale_notice)
 
 
 
@@ -90,9 +93,38 @@ def study_scores(model, cfg, scores, task_root: Path, device) -> dict:
     return out
 
 
+def scoring_code_digest() -> str:
+    """The code and libraries that turn a trained model into the row's numbers (first 12 hex digits):
+    launcher/realbase.py's SCORING_CODE (tokenisation, harness, held-out windows and loss, the forward),
+    the downstream task templates, study_scores itself, and the torch / transformers / lm_eval versions."""
+    import hashlib
+    import inspect
+
+    import lm_eval
+    import torch
+    import transformers
+
+    from desmoe.integrity import tree_digest
+    from launcher.realbase import SCORING_CODE
+
+    root, h = Path(__file__).resolve().parents[1], hashlib.sha256()
+    for rel in (*SCORING_CODE, "desmoe/evaluation/tasks"):
+        h.update(f"{rel} {tree_digest(root / rel, ('.py', '.c', '.h', '.yaml'))}\n".encode())
+    h.update(inspect.getsource(study_scores).encode())
+    h.update(json.dumps({m.__name__: getattr(m, "__version__", "") for m in (torch, transformers, lm_eval)},
+                        sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+def scored_key(cfg: RealbaseStudy) -> dict:
+    """What scores this launch's rows (SCORED_BY): the probe set, the data, the scoring code."""
+    return {"probes_sha256": probe_set_digest(cfg.study.scores.probes),
+            "data_sha256": data_digest(cfg.experiment.data.source), "scoring_sha256": scoring_code_digest()}
+
+
 def row_of(cell: Cell, exp, result: dict, base: dict, key: tuple, general_probes: list[str]) -> dict:
     """The CSV row of a finished run (``base``: the base's row, for the *_base columns; ``key``: the
-    protocol's digests and the base's)."""
+    protocol's digests, the base's and the scoring's)."""
     probes = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("probe/")}
     down = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("downstream/")}
     base_down = json.loads(base["downstream"]) if base else down
@@ -115,7 +147,8 @@ def row_of(cell: Cell, exp, result: dict, base: dict, key: tuple, general_probes
             "train_seconds": result.get("train_seconds", 0.0), "eval_seconds": result.get("eval_seconds", 0.0),
             "general_score_se": general_se, "downstream_score_se": down_se,
             "general_score_base_se": float(base["general_score_se"] or "nan") if base else general_se,
-            "protocol": key[0][0], "base_sha256": key[1], "note": "eval s: probes %.0f, held-out %.0f, downstream %.0f" % tuple(
+            "protocol": key[0][0], "base_sha256": key[1], **key[2],
+            "note": "eval s: probes %.0f, held-out %.0f, downstream %.0f" % tuple(
                 result.get(f"{k}_seconds", float("nan")) for k in ("probe", "heldout", "downstream"))}
 
 
@@ -139,6 +172,7 @@ def run_cell(cfg: RealbaseStudy, cell: Cell, rows: list[dict], key: tuple, ds_co
         row = {"run": cell.run, "phase": cell.phase, "arm": cell.arm, "method": exp.desmoe.method,
                "seed": cell.seed, "lr": cell.lr, "N": cell.n, "domains": "+".join(exp.data.domains),
                "steps": exp.train.steps, "status": "failed", "protocol": key[0][0], "base_sha256": key[1],
+               **key[2],
                "note": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
     if is_rank0():
         append_row(Path(cfg.study.csv), stamp(row))
@@ -194,8 +228,12 @@ def run_study(cfg: RealbaseStudy, ds_config: str, max_runs: int = 0, budget_s: f
     after that many seconds (rank 0's clock decides, so every rank stops at the same cell)."""
     from desmoe.distributed import is_rank0
 
-    # rows are keyed to the protocol and to the base's weights (rank 0 hashes them once)
-    key = (protocol_ids(cfg), _broadcast(base_digest(cfg.experiment.base.hf) if is_rank0() else None))
+    # rows are keyed to the protocol, the base's weights and what scores them (rank 0 hashes them once)
+    base, scored = _broadcast((base_digest(cfg.experiment.base.hf), scored_key(cfg)) if is_rank0() else None)
+    key = (protocol_ids(cfg), base, scored)
+    notice = stale_notice(Path(cfg.study.csv), *key) if is_rank0() else ""
+    if notice:
+        print(notice, flush=True)
     tried, t0 = set(), time.time()
     while not max_runs or len(tried) < max_runs:
         todo, waiting = pending(cfg, key, tried, first_arms)
@@ -249,7 +287,11 @@ def main() -> None:
     if flags.desmoe_arm:
         print("\n".join(targets_as_desmoe(cfg, flags.desmoe_arm)), flush=True)
         return
-    print(render(cfg, protocol_ids(cfg), report_base(cfg)), flush=True)
+    base, scored = report_key(cfg)
+    notice = stale_notice(Path(cfg.study.csv), protocol_ids(cfg), base, scored)
+    if notice:
+        print(notice, flush=True)
+    print(render(cfg, protocol_ids(cfg), base, scored), flush=True)
 
 
 def targets_as_desmoe(cfg: RealbaseStudy, arm: str) -> list[str]:
@@ -257,7 +299,7 @@ def targets_as_desmoe(cfg: RealbaseStudy, arm: str) -> list[str]:
     from desmoe.recipes.des_moe.study_report import target_lines
 
     _arm(cfg, "--desmoe-arm", arm)
-    rows = read_rows(Path(cfg.study.csv), protocol_ids(cfg), report_base(cfg))
+    rows = read_rows(Path(cfg.study.csv), protocol_ids(cfg), *report_key(cfg))
     swapped = [{**r, "arm": "desmoe", "run": "desmoe" + r["run"][len(arm):]} for r in rows if r["arm"] == arm]
     rows = [r for r in rows if r["arm"] not in ("desmoe", arm)] + swapped
     cfg.study.arms["desmoe"] = cfg.study.arms[arm]
@@ -279,6 +321,24 @@ def report_base(cfg: RealbaseStudy) -> str:
     if built and (not rows or any(r["base_sha256"] == built for r in rows)):
         return built
     return max(rows, key=lambda r: r["finished_utc"])["base_sha256"] if rows else built
+
+
+def report_key(cfg: RealbaseStudy) -> tuple[str, dict]:
+    """The base (report_base) and the scoring the report is about: this machine's while rows of the base have
+    it (or none has any), else the latest such row's; one scoring always, never rows of two mixed.  Where the
+    probes or the data are not here (a report from the CSV alone), the latest row's."""
+    base = report_base(cfg)
+    rows = [r for r in read_rows(Path(cfg.study.csv), protocol_ids(cfg), base) if all(r.get(k) for k in SCORED_BY)]
+    probes, data = Path(cfg.study.scores.probes), Path(cfg.experiment.data.source)
+    here = scored_key(cfg) if all(f.is_file() for f in (probes / "probes.json", probes / "build.json",
+                                                        data / "meta.json")) else None
+    if here and (not rows or any(all(r[k] == here[k] for k in SCORED_BY) for r in rows)):
+        return base, here
+    if rows:
+        latest = max(rows, key=lambda r: r["finished_utc"])
+        return base, {k: latest[k] for k in SCORED_BY}
+    return base, here or {k: "" for k in SCORED_BY}  # no row has a scoring: none counts (read_rows)
+
 
 if __name__ == "__main__":
     main()

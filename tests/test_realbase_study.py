@@ -1,6 +1,7 @@
-"""The real-base study driver (#18): the committed protocol loads; a bad study config is refused in one
-line; the CSV is append-only, the lr selection, the later phases and the targets come from it; and a
-tiny study on 2 real ranks (EP=2) records its runs, skips finished ones and records a failed one."""
+"""The real-base study's protocol and report (#18): the committed protocol loads; a bad study config is
+refused in one line; the CSV is append-only, the lr selection, the later phases, the targets and the
+rendered section come from it.  What a row is keyed to, and the driver on 2 real ranks:
+tests/test_realbase_study_driver.py."""
 from __future__ import annotations
 
 import csv
@@ -16,6 +17,7 @@ from desmoe.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ROOT / "configs" / "realbase_study.yaml"
 GENERAL = ["probe_cloze", "probe_arith"]
+SCORED = {"probes_sha256": "a1" * 6, "data_sha256": "b2" * 6, "scoring_sha256": "c3" * 6}  # a row's scoring
 
 
 def _load(overrides=()):
@@ -137,122 +139,6 @@ def _driver():
     return mod
 
 
-def tiny_study(root: str, data: str, max_runs: int) -> list[str]:
-    import torch.distributed as dist
-
-    from desmoe.config import load_config
-    from desmoe.recipes.des_moe.study import RealbaseStudy
-
-    if dist.get_rank() == 0 and not Path(f"{root}/probes/probes.json").is_file():
-        import torch
-        from hf_tiny import tiny_config
-        from transformers import AutoModelForCausalLM
-
-        from desmoe.data.prepared import PreparedData
-        from desmoe.evaluation.probes import build_probes
-
-        cfg = tiny_config("qwen2_moe")  # a shared expert + routed experts, as the real base
-        cfg.vocab_size = PreparedData(data).tokenizer.vocab_size
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(f"{root}/base")
-        build_probes(data, f"{root}/probes", n=3, prose_chars=400)
-        info = json.loads(Path(f"{root}/probes/probes.json").read_text())  # two probes: a lean test
-        Path(f"{root}/probes/probes.json").write_text(json.dumps({t: info[t] for t in GENERAL}))
-    dist.barrier()
-    # grid order: fft, the broken arm (its setup fails), then the two the targets need
-    arms = "{fft: {method: fft, lr: [0.001]}, " \
-           "broken: {method: lora, lr: [0.001], overrides: ['desmoe.baseline.lora_targets=[no_such_layer]']}, " \
-           "desmoe: {method: desmoe, lr: [0.001]}, esft_token: {method: esft_token, lr: [0.001]}}"
-    cfg = load_config(RealbaseStudy, PROTOCOL, [
-        f"experiment.data.source={data}", "experiment.data.domains=[law, code]", f"experiment.base.hf={root}/base",
-        "experiment.train.seq_len=32", "experiment.train.eval_batches=1",
-        "experiment.desmoe.baseline.esft_profile_tokens=64",
-        f"experiment.run.dir={root}/runs", f"study.arms={arms}", "study.seeds=[0, 1]", "study.scaling_sizes=[1, 2]",
-        # the cells the targets read run first (desmoe, fft, esft_token, headline, scaling): broken is one here
-        "study.headline=[fft, broken]",
-        "study.steps_per_domain=5", f"study.scores.probes={root}/probes", "study.scores.probe_limit=2",
-        f"study.scores.general=[{', '.join(GENERAL)}]",
-        "study.scores.heldout_tokens=256", "study.scores.heldout_seq=32", "study.scores.downstream_limit=2",
-        # the tiny profile has no exact-match tasks: its MCQ stand in
-        "study.scores.downstream_task=desmoe_mcq_{domain}", "study.scores.downstream_metric=acc",
-        f"study.csv={root}/study.csv", f"study.doc={root}/doc.md", "study.name=tiny"])
-    _driver().run_study(cfg, str(ROOT / "configs" / "zero2.json"), max_runs)
-    return [r["run"] + ":" + r["status"] for r in csv.DictReader(open(f"{root}/study.csv"))]
-
-
-def test_tiny_study_records_skips_and_keeps_failures(ranks, tiny_data, tmp_path):  # ~40 s quiet, 3-4 min at load 15
-    first = ranks.run(tiny_study, str(tmp_path), str(tiny_data), 2)[0]
-    assert first == ["base:ok", "fft-lr0.001-s0-N2:ok"]
-    # a second launch skips the finished cells; the broken arm is recorded as failed, the study goes on
-    second = ranks.run(tiny_study, str(tmp_path), str(tiny_data), 1)[0]
-    assert second == first + ["broken-lr0.001-s0-N2:failed"]
-    rows = list(csv.DictReader(open(tmp_path / "study.csv")))
-    for r in rows:
-        if r["status"] == "ok":
-            assert 0 <= float(r["general_score"]) <= 1 and float(r["heldout_ppl"]) > 1
-            assert r["protocol"] == rows[0]["protocol"] and float(r["general_score_se"]) >= 0
-    assert "no_such_layer" in rows[2]["note"]
-    # every row names the base it ran on; rows of another base count for nothing
-    from desmoe.recipes.des_moe.study import base_digest, read_rows
-
-    assert {r["base_sha256"] for r in rows} == {base_digest(tmp_path / "base")}
-    assert len(read_rows(tmp_path / "study.csv", rows[0]["protocol"], base_digest(tmp_path / "base"))) == 3
-    assert read_rows(tmp_path / "study.csv", rows[0]["protocol"], "0123456789ab") == []
-    assert not (tmp_path / "runs" / "tiny" / "tiny-fft-lr0.001-s0-N2" / "checkpoints").exists()  # dropped
-    assert int(rows[1]["steps"]) == 10 and rows[1]["domains"] == "law+code"
-
-
-def test_base_digest_names_the_weights(tmp_path):
-    from desmoe.errors import UserError
-    from desmoe.recipes.des_moe.study import base_digest
-
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(UserError, match="no config.json and"):
-        base_digest(tmp_path)
-    (tmp_path / "model.safetensors").write_bytes(bytes(range(256)) * 4)
-    first = base_digest(tmp_path)
-    assert len(first) == 12 and base_digest(tmp_path) == first
-    (tmp_path / "model.safetensors").write_bytes(bytes(range(256)) * 3 + bytes([1]) + bytes(range(1, 256)))
-    assert base_digest(tmp_path) != first  # one byte of the weights: another base
-
-
-def test_report_is_about_the_base_the_rows_were_trained_from(tmp_path):
-    """The built base while the protocol has rows on it; a machine whose build is another base re-renders a
-    finished study from its rows' base (it used to render empty tables for the built one)."""
-    from desmoe.recipes.des_moe.study import append_row, base_digest, protocol_ids
-
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text("{}")
-    (base / "model.safetensors").write_bytes(bytes(range(256)))
-    cfg = _load([f"experiment.base.hf={base}", f"study.csv={tmp_path / 'runs.csv'}"])
-    built, report_base = base_digest(base), _driver().report_base
-    assert report_base(cfg) == built  # no rows yet
-    row = {"run": "base", "phase": "base", "status": "ok", "protocol": protocol_ids(cfg)[0]}
-    append_row(Path(cfg.study.csv), {**row, "base_sha256": "0123456789ab", "finished_utc": "2026-12-05T10:00:00Z"})
-    append_row(Path(cfg.study.csv), {**row, "run": "fft", "base_sha256": "ba9876543210",
-                                     "finished_utc": "2026-12-05T11:00:00Z"})
-    assert report_base(cfg) == "ba9876543210"  # rows on other bases only: the latest row's
-    append_row(Path(cfg.study.csv), {**row, "run": "esft", "base_sha256": built, "finished_utc": "2026-12-04T09:00:00Z"})
-    assert report_base(cfg) == built  # the built base has rows: it is the one
-
-
-def test_cells_the_targets_read_run_first(tmp_path):
-    from desmoe.recipes.des_moe.study import protocol_ids
-
-    cfg = _load([f"study.csv={tmp_path / 'r.csv'}"])
-    todo, waiting = _driver().pending(cfg, (protocol_ids(cfg), "0123456789ab"), set())
-    arms = [c.arm for c in todo]
-    assert arms[0] == "vanilla" and set(arms[1:7]) == {"fft", "desmoe", "esft_token"}
-    assert [todo[i].lr < todo[i + 3].lr for i in (1, 2, 3)] == [True] * 3  # every arm's first lr, then its second
-    assert set(arms[7:]) == set(cfg.study.arms) - {"fft", "desmoe", "esft_token"}
-    assert len(todo) == 1 + sum(len(a.lr) for a in cfg.study.arms.values()) and waiting
-    # --first: the named arms' grid cells lead the other arms' at each lr (order only)
-    todo2, _ = _driver().pending(cfg, (protocol_ids(cfg), "0123456789ab"), set(), ("desmoe_fig1", "lora"))
-    assert [c.arm for c in todo2[7:9]] == ["desmoe_fig1", "lora"] and sorted(map(str, todo2)) == sorted(map(str, todo))
-    assert todo2[7].lr == cfg.study.arms["desmoe_fig1"].lr[0] and todo2[-1].lr == cfg.study.arms[todo2[-1].arm].lr[-1]
-
-
 def test_diagnostic_protocol_shares_the_main_experiment():
     """configs/realbase_diag.yaml reads the main protocol's rows as its own (protocol_aliases): legitimate
     only while its experiment section is the main protocol's, value for value."""
@@ -304,7 +190,7 @@ def test_targets_with_a_variant_in_desmoes_place(tmp_path):
     cfg = _load([f"study.csv={tmp_path / 'r.csv'}", f"experiment.base.hf={tmp_path / 'base'}"])
     from desmoe.recipes.des_moe.study import base_digest
 
-    key = {"protocol": protocol_ids(cfg)[0], "base_sha256": base_digest(tmp_path / "base")}
+    key = {"protocol": protocol_ids(cfg)[0], "base_sha256": base_digest(tmp_path / "base"), **SCORED}
     append_row(tmp_path / "r.csv", {**_row("base", "base", "vanilla", 0.0, 0, 5, 0.5, 0.3), **key})
     for c in phase1(cfg)[1:]:
         general = {"fft": 0.3, "desmoe": 0.2, "desmoe_fig1": 0.49}.get(c.arm, 0.45)  # fig1 keeps it
@@ -327,11 +213,11 @@ def test_studies_sharing_a_csv_keep_their_own_plot(tmp_path):
     csv_path, doc = tmp_path / "results" / "r.csv", tmp_path / "doc.md"
     cfgs = {p: _load([f"study.csv={csv_path}", f"study.doc={doc}", f"study.name=study-{p}"]) for p in ("p1", "p2")}
     for p, general in (("p1", 0.45), ("p2", 0.30)):
-        append_row(csv_path, {**_row(f"fft-{p}", "grid", "fft", 1e-4, 0, 5, general, 0.4), "protocol": p,
+        append_row(csv_path, {**_row(f"fft-{p}", "grid", "fft", 1e-4, 0, 5, general, 0.4), "protocol": p, **SCORED,
                               "probes": json.dumps({"probe_cloze": general}), "downstream": json.dumps({"law": 0.4})})
-    render(cfgs["p1"], ("p1",), "")
+    render(cfgs["p1"], ("p1",), "", SCORED)
     first = {f.name: f.read_bytes() for f in csv_path.parent.glob("*.png")}
-    render(cfgs["p2"], ("p2",), "")
+    render(cfgs["p2"], ("p2",), "", SCORED)
     pngs = {f.name: f.read_bytes() for f in csv_path.parent.glob("*.png")}
     assert len(first) == 1 and len(pngs) == 2 and all(pngs[n] == b for n, b in first.items())
     text = doc.read_text()
@@ -352,9 +238,9 @@ def test_the_gpu_script_returns_what_the_report_writes(tmp_path):
     spec.loader.exec_module(gpu)
     sets = [f"study.csv={tmp_path / 'results' / 'gpu.csv'}", f"study.doc={tmp_path / 'doc.md'}"]
     cfg = load_config(RealbaseStudy, ROOT / "configs" / "realbase_study_gpu.yaml", sets)
-    append_row(Path(cfg.study.csv), {**_row("fft-lr0.0001-s0-N5", "grid", "fft", 1e-4, 0, 5, 0.4, 0.4),
+    append_row(Path(cfg.study.csv), {**_row("fft-lr0.0001-s0-N5", "grid", "fft", 1e-4, 0, 5, 0.4, 0.4), **SCORED,
                                      "probes": json.dumps({"probe_cloze": 0.4}), "downstream": json.dumps({"law": 0.4})})
-    render(cfg, ("p1",), "")
+    render(cfg, ("p1",), "", SCORED)
     files = gpu.result_files(sets)
     assert len(files) == 3 and all(f.is_file() for f in files), [str(f) for f in files if not f.is_file()]
 

@@ -15,7 +15,8 @@ three phases, each needing only finished rows of the one before:
 
 Every run is one CSV row, appended, never rewritten; a failed run is a row with status ``failed`` and is
 retried by the next launch (its row stays).  Rows carry the protocol's digest: only rows of the current
-protocol count as finished or enter the targets, older ones stay in the file.
+protocol count as finished or enter the targets, older ones stay in the file.  So do rows of another base or
+of another scoring (``SCORED_BY``: the probe set, the data, the scoring code): kept, run again, never reported.
 """
 from __future__ import annotations
 
@@ -40,7 +41,14 @@ COLUMNS = ["run", "phase", "arm", "method", "seed", "lr", "N", "domains", "steps
            # binomial standard errors of the scores (added after the first rows: empty there)
            "general_score_se", "general_score_base_se", "downstream_score_se",
            # the base's weights (base_digest; added after the first rows: empty there, which no base matches)
-           "base_sha256"]
+           "base_sha256",
+           # what scored the row (SCORED_BY; added after the first rows: empty there, which no launch matches)
+           "probes_sha256", "data_sha256", "scoring_sha256"]
+# A row counts only where all three are this launch's: rows scored on another probe set (probes.json's items,
+# build.json's settings and probe code), other data (the held-out text and the downstream items) or by other
+# scoring code were reused after a rebuild and reported beside new ones, a silent mix of two probe sets.
+SCORED_BY = ("probes_sha256", "data_sha256", "scoring_sha256")
+DATA_UNSCORED = ("timing.json",)  # a data build's wall-clock timings: two builds of the same data differ in it
 
 
 @dataclass
@@ -277,9 +285,54 @@ def base_digest(base_dir: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
-def read_rows(path: Path, protocol=None, base: Optional[str] = None) -> list[dict]:
+def probe_set_digest(probes: str | Path) -> str:
+    """The probe set's identity: probes.json (every task's items, by sha256) and build.json (the settings and
+    the probe code that wrote them; desmoe.evaluation.probes.BUILD_RECORD), first 12 hex digits.  Not the
+    task YAMLs: they name the items' absolute path, and their text is the probe code's."""
+    from desmoe.evaluation.probes import BUILD_RECORD
+
+    probes, h = Path(probes), hashlib.sha256()
+    for name in ("probes.json", BUILD_RECORD):
+        if not (probes / name).is_file():
+            raise UserError(f"{probes / name}: not found; the study's probes (study.scores.probes) must be a folder "
+                            "built by launcher/realbase.py (make realbase)")
+        h.update(name.encode() + b"\0" + (probes / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def data_digest(root: str | Path) -> str:
+    """The data's identity (first 12 hex digits): every file of the prepared folder (its seal's digests when
+    sealed: data/realbase's stamp is one of them) but DATA_UNSCORED.  The held-out perplexity and the
+    downstream items come from it, and so do the trained records."""
+    from desmoe.integrity import read_manifest, sha256_file
+
+    root = Path(root)
+    if not (root / "meta.json").is_file():
+        raise UserError(f"{root}: not a prepared data folder (no meta.json); experiment.data.source must be one")
+    manifest = read_manifest(root, "prepared data")
+    files = {rel: sha for rel, (_, sha) in manifest["files"].items()} if manifest else {
+        p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    text = "".join(f"{rel}\0{sha}\n" for rel, sha in sorted(files.items()) if Path(rel).name not in DATA_UNSCORED)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def stale_notice(path: Path, protocol, base: str, scored: dict) -> str:
+    """One line on the rows of this protocol and base that ``scored`` leaves out ('' when none)."""
+    rows = read_rows(path, protocol, base)
+    unrecorded = sum(not r.get(SCORED_BY[0]) for r in rows)
+    other = sum(bool(r.get(SCORED_BY[0])) and any(r.get(k) != scored[k] for k in SCORED_BY) for r in rows)
+    if not unrecorded + other:
+        return ""
+    return (f"[study] {path}: {other + unrecorded} runs of this protocol and base count for nothing here "
+            f"({other} scored on another probe set, data or scoring code, {unrecorded} before that was recorded); "
+            f"they stay in the file, are not reported, and their cells run again "
+            "(this scoring: " + ", ".join(f"{k} {scored[k] or 'none'}" for k in SCORED_BY) + ")")
+
+
+def read_rows(path: Path, protocol=None, base: Optional[str] = None, scored: Optional[dict] = None) -> list[dict]:
     """Rows of the CSV (of one protocol when given: a digest or a collection of them, protocol_ids; of one
-    base when given: base_digest); the last row of a run wins over its earlier tries."""
+    base when given: base_digest; of one scoring when given: SCORED_BY -> digest, and a row without them is
+    of none); the last row of a run wins over its earlier tries."""
     if not path.is_file():
         return []
     rows = [{k: ("" if v is None else v) for k, v in r.items() if k is not None}  # short old rows: ''
@@ -289,6 +342,8 @@ def read_rows(path: Path, protocol=None, base: Optional[str] = None) -> list[dic
         rows = [r for r in rows if r.get("protocol") in ids]
     if base is not None:
         rows = [r for r in rows if r.get("base_sha256", "") == base]
+    if scored is not None:
+        rows = [r for r in rows if all(r.get(k) and r.get(k) == scored[k] for k in SCORED_BY)]
     latest = {}
     for r in rows:
         latest[r["run"]] = r

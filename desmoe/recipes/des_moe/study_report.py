@@ -1,7 +1,7 @@
 """The real-base study's tables, forgetting-vs-fit plot and targets, rendered from its CSV only.
 
-``render(cfg, protocol)`` rewrites the section between the markers below in ``study.doc`` (inserted
-before the first ``## `` section when missing; the rest of the file is kept), writes the plot beside
+``render(cfg, protocol, base, scored)`` rewrites the section between the markers below in ``study.doc``
+(inserted before the first ``## `` section when missing; the rest of the file is kept), writes the plot beside
 the CSV, and returns the text it printed (targets: met / missed / undefined / pending).  Each study
 (``study.name``) has its own section, so the CPU and GPU versions sit side by side."""
 from __future__ import annotations
@@ -180,11 +180,11 @@ def plot_path(cfg) -> Path:
     return csv_path.with_name(f"{csv_path.stem}-{cfg.study.name}.png")
 
 
-def render(cfg, protocol, base: str) -> str:
+def render(cfg, protocol, base: str, scored: dict) -> str:
     """``protocol``: this protocol's digests (study.protocol_ids), the current one first; ``base``: the
-    base's digest (study.base_digest): only rows of both count."""
+    base's digest (study.base_digest); ``scored``: the scoring's (study.SCORED_BY): only rows of all count."""
     csv_path = Path(cfg.study.csv)
-    rows = read_rows(csv_path, protocol, base)
+    rows = read_rows(csv_path, protocol, base, scored)
     every = read_rows(csv_path)
     png = plot_path(cfg)
     has_plot = plot(rows, png)
@@ -193,9 +193,11 @@ def render(cfg, protocol, base: str) -> str:
     text = "\n".join([
         f"Study `{cfg.study.name}`, protocol digest `{protocol[0]}` (the committed config"
         + (f"; rows also under its earlier digests {', '.join(protocol[1:])}" if len(protocol) > 1 else "")
-        + f"), base `{cfg.experiment.base.hf}` with weights digest `{base}`; CSV `{csv_path}` "
-        f"({len(every)} runs in the file, {ok} finished and {failed} failed under this protocol and base; "
-        "rows of other bases or protocols stay in the file and count for nothing here).",
+        + f"), base `{cfg.experiment.base.hf}` with weights digest `{base}`, scored with "
+        + ", ".join(f"{k} `{v or 'none'}`" for k, v in scored.items()) + f"; CSV `{csv_path}` "
+        f"({len(every)} runs in the file, {ok} finished and {failed} failed under this protocol, base and scoring; "
+        "rows of other bases, protocols, probe sets, data or scoring code, and rows from before the scoring was "
+        "recorded, stay in the file and count for nothing here).",
         "", "**Targets (computed from the CSV by `launcher/realbase_study.py --report`):**", "",
         *target_lines(rows, cfg), "",
         "LR grid (one seed; selected: lowest validation loss of the trained domains):", "", grid_table(rows, cfg), "",
