@@ -326,9 +326,14 @@ def report_base(cfg: RealbaseStudy) -> str:
 def report_key(cfg: RealbaseStudy) -> tuple[str, dict]:
     """The base (report_base) and the scoring the report is about: this machine's while rows of the base have
     it (or none has any), else the latest such row's; one scoring always, never rows of two mixed.  Where the
-    probes or the data are not here (a report from the CSV alone), the latest row's."""
+    probes or the data are not here (a report from the CSV alone), the latest row's.  Where no row of the base
+    recorded its scoring, the rows from before that was recorded (all ''), as report_base does for a finished
+    study of another base: a finished study's section is re-rendered from its rows, not emptied."""
     base = report_base(cfg)
-    rows = [r for r in read_rows(Path(cfg.study.csv), protocol_ids(cfg), base) if all(r.get(k) for k in SCORED_BY)]
+    every = read_rows(Path(cfg.study.csv), protocol_ids(cfg), base)
+    rows = [r for r in every if all(r.get(k) for k in SCORED_BY)]
+    if every and not rows:
+        return base, {k: "" for k in SCORED_BY}
     probes, data = Path(cfg.study.scores.probes), Path(cfg.experiment.data.source)
     here = scored_key(cfg) if all(f.is_file() for f in (probes / "probes.json", probes / "build.json",
                                                         data / "meta.json")) else None

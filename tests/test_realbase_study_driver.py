@@ -214,9 +214,10 @@ def test_a_row_of_another_probe_set_is_run_again_and_not_reported(tmp_path, caps
     assert drv.report_key(cfg) == (base, old)
 
 
-def test_an_old_csv_without_the_scoring_columns_counts_for_nothing(tmp_path):
+def test_an_old_csv_without_the_scoring_columns_is_run_again_and_reported_alone(tmp_path):
     """A CSV written before rows recorded what scored them: its rows are of an unknown probe set, so none is
-    reused or reported (one line says so); they stay in the file, and the header grows on the next row."""
+    reused by a launch (one line says so); while no row has a recorded scoring, the report shows them as one
+    group of unknown scoring; they stay in the file, and the header grows on the next row."""
     from desmoe.recipes.des_moe.study import COLUMNS, SCORED_BY, append_row, base_digest, protocol_ids, stale_notice
 
     cfg, drv = _scored_study(tmp_path), _driver()
@@ -226,17 +227,28 @@ def test_an_old_csv_without_the_scoring_columns_counts_for_nothing(tmp_path):
         writer = csv.DictWriter(f, fieldnames=old_columns, lineterminator="\n")
         writer.writeheader()
         writer.writerow({**_row("base", "base", "vanilla", 0.0, 0, 5, 0.5, 0.3), "protocol": ids[0],
-                         "base_sha256": base, "finished_utc": "2026-12-05T10:00:00Z"})
+                         "base_sha256": base, "finished_utc": "2026-12-05T10:00:00Z",
+                         "probes": json.dumps({"probe_cloze": 0.5}), "downstream": "{}"})
     assert drv.pending(cfg, (ids, base, now), set())[0][0].run == "base"  # run again
     assert "(0 scored on another probe set, data or scoring code, 1 before that was recorded)" in \
         stale_notice(tmp_path / "r.csv", ids, base, now)
-    (tmp_path / "probes" / "probes.json").unlink()  # the report from the CSV alone: no scoring, no row
-    assert drv.report_key(cfg) == (base, {k: "" for k in SCORED_BY})
+    # the report: no row recorded its scoring, so the old rows are reported as one group of unknown scoring (a
+    # finished study's section is re-rendered, not emptied), whether or not the probes are here
     from desmoe.recipes.des_moe.study import read_rows
+    from desmoe.recipes.des_moe.study_report import render
 
-    assert read_rows(tmp_path / "r.csv", ids, base, drv.report_key(cfg)[1]) == []
+    legacy = {k: "" for k in SCORED_BY}
+    for gone in ("", "probes.json"):
+        if gone:
+            (tmp_path / "probes" / gone).unlink()
+        assert drv.report_key(cfg) == (base, legacy)
+        assert [r["run"] for r in read_rows(tmp_path / "r.csv", ids, base, legacy)] == ["base"]
+        assert stale_notice(tmp_path / "r.csv", ids, base, legacy) == ""
+    text = render(cfg, ids, base, legacy)
+    assert "these rows may mix probe sets" in text and "| base | 0.5 |" in text and "1 finished and 0 failed" in text
     append_row(tmp_path / "r.csv", {**_row("base", "base", "vanilla", 0.0, 0, 5, 0.6, 0.3), "protocol": ids[0],
                                     "base_sha256": base, **now})
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     assert list(rows[0]) == COLUMNS and rows[0]["base_sha256"] == base  # the old row, as written (short)
     assert not rows[0]["scoring_sha256"] and rows[1]["scoring_sha256"] == now["scoring_sha256"]
+    assert drv.report_key(cfg) == (base, now)  # a recorded scoring now exists: the old row counts for nothing

@@ -318,9 +318,9 @@ def data_digest(root: str | Path) -> str:
 
 def stale_notice(path: Path, protocol, base: str, scored: dict) -> str:
     """One line on the rows of this protocol and base that ``scored`` leaves out ('' when none)."""
-    rows = read_rows(path, protocol, base)
-    unrecorded = sum(not r.get(SCORED_BY[0]) for r in rows)
-    other = sum(bool(r.get(SCORED_BY[0])) and any(r.get(k) != scored[k] for k in SCORED_BY) for r in rows)
+    stale = [r for r in read_rows(path, protocol, base) if any(r.get(k, "") != scored[k] for k in SCORED_BY)]
+    unrecorded = sum(not r.get(SCORED_BY[0]) for r in stale)
+    other = len(stale) - unrecorded
     if not unrecorded + other:
         return ""
     return (f"[study] {path}: {other + unrecorded} runs of this protocol and base count for nothing here "
@@ -331,8 +331,9 @@ def stale_notice(path: Path, protocol, base: str, scored: dict) -> str:
 
 def read_rows(path: Path, protocol=None, base: Optional[str] = None, scored: Optional[dict] = None) -> list[dict]:
     """Rows of the CSV (of one protocol when given: a digest or a collection of them, protocol_ids; of one
-    base when given: base_digest; of one scoring when given: SCORED_BY -> digest, and a row without them is
-    of none); the last row of a run wins over its earlier tries."""
+    base when given: base_digest; of one scoring when given: SCORED_BY -> digest, where all '' selects the
+    rows from before the scoring was recorded, which a launch's digests never match); the last row of a run
+    wins over its earlier tries."""
     if not path.is_file():
         return []
     rows = [{k: ("" if v is None else v) for k, v in r.items() if k is not None}  # short old rows: ''
@@ -343,7 +344,7 @@ def read_rows(path: Path, protocol=None, base: Optional[str] = None, scored: Opt
     if base is not None:
         rows = [r for r in rows if r.get("base_sha256", "") == base]
     if scored is not None:
-        rows = [r for r in rows if all(r.get(k) and r.get(k) == scored[k] for k in SCORED_BY)]
+        rows = [r for r in rows if all(r.get(k, "") == scored[k] for k in SCORED_BY)]
     latest = {}
     for r in rows:
         latest[r["run"]] = r

@@ -193,11 +193,14 @@ def render(cfg, protocol, base: str, scored: dict) -> str:
     text = "\n".join([
         f"Study `{cfg.study.name}`, protocol digest `{protocol[0]}` (the committed config"
         + (f"; rows also under its earlier digests {', '.join(protocol[1:])}" if len(protocol) > 1 else "")
-        + f"), base `{cfg.experiment.base.hf}` with weights digest `{base}`, scored with "
-        + ", ".join(f"{k} `{v or 'none'}`" for k, v in scored.items()) + f"; CSV `{csv_path}` "
+        + f"), base `{cfg.experiment.base.hf}` with weights digest `{base}`, "
+        + ("scored before rows recorded their probe set, data and scoring code (unknown: these rows may mix "
+           "probe sets; a new launch runs every cell again)" if not any(scored.values()) else
+           "scored with " + ", ".join(f"{k} `{v}`" for k, v in scored.items())) + f"; CSV `{csv_path}` "
         f"({len(every)} runs in the file, {ok} finished and {failed} failed under this protocol, base and scoring; "
-        "rows of other bases, protocols, probe sets, data or scoring code, and rows from before the scoring was "
-        "recorded, stay in the file and count for nothing here).",
+        "rows of other bases, protocols, probe sets, data or scoring code"
+        + (", and rows from before the scoring was recorded," if any(scored.values()) else "")
+        + " stay in the file and count for nothing here).",
         "", "**Targets (computed from the CSV by `launcher/realbase_study.py --report`):**", "",
         *target_lines(rows, cfg), "",
         "LR grid (one seed; selected: lowest validation loss of the trained domains):", "", grid_table(rows, cfg), "",
