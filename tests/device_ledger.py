@@ -5,9 +5,10 @@ without ``device=``) to the engine, or set device results against host tensors, 
 fails at the first step on a GPU.  The ledger, a TorchFunctionMode, tracks as "device" tensors: the model's
 parameters and buffers (``mark``), the result of every ``.to(device)`` / ``.cuda()`` and of every factory
 given ``device=``, and everything computed from those; anything else is host-side.  An op that would fail
-on CUDA is recorded in ``found``: a device tensor with a host tensor of one or more dimensions (a host 0-dim
-tensor is a scalar CUDA accepts), an in-place op writing device values into a host tensor, a host tensor
-indexed by device indices, and ``.numpy()`` of a device tensor.  (``.to("cpu")`` counts as a move here: the
+on CUDA is recorded in ``found``: a device tensor with a host tensor of one or more dimensions (a host
+0-dim tensor is a scalar CUDA accepts, but not among the tensors ``cat``/``stack`` join), an in-place op
+writing device values into a host tensor, a host tensor indexed by device indices, and ``.numpy()`` of a
+device tensor.  (``.to("cpu")`` counts as a move here: the
 CPU is the engine's device.)  ``reads`` counts ``.item()`` calls per tensor; ``host_reads`` counts every
 read-back of a device tensor to the host (``.item()``, ``.tolist()``, ``bool``/``int``/``float``, ``.cpu()``,
 ``.numpy()``: each waits for the GPU) by the desmoe line that made it.
@@ -22,6 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 _MOVES = {torch.Tensor.to, torch.Tensor.cuda}
 _COPIES = {torch.Tensor.copy_, torch.Tensor.__setitem__}  # copy across devices: allowed (a transfer)
 _READS = {torch.Tensor.numpy}
+_JOINS = {torch.cat, torch.stack, torch.hstack, torch.vstack, torch.concat, torch.concatenate}
 _HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
 
 
@@ -83,7 +85,9 @@ class DeviceLedger(TorchFunctionMode):
             to_device = False  # in place: the target keeps its device
         else:
             if any(on):
-                host = [t for t, o in zip(tensors, on) if not o and t.dim() > 0]
+                # a host 0-dim tensor is a scalar CUDA accepts, except among the tensors cat/stack join
+                joins = func in _JOINS
+                host = [t for t, o in zip(tensors, on) if not o and (t.dim() > 0 or joins)]
                 inplace = getattr(func, "__name__", "").endswith("_") and not getattr(func, "__name__", "").endswith("__") \
                     or getattr(func, "__name__", "") in ("__iadd__", "__isub__", "__imul__", "__itruediv__")
                 if func is torch.Tensor.__getitem__ and not on[0]:
