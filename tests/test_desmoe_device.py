@@ -8,6 +8,8 @@ evaluation, the checkpoint's state, end_stage, finish with the downstream tasks)
 state comes back from the checkpoint), and nothing may be found.  It also counts the host read-backs of
 device tensors (each waits for the GPU) each training step makes on each rank.
 """
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,7 +53,26 @@ def _config(kind: str, run_dir: str, extra: list):
         "desmoe.baseline.esft_profile_tokens=256", *run, *extra])
 
 
-def ledger_case(kind: str, run_dir: str, extra: list) -> dict:
+@contextmanager
+def torch_ops(on: bool):
+    """With ``on``, the MoE core runs the torch ops a GPU runs (its branches for a non-CPU tensor), not the
+    CPU-only C kernels: the kernels' loader is reset so it reads DESMOE_FUSED_KERNELS=0, and again after."""
+    import desmoe.kernels as kernels
+
+    if not on:
+        yield
+        return
+    before = os.environ.get("DESMOE_FUSED_KERNELS")
+    os.environ["DESMOE_FUSED_KERNELS"], kernels._tried = "0", False
+    try:
+        assert kernels.swiglu_cpu() is None and kernels.rows_cpu() is None
+        yield
+    finally:
+        os.environ.pop("DESMOE_FUSED_KERNELS") if before is None else os.environ.update(DESMOE_FUSED_KERNELS=before)
+        kernels._tried = False
+
+
+def ledger_case(kind: str, run_dir: str, extra: list, torch_only: bool = False) -> dict:
     """One run (or its resume) with the recipe's calls under one DeviceLedger: what it found in each call, and
     the host read-backs of device tensors of each training step (begin of micro-batch 0 to end_step)."""
     from device_ledger import DeviceLedger
@@ -84,7 +105,8 @@ def ledger_case(kind: str, run_dir: str, extra: list) -> dict:
 
     Recipe = type("Recipe", (base,), {n: watched(n) for n in PHASES})
     cfg = _config(kind, run_dir, extra)
-    Trainer(Recipe(cfg), DS).run()
+    with torch_ops(torch_only):
+        Trainer(Recipe(cfg), DS).run()
     return {"found": {k: v[:20] for k, v in found.items() if v}, "calls": sorted(found), "reads": reads}
 
 
@@ -93,18 +115,21 @@ INSTRUCT = ["model.vocab_size=500", "model.max_seq_len=640",  # the downstream t
             "train.grad_accum=2", "evaluation.downstream=true", "evaluation.items_per_task=4",
             "evaluation.ppl_tokens=256"]
 CASES = {  # DES-MoE with ALR, DGES refreshes every step and both batchings, expert copies, instruction data with
-    # gradient accumulation and the downstream tasks; each baseline; the LM recipes
+    # gradient accumulation and the downstream tasks; each baseline; the LM recipes; "torch_ops": the MoE core's
+    # torch ops, which a GPU runs, instead of the CPU-only C kernels
     "desmoe": ("desmoe", []),
     "desmoe_token": ("desmoe", ["desmoe.dges.batching=token"]),
     "desmoe_copies": ("desmoe", ["desmoe.dges.duplicate_shared=true", "desmoe.dges.spare_experts=2",
                                  "desmoe.dges.duplicate_inference=average"]),
     "desmoe_instruct": ("desmoe", INSTRUCT),
+    "desmoe_torch_ops": ("desmoe", ["desmoe.dges.batching=token"]),  # the GPU's ops in the MoE core
     "fft": ("desmoe", ["desmoe.method=fft"]),
     "esft_token": ("desmoe", ["desmoe.method=esft_token"]),
     "esft_gate": ("desmoe", ["desmoe.method=esft_gate"]),
     "lora": ("desmoe", ["desmoe.method=lora"]),
     "vanilla": ("desmoe", ["desmoe.method=vanilla", "evaluation.downstream=true"]),
     "pretrain": ("pretrain", []),
+    "pretrain_torch_ops": ("pretrain", []),
     "lm": ("lm", []),
 }
 RESUMED = {"desmoe", "desmoe_copies", "esft_token", "pretrain"}  # DGES state, copies, ESFT selection, LM stream
@@ -117,11 +142,12 @@ def test_every_tensor_where_a_cuda_run_needs_it(ranks, tmp_path, case, request):
         extra = [*extra, f"data.source={request.getfixturevalue('instruct_data')}"]
     elif kind == "desmoe" and case != "vanilla":
         extra = [*extra, "evaluation.downstream=false"]
-    per_rank = ranks.run(ledger_case, kind, str(tmp_path), extra)
+    torch_only = case.endswith("torch_ops")
+    per_rank = ranks.run(ledger_case, kind, str(tmp_path), extra, torch_only)
     check(per_rank, case, 0 if case == "vanilla" else STEPS)
     if case in RESUMED:  # from the mid-run checkpoint: the method's state is loaded, then trained on
         (tmp_path / kind / "checkpoints" / "latest").write_text(f"step{SAVE:08d}")
-        check(ranks.run(ledger_case, kind, str(tmp_path), extra), case, STEPS - SAVE)
+        check(ranks.run(ledger_case, kind, str(tmp_path), extra, torch_only), case, STEPS - SAVE)
     print(f"{case}: host read-backs per step (rank 0): {[sum(r.values()) for r in per_rank[0]['reads']]}; "
           f"by line, last step: {per_rank[0]['reads'][-1] if per_rank[0]['reads'] else {}}")
 
