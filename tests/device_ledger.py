@@ -43,9 +43,15 @@ class DeviceLedger(TorchFunctionMode):
         return t in self.device
 
     @staticmethod
-    def _where() -> str:
-        here = [f for f in traceback.extract_stack() if "desmoe" in f.filename and "/tests/" not in f.filename]
-        return f"desmoe{here[-1].filename.rsplit('desmoe', 1)[-1]}:{here[-1].lineno}" if here else "?"
+    def _where(via: bool = False) -> str:
+        """The innermost desmoe line on the stack; with ``via``, also the library line under it that ran the op
+        (e.g. inside transformers' modeling code called from desmoe)."""
+        stack = [f for f in traceback.extract_stack() if "/tests/" not in f.filename and "/torch/" not in f.filename]
+        here = [f for f in stack if "desmoe" in f.filename]
+        where = f"desmoe{here[-1].filename.rsplit('desmoe', 1)[-1]}:{here[-1].lineno}" if here else "?"
+        if via and here and stack[-1] is not here[-1]:
+            where += f" via {stack[-1].filename.rsplit('site-packages/', 1)[-1]}:{stack[-1].lineno}"
+        return where
 
     def _flag(self, func, why: str) -> None:
         self.found.append(f"{getattr(func, '__name__', func)} at {self._where()}: {why}")
@@ -64,7 +70,7 @@ class DeviceLedger(TorchFunctionMode):
             self.reads[args[0]] = self.reads.get(args[0], 0) + 1
         if getattr(func, "__name__", "") in _HOST_READS and args and isinstance(args[0], torch.Tensor) \
                 and self._on(args[0]):
-            self.host_reads[self._where()] += 1
+            self.host_reads[self._where(via=True)] += 1
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         on = [self._on(t) for t in tensors]
         if func in _MOVES:

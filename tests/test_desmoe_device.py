@@ -45,8 +45,9 @@ def _config(kind: str, run_dir: str, extra: list):
             "output.reuse=false", *run, *extra])
     from desmoe.recipes.des_moe.recipe import DESMoEExperiment
 
-    return load_config(DESMoEExperiment, None, [
-        "model.hidden_size=32", "model.ffn_size=32", "model.num_experts=4", "model.num_heads=2", "model.ep_size=2",
+    hf = any(e.startswith("base.hf=") for e in extra)  # an HF base brings its architecture (model.* refused)
+    shape = [] if hf else ["model.hidden_size=32", "model.ffn_size=32", "model.num_experts=4", "model.num_heads=2"]
+    return load_config(DESMoEExperiment, None, [*shape, "model.ep_size=2",
         "data.domains=[email, xml]", "data.general=[json]", "data.max_bytes_per_domain=40000",
         "train.micro_batch=4", "train.seq_len=32", "train.eval_batches=1", "train.lr=0.01",
         "desmoe.dges.update_every=1", "desmoe.schedule.t1=0.34", "desmoe.schedule.t2=0.84",
@@ -123,6 +124,10 @@ CASES = {  # DES-MoE with ALR, DGES refreshes every step and both batchings, exp
                                  "desmoe.dges.duplicate_inference=average"]),
     "desmoe_instruct": ("desmoe", INSTRUCT),
     "desmoe_torch_ops": ("desmoe", ["desmoe.dges.batching=token"]),  # the GPU's ops in the MoE core
+    # HF bases (tests/test_hf_methods.py's tiny checkpoints): the ALR on DeepSeek-V3's grouped, biased router
+    # with the bias rule on; LoRA on Mixtral's attention
+    "desmoe_hf": ("desmoe", ["base.hf=deepseek_v3", "base.bias_update_rate=0.001"]),
+    "lora_hf": ("desmoe", ["base.hf=mixtral", "desmoe.method=lora"]),
     "fft": ("desmoe", ["desmoe.method=fft"]),
     "esft_token": ("desmoe", ["desmoe.method=esft_token"]),
     "esft_gate": ("desmoe", ["desmoe.method=esft_gate"]),
@@ -142,6 +147,11 @@ def test_every_tensor_where_a_cuda_run_needs_it(ranks, tmp_path, case, request):
         extra = [*extra, f"data.source={request.getfixturevalue('instruct_data')}"]
     elif kind == "desmoe" and case != "vanilla":
         extra = [*extra, "evaluation.downstream=false"]
+    if case.endswith("_hf"):
+        from test_hf_methods import _checkpoint
+
+        family = extra[0].split("=")[1]
+        extra = [f"base.hf={_checkpoint(family, str(tmp_path / family))}", *extra[1:]]
     torch_only = case.endswith("torch_ops")
     per_rank = ranks.run(ledger_case, kind, str(tmp_path), extra, torch_only)
     check(per_rank, case, 0 if case == "vanilla" else STEPS)
@@ -154,8 +164,11 @@ def test_every_tensor_where_a_cuda_run_needs_it(ranks, tmp_path, case, request):
 
 # Where a training step may read a device tensor back: the CPU-only C kernels' index checks (never on the
 # GPU path), the EP dispatch's split sizes (all_to_all_single takes host lists: one read per MoE forward)
-# and DGES's window, read once at a refresh (here every step: dges.update_every=1)
+# and DGES's window, read once at a refresh (here every step: dges.update_every=1).  An HF base run without a
+# KV cache (DES-MoE sets use_cache=False) also reads once per forward inside transformers, which checks its
+# position ids for packed sequences (masking_utils.find_packed_sequence_indices) when no attention mask is given
 READ_FILES = ("desmoe/kernels/", "desmoe/moe/dispatcher.py", "desmoe/recipes/des_moe/dges.py")
+HF_READ = "via transformers/masking_utils.py"
 
 
 def check(per_rank, case, steps):
@@ -163,7 +176,7 @@ def check(per_rank, case, steps):
         assert len(out["reads"]) == steps, out["reads"]  # the steps run (a resume runs the rest)
         assert out["found"] == {}, "\n".join(f"{k}: {f}" for k, v in out["found"].items() for f in v)
         for step in out["reads"]:
-            assert all(where.startswith(READ_FILES) for where in step), step
+            assert all(where.startswith(READ_FILES) or HF_READ in where for where in step), step
             assert sum(n for where, n in step.items() if "des_moe/dges.py" in where) <= 1, step
         # the ledger saw the calls it checks (a renamed hook would check nothing)
         assert {"attach", "evaluate" if case != "vanilla" else "finish"} <= set(out["calls"]), out["calls"]
