@@ -10,86 +10,10 @@ a device tensor with a host tensor of one or more dimensions (a host 0-dim tenso
 an in-place op writing device values into a host tensor, a host tensor indexed by device indices, and
 ``.numpy()`` of a device tensor.  (``.to("cpu")`` counts as a move here: the CPU is the engine's device.)
 """
-import traceback
-
 import pytest
-import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
+from device_ledger import DeviceLedger
 from test_trge_run import case_config, digits_cached  # noqa: F401  (the digit data, once per module)
-
-_MOVES = {torch.Tensor.to, torch.Tensor.cuda}
-_COPIES = {torch.Tensor.copy_, torch.Tensor.__setitem__}  # copy across devices: allowed (a transfer)
-_READS = {torch.Tensor.numpy}
-
-
-class DeviceLedger(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.device = WeakIdKeyDictionary()  # tensors that would be on the accelerator
-        self.found: list[str] = []
-        self.reads = WeakIdKeyDictionary()  # .item() calls per tensor
-
-    def mark(self, module) -> None:
-        for t in [*module.parameters(), *module.buffers()]:
-            self.device[t] = True
-
-    def _on(self, t) -> bool:
-        return t in self.device
-
-    def _flag(self, func, why: str) -> None:
-        here = [f for f in traceback.extract_stack()[:-2] if "desmoe" in f.filename and "/tests/" not in f.filename]
-        where = f"{here[-1].filename.rsplit('desmoe', 1)[-1]}:{here[-1].lineno}" if here else "?"
-        self.found.append(f"{getattr(func, '__name__', func)} at desmoe{where}: {why}")
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is torch.Tensor.cpu and out is args[0]:  # on the CPU a no-op; on CUDA a host copy
-            out = out.clone()
-        if func is torch.Tensor.item:
-            self.reads[args[0]] = self.reads.get(args[0], 0) + 1
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        on = [self._on(t) for t in tensors]
-        if func in _MOVES:
-            moved = func is torch.Tensor.cuda or "device" in kwargs or any(
-                isinstance(a, (torch.device, str, torch.Tensor)) for a in args[1:])
-            to_device = moved or (tensors and on[0])
-        elif func is torch.Tensor.cpu:
-            to_device = False
-        elif func in _READS:
-            if on and on[0]:
-                self._flag(func, "a device tensor read as a numpy array")
-            to_device = False
-        elif func in _COPIES:
-            self_on = bool(on) and on[0]
-            index = tree_flatten(args[1])[0] if func is torch.Tensor.__setitem__ and len(args) > 1 else []
-            if not self_on and any(isinstance(i, torch.Tensor) and self._on(i) for i in index):
-                self._flag(func, "a host tensor indexed by device indices")
-            to_device = False  # in place: the target keeps its device
-        else:
-            if any(on):
-                host = [t for t, o in zip(tensors, on) if not o and t.dim() > 0]
-                inplace = getattr(func, "__name__", "").endswith("_") and not getattr(func, "__name__", "").endswith("__") \
-                    or getattr(func, "__name__", "") in ("__iadd__", "__isub__", "__imul__", "__itruediv__")
-                if func is torch.Tensor.__getitem__ and not on[0]:
-                    self._flag(func, "a host tensor indexed by device indices")
-                elif func is torch.Tensor.__getitem__:
-                    pass  # a device tensor indexed by host indices: allowed
-                elif inplace and not on[0]:
-                    self._flag(func, "device values written into a host tensor")
-                elif host:
-                    self._flag(func, f"device and host tensors mixed (host shapes {[tuple(h.shape) for h in host]})")
-            to_device = any(on) or ("device" in kwargs and kwargs["device"] is not None)
-            if func is torch.Tensor.__getitem__:
-                to_device = bool(on) and on[0]
-        if to_device:
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self.device[t] = True
-        return out
 
 
 def ledger_case(run_dir, method, extra):

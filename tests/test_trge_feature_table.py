@@ -3,13 +3,13 @@
 It used to be a host tensor: on a GPU every batch's features were copied back as they were computed, and the
 reduction over ranks sent the whole table to the device and back.  Now the table is filled and reduced where
 the features come from, and copied to the host once (the disk cache and the per-batch readers keep a host
-table).  Checked with test_trge_device's ledger, which tracks which tensors a CUDA run would hold on the
+table).  Checked with tests/device_ledger's ledger, which tracks which tensors a CUDA run would hold on the
 device: a device value written into a host tensor is a transfer, as is ``.cpu()`` of a device tensor.  The
 numbers and the cache file are those of one process computing every batch itself.
 """
 import torch
 
-from test_trge_device import DeviceLedger
+from device_ledger import DeviceLedger
 
 BATCH = 8
 

@@ -1,4 +1,4 @@
-"""identifier.backend=mllm on the job's device, checked on the CPU with test_trge_device's ledger.
+"""identifier.backend=mllm on the job's device, checked on the CPU with tests/device_ledger's ledger.
 
 The MLLM and the processor's tensors stayed on the CPU in a GPU job: every description and every test
 image's answer ran the whole generation on the host.  The identifier now moves the frozen model once to the
@@ -9,7 +9,7 @@ and records any host tensor the generation would meet on the device.
 import numpy as np
 import torch
 
-from test_trge_device import DeviceLedger
+from device_ledger import DeviceLedger
 from test_trge_user_inputs import _tiny_mllm
 
 
