@@ -201,6 +201,10 @@ CASES = [
     Case("unreadable Slurm node list", "environment", lambda t: expand_hostlist("gpu[1-x]"), "cannot read the range '1-x'"),
     Case("JSON lr and another train.lr", "deepspeed", lambda t: _two_lrs(t),
          "key 'optimizer.params.lr': 0.0005, but train.lr=0.002 from "),
+    # the downstream tasks' windows past the model's learned positions: an IndexError after the whole run
+    Case("evaluation window beyond the model", "config",
+         lambda t: _desmoe_config("data.source=data/demo", "model.max_seq_len=128", "train.seq_len=64"),
+         "key 'evaluation.max_len': expected at most model.max_seq_len=128"),
 ]
 
 

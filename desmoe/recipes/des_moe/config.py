@@ -148,11 +148,18 @@ class EvalConfig:
     downstream: bool = True  # at the end, on prepared data: desmoe.evaluation.lm_tasks.evaluate_lm
     items_per_task: int = 200
     ppl_tokens: int = 20000
+    max_len: int = 512  # tokens a task's prompt and answer may take (its context is cut from the left beyond)
+    ppl_seq_len: int = 256  # the perplexity's windows
 
     def check(self) -> None:  # else refused only after the whole run, as eval.* (desmoe.evaluation.lm_tasks)
-        for key in ("items_per_task", "ppl_tokens"):
+        for key in ("items_per_task", "ppl_tokens", "max_len", "ppl_seq_len"):
             if getattr(self, key) < 1:
                 raise bad(key, "a positive integer", getattr(self, key))
+        from desmoe.evaluation.lm_tasks import LMEvalConfig
+
+        longest = max(LMEvalConfig.math_max_new_tokens, LMEvalConfig.exact_max_new_tokens)
+        if self.max_len <= longest:  # a prompt keeps max_len - the answer's new tokens
+            raise bad("max_len", f"more than {longest} tokens (the longest generated answer)", self.max_len)
 
 
 @dataclass
@@ -183,6 +190,13 @@ class DESMoEExperiment:
             check_as(self.model, MoELMConfig.check, "model")
         if not self.base.hf and self.train.seq_len > self.model.max_seq_len:
             raise bad("train.seq_len", f"at most model.max_seq_len={self.model.max_seq_len}", self.train.seq_len)
+        # the downstream tasks run on prepared data only (evaluate.downstream): else an IndexError in the
+        # positions, after the whole run
+        if not self.base.hf and self.evaluation.downstream and self.data.source != "stdlib":
+            for key in ("max_len", "ppl_seq_len"):
+                if getattr(self.evaluation, key) > self.model.max_seq_len:
+                    raise bad(f"evaluation.{key}", f"at most model.max_seq_len={self.model.max_seq_len} (the "
+                              f"model's positions; or evaluation.downstream=false)", getattr(self.evaluation, key))
         from desmoe.recipes.des_moe.baselines import method_class  # late: the methods import this module
 
         warmup = round(self.desmoe.schedule.t1 * self.train.steps)

@@ -39,7 +39,8 @@ def downstream_eval(model, data, cfg) -> dict[str, float]:
     from desmoe.distributed import is_rank0
     from desmoe.evaluation.lm_tasks import LMEvalConfig, downstream_mean, evaluate_lm
 
-    ev = LMEvalConfig(items_per_task=cfg.evaluation.items_per_task, ppl_tokens=cfg.evaluation.ppl_tokens)
+    ev = LMEvalConfig(items_per_task=cfg.evaluation.items_per_task, ppl_tokens=cfg.evaluation.ppl_tokens,
+                      max_len=cfg.evaluation.max_len, ppl_seq_len=cfg.evaluation.ppl_seq_len)
     probe = [d for d in ("general",) if d in data.data.domains and d not in data.domains]
     was_training = model.training
     model.eval()
