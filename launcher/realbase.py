@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from data_prep.stamp import (data_code_digest, read_stamp, rebuild_stamped, stale_reason,  # noqa: E402
+                             tokenizer_digest)
 from desmoe.checkpoint import write_text_atomic  # noqa: E402
 from desmoe.errors import UserError, run_cli  # noqa: E402
 
@@ -50,37 +52,9 @@ def dense_base(cache: Path) -> Path:
 
 # data/realbase is reused only when its stamp (DATA_STAMP, inside the sealed folder) names this tokenizer and
 # this data-preparation code: a folder of another tokenizer, or of older data_prep code, was read silently and
-# every perplexity and probe number was wrong.  The code is the data_prep package (its profiles, pinned sources
-# and content lists too; the image sequence's builder is no part of a text build) and the desmoe modules that
-# encode documents and records; the tokenizer is the bytes of its files in the dense base, not their path.
+# every perplexity and probe number was wrong.  What "the code" and "the tokenizer" are: data_prep/stamp.py.
 DATA_STAMP = "realbase-stamp.json"
-DATA_CODE = ("data_prep", "desmoe/data/tokenizer.py", "desmoe/data/prepared.py")
-DATA_CODE_SKIP = ("images.py", "image_sources.py")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 PROFILE = ("demo", ("tokenizer.kind=hf",))  # plus tokenizer.hf_path=<the dense base>: a path, stamped by digest
-
-
-def tokenizer_digest(dense: Path) -> str:
-    """sha256 over the dense base's tokenizer files (name and bytes): the tokenizer's identity."""
-    import hashlib
-
-    from desmoe.integrity import sha256_file
-
-    files = [dense / n for n in TOKENIZER_FILES if (dense / n).is_file()]
-    if not files:
-        raise UserError(f"{dense}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
-    return hashlib.sha256("".join(f"{f.name}\0{sha256_file(f)}\n" for f in files).encode()).hexdigest()
-
-
-def data_code_digest(root: Path = ROOT) -> str:
-    """sha256 of DATA_CODE (*.py, *.yaml, *.txt; DATA_CODE_SKIP left out): the code that wrote data/realbase."""
-    import hashlib
-
-    from desmoe.integrity import tree_digest
-
-    return hashlib.sha256("".join(f"{rel} {tree_digest(root / rel, ('.py', '.yaml', '.txt'), DATA_CODE_SKIP)}\n"
-                                  for rel in DATA_CODE).encode()).hexdigest()
 
 
 def data_stamp(dense: Path) -> dict:
@@ -91,30 +65,16 @@ def data_stamp(dense: Path) -> dict:
 def prepared_data(dense: Path, cache: Path, data: Path = DATA) -> Path:
     """``data`` (data/realbase: generated here) prepared with the dense base's tokenizer, reused only while its
     stamp is this tokenizer's and this code's; else built again, in a temporary folder renamed into place."""
-    import shutil
-    import tempfile
-
-    from desmoe.checkpoint import replace_dir_atomic
-
     want = data_stamp(dense)
-    stamp = data / DATA_STAMP
-    have = json.loads(stamp.read_text()) if stamp.is_file() else None
-    if have == want:
+    why = stale_reason(read_stamp(data, DATA_STAMP), want)
+    if not why:
         return data
     if (data / "meta.json").is_file():
-        why = ("built before its stamp was recorded" if have is None else "built with another " + ", ".join(
-            k for k in want if have.get(k) != want[k]))
         log(f"{data}: rebuilding ({why})")
     from data_prep.build import build
 
-    data.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{data.name}.tmp-", dir=data.parent))
-    try:
-        build(PROFILE[0], tmp / data.name, cache, [*PROFILE[1], f"tokenizer.hf_path={dense}"], quiet=True)
-        write_text_atomic(tmp / data.name / DATA_STAMP, json.dumps(want, indent=1) + "\n")
-        replace_dir_atomic(tmp / data.name, data, seal=True)  # sealed again: the stamp is one of its files
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    rebuild_stamped(data, want, DATA_STAMP, lambda out: build(
+        PROFILE[0], out, cache, [*PROFILE[1], f"tokenizer.hf_path={dense}"], quiet=True))
     return data
 
 
