@@ -387,14 +387,12 @@ def main() -> None:
                         "data_prep code, tokenizer) is this build's; else rebuild it")
     args, rest = parser.parse_known_args()
     out = args.out or f"data/{Path(args.profile).stem}"
-    if args.reuse:
-        from data_prep.stamp import build_reused
+    from data_prep.stamp import build_reused
 
-        meta = build_reused(args.profile, out, args.cache, split_overrides(rest), args.quiet)
-        if meta is None:
-            return
-    else:
-        meta = build(args.profile, out, args.cache, split_overrides(rest), args.quiet)
+    # every build is stamped (`make data` then `make demo` reuses the folder); --reuse skips an up-to-date one
+    meta = build_reused(args.profile, out, args.cache, split_overrides(rest), args.quiet, reuse=args.reuse)
+    if meta is None:
+        return
     perf = json.loads((Path(out) / "timing.json").read_text())
     print(f"wrote {out}: {len(meta['domains'])} domains x {meta['budget_tokens_per_domain']} train tokens; "
           f"card {Path(out) / meta['card']}; tokenized {perf['tokens']} tokens at {perf['tokens_per_s']} tokens/s "

@@ -100,7 +100,7 @@ def rebuild_stamped(out: Path, stamp: dict, name: str, write: Callable[[Path], o
 
 
 def build_reused(profile: str, out: str | Path, cache: str | Path = "cache", overrides: list[str] = (),
-                 quiet: bool = False) -> dict | None:
+                 quiet: bool = False, reuse: bool = True) -> dict | None:
     """``--reuse``: None when ``out`` holds the stamp this build would write (one line says so); else built,
     stamped and renamed in (a failed build leaves the old folder).  A folder without a stamp was built before
     stamps, by code that may differ: rebuilt, as one of another profile, overrides, code or tokenizer."""
@@ -108,7 +108,7 @@ def build_reused(profile: str, out: str | Path, cache: str | Path = "cache", ove
 
     out, overrides = Path(out), list(overrides)
     want = build_stamp(profile, overrides)
-    if out.exists():
+    if out.exists() and reuse:  # without --reuse every build is a rebuild, stamped all the same
         why = stale_reason(read_stamp(out, BUILD_STAMP), want)
         if not why:
             print(f"{out}: up to date", flush=True)

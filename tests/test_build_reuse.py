@@ -127,15 +127,18 @@ def _cli(monkeypatch, *argv):
 
 
 def test_the_cli(tmp_path, builds, capsys, monkeypatch):
-    """--reuse: one line when up to date; without it, built as before (and no stamp written)."""
+    """--reuse: one line when up to date; without it, built again, stamped all the same (so `make data` then
+    `make demo` reuses the folder)."""
     monkeypatch.chdir(tmp_path)
     _cli(monkeypatch, "--profile", "tiny", "--out", "data/demo", "--reuse")
     assert "wrote data/demo" in capsys.readouterr().out
     ino = os.stat("data/demo").st_ino
     _cli(monkeypatch, "--profile", "tiny", "--out", "data/demo", "--reuse")
     assert capsys.readouterr().out == "data/demo: up to date\n" and os.stat("data/demo").st_ino == ino
-    _cli(monkeypatch, "--profile", "tiny", "--out", "data/plain")
-    assert len(builds) == 2 and not Path("data/plain", BUILD_STAMP).exists()
+    _cli(monkeypatch, "--profile", "tiny", "--out", "data/demo")  # no --reuse: rebuilt, and stamped
+    assert len(builds) == 2 and os.stat("data/demo").st_ino != ino and "wrote data/demo" in capsys.readouterr().out
+    _cli(monkeypatch, "--profile", "tiny", "--out", "data/demo", "--reuse")
+    assert capsys.readouterr().out == "data/demo: up to date\n" and len(builds) == 2
     with pytest.raises(SystemExit):  # a bad override: refused in one line before anything is read or built
         _cli(monkeypatch, "--profile", "tiny", "--out", "data/demo", "--reuse", "no_such_key=1")
     assert "desmoe: error:" in capsys.readouterr().err and len(builds) == 2
