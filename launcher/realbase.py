@@ -137,24 +137,38 @@ SCORING_CODE = ("desmoe/data/tokenizer.py", "desmoe/data/prepared.py", "desmoe/d
                 "desmoe/objective.py", "desmoe/evaluation/harness.py", "desmoe/models", "desmoe/moe", "desmoe/kernels")
 
 
-def _scoring_digest(root: Path = Path(__file__).resolve().parent.parent) -> str:
-    """sha256 of SCORING_CODE, this file's evaluate/load/general_ids, and the library versions they run on."""
+def code_hash(rels, exts: tuple, sources, root: Path):
+    """A sha256 (still open) over the files under ``rels`` with suffixes ``exts`` and the source of the functions
+    ``sources``: the code half of a scoring key (this file's cached evaluations, realbase_study's rows)."""
     import hashlib
     import inspect
-
-    import lm_eval
-    import torch
-    import transformers
 
     from desmoe.integrity import tree_digest
 
     digest = hashlib.sha256()
-    for rel in SCORING_CODE:
-        digest.update(f"{rel} {tree_digest(root / rel, ('.py', '.c', '.h'))}\n".encode())
-    for fn in (evaluate, load, general_ids):
+    for rel in rels:
+        digest.update(f"{rel} {tree_digest(root / rel, exts)}\n".encode())
+    for fn in sources:
         digest.update(inspect.getsource(fn).encode())
-    versions = {m.__name__: getattr(m, "__version__", "") for m in (torch, transformers, lm_eval)}
-    return hashlib.sha256(digest.hexdigest().encode() + json.dumps(versions, sort_keys=True).encode()).hexdigest()
+    return digest
+
+
+def library_versions() -> bytes:
+    """The torch / transformers / lm_eval versions the scoring runs on, as the keys hash them."""
+    import lm_eval
+    import torch
+    import transformers
+
+    return json.dumps({m.__name__: getattr(m, "__version__", "") for m in (torch, transformers, lm_eval)},
+                      sort_keys=True).encode()
+
+
+def _scoring_digest(root: Path = Path(__file__).resolve().parent.parent) -> str:
+    """sha256 of SCORING_CODE, this file's evaluate/load/general_ids, and the library versions they run on."""
+    import hashlib
+
+    digest = code_hash(SCORING_CODE, (".py", ".c", ".h"), (evaluate, load, general_ids), root)
+    return hashlib.sha256(digest.hexdigest().encode() + library_versions()).hexdigest()
 
 
 def cached_eval(path: Path, model_dir: Path, data: Path, probes: Path) -> dict:

@@ -97,22 +97,11 @@ def scoring_code_digest() -> str:
     """The code and libraries that turn a trained model into the row's numbers (first 12 hex digits):
     launcher/realbase.py's SCORING_CODE (tokenisation, harness, held-out windows and loss, the forward),
     the downstream task templates, study_scores itself, and the torch / transformers / lm_eval versions."""
-    import hashlib
-    import inspect
+    from launcher.realbase import SCORING_CODE, code_hash, library_versions
 
-    import lm_eval
-    import torch
-    import transformers
-
-    from desmoe.integrity import tree_digest
-    from launcher.realbase import SCORING_CODE
-
-    root, h = Path(__file__).resolve().parents[1], hashlib.sha256()
-    for rel in (*SCORING_CODE, "desmoe/evaluation/tasks"):
-        h.update(f"{rel} {tree_digest(root / rel, ('.py', '.c', '.h', '.yaml'))}\n".encode())
-    h.update(inspect.getsource(study_scores).encode())
-    h.update(json.dumps({m.__name__: getattr(m, "__version__", "") for m in (torch, transformers, lm_eval)},
-                        sort_keys=True).encode())
+    exts = (".py", ".c", ".h", ".yaml")
+    h = code_hash((*SCORING_CODE, "desmoe/evaluation/tasks"), exts, (study_scores,), Path(__file__).resolve().parents[1])
+    h.update(library_versions())
     return h.hexdigest()[:12]
 
 
