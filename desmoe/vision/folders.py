@@ -12,7 +12,7 @@ orientation applied, as a photo viewer shows it), as 8-bit RGB (grey, palette, C
 16-bit images converted; alpha dropped and an animated image's first frame read, as
 torchvision's loader does), then CLIP's test transform (shorter side to ``size``, centre crop).
 Anything else is refused in one line naming the path: a file that is not a readable image,
-an empty class folder, a stray file beside the class folders, two class folders whose names
+an empty class folder, a stray file beside the class folders (or beside train/ + test/), two class folders whose names
 agree up to case, spaces and underscores, a split left undecided.
 """
 from __future__ import annotations
@@ -109,6 +109,11 @@ def read_layout(root: Path, test_fraction: float = 0.0, seed: int = 42) -> tuple
         if test_fraction:
             raise UserError(f"{root}: has train/ and test/ folders and test_fraction={test_fraction} is set; "
                             f"expected one split rule (test_fraction 0 uses the folders)")
+        # anything else here (a class folder of a half-done reorganisation, a val/ split) was left out without a word
+        other = next((p for p in _visible(root) if p.name not in ("train", "test")), None)
+        if other is not None:
+            raise UserError(f"{other}: beside train/ and test/, whose images are the task's; expected only those two "
+                            f"folders in {root} (move it into them, or out of the task folder)")
         names, train = _classes(root / "train")
         other, test = _classes(root / "test")
         if other != names:  # labels are positions: two different class lists would pair images with wrong names

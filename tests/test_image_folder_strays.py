@@ -1,0 +1,29 @@
+"""A task folder with train/ + test/ holds nothing else: whatever sits beside them would be left out silently."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from desmoe.errors import UserError
+from desmoe.vision.folders import load_image_folder_task
+
+
+def _png(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("stray, is_dir", [("sparrow", True), ("val", True), ("labels.csv", False)])
+def test_entries_beside_train_and_test_are_refused(tmp_path, stray, is_dir):
+    for i, split in enumerate(("train", "test")):
+        for j, cls in enumerate(("finch", "jay")):
+            _png(tmp_path / "birds" / split / cls / "0.png", 10 * i + j)
+    (tmp_path / "birds" / ".DS_Store").write_bytes(b"\0")  # hidden: still skipped
+    assert load_image_folder_task(tmp_path / "birds", size=8).train_y.tolist() == [0, 1]
+    if is_dir:
+        _png(tmp_path / "birds" / stray / "0.png", 99)  # images the task would never see
+    else:
+        (tmp_path / "birds" / stray).write_text("0.png,finch\n")
+    with pytest.raises(UserError, match=rf"birds/{stray}: beside train/ and test/, whose images are the task's; "
+                                        r"expected only those two folders") as err:
+        load_image_folder_task(tmp_path / "birds", size=8)
+    assert "\n" not in str(err.value)
