@@ -27,3 +27,21 @@ def test_entries_beside_train_and_test_are_refused(tmp_path, stray, is_dir):
                                         r"expected only those two folders") as err:
         load_image_folder_task(tmp_path / "birds", size=8)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["split", "fraction"])
+def test_one_file_reached_twice_through_a_symlink_is_refused(tmp_path, layout):
+    splits = ("train", "test") if layout == "split" else ("",)
+    for i, split in enumerate(splits):
+        for j, cls in enumerate(("finch", "jay")):
+            for k in range(2):
+                _png(tmp_path / "birds" / split / cls / f"{k}.png", 100 * i + 10 * j + k)
+    kw = {} if layout == "split" else {"test_fraction": 0.5}
+    load_image_folder_task(tmp_path / "birds", size=8, **kw)  # distinct files: fine
+    # a jay photo linked into the finch folder: one image under two labels (and maybe in train and test)
+    jay = tmp_path / "birds" / splits[-1] / "jay" / "0.png"
+    (tmp_path / "birds" / splits[0] / "finch" / "2.png").symlink_to(jay)
+    with pytest.raises(UserError, match=r"finch/2.png: the same file as .*jay/0.png \(a symlink\); expected each "
+                                        r"image once in") as err:
+        load_image_folder_task(tmp_path / "birds", size=8, **kw)
+    assert "\n" not in str(err.value)

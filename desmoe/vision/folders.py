@@ -121,7 +121,7 @@ def read_layout(root: Path, test_fraction: float = 0.0, seed: int = 42) -> tuple
             raise UserError(f"{root}: class '{diff}' is in only one of train/ and test/; expected the same class "
                             f"folders in both")
         as_items = lambda files: [(p, i) for i, ps in enumerate(files.values()) for p in ps]  # noqa: E731
-        return names, as_items(train), as_items(test)
+        return _once(root, names, as_items(train), as_items(test))
     if has:
         raise UserError(f"{root}: has {has[0]}/ but no {'test' if has[0] == 'train' else 'train'}/; expected both "
                         f"(or class folders only, split with test_fraction)")
@@ -129,7 +129,20 @@ def read_layout(root: Path, test_fraction: float = 0.0, seed: int = 42) -> tuple
         raise UserError(f"{root}: no train/ and test/ folders and no test_fraction; expected one of them to say "
                         f"which images are test images")
     names, files = _classes(root)
-    return (names, *_split(files, test_fraction, seed, root))
+    return _once(root, names, *_split(files, test_fraction, seed, root))
+
+
+def _once(root: Path, names: list[str], train: Items, test: Items) -> tuple[list[str], Items, Items]:
+    """Refuse one file reached twice (a symlink to an image of another class, or beside itself): it would be
+    one image under two labels, or in both train and test, and counted twice."""
+    where: dict[Path, Path] = {}
+    for path, _ in train + test:
+        real = path.resolve()
+        if real in where:
+            link, first = (where[real], path) if where[real].is_symlink() else (path, where[real])  # name the link
+            raise UserError(f"{link}: the same file as {first} (a symlink); expected each image once in {root}")
+        where[real] = path
+    return names, train, test
 
 
 def upright(img: Image.Image) -> Image.Image:
