@@ -45,3 +45,17 @@ def test_one_file_reached_twice_through_a_symlink_is_refused(tmp_path, layout):
                                         r"image once in") as err:
         load_image_folder_task(tmp_path / "birds", size=8, **kw)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("n, fraction, n_test", [(90, 0.35, 32), (45, 0.7, 32), (10, 0.25, 3), (10, 0.35, 4)])
+def test_test_fraction_rounds_half_up_of_the_fraction_as_written(tmp_path, n, fraction, n_test):
+    # 90 * 0.35 is 31.5 as written, 31.499999999999996 in floats: half up must give 32
+    for cls in ("c", "d"):
+        (tmp_path / "t" / cls).mkdir(parents=True)
+        for k in range(n):
+            (tmp_path / "t" / cls / f"{k}.png").write_bytes(b"")  # read_layout only lists files; no decoding
+    from desmoe.vision.folders import read_layout
+
+    _, train, test = read_layout(tmp_path / "t", test_fraction=fraction)
+    assert [sum(lab == c for _, lab in test) for c in (0, 1)] == [n_test, n_test]
+    assert len(train) + len(test) == 2 * n

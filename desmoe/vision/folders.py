@@ -18,6 +18,7 @@ agree up to case, spaces and underscores, a split left undecided.
 from __future__ import annotations
 
 import random
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
@@ -91,7 +92,9 @@ def _split(files: dict[str, list[Path]], test_fraction: float, seed: int, root: 
     for label, (name, paths) in enumerate(files.items()):
         order = list(paths)
         rng.shuffle(order)
-        n_test = int(len(order) * test_fraction + 0.5)  # half up (round() goes to even: 5.5 -> 6, 4.5 -> 4)
+        # half up (round() goes to even: 5.5 -> 6, 4.5 -> 4) of the fraction as written: in floats 90 * 0.35 is
+        # 31.499999999999996 and 31 images went to test where the rule gives 32
+        n_test = int(Fraction(str(float(test_fraction))) * len(order) + Fraction(1, 2))
         if not 0 < n_test < len(order):
             raise UserError(f"{root / name}: {len(order)} image(s) cannot be split with test_fraction="
                             f"{test_fraction}; expected at least one image in train and in test for every class")
