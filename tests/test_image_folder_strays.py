@@ -59,3 +59,16 @@ def test_test_fraction_rounds_half_up_of_the_fraction_as_written(tmp_path, n, fr
     _, train, test = read_layout(tmp_path / "t", test_fraction=fraction)
     assert [sum(lab == c for _, lab in test) for c in (0, 1)] == [n_test, n_test]
     assert len(train) + len(test) == 2 * n
+
+
+def test_class_folders_equal_up_to_unicode_normalisation_are_refused(tmp_path):
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # both "café"; a Mac writes names decomposed
+    for j, cls in enumerate((composed, "tea")):
+        for k in range(2):
+            _png(tmp_path / "drinks" / cls / f"{k}.png", 10 * j + k)
+    load_image_folder_task(tmp_path / "drinks", size=8, test_fraction=0.5)
+    for k in range(2):
+        _png(tmp_path / "drinks" / decomposed / f"{k}.png", 50 + k)
+    with pytest.raises(UserError, match=r"drinks: class folders '.*' and '.*' give the same class name") as err:
+        load_image_folder_task(tmp_path / "drinks", size=8, test_fraction=0.5)
+    assert "\n" not in str(err.value)

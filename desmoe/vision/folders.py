@@ -18,6 +18,7 @@ agree up to case, spaces and underscores, a split left undecided.
 from __future__ import annotations
 
 import random
+import unicodedata
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional
@@ -77,7 +78,9 @@ def _classes(folder: Path) -> tuple[list[str], dict[str, list[Path]]]:
     dirs = _class_folders(folder)
     seen: dict[str, str] = {}
     for d in dirs:
-        key = class_name(d.name).casefold()  # one prompt for both: argmax always picks the first
+        # one prompt for both: argmax always picks the first (a name copied from a Mac is decomposed, NFD: café
+        # as e + U+0301, beside the composed é of one typed here -- two folders, one word to a tokenizer)
+        key = unicodedata.normalize("NFC", class_name(d.name)).casefold()
         if key in seen:
             raise UserError(f"{folder}: class folders '{seen[key]}' and '{d.name}' give the same class name "
                             f"'{class_name(d.name)}' (up to case, spaces and underscores); expected distinct names")
