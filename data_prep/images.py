@@ -27,7 +27,7 @@ from data_prep import image_sources as S
 from data_prep.sources import Source, SourceCache, load_manifest
 from desmoe.checkpoint import write_text_atomic
 from desmoe.errors import UserError, run_cli
-from desmoe.integrity import seal
+from desmoe.integrity import MANIFEST as MANIFEST_NAME, seal
 from desmoe.vision.tasks import ImageTask, save_index, save_task, task_entry
 
 MANIFEST = Path(__file__).with_name("manifest.yaml")
@@ -265,6 +265,11 @@ def build(profile_name: str, out: Path, cache_root: Path, size: int = 64, seed: 
     names = sorted({s for t, _ in plan for s in TASK_SOURCES[t]})
     cache = SourceCache(cache_root)
     roots = {n: cache.unpack(manifest[n]) for n in tqdm(names, desc="sources")}
+    # task files are rewritten in place: a build killed half-way left the old index (and manifest, whose sizes
+    # a rebuild with another seed matches) over a mix of old and new tasks, loaded without a word; without
+    # them the folder is refused until a build completes
+    index.unlink(missing_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
     entries = []
     for name, counts in tqdm(plan, desc=f"tasks ({profile_name})"):
         task = build_task(name, counts, profile, roots, size, seed)

@@ -190,9 +190,10 @@ def load_dual_encoder(folder: str | Path, device: str | torch.device = "cpu"):
 
     folder = Path(folder)
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file() or not (folder / "model.safetensors").is_file():
-        raise UserError(f"{folder}: not a saved dual encoder (expected config.json and model.safetensors); "
-                        "build one with `python launcher/align_dual_encoder.py`")
+    # tokenizer/ too: a copy without it (no manifest to catch that) died in transformers' hub-id traceback
+    if not cfg_path.is_file() or not (folder / "model.safetensors").is_file() or not (folder / "tokenizer").is_dir():
+        raise UserError(f"{folder}: not a saved dual encoder (expected config.json, model.safetensors and "
+                        "tokenizer/); build one with `python launcher/align_dual_encoder.py`")
     integrity.verify(folder, "dual encoder folder")
     raw = json.loads(cfg_path.read_text())
     if raw.get("model_type") != "desmoe_dual_encoder":

@@ -8,6 +8,7 @@ sequence without using any task image.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,10 @@ def train_heads(model: DualEncoder, img_feats: torch.Tensor, txt_feats: torch.Te
     if cfg.train_text_projection:
         params.append(model.text_projection.weight)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    # torch ends the warm-up at step 0.05 * steps - 1 and divides by its length: at 20 steps that is 0, and
+    # --steps 20 died in ZeroDivisionError; a hair less is the zero-step warm-up of every shorter run
+    pct_start = 0.05 if 0.05 * cfg.steps != 1 else math.nextafter(0.05, 0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=pct_start)
     n, v = img_feats.shape[:2]
     per_image = max(len(ids) for ids in caption_ids)
     # [N, per_image] caption table (short lists repeat their entries) so sampling is vectorised

@@ -12,12 +12,14 @@ orientation applied, as a photo viewer shows it), as 8-bit RGB (grey, palette, C
 16-bit images converted; alpha dropped and an animated image's first frame read, as
 torchvision's loader does), then CLIP's test transform (shorter side to ``size``, centre crop).
 Anything else is refused in one line naming the path: a file that is not a readable image,
-an empty class folder, a stray file beside the class folders, two class folders whose names
+an empty class folder, a stray file beside the class folders (or beside train/ + test/), two class folders whose names
 agree up to case, spaces and underscores, a split left undecided.
 """
 from __future__ import annotations
 
 import random
+import unicodedata
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
@@ -76,7 +78,9 @@ def _classes(folder: Path) -> tuple[list[str], dict[str, list[Path]]]:
     dirs = _class_folders(folder)
     seen: dict[str, str] = {}
     for d in dirs:
-        key = class_name(d.name).casefold()  # one prompt for both: argmax always picks the first
+        # one prompt for both: argmax always picks the first (a name copied from a Mac is decomposed, NFD: café
+        # as e + U+0301, beside the composed é of one typed here -- two folders, one word to a tokenizer)
+        key = unicodedata.normalize("NFC", class_name(d.name)).casefold()
         if key in seen:
             raise UserError(f"{folder}: class folders '{seen[key]}' and '{d.name}' give the same class name "
                             f"'{class_name(d.name)}' (up to case, spaces and underscores); expected distinct names")
@@ -91,7 +95,9 @@ def _split(files: dict[str, list[Path]], test_fraction: float, seed: int, root: 
     for label, (name, paths) in enumerate(files.items()):
         order = list(paths)
         rng.shuffle(order)
-        n_test = int(len(order) * test_fraction + 0.5)  # half up (round() goes to even: 5.5 -> 6, 4.5 -> 4)
+        # half up (round() goes to even: 5.5 -> 6, 4.5 -> 4) of the fraction as written: in floats 90 * 0.35 is
+        # 31.499999999999996 and 31 images went to test where the rule gives 32
+        n_test = int(Fraction(str(float(test_fraction))) * len(order) + Fraction(1, 2))
         if not 0 < n_test < len(order):
             raise UserError(f"{root / name}: {len(order)} image(s) cannot be split with test_fraction="
                             f"{test_fraction}; expected at least one image in train and in test for every class")
@@ -109,6 +115,11 @@ def read_layout(root: Path, test_fraction: float = 0.0, seed: int = 42) -> tuple
         if test_fraction:
             raise UserError(f"{root}: has train/ and test/ folders and test_fraction={test_fraction} is set; "
                             f"expected one split rule (test_fraction 0 uses the folders)")
+        # anything else here (a class folder of a half-done reorganisation, a val/ split) was left out without a word
+        other = next((p for p in _visible(root) if p.name not in ("train", "test")), None)
+        if other is not None:
+            raise UserError(f"{other}: beside train/ and test/, whose images are the task's; expected only those two "
+                            f"folders in {root} (move it into them, or out of the task folder)")
         names, train = _classes(root / "train")
         other, test = _classes(root / "test")
         if other != names:  # labels are positions: two different class lists would pair images with wrong names
@@ -116,7 +127,7 @@ def read_layout(root: Path, test_fraction: float = 0.0, seed: int = 42) -> tuple
             raise UserError(f"{root}: class '{diff}' is in only one of train/ and test/; expected the same class "
                             f"folders in both")
         as_items = lambda files: [(p, i) for i, ps in enumerate(files.values()) for p in ps]  # noqa: E731
-        return names, as_items(train), as_items(test)
+        return _once(root, names, as_items(train), as_items(test))
     if has:
         raise UserError(f"{root}: has {has[0]}/ but no {'test' if has[0] == 'train' else 'train'}/; expected both "
                         f"(or class folders only, split with test_fraction)")
@@ -124,7 +135,20 @@ def read_layout(root: Path, test_fraction: float = 0.0, seed: int = 42) -> tuple
         raise UserError(f"{root}: no train/ and test/ folders and no test_fraction; expected one of them to say "
                         f"which images are test images")
     names, files = _classes(root)
-    return (names, *_split(files, test_fraction, seed, root))
+    return _once(root, names, *_split(files, test_fraction, seed, root))
+
+
+def _once(root: Path, names: list[str], train: Items, test: Items) -> tuple[list[str], Items, Items]:
+    """Refuse one file reached twice (a symlink to an image of another class, or beside itself): it would be
+    one image under two labels, or in both train and test, and counted twice."""
+    where: dict[Path, Path] = {}
+    for path, _ in train + test:
+        real = path.resolve()
+        if real in where:
+            link, first = (where[real], path) if where[real].is_symlink() else (path, where[real])  # name the link
+            raise UserError(f"{link}: the same file as {first} (a symlink); expected each image once in {root}")
+        where[real] = path
+    return names, train, test
 
 
 def upright(img: Image.Image) -> Image.Image:
