@@ -107,8 +107,10 @@ def main() -> None:
     if cached is None:
         img, txt, cap_ids = tower_features(model, tok, images, captions, cfg)
         feature_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save((img, txt, cap_ids), feature_file.with_suffix(".tmp"))
-        os.replace(feature_file.with_suffix(".tmp"), feature_file)
+        # a name of this process's own: two alignments of the same key at once wrote one temporary file
+        tmp = feature_file.with_name(f".{feature_file.name}.tmp{os.getpid()}")
+        torch.save((img, txt, cap_ids), tmp)
+        os.replace(tmp, feature_file)
     t2 = time.perf_counter()
     losses = train_heads(model, img, txt, cap_ids, cfg)
     t3 = time.perf_counter()
