@@ -85,7 +85,10 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[st
     staging, tag = root / STAGING, tag_for(step)
 
     def prepare() -> None:
-        shutil.rmtree(staging / tag, ignore_errors=True)
+        # all of staging, not only this tag: what a killed job left there (a half-written tag of a step that is
+        # never saved again, a pruned tag half-deleted) is never read and would hold its disk space for good;
+        # nothing else writes here (the run lock keeps one job per run)
+        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
 
     _agree(_attempt(prepare) if _is_rank0() else None, root, tag)
