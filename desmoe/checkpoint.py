@@ -85,7 +85,10 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[st
     staging, tag = root / STAGING, tag_for(step)
 
     def prepare() -> None:
-        shutil.rmtree(staging / tag, ignore_errors=True)
+        # all of staging, not only this tag: what a killed job left there (a half-written tag of a step that is
+        # never saved again, a pruned tag half-deleted) is never read and would hold its disk space for good;
+        # nothing else writes here (the run lock keeps one job per run)
+        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
 
     _agree(_attempt(prepare) if _is_rank0() else None, root, tag)
@@ -101,6 +104,9 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[st
     _agree(error or _attempt(lambda: _save_rng(staging / tag)), root, tag)
 
     def commit() -> None:
+        for name in RECORDS:  # what this tag was written with (see record_path); the run's own copy is rewritten
+            if (root.parent / name).is_file():  # at every start, before the resumed run has saved anything
+                shutil.copyfile(root.parent / name, staging / tag / name)
         integrity.seal(staging / tag)  # every rank's files are complete (agreed above)
         final = root / tag
         if final.exists():  # re-saving a step: move the old copy aside first, then drop it
@@ -316,6 +322,13 @@ RESUMABLE_KEYS = ("train.steps", "train.lr", "train.log_every", "train.eval_", "
                   "train.activation_checkpointing")  # recompute changes memory and time, not one number
 
 
+def record_path(run_dir: str | Path, ckpt_dir: str | Path, name: str) -> Path:
+    """The ``RECORDS`` file the latest tag was written with: its own copy, else (older tags) the run directory's,
+    which every start rewrites (a resume at another world size killed before its first save left a wrong one)."""
+    tag = latest_tag(ckpt_dir)
+    return Path(ckpt_dir) / tag / name if tag and (Path(ckpt_dir) / tag / name).is_file() else Path(run_dir) / name
+
+
 def check_resume_config(run_dir: str | Path, ckpt_dir: str | Path, cfg: Any,
                         resumable: tuple[str, ...] = RESUMABLE_KEYS) -> None:
     """Refuse to resume ``run_dir`` (one line) when its saved config.yaml differs from ``cfg``
@@ -324,7 +337,7 @@ def check_resume_config(run_dir: str | Path, ckpt_dir: str | Path, cfg: Any,
 
     from desmoe.config import to_dict, with_defaults
 
-    saved_path = Path(run_dir) / "config.yaml"
+    saved_path = record_path(run_dir, ckpt_dir, "config.yaml")
     if latest_tag(ckpt_dir) is None or not saved_path.is_file():
         return
     try:
@@ -342,6 +355,7 @@ def check_resume_config(run_dir: str | Path, ckpt_dir: str | Path, cfg: Any,
 # or logging.  Precision, ZeRO stage, clipping, Adam's other settings, batch sizes and the number of
 # ranks change the numbers or what a checkpoint holds (ZeRO shards by rank): they must match.
 DS_RECORD = "deepspeed.json"
+RECORDS = ("config.yaml", DS_RECORD)  # the run directory's records of its settings, kept in every tag too
 DS_RESUMABLE = ("optimizer.params.lr", "steps_per_print", "wall_clock_breakdown", "zero_optimization.overlap_comm",
                 "zero_optimization.contiguous_gradients", "zero_optimization.reduce_bucket_size",
                 "zero_optimization.allgather_bucket_size", "tensorboard.", "wandb.", "csv_monitor.", "comms_logger.",
@@ -360,7 +374,7 @@ def check_resume_deepspeed(run_dir: str | Path, ckpt_dir: str | Path, ds_config:
     ``DS_RECORD``.  Nothing to check for a fresh run or a run written before the record existed."""
     import json
 
-    path = Path(run_dir) / DS_RECORD
+    path = record_path(run_dir, ckpt_dir, DS_RECORD)
     if latest_tag(ckpt_dir) is None or not path.is_file():
         return
     try:

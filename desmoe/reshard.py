@@ -119,9 +119,9 @@ def label_scales(trainer, counted: list[int]) -> list[float]:
 
 def saved_record(run_dir: Path, ckpt_dir: Path) -> Optional[dict]:
     """The DeepSpeed record of the run being resumed, or None (fresh run, or no record kept)."""
-    from desmoe.checkpoint import DS_RECORD, latest_tag
+    from desmoe.checkpoint import DS_RECORD, latest_tag, record_path
 
-    path = Path(run_dir) / DS_RECORD
+    path = record_path(run_dir, ckpt_dir, DS_RECORD)  # the latest tag's copy: what its files were written with
     if latest_tag(ckpt_dir) is None or not path.is_file():
         return None
     try:

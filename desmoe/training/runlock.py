@@ -59,12 +59,18 @@ class RunLock:
             return (f"{self.run_dir}: in use by another job ({path}: {held}); wait for it to end, or use "
                     f"another run.name")
         except OSError as err:
-            if err.errno not in _UNSUPPORTED:
-                raise
+            if err.errno not in _UNSUPPORTED:  # returned, not raised: rank 0 alone would leave its peers waiting
+                os.close(fd)
+                return f"{self.run_dir}: cannot lock {path} ({err.strerror})"
             warnings.warn(f"{path}: this filesystem has no file locks ({err.strerror}); nothing stops a second "
                           f"job from writing into this run directory at the same time")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _holder().encode(), 0)
+        try:  # a full disk or quota fails here first: one line on every rank, not a traceback on rank 0 only
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder().encode(), 0)
+        except OSError as err:
+            os.close(fd)
+            return (f"{self.run_dir}: cannot write the run directory ({path}: {err.strerror}); free space or give "
+                    f"a writable run.dir")
         self.fd = fd
         return None
 
