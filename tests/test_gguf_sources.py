@@ -26,3 +26,28 @@ def test_several_gguf_files_are_refused_not_the_first_taken(tmp_path, packed):
     msg = str(err.value)
     assert "\n" not in msg and str(source) in msg and "2 .gguf files" in msg and "smol-Q8_0.gguf" in msg, msg
     assert not (tmp_path / "out").exists()
+
+
+def _embed(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")["model.embed_tokens.weight"]
+
+
+def test_the_cached_folder_is_reused_only_for_the_same_gguf_and_dtype(tmp_path):
+    """launcher/upcycle.py caches the dequantised model at <out>.dense: a second run with another GGUF and
+    the same out got the first model back (any folder with config.json and safetensors was reused)."""
+    import torch
+
+    from gguf_tiny import write_tiny_gguf
+
+    a, b = (write_tiny_gguf(tmp_path / f"{n}.gguf", seed) for n, seed in (("a", 0), ("b", 1)))
+    out = tmp_path / "out.dense"
+    first = _embed(dequantize_gguf(a, out))
+    second = _embed(dequantize_gguf(b, out))
+    assert not torch.equal(first, second)
+    assert torch.equal(second, _embed(dequantize_gguf(b, tmp_path / "fresh")))
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    dequantize_gguf(b, out)  # the same bytes: reused, not remade
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert _embed(dequantize_gguf(b, out, dtype=torch.bfloat16)).dtype == torch.bfloat16

