@@ -62,3 +62,14 @@ def test_a_well_formed_sharded_folder_still_loads(sharded):
     from desmoe.models.hf_moe import load_hf_moe
 
     assert load_hf_moe(sharded) is not None
+
+
+def test_a_tensor_under_its_old_and_its_new_name_is_refused(tmp_path):
+    """Mixtral's ``block_sparse_moe.`` keys are read as ``mlp.``: a file holding both spellings of the router
+    (e.g. a partly converted checkpoint, the new one with other values) loaded whichever key came last, without a word, before the fix."""
+    path = save_tiny("mixtral", tmp_path / "mixtral", seed=3)
+    state = load_file(path / "model.safetensors")
+    old = "model.layers.0.block_sparse_moe.gate.weight"  # transformers 5 writes Mixtral's old names
+    new = old.replace(".block_sparse_moe.", ".mlp.")
+    save_file({**state, new: state[old] + 1}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _refused(path, str(path), old, new)

@@ -120,6 +120,9 @@ class CheckpointTensors:
                 name = key
                 for old, new in renames:
                     name = name.replace(old, new)
+                if name in self._where:  # an old and a new name of one tensor (Mixtral's block_sparse_moe / mlp):
+                    raise UserError(f"{self.path}: tensors '{self._where[name][1]}' and '{key}' are both "  # which is
+                                    f"'{name}' (remove one of them)")  # the model is not for desmoe to guess
                 self._where[name] = (f, key)
 
     def __contains__(self, key: str) -> bool:
