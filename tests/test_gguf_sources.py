@@ -51,3 +51,20 @@ def test_the_cached_folder_is_reused_only_for_the_same_gguf_and_dtype(tmp_path):
     dequantize_gguf(b, out)  # the same bytes: reused, not remade
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert _embed(dequantize_gguf(b, out, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("vocab_size_key", [True, False])
+def test_a_token_list_longer_than_the_embedding_is_one_line(tmp_path, vocab_size_key):
+    """8 tokens past the embedding's 32 rows.  With ``llama.vocab_size`` the folder was written and its
+    tokenizer produced ids 32..39, which no embedding row holds; without it transformers' size mismatch
+    ended in a traceback.  Both are now one line naming the GGUF."""
+    from gguf_tiny import write_tiny_gguf
+
+    source = write_tiny_gguf(tmp_path / "long.gguf", 0, extra_tokens=8, vocab_size_key=vocab_size_key)
+    with pytest.raises(UserError) as err:
+        dequantize_gguf(source, tmp_path / "out")
+    msg = " ".join(str(err.value).split())
+    assert str(err.value) == msg and "long.gguf" in msg, msg
+    if vocab_size_key:
+        assert "40 tokens" in msg and "vocab_size is 32" in msg, msg
+    assert not (tmp_path / "out").exists()

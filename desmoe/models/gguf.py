@@ -80,10 +80,20 @@ def dequantize_gguf(source: str | Path, out_dir: str | Path, dtype: torch.dtype 
                 raise UserError(f"reading GGUF needs the '{module}' package (pip install gguf accelerate)") from None
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=dtype,
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                          dtype=dtype, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
                                                       local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
-                                                  local_files_only=True)
+        except (ValueError, RuntimeError, KeyError) as err:  # e.g. a token list longer than the embedding rows
+            text = " ".join(str(err).split())[:200]
+            raise UserError(f"{source}: transformers cannot read {gguf_file.name} ({type(err).__name__}: {text})") \
+                from None
+        # token ids past the embedding's rows (a token list longer than llama.vocab_size): an IndexError on
+        # CPU, a device-side assert on a GPU, only once a text holds such a token
+        if len(tokenizer) > loaded.config.vocab_size:
+            raise UserError(f"{source}: {gguf_file.name}'s tokenizer has {len(tokenizer)} tokens but the model's "
+                            f"vocab_size is {loaded.config.vocab_size} (ids without an embedding row)")
         model = _plain_copy(loaded, dtype)  # transformers refuses to save a model marked GGUF-quantised
         staging = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
