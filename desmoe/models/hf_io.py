@@ -102,16 +102,27 @@ class CheckpointTensors:
         files = weight_files(self.path)
         self._handles = {f: _open(safe_open, f) for f in files}
         self._where: dict[str, tuple[Path, str]] = {}  # normalised key -> (file, key on disk)
+        named = {key: f.name for f, keys in files.items() for key in keys or ()}
         for f, handle in self._handles.items():
             listed = files[f]
             on_disk = set(handle.keys())
             if listed is not None and not listed <= on_disk:
                 raise UserError(f"{self.path / INDEX}: key 'weight_map': tensor '{sorted(listed - on_disk)[0]}' "
                                 f"is not in {f.name}")
+            if listed is not None and on_disk - listed:
+                # transformers reads every tensor of every shard the index names (the last file's copy wins),
+                # this reader only the index's: a second copy (or an unlisted tensor, e.g. an lm_head beside
+                # tie_word_embeddings) made the two models differ without a word
+                extra = sorted(on_disk - listed)[0]
+                raise UserError(f"{self.path / INDEX}: key 'weight_map': tensor '{extra}' is stored in {f.name}, but "
+                                f"the index gives it {named.get(extra, 'no file')} (remove one copy or list it)")
             for key in on_disk if listed is None else listed:
                 name = key
                 for old, new in renames:
                     name = name.replace(old, new)
+                if name in self._where:  # an old and a new name of one tensor (Mixtral's block_sparse_moe / mlp):
+                    raise UserError(f"{self.path}: tensors '{self._where[name][1]}' and '{key}' are both "  # which is
+                                    f"'{name}' (remove one of them)")  # the model is not for desmoe to guess
                 self._where[name] = (f, key)
 
     def __contains__(self, key: str) -> bool:
