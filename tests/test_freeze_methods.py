@@ -163,3 +163,23 @@ def test_each_method_trains_exactly_its_set(ranks, name, overrides, ep_size, sta
     ("desmoe", ("desmoe.skip_frozen_grads=false",), 2, 1, 1)])
 def test_a_resume_mid_phase_keeps_every_parameter(ranks, tmp_path, name, overrides, ep_size, stage, at):
     ranks.run(resume_case, name, overrides, ep_size, stage, str(tmp_path / "ckpt"), at)
+
+
+def empty_domain_case(ep_size: int, overrides: tuple):
+    from desmoe.recipes.des_moe.recipe import domain_of_step
+    from test_desmoe_ranks import _snapshot
+
+    method, engine, batches = build("desmoe", overrides, ep_size, 2)
+    method._attach()
+    run_steps(method, engine, batches, range(7), {})
+    # a domain none of whose tokens were counted has an empty S_d (dges.py): its consolidation step trains nothing
+    method.dmap.M[:, domain_of_step(7, 2, 0), :] = False
+    before = _snapshot(engine.module)
+    run_steps(method, engine, batches, range(7, 8), {})
+    assert all(torch.equal(t, _snapshot(engine.module)[n][3]) for n, (*_, t) in before.items())
+
+
+@pytest.mark.parametrize("ep_size,overrides", [(1, ()), (2, ()), (1, ("desmoe.skip_frozen_grads=false",))])
+def test_a_step_that_trains_nothing_runs_and_moves_nothing(ranks, ep_size, overrides):
+    """At EP=1 with frozen gradients skipped, such a step's loss had no graph and backward failed."""
+    ranks.run(empty_domain_case, ep_size, overrides)
