@@ -38,6 +38,8 @@ class GradientSkipper:
         ids = {id(p): (b, g) for b, blk in enumerate(moe_blocks(model)) if blk.ep_size == 1
                for local, g in enumerate(blk.local_global_ids()) for p in blk.local_experts[local].parameters()}
         ep_experts = {id(p) for blk in moe_blocks(model) if blk.ep_size > 1 for p in blk.local_experts.parameters()}
+        self.ep_params = [p for blk in moe_blocks(model) if blk.ep_size > 1 for p in blk.local_experts.parameters()
+                          if p.requires_grad]  # always computing gradients: the loss keeps a graph
         self.entries = []  # (param, ("expert", block, id) | ("part", name))
         for name, p in model.named_parameters():
             if not p.requires_grad or id(p) in ep_experts:
@@ -51,8 +53,14 @@ class GradientSkipper:
         groups = train.optimizer.param_groups
         part_frozen = {g[PART_KEY]: g.get(FROZEN_KEY, False) for g in groups if PART_KEY in g}
         trainable = {b: train.trainable_experts(b) for b in {key[1] for _, key in self.entries if key[0] == "expert"}}
-        for p, key in self.entries:
-            p.requires_grad_(key[2] in trainable[key[1]] if key[0] == "expert" else not part_frozen[key[1]])
+        flags = [key[2] in trainable[key[1]] if key[0] == "expert" else not part_frozen[key[1]]
+                 for _, key in self.entries]
+        # A step that trains nothing here (a consolidation step of a domain with an empty S_d, EP=1) would
+        # leave the loss without a graph, and backward fails: compute and discard the gradients instead
+        # (the frozen groups stay bit-identical whatever their gradients).
+        keep_graph = not any(flags) and not any(p.requires_grad for p in self.ep_params)
+        for (p, _), flag in zip(self.entries, flags):
+            p.requires_grad_(flag or keep_graph)
 
 
 class Method:
