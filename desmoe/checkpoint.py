@@ -119,7 +119,12 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: Optional[dict[st
             os.replace(staging / tag, final)
         write_text_atomic(root / LATEST, tag)
         if keep > 0:
-            prune(root, step, keep)
+            try:
+                prune(root, step, keep)
+            except OSError as err:  # the save is complete and `latest` names it: stopping the run here said
+                # "cannot save checkpoint <tag>; the last complete one is <tag>" about a save that succeeded
+                print(f"desmoe: warning: {root}: an older checkpoint could not be removed ({type(err).__name__}: "
+                      f"{err}); {tag} is saved, the older one stays on disk (remove it by hand)", flush=True)
 
     _agree(_attempt(commit) if _is_rank0() else None, root, tag)
     return root / tag
