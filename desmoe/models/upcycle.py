@@ -49,6 +49,9 @@ def check_dense(dense_cfg, target: str) -> None:
             raise UserError(f"cannot upcycle a model with {flag}=true ({target} layers have no biases)")
     if getattr(dense_cfg, "sliding_window", None):
         raise UserError("cannot upcycle a model with a sliding window")
+    if getattr(dense_cfg, "hidden_act", "silu") not in ("silu", "swish"):  # else written, then refused at load
+        raise UserError(f"cannot upcycle a model with hidden_act='{dense_cfg.hidden_act}' (desmoe's experts are "
+                        f"SwiGLU: expected 'silu')")
 
 
 def moe_config(dense_cfg, num_experts: int, top_k: int, mode: UpcycleMode):
