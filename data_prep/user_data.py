@@ -312,6 +312,16 @@ def _segments(fmt: str, row: dict, where: str, chat: Chat, chat_why: str) -> lis
     rest = _render(chat, msgs, False, where, len(msgs))
     if not rest.startswith(done):
         raise UserError(f"{where}: key 'messages': the chat template does not render the chat prefix by prefix")
+    # a template renders the roles it knows: many skip any other ('tool', 'function', 'ipython') without a word, so
+    # the model trained on an answer to a turn it never saw; each turn's text must be there, in order (stripped:
+    # templates often trim it)
+    at = 0
+    for k, m in enumerate(msgs):
+        found = rest.find(m["content"].strip(), at)
+        if found < 0:
+            raise UserError(f"{where}: key 'messages[{k}].content': the chat template does not render this "
+                            f"'{m['role']}' turn's text; expected a role the template renders")
+        at = found + len(m["content"].strip())
     return [s for s in segs + [(rest[len(done):], False)] if s[0]]
 
 
