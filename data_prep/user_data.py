@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -103,8 +104,12 @@ def user_docs(folder: str | Path, domains: list[str], heldout: str, chat: Chat =
         if p.is_file() and not p.name.startswith("."):
             raise UserError(f"{p}: a file directly in user_data; put it in a domain folder "
                             f"({root}/<domain>/{p.name}; domains: {', '.join(domains)})")
+    # a folder name is matched in NFC: macOS (and zips made there) store "médecine" decomposed (NFD), which looks
+    # the same as the profile's composed name yet was refused as an unknown domain naming what looked like it
+    names = {unicodedata.normalize("NFC", d): d for d in [*domains, heldout]}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if sub.name not in domains and sub.name != heldout:
+        name = names.get(unicodedata.normalize("NFC", sub.name))
+        if name is None:
             raise ConfigError(f"{sub}: unknown domain '{sub.name}' (configured: {', '.join(domains)}, "
                               f"held-out: {heldout})")
         files = sorted(p for p in sub.rglob("*") if p.is_file()
@@ -112,7 +117,7 @@ def user_docs(folder: str | Path, domains: list[str], heldout: str, chat: Chat =
         for f in files:
             if not f.name.endswith(SUFFIXES):
                 raise UserError(f"{f}: not a user data file (expected {', '.join('*' + x for x in SUFFIXES)})")
-        out[sub.name] = [d for f in files for d in _read(f, root, chat, chat_why)]
+        out.setdefault(name, []).extend(d for f in files for d in _read(f, root, chat, chat_why))
     return out
 
 
