@@ -134,8 +134,9 @@ class Builder:
         cfg = self.cfg
         user = {}
         if cfg.user_data:
-            from data_prep.user_data import chat_renderer, user_docs
-            user = user_docs(cfg.user_data, list(cfg.domains), cfg.heldout, *chat_renderer(cfg.tokenizer))
+            from data_prep.user_data import chat_renderer, special_texts, user_docs
+            user = user_docs(cfg.user_data, list(cfg.domains), cfg.heldout, *chat_renderer(cfg.tokenizer),
+                             specials=special_texts(cfg.tokenizer))
             # held-out text is scored by perplexity over every token: a record there was measured on its prompt and
             # template markup too, and cut at max_record_tokens mid-text, without a word
             rec = next((d for d in user.get(cfg.heldout, []) if isinstance(d, Record)), None)

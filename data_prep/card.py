@@ -16,7 +16,7 @@ def write_card(path: Path, meta: dict) -> None:
         "",
         f"Seed {meta['seed']}. Tokenizer: {meta['tokenizer']['kind']}, vocabulary {meta['tokenizer']['vocab_size']} "
         f"(sha256 `{meta['tokenizer']['sha256'][:16]}…`). Train budget per domain: "
-        f"{meta['budget_tokens_per_domain']:,} tokens (equal for every domain).",
+        f"{meta['budget_tokens_per_domain']:,} tokens ({_budget_note(meta)}).",
         "",
         "## Domains",
         "",
@@ -70,6 +70,14 @@ def write_card(path: Path, meta: dict) -> None:
             files = ", ".join(d["changed"] + d["added"] + d["removed"])
             lines.append(f"- **{n}**: {d['summary']}, accepted because: {d['accepted_because']}. Files: {files}")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _budget_note(meta: dict) -> str:
+    """What the budget means for this folder: "equal for every domain" was printed also with equalize off (a
+    domain with less text than the budget, a user's small one, gets less)."""
+    if (meta.get("config") or {}).get("equalize", True):
+        return "equal for every domain"
+    return "a cap per domain: equalize is off, so a domain with less text has fewer tokens (see the table)"
 
 
 def write_meta(builder, root: Path, selected, parts, tok, budget: int) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -91,8 +92,9 @@ def closing_eos_counts(rec: Record, kept: int) -> int:
 
 
 def user_docs(folder: str | Path, domains: list[str], heldout: str, chat: Chat = None,
-              chat_why: str = "") -> dict[str, list[Doc]]:
-    """``chat``: renders ``messages``; when None, a ``messages`` record is refused with ``chat_why``."""
+              chat_why: str = "", specials: tuple[str, ...] = ()) -> dict[str, list[Doc]]:
+    """``chat``: renders ``messages``; when None, a ``messages`` record is refused with ``chat_why``.
+    ``specials``: the texts of the tokenizer's special tokens (``special_texts``), refused in users' text."""
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"key 'user_data': '{root}' is not a directory")
@@ -103,8 +105,12 @@ def user_docs(folder: str | Path, domains: list[str], heldout: str, chat: Chat =
         if p.is_file() and not p.name.startswith("."):
             raise UserError(f"{p}: a file directly in user_data; put it in a domain folder "
                             f"({root}/<domain>/{p.name}; domains: {', '.join(domains)})")
+    # a folder name is matched in NFC: macOS (and zips made there) store "médecine" decomposed (NFD), which looks
+    # the same as the profile's composed name yet was refused as an unknown domain naming what looked like it
+    names = {unicodedata.normalize("NFC", d): d for d in [*domains, heldout]}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if sub.name not in domains and sub.name != heldout:
+        name = names.get(unicodedata.normalize("NFC", sub.name))
+        if name is None:
             raise ConfigError(f"{sub}: unknown domain '{sub.name}' (configured: {', '.join(domains)}, "
                               f"held-out: {heldout})")
         files = sorted(p for p in sub.rglob("*") if p.is_file()
@@ -112,7 +118,7 @@ def user_docs(folder: str | Path, domains: list[str], heldout: str, chat: Chat =
         for f in files:
             if not f.name.endswith(SUFFIXES):
                 raise UserError(f"{f}: not a user data file (expected {', '.join('*' + x for x in SUFFIXES)})")
-        out[sub.name] = [d for f in files for d in _read(f, root, chat, chat_why)]
+        out.setdefault(name, []).extend(d for f in files for d in _read(f, root, chat, chat_why, specials))
     return out
 
 
@@ -128,6 +134,28 @@ def chat_renderer(t) -> tuple[Chat, str]:
     if not getattr(tok, "chat_template", None):
         return None, f"the HF tokenizer '{t.hf_path}' (tokenizer.hf_path) has no chat_template"
     return (lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)), ""
+
+
+def special_texts(t) -> tuple[str, ...]:
+    """The texts of the special tokens of the build's HF tokenizer (``t``: the profile's ``tokenizer``): an HF
+    tokenizer encodes "</s>" or "<|im_start|>" written in a text as that token, so a user's text holding one
+    trained an eos mid-document (the model learnt to stop there) or chat markup the user never wrote.
+    sentencepiece encodes such text as text: none."""
+    if t.kind != "hf":
+        return ()
+    from desmoe.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(t.hf_path).tok
+    found = {a.content for a in tok.added_tokens_decoder.values() if a.special} | set(tok.all_special_tokens)
+    return tuple(sorted(x for x in found if x))
+
+
+def _no_special(text: str, where: str, specials: tuple[str, ...]) -> None:
+    hit = min(((text.find(x), x) for x in specials if x in text), default=None)
+    if hit is not None:
+        raise UserError(f"{where} holds {hit[1]!r} at character {hit[0]}, the text of a special token of the "
+                        f"tokenizer (tokenizer.hf_path): it would be encoded as that token, not as text; expected "
+                        f"text without it")
 
 
 def record_format(row) -> Optional[str]:
@@ -191,7 +219,7 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
             yield f"{path}: row {i + 1}", row
 
 
-def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
+def _read(path: Path, root: Path, chat: Chat, chat_why: str, specials: tuple[str, ...] = ()) -> Iterator[Doc]:
     name = f"user:{path.relative_to(root)}"
     try:  # the default source: a name in another encoding (a Windows zip's) holds surrogates that no hash takes
         name.encode("utf-8")
@@ -200,7 +228,9 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
                         f"rename it") from None
     try:
         if path.suffix == ".txt":
-            yield Doc(path.read_text(encoding="utf-8-sig"), name, "user-supplied", "0")  # no BOM in the text
+            text = path.read_text(encoding="utf-8-sig")  # no BOM in the text
+            _no_special(text, f"{path}:", specials)
+            yield Doc(text, name, "user-supplied", "0")
             return
         first = None
         for i, (where, row) in enumerate(_rows(path)):
@@ -223,6 +253,7 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
             licence = _unicode(str(licence), f"{where}: key 'licence'")
             if fmt == "text":
                 if isinstance(row["text"], str):
+                    _no_special(row["text"], f"{where}: key 'text'", specials)
                     yield Doc(_unicode(row["text"], where), source, licence, str(i))
                 # parquet: null cells are skipped, as before; any other type (an integer or binary column) is
                 # refused: it was skipped too, so a whole file of them vanished from the data without a word
@@ -230,6 +261,9 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
                     got = f", got {type(row['text']).__name__}" if path.suffix == ".parquet" else ""
                     raise UserError(f"{where}: expected an object with a string field 'text'{got}")
                 continue
+            for key, value in _fields(fmt, row):  # what the user wrote; a chat template's markup is meant
+                if isinstance(value, str):
+                    _no_special(value, f"{where}: key '{key}'", specials)
             segments = _segments(fmt, row, where, chat, chat_why)
             _unicode("".join(t for t, _ in segments), where)
             yield Record("".join(t for t, _ in segments), source, licence, str(i), segments=segments, origin=where)
@@ -243,6 +277,15 @@ def _read(path: Path, root: Path, chat: Chat, chat_why: str) -> Iterator[Doc]:
         if isinstance(err, UserError):
             raise
         raise UserError(f"{path}: unreadable user file ({type(err).__name__})") from None
+
+
+def _fields(fmt: str, row: dict) -> list[tuple[str, object]]:
+    """(key, value) of the user's own text in a record."""
+    if fmt == "messages":
+        msgs = row["messages"] if isinstance(row["messages"], list) else []
+        return [(f"messages[{k}].content", m.get("content")) for k, m in enumerate(msgs) if isinstance(m, dict)]
+    keys = ("prompt", "completion") if fmt == "prompt/completion" else ("instruction", "input", "output")
+    return [(k, row.get(k)) for k in keys]
 
 
 def _unicode(text: str, where: str) -> str:
@@ -312,6 +355,16 @@ def _segments(fmt: str, row: dict, where: str, chat: Chat, chat_why: str) -> lis
     rest = _render(chat, msgs, False, where, len(msgs))
     if not rest.startswith(done):
         raise UserError(f"{where}: key 'messages': the chat template does not render the chat prefix by prefix")
+    # a template renders the roles it knows: many skip any other ('tool', 'function', 'ipython') without a word, so
+    # the model trained on an answer to a turn it never saw; each turn's text must be there, in order (stripped:
+    # templates often trim it)
+    at = 0
+    for k, m in enumerate(msgs):
+        found = rest.find(m["content"].strip(), at)
+        if found < 0:
+            raise UserError(f"{where}: key 'messages[{k}].content': the chat template does not render this "
+                            f"'{m['role']}' turn's text; expected a role the template renders")
+        at = found + len(m["content"].strip())
     return [s for s in segs + [(rest[len(done):], False)] if s[0]]
 
 

@@ -13,9 +13,12 @@ def evaluate(model, data, cfg, rank: int, world: int, device) -> dict[str, float
     """Held-out next-token loss per domain, their mean, and on the general (untrained) set."""
     model.eval()
     out = {}
-    names = [*data.domains, *(["general"] if getattr(data, "general", None) else [])]
-    for name in names:
-        pick = data.general if name == "general" else [name]
+    # the held-out set is "general" unless a fine-tuning domain is named so (configs/desmoe_6dom.yaml's): then that
+    # domain was evaluated on the held-out text and its key overwritten, so domain_mean held the held-out loss
+    general = list(getattr(data, "general", None) or [])
+    held = "general" if "general" not in data.domains else "-".join(general)
+    sets = [(name, [name]) for name in data.domains] + ([(held, general)] if general else [])
+    for name, pick in sets:
         stream = data.batches("val", cfg.train.micro_batch, cfg.train.seq_len, cfg.train.seed + 7, rank, world, 0,
                               domains=pick, homogeneous=False)
         batches = [next(stream) for _ in range(cfg.train.eval_batches)]  # instruction data: responses only
