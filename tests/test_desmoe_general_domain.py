@@ -49,5 +49,18 @@ def test_a_general_fine_tuning_domain_keeps_its_own_validation_loss(tmp_path):
     # float32 losses of ~log(vocab) nats: the same computation agrees to a few ulp; the two texts differ by far more
     assert abs(own - held) > 1e-3
     assert abs(out["val/loss/general"] - own) <= 1e-5 * own  # before: the held-out text's loss
-    assert abs(out["val/loss/heldout"] - held) <= 1e-5 * held
+    assert abs(out["val/loss/general_heldout"] - held) <= 1e-5 * held
     assert abs(out["val/loss/domain_mean"] - (own + out["val/loss/prose"]) / 2) <= 1e-5 * own
+
+
+def test_forgetting_reads_the_held_out_loss_when_general_is_trained():
+    from desmoe.recipes.des_moe.report import add_forgetting
+
+    # "general" a fine-tuning domain: its loss falls with training; the held-out text's rises (forgetting)
+    rows = [{"run": "base", "method": "vanilla", "general": 3.0, "general_heldout": 2.0},
+            {"run": "ft", "method": "desmoe", "general": 2.5, "general_heldout": 2.25}]
+    add_forgetting(rows)
+    assert rows[1]["forgetting_loss"] == 0.25
+    plain = [{"run": "base", "method": "vanilla", "general": 2.0}, {"run": "ft", "method": "fft", "general": 2.5}]
+    add_forgetting(plain)
+    assert plain[1]["forgetting_loss"] == 0.5

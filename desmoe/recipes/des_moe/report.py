@@ -60,8 +60,13 @@ def add_forgetting(rows: list[dict]) -> None:
     base = next((r for r in rows if r["method"] == "vanilla"), None)
     if base is None:
         return
+    from desmoe.recipes.des_moe.evaluate import HELDOUT_KEY
+
+    # the held-out loss: "general", or HELDOUT_KEY when "general" is a fine-tuning domain (its own val loss then
+    # sits under "general", a trained domain's loss, no measure of forgetting)
+    held = HELDOUT_KEY if HELDOUT_KEY in base else "general"
     for key, name in (("ppl/general", "forgetting_general_ppl_pct"), ("ppl/general_heldout", "forgetting_ppl_pct"),
-                      ("general", "forgetting_loss")):
+                      (held, "forgetting_loss")):
         if key in base:
             for r in rows:
                 if key in r:
