@@ -1,6 +1,8 @@
 """Build profiles: dataclasses filled from ``data_prep/profiles/<name>.yaml`` + dotted overrides."""
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -10,6 +12,10 @@ from desmoe.errors import ConfigError
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 
+
+# a domain's name becomes folder names: "../x" or "a/b" wrote outside the data folder, and a name starting with
+# "." never received user data (hidden folders are skipped), so its build stopped as "empty" without saying why
+_FOLDER_NAME = re.compile(r"[^\W.][\w.-]*")
 
 @dataclass
 class TokenizerConfig:
@@ -92,6 +98,10 @@ class BuildConfig:
 
         if not self.domains:
             raise bad("domains", "a mapping of domain name -> list of extractors")
+        for name in [*self.domains, self.heldout]:  # each names folders (raw/<name>, <name>/, user_data/<name>)
+            if not isinstance(name, str) or not _FOLDER_NAME.fullmatch(name):
+                raise bad("heldout" if name == self.heldout else f"domains.{name}",
+                          "a folder name: letters, digits, '_', '-' or '.', not starting with '.'", name)
         for name, extractors in self.domains.items():
             if name == self.heldout:
                 raise bad(f"domains.{name}", f"a name other than the held-out set's ('{self.heldout}')")
