@@ -258,8 +258,11 @@ def run(lm, tasks: list[str], include_path: str | Path, limit: Optional[int] = N
         if local_rank is not None:
             os.environ["LOCAL_RANK"] = local_rank
     for task, result in zip(tasks, results):
-        metrics = result["results"][task]
-        out[task] = {k.split(",")[0]: v for k, v in metrics.items() if "_stderr" not in k and k != "alias"}
+        metrics = {k: v for k, v in result["results"][task].items() if "_stderr" not in k and k != "alias"}
+        # "metric,filter": the bare metric name unless two filters score it (a GSM8K-style strict and flexible
+        # match), where it keeps the harness's own key; collapsed, one filter's number stood for both
+        bare = [k.split(",")[0] for k in metrics]
+        out[task] = {(b if bare.count(b) == 1 else k): v for b, (k, v) in zip(bare, metrics.items())}
         if samples is not None:
             samples[task] = result["samples"][task]
     return out

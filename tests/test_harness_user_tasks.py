@@ -1,0 +1,68 @@
+"""Users' own lm-evaluation-harness task YAMLs through ``desmoe.evaluation.harness.run``: features whose
+numbers the adapter or ``run`` could report wrongly (several filters on one metric, the harness's aliases
+of ``max_gen_toks``, sampling) and inputs refused in one line.  Real harness, a real tokenizer, offline;
+the model is the known-output ``Successor`` of tests/test_harness_inputs.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from instructfix import docstrings, hf_tokenizer
+from test_harness_inputs import Successor
+
+from desmoe.errors import UserError
+
+ROWS = [{"q": f"What is {q}?", "a": q} for q, _ in docstrings()[:6]]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    from desmoe.data.tokenizer import HFTokenizer
+    from desmoe.evaluation.harness import make_lm
+
+    tmp = tmp_path_factory.mktemp("user_tasks")
+    tok = HFTokenizer(hf_tokenizer(tmp / "tok", [a for _, a in docstrings()]))
+    return make_lm(Successor(tok.vocab_size), tok)
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+def _task(tmp: Path, name: str, body: str, rows=ROWS) -> Path:
+    """A folder with one task ``name`` over a JSONL of ``rows`` (a list of dicts, or the file's text)."""
+    data = tmp / f"{name}.jsonl"
+    data.write_text(rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows))
+    folder = tmp / "tasks"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs: {{data_files: "
+                                         f"{{test: '{data}'}}}}\ntest_split: test\n" + body)
+    return folder
+
+
+def test_two_filters_on_one_metric_are_both_reported(lm, tmp_path):
+    """A GSM8K-style task scores exact_match after two filters; run() cut every key at its comma, so the
+    second filter's number overwrote the first's under one bare 'exact_match'."""
+    from desmoe.evaluation.harness import run
+
+    # target "": the strict filter (nothing matches, fallback "") scores 1, the raw generation scores 0
+    folder = _task(tmp_path, "two_filters", """output_type: generate_until
+doc_to_text: '{{q}}'
+doc_to_target: "{{''}}"
+generation_kwargs: {until: [], max_gen_toks: 3, do_sample: false}
+filter_list:
+  - name: strict
+    filter: [{function: regex, regex_pattern: "(zzzz)", fallback: ""}, {function: take_first}]
+  - name: raw
+    filter: [{function: take_first}]
+metric_list: [{metric: exact_match}]
+""")
+    samples: dict = {}
+    got = run(lm, ["two_filters"], folder, limit=4, samples=samples)["two_filters"]
+    for name in ("strict", "raw"):  # the harness's own per-document scores
+        own = [s["exact_match"] for s in samples["two_filters"] if s["filter"] == name]
+        assert len(own) == 4 and got[f"exact_match,{name}"] == sum(own) / 4
+    assert (got["exact_match,strict"], got["exact_match,raw"]) == (1.0, 0.0) and "exact_match" not in got
