@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -66,3 +67,19 @@ metric_list: [{metric: exact_match}]
         own = [s["exact_match"] for s in samples["two_filters"] if s["filter"] == name]
         assert len(own) == 4 and got[f"exact_match,{name}"] == sum(own) / 4
     assert (got["exact_match,strict"], got["exact_match,raw"]) == (1.0, 0.0) and "exact_match" not in got
+
+
+@pytest.mark.parametrize("key", ["max_new_tokens", "max_tokens", "max_completion_tokens"])
+def test_the_harness_aliases_of_max_gen_toks_set_the_budget(lm, tmp_path, key):
+    """lm-eval's HFLM reads max_new_tokens (and max_tokens, max_completion_tokens) as max_gen_toks; the
+    adapter read max_gen_toks alone and generated its default 256 tokens for such a task."""
+    from desmoe.evaluation.harness import run
+
+    samples: dict = {}
+    folder = _task(tmp_path, "alias", "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n"
+                                      f"generation_kwargs: {{until: [], {key}: 3}}\n")
+    run(lm, ["alias"], folder, limit=2, samples=samples)
+    for s in samples["alias"]:  # the successor model never stops early: the text is the budget's
+        want = lm.generate_until([SimpleNamespace(args=(s["arguments"][0][0], {"until": [], "max_gen_toks": 3}))])
+        assert s["resps"][0] == want and want != lm.generate_until(
+            [SimpleNamespace(args=(s["arguments"][0][0], {"until": [], "max_gen_toks": 4}))])

@@ -115,7 +115,7 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             return out
 
         def generate_until(self, requests) -> list[str]:
-            gen = [int(r.args[1].get("max_gen_toks", MAX_GEN_TOKS)) for r in requests]
+            gen = [_max_gen_toks(r.args[1]) for r in requests]
             if gen and max(gen) >= self.max_len:
                 raise UserError(f"generation_kwargs.max_gen_toks: {max(gen)}, expected fewer than max_len="
                                 f"{self.max_len} (the prompt gets max_len - max_gen_toks tokens); raise max_len")
@@ -147,6 +147,16 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             return answers
 
     return DesmoeLM()
+
+
+def _max_gen_toks(kwargs: dict) -> int:
+    """A request's generation budget as lm-eval's HFLM reads it: ``max_gen_toks``, else its aliases
+    ``max_new_tokens``, ``max_tokens``, ``max_completion_tokens`` (in that order), else the default; reading
+    ``max_gen_toks`` alone generated 256 tokens for a task's ``max_new_tokens: 32``."""
+    for key in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"):
+        if kwargs.get(key) is not None:
+            return int(kwargs[key])
+    return MAX_GEN_TOKS
 
 
 def _stops(until) -> list[str]:
