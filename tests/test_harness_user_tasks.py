@@ -83,3 +83,28 @@ def test_the_harness_aliases_of_max_gen_toks_set_the_budget(lm, tmp_path, key):
         want = lm.generate_until([SimpleNamespace(args=(s["arguments"][0][0], {"until": [], "max_gen_toks": 3}))])
         assert s["resps"][0] == want and want != lm.generate_until(
             [SimpleNamespace(args=(s["arguments"][0][0], {"until": [], "max_gen_toks": 4}))])
+
+
+@pytest.mark.parametrize("kwargs, line", [
+    ("do_sample: true", "task samples: generation_kwargs.do_sample: True with temperature 0.0: expected greedy "
+                        "decoding (do_sample: false), the only decoding desmoe's harness model does"),
+    ("temperature: 0.7", "task samples: generation_kwargs.do_sample: None with temperature 0.7: expected greedy "
+                         "decoding (do_sample: false), the only decoding desmoe's harness model does"),
+    ("do_sample: false, num_beams: 4", "task samples: generation_kwargs.num_beams: 4, expected none of it: "
+                                       "desmoe's harness model decodes greedily with "),
+])
+def test_sampling_and_other_decoding_options_are_refused_in_one_line(lm, tmp_path, kwargs, line):
+    """HFLM samples for do_sample: true (or a temperature without do_sample) and passes num_beams and the
+    like to generate(); the adapter decoded greedily whatever the task asked, under the task's name."""
+    from desmoe.evaluation.harness import run
+
+    folder = _task(tmp_path, "samples", "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n"
+                                        f"generation_kwargs: {{until: [], max_gen_toks: 3, {kwargs}}}\n")
+    with pytest.raises(UserError) as err:
+        run(lm, ["samples"], folder, limit=2)
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)
+    # greedy with a temperature HFLM drops (do_sample: false) and sampling-only top_p / top_k still run
+    folder = _task(tmp_path, "greedy", "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n"
+                                       "generation_kwargs: {until: [], max_gen_toks: 3, do_sample: false, "
+                                       "temperature: 0.7, top_p: 0.9, top_k: 5}\n")
+    assert run(lm, ["greedy"], folder, limit=2)["greedy"]["exact_match"] == 0.0

@@ -115,6 +115,8 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             return out
 
         def generate_until(self, requests) -> list[str]:
+            for r in requests:
+                _check_greedy(r.args[1], getattr(r, "task_name", None))
             gen = [_max_gen_toks(r.args[1]) for r in requests]
             if gen and max(gen) >= self.max_len:
                 raise UserError(f"generation_kwargs.max_gen_toks: {max(gen)}, expected fewer than max_len="
@@ -147,6 +149,26 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             return answers
 
     return DesmoeLM()
+
+
+# generation_kwargs greedy decoding honours: top_p and top_k shape sampling only, which is refused
+GREEDY_KEYS = {"until", "do_sample", "temperature", "top_p", "top_k", "max_gen_toks", "max_new_tokens", "max_tokens",
+               "max_completion_tokens"}
+
+
+def _check_greedy(kwargs: dict, task: Optional[str]) -> None:
+    """The adapter decodes greedily: a task that samples (``do_sample: true``, or a temperature above 0 without
+    ``do_sample``, as HFLM reads it) or passes other decoding options (num_beams, repetition_penalty,
+    max_length, ...) would get greedy texts under its name; refused in one line."""
+    where = f"task {task}: " if task else ""
+    sample, temp = kwargs.get("do_sample"), float(kwargs.get("temperature") or 0.0)
+    if sample or (sample is None and temp > 0):
+        raise UserError(f"{where}generation_kwargs.do_sample: {sample!r} with temperature {temp}: expected greedy "
+                        f"decoding (do_sample: false), the only decoding desmoe's harness model does")
+    other = sorted(set(kwargs) - GREEDY_KEYS)
+    if other:
+        raise UserError(f"{where}generation_kwargs.{other[0]}: {kwargs[other[0]]!r}, expected none of it: desmoe's "
+                        f"harness model decodes greedily with {', '.join(sorted(GREEDY_KEYS))} only")
 
 
 def _max_gen_toks(kwargs: dict) -> int:
