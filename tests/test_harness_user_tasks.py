@@ -34,11 +34,11 @@ def _datasets_cache(tmp_path, monkeypatch):
 
 
 def _task(tmp: Path, name: str, body: str, rows=ROWS) -> Path:
-    """A folder with one task ``name`` over a JSONL of ``rows`` (a list of dicts, or the file's text)."""
+    """A folder of its own with one task ``name`` over a JSONL of ``rows`` (a list of dicts, or the file's text)."""
     data = tmp / f"{name}.jsonl"
     data.write_text(rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows))
-    folder = tmp / "tasks"
-    folder.mkdir(exist_ok=True)
+    folder = tmp / f"{name}_tasks"
+    folder.mkdir()
     (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs: {{data_files: "
                                          f"{{test: '{data}'}}}}\ntest_split: test\n" + body)
     return folder
@@ -108,3 +108,24 @@ def test_sampling_and_other_decoding_options_are_refused_in_one_line(lm, tmp_pat
                                        "generation_kwargs: {until: [], max_gen_toks: 3, do_sample: false, "
                                        "temperature: 0.7, top_p: 0.9, top_k: 5}\n")
     assert run(lm, ["greedy"], folder, limit=2)["greedy"]["exact_match"] == 0.0
+
+
+@pytest.mark.parametrize("text, why", [
+    (json.dumps(ROWS[0]) + "\n{oops\n" + json.dumps(ROWS[1]) + "\n", "line 2 is not JSON (Expecting property name "
+                                                                     "enclosed in double quotes)"),
+    (json.dumps(ROWS[0]) + "\n[1, 2]\n", "line 2 is not a JSON object"),
+])
+def test_a_malformed_json_lines_file_is_one_line(lm, tmp_path, text, why):
+    """datasets stopped with a traceback ending in "An error occurred while generating the dataset", naming
+    neither the file nor the line."""
+    from desmoe.evaluation.harness import run
+
+    folder = _task(tmp_path, "broken", "output_type: loglikelihood\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n", text)
+    with pytest.raises(UserError) as err:
+        run(lm, ["broken"], folder, limit=2)
+    assert str(err.value) == (f"{folder / 'broken.yaml'}: key 'dataset_kwargs.data_files.test': file "
+                              f"{tmp_path / 'broken.jsonl'}: {why}")
+    # a JSON document (a list of rows) and JSON lines with blank lines are read as datasets reads them
+    for name, good in (("whole", json.dumps(ROWS)), ("blank", "\n".join(json.dumps(r) + "\n" for r in ROWS))):
+        folder = _task(tmp_path, name, "output_type: loglikelihood\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n", good)
+        assert run(lm, [name], folder, limit=2)[name]["perplexity"] > 1

@@ -249,6 +249,38 @@ def check_task_files(include_path: str | Path) -> None:
                 if not (Path(f).is_file() or (glob.has_magic(str(f)) and any(map(os.path.isfile, glob.glob(str(f)))))):
                     raise UserError(f"{path}: key 'dataset_kwargs.data_files{'.' + split if split else ''}': "
                                     f"file {f} not found")
+                if cfg.get("dataset_path") != "json":
+                    continue
+                for one in sorted(glob.glob(str(f))) if glob.has_magic(str(f)) else [f]:
+                    error = _json_error(Path(one))
+                    if error:  # datasets says only "An error occurred while generating the dataset"
+                        raise UserError(f"{path}: key 'dataset_kwargs.data_files{'.' + split if split else ''}': "
+                                        f"file {one}: {error}")
+
+
+def _json_error(path: Path) -> Optional[str]:
+    """Why ``datasets``' json loader cannot read ``path`` (one JSON document, or one JSON object a line), or
+    None; files of other suffixes (compressed ones) are left to ``datasets``."""
+    if path.suffix not in (".json", ".jsonl"):
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    try:
+        json.loads(text)
+        return None
+    except ValueError:
+        pass
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                return f"line {n} is not JSON ({e.msg})"
+            if not isinstance(row, dict):
+                return f"line {n} is not a JSON object"
+    return None
 
 
 class _FunctionLoader:
