@@ -129,3 +129,14 @@ def test_a_malformed_json_lines_file_is_one_line(lm, tmp_path, text, why):
     for name, good in (("whole", json.dumps(ROWS)), ("blank", "\n".join(json.dumps(r) + "\n" for r in ROWS))):
         folder = _task(tmp_path, name, "output_type: loglikelihood\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n", good)
         assert run(lm, [name], folder, limit=2)[name]["perplexity"] > 1
+
+
+def test_a_yaml_that_is_no_mapping_is_skipped_as_the_harness_skips_it(lm, tmp_path):
+    """A YAML in the include_path holding a list (a user's own notes, a vocabulary) crashed the file check
+    with AttributeError: 'list' object has no attribute 'get'; the harness itself ignores it."""
+    from desmoe.evaluation.harness import run, task_names
+
+    folder = _task(tmp_path, "beside", "output_type: loglikelihood\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n")
+    (folder / "words.yaml").write_text("- alpha\n- beta\n")
+    assert task_names(folder) == ["beside"]
+    assert run(lm, ["beside"], folder, limit=2)["beside"]["perplexity"] > 1

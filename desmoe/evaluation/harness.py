@@ -243,6 +243,8 @@ def check_task_files(include_path: str | Path) -> None:
             cfg = yaml.load(path.read_text(), Loader=_FunctionLoader) or {}
         except yaml.YAMLError:
             raise UserError(f"{path}: not valid YAML") from None
+        if not isinstance(cfg, dict):  # the harness skips a YAML that is no mapping (a list of anything)
+            continue
         files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
         for split, name in (files.items() if isinstance(files, dict) else [("", files)]):
             for f in [name] if isinstance(name, str) else name:
