@@ -140,3 +140,19 @@ def test_a_yaml_that_is_no_mapping_is_skipped_as_the_harness_skips_it(lm, tmp_pa
     (folder / "words.yaml").write_text("- alpha\n- beta\n")
     assert task_names(folder) == ["beside"]
     assert run(lm, ["beside"], folder, limit=2)["beside"]["perplexity"] > 1
+
+
+def test_two_yamls_of_one_task_name_are_one_line(lm, tmp_path):
+    """The harness registers the first YAML of a task name and skips the other with a warning: which
+    file was evaluated under the name was not said in the results."""
+    from desmoe.evaluation.harness import run, task_names
+
+    folder = _task(tmp_path, "twice", "output_type: loglikelihood\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "again.yaml").write_text((folder / "twice.yaml").read_text().replace("'{{q}}'", "'Q: {{q}}'"))
+    line = f"{folder / 'twice.yaml'}: key 'task': twice is also the task of {folder / 'sub' / 'again.yaml'}; " \
+           "expected one task of each name"
+    for call in (lambda: task_names(folder), lambda: run(lm, ["twice"], folder, limit=2)):
+        with pytest.raises(UserError) as err:
+            call()
+        assert str(err.value) == line

@@ -238,6 +238,7 @@ def check_task_files(include_path: str | Path) -> None:
 
     import yaml
 
+    seen: dict[str, Path] = {}
     for path in sorted(Path(include_path).glob("**/*.yaml")):  # the harness's own pattern
         try:
             cfg = yaml.load(path.read_text(), Loader=_FunctionLoader) or {}
@@ -245,6 +246,12 @@ def check_task_files(include_path: str | Path) -> None:
             raise UserError(f"{path}: not valid YAML") from None
         if not isinstance(cfg, dict):  # the harness skips a YAML that is no mapping (a list of anything)
             continue
+        name = cfg.get("task")
+        if isinstance(name, str):  # a task (a group lists its tasks); the harness keeps one, skips the other
+            if name in seen:
+                raise UserError(f"{path}: key 'task': {name} is also the task of {seen[name]}; expected one "
+                                f"task of each name")
+            seen[name] = path
         files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
         for split, name in (files.items() if isinstance(files, dict) else [("", files)]):
             for f in [name] if isinstance(name, str) else name:
