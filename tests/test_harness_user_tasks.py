@@ -156,3 +156,16 @@ def test_two_yamls_of_one_task_name_are_one_line(lm, tmp_path):
         with pytest.raises(UserError) as err:
             call()
         assert str(err.value) == line
+
+
+def test_a_tag_is_refused_in_one_line(lm, tmp_path):
+    """A tag is among the harness's names, so run() took it, and then stopped with KeyError: the harness
+    reports a tag's tasks, nothing under the tag."""
+    from desmoe.evaluation.harness import run
+
+    folder = _task(tmp_path, "tagged", "tag: my_tag\noutput_type: loglikelihood\ndoc_to_text: '{{q}}'\n"
+                                       "doc_to_target: a\n")
+    with pytest.raises(UserError) as err:
+        run(lm, ["my_tag"], folder, limit=2)
+    assert str(err.value) == f"task 'my_tag': a tag in {folder}, not a task; name its tasks"
+    assert run(lm, ["tagged"], folder, limit=2)["tagged"]["perplexity"] > 1

@@ -318,6 +318,9 @@ def run(lm, tasks: list[str], include_path: str | Path, limit: Optional[int] = N
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"task '{unknown[0]}': not among the tasks in {include_path}")
+    tags = [t for t in tasks if t in manager.all_tags]
+    if tags:  # the harness runs a tag's tasks but reports no result under the tag: a KeyError below
+        raise UserError(f"task '{tags[0]}': a tag in {include_path}, not a task; name its tasks")
     out = {}
     # The harness treats LOCAL_RANK > 0 as a tensor-parallel peer and returns nothing there; under EP every
     # rank is a whole evaluator of its own (rank 0 of 1), so each one must get the results.
