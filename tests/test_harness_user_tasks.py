@@ -169,3 +169,25 @@ def test_a_tag_is_refused_in_one_line(lm, tmp_path):
         run(lm, ["my_tag"], folder, limit=2)
     assert str(err.value) == f"task 'my_tag': a tag in {folder}, not a task; name its tasks"
     assert run(lm, ["tagged"], folder, limit=2)["tagged"]["perplexity"] > 1
+
+
+def test_a_group_reports_its_tasks_numbers(lm, tmp_path):
+    """run() kept the group's own entry alone: a group without aggregate_metric_list reported no number,
+    its tasks' numbers were dropped, and samples= stopped with KeyError (the harness logs per task)."""
+    from desmoe.evaluation.harness import run
+
+    body = "output_type: loglikelihood\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n"
+    folder = _task(tmp_path, "part_a", body)
+    (folder / "part_b.yaml").write_text((folder / "part_a.yaml").read_text().replace("task: part_a", "task: part_b")
+                                        .replace("doc_to_target: a", "doc_to_target: q"))
+    (folder / "plain.yaml").write_text("group: plain\ntask: [part_a, part_b]\n")
+    (folder / "mean.yaml").write_text("group: mean\ntask: [part_a, part_b]\n"
+                                      "aggregate_metric_list: [{metric: perplexity, weight_by_size: true}]\n")
+    alone = {t: run(lm, [t], folder, limit=2)[t] for t in ("part_a", "part_b")}
+    assert alone["part_a"]["perplexity"] != alone["part_b"]["perplexity"]
+    samples: dict = {}
+    for group in ("plain", "mean"):
+        got = run(lm, [group], folder, limit=2, samples=samples)
+        assert {t: got[t] for t in alone} == alone and sorted(samples) == ["part_a", "part_b"]
+    want = (alone["part_a"]["perplexity"] + alone["part_b"]["perplexity"]) / 2  # two documents each
+    assert got["mean"]["perplexity"] == pytest.approx(want, rel=1e-12)

@@ -333,12 +333,15 @@ def run(lm, tasks: list[str], include_path: str | Path, limit: Optional[int] = N
     finally:
         if local_rank is not None:
             os.environ["LOCAL_RANK"] = local_rank
-    for task, result in zip(tasks, results):
-        metrics = {k: v for k, v in result["results"][task].items() if "_stderr" not in k and k != "alias"}
-        # "metric,filter": the bare metric name unless two filters score it (a GSM8K-style strict and flexible
-        # match), where it keeps the harness's own key; collapsed, one filter's number stood for both
-        bare = [k.split(",")[0] for k in metrics]
-        out[task] = {(b if bare.count(b) == 1 else k): v for b, (k, v) in zip(bare, metrics.items())}
-        if samples is not None:
-            samples[task] = result["samples"][task]
+    # A task's results hold it alone; a group's hold the group (its aggregate, if it defines one) and each of
+    # its tasks, whose numbers were dropped (a group without aggregate_metric_list reported no number at all)
+    for result in results:
+        for task, entry in result["results"].items():
+            metrics = {k: v for k, v in entry.items() if "_stderr" not in k and k != "alias"}
+            # "metric,filter": the bare metric name unless two filters score it (a GSM8K-style strict and
+            # flexible match), where it keeps the harness's own key; collapsed, one filter's number stood for both
+            bare = [k.split(",")[0] for k in metrics]
+            out[task] = {(b if bare.count(b) == 1 else k): v for b, (k, v) in zip(bare, metrics.items())}
+        if samples is not None:  # per task: a group has no records of its own (samples[group] was a KeyError)
+            samples.update(result["samples"])
     return out
