@@ -191,3 +191,32 @@ def test_a_group_reports_its_tasks_numbers(lm, tmp_path):
         assert {t: got[t] for t in alone} == alone and sorted(samples) == ["part_a", "part_b"]
     want = (alone["part_a"]["perplexity"] + alone["part_b"]["perplexity"]) / 2  # two documents each
     assert got["mean"]["perplexity"] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("files, splits, key, value", [
+    ("{test: F}", "test_split: test\nvalidation_split: val\n", "validation_split", "val (test)"),
+    ("{test: F}", "test_split: test\ntraining_split: tr\n", "training_split", "tr (test)"),
+    ("{test: F}", "test_split: test\nfewshot_split: fs\nnum_fewshot: 1\n", "fewshot_split", "fs (test)"),
+    ("F", "test_split: test\n", "test_split", "test (train)"),
+])
+def test_a_split_data_files_does_not_define_is_one_line(lm, tmp_path, files, splits, key, value):
+    """datasets names the splits after data_files' keys (a bare file is 'train'); a task naming another
+    split stopped the harness with a bare KeyError."""
+    from desmoe.evaluation.harness import run
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    head = f"task: split\ndataset_path: json\ndataset_kwargs: {{data_files: {files.replace('F', repr(str(data)))}}}\n"
+    (folder / "split.yaml").write_text(head + splits + "output_type: loglikelihood\ndoc_to_text: '{{q}}'\n"
+                                                       "doc_to_target: a\n")
+    with pytest.raises(UserError) as err:
+        run(lm, ["split"], folder, limit=2)
+    name, rest = value.split(" ", 1)
+    assert str(err.value) == (f"{folder / 'split.yaml'}: key '{key}': {name}, expected a split of "
+                              f"dataset_kwargs.data_files {rest}")
+    (folder / "split.yaml").write_text(head.replace("{test: ", "{train: ") + "test_split: train\nfewshot_split: "
+                                       "train\nnum_fewshot: 1\noutput_type: loglikelihood\ndoc_to_text: '{{q}}'\n"
+                                       "doc_to_target: a\n")
+    assert run(lm, ["split"], folder, limit=2)["split"]["perplexity"] > 1

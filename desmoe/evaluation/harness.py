@@ -253,6 +253,13 @@ def check_task_files(include_path: str | Path) -> None:
                                 f"task of each name")
             seen[name] = path
         files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+        # datasets names the splits after data_files' keys ("train" for a file or a list of them); a split
+        # key naming another stopped the harness with a bare KeyError
+        splits = sorted(files) if isinstance(files, dict) else ["train"]
+        for key in ("test_split", "validation_split", "training_split", "fewshot_split"):
+            if files and cfg.get("dataset_path") == "json" and cfg.get(key) is not None and cfg[key] not in splits:
+                raise UserError(f"{path}: key '{key}': {cfg[key]}, expected a split of dataset_kwargs.data_files "
+                                f"({', '.join(map(str, splits))})")
         for split, name in (files.items() if isinstance(files, dict) else [("", files)]):
             for f in [name] if isinstance(name, str) else name:
                 if not (Path(f).is_file() or (glob.has_magic(str(f)) and any(map(os.path.isfile, glob.glob(str(f)))))):
