@@ -220,3 +220,18 @@ def test_a_split_data_files_does_not_define_is_one_line(lm, tmp_path, files, spl
                                        "train\nnum_fewshot: 1\noutput_type: loglikelihood\ndoc_to_text: '{{q}}'\n"
                                        "doc_to_target: a\n")
     assert run(lm, ["split"], folder, limit=2)["split"]["perplexity"] > 1
+
+
+def test_files_the_harness_does_not_index_are_not_checked(lm, tmp_path):
+    """The duplicate-name and data-file checks read YAMLs the harness's index skips: a Jupyter checkpoint
+    copy of a task (in .ipynb_checkpoints) was refused as a second task of the name, and so was an old-style
+    YAML with a group key, which the harness reads as a group."""
+    from desmoe.evaluation.harness import run, task_names
+
+    folder = _task(tmp_path, "kept", "output_type: loglikelihood\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n")
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints" / "kept-checkpoint.yaml").write_text(
+        (folder / "kept.yaml").read_text().replace("kept.jsonl", "moved.jsonl"))
+    (folder / "grouped.yaml").write_text("group: kept_group\n" + (folder / "kept.yaml").read_text())
+    assert task_names(folder) == ["kept"]
+    assert run(lm, ["kept"], folder, limit=2)["kept"]["perplexity"] > 1

@@ -240,6 +240,8 @@ def check_task_files(include_path: str | Path) -> None:
 
     seen: dict[str, Path] = {}
     for path in sorted(Path(include_path).glob("**/*.yaml")):  # the harness's own pattern
+        if {"__pycache__", ".ipynb_checkpoints"} & set(path.parts):  # folders the harness's index skips
+            continue
         try:
             cfg = yaml.load(path.read_text(), Loader=_FunctionLoader) or {}
         except yaml.YAMLError:
@@ -247,7 +249,8 @@ def check_task_files(include_path: str | Path) -> None:
         if not isinstance(cfg, dict):  # the harness skips a YAML that is no mapping (a list of anything)
             continue
         name = cfg.get("task")
-        if isinstance(name, str):  # a task (a group lists its tasks); the harness keeps one, skips the other
+        if isinstance(name, str) and "group" not in cfg:  # a task, as the harness's index reads a YAML (one
+            # with a group key is a group, whatever its task key); of two, the harness keeps one, skips the other
             if name in seen:
                 raise UserError(f"{path}: key 'task': {name} is also the task of {seen[name]}; expected one "
                                 f"task of each name")
