@@ -115,7 +115,9 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             return out
 
         def generate_until(self, requests) -> list[str]:
-            gen = [int(r.args[1].get("max_gen_toks", MAX_GEN_TOKS)) for r in requests]
+            for r in requests:
+                _check_greedy(r.args[1], getattr(r, "task_name", None))
+            gen = [_max_gen_toks(r.args[1]) for r in requests]
             if gen and max(gen) >= self.max_len:
                 raise UserError(f"generation_kwargs.max_gen_toks: {max(gen)}, expected fewer than max_len="
                                 f"{self.max_len} (the prompt gets max_len - max_gen_toks tokens); raise max_len")
@@ -147,6 +149,36 @@ def make_lm(model: nn.Module, tokenizer, batch_size: int = 16, max_len: int = 51
             return answers
 
     return DesmoeLM()
+
+
+# generation_kwargs greedy decoding honours: top_p and top_k shape sampling only, which is refused
+GREEDY_KEYS = {"until", "do_sample", "temperature", "top_p", "top_k", "max_gen_toks", "max_new_tokens", "max_tokens",
+               "max_completion_tokens"}
+
+
+def _check_greedy(kwargs: dict, task: Optional[str]) -> None:
+    """The adapter decodes greedily: a task that samples (``do_sample: true``, or a temperature above 0 without
+    ``do_sample``, as HFLM reads it) or passes other decoding options (num_beams, repetition_penalty,
+    max_length, ...) would get greedy texts under its name; refused in one line."""
+    where = f"task {task}: " if task else ""
+    sample, temp = kwargs.get("do_sample"), float(kwargs.get("temperature") or 0.0)
+    if sample or (sample is None and temp > 0):
+        raise UserError(f"{where}generation_kwargs.do_sample: {sample!r} with temperature {temp}: expected greedy "
+                        f"decoding (do_sample: false), the only decoding desmoe's harness model does")
+    other = sorted(set(kwargs) - GREEDY_KEYS)
+    if other:
+        raise UserError(f"{where}generation_kwargs.{other[0]}: {kwargs[other[0]]!r}, expected none of it: desmoe's "
+                        f"harness model decodes greedily with {', '.join(sorted(GREEDY_KEYS))} only")
+
+
+def _max_gen_toks(kwargs: dict) -> int:
+    """A request's generation budget as lm-eval's HFLM reads it: ``max_gen_toks``, else its aliases
+    ``max_new_tokens``, ``max_tokens``, ``max_completion_tokens`` (in that order), else the default; reading
+    ``max_gen_toks`` alone generated 256 tokens for a task's ``max_new_tokens: 32``."""
+    for key in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"):
+        if kwargs.get(key) is not None:
+            return int(kwargs[key])
+    return MAX_GEN_TOKS
 
 
 def _stops(until) -> list[str]:
@@ -206,17 +238,68 @@ def check_task_files(include_path: str | Path) -> None:
 
     import yaml
 
+    seen: dict[str, Path] = {}
     for path in sorted(Path(include_path).glob("**/*.yaml")):  # the harness's own pattern
+        if {"__pycache__", ".ipynb_checkpoints"} & set(path.parts):  # folders the harness's index skips
+            continue
         try:
             cfg = yaml.load(path.read_text(), Loader=_FunctionLoader) or {}
         except yaml.YAMLError:
             raise UserError(f"{path}: not valid YAML") from None
+        if not isinstance(cfg, dict):  # the harness skips a YAML that is no mapping (a list of anything)
+            continue
+        name = cfg.get("task")
+        if isinstance(name, str) and "group" not in cfg:  # a task, as the harness's index reads a YAML (one
+            # with a group key is a group, whatever its task key); of two, the harness keeps one, skips the other
+            if name in seen:
+                raise UserError(f"{path}: key 'task': {name} is also the task of {seen[name]}; expected one "
+                                f"task of each name")
+            seen[name] = path
         files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+        # datasets names the splits after data_files' keys ("train" for a file or a list of them); a split
+        # key naming another stopped the harness with a bare KeyError
+        splits = sorted(files) if isinstance(files, dict) else ["train"]
+        for key in ("test_split", "validation_split", "training_split", "fewshot_split"):
+            if files and cfg.get("dataset_path") == "json" and cfg.get(key) is not None and cfg[key] not in splits:
+                raise UserError(f"{path}: key '{key}': {cfg[key]}, expected a split of dataset_kwargs.data_files "
+                                f"({', '.join(map(str, splits))})")
         for split, name in (files.items() if isinstance(files, dict) else [("", files)]):
             for f in [name] if isinstance(name, str) else name:
                 if not (Path(f).is_file() or (glob.has_magic(str(f)) and any(map(os.path.isfile, glob.glob(str(f)))))):
                     raise UserError(f"{path}: key 'dataset_kwargs.data_files{'.' + split if split else ''}': "
                                     f"file {f} not found")
+                if cfg.get("dataset_path") != "json":
+                    continue
+                for one in sorted(glob.glob(str(f))) if glob.has_magic(str(f)) else [f]:
+                    error = _json_error(Path(one))
+                    if error:  # datasets says only "An error occurred while generating the dataset"
+                        raise UserError(f"{path}: key 'dataset_kwargs.data_files{'.' + split if split else ''}': "
+                                        f"file {one}: {error}")
+
+
+def _json_error(path: Path) -> Optional[str]:
+    """Why ``datasets``' json loader cannot read ``path`` (one JSON document, or one JSON object a line), or
+    None; files of other suffixes (compressed ones) are left to ``datasets``."""
+    if path.suffix not in (".json", ".jsonl"):
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    try:
+        json.loads(text)
+        return None
+    except ValueError:
+        pass
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                return f"line {n} is not JSON ({e.msg})"
+            if not isinstance(row, dict):
+                return f"line {n} is not a JSON object"
+    return None
 
 
 class _FunctionLoader:
@@ -245,6 +328,9 @@ def run(lm, tasks: list[str], include_path: str | Path, limit: Optional[int] = N
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"task '{unknown[0]}': not among the tasks in {include_path}")
+    tags = [t for t in tasks if t in manager.all_tags]
+    if tags:  # the harness runs a tag's tasks but reports no result under the tag: a KeyError below
+        raise UserError(f"task '{tags[0]}': a tag in {include_path}, not a task; name its tasks")
     out = {}
     # The harness treats LOCAL_RANK > 0 as a tensor-parallel peer and returns nothing there; under EP every
     # rank is a whole evaluator of its own (rank 0 of 1), so each one must get the results.
@@ -257,9 +343,15 @@ def run(lm, tasks: list[str], include_path: str | Path, limit: Optional[int] = N
     finally:
         if local_rank is not None:
             os.environ["LOCAL_RANK"] = local_rank
-    for task, result in zip(tasks, results):
-        metrics = result["results"][task]
-        out[task] = {k.split(",")[0]: v for k, v in metrics.items() if "_stderr" not in k and k != "alias"}
-        if samples is not None:
-            samples[task] = result["samples"][task]
+    # A task's results hold it alone; a group's hold the group (its aggregate, if it defines one) and each of
+    # its tasks, whose numbers were dropped (a group without aggregate_metric_list reported no number at all)
+    for result in results:
+        for task, entry in result["results"].items():
+            metrics = {k: v for k, v in entry.items() if "_stderr" not in k and k != "alias"}
+            # "metric,filter": the bare metric name unless two filters score it (a GSM8K-style strict and
+            # flexible match), where it keeps the harness's own key; collapsed, one filter's number stood for both
+            bare = [k.split(",")[0] for k in metrics]
+            out[task] = {(b if bare.count(b) == 1 else k): v for b, (k, v) in zip(bare, metrics.items())}
+        if samples is not None:  # per task: a group has no records of its own (samples[group] was a KeyError)
+            samples.update(result["samples"])
     return out
