@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from desmoe.distributed import use_cuda
+from desmoe.ds_keys import check_top_level_keys
 from desmoe.errors import ConfigError, UserError
 from desmoe.moe.trainability import FreezableAdamW, Trainability, build_param_groups
 
@@ -40,6 +41,7 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
     _removed_by_deepspeed(cfg, str(path))
+    check_top_level_keys(cfg, str(path))
     cfg["_source"] = str(path)
     return cfg
 
@@ -124,6 +126,7 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     """Fill "auto" values and check the parts desmoe depends on."""
     cfg = copy.deepcopy(dict(cfg))
     source = cfg.pop("_source", "DeepSpeed config")
+    check_top_level_keys(cfg, source)  # also for a dict not read by read_ds_config
     # The trainer feeds train.grad_accum micro-batches of train.micro_batch per optimizer step: a different
     # value here would change nothing the recipe feeds (micro batch) or make DeepSpeed step the optimizer
     # where the trainer does not count a step (accumulation: train.steps would silently mean micro-steps).

@@ -1,0 +1,66 @@
+"""The top-level keys of a user's DeepSpeed JSON that desmoe's engine honours.
+
+DeepSpeed reads the keys it knows and ignores any other without a word: a misspelled
+``gradient_cliping`` trains unclipped, a ``seed`` seeds nothing.  Several keys it does know act
+only on parts desmoe does not use (its pipeline engine, its dataloader, ``engine.compile()``,
+models calling ``deepspeed.checkpointing``) or would change what desmoe counts on (AutoEP replacing
+the model's MoE layers, sequence/tensor parallel dividing the world size).  Every such key is
+refused here, before the model is built, in one line naming it.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Mapping
+
+from desmoe.errors import ConfigError
+
+# Applied by DeepSpeed exactly as written with desmoe's engine (or checked/resolved by desmoe.engine).
+HONOURED = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "optimizer", "scheduler", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "gradient_clipping", "bf16", "bfloat16", "fp16", "zero_optimization", "data_types",
+    "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+    "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "log_level",
+    "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "timers",
+    "checkpoint", "disable_allgather", "disable_python_gc",
+})
+
+# Keys DeepSpeed 0.19 knows (or users commonly write) that have no effect, or not the one meant,
+# under desmoe: why, and what to use instead.
+NOT_APPLIED = {
+    "seed": "DeepSpeed has no seed key and would ignore it; the seed is set in the experiment config",
+    "activation_checkpointing": "DeepSpeed applies it only to models that call deepspeed.checkpointing; "
+                                "use train.activation_checkpointing in the experiment config",
+    "pipeline": "applies only to DeepSpeed's PipelineModule, which desmoe does not use",
+    "expert_parallel": "DeepSpeed's AutoEP would replace the model's MoE layers; desmoe sets expert "
+                       "parallelism with model.ep_size in the experiment config",
+    "moe": "DeepSpeed has no 'moe' block and would ignore it; experts are set in the experiment config (model.*)",
+    "torch_autocast": "desmoe's models are not run under DeepSpeed's autocast; use bf16",
+    "data_efficiency": "applies only to DeepSpeed's own dataloader, which desmoe does not use",
+    "dataloader_drop_last": "applies only to DeepSpeed's own dataloader, which desmoe does not use",
+    "compile": "applies only after engine.compile(), which desmoe does not call",
+    "hybrid_engine": "DeepSpeed's RLHF hybrid engine is not used by desmoe",
+    "autotuning": "applies only under DeepSpeed's autotuner, which desmoe does not run",
+    "tensor_parallel": "tensor parallelism is not supported by desmoe",
+    "sequence_parallel_size": "sequence parallelism is not supported by desmoe (DeepSpeed would divide "
+                              "the world size by it)",
+    "seq_parallel_communication_data_type": "sequence parallelism is not supported by desmoe",
+    "weight_quantization": "weight quantization is not supported by desmoe",
+    "managed_gradient_accumulation": "desmoe feeds train.grad_accum micro-batches itself",
+    "gradient_allreduce_op": "desmoe's gradients are averaged over ranks; another reduction is not supported",
+    "use_data_before_expert_parallelism": "desmoe uses DeepSpeed's default layout of expert-parallel ranks",
+    "vocabulary_size": "read by DeepSpeed only for features desmoe does not use",
+    "datastates_ckpt": "desmoe saves checkpoints with DeepSpeed's default checkpoint engine",
+    "aio": "used only by NVMe offload, which desmoe does not support",
+}
+
+
+def check_top_level_keys(cfg: Mapping[str, Any], source: str) -> None:
+    for key in cfg:
+        if key in HONOURED or key == "_source":  # _source: read_ds_config's note of the file
+            continue
+        if key in NOT_APPLIED:
+            raise ConfigError(f"{source}: key '{key}': not supported ({NOT_APPLIED[key]}); remove it")
+        near = difflib.get_close_matches(str(key), sorted(HONOURED), n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"{source}: key '{key}': unknown (DeepSpeed would ignore it without a word){hint}")
