@@ -157,7 +157,7 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     if cfg.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{source}: key 'fp16.enabled': fp16 is not supported (use bf16)")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):
+    if isinstance(stage, bool) or stage not in (0, 1, 2):  # True == 1 in Python: DeepSpeed would run ZeRO-1
         raise ConfigError(f"{source}: key 'zero_optimization.stage': expected 0, 1 or 2 "
                           f"(DeepSpeed MoE does not support ZeRO-3), got {stage!r}")
     for key in ("offload_optimizer", "offload_param"):
@@ -241,6 +241,9 @@ def _check_values(cfg: Mapping[str, Any], source: str) -> None:
               "weight_decay": ("a number >= 0", _is_num),
               "betas": ("two numbers in [0, 1)", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
                         and all(_is_num(b) and b < 1 for b in v))}
+    for key in ("torch_adam", "adam_w_mode"):  # a 0 or "false" passed the Adam/L2 check above as AdamW
+        if key in params and not isinstance(params[key], bool):
+            raise bad(f"optimizer.params.{key}", "true or false", params[key])
     for key, (expected, ok) in checks.items():
         # only lr has an "auto" (train.lr, filled above); any other "auto" would reach float() in build_engine
         if key in params and not ok(params[key]):
