@@ -64,3 +64,26 @@ def check_top_level_keys(cfg: Mapping[str, Any], source: str) -> None:
         near = difflib.get_close_matches(str(key), sorted(HONOURED), n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise ConfigError(f"{source}: key '{key}': unknown (DeepSpeed would ignore it without a word){hint}")
+
+
+def check_blocks(cfg: Mapping[str, Any], source: str) -> None:
+    """DeepSpeed validates its blocks (ZeRO, bf16/fp16, monitors) with pydantic inside deepspeed.initialize,
+    after the model is built, with a multi-line traceback: a misspelled ``overlap_com`` or ``enabeld``.  The
+    same models read here, before launch, make the first error one line naming the key."""
+    import pydantic
+    from deepspeed.monitor.config import get_monitor_config
+    from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    for block, read in (("zero_optimization", get_zero_config), ("bf16", get_bfloat16_config),
+                        ("fp16", get_float16_config), (None, get_monitor_config)):
+        if block is not None and not isinstance(cfg.get(block, {}), dict):
+            continue  # not an object: named by desmoe.engine (or DeepSpeed's older boolean ZeRO form)
+        try:
+            read(cfg)
+        except pydantic.ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(part) for part in ((block,) if block else ()) + tuple(first["loc"]))
+            what = ("unknown (DeepSpeed refuses it at launch)" if first["type"] == "extra_forbidden"
+                    else f"{first['msg']}, got {first.get('input')!r}")
+            raise ConfigError(f"{source}: key '{key}': {what}") from None

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from desmoe.distributed import use_cuda
-from desmoe.ds_keys import check_top_level_keys
+from desmoe.ds_keys import check_blocks, check_top_level_keys
 from desmoe.errors import ConfigError, UserError
 from desmoe.moe.trainability import FreezableAdamW, Trainability, build_param_groups
 
@@ -201,6 +201,7 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     # Our optimizer is an AdamW subclass, which ZeRO does not list by type.
     cfg["zero_allow_untested_optimizer"] = True
     _check_values(cfg, source)
+    check_blocks(cfg, source)  # after _check_values, whose messages name desmoe's own expectations
     return cfg
 
 

@@ -37,3 +37,30 @@ def test_zero_stage_as_a_boolean_is_refused(stage):
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_zero_stages_pass(stage):
     assert resolve_ds_config({**BASE, "zero_optimization": {"stage": stage}}, 2, 1, lr=1e-3)["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.parametrize("extra, key, what", [
+    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, "zero_optimization.overlap_com", "unknown"),
+    ({"zero_optimization": {"stage": 2, "round_robin_gradient": True}}, "zero_optimization.round_robin_gradient", "unknown"),
+    ({"bf16": {"enabeld": True}}, "bf16.enabeld", "unknown"),
+    ({"bfloat16": {"enabled": False, "immediate_grad_updat": True}}, "bf16.immediate_grad_updat", "unknown"),
+    ({"fp16": {"enabled": False, "loss_scal": 0}}, "fp16.loss_scal", "unknown"),
+    ({"fp16": {"enabled": False, "initial_scale_power": "high"}}, "fp16.initial_scale_power", "Input should be a valid integer"),
+    ({"tensorboard": {"enabled": True, "output_pth": "tb"}}, "tensorboard.output_pth", "unknown"),
+    ({"csv_monitor": {"enabled": True, "job": "x"}}, "csv_monitor.job", "unknown"),
+    ({"wandb": {"enabled": True, "projet": "x"}}, "wandb.projet", "unknown"),
+])
+def test_a_misspelled_key_inside_a_deepspeed_block_is_refused_before_launch(extra, key, what):
+    # DeepSpeed refuses these too, but inside deepspeed.initialize after the model is built, with a traceback
+    with pytest.raises(ConfigError) as err:
+        resolve_ds_config({**BASE, **extra}, 2, 1, lr=1e-3)
+    assert str(err.value).startswith(f"DeepSpeed config: key '{key}': {what}")
+    assert "\n" not in str(err.value)
+
+
+def test_deepspeeds_blocks_as_written_pass():
+    extra = {"zero_optimization": {"stage": 2, "overlap_comm": False, "reduce_bucket_size": 5e8, "round_robin_gradients": True},
+             "bf16": {"enabled": False, "immediate_grad_update": True}, "fp16": {"enabled": False, "loss_scale": 0,
+             "initial_scale_power": 16}, "tensorboard": {"enabled": False, "output_path": "tb", "job_name": "j"}}
+    cfg = resolve_ds_config({**BASE, **extra}, 2, 1, lr=1e-3)
+    assert cfg["zero_optimization"]["round_robin_gradients"] is True and cfg["fp16"]["initial_scale_power"] == 16
