@@ -87,3 +87,29 @@ def check_blocks(cfg: Mapping[str, Any], source: str) -> None:
             what = ("unknown (DeepSpeed refuses it at launch)" if first["type"] == "extra_forbidden"
                     else f"{first['msg']}, got {first.get('input')!r}")
             raise ConfigError(f"{source}: key '{key}': {what}") from None
+    check_checkpoint_block(cfg, source)
+
+
+# The 'checkpoint' block: DeepSpeed reads its keys with dict.get, so a misspelled one is ignored silently.
+CHECKPOINT_HONOURED = frozenset({"tag_validation", "parallel_write", "checkpoint_serialization"})
+CHECKPOINT_NOT_APPLIED = {
+    "load_universal": "desmoe's checkpoints are not universal ones, and DeepSpeed would look for one on resume; "
+                      "desmoe resumes at another world size itself (run.resume)",
+    "use_node_local_storage": "desmoe's checkpoints and their resharding name ZeRO files by data-parallel rank",
+    "writer": "desmoe saves through DeepSpeed's default checkpoint engine, whose files are complete when "
+              "save_checkpoint returns (the run's atomic checkpoint directories count on it)",
+}
+
+
+def check_checkpoint_block(cfg: Mapping[str, Any], source: str) -> None:
+    block = cfg.get("checkpoint", {})
+    if not isinstance(block, dict):
+        raise ConfigError(f"{source}: key 'checkpoint': expected an object, got {block!r}")
+    for key in block:
+        if key in CHECKPOINT_HONOURED:
+            continue
+        if key in CHECKPOINT_NOT_APPLIED:
+            raise ConfigError(f"{source}: key 'checkpoint.{key}': not supported ({CHECKPOINT_NOT_APPLIED[key]}); "
+                              f"remove it")
+        raise ConfigError(f"{source}: key 'checkpoint.{key}': unknown (DeepSpeed would ignore it without a word; "
+                          f"known: {', '.join(sorted(CHECKPOINT_HONOURED))})")
