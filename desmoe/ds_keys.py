@@ -88,6 +88,7 @@ def check_blocks(cfg: Mapping[str, Any], source: str) -> None:
                     else f"{first['msg']}, got {first.get('input')!r}")
             raise ConfigError(f"{source}: key '{key}': {what}") from None
     check_checkpoint_block(cfg, source)
+    check_data_types(cfg, source)
 
 
 # The 'checkpoint' block: DeepSpeed reads its keys with dict.get, so a misspelled one is ignored silently.
@@ -113,3 +114,47 @@ def check_checkpoint_block(cfg: Mapping[str, Any], source: str) -> None:
                               f"remove it")
         raise ConfigError(f"{source}: key 'checkpoint.{key}': unknown (DeepSpeed would ignore it without a word; "
                           f"known: {', '.join(sorted(CHECKPOINT_HONOURED))})")
+
+
+DATA_TYPES_KEYS = ("grad_accum_dtype", "param_dtype", "buffer_dtype", "keep_in_fp32_modules")
+
+
+def check_data_types(cfg: Mapping[str, Any], source: str) -> None:
+    """DeepSpeed reads 'data_types' with dict.get (a misspelled key is ignored) and rejects a dtype name, or a
+    mix it cannot run, only inside deepspeed.initialize with a traceback."""
+    from deepspeed.runtime.config import DtypeEnum
+
+    block = cfg.get("data_types", {})
+    if not isinstance(block, dict):
+        raise ConfigError(f"{source}: key 'data_types': expected an object, got {block!r}")
+    for key in block:
+        if key not in DATA_TYPES_KEYS:
+            raise ConfigError(f"{source}: key 'data_types.{key}': unknown (DeepSpeed would ignore it without a "
+                              f"word; known: {', '.join(DATA_TYPES_KEYS)})")
+    dtypes = {}
+    for key in ("grad_accum_dtype", "param_dtype", "buffer_dtype"):
+        value = block.get(key)
+        if value is None:
+            continue
+        try:
+            dtypes[key] = DtypeEnum(value).value
+        except ValueError:
+            raise ConfigError(f"{source}: key 'data_types.{key}': expected \"fp32\", \"bf16\" or \"fp16\", "
+                              f"got {value!r}") from None
+    import torch
+
+    model = torch.bfloat16 if cfg.get("bf16", {}).get("enabled") else torch.float32
+    if "param_dtype" in dtypes and dtypes["param_dtype"] != model:  # DeepSpeed asserts so in initialize
+        raise ConfigError(f"{source}: key 'data_types.param_dtype': expected the dtype bf16.enabled gives "
+                          f"({model}), got {block['param_dtype']!r}")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    accum = dtypes.get("grad_accum_dtype", model)
+    if stage == 0 and accum != model:  # DeepSpeed: NotImplementedError "unsupported mix" in initialize
+        raise ConfigError(f"{source}: key 'data_types.grad_accum_dtype': expected the model's dtype ({model}) "
+                          f"without ZeRO (zero_optimization.stage 0), got {block['grad_accum_dtype']!r}")
+    if stage == 1 and model == torch.bfloat16 and accum == torch.float32:
+        # DeepSpeed then runs its BF16_Optimizer, not ZeRO-1: desmoe.engine.refresh_master_weights would re-read
+        # every group's fp32 master copy from bf16 weights, not only the experts written (DES-MoE's copies)
+        raise ConfigError(f"{source}: key 'data_types.grad_accum_dtype': {block['grad_accum_dtype']!r} with bf16 "
+                          f"and zero_optimization.stage 1 makes DeepSpeed run its BF16_Optimizer instead of "
+                          f"ZeRO-1; use stage 2, or leave grad_accum_dtype unset")
