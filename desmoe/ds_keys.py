@@ -89,6 +89,7 @@ def check_blocks(cfg: Mapping[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: key '{key}': {what}") from None
     check_checkpoint_block(cfg, source)
     check_data_types(cfg, source)
+    check_reduction(cfg, source)
 
 
 # The 'checkpoint' block: DeepSpeed reads its keys with dict.get, so a misspelled one is ignored silently.
@@ -158,3 +159,25 @@ def check_data_types(cfg: Mapping[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: key 'data_types.grad_accum_dtype': {block['grad_accum_dtype']!r} with bf16 "
                           f"and zero_optimization.stage 1 makes DeepSpeed run its BF16_Optimizer instead of "
                           f"ZeRO-1; use stage 2, or leave grad_accum_dtype unset")
+
+
+def check_reduction(cfg: Mapping[str, Any], source: str) -> None:
+    """The gradient-reduction keys: values DeepSpeed rejects only inside deepspeed.initialize (a ValueError, or
+    ZeRO-2's asserts with reduce_scatter), or misreads (a "false" string is a true prescale_gradients)."""
+    comm = cfg.get("communication_data_type")
+    if comm is not None and (not isinstance(comm, str) or comm.lower() not in ("fp32", "fp16", "bf16")):
+        raise ConfigError(f"{source}: key 'communication_data_type': expected \"fp32\", \"bf16\" or \"fp16\", got {comm!r}")
+    prescale = cfg.get("prescale_gradients", False)
+    if not isinstance(prescale, bool):
+        raise ConfigError(f"{source}: key 'prescale_gradients': expected true or false, got {prescale!r}")
+    factor = cfg.get("gradient_predivide_factor", 1.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise ConfigError(f"{source}: key 'gradient_predivide_factor': expected a number > 0, got {factor!r}")
+    zero = cfg.get("zero_optimization", {})
+    if zero.get("stage", 0) == 2 and zero.get("reduce_scatter", True):
+        if factor != 1.0:
+            raise ConfigError(f"{source}: key 'gradient_predivide_factor': expected 1.0 with ZeRO-2 and reduce_scatter "
+                              f"(DeepSpeed supports no other), got {factor!r}")
+        if prescale:
+            raise ConfigError(f"{source}: key 'prescale_gradients': expected false with ZeRO-2 and reduce_scatter "
+                              f"(DeepSpeed supports no other), got true")
