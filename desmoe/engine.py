@@ -174,6 +174,9 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     opt = cfg.get("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise ConfigError(f"{source}: key 'optimizer.type': expected AdamW, got {opt.get('type')!r}")
+    for key in set(opt) - {"type", "params", "legacy_fusion"}:  # DeepSpeed ignores others: "param" lost the betas
+        raise ConfigError(f"{source}: key 'optimizer.{key}': unknown (DeepSpeed would ignore it without a word; "
+                          f"known: type, params)")
     if not isinstance(opt.get("params", {}), dict):  # else its items were named as unknown keys
         raise ConfigError(f"{source}: key 'optimizer.params': expected an object, got {opt['params']!r}")
     wd = opt.get("params", {}).get("weight_decay", 0)

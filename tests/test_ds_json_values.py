@@ -64,3 +64,14 @@ def test_deepspeeds_blocks_as_written_pass():
              "initial_scale_power": 16}, "tensorboard": {"enabled": False, "output_path": "tb", "job_name": "j"}}
     cfg = resolve_ds_config({**BASE, **extra}, 2, 1, lr=1e-3)
     assert cfg["zero_optimization"]["round_robin_gradients"] is True and cfg["fp16"]["initial_scale_power"] == 16
+
+
+@pytest.mark.parametrize("key", ["param", "parameters", "betas", "lr"])
+def test_an_unknown_key_of_the_optimizer_block_is_refused(key):
+    # {"type": "AdamW", "parameters": {"betas": [0.9, 0.95]}}: DeepSpeed and desmoe read only "params", so the
+    # run trained with the default betas (0.9, 0.999)
+    opt = {"type": "AdamW", key: {"lr": 1e-3, "betas": [0.9, 0.95]}}
+    with pytest.raises(ConfigError) as err:
+        resolve_ds_config({**BASE, "optimizer": opt}, 2, 1, lr=1e-3)
+    assert str(err.value) == (f"DeepSpeed config: key 'optimizer.{key}': unknown (DeepSpeed would ignore it without "
+                              f"a word; known: type, params)")
