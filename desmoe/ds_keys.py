@@ -90,6 +90,7 @@ def check_blocks(cfg: Mapping[str, Any], source: str) -> None:
     check_checkpoint_block(cfg, source)
     check_data_types(cfg, source)
     check_reduction(cfg, source)
+    check_zero_stage3_only(cfg, source)
 
 
 # The 'checkpoint' block: DeepSpeed reads its keys with dict.get, so a misspelled one is ignored silently.
@@ -181,3 +182,18 @@ def check_reduction(cfg: Mapping[str, Any], source: str) -> None:
         if prescale:
             raise ConfigError(f"{source}: key 'prescale_gradients': expected false with ZeRO-2 and reduce_scatter "
                               f"(DeepSpeed supports no other), got true")
+
+
+def check_zero_stage3_only(cfg: Mapping[str, Any], source: str) -> None:
+    """ZeRO++ (quantized weights/gradients, hierarchical partitioning) acts only under ZeRO-3, which desmoe
+    refuses; under stage 0-2 DeepSpeed ignores those keys without a word and the run communicates in full
+    precision, unlike what the user asked for."""
+    zero = cfg.get("zero_optimization", {})
+    asked = {key: zero[key] for key in ("zero_quantized_weights", "zero_quantized_gradients",
+                                        "zero_quantized_nontrainable_weights") if zero.get(key)}
+    if zero.get("zero_hpz_partition_size", 1) not in (1, None):
+        asked["zero_hpz_partition_size"] = zero["zero_hpz_partition_size"]
+    if asked:
+        key, value = next(iter(asked.items()))
+        raise ConfigError(f"{source}: key 'zero_optimization.{key}': not supported (ZeRO++ acts only under ZeRO-3, "
+                          f"which desmoe does not support; DeepSpeed would ignore it), got {value!r}")
