@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from desmoe.distributed import use_cuda
+from desmoe.ds_keys import check_blocks, check_top_level_keys
 from desmoe.errors import ConfigError, UserError
 from desmoe.moe.trainability import FreezableAdamW, Trainability, build_param_groups
 
@@ -40,6 +41,7 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
     _removed_by_deepspeed(cfg, str(path))
+    check_top_level_keys(cfg, str(path))
     cfg["_source"] = str(path)
     return cfg
 
@@ -124,6 +126,7 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     """Fill "auto" values and check the parts desmoe depends on."""
     cfg = copy.deepcopy(dict(cfg))
     source = cfg.pop("_source", "DeepSpeed config")
+    check_top_level_keys(cfg, source)  # also for a dict not read by read_ds_config
     # The trainer feeds train.grad_accum micro-batches of train.micro_batch per optimizer step: a different
     # value here would change nothing the recipe feeds (micro batch) or make DeepSpeed step the optimizer
     # where the trainer does not count a step (accumulation: train.steps would silently mean micro-steps).
@@ -154,7 +157,7 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     if cfg.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{source}: key 'fp16.enabled': fp16 is not supported (use bf16)")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):
+    if isinstance(stage, bool) or stage not in (0, 1, 2):  # True == 1 in Python: DeepSpeed would run ZeRO-1
         raise ConfigError(f"{source}: key 'zero_optimization.stage': expected 0, 1 or 2 "
                           f"(DeepSpeed MoE does not support ZeRO-3), got {stage!r}")
     for key in ("offload_optimizer", "offload_param"):
@@ -171,6 +174,9 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     opt = cfg.get("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise ConfigError(f"{source}: key 'optimizer.type': expected AdamW, got {opt.get('type')!r}")
+    for key in set(opt) - {"type", "params", "legacy_fusion"}:  # DeepSpeed ignores others: "param" lost the betas
+        raise ConfigError(f"{source}: key 'optimizer.{key}': unknown (DeepSpeed would ignore it without a word; "
+                          f"known: type, params)")
     if not isinstance(opt.get("params", {}), dict):  # else its items were named as unknown keys
         raise ConfigError(f"{source}: key 'optimizer.params': expected an object, got {opt['params']!r}")
     wd = opt.get("params", {}).get("weight_decay", 0)
@@ -198,6 +204,7 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     # Our optimizer is an AdamW subclass, which ZeRO does not list by type.
     cfg["zero_allow_untested_optimizer"] = True
     _check_values(cfg, source)
+    check_blocks(cfg, source)  # after _check_values, whose messages name desmoe's own expectations
     return cfg
 
 
@@ -238,6 +245,9 @@ def _check_values(cfg: Mapping[str, Any], source: str) -> None:
               "weight_decay": ("a number >= 0", _is_num),
               "betas": ("two numbers in [0, 1)", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
                         and all(_is_num(b) and b < 1 for b in v))}
+    for key in ("torch_adam", "adam_w_mode"):  # a 0 or "false" passed the Adam/L2 check above as AdamW
+        if key in params and not isinstance(params[key], bool):
+            raise bad(f"optimizer.params.{key}", "true or false", params[key])
     for key, (expected, ok) in checks.items():
         # only lr has an "auto" (train.lr, filled above); any other "auto" would reach float() in build_engine
         if key in params and not ok(params[key]):
