@@ -368,6 +368,9 @@ def refresh_master_weights(engine, expert_tags) -> None:
     tags = {tuple(t) for t in expert_tags}
     for i, group in enumerate(zero.optimizer.param_groups):
         members = {tuple(m) for m in group.get(EXPERT_KEY, ())}
+        if members & tags and not members <= tags:  # the next step would put the old weights back, silently
+            raise ValueError(f"refresh_master_weights: {sorted(members & tags)} written but their expert unit also "
+                             f"holds {sorted(members - tags)[:4]}; a unit's master copy is re-read only whole")
         if members and members <= tags:
             part = dist.get_rank(group=zero.real_dp_process_group[i])
             zero.single_partition_of_fp32_groups[i].data.copy_(zero.parallel_partitioned_bit16_groups[i][part].data)
