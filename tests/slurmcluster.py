@@ -27,6 +27,10 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={ctld_port_plus}
 AuthType=auth/munge
+# A requeued job may start again only after the credential lifetime (default 120 s, then up to
+# a 30-60 s scheduling pass): most of the preemption test's wall time.  15 s still covers a
+# step launch on a loaded 2-core box (no prolog, no user environment to load).
+AuthInfo=cred_expire=15
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -43,7 +47,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+# Scheduling passes every 2 s (defaults 60 s main, 30 s backfill): cheap with a handful of jobs.
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
 EnforcePartLimits=ALL
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
