@@ -36,8 +36,10 @@ class Monitor:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # purge_step: TensorBoard drops what earlier event files hold from this step on (a killed run's steps
-        # after its checkpoint, a run started over), or a resumed run's curves show both runs' points per step
-        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=initial_step + 1)
+        # after its checkpoint, a run started over), or a resumed run's curves show both runs' points per step;
+        # a start at step 0 has no checkpoint: it redoes step 0 too (the config text, a vanilla evaluation)
+        purge = initial_step + 1 if initial_step > 0 else 0
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
@@ -136,11 +138,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
-    """Drop rows logged after ``after_step`` (work lost since the last checkpoint)."""
+    """Drop rows logged after ``after_step`` (work lost since the last checkpoint).  ``after_step`` 0 is a
+    start without a checkpoint (none is ever at step 0): it redoes step 0 too, so every logged row goes."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    rows = [line for line, row in _parse_rows(path) if not _logged(row) or row["step"] <= after_step]  # notes stay
+    rows = [line for line, row in _parse_rows(path)
+            if not _logged(row) or (after_step > 0 and row["step"] <= after_step)]  # notes stay
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in rows))
     tmp.replace(path)
