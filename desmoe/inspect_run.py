@@ -12,6 +12,9 @@ from pathlib import Path
 from desmoe import checkpoint, integrity
 from desmoe.errors import UserError, run_cli
 from desmoe.monitor import read_metrics
+from desmoe.training.runlock import LOCK
+
+RUN_FILES = (LOCK, "config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")
 
 
 def verify_tag(tag_dir: Path) -> str:
@@ -29,6 +32,12 @@ def describe(run_dir: Path, verify: bool = True) -> dict:
         raise UserError(f"{run_dir}: is a file, expected a run directory")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
+    # what a run writes first (the job's lock, then its config): without any, all below would read '-' as if a
+    # run had just started, also for run.dir itself (the folder of every run) or a folder desmoe never wrote
+    if not any((run_dir / name).exists() for name in RUN_FILES):
+        runs = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and any((p / n).exists() for n in RUN_FILES))
+        hint = f"; runs in it: {', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''}" if runs else ""
+        raise UserError(f"{run_dir}: not a run directory (expected one of {', '.join(RUN_FILES)}){hint}")
     ckpt_dir = run_dir / "checkpoints"
     tag = checkpoint.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
     tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir()) if ckpt_dir.is_dir() else []
