@@ -68,22 +68,9 @@ class Monitor:
         colour scale stays the same at every step (images of one tag are then comparable)."""
         if not self.enabled:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(max(3.0, 0.35 * matrix.shape[1] + 1.5), max(2.0, 0.35 * matrix.shape[0] + 1)))
-        im = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        if xticks is not None:
-            ax.set_xticks(range(len(xticks)), xticks, rotation=60 if max(map(len, xticks), default=0) > 3 else 0,
-                          ha="right" if max(map(len, xticks), default=0) > 3 else "center", fontsize=7)
-        if yticks is not None:
-            ax.set_yticks(range(len(yticks)), yticks, fontsize=7)
-        ax.set_title(f"{title or tag} (step {step})", fontsize=9)
-        fig.colorbar(im, ax=ax)
+        fig = heatmap_figure(step, tag, matrix, xlabel, ylabel, xticks, yticks, title, vmin, vmax)
         self.writer.add_image(tag, _figure_to_chw(fig), step)
         plt.close(fig)
 
@@ -99,6 +86,33 @@ class Monitor:
             self.writer.flush()
             self.writer.close()
             self.writer = None
+
+
+def heatmap_figure(step: int, tag: str, matrix: np.ndarray, xlabel: str = "", ylabel: str = "",
+                   xticks: Optional[list[str]] = None, yticks: Optional[list[str]] = None, title: str = "",
+                   vmin: Optional[float] = None, vmax: Optional[float] = None):
+    """The figure ``Monitor.heatmap`` writes (see there)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.35 * matrix.shape[1] + 1.5), max(2.0, 0.35 * matrix.shape[0] + 1)))
+    im = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    # unnamed rows/columns are indices (an expert, a layer): matplotlib's own ticks read 0.5 or -1 for few of them
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if xticks is not None:
+        ax.set_xticks(range(len(xticks)), xticks, rotation=60 if max(map(len, xticks), default=0) > 3 else 0,
+                      ha="right" if max(map(len, xticks), default=0) > 3 else "center", fontsize=7)
+    if yticks is not None:
+        ax.set_yticks(range(len(yticks)), yticks, fontsize=7)
+    ax.set_title(f"{title or tag} (step {step})", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    return fig
 
 
 def _figure_to_chw(fig) -> np.ndarray:
