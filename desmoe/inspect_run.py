@@ -12,6 +12,9 @@ from pathlib import Path
 from desmoe import checkpoint, integrity
 from desmoe.errors import UserError, run_cli
 from desmoe.monitor import read_metrics
+from desmoe.training.runlock import LOCK
+
+RUN_FILES = (LOCK, "config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")
 
 
 def verify_tag(tag_dir: Path) -> str:
@@ -29,6 +32,12 @@ def describe(run_dir: Path, verify: bool = True) -> dict:
         raise UserError(f"{run_dir}: is a file, expected a run directory")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
+    # what a run writes first (the job's lock, then its config): without any, all below would read '-' as if a
+    # run had just started, also for run.dir itself (the folder of every run) or a folder desmoe never wrote
+    if not any((run_dir / name).exists() for name in RUN_FILES):
+        runs = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and any((p / n).exists() for n in RUN_FILES))
+        hint = f"; runs in it: {', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''}" if runs else ""
+        raise UserError(f"{run_dir}: not a run directory (expected one of {', '.join(RUN_FILES)}){hint}")
     ckpt_dir = run_dir / "checkpoints"
     tag = checkpoint.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
     tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir()) if ckpt_dir.is_dir() else []
@@ -38,11 +47,15 @@ def describe(run_dir: Path, verify: bool = True) -> dict:
     for row in rows:
         latest.update({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
     step = re.search(r"step(\d+)$", tag or "")  # 'latest' may name a tag desmoe did not write (global_step10)
+    saved = int(step.group(1)) if step else (0 if tag is None else None)  # no checkpoint: a resume starts at 0
+    lost = sorted({r["step"] for r in rows if saved is not None and r["step"] > saved})
     phase = next((latest[k] for k in ("train/phase", "train/task") if k in latest), None)
     return {
         "run": str(run_dir),
         "latest_checkpoint": tag,
         "checkpoint_step": int(step.group(1)) if step else None,
+        # rows of steps the checkpoint does not hold: a resume drops and redoes them (the trainer's truncation)
+        "redone_on_resume": [lost[0], lost[-1]] if lost else None,
         "checkpoints": tags,
         "last_logged_step": rows[-1]["step"] if rows else None,
         "phase_or_task": phase,
@@ -69,6 +82,11 @@ def main() -> None:
     print(f"last logged step  {info['last_logged_step'] if info['last_logged_step'] is not None else '-'}")
     if info["phase_or_task"] is not None:
         print(f"phase / task      {info['phase_or_task']:g}")
+    if info["redone_on_resume"]:
+        first, last = info["redone_on_resume"]
+        steps = f"step {first}" if first == last else f"steps {first}..{last}"
+        since = f"after checkpoint {info['latest_checkpoint']}" if info["latest_checkpoint"] else "with no checkpoint"
+        print(f"note              {steps} logged {since}: a resume redoes them (the metrics below may be theirs)")
     if info["interrupted_save"]:
         print("note              an interrupted save is left in checkpoints/.staging (ignored on resume)")
     for tag, status in info["integrity"].items():

@@ -36,8 +36,10 @@ class Monitor:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # purge_step: TensorBoard drops what earlier event files hold from this step on (a killed run's steps
-        # after its checkpoint, a run started over), or a resumed run's curves show both runs' points per step
-        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=initial_step + 1)
+        # after its checkpoint, a run started over), or a resumed run's curves show both runs' points per step;
+        # a start at step 0 has no checkpoint: it redoes step 0 too (the config text, a vanilla evaluation)
+        purge = initial_step + 1 if initial_step > 0 else 0
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
@@ -66,22 +68,9 @@ class Monitor:
         colour scale stays the same at every step (images of one tag are then comparable)."""
         if not self.enabled:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(max(3.0, 0.35 * matrix.shape[1] + 1.5), max(2.0, 0.35 * matrix.shape[0] + 1)))
-        im = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        if xticks is not None:
-            ax.set_xticks(range(len(xticks)), xticks, rotation=60 if max(map(len, xticks), default=0) > 3 else 0,
-                          ha="right" if max(map(len, xticks), default=0) > 3 else "center", fontsize=7)
-        if yticks is not None:
-            ax.set_yticks(range(len(yticks)), yticks, fontsize=7)
-        ax.set_title(f"{title or tag} (step {step})", fontsize=9)
-        fig.colorbar(im, ax=ax)
+        fig = heatmap_figure(step, tag, matrix, xlabel, ylabel, xticks, yticks, title, vmin, vmax)
         self.writer.add_image(tag, _figure_to_chw(fig), step)
         plt.close(fig)
 
@@ -97,6 +86,33 @@ class Monitor:
             self.writer.flush()
             self.writer.close()
             self.writer = None
+
+
+def heatmap_figure(step: int, tag: str, matrix: np.ndarray, xlabel: str = "", ylabel: str = "",
+                   xticks: Optional[list[str]] = None, yticks: Optional[list[str]] = None, title: str = "",
+                   vmin: Optional[float] = None, vmax: Optional[float] = None):
+    """The figure ``Monitor.heatmap`` writes (see there)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.35 * matrix.shape[1] + 1.5), max(2.0, 0.35 * matrix.shape[0] + 1)))
+    im = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    # unnamed rows/columns are indices (an expert, a layer): matplotlib's own ticks read 0.5 or -1 for few of them
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if xticks is not None:
+        ax.set_xticks(range(len(xticks)), xticks, rotation=60 if max(map(len, xticks), default=0) > 3 else 0,
+                      ha="right" if max(map(len, xticks), default=0) > 3 else "center", fontsize=7)
+    if yticks is not None:
+        ax.set_yticks(range(len(yticks)), yticks, fontsize=7)
+    ax.set_title(f"{title or tag} (step {step})", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    return fig
 
 
 def _figure_to_chw(fig) -> np.ndarray:
@@ -136,11 +152,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
-    """Drop rows logged after ``after_step`` (work lost since the last checkpoint)."""
+    """Drop rows logged after ``after_step`` (work lost since the last checkpoint).  ``after_step`` 0 is a
+    start without a checkpoint (none is ever at step 0): it redoes step 0 too, so every logged row goes."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    rows = [line for line, row in _parse_rows(path) if not _logged(row) or row["step"] <= after_step]  # notes stay
+    rows = [line for line, row in _parse_rows(path)
+            if not _logged(row) or (after_step > 0 and row["step"] <= after_step)]  # notes stay
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in rows))
     tmp.replace(path)

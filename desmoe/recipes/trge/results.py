@@ -22,7 +22,8 @@ def log_stage(monitor, cfg, tasks, controls, progress, t, step) -> None:
     for i, r in enumerate(progress["rows"]):
         matrix[i] = r
     task_names = [x.name for x in tasks]
-    monitor.heatmap(step, "accuracy_matrix", np.nan_to_num(matrix), xlabel="test set", ylabel="after task",
+    # the rows of tasks not learned yet stay NaN: drawn blank, where 0 would show them as 0 % accuracy
+    monitor.heatmap(step, "accuracy_matrix", matrix, xlabel="test set", ylabel="after task",
                     xticks=task_names, yticks=task_names, vmin=0.0, vmax=100.0,
                     title="top-1 accuracy (%) on each test set after each task")
     gw = np.array(progress["gw_rows"][-1])
