@@ -250,8 +250,9 @@ class Trainer:
         spans = [max(n, 1) for n in r.stages()]
         self.preemption = Preemption()
         self.monitor = Monitor(self.run_dir, sum(spans), initial_step=self.start, desc=f"{r.name} {cfg.run.name}")
-        # the run's config next to its curves (indented: TensorBoard renders text as markdown)
-        self.monitor.text("run/config", "".join(f"    {line}\n" for line in config.splitlines()), self.start)
+        # the run's config next to its curves (indented: markdown), at this start's first step: a later resume from the
+        # same checkpoint purges from there (at self.start, each resume from one checkpoint left its own config)
+        self.monitor.text("run/config", "".join(f"    {line}\n" for line in config.splitlines()), self.start + 1)
         self.t_run = time.perf_counter()
         try:
             offset = 0
