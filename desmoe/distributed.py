@@ -9,6 +9,8 @@ Supported launchers, in order of precedence:
   first host of the step's node list (SLURM_STEP_NODELIST, else the job's) and the port
   is derived from SLURM_JOB_ID and SLURM_STEP_ID so jobs
   sharing a node do not collide (MASTER_ADDR / MASTER_PORT still win if set);
+* Open MPI ``mpirun``: OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK, with MASTER_PORT (and MASTER_ADDR unless
+  every rank is on one node) passed by ``mpirun -x``;
 * nothing at all: a single process on this machine.
 
 A partial environment (say RANK without WORLD_SIZE) is an error, never a guess.
@@ -48,7 +50,7 @@ class DistEnv:
     local_rank: int
     master_addr: str
     master_port: int
-    source: str  # "torch", "slurm" or "single"
+    source: str  # "torch", "slurm", "mpirun" or "single"
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
@@ -127,9 +129,26 @@ def resolve_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else PORT_BASE + (job + 7919 * step) % PORT_SPAN
         return _checked(DistEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID"),
                                 addr, port, "slurm"))
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return _from_mpirun(env)
     if present:
         raise LaunchError(f"incomplete launcher environment: {', '.join(present)} set but RANK and WORLD_SIZE missing")
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+
+
+def _from_mpirun(env: Mapping[str, str]) -> DistEnv:
+    """Open MPI's ``mpirun`` (also DeepSpeed's ``--launcher openmpi``): each process knows its rank from
+    OMPI_COMM_WORLD_* but nothing says where rank 0 listens.  Without this, every process of
+    ``mpirun -np 4`` took itself for a world of one and trained alone."""
+    world, local_size = _int(env, "OMPI_COMM_WORLD_SIZE"), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
+    addr = env.get("MASTER_ADDR") or ("127.0.0.1" if local_size == world else "")
+    missing = [k for k, v in (("MASTER_ADDR", addr), ("MASTER_PORT", env.get("MASTER_PORT"))) if not v]
+    if missing and world > 1:
+        raise LaunchError(f"OMPI_COMM_WORLD_SIZE={world} (mpirun) but {' and '.join(missing)} unset: expected "
+                          f"mpirun -x MASTER_ADDR=<rank 0's host> -x MASTER_PORT=<free port>")
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port()
+    return _checked(DistEnv(_int(env, "OMPI_COMM_WORLD_RANK"), world, _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
+                            addr or "127.0.0.1", port, "mpirun"))
 
 
 def _checked(d: DistEnv) -> DistEnv:
@@ -190,7 +209,7 @@ def prepare_process() -> None:
 
 def _local_world_size() -> int:
     """Ranks sharing this machine: torchrun, deepspeed launcher and Slurm each say it differently."""
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
         value = os.environ.get(key, "")
         if value.split("(")[0].isdigit():
             return max(1, int(value.split("(")[0]))
