@@ -209,11 +209,31 @@ def prepare_process() -> None:
 
 def _local_world_size() -> int:
     """Ranks sharing this machine: torchrun, deepspeed launcher and Slurm each say it differently."""
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
         value = os.environ.get(key, "")
-        if value.split("(")[0].isdigit():
-            return max(1, int(value.split("(")[0]))
+        if value.isdigit():
+            return max(1, int(value))
+    # Slurm: this node's entry of the step's per-node counts ("4,2", "2(x3),1"); SLURM_NTASKS_PER_NODE is
+    # only set by --ntasks-per-node, so a job asking --ntasks gave every rank all the node's cores.
+    node = os.environ.get("SLURM_NODEID", "")
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        counts = _per_node_counts(os.environ.get(key, ""))
+        if counts and len(set(counts)) == 1:  # the same on every node: SLURM_NODEID is not needed
+            return max(1, counts[0])
+        if counts and node.isdigit() and int(node) < len(counts):
+            return max(1, counts[int(node)])
     return 1
+
+
+def _per_node_counts(value: str) -> list[int]:
+    """Slurm's compressed per-node counts: ``2(x3),1`` is [2, 2, 2, 1]; [] when unreadable."""
+    counts = []
+    for item in value.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not m:
+            return []
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts
 
 
 def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) -> DistEnv:
