@@ -247,6 +247,7 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
     export_env(d)
     if dist.is_initialized():
         return d
+    _check_master_addr(d)
     backend = dist_backend()
     if use_cuda():
         torch.cuda.set_device(d.local_rank % torch.cuda.device_count())
@@ -268,6 +269,16 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
     # the scheduler then marks a finished job FAILED.
     atexit.register(_destroy_process_group)
     return d
+
+
+def _check_master_addr(d: DistEnv) -> None:
+    """torch's store retries a name it cannot resolve until the timeout (600 s) and then prints a traceback:
+    a typo, or an IPv6 address in URL brackets ('[::1]'), left every rank waiting ten minutes."""
+    try:
+        socket.getaddrinfo(d.master_addr, d.master_port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise LaunchError(f"MASTER_ADDR='{d.master_addr}': rank {d.rank} on {socket.gethostname()} cannot resolve it; "
+                          f"expected a host name or an IP address (IPv6 without brackets)") from None
 
 
 SHM_SEGMENT = "deepspeed_allreduce_buffer"  # DeepSpeed's name prefix (ops/csrc/cpu/comm/shm.cpp)
