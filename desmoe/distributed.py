@@ -243,6 +243,8 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
     import deepspeed.comm as dist
     import torch
 
+    _check_accelerator()
+
     d = env or resolve_env()
     export_env(d)
     if dist.is_initialized():
@@ -269,6 +271,17 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
     # the scheduler then marks a finished job FAILED.
     atexit.register(_destroy_process_group)
     return d
+
+
+def _check_accelerator() -> None:
+    """DS_ACCELERATOR=cuda where torch sees no CUDA device (a job that got no GPU) silently ran on CPU and
+    gloo, a hundred times slower, as if the user had asked for it."""
+    import torch
+
+    if os.environ.get("DS_ACCELERATOR") == "cuda" and not torch.cuda.is_available():
+        raise LaunchError(f"DS_ACCELERATOR=cuda but torch sees no CUDA device (CUDA_VISIBLE_DEVICES="
+                          f"'{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}'): give the job GPUs, "
+                          f"or set DS_ACCELERATOR=cpu")
 
 
 def _check_master_addr(d: DistEnv) -> None:
