@@ -154,6 +154,9 @@ def _from_mpirun(env: Mapping[str, str]) -> DistEnv:
 def _checked(d: DistEnv) -> DistEnv:
     if d.world_size < 1 or not 0 <= d.rank < d.world_size:
         raise LaunchError(f"rank {d.rank} is not in a world of size {d.world_size} (from {d.source} variables)")
+    if not 0 <= d.local_rank < d.world_size:  # it picks the GPU (modulo the visible count) and who fills caches
+        raise LaunchError(f"local rank {d.local_rank} (from {d.source} variables): expected 0..{d.world_size - 1}, "
+                          f"below the world size {d.world_size}")
     if not 0 < d.master_port < 65536:
         raise LaunchError(f"MASTER_PORT={d.master_port}: expected a port in 1..65535")
     return d
