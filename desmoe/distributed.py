@@ -9,6 +9,8 @@ Supported launchers, in order of precedence:
   first host of the step's node list (SLURM_STEP_NODELIST, else the job's) and the port
   is derived from SLURM_JOB_ID and SLURM_STEP_ID so jobs
   sharing a node do not collide (MASTER_ADDR / MASTER_PORT still win if set);
+* Open MPI ``mpirun``: OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK, with MASTER_PORT (and MASTER_ADDR unless
+  every rank is on one node) passed by ``mpirun -x``;
 * nothing at all: a single process on this machine.
 
 A partial environment (say RANK without WORLD_SIZE) is an error, never a guess.
@@ -48,7 +50,7 @@ class DistEnv:
     local_rank: int
     master_addr: str
     master_port: int
-    source: str  # "torch", "slurm" or "single"
+    source: str  # "torch", "slurm", "mpirun" or "single"
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
@@ -127,14 +129,34 @@ def resolve_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else PORT_BASE + (job + 7919 * step) % PORT_SPAN
         return _checked(DistEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID"),
                                 addr, port, "slurm"))
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return _from_mpirun(env)
     if present:
         raise LaunchError(f"incomplete launcher environment: {', '.join(present)} set but RANK and WORLD_SIZE missing")
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
+def _from_mpirun(env: Mapping[str, str]) -> DistEnv:
+    """Open MPI's ``mpirun`` (also DeepSpeed's ``--launcher openmpi``): each process knows its rank from
+    OMPI_COMM_WORLD_* but nothing says where rank 0 listens.  Without this, every process of
+    ``mpirun -np 4`` took itself for a world of one and trained alone."""
+    world, local_size = _int(env, "OMPI_COMM_WORLD_SIZE"), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
+    addr = env.get("MASTER_ADDR") or ("127.0.0.1" if local_size == world else "")
+    missing = [k for k, v in (("MASTER_ADDR", addr), ("MASTER_PORT", env.get("MASTER_PORT"))) if not v]
+    if missing and world > 1:
+        raise LaunchError(f"OMPI_COMM_WORLD_SIZE={world} (mpirun) but {' and '.join(missing)} unset: expected "
+                          f"mpirun -x MASTER_ADDR=<rank 0's host> -x MASTER_PORT=<free port>")
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port()
+    return _checked(DistEnv(_int(env, "OMPI_COMM_WORLD_RANK"), world, _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
+                            addr or "127.0.0.1", port, "mpirun"))
+
+
 def _checked(d: DistEnv) -> DistEnv:
     if d.world_size < 1 or not 0 <= d.rank < d.world_size:
         raise LaunchError(f"rank {d.rank} is not in a world of size {d.world_size} (from {d.source} variables)")
+    if not 0 <= d.local_rank < d.world_size:  # it picks the GPU (modulo the visible count) and who fills caches
+        raise LaunchError(f"local rank {d.local_rank} (from {d.source} variables): expected 0..{d.world_size - 1}, "
+                          f"below the world size {d.world_size}")
     if not 0 < d.master_port < 65536:
         raise LaunchError(f"MASTER_PORT={d.master_port}: expected a port in 1..65535")
     return d
@@ -190,11 +212,31 @@ def prepare_process() -> None:
 
 def _local_world_size() -> int:
     """Ranks sharing this machine: torchrun, deepspeed launcher and Slurm each say it differently."""
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
         value = os.environ.get(key, "")
-        if value.split("(")[0].isdigit():
-            return max(1, int(value.split("(")[0]))
+        if value.isdigit():
+            return max(1, int(value))
+    # Slurm: this node's entry of the step's per-node counts ("4,2", "2(x3),1"); SLURM_NTASKS_PER_NODE is
+    # only set by --ntasks-per-node, so a job asking --ntasks gave every rank all the node's cores.
+    node = os.environ.get("SLURM_NODEID", "")
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        counts = _per_node_counts(os.environ.get(key, ""))
+        if counts and len(set(counts)) == 1:  # the same on every node: SLURM_NODEID is not needed
+            return max(1, counts[0])
+        if counts and node.isdigit() and int(node) < len(counts):
+            return max(1, counts[int(node)])
     return 1
+
+
+def _per_node_counts(value: str) -> list[int]:
+    """Slurm's compressed per-node counts: ``2(x3),1`` is [2, 2, 2, 1]; [] when unreadable."""
+    counts = []
+    for item in value.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not m:
+            return []
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts
 
 
 def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) -> DistEnv:
@@ -204,10 +246,13 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
     import deepspeed.comm as dist
     import torch
 
+    _check_accelerator()
+
     d = env or resolve_env()
     export_env(d)
     if dist.is_initialized():
         return d
+    _check_master_addr(d)
     backend = dist_backend()
     if use_cuda():
         torch.cuda.set_device(d.local_rank % torch.cuda.device_count())
@@ -229,6 +274,27 @@ def init_distributed(timeout_s: float = 600.0, env: Optional[DistEnv] = None) ->
     # the scheduler then marks a finished job FAILED.
     atexit.register(_destroy_process_group)
     return d
+
+
+def _check_accelerator() -> None:
+    """DS_ACCELERATOR=cuda where torch sees no CUDA device (a job that got no GPU) silently ran on CPU and
+    gloo, a hundred times slower, as if the user had asked for it."""
+    import torch
+
+    if os.environ.get("DS_ACCELERATOR") == "cuda" and not torch.cuda.is_available():
+        raise LaunchError(f"DS_ACCELERATOR=cuda but torch sees no CUDA device (CUDA_VISIBLE_DEVICES="
+                          f"'{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}'): give the job GPUs, "
+                          f"or set DS_ACCELERATOR=cpu")
+
+
+def _check_master_addr(d: DistEnv) -> None:
+    """torch's store retries a name it cannot resolve until the timeout (600 s) and then prints a traceback:
+    a typo, or an IPv6 address in URL brackets ('[::1]'), left every rank waiting ten minutes."""
+    try:
+        socket.getaddrinfo(d.master_addr, d.master_port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise LaunchError(f"MASTER_ADDR='{d.master_addr}': rank {d.rank} on {socket.gethostname()} cannot resolve it; "
+                          f"expected a host name or an IP address (IPv6 without brackets)") from None
 
 
 SHM_SEGMENT = "deepspeed_allreduce_buffer"  # DeepSpeed's name prefix (ops/csrc/cpu/comm/shm.cpp)
