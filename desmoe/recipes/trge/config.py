@@ -183,6 +183,15 @@ class TRGEExperiment:
                 if value != getattr(type(getattr(self, section))(), name):
                     raise bad(key, f"unset with backbone.kind={self.backbone.kind} (it applies to the CNN image "
                                    f"towers of embedded, towers and tiny_dual only)", value)
+        else:  # a CNN image tower: its adapters are placement.cnn_blocks blocks on the pooled features (model.py)
+            place = self.placement
+            if "text" not in place.towers and place.layers:  # no transformer tower adapted: no layer read it
+                raise bad("placement.layers", f"unset with backbone.kind={self.backbone.kind} and placement.towers="
+                                              f"[image] (the CNN image tower takes placement.cnn_blocks; layers "
+                                              f"apply to a transformer tower)", place.layers)
+        if "image" not in self.placement.towers and self.placement.cnn_blocks != Placement.cnn_blocks:
+            raise bad("placement.cnn_blocks", "unset without image in placement.towers (it sizes the image tower's "
+                                              "adapters)", self.placement.cnn_blocks)
         # only TRGE's predict fuses with the frozen model (the baselines' ignore lambda: shared_pool sends an
         # unseen sample to the frozen model whole), so a fusion setting changed no baseline's number
         for key in ("schedule", "lam_max"):
