@@ -149,6 +149,11 @@ class TRGEExperiment:
         if (self.groups.layout or need) == "pool" and self.groups.max_groups != GroupSpec.max_groups:
             raise bad("groups.max_groups", f"unset with groups.layout=pool (the pool's routers do not read it; it "
                                            f"applies to the groups layout only)", self.groups.max_groups)
+        # a group of one expert: its top-1 gate weight is softmax of one logit, 1 whatever noise is added to it
+        if (self.groups.layout or need) == "groups" and self.groups.experts_per_group == 1 \
+                and self.groups.noisy != GroupSpec.noisy:
+            raise bad("groups.noisy", "unset with groups.experts_per_group=1 (one expert a group: its gate weight is "
+                                      "1, noisy or not)", self.groups.noisy)
         if self.eval.variants and not METHODS_BY_NAME[self.method].test_variants:
             raise bad("eval.variants", "empty unless method is trge", self.eval.variants)
         # ranges the sections' own checks (groups.py, inter_group.py, task_id.py) leave open
