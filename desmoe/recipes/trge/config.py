@@ -107,6 +107,14 @@ class EvalConfig:
         for v in self.variants:
             if not v or any(atom not in VARIANTS for atom in v.split("+")):
                 raise bad("variants", "a list of " + ", ".join(VARIANTS) + " or '+'-joined atoms", self.variants)
+        # two atoms setting one inter key (text_image+text_vocabulary): the last one won, the name said both
+        for v in self.variants:
+            atoms = v.split("+")
+            keys = [a.split("_")[0] for a in atoms if a in VARIANT_INTER and a != "no_inter"] + \
+                [a for a in atoms if a not in VARIANT_INTER or a == "no_inter"]
+            clash = next((k for k in keys if keys.count(k) > 1), None)
+            if clash is not None:
+                raise bad("variants", f"at most one atom of each kind in a variant ({clash}* twice)", v)
         # a repeated variant would be evaluated twice per task, and its rows (2 per task) then dropped
         repeated = sorted({v for v in self.variants if self.variants.count(v) > 1})
         if repeated:
