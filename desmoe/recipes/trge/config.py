@@ -107,6 +107,14 @@ class EvalConfig:
         for v in self.variants:
             if not v or any(atom not in VARIANTS for atom in v.split("+")):
                 raise bad("variants", "a list of " + ", ".join(VARIANTS) + " or '+'-joined atoms", self.variants)
+        # two atoms setting one inter key (text_image+text_vocabulary): the last one won, the name said both
+        for v in self.variants:
+            atoms = v.split("+")
+            keys = [a.split("_")[0] for a in atoms if a in VARIANT_INTER and a != "no_inter"] + \
+                [a for a in atoms if a not in VARIANT_INTER or a == "no_inter"]
+            clash = next((k for k in keys if keys.count(k) > 1), None)
+            if clash is not None:
+                raise bad("variants", f"at most one atom of each kind in a variant ({clash}* twice)", v)
         # a repeated variant would be evaluated twice per task, and its rows (2 per task) then dropped
         repeated = sorted({v for v in self.variants if self.variants.count(v) > 1})
         if repeated:
@@ -149,6 +157,11 @@ class TRGEExperiment:
         if (self.groups.layout or need) == "pool" and self.groups.max_groups != GroupSpec.max_groups:
             raise bad("groups.max_groups", f"unset with groups.layout=pool (the pool's routers do not read it; it "
                                            f"applies to the groups layout only)", self.groups.max_groups)
+        # a group of one expert: its top-1 gate weight is softmax of one logit, 1 whatever noise is added to it
+        if (self.groups.layout or need) == "groups" and self.groups.experts_per_group == 1 \
+                and self.groups.noisy != GroupSpec.noisy:
+            raise bad("groups.noisy", "unset with groups.experts_per_group=1 (one expert a group: its gate weight is "
+                                      "1, noisy or not)", self.groups.noisy)
         if self.eval.variants and not METHODS_BY_NAME[self.method].test_variants:
             raise bad("eval.variants", "empty unless method is trge", self.eval.variants)
         # ranges the sections' own checks (groups.py, inter_group.py, task_id.py) leave open
@@ -183,6 +196,15 @@ class TRGEExperiment:
                 if value != getattr(type(getattr(self, section))(), name):
                     raise bad(key, f"unset with backbone.kind={self.backbone.kind} (it applies to the CNN image "
                                    f"towers of embedded, towers and tiny_dual only)", value)
+        else:  # a CNN image tower: its adapters are placement.cnn_blocks blocks on the pooled features (model.py)
+            place = self.placement
+            if "text" not in place.towers and place.layers:  # no transformer tower adapted: no layer read it
+                raise bad("placement.layers", f"unset with backbone.kind={self.backbone.kind} and placement.towers="
+                                              f"[image] (the CNN image tower takes placement.cnn_blocks; layers "
+                                              f"apply to a transformer tower)", place.layers)
+        if "image" not in self.placement.towers and self.placement.cnn_blocks != Placement.cnn_blocks:
+            raise bad("placement.cnn_blocks", "unset without image in placement.towers (it sizes the image tower's "
+                                              "adapters)", self.placement.cnn_blocks)
         # only TRGE's predict fuses with the frozen model (the baselines' ignore lambda: shared_pool sends an
         # unseen sample to the frozen model whole), so a fusion setting changed no baseline's number
         for key in ("schedule", "lam_max"):

@@ -177,6 +177,12 @@ def _check_task(task: ImageTask, cfg: DataConfig, trained: bool) -> None:
     if task.num_classes < 2:
         raise UserError(f"task '{task.name}': {task.num_classes} class name(s) {task.classnames}; expected at "
                         f"least 2 (a one-class test set scores 100 % and trains nothing)")
+    # every class prompt is template.format(name): a template without its one "{}" gave every class the same prompt
+    # (argmax always the first label, without a word), one with two stopped at the first prompt, none had no prompt
+    if not task.templates or any(not isinstance(t, str) or t.count("{}") != 1 or t.count("{") != 1
+                                 for t in task.templates):
+        raise UserError(f"task '{task.name}': templates {task.templates!r}; expected a list of at least one prompt "
+                        f"template, each with one '{{}}' for the class name")
     seen: dict[str, int] = {}
     for i, c in enumerate(task.classnames):
         norm = " ".join(str(c).casefold().split())  # CLIP's tokenizer lower-cases and splits on whitespace

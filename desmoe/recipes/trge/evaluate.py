@@ -201,6 +201,9 @@ def evaluate_stage(r, t: int) -> None:
                           # the MLLM identifier reads the images in variants too (a ValueError after task 1)
                           need_images=ident is not r.oracle and cfg.identifier.backend == "mllm")["acc"]
             for j, other in enumerate(tasks)])
+        # which task each row follows: a resumed run may add a variant (rows from then on) or drop one (rows up to
+        # then), so the rows alone do not say it
+        progress.setdefault("variant_after", {}).setdefault(v, []).append(t + 1)
     progress["rows"].append(row)
     progress["control_rows"].append(ctrl_row)
     progress["id_rows"].append(id_row)

@@ -95,6 +95,12 @@ class InterGroupConfig:
             if self.reading != reading and getattr(self, key) != getattr(InterGroupConfig, key):
                 raise bad(key, f"unset with inter.reading={self.reading} (it applies to {reading} only)",
                           getattr(self, key))
+        # one group a sample (own, or max_groups=1 keeping a row's largest weight) is the argmin of the distances,
+        # which no temperature > 0 moves: a temperature set there changed no number
+        if (self.reading == "own" or self.max_groups == 1) and self.temperature != InterGroupConfig.temperature:
+            why = "inter.reading=own" if self.reading == "own" else "inter.max_groups=1"
+            raise bad("temperature", f"unset with {why} (one group a sample: the nearest, whatever the "
+                                     f"temperature)", self.temperature)
 
 
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:

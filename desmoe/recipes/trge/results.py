@@ -55,12 +55,16 @@ def summarize(cfg, tasks, controls, progress, model, method) -> dict:
            "skipped_images": {t.name: int(t.meta.get("skipped", 0)) for t in tasks + controls}}
     if A.ndim == 2 and A.shape[0] == A.shape[1] >= 1:
         out.update(metrics.mtil_metrics(A))
-        # a variant first asked for by a resumed run has rows for the later tasks only: reported as such,
-        # without metrics (they need every row), instead of vanishing from the results
+        # a variant first asked for by a resumed run has rows for the later tasks only, one a resumed run no longer
+        # asks for the earlier ones: reported with the tasks they follow, without metrics (they need every row),
+        # instead of vanishing from the results.  The tasks are recorded (evaluate_stage); a checkpoint from before
+        # that holds rows of an added variant only: the last tasks
+        after = {v: progress.get("variant_after", {}).get(v, []) for v in progress.get("variants", {})}
+        after = {v: a if len(a) == len(progress["variants"][v]) else
+                 list(range(A.shape[0] - len(progress["variants"][v]) + 1, A.shape[0] + 1)) for v, a in after.items()}
         out["variants"] = {v: {"accuracy_matrix": rows, **metrics.mtil_metrics(np.array(rows))}
-                           if len(rows) == A.shape[0] else
-                           {"accuracy_matrix": rows, "after_tasks": list(range(A.shape[0] - len(rows) + 1,
-                                                                               A.shape[0] + 1))}
+                           if after[v] == list(range(1, A.shape[0] + 1)) else
+                           {"accuracy_matrix": rows, "after_tasks": after[v]}
                            for v, rows in progress.get("variants", {}).items()}
     return out
 
