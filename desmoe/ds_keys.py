@@ -10,7 +10,7 @@ refused here, before the model is built, in one line naming it.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from desmoe.errors import ConfigError
 
@@ -63,7 +63,27 @@ def check_top_level_keys(cfg: Mapping[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: key '{key}': not supported ({NOT_APPLIED[key]}); remove it")
         near = difflib.get_close_matches(str(key), sorted(HONOURED), n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise ConfigError(f"{source}: key '{key}': unknown (DeepSpeed would ignore it without a word){hint}")
+        raise unknown_key(source, key, hint=hint)
+
+
+def unknown_key(source: str, key: str, known: Sequence[str] = (), hint: str = "") -> ConfigError:
+    """The one-line refusal of a key DeepSpeed would read past: ``key`` dotted from the JSON's top."""
+    listed = f"; known: {', '.join(known)}" if known else ""
+    return ConfigError(f"{source}: key '{key}': unknown (DeepSpeed would ignore it without a word{listed}){hint}")
+
+
+def check_block_keys(cfg: Mapping[str, Any], block: str, known: Sequence[str], source: str,
+                     not_applied: Mapping[str, str] = {}) -> dict:  # noqa: B006 - read only
+    """``cfg[block]`` (an object, or absent) whose keys DeepSpeed reads with dict.get: each known, else refused."""
+    value = cfg.get(block, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: key '{block}': expected an object, got {value!r}")
+    for key in value:
+        if key in not_applied:
+            raise ConfigError(f"{source}: key '{block}.{key}': not supported ({not_applied[key]}); remove it")
+        if key not in known:
+            raise unknown_key(source, f"{block}.{key}", known)
+    return value
 
 
 def check_blocks(cfg: Mapping[str, Any], source: str) -> None:
@@ -105,17 +125,7 @@ CHECKPOINT_NOT_APPLIED = {
 
 
 def check_checkpoint_block(cfg: Mapping[str, Any], source: str) -> None:
-    block = cfg.get("checkpoint", {})
-    if not isinstance(block, dict):
-        raise ConfigError(f"{source}: key 'checkpoint': expected an object, got {block!r}")
-    for key in block:
-        if key in CHECKPOINT_HONOURED:
-            continue
-        if key in CHECKPOINT_NOT_APPLIED:
-            raise ConfigError(f"{source}: key 'checkpoint.{key}': not supported ({CHECKPOINT_NOT_APPLIED[key]}); "
-                              f"remove it")
-        raise ConfigError(f"{source}: key 'checkpoint.{key}': unknown (DeepSpeed would ignore it without a word; "
-                          f"known: {', '.join(sorted(CHECKPOINT_HONOURED))})")
+    check_block_keys(cfg, "checkpoint", sorted(CHECKPOINT_HONOURED), source, CHECKPOINT_NOT_APPLIED)
 
 
 DATA_TYPES_KEYS = ("grad_accum_dtype", "param_dtype", "buffer_dtype", "keep_in_fp32_modules")
@@ -126,13 +136,7 @@ def check_data_types(cfg: Mapping[str, Any], source: str) -> None:
     mix it cannot run, only inside deepspeed.initialize with a traceback."""
     from deepspeed.runtime.config import DtypeEnum
 
-    block = cfg.get("data_types", {})
-    if not isinstance(block, dict):
-        raise ConfigError(f"{source}: key 'data_types': expected an object, got {block!r}")
-    for key in block:
-        if key not in DATA_TYPES_KEYS:
-            raise ConfigError(f"{source}: key 'data_types.{key}': unknown (DeepSpeed would ignore it without a "
-                              f"word; known: {', '.join(DATA_TYPES_KEYS)})")
+    block = check_block_keys(cfg, "data_types", DATA_TYPES_KEYS, source)
     dtypes = {}
     for key in ("grad_accum_dtype", "param_dtype", "buffer_dtype"):
         value = block.get(key)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from desmoe.distributed import use_cuda
-from desmoe.ds_keys import check_blocks, check_top_level_keys
+from desmoe.ds_keys import check_blocks, check_top_level_keys, unknown_key
 from desmoe.errors import ConfigError, UserError
 from desmoe.moe.trainability import FreezableAdamW, Trainability, build_param_groups
 
@@ -175,8 +175,7 @@ def resolve_ds_config(cfg: Mapping[str, Any], micro_batch: int, grad_accum: int 
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise ConfigError(f"{source}: key 'optimizer.type': expected AdamW, got {opt.get('type')!r}")
     for key in set(opt) - {"type", "params", "legacy_fusion"}:  # DeepSpeed ignores others: "param" lost the betas
-        raise ConfigError(f"{source}: key 'optimizer.{key}': unknown (DeepSpeed would ignore it without a word; "
-                          f"known: type, params)")
+        raise unknown_key(source, f"optimizer.{key}", ("type", "params"))
     if not isinstance(opt.get("params", {}), dict):  # else its items were named as unknown keys
         raise ConfigError(f"{source}: key 'optimizer.params': expected an object, got {opt['params']!r}")
     wd = opt.get("params", {}).get("weight_decay", 0)

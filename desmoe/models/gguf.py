@@ -11,7 +11,6 @@ the result (safetensors + tokenizer.json) is what every later load reads.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -53,9 +52,9 @@ SOURCE_RECORD = "desmoe-gguf-source.json"  # which GGUF (sha256) and dtype the f
 
 
 def _record(gguf_file: Path, dtype: torch.dtype) -> dict:
-    with open(gguf_file, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    return {"gguf": gguf_file.name, "sha256": digest, "dtype": str(dtype).removeprefix("torch.")}
+    from desmoe.integrity import sha256_file
+
+    return {"gguf": gguf_file.name, "sha256": sha256_file(gguf_file), "dtype": str(dtype).removeprefix("torch.")}
 
 
 def dequantize_gguf(source: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
